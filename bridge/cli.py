@@ -1,0 +1,153 @@
+"""The `pms-bridge` command. Thin: parses arguments and calls into the packages.
+
+Launch commands a PMS waits on (`pms-bridge vdds FILE`, `opp`, `cliniview`, `dexis` ...) take a fast path
+that imports neither argparse nor anything else heavy: they go straight to `bridge.launch`. Everything
+else is an argparse sub-command whose implementation is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from bridge.handlers import HANDLERS
+
+if TYPE_CHECKING:
+    import argparse
+
+# Sub-commands of a launch protocol that are admin commands, not PMS launches.
+ADMIN_SUBCOMMANDS: dict[str, frozenset[str]] = {}
+
+EXIT_USAGE = 2
+
+
+def _is_launch(argv: Sequence[str]) -> bool:
+    if not argv or argv[0] not in HANDLERS:
+        return False
+    rest = [a for a in argv[1:] if not a.startswith("--config")]
+    if rest and (rest[0] in ADMIN_SUBCOMMANDS.get(argv[0], frozenset()) or rest[0] in ("--help", "-h")):
+        return False
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if _is_launch(args):
+        from bridge.launch import run
+
+        return run(args[0], args[1:])
+    return _run_command(args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sub-commands
+
+
+def cmd_init(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bridge.install import init_home
+
+    settings, done = init_home(Path(ns.home))
+    for line in done or ["nothing to do: the home folder is complete"]:
+        print(line)
+    print(f"config: {settings.path}")
+    print(f"start the daemon with: pms-bridge serve --config {settings.path}")
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import asyncio
+
+    from bridge import logs
+    from bridge.config import load_settings
+    from bridge.daemon import serve
+
+    settings = load_settings(ns.config)
+    logs.configure(settings.daemon.log_level, settings.daemon.log_format, settings.daemon.log_file)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    from bridge.doctor import run_checks
+
+    return run_checks(ns.config)
+
+
+def cmd_reconcile(ns: argparse.Namespace) -> int:
+    from bridge.config import load_settings
+    from bridge.reconcile import reconcile
+
+    return reconcile(load_settings(ns.config))
+
+
+# name -> (help, function, function adding the command's own arguments)
+Command = tuple[str, Callable[["argparse.Namespace"], int], Callable[["argparse.ArgumentParser"], None]]
+
+
+def _no_args(_parser: argparse.ArgumentParser) -> None:
+    return None
+
+
+def _init_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", required=True, help="folder for the config, store and certificate")
+
+
+COMMANDS: dict[str, Command] = {
+    "init": ("write a working config with an embedded store under --home (idempotent)", cmd_init, _init_args),
+    "serve": ("run the daemon in the foreground until SIGTERM/SIGINT or the stop file", cmd_serve, _no_args),
+    "doctor": ("configure and test PMS integration: check config, store, folders, daemon", cmd_doctor, _no_args),
+    "reconcile": ("re-check every image file against its SHA-256", cmd_reconcile, _no_args),
+}
+
+# Launch commands (PMS entry points) are listed for --help; their arguments go to the daemon as they are.
+LAUNCH_HELP: dict[str, str] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from bridge import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="pms-bridge",
+        description="Connects dental practice management systems to an imaging store.",
+        epilog="Every command reads --config FILE (default: $PMS_BRIDGE_CONFIG, then ./pms-bridge.ini).",
+    )
+    parser.add_argument("--version", action="version", version=f"pms-bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, func, add_args) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--config", help="config file (default: $PMS_BRIDGE_CONFIG, then ./pms-bridge.ini)")
+        add_args(cmd)
+        cmd.set_defaults(func=func)
+    for name in sorted(HANDLERS):
+        help_text = LAUNCH_HELP.get(name, f"the {name} entry point a PMS calls")
+        launch = sub.add_parser(name, help=help_text, description=help_text)
+        launch.add_argument("--config", help="config file")
+        launch.add_argument("args", nargs="*", help="as the PMS passes them")
+        launch.set_defaults(func=None)
+    return parser
+
+
+def _run_command(argv: list[str]) -> int:
+    from bridge.config import ConfigError
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if ns.func is None:  # a launch command asked for its help
+        parser.parse_args([ns.command, "--help"])
+        return EXIT_USAGE
+    try:
+        result: int = ns.func(ns)
+    except ConfigError as exc:
+        print(f"pms-bridge {ns.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return result

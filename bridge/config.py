@@ -1,0 +1,371 @@
+"""Typed, validated settings read from the INI file (see `bridge.config_file` for the raw layer).
+
+Every section is a frozen dataclass; every key is a dataclass field whose metadata holds its parser, its
+default (as the string a user would write) and its documentation. The same declarations produce the
+commented file `pms-bridge init` writes, so the documentation of a key lives in exactly one place.
+
+A bad value or an unknown key stops start-up with one line naming the file, section, key, value and
+what is allowed: a practice's IT admin reads it in a service log, often without us on the phone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from bridge.config_file import (
+    DEFAULT_API_HOST,
+    DEFAULT_API_PORT,
+    ENV_PREFIX,
+    ConfigFileError,
+    RawConfig,
+    config_home,
+    find_config_path,
+    read_raw,
+)
+
+
+class ConfigError(Exception):
+    """A setting is wrong. The message is one line a user can act on."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Value parsers. Each turns the string from the file into a value, or raises ValueError whose text
+# says what is allowed.
+
+
+@dataclass(frozen=True)
+class Parser:
+    """Parses one kind of value; `allowed` is shown to the user when a value is refused."""
+
+    allowed: str
+    convert: Callable[[str, Path], Any]
+
+    def __call__(self, text: str, home: Path) -> Any:
+        return self.convert(text, home)
+
+
+_TRUE = {"1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+
+
+def _bool(text: str, _home: Path) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError
+
+
+def Bool() -> Parser:  # noqa: N802 - reads like a type in the declarations below
+    return Parser("yes or no", _bool)
+
+
+def Int(low: int, high: int) -> Parser:  # noqa: N802
+    def convert(text: str, _home: Path) -> int:
+        value = int(text.strip())
+        if not low <= value <= high:
+            raise ValueError
+        return value
+
+    return Parser(f"a whole number from {low} to {high}", convert)
+
+
+def Float(low: float, high: float) -> Parser:  # noqa: N802
+    def convert(text: str, _home: Path) -> float:
+        value = float(text.strip())
+        if not low <= value <= high:
+            raise ValueError
+        return value
+
+    return Parser(f"a number from {low} to {high}", convert)
+
+
+def Choice(*choices: str) -> Parser:  # noqa: N802
+    def convert(text: str, _home: Path) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError
+        return value
+
+    return Parser(" | ".join(choices), convert)
+
+
+def Text(*, required: bool = False, max_length: int = 1000) -> Parser:  # noqa: N802
+    def convert(text: str, _home: Path) -> str:
+        value = text.strip()
+        if (required and not value) or len(value) > max_length:
+            raise ValueError
+        return value
+
+    return Parser("any text" if not required else "a non-empty text", convert)
+
+
+def OptionalPath() -> Parser:  # noqa: N802
+    """A file or folder path; relative paths are taken from the config file's folder; empty = unset."""
+
+    def convert(text: str, home: Path) -> Path | None:
+        value = text.strip()
+        if not value:
+            return None
+        return _resolve(value, home)
+
+    return Parser("a path (relative paths start at the config file's folder), or empty", convert)
+
+
+def RequiredPath() -> Parser:  # noqa: N802
+    def convert(text: str, home: Path) -> Path:
+        value = text.strip()
+        if not value:
+            raise ValueError
+        return _resolve(value, home)
+
+    return Parser("a path (relative paths start at the config file's folder)", convert)
+
+
+def _resolve(value: str, home: Path) -> Path:
+    path = Path(os.path.expandvars(value)).expanduser()
+    return path if path.is_absolute() else (home / path)
+
+
+def DatabaseUrl() -> Parser:  # noqa: N802
+    def convert(text: str, home: Path) -> str:
+        value = text.strip()
+        scheme = value.split(":", 1)[0]
+        if not value or "://" not in value or scheme.split("+")[0] not in ("sqlite", "postgresql", "mssql"):
+            raise ValueError
+        if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
+            rest = value[len("sqlite:///") :]
+            # sqlite:///bridge.db is relative; sqlite:///C:/x.db is absolute on Windows.
+            if rest and not Path(rest).is_absolute() and not (len(rest) > 1 and rest[1] == ":"):
+                value = "sqlite:///" + (home / rest).as_posix()
+        return value
+
+    return Parser("a SQLAlchemy URL: sqlite:///FILE, postgresql+psycopg://..., mssql+pyodbc://...", convert)
+
+
+def Csv() -> Parser:  # noqa: N802
+    def convert(text: str, _home: Path) -> tuple[str, ...]:
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+
+    return Parser("a comma-separated list, or empty", convert)
+
+
+def key(default: str, parser: Parser, doc: str) -> Any:
+    """Declare one config key: its default as written in the file, its parser, its documentation."""
+    return field(metadata={"default": default, "parser": parser, "doc": doc})
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections. Defaults may use {home}, the folder of the config file.
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where patients, images and the audit log live."""
+
+    SECTION: ClassVar[str] = "store"
+    url: str = key(
+        "sqlite:///{home}/bridge.db",
+        DatabaseUrl(),
+        "Any SQLAlchemy URL: sqlite:///FILE (embedded default), postgresql+psycopg://user:pw@host/db,"
+        " mssql+pyodbc://user:pw@DSN",
+    )
+    images: Path = key(
+        "{home}/images", RequiredPath(), "Folder of the content-addressed image files (a UNC path for a share)"
+    )
+    db_threads: int = key("4", Int(1, 64), "Worker threads for database work (the event loop never waits on it)")
+    migrate: bool = key("yes", Bool(), "Bring the schema up to date (Alembic) when the daemon starts")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The REST API listener, which also serves health, metrics and the launch commands."""
+
+    SECTION: ClassVar[str] = "api"
+    host: str = key(DEFAULT_API_HOST, Text(required=True), "Listen address; loopback unless the LAN needs it")
+    port: int = key(str(DEFAULT_API_PORT), Int(1, 65535), "REST API, health, metrics, viewer page")
+    token: str = key(
+        "", Text(), 'Clients send "Authorization: Bearer <token>"; empty refuses every request with patient data'
+    )
+    tls: bool = key("no", Bool(), "Serve HTTPS with tls_cert and tls_key")
+    tls_cert: Path | None = key("{home}/tls/cert.pem", OptionalPath(), "PEM certificate (self-signed by init)")
+    tls_key: Path | None = key("{home}/tls/key.pem", OptionalPath(), "PEM private key")
+    max_body_mb: int = key("200", Int(1, 4096), "Largest request body accepted, in MB (image uploads)")
+
+
+@dataclass(frozen=True)
+class OppWebSettings:
+    """OPP web: the HTTP flavour of the Open Practice Protocol (DTX Studio default port 4435)."""
+
+    SECTION: ClassVar[str] = "opp_web"
+    enabled: bool = key("yes", Bool(), "Listen for OPP web requests")
+    host: str = key(DEFAULT_API_HOST, Text(required=True), "Listen address")
+    port: int = key("4435", Int(1, 65535), "OPP web port (4435 as in DTX Studio Clinic)")
+
+
+@dataclass(frozen=True)
+class VddsSettings:
+    """VDDS-media exchange files (German/Austrian PMSs)."""
+
+    SECTION: ClassVar[str] = "vdds"
+    enabled: bool = key("yes", Bool(), "Answer VDDS-media requests")
+    exchange_dir: Path | None = key(
+        "", OptionalPath(), "Optional watched folder for PMSs that drop exchange files on a share"
+    )
+    encoding: str = key(
+        "auto",
+        Choice("auto", "cp1252", "cp850", "cp437", "iso-8859-15", "utf-8"),
+        "auto = BOM sniff (UTF-8, UTF-16), then cp1252",
+    )
+
+
+@dataclass(frozen=True)
+class PmsSettings:
+    """The DTX Studio Clinic PMS settings, with the same meaning."""
+
+    SECTION: ClassVar[str] = "pms"
+    ignore_practice_id: bool = key(
+        "no", Bool(), "yes: the same PMS patient id from two practices is one patient"
+    )
+    update_patient_info: bool = key(
+        "yes", Bool(), "yes: demographics sent by the PMS overwrite the stored ones"
+    )
+    allow_patient_creation: bool = key(
+        "yes",
+        Bool(),
+        "yes: patients may also be created outside a PMS launch (REST POST /patients, import);"
+        " no: patients only come from the PMS",
+    )
+    single_patient_mode: bool = key(
+        "no", Bool(), "yes: a viewer opened from the PMS shows only that patient (no patient list)"
+    )
+    open_patient_in: str = key("home", Choice("home", "clinic"), "Where a PMS-opened patient is shown")
+    open_image_as: str = key("preview", Choice("preview", "clinic"), "How a PMS-opened image is shown")
+
+
+@dataclass(frozen=True)
+class ThumbnailSettings:
+    """Thumbnails sent to a PMS: always watermarked so they cannot pass for diagnostic images."""
+
+    SECTION: ClassVar[str] = "thumbnails"
+    size: int = key("256", Int(32, 2048), "Long edge in pixels")
+    watermark: str = key(
+        "NOT FOR DIAGNOSIS", Text(required=True, max_length=200), "Text stamped on every thumbnail sent to a PMS"
+    )
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """How the daemon runs: logs, stop file, background workers."""
+
+    SECTION: ClassVar[str] = "daemon"
+    stop_file: Path = key(
+        "{home}/pms-bridge.stop",
+        RequiredPath(),
+        "Creating this file stops the daemon gracefully (for service wrappers that cannot send Ctrl+C)",
+    )
+    log_level: str = key("info", Choice("debug", "info", "warning", "error"), "Log level")
+    log_format: str = key("json", Choice("json", "text"), "json: one JSON object per line; text: for a console")
+    log_file: Path | None = key("", OptionalPath(), "Log to this file as well as to stderr")
+    shutdown_timeout: float = key("30", Float(1, 600), "Seconds in-flight requests get to finish on stop")
+
+
+SECTIONS: tuple[type[Any], ...] = (
+    StoreSettings,
+    ApiSettings,
+    OppWebSettings,
+    VddsSettings,
+    PmsSettings,
+    ThumbnailSettings,
+    DaemonSettings,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of one daemon, as read from `path`."""
+
+    path: Path
+    home: Path
+    store: StoreSettings
+    api: ApiSettings
+    opp_web: OppWebSettings
+    vdds: VddsSettings
+    pms: PmsSettings
+    thumbnails: ThumbnailSettings
+    daemon: DaemonSettings
+
+
+S = TypeVar("S")
+
+
+def _parse_section(cls: type[S], values: dict[str, str], path: Path, home: Path) -> S:
+    section = cls.SECTION  # type: ignore[attr-defined]
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name in values:
+        if name not in known:
+            raise ConfigError(
+                f"{path}: [{section}] unknown key '{name}' (known keys: {', '.join(known)})"
+            )
+    kwargs: dict[str, Any] = {}
+    for name, fld in known.items():
+        parser: Parser = fld.metadata["parser"]
+        text = values.get(name, fld.metadata["default"].replace("{home}", home.as_posix()))
+        try:
+            kwargs[name] = parser(text, home)
+        except ValueError:
+            env = f"{ENV_PREFIX}{section.upper()}__{name.upper()}"
+            source = f" (from environment {env})" if env in os.environ else ""
+            raise ConfigError(
+                f"{path}: [{section}] {name} = {text!r}{source} is not allowed; allowed: {parser.allowed}"
+            ) from None
+    return cls(**kwargs)
+
+
+def settings_from_raw(raw: RawConfig, path: Path) -> Settings:
+    """Validate raw INI values into Settings; the first problem raises ConfigError."""
+    home = Path(config_home(str(path)))
+    by_name = {cls.SECTION: cls for cls in SECTIONS}
+    for section in raw:
+        if section not in by_name:
+            raise ConfigError(f"{path}: unknown section [{section}] (known sections: {', '.join(by_name)})")
+    parsed = {name: _parse_section(cls, raw.get(name, {}), path, home) for name, cls in by_name.items()}
+    return Settings(path=path, home=home, **parsed)
+
+
+def load_settings(explicit_path: str | None = None) -> Settings:
+    """Find, read and validate the config file (see `bridge.config_file.find_config_path`)."""
+    path = Path(find_config_path(explicit_path))
+    try:
+        raw = read_raw(str(path))
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
+    return settings_from_raw(raw, path)
+
+
+def default_config_text(home: Path, token: str) -> str:
+    """The commented config `pms-bridge init` writes: every key with its default and documentation."""
+    lines = [
+        "; pms-bridge configuration. Every key can be overridden by the environment variable",
+        "; PMS_BRIDGE__<SECTION>__<KEY> (upper case). Relative paths start at this file's folder.",
+        "",
+    ]
+    for cls in SECTIONS:
+        lines.append(f"[{cls.SECTION}]")
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        lines.append(f"; {doc}")
+        for fld in dataclasses.fields(cls):
+            default = fld.metadata["default"].replace("{home}", home.as_posix())
+            if (cls.SECTION, fld.name) == ("api", "token"):
+                default = token
+            lines.append(f"; {fld.metadata['doc']}")
+            lines.append(f"; allowed: {fld.metadata['parser'].allowed}")
+            lines.append(f"{fld.name} = {default}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""Finding and reading the INI file, with environment overrides, using only cheap standard modules.
+
+This is the raw layer under `bridge.config`: it knows where the file is and which strings it holds, not
+what they mean. It is separate because the launch commands a PMS waits on (`pms-bridge vdds FILE`) need
+the API address and token and nothing else, and must not pay for the typed, validated settings.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+
+ENV_CONFIG = "PMS_BRIDGE_CONFIG"
+ENV_PREFIX = "PMS_BRIDGE__"
+DEFAULT_CONFIG_NAME = "pms-bridge.ini"
+
+# Defaults the launch client needs before (or without) the typed settings; bridge.config uses the same.
+DEFAULT_API_HOST = "127.0.0.1"
+DEFAULT_API_PORT = 4429
+LAUNCH_PATH = "/api/v1/launch/"
+
+RawConfig = dict[str, dict[str, str]]
+
+
+class ConfigFileError(Exception):
+    """The config file is missing or is not valid INI; the message names the file."""
+
+
+def find_config_path(explicit: str | None = None) -> str:
+    """The config file to use: `--config`, then `PMS_BRIDGE_CONFIG`, then `./pms-bridge.ini`."""
+    path = explicit or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_NAME
+    return os.path.abspath(path)
+
+
+def read_raw(path: str, environ: dict[str, str] | None = None) -> RawConfig:
+    """Read the INI file into {section: {key: value}} and apply `PMS_BRIDGE__<SECTION>__<KEY>` overrides.
+
+    Section and key names are lower-cased; inline `;` comments are stripped so a value never carries
+    its own comment. Environment variables win over the file, which is what containers and Windows
+    service wrappers expect.
+    """
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=(";", "#"), default_section="\x00no-default"
+    )
+    parser.optionxform = str.lower  # type: ignore[assignment,method-assign]
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            parser.read_file(fh)
+    except FileNotFoundError as exc:
+        raise ConfigFileError(
+            f"{path}: config file not found (run 'pms-bridge init --home DIR' or pass --config FILE)"
+        ) from exc
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigFileError(f"{path}: not a valid INI file: {exc}".replace("\n", " ")) from exc
+    raw: RawConfig = {name.lower(): dict(parser.items(name)) for name in parser.sections()}
+    env = os.environ if environ is None else environ
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].split("__")
+        if len(parts) != 2 or not all(parts):
+            continue
+        raw.setdefault(parts[0].lower(), {})[parts[1].lower()] = value
+    return raw
+
+
+def config_home(path: str) -> str:
+    """The folder that relative paths in the config are resolved against: the config file's folder."""
+    return os.path.dirname(os.path.abspath(path))
+
+
+def api_endpoint(raw: RawConfig) -> tuple[str, int, str, bool, str]:
+    """(host to connect to, port, token, use TLS, certificate file) of the daemon's API listener.
+
+    A wildcard listen address is reached on loopback. Kept here, not in bridge.config, so the launch
+    client can find the daemon without importing the typed settings.
+    """
+    api = raw.get("api", {})
+    host = api.get("host", DEFAULT_API_HOST).strip() or DEFAULT_API_HOST
+    if host in ("0.0.0.0", "::", "*"):  # noqa: S104 - translating a listen address, not binding
+        host = "127.0.0.1"
+    try:
+        port = int(api.get("port", str(DEFAULT_API_PORT)))
+    except ValueError:
+        port = DEFAULT_API_PORT
+    tls = api.get("tls", "no").strip().lower() in ("1", "yes", "true", "on")
+    return host, port, api.get("token", "").strip(), tls, api.get("tls_cert", "").strip()

@@ -1,0 +1,163 @@
+"""The daemon's lifecycle: listeners, background workers, graceful stop.
+
+`pms-bridge serve` runs one asyncio loop holding the HTTP listeners and the background workers (audit
+flush, stop-file watch, watched folders, push outboxes). It stops on SIGTERM/SIGINT, or when the stop
+file appears (Windows service wrappers cannot always deliver Ctrl+C to a windowless process): listeners
+stop accepting, in-flight requests get `shutdown_timeout` seconds to finish, workers are cancelled, the
+audit queue is flushed, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from bridge import __version__
+from bridge.config import Settings
+from bridge.runtime import Runtime
+from bridge.web.app import build_api_app
+
+log = logging.getLogger(__name__)
+
+STOP_FILE_POLL_SECONDS = 0.5
+
+# Background workers protocols contribute: each takes the runtime and returns a coroutine that runs
+# until cancelled (a watched folder, an outbox channel), or None when its settings leave it off.
+WorkerFactory = Callable[[Runtime], Coroutine[Any, Any, None] | None]
+WORKER_FACTORIES: list[WorkerFactory] = []
+
+# Extra listeners protocols contribute (OPP web): (name, factory of its app, settings -> (enabled, host, port)).
+ListenerFactory = Callable[[Runtime], "tuple[str, web.Application, str, int] | None"]
+LISTENER_FACTORIES: list[ListenerFactory] = []
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server TLS context when `[api] tls = yes`."""
+    api = settings.api
+    if not api.tls:
+        return None
+    if api.tls_cert is None or api.tls_key is None:
+        raise ValueError("[api] tls = yes needs tls_cert and tls_key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(api.tls_cert, api.tls_key)
+    return ctx
+
+
+class Daemon:
+    """One running pms-bridge: start(), then wait_stopped(); stop() may be called from anywhere."""
+
+    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
+        self.settings = settings
+        self.rt = runtime
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+        self.bound: dict[str, tuple[str, int]] = {}
+
+    async def start(self) -> None:
+        if self.rt is None:
+            self.rt = await asyncio.to_thread(Runtime.build, self.settings)
+        rt = self.rt
+        timeout = self.settings.daemon.shutdown_timeout
+        tls = tls_context(self.settings)
+        listeners: list[tuple[str, web.Application, str, int]] = [
+            ("api", build_api_app(rt), self.settings.api.host, self.settings.api.port)
+        ]
+        for factory in LISTENER_FACTORIES:
+            extra = factory(rt)
+            if extra is not None:
+                listeners.append(extra)
+        for name, app, host, port in listeners:
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=timeout, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, host, port, ssl_context=tls, reuse_address=True)
+            await site.start()
+            self._runners.append(runner)
+            sock = site._server.sockets[0]  # type: ignore[union-attr]
+            self.bound[name] = sock.getsockname()[:2]
+            log.info("listening", extra={"listener": name, "host": host, "port": self.bound[name][1], "tls": bool(tls)})
+        self._spawn(rt.audit.run(), "audit")
+        self._spawn(self._watch_stop_file(), "stop-file")
+        for factory in WORKER_FACTORIES:
+            worker = factory(rt)
+            if worker is not None:
+                self._spawn(worker, getattr(factory, "__name__", "worker"))
+        log.info("started", extra={"version": __version__, "config": str(self.settings.path), "store": rt.db.dialect})
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._worker_done)
+        self._tasks.append(task)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("background worker died", exc_info=exc, extra={"worker": task.get_name()})
+
+    async def _watch_stop_file(self) -> None:
+        path = self.settings.daemon.stop_file
+        while True:
+            if path.exists():
+                log.info("stop file found; stopping", extra={"path": str(path)})
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                self.stop()
+                return
+            await asyncio.sleep(STOP_FILE_POLL_SECONDS)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        if sys.platform == "win32":
+            def on_signal(_signum: int, _frame: object) -> None:
+                loop.call_soon_threadsafe(self.stop)
+
+            signal.signal(signal.SIGINT, on_signal)
+            signal.signal(signal.SIGBREAK, on_signal)  # type: ignore[attr-defined,unused-ignore]
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish, stop workers, flush the audit log, close."""
+        log.info("stopping")
+        for runner in self._runners:
+            await runner.cleanup()  # stops listening, then waits for in-flight handlers
+        self._runners.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.rt is not None:
+            await self.rt.bus.drain()
+            try:
+                await self.rt.audit.flush()
+            except Exception:
+                log.exception("final audit flush failed")
+            await asyncio.to_thread(self.rt.close)
+        log.info("stopped")
+
+
+async def serve(settings: Settings) -> None:
+    """Run the daemon until a signal or the stop file."""
+    daemon = Daemon(settings)
+    daemon.install_signal_handlers()
+    await daemon.start()
+    await daemon.wait_stopped()

@@ -1,0 +1,115 @@
+"""`pms-bridge doctor`: "configure and test PMS integration", as a checklist an IT admin can read.
+
+Each check prints one line, `ok` or `FAIL` with what to do; the exit code is 0 only when all pass.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from bridge.config import ConfigError, Settings, load_settings
+from bridge.config_file import api_endpoint, read_raw
+
+Check = tuple[str, Callable[[Settings], str]]  # (title, function returning a detail or raising)
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def check_store(settings: Settings) -> str:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from bridge.store.db import alembic_config, make_engine
+
+    engine = make_engine(settings.store.url)
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+    head = ScriptDirectory.from_config(alembic_config(settings.store.url)).get_current_head()
+    if current != head:
+        raise CheckFailed(f"schema at {current or 'nothing'}, newest is {head}: run 'pms-bridge init' or start the daemon")
+    return f"{engine.url.render_as_string(hide_password=True)} (schema {current})"
+
+
+def check_folder(path: Path) -> str:
+    from bridge.store.files import FileStore
+
+    try:
+        FileStore(path).check_writable()
+    except OSError as exc:
+        raise CheckFailed(f"{path}: {exc.strerror or exc} (a share needs a UNC path and an account with rights)") from None
+    return str(path)
+
+
+def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
+    host, port, _token, tls, cafile = api_endpoint(read_raw(str(settings.path)))
+    scheme = "https" if tls else "http"
+    request = urllib.request.Request(f"{scheme}://{host}:{port}{path}")  # noqa: S310 - our own daemon
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    context = ssl.create_default_context(cafile=cafile or None) if tls else None
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:  # noqa: S310
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise CheckFailed(f"the daemon does not answer at {host}:{port} ({getattr(exc, 'reason', exc)}): start 'pms-bridge serve'") from None
+
+
+def check_daemon(settings: Settings) -> str:
+    status, _ = _get(settings, "/healthz", None)
+    if status != 200:
+        raise CheckFailed(f"/healthz answered {status}")
+    status, body = _get(settings, "/readyz", None)
+    if status != 200:
+        failing = [k for k, v in json.loads(body).get("checks", {}).items() if not v.get("ok")]
+        raise CheckFailed(f"not ready: {', '.join(failing)}")
+    return "alive and ready"
+
+
+def check_token(settings: Settings) -> str:
+    if not settings.api.token:
+        raise CheckFailed("[api] token is empty: every data request is refused")
+    status, _ = _get(settings, "/api/v1/patients?limit=1", settings.api.token)
+    if status != 200:
+        raise CheckFailed(f"the configured token was refused ({status})")
+    return "accepted"
+
+
+CHECKS: list[Check] = [
+    ("store reachable and up to date", check_store),
+    ("image folder writable", lambda s: check_folder(s.store.images)),
+    ("VDDS exchange folder writable", lambda s: check_folder(s.vdds.exchange_dir) if s.vdds.exchange_dir else "not configured"),
+    ("daemon answering", check_daemon),
+    ("API token", check_token),
+]
+
+
+def run_checks(config: str | None) -> int:
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        print(f"FAIL config: {exc}")
+        return 2
+    print(f"ok   config: {settings.path}")
+    failed = 0
+    for title, check in CHECKS:
+        try:
+            print(f"ok   {title}: {check(settings)}")
+        except CheckFailed as exc:
+            failed += 1
+            print(f"FAIL {title}: {exc}")
+        except Exception as exc:  # a check must report, never crash the checklist
+            failed += 1
+            print(f"FAIL {title}: {type(exc).__name__}: {exc}")
+    return 1 if failed else 0

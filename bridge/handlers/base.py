@@ -1,0 +1,38 @@
+"""What a launch handler receives and answers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bridge.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One PMS message as it arrived, before any parsing."""
+
+    protocol: str
+    args: tuple[str, ...] = ()  # command-line arguments after `pms-bridge <protocol>`
+    filename: str = ""  # the file the PMS named (path as the PMS wrote it), "" if none
+    content: bytes = b""  # that file's bytes
+    workstation: str = ""
+    transport: str = "cli"  # cli | folder | http
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class LaunchReply:
+    """What to answer: an exit code and one line for the PMS, and bytes to write back into its file.
+
+    `content` None leaves the PMS's file alone (protocols without an answer file).
+    """
+
+    exit_code: int
+    message: str
+    content: bytes | None = None
+
+
+LaunchHandler = Callable[["Runtime", Launch], Awaitable[LaunchReply]]

@@ -1,0 +1,91 @@
+"""`pms-bridge init`: a working home folder (config, store, TLS certificate), idempotently.
+
+Running it again changes nothing: an existing config, certificate or store is left as it is, so an
+admin can re-run the installer's command without losing the API token the PMSs are configured with.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import secrets
+import socket
+from pathlib import Path
+
+from bridge.atomic import write_atomic
+from bridge.config import Settings, default_config_text, load_settings
+from bridge.config_file import DEFAULT_CONFIG_NAME
+
+
+def write_self_signed(cert_path: Path, key_path: Path) -> None:
+    """A self-signed certificate for localhost, 127.0.0.1 and this host's name (valid 5 years)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    host = socket.gethostname()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"pms-bridge {host}")])
+    now = dt.datetime.now(dt.UTC)
+    san = x509.SubjectAlternativeName(
+        [
+            x509.DNSName("localhost"),
+            x509.DNSName(host),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=5 * 365))
+        .add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
+    key_path.chmod(0o600)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def init_home(home: Path) -> tuple[Settings, list[str]]:
+    """Create what is missing under `home`; returns the settings and a line per thing created."""
+    from bridge.store.db import make_engine, upgrade_schema
+
+    done: list[str] = []
+    home = home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / DEFAULT_CONFIG_NAME
+    if not config.exists():
+        write_atomic(config, default_config_text(home, secrets.token_urlsafe(32)).encode())
+        done.append(f"wrote {config}")
+    settings = load_settings(str(config))
+    api = settings.api
+    if api.tls_cert and api.tls_key and not (api.tls_cert.exists() and api.tls_key.exists()):
+        write_self_signed(api.tls_cert, api.tls_key)
+        done.append(f"wrote a self-signed certificate {api.tls_cert}")
+    if not settings.store.images.exists():
+        settings.store.images.mkdir(parents=True)
+        done.append(f"created the image folder {settings.store.images}")
+    engine = make_engine(settings.store.url)
+    try:
+        from sqlalchemy import inspect
+
+        fresh = "alembic_version" not in inspect(engine).get_table_names()
+        upgrade_schema(engine)
+        if fresh:
+            done.append(f"created the store {engine.url.render_as_string(hide_password=True)}")
+    finally:
+        engine.dispose()
+    return settings, done

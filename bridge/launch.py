@@ -1,0 +1,168 @@
+"""The launch client: what runs when a PMS starts `pms-bridge vdds FILE` (or opp, cliniview, dexis ...).
+
+A PMS waits on this process, so its start-up is part of the receptionist's wait: it imports only the
+standard library's cheapest modules (no argparse, no asyncio, no HTTP library: a few lines of HTTP/1.1
+over a socket are a fifth of the start-up cost of urllib), hands the message to the running daemon and
+writes the answer back. When the daemon cannot be reached, the protocol still gets an answer: protocols
+with an answer file (VDDS) get an error written into it by their `unreachable` renderer; all get a
+non-zero exit code and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import sys
+from urllib.parse import quote, unquote
+
+from bridge.atomic import write_atomic
+from bridge.config_file import LAUNCH_PATH, ConfigFileError, api_endpoint, find_config_path, read_raw
+
+TIMEOUT_SECONDS = 120.0
+MAX_FILE_BYTES = 4 * 1024 * 1024
+EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 4
+
+# protocol -> "module:function(content: bytes, message: str) -> bytes | None": the answer a protocol
+# writes into the PMS's file when the daemon cannot answer. Imported only on that (rare) path.
+UNREACHABLE_RENDERERS: dict[str, str] = {}
+
+
+def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Take `--config FILE` / `--config=FILE` out of the arguments; the rest go to the daemon as they are."""
+    rest: list[str] = []
+    config: str | None = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return config, rest
+
+
+def named_file(args: list[str]) -> str:
+    """The first argument naming an existing file (a leading '@' marks info files, as Dexis does)."""
+    for arg in args:
+        candidate = arg[1:] if arg.startswith("@") else arg
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return ""
+
+
+def workstation() -> str:
+    return os.environ.get("COMPUTERNAME") or socket.gethostname()
+
+
+def http_post(
+    host: str, port: int, path: str, headers: dict[str, str], body: bytes, *, tls: bool = False, cafile: str = ""
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 POST with `Connection: close`; returns (status, lower-cased headers, body)."""
+    sock: socket.socket = socket.create_connection((host, port), timeout=TIMEOUT_SECONDS)
+    try:
+        if tls:
+            import ssl  # only when the API listener is configured for TLS
+
+            ctx = ssl.create_default_context(cafile=cafile or None)
+            sock = ctx.wrap_socket(sock, server_hostname=host)
+        head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}", "Connection: close"]
+        head += [f"{name}: {value}" for name, value in headers.items()]
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    finally:
+        sock.close()
+    raw = b"".join(chunks)
+    header_blob, _, payload = raw.partition(b"\r\n\r\n")
+    lines = header_blob.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    found: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        found[name.strip().lower()] = value.strip()
+    if found.get("transfer-encoding", "").lower() == "chunked":
+        payload = _dechunk(payload)
+    return status, found, payload
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2 :]
+    return bytes(out)
+
+
+def _fail(protocol: str, path: str, content: bytes, message: str, code: int) -> int:
+    """Answer without the daemon: the protocol's error answer into its file, one line on stderr."""
+    target = UNREACHABLE_RENDERERS.get(protocol)
+    if target and path:
+        module, _, name = target.partition(":")
+        try:
+            answer = getattr(importlib.import_module(module), name)(content, message)
+            if answer is not None:
+                write_atomic(path, answer)
+        except Exception as exc:  # the PMS must still get an exit code and a line
+            message += f" (and the error answer could not be written: {exc})"
+    print(f"pms-bridge {protocol}: {message}", file=sys.stderr)
+    return code
+
+
+def run(protocol: str, argv: list[str]) -> int:
+    """Forward one PMS launch to the daemon and apply its answer; returns the process exit code."""
+    config, args = split_config(argv)
+    path = named_file(args)
+    content = b""
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                content = fh.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            return _fail(protocol, "", b"", f"cannot read {path}: {exc.strerror}", EXIT_REFUSED)
+        if len(content) > MAX_FILE_BYTES:
+            return _fail(protocol, path, b"", f"{path} is larger than {MAX_FILE_BYTES} bytes", EXIT_REFUSED)
+    try:
+        host, port, token, tls, cafile = api_endpoint(read_raw(find_config_path(config)))
+    except ConfigFileError as exc:
+        return _fail(protocol, path, content, str(exc), EXIT_UNREACHABLE)
+    query = "&".join("arg=" + quote(arg, safe="") for arg in args)
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "X-PMS-Filename": quote(path),
+        "X-PMS-Workstation": quote(workstation()),
+        "Content-Type": "application/octet-stream",
+    }
+    try:
+        status, reply_headers, body = http_post(
+            host, port, f"{LAUNCH_PATH}{protocol}?{query}", headers, content, tls=tls, cafile=cafile
+        )
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        return _fail(protocol, path, content, f"the pms-bridge service is not reachable at {host}:{port} ({reason})", EXIT_UNREACHABLE)
+    if status != 200:
+        import json  # only on the error path
+
+        try:
+            detail = json.loads(body).get("detail", "")
+        except ValueError:
+            detail = body[:200].decode("utf-8", "replace")
+        return _fail(protocol, path, content, f"the pms-bridge service refused the request ({status}): {detail}", EXIT_REFUSED)
+    if reply_headers.get("x-pms-write") == "1" and path:
+        write_atomic(path, body)
+    message = unquote(reply_headers.get("x-pms-message", ""))
+    code = int(reply_headers.get("x-pms-exit", "1"))
+    if message:
+        print(message, file=sys.stderr if code else sys.stdout)
+    return code

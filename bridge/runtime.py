@@ -1,0 +1,98 @@
+"""Everything a running daemon holds, built once from the settings and handed to every layer.
+
+Tests build a Runtime the same way the daemon does, so they exercise the real wiring.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from bridge.audit import AuditLog
+from bridge.config import Settings
+from bridge.events import EventBus
+from bridge.imaging.pipeline import Imaging
+from bridge.outbox import push_targets
+from bridge.service import BridgeService
+from bridge.store.db import Database, upgrade_schema
+from bridge.store.files import FileStore
+
+
+@dataclass
+class Metrics:
+    """Prometheus metrics of one daemon (a registry of its own, so tests can run several)."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.http_requests = Counter(
+            "pms_bridge_http_requests", "HTTP requests", ["listener", "route", "status"], registry=r
+        )
+        self.http_latency = Histogram(
+            "pms_bridge_http_request_seconds",
+            "HTTP request latency",
+            ["listener"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=r,
+        )
+        self.launches = Counter("pms_bridge_launches", "PMS launches handled", ["protocol", "exit"], registry=r)
+        self.events = Counter("pms_bridge_events", "Events published", ["event"], registry=r)
+        self.last_scan = Gauge(
+            "pms_bridge_last_successful_scan_timestamp", "Last successful scan of a watched folder", ["watcher"],
+            registry=r,
+        )
+
+
+@dataclass
+class Readiness:
+    """What /readyz reports beyond the database: watched folders and when each was last scanned."""
+
+    started_at: float = field(default_factory=time.time)
+    last_scan: dict[str, float] = field(default_factory=dict)
+    scan_errors: dict[str, str] = field(default_factory=dict)
+    watched: dict[str, Path] = field(default_factory=dict)
+    max_scan_age: dict[str, float] = field(default_factory=dict)
+
+    def scanned(self, watcher: str) -> None:
+        self.last_scan[watcher] = time.time()
+        self.scan_errors.pop(watcher, None)
+
+
+@dataclass
+class Runtime:
+    """The daemon's parts: settings, store, service, imaging, events, audit, metrics, readiness."""
+
+    settings: Settings
+    db: Database
+    files: FileStore
+    bus: EventBus
+    audit: AuditLog
+    service: BridgeService
+    imaging: Imaging
+    metrics: Metrics
+    readiness: Readiness
+    instance_id: str = field(default_factory=lambda: secrets.token_hex(4))
+
+    @classmethod
+    def build(cls, settings: Settings, *, migrate: bool | None = None, imaging_workers: int = 2) -> Runtime:
+        """Connect to the store (migrating it when configured) and build every part."""
+        db = Database(settings.store.url, threads=settings.store.db_threads)
+        if settings.store.migrate if migrate is None else migrate:
+            upgrade_schema(db.engine)
+        files = FileStore(settings.store.images)
+        bus = EventBus()
+        audit = AuditLog(db)
+        service = BridgeService(db, settings.pms, bus, audit, push_targets=push_targets(settings))
+        imaging = Imaging(files, settings.thumbnails, settings.store.images / "thumbnails", workers=imaging_workers)
+        metrics = Metrics()
+        bus.subscribe(lambda event: metrics.events.labels(event.name).inc())
+        return cls(settings, db, files, bus, audit, service, imaging, metrics, Readiness())
+
+    def close(self) -> None:
+        self.imaging.close()
+        self.db.close()

@@ -1,0 +1,956 @@
+"""THE one place where a request meets the store: the identity rules and the PMS policy settings.
+
+Identity rules (ARCHITECTURE section 4), all here and nowhere else:
+
+* A patient is keyed by (PMS system, practice id unless `ignore_practice_id`, the PMS's patient id). The
+  PMS id is an opaque string: leading zeros, letters and case are kept.
+* A chart number is an alias that can change: the link follows the immutable PMS id and the alias moves.
+  A chart number that is current for another patient is a recorded conflict, never a silent relink.
+* Nobody is matched by name, SSN or birth date alone. A known id arriving with demographics that disagree
+  beyond spelling (another birth date, another sex, another surname) is neither merged nor duplicated: a
+  conflict is recorded and the PMS gets a clear error.
+* Concurrent requests for one new patient create one patient: the unique key on the link decides, and
+  the loser retries and finds the winner's patient (no check-then-insert race).
+* Every read or change is audited.
+
+PMS settings (DTX Studio Clinic's, same meaning): `ignore_practice_id`, `update_patient_info`,
+`allow_patient_creation` (creation outside a PMS launch: REST "+", import), `single_patient_mode`,
+`open_patient_in`, `open_image_as` (the last three shape the events and viewer links).
+"""
+
+from __future__ import annotations
+
+import logging
+import unicodedata
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from bridge.audit import AuditLog
+from bridge.config import PmsSettings
+from bridge.events import AcquisitionRequested, EventBus, ImagesAdded, ImageViewRequested, PatientOpened
+from bridge.model import (
+    Action,
+    Category,
+    Demographics,
+    IdKind,
+    ImageView,
+    NewImage,
+    Origin,
+    Outcome,
+    PatientRequest,
+    PatientView,
+    Sex,
+    Status,
+)
+from bridge.store import queries as q
+from bridge.store.db import Database, is_unique_violation
+from bridge.store.models import AuditEntry, ChartAlias, Conflict, Image, OutboxMessage, Patient, PmsLink, Series, Study
+from bridge.store.types import utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_CREATE_RETRIES = 8
+
+# Decides which push channels (outbox) announce new images to the PMS behind a link:
+# (protocol of the link, pms_system) -> channel names. Protocols register theirs at daemon start.
+PushTargets = Callable[[str, str], Sequence[str]]
+
+
+def _no_push(_protocol: str, _pms_system: str) -> Sequence[str]:
+    return ()
+
+
+# --------------------------------------------------------------------------------------------------
+# Name folding and the "beyond spelling" test
+
+
+_TRANSLIT = str.maketrans({"ß": "ss", "æ": "ae", "ø": "o", "đ": "d", "ł": "l", "þ": "th"})
+
+
+def fold(text: str) -> str:
+    """Case- and accent-insensitive form of a name: 'Müller' -> 'muller', 'Ørsted' -> 'orsted'."""
+    text = text.casefold().translate(_TRANSLIT)
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).strip()
+
+
+def name_key(last_name: str, first_name: str) -> str:
+    """What name search matches on: folded "last first"."""
+    return f"{fold(last_name)} {fold(first_name)}".strip()[:250]
+
+
+def _letters(text: str) -> str:
+    """Folded, with spaces, hyphens, apostrophes and dots gone ('Van Der-Berg' -> 'vanderberg')."""
+    return "".join(c for c in fold(text) if c.isalnum())
+
+
+def _umlaut_spelled(text: str) -> str:
+    """German spelling without umlauts: 'Müller' and 'Mueller' both become 'mueller'."""
+    text = text.casefold().replace("ä", "ae").replace("ö", "oe").replace("ü", "ue")
+    return _letters(text)
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal-string-alignment distance (a transposition counts as one edit)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[len(b)]
+
+
+def same_beyond_spelling(a: str, b: str) -> bool:
+    """True when two surnames differ only in spelling: case, accents, umlaut spelling, spaces, a typo.
+
+    A PMS that strips spaces (CLINIVIEW), transliterates umlauts (cp1252 fallbacks) or fixes a typo is
+    not another person; a different surname is. One edit is tolerated, two for names of 10+ letters.
+    """
+    la, lb = _letters(a), _letters(b)
+    if not la or not lb or la == lb or _umlaut_spelled(a) == _umlaut_spelled(b):
+        return True
+    allowed = 2 if max(len(la), len(lb)) >= 10 else 1
+    return _edit_distance(la, lb) <= allowed
+
+
+def disagreements(stored: Patient, incoming: Demographics) -> list[str]:
+    """How incoming demographics contradict a stored patient beyond spelling; empty when they agree.
+
+    Only facts both sides know are compared: a PMS that omits the birth date or sends an unknown sex
+    contradicts nothing.
+    """
+    found: list[str] = []
+    if stored.birth_date and incoming.birth_date and stored.birth_date != incoming.birth_date:
+        found.append(f"birth date {stored.birth_date.isoformat()} in the store, {incoming.birth_date.isoformat()} sent")
+    known = (Sex.MALE.value, Sex.FEMALE.value)
+    if stored.sex in known and incoming.sex.value in known and stored.sex != incoming.sex.value:
+        found.append(f"sex {stored.sex} in the store, {incoming.sex.value} sent")
+    if stored.last_name and incoming.last_name and not same_beyond_spelling(stored.last_name, incoming.last_name):
+        found.append(f"surname {stored.last_name!r} in the store, {incoming.last_name!r} sent")
+    return found
+
+
+def new_uid() -> str:
+    """A DICOM UID from a random UUID (the 2.25 root needs no registered organisation prefix)."""
+    return f"2.25.{uuid.uuid4().int}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Views
+
+
+def patient_view(patient: Patient, link: PmsLink | None, chart: str | None) -> PatientView:
+    return PatientView(
+        id=patient.id,
+        last_name=patient.last_name,
+        first_name=patient.first_name,
+        middle_name=patient.middle_name,
+        title=patient.title,
+        birth_date=patient.birth_date,
+        sex=Sex(patient.sex),
+        chart_number=chart,
+        pms_system=link.pms_system if link else None,
+        pms_id=link.pms_id if link else None,
+        practice_id=link.practice_id if link else None,
+        street=patient.street,
+        city=patient.city,
+        postal_code=patient.postal_code,
+        phone=patient.phone,
+        email=patient.email,
+    )
+
+
+def image_view(image: Image, series: Series, study: Study) -> ImageView:
+    return ImageView(
+        id=image.id,
+        patient_id=image.patient_id,
+        study_uid=study.study_uid,
+        series_uid=series.series_uid,
+        sop_instance_uid=image.sop_instance_uid,
+        captured_at=image.captured_at,
+        category=Category(image.category),
+        tooth_numbers=tuple(int(t) for t in image.tooth_numbers or ()),
+        rotation=image.rotation,
+        mirrored=image.mirrored,
+        width=image.width,
+        height=image.height,
+        bits_stored=image.bits_stored,
+        color=image.color,
+        sha256=image.sha256,
+        media_type=image.media_type,
+        file_ext=image.file_ext,
+        device=image.device,
+        comment=image.comment,
+        frames=image.frames,
+    )
+
+
+def _load_patient_view(session: Session, patient: Patient, link: PmsLink | None = None) -> PatientView:
+    if link is None:
+        link = session.scalars(q.links_of_patient(patient.id)).first()
+    alias = session.scalars(q.current_chart_of_patient(patient.id)).first()
+    return patient_view(patient, link, alias.chart_number if alias else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity resolution (runs inside one write transaction)
+
+
+class Refused(Exception):
+    """The request cannot be served as asked; carries the outcome to answer with.
+
+    A refusal for an identity conflict also carries the conflict to record. It is recorded in a
+    transaction of its own after the refused one rolled back, so a refusal never leaves half a change.
+    """
+
+    def __init__(self, outcome: Outcome, conflict: Conflict | None = None) -> None:
+        super().__init__(outcome.message)
+        self.outcome = outcome
+        self.conflict = conflict
+
+
+@dataclass
+class _Resolved:
+    patient: Patient
+    link: PmsLink | None
+    status: Status  # OK (found, unchanged), CREATED, UPDATED
+
+
+def _origin_text(origin: Origin) -> str:
+    return f"{origin.protocol}/{origin.transport} {origin.workstation}".strip()[:200]
+
+
+def _conflict(
+    req: PatientRequest,
+    kind: str,
+    message: str,
+    *,
+    patient_id: int | None,
+    other_patient_id: int | None = None,
+    detail: dict[str, Any] | None = None,
+) -> Refused:
+    """The refusal for an identity conflict, with the conflict to record."""
+    conflict = Conflict(
+        kind=kind,
+        pms_system=req.pms_system,
+        practice_id=req.practice_id,
+        pms_id=req.pms_id,
+        chart_number=req.chart_number,
+        patient_id=patient_id,
+        other_patient_id=other_patient_id,
+        detail={"message": message, **(detail or {})},
+        origin=_origin_text(req.origin),
+    )
+    return Refused(Outcome(Status.CONFLICT, message), conflict)
+
+
+def _store_conflict(session: Session, draft: Conflict, origin: Origin) -> int:
+    """Record a conflict, or find the same open one: a PMS repeating a request does not pile them up."""
+    existing = session.scalars(
+        q.open_conflict_like(draft.kind, draft.pms_system, draft.practice_id, draft.pms_id, draft.chart_number)
+    ).first()
+    if existing is not None:
+        return existing.id
+    draft.created_at = utcnow()
+    session.add(draft)
+    session.flush()
+    message = (draft.detail or {}).get("message", "")
+    AuditLog.change(session, origin, "conflict.record", patient_id=draft.patient_id, detail=f"{draft.kind}: {message}")
+    log.warning("identity conflict", extra={"kind": draft.kind, "conflict_id": draft.id})
+    return draft.id
+
+
+def _apply_demographics(patient: Patient, demo: Demographics) -> list[str]:
+    """Overwrite stored demographics with what the PMS sent (only fields it sent); the changed names."""
+    changed: list[str] = []
+    values: dict[str, Any] = {
+        "last_name": demo.last_name,
+        "first_name": demo.first_name,
+        "middle_name": demo.middle_name,
+        "title": demo.title,
+        "birth_date": demo.birth_date,
+        "sex": demo.sex.value if demo.sex is not Sex.UNKNOWN else None,
+        "street": demo.street,
+        "city": demo.city,
+        "postal_code": demo.postal_code,
+        "phone": demo.phone,
+        "email": demo.email,
+    }
+    for name, value in values.items():
+        if value in (None, ""):
+            continue
+        if getattr(patient, name) != value:
+            setattr(patient, name, value)
+            changed.append(name)
+    if {"last_name", "first_name"} & set(changed):
+        patient.name_key = name_key(patient.last_name, patient.first_name)
+    if changed:
+        patient.updated_at = utcnow()
+    return changed
+
+
+def _new_patient(demo: Demographics) -> Patient:
+    now = utcnow()
+    return Patient(
+        last_name=demo.last_name,
+        first_name=demo.first_name,
+        middle_name=demo.middle_name,
+        title=demo.title,
+        name_key=name_key(demo.last_name, demo.first_name),
+        birth_date=demo.birth_date,
+        sex=demo.sex.value,
+        street=demo.street,
+        city=demo.city,
+        postal_code=demo.postal_code,
+        phone=demo.phone,
+        email=demo.email,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+class BridgeService:
+    """Maps PMS requests and API calls onto the store; every identity decision is made here."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: PmsSettings,
+        bus: EventBus,
+        audit: AuditLog,
+        *,
+        push_targets: PushTargets = _no_push,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.bus = bus
+        self.audit = audit
+        self.push_targets = push_targets
+
+    # ---------------------------------------------------------------------------------------------
+    # PMS requests
+
+    async def handle(self, req: PatientRequest) -> Outcome:
+        """Serve one PMS request; every failure becomes an Outcome the protocol can render."""
+        try:
+            if req.action in (Action.OPEN, Action.ACQUIRE, Action.UPDATE, Action.CREATE_OR_UPDATE):
+                return await self._open(req)
+            if req.action is Action.LIST_IMAGES:
+                return await self._list_for_pms(req)
+            if req.action is Action.VIEW_IMAGE:
+                return await self._view_image(req)
+            if req.action is Action.EXPORT_IMAGES:
+                return await self._images_by_refs(req)
+        except Refused as refused:
+            return await self.refusal_outcome(refused, req.origin)
+        return Outcome(Status.INVALID, f"unsupported action {req.action}")
+
+    async def refusal_outcome(self, refused: Refused, origin: Origin) -> Outcome:
+        """The outcome of a refusal, after recording its conflict (if any) in its own transaction."""
+        draft = refused.conflict
+        if draft is None:
+            return refused.outcome
+        conflict_id = await self.db.write(lambda session: _store_conflict(session, draft, origin))
+        return replace(refused.outcome, conflict_id=conflict_id)
+
+    def _check_request(self, req: PatientRequest) -> None:
+        if req.id_kind is IdKind.PMS_ID and not req.pms_id.strip():
+            raise Refused(Outcome(Status.INVALID, "the request carries no patient id"))
+        if req.id_kind is IdKind.CHART_NUMBER and not req.chart_number.strip():
+            raise Refused(Outcome(Status.INVALID, "the request carries no chart number"))
+        if not req.pms_system.strip():
+            raise Refused(Outcome(Status.INVALID, "the request does not name its PMS system"))
+
+    async def _open(self, req: PatientRequest) -> Outcome:
+        self._check_request(req)
+        if req.action is Action.UPDATE:
+            may_create = False
+        elif req.action is Action.CREATE_OR_UPDATE:
+            may_create = self.settings.allow_patient_creation
+        else:
+            may_create = True  # a PMS launch may always create: that is what the integration is for
+
+        def work(session: Session) -> tuple[_Resolved, PatientView]:
+            resolved = self._resolve(session, req, may_create=may_create, update=self.settings.update_patient_info)
+            if resolved.status is Status.OK:
+                self.audit.change(session, req.origin, "patient.open", patient_id=resolved.patient.id)
+            return resolved, _load_patient_view(session, resolved.patient, resolved.link)
+
+        resolved, view = await self._retry_unique(work)
+        status = resolved.status
+        outcome = Outcome(status, _status_message(status, req), patient=view)
+        if req.action is not Action.CREATE_OR_UPDATE and not req.silent:
+            outcome = replace(outcome, viewer_url=self.patient_viewer_url(view.id))
+            self._publish_opened(req, view, outcome.viewer_url)
+        return outcome
+
+    async def _retry_unique(self, work: Callable[[Session], Any]) -> Any:
+        """Run a write that may lose a race on a unique key; the retry sees the winner's row."""
+        for attempt in range(MAX_CREATE_RETRIES):
+            try:
+                return await self.db.write(work)
+            except IntegrityError as exc:
+                if not is_unique_violation(exc) or attempt == MAX_CREATE_RETRIES - 1:
+                    raise
+                log.info("lost a creation race; retrying", extra={"attempt": attempt + 1})
+        raise AssertionError("unreachable")
+
+    def _practice_key(self, req: PatientRequest) -> str:
+        return "" if self.settings.ignore_practice_id else req.practice_id
+
+    def _find_link(self, session: Session, req: PatientRequest) -> PmsLink | None:
+        if not self.settings.ignore_practice_id:
+            return session.scalars(q.link_by_key(req.pms_system, req.practice_id, req.pms_id)).first()
+        links = list(session.scalars(q.links_by_system_id(req.pms_system, req.pms_id)))
+        if len({link.patient_id for link in links}) > 1:
+            raise _conflict(
+                req,
+                "ambiguous-practice",
+                f"patient id {req.pms_id!r} of {req.pms_system} belongs to different patients in different "
+                "practices; with ignore_practice_id they cannot be told apart",
+                patient_id=links[0].patient_id,
+                other_patient_id=links[1].patient_id,
+            )
+        return links[0] if links else None
+
+    def _resolve(self, session: Session, req: PatientRequest, *, may_create: bool, update: bool) -> _Resolved:
+        """Find, link or create the patient a request means, or raise Refused."""
+        if req.id_kind is IdKind.CHART_NUMBER:
+            return self._resolve_by_chart(session, req, may_create=may_create, update=update)
+        link = self._find_link(session, req)
+        if link is not None:
+            patient = link.patient
+            self._refuse_if_disagreeing(session, req, patient)
+            changed = self._move_chart_number(session, req, patient)
+            changed += self._maybe_update(session, req, patient, update)
+            link.last_seen_at = utcnow()
+            if req.origin.protocol and link.protocol != req.origin.protocol:
+                link.protocol = req.origin.protocol
+            return _Resolved(patient, link, Status.UPDATED if changed else Status.OK)
+
+        # No link yet: a migrated patient carrying the same chart number is this PMS's patient.
+        if req.chart_number:
+            alias = session.scalars(q.current_chart_alias(req.chart_number)).first()
+            if alias is not None:
+                patient = alias.patient
+                self._refuse_if_linked_elsewhere(session, req, patient)
+                self._refuse_if_disagreeing(session, req, patient)
+                link = self._add_link(session, req, patient)
+                self._maybe_update(session, req, patient, update)
+                self.audit.change(
+                    session, req.origin, "link.create", patient_id=patient.id, detail="linked by chart number"
+                )
+                return _Resolved(patient, link, Status.UPDATED)
+
+        if not may_create:
+            raise self._cannot_create(req)
+        patient = _new_patient(req.demographics)
+        session.add(patient)
+        session.flush()
+        link = self._add_link(session, req, patient)
+        if req.chart_number:
+            self._set_chart_alias(session, patient, req.chart_number)
+        session.flush()  # the unique key on the link decides a creation race here
+        self.audit.change(session, req.origin, "patient.create", patient_id=patient.id)
+        return _Resolved(patient, link, Status.CREATED)
+
+    def _resolve_by_chart(
+        self, session: Session, req: PatientRequest, *, may_create: bool, update: bool
+    ) -> _Resolved:
+        """The PMS sends the chart number as its key (a per-profile setting, e.g. Dentrix by chart).
+
+        Without an immutable id a renumbered chart cannot be followed from this request alone; the
+        linkage by PMS id (when the PMS also sends it) or the REST API re-links it.
+        """
+        alias = session.scalars(q.current_chart_alias(req.chart_number)).first()
+        if alias is not None:
+            patient = alias.patient
+            self._refuse_if_disagreeing(session, req, patient)
+            changed = self._maybe_update(session, req, patient, update)
+            return _Resolved(patient, None, Status.UPDATED if changed else Status.OK)
+        if not may_create:
+            raise self._cannot_create(req)
+        patient = _new_patient(req.demographics)
+        session.add(patient)
+        session.flush()
+        self._set_chart_alias(session, patient, req.chart_number)
+        session.flush()  # the unique current-chart index decides a creation race here
+        self.audit.change(session, req.origin, "patient.create", patient_id=patient.id, detail="keyed by chart")
+        return _Resolved(patient, None, Status.CREATED)
+
+    def _cannot_create(self, req: PatientRequest) -> Refused:
+        if req.action is Action.CREATE_OR_UPDATE:
+            return Refused(
+                Outcome(
+                    Status.FORBIDDEN,
+                    "patient creation is disabled (allow_patient_creation = no): patients come from the PMS",
+                )
+            )
+        key = req.pms_id or req.chart_number
+        return Refused(Outcome(Status.NOT_FOUND, f"no patient with id {key!r} from {req.pms_system}"))
+
+    def _refuse_if_disagreeing(self, session: Session, req: PatientRequest, patient: Patient) -> None:
+        found = disagreements(patient, req.demographics)
+        if found:
+            key = req.pms_id or req.chart_number
+            raise _conflict(
+                req,
+                "demographics",
+                f"patient {key!r} is known with other data: " + "; ".join(found),
+                patient_id=patient.id,
+                detail={"differences": found},
+            )
+
+    def _refuse_if_linked_elsewhere(self, session: Session, req: PatientRequest, patient: Patient) -> None:
+        """A chart number's patient already known to this PMS under another id is not ours to take."""
+        practice_key = self._practice_key(req)
+        for other in session.scalars(q.links_of_patient(patient.id)):
+            if other.pms_system == req.pms_system and other.practice_key == practice_key:
+                raise _conflict(
+                    req,
+                    "chart-number",
+                    f"chart number {req.chart_number!r} belongs to a patient {req.pms_system} knows under "
+                    f"id {other.pms_id!r}, not {req.pms_id!r}",
+                    patient_id=patient.id,
+                )
+
+    def _move_chart_number(self, session: Session, req: PatientRequest, patient: Patient) -> list[str]:
+        """Follow a renumbered chart: the alias moves to the new number, unless another patient holds it."""
+        if not req.chart_number:
+            return []
+        current = session.scalars(q.current_chart_of_patient(patient.id)).first()
+        if current is not None and current.chart_number == req.chart_number:
+            return []
+        holder = session.scalars(q.current_chart_alias(req.chart_number)).first()
+        if holder is not None and holder.patient_id != patient.id:
+            raise _conflict(
+                req,
+                "chart-number",
+                f"chart number {req.chart_number!r} is already the chart of another patient",
+                patient_id=patient.id,
+                other_patient_id=holder.patient_id,
+            )
+        old = current.chart_number if current else None
+        self._set_chart_alias(session, patient, req.chart_number)
+        self.audit.change(
+            session, req.origin, "chart.renumber", patient_id=patient.id, detail=f"{old!r} -> {req.chart_number!r}"
+        )
+        return ["chart_number"]
+
+    @staticmethod
+    def _set_chart_alias(session: Session, patient: Patient, chart_number: str) -> None:
+        now = utcnow()
+        session.execute(q.retire_chart_aliases(patient.id, now))
+        session.add(ChartAlias(patient_id=patient.id, chart_number=chart_number, created_at=now))
+        session.flush()
+
+    def _maybe_update(self, session: Session, req: PatientRequest, patient: Patient, update: bool) -> list[str]:
+        if not update:
+            return []
+        changed = _apply_demographics(patient, req.demographics)
+        if changed:
+            self.audit.change(session, req.origin, "patient.update", patient_id=patient.id, detail=",".join(changed))
+        return changed
+
+    def _add_link(self, session: Session, req: PatientRequest, patient: Patient) -> PmsLink:
+        now = utcnow()
+        link = PmsLink(
+            patient=patient,
+            pms_system=req.pms_system,
+            practice_key=self._practice_key(req),
+            practice_id=req.practice_id,
+            pms_id=req.pms_id,
+            protocol=req.origin.protocol,
+            created_at=now,
+            last_seen_at=now,
+        )
+        session.add(link)
+        session.flush()
+        return link
+
+    def _find_existing(self, session: Session, req: PatientRequest) -> Patient:
+        """The patient a request means, without creating or changing anything (image lists, exports)."""
+        if req.id_kind is IdKind.CHART_NUMBER:
+            alias = session.scalars(q.current_chart_alias(req.chart_number)).first()
+            if alias is None:
+                raise self._cannot_create(req)
+            return alias.patient
+        link = self._find_link(session, req)
+        if link is None:
+            raise self._cannot_create(req)
+        return link.patient
+
+    def _publish_opened(self, req: PatientRequest, view: PatientView, viewer_url: str) -> None:
+        common = {"origin_protocol": req.origin.protocol, "workstation": req.origin.workstation}
+        self.bus.publish(
+            PatientOpened(
+                patient_id=view.id,
+                pms_system=req.pms_system,
+                pms_id=req.pms_id or req.chart_number,
+                open_in=self.settings.open_patient_in,
+                single_patient=self.settings.single_patient_mode,
+                viewer_url=viewer_url,
+                **common,
+            )
+        )
+        if req.action is Action.ACQUIRE:
+            self.bus.publish(
+                AcquisitionRequested(
+                    patient_id=view.id,
+                    pms_system=req.pms_system,
+                    pms_id=req.pms_id or req.chart_number,
+                    viewer_url=viewer_url,
+                    **common,
+                )
+            )
+
+    def patient_viewer_url(self, patient_id: int) -> str:
+        """Where a viewer shows a PMS-opened patient: the module (`open_patient_in`) and single-patient mode."""
+        url = f"/viewer/?patient={patient_id}&open={self.settings.open_patient_in}"
+        return url + ("&single=1" if self.settings.single_patient_mode else "")
+
+    def image_viewer_url(self, image_id: int) -> str:
+        """Where a PMS-opened image is shown: a watermarked preview, or the clinic viewer (`open_image_as`)."""
+        if self.settings.open_image_as == "preview":
+            return f"/api/v1/images/{image_id}/preview"
+        url = f"/viewer/?image={image_id}&open=clinic"
+        return url + ("&single=1" if self.settings.single_patient_mode else "")
+
+    async def _list_for_pms(self, req: PatientRequest) -> Outcome:
+        self._check_request(req)
+
+        def work(session: Session) -> tuple[PatientView, list[ImageView]]:
+            patient = self._find_existing(session, req)
+            rows = session.execute(q.images_of_patient(patient.id, limit=10_000)).all()
+            return _load_patient_view(session, patient), [image_view(*row) for row in rows]
+
+        view, images = await self.db.read(work)
+        self.audit.read(req.origin, "images.list", patient_id=view.id, detail=f"{len(images)} images")
+        return Outcome(Status.OK, f"{len(images)} images", patient=view, images=tuple(images))
+
+    @staticmethod
+    def _ref_ids(refs: Sequence[str]) -> dict[str, int]:
+        ids: dict[str, int] = {}
+        for ref in refs:
+            text = ref.strip()
+            if text.isdigit() and len(text) < 19:
+                ids[ref] = int(text)
+        return ids
+
+    async def _images_by_refs(self, req: PatientRequest) -> Outcome:
+        """The images a PMS refers to by MMOID (our image id); the missing ones are named, not dropped."""
+        if not req.image_refs:
+            return Outcome(Status.INVALID, "the request names no images")
+        ids = self._ref_ids(req.image_refs)
+
+        def work(session: Session) -> list[ImageView]:
+            if not ids:
+                return []
+            return [image_view(*row) for row in session.execute(q.images_by_ids(sorted(set(ids.values()))))]
+
+        found = {image.id: image for image in await self.db.read(work)}
+        images = tuple(found[ids[ref]] for ref in req.image_refs if ref in ids and ids[ref] in found)
+        missing = tuple(ref for ref in req.image_refs if ref not in ids or ids[ref] not in found)
+        for image in images:
+            self.audit.read(req.origin, "image.export", patient_id=image.patient_id, image_id=image.id)
+        if not images:
+            return Outcome(Status.NOT_FOUND, "none of the requested images exist", missing_refs=missing)
+        status = Status.PARTIAL if missing else Status.OK
+        message = f"images not found: {', '.join(missing)}" if missing else f"{len(images)} images"
+        return Outcome(status, message, images=images, missing_refs=missing)
+
+    async def _view_image(self, req: PatientRequest) -> Outcome:
+        outcome = await self._images_by_refs(replace(req, image_refs=req.image_refs[:1]))
+        if not outcome.images:
+            return outcome
+        image = outcome.images[0]
+        url = self.image_viewer_url(image.id)
+        if not req.silent:
+            self.bus.publish(
+                ImageViewRequested(
+                    image_id=image.id,
+                    patient_id=image.patient_id,
+                    open_as=self.settings.open_image_as,
+                    viewer_url=url,
+                    origin_protocol=req.origin.protocol,
+                    workstation=req.origin.workstation,
+                )
+            )
+        return replace(outcome, viewer_url=url)
+
+    # ---------------------------------------------------------------------------------------------
+    # API reads
+
+    async def search_patients(
+        self,
+        origin: Origin,
+        *,
+        pms_id: str | None = None,
+        pms_system: str | None = None,
+        chart_number: str | None = None,
+        name: str | None = None,
+        birth_date: Any = None,
+        after_id: int = 0,
+        limit: int = 50,
+    ) -> list[PatientView]:
+        name_prefix = name_key(*(name.replace(",", " ").split(None, 1) + [""])[:2]) if name else None
+
+        def work(session: Session) -> list[PatientView]:
+            stmt = q.search_patients(
+                pms_id=pms_id,
+                pms_system=pms_system,
+                chart_number=chart_number,
+                name_prefix=name_prefix,
+                birth_date=birth_date,
+                after_id=after_id,
+                limit=limit,
+            )
+            return [_load_patient_view(session, p) for p in session.scalars(stmt)]
+
+        found = await self.db.read(work)
+        for view in found:
+            self.audit.read(origin, "patient.read", patient_id=view.id)
+        return found
+
+    async def get_patient(self, origin: Origin, patient_id: int) -> PatientView | None:
+        def work(session: Session) -> PatientView | None:
+            patient = session.scalars(q.patient_by_id(patient_id)).first()
+            return _load_patient_view(session, patient) if patient else None
+
+        view = await self.db.read(work)
+        if view is not None:
+            self.audit.read(origin, "patient.read", patient_id=view.id)
+        return view
+
+    async def list_images(
+        self, origin: Origin, patient_id: int, *, after: tuple[datetime | None, int] | None = None, limit: int = 100
+    ) -> list[ImageView]:
+        def work(session: Session) -> list[ImageView]:
+            return [image_view(*row) for row in session.execute(q.images_of_patient(patient_id, after=after, limit=limit))]
+
+        images = await self.db.read(work)
+        self.audit.read(origin, "images.list", patient_id=patient_id, detail=f"{len(images)} images")
+        return images
+
+    async def get_image(self, origin: Origin, image_id: int, *, action: str = "image.read") -> ImageView | None:
+        def work(session: Session) -> ImageView | None:
+            row = session.execute(q.image_with_series(image_id)).first()
+            return image_view(*row) if row else None
+
+        image = await self.db.read(work)
+        if image is not None:
+            self.audit.read(origin, action, patient_id=image.patient_id, image_id=image.id)
+        return image
+
+    # ---------------------------------------------------------------------------------------------
+    # Adding images
+
+    async def add_images(self, origin: Origin, patient_id: int, new: Sequence[NewImage]) -> list[ImageView]:
+        """Store metadata of images whose files are in the file store; queue the pushes; announce them.
+
+        Pushes to PMSs are written to the outbox in the same transaction, so a crash can neither lose a
+        push nor announce images that were not stored.
+        """
+
+        def work(session: Session) -> list[ImageView]:
+            patient = session.scalars(q.patient_by_id(patient_id)).first()
+            if patient is None:
+                raise Refused(Outcome(Status.NOT_FOUND, f"no patient with id {patient_id}"))
+            now = utcnow()
+            added: list[ImageView] = []
+            for item in new:
+                study = self._study_for(session, patient_id, item, now)
+                series = self._series_for(session, study, item, now)
+                image = Image(
+                    patient_id=patient_id,
+                    series_id=series.id,
+                    sop_instance_uid=item.sop_instance_uid or new_uid(),
+                    sha256=item.sha256,
+                    file_ext=item.file_ext,
+                    media_type=item.media_type,
+                    size_bytes=item.size_bytes,
+                    category=item.category.value,
+                    tooth_numbers=list(item.tooth_numbers),
+                    rotation=item.rotation,
+                    mirrored=item.mirrored,
+                    width=item.width,
+                    height=item.height,
+                    frames=item.frames,
+                    bits_stored=item.bits_stored,
+                    color=item.color,
+                    captured_at=item.captured_at,
+                    imported_at=now,
+                    device=item.device,
+                    comment=item.comment,
+                    attributes=item.attributes,
+                )
+                session.add(image)
+                session.flush()
+                self.audit.change(session, origin, "image.add", patient_id=patient_id, image_id=image.id)
+                added.append(image_view(image, series, study))
+            self._enqueue_pushes(session, patient_id, [view.id for view in added], now)
+            return added
+
+        added = await self.db.write(work)
+        if added:
+            self.bus.publish(
+                ImagesAdded(
+                    patient_id=patient_id,
+                    image_ids=tuple(v.id for v in added),
+                    origin_protocol=origin.protocol,
+                    workstation=origin.workstation,
+                )
+            )
+        return added
+
+    @staticmethod
+    def _study_for(session: Session, patient_id: int, item: NewImage, now: datetime) -> Study:
+        study = session.scalars(q.study_by_uid(item.study_uid)).first() if item.study_uid else None
+        if study is None:
+            study = Study(
+                patient_id=patient_id,
+                study_uid=item.study_uid or new_uid(),
+                description=item.study_description,
+                study_date=item.captured_at,
+                created_at=now,
+            )
+            session.add(study)
+            session.flush()
+        elif study.patient_id != patient_id:
+            raise Refused(Outcome(Status.CONFLICT, f"study {item.study_uid} belongs to another patient"))
+        return study
+
+    @staticmethod
+    def _series_for(session: Session, study: Study, item: NewImage, now: datetime) -> Series:
+        series = session.scalars(q.series_by_uid(item.series_uid)).first() if item.series_uid else None
+        if series is None:
+            series = Series(
+                study_id=study.id,
+                series_uid=item.series_uid or new_uid(),
+                modality=item.modality,
+                description=item.series_description,
+                number=item.series_number,
+                created_at=now,
+            )
+            session.add(series)
+            session.flush()
+        elif series.study_id != study.id:
+            raise Refused(Outcome(Status.CONFLICT, f"series {item.series_uid} belongs to another study"))
+        return series
+
+    def _enqueue_pushes(self, session: Session, patient_id: int, image_ids: list[int], now: datetime) -> None:
+        if not image_ids:
+            return
+        for link in session.scalars(q.links_of_patient(patient_id)):
+            for channel in self.push_targets(link.protocol, link.pms_system):
+                session.add(
+                    OutboxMessage(
+                        channel=channel,
+                        key=f"{channel}:{link.id}:{image_ids[0]}-{image_ids[-1]}:{len(image_ids)}",
+                        patient_id=patient_id,
+                        payload={"link_id": link.id, "pms_system": link.pms_system, "image_ids": image_ids},
+                        next_attempt_at=now,
+                        created_at=now,
+                    )
+                )
+
+    # ---------------------------------------------------------------------------------------------
+    # Conflicts
+
+    async def list_conflicts(
+        self, origin: Origin, *, open_only: bool = True, after_id: int = 0, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        def work(session: Session) -> list[dict[str, Any]]:
+            stmt = q.conflicts(open_only=open_only, after_id=after_id, limit=limit)
+            return [conflict_json(c) for c in session.scalars(stmt)]
+
+        found = await self.db.read(work)
+        for item in found:
+            self.audit.read(origin, "conflict.read", patient_id=item["patient_id"])
+        return found
+
+    async def resolve_conflict(self, origin: Origin, conflict_id: int, resolution: str) -> dict[str, Any] | None:
+        """Close a conflict once a person has sorted it out (e.g. corrected the PMS or the store)."""
+
+        def work(session: Session) -> dict[str, Any] | None:
+            conflict = session.scalars(q.conflict_by_id(conflict_id)).first()
+            if conflict is None:
+                return None
+            if conflict.resolved_at is None:
+                conflict.resolved_at = utcnow()
+                conflict.resolution = resolution[:40]
+                self.audit.change(
+                    session, origin, "conflict.resolve", patient_id=conflict.patient_id, detail=resolution
+                )
+            return conflict_json(conflict)
+
+        result: dict[str, Any] | None = await self.db.write(work)
+        return result
+
+    async def audit_entries(
+        self, origin: Origin, *, patient_id: int | None = None, after_id: int = 0, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The audit log (reading it is audited too)."""
+
+        def work(session: Session) -> list[dict[str, Any]]:
+            stmt = q.audit_entries(patient_id=patient_id, after_id=after_id, limit=limit)
+            return [audit_json(entry) for entry in session.scalars(stmt)]
+
+        entries = await self.db.read(work)
+        self.audit.read(origin, "audit.read", patient_id=patient_id)
+        return entries
+
+
+def audit_json(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "at": entry.at.isoformat(),
+        "action": entry.action,
+        "protocol": entry.protocol,
+        "transport": entry.transport,
+        "workstation": entry.workstation,
+        "actor": entry.actor,
+        "request_id": entry.request_id,
+        "patient_id": entry.patient_id,
+        "image_id": entry.image_id,
+        "detail": entry.detail,
+    }
+
+
+def conflict_json(conflict: Conflict) -> dict[str, Any]:
+    return {
+        "id": conflict.id,
+        "kind": conflict.kind,
+        "pms_system": conflict.pms_system,
+        "practice_id": conflict.practice_id,
+        "pms_id": conflict.pms_id,
+        "chart_number": conflict.chart_number,
+        "patient_id": conflict.patient_id,
+        "other_patient_id": conflict.other_patient_id,
+        "message": (conflict.detail or {}).get("message", ""),
+        "detail": conflict.detail,
+        "origin": conflict.origin,
+        "created_at": conflict.created_at.isoformat(),
+        "resolved_at": conflict.resolved_at.isoformat() if conflict.resolved_at else None,
+        "resolution": conflict.resolution,
+    }
+
+
+def _status_message(status: Status, req: PatientRequest) -> str:
+    key = req.pms_id or req.chart_number
+    return {
+        Status.CREATED: f"patient {key} created",
+        Status.UPDATED: f"patient {key} updated",
+        Status.OK: f"patient {key} opened",
+    }.get(status, status.value)

@@ -1,0 +1,141 @@
+"""The database connection: engine set-up per dialect, schema migration, and work in worker threads.
+
+The event loop never waits on the database. Every unit of database work is a plain function taking a
+Session; `Database.read` and `Database.write` run it in a small thread pool inside one transaction.
+pyodbc (SQL Server) has no asyncio driver, so threads give one code path for all three databases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+_WRITE = "pms_bridge_write"
+
+
+def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """An engine with the per-dialect settings the store relies on."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """WAL, foreign keys, a busy timeout, and BEGIN IMMEDIATE for writing transactions.
+
+    A deferred transaction that reads and then writes can fail at once with "database is locked" when
+    another writer got there first (SQLite does not wait in that case); taking the write lock at BEGIN
+    makes writers queue on the busy timeout instead.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" event issues BEGIN itself
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (creates it on an empty database)."""
+    from alembic import command
+
+    with engine.begin() as conn:
+        cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def alembic_config(url: str) -> Any:
+    """An Alembic config pointing at our migrations, usable from code and from tests."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def is_unique_violation(exc: IntegrityError) -> bool:
+    """True for a duplicate key (the race the identity rules retry on), across dialects."""
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code == "23505":  # PostgreSQL unique_violation
+        return True
+    message = str(orig).lower()
+    return "unique" in message or "duplicate" in message or "2627" in message or "2601" in message
+
+
+class Database:
+    """Runs units of database work in worker threads, each in its own transaction."""
+
+    def __init__(self, url: str, *, threads: int = 4) -> None:
+        self.url = url
+        self.engine = make_engine(url, pool_size=threads)
+        self.dialect = self.engine.dialect.name
+        self._reader = sessionmaker(self.engine, expire_on_commit=False)
+        self._writer = sessionmaker(self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="db")
+
+    def read_sync(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in a read transaction, in the calling thread (for CLI commands and tests)."""
+        with self._reader() as session, session.begin():
+            return work(session)
+
+    def write_sync(self, work: Callable[[Session], T], *, retries: int = 5) -> T:
+        """Run `work` in a write transaction, retrying when SQLite reports a lock it could not wait out."""
+        for attempt in range(retries + 1):
+            try:
+                with self._writer() as session, session.begin():
+                    return work(session)
+            except OperationalError as exc:
+                if "locked" not in str(exc).lower() or attempt == retries:
+                    raise
+                log.warning("database locked, retrying", extra={"attempt": attempt + 1})
+        raise AssertionError("unreachable")
+
+    async def read(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in a read transaction in a worker thread."""
+        return await self._in_thread(self.read_sync, work)
+
+    async def write(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in a write transaction in a worker thread."""
+        return await self._in_thread(self.write_sync, work)
+
+    async def _in_thread(self, runner: Callable[[Callable[[Session], T]], T], work: Callable[[Session], T]) -> T:
+        ctx = contextvars.copy_context()  # keeps the request id in the worker's log lines
+        call = functools.partial(ctx.run, runner, work)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.engine.dispose()

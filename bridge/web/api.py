@@ -1,0 +1,402 @@
+"""The REST API under /api/v1: patients, images, conflicts, audit. Thin: parse, call the service, answer.
+
+Lists answer {"items": [...], "next": cursor-or-null} and take `limit` and `cursor`; cursors are opaque
+(base64url JSON of the last row's sort key), so paging stays stable while rows are added.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import date, datetime
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from bridge.imaging.analyze import ImagingError
+from bridge.model import (
+    Action,
+    Category,
+    Demographics,
+    IdKind,
+    ImageView,
+    Origin,
+    PatientRequest,
+    Sex,
+    Status,
+)
+from bridge.service import Refused
+from bridge.web.keys import RUNTIME
+from bridge.web.middleware import ACTOR_KEY
+from bridge.web.problems import ProblemError
+
+routes = web.RouteTableDef()
+
+MAX_LIMIT = 500
+STATUS_HTTP = {
+    Status.OK: 200,
+    Status.UPDATED: 200,
+    Status.CREATED: 201,
+    Status.PARTIAL: 200,
+    Status.NOT_FOUND: 404,
+    Status.CONFLICT: 409,
+    Status.FORBIDDEN: 403,
+    Status.INVALID: 422,
+    Status.ERROR: 500,
+}
+
+
+def origin_of(request: web.Request, protocol: str = "rest") -> Origin:
+    """Who is asking, for the audit log: the token's actor name, the client's address."""
+    from bridge.logs import request_id_var
+
+    return Origin(
+        protocol=protocol,
+        transport="http",
+        workstation=request.headers.get("X-PMS-Workstation", "")[:120] or (request.remote or ""),
+        actor=request.get(ACTOR_KEY, ""),
+        request_id=request_id_var.get(),
+    )
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, text=json.dumps(data, ensure_ascii=False, default=str), content_type="application/json"
+    )
+
+
+def int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ProblemError(400, f"query parameter {name!r} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ProblemError(400, f"query parameter {name!r} must be from {low} to {high}, got {value}")
+    return value
+
+
+def path_id(request: web.Request, name: str = "id") -> int:
+    raw = request.match_info[name]
+    if not raw.isdigit() or len(raw) > 18:
+        raise ProblemError(404, f"no such {name}: {raw!r}")
+    return int(raw)
+
+
+def encode_cursor(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value, default=str).encode()).decode().rstrip("=")
+
+
+def decode_cursor(request: web.Request) -> Any:
+    raw = request.query.get("cursor")
+    if not raw:
+        return None
+    try:
+        return json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (ValueError, binascii.Error):
+        raise ProblemError(400, "the cursor is not one this API handed out") from None
+
+
+def parse_date(value: str | None, name: str) -> date | None:
+    if value in (None, ""):
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ProblemError(400, f"{name} must be an ISO date (YYYY-MM-DD), got {value!r}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Patients
+
+
+@routes.get("/api/v1/patients")
+async def list_patients(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
+    cursor = decode_cursor(request)
+    after_id = int(cursor) if isinstance(cursor, int) else 0
+    query = request.query
+    found = await rt.service.search_patients(
+        origin_of(request),
+        pms_id=query.get("pms_id") or None,
+        pms_system=query.get("pms_system") or None,
+        chart_number=query.get("chart_number") or None,
+        name=query.get("name") or None,
+        birth_date=parse_date(query.get("birth_date"), "birth_date"),
+        after_id=after_id,
+        limit=limit,
+    )
+    nxt = encode_cursor(found[-1].id) if len(found) == limit else None
+    return json_response({"items": [p.to_json() for p in found], "next": nxt})
+
+
+def demographics_from_json(body: dict[str, Any]) -> Demographics:
+    sex = str(body.get("sex") or "U").upper()[:1]
+    if sex not in {s.value for s in Sex}:
+        raise ProblemError(422, f"sex must be one of M, F, O, U, got {body.get('sex')!r}")
+    texts = {}
+    for name in ("last_name", "first_name", "middle_name", "title", "street", "city", "postal_code", "phone", "email"):
+        value = body.get(name, "")
+        if not isinstance(value, str) or len(value) > 200:
+            raise ProblemError(422, f"{name} must be a text of at most 200 characters")
+        texts[name] = value.strip()
+    raw_birth = body.get("birth_date")
+    return Demographics(
+        birth_date=parse_date(raw_birth if isinstance(raw_birth, str) else None, "birth_date"),
+        sex=Sex(sex),
+        **texts,
+    )
+
+
+@routes.post("/api/v1/patients")
+async def create_or_update_patient(request: web.Request) -> web.Response:
+    """The front desk's "+": create or update by PMS key, under the same identity rules as every PMS."""
+    rt = request.app[RUNTIME]
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProblemError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ProblemError(400, "the body must be a JSON object")
+    for name in ("pms_system", "pms_id", "practice_id", "chart_number"):
+        if not isinstance(body.get(name, ""), str):
+            raise ProblemError(422, f"{name} must be a string (ids keep their leading zeros)")
+    pms_id = body.get("pms_id", "")
+    chart = body.get("chart_number", "")
+    req = PatientRequest(
+        action=Action.CREATE_OR_UPDATE,
+        origin=origin_of(request),
+        pms_system=body.get("pms_system", ""),
+        pms_id=pms_id,
+        practice_id=body.get("practice_id", ""),
+        id_kind=IdKind.PMS_ID if pms_id else IdKind.CHART_NUMBER,
+        chart_number=chart,
+        demographics=demographics_from_json(body),
+    )
+    outcome = await rt.service.handle(req)
+    if not outcome.status.ok:
+        raise ProblemError(
+            STATUS_HTTP[outcome.status],
+            outcome.message,
+            kind=outcome.status.value.replace("_", "-"),
+            **({"conflict_id": outcome.conflict_id} if outcome.conflict_id else {}),
+        )
+    assert outcome.patient is not None
+    return json_response(outcome.patient.to_json(), STATUS_HTTP[outcome.status])
+
+
+@routes.get("/api/v1/patients/{id}")
+async def get_patient(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    view = await rt.service.get_patient(origin_of(request), path_id(request))
+    if view is None:
+        raise ProblemError(404, f"no patient with id {request.match_info['id']}")
+    return json_response(view.to_json())
+
+
+@routes.get("/api/v1/patients/{id}/images")
+async def list_patient_images(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    patient_id = path_id(request)
+    limit = int_param(request, "limit", 100, 1, MAX_LIMIT)
+    cursor = decode_cursor(request)
+    after = None
+    if cursor is not None:
+        try:
+            captured, last_id = cursor
+            after = (datetime.fromisoformat(captured) if captured else None, int(last_id))
+        except (TypeError, ValueError):
+            raise ProblemError(400, "the cursor is not one this API handed out") from None
+    if await rt.service.get_patient(origin_of(request), patient_id) is None:
+        raise ProblemError(404, f"no patient with id {patient_id}")
+    images = await rt.service.list_images(origin_of(request), patient_id, after=after, limit=limit)
+    nxt = None
+    if len(images) == limit:
+        last = images[-1]
+        nxt = encode_cursor([last.captured_at.isoformat() if last.captured_at else None, last.id])
+    return json_response({"items": [i.to_json() for i in images], "next": nxt})
+
+
+MAX_UPLOAD_FILES = 100
+
+
+@routes.post("/api/v1/patients/{id}/images")
+async def upload_images(request: web.Request) -> web.Response:
+    """New acquisitions as multipart parts named `file`; optional fields apply to all of them."""
+    rt = request.app[RUNTIME]
+    patient_id = path_id(request)
+    if not request.content_type.startswith("multipart/"):
+        raise ProblemError(415, "send the images as multipart/form-data parts named 'file'")
+    reader = await request.multipart()
+    blobs: list[tuple[str, bytes]] = []
+    fields: dict[str, str] = {}
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise ProblemError(400, "nested multipart bodies are not accepted")
+        if part.name == "file":
+            if len(blobs) >= MAX_UPLOAD_FILES:
+                raise ProblemError(413, f"at most {MAX_UPLOAD_FILES} files per request")
+            blobs.append((part.filename or "", bytes(await part.read())))
+        elif part.name:
+            fields[part.name] = (await part.text())[:500]
+    if not blobs:
+        raise ProblemError(400, "no part named 'file' in the upload")
+    metadata = upload_metadata(fields)
+    if await rt.service.get_patient(origin_of(request), patient_id) is None:
+        raise ProblemError(404, f"no patient with id {patient_id}")
+    new = []
+    for filename, data in blobs:
+        try:
+            new.append(await rt.imaging.ingest(data, **metadata))
+        except ImagingError as exc:
+            raise ProblemError(422, f"{filename or 'file'}: {exc}", kind="bad-image") from None
+    try:
+        added = await rt.service.add_images(origin_of(request), patient_id, new)
+    except Refused as refused:
+        raise ProblemError(STATUS_HTTP[refused.outcome.status], refused.outcome.message) from None
+    return json_response({"items": [i.to_json() for i in added], "next": None}, 201)
+
+
+def upload_metadata(fields: dict[str, str]) -> dict[str, Any]:
+    """Validate the optional upload fields: category, tooth_numbers, captured_at, rotation, mirrored ..."""
+    meta: dict[str, Any] = {}
+    if "category" in fields:
+        try:
+            meta["category"] = Category(fields["category"])
+        except ValueError:
+            allowed = ", ".join(c.value for c in Category)
+            raise ProblemError(422, f"category must be one of {allowed}") from None
+    if "tooth_numbers" in fields:
+        meta["tooth_numbers"] = parse_teeth(fields["tooth_numbers"])
+    if "captured_at" in fields:
+        try:
+            meta["captured_at"] = datetime.fromisoformat(fields["captured_at"]).replace(tzinfo=None)
+        except ValueError:
+            raise ProblemError(422, "captured_at must be an ISO date-time") from None
+    if "rotation" in fields:
+        if fields["rotation"] not in ("0", "90", "180", "270"):
+            raise ProblemError(422, "rotation must be 0, 90, 180 or 270")
+        meta["rotation"] = int(fields["rotation"])
+    if "mirrored" in fields:
+        meta["mirrored"] = fields["mirrored"].lower() in ("1", "true", "yes")
+    for name in ("device", "comment"):
+        if name in fields:
+            meta[name] = fields[name]
+    return meta
+
+
+def parse_teeth(raw: str | list[Any]) -> tuple[int, ...]:
+    """FDI tooth numbers: 11-18, 21-28, 31-38, 41-48 (permanent) and 51-55 ... 81-85 (deciduous)."""
+    items = raw if isinstance(raw, list) else [t for t in raw.replace(";", ",").split(",") if t.strip()]
+    teeth = []
+    for item in items:
+        try:
+            tooth = int(str(item).strip())
+        except ValueError:
+            raise ProblemError(422, f"tooth number {item!r} is not a number") from None
+        quadrant, position = divmod(tooth, 10)
+        if not ((1 <= quadrant <= 4 and 1 <= position <= 8) or (5 <= quadrant <= 8 and 1 <= position <= 5)):
+            raise ProblemError(422, f"{tooth} is not an FDI tooth number")
+        teeth.append(tooth)
+    return tuple(teeth)
+
+
+# ------------------------------------------------------------------------------------------------
+# Images
+
+
+async def image_or_404(request: web.Request, action: str) -> ImageView:
+    rt = request.app[RUNTIME]
+    image = await rt.service.get_image(origin_of(request), path_id(request), action=action)
+    if image is None:
+        raise ProblemError(404, f"no image with id {request.match_info['id']}")
+    return image
+
+
+@routes.get("/api/v1/images/{id}")
+async def get_image(request: web.Request) -> web.Response:
+    return json_response((await image_or_404(request, "image.read")).to_json())
+
+
+@routes.get("/api/v1/images/{id}/file")
+async def get_image_file(request: web.Request) -> web.StreamResponse:
+    """The lossless original, byte for byte as stored."""
+    rt = request.app[RUNTIME]
+    image = await image_or_404(request, "image.file")
+    path = rt.files.path_for(image.sha256, image.file_ext)
+    if not path.exists():
+        raise ProblemError(503, "the image file is not reachable (is the image share mounted?)", kind="file-missing")
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": image.media_type,
+            "ETag": f'"{image.sha256}"',
+            "Content-Disposition": f'attachment; filename="image-{image.id}.{image.file_ext}"',
+        },
+    )
+
+
+@routes.get("/api/v1/images/{id}/thumbnail")
+async def get_thumbnail(request: web.Request) -> web.StreamResponse:
+    """A watermarked JPEG, oriented as the clinician left the image; cached on disk."""
+    rt = request.app[RUNTIME]
+    size = int_param(request, "size", rt.settings.thumbnails.size, 16, 2048)
+    image = await image_or_404(request, "image.thumbnail")
+    path = await rt.imaging.thumbnail(image, size)
+    return web.FileResponse(path, headers={"Content-Type": "image/jpeg"})
+
+
+# ------------------------------------------------------------------------------------------------
+# Conflicts and audit
+
+
+@routes.get("/api/v1/conflicts")
+async def list_conflicts(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
+    cursor = decode_cursor(request)
+    open_only = request.query.get("state", "open") != "all"
+    items = await rt.service.list_conflicts(
+        origin_of(request), open_only=open_only, after_id=int(cursor or 0), limit=limit
+    )
+    nxt = encode_cursor(items[-1]["id"]) if len(items) == limit else None
+    return json_response({"items": items, "next": nxt})
+
+
+@routes.post("/api/v1/conflicts/{id}/resolve")
+async def resolve_conflict(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProblemError(400, "the body is not valid JSON") from None
+    resolution = body.get("resolution", "") if isinstance(body, dict) else ""
+    if not isinstance(resolution, str) or not resolution.strip():
+        raise ProblemError(422, 'send {"resolution": "<what was done>"}')
+    result = await rt.service.resolve_conflict(origin_of(request), path_id(request), resolution.strip())
+    if result is None:
+        raise ProblemError(404, f"no conflict with id {request.match_info['id']}")
+    return json_response(result)
+
+
+@routes.get("/api/v1/audit")
+async def list_audit(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    limit = int_param(request, "limit", 100, 1, MAX_LIMIT)
+    cursor = decode_cursor(request)
+    patient = request.query.get("patient_id")
+    if patient is not None and not patient.isdigit():
+        raise ProblemError(400, "patient_id must be a number")
+    await rt.audit.flush()  # show reads that are still queued
+    items = await rt.service.audit_entries(
+        origin_of(request),
+        patient_id=int(patient) if patient else None,
+        after_id=int(cursor or 0),
+        limit=limit,
+    )
+    nxt = encode_cursor(items[-1]["id"]) if len(items) == limit else None
+    return json_response({"items": items, "next": nxt})

@@ -1,0 +1,64 @@
+"""Liveness, readiness and metrics: what a service monitor or `pms-bridge doctor` asks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bridge.web.api import json_response
+from bridge.web.keys import RUNTIME
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the event loop answers. Says nothing about the store (that is /readyz)."""
+    rt = request.app[RUNTIME]
+    return json_response({"status": "ok", "instance": rt.instance_id, "uptime_s": round(time.time() - rt.readiness.started_at, 1)})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: store reachable, image folder writable, watched folders reachable and recently scanned."""
+    rt = request.app[RUNTIME]
+    checks: dict[str, Any] = {}
+    ok = True
+    try:
+        await asyncio.wait_for(asyncio.to_thread(rt.db.ping), timeout=5)
+        checks["store"] = {"ok": True, "dialect": rt.db.dialect}
+    except Exception as exc:  # any failure means not ready; the reason is the payload
+        ok = False
+        checks["store"] = {"ok": False, "error": str(exc).splitlines()[0][:300]}
+    try:
+        await asyncio.wait_for(asyncio.to_thread(rt.files.check_writable), timeout=5)
+        checks["images"] = {"ok": True, "path": str(rt.files.root)}
+    except Exception as exc:
+        ok = False
+        checks["images"] = {"ok": False, "path": str(rt.files.root), "error": str(exc)[:300]}
+    now = time.time()
+    for watcher, folder in rt.readiness.watched.items():
+        last = rt.readiness.last_scan.get(watcher)
+        age = None if last is None else round(now - last, 3)
+        limit = rt.readiness.max_scan_age.get(watcher, 60.0)
+        error = rt.readiness.scan_errors.get(watcher)
+        healthy = error is None and age is not None and age <= limit
+        ok = ok and healthy
+        checks[f"watch:{watcher}"] = {
+            "ok": healthy,
+            "path": str(folder),
+            "last_successful_scan_age_s": age,
+            **({"error": error} if error else {}),
+        }
+    return json_response({"status": "ready" if ok else "not-ready", "checks": checks}, 200 if ok else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    body = generate_latest(rt.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,63 @@
+"""POST /api/v1/launch/{protocol}: where `pms-bridge <protocol> ...` hands a PMS message to the daemon.
+
+The thin launch client sends the raw bytes of the file the PMS named as the body, the arguments as
+repeated `arg` query parameters, and the file name and workstation in headers; the answer is the bytes to
+write back into the file (when X-PMS-Write is 1), the exit code and one line of message. Percent-encoding
+keeps non-ASCII names intact in headers.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import quote, unquote
+
+from aiohttp import web
+
+from bridge.handlers import UnknownProtocol, get_handler
+from bridge.handlers.base import Launch
+from bridge.logs import request_id_var
+from bridge.web.keys import RUNTIME
+from bridge.web.middleware import ACTOR_KEY
+from bridge.web.problems import ProblemError
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+MAX_LAUNCH_BYTES = 4 * 1024 * 1024  # exchange files, XML and info files are a few KB
+MAX_ARGS = 64
+
+
+@routes.post("/api/v1/launch/{protocol}")
+async def launch(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    protocol = request.match_info["protocol"]
+    try:
+        handler = get_handler(protocol)
+    except UnknownProtocol as exc:
+        raise ProblemError(404, str(exc), kind="unknown-protocol") from None
+    if request.content_length is not None and request.content_length > MAX_LAUNCH_BYTES:
+        raise ProblemError(413, f"a PMS message may be at most {MAX_LAUNCH_BYTES} bytes")
+    content = await request.content.read(MAX_LAUNCH_BYTES + 1)
+    if len(content) > MAX_LAUNCH_BYTES:
+        raise ProblemError(413, f"a PMS message may be at most {MAX_LAUNCH_BYTES} bytes")
+    args = tuple(request.query.getall("arg", []))
+    if len(args) > MAX_ARGS:
+        raise ProblemError(400, f"at most {MAX_ARGS} arguments")
+    item = Launch(
+        protocol=protocol,
+        args=args,
+        filename=unquote(request.headers.get("X-PMS-Filename", "")),
+        content=content,
+        workstation=unquote(request.headers.get("X-PMS-Workstation", ""))[:120],
+        transport=request.headers.get("X-PMS-Transport", "cli")[:20],
+        request_id=request_id_var.get(),
+    )
+    log.info("launch", extra={"protocol": protocol, "actor": request.get(ACTOR_KEY, ""), "bytes": len(content)})
+    reply = await handler(rt, item)
+    rt.metrics.launches.labels(protocol, str(reply.exit_code)).inc()
+    headers = {
+        "X-PMS-Exit": str(reply.exit_code),
+        "X-PMS-Message": quote(reply.message.replace("\n", " ")[:1000]),
+        "X-PMS-Write": "1" if reply.content is not None else "0",
+    }
+    return web.Response(body=reply.content or b"", headers=headers, content_type="application/octet-stream")

@@ -1,0 +1,99 @@
+"""Middlewares shared by the bridge's listeners: request id, problem bodies, bearer auth, metrics."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from bridge.logs import new_request_id, request_id_var
+from bridge.runtime import Metrics
+from bridge.web.keys import MAX_BODY
+from bridge.web.problems import ProblemError, problem
+
+log = logging.getLogger(__name__)
+access = logging.getLogger("pms_bridge.access")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Paths anyone on the listener may call: they carry no patient data.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"})
+ACTOR_KEY = "actor"
+
+
+def make_request_context(listener: str, metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Request id in and out (X-Request-ID), every error as a problem body, metrics per route."""
+
+    @web.middleware
+    async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-ID", "")[:40] or new_request_id()
+        token = request_id_var.set(rid)
+        started = time.perf_counter()
+        try:
+            response = await _answer(request, handler, rid)
+        finally:
+            request_id_var.reset(token)
+        response.headers["X-Request-ID"] = rid
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        elapsed = time.perf_counter() - started
+        metrics.http_requests.labels(listener, route, str(response.status)).inc()
+        metrics.http_latency.labels(listener).observe(elapsed)
+        if access.isEnabledFor(logging.INFO):
+            # The path only: query strings can hold names (patient search), which stay out of logs.
+            access.info(
+                "request",
+                extra={
+                    "request_id": rid,
+                    "listener": listener,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status,
+                    "ms": round(elapsed * 1000, 2),
+                },
+            )
+        return response
+
+    return request_context
+
+
+def make_bearer_auth(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Everything but PUBLIC_PATHS needs `Authorization: Bearer <token>`; an empty token refuses all."""
+    expected = token.encode()
+
+    @web.middleware
+    async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in PUBLIC_PATHS or request.method == "OPTIONS":
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if not expected:
+            raise ProblemError(401, "the API token is not configured ([api] token); all data requests are refused")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise ProblemError(401, "missing or wrong bearer token", kind="unauthorized")
+        request[ACTOR_KEY] = "token:" + hmac.new(expected, b"actor", "sha256").hexdigest()[:8]
+        return await handler(request)
+
+    return bearer_auth
+
+
+async def _answer(request: web.Request, handler: Handler, rid: str) -> web.StreamResponse:
+    """The handler's response, or a problem body for any error it raised."""
+    try:
+        return await handler(request)
+    except ProblemError as exc:
+        return exc.response(request.path)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        detail = exc.reason
+        if exc.status == 413:
+            detail = f"request body too large (limit {request.app[MAX_BODY]} bytes)"
+        elif exc.text and not exc.text.startswith(f"{exc.status}:"):
+            detail = exc.text
+        return problem(exc.status, detail, instance=request.path)
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path})
+        return problem(500, f"internal error; the daemon log has the details under request id {rid}")

@@ -1,0 +1,348 @@
+"""The OpenAPI 3.1 document served at /api/v1/openapi.json, written by hand beside the handlers.
+
+A test checks that every route of the API application appears here and that the document is valid, so the
+two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from bridge import __version__
+from bridge.model import Category
+
+routes = web.RouteTableDef()
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _list_of(name: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["items", "next"],
+        "properties": {"items": {"type": "array", "items": _ref(name)}, "next": {"type": ["string", "null"]}},
+    }
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+PROBLEM = {"description": "Problem", "content": {"application/problem+json": {"schema": _ref("Problem")}}}
+ERRORS = {"400": PROBLEM, "401": PROBLEM, "404": PROBLEM}
+PAGING = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+]
+ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}
+
+PATIENT = {
+    "type": "object",
+    "required": [
+        "id", "pms_id", "pms_system", "practice_id", "chart_number", "last_name", "first_name", "middle_name",
+        "birth_date", "sex",
+    ],
+    "properties": {
+        "id": {"type": "integer"},
+        "pms_id": {"type": ["string", "null"], "description": "The PMS's patient id, kept as sent (leading zeros)"},
+        "pms_system": {"type": ["string", "null"]},
+        "practice_id": {"type": ["string", "null"]},
+        "chart_number": {"type": ["string", "null"], "description": "Current chart number (an alias)"},
+        "last_name": {"type": "string"},
+        "first_name": {"type": "string"},
+        "middle_name": {"type": "string"},
+        "title": {"type": "string"},
+        "birth_date": {"type": ["string", "null"], "format": "date"},
+        "sex": {"enum": ["M", "F", "O", "U"]},
+        "street": {"type": "string"},
+        "city": {"type": "string"},
+        "postal_code": {"type": "string"},
+        "phone": {"type": "string"},
+        "email": {"type": "string"},
+    },
+}
+
+PATIENT_IN = {
+    "type": "object",
+    "required": ["pms_system"],
+    "properties": {
+        "pms_system": {"type": "string"},
+        "practice_id": {"type": "string"},
+        "pms_id": {"type": "string"},
+        "chart_number": {"type": "string"},
+        "last_name": {"type": "string"},
+        "first_name": {"type": "string"},
+        "middle_name": {"type": "string"},
+        "title": {"type": "string"},
+        "birth_date": {"type": ["string", "null"], "format": "date"},
+        "sex": {"enum": ["M", "F", "O", "U"]},
+        "street": {"type": "string"},
+        "city": {"type": "string"},
+        "postal_code": {"type": "string"},
+        "phone": {"type": "string"},
+        "email": {"type": "string"},
+    },
+}
+
+IMAGE = {
+    "type": "object",
+    "required": [
+        "id", "patient_id", "study_uid", "series_uid", "captured_at", "category", "tooth_numbers", "rotation",
+        "mirrored", "width", "height", "bits_stored", "color", "sha256",
+    ],
+    "properties": {
+        "id": {"type": "integer"},
+        "patient_id": {"type": "integer"},
+        "study_uid": {"type": "string"},
+        "series_uid": {"type": "string"},
+        "sop_instance_uid": {"type": "string"},
+        "captured_at": {"type": ["string", "null"], "description": "Capture time, practice wall clock"},
+        "category": {"enum": [c.value for c in Category]},
+        "tooth_numbers": {"type": "array", "items": {"type": "integer"}, "description": "FDI numbers"},
+        "rotation": {"enum": [0, 90, 180, 270]},
+        "mirrored": {"type": "boolean"},
+        "width": {"type": "integer"},
+        "height": {"type": "integer"},
+        "bits_stored": {"type": "integer"},
+        "color": {"type": "boolean"},
+        "sha256": {"type": "string"},
+        "media_type": {"type": "string"},
+        "device": {"type": "string"},
+        "comment": {"type": "string"},
+        "frames": {"type": "integer"},
+    },
+}
+
+CONFLICT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "kind": {"type": "string"},
+        "pms_system": {"type": "string"},
+        "practice_id": {"type": "string"},
+        "pms_id": {"type": "string"},
+        "chart_number": {"type": "string"},
+        "patient_id": {"type": ["integer", "null"]},
+        "other_patient_id": {"type": ["integer", "null"]},
+        "message": {"type": "string"},
+        "created_at": {"type": "string"},
+        "resolved_at": {"type": ["string", "null"]},
+        "resolution": {"type": "string"},
+    },
+}
+
+AUDIT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "at": {"type": "string"},
+        "action": {"type": "string"},
+        "protocol": {"type": "string"},
+        "transport": {"type": "string"},
+        "workstation": {"type": "string"},
+        "actor": {"type": "string"},
+        "request_id": {"type": "string"},
+        "patient_id": {"type": ["integer", "null"]},
+        "image_id": {"type": ["integer", "null"]},
+        "detail": {"type": "string"},
+    },
+}
+
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "description": "RFC 9457 problem details",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+    },
+}
+
+BINARY = {"type": "string", "format": "binary"}
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "pms-bridge API",
+            "version": __version__,
+            "description": "Patients, images and watermarked thumbnails of the imaging store, for PMSs and viewers.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Patient": PATIENT,
+                "PatientInput": PATIENT_IN,
+                "Image": IMAGE,
+                "Conflict": CONFLICT,
+                "AuditEntry": AUDIT,
+                "Problem": PROBLEM_SCHEMA,
+            },
+        },
+        "paths": {
+            "/api/v1/patients": {
+                "get": {
+                    "summary": "Search patients (exact pms_id, chart_number, birth_date; name prefix)",
+                    "parameters": [
+                        *PAGING,
+                        *(
+                            {"name": n, "in": "query", "schema": {"type": "string"}}
+                            for n in ("pms_id", "pms_system", "chart_number", "name", "birth_date")
+                        ),
+                    ],
+                    "responses": {"200": _json(_list_of("Patient")), **ERRORS},
+                },
+                "post": {
+                    "summary": "Create or update a patient by PMS key (the front desk's +)",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("PatientInput")}}},
+                    "responses": {
+                        "200": _json(_ref("Patient"), "Updated or unchanged"),
+                        "201": _json(_ref("Patient"), "Created"),
+                        "403": PROBLEM,
+                        "409": PROBLEM,
+                        "422": PROBLEM,
+                        **ERRORS,
+                    },
+                },
+            },
+            "/api/v1/patients/{id}": {
+                "get": {"parameters": [ID], "responses": {"200": _json(_ref("Patient")), **ERRORS}},
+            },
+            "/api/v1/patients/{id}/images": {
+                "get": {
+                    "summary": "A patient's images, newest capture first",
+                    "parameters": [ID, *PAGING],
+                    "responses": {"200": _json(_list_of("Image")), **ERRORS},
+                },
+                "post": {
+                    "summary": "Upload new acquisitions (multipart parts named 'file')",
+                    "parameters": [ID],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "file": {"type": "array", "items": BINARY},
+                                        "category": {"enum": [c.value for c in Category]},
+                                        "tooth_numbers": {"type": "string", "description": "comma-separated FDI"},
+                                        "captured_at": {"type": "string"},
+                                        "rotation": {"enum": ["0", "90", "180", "270"]},
+                                        "mirrored": {"type": "string"},
+                                        "device": {"type": "string"},
+                                        "comment": {"type": "string"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {"201": _json(_list_of("Image")), "413": PROBLEM, "415": PROBLEM, "422": PROBLEM, **ERRORS},
+                },
+            },
+            "/api/v1/images/{id}": {"get": {"parameters": [ID], "responses": {"200": _json(_ref("Image")), **ERRORS}}},
+            "/api/v1/images/{id}/file": {
+                "get": {
+                    "summary": "The lossless original",
+                    "parameters": [ID],
+                    "responses": {"200": {"description": "The file", "content": {"*/*": {"schema": BINARY}}}, **ERRORS},
+                }
+            },
+            "/api/v1/images/{id}/thumbnail": {
+                "get": {
+                    "summary": "Watermarked JPEG thumbnail, orientation applied",
+                    "parameters": [ID, {"name": "size", "in": "query", "schema": {"type": "integer"}}],
+                    "responses": {
+                        "200": {"description": "JPEG", "content": {"image/jpeg": {"schema": BINARY}}},
+                        **ERRORS,
+                    },
+                }
+            },
+            "/api/v1/conflicts": {
+                "get": {
+                    "summary": "Identity conflicts (open ones unless state=all)",
+                    "parameters": [*PAGING, {"name": "state", "in": "query", "schema": {"enum": ["open", "all"]}}],
+                    "responses": {"200": _json(_list_of("Conflict")), **ERRORS},
+                }
+            },
+            "/api/v1/conflicts/{id}/resolve": {
+                "post": {
+                    "parameters": [ID],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"type": "object", "properties": {"resolution": {"type": "string"}}}
+                            }
+                        },
+                    },
+                    "responses": {"200": _json(_ref("Conflict")), "422": PROBLEM, **ERRORS},
+                }
+            },
+            "/api/v1/audit": {
+                "get": {
+                    "summary": "The audit log: who read or changed what",
+                    "parameters": [*PAGING, {"name": "patient_id", "in": "query", "schema": {"type": "integer"}}],
+                    "responses": {"200": _json(_list_of("AuditEntry")), **ERRORS},
+                }
+            },
+            "/api/v1/events": {
+                "get": {
+                    "summary": "Server-Sent Events: patient-opened, acquisition-requested, image-view-requested, images-added",
+                    "responses": {"200": {"description": "text/event-stream"}, **ERRORS},
+                }
+            },
+            "/api/v1/launch/{protocol}": {
+                "post": {
+                    "summary": "Hand a PMS message to the daemon (used by the pms-bridge launch commands)",
+                    "parameters": [
+                        {"name": "protocol", "in": "path", "required": True, "schema": {"type": "string"}},
+                        {"name": "arg", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}},
+                    ],
+                    "requestBody": {"content": {"application/octet-stream": {"schema": BINARY}}},
+                    "responses": {
+                        "200": {
+                            "description": "Answer bytes; X-PMS-Exit, X-PMS-Message, X-PMS-Write headers",
+                            "content": {"application/octet-stream": {"schema": BINARY}},
+                        },
+                        "413": PROBLEM,
+                        **ERRORS,
+                    },
+                }
+            },
+            "/api/v1/openapi.json": {
+                "get": {"security": [], "responses": {"200": _json({"type": "object"})}},
+            },
+            "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": _json({"type": "object"})}}},
+            "/readyz": {
+                "get": {
+                    "security": [],
+                    "summary": "Readiness: store, image folder, watched folders and last scan age",
+                    "responses": {"200": _json({"type": "object"}), "503": _json({"type": "object"}, "Not ready")},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "security": [],
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "text/plain", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                }
+            },
+        },
+    }
+
+
+@routes.get("/api/v1/openapi.json")
+async def openapi_json(_request: web.Request) -> web.Response:
+    return web.json_response(document())

@@ -1,0 +1,291 @@
+"""Parsing every PMS format shares: text encodings, INI-style key=value files, dates, sex codes.
+
+One place for each of these rules, so VDDS, Dexis, Patterson, CLINIVIEW and OPP agree on what "19850714",
+"W" or a UTF-16 file with a BOM mean. Pure functions of bytes and strings: no I/O, no clock, and nothing
+heavier than the standard library, because the launch commands a PMS waits on import this module.
+"""
+
+from __future__ import annotations
+
+import codecs
+import datetime as dt
+import re
+from collections.abc import Iterable
+
+# --------------------------------------------------------------------------------------------------
+# Encodings
+
+_BOMS = (
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+
+
+class DecodedText:
+    """Text decoded from a PMS file, remembering how to write an answer the same way.
+
+    `encoding` is the codec (with `bom` the bytes that preceded the text), `newline` the line ending the
+    file used ("\\r\\n" on Windows PMSs, sometimes "\\n").
+    """
+
+    __slots__ = ("bom", "encoding", "newline", "text")
+
+    def __init__(self, text: str, encoding: str, bom: bytes, newline: str) -> None:
+        self.text = text
+        self.encoding = encoding
+        self.bom = bom
+        self.newline = newline
+
+    def encode(self, text: str) -> bytes:
+        """`text` (with "\\n" line ends) as bytes in the received encoding, BOM and line endings.
+
+        Characters the code page cannot hold become "?", as Windows' own conversion does, rather than
+        failing the whole answer.
+        """
+        body = text.replace("\r\n", "\n").replace("\n", self.newline)
+        codec = "utf-8" if self.encoding == "utf-8-sig" else self.encoding
+        return self.bom + body.encode(codec, errors="replace")
+
+
+def decode(data: bytes, fallback: str = "cp1252") -> DecodedText:
+    """Decode a PMS file: a BOM means UTF-8 or UTF-16 (LE/BE); otherwise the configured code page.
+
+    BOM-less UTF-16 (every other byte NUL in ASCII text) is recognised too. Bytes the code page cannot
+    map are kept as U+FFFD rather than refused, so a request is answered rather than dropped.
+    """
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            body = data[len(bom) :]
+            text = body.decode("utf-8" if codec == "utf-8-sig" else codec, errors="replace")
+            return DecodedText(text, codec, bom, _newline(text))
+    if len(data) >= 4 and data[1:4:2] == b"\x00\x00" and data[0:1] != b"\x00":
+        text = data.decode("utf-16-le", errors="replace")
+        return DecodedText(text, "utf-16-le", b"", _newline(text))
+    if len(data) >= 4 and data[0:3:2] == b"\x00\x00" and data[1:2] != b"\x00":
+        text = data.decode("utf-16-be", errors="replace")
+        return DecodedText(text, "utf-16-be", b"", _newline(text))
+    codec = "utf-8" if fallback.lower().replace("_", "-") in ("utf-8", "utf8") else fallback
+    text = data.decode(codec, errors="replace")
+    return DecodedText(text, codec, b"", _newline(text))
+
+
+def _newline(text: str) -> str:
+    return "\r\n" if "\r\n" in text or "\n" not in text else "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# INI-style files (Windows GetPrivateProfileString semantics)
+
+
+class IniSection:
+    """One section: keys compared case-insensitively, the original spelling and order kept."""
+
+    __slots__ = ("name", "order", "values")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.values: dict[str, str] = {}  # upper-cased key -> value
+        self.order: list[str] = []  # keys as written
+
+    def get(self, key: str, default: str = "") -> str:
+        return self.values.get(key.upper(), default)
+
+    def first(self, *keys: str) -> str:
+        """The value of the first of `keys` that is present and not empty (for key variants)."""
+        for key in keys:
+            value = self.values.get(key.upper(), "")
+            if value:
+                return value
+        return ""
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.upper() in self.values
+
+    def set(self, key: str, value: str) -> None:
+        if key.upper() not in self.values:
+            self.order.append(key)
+        self.values[key.upper()] = value
+
+    def items(self) -> Iterable[tuple[str, str]]:
+        return ((key, self.values[key.upper()]) for key in self.order)
+
+
+def parse_ini(text: str) -> dict[str, IniSection]:
+    """Sections of an INI text, keyed by upper-cased name, in file order.
+
+    As Windows reads these files: everything after the first "=" is the value (commas, semicolons,
+    further "=" and quotes inside are kept); one pair of surrounding double quotes is removed; the first
+    occurrence of a key wins; lines without "=" and comment lines (";", "#") are skipped. Keys before any
+    section go to the section named "".
+    """
+    sections: dict[str, IniSection] = {}
+    current = sections.setdefault("", IniSection(""))
+    for raw in text.splitlines():
+        line = raw.strip().lstrip("\ufeff")
+        if not line or line[0] in ";#":
+            continue
+        if line.startswith("[") and "]" in line:
+            name = line[1 : line.index("]")].strip()
+            current = sections.setdefault(name.upper(), IniSection(name))
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            continue
+        key = key.strip()
+        if key.upper() in current.values:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        current.set(key, value)
+    if not sections[""].values:
+        del sections[""]
+    return sections
+
+
+def render_ini(sections: Iterable[tuple[str, Iterable[tuple[str, str]]]]) -> str:
+    """INI text ("\\n" line ends; `DecodedText.encode` converts them) from (section, pairs) in order."""
+    out: list[str] = []
+    for name, pairs in sections:
+        out.append(f"[{name}]")
+        out.extend(f"{key}={_one_line(value)}" for key, value in pairs)
+        out.append("")
+    return "\n".join(out)
+
+
+def _one_line(value: str) -> str:
+    """A value can never break the file's structure: line breaks become spaces."""
+    return value.replace("\r", " ").replace("\n", " ")
+
+
+def parse_key_values(text: str) -> dict[str, str]:
+    """KEY=value lines without sections (Dexis info files): upper-cased keys, first occurrence wins."""
+    found: dict[str, str] = {}
+    for raw in text.splitlines():
+        key, sep, value = raw.partition("=")
+        key = key.strip().upper()
+        if sep and key and " " not in key and key not in found:
+            found[key] = value.strip()
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Dates
+
+EARLIEST_BIRTH_YEAR = 1880  # as Open Dental's bridges: an earlier year means "no date" (0001-01-01 ...)
+
+
+class DateFormatError(ValueError):
+    """A date that does not match the format the protocol or configuration prescribes."""
+
+
+_DOTNET_TOKENS = (
+    ("yyyy", "%Y"),
+    ("MM", "%m"),
+    ("dd", "%d"),
+    ("HH", "%H"),
+    ("mm", "%M"),
+    ("ss", "%S"),
+    ("yy", "%y"),
+    ("M", "%m"),
+    ("d", "%d"),
+)
+
+
+def dotnet_to_strptime(fmt: str) -> str:
+    """Translate a .NET date format string ("dd.MM.yyyy", "M/d/yyyy", "yyyyMMdd") into strptime's.
+
+    Only unambiguous date/time tokens are accepted; anything else raises DateFormatError, because a
+    guessed date format files images under the wrong patient.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(fmt):
+        for token, directive in _DOTNET_TOKENS:
+            if fmt.startswith(token, i):
+                out.append(directive)
+                i += len(token)
+                break
+        else:
+            ch = fmt[i]
+            if ch.isalpha():
+                raise DateFormatError(f"unsupported token {ch!r} in date format {fmt!r}")
+            out.append("%%" if ch == "%" else ch)
+            i += 1
+    result = "".join(out)
+    if not all(d in result for d in ("%d", "%m")) or not ("%Y" in result or "%y" in result):
+        raise DateFormatError(f"date format {fmt!r} lacks day, month or year")
+    return result
+
+
+def parse_date(value: str, formats: Iterable[str]) -> dt.date | None:
+    """The date in `value`, trying strptime `formats` in order; None for "no date".
+
+    Empty, all-zero ("00000000", "00.00.0000"), and dates before 1880 (".NET's 1/1/0001") mean the PMS
+    has no birth date. A value that matches none of the formats raises DateFormatError.
+    """
+    text = value.strip()
+    if not text or not text.strip("0-./ "):
+        return None
+    for fmt in formats:
+        try:
+            parsed = dt.datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+        return parsed if parsed.year >= EARLIEST_BIRTH_YEAR else None
+    if re.fullmatch(r"0*1[./-]0*1[./-]0*1", text):  # 1/1/0001, which strptime cannot read
+        return None
+    raise DateFormatError(f"date {text!r} does not match {', '.join(formats)}")
+
+
+# Short date formats of the workstation locales the US/Canadian bridges write (Dexis info file, Patterson).
+LOCALE_SHORT_DATES: dict[str, tuple[str, ...]] = {
+    "en-us": ("%m/%d/%Y", "%m/%d/%y"),
+    "en-ca": ("%d/%m/%Y", "%Y-%m-%d", "%d/%m/%y"),
+    "fr-ca": ("%Y-%m-%d", "%d/%m/%Y"),
+    "en-gb": ("%d/%m/%Y", "%d/%m/%y"),
+    "de-de": ("%d.%m.%Y", "%d.%m.%y"),
+    "de-at": ("%d.%m.%Y", "%d.%m.%y"),
+    "de-ch": ("%d.%m.%Y", "%d.%m.%y"),
+    "nl-nl": ("%d-%m-%Y",),
+    "fr-fr": ("%d/%m/%Y",),
+    "iso": ("%Y-%m-%d",),
+}
+
+
+def locale_formats(locale: str) -> tuple[str, ...]:
+    """The short-date formats of a configured locale; a day/month ambiguity is settled by it alone."""
+    try:
+        return LOCALE_SHORT_DATES[locale.lower()]
+    except KeyError:
+        raise DateFormatError(f"unknown locale {locale!r}; known: {', '.join(LOCALE_SHORT_DATES)}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Sex codes
+
+# Every dialect's codes: M/MALE; W (weiblich)/F/FEMALE; D (divers), X, I, O, OTHER; U, " ", empty.
+_SEX_CODES = {
+    "M": "M",
+    "MALE": "M",
+    "MAENNLICH": "M",
+    "MÄNNLICH": "M",
+    "W": "F",
+    "F": "F",
+    "FEMALE": "F",
+    "WEIBLICH": "F",
+    "D": "O",
+    "X": "O",
+    "I": "O",
+    "O": "O",
+    "OTHER": "O",
+    "DIVERS": "O",
+    "U": "U",
+    "UNKNOWN": "U",
+}
+
+
+def parse_sex(value: str) -> str:
+    """'M', 'F', 'O' or 'U' for any dialect's code; anything unrecognised is unknown, never guessed."""
+    return _SEX_CODES.get(value.strip().upper(), "U")
