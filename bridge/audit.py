@@ -73,7 +73,9 @@ class AuditLog:
     ) -> None:
         """Queue a read for the next batch."""
         if len(self._pending) >= self.MAX_QUEUE:
-            log.error("audit queue full; the database is not keeping up", extra={"queued": len(self._pending)})
+            log.error(
+                "audit queue full; the database is not keeping up", extra={"queued": len(self._pending)}
+            )
         self._pending.append(_entry(origin, action, patient_id, image_id, detail))
 
     async def flush(self) -> int:

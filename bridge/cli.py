@@ -26,9 +26,8 @@ def _is_launch(argv: Sequence[str]) -> bool:
     if not argv or argv[0] not in HANDLERS:
         return False
     rest = [a for a in argv[1:] if not a.startswith("--config")]
-    if rest and (rest[0] in ADMIN_SUBCOMMANDS.get(argv[0], frozenset()) or rest[0] in ("--help", "-h")):
-        return False
-    return True
+    admin = ADMIN_SUBCOMMANDS.get(argv[0], frozenset())
+    return not (rest and (rest[0] in admin or rest[0] in ("--help", "-h")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,7 +97,11 @@ def _init_args(parser: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, Command] = {
     "init": ("write a working config with an embedded store under --home (idempotent)", cmd_init, _init_args),
     "serve": ("run the daemon in the foreground until SIGTERM/SIGINT or the stop file", cmd_serve, _no_args),
-    "doctor": ("configure and test PMS integration: check config, store, folders, daemon", cmd_doctor, _no_args),
+    "doctor": (
+        "configure and test PMS integration: check config, store, folders, daemon",
+        cmd_doctor,
+        _no_args,
+    ),
     "reconcile": ("re-check every image file against its SHA-256", cmd_reconcile, _no_args),
 }
 

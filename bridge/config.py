@@ -62,11 +62,11 @@ def _bool(text: str, _home: Path) -> bool:
     raise ValueError
 
 
-def Bool() -> Parser:  # noqa: N802 - reads like a type in the declarations below
+def Bool() -> Parser:
     return Parser("yes or no", _bool)
 
 
-def Int(low: int, high: int) -> Parser:  # noqa: N802
+def Int(low: int, high: int) -> Parser:
     def convert(text: str, _home: Path) -> int:
         value = int(text.strip())
         if not low <= value <= high:
@@ -76,7 +76,7 @@ def Int(low: int, high: int) -> Parser:  # noqa: N802
     return Parser(f"a whole number from {low} to {high}", convert)
 
 
-def Float(low: float, high: float) -> Parser:  # noqa: N802
+def Float(low: float, high: float) -> Parser:
     def convert(text: str, _home: Path) -> float:
         value = float(text.strip())
         if not low <= value <= high:
@@ -86,7 +86,7 @@ def Float(low: float, high: float) -> Parser:  # noqa: N802
     return Parser(f"a number from {low} to {high}", convert)
 
 
-def Choice(*choices: str) -> Parser:  # noqa: N802
+def Choice(*choices: str) -> Parser:
     def convert(text: str, _home: Path) -> str:
         value = text.strip().lower()
         if value not in choices:
@@ -96,7 +96,7 @@ def Choice(*choices: str) -> Parser:  # noqa: N802
     return Parser(" | ".join(choices), convert)
 
 
-def Text(*, required: bool = False, max_length: int = 1000) -> Parser:  # noqa: N802
+def Text(*, required: bool = False, max_length: int = 1000) -> Parser:
     def convert(text: str, _home: Path) -> str:
         value = text.strip()
         if (required and not value) or len(value) > max_length:
@@ -106,7 +106,7 @@ def Text(*, required: bool = False, max_length: int = 1000) -> Parser:  # noqa: 
     return Parser("any text" if not required else "a non-empty text", convert)
 
 
-def OptionalPath() -> Parser:  # noqa: N802
+def OptionalPath() -> Parser:
     """A file or folder path; relative paths are taken from the config file's folder; empty = unset."""
 
     def convert(text: str, home: Path) -> Path | None:
@@ -118,7 +118,7 @@ def OptionalPath() -> Parser:  # noqa: N802
     return Parser("a path (relative paths start at the config file's folder), or empty", convert)
 
 
-def RequiredPath() -> Parser:  # noqa: N802
+def RequiredPath() -> Parser:
     def convert(text: str, home: Path) -> Path:
         value = text.strip()
         if not value:
@@ -133,7 +133,7 @@ def _resolve(value: str, home: Path) -> Path:
     return path if path.is_absolute() else (home / path)
 
 
-def DatabaseUrl() -> Parser:  # noqa: N802
+def DatabaseUrl() -> Parser:
     def convert(text: str, home: Path) -> str:
         value = text.strip()
         scheme = value.split(":", 1)[0]
@@ -149,7 +149,7 @@ def DatabaseUrl() -> Parser:  # noqa: N802
     return Parser("a SQLAlchemy URL: sqlite:///FILE, postgresql+psycopg://..., mssql+pyodbc://...", convert)
 
 
-def Csv() -> Parser:  # noqa: N802
+def Csv() -> Parser:
     def convert(text: str, _home: Path) -> tuple[str, ...]:
         return tuple(item.strip() for item in text.split(",") if item.strip())
 
@@ -177,9 +177,13 @@ class StoreSettings:
         " mssql+pyodbc://user:pw@DSN",
     )
     images: Path = key(
-        "{home}/images", RequiredPath(), "Folder of the content-addressed image files (a UNC path for a share)"
+        "{home}/images",
+        RequiredPath(),
+        "Folder of the content-addressed image files (a UNC path for a share)",
     )
-    db_threads: int = key("4", Int(1, 64), "Worker threads for database work (the event loop never waits on it)")
+    db_threads: int = key(
+        "4", Int(1, 64), "Worker threads for database work (the event loop never waits on it)"
+    )
     migrate: bool = key("yes", Bool(), "Bring the schema up to date (Alembic) when the daemon starts")
 
 
@@ -191,10 +195,14 @@ class ApiSettings:
     host: str = key(DEFAULT_API_HOST, Text(required=True), "Listen address; loopback unless the LAN needs it")
     port: int = key(str(DEFAULT_API_PORT), Int(1, 65535), "REST API, health, metrics, viewer page")
     token: str = key(
-        "", Text(), 'Clients send "Authorization: Bearer <token>"; empty refuses every request with patient data'
+        "",
+        Text(),
+        'Clients send "Authorization: Bearer <token>"; empty refuses every request with patient data',
     )
     tls: bool = key("no", Bool(), "Serve HTTPS with tls_cert and tls_key")
-    tls_cert: Path | None = key("{home}/tls/cert.pem", OptionalPath(), "PEM certificate (self-signed by init)")
+    tls_cert: Path | None = key(
+        "{home}/tls/cert.pem", OptionalPath(), "PEM certificate (self-signed by init)"
+    )
     tls_key: Path | None = key("{home}/tls/key.pem", OptionalPath(), "PEM private key")
     max_body_mb: int = key("200", Int(1, 4096), "Largest request body accepted, in MB (image uploads)")
 
@@ -256,7 +264,9 @@ class ThumbnailSettings:
     SECTION: ClassVar[str] = "thumbnails"
     size: int = key("256", Int(32, 2048), "Long edge in pixels")
     watermark: str = key(
-        "NOT FOR DIAGNOSIS", Text(required=True, max_length=200), "Text stamped on every thumbnail sent to a PMS"
+        "NOT FOR DIAGNOSIS",
+        Text(required=True, max_length=200),
+        "Text stamped on every thumbnail sent to a PMS",
     )
 
 
@@ -271,7 +281,9 @@ class DaemonSettings:
         "Creating this file stops the daemon gracefully (for service wrappers that cannot send Ctrl+C)",
     )
     log_level: str = key("info", Choice("debug", "info", "warning", "error"), "Log level")
-    log_format: str = key("json", Choice("json", "text"), "json: one JSON object per line; text: for a console")
+    log_format: str = key(
+        "json", Choice("json", "text"), "json: one JSON object per line; text: for a console"
+    )
     log_file: Path | None = key("", OptionalPath(), "Log to this file as well as to stderr")
     shutdown_timeout: float = key("30", Float(1, 600), "Seconds in-flight requests get to finish on stop")
 
@@ -310,9 +322,7 @@ def _parse_section(cls: type[S], values: dict[str, str], path: Path, home: Path)
     known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for name in values:
         if name not in known:
-            raise ConfigError(
-                f"{path}: [{section}] unknown key '{name}' (known keys: {', '.join(known)})"
-            )
+            raise ConfigError(f"{path}: [{section}] unknown key '{name}' (known keys: {', '.join(known)})")
     kwargs: dict[str, Any] = {}
     for name, fld in known.items():
         parser: Parser = fld.metadata["parser"]

@@ -34,7 +34,8 @@ STOP_FILE_POLL_SECONDS = 0.5
 WorkerFactory = Callable[[Runtime], Coroutine[Any, Any, None] | None]
 WORKER_FACTORIES: list[WorkerFactory] = []
 
-# Extra listeners protocols contribute (OPP web): (name, factory of its app, settings -> (enabled, host, port)).
+# Extra listeners protocols contribute (OPP web): a factory returning (name, app, host, port), or None
+# when its settings leave it off.
 ListenerFactory = Callable[[Runtime], "tuple[str, web.Application, str, int] | None"]
 LISTENER_FACTORIES: list[ListenerFactory] = []
 
@@ -84,14 +85,20 @@ class Daemon:
             self._runners.append(runner)
             sock = site._server.sockets[0]  # type: ignore[union-attr]
             self.bound[name] = sock.getsockname()[:2]
-            log.info("listening", extra={"listener": name, "host": host, "port": self.bound[name][1], "tls": bool(tls)})
+            log.info(
+                "listening",
+                extra={"listener": name, "host": host, "port": self.bound[name][1], "tls": bool(tls)},
+            )
         self._spawn(rt.audit.run(), "audit")
         self._spawn(self._watch_stop_file(), "stop-file")
-        for factory in WORKER_FACTORIES:
-            worker = factory(rt)
+        for make_worker in WORKER_FACTORIES:
+            worker = make_worker(rt)
             if worker is not None:
-                self._spawn(worker, getattr(factory, "__name__", "worker"))
-        log.info("started", extra={"version": __version__, "config": str(self.settings.path), "store": rt.db.dialect})
+                self._spawn(worker, getattr(make_worker, "__name__", "worker"))
+        log.info(
+            "started",
+            extra={"version": __version__, "config": str(self.settings.path), "store": rt.db.dialect},
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -122,6 +129,7 @@ class Daemon:
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         if sys.platform == "win32":
+
             def on_signal(_signum: int, _frame: object) -> None:
                 loop.call_soon_threadsafe(self.stop)
 

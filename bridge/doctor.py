@@ -36,7 +36,9 @@ def check_store(settings: Settings) -> str:
         engine.dispose()
     head = ScriptDirectory.from_config(alembic_config(settings.store.url)).get_current_head()
     if current != head:
-        raise CheckFailed(f"schema at {current or 'nothing'}, newest is {head}: run 'pms-bridge init' or start the daemon")
+        raise CheckFailed(
+            f"schema at {current or 'nothing'}, newest is {head}: run 'pms-bridge init' or start the daemon"
+        )
     return f"{engine.url.render_as_string(hide_password=True)} (schema {current})"
 
 
@@ -46,7 +48,9 @@ def check_folder(path: Path) -> str:
     try:
         FileStore(path).check_writable()
     except OSError as exc:
-        raise CheckFailed(f"{path}: {exc.strerror or exc} (a share needs a UNC path and an account with rights)") from None
+        raise CheckFailed(
+            f"{path}: {exc.strerror or exc} (a share needs a UNC path and an account with rights)"
+        ) from None
     return str(path)
 
 
@@ -63,7 +67,10 @@ def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
-        raise CheckFailed(f"the daemon does not answer at {host}:{port} ({getattr(exc, 'reason', exc)}): start 'pms-bridge serve'") from None
+        raise CheckFailed(
+            f"the daemon does not answer at {host}:{port} ({getattr(exc, 'reason', exc)}): "
+            "start 'pms-bridge serve'"
+        ) from None
 
 
 def check_daemon(settings: Settings) -> str:
@@ -89,7 +96,10 @@ def check_token(settings: Settings) -> str:
 CHECKS: list[Check] = [
     ("store reachable and up to date", check_store),
     ("image folder writable", lambda s: check_folder(s.store.images)),
-    ("VDDS exchange folder writable", lambda s: check_folder(s.vdds.exchange_dir) if s.vdds.exchange_dir else "not configured"),
+    (
+        "VDDS exchange folder writable",
+        lambda s: check_folder(s.vdds.exchange_dir) if s.vdds.exchange_dir else "not configured",
+    ),
     ("daemon answering", check_daemon),
     ("API token", check_token),
 ]

@@ -62,7 +62,14 @@ def workstation() -> str:
 
 
 def http_post(
-    host: str, port: int, path: str, headers: dict[str, str], body: bytes, *, tls: bool = False, cafile: str = ""
+    host: str,
+    port: int,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    *,
+    tls: bool = False,
+    cafile: str = "",
 ) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 POST with `Connection: close`; returns (status, lower-cased headers, body)."""
     sock: socket.socket = socket.create_connection((host, port), timeout=TIMEOUT_SECONDS)
@@ -72,7 +79,12 @@ def http_post(
 
             ctx = ssl.create_default_context(cafile=cafile or None)
             sock = ctx.wrap_socket(sock, server_hostname=host)
-        head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}", "Connection: close"]
+        head = [
+            f"POST {path} HTTP/1.1",
+            f"Host: {host}:{port}",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
         head += [f"{name}: {value}" for name, value in headers.items()]
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         chunks = []
@@ -150,7 +162,13 @@ def run(protocol: str, argv: list[str]) -> int:
         )
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        return _fail(protocol, path, content, f"the pms-bridge service is not reachable at {host}:{port} ({reason})", EXIT_UNREACHABLE)
+        return _fail(
+            protocol,
+            path,
+            content,
+            f"the pms-bridge service is not reachable at {host}:{port} ({reason})",
+            EXIT_UNREACHABLE,
+        )
     if status != 200:
         import json  # only on the error path
 
@@ -158,7 +176,13 @@ def run(protocol: str, argv: list[str]) -> int:
             detail = json.loads(body).get("detail", "")
         except ValueError:
             detail = body[:200].decode("utf-8", "replace")
-        return _fail(protocol, path, content, f"the pms-bridge service refused the request ({status}): {detail}", EXIT_REFUSED)
+        return _fail(
+            protocol,
+            path,
+            content,
+            f"the pms-bridge service refused the request ({status}): {detail}",
+            EXIT_REFUSED,
+        )
     if reply_headers.get("x-pms-write") == "1" and path:
         write_atomic(path, body)
     message = unquote(reply_headers.get("x-pms-message", ""))

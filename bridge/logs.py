@@ -61,7 +61,9 @@ class TextFormatter(logging.Formatter):
             f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD and k != "request_id"
         )
         rid = getattr(record, "request_id", "")
-        line = f"{self.formatTime(record)} {record.levelname:<7} {rid + ' ' if rid else ''}{record.getMessage()}"
+        line = (
+            f"{self.formatTime(record)} {record.levelname:<7} {rid + ' ' if rid else ''}{record.getMessage()}"
+        )
         if fields:
             line += f" [{fields}]"
         if record.exc_info:

@@ -10,6 +10,7 @@ not sent twice) or it is sent again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -97,7 +98,9 @@ class OutboxWorker:
         for item in await self.rt.db.read(interrupted):
             delivered = self.recover_hook is not None and await self.recover_hook(self.rt, item)
             await self._finish(item, delivered=delivered, error="interrupted by a restart")
-            log.info("outbox recovered", extra={"channel": self.channel, "id": item.id, "delivered": delivered})
+            log.info(
+                "outbox recovered", extra={"channel": self.channel, "id": item.id, "delivered": delivered}
+            )
 
     async def run(self) -> None:
         await self.recover()
@@ -109,10 +112,8 @@ class OutboxWorker:
                 sent = 0
             if not sent:
                 self.wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), self.poll_seconds)
-                except TimeoutError:
-                    pass
 
     async def run_once(self) -> int:
         """Send every due message once; returns how many were attempted."""
@@ -132,7 +133,12 @@ class OutboxWorker:
             except Exception as exc:
                 log.warning(
                     "push failed; will retry",
-                    extra={"channel": self.channel, "id": item.id, "attempt": item.attempts, "error": str(exc)[:300]},
+                    extra={
+                        "channel": self.channel,
+                        "id": item.id,
+                        "attempt": item.attempts,
+                        "error": str(exc)[:300],
+                    },
                 )
                 await self._finish(item, delivered=False, error=str(exc))
             else:

@@ -18,6 +18,7 @@ def reconcile(settings: Settings) -> int:
     after = 0
     try:
         while True:
+
             def page(session: Session, after_id: int = after) -> list[tuple[int, str, str]]:
                 return [tuple(row) for row in session.execute(q.all_image_hashes(after_id))]  # type: ignore[misc]
 

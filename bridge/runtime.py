@@ -40,10 +40,14 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
             registry=r,
         )
-        self.launches = Counter("pms_bridge_launches", "PMS launches handled", ["protocol", "exit"], registry=r)
+        self.launches = Counter(
+            "pms_bridge_launches", "PMS launches handled", ["protocol", "exit"], registry=r
+        )
         self.events = Counter("pms_bridge_events", "Events published", ["event"], registry=r)
         self.last_scan = Gauge(
-            "pms_bridge_last_successful_scan_timestamp", "Last successful scan of a watched folder", ["watcher"],
+            "pms_bridge_last_successful_scan_timestamp",
+            "Last successful scan of a watched folder",
+            ["watcher"],
             registry=r,
         )
 
@@ -88,7 +92,9 @@ class Runtime:
         bus = EventBus()
         audit = AuditLog(db)
         service = BridgeService(db, settings.pms, bus, audit, push_targets=push_targets(settings))
-        imaging = Imaging(files, settings.thumbnails, settings.store.images / "thumbnails", workers=imaging_workers)
+        imaging = Imaging(
+            files, settings.thumbnails, settings.store.images / "thumbnails", workers=imaging_workers
+        )
         metrics = Metrics()
         bus.subscribe(lambda event: metrics.events.labels(event.name).inc())
         return cls(settings, db, files, bus, audit, service, imaging, metrics, Readiness())

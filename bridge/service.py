@@ -50,7 +50,17 @@ from bridge.model import (
 )
 from bridge.store import queries as q
 from bridge.store.db import Database, is_unique_violation
-from bridge.store.models import AuditEntry, ChartAlias, Conflict, Image, OutboxMessage, Patient, PmsLink, Series, Study
+from bridge.store.models import (
+    AuditEntry,
+    ChartAlias,
+    Conflict,
+    Image,
+    OutboxMessage,
+    Patient,
+    PmsLink,
+    Series,
+    Study,
+)
 from bridge.store.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -132,11 +142,17 @@ def disagreements(stored: Patient, incoming: Demographics) -> list[str]:
     """
     found: list[str] = []
     if stored.birth_date and incoming.birth_date and stored.birth_date != incoming.birth_date:
-        found.append(f"birth date {stored.birth_date.isoformat()} in the store, {incoming.birth_date.isoformat()} sent")
+        found.append(
+            f"birth date {stored.birth_date.isoformat()} in the store, {incoming.birth_date.isoformat()} sent"
+        )
     known = (Sex.MALE.value, Sex.FEMALE.value)
     if stored.sex in known and incoming.sex.value in known and stored.sex != incoming.sex.value:
         found.append(f"sex {stored.sex} in the store, {incoming.sex.value} sent")
-    if stored.last_name and incoming.last_name and not same_beyond_spelling(stored.last_name, incoming.last_name):
+    if (
+        stored.last_name
+        and incoming.last_name
+        and not same_beyond_spelling(stored.last_name, incoming.last_name)
+    ):
         found.append(f"surname {stored.last_name!r} in the store, {incoming.last_name!r} sent")
     return found
 
@@ -258,7 +274,9 @@ def _conflict(
 def _store_conflict(session: Session, draft: Conflict, origin: Origin) -> int:
     """Record a conflict, or find the same open one: a PMS repeating a request does not pile them up."""
     existing = session.scalars(
-        q.open_conflict_like(draft.kind, draft.pms_system, draft.practice_id, draft.pms_id, draft.chart_number)
+        q.open_conflict_like(
+            draft.kind, draft.pms_system, draft.practice_id, draft.pms_id, draft.chart_number
+        )
     ).first()
     if existing is not None:
         return existing.id
@@ -266,7 +284,9 @@ def _store_conflict(session: Session, draft: Conflict, origin: Origin) -> int:
     session.add(draft)
     session.flush()
     message = (draft.detail or {}).get("message", "")
-    AuditLog.change(session, origin, "conflict.record", patient_id=draft.patient_id, detail=f"{draft.kind}: {message}")
+    AuditLog.change(
+        session, origin, "conflict.record", patient_id=draft.patient_id, detail=f"{draft.kind}: {message}"
+    )
     log.warning("identity conflict", extra={"kind": draft.kind, "conflict_id": draft.id})
     return draft.id
 
@@ -382,7 +402,9 @@ class BridgeService:
             may_create = True  # a PMS launch may always create: that is what the integration is for
 
         def work(session: Session) -> tuple[_Resolved, PatientView]:
-            resolved = self._resolve(session, req, may_create=may_create, update=self.settings.update_patient_info)
+            resolved = self._resolve(
+                session, req, may_create=may_create, update=self.settings.update_patient_info
+            )
             if resolved.status is Status.OK:
                 self.audit.change(session, req.origin, "patient.open", patient_id=resolved.patient.id)
             return resolved, _load_patient_view(session, resolved.patient, resolved.link)
@@ -486,7 +508,9 @@ class BridgeService:
         session.flush()
         self._set_chart_alias(session, patient, req.chart_number)
         session.flush()  # the unique current-chart index decides a creation race here
-        self.audit.change(session, req.origin, "patient.create", patient_id=patient.id, detail="keyed by chart")
+        self.audit.change(
+            session, req.origin, "patient.create", patient_id=patient.id, detail="keyed by chart"
+        )
         return _Resolved(patient, None, Status.CREATED)
 
     def _cannot_create(self, req: PatientRequest) -> Refused:
@@ -544,7 +568,11 @@ class BridgeService:
         old = current.chart_number if current else None
         self._set_chart_alias(session, patient, req.chart_number)
         self.audit.change(
-            session, req.origin, "chart.renumber", patient_id=patient.id, detail=f"{old!r} -> {req.chart_number!r}"
+            session,
+            req.origin,
+            "chart.renumber",
+            patient_id=patient.id,
+            detail=f"{old!r} -> {req.chart_number!r}",
         )
         return ["chart_number"]
 
@@ -555,12 +583,16 @@ class BridgeService:
         session.add(ChartAlias(patient_id=patient.id, chart_number=chart_number, created_at=now))
         session.flush()
 
-    def _maybe_update(self, session: Session, req: PatientRequest, patient: Patient, update: bool) -> list[str]:
+    def _maybe_update(
+        self, session: Session, req: PatientRequest, patient: Patient, update: bool
+    ) -> list[str]:
         if not update:
             return []
         changed = _apply_demographics(patient, req.demographics)
         if changed:
-            self.audit.change(session, req.origin, "patient.update", patient_id=patient.id, detail=",".join(changed))
+            self.audit.change(
+                session, req.origin, "patient.update", patient_id=patient.id, detail=",".join(changed)
+            )
         return changed
 
     def _add_link(self, session: Session, req: PatientRequest, patient: Patient) -> PmsLink:
@@ -616,12 +648,12 @@ class BridgeService:
             )
 
     def patient_viewer_url(self, patient_id: int) -> str:
-        """Where a viewer shows a PMS-opened patient: the module (`open_patient_in`) and single-patient mode."""
+        """Where a viewer shows a PMS-opened patient (`open_patient_in`, `single_patient_mode`)."""
         url = f"/viewer/?patient={patient_id}&open={self.settings.open_patient_in}"
         return url + ("&single=1" if self.settings.single_patient_mode else "")
 
     def image_viewer_url(self, image_id: int) -> str:
-        """Where a PMS-opened image is shown: a watermarked preview, or the clinic viewer (`open_image_as`)."""
+        """Where a PMS-opened image is shown (`open_image_as`): a watermarked preview, or the viewer."""
         if self.settings.open_image_as == "preview":
             return f"/api/v1/images/{image_id}/preview"
         url = f"/viewer/?image={image_id}&open=clinic"
@@ -704,7 +736,7 @@ class BridgeService:
         after_id: int = 0,
         limit: int = 50,
     ) -> list[PatientView]:
-        name_prefix = name_key(*(name.replace(",", " ").split(None, 1) + [""])[:2]) if name else None
+        name_prefix = name_key(*[*name.replace(",", " ").split(None, 1), ""][:2]) if name else None
 
         def work(session: Session) -> list[PatientView]:
             stmt = q.search_patients(
@@ -734,16 +766,26 @@ class BridgeService:
         return view
 
     async def list_images(
-        self, origin: Origin, patient_id: int, *, after: tuple[datetime | None, int] | None = None, limit: int = 100
+        self,
+        origin: Origin,
+        patient_id: int,
+        *,
+        after: tuple[datetime | None, int] | None = None,
+        limit: int = 100,
     ) -> list[ImageView]:
         def work(session: Session) -> list[ImageView]:
-            return [image_view(*row) for row in session.execute(q.images_of_patient(patient_id, after=after, limit=limit))]
+            return [
+                image_view(*row)
+                for row in session.execute(q.images_of_patient(patient_id, after=after, limit=limit))
+            ]
 
         images = await self.db.read(work)
         self.audit.read(origin, "images.list", patient_id=patient_id, detail=f"{len(images)} images")
         return images
 
-    async def get_image(self, origin: Origin, image_id: int, *, action: str = "image.read") -> ImageView | None:
+    async def get_image(
+        self, origin: Origin, image_id: int, *, action: str = "image.read"
+    ) -> ImageView | None:
         def work(session: Session) -> ImageView | None:
             row = session.execute(q.image_with_series(image_id)).first()
             return image_view(*row) if row else None
@@ -880,7 +922,9 @@ class BridgeService:
             self.audit.read(origin, "conflict.read", patient_id=item["patient_id"])
         return found
 
-    async def resolve_conflict(self, origin: Origin, conflict_id: int, resolution: str) -> dict[str, Any] | None:
+    async def resolve_conflict(
+        self, origin: Origin, conflict_id: int, resolution: str
+    ) -> dict[str, Any] | None:
         """Close a conflict once a person has sorted it out (e.g. corrected the PMS or the store)."""
 
         def work(session: Session) -> dict[str, Any] | None:

@@ -29,7 +29,9 @@ def get_handler(protocol: str) -> LaunchHandler:
     """The handler of `protocol`, imported on first use."""
     target = HANDLERS.get(protocol)
     if target is None:
-        raise UnknownProtocol(f"unknown protocol {protocol!r} (known: {', '.join(sorted(HANDLERS)) or 'none'})")
+        raise UnknownProtocol(
+            f"unknown protocol {protocol!r} (known: {', '.join(sorted(HANDLERS)) or 'none'})"
+        )
     module, _, name = target.partition(":")
     handler: LaunchHandler = getattr(importlib.import_module(module), name)
     return handler

@@ -48,7 +48,9 @@ def analyze(data: bytes) -> Analysis:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format or ""
             if fmt not in _FORMATS:
-                raise ImagingError(f"unsupported image format {fmt or 'unknown'} (PNG, TIFF, JPEG are accepted)")
+                raise ImagingError(
+                    f"unsupported image format {fmt or 'unknown'} (PNG, TIFF, JPEG are accepted)"
+                )
             if img.width * img.height > MAX_PIXELS:
                 raise ImagingError(f"image too large: {img.width}x{img.height}")
             img.load()

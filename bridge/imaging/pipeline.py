@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import multiprocessing
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from bridge.atomic import write_atomic
 from bridge.config import ThumbnailSettings
@@ -16,6 +19,8 @@ from bridge.imaging.render import render_jpeg
 from bridge.model import ImageView, NewImage
 from bridge.store.files import FileStore
 
+T = TypeVar("T")
+
 
 class Imaging:
     """Ingests image bytes into the file store and serves cached watermarked thumbnails.
@@ -23,17 +28,27 @@ class Imaging:
     Decoding never runs on the event loop: a JPEG 2000 decode takes hundreds of milliseconds.
     """
 
-    def __init__(self, files: FileStore, thumbnails: ThumbnailSettings, cache_dir: Path, *, workers: int = 2) -> None:
+    def __init__(
+        self, files: FileStore, thumbnails: ThumbnailSettings, cache_dir: Path, *, workers: int = 2
+    ) -> None:
         self.files = files
         self.settings = thumbnails
         self.cache_dir = cache_dir
-        method = "forkserver" if sys.platform.startswith("linux") else "spawn"
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+        self._workers = workers
+        self._pool: ProcessPoolExecutor | None = None
         self.watermark_version = hashlib.sha256(thumbnails.watermark.encode()).hexdigest()[:12]
 
-    async def _run(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _executor(self) -> ProcessPoolExecutor:
+        """The process pool, started on first use (a command that never renders never pays for it)."""
+        if self._pool is None:
+            method = "forkserver" if sys.platform.startswith("linux") else "spawn"
+            self._pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context(method))
+        return self._pool
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn` in the process pool (it and its arguments must pickle)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, _call, fn, args, kwargs)
+        return await loop.run_in_executor(self._executor(), functools.partial(fn, *args, **kwargs))
 
     async def ingest(self, data: bytes, **metadata: object) -> NewImage:
         """Check and describe `data` (in the pool), store it, and return the image to add."""
@@ -69,7 +84,11 @@ class Imaging:
             return path
         source = str(self.files.path_for(image.sha256, image.file_ext))
         data: bytes = await self._run(
-            render_jpeg, source, rotation=image.rotation, mirrored=image.mirrored, size=size,
+            render_jpeg,
+            source,
+            rotation=image.rotation,
+            mirrored=image.mirrored,
+            size=size,
             watermark=self.settings.watermark,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +96,5 @@ class Imaging:
         return path
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _call(fn, args, kwargs):  # type: ignore[no-untyped-def]
-    return fn(*args, **kwargs)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -17,7 +17,9 @@ def to_display(img: Image.Image) -> Image.Image:
         a: np.ndarray[Any, Any] = np.asarray(img).astype(np.uint16, copy=False)
         lo, hi = np.percentile(a, (0.5, 99.5))
         hi = max(hi, lo + 1)
-        lut = np.clip((np.arange(65536, dtype=np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+        lut = np.clip((np.arange(65536, dtype=np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).astype(
+            np.uint8
+        )
         return Image.fromarray(lut[a])
     return img.convert("RGB")
 
@@ -42,7 +44,9 @@ def stamp(img: Image.Image, text: str) -> Image.Image:
     return img
 
 
-def render_jpeg(path: str, *, rotation: int, mirrored: bool, size: int, watermark: str, quality: int = 85) -> bytes:
+def render_jpeg(
+    path: str, *, rotation: int, mirrored: bool, size: int, watermark: str, quality: int = 85
+) -> bytes:
     """A watermarked JPEG whose long edge is `size`, oriented as the clinician left the image."""
     with Image.open(path) as src:
         img = to_display(src)

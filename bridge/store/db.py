@@ -126,7 +126,9 @@ class Database:
         """Run `work` in a write transaction in a worker thread."""
         return await self._in_thread(self.write_sync, work)
 
-    async def _in_thread(self, runner: Callable[[Callable[[Session], T]], T], work: Callable[[Session], T]) -> T:
+    async def _in_thread(
+        self, runner: Callable[[Callable[[Session], T]], T], work: Callable[[Session], T]
+    ) -> T:
         ctx = contextvars.copy_context()  # keeps the request id in the worker's log lines
         call = functools.partial(ctx.run, runner, work)
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)

@@ -28,30 +28,30 @@ from bridge.store.models import (
 _NO_CAPTURE_TIME = datetime(1900, 1, 1)
 
 
-def link_by_key(pms_system: str, practice_key: str, pms_id: str) -> Select[tuple[PmsLink]]:
+def link_by_key(pms_system: str, practice_key: str, pms_id: str) -> Select[PmsLink]:
     """The link for an exact (system, practice, id) key: the identity rule when practice ids count."""
     return select(PmsLink).where(
         PmsLink.pms_system == pms_system, PmsLink.practice_key == practice_key, PmsLink.pms_id == pms_id
     )
 
 
-def links_by_system_id(pms_system: str, pms_id: str) -> Select[tuple[PmsLink]]:
+def links_by_system_id(pms_system: str, pms_id: str) -> Select[PmsLink]:
     """Every link of one PMS id in any practice: the identity rule under `ignore_practice_id`."""
     return (
         select(PmsLink).where(PmsLink.pms_system == pms_system, PmsLink.pms_id == pms_id).order_by(PmsLink.id)
     )
 
 
-def links_of_patient(patient_id: int) -> Select[tuple[PmsLink]]:
+def links_of_patient(patient_id: int) -> Select[PmsLink]:
     return select(PmsLink).where(PmsLink.patient_id == patient_id).order_by(PmsLink.id)
 
 
-def current_chart_alias(chart_number: str) -> Select[tuple[ChartAlias]]:
+def current_chart_alias(chart_number: str) -> Select[ChartAlias]:
     """The alias currently holding a chart number (exact match, indexed)."""
     return select(ChartAlias).where(ChartAlias.chart_number == chart_number, ChartAlias.retired_at.is_(None))
 
 
-def current_chart_of_patient(patient_id: int) -> Select[tuple[ChartAlias]]:
+def current_chart_of_patient(patient_id: int) -> Select[ChartAlias]:
     return select(ChartAlias).where(ChartAlias.patient_id == patient_id, ChartAlias.retired_at.is_(None))
 
 
@@ -63,7 +63,7 @@ def retire_chart_aliases(patient_id: int, at: datetime) -> Update:
     )
 
 
-def patient_by_id(patient_id: int) -> Select[tuple[Patient]]:
+def patient_by_id(patient_id: int) -> Select[Patient]:
     return select(Patient).where(Patient.id == patient_id)
 
 
@@ -76,7 +76,7 @@ def search_patients(
     birth_date: date | None = None,
     after_id: int = 0,
     limit: int = 50,
-) -> Select[tuple[Patient]]:
+) -> Select[Patient]:
     """Patients matching every given filter, in id order, starting after `after_id` (keyset paging).
 
     `name_prefix` is a folded prefix of "last first" (see `service.name_key`): a search aid for people,
@@ -107,7 +107,7 @@ def search_patients(
 
 def images_of_patient(
     patient_id: int, *, after: tuple[datetime | None, int] | None = None, limit: int = 100
-) -> Select[tuple[Image, Series, Study]]:
+) -> Select[Image, Series, Study]:
     """A patient's images with their series and study, newest capture first, keyset-paged.
 
     Images without a capture time sort last. `after` is the (captured_at, id) of the last row seen.
@@ -127,7 +127,7 @@ def images_of_patient(
     return stmt.order_by(captured.desc(), Image.id.desc()).limit(limit)
 
 
-def image_with_series(image_id: int) -> Select[tuple[Image, Series, Study]]:
+def image_with_series(image_id: int) -> Select[Image, Series, Study]:
     return (
         select(Image, Series, Study)
         .join(Series, Image.series_id == Series.id)
@@ -136,7 +136,7 @@ def image_with_series(image_id: int) -> Select[tuple[Image, Series, Study]]:
     )
 
 
-def images_by_ids(image_ids: list[int]) -> Select[tuple[Image, Series, Study]]:
+def images_by_ids(image_ids: list[int]) -> Select[Image, Series, Study]:
     return (
         select(Image, Series, Study)
         .join(Series, Image.series_id == Series.id)
@@ -145,32 +145,35 @@ def images_by_ids(image_ids: list[int]) -> Select[tuple[Image, Series, Study]]:
     )
 
 
-def image_by_sop_uid(sop_instance_uid: str) -> Select[tuple[Image]]:
+def image_by_sop_uid(sop_instance_uid: str) -> Select[Image]:
     return select(Image).where(Image.sop_instance_uid == sop_instance_uid)
 
 
-def image_by_sha256(patient_id: int, sha256: str) -> Select[tuple[Image]]:
+def image_by_sha256(patient_id: int, sha256: str) -> Select[Image]:
     return select(Image).where(Image.patient_id == patient_id, Image.sha256 == sha256)
 
 
-def study_by_uid(study_uid: str) -> Select[tuple[Study]]:
+def study_by_uid(study_uid: str) -> Select[Study]:
     return select(Study).where(Study.study_uid == study_uid)
 
 
-def series_by_uid(series_uid: str) -> Select[tuple[Series]]:
+def series_by_uid(series_uid: str) -> Select[Series]:
     return select(Series).where(Series.series_uid == series_uid)
 
 
-def all_image_hashes(after_id: int = 0, limit: int = 1000) -> Select[tuple[int, str, str]]:
+def all_image_hashes(after_id: int = 0, limit: int = 1000) -> Select[int, str, str]:
     """(id, sha256, file_ext) of every image, keyset-paged: what `reconcile` re-checks on disk."""
     return (
-        select(Image.id, Image.sha256, Image.file_ext).where(Image.id > after_id).order_by(Image.id).limit(limit)
+        select(Image.id, Image.sha256, Image.file_ext)
+        .where(Image.id > after_id)
+        .order_by(Image.id)
+        .limit(limit)
     )
 
 
-def open_conflict_like(kind: str, pms_system: str, practice_id: str, pms_id: str, chart_number: str) -> Select[
-    tuple[Conflict]
-]:
+def open_conflict_like(
+    kind: str, pms_system: str, practice_id: str, pms_id: str, chart_number: str
+) -> Select[Conflict]:
     """An unresolved conflict of the same kind and key: a repeated request does not pile up duplicates."""
     return select(Conflict).where(
         Conflict.kind == kind,
@@ -182,27 +185,27 @@ def open_conflict_like(kind: str, pms_system: str, practice_id: str, pms_id: str
     )
 
 
-def conflicts(*, open_only: bool = True, after_id: int = 0, limit: int = 50) -> Select[tuple[Conflict]]:
+def conflicts(*, open_only: bool = True, after_id: int = 0, limit: int = 50) -> Select[Conflict]:
     stmt = select(Conflict).where(Conflict.id > after_id)
     if open_only:
         stmt = stmt.where(Conflict.resolved_at.is_(None))
     return stmt.order_by(Conflict.id).limit(limit)
 
 
-def conflict_by_id(conflict_id: int) -> Select[tuple[Conflict]]:
+def conflict_by_id(conflict_id: int) -> Select[Conflict]:
     return select(Conflict).where(Conflict.id == conflict_id)
 
 
 def audit_entries(
     *, patient_id: int | None = None, after_id: int = 0, limit: int = 100
-) -> Select[tuple[AuditEntry]]:
+) -> Select[AuditEntry]:
     stmt = select(AuditEntry).where(AuditEntry.id > after_id)
     if patient_id is not None:
         stmt = stmt.where(AuditEntry.patient_id == patient_id)
     return stmt.order_by(AuditEntry.id).limit(limit)
 
 
-def due_outbox(channel: str, now: datetime, limit: int = 20) -> Select[tuple[OutboxMessage]]:
+def due_outbox(channel: str, now: datetime, limit: int = 20) -> Select[OutboxMessage]:
     """Messages of one channel that are due: pending and past their next attempt time."""
     return (
         select(OutboxMessage)
@@ -216,7 +219,7 @@ def due_outbox(channel: str, now: datetime, limit: int = 20) -> Select[tuple[Out
     )
 
 
-def outbox_in_state(channel: str, state: str) -> Select[tuple[OutboxMessage]]:
+def outbox_in_state(channel: str, state: str) -> Select[OutboxMessage]:
     return (
         select(OutboxMessage)
         .where(OutboxMessage.channel == channel, OutboxMessage.state == state)
@@ -224,11 +227,11 @@ def outbox_in_state(channel: str, state: str) -> Select[tuple[OutboxMessage]]:
     )
 
 
-def outbox_by_key(key: str) -> Select[tuple[OutboxMessage]]:
+def outbox_by_key(key: str) -> Select[OutboxMessage]:
     return select(OutboxMessage).where(OutboxMessage.key == key)
 
 
-def processed_file(watcher: str, content_sha256: str) -> Select[tuple[ProcessedFile]]:
+def processed_file(watcher: str, content_sha256: str) -> Select[ProcessedFile]:
     return select(ProcessedFile).where(
         ProcessedFile.watcher == watcher, ProcessedFile.content_sha256 == content_sha256
     )
@@ -239,9 +242,9 @@ def forget_processed_files(watcher: str, before: datetime) -> Delete:
     return delete(ProcessedFile).where(ProcessedFile.watcher == watcher, ProcessedFile.processed_at < before)
 
 
-def count_patients() -> Select[tuple[int]]:
+def count_patients() -> Select[int]:
     return select(func.count()).select_from(Patient)
 
 
-def count_images() -> Select[tuple[int]]:
+def count_images() -> Select[int]:
     return select(func.count()).select_from(Image)

@@ -139,7 +139,17 @@ def demographics_from_json(body: dict[str, Any]) -> Demographics:
     if sex not in {s.value for s in Sex}:
         raise ProblemError(422, f"sex must be one of M, F, O, U, got {body.get('sex')!r}")
     texts = {}
-    for name in ("last_name", "first_name", "middle_name", "title", "street", "city", "postal_code", "phone", "email"):
+    for name in (
+        "last_name",
+        "first_name",
+        "middle_name",
+        "title",
+        "street",
+        "city",
+        "postal_code",
+        "phone",
+        "email",
+    ):
         value = body.get(name, "")
         if not isinstance(value, str) or len(value) > 200:
             raise ProblemError(422, f"{name} must be a text of at most 200 characters")
@@ -329,7 +339,9 @@ async def get_image_file(request: web.Request) -> web.StreamResponse:
     image = await image_or_404(request, "image.file")
     path = rt.files.path_for(image.sha256, image.file_ext)
     if not path.exists():
-        raise ProblemError(503, "the image file is not reachable (is the image share mounted?)", kind="file-missing")
+        raise ProblemError(
+            503, "the image file is not reachable (is the image share mounted?)", kind="file-missing"
+        )
     return web.FileResponse(
         path,
         headers={

@@ -19,7 +19,13 @@ routes = web.RouteTableDef()
 async def healthz(request: web.Request) -> web.Response:
     """Alive: the event loop answers. Says nothing about the store (that is /readyz)."""
     rt = request.app[RUNTIME]
-    return json_response({"status": "ok", "instance": rt.instance_id, "uptime_s": round(time.time() - rt.readiness.started_at, 1)})
+    return json_response(
+        {
+            "status": "ok",
+            "instance": rt.instance_id,
+            "uptime_s": round(time.time() - rt.readiness.started_at, 1),
+        }
+    )
 
 
 @routes.get("/readyz")

@@ -52,7 +52,9 @@ async def launch(request: web.Request) -> web.Response:
         transport=request.headers.get("X-PMS-Transport", "cli")[:20],
         request_id=request_id_var.get(),
     )
-    log.info("launch", extra={"protocol": protocol, "actor": request.get(ACTOR_KEY, ""), "bytes": len(content)})
+    log.info(
+        "launch", extra={"protocol": protocol, "actor": request.get(ACTOR_KEY, ""), "bytes": len(content)}
+    )
     reply = await handler(rt, item)
     rt.metrics.launches.labels(protocol, str(reply.exit_code)).inc()
     headers = {

@@ -70,7 +70,9 @@ def make_bearer_auth(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if not expected:
-            raise ProblemError(401, "the API token is not configured ([api] token); all data requests are refused")
+            raise ProblemError(
+                401, "the API token is not configured ([api] token); all data requests are refused"
+            )
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
             raise ProblemError(401, "missing or wrong bearer token", kind="unauthorized")
         request[ACTOR_KEY] = "token:" + hmac.new(expected, b"actor", "sha256").hexdigest()[:8]

@@ -43,12 +43,23 @@ ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"
 PATIENT = {
     "type": "object",
     "required": [
-        "id", "pms_id", "pms_system", "practice_id", "chart_number", "last_name", "first_name", "middle_name",
-        "birth_date", "sex",
+        "id",
+        "pms_id",
+        "pms_system",
+        "practice_id",
+        "chart_number",
+        "last_name",
+        "first_name",
+        "middle_name",
+        "birth_date",
+        "sex",
     ],
     "properties": {
         "id": {"type": "integer"},
-        "pms_id": {"type": ["string", "null"], "description": "The PMS's patient id, kept as sent (leading zeros)"},
+        "pms_id": {
+            "type": ["string", "null"],
+            "description": "The PMS's patient id, kept as sent (leading zeros)",
+        },
         "pms_system": {"type": ["string", "null"]},
         "practice_id": {"type": ["string", "null"]},
         "chart_number": {"type": ["string", "null"], "description": "Current chart number (an alias)"},
@@ -91,8 +102,20 @@ PATIENT_IN = {
 IMAGE = {
     "type": "object",
     "required": [
-        "id", "patient_id", "study_uid", "series_uid", "captured_at", "category", "tooth_numbers", "rotation",
-        "mirrored", "width", "height", "bits_stored", "color", "sha256",
+        "id",
+        "patient_id",
+        "study_uid",
+        "series_uid",
+        "captured_at",
+        "category",
+        "tooth_numbers",
+        "rotation",
+        "mirrored",
+        "width",
+        "height",
+        "bits_stored",
+        "color",
+        "sha256",
     ],
     "properties": {
         "id": {"type": "integer"},
@@ -175,7 +198,7 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "pms-bridge API",
             "version": __version__,
-            "description": "Patients, images and watermarked thumbnails of the imaging store, for PMSs and viewers.",
+            "description": "Patients, images and watermarked thumbnails of the imaging store.",
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
@@ -205,7 +228,10 @@ def document() -> dict[str, Any]:
                 },
                 "post": {
                     "summary": "Create or update a patient by PMS key (the front desk's +)",
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("PatientInput")}}},
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("PatientInput")}},
+                    },
                     "responses": {
                         "200": _json(_ref("Patient"), "Updated or unchanged"),
                         "201": _json(_ref("Patient"), "Created"),
@@ -237,7 +263,10 @@ def document() -> dict[str, Any]:
                                     "properties": {
                                         "file": {"type": "array", "items": BINARY},
                                         "category": {"enum": [c.value for c in Category]},
-                                        "tooth_numbers": {"type": "string", "description": "comma-separated FDI"},
+                                        "tooth_numbers": {
+                                            "type": "string",
+                                            "description": "comma-separated FDI",
+                                        },
                                         "captured_at": {"type": "string"},
                                         "rotation": {"enum": ["0", "90", "180", "270"]},
                                         "mirrored": {"type": "string"},
@@ -248,15 +277,26 @@ def document() -> dict[str, Any]:
                             }
                         },
                     },
-                    "responses": {"201": _json(_list_of("Image")), "413": PROBLEM, "415": PROBLEM, "422": PROBLEM, **ERRORS},
+                    "responses": {
+                        "201": _json(_list_of("Image")),
+                        "413": PROBLEM,
+                        "415": PROBLEM,
+                        "422": PROBLEM,
+                        **ERRORS,
+                    },
                 },
             },
-            "/api/v1/images/{id}": {"get": {"parameters": [ID], "responses": {"200": _json(_ref("Image")), **ERRORS}}},
+            "/api/v1/images/{id}": {
+                "get": {"parameters": [ID], "responses": {"200": _json(_ref("Image")), **ERRORS}}
+            },
             "/api/v1/images/{id}/file": {
                 "get": {
                     "summary": "The lossless original",
                     "parameters": [ID],
-                    "responses": {"200": {"description": "The file", "content": {"*/*": {"schema": BINARY}}}, **ERRORS},
+                    "responses": {
+                        "200": {"description": "The file", "content": {"*/*": {"schema": BINARY}}},
+                        **ERRORS,
+                    },
                 }
             },
             "/api/v1/images/{id}/thumbnail": {
@@ -272,7 +312,10 @@ def document() -> dict[str, Any]:
             "/api/v1/conflicts": {
                 "get": {
                     "summary": "Identity conflicts (open ones unless state=all)",
-                    "parameters": [*PAGING, {"name": "state", "in": "query", "schema": {"enum": ["open", "all"]}}],
+                    "parameters": [
+                        *PAGING,
+                        {"name": "state", "in": "query", "schema": {"enum": ["open", "all"]}},
+                    ],
                     "responses": {"200": _json(_list_of("Conflict")), **ERRORS},
                 }
             },
@@ -293,13 +336,17 @@ def document() -> dict[str, Any]:
             "/api/v1/audit": {
                 "get": {
                     "summary": "The audit log: who read or changed what",
-                    "parameters": [*PAGING, {"name": "patient_id", "in": "query", "schema": {"type": "integer"}}],
+                    "parameters": [
+                        *PAGING,
+                        {"name": "patient_id", "in": "query", "schema": {"type": "integer"}},
+                    ],
                     "responses": {"200": _json(_list_of("AuditEntry")), **ERRORS},
                 }
             },
             "/api/v1/events": {
                 "get": {
-                    "summary": "Server-Sent Events: patient-opened, acquisition-requested, image-view-requested, images-added",
+                    "summary": "Server-Sent Events: patient-opened, acquisition-requested,"
+                    " image-view-requested, images-added",
                     "responses": {"200": {"description": "text/event-stream"}, **ERRORS},
                 }
             },
@@ -308,7 +355,11 @@ def document() -> dict[str, Any]:
                     "summary": "Hand a PMS message to the daemon (used by the pms-bridge launch commands)",
                     "parameters": [
                         {"name": "protocol", "in": "path", "required": True, "schema": {"type": "string"}},
-                        {"name": "arg", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}},
+                        {
+                            "name": "arg",
+                            "in": "query",
+                            "schema": {"type": "array", "items": {"type": "string"}},
+                        },
                     ],
                     "requestBody": {"content": {"application/octet-stream": {"schema": BINARY}}},
                     "responses": {
@@ -324,19 +375,33 @@ def document() -> dict[str, Any]:
             "/api/v1/openapi.json": {
                 "get": {"security": [], "responses": {"200": _json({"type": "object"})}},
             },
-            "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": _json({"type": "object"})}}},
+            "/healthz": {
+                "get": {
+                    "security": [],
+                    "summary": "Liveness",
+                    "responses": {"200": _json({"type": "object"})},
+                }
+            },
             "/readyz": {
                 "get": {
                     "security": [],
                     "summary": "Readiness: store, image folder, watched folders and last scan age",
-                    "responses": {"200": _json({"type": "object"}), "503": _json({"type": "object"}, "Not ready")},
+                    "responses": {
+                        "200": _json({"type": "object"}),
+                        "503": _json({"type": "object"}, "Not ready"),
+                    },
                 }
             },
             "/metrics": {
                 "get": {
                     "security": [],
                     "summary": "Prometheus metrics",
-                    "responses": {"200": {"description": "text/plain", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                    "responses": {
+                        "200": {
+                            "description": "text/plain",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
                 }
             },
         },

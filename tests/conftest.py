@@ -1,0 +1,295 @@
+"""Shared fixtures: real SQLite and PostgreSQL stores, settings, a runtime, and the real daemon process.
+
+PostgreSQL: `PMS_BRIDGE_TEST_PG_URL` (a server URL whose user may CREATE DATABASE; `.ci/run` sets it)
+or, when it is unset, a throwaway cluster started here with the machine's initdb/pg_ctl. Each test gets
+a fresh database. Set `PMS_BRIDGE_TEST_NO_PG=1` to run without PostgreSQL (the PostgreSQL variants are
+then skipped, loudly); CI never sets it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.config import Settings, load_settings
+
+PG_BIN_CANDIDATES = ["/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+def _pg_bin() -> Path:
+    for candidate in PG_BIN_CANDIDATES:
+        if (Path(candidate) / "initdb").exists():
+            return Path(candidate)
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    raise RuntimeError(
+        "PostgreSQL is not installed (apt-get install postgresql) and PMS_BRIDGE_TEST_PG_URL is unset"
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL server URL (without database) for the whole session."""
+    if os.environ.get("PMS_BRIDGE_TEST_NO_PG") == "1":
+        pytest.skip("PMS_BRIDGE_TEST_NO_PG=1: PostgreSQL variants skipped on request")
+    url = os.environ.get("PMS_BRIDGE_TEST_PG_URL")
+    if url:
+        yield url.rstrip("/")
+        return
+    bindir = _pg_bin()
+    base = Path(tempfile.mkdtemp(prefix="pms-bridge-pg-"))
+    port = free_port()
+    as_root = os.geteuid() == 0
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    if as_root:
+        shutil.chown(base, "postgres")
+    data = base / "data"
+    subprocess.run(
+        [*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
+    subprocess.run(
+        [
+            *prefix,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-l",
+            str(base / "log"),
+            "-w",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(
+            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def new_pg_database(server: str) -> str:
+    import psycopg
+
+    name = "t_" + secrets.token_hex(6)
+    plain = server.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain + "/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{server}/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store URL on each supported server kind that runs here."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bridge.db'}"
+    return new_pg_database(request.getfixturevalue("pg_server"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings and runtime
+
+
+def write_config(home: Path, store_url: str, sections: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A config file under `home` with a token, free ports and the given section overrides."""
+    values: dict[str, dict[str, Any]] = {
+        "store": {"url": store_url, "images": str(home / "images")},
+        "api": {"port": free_port(), "token": "test-token-" + secrets.token_hex(8)},
+        "opp_web": {"port": free_port()},
+        "daemon": {"log_format": "json", "shutdown_timeout": 20},
+    }
+    for section, keys in (sections or {}).items():
+        values.setdefault(section, {}).update(keys)
+    lines = []
+    for section, keys in values.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {value}" for key, value in keys.items()]
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "pms-bridge.ini"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, store_url: str) -> Any:
+    """Factory: Settings for a fresh home on the parametrised store, with section overrides."""
+    counter = iter(range(1000))
+
+    def make(**sections: dict[str, Any]) -> Settings:
+        home = tmp_path / f"home{next(counter)}"
+        return load_settings(str(write_config(home, store_url, sections)))
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Any) -> Settings:
+    result: Settings = make_settings()
+    return result
+
+
+@pytest.fixture
+async def runtime(settings: Settings) -> Any:
+    from bridge.runtime import Runtime
+
+    rt = Runtime.build(settings)
+    yield rt
+    await rt.audit.flush()
+    rt.close()
+
+
+@pytest.fixture
+async def api_client(runtime: Any) -> Any:
+    """An aiohttp test client on the real API application over loopback HTTP."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from bridge.web.app import build_api_app
+
+    client = TestClient(TestServer(build_api_app(runtime)))
+    await client.start_server()
+    client.session.headers["Authorization"] = f"Bearer {runtime.settings.api.token}"
+    yield client
+    await client.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The real daemon process
+
+
+@dataclass
+class DaemonProcess:
+    """A running `pms-bridge serve` and what a test needs to talk to it."""
+
+    proc: subprocess.Popen[bytes]
+    config: Path
+    settings: Settings
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.api.port}"
+
+    @property
+    def token(self) -> str:
+        return self.settings.api.token
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        token: str | None = "default",  # noqa: S107 - "default" means the daemon's own token
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {self.token if token == 'default' else token}")
+        for name, value in (headers or {}).items():
+            req.add_header(name, value)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+def pms_bridge_command() -> list[str]:
+    """The installed `pms-bridge` console script next to this interpreter (what a PMS calls)."""
+    script = Path(sys.executable).with_name("pms-bridge")
+    if not script.exists():
+        raise RuntimeError(f"{script} is missing: install the project (pip install -e '.[test]')")
+    return [str(script)]
+
+
+def start_daemon(config: Path, *, env: dict[str, str] | None = None) -> DaemonProcess:
+    settings = load_settings(str(config))
+    log_path = config.parent / "daemon.log"
+    log_file = open(log_path, "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [*pms_bridge_command(), "serve", "--config", str(config)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    daemon = DaemonProcess(proc, config, settings, log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}:\n{daemon.log()}")
+        try:
+            status, _ = daemon.request("GET", "/healthz", token=None)
+            if status == 200:
+                return daemon
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"daemon did not come up:\n{daemon.log()}")
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, store_url: str) -> Iterator[Any]:
+    """Factory starting real daemons (section overrides as keyword args); all are stopped afterwards."""
+    started: list[DaemonProcess] = []
+    counter = iter(range(1000))
+
+    def start(**sections: dict[str, Any]) -> DaemonProcess:
+        home = tmp_path / f"daemon{next(counter)}"
+        daemon = start_daemon(write_config(home, store_url, sections))
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+
+
+@pytest.fixture
+def daemon(daemon_factory: Any) -> DaemonProcess:
+    result: DaemonProcess = daemon_factory()
+    return result

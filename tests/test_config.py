@@ -1,0 +1,103 @@
+"""Config: defaults, environment overrides, one-line errors naming file/section/key/value/allowed, init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.config import ConfigError, load_settings
+from bridge.install import init_home
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pms-bridge.ini"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_are_loopback_sqlite_and_the_dtx_settings(tmp_path: Path) -> None:
+    settings = load_settings(str(write(tmp_path, "[api]\ntoken = x\n")))
+    assert settings.api.host == "127.0.0.1"
+    assert settings.api.port == 4429
+    assert settings.opp_web.port == 4435
+    assert settings.opp_web.host == "127.0.0.1"
+    assert settings.store.url == f"sqlite:///{tmp_path.as_posix()}/bridge.db"
+    assert settings.store.images == tmp_path / "images"
+    pms = settings.pms
+    assert (pms.ignore_practice_id, pms.update_patient_info, pms.allow_patient_creation) == (
+        False,
+        True,
+        True,
+    )
+    assert (pms.single_patient_mode, pms.open_patient_in, pms.open_image_as) == (False, "home", "preview")
+    assert settings.vdds.encoding == "auto"
+    assert settings.thumbnails.size == 256
+
+
+def test_relative_paths_start_at_the_config_folder(tmp_path: Path) -> None:
+    settings = load_settings(str(write(tmp_path, "[store]\nurl = sqlite:///data/b.db\nimages = pics\n")))
+    assert settings.store.url == f"sqlite:///{tmp_path.as_posix()}/data/b.db"
+    assert settings.store.images == tmp_path / "pics"
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PMS_BRIDGE__PMS__IGNORE_PRACTICE_ID", "yes")
+    monkeypatch.setenv("PMS_BRIDGE__API__PORT", "5000")
+    settings = load_settings(str(write(tmp_path, "[pms]\nignore_practice_id = no\n")))
+    assert settings.pms.ignore_practice_id is True
+    assert settings.api.port == 5000
+
+
+def test_bad_value_names_file_section_key_value_and_what_is_allowed(tmp_path: Path) -> None:
+    path = write(tmp_path, "[pms]\nopen_patient_in = kitchen\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(path))
+    message = str(err.value)
+    assert "\n" not in message
+    assert str(path) in message
+    assert "[pms] open_patient_in = 'kitchen'" in message
+    assert "allowed: home | clinic" in message
+
+
+def test_bad_value_from_the_environment_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PMS_BRIDGE__API__PORT", "99999")
+    with pytest.raises(
+        ConfigError, match=r"\[api\] port = '99999' \(from environment PMS_BRIDGE__API__PORT\)"
+    ):
+        load_settings(str(write(tmp_path, "")))
+
+
+def test_unknown_key_and_section_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"\[pms\] unknown key 'ignore_practice' \(known keys: ignore_practice_id"
+    ):
+        load_settings(str(write(tmp_path, "[pms]\nignore_practice = yes\n")))
+    with pytest.raises(ConfigError, match=r"unknown section \[pmss\]"):
+        load_settings(str(write(tmp_path, "[pmss]\nx = 1\n")))
+
+
+def test_missing_and_broken_files_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(str(tmp_path / "nope.ini"))
+    with pytest.raises(ConfigError, match="not a valid INI file"):
+        load_settings(str(write(tmp_path, "no section header\n")))
+
+
+def test_init_writes_a_working_home_and_is_idempotent(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    settings, done = init_home(home)
+    config = home / "pms-bridge.ini"
+    assert config.exists() and settings.path == config
+    assert len(settings.api.token) >= 32
+    assert settings.api.tls_cert is not None and settings.api.tls_cert.exists()
+    assert (home / "bridge.db").exists()
+    assert any("created the store" in line for line in done)
+    before = {p: p.read_bytes() for p in home.rglob("*") if p.is_file() and p.suffix in (".ini", ".pem")}
+    settings2, done2 = init_home(home)
+    assert done2 == []
+    assert settings2.api.token == settings.api.token
+    assert {p: p.read_bytes() for p in before} == before
+    # the written file documents every key it sets
+    text = config.read_text(encoding="utf-8")
+    assert "; allowed: yes or no" in text and "open_patient_in = home" in text

@@ -1,0 +1,308 @@
+"""The identity rules and the PMS settings, on SQLite and PostgreSQL, through the real service."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date
+from typing import Any
+
+import pytest
+
+from bridge.events import AcquisitionRequested, Event, ImageViewRequested, PatientOpened
+from bridge.model import Action, Category, Demographics, IdKind, NewImage, Origin, PatientRequest, Sex, Status
+from bridge.runtime import Runtime
+from bridge.service import fold, same_beyond_spelling
+
+ORIGIN = Origin(protocol="test", transport="api", workstation="WS1", actor="pytest")
+
+
+def req(
+    pms_id: str = "0042",
+    *,
+    action: Action = Action.OPEN,
+    system: str = "PVS1",
+    practice: str = "",
+    chart: str = "",
+    last: str = "Müller",
+    first: str = "Hans",
+    birth: date | None = date(1970, 1, 2),
+    sex: Sex = Sex.MALE,
+    silent: bool = False,
+    id_kind: IdKind = IdKind.PMS_ID,
+) -> PatientRequest:
+    return PatientRequest(
+        action=action,
+        origin=ORIGIN,
+        pms_system=system,
+        pms_id=pms_id,
+        practice_id=practice,
+        chart_number=chart,
+        id_kind=id_kind,
+        demographics=Demographics(last_name=last, first_name=first, birth_date=birth, sex=sex),
+        silent=silent,
+    )
+
+
+async def count_patients(rt: Runtime) -> int:
+    from bridge.store import queries as q
+
+    return int(await rt.db.read(lambda s: s.scalar(q.count_patients())))
+
+
+def collect(rt: Runtime) -> list[Event]:
+    seen: list[Event] = []
+    rt.bus.subscribe(seen.append)
+    return seen
+
+
+async def test_open_creates_once_then_finds_the_same_patient(runtime: Runtime) -> None:
+    first = await runtime.service.handle(req())
+    again = await runtime.service.handle(req())
+    assert first.status is Status.CREATED and again.status is Status.OK
+    assert first.patient and again.patient and first.patient.id == again.patient.id
+    assert again.patient.pms_id == "0042"
+    assert await count_patients(runtime) == 1
+
+
+async def test_pms_ids_are_opaque_strings(runtime: Runtime) -> None:
+    ids = ["0042", "42", "A42", "a42"]
+    found = {(await runtime.service.handle(req(i))).patient.id for i in ids}  # type: ignore[union-attr]
+    assert len(found) == 4
+
+
+async def test_spelling_differences_update_without_conflict(runtime: Runtime) -> None:
+    await runtime.service.handle(req(last="Müller"))
+    outcome = await runtime.service.handle(req(last="Mueller"))
+    assert outcome.status is Status.UPDATED
+    assert outcome.patient and outcome.patient.last_name == "Mueller"
+
+
+@pytest.mark.parametrize(
+    ("change", "word"),
+    [
+        ({"birth": date(1971, 1, 2)}, "birth date"),
+        ({"sex": Sex.FEMALE}, "sex"),
+        ({"last": "Schmidt"}, "surname"),
+    ],
+)
+async def test_disagreeing_demographics_are_a_conflict_not_a_merge_or_duplicate(
+    runtime: Runtime, change: dict[str, Any], word: str
+) -> None:
+    created = await runtime.service.handle(req())
+    outcome = await runtime.service.handle(req(**change))
+    assert outcome.status is Status.CONFLICT
+    assert word in outcome.message and outcome.conflict_id is not None
+    assert await count_patients(runtime) == 1
+    stored = await runtime.service.get_patient(ORIGIN, created.patient.id)  # type: ignore[union-attr]
+    assert stored is not None and stored.last_name == "Müller" and stored.birth_date == date(1970, 1, 2)
+    conflicts = await runtime.service.list_conflicts(ORIGIN)
+    assert [c["id"] for c in conflicts] == [outcome.conflict_id]
+    # the PMS repeating the request does not pile up conflicts
+    repeat = await runtime.service.handle(req(**change))
+    assert repeat.conflict_id == outcome.conflict_id
+
+
+async def test_missing_birth_date_or_unknown_sex_contradict_nothing(runtime: Runtime) -> None:
+    await runtime.service.handle(req())
+    outcome = await runtime.service.handle(req(birth=None, sex=Sex.UNKNOWN))
+    assert outcome.status is Status.OK
+    assert (
+        outcome.patient and outcome.patient.birth_date == date(1970, 1, 2) and outcome.patient.sex is Sex.MALE
+    )
+
+
+async def test_changed_chart_number_follows_its_patient(runtime: Runtime) -> None:
+    created = await runtime.service.handle(req(chart="SMIHA0"))
+    moved = await runtime.service.handle(req(chart="SMIHA1"))
+    assert moved.status is Status.UPDATED
+    assert moved.patient and moved.patient.id == created.patient.id and moved.patient.chart_number == "SMIHA1"  # type: ignore[union-attr]
+    assert await runtime.service.search_patients(ORIGIN, chart_number="SMIHA0") == []
+    [found] = await runtime.service.search_patients(ORIGIN, chart_number="SMIHA1")
+    assert found.id == moved.patient.id
+    await runtime.audit.flush()
+    actions = [e["action"] for e in await runtime.service.audit_entries(ORIGIN, patient_id=found.id)]
+    assert "chart.renumber" in actions
+
+
+async def test_a_chart_number_held_by_another_patient_is_a_conflict(runtime: Runtime) -> None:
+    await runtime.service.handle(req("1", chart="CH1", last="Alpha"))
+    second = await runtime.service.handle(req("2", chart="CH2", last="Beta"))
+    outcome = await runtime.service.handle(req("2", chart="CH1", last="Beta"))
+    assert outcome.status is Status.CONFLICT and "already the chart of another patient" in outcome.message
+    [holder] = await runtime.service.search_patients(ORIGIN, chart_number="CH1")
+    assert holder.last_name == "Alpha"
+    again = await runtime.service.get_patient(ORIGIN, second.patient.id)  # type: ignore[union-attr]
+    assert again is not None and again.chart_number == "CH2"
+
+
+async def test_migrated_patient_is_linked_by_chart_number(runtime: Runtime) -> None:
+    migrated = await runtime.service.handle(
+        req("", chart="DX100", id_kind=IdKind.CHART_NUMBER, system="migration")
+    )
+    linked = await runtime.service.handle(req("9001", chart="DX100", system="dentrix"))
+    assert linked.status is Status.UPDATED
+    assert linked.patient and linked.patient.id == migrated.patient.id  # type: ignore[union-attr]
+    assert linked.patient.pms_id == "9001"
+    # another Dentrix id claiming the same chart is refused
+    other = await runtime.service.handle(req("9002", chart="DX100", system="dentrix"))
+    assert other.status is Status.CONFLICT
+
+
+async def test_same_id_in_two_practices_is_two_patients(make_settings: Any) -> None:
+    rt = Runtime.build(make_settings())
+    try:
+        a = await rt.service.handle(req(practice="P1"))
+        b = await rt.service.handle(req(practice="P2"))
+        assert a.patient and b.patient and a.patient.id != b.patient.id
+    finally:
+        rt.close()
+
+
+async def test_ignore_practice_id_makes_them_one(make_settings: Any) -> None:
+    rt = Runtime.build(make_settings(pms={"ignore_practice_id": "yes"}))
+    try:
+        a = await rt.service.handle(req(practice="P1"))
+        b = await rt.service.handle(req(practice="P2"))
+        assert a.patient and b.patient and a.patient.id == b.patient.id
+        assert await count_patients(rt) == 1
+    finally:
+        rt.close()
+
+
+async def test_update_patient_info_off_keeps_stored_demographics(make_settings: Any) -> None:
+    rt = Runtime.build(make_settings(pms={"update_patient_info": "no"}))
+    try:
+        await rt.service.handle(req(first="Hans"))
+        outcome = await rt.service.handle(req(first="Johannes"))
+        assert outcome.status is Status.OK and outcome.patient and outcome.patient.first_name == "Hans"
+    finally:
+        rt.close()
+    rt = Runtime.build(make_settings(pms={"update_patient_info": "yes"}))
+    try:
+        await rt.service.handle(req(first="Hans"))
+        outcome = await rt.service.handle(req(first="Johannes"))
+        assert (
+            outcome.status is Status.UPDATED and outcome.patient and outcome.patient.first_name == "Johannes"
+        )
+    finally:
+        rt.close()
+
+
+async def test_allow_patient_creation_off_refuses_manual_creation_only(make_settings: Any) -> None:
+    rt = Runtime.build(make_settings(pms={"allow_patient_creation": "no"}))
+    try:
+        manual = await rt.service.handle(req("5", action=Action.CREATE_OR_UPDATE))
+        assert manual.status is Status.FORBIDDEN
+        assert await count_patients(rt) == 0
+        launched = await rt.service.handle(req("5", action=Action.OPEN))
+        assert launched.status is Status.CREATED
+        # updating an existing patient by hand is still allowed
+        edited = await rt.service.handle(req("5", action=Action.CREATE_OR_UPDATE, first="Jo"))
+        assert edited.status is Status.UPDATED
+    finally:
+        rt.close()
+
+
+async def test_update_of_an_unknown_patient_is_refused(runtime: Runtime) -> None:
+    outcome = await runtime.service.handle(req("77", action=Action.UPDATE))
+    assert outcome.status is Status.NOT_FOUND
+    assert await count_patients(runtime) == 0
+
+
+async def test_open_patient_settings_shape_the_event(make_settings: Any) -> None:
+    for open_in, single in (("home", "no"), ("clinic", "yes")):
+        rt = Runtime.build(make_settings(pms={"open_patient_in": open_in, "single_patient_mode": single}))
+        try:
+            seen = collect(rt)
+            outcome = await rt.service.handle(req(action=Action.ACQUIRE))
+            opened = [e for e in seen if isinstance(e, PatientOpened)]
+            assert len(opened) == 1 and opened[0].open_in == open_in
+            assert opened[0].single_patient is (single == "yes")
+            assert f"open={open_in}" in outcome.viewer_url
+            assert ("single=1" in outcome.viewer_url) is (single == "yes")
+            assert any(isinstance(e, AcquisitionRequested) for e in seen)
+        finally:
+            rt.close()
+
+
+async def add_image(rt: Runtime, patient_id: int) -> int:
+    image = NewImage(
+        sha256="ab" * 32,
+        file_ext="png",
+        media_type="image/png",
+        size_bytes=1,
+        width=1,
+        height=1,
+        bits_stored=8,
+        color=False,
+        category=Category.INTRAORAL_XRAY,
+    )
+    [view] = await rt.service.add_images(ORIGIN, patient_id, [image])
+    return view.id
+
+
+async def test_open_image_as_chooses_preview_or_clinic(make_settings: Any) -> None:
+    for open_as, expected in (("preview", "/preview"), ("clinic", "open=clinic")):
+        rt = Runtime.build(make_settings(pms={"open_image_as": open_as}))
+        try:
+            patient = (await rt.service.handle(req())).patient
+            assert patient is not None
+            image_id = await add_image(rt, patient.id)
+            seen = collect(rt)
+            view = PatientRequest(Action.VIEW_IMAGE, ORIGIN, "PVS1", image_refs=(str(image_id),))
+            outcome = await rt.service.handle(view)
+            assert outcome.status is Status.OK and expected in outcome.viewer_url
+            [event] = [e for e in seen if isinstance(e, ImageViewRequested)]
+            assert event.open_as == open_as and event.image_id == image_id
+        finally:
+            rt.close()
+
+
+async def test_silent_requests_publish_nothing(runtime: Runtime) -> None:
+    seen = collect(runtime)
+    outcome = await runtime.service.handle(req(silent=True))
+    assert outcome.status is Status.CREATED and seen == []
+
+
+async def test_export_names_missing_images(runtime: Runtime) -> None:
+    patient = (await runtime.service.handle(req())).patient
+    assert patient is not None
+    image_id = await add_image(runtime, patient.id)
+    export = PatientRequest(Action.EXPORT_IMAGES, ORIGIN, "PVS1", image_refs=(str(image_id), "999999", "x_1"))
+    outcome = await runtime.service.handle(export)
+    assert outcome.status is Status.PARTIAL
+    assert [i.id for i in outcome.images] == [image_id]
+    assert outcome.missing_refs == ("999999", "x_1")
+
+
+async def test_fifty_concurrent_creates_make_one_patient(runtime: Runtime) -> None:
+    results = await asyncio.gather(*(runtime.service.handle(req("NEW-1")) for _ in range(50)))
+    assert {r.patient.id for r in results if r.patient} == {results[0].patient.id}  # type: ignore[union-attr]
+    assert [r.status for r in results].count(Status.CREATED) == 1
+    assert all(r.status in (Status.CREATED, Status.OK) for r in results)
+    assert await count_patients(runtime) == 1
+
+
+async def test_every_change_and_read_is_audited(runtime: Runtime) -> None:
+    created = await runtime.service.handle(req())
+    assert created.patient is not None
+    await runtime.service.get_patient(ORIGIN, created.patient.id)
+    await runtime.audit.flush()
+    entries = await runtime.service.audit_entries(ORIGIN, patient_id=created.patient.id)
+    actions = [e["action"] for e in entries]
+    assert actions[:1] == ["patient.create"] and "patient.read" in actions
+    assert all(e["protocol"] == "test" and e["workstation"] == "WS1" for e in entries)
+
+
+def test_spelling_rule() -> None:
+    assert fold("Müller") == "muller" and fold("Strauß") == "strauss"
+    for a, b in [
+        ("Müller", "Mueller"),
+        ("Van Der Berg", "VanDerBerg"),
+        ("O'Neil", "ONeil"),
+        ("Meier", "Meyer"),
+        ("Schwarzenegger", "Schwartzenegger"),
+    ]:
+        assert same_beyond_spelling(a, b), (a, b)
+    for a, b in [("Müller", "Schmidt"), ("Meier", "Maurer"), ("Smith", "Jones")]:
+        assert not same_beyond_spelling(a, b), (a, b)
