@@ -153,6 +153,11 @@ def image_by_sha256(patient_id: int, sha256: str) -> Select[Image]:
     return select(Image).where(Image.patient_id == patient_id, Image.sha256 == sha256)
 
 
+def images_using_hashes(sha256s: list[str]) -> Select[str]:
+    """The distinct file hashes among `sha256s` that some image row still references."""
+    return select(Image.sha256).where(Image.sha256.in_(sha256s)).distinct()
+
+
 def study_by_uid(study_uid: str) -> Select[Study]:
     return select(Study).where(Study.study_uid == study_uid)
 
