@@ -301,6 +301,20 @@ class DaemonSettings:
     shutdown_timeout: float = key("30", Float(1, 600), "Seconds in-flight requests get to finish on stop")
 
 
+@dataclass(frozen=True)
+class RecordSettings:
+    """Record mode: every PMS message and its answer saved as a replayable case (samples layout)."""
+
+    SECTION: ClassVar[str] = "record"
+    dir: Path | None = key("", OptionalPath(), "Folder for recorded sessions; empty = record nothing")
+    redact: bool = key(
+        "yes",
+        Bool(),
+        "yes: names, birth dates, ids, addresses and SSNs are replaced by consistent pseudonyms;"
+        " no: an unredacted capture, only for the practice's own machine",
+    )
+
+
 SECTIONS: tuple[type[Any], ...] = (
     StoreSettings,
     ApiSettings,
@@ -309,6 +323,7 @@ SECTIONS: tuple[type[Any], ...] = (
     PmsSettings,
     ThumbnailSettings,
     DaemonSettings,
+    RecordSettings,
 )
 
 
@@ -325,6 +340,7 @@ class Settings:
     pms: PmsSettings
     thumbnails: ThumbnailSettings
     daemon: DaemonSettings
+    record: RecordSettings
 
 
 S = TypeVar("S")

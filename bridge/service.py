@@ -190,28 +190,55 @@ def patient_view(patient: Patient, link: PmsLink | None, chart: str | None) -> P
     )
 
 
-def image_view(image: Image, series: Series, study: Study) -> ImageView:
+def image_view(image: Any, series_uid: str, study_uid: str) -> ImageView:
+    """The view of an image from an ORM object or a row of `queries._image_view_select` (same names)."""
     return ImageView(
         id=image.id,
         patient_id=image.patient_id,
-        study_uid=study.study_uid,
-        series_uid=series.series_uid,
+        study_uid=study_uid,
+        series_uid=series_uid,
         sop_instance_uid=image.sop_instance_uid,
         captured_at=image.captured_at,
         category=Category(image.category),
         tooth_numbers=tuple(int(t) for t in image.tooth_numbers or ()),
         rotation=image.rotation,
-        mirrored=image.mirrored,
+        mirrored=bool(image.mirrored),
         width=image.width,
         height=image.height,
         bits_stored=image.bits_stored,
-        color=image.color,
+        color=bool(image.color),
         sha256=image.sha256,
         media_type=image.media_type,
         file_ext=image.file_ext,
         device=image.device,
         comment=image.comment,
         frames=image.frames,
+    )
+
+
+def image_view_row(row: Any) -> ImageView:
+    return image_view(row, row.series_uid, row.study_uid)
+
+
+def patient_view_row(row: Any) -> PatientView:
+    """The view of a patient from a row of `queries._patient_view_select`."""
+    return PatientView(
+        id=row.id,
+        last_name=row.last_name,
+        first_name=row.first_name,
+        middle_name=row.middle_name,
+        title=row.title,
+        birth_date=row.birth_date,
+        sex=Sex(row.sex),
+        chart_number=row.chart_number,
+        pms_system=row.pms_system,
+        pms_id=row.pms_id,
+        practice_id=row.practice_id,
+        street=row.street,
+        city=row.city,
+        postal_code=row.postal_code,
+        phone=row.phone,
+        email=row.email,
     )
 
 
@@ -670,7 +697,8 @@ class BridgeService:
         def work(session: Session) -> tuple[PatientView, list[ImageView]]:
             patient = self._find_existing(session, req)
             rows = session.execute(q.images_of_patient(patient.id, limit=10_000)).all()
-            return _load_patient_view(session, patient), [image_view(*row) for row in rows]
+            view = patient_view_row(session.execute(q.patient_view_by_id(patient.id)).one())
+            return view, [image_view_row(row) for row in rows]
 
         view, images = await self.db.read(work)
         self.audit.read(req.origin, "images.list", patient_id=view.id, detail=f"{len(images)} images")
@@ -694,7 +722,9 @@ class BridgeService:
         def work(session: Session) -> list[ImageView]:
             if not ids:
                 return []
-            return [image_view(*row) for row in session.execute(q.images_by_ids(sorted(set(ids.values()))))]
+            return [
+                image_view_row(row) for row in session.execute(q.images_by_ids(sorted(set(ids.values()))))
+            ]
 
         found = {image.id: image for image in await self.db.read(work)}
         images = tuple(found[ids[ref]] for ref in req.image_refs if ref in ids and ids[ref] in found)
@@ -753,7 +783,7 @@ class BridgeService:
                 after_id=after_id,
                 limit=limit,
             )
-            return [_load_patient_view(session, p) for p in session.scalars(stmt)]
+            return [patient_view_row(row) for row in session.execute(stmt)]
 
         found = await self.db.read(work)
         for view in found:
@@ -762,8 +792,8 @@ class BridgeService:
 
     async def get_patient(self, origin: Origin, patient_id: int) -> PatientView | None:
         def work(session: Session) -> PatientView | None:
-            patient = session.scalars(q.patient_by_id(patient_id)).first()
-            return _load_patient_view(session, patient) if patient else None
+            row = session.execute(q.patient_view_by_id(patient_id)).first()
+            return patient_view_row(row) if row else None
 
         view = await self.db.read(work)
         if view is not None:
@@ -780,7 +810,7 @@ class BridgeService:
     ) -> list[ImageView]:
         def work(session: Session) -> list[ImageView]:
             return [
-                image_view(*row)
+                image_view_row(row)
                 for row in session.execute(q.images_of_patient(patient_id, after=after, limit=limit))
             ]
 
@@ -802,8 +832,8 @@ class BridgeService:
         else:
 
             def work(session: Session) -> ImageView | None:
-                row = session.execute(q.image_with_series(image_id)).first()
-                return image_view(*row) if row else None
+                row = session.execute(q.image_view_by_id(image_id)).first()
+                return image_view_row(row) if row else None
 
             image = await self.db.read(work)
             if image is not None:
@@ -843,10 +873,9 @@ class BridgeService:
         }
 
         def work(session: Session) -> ImageView | None:
-            row = session.execute(q.image_with_series(image_id)).first()
-            if row is None:
+            image = session.scalars(q.image_by_id(image_id)).first()
+            if image is None:
                 return None
-            image, series, study = row
             changes = []
             for name, value in wanted.items():
                 if value is not None and getattr(image, name) != value:
@@ -862,7 +891,7 @@ class BridgeService:
                     image_id=image.id,
                     detail="; ".join(changes),
                 )
-            return image_view(image, series, study)
+            return image_view_row(session.execute(q.image_view_by_id(image_id)).one())
 
         view = await self.db.write(work)
         if view is not None:
@@ -926,7 +955,7 @@ class BridgeService:
                 session.add(image)
                 session.flush()
                 self.audit.change(session, origin, "image.add", patient_id=patient_id, image_id=image.id)
-                added.append(image_view(image, series, study))
+                added.append(image_view(image, series.series_uid, study.study_uid))
             self._enqueue_pushes(session, patient_id, [view.id for view in added], now)
             return added
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,8 +25,7 @@ from typing import Any
 import pytest
 
 from bridge.config import Settings, load_settings
-
-PG_BIN_CANDIDATES = ["/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin"]
+from tests.support.pg import create_database, throwaway_cluster
 
 
 def free_port() -> int:
@@ -41,18 +38,6 @@ def free_port() -> int:
 # PostgreSQL
 
 
-def _pg_bin() -> Path:
-    for candidate in PG_BIN_CANDIDATES:
-        if (Path(candidate) / "initdb").exists():
-            return Path(candidate)
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).parent
-    raise RuntimeError(
-        "PostgreSQL is not installed (apt-get install postgresql) and PMS_BRIDGE_TEST_PG_URL is unset"
-    )
-
-
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """A PostgreSQL server URL (without database) for the whole session."""
@@ -62,54 +47,12 @@ def pg_server() -> Iterator[str]:
     if url:
         yield url.rstrip("/")
         return
-    bindir = _pg_bin()
-    base = Path(tempfile.mkdtemp(prefix="pms-bridge-pg-"))
-    port = free_port()
-    as_root = os.geteuid() == 0
-    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
-    if as_root:
-        shutil.chown(base, "postgres")
-    data = base / "data"
-    subprocess.run(
-        [*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
-    subprocess.run(
-        [
-            *prefix,
-            str(bindir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-o",
-            options,
-            "-l",
-            str(base / "log"),
-            "-w",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run(
-            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-            capture_output=True,
-        )
-        shutil.rmtree(base, ignore_errors=True)
+    with throwaway_cluster() as server:
+        yield server
 
 
 def new_pg_database(server: str) -> str:
-    import psycopg
-
-    name = "t_" + secrets.token_hex(6)
-    plain = server.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(plain + "/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"{server}/{name}"
+    return create_database(server, "t_" + secrets.token_hex(6))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -247,13 +190,13 @@ def pms_bridge_command() -> list[str]:
 def start_daemon(config: Path, *, env: dict[str, str] | None = None) -> DaemonProcess:
     settings = load_settings(str(config))
     log_path = config.parent / "daemon.log"
-    log_file = open(log_path, "ab")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [*pms_bridge_command(), "serve", "--config", str(config)],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
+    with open(log_path, "ab") as log_file:  # the child keeps its own handle
+        proc = subprocess.Popen(
+            [*pms_bridge_command(), "serve", "--config", str(config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
     daemon = DaemonProcess(proc, config, settings, log_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

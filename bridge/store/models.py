@@ -78,7 +78,12 @@ class PmsLink(Base):
     """
 
     __tablename__ = "pms_links"
-    __table_args__ = (UniqueConstraint("pms_system", "practice_key", "pms_id", name="uq_pms_links_key"),)
+    __table_args__ = (
+        UniqueConstraint("pms_system", "practice_key", "pms_id", name="uq_pms_links_key"),
+        # searches by id alone and the ignore_practice_id rule do not know the practice
+        Index("ix_pms_links_system_id", "pms_system", "pms_id"),
+        Index("ix_pms_links_pms_id", "pms_id"),
+    )
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), index=True)
     pms_system: Mapped[str] = mapped_column(Unicode(100))

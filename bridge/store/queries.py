@@ -7,6 +7,7 @@ for every supported dialect (SQLite, PostgreSQL, SQL Server) without a server of
 from __future__ import annotations
 
 from datetime import date, datetime
+from typing import Any
 
 from sqlalchemy import Delete, Select, Update, and_, delete, func, or_, select, update
 
@@ -67,6 +68,36 @@ def patient_by_id(patient_id: int) -> Select[Patient]:
     return select(Patient).where(Patient.id == patient_id)
 
 
+def _patient_view_select() -> Select[Any]:
+    """Patient columns with the patient's first PMS link and current chart number, in one round trip.
+
+    Reads (searches, the API, protocol answers) are served from plain rows of this statement rather than
+    ORM objects and three queries: a PMS asks for a patient on every launch.
+    """
+    first_link = (
+        select(func.min(PmsLink.id))
+        .where(PmsLink.patient_id == Patient.id)
+        .correlate(Patient)
+        .scalar_subquery()
+    )
+    return (
+        select(
+            *Patient.__table__.c,
+            PmsLink.pms_system,
+            PmsLink.pms_id,
+            PmsLink.practice_id,
+            ChartAlias.chart_number,
+        )
+        .select_from(Patient)
+        .outerjoin(PmsLink, PmsLink.id == first_link)
+        .outerjoin(ChartAlias, and_(ChartAlias.patient_id == Patient.id, ChartAlias.retired_at.is_(None)))
+    )
+
+
+def patient_view_by_id(patient_id: int) -> Select[Any]:
+    return _patient_view_select().where(Patient.id == patient_id)
+
+
 def search_patients(
     *,
     pms_id: str | None = None,
@@ -76,13 +107,13 @@ def search_patients(
     birth_date: date | None = None,
     after_id: int = 0,
     limit: int = 50,
-) -> Select[Patient]:
-    """Patients matching every given filter, in id order, starting after `after_id` (keyset paging).
+) -> Select[Any]:
+    """Patients (as view rows) matching every filter, in id order, after `after_id` (keyset paging).
 
     `name_prefix` is a folded prefix of "last first" (see `service.name_key`): a search aid for people,
     never an identity rule.
     """
-    stmt = select(Patient).where(Patient.id > after_id)
+    stmt = _patient_view_select().where(Patient.id > after_id)
     if pms_id is not None or pms_system is not None:
         link_filter = []
         if pms_id is not None:
@@ -105,19 +136,26 @@ def search_patients(
     return stmt.order_by(Patient.id).limit(limit)
 
 
+def _image_view_select() -> Select[Any]:
+    """Image columns with their series and study UIDs: what an image's view needs, as plain rows.
+
+    The `attributes` JSON (render and export facts) is left out: lists of 100 images do not need it.
+    """
+    return (
+        select(*(c for c in Image.__table__.c if c.name != "attributes"), Series.series_uid, Study.study_uid)
+        .join(Series, Image.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+    )
+
+
 def images_of_patient(
     patient_id: int, *, after: tuple[datetime | None, int] | None = None, limit: int = 100
-) -> Select[Image, Series, Study]:
+) -> Select[Any]:
     """A patient's images with their series and study, newest capture first, keyset-paged.
 
     Images without a capture time sort last. `after` is the (captured_at, id) of the last row seen.
     """
-    stmt = (
-        select(Image, Series, Study)
-        .join(Series, Image.series_id == Series.id)
-        .join(Study, Series.study_id == Study.id)
-        .where(Image.patient_id == patient_id)
-    )
+    stmt = _image_view_select().where(Image.patient_id == patient_id)
     # A sort key without NULLs keeps the keyset condition portable (NULLS LAST is not on SQL Server).
     captured = func.coalesce(Image.captured_at, _NO_CAPTURE_TIME)
     if after is not None:
@@ -127,22 +165,17 @@ def images_of_patient(
     return stmt.order_by(captured.desc(), Image.id.desc()).limit(limit)
 
 
-def image_with_series(image_id: int) -> Select[Image, Series, Study]:
-    return (
-        select(Image, Series, Study)
-        .join(Series, Image.series_id == Series.id)
-        .join(Study, Series.study_id == Study.id)
-        .where(Image.id == image_id)
-    )
+def image_by_id(image_id: int) -> Select[Image]:
+    """One image as an ORM object, for changing it (PATCH /images/{id})."""
+    return select(Image).where(Image.id == image_id)
 
 
-def images_by_ids(image_ids: list[int]) -> Select[Image, Series, Study]:
-    return (
-        select(Image, Series, Study)
-        .join(Series, Image.series_id == Series.id)
-        .join(Study, Series.study_id == Study.id)
-        .where(Image.id.in_(image_ids))
-    )
+def image_view_by_id(image_id: int) -> Select[Any]:
+    return _image_view_select().where(Image.id == image_id)
+
+
+def images_by_ids(image_ids: list[int]) -> Select[Any]:
+    return _image_view_select().where(Image.id.in_(image_ids))
 
 
 def image_by_sop_uid(sop_instance_uid: str) -> Select[Image]:

@@ -1,0 +1,231 @@
+"""Watched folders for PMSs that drop files on a share (VDDS exchange files, Dexis Integrator files).
+
+Polling is the source of truth: change notifications do not fire for writes made by other hosts on SMB
+shares and are unreliable on Windows shares, so native events (watchfiles) are only a hint to poll now.
+A file is handed over only when it is complete: the protocol's `classify` says so from the bytes (e.g. a
+VDDS file with its request section and READY=0), or its size and modification time were stable across two
+scans. Each file version is handled once: it is claimed in the store first (by name, modification time
+and content hash), so two daemons sharing a folder never both answer it, and a restart does not answer it
+twice. A share that disappears is retried with backoff; the last successful scan shows in /readyz.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from bridge.store import queries as q
+from bridge.store.db import is_unique_violation
+from bridge.store.models import ProcessedFile
+from bridge.store.types import utcnow
+
+if TYPE_CHECKING:
+    from bridge.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+MAX_FILE_BYTES = 4 * 1024 * 1024
+STALE_CLAIM = timedelta(minutes=2)  # a claim without a result this old was cut off by a crash
+FORGET_AFTER = timedelta(days=30)
+
+
+class Verdict(enum.Enum):
+    """What a protocol says about a file it sees in its folder."""
+
+    HANDLE = "handle"  # complete and unanswered: hand it over now
+    WAIT = "wait"  # maybe still being written: look again next scan
+    IGNORE = "ignore"  # not ours, or already answered
+
+
+Classify = Callable[[bytes, bool], Verdict]  # (content, size stable since last scan) -> verdict
+Handle = Callable[[Path, bytes], Awaitable[str]]  # handles a file; returns a short result for the record
+
+
+def handle_when_stable(_content: bytes, stable: bool) -> Verdict:
+    """The default: a file is complete when its size and time did not change between two scans."""
+    return Verdict.HANDLE if stable else Verdict.WAIT
+
+
+@dataclass(frozen=True)
+class _Seen:
+    size: int
+    mtime_ns: int
+
+
+class FolderWatcher:
+    """Polls one folder and hands complete, unhandled files to `handle`."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        name: str,
+        folder: Path,
+        handle: Handle,
+        *,
+        classify: Classify = handle_when_stable,
+        accept_name: Callable[[str], bool] = lambda _name: True,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.rt = rt
+        self.name = name
+        self.folder = folder
+        self.handle = handle
+        self.classify = classify
+        self.accept_name = accept_name
+        self.poll_seconds = poll_seconds
+        self._seen: dict[str, _Seen] = {}
+        self._done: set[str] = set()  # claim keys handled by this process
+        self._wake = asyncio.Event()
+        self._failures = 0
+
+    async def run(self) -> None:
+        """Scan until cancelled: every poll interval, or sooner when a change notification arrives."""
+        readiness = self.rt.readiness
+        readiness.watched[self.name] = self.folder
+        readiness.max_scan_age[self.name] = max(30.0, 10 * self.poll_seconds)
+        hint = asyncio.create_task(self._notifications(), name=f"watch-hint-{self.name}")
+        try:
+            while True:
+                delay = (
+                    self.poll_seconds
+                    if await self.scan()
+                    else min(60.0, self.poll_seconds * 2**self._failures)
+                )
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+        finally:
+            hint.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hint
+
+    async def _notifications(self) -> None:
+        """Native change events as a hint only; their absence or failure changes nothing."""
+        try:
+            from watchfiles import awatch
+
+            async for _changes in awatch(self.folder, debounce=50, step=20, recursive=False):
+                self._wake.set()
+        except Exception as exc:  # an unsupported file system, a vanished share: polling carries on
+            log.debug("change notifications unavailable", extra={"watcher": self.name, "error": str(exc)})
+
+    async def scan(self) -> bool:
+        """One pass over the folder; False when the folder could not be read."""
+        try:
+            entries = await asyncio.to_thread(self._list)
+        except OSError as exc:
+            self._failures += 1
+            message = f"{self.folder}: {exc.strerror or exc}"
+            if self.rt.readiness.scan_errors.get(self.name) != message:
+                log.error("watched folder unreachable", extra={"watcher": self.name, "error": message})
+            self.rt.readiness.scan_errors[self.name] = message
+            return False
+        if self._failures or self.name in self.rt.readiness.scan_errors:
+            log.info("watched folder reachable again", extra={"watcher": self.name})
+        self._failures = 0
+        self.rt.readiness.scanned(self.name)
+        self.rt.metrics.last_scan.labels(self.name).set(time.time())
+        current: dict[str, _Seen] = {}
+        for name, seen in entries.items():
+            current[name] = seen
+            stable = self._seen.get(name) == seen
+            await self._consider(name, seen, stable)
+        self._seen = current
+        return True
+
+    def _list(self) -> dict[str, _Seen]:
+        found: dict[str, _Seen] = {}
+        with os.scandir(self.folder) as it:
+            for entry in it:
+                if entry.name.startswith(".") or not self.accept_name(entry.name):
+                    continue  # our own and other writers' temporary files start with a dot
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # deleted between listing and stat
+                found[entry.name] = _Seen(st.st_size, st.st_mtime_ns)
+        return found
+
+    async def _consider(self, name: str, seen: _Seen, stable: bool) -> None:
+        path = self.folder / name
+        if seen.size > MAX_FILE_BYTES:
+            if not stable:
+                log.warning(
+                    "file too large; ignored", extra={"watcher": self.name, "file": name, "bytes": seen.size}
+                )
+            return
+        try:
+            content = await asyncio.to_thread(path.read_bytes)
+        except OSError:
+            return  # gone, or locked by its writer: next scan
+        verdict = self.classify(content, stable)
+        if verdict is not Verdict.HANDLE:
+            return
+        digest = hashlib.sha256(f"{name}\0{seen.mtime_ns}\0".encode() + content).hexdigest()
+        if digest in self._done or not await self._claim(digest, path):
+            return
+        self._done.add(digest)
+        started = time.perf_counter()
+        try:
+            result = await self.handle(path, content)
+        except Exception:
+            log.exception("handling a watched file failed", extra={"watcher": self.name, "file": name})
+            result = "error"
+        await self._record(digest, result)
+        log.info(
+            "watched file handled",
+            extra={
+                "watcher": self.name,
+                "file": name,
+                "result": result,
+                "ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
+
+    async def _claim(self, digest: str, path: Path) -> bool:
+        """Claim a file version in the store; False if another daemon (or a previous run) handled it."""
+
+        def work(session: Session) -> bool:
+            existing = session.scalars(q.processed_file(self.name, digest)).first()
+            if existing is not None:
+                if existing.result or utcnow() - existing.processed_at < STALE_CLAIM:
+                    return False
+                session.delete(existing)  # a claim cut off by a crash: take it over
+                session.flush()
+            session.add(
+                ProcessedFile(
+                    watcher=self.name, content_sha256=digest, path=str(path)[:1000], processed_at=utcnow()
+                )
+            )
+            return True
+
+        try:
+            return await self.rt.db.write(work)
+        except IntegrityError as exc:
+            if is_unique_violation(exc):
+                return False
+            raise
+
+    async def _record(self, digest: str, result: str) -> None:
+        def work(session: Session) -> None:
+            record = session.scalars(q.processed_file(self.name, digest)).first()
+            if record is not None:
+                record.result = (result or "done")[:200]
+            session.execute(q.forget_processed_files(self.name, utcnow() - FORGET_AFTER))
+
+        await self.rt.db.write(work)

@@ -1,0 +1,279 @@
+"""The REST API over real loopback HTTP: auth, problem bodies, paging, the contract's fields, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from typing import Any
+
+import numpy as np
+from aiohttp import FormData
+from PIL import Image
+
+from bridge.runtime import Runtime
+from bridge.web.app import build_api_app
+from bridge.web.problems import CONTENT_TYPE as PROBLEM
+
+PATIENT_FIELDS = {
+    "id",
+    "pms_id",
+    "pms_system",
+    "practice_id",
+    "chart_number",
+    "last_name",
+    "first_name",
+    "middle_name",
+    "birth_date",
+    "sex",
+}
+IMAGE_FIELDS = {
+    "id",
+    "patient_id",
+    "study_uid",
+    "series_uid",
+    "captured_at",
+    "category",
+    "tooth_numbers",
+    "rotation",
+    "mirrored",
+    "width",
+    "height",
+    "bits_stored",
+    "color",
+    "sha256",
+}
+
+
+def png16(width: int = 40, height: int = 30) -> bytes:
+    pixels = (np.arange(width * height, dtype=np.uint16).reshape(height, width) * 3 + 1000) & 0x0FFF
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+async def create(client: Any, **fields: Any) -> Any:
+    body = {"pms_system": "desk", "pms_id": "1", "last_name": "Doe", "first_name": "Jane", **fields}
+    return await client.post("/api/v1/patients", json=body)
+
+
+async def test_data_needs_the_token_and_health_does_not(api_client: Any) -> None:
+    anonymous = {"Authorization": ""}
+    for path in ("/api/v1/patients", "/api/v1/patients/1", "/api/v1/images/1/file", "/api/v1/audit"):
+        response = await api_client.get(path, headers=anonymous)
+        assert response.status == 401, path
+        assert response.content_type == PROBLEM
+        body = await response.json(content_type=PROBLEM)
+        assert body["status"] == 401 and body["type"].endswith("unauthorized") and body["detail"]
+    wrong = await api_client.get("/api/v1/patients", headers={"Authorization": "Bearer nope"})
+    assert wrong.status == 401
+    for path in ("/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"):
+        assert (await api_client.get(path, headers=anonymous)).status == 200, path
+
+
+async def test_create_update_conflict_and_get(api_client: Any) -> None:
+    created = await create(
+        api_client, pms_id="00123", birth_date="1980-05-06", sex="F", chart_number="DOEJA0"
+    )
+    assert created.status == 201
+    patient = await created.json()
+    assert set(patient) >= PATIENT_FIELDS
+    assert patient["pms_id"] == "00123" and patient["birth_date"] == "1980-05-06" and patient["sex"] == "F"
+    same = await create(api_client, pms_id="00123", first_name="Janet")
+    assert same.status == 200 and (await same.json())["first_name"] == "Janet"
+    clash = await create(api_client, pms_id="00123", birth_date="1981-05-06")
+    assert clash.status == 409 and clash.content_type == PROBLEM
+    problem = await clash.json(content_type=PROBLEM)
+    assert "birth date" in problem["detail"] and problem["conflict_id"]
+    got = await api_client.get(f"/api/v1/patients/{patient['id']}")
+    assert (await got.json())["chart_number"] == "DOEJA0"
+    conflicts = await (await api_client.get("/api/v1/conflicts")).json()
+    assert [c["id"] for c in conflicts["items"]] == [problem["conflict_id"]]
+    resolved = await api_client.post(
+        f"/api/v1/conflicts/{problem['conflict_id']}/resolve", json={"resolution": "PMS corrected"}
+    )
+    assert resolved.status == 200 and (await resolved.json())["resolved_at"]
+    assert (await (await api_client.get("/api/v1/conflicts")).json())["items"] == []
+
+
+async def test_bad_requests_get_problem_bodies(api_client: Any) -> None:
+    cases = [
+        (
+            await api_client.post(
+                "/api/v1/patients", data=b"{not json", headers={"Content-Type": "application/json"}
+            ),
+            400,
+        ),
+        (await api_client.post("/api/v1/patients", json=["a"]), 400),
+        (await create(api_client, pms_id=123), 422),
+        (await create(api_client, sex="Q"), 422),
+        (await create(api_client, birth_date="14.07.1985"), 400),
+        (await create(api_client, pms_id="", chart_number=""), 422),
+        (await api_client.get("/api/v1/patients?limit=0"), 400),
+        (await api_client.get("/api/v1/patients?cursor=@@@"), 400),
+        (await api_client.get("/api/v1/patients/abc"), 404),
+        (await api_client.get("/api/v1/nothing-here"), 404),
+        (await api_client.delete("/api/v1/patients"), 405),
+    ]
+    for response, status in cases:
+        assert response.status == status, (response.url, await response.text())
+        body = await response.json(content_type=PROBLEM)
+        assert set(body) >= {"type", "title", "status", "detail"} and body["status"] == status
+
+
+async def test_forbidden_when_patient_creation_is_off(make_settings: Any) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    rt = Runtime.build(make_settings(pms={"allow_patient_creation": "no"}))
+    client = TestClient(TestServer(build_api_app(rt)))
+    await client.start_server()
+    try:
+        response = await client.post(
+            "/api/v1/patients",
+            json={"pms_system": "desk", "pms_id": "9", "last_name": "X"},
+            headers={"Authorization": f"Bearer {rt.settings.api.token}"},
+        )
+        assert response.status == 403
+        assert "allow_patient_creation" in (await response.json(content_type=PROBLEM))["detail"]
+    finally:
+        await client.close()
+        rt.close()
+
+
+async def test_search_and_cursor_paging(api_client: Any) -> None:
+    for i in range(7):
+        assert (await create(api_client, pms_id=f"P{i}", last_name=f"Müller{i}")).status == 201
+    seen: list[str] = []
+    url = "/api/v1/patients?limit=3"
+    while url:
+        page = await (await api_client.get(url)).json()
+        seen += [p["pms_id"] for p in page["items"]]
+        url = f"/api/v1/patients?limit=3&cursor={page['next']}" if page["next"] else ""
+    assert seen == [f"P{i}" for i in range(7)]
+    by_name = await (await api_client.get("/api/v1/patients", params={"name": "MULLER3"})).json()
+    assert [p["pms_id"] for p in by_name["items"]] == ["P3"]
+    by_id = await (await api_client.get("/api/v1/patients", params={"pms_id": "P5"})).json()
+    assert [p["last_name"] for p in by_id["items"]] == ["Müller5"]
+
+
+async def test_upload_list_and_bit_exact_original(api_client: Any) -> None:
+    patient = await (await create(api_client)).json()
+    data = png16(120, 90)
+    form = FormData()
+    form.add_field("file", data, filename="xray.png", content_type="image/png")
+    form.add_field("tooth_numbers", "11, 12")
+    form.add_field("captured_at", "2024-03-01T09:30:00")
+    form.add_field("rotation", "90")
+    uploaded = await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)
+    assert uploaded.status == 201, await uploaded.text()
+    [image] = (await uploaded.json())["items"]
+    assert set(image) >= IMAGE_FIELDS
+    assert (
+        image["tooth_numbers"] == [11, 12]
+        and image["rotation"] == 90
+        and image["captured_at"] == "2024-03-01T09:30:00"
+    )
+    assert (image["width"], image["height"], image["bits_stored"], image["color"]) == (120, 90, 16, False)
+    listed = await (await api_client.get(f"/api/v1/patients/{patient['id']}/images")).json()
+    assert [i["id"] for i in listed["items"]] == [image["id"]]
+    original = await api_client.get(f"/api/v1/images/{image['id']}/file")
+    assert original.status == 200 and await original.read() == data
+    thumb = await api_client.get(f"/api/v1/images/{image['id']}/thumbnail?size=64")
+    assert thumb.status == 200 and thumb.content_type == "image/jpeg"
+    with Image.open(io.BytesIO(await thumb.read())) as img:
+        assert max(img.size) == 64 and img.size[1] > img.size[0]  # rotated by 90 degrees
+
+
+async def test_bad_uploads_are_refused_and_leave_nothing(api_client: Any, runtime: Runtime) -> None:
+    patient = await (await create(api_client)).json()
+    for payload in (b"not an image at all", png16()[:200]):
+        form = FormData()
+        form.add_field("file", payload, filename="broken.png")
+        response = await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)
+        assert response.status == 422
+        assert (await response.json(content_type=PROBLEM))["type"].endswith("bad-image")
+    stored = [p for p in runtime.files.root.rglob("*") if p.is_file()]
+    assert stored == []
+    bad_teeth = FormData()
+    bad_teeth.add_field("file", png16(), filename="x.png")
+    bad_teeth.add_field("tooth_numbers", "19")
+    assert (await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=bad_teeth)).status == 422
+    missing = FormData()
+    missing.add_field("file", png16(), filename="x.png")
+    assert (await api_client.post("/api/v1/patients/999/images", data=missing)).status == 404
+
+
+async def test_request_size_limit(make_settings: Any) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    rt = Runtime.build(make_settings(api={"max_body_mb": 1}))
+    client = TestClient(TestServer(build_api_app(rt)))
+    await client.start_server()
+    try:
+        form = FormData()
+        form.add_field("file", io.BytesIO(b"\0" * (2 * 1024 * 1024)), filename="big.png")
+        response = await client.post(
+            "/api/v1/patients/1/images",
+            data=form,
+            headers={"Authorization": f"Bearer {rt.settings.api.token}"},
+        )
+        assert response.status == 413
+        assert "too large" in (await response.json(content_type=PROBLEM))["detail"]
+    finally:
+        await client.close()
+        rt.close()
+
+
+async def test_events_stream_follows_what_the_pms_opens(api_client: Any, runtime: Runtime) -> None:
+    from bridge.model import Action, Demographics, Origin, PatientRequest
+
+    async with api_client.get("/api/v1/events") as stream:
+        assert stream.status == 200 and stream.content_type == "text/event-stream"
+        assert await stream.content.readline() == b": connected\n"
+        await stream.content.readline()
+        request = PatientRequest(
+            Action.OPEN, Origin("test"), "PVS", pms_id="77", demographics=Demographics("Roe")
+        )
+        await runtime.service.handle(request)
+        event_line = await asyncio.wait_for(stream.content.readline(), 5)
+        data_line = await asyncio.wait_for(stream.content.readline(), 5)
+    assert event_line == b"event: patient-opened\n"
+    payload = json.loads(data_line.removeprefix(b"data: "))
+    assert (
+        payload["pms_id"] == "77"
+        and payload["open_in"] == "home"
+        and payload["viewer_url"].startswith("/viewer/")
+    )
+
+
+async def test_health_readiness_and_metrics(api_client: Any) -> None:
+    assert (await (await api_client.get("/healthz")).json())["status"] == "ok"
+    ready = await (await api_client.get("/readyz")).json()
+    assert ready["status"] == "ready" and ready["checks"]["store"]["ok"] and ready["checks"]["images"]["ok"]
+    await api_client.get("/api/v1/patients")
+    metrics = await (await api_client.get("/metrics")).text()
+    assert 'pms_bridge_http_requests_total{listener="api",route="/api/v1/patients",status="200"}' in metrics
+
+
+async def test_every_route_is_in_the_openapi_document(api_client: Any, runtime: Runtime) -> None:
+    from openapi_spec_validator import validate
+
+    document = await (await api_client.get("/api/v1/openapi.json")).json()
+    validate(document)
+    app = build_api_app(runtime)
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("path") or info.get("formatter")
+        if route.method in ("HEAD", "OPTIONS") or not path:
+            continue
+        assert path in document["paths"], path
+        assert route.method.lower() in document["paths"][path], (route.method, path)
+
+
+async def test_reads_are_audited_with_the_token_actor(api_client: Any, runtime: Runtime) -> None:
+    patient = await (await create(api_client)).json()
+    await api_client.get(f"/api/v1/patients/{patient['id']}")
+    entries = (await (await api_client.get(f"/api/v1/audit?patient_id={patient['id']}")).json())["items"]
+    actions = [e["action"] for e in entries]
+    assert "patient.create" in actions and "patient.read" in actions
+    assert all(e["actor"].startswith("token:") and e["transport"] == "http" for e in entries)

@@ -1,0 +1,141 @@
+"""The real `pms-bridge` processes: init + serve from nothing, concurrency, graceful stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import DaemonProcess, free_port, pms_bridge_command, start_daemon
+
+
+def test_readme_first_command_gives_a_daemon_that_answers(tmp_path: Path) -> None:
+    home = tmp_path / "practice"
+    init = subprocess.run(
+        [*pms_bridge_command(), "init", "--home", str(home)], capture_output=True, text=True
+    )
+    assert init.returncode == 0, init.stderr
+    config = home / "pms-bridge.ini"
+    text = config.read_text(encoding="utf-8")
+    port = free_port()
+    config.write_text(
+        text.replace("port = 4429", f"port = {port}").replace("port = 4435", f"port = {free_port()}")
+    )
+    daemon = start_daemon(config)
+    try:
+        assert daemon.request("GET", "/healthz", token=None)[0] == 200
+        assert daemon.request("GET", "/api/v1/patients", token=None)[0] == 401
+        status, body = daemon.request("GET", "/api/v1/patients")
+        assert status == 200 and json.loads(body) == {"items": [], "next": None}
+        assert daemon.settings.api.host == "127.0.0.1" and daemon.settings.opp_web.host == "127.0.0.1"
+    finally:
+        assert daemon.stop() == 0
+
+
+def post_patient(daemon: DaemonProcess, pms_id: str, **fields: Any) -> tuple[int, bytes]:
+    body = {"pms_system": "desk", "pms_id": pms_id, "last_name": "Nguyễn", "first_name": "An", **fields}
+    return daemon.request(
+        "POST", "/api/v1/patients", json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+
+
+def test_fifty_concurrent_requests_for_one_new_patient_create_one(daemon: DaemonProcess) -> None:
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(lambda _i: post_patient(daemon, "NEW-0001"), range(50)))
+    statuses = sorted(status for status, _ in results)
+    assert statuses.count(201) == 1 and statuses.count(200) == 49
+    assert len({json.loads(body)["id"] for _, body in results}) == 1
+    status, body = daemon.request("GET", "/api/v1/patients?pms_id=NEW-0001")
+    assert status == 200 and len(json.loads(body)["items"]) == 1
+
+
+def test_sigterm_under_load_lets_in_flight_requests_finish(daemon: DaemonProcess) -> None:
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    stop_sent = threading.Event()
+
+    def client(n: int) -> None:
+        while not stop_sent.is_set() or n % 2 == 0:
+            try:
+                status, _ = post_patient(daemon, f"LOAD-{n}-{time.monotonic_ns()}")
+                result = str(status)
+            except urllib.error.URLError as exc:
+                reason = exc.reason
+                result = "refused" if isinstance(reason, ConnectionRefusedError) else f"broken:{reason!r}"
+            except (ConnectionResetError, ConnectionAbortedError, OSError) as exc:
+                result = f"broken:{exc!r}"
+            with lock:
+                outcomes.append(result)
+            if result == "refused" or stop_sent.is_set():
+                return
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    daemon.proc.send_signal(signal.SIGTERM)
+    stop_sent.set()
+    for thread in threads:
+        thread.join(60)
+    code = daemon.proc.wait(60)
+    assert code == 0, daemon.log()[-2000:]
+    assert outcomes.count("201") > 20
+    # Connections still in the kernel's accept queue when the listener closes are reset (TCP has no way to
+    # refuse them politely); no request the daemon accepted may fail or go unanswered.
+    assert [o for o in outcomes if o != "201" and o != "refused" and not o.startswith("broken:")] == []
+    assert '"msg": "stopped"' in daemon.log()
+    # nothing half-written: every stored patient is complete and linked
+    restarted = start_daemon(daemon.config)
+    try:
+        status, body = restarted.request("GET", "/api/v1/patients?limit=500")
+        patients = json.loads(body)["items"]
+        # every answered request is stored, and nothing was stored without its answer reaching the client
+        assert status == 200 and len(patients) == outcomes.count("201")
+        assert all(p["pms_id"].startswith("LOAD-") and p["last_name"] == "Nguyễn" for p in patients)
+    finally:
+        assert restarted.stop() == 0
+
+
+def test_the_stop_file_stops_the_daemon_cleanly(daemon: DaemonProcess) -> None:
+    daemon.settings.daemon.stop_file.write_text("", encoding="utf-8")
+    assert daemon.proc.wait(30) == 0
+    assert not daemon.settings.daemon.stop_file.exists()
+
+
+def test_a_bad_config_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "pms-bridge.ini"
+    config.write_text("[pms]\nsingle_patient_mode = perhaps\n", encoding="utf-8")
+    result = subprocess.run(
+        [*pms_bridge_command(), "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "[pms] single_patient_mode = 'perhaps'" in result.stderr and "yes or no" in result.stderr
+
+
+def test_doctor_checks_a_running_daemon(daemon: DaemonProcess) -> None:
+    result = subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(daemon.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
+    )
+    assert result.returncode == 0, result.stdout
+    assert "FAIL" not in result.stdout and "ok   daemon answering: alive and ready" in result.stdout
+    daemon.stop()
+    stopped = subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(daemon.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert stopped.returncode == 1 and "FAIL daemon answering" in stopped.stdout

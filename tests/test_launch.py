@@ -1,0 +1,114 @@
+"""The launch client a PMS waits on: what it sends, what it writes back, what it imports, when it fails."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import launch
+from bridge.handlers import HANDLERS
+from bridge.runtime import Runtime
+
+HEAVY = (
+    "asyncio",
+    "argparse",
+    "aiohttp",
+    "sqlalchemy",
+    "PIL",
+    "numpy",
+    "pydicom",
+    "lxml",
+    "dataclasses",
+    "typing",
+)
+
+
+@pytest.fixture
+def echo_protocol() -> Any:
+    HANDLERS["echo"] = "tests.support.echo_handler:handle"
+    yield "echo"
+    del HANDLERS["echo"]
+
+
+async def run_client(runtime: Runtime, port: int, argv: list[str], tmp_path: Path) -> int:
+    config = tmp_path / "client.ini"
+    config.write_text(f"[api]\nport = {port}\ntoken = {runtime.settings.api.token}\n", encoding="utf-8")
+    return await asyncio.to_thread(launch.run, "echo", [*argv, "--config", str(config)])
+
+
+async def test_the_file_goes_to_the_daemon_and_the_answer_comes_back(
+    api_client: Any, runtime: Runtime, echo_protocol: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exchange = tmp_path / "Übergabe 1.tmp"
+    exchange.write_bytes(b"[PATIENT]\r\nPATID=0042\r\n")
+    code = await run_client(runtime, api_client.port, ["-x", "@" + str(exchange), "ä b"], tmp_path)
+    assert code == 0
+    answer = json.loads(exchange.read_bytes())
+    assert answer["args"] == ["-x", "@" + str(exchange), "ä b"]
+    assert answer["filename"] == str(exchange)
+    assert answer["content"] == "[PATIENT]\r\nPATID=0042\r\n"
+    assert answer["workstation"]
+    assert "Grüße: done" in capsys.readouterr().out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+async def test_the_exit_code_and_message_of_the_handler_are_the_process_result(
+    api_client: Any, runtime: Runtime, echo_protocol: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await run_client(runtime, api_client.port, ["fail"], tmp_path) == 5
+    assert "refused" in capsys.readouterr().err
+
+
+async def test_a_wrong_token_is_a_refusal_not_a_crash(
+    api_client: Any, runtime: Runtime, echo_protocol: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "client.ini"
+    config.write_text(f"[api]\nport = {api_client.port}\ntoken = wrong\n", encoding="utf-8")
+    code = await asyncio.to_thread(launch.run, "echo", ["--config", str(config)])
+    assert code == launch.EXIT_REFUSED
+    assert "missing or wrong bearer token" in capsys.readouterr().err
+
+
+def test_an_unreachable_daemon_gives_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    config = tmp_path / "pms-bridge.ini"
+    config.write_text(f"[api]\nport = {free_port()}\ntoken = t\n", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, "probe", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["code"] == launch.EXIT_UNREACHABLE
+    assert "not reachable" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    # the launch path imported nothing heavy: a PMS waits on this process
+    assert report["heavy"] == []
+
+
+def test_a_missing_config_is_reported_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, "probe", "--config", str(tmp_path / "none.ini")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert json.loads(result.stdout.splitlines()[-1])["code"] == launch.EXIT_UNREACHABLE
+    assert "config file not found" in result.stderr
+
+
+PROBE = f"""
+import json, sys
+from bridge.handlers import HANDLERS
+HANDLERS["probe"] = "nowhere:handle"
+from bridge.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""

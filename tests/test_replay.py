@@ -1,0 +1,55 @@
+"""`pms-bridge replay`: every sample passes; a broken expectation fails with a readable difference."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.conftest import pms_bridge_command
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def replay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*pms_bridge_command(), "replay", *args], capture_output=True, text=True, timeout=1800, check=False
+    )
+
+
+def test_all_samples_replay() -> None:
+    result = replay(str(SAMPLES))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    cases = [line for line in lines[1:-1] if line.strip()]
+    assert cases and all("  pass  " in line for line in cases), result.stdout
+    assert len(cases) == len(list(SAMPLES.rglob("case.json")))
+
+
+def test_a_broken_expected_reply_fails_with_a_readable_difference(tmp_path: Path) -> None:
+    case = tmp_path / "rest" / "create-patient-leading-zeros"
+    shutil.copytree(SAMPLES / "rest" / "create-patient-leading-zeros", case)
+    reply = case / "reply.json"
+    reply.write_text(reply.read_text(encoding="utf-8").replace('"Groß"', '"Gross"'), encoding="utf-8")
+    result = replay(str(tmp_path))
+    assert result.returncode == 1
+    row = next(
+        line for line in result.stdout.splitlines() if line.startswith("rest/create-patient-leading-zeros")
+    )
+    assert "FAIL" in row and "reply.json" in row
+    assert '"Gross"' in row and '"Groß"' in row
+
+
+def test_a_broken_expected_effect_fails_too(tmp_path: Path) -> None:
+    case = tmp_path / "rest" / "conflict-other-birth-date"
+    shutil.copytree(SAMPLES / "rest" / "conflict-other-birth-date", case)
+    effect = case / "effect.json"
+    effect.write_text(
+        effect.read_text(encoding="utf-8").replace("1990-01-03", "1990-03-01"), encoding="utf-8"
+    )
+    result = replay(str(tmp_path))
+    assert result.returncode == 1
+    assert (
+        "effect: patient" in result.stdout
+        and "birth_date is '1990-01-03', expected '1990-03-01'" in result.stdout
+    )

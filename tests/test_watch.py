@@ -1,0 +1,100 @@
+"""The watched-folder poller: complete files only, each version once, across daemons; a vanishing share."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+from bridge.runtime import Runtime
+from bridge.watch import FolderWatcher, Verdict
+
+
+def complete_when_ends_with_end(content: bytes, stable: bool) -> Verdict:
+    if content.startswith(b"ANSWERED"):
+        return Verdict.IGNORE
+    return Verdict.HANDLE if content.endswith(b"END\n") else Verdict.WAIT
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, bytes]] = []
+
+    async def __call__(self, path: Path, content: bytes) -> str:
+        self.seen.append((path.name, content))
+        path.write_bytes(b"ANSWERED " + content)
+        return "ok"
+
+
+async def test_complete_files_are_handled_once_and_partial_ones_wait(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    folder = tmp_path / "share"
+    folder.mkdir()
+    recorder = Recorder()
+    watcher = FolderWatcher(
+        runtime, "t", folder, recorder, classify=complete_when_ends_with_end, poll_seconds=0.05
+    )
+    (folder / "a.tmp").write_bytes(b"[PATIENT]\nhalf")  # still being written
+    (folder / ".hidden").write_bytes(b"END\n")  # a writer's own temporary file
+    assert await watcher.scan()
+    assert recorder.seen == []
+    (folder / "a.tmp").write_bytes(b"[PATIENT]\nEND\n")
+    assert await watcher.scan()
+    assert await watcher.scan()
+    assert recorder.seen == [("a.tmp", b"[PATIENT]\nEND\n")]
+    assert "t" in runtime.readiness.last_scan
+
+
+async def test_stable_size_is_complete_by_default(runtime: Runtime, tmp_path: Path) -> None:
+    folder = tmp_path / "share"
+    folder.mkdir()
+    recorder = Recorder()
+    watcher = FolderWatcher(runtime, "d", folder, recorder, poll_seconds=0.05)
+    (folder / "Patient_WS1.txt").write_bytes(b"PN=1\n")
+    await watcher.scan()
+    assert recorder.seen == []  # seen once: maybe still growing
+    await watcher.scan()
+    assert recorder.seen == [("Patient_WS1.txt", b"PN=1\n")]
+
+
+async def test_two_daemons_sharing_a_folder_answer_a_file_once(runtime: Runtime, tmp_path: Path) -> None:
+    other = Runtime.build(runtime.settings, migrate=False)
+    try:
+        folder = tmp_path / "share"
+        folder.mkdir()
+        first, second = Recorder(), Recorder()
+        w1 = FolderWatcher(runtime, "v", folder, first, classify=complete_when_ends_with_end)
+        w2 = FolderWatcher(other, "v", folder, second, classify=complete_when_ends_with_end)
+        (folder / "x.ini").write_bytes(b"req END\n")
+        await asyncio.gather(w1.scan(), w2.scan())
+        assert len(first.seen) + len(second.seen) == 1
+    finally:
+        other.close()
+
+
+async def test_a_vanished_share_is_reported_and_recovered(runtime: Runtime, tmp_path: Path) -> None:
+    folder = tmp_path / "share"
+    folder.mkdir()
+    recorder = Recorder()
+    watcher = FolderWatcher(
+        runtime, "s", folder, recorder, classify=complete_when_ends_with_end, poll_seconds=0.05
+    )
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.sleep(0.2)
+        assert "s" not in runtime.readiness.scan_errors
+        shutil.rmtree(folder)
+        await asyncio.sleep(0.3)
+        assert "s" in runtime.readiness.scan_errors
+        folder.mkdir()
+        (folder / "late.ini").write_bytes(b"req END\n")
+        for _ in range(100):
+            if recorder.seen:
+                break
+            await asyncio.sleep(0.05)
+        assert recorder.seen == [("late.ini", b"req END\n")]
+        assert "s" not in runtime.readiness.scan_errors
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
