@@ -80,6 +80,7 @@ class Decoded:
     slope: float = 1.0
     intercept: float = 0.0
     offset: int = 0  # added to signed stored values to index them as uint16
+    value_bits: int = 16  # every value in `pixels` is below 2**value_bits (DICOM masks to BitsStored)
     invert: bool = False  # MONOCHROME1: high values are dark
     category: Category | None = None  # what the source says it is (DICOM modality), if it says
     attributes: dict[str, Any] = field(default_factory=dict)
@@ -456,6 +457,7 @@ def _decode_dicom(data: bytes) -> Decoded:
         intercept=intercept,
         offset=offset,
         invert=photometric == "MONOCHROME1",
+        value_bits=bits_stored if offset == 0 and 8 <= bits_stored <= 16 else 16,
         **common,
     )
 

@@ -108,7 +108,7 @@ def display_lut(decoded: Decoded) -> np.ndarray[Any, np.dtype[np.uint8]] | None:
         return None
     if decoded.deep:
         window = decoded.window or auto_window(decoded)
-        entries = 65536
+        entries = 1 << decoded.value_bits  # 4096 for 12-bit DICOM: a sixteenth of the work
     else:
         window = decoded.window or Window(127.5 * decoded.slope + decoded.intercept, 256 * decoded.slope)
         entries = 256
