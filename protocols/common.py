@@ -10,7 +10,11 @@ from __future__ import annotations
 import codecs
 import datetime as dt
 import re
+import unicodedata
 from collections.abc import Iterable
+from dataclasses import dataclass
+
+from bridge.model import Demographics
 
 # --------------------------------------------------------------------------------------------------
 # Encodings
@@ -159,15 +163,66 @@ def _one_line(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ")
 
 
-def parse_key_values(text: str) -> dict[str, str]:
-    """KEY=value lines without sections (Dexis info files): upper-cased keys, first occurrence wins."""
+def parse_key_values(text: str, *, unquote: bool = False) -> dict[str, str]:
+    """KEY=value lines without sections (Dexis info files): upper-cased keys, first occurrence wins.
+
+    With `unquote`, one pair of surrounding double quotes is removed from a value: the Dexis Integrator
+    documents `LN="Smith"` while its known writers send `LN=Smith`, so both must read the same.
+    """
     found: dict[str, str] = {}
     for raw in text.splitlines():
         key, sep, value = raw.partition("=")
         key = key.strip().upper()
         if sep and key and " " not in key and key not in found:
-            found[key] = value.strip()
+            value = value.strip()
+            if unquote and len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            found[key] = value
     return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Fields of launch-style messages (Dexis, Patterson, CLINIVIEW): what they say about one patient
+
+
+class MessageError(ValueError):
+    """A PMS message that cannot be served as sent. The text is one line the PMS's user can act on."""
+
+
+@dataclass(frozen=True)
+class PatientFields:
+    """What a launch-style message says about its patient, before the PMS profile says what its id is.
+
+    `patient_id` is the one id the message carries (the profile's `id_field` says whether the PMS sends
+    its internal id or the chart number there); `chart_number` is a second id a few messages carry
+    beside it (Dentrix's `CN=`), empty otherwise.
+    """
+
+    patient_id: str
+    demographics: Demographics
+    chart_number: str = ""
+
+
+def field_text(value: str, name: str, max_length: int = 120) -> str:
+    """A text field of a message, stripped; control characters or an absurd length are refused.
+
+    The limit protects the store (names are at most 120 characters there) and makes a corrupt file fail
+    with a message naming the field instead of a database error.
+    """
+    text = value.strip()
+    if len(text) > max_length:
+        raise MessageError(f"{name} is longer than {max_length} characters")
+    if any(unicodedata.category(ch) == "Cc" for ch in text):
+        raise MessageError(f"{name} contains control characters")
+    return text
+
+
+def field_id(value: str, name: str, max_length: int = 60) -> str:
+    """An id field (patient number, chart number): required, one line, opaque (leading zeros kept)."""
+    text = field_text(value, name, max_length)
+    if not text:
+        raise MessageError(f"{name} is empty: the message names no patient")
+    return text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,6 +272,19 @@ def dotnet_to_strptime(fmt: str) -> str:
     if not all(d in result for d in ("%d", "%m")) or not ("%Y" in result or "%y" in result):
         raise DateFormatError(f"date format {fmt!r} lacks day, month or year")
     return result
+
+
+def dotnet_date_formats(fmt: str, separators: str = "/.-") -> tuple[str, ...]:
+    """The strptime formats a .NET custom date format can produce on any workstation.
+
+    In a .NET custom format "/" is the culture's date separator, not a slash: `ToString("MM/dd/yyyy")`
+    writes 07.14.1985 on a German workstation and 07-14-1985 on a Dutch one. The field order stays
+    as written, so accepting the other separators never turns a month into a day.
+    """
+    base = dotnet_to_strptime(fmt)
+    if "/" not in fmt:
+        return (base,)
+    return tuple(dict.fromkeys(base.replace("/", sep) for sep in separators))
 
 
 def parse_date(value: str, formats: Iterable[str]) -> dt.date | None:
@@ -287,5 +355,8 @@ _SEX_CODES = {
 
 
 def parse_sex(value: str) -> str:
-    """'M', 'F', 'O' or 'U' for any dialect's code; anything unrecognised is unknown, never guessed."""
+    """'M', 'F', 'O' or 'U' for any dialect's code; anything unrecognised is unknown, never guessed.
+
+    Blank is unknown too: Patterson writes a single space for it, the Dexis Integrator omits the key.
+    """
     return _SEX_CODES.get(value.strip().upper(), "U")
