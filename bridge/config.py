@@ -408,6 +408,11 @@ class EaglesoftSettings(LaunchProfile):
         "INI key of each field (the real names are not public; SSN is never read)",
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.legacy_id_suffix and self.id_field == "chart_number":
+            raise ConfigError("[eaglesoft] legacy_id_suffix truncates patient numbers, not chart numbers")
+
 
 @dataclass(frozen=True)
 class CliniviewSettings(LaunchProfile):

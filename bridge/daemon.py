@@ -22,6 +22,7 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Settings
+from bridge.handlers.dexis import integrator_watchers
 from bridge.runtime import Runtime
 from bridge.web.app import build_api_app
 
@@ -32,7 +33,9 @@ STOP_FILE_POLL_SECONDS = 0.5
 # Background workers protocols contribute: each takes the runtime and returns a coroutine that runs
 # until cancelled (a watched folder, an outbox channel), or None when its settings leave it off.
 WorkerFactory = Callable[[Runtime], Coroutine[Any, Any, None] | None]
-WORKER_FACTORIES: list[WorkerFactory] = []
+WORKER_FACTORIES: list[WorkerFactory] = [
+    integrator_watchers,
+]
 
 # Extra listeners protocols contribute (OPP web): a factory returning (name, app, host, port), or None
 # when its settings leave it off.
