@@ -24,6 +24,7 @@ from bridge import __version__
 from bridge.config import Settings
 from bridge.handlers.dexis import integrator_watchers
 from bridge.runtime import Runtime
+from bridge.thumbfolders import thumbnail_workers
 from bridge.web.app import build_api_app
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ STOP_FILE_POLL_SECONDS = 0.5
 WorkerFactory = Callable[[Runtime], Coroutine[Any, Any, None] | None]
 WORKER_FACTORIES: list[WorkerFactory] = [
     integrator_watchers,
+    thumbnail_workers,
 ]
 
 # Extra listeners protocols contribute (OPP web): a factory returning (name, app, host, port), or None
