@@ -73,6 +73,20 @@ def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
         ) from None
 
 
+def check_profile_folders(settings: Settings) -> str:
+    """The Dexis/Dentrix Integrator folders and the thumbnail folders of the PMS profiles that use them."""
+    checked = []
+    for name in ("dexis", "dentrix", "eaglesoft", "cliniview"):
+        profile = getattr(settings, name)
+        folders = {"integrator_dir": getattr(profile, "integrator_dir", None)}
+        if profile.thumbnails:
+            folders["thumbnail_dir"] = profile.thumbnail_dir
+        for key, folder in folders.items():
+            if folder is not None:
+                checked.append(f"[{name}] {key} {check_folder(folder)}")
+    return "; ".join(checked) or "not configured"
+
+
 def check_daemon(settings: Settings) -> str:
     status, _ = _get(settings, "/healthz", None)
     if status != 200:
@@ -100,6 +114,7 @@ CHECKS: list[Check] = [
         "VDDS exchange folder writable",
         lambda s: check_folder(s.vdds.exchange_dir) if s.vdds.exchange_dir else "not configured",
     ),
+    ("PMS profile folders writable", check_profile_folders),
     ("daemon answering", check_daemon),
     ("API token", check_token),
 ]

@@ -12,10 +12,17 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from datetime import date
 from pathlib import Path
 from typing import Any
 
+from bridge.handlers.dexis import build_integrator_watchers
+from bridge.model import Origin
+from bridge.runtime import Runtime
+from bridge.store.models import ProcessedFile
 from tests.conftest import DaemonProcess, pms_bridge_command
+
+ORIGIN = Origin(protocol="test", actor="pytest")
 
 
 def run(daemon: DaemonProcess, protocol: str, *args: str, cwd: Path | None = None) -> tuple[int, str]:
@@ -267,3 +274,32 @@ def test_launch_commands_import_nothing_heavy(tmp_path: Path) -> None:
     )
     assert proc.stdout.decode().strip() == "3 []"  # 3: the daemon is not reachable on port 9
     assert b"pms-bridge dexis: the pms-bridge service is not reachable" in proc.stderr
+
+
+async def test_an_integrator_file_still_being_written_is_not_taken_half(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """A file seen mid-write waits for a stable size; one left cut off is refused; the full one is read."""
+    folder = tmp_path / "integrator"
+    rt = Runtime.build(make_settings(dexis={"integrator_dir": str(folder)}))
+    try:
+        [watcher] = build_integrator_watchers(rt)
+        comm = folder / "Patient_OP2.txt"
+        comm.write_bytes(crlf("PN=77", "LN=Doe")[:-3])  # the PMS is still writing
+        assert await watcher.scan() and await watcher.scan()  # seen twice with the same size: handed over
+        assert await rt.service.search_patients(ORIGIN, pms_id="77") == []
+        comm.write_bytes(crlf("PN=77", "LN=Doe", "FN=Jane", "MI=", "BD=19850714"))
+        assert await watcher.scan()
+        assert await rt.service.search_patients(ORIGIN, pms_id="77") == []  # changed since: not yet
+        assert await watcher.scan()
+        [patient] = await rt.service.search_patients(ORIGIN, pms_id="77")
+        assert (patient.first_name, patient.birth_date) == ("Jane", date(1985, 7, 14))
+
+        def results(session: Any) -> list[str]:
+            return [r.result for r in session.query(ProcessedFile).order_by(ProcessedFile.id)]
+
+        assert [r.split(":")[0] for r in await rt.db.read(results)] == ["exit 2", "exit 0"]
+        assert "truncated" in (await rt.db.read(results))[0]
+    finally:
+        await rt.audit.flush()
+        rt.close()

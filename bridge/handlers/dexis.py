@@ -81,6 +81,14 @@ def parse_launch(launch: Launch, profile: DexisSettings) -> PatientFields:
 
 def integrator_watchers(rt: Runtime) -> Coroutine[Any, Any, None] | None:
     """The daemon worker polling each profile's `integrator_dir` (None when no profile has one)."""
+    watchers = build_integrator_watchers(rt)
+    if not watchers:
+        return None
+    return _run_all(watchers)
+
+
+def build_integrator_watchers(rt: Runtime) -> list[FolderWatcher]:
+    """A watcher per profile with an `integrator_dir`; a file is handled once its size is stable."""
     watchers = []
     handlers: tuple[tuple[str, LaunchHandler], ...] = (("dexis", handle_dexis), ("dentrix", handle_dentrix))
     for protocol, handler in handlers:
@@ -98,9 +106,7 @@ def integrator_watchers(rt: Runtime) -> Coroutine[Any, Any, None] | None:
                 accept_name=lambda name: COMM_FILE.match(name) is not None,
             )
         )
-    if not watchers:
-        return None
-    return _run_all(watchers)
+    return watchers
 
 
 async def _run_all(watchers: list[FolderWatcher]) -> None:
