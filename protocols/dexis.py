@@ -40,7 +40,9 @@ MAX_FILE_BYTES = 64 * 1024  # a Dexis file is a few hundred bytes
 MAX_COMMAND_CHARS = 1024  # the Integrator's own limit is 255; some room for other writers
 INTEGRATOR_DATE: tuple[str, ...] = ("%Y%m%d",)
 
-_REQUIRED = {INFO_FILE: ("PN", "LN", "FN", "BD", "SX"), INTEGRATOR: ("PN", "LN", "FN", "MI")}
+# Lines every known writer writes; optional ones (the Integrator's MI, BD, SX; the classic SX, which a
+# MediaDent-style writer may leave out) are not required, so no writer's files are refused for them.
+_REQUIRED = {INFO_FILE: ("PN", "LN", "FN", "BD"), INTEGRATOR: ("PN", "LN", "FN")}
 _KEY_BOUNDARY = re.compile(r"\s+(?=[A-Z]{2}=)")
 
 
@@ -79,8 +81,7 @@ def parse_file(
     first = next(line for line in text.splitlines() if line.strip())
     dialect = INTEGRATOR if first.lstrip().upper().startswith("PN=") else INFO_FILE
     values = parse_key_values(text, unquote=True)
-    # Every writer writes these lines (the optional BD and SX of the Integrator come last), so a missing
-    # one means a file cut at a line end, which the trailing-newline test cannot see.
+    # A missing required line means a file cut at a line end, which the trailing-newline test cannot see.
     for required in _REQUIRED[dialect]:
         if required not in values:
             raise MessageError(f"the file has no {required}= line: it is truncated or not a Dexis file")

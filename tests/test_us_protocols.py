@@ -135,7 +135,7 @@ def test_info_file_sx_m_means_not_female_unless_configured() -> None:
     [
         (info_file("7/14/1985")[:-3], "truncated or still being written"),
         (info_file("7/14/1985")[:-20], "no BD= line: it is truncated"),  # cut at a line end
-        (crlf("PN=77", "LN=Doe", "FN=Jane"), "no MI= line"),
+        (crlf("PN=77", "LN=Doe"), "no FN= line"),
         (crlf("Smith, John  7/14/1985  (17)", "PN=17"), "no LN= line"),
         (b"", "empty"),
         (b"\r\n\r\n", "empty"),
