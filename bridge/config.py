@@ -465,6 +465,11 @@ SECTIONS: tuple[type[Any], ...] = (
 )
 
 
+def launch_profiles(settings: Settings) -> dict[str, LaunchProfile]:
+    """The launch-style PMS profiles ([dexis], [dentrix], [eaglesoft], [cliniview]) by section name."""
+    return {cls.SECTION: getattr(settings, cls.SECTION) for cls in SECTIONS if issubclass(cls, LaunchProfile)}
+
+
 @dataclass(frozen=True)
 class Settings:
     """All settings of one daemon, as read from `path`."""

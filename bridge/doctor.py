@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from bridge.config import ConfigError, Settings, load_settings
+from bridge.config import ConfigError, Settings, launch_profiles, load_settings
 from bridge.config_file import api_endpoint, read_raw
 
 Check = tuple[str, Callable[[Settings], str]]  # (title, function returning a detail or raising)
@@ -76,8 +76,7 @@ def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
 def check_profile_folders(settings: Settings) -> str:
     """The Dexis/Dentrix Integrator folders and the thumbnail folders of the PMS profiles that use them."""
     checked = []
-    for name in ("dexis", "dentrix", "eaglesoft", "cliniview"):
-        profile = getattr(settings, name)
+    for name, profile in launch_profiles(settings).items():
         folders = {"integrator_dir": getattr(profile, "integrator_dir", None)}
         if profile.thumbnails:
             folders["thumbnail_dir"] = profile.thumbnail_dir

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.atomic import write_atomic
-from bridge.config import LaunchProfile, Settings
+from bridge.config import LaunchProfile, Settings, launch_profiles
 from bridge.model import ImageView, Origin, PatientView
 from bridge.service import CHART_KEYED
 
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROFILES = ("dexis", "dentrix", "eaglesoft", "cliniview")
 MAX_FOLDER_NAME = 100
 FORMAT = "pms-bridge-thumbnail/1"
 CSV_COLUMNS = (
@@ -76,8 +75,7 @@ def channel_name(profile: str) -> str:
 
 def enabled_profiles(settings: Settings) -> Iterator[tuple[str, LaunchProfile]]:
     """The profiles whose thumbnail folder is switched on."""
-    for name in PROFILES:
-        profile: LaunchProfile = getattr(settings, name)
+    for name, profile in launch_profiles(settings).items():
         if profile.thumbnails and profile.thumbnail_dir is not None:
             yield name, profile
 

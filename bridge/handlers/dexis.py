@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import re
 from collections.abc import Coroutine
 from pathlib import Path
@@ -31,8 +30,6 @@ from protocols.common import MessageError, PatientFields, decode, locale_formats
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
-
-log = logging.getLogger(__name__)
 
 COMM_FILE = re.compile(r"^Patient_(?P<workstation>.+)\.txt$", re.IGNORECASE)
 
@@ -58,7 +55,7 @@ def parse_launch(launch: Launch, profile: DexisSettings) -> PatientFields:
         return dexis.parse_set_command(joined)
     if launch.filename or launch.content:
         if not launch.filename:  # a body without a file: the SET string of an HTTP client, or a file's bytes
-            text = decode(launch.content[: dexis.MAX_COMMAND_CHARS + 10], profile.encoding).text
+            text = decode(launch.content, profile.encoding).text
             if dexis.is_set_command(text):
                 return dexis.parse_set_command(text)
         message = dexis.parse_file(
