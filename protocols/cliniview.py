@@ -20,16 +20,14 @@ from protocols.common import (
     DateFormatError,
     MessageError,
     PatientFields,
-    decode,
     field_id,
     field_text,
     parse_date,
-    parse_ini,
     parse_sex,
+    read_mapped_ini,
 )
 
 MAX_ARGUMENT_CHARS = 1024
-MAX_FILE_BYTES = 64 * 1024
 ARGUMENT_FIELDS = 5  # id, first, last, SSN, birth date
 
 
@@ -66,31 +64,22 @@ def parse_ini_file(
     encoding: str = "cp1252",
 ) -> PatientFields:
     """The patient of a Cliniview.ini; `keys` maps field names (id, last_name ...) to the ini's keys."""
-    if len(data) > MAX_FILE_BYTES:
-        raise MessageError(f"the ini has {len(data)} bytes; Cliniview.ini has at most {MAX_FILE_BYTES}")
-    sections = parse_ini(decode(data, encoding).text)
-    found = sections.get(section.upper())
-    if found is None:
-        named = ", ".join(f"[{s.name}]" for s in sections.values() if s.name) or "none"
-        raise MessageError(
-            f"Cliniview.ini has no [{section}] section (found: {named}); set [cliniview] ini_section"
-        )
-    id_key = keys.get("id", "")
-    if not id_key or id_key not in found:
-        raise MessageError(f"Cliniview.ini has no {id_key or 'patient id'} key in [{section}]")
-
-    def text(name: str) -> str:
-        ini_key = keys.get(name)
-        return field_text(found.get(ini_key), ini_key) if ini_key else ""
-
+    ini = read_mapped_ini(
+        data,
+        section=section,
+        keys=keys,
+        encoding=encoding,
+        what="Cliniview.ini",
+        setting="[cliniview] ini_section",
+    )
     return PatientFields(
-        patient_id=field_id(found.get(id_key), id_key),
+        patient_id=ini.patient_id(),
         demographics=Demographics(
-            last_name=text("last_name"),
-            first_name=text("first_name"),
-            middle_name=text("middle_name"),
-            birth_date=_date(text("birth_date"), date_formats, keys.get("birth_date", "birth date")),
-            sex=Sex(parse_sex(text("sex"))),
+            last_name=ini.text("last_name"),
+            first_name=ini.text("first_name"),
+            middle_name=ini.text("middle_name"),
+            birth_date=ini.date("birth_date", date_formats),
+            sex=Sex(parse_sex(ini.text("sex", 10))),
         ),
     )
 

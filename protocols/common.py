@@ -11,7 +11,7 @@ import codecs
 import datetime as dt
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from bridge.model import Demographics
@@ -223,6 +223,58 @@ def field_id(value: str, name: str, max_length: int = 60) -> str:
     if not text:
         raise MessageError(f"{name} is empty: the message names no patient")
     return text
+
+
+MAX_INI_BYTES = 64 * 1024  # a launch ini (Patterson, Cliniview.ini) is a few hundred bytes
+
+
+class MappedIni:
+    """One section of an INI a PMS writes under key names of its own, read through a field -> key map.
+
+    For formats whose key names are not public (Patterson Imaging ini, Cliniview.ini): the map comes
+    from configuration, and every error names the key as the file spells it.
+    """
+
+    def __init__(self, section: IniSection, keys: Mapping[str, str], what: str) -> None:
+        self.section = section
+        self.keys = keys
+        self.what = what
+
+    def text(self, name: str, max_length: int = 120) -> str:
+        """A mapped field's text; "" when the map has no key for it or the file lacks the key."""
+        ini_key = self.keys.get(name)
+        return field_text(self.section.get(ini_key), ini_key, max_length) if ini_key else ""
+
+    def patient_id(self) -> str:
+        """The mapped `id` field, required: a file without it is truncated or not the PMS's."""
+        ini_key = self.keys.get("id", "")
+        if not ini_key or ini_key not in self.section:
+            raise MessageError(f"{self.what} has no {ini_key or 'patient id'} key in [{self.section.name}]")
+        return field_id(self.section.get(ini_key), ini_key)
+
+    def date(self, name: str, formats: Iterable[str]) -> dt.date | None:
+        """A mapped date field in one of `formats`; a date in another format is refused, not guessed."""
+        value = self.text(name, 40)
+        try:
+            return parse_date(value, formats)
+        except DateFormatError:
+            raise MessageError(
+                f"{self.keys.get(name, name)} {value!r} is not a date in the configured format"
+            ) from None
+
+
+def read_mapped_ini(
+    data: bytes, *, section: str, keys: Mapping[str, str], encoding: str, what: str, setting: str
+) -> MappedIni:
+    """The configured section of an INI message; a missing one is refused naming the sections found."""
+    if len(data) > MAX_INI_BYTES:
+        raise MessageError(f"{what} has {len(data)} bytes; at most {MAX_INI_BYTES} are read")
+    sections = parse_ini(decode(data, encoding).text)
+    found = sections.get(section.upper())
+    if found is None:
+        named = ", ".join(f"[{s.name}]" for s in sections.values() if s.name) or "none"
+        raise MessageError(f"{what} has no [{section}] section (found: {named}); set {setting}")
+    return MappedIni(found, keys, what)
 
 
 # --------------------------------------------------------------------------------------------------

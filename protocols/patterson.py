@@ -16,19 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from bridge.model import Demographics, Sex
-from protocols.common import (
-    DateFormatError,
-    MessageError,
-    PatientFields,
-    decode,
-    field_id,
-    field_text,
-    parse_date,
-    parse_ini,
-    parse_sex,
-)
-
-MAX_FILE_BYTES = 64 * 1024
+from protocols.common import PatientFields, parse_sex, read_mapped_ini
 
 
 def parse(
@@ -40,40 +28,19 @@ def parse(
     encoding: str = "cp1252",
 ) -> PatientFields:
     """The patient of a Patterson ini; `keys` maps field names (id, last_name ...) to the ini's keys."""
-    if len(data) > MAX_FILE_BYTES:
-        raise MessageError(f"the ini has {len(data)} bytes; a Patterson ini has at most {MAX_FILE_BYTES}")
-    sections = parse_ini(decode(data, encoding).text)
-    found = sections.get(section.upper())
-    if found is None:
-        named = ", ".join(f"[{s.name}]" for s in sections.values() if s.name) or "none"
-        raise MessageError(
-            f"the ini has no [{section}] section (found: {named}); set [eaglesoft] ini_section to the PMS's"
-        )
-    id_key = keys.get("id", "")
-    if not id_key or id_key not in found:
-        raise MessageError(f"the ini has no {id_key or 'patient number'} key in [{section}]")
-
-    def text(name: str, limit: int = 120) -> str:
-        ini_key = keys.get(name)
-        return field_text(found.get(ini_key), ini_key, limit) if ini_key else ""
-
-    raw_date = text("birth_date", 40)
-    try:
-        birth = parse_date(raw_date, short_date_formats)
-    except DateFormatError:
-        raise MessageError(
-            f"{keys['birth_date']} {raw_date!r} is not a short date of the configured locale"
-        ) from None
+    ini = read_mapped_ini(
+        data, section=section, keys=keys, encoding=encoding, what="the ini", setting="[eaglesoft] ini_section"
+    )
     return PatientFields(
-        patient_id=field_id(found.get(id_key), id_key),
+        patient_id=ini.patient_id(),
         demographics=Demographics(
-            last_name=text("last_name"),
-            first_name=text("first_name"),
-            middle_name=text("middle_name"),
-            street=text("street", 200),
-            city=text("city"),
-            postal_code=text("postal_code", 20),
-            birth_date=birth,
-            sex=Sex(parse_sex(text("sex", 10))),
+            last_name=ini.text("last_name"),
+            first_name=ini.text("first_name"),
+            middle_name=ini.text("middle_name"),
+            street=ini.text("street", 200),
+            city=ini.text("city"),
+            postal_code=ini.text("postal_code", 20),
+            birth_date=ini.date("birth_date", short_date_formats),
+            sex=Sex(parse_sex(ini.text("sex", 10))),
         ),
     )

@@ -287,6 +287,20 @@ def test_patterson_wrong_section_names_what_it_found() -> None:
         patterson.parse(patterson_ini(), section="Launch", keys=PATTERSON_KEYS, short_date_formats=EN_US)
 
 
+def test_patterson_birth_date_of_another_locale_or_an_oversized_ini_is_refused() -> None:
+    with pytest.raises(
+        MessageError, match=r"Birthdate '17\.01\.1980' is not a date in the configured format"
+    ):
+        patterson.parse(
+            patterson_ini(birth="17.01.1980"),
+            section="Patient",
+            keys=PATTERSON_KEYS,
+            short_date_formats=EN_US,
+        )
+    with pytest.raises(MessageError, match="at most 65536 are read"):
+        patterson.parse(b" " * 70000, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+
+
 def test_patterson_truncated_ini_without_the_number_is_refused() -> None:
     data = patterson_ini().split(b"PatientNumber")[0]
     with pytest.raises(MessageError, match="no PatientNumber key"):
