@@ -144,7 +144,12 @@ COMMANDS: dict[str, Command] = {
 }
 
 # Launch commands (PMS entry points) are listed for --help; their arguments go to the daemon as they are.
-LAUNCH_HELP: dict[str, str] = {}
+LAUNCH_HELP: dict[str, str] = {
+    "dexis": 'Dexis bridge: @INFOFILE (classic or Integrator file) or SET <id> LN="..." FN="..." BD=yyyyMMdd',
+    "dentrix": "Dentrix G6/G7: the Dexis formats under the [dentrix] profile (CN=<chart number> optional)",
+    "eaglesoft": "Eaglesoft / Patterson: INIFILE, the Patterson Imaging ini the PMS wrote",
+    "cliniview": "CLINIVIEW: -ID;FIRST;LAST;SSN;MM/dd/yyyy, or the path of Cliniview.ini",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

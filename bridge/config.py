@@ -27,6 +27,7 @@ from bridge.config_file import (
     find_config_path,
     read_raw,
 )
+from protocols.common import LOCALE_SHORT_DATES, DateFormatError, dotnet_to_strptime
 
 
 class ConfigError(Exception):
@@ -156,6 +157,38 @@ def Csv() -> Parser:
     return Parser("a comma-separated list, or empty", convert)
 
 
+def KeyMap(*fields: str) -> Parser:
+    """'field=Key, field=Key' pairs: which INI key a PMS writes each field under (names not public)."""
+
+    def convert(text: str, _home: Path) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for item in text.split(","):
+            if not item.strip():
+                continue
+            name, sep, ini_key = item.partition("=")
+            name, ini_key = name.strip(), ini_key.strip()
+            if not sep or name not in fields or not ini_key or name in found:
+                raise ValueError
+            found[name] = ini_key
+        return found
+
+    return Parser(f"field=IniKey pairs separated by commas; fields: {', '.join(fields)}", convert)
+
+
+def DateFormat() -> Parser:
+    """A .NET date format string as the PMS's documentation writes it (MM/dd/yyyy, yyyyMMdd ...)."""
+
+    def convert(text: str, _home: Path) -> str:
+        value = text.strip()
+        try:
+            dotnet_to_strptime(value)
+        except DateFormatError:
+            raise ValueError from None
+        return value
+
+    return Parser("a .NET date format with day, month and year, e.g. MM/dd/yyyy or yyyyMMdd", convert)
+
+
 def key(default: str, parser: Parser, doc: str) -> Any:
     """Declare one config key: its default as written in the file, its parser, its documentation."""
     return field(metadata={"default": default, "parser": parser, "doc": doc})
@@ -283,6 +316,135 @@ class ThumbnailSettings:
     quality: int = key("85", Int(50, 95), "JPEG quality of thumbnails and previews")
 
 
+CODE_PAGES = ("cp1252", "cp850", "cp437", "iso-8859-15", "utf-8")
+
+
+@dataclass(frozen=True)
+class LaunchProfile:
+    """What every launch-style PMS profile (Dexis, Dentrix, Eaglesoft, CLINIVIEW) says about its PMS."""
+
+    SECTION: ClassVar[str] = ""
+    pms_system: str = key(
+        "pms", Text(required=True, max_length=100), "PMS system name its patients are keyed by"
+    )
+    practice_id: str = key("", Text(max_length=100), "Practice id recorded for its patients (empty: none)")
+    id_field: str = key(
+        "pms_id",
+        Choice("pms_id", "chart_number"),
+        "Which id the PMS sends: pms_id = its immutable internal patient id; chart_number = the editable"
+        " chart number (set in the PMS's bridge as 'use ChartNum')",
+    )
+    encoding: str = key(
+        "cp1252", Choice(*CODE_PAGES), "Code page of files without a BOM (a BOM always wins: UTF-8, UTF-16)"
+    )
+    thumbnails: bool = key(
+        "no", Bool(), "yes: write a watermarked thumbnail and metadata per new image into thumbnail_dir"
+    )
+    thumbnail_dir: Path | None = key(
+        "",
+        OptionalPath(),
+        "Folder the PMS reads thumbnails from; one sub-folder per patient, named by the id of id_field",
+    )
+
+    def __post_init__(self) -> None:
+        if self.thumbnails and self.thumbnail_dir is None:
+            raise ConfigError(f"[{self.SECTION}] thumbnails = yes needs thumbnail_dir")
+
+
+@dataclass(frozen=True)
+class DexisSettings(LaunchProfile):
+    """Dexis-style launches: classic info file, Dexis Integrator file and SET command (Open Dental ...)."""
+
+    SECTION: ClassVar[str] = "dexis"
+    pms_system: str = key(
+        "dexis", Text(required=True, max_length=100), "PMS system name its patients are keyed by"
+    )
+    locale: str = key(
+        "en-us",
+        Choice(*LOCALE_SHORT_DATES),
+        "Short-date locale of the PMS workstations: how the classic info file writes BD (en-us 7/14/1985,"
+        " en-ca 14/07/1985, de-de 14.07.1985); a day/month ambiguity is settled by this alone",
+    )
+    info_file_sx_m: str = key(
+        "unknown",
+        Choice("unknown", "male"),
+        "What SX=M means in the classic info file, whose writers send M for every patient who is not"
+        " female: unknown (default) or male",
+    )
+    integrator_dir: Path | None = key(
+        "", OptionalPath(), "Watched folder of Dexis Integrator files Patient_<workstation>.txt (empty: off)"
+    )
+
+
+@dataclass(frozen=True)
+class DentrixSettings(DexisSettings):
+    """Dentrix G6 (Integrator file and SET command, Dexis dialect) and G7 Smart Image (chart number)."""
+
+    SECTION: ClassVar[str] = "dentrix"
+    pms_system: str = key(
+        "dentrix", Text(required=True, max_length=100), "PMS system name its patients are keyed by"
+    )
+
+
+@dataclass(frozen=True)
+class EaglesoftSettings(LaunchProfile):
+    """Eaglesoft: the Patterson Imaging ini the PMS writes before it starts the imaging program."""
+
+    SECTION: ClassVar[str] = "eaglesoft"
+    pms_system: str = key(
+        "eaglesoft", Text(required=True, max_length=100), "PMS system name its patients are keyed by"
+    )
+    locale: str = key(
+        "en-us", Choice(*LOCALE_SHORT_DATES), "Short-date locale of the PMS workstations (birth date)"
+    )
+    legacy_id_suffix: int = key(
+        "0",
+        Int(0, 20),
+        "0: the PMS sends whole patient numbers; 5: it sends only their last 5 characters (Patterson"
+        " legacy bridge): matched against the ends of known numbers, an ambiguous match is refused",
+    )
+    ini_section: str = key("Patient", Text(required=True, max_length=100), "Section of the patient fields")
+    ini_keys: dict[str, str] = key(
+        "id=PatientNumber, first_name=FirstName, middle_name=MiddleInitial, last_name=LastName,"
+        " street=Address, city=City, postal_code=Zip, sex=Gender, birth_date=Birthdate",
+        KeyMap(
+            "id",
+            "first_name",
+            "middle_name",
+            "last_name",
+            "street",
+            "city",
+            "postal_code",
+            "sex",
+            "birth_date",
+        ),
+        "INI key of each field (the real names are not public; SSN is never read)",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.legacy_id_suffix and self.id_field == "chart_number":
+            raise ConfigError("[eaglesoft] legacy_id_suffix truncates patient numbers, not chart numbers")
+
+
+@dataclass(frozen=True)
+class CliniviewSettings(LaunchProfile):
+    """CLINIVIEW: the -ID;FIRST;LAST;SSN;MM/dd/yyyy argument and Cliniview.ini."""
+
+    SECTION: ClassVar[str] = "cliniview"
+    pms_system: str = key(
+        "cliniview", Text(required=True, max_length=100), "PMS system name its patients are keyed by"
+    )
+    date_format: str = key("MM/dd/yyyy", DateFormat(), "Birth date in the argument (.NET format)")
+    ini_section: str = key("Patient", Text(required=True, max_length=100), "Section of the patient fields")
+    ini_keys: dict[str, str] = key(
+        "id=PatientID, first_name=FirstName, last_name=LastName, birth_date=BirthDate, sex=Sex",
+        KeyMap("id", "first_name", "middle_name", "last_name", "birth_date", "sex"),
+        "INI key of each field in Cliniview.ini (the real names are not public; SSN is never read)",
+    )
+    ini_date_format: str = key("MM/dd/yyyy", DateFormat(), "Birth date in Cliniview.ini (.NET format)")
+
+
 @dataclass(frozen=True)
 class DaemonSettings:
     """How the daemon runs: logs, stop file, background workers."""
@@ -324,7 +486,16 @@ SECTIONS: tuple[type[Any], ...] = (
     ThumbnailSettings,
     DaemonSettings,
     RecordSettings,
+    DexisSettings,
+    DentrixSettings,
+    EaglesoftSettings,
+    CliniviewSettings,
 )
+
+
+def launch_profiles(settings: Settings) -> dict[str, LaunchProfile]:
+    """The launch-style PMS profiles ([dexis], [dentrix], [eaglesoft], [cliniview]) by section name."""
+    return {cls.SECTION: getattr(settings, cls.SECTION) for cls in SECTIONS if issubclass(cls, LaunchProfile)}
 
 
 @dataclass(frozen=True)
@@ -341,6 +512,10 @@ class Settings:
     thumbnails: ThumbnailSettings
     daemon: DaemonSettings
     record: RecordSettings
+    dexis: DexisSettings
+    dentrix: DentrixSettings
+    eaglesoft: EaglesoftSettings
+    cliniview: CliniviewSettings
 
 
 S = TypeVar("S")

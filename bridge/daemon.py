@@ -22,7 +22,9 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Settings
+from bridge.handlers.dexis import integrator_watchers
 from bridge.runtime import Runtime
+from bridge.thumbfolders import thumbnail_workers
 from bridge.web.app import build_api_app
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,10 @@ STOP_FILE_POLL_SECONDS = 0.5
 # Background workers protocols contribute: each takes the runtime and returns a coroutine that runs
 # until cancelled (a watched folder, an outbox channel), or None when its settings leave it off.
 WorkerFactory = Callable[[Runtime], Coroutine[Any, Any, None] | None]
-WORKER_FACTORIES: list[WorkerFactory] = []
+WORKER_FACTORIES: list[WorkerFactory] = [
+    integrator_watchers,
+    thumbnail_workers,
+]
 
 # Extra listeners protocols contribute (OPP web): a factory returning (name, app, host, port), or None
 # when its settings leave it off.

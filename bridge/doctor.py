@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from bridge.config import ConfigError, Settings, load_settings
+from bridge.config import ConfigError, Settings, launch_profiles, load_settings
 from bridge.config_file import api_endpoint, read_raw
 
 Check = tuple[str, Callable[[Settings], str]]  # (title, function returning a detail or raising)
@@ -73,6 +73,19 @@ def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
         ) from None
 
 
+def check_profile_folders(settings: Settings) -> str:
+    """The Dexis/Dentrix Integrator folders and the thumbnail folders of the PMS profiles that use them."""
+    checked = []
+    for name, profile in launch_profiles(settings).items():
+        folders = {"integrator_dir": getattr(profile, "integrator_dir", None)}
+        if profile.thumbnails:
+            folders["thumbnail_dir"] = profile.thumbnail_dir
+        for key, folder in folders.items():
+            if folder is not None:
+                checked.append(f"[{name}] {key} {check_folder(folder)}")
+    return "; ".join(checked) or "not configured"
+
+
 def check_daemon(settings: Settings) -> str:
     status, _ = _get(settings, "/healthz", None)
     if status != 200:
@@ -100,6 +113,7 @@ CHECKS: list[Check] = [
         "VDDS exchange folder writable",
         lambda s: check_folder(s.vdds.exchange_dir) if s.vdds.exchange_dir else "not configured",
     ),
+    ("PMS profile folders writable", check_profile_folders),
     ("daemon answering", check_daemon),
     ("API token", check_token),
 ]

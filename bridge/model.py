@@ -35,10 +35,15 @@ class Action(enum.StrEnum):
 
 
 class IdKind(enum.StrEnum):
-    """Which of its ids a PMS sends: its immutable internal id, or the editable chart number."""
+    """Which of its ids a PMS sends: its immutable internal id, or the editable chart number.
+
+    PMS_ID_SUFFIX: only the last `PatientRequest.id_suffix_length` characters of the internal id
+    (Patterson's legacy bridge sends the last 5); matched against the ends of the known ids.
+    """
 
     PMS_ID = "pms_id"
     CHART_NUMBER = "chart_number"
+    PMS_ID_SUFFIX = "pms_id_suffix"
 
 
 class Status(enum.StrEnum):
@@ -115,6 +120,7 @@ class PatientRequest:
     practice_id: str = ""
     id_kind: IdKind = IdKind.PMS_ID
     chart_number: str = ""
+    id_suffix_length: int = 0  # PMS_ID_SUFFIX: how many trailing characters of its id the PMS keeps
     demographics: Demographics = field(default_factory=Demographics)
     silent: bool = False  # no UI event (OPP silent="YES")
     image_refs: tuple[str, ...] = ()  # image ids the PMS refers to (MMOIDs)

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from bridge.store import queries as q
 from bridge.store.models import OutboxMessage
 from bridge.store.types import utcnow
+from bridge.thumbfolders import folder_targets
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -41,13 +42,20 @@ class OutboxItem:
     attempts: int
 
 
+class Undeliverable(Exception):
+    """Raised by a sender for a message no retry can deliver (e.g. an id that is no safe folder name):
+    the message is marked failed at once, with this text as its error."""
+
+
 Sender = Callable[["Runtime", OutboxItem], Awaitable[None]]  # raises to ask for a retry
 Recover = Callable[["Runtime", OutboxItem], Awaitable[bool]]  # True: the PMS already has it
 
 # Rules deciding which channels announce new images to the PMS behind a link; each takes the settings,
 # the link's protocol and its PMS system. Channels add theirs (see bridge.runtime.Runtime.build).
 TargetRule = Callable[["Settings", str, str], Sequence[str]]
-TARGET_RULES: list[TargetRule] = []
+TARGET_RULES: list[TargetRule] = [
+    folder_targets,
+]
 
 
 def push_targets(settings: Settings) -> Callable[[str, str], Sequence[str]]:
@@ -130,6 +138,12 @@ class OutboxWorker:
         for item in items:
             try:
                 await self.sender(self.rt, item)
+            except Undeliverable as exc:
+                log.error(
+                    "push undeliverable",
+                    extra={"channel": self.channel, "id": item.id, "error": str(exc)[:300]},
+                )
+                await self._finish(item, delivered=False, error=str(exc), final=True)
             except Exception as exc:
                 log.warning(
                     "push failed; will retry",
@@ -146,7 +160,9 @@ class OutboxWorker:
                 log.info("pushed", extra={"channel": self.channel, "id": item.id})
         return len(items)
 
-    async def _finish(self, item: OutboxItem, *, delivered: bool, error: str = "") -> None:
+    async def _finish(
+        self, item: OutboxItem, *, delivered: bool, error: str = "", final: bool = False
+    ) -> None:
         def work(session: Session) -> None:
             msg = session.get(OutboxMessage, item.id)
             if msg is None:
@@ -156,7 +172,7 @@ class OutboxWorker:
                 msg.state, msg.done_at, msg.last_error = "done", now, ""
                 return
             msg.last_error = error[:1000]
-            if msg.attempts >= self.max_attempts:
+            if final or msg.attempts >= self.max_attempts:
                 msg.state = "failed"
                 return
             delay = self.backoff[min(max(msg.attempts - 1, 0), len(self.backoff) - 1)]

@@ -24,11 +24,14 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from protocols.common import decode
+
+if TYPE_CHECKING:
+    from bridge.config import Settings
 
 # protocol -> [(regex, replacement)]: fields of that protocol's answers that legitimately vary. Each rule
 # must name its field, so that nothing else is ignored.
@@ -188,7 +191,7 @@ class Runner:
                     prefix = f"step {index + 1}: " if len(case.spec.get("steps", [])) > 1 else ""
                     return Result(case.name, "FAIL", prefix + problem)
             if case.spec.get("effect"):
-                problem = await self.check_effect(
+                problem = await self.settled_effect(
                     case, json.loads(case.path(case.spec["effect"]).read_text("utf-8"))
                 )
                 if problem:
@@ -368,6 +371,23 @@ class Runner:
             items = [p for p in items if p.get("practice_id") == key["practice_id"]]
         return items
 
+    async def settled_effect(self, case: Case, effect: dict[str, Any]) -> str:
+        """The effect check, repeated until it holds when a folder step has no answer to wait for.
+
+        A watched folder without an answer file (Dexis Integrator) handles the file whenever its next
+        scan finds it complete; its effect is awaited up to FOLDER_TIMEOUT instead of guessed at.
+        """
+        waits = any(
+            step.get("transport") == "folder" and "file" not in step.get("expect", {})
+            for step in case.spec.get("steps", [])
+        )
+        deadline = time.monotonic() + (FOLDER_TIMEOUT if waits else 0)
+        while True:
+            problem = await self.check_effect(case, effect)
+            if not problem or time.monotonic() >= deadline:
+                return problem
+            await asyncio.sleep(0.2)
+
     async def check_effect(self, case: Case, effect: dict[str, Any]) -> str:
         for expected in effect.get("patients", []):
             key = expected["key"]
@@ -453,7 +473,7 @@ async def fresh_target_run(case: Case, session: aiohttp.ClientSession, update: b
                 config=config,
                 opp_url=f"http://{opp[0]}:{opp[1]}" if opp else "",
                 home=home,
-                watched=dict(daemon.rt.readiness.watched) if daemon.rt else {},
+                watched={**watched_folders(settings), **(daemon.rt.readiness.watched if daemon.rt else {})},
                 fresh=True,
             )
             return await Runner(target, session, update=update).run_case(case)
@@ -525,6 +545,16 @@ async def replay(
     return results
 
 
+def watched_folders(settings: Settings) -> dict[str, Path]:
+    """The configured watched folders a case's folder steps can drop files into, by watcher name."""
+    folders = {
+        "vdds": settings.vdds.exchange_dir,
+        "dexis-integrator": settings.dexis.integrator_dir,
+        "dentrix-integrator": settings.dentrix.integrator_dir,
+    }
+    return {name: folder for name, folder in folders.items() if folder is not None}
+
+
 def running_target(config: Path | None, url: str | None, token: str, opp_url: str) -> Target:
     from bridge.config import load_settings
 
@@ -533,14 +563,13 @@ def running_target(config: Path | None, url: str | None, token: str, opp_url: st
         api = settings.api
         host = "127.0.0.1" if api.host in ("0.0.0.0", "::") else api.host  # noqa: S104
         scheme = "https" if api.tls else "http"
-        watched = {"vdds": settings.vdds.exchange_dir} if settings.vdds.exchange_dir else {}
         return Target(
             api_url=url or f"{scheme}://{host}:{api.port}",
             token=token or api.token,
             config=config,
             opp_url=opp_url or f"{scheme}://{host}:{settings.opp_web.port}",
             home=settings.home,
-            watched={k: v for k, v in watched.items() if v is not None},
+            watched=watched_folders(settings),
         )
     assert url is not None
     home = Path(tempfile.mkdtemp(prefix="replay-client-"))

@@ -74,6 +74,10 @@ MAX_REMEMBERED_IMAGE_VIEWS = 10_000
 # (protocol of the link, pms_system) -> channel names. Protocols register theirs at daemon start.
 PushTargets = Callable[[str, str], Sequence[str]]
 
+# The protocol the push targets are asked about for a patient that has a current chart number: PMSs that
+# key patients by chart number (Dentrix Smart Image) leave no link behind, only the chart alias.
+CHART_KEYED = "chart-number"
+
 
 def _no_push(_protocol: str, _pms_system: str) -> Sequence[str]:
     return ()
@@ -340,6 +344,8 @@ def _apply_demographics(patient: Patient, demo: Demographics) -> list[str]:
     for name, value in values.items():
         if value in (None, ""):
             continue
+        if name in _NAME_FIELDS and _only_spaces_lost(getattr(patient, name), value):
+            continue
         if getattr(patient, name) != value:
             setattr(patient, name, value)
             changed.append(name)
@@ -348,6 +354,18 @@ def _apply_demographics(patient: Patient, demo: Demographics) -> list[str]:
     if changed:
         patient.updated_at = utcnow()
     return changed
+
+
+_NAME_FIELDS = frozenset({"last_name", "first_name", "middle_name"})
+
+
+def _only_spaces_lost(stored: str, incoming: str) -> bool:
+    """True when `incoming` is the stored name with its spaces removed (CLINIVIEW strips them).
+
+    Such a name is the same name with less information: it neither conflicts nor overwrites
+    'Van Der Berg' with 'VanDerBerg'.
+    """
+    return " " in stored and " " not in incoming and stored.replace(" ", "") == incoming
 
 
 def _new_patient(demo: Demographics) -> Patient:
@@ -417,8 +435,10 @@ class BridgeService:
         return replace(refused.outcome, conflict_id=conflict_id)
 
     def _check_request(self, req: PatientRequest) -> None:
-        if req.id_kind is IdKind.PMS_ID and not req.pms_id.strip():
+        if req.id_kind in (IdKind.PMS_ID, IdKind.PMS_ID_SUFFIX) and not req.pms_id.strip():
             raise Refused(Outcome(Status.INVALID, "the request carries no patient id"))
+        if req.id_kind is IdKind.PMS_ID_SUFFIX and req.id_suffix_length < 1:
+            raise Refused(Outcome(Status.INVALID, "an id suffix request must say how long the suffix is"))
         if req.id_kind is IdKind.CHART_NUMBER and not req.chart_number.strip():
             raise Refused(Outcome(Status.INVALID, "the request carries no chart number"))
         if not req.pms_system.strip():
@@ -464,6 +484,9 @@ class BridgeService:
         return "" if self.settings.ignore_practice_id else req.practice_id
 
     def _find_link(self, session: Session, req: PatientRequest) -> PmsLink | None:
+        if req.id_kind is IdKind.PMS_ID_SUFFIX and len(req.pms_id) >= req.id_suffix_length:
+            return self._find_link_by_suffix(session, req)
+        # A suffix shorter than the PMS truncates to is a whole id: exact, as below.
         if not self.settings.ignore_practice_id:
             return session.scalars(q.link_by_key(req.pms_system, req.practice_id, req.pms_id)).first()
         links = list(session.scalars(q.links_by_system_id(req.pms_system, req.pms_id)))
@@ -475,6 +498,30 @@ class BridgeService:
                 "practices; with ignore_practice_id they cannot be told apart",
                 patient_id=links[0].patient_id,
                 other_patient_id=links[1].patient_id,
+            )
+        return links[0] if links else None
+
+    def _find_link_by_suffix(self, session: Session, req: PatientRequest) -> PmsLink | None:
+        """The one link whose id ends with the received suffix (a PMS that truncates its ids).
+
+        Matches on the id alone, never on name, SSN or birth date. Two patients whose ids end alike
+        cannot be told apart: that is a recorded conflict, not a guess, and the PMS gets an error asking
+        for the whole number. No match at all means a new patient, keyed by the suffix as received.
+        """
+        practice = None if self.settings.ignore_practice_id else req.practice_id
+        links = list(session.scalars(q.links_by_id_suffix(req.pms_system, req.pms_id, practice)))
+        patients = sorted({link.patient_id for link in links})
+        if len(patients) > 1:
+            ids = sorted({link.pms_id for link in links})
+            raise _conflict(
+                req,
+                "ambiguous-id-suffix",
+                f"patient number {req.pms_id!r} from {req.pms_system} is the end of {len(ids)} known numbers "
+                f"({', '.join(ids[:5])}): the last {req.id_suffix_length} characters cannot tell them apart;"
+                " send the whole number",
+                patient_id=patients[0],
+                other_patient_id=patients[1],
+                detail={"candidates": ids[:20]},
             )
         return links[0] if links else None
 
@@ -1007,20 +1054,61 @@ class BridgeService:
         return series
 
     def _enqueue_pushes(self, session: Session, patient_id: int, image_ids: list[int], now: datetime) -> None:
+        """One outbox message per (link, channel) the push targets name for the patient's links.
+
+        A patient with a current chart number is also announced to the channels of PMSs keyed by chart
+        number (CHART_KEYED), once per channel and only where no link already announces it.
+        """
         if not image_ids:
             return
+        batch = f"{image_ids[0]}-{image_ids[-1]}:{len(image_ids)}"
+        queued: set[str] = set()
+
+        def add(channel: str, link_key: str, payload: dict[str, Any]) -> None:
+            queued.add(channel)
+            session.add(
+                OutboxMessage(
+                    channel=channel,
+                    key=f"{channel}:{link_key}:{batch}",
+                    patient_id=patient_id,
+                    payload={**payload, "image_ids": image_ids},
+                    next_attempt_at=now,
+                    created_at=now,
+                )
+            )
+
         for link in session.scalars(q.links_of_patient(patient_id)):
             for channel in self.push_targets(link.protocol, link.pms_system):
-                session.add(
-                    OutboxMessage(
-                        channel=channel,
-                        key=f"{channel}:{link.id}:{image_ids[0]}-{image_ids[-1]}:{len(image_ids)}",
-                        patient_id=patient_id,
-                        payload={"link_id": link.id, "pms_system": link.pms_system, "image_ids": image_ids},
-                        next_attempt_at=now,
-                        created_at=now,
-                    )
-                )
+                add(channel, str(link.id), {"link_id": link.id, "pms_system": link.pms_system})
+        if session.scalars(q.current_chart_of_patient(patient_id)).first() is not None:
+            for channel in self.push_targets(CHART_KEYED, ""):
+                if channel not in queued:
+                    add(channel, "chart", {"link_id": None, "pms_system": ""})
+
+    async def images_for_push(
+        self, origin: Origin, patient_id: int, link_id: int | None, image_ids: Sequence[int]
+    ) -> tuple[PatientView | None, list[ImageView]]:
+        """What a push channel sends: the patient as the link's PMS knows it, and the images still there.
+
+        The patient view carries the link's id (not just the patient's first link) and the current chart
+        number; images deleted since the push was queued, or of another patient, are left out.
+        """
+
+        def work(session: Session) -> tuple[PatientView | None, list[ImageView]]:
+            patient = session.scalars(q.patient_by_id(patient_id)).first()
+            if patient is None:
+                return None, []
+            link = session.get(PmsLink, link_id) if link_id is not None else None
+            if link is not None and link.patient_id != patient_id:
+                link = None
+            rows = session.execute(q.images_by_ids(sorted(set(image_ids)))).all() if image_ids else []
+            images = [image_view_row(row) for row in rows if row.patient_id == patient_id]
+            return _load_patient_view(session, patient, link), images
+
+        view, images = await self.db.read(work)
+        if view is not None:
+            self.audit.read(origin, "images.push", patient_id=view.id, detail=f"{len(images)} images")
+        return view, images
 
     # ---------------------------------------------------------------------------------------------
     # Conflicts

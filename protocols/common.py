@@ -10,7 +10,11 @@ from __future__ import annotations
 import codecs
 import datetime as dt
 import re
-from collections.abc import Iterable
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from bridge.model import Demographics
 
 # --------------------------------------------------------------------------------------------------
 # Encodings
@@ -159,15 +163,129 @@ def _one_line(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ")
 
 
-def parse_key_values(text: str) -> dict[str, str]:
-    """KEY=value lines without sections (Dexis info files): upper-cased keys, first occurrence wins."""
+def parse_key_values(text: str, *, unquote: bool = False) -> dict[str, str]:
+    """KEY=value lines without sections (Dexis info files): upper-cased keys, first occurrence wins.
+
+    With `unquote`, one pair of surrounding double quotes is removed from a value: the Dexis Integrator
+    documents `LN="Smith"` while its known writers send `LN=Smith`, so both must read the same.
+    """
     found: dict[str, str] = {}
     for raw in text.splitlines():
         key, sep, value = raw.partition("=")
         key = key.strip().upper()
         if sep and key and " " not in key and key not in found:
-            found[key] = value.strip()
+            value = value.strip()
+            if unquote and len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            found[key] = value
     return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Fields of launch-style messages (Dexis, Patterson, CLINIVIEW): what they say about one patient
+
+
+class MessageError(ValueError):
+    """A PMS message that cannot be served as sent. The text is one line the PMS's user can act on."""
+
+
+@dataclass(frozen=True)
+class PatientFields:
+    """What a launch-style message says about its patient, before the PMS profile says what its id is.
+
+    `patient_id` is the one id the message carries (the profile's `id_field` says whether the PMS sends
+    its internal id or the chart number there); `chart_number` is a second id a few messages carry
+    beside it (Dentrix's `CN=`), empty otherwise.
+    """
+
+    patient_id: str
+    demographics: Demographics
+    chart_number: str = ""
+    # Values the message carries that the store never keeps (an SSN, a provider's name): not used for
+    # anything but telling record mode what to pseudonymise.
+    sensitive: tuple[str, ...] = field(default=(), repr=False)
+
+
+def field_text(value: str, name: str, max_length: int = 120) -> str:
+    """A text field of a message, stripped; control characters or an absurd length are refused.
+
+    The limit protects the store (names are at most 120 characters there) and makes a corrupt file fail
+    with a message naming the field instead of a database error.
+    """
+    text = value.strip()
+    if len(text) > max_length:
+        raise MessageError(f"{name} is longer than {max_length} characters")
+    if any(unicodedata.category(ch) == "Cc" for ch in text):
+        raise MessageError(f"{name} contains control characters")
+    return text
+
+
+def field_id(value: str, name: str, max_length: int = 60) -> str:
+    """An id field (patient number, chart number): required, one line, opaque (leading zeros kept)."""
+    text = field_text(value, name, max_length)
+    if not text:
+        raise MessageError(f"{name} is empty: the message names no patient")
+    return text
+
+
+MAX_INI_BYTES = 64 * 1024  # a launch ini (Patterson, Cliniview.ini) is a few hundred bytes
+
+
+class MappedIni:
+    """One section of an INI a PMS writes under key names of its own, read through a field -> key map.
+
+    For formats whose key names are not public (Patterson Imaging ini, Cliniview.ini): the map comes
+    from configuration, and every error names the key as the file spells it.
+    """
+
+    def __init__(self, section: IniSection, keys: Mapping[str, str], what: str) -> None:
+        self.section = section
+        self.keys = keys
+        self.what = what
+
+    def text(self, name: str, max_length: int = 120) -> str:
+        """A mapped field's text; "" when the map has no key for it or the file lacks the key."""
+        ini_key = self.keys.get(name)
+        return field_text(self.section.get(ini_key), ini_key, max_length) if ini_key else ""
+
+    def unmapped_values(self) -> tuple[str, ...]:
+        """The values of the section's other keys (an SSN, providers, phone numbers): never used, but
+        record mode must know them to keep them out of a capture."""
+        mapped = {key.upper() for key in self.keys.values()}
+        return tuple(
+            value for key, value in self.section.items() if key.upper() not in mapped and value.strip()
+        )
+
+    def patient_id(self) -> str:
+        """The mapped `id` field, required: a file without it is truncated or not the PMS's."""
+        ini_key = self.keys.get("id", "")
+        if not ini_key or ini_key not in self.section:
+            raise MessageError(f"{self.what} has no {ini_key or 'patient id'} key in [{self.section.name}]")
+        return field_id(self.section.get(ini_key), ini_key)
+
+    def date(self, name: str, formats: Iterable[str]) -> dt.date | None:
+        """A mapped date field in one of `formats`; a date in another format is refused, not guessed."""
+        value = self.text(name, 40)
+        try:
+            return parse_date(value, formats)
+        except DateFormatError:
+            raise MessageError(
+                f"{self.keys.get(name, name)} {value!r} is not a date in the configured format"
+            ) from None
+
+
+def read_mapped_ini(
+    data: bytes, *, section: str, keys: Mapping[str, str], encoding: str, what: str, setting: str
+) -> MappedIni:
+    """The configured section of an INI message; a missing one is refused naming the sections found."""
+    if len(data) > MAX_INI_BYTES:
+        raise MessageError(f"{what} has {len(data)} bytes; at most {MAX_INI_BYTES} are read")
+    sections = parse_ini(decode(data, encoding).text)
+    found = sections.get(section.upper())
+    if found is None:
+        named = ", ".join(f"[{s.name}]" for s in sections.values() if s.name) or "none"
+        raise MessageError(f"{what} has no [{section}] section (found: {named}); set {setting}")
+    return MappedIni(found, keys, what)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,6 +335,19 @@ def dotnet_to_strptime(fmt: str) -> str:
     if not all(d in result for d in ("%d", "%m")) or not ("%Y" in result or "%y" in result):
         raise DateFormatError(f"date format {fmt!r} lacks day, month or year")
     return result
+
+
+def dotnet_date_formats(fmt: str, separators: str = "/.-") -> tuple[str, ...]:
+    """The strptime formats a .NET custom date format can produce on any workstation.
+
+    In a .NET custom format "/" is the culture's date separator, not a slash: `ToString("MM/dd/yyyy")`
+    writes 07.14.1985 on a German workstation and 07-14-1985 on a Dutch one. The field order stays
+    as written, so accepting the other separators never turns a month into a day.
+    """
+    base = dotnet_to_strptime(fmt)
+    if "/" not in fmt:
+        return (base,)
+    return tuple(dict.fromkeys(base.replace("/", sep) for sep in separators))
 
 
 def parse_date(value: str, formats: Iterable[str]) -> dt.date | None:
@@ -287,5 +418,8 @@ _SEX_CODES = {
 
 
 def parse_sex(value: str) -> str:
-    """'M', 'F', 'O' or 'U' for any dialect's code; anything unrecognised is unknown, never guessed."""
+    """'M', 'F', 'O' or 'U' for any dialect's code; anything unrecognised is unknown, never guessed.
+
+    Blank is unknown too: Patterson writes a single space for it, the Dexis Integrator omits the key.
+    """
     return _SEX_CODES.get(value.strip().upper(), "U")

@@ -19,7 +19,12 @@ if TYPE_CHECKING:
 
 # protocol name -> "module:function". Protocols add themselves here. Kept free of heavy imports: the
 # command line reads it to know which commands are launches.
-HANDLERS: dict[str, str] = {}
+HANDLERS: dict[str, str] = {
+    "dexis": "bridge.handlers.dexis:handle_dexis",
+    "dentrix": "bridge.handlers.dexis:handle_dentrix",
+    "eaglesoft": "bridge.handlers.eaglesoft:handle",
+    "cliniview": "bridge.handlers.cliniview:handle",
+}
 
 
 class UnknownProtocol(LookupError):

@@ -252,7 +252,9 @@ def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
     out = io.BytesIO()
     pil_format = FORMATS[fmt.upper()]
     if pil_format == "JPEG":
-        img.save(out, "JPEG", quality=quality)
+        # Always 24-bit: PMS thumbnail folders (TigerView-style) expect 24-bit JPEGs, and some PMS viewers
+        # mis-render 8-bit greyscale ones. The cost at thumbnail size is negligible.
+        img.convert("RGB").save(out, "JPEG", quality=quality)
     else:
         img.save(out, pil_format)
     return out.getvalue()

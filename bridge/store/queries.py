@@ -43,6 +43,20 @@ def links_by_system_id(pms_system: str, pms_id: str) -> Select[PmsLink]:
     )
 
 
+def links_by_id_suffix(pms_system: str, suffix: str, practice_key: str | None) -> Select[PmsLink]:
+    """Links of one PMS whose id ends with `suffix` (a PMS that sends only the end of its ids).
+
+    `practice_key` None searches every practice (`ignore_practice_id`). The suffix is escaped, so a
+    "%" or "_" in an id matches itself. Not indexed: a legacy mode for one PMS's links, not a hot path.
+    """
+    stmt = select(PmsLink).where(
+        PmsLink.pms_system == pms_system, PmsLink.pms_id.endswith(suffix, autoescape=True)
+    )
+    if practice_key is not None:
+        stmt = stmt.where(PmsLink.practice_key == practice_key)
+    return stmt.order_by(PmsLink.id).limit(50)
+
+
 def links_of_patient(patient_id: int) -> Select[PmsLink]:
     return select(PmsLink).where(PmsLink.patient_id == patient_id).order_by(PmsLink.id)
 

@@ -1,0 +1,132 @@
+"""Dexis-style launches under two profiles: `pms-bridge dexis ...` and `pms-bridge dentrix ...`.
+
+The same three messages (protocols.dexis) arrive three ways:
+
+* `pms-bridge dexis @FILE`: a classic info file or an Integrator file, named on the command line;
+* `pms-bridge dexis SET 4711 LN="..." ...`: the Integrator's SET command on the command line, or as the
+  body of `POST /api/v1/launch/dexis` (loopback HTTP with the API token: what a DDE-to-HTTP shim on a
+  Windows workstation sends, since DDE itself is Windows-only);
+* an Integrator file `Patient_<workstation>.txt` written into a watched folder (`integrator_dir`).
+
+`dentrix` is the same dialect under the `[dentrix]` profile (Dentrix G6's Integrator, Dentrix program
+links), so a practice can key those patients by chart number and give them their own thumbnail folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bridge.config import DexisSettings
+from bridge.handlers.base import Launch, LaunchHandler, LaunchReply
+from bridge.handlers.profile import open_patient
+from bridge.watch import FolderWatcher, Handle
+from protocols import dexis
+from protocols.common import MessageError, PatientFields, decode, locale_formats
+
+if TYPE_CHECKING:
+    from bridge.runtime import Runtime
+
+COMM_FILE = re.compile(r"^Patient_(?P<workstation>.+)\.txt$", re.IGNORECASE)
+
+
+async def handle_dexis(rt: Runtime, launch: Launch) -> LaunchReply:
+    """`pms-bridge dexis @FILE | SET ...` under the [dexis] profile."""
+    return await _handle(rt, launch, rt.settings.dexis)
+
+
+async def handle_dentrix(rt: Runtime, launch: Launch) -> LaunchReply:
+    """`pms-bridge dentrix @FILE | SET ...` under the [dentrix] profile."""
+    return await _handle(rt, launch, rt.settings.dentrix)
+
+
+async def _handle(rt: Runtime, launch: Launch, profile: DexisSettings) -> LaunchReply:
+    return await open_patient(rt, launch, profile, lambda: parse_launch(launch, profile))
+
+
+def parse_launch(launch: Launch, profile: DexisSettings) -> PatientFields:
+    """Which of the messages a launch carries: a SET command (arguments or body), else a file."""
+    joined = " ".join(launch.args)
+    if launch.args and dexis.is_set_command(joined + " "):
+        return dexis.parse_set_command(joined)
+    if launch.filename or launch.content:
+        if not launch.filename:  # a body without a file: the SET string of an HTTP client, or a file's bytes
+            text = decode(launch.content, profile.encoding).text
+            if dexis.is_set_command(text):
+                return dexis.parse_set_command(text)
+        message = dexis.parse_file(
+            launch.content,
+            short_date_formats=locale_formats(profile.locale),
+            encoding=profile.encoding,
+            info_file_male=profile.info_file_sx_m == "male",
+        )
+        return message.fields
+    if launch.args:
+        raise MessageError(
+            f"cannot read {launch.args[0].lstrip('@')}: no such file (the PMS writes it before the launch)"
+        )
+    raise MessageError('no patient: expected @FILE or SET <id> LN="..." FN="..." BD=yyyyMMdd')
+
+
+# --------------------------------------------------------------------------------------------------
+# The Integrator's watched folders
+
+
+def integrator_watchers(rt: Runtime) -> Coroutine[Any, Any, None] | None:
+    """The daemon worker polling each profile's `integrator_dir` (None when no profile has one)."""
+    watchers = build_integrator_watchers(rt)
+    if not watchers:
+        return None
+    return _run_all(watchers)
+
+
+def build_integrator_watchers(rt: Runtime) -> list[FolderWatcher]:
+    """A watcher per profile with an `integrator_dir`; a file is handled once its size is stable."""
+    watchers = []
+    handlers: tuple[tuple[str, LaunchHandler], ...] = (("dexis", handle_dexis), ("dentrix", handle_dentrix))
+    for protocol, handler in handlers:
+        profile: DexisSettings = getattr(rt.settings, protocol)
+        if profile.integrator_dir is None:
+            continue
+        with contextlib.suppress(OSError):  # a share that is down: the watcher reports it in /readyz
+            profile.integrator_dir.mkdir(parents=True, exist_ok=True)
+        watchers.append(
+            FolderWatcher(
+                rt,
+                f"{protocol}-integrator",
+                profile.integrator_dir,
+                _folder_handler(rt, protocol, handler),
+                accept_name=lambda name: COMM_FILE.match(name) is not None,
+            )
+        )
+    return watchers
+
+
+async def _run_all(watchers: list[FolderWatcher]) -> None:
+    await asyncio.gather(*(watcher.run() for watcher in watchers))
+
+
+def _folder_handler(rt: Runtime, protocol: str, handler: LaunchHandler) -> Handle:
+    """Hands a complete communication file to the launch handler, as if the PMS had launched it.
+
+    The file stays where the PMS wrote it (it overwrites it for the next patient, and may also start
+    `pms-bridge ... @FILE` on it); the watcher's claim keeps each version from being handled twice.
+    """
+
+    async def handle(path: Path, content: bytes) -> str:
+        match = COMM_FILE.match(path.name)
+        launch = Launch(
+            protocol=protocol,
+            filename=str(path),
+            content=content,
+            workstation=match.group("workstation")[:120] if match else "",
+            transport="folder",
+        )
+        answer = await handler(rt, launch)
+        return f"exit {answer.exit_code}: {answer.message}"
+
+    return handle

@@ -1,0 +1,254 @@
+"""Thumbnails back to the PMS through a folder: per patient, a watermarked JPEG and its metadata.
+
+PMSs that read images from a folder (TigerView-style thumbnail folders; Dentrix Smart Image, whose SDK is
+not public) get, when images are added for one of their patients, one sub-folder per patient named by the
+id the profile's `id_field` names (its PMS id, or the current chart number), and in it for each image:
+
+    <yyyyMMdd-HHmmss>_<image id>.jpg    the watermarked thumbnail the API serves (24-bit JPEG)
+    <yyyyMMdd-HHmmss>_<image id>.json   patient keys, image metadata, API links (UTF-8)
+    <yyyyMMdd-HHmmss>_<image id>.csv    the same as one header and one row, in the profile's code page
+
+Each file is written atomically, the CSV last, so a PMS import that picks up CSV files finds the JPEG and
+the JSON already complete. The work is driven by the persistent outbox: the service queues one message
+per batch of new images in the transaction that stores them, a worker per profile writes the files and
+retries with backoff while the share is down, and a restart resends what was cut off (writing the same
+files again is harmless). Ids come from PMS messages: a folder name is used only when it is one plain
+name that stays inside the configured folder, otherwise the message fails with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import logging
+from collections.abc import Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bridge.atomic import write_atomic
+from bridge.config import LaunchProfile, Settings, launch_profiles
+from bridge.model import ImageView, Origin, PatientView
+from bridge.service import CHART_KEYED
+
+if TYPE_CHECKING:
+    from bridge.outbox import OutboxItem, OutboxWorker, Sender
+    from bridge.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+MAX_FOLDER_NAME = 100
+FORMAT = "pms-bridge-thumbnail/1"
+CSV_COLUMNS = (
+    "image_id",
+    "pms_system",
+    "pms_id",
+    "chart_number",
+    "last_name",
+    "first_name",
+    "birth_date",
+    "captured_at",
+    "category",
+    "tooth_numbers",
+    "rotation",
+    "mirrored",
+    "width",
+    "height",
+    "color",
+    "thumbnail",
+    "sha256",
+)
+_FORBIDDEN = frozenset('<>:"/\\|?*')
+_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+)
+
+
+class UnsafeName(ValueError):
+    """An id that cannot be a folder name inside the thumbnail folder."""
+
+
+def channel_name(profile: str) -> str:
+    return f"{profile}-thumbnails"
+
+
+def enabled_profiles(settings: Settings) -> Iterator[tuple[str, LaunchProfile]]:
+    """The profiles whose thumbnail folder is switched on."""
+    for name, profile in launch_profiles(settings).items():
+        if profile.thumbnails and profile.thumbnail_dir is not None:
+            yield name, profile
+
+
+def folder_targets(settings: Settings, protocol: str, pms_system: str) -> Sequence[str]:
+    """The outbox target rule: which thumbnail channels announce new images of a link.
+
+    A profile keyed by PMS id takes the links of its PMS system; a profile keyed by chart number takes
+    every patient that has a current chart number (the service asks with CHART_KEYED), since such a PMS
+    leaves no link behind, only the chart number it looks patients up by.
+    """
+    found = []
+    for name, profile in enabled_profiles(settings):
+        if profile.id_field == "chart_number":
+            if protocol == CHART_KEYED:
+                found.append(channel_name(name))
+        elif protocol != CHART_KEYED and pms_system == profile.pms_system:
+            found.append(channel_name(name))
+    return found
+
+
+def patient_folder(root: Path, name: str) -> Path:
+    """`root / name` when `name` is one plain folder name on Windows and POSIX and stays inside `root`.
+
+    Refused: empty, "." and "..", separators and other characters Windows forbids, control characters,
+    a trailing dot or space (Windows drops them, which would name another folder), device names (CON,
+    NUL, COM1 ...), and a path that resolves elsewhere (an existing symbolic link).
+    """
+    if name in ("", ".", ".."):
+        raise UnsafeName(f"{name!r} is not a folder name")
+    if len(name) > MAX_FOLDER_NAME:
+        raise UnsafeName(f"an id of {len(name)} characters is too long for a folder name")
+    if any(ch in _FORBIDDEN or ord(ch) < 32 for ch in name):
+        raise UnsafeName(f"{name!r} contains a character a folder name cannot hold")
+    if name[-1] in ". " or name[0] == " ":
+        raise UnsafeName(f"{name!r} starts or ends with a space or ends with a dot")
+    if name.split(".")[0].strip().upper() in _RESERVED:
+        raise UnsafeName(f"{name!r} is a Windows device name")
+    folder = root / name
+    if folder.resolve().parent != root.resolve():
+        raise UnsafeName(f"{name!r} leads outside {root}")
+    return folder
+
+
+def file_stem(image: ImageView) -> str:
+    """Sorts by capture time in a file list, unique by image id."""
+    when = image.captured_at.strftime("%Y%m%d-%H%M%S") if image.captured_at else "undated"
+    return f"{when}_{image.id}"
+
+
+def metadata(image: ImageView, patient: PatientView, thumbnail: str, watermark: str) -> dict[str, Any]:
+    """The JSON written beside a thumbnail. Links are relative to the API's base URL."""
+    return {
+        "format": FORMAT,
+        "patient": {
+            "pms_system": patient.pms_system,
+            "pms_id": patient.pms_id,
+            "chart_number": patient.chart_number,
+            "last_name": patient.last_name,
+            "first_name": patient.first_name,
+            "middle_name": patient.middle_name,
+            "birth_date": patient.birth_date.isoformat() if patient.birth_date else None,
+            "sex": patient.sex.value,
+        },
+        "image": image.to_json(),
+        "thumbnail": {"file": thumbnail, "watermark": watermark},
+        "links": {
+            "image": f"/api/v1/images/{image.id}",
+            "thumbnail": f"/api/v1/images/{image.id}/thumbnail",
+            "file": f"/api/v1/images/{image.id}/file",
+        },
+    }
+
+
+def csv_bytes(image: ImageView, patient: PatientView, thumbnail: str, encoding: str) -> bytes:
+    """One header row and one row, CRLF, in the PMS's code page ("?" for what it cannot hold)."""
+    row = {
+        "image_id": image.id,
+        "pms_system": patient.pms_system or "",
+        "pms_id": patient.pms_id or "",
+        "chart_number": patient.chart_number or "",
+        "last_name": patient.last_name,
+        "first_name": patient.first_name,
+        "birth_date": patient.birth_date.isoformat() if patient.birth_date else "",
+        "captured_at": image.captured_at.isoformat() if image.captured_at else "",
+        "category": image.category.value,
+        "tooth_numbers": " ".join(str(t) for t in image.tooth_numbers),
+        "rotation": image.rotation,
+        "mirrored": int(image.mirrored),
+        "width": image.width,
+        "height": image.height,
+        "color": int(image.color),
+        "thumbnail": thumbnail,
+        "sha256": image.sha256,
+    }
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerow(row)
+    return out.getvalue().encode(encoding, errors="replace")
+
+
+def write_image_files(
+    folder: Path, image: ImageView, patient: PatientView, jpeg: bytes, encoding: str, watermark: str
+) -> str:
+    """Write the thumbnail, the JSON and (last) the CSV of one image; returns the file stem."""
+    folder.mkdir(exist_ok=True)
+    stem = file_stem(image)
+    thumbnail = f"{stem}.jpg"
+    write_atomic(folder / thumbnail, jpeg)
+    text = json.dumps(metadata(image, patient, thumbnail, watermark), ensure_ascii=False, indent=2)
+    write_atomic(folder / f"{stem}.json", text.encode("utf-8"))
+    write_atomic(folder / f"{stem}.csv", csv_bytes(image, patient, thumbnail, encoding))
+    return stem
+
+
+def make_sender(profile_name: str) -> Sender:
+    """The outbox sender writing one profile's thumbnail folder."""
+    from bridge.outbox import Undeliverable  # bridge.outbox imports this module for its target rule
+
+    async def send(rt: Runtime, item: OutboxItem) -> None:
+        profile: LaunchProfile = getattr(rt.settings, profile_name)
+        root = profile.thumbnail_dir
+        if root is None:
+            raise Undeliverable(f"[{profile_name}] thumbnail_dir is no longer configured")
+        origin = Origin(protocol=profile_name, transport="folder", actor=channel_name(profile_name))
+        link_id = item.payload.get("link_id")
+        image_ids = [int(i) for i in item.payload.get("image_ids", [])]
+        patient, images = await rt.service.images_for_push(
+            origin, item.patient_id, int(link_id) if link_id is not None else None, image_ids
+        )
+        if patient is None or not images:
+            return  # deleted since: nothing left to show
+        by_chart = profile.id_field == "chart_number"
+        name = patient.chart_number if by_chart else patient.pms_id
+        if not by_chart and patient.pms_system != profile.pms_system:
+            raise Undeliverable(f"patient {patient.id} is no longer linked to {profile.pms_system}")
+        if not name:
+            raise Undeliverable(f"patient {patient.id} has no {profile.id_field.replace('_', ' ')}")
+        if not await asyncio.to_thread(root.is_dir):
+            raise OSError(f"the thumbnail folder {root} is not reachable")  # a share that is down: retried
+        try:
+            folder = await asyncio.to_thread(patient_folder, root, name)
+        except UnsafeName as exc:
+            raise Undeliverable(f"no thumbnail folder for patient {patient.id}: {exc}") from None
+        for image in images:
+            jpeg = await asyncio.to_thread((await rt.imaging.thumbnail(image)).read_bytes)
+            await asyncio.to_thread(
+                write_image_files,
+                folder,
+                image,
+                patient,
+                jpeg,
+                profile.encoding,
+                rt.settings.thumbnails.watermark,
+            )
+        log.info("thumbnails written", extra={"channel": channel_name(profile_name), "images": len(images)})
+
+    return send
+
+
+def thumbnail_workers(rt: Runtime) -> Coroutine[Any, Any, None] | None:
+    """The daemon worker: one outbox worker per profile whose thumbnail folder is on (None: none is)."""
+    from bridge.outbox import OutboxWorker  # bridge.outbox imports this module for its target rule
+
+    workers = [
+        OutboxWorker(rt, channel_name(name), make_sender(name))
+        for name, _profile in enabled_profiles(rt.settings)
+    ]
+    if not workers:
+        return None
+    return _run_all(workers)
+
+
+async def _run_all(workers: list[OutboxWorker]) -> None:
+    await asyncio.gather(*(worker.run() for worker in workers))

@@ -1,0 +1,305 @@
+"""The US launch commands as a PMS runs them: real `pms-bridge <protocol>` processes, a real daemon.
+
+Each test starts `pms-bridge serve` on the parametrised store (SQLite and PostgreSQL), runs the launch
+command a PMS would start, and checks the exit code, the line it printed and the store through the API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from bridge.handlers.dexis import build_integrator_watchers
+from bridge.model import Origin
+from bridge.runtime import Runtime
+from bridge.store.models import ProcessedFile
+from tests.conftest import DaemonProcess, pms_bridge_command
+
+ORIGIN = Origin(protocol="test", actor="pytest")
+
+
+def run(daemon: DaemonProcess, protocol: str, *args: str, cwd: Path | None = None) -> tuple[int, str]:
+    """Run `pms-bridge <protocol> ARGS` as the PMS would; (exit code, everything it printed)."""
+    proc = subprocess.run(
+        [*pms_bridge_command(), protocol, *args],
+        capture_output=True,
+        env={**os.environ, "PMS_BRIDGE_CONFIG": str(daemon.config)},
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+    return proc.returncode, (proc.stdout + proc.stderr).decode("utf-8", "replace").strip()
+
+
+def patients(daemon: DaemonProcess, **query: str) -> list[dict[str, Any]]:
+    status, body = daemon.request("GET", "/api/v1/patients?" + urllib.parse.urlencode(query))
+    assert status == 200, body
+    items: list[dict[str, Any]] = json.loads(body)["items"]
+    return items
+
+
+def conflicts(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    status, body = daemon.request("GET", "/api/v1/conflicts")
+    assert status == 200, body
+    items: list[dict[str, Any]] = json.loads(body)["items"]
+    return items
+
+
+def wait_for_patients(daemon: DaemonProcess, deadline_s: float = 30, **query: str) -> list[dict[str, Any]]:
+    """The patients matching `query` once there are any (a watched folder answers asynchronously)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        found = patients(daemon, **query)
+        if found:
+            return found
+        time.sleep(0.1)
+    return []
+
+
+def crlf(*lines: str) -> bytes:
+    return "".join(line + "\r\n" for line in lines).encode("cp1252")
+
+
+def test_dexis_info_file_creates_the_patient_in_cp1252(daemon: DaemonProcess, tmp_path: Path) -> None:
+    info = tmp_path / "infofile.txt"
+    info.write_bytes(
+        crlf("Côté, Zoë  7/14/1985  (01042)", "PN=01042", "LN=Côté", "FN=Zoë", "BD=7/14/1985", "SX=F")
+    )
+    code, output = run(daemon, "dexis", f"@{info}")
+    assert (code, output) == (0, "pms-bridge dexis: patient 01042 created")
+    [patient] = patients(daemon, pms_system="dexis", pms_id="01042")
+    assert (patient["last_name"], patient["first_name"], patient["birth_date"], patient["sex"]) == (
+        "Côté",
+        "Zoë",
+        "1985-07-14",
+        "F",
+    )
+    assert info.read_bytes().startswith(b"C\xf4t\xe9")  # no answer file: the PMS's file is left alone
+
+
+def test_dexis_bad_files_answer_with_a_line_and_the_daemon_keeps_serving(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    truncated = tmp_path / "truncated.txt"
+    truncated.write_bytes(crlf("Doe, Jane  7/14/1985  (7)", "PN=7", "LN=Doe")[:-4])
+    wrong_locale = tmp_path / "de.txt"
+    wrong_locale.write_bytes(
+        crlf("Doe, Jane  14.07.1985  (7)", "PN=7", "LN=Doe", "FN=Jane", "BD=14.07.1985", "SX=F")
+    )
+    assert run(daemon, "dexis", f"@{truncated}") == (
+        2,
+        "pms-bridge dexis: the file ends in the middle of a line: it is truncated or still being written",
+    )
+    code, output = run(daemon, "dexis", f"@{wrong_locale}")
+    assert code == 2 and "BD '14.07.1985' is not a date in the configured locale's short date" in output
+    code, output = run(daemon, "dexis", f"@{tmp_path / 'missing.txt'}")
+    assert code == 2 and "no such file" in output
+    assert run(daemon, "dexis") == (
+        2,
+        'pms-bridge dexis: no patient: expected @FILE or SET <id> LN="..." FN="..." BD=yyyyMMdd',
+    )
+    assert patients(daemon, pms_id="7") == []
+    code, output = run(daemon, "dexis", "SET", "7", "LN=Doe", "FN=Jane", "BD=19850714")
+    assert code == 0
+    assert daemon.request("GET", "/healthz", token=None)[0] == 200
+
+
+def test_set_command_on_the_command_line_and_over_loopback_http(daemon: DaemonProcess) -> None:
+    code, output = run(daemon, "dexis", "SET", "4711", "LN=García Márquez", "FN=José", "MI=", "BD=19700102")
+    assert (code, output) == (0, "pms-bridge dexis: patient 4711 created")
+    # The DDE string as one argument, with its quotes, is the same message.
+    assert run(daemon, "dexis", 'SET 4711 LN="García Márquez" FN="José" MI="" BD=19700102')[0] == 0
+    # A DDE-to-HTTP shim posts the SET string (cp1252, as the PMS wrote it) to the launch endpoint.
+    status, body = daemon.request(
+        "POST", "/api/v1/launch/dexis", 'SET 4712 LN="Núñez" FN="Inés" MI="" BD=19991231'.encode("cp1252")
+    )
+    assert (status, body) == (200, b"")
+    [patient] = patients(daemon, pms_system="dexis", pms_id="4712")
+    assert (patient["last_name"], patient["first_name"], patient["birth_date"]) == (
+        "Núñez",
+        "Inés",
+        "1999-12-31",
+    )
+    assert len(patients(daemon, pms_system="dexis")) == 2
+
+
+def test_dentrix_chart_renumber_follows_the_patient_and_a_reused_chart_is_a_conflict(
+    daemon: DaemonProcess,
+) -> None:
+    assert run(daemon, "dentrix", "SET", "1001", "CN=SMIJO0", "LN=Smith", "FN=John", "BD=19600506")[0] == 0
+    assert run(daemon, "dentrix", "SET", "1002", "CN=DOEJA0", "LN=Doe", "FN=Jane", "BD=19700101")[0] == 0
+    # Dentrix renumbers John's chart: the alias follows the immutable patient id.
+    code, output = run(daemon, "dentrix", "SET", "1001", "CN=SMIJO1", "LN=Smith", "FN=John", "BD=19600506")
+    assert (code, output) == (0, "pms-bridge dentrix: patient 1001 updated")
+    [john] = patients(daemon, pms_system="dentrix", pms_id="1001")
+    assert john["chart_number"] == "SMIJO1"
+    assert patients(daemon, chart_number="SMIJO0") == []
+    assert [p["id"] for p in patients(daemon, chart_number="SMIJO1")] == [john["id"]]
+    # Jane's PMS record now claims John's current chart number: recorded, not relinked.
+    code, output = run(daemon, "dentrix", "SET", "1002", "CN=SMIJO1", "LN=Doe", "FN=Jane", "BD=19700101")
+    assert code == 6 and "chart number 'SMIJO1' is already the chart of another patient" in output
+    [conflict] = conflicts(daemon)
+    assert (conflict["kind"], conflict["pms_id"], conflict["chart_number"]) == (
+        "chart-number",
+        "1002",
+        "SMIJO1",
+    )
+    assert f"(conflict {conflict['id']})" in output
+    [jane] = patients(daemon, pms_system="dentrix", pms_id="1002")
+    assert jane["chart_number"] == "DOEJA0"
+    assert [p["id"] for p in patients(daemon, chart_number="SMIJO1")] == [john["id"]]
+
+
+def test_dentrix_keyed_by_chart_number_finds_a_migrated_patient(daemon_factory: Any) -> None:
+    daemon = daemon_factory(dentrix={"id_field": "chart_number"})
+    body = {"pms_system": "dexis11", "chart_number": "SMIJO0", "last_name": "Smith", "first_name": "John"}
+    status, _ = daemon.request(
+        "POST", "/api/v1/patients", json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    assert status == 201
+    code, output = run(daemon, "dentrix", 'SET SMIJO0 LN="Smith" FN="John" BD=19600506')
+    assert (code, output) == (0, "pms-bridge dentrix: patient SMIJO0 updated")
+    [john] = patients(daemon, chart_number="SMIJO0")
+    assert john["birth_date"] == "1960-05-06"
+
+
+def test_eaglesoft_legacy_numbers_open_one_patient_and_refuse_an_ambiguous_one(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    daemon = daemon_factory(eaglesoft={"legacy_id_suffix": 5})
+    for number, last in (("1042817", "Alpha"), ("1012345", "Beta"), ("2012345", "Gamma")):
+        body = {"pms_system": "eaglesoft", "pms_id": number, "last_name": last, "first_name": "A"}
+        status, _ = daemon.request(
+            "POST",
+            "/api/v1/patients",
+            json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert status == 201
+
+    def ini(number: str, last: str) -> Path:
+        path = tmp_path / f"patterson-{number}.ini"
+        path.write_bytes(
+            crlf(
+                "[Patient]",
+                "FirstName=A",
+                f"LastName={last}",
+                "SSN=",
+                "Gender= ",
+                "Birthdate=1/1/0001",
+                f"PatientNumber={number}",
+            )
+        )
+        return path
+
+    assert run(daemon, "eaglesoft", str(ini("42817", "Alpha"))) == (
+        0,
+        "pms-bridge eaglesoft: patient 42817 opened",
+    )
+    code, output = run(daemon, "eaglesoft", str(ini("12345", "Beta")))
+    assert code == 6 and "is the end of 2 known numbers (1012345, 2012345)" in output
+    assert [(c["kind"], c["pms_id"]) for c in conflicts(daemon)] == [("ambiguous-id-suffix", "12345")]
+    assert patients(daemon, pms_system="eaglesoft", pms_id="12345") == []
+    assert len(patients(daemon, pms_system="eaglesoft")) == 3
+
+
+def test_cliniview_argument_and_ini(daemon: DaemonProcess, tmp_path: Path) -> None:
+    assert run(daemon, "cliniview", "-0815;MaryAnn;VanDerBerg;123456789;03/02/1975") == (
+        0,
+        "pms-bridge cliniview: patient 0815 created",
+    )
+    # A PMS that left the spaces in: the shell split the argument, the parts are joined again.
+    assert run(daemon, "cliniview", "-0816;Mary", "Ann;Van", "Der", "Berg;;01/01/0001")[0] == 0
+    [spaced] = patients(daemon, pms_system="cliniview", pms_id="0816")
+    assert (spaced["first_name"], spaced["last_name"], spaced["birth_date"]) == (
+        "Mary Ann",
+        "Van Der Berg",
+        None,
+    )
+    ini = tmp_path / "Cliniview.ini"
+    ini.write_bytes(
+        crlf("[Patient]", "PatientID=0817", "FirstName=Zoë", "LastName=Côté", "BirthDate=07/14/1985")
+    )
+    assert run(daemon, "cliniview", str(ini)) == (0, "pms-bridge cliniview: patient 0817 created")
+    [zoe] = patients(daemon, pms_system="cliniview", pms_id="0817")
+    assert (zoe["last_name"], zoe["birth_date"], zoe["sex"]) == ("Côté", "1985-07-14", "U")
+    _status, body = daemon.request("GET", "/api/v1/audit?limit=500")
+    assert b"123456789" not in body and b"123456789" not in daemon.log().encode()
+
+
+def test_integrator_files_in_the_watched_folder(daemon_factory: Any, tmp_path: Path) -> None:
+    folder = tmp_path / "integrator"
+    daemon = daemon_factory(dentrix={"integrator_dir": str(folder)})
+    status, body = daemon.request("GET", "/readyz", token=None)
+    assert status == 200 and b"dentrix-integrator" in body
+    tmp = folder / ".Patient_OP3.txt.tmp"
+    tmp.write_bytes(crlf("PN=000123456789", "LN=O'Brien", "FN=Siobhán", "MI=M"))
+    tmp.replace(folder / "Patient_OP3.txt")
+    [patient] = wait_for_patients(daemon, pms_system="dentrix", pms_id="000123456789")
+    assert (patient["first_name"], patient["middle_name"], patient["sex"], patient["birth_date"]) == (
+        "Siobhán",
+        "M",
+        "U",
+        None,
+    )
+    (folder / "notes.txt").write_bytes(crlf("PN=99", "LN=Not", "FN=Ours", "MI="))  # not a communication file
+    (folder / "Patient_OP4.txt").write_bytes(crlf("PN=000000000042", "LN=Second", "FN=One", "MI=", "SX=F"))
+    [second] = wait_for_patients(daemon, pms_system="dentrix", pms_id="000000000042")
+    assert second["sex"] == "F"
+    assert patients(daemon, pms_id="99") == []
+    status, body = daemon.request("GET", f"/api/v1/audit?patient_id={patient['id']}")
+    assert [e["workstation"] for e in json.loads(body)["items"] if e["action"] == "patient.create"] == ["OP3"]
+
+
+def test_launch_commands_import_nothing_heavy(tmp_path: Path) -> None:
+    """A PMS waits on the launch process: no asyncio, argparse, aiohttp or SQLAlchemy in it."""
+    config = tmp_path / "pms-bridge.ini"
+    config.write_text("[api]\nport = 9\ntoken = t\n", encoding="utf-8")
+    probe = (
+        "import sys\n"
+        "from bridge.cli import main\n"
+        "code = main(['dexis', 'SET', '1', 'LN=A', '--config', sys.argv[1]])\n"
+        "heavy = ('asyncio', 'argparse', 'aiohttp', 'sqlalchemy', 'protocols.dexis')\n"
+        "print(code, [m for m in heavy if m in sys.modules])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, str(config)], capture_output=True, check=True, timeout=60
+    )
+    assert proc.stdout.decode().strip() == "3 []"  # 3: the daemon is not reachable on port 9
+    assert b"pms-bridge dexis: the pms-bridge service is not reachable" in proc.stderr
+
+
+async def test_an_integrator_file_still_being_written_is_not_taken_half(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """A file seen mid-write waits for a stable size; one left cut off is refused; the full one is read."""
+    folder = tmp_path / "integrator"
+    rt = Runtime.build(make_settings(dexis={"integrator_dir": str(folder)}))
+    try:
+        [watcher] = build_integrator_watchers(rt)
+        comm = folder / "Patient_OP2.txt"
+        comm.write_bytes(crlf("PN=77", "LN=Doe")[:-3])  # the PMS is still writing
+        assert await watcher.scan() and await watcher.scan()  # seen twice with the same size: handed over
+        assert await rt.service.search_patients(ORIGIN, pms_id="77") == []
+        comm.write_bytes(crlf("PN=77", "LN=Doe", "FN=Jane", "MI=", "BD=19850714"))
+        assert await watcher.scan()
+        assert await rt.service.search_patients(ORIGIN, pms_id="77") == []  # changed since: not yet
+        assert await watcher.scan()
+        [patient] = await rt.service.search_patients(ORIGIN, pms_id="77")
+        assert (patient.first_name, patient.birth_date) == ("Jane", date(1985, 7, 14))
+
+        def results(session: Any) -> list[str]:
+            return [r.result for r in session.query(ProcessedFile).order_by(ProcessedFile.id)]
+
+        assert [r.split(":")[0] for r in await rt.db.read(results)] == ["exit 2", "exit 0"]
+        assert "truncated" in (await rt.db.read(results))[0]
+    finally:
+        await rt.audit.flush()
+        rt.close()

@@ -1,0 +1,364 @@
+"""The US launch formats as pure parsers: Dexis info file, Integrator file and SET, Patterson ini, CLINIVIEW.
+
+Every message here is bytes exactly as a Windows PMS writes them (cp1252, CRLF) unless the test is about
+another encoding; no database, no daemon.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+from datetime import date
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.model import Sex
+from protocols import cliniview, dexis, patterson
+from protocols.common import (
+    MessageError,
+    dotnet_date_formats,
+    field_id,
+    field_text,
+    locale_formats,
+    parse_date,
+    parse_key_values,
+    parse_sex,
+)
+
+EN_US = locale_formats("en-us")
+
+
+def crlf(*lines: str, encoding: str = "cp1252") -> bytes:
+    return "".join(line + "\r\n" for line in lines).encode(encoding)
+
+
+# --------------------------------------------------------------------------------------------------
+# protocols.common additions
+
+
+def test_dotnet_slash_is_the_culture_date_separator_and_the_order_stays() -> None:
+    formats = dotnet_date_formats("MM/dd/yyyy")
+    assert parse_date("07/14/1985", formats) == date(1985, 7, 14)
+    assert parse_date("07.14.1985", formats) == date(1985, 7, 14)  # a German workstation
+    assert parse_date("07-14-1985", formats) == date(1985, 7, 14)
+    with pytest.raises(ValueError):
+        parse_date("14.07.1985", formats)  # never read day-first
+    assert dotnet_date_formats("yyyyMMdd") == ("%Y%m%d",)
+
+
+@pytest.mark.parametrize("value", ["1/1/0001", "01/01/0001", "01.01.0001", "0001-01-01", "", "  "])
+def test_dotnet_min_date_in_any_short_date_means_no_birth_date(value: str) -> None:
+    formats = (*locale_formats("en-us"), *locale_formats("de-de"), *locale_formats("en-ca"))
+    assert parse_date(value, formats) is None
+
+
+@pytest.mark.parametrize(("code", "sex"), [(" ", "U"), ("", "U"), ("M", "M"), ("f", "F"), ("X", "O")])
+def test_blank_sex_is_unknown(code: str, sex: str) -> None:
+    assert parse_sex(code) == sex
+
+
+def test_key_values_unquote_one_pair_only_when_asked() -> None:
+    text = 'LN="Smith"\r\nFN=""\r\nMI="\r\nX="a"b"\r\n'
+    assert parse_key_values(text, unquote=True) == {"LN": "Smith", "FN": "", "MI": '"', "X": 'a"b'}
+    assert parse_key_values(text)["LN"] == '"Smith"'
+
+
+def test_field_limits_name_the_field() -> None:
+    with pytest.raises(MessageError, match="LN is longer than 120"):
+        field_text("x" * 121, "LN")
+    with pytest.raises(MessageError, match="PN contains control characters"):
+        field_text("12\x003", "PN")
+    with pytest.raises(MessageError, match="PN is empty"):
+        field_id("  ", "PN")
+    assert field_id(" 0042 ", "PN") == "0042"
+
+
+# --------------------------------------------------------------------------------------------------
+# Dexis classic info file
+
+
+def info_file(bd: str, sx: str = "F", *, last: str = "Côté", first: str = "Zoë", pn: str = "1042") -> bytes:
+    return crlf(
+        f"{last}, {first}  {bd}  ({pn})", f"PN={pn}", f"LN={last}", f"FN={first}", f"BD={bd}", f"SX={sx}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("locale", "bd", "expected"),
+    [
+        ("en-us", "7/14/1985", date(1985, 7, 14)),
+        ("en-us", "3/4/1990", date(1990, 3, 4)),  # month first: the locale decides, nothing else
+        ("en-ca", "03/04/1990", date(1990, 4, 3)),  # day first
+        ("en-ca", "1985-07-14", date(1985, 7, 14)),  # newer Windows en-CA short date
+        ("de-de", "14.07.1985", date(1985, 7, 14)),
+        ("en-us", "1/1/0001", None),  # DateTime.MinValue: the PMS has no birth date
+        ("de-de", "01.01.0001", None),
+    ],
+)
+def test_info_file_birth_date_follows_the_configured_locale(
+    locale: str, bd: str, expected: date | None
+) -> None:
+    message = dexis.parse_file(info_file(bd), short_date_formats=locale_formats(locale))
+    assert message.dialect == dexis.INFO_FILE
+    assert message.fields.demographics.birth_date == expected
+
+
+def test_info_file_reads_cp1252_accents_and_keeps_the_id_as_text() -> None:
+    message = dexis.parse_file(info_file("7/14/1985", pn="00042"), short_date_formats=EN_US)
+    assert message.fields.patient_id == "00042"
+    demo = message.fields.demographics
+    assert (demo.last_name, demo.first_name, demo.sex) == ("Côté", "Zoë", Sex.FEMALE)
+
+
+def test_info_file_with_a_utf16_bom_reads_the_same() -> None:
+    text = info_file("7/14/1985").decode("cp1252")
+    data = codecs.BOM_UTF16_LE + text.encode("utf-16-le")
+    assert dexis.parse_file(data, short_date_formats=EN_US).fields.demographics.last_name == "Côté"
+
+
+def test_info_file_date_of_another_locale_is_refused_not_guessed() -> None:
+    with pytest.raises(MessageError, match="BD '14/07/1985' is not a date in the configured locale"):
+        dexis.parse_file(info_file("14/07/1985"), short_date_formats=EN_US)
+
+
+def test_info_file_sx_m_means_not_female_unless_configured() -> None:
+    data = info_file("7/14/1985", sx="M")
+    assert dexis.parse_file(data, short_date_formats=EN_US).fields.demographics.sex is Sex.UNKNOWN
+    male = dexis.parse_file(data, short_date_formats=EN_US, info_file_male=True)
+    assert male.fields.demographics.sex is Sex.MALE
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (info_file("7/14/1985")[:-3], "truncated or still being written"),
+        (info_file("7/14/1985")[:-20], "no BD= line: it is truncated"),  # cut at a line end
+        (crlf("PN=77", "LN=Doe"), "no FN= line"),
+        (crlf("Smith, John  7/14/1985  (17)", "PN=17"), "no LN= line"),
+        (b"", "empty"),
+        (b"\r\n\r\n", "empty"),
+        (crlf("PN=", "LN=Smith", "FN=John", "MI="), "PN is empty"),
+        (b"x" * (dexis.MAX_FILE_BYTES + 1), "at most"),
+    ],
+)
+def test_broken_files_are_refused_with_a_reason(data: bytes, problem: str) -> None:
+    with pytest.raises(MessageError, match=problem):
+        dexis.parse_file(data, short_date_formats=EN_US)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dexis Integrator file and SET command
+
+
+def test_integrator_file_with_quotes_middle_initial_and_leading_zeros() -> None:
+    data = crlf("PN=000123456789", 'LN="O\'Brien-Søgaard"', 'FN="Zoë"', "MI=J", "BD=19850714", "SX=M")
+    message = dexis.parse_file(data, short_date_formats=EN_US)
+    assert message.dialect == dexis.INTEGRATOR
+    demo = message.fields.demographics
+    assert message.fields.patient_id == "000123456789"
+    assert (demo.last_name, demo.first_name, demo.middle_name) == ("O'Brien-Søgaard", "Zoë", "J")
+    assert (demo.birth_date, demo.sex) == (date(1985, 7, 14), Sex.MALE)  # SX=M is male here
+
+
+def test_integrator_file_without_sx_and_bd_is_unknown_and_undated() -> None:
+    message = dexis.parse_file(crlf("PN=77", "LN=Doe", "FN=Jane", "MI="), short_date_formats=EN_US)
+    assert message.fields.demographics.sex is Sex.UNKNOWN
+    assert message.fields.demographics.birth_date is None
+
+
+def test_integrator_birth_date_is_always_yyyymmdd_whatever_the_locale() -> None:
+    with pytest.raises(MessageError, match="yyyyMMdd"):
+        dexis.parse_file(crlf("PN=77", "LN=Doe", "FN=Jane", "MI=", "BD=7/14/1985"), short_date_formats=EN_US)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        'SET 4711 LN="García Márquez" FN="José" MI="" BD=19700102',
+        "SET 4711 LN=García Márquez FN=José MI= BD=19700102",  # quotes removed by a shell
+        ' set  4711   LN="García Márquez"  FN="José" BD=19700102 ',
+        'SET "4711" LN="García Márquez" FN="José" BD=19700102',
+    ],
+)
+def test_set_command_quoted_or_not(command: str) -> None:
+    fields = dexis.parse_set_command(command)
+    assert fields.patient_id == "4711"
+    demo = fields.demographics
+    assert (demo.last_name, demo.first_name, demo.birth_date) == ("García Márquez", "José", date(1970, 1, 2))
+    assert demo.sex is Sex.UNKNOWN
+
+
+def test_set_command_carries_a_chart_number_beside_the_id() -> None:
+    fields = dexis.parse_set_command('SET 1001 CN="SMIJO0" LN="Smith" FN="John"')
+    assert (fields.patient_id, fields.chart_number) == ("1001", "SMIJO0")
+
+
+@pytest.mark.parametrize(
+    ("command", "problem"),
+    [
+        ("SET", "PN is empty"),
+        ("SETX 1 LN=a", "not a SET command"),
+        ("SET 17 garbage LN=Smith", "unexpected text"),
+        ('SET "17 LN=Smith', "no closing quote"),
+        ("SET 17 LN=Smith BD=1985-07-14", "yyyyMMdd"),
+        ("SET 17 LN=" + "x" * 1100, "longer than"),
+    ],
+)
+def test_bad_set_commands_are_refused_with_a_reason(command: str, problem: str) -> None:
+    with pytest.raises(MessageError, match=problem):
+        dexis.parse_set_command(command)
+
+
+@given(st.text(max_size=300))
+def test_set_parser_answers_any_text_with_fields_or_a_message_error(text: str) -> None:
+    with contextlib.suppress(MessageError):
+        dexis.parse_set_command(text)
+
+
+@given(st.binary(max_size=400))
+def test_file_parser_answers_any_bytes_with_fields_or_a_message_error(data: bytes) -> None:
+    with contextlib.suppress(MessageError):
+        dexis.parse_file(data, short_date_formats=EN_US)
+
+
+# --------------------------------------------------------------------------------------------------
+# Patterson ini
+
+PATTERSON_KEYS = {
+    "id": "PatientNumber",
+    "first_name": "FirstName",
+    "middle_name": "MiddleInitial",
+    "last_name": "LastName",
+    "street": "Address",
+    "city": "City",
+    "postal_code": "Zip",
+    "sex": "Gender",
+    "birth_date": "Birthdate",
+}
+
+
+def patterson_ini(gender: str = "F", birth: str = "7/14/1985", number: str = "00817") -> bytes:
+    return crlf(
+        "[Patient]",
+        "FirstName=Zoë",
+        "MiddleInitial=",
+        "LastName=Brontë, Jr.",
+        "PreferredName=",
+        "Address=12 Rue Saint-Honoré",
+        "City=Montréal",
+        "State=QC",
+        "Zip=H2X 1Y4",
+        "SSN=123456789",
+        f"Gender={gender}",
+        f"Birthdate={birth}",
+        f"PatientNumber={number}",
+        "ProviderNumber=001",
+    )
+
+
+def test_patterson_ini_fields_and_never_the_ssn() -> None:
+    fields = patterson.parse(
+        patterson_ini(), section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US
+    )
+    assert fields.patient_id == "00817"
+    demo = fields.demographics
+    assert (demo.last_name, demo.first_name, demo.city, demo.postal_code) == (
+        "Brontë, Jr.",
+        "Zoë",
+        "Montréal",
+        "H2X 1Y4",
+    )
+    assert (demo.birth_date, demo.sex) == (date(1985, 7, 14), Sex.FEMALE)
+    assert "123456789" not in repr(fields)
+    assert "123456789" in fields.sensitive  # only so that record mode keeps it out of captures
+
+
+@pytest.mark.parametrize("gender", [" ", ""])
+def test_patterson_space_gender_is_unknown_and_min_date_is_no_birth_date(gender: str) -> None:
+    data = patterson_ini(gender=gender, birth="1/1/0001")
+    fields = patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+    assert fields.demographics.sex is Sex.UNKNOWN
+    assert fields.demographics.birth_date is None
+
+
+def test_patterson_wrong_section_names_what_it_found() -> None:
+    with pytest.raises(MessageError, match=r"no \[Launch\] section \(found: \[Patient\]\)"):
+        patterson.parse(patterson_ini(), section="Launch", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+
+
+def test_patterson_birth_date_of_another_locale_or_an_oversized_ini_is_refused() -> None:
+    with pytest.raises(
+        MessageError, match=r"Birthdate '17\.01\.1980' is not a date in the configured format"
+    ):
+        patterson.parse(
+            patterson_ini(birth="17.01.1980"),
+            section="Patient",
+            keys=PATTERSON_KEYS,
+            short_date_formats=EN_US,
+        )
+    with pytest.raises(MessageError, match="at most 65536 are read"):
+        patterson.parse(b" " * 70000, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+
+
+def test_patterson_truncated_ini_without_the_number_is_refused() -> None:
+    data = patterson_ini().split(b"PatientNumber")[0]
+    with pytest.raises(MessageError, match="no PatientNumber key"):
+        patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLINIVIEW
+
+CLINIVIEW_DATES = dotnet_date_formats("MM/dd/yyyy")
+
+
+def test_cliniview_argument_with_stripped_names_and_no_ssn_kept() -> None:
+    fields = cliniview.parse_argument(
+        "-0815;MaryAnn;VanDerBerg;123456789;03/02/1975", date_formats=CLINIVIEW_DATES
+    )
+    assert fields.patient_id == "0815"
+    demo = fields.demographics
+    assert (demo.first_name, demo.last_name, demo.birth_date) == ("MaryAnn", "VanDerBerg", date(1975, 3, 2))
+    assert demo.sex is Sex.UNKNOWN  # the argument has no sex field
+    assert "123456789" not in repr(fields)
+    assert fields.sensitive == ("123456789",)  # only so that record mode keeps it out of captures
+
+
+@pytest.mark.parametrize(
+    ("argument", "birth"),
+    [
+        ("-7;John;Doe;;01/01/0001", None),
+        ("-7;John;Doe;000000000;", None),
+        ("-7;John;Doe;;07.14.1985", date(1985, 7, 14)),  # a German workstation's separator
+    ],
+)
+def test_cliniview_birth_dates(argument: str, birth: date | None) -> None:
+    assert cliniview.parse_argument(argument, date_formats=CLINIVIEW_DATES).demographics.birth_date == birth
+
+
+@pytest.mark.parametrize(
+    ("argument", "problem"),
+    [
+        ("-7;John;Doe", "got 3: the argument is truncated"),
+        ("-7;John;Doe;;01/01/1980;x", "got 6"),
+        ("7;John;Doe;;01/01/1980", "expected one argument"),
+        ("-;John;Doe;;01/01/1980", "patient id is empty"),
+        ("-7;John;Doe;;14/07/1985", "birth date '14/07/1985'"),
+    ],
+)
+def test_bad_cliniview_arguments_are_refused_with_a_reason(argument: str, problem: str) -> None:
+    with pytest.raises(MessageError, match=problem):
+        cliniview.parse_argument(argument, date_formats=CLINIVIEW_DATES)
+
+
+def test_cliniview_ini_with_configured_names() -> None:
+    data = crlf("[PatientData]", "Id=0042", "First=Hélène", "Last=Gagné", "Born=1985-07-14", "Sex=F", "SSN=1")
+    keys = {"id": "Id", "first_name": "First", "last_name": "Last", "birth_date": "Born", "sex": "Sex"}
+    fields = cliniview.parse_ini_file(
+        data, section="patientdata", keys=keys, date_formats=dotnet_date_formats("yyyy-MM-dd")
+    )
+    demo = fields.demographics
+    assert (fields.patient_id, demo.last_name, demo.first_name) == ("0042", "Gagné", "Hélène")
+    assert (demo.birth_date, demo.sex) == (date(1985, 7, 14), Sex.FEMALE)
