@@ -22,6 +22,8 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Settings
+from bridge.handlers import vdds as vdds_handler
+from bridge.handlers import vdds_push
 from bridge.runtime import Runtime
 from bridge.web.app import build_api_app
 
@@ -32,7 +34,11 @@ STOP_FILE_POLL_SECONDS = 0.5
 # Background workers protocols contribute: each takes the runtime and returns a coroutine that runs
 # until cancelled (a watched folder, an outbox channel), or None when its settings leave it off.
 WorkerFactory = Callable[[Runtime], Coroutine[Any, Any, None] | None]
-WORKER_FACTORIES: list[WorkerFactory] = []
+WORKER_FACTORIES: list[WorkerFactory] = [
+    vdds_handler.folder_worker,
+    vdds_handler.cleanup_worker,
+    vdds_push.push_worker,
+]
 
 # Extra listeners protocols contribute (OPP web): a factory returning (name, app, host, port), or None
 # when its settings leave it off.

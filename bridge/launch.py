@@ -17,16 +17,27 @@ import sys
 from urllib.parse import quote, unquote
 
 from bridge.atomic import write_atomic
-from bridge.config_file import LAUNCH_PATH, ConfigFileError, api_endpoint, find_config_path, read_raw
+from bridge.config_file import (
+    LAUNCH_PATH,
+    ConfigFileError,
+    RawConfig,
+    api_endpoint,
+    find_config_path,
+    read_raw,
+)
 
 TIMEOUT_SECONDS = 120.0
 MAX_FILE_BYTES = 4 * 1024 * 1024
 EXIT_UNREACHABLE = 3
 EXIT_REFUSED = 4
 
-# protocol -> "module:function(content: bytes, message: str) -> bytes | None": the answer a protocol
-# writes into the PMS's file when the daemon cannot answer. Imported only on that (rare) path.
-UNREACHABLE_RENDERERS: dict[str, str] = {}
+# protocol -> "module:function(content: bytes, message: str, settings: dict[str, str]) -> bytes | None":
+# the answer a protocol writes into the PMS's file when the daemon cannot answer; `settings` is the
+# protocol's config section as raw strings (its answer language, code page), empty when the config could
+# not be read. Imported only on that (rare) path.
+UNREACHABLE_RENDERERS: dict[str, str] = {
+    "vdds": "protocols.vdds:unreachable_answer",
+}
 
 
 def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -117,13 +128,16 @@ def _dechunk(data: bytes) -> bytes:
     return bytes(out)
 
 
-def _fail(protocol: str, path: str, content: bytes, message: str, code: int) -> int:
+def _fail(
+    protocol: str, path: str, content: bytes, message: str, code: int, raw: RawConfig | None = None
+) -> int:
     """Answer without the daemon: the protocol's error answer into its file, one line on stderr."""
     target = UNREACHABLE_RENDERERS.get(protocol)
     if target and path:
         module, _, name = target.partition(":")
         try:
-            answer = getattr(importlib.import_module(module), name)(content, message)
+            settings = (raw or {}).get(protocol, {})
+            answer = getattr(importlib.import_module(module), name)(content, message, settings)
             if answer is not None:
                 write_atomic(path, answer)
         except Exception as exc:  # the PMS must still get an exit code and a line
@@ -146,7 +160,8 @@ def run(protocol: str, argv: list[str]) -> int:
         if len(content) > MAX_FILE_BYTES:
             return _fail(protocol, path, b"", f"{path} is larger than {MAX_FILE_BYTES} bytes", EXIT_REFUSED)
     try:
-        host, port, token, tls, cafile = api_endpoint(read_raw(find_config_path(config)))
+        raw = read_raw(find_config_path(config))
+        host, port, token, tls, cafile = api_endpoint(raw)
     except ConfigFileError as exc:
         return _fail(protocol, path, content, str(exc), EXIT_UNREACHABLE)
     query = "&".join("arg=" + quote(arg, safe="") for arg in args)
@@ -168,6 +183,7 @@ def run(protocol: str, argv: list[str]) -> int:
             content,
             f"the pms-bridge service is not reachable at {host}:{port} ({reason})",
             EXIT_UNREACHABLE,
+            raw,
         )
     if status != 200:
         import json  # only on the error path
@@ -182,6 +198,7 @@ def run(protocol: str, argv: list[str]) -> int:
             content,
             f"the pms-bridge service refused the request ({status}): {detail}",
             EXIT_REFUSED,
+            raw,
         )
     if reply_headers.get("x-pms-write") == "1" and path:
         write_atomic(path, body)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+from bridge.handlers.vdds_push import push_channels
 from bridge.store import queries as q
 from bridge.store.models import OutboxMessage
 from bridge.store.types import utcnow
@@ -47,7 +48,9 @@ Recover = Callable[["Runtime", OutboxItem], Awaitable[bool]]  # True: the PMS al
 # Rules deciding which channels announce new images to the PMS behind a link; each takes the settings,
 # the link's protocol and its PMS system. Channels add theirs (see bridge.runtime.Runtime.build).
 TargetRule = Callable[["Settings", str, str], Sequence[str]]
-TARGET_RULES: list[TargetRule] = []
+TARGET_RULES: list[TargetRule] = [
+    push_channels,  # VDDS-media stage 6 (MMOINFIMPORT)
+]
 
 
 def push_targets(settings: Settings) -> Callable[[str, str], Sequence[str]]:

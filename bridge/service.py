@@ -209,6 +209,7 @@ def image_view(image: Image, series: Series, study: Study) -> ImageView:
         device=image.device,
         comment=image.comment,
         frames=image.frames,
+        imported_at=image.imported_at,
     )
 
 
@@ -794,6 +795,27 @@ class BridgeService:
         if image is not None:
             self.audit.read(origin, action, patient_id=image.patient_id, image_id=image.id)
         return image
+
+    async def push_subject(
+        self, origin: Origin, link_id: int, image_ids: Sequence[int]
+    ) -> tuple[PatientView, list[ImageView]] | None:
+        """What a push announces: the patient as the PMS behind `link_id` knows it, and those images.
+
+        None when the link is gone (the patient was deleted); images of another patient are left out.
+        """
+
+        def work(session: Session) -> tuple[PatientView, list[ImageView]] | None:
+            link = session.get(PmsLink, link_id)
+            if link is None:
+                return None
+            rows = session.execute(q.images_by_ids(sorted(set(image_ids)))).all()
+            images = [image_view(*row) for row in rows if row[0].patient_id == link.patient_id]
+            return _load_patient_view(session, link.patient, link), sorted(images, key=lambda i: i.id)
+
+        found = await self.db.read(work)
+        if found is not None:
+            self.audit.read(origin, "images.push", patient_id=found[0].id, detail=f"{len(found[1])} images")
+        return found
 
     # ---------------------------------------------------------------------------------------------
     # Adding images

@@ -122,26 +122,35 @@ def parse_ini(text: str) -> dict[str, IniSection]:
     sections: dict[str, IniSection] = {}
     current = sections.setdefault("", IniSection(""))
     for raw in text.splitlines():
-        line = raw.strip().lstrip("\ufeff")
-        if not line or line[0] in ";#":
-            continue
-        if line.startswith("[") and "]" in line:
-            name = line[1 : line.index("]")].strip()
+        kind, name, value = ini_line(raw)
+        if kind == "section":
             current = sections.setdefault(name.upper(), IniSection(name))
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip():
-            continue
-        key = key.strip()
-        if key.upper() in current.values:
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        current.set(key, value)
+        elif kind == "key" and name.upper() not in current.values:
+            current.set(name, value)
     if not sections[""].values:
         del sections[""]
     return sections
+
+
+def ini_line(raw: str) -> tuple[str, str, str]:
+    """What one line of an INI text is, as `parse_ini` reads it: ("section", name, ""), ("key", key,
+    value) or ("other", "", "") for blank, comment and malformed lines.
+
+    Exposed so that an editor that rewrites a file line by line (a VDDS answer keeps the PMS's own
+    lines) sees exactly the sections and keys the parser sees.
+    """
+    line = raw.strip().lstrip("\ufeff")
+    if not line or line[0] in ";#":
+        return "other", "", ""
+    if line.startswith("[") and "]" in line:
+        return "section", line[1 : line.index("]")].strip(), ""
+    key, sep, value = line.partition("=")
+    if not sep or not key.strip():
+        return "other", "", ""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return "key", key.strip(), value
 
 
 def render_ini(sections: Iterable[tuple[str, Iterable[tuple[str, str]]]]) -> str:
@@ -149,14 +158,18 @@ def render_ini(sections: Iterable[tuple[str, Iterable[tuple[str, str]]]]) -> str
     out: list[str] = []
     for name, pairs in sections:
         out.append(f"[{name}]")
-        out.extend(f"{key}={_one_line(value)}" for key, value in pairs)
+        out.extend(f"{key}={one_line(value)}" for key, value in pairs)
         out.append("")
     return "\n".join(out)
 
 
-def _one_line(value: str) -> str:
-    """A value can never break the file's structure: line breaks become spaces."""
-    return value.replace("\r", " ").replace("\n", " ")
+# Every character str.splitlines() breaks a line at, so parse_ini can never see a value as two lines.
+_LINE_BREAKS = str.maketrans(dict.fromkeys("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029", " "))
+
+
+def one_line(value: str) -> str:
+    """A value can never break the file's structure: every kind of line break becomes a space."""
+    return value.translate(_LINE_BREAKS)
 
 
 def parse_key_values(text: str) -> dict[str, str]:

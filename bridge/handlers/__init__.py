@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 
 # protocol name -> "module:function". Protocols add themselves here. Kept free of heavy imports: the
 # command line reads it to know which commands are launches.
-HANDLERS: dict[str, str] = {}
+HANDLERS: dict[str, str] = {
+    "vdds": "bridge.handlers.vdds:handle",
+}
 
 
 class UnknownProtocol(LookupError):
