@@ -259,6 +259,12 @@ class VddsSettings:
         " complete (for PVSs that write the handshake before the data)",
     )
     language: str = key("de", Choice("de", "en"), "Language of the ERRORTEXT a receptionist reads")
+    require_ready: bool = key(
+        "yes",
+        Bool(),
+        "yes: a request without its READY key is a truncated file and answered with an error;"
+        " no: for a PVS that never writes READY=0",
+    )
     default_pvs: str = key(
         "VDDS",
         Text(required=True, max_length=100),

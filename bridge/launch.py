@@ -10,11 +10,10 @@ non-zero exit code and one line on stderr.
 
 from __future__ import annotations
 
+import _socket  # the C module: socket.py's enums and selectors cost more start-up than this whole client
 import importlib
 import os
-import socket
 import sys
-from urllib.parse import quote, unquote
 
 from bridge.atomic import write_atomic
 from bridge.config_file import (
@@ -69,7 +68,52 @@ def named_file(args: list[str]) -> str:
 
 
 def workstation() -> str:
-    return os.environ.get("COMPUTERNAME") or socket.gethostname()
+    return os.environ.get("COMPUTERNAME") or _socket.gethostname()
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def quote(text: str, safe: str = "/") -> str:
+    """Percent-encode UTF-8 as urllib.parse.quote does (that module costs more start-up than it saves)."""
+    keep = _UNRESERVED | frozenset(safe.encode("ascii"))
+    return "".join(chr(b) if b in keep else f"%{b:02X}" for b in text.encode("utf-8"))
+
+
+def unquote(text: str) -> str:
+    """Undo percent-encoding (UTF-8; a malformed escape stays as it is)."""
+    if "%" not in text:
+        return text
+    first, *rest = text.split("%")
+    out = bytearray(first.encode("utf-8"))
+    for part in rest:
+        if len(part) >= 2 and part[0] in _HEX and part[1] in _HEX:
+            out.append(int(part[:2], 16))
+            out += part[2:].encode("utf-8")
+        else:
+            out += b"%" + part.encode("utf-8")
+    return out.decode("utf-8", errors="replace")
+
+
+def connect(host: str, port: int, timeout: float) -> _socket.socket:
+    """socket.create_connection with the C module only: each address of `host` in turn.
+
+    An ASCII host name is passed as bytes so that resolving it does not load the IDNA codec.
+    """
+    name: str | bytes = host.encode("ascii") if host.isascii() else host
+    error: OSError | None = None
+    for family, kind, proto, _canonical, address in _socket.getaddrinfo(name, port, 0, _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return sock
+    raise error or OSError(f"{host} has no address")
 
 
 def http_post(
@@ -83,13 +127,14 @@ def http_post(
     cafile: str = "",
 ) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 POST with `Connection: close`; returns (status, lower-cased headers, body)."""
-    sock: socket.socket = socket.create_connection((host, port), timeout=TIMEOUT_SECONDS)
+    sock: _socket.socket = connect(host, port, TIMEOUT_SECONDS)
     try:
-        if tls:
-            import ssl  # only when the API listener is configured for TLS
+        if tls:  # only when the API listener is configured for TLS
+            import socket
+            import ssl
 
             ctx = ssl.create_default_context(cafile=cafile or None)
-            sock = ctx.wrap_socket(sock, server_hostname=host)
+            sock = ctx.wrap_socket(socket.socket(fileno=sock.detach()), server_hostname=host)
         head = [
             f"POST {path} HTTP/1.1",
             f"Host: {host}:{port}",

@@ -115,6 +115,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "[PATID] oder [MMOIDS].",
         "no_request": "Es wurde weder eine Übergabedatei noch eine Bildnummer übergeben.",
         "no_patid": "Die Patientennummer (PATID) fehlt in der Übergabedatei.",
+        "incomplete": "Die Übergabedatei ist unvollständig (READY fehlt). Bitte die Anfrage wiederholen.",
         "bad_date": "Das Geburtsdatum {value!r} ist ungültig (erwartet JJJJMMTT oder TT.MM.JJJJ).",
         "too_long": "Der Wert von {key} ist zu lang (höchstens {limit} Zeichen).",
         "no_mmoids": "Die Anfrage nennt keine Bildnummern (MMOID).",
@@ -137,6 +138,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "section.",
         "no_request": "Neither an exchange file nor an image number was passed.",
         "no_patid": "The patient number (PATID) is missing from the exchange file.",
+        "incomplete": "The exchange file is incomplete (READY is missing). Please send the request again.",
         "bad_date": "The birth date {value!r} is not valid (expected YYYYMMDD or DD.MM.YYYY).",
         "too_long": "The value of {key} is too long (at most {limit} characters).",
         "no_mmoids": "The request names no image numbers (MMOID).",
@@ -213,6 +215,7 @@ class Options:
     stage5_key: str = "ACQUIRE"  # flagged: this key (1/J/Y) or the launch argument ACQUIRE marks it
     thumbnail_key: str = "THUMBNAIL"  # key naming the thumbnail file in [MMOn]; empty: no thumbnails
     default_format: str = "JPG"  # MMOEXPORT without EXT
+    require_ready: bool = True  # a request without READY is a truncated file, not served
     max_mmoids: int = 500
     type_names: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_TYPE_NAMES))
     type_numbers: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_TYPE_NUMBERS))
@@ -404,6 +407,8 @@ def patient_request(
     section = exchange.request
     if section is None or exchange.kind in (Kind.UNKNOWN, Kind.MMOINFIMPORT):
         raise VddsError("unknown_request")
+    if options.require_ready and "READY" not in section:
+        raise VddsError("incomplete")
     pvs = _value(section, "PVS") or options.default_pvs
     practice = _value(section, options.practice_key, limit_key="PRXNR") if options.practice_key else ""
     if exchange.kind is Kind.MMOEXPORT:

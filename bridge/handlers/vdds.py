@@ -48,6 +48,7 @@ def options(settings: VddsSettings) -> vdds.Options:
         stage5_key=settings.stage5_key,
         thumbnail_key=settings.thumbnail_key,
         default_format=settings.export_format.upper(),
+        require_ready=settings.require_ready,
         type_names={**vdds.DEFAULT_TYPE_NAMES, **settings.type_names},
         type_numbers={**vdds.DEFAULT_TYPE_NUMBERS, **settings.type_numbers},
     )
