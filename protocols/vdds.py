@@ -807,6 +807,9 @@ def unregister(data: bytes, section: str) -> bytes:
     for name, start, end in spans:
         if name == ours:
             remove.update(range(start, end))
+            while end == len(lines) and start > 0 and not lines[start - 1].strip():
+                start -= 1  # the blank line register put before a section it appended at the end
+                remove.add(start)
         elif name == "BVS":
             for i in range(start + 1, end):
                 kind, key, value = _classify(lines[i])

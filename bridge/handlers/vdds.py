@@ -24,7 +24,7 @@ from bridge.atomic import write_atomic
 from bridge.config import VddsSettings
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.model import ImageView, Origin, PatientView, Status
-from bridge.watch import FolderWatcher, Verdict
+from bridge.watch import Classify, FolderWatcher, Handle, Verdict
 from protocols import vdds
 
 if TYPE_CHECKING:
@@ -273,16 +273,24 @@ def _dicom_wrap(source: Path, image: ImageView, patient: PatientView | None) -> 
     ds.SOPInstanceUID = image.sop_instance_uid
     ds.StudyInstanceUID = image.study_uid
     ds.SeriesInstanceUID = image.series_uid
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: names with umlauts
     ds.Modality = "OT"
     ds.ConversionType = "WSD"
+    for empty in ("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        setattr(ds, empty, "")  # type 2: present, may be empty
+    ds.SeriesNumber = None
+    ds.InstanceNumber = None
+    ds.PatientOrientation = ""
+    ds.Laterality = ""
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "", "", "", ""
     if patient is not None:
         ds.PatientName = f"{patient.last_name}^{patient.first_name}"
         ds.PatientID = patient.pms_id or str(patient.id)
         ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
         ds.PatientSex = patient.sex.value if patient.sex.value in ("M", "F", "O") else ""
     if image.captured_at is not None:
-        ds.ContentDate = image.captured_at.strftime("%Y%m%d")
-        ds.ContentTime = image.captured_at.strftime("%H%M%S")
+        ds.StudyDate = ds.ContentDate = image.captured_at.strftime("%Y%m%d")
+        ds.StudyTime = ds.ContentTime = image.captured_at.strftime("%H%M%S")
     ds.Rows, ds.Columns = pixels.shape[0], pixels.shape[1]
     color = pixels.ndim == 3
     ds.SamplesPerPixel = 3 if color else 1
@@ -304,7 +312,7 @@ def _dicom_wrap(source: Path, image: ImageView, patient: PatientView | None) -> 
 # Background workers: the watched exchange folder, and the export folder's upkeep
 
 
-def classifier(settings: VddsSettings) -> Any:
+def classifier(settings: VddsSettings) -> Classify:
     """The watched folder's `classify`: complete unanswered requests now, others once stable."""
     fallback = vdds.codepage(settings.encoding)
 
@@ -319,14 +327,9 @@ def classifier(settings: VddsSettings) -> Any:
     return classify
 
 
-def folder_worker(rt: Runtime) -> Coroutine[Any, Any, None] | None:
-    """The watched exchange folder (`[vdds] exchange_dir`), when configured."""
-    settings = rt.settings.vdds
-    if not settings.enabled or settings.exchange_dir is None:
-        return None
-    folder = settings.exchange_dir
-    with contextlib.suppress(OSError):  # a share that is not there yet is reported by the watcher
-        folder.mkdir(parents=True, exist_ok=True)
+def folder_handler(rt: Runtime) -> Handle:
+    """What the watched folder does with a complete request: answer it in place, unless the PVS has
+    replaced the file meanwhile (then the new request is the next one)."""
 
     async def on_file(path: Path, content: bytes) -> str:
         launch = Launch(PROTOCOL, filename=str(path), content=content, transport="folder")
@@ -343,8 +346,24 @@ def folder_worker(rt: Runtime) -> Coroutine[Any, Any, None] | None:
         await asyncio.to_thread(write_atomic, path, reply.content)
         return f"errorlevel {reply.exit_code}"
 
+    return on_file
+
+
+def folder_worker(rt: Runtime) -> Coroutine[Any, Any, None] | None:
+    """The watched exchange folder (`[vdds] exchange_dir`), when configured."""
+    settings = rt.settings.vdds
+    if not settings.enabled or settings.exchange_dir is None:
+        return None
+    folder = settings.exchange_dir
+    with contextlib.suppress(OSError):  # a share that is not there yet is reported by the watcher
+        folder.mkdir(parents=True, exist_ok=True)
     watcher = FolderWatcher(
-        rt, PROTOCOL, folder, on_file, classify=classifier(settings), poll_seconds=settings.poll_seconds
+        rt,
+        PROTOCOL,
+        folder,
+        folder_handler(rt),
+        classify=classifier(settings),
+        poll_seconds=settings.poll_seconds,
     )
     rt.readiness.watched[PROTOCOL] = folder  # known before the first scan (replay looks it up at start)
     return watcher.run()
