@@ -28,7 +28,9 @@ EXIT_USAGE = 2
 def _is_launch(argv: Sequence[str]) -> bool:
     if not argv or argv[0] not in HANDLERS:
         return False
-    rest = [a for a in argv[1:] if not a.startswith("--config")]
+    rest = list(argv[1:])
+    while rest and rest[0].startswith("--config"):  # `--config FILE` or `--config=FILE` before the rest
+        del rest[: 2 if rest[0] == "--config" else 1]
     admin = ADMIN_SUBCOMMANDS.get(argv[0], frozenset())
     return not (rest and (rest[0] in admin or rest[0] in ("--help", "-h")))
 
@@ -115,12 +117,15 @@ def cmd_vdds(ns: argparse.Namespace) -> int:
 
 
 def _vdds_args(parser: argparse.ArgumentParser) -> None:
+    import argparse
+
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, text in (
         ("register", "add or update our [BVS] entry in VDDS_MMI.INI (needs administrator rights)"),
         ("unregister", "remove our [BVS] entry from VDDS_MMI.INI"),
     ):
         action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("--config", default=argparse.SUPPRESS, help="config file (as before the action)")
         action.add_argument("--ini", help="VDDS_MMI.INI to edit (default: [vdds] mmi_ini, else the system's)")
         action.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
 

@@ -247,13 +247,13 @@ def pms_bridge_command() -> list[str]:
 def start_daemon(config: Path, *, env: dict[str, str] | None = None) -> DaemonProcess:
     settings = load_settings(str(config))
     log_path = config.parent / "daemon.log"
-    log_file = open(log_path, "ab")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [*pms_bridge_command(), "serve", "--config", str(config)],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
+    with open(log_path, "ab") as log_file:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [*pms_bridge_command(), "serve", "--config", str(config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
     daemon = DaemonProcess(proc, config, settings, log_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
