@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bridge.config import ConfigError, Settings, load_settings
 from bridge.config_file import api_endpoint, read_raw
+from bridge.handlers import vdds_register
 
 Check = tuple[str, Callable[[Settings], str]]  # (title, function returning a detail or raising)
 
@@ -100,6 +101,7 @@ CHECKS: list[Check] = [
         "VDDS exchange folder writable",
         lambda s: check_folder(s.vdds.exchange_dir) if s.vdds.exchange_dir else "not configured",
     ),
+    ("VDDS registration in VDDS_MMI.INI", vdds_register.check),
     ("daemon answering", check_daemon),
     ("API token", check_token),
 ]

@@ -11,7 +11,6 @@ non-zero exit code and one line on stderr.
 from __future__ import annotations
 
 import _socket  # the C module: socket.py's enums and selectors cost more start-up than this whole client
-import importlib
 import os
 import sys
 
@@ -180,6 +179,8 @@ def _fail(
     target = UNREACHABLE_RENDERERS.get(protocol)
     if target and path:
         module, _, name = target.partition(":")
+        import importlib  # only on this rare path
+
         try:
             settings = (raw or {}).get(protocol, {})
             answer = getattr(importlib.import_module(module), name)(content, message, settings)

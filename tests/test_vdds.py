@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bridge.config import load_settings
+from bridge.doctor import CheckFailed
 from bridge.events import AcquisitionRequested, Event, ImageViewRequested, PatientOpened
+from bridge.handlers import vdds_register
 from bridge.handlers.base import Launch
 from bridge.handlers.vdds import classifier, folder_handler, handle, remove_old_files
 from bridge.model import Origin
@@ -436,3 +438,18 @@ def test_the_registered_command_is_a_working_module(daemon: DaemonProcess, tmp_p
     result = subprocess.run([*command.split(" "), str(request)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert keys(request.read_bytes(), "PATIENT")["READY"] == "1"
+
+
+def test_doctor_checks_the_registration(tmp_path: Path) -> None:
+    ini = tmp_path / "VDDS_MMI.INI"
+    config = write_config(
+        tmp_path / "home", f"sqlite:///{tmp_path / 'b.db'}", {"vdds": {"mmi_ini": str(ini)}}
+    )
+    settings_ = load_settings(str(config))
+    with pytest.raises(CheckFailed, match="vdds register"):
+        vdds_register.check(settings_)
+    ini.write_bytes((SAMPLES / "vdds" / "VDDS_MMI.INI").read_bytes())
+    with pytest.raises(CheckFailed, match="lacks our current entry"):
+        vdds_register.check(settings_)
+    assert register(config, "register").returncode == 0
+    assert vdds_register.check(settings_).endswith("[PMSBRIDGE]")

@@ -10,8 +10,6 @@ Wire formats stay in `protocols/`; identity decisions stay in `bridge.service`.
 
 from __future__ import annotations
 
-import importlib
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (3 ms); mypy takes it as true
 
 if TYPE_CHECKING:
@@ -36,5 +34,7 @@ def get_handler(protocol: str) -> LaunchHandler:
             f"unknown protocol {protocol!r} (known: {', '.join(sorted(HANDLERS)) or 'none'})"
         )
     module, _, name = target.partition(":")
+    import importlib  # here, not at the top: the launch commands import this package
+
     handler: LaunchHandler = getattr(importlib.import_module(module), name)
     return handler

@@ -68,6 +68,26 @@ def entry(settings: Settings) -> vdds.BvsEntry:
     )
 
 
+def check(settings: Settings) -> str:
+    """`pms-bridge doctor`: is our entry in VDDS_MMI.INI, and would registering change nothing?"""
+    from bridge.doctor import CheckFailed
+
+    if not settings.vdds.enabled:
+        return "VDDS switched off"
+    path = mmi_path(settings)
+    try:
+        current = path.read_bytes()
+    except OSError as exc:
+        raise CheckFailed(f"{path}: {exc.strerror or exc}: run 'pms-bridge vdds register'") from None
+    try:
+        wanted = vdds.register(current, entry(settings))
+    except vdds.RegistryError as exc:
+        raise CheckFailed(str(exc)) from None
+    if wanted != current:
+        raise CheckFailed(f"{path} lacks our current entry: run 'pms-bridge vdds register' as administrator")
+    return f"{path} [{settings.vdds.bvs_section}]"
+
+
 def _diff(path: Path, old: bytes, new: bytes) -> str:
     before = old.decode(vdds.MMI_ENCODING, errors="replace").splitlines()
     after = new.decode(vdds.MMI_ENCODING, errors="replace").splitlines()
