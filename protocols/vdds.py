@@ -155,7 +155,6 @@ TEXTS: dict[str, dict[str, str]] = {
         "internal": "Internal error in the imaging system. Please call IT.",
     },
 }
-LANGUAGES = tuple(TEXTS)
 
 # What TYPE (text) and TYPENR (number, the spec's "Table 15") say for each image category. Only 10
 # (Formular) and 14 (Heil- und Kostenplan) are known from public sources; the image numbers are an

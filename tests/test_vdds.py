@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from bridge import launch as launch_client
 from bridge.config import load_settings
 from bridge.doctor import CheckFailed
 from bridge.events import AcquisitionRequested, Event, ImageViewRequested, PatientOpened
@@ -453,3 +455,12 @@ def test_doctor_checks_the_registration(tmp_path: Path) -> None:
         vdds_register.check(settings_)
     assert register(config, "register").returncode == 0
     assert vdds_register.check(settings_).endswith("[PMSBRIDGE]")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(), st.sampled_from(["", "/"]))
+def test_the_launch_clients_percent_encoding_matches_urllib(text: str, safe: str) -> None:
+    """bridge.launch replaces urllib.parse (start-up cost); the daemon decodes with urllib/yarl."""
+    assert launch_client.quote(text, safe) == urllib.parse.quote(text, safe=safe)
+    assert launch_client.unquote(launch_client.quote(text, safe)) == text
+    assert launch_client.unquote(text) == urllib.parse.unquote(text)
