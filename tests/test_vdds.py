@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import re
 import sqlite3
@@ -315,6 +316,24 @@ async def test_a_file_still_being_written_is_answered_once_it_is_complete(
         assert (folder / "thumb.jpg").read_bytes() == png()  # not a request: left alone
     finally:
         rt.close()
+
+
+def test_the_daemon_answers_files_dropped_on_the_share(daemon_factory: Any, tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    daemon = daemon_factory(vdds={"exchange_dir": str(share), "poll_seconds": 0.2})
+    request = share / "NNTBA0E.tmp"
+    part = share / ".NNTBA0E.part"  # written aside, then renamed: what a careful PVS does on a share
+    part.write_bytes(stage1("3000").decode("cp1252").encode("utf-16"))
+    part.replace(request)
+    deadline = time.monotonic() + 30
+    while not vdds.read_exchange(request.read_bytes()).answered:
+        assert time.monotonic() < deadline, "no answer in the watched folder"
+        time.sleep(0.05)
+    answer = request.read_bytes()
+    assert answer.startswith(b"\xff\xfe") and keys(answer, "PATIENT")["ERRORLEVEL"] == "0"
+    status, body = daemon.request("GET", "/readyz", token=None)
+    assert status == 200
+    assert json.loads(body)["checks"]["watch:vdds"]["ok"] is True
 
 
 def test_old_exports_are_removed(tmp_path: Path) -> None:
