@@ -1,7 +1,8 @@
 """Benchmark: the VDDS module's end-to-end time and the watched folder's latency.
 
 Prints, in one run:
-* bare interpreter start-up (`python -c pass`), the baseline;
+* bare interpreter start-up (`python -c pass`), the baseline, measured alternately with each of the next
+  two (so that a busy machine slows both alike);
 * `pms-bridge vdds FILE` for a stage-1 request against a running daemon, from process start to exit
   (READY=1 written), and the same when the daemon is down (the error answer written by the client);
 * the watched exchange folder's latency: from a complete file appearing (atomic rename) to READY=1 in it.
@@ -90,7 +91,7 @@ def main() -> int:
                 break
             except OSError:
                 time.sleep(0.1)
-        bare, online, offline, folder = [], [], [], []
+        bare, online, bare_offline, offline, folder = [], [], [], [], []
         request.write_bytes(STAGE1)
         timed([*module, str(request)], env)  # warm-up: the patient exists from here on
         for _ in range(ns.runs):
@@ -117,14 +118,17 @@ def main() -> int:
         daemon.wait(30)
     bad_env = {**env, "PMS_BRIDGE__API__PORT": "9"}  # nothing listens there: the daemon is "down"
     for _ in range(ns.runs):
+        bare_offline.append(timed([sys.executable, "-c", "pass"], env))
         request.write_bytes(STAGE1)
         offline.append(timed([*module, str(request)], bad_env))
     shutil.rmtree(home, ignore_errors=True)
 
     base = statistics.median(bare) * 1000
-    print(f"{'python -c pass (bare start-up, baseline)':<44} median {base:7.1f} ms")
+    base_offline = statistics.median(bare_offline) * 1000
+    print(summary("python -c pass (bare start-up, baseline)", bare))
     print(summary("pms-bridge vdds FILE (stage 1, daemon up)", online, base))
-    print(summary("pms-bridge vdds FILE (daemon down, error)", offline, base))
+    print(summary("python -c pass (baseline, second phase)", bare_offline))
+    print(summary("pms-bridge vdds FILE (daemon down, error)", offline, base_offline))
     print(summary(f"watched folder, file -> READY=1 (poll {ns.poll:g} s)", folder))
     folder_target = ns.poll * 1000 + 50
     print(f"targets: module <= {3 * base:.1f} ms (3x bare); folder <= {folder_target:.0f} ms (poll + 50 ms)")

@@ -34,7 +34,7 @@ EXIT_REFUSED = 4
 # protocol's config section as raw strings (its answer language, code page), empty when the config could
 # not be read. Imported only on that (rare) path.
 UNREACHABLE_RENDERERS: dict[str, str] = {
-    "vdds": "protocols.vdds:unreachable_answer",
+    "vdds": "protocols.vdds_exchange:unreachable_answer",
 }
 
 

@@ -32,7 +32,7 @@ from bridge.handlers.vdds import classifier, folder_handler, handle, remove_old_
 from bridge.model import Origin
 from bridge.runtime import Runtime
 from bridge.watch import FolderWatcher
-from protocols import vdds
+from protocols import vdds_exchange
 from protocols.common import decode, parse_ini
 from tests.conftest import DaemonProcess, pms_bridge_command, write_config
 
@@ -181,7 +181,7 @@ def test_arbitrary_exchange_files_end_with_ready_1(
     result = run_module(daemon.config, str(path))
     assert result.returncode in (0, 1), result.stderr
     answer = path.read_bytes()
-    assert vdds.read_exchange(answer).answered, answer[:300]
+    assert vdds_exchange.read_exchange(answer).answered, answer[:300]
     status, _body = daemon.request("GET", "/healthz", token=None)
     assert status == 200
 
@@ -257,7 +257,7 @@ async def test_a_locked_store_is_answered_with_a_timeout(tmp_path: Path) -> None
         assert reply.exit_code == 1 and reply.content is not None
         answer = keys(reply.content, "PATIENT")
         assert answer["READY"] == "1"
-        assert answer["ERRORTEXT"] == vdds.message("de", "timeout")
+        assert answer["ERRORTEXT"] == vdds_exchange.message("de", "timeout")
     finally:
         lock.execute("ROLLBACK")
         lock.close()
@@ -326,7 +326,7 @@ def test_the_daemon_answers_files_dropped_on_the_share(daemon_factory: Any, tmp_
     part.write_bytes(stage1("3000").decode("cp1252").encode("utf-16"))
     part.replace(request)
     deadline = time.monotonic() + 30
-    while not vdds.read_exchange(request.read_bytes()).answered:
+    while not vdds_exchange.read_exchange(request.read_bytes()).answered:
         assert time.monotonic() < deadline, "no answer in the watched folder"
         time.sleep(0.05)
     answer = request.read_bytes()
@@ -354,8 +354,18 @@ def test_old_exports_are_removed(tmp_path: Path) -> None:
 # The launch client
 
 
-# Never on the launch path; typing (3 ms) only on the daemon-down path, where the answer needs bridge.model.
-HEAVY = ("asyncio", "argparse", "aiohttp", "sqlalchemy", "PIL", "numpy")
+# Never on the launch path, not even for the daemon-down answer (dataclasses alone cost 10 ms).
+HEAVY = (
+    "asyncio",
+    "argparse",
+    "aiohttp",
+    "sqlalchemy",
+    "PIL",
+    "numpy",
+    "typing",
+    "dataclasses",
+    "bridge.model",
+)
 LIGHT_CHECK = (
     "import sys; from bridge.cli import main; code = main(['vdds', sys.argv[1]]); "
     "print('LOADED=' + ' '.join(m for m in sys.argv[2:] if m in sys.modules)); sys.exit(code)"
@@ -377,7 +387,7 @@ def test_the_module_stays_light_and_answers_when_the_daemon_is_down(
     request = tmp_path / "MME505F.tmp"
     request.write_bytes(stage1("0900"))
     env = {**os.environ, "PMS_BRIDGE_CONFIG": str(daemon.config)}
-    assert light_run(request, env, *HEAVY, "typing") == (0, "")
+    assert light_run(request, env, *HEAVY) == (0, "")
     assert keys(request.read_bytes(), "PATIENT")["ERRORLEVEL"] == "0"
 
     request.write_bytes(stage1("0901"))

@@ -11,16 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.model import Action, Category, ImageView, Origin, Outcome, Sex, Status
-from protocols import vdds
+from protocols import vdds, vdds_exchange
 from protocols.common import decode, ini_line, one_line, parse_ini
 
 ORIGIN = Origin(protocol="vdds", transport="cli", workstation="WS1")
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "vdds"
 
 
-def exchange(text: str, encoding: str = "cp1252", newline: str = "\r\n", bom: bytes = b"") -> vdds.Exchange:
+def exchange(
+    text: str, encoding: str = "cp1252", newline: str = "\r\n", bom: bytes = b""
+) -> vdds_exchange.Exchange:
     body = text.strip("\n").replace("\n", newline) + newline
-    return vdds.read_exchange(bom + body.encode(encoding))
+    return vdds_exchange.read_exchange(bom + body.encode(encoding))
 
 
 def answered(data: bytes, fallback: str = "cp1252") -> dict[str, str]:
@@ -94,18 +96,18 @@ def test_one_line_breaks_every_kind_of_line_break() -> None:
 @pytest.mark.parametrize(
     ("text", "kind", "main"),
     [
-        (STAGE1, vdds.Kind.PATDATIMPORT, "PATIENT"),
-        ("[PATID]\nPATID=1\nLASTNAME=X\nREADY=0", vdds.Kind.PATDATIMPORT, "PATID"),
-        ("[PATID]\nPATID=1\nREADY=0", vdds.Kind.MMOINFEXPORT, "PATID"),
-        ("[patid]\npatid=1\nready=0\n[MMOS]\nCOUNT=1", vdds.Kind.MMOINFEXPORT, "patid"),
-        ("[MMOIDS]\nCOUNT=1\nMMOID1=3\nREADY=0", vdds.Kind.MMOEXPORT, "MMOIDS"),
-        ("[PATID]\nPATID=1\nFROMPVS=Z1\nREADY=0", vdds.Kind.MMOINFIMPORT, "PATID"),
-        ("[FOO]\nX=1\n[BAR]\nREADY=0", vdds.Kind.UNKNOWN, "BAR"),
-        ("[FOO]\nX=1", vdds.Kind.UNKNOWN, "FOO"),
-        ("no section at all", vdds.Kind.UNKNOWN, ""),
+        (STAGE1, vdds_exchange.Kind.PATDATIMPORT, "PATIENT"),
+        ("[PATID]\nPATID=1\nLASTNAME=X\nREADY=0", vdds_exchange.Kind.PATDATIMPORT, "PATID"),
+        ("[PATID]\nPATID=1\nREADY=0", vdds_exchange.Kind.MMOINFEXPORT, "PATID"),
+        ("[patid]\npatid=1\nready=0\n[MMOS]\nCOUNT=1", vdds_exchange.Kind.MMOINFEXPORT, "patid"),
+        ("[MMOIDS]\nCOUNT=1\nMMOID1=3\nREADY=0", vdds_exchange.Kind.MMOEXPORT, "MMOIDS"),
+        ("[PATID]\nPATID=1\nFROMPVS=Z1\nREADY=0", vdds_exchange.Kind.MMOINFIMPORT, "PATID"),
+        ("[FOO]\nX=1\n[BAR]\nREADY=0", vdds_exchange.Kind.UNKNOWN, "BAR"),
+        ("[FOO]\nX=1", vdds_exchange.Kind.UNKNOWN, "FOO"),
+        ("no section at all", vdds_exchange.Kind.UNKNOWN, ""),
     ],
 )
-def test_the_request_is_detected_by_content(text: str, kind: vdds.Kind, main: str) -> None:
+def test_the_request_is_detected_by_content(text: str, kind: vdds_exchange.Kind, main: str) -> None:
     found = exchange(text)
     assert (found.kind, found.main) == (kind, main)
 
@@ -113,24 +115,27 @@ def test_the_request_is_detected_by_content(text: str, kind: vdds.Kind, main: st
 @pytest.mark.parametrize(
     ("text", "state"),
     [
-        (STAGE1, vdds.FolderState.COMPLETE),
-        ("[PATIENT]\nPATID=1\nLASTNAME=Mül", vdds.FolderState.INCOMPLETE),
-        ("[PATIENT]\nPATID=1\nREADY=0\nERRORLEVEL=0", vdds.FolderState.INCOMPLETE),
-        ("[PATIENT]\nPATID=1\nREADY=0\nERRORLEVEL=0\nERROR-TEXT=", vdds.FolderState.COMPLETE),
-        ("[PATIENT]\nPATID=1\nERRORLEVEL=0\nERRORTEXT=\nREADY=1", vdds.FolderState.ANSWERED),
-        ("[BILDIMPORT]\nREADY=0", vdds.FolderState.INCOMPLETE),
-        ("[SETTINGS]\nCOLOR=1", vdds.FolderState.FOREIGN),
-        ("[PATID]\nPATID=1\nFROMPVS=Z1\nREADY=0\nERRORLEVEL=0\nERRORTEXT=", vdds.FolderState.FOREIGN),
-        ("", vdds.FolderState.FOREIGN),
+        (STAGE1, vdds_exchange.FolderState.COMPLETE),
+        ("[PATIENT]\nPATID=1\nLASTNAME=Mül", vdds_exchange.FolderState.INCOMPLETE),
+        ("[PATIENT]\nPATID=1\nREADY=0\nERRORLEVEL=0", vdds_exchange.FolderState.INCOMPLETE),
+        ("[PATIENT]\nPATID=1\nREADY=0\nERRORLEVEL=0\nERROR-TEXT=", vdds_exchange.FolderState.COMPLETE),
+        ("[PATIENT]\nPATID=1\nERRORLEVEL=0\nERRORTEXT=\nREADY=1", vdds_exchange.FolderState.ANSWERED),
+        ("[BILDIMPORT]\nREADY=0", vdds_exchange.FolderState.INCOMPLETE),
+        ("[SETTINGS]\nCOLOR=1", vdds_exchange.FolderState.FOREIGN),
+        (
+            "[PATID]\nPATID=1\nFROMPVS=Z1\nREADY=0\nERRORLEVEL=0\nERRORTEXT=",
+            vdds_exchange.FolderState.FOREIGN,
+        ),
+        ("", vdds_exchange.FolderState.FOREIGN),
     ],
 )
-def test_folder_state(text: str, state: vdds.FolderState) -> None:
-    assert vdds.folder_state(text.replace("\n", "\r\n").encode("cp1252")) is state
+def test_folder_state(text: str, state: vdds_exchange.FolderState) -> None:
+    assert vdds_exchange.folder_state(text.replace("\n", "\r\n").encode("cp1252")) is state
 
 
 def test_a_thumbnail_in_the_folder_is_foreign() -> None:
     jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00" + bytes(range(256)) * 4
-    assert vdds.folder_state(jpeg) is vdds.FolderState.FOREIGN
+    assert vdds_exchange.folder_state(jpeg) is vdds_exchange.FolderState.FOREIGN
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +281,7 @@ def test_view_request() -> None:
 
 def test_answer_keeps_the_pvs_lines_and_puts_ready_last() -> None:
     found = exchange(STAGE1)
-    data = vdds.answer(found, 0, "")
+    data = vdds_exchange.answer(found, 0, "")
     text = data.decode("cp1252")
     assert (
         text
@@ -295,7 +300,7 @@ def test_answer_in_the_received_encoding_bom_and_line_ends() -> None:
         ("cp1252", b"", "\n"),
     ):
         found = exchange(STAGE1, encoding, newline, bom)
-        data = vdds.answer(found, 1, "Fehler: Größe ä")
+        data = vdds_exchange.answer(found, 1, "Fehler: Größe ä")
         assert data.startswith(bom)
         again = decode(data)
         assert (again.encoding.replace("-sig", ""), again.newline) == (encoding, newline)
@@ -304,7 +309,7 @@ def test_answer_in_the_received_encoding_bom_and_line_ends() -> None:
 
 def test_answer_mirrors_error_text_spelling_and_cleans_values() -> None:
     found = exchange("[PATID]\nPATID=1\nREADY=0\nERRORLEVEL=0\nERROR-TEXT=")
-    keys = answered(vdds.answer(found, 1, "zwei\nZeilen\x0cREADY=0\x00"))["PATID"]
+    keys = answered(vdds_exchange.answer(found, 1, "zwei\nZeilen\x0cREADY=0\x00"))["PATID"]
     assert keys["ERROR-TEXT"] == "zwei Zeilen READY=0"
     assert "ERRORTEXT" not in keys
     assert keys["READY"] == "1"
@@ -317,7 +322,7 @@ def test_answer_replaces_an_earlier_answer_and_every_handshake_duplicate() -> No
     )
     found = exchange(text)
     sections = vdds.info_sections([image(5)], vdds.Options(), {5: "C:\\x\\5.jpg"})
-    data = vdds.answer(found, 0, "", sections)
+    data = vdds_exchange.answer(found, 0, "", sections)
     got = answered(data)
     assert got["PATID"]["READY"] == "1" and got["PATID"]["ERRORLEVEL"] == "0"
     assert got["MMOS"] == {"COUNT": "1"}
@@ -356,40 +361,50 @@ def test_export_sections_and_outcome_errors() -> None:
     ]
     assert vdds.export_sections([(1, "4")], {}) == []
     opts = vdds.Options()
-    assert vdds.outcome_error(Outcome(Status.OK), vdds.Kind.PATDATIMPORT, opts) == (0, "")
+    assert vdds.outcome_error(Outcome(Status.OK), vdds_exchange.Kind.PATDATIMPORT, opts) == (0, "")
     partial = Outcome(Status.PARTIAL, missing_refs=("99", "x"))
-    assert vdds.outcome_error(partial, vdds.Kind.MMOEXPORT, opts) == (1, "Bilder nicht gefunden: 99, x.")
+    assert vdds.outcome_error(partial, vdds_exchange.Kind.MMOEXPORT, opts) == (
+        1,
+        "Bilder nicht gefunden: 99, x.",
+    )
     conflict = Outcome(Status.CONFLICT, "birth date differs", conflict_id=4)
-    level, text = vdds.outcome_error(conflict, vdds.Kind.PATDATIMPORT, vdds.Options(language="en"), "0815")
+    level, text = vdds.outcome_error(
+        conflict, vdds_exchange.Kind.PATDATIMPORT, vdds.Options(language="en"), "0815"
+    )
     assert level == 1 and "conflict no. 4" in text and "birth date differs" in text
 
 
 def test_unreachable_answer_uses_the_raw_settings() -> None:
     content = STAGE1.replace("\n", "\r\n").encode("cp850")
-    data = vdds.unreachable_answer(content, "connection refused", {"language": "en", "encoding": "cp850"})
+    data = vdds_exchange.unreachable_answer(
+        content, "connection refused", {"language": "en", "encoding": "cp850"}
+    )
     keys = answered(data, "cp850")["PATIENT"]
     assert keys["LASTNAME"] == "Müller"
     assert keys["ERRORTEXT"].startswith("The imaging service") and keys["ERRORTEXT"].endswith(
         "(connection refused)"
     )
     assert (keys["ERRORLEVEL"], keys["READY"]) == ("1", "1")
-    german = answered(vdds.unreachable_answer(b"", "timed out", {}))["PATIENT"]
+    german = answered(vdds_exchange.unreachable_answer(b"", "timed out", {}))["PATIENT"]
     assert german["ERRORTEXT"].startswith("Die Bildverwaltung")
 
 
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=400))
 def test_arbitrary_bytes_always_get_ready_1(data: bytes) -> None:
-    found = vdds.read_exchange(data)
+    found = vdds_exchange.read_exchange(data)
     with contextlib.suppress(vdds.VddsError):  # the only exception a request may raise
         vdds.patient_request(found, ORIGIN, vdds.Options())
-    out = vdds.answer(found, 1, "Fehler")
-    main = (found.main or vdds.FALLBACK_SECTION).upper()
+    out = vdds_exchange.answer(found, 1, "Fehler")
+    main = (found.main or vdds_exchange.FALLBACK_SECTION).upper()
     sections = parse_ini(decode(out).text)
-    assert main in sections or vdds.FALLBACK_SECTION in sections
-    section = sections.get(main) or sections[vdds.FALLBACK_SECTION]
+    assert main in sections or vdds_exchange.FALLBACK_SECTION in sections
+    section = sections.get(main) or sections[vdds_exchange.FALLBACK_SECTION]
     assert section.get("READY") == "1"
-    assert vdds.folder_state(out) in (vdds.FolderState.ANSWERED, vdds.FolderState.FOREIGN)
+    assert vdds_exchange.folder_state(out) in (
+        vdds_exchange.FolderState.ANSWERED,
+        vdds_exchange.FolderState.FOREIGN,
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -419,8 +434,8 @@ def test_arbitrary_bytes_always_get_ready_1(data: bytes) -> None:
 )
 def test_structured_requests_always_get_ready_1(lines: list[str], encoding: str) -> None:
     found = exchange("\n".join(lines), encoding, bom=b"\xff\xfe" if encoding == "utf-16-le" else b"")
-    out = vdds.answer(found, 1, "x", [("MMOS", [("COUNT", "0")])])
-    section = parse_ini(decode(out).text)[(found.main or vdds.FALLBACK_SECTION).upper()]
+    out = vdds_exchange.answer(found, 1, "x", [("MMOS", [("COUNT", "0")])])
+    section = parse_ini(decode(out).text)[(found.main or vdds_exchange.FALLBACK_SECTION).upper()]
     assert section.get("READY") == "1"
 
 
@@ -437,7 +452,7 @@ def test_push_text_and_reply() -> None:
     assert dict(sections["PATID"].items())["FROMPVS"] == "CGM_Z1"
     assert sections["PATID"].get("READY") == "0"
     assert sections["MMO1"].get("IMAGEDATA") == "/e/3.jpg"
-    assert vdds.folder_state(text.encode()) is vdds.FolderState.FOREIGN
+    assert vdds_exchange.folder_state(text.encode()) is vdds_exchange.FolderState.FOREIGN
     assert not vdds.push_reply(text.encode()).ready
     done = vdds.push_reply(text.replace("READY=0", "READY=1").encode())
     assert done.ready and done.accepted

@@ -25,7 +25,7 @@ from bridge.config import VddsSettings
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.model import ImageView, Origin, PatientView, Status
 from bridge.watch import Classify, FolderWatcher, Handle, Verdict
-from protocols import vdds
+from protocols import vdds, vdds_exchange
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
@@ -69,7 +69,7 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
     opts = options(settings)
     if not launch.content and not launch.filename:
         return await _view(rt, launch, opts)
-    exchange = vdds.read_exchange(launch.content, vdds.codepage(settings.encoding))
+    exchange = vdds_exchange.read_exchange(launch.content, vdds_exchange.codepage(settings.encoding))
     try:
         if not settings.enabled:
             raise vdds.VddsError("disabled")
@@ -80,35 +80,35 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
         level, text, sections, summary = 1, exc.text(opts.language), [], ""
     except TimeoutError:
         log.error("VDDS request timed out", extra={"kind": exchange.kind.value})
-        level, text, sections, summary = 1, vdds.message(opts.language, "timeout"), [], ""
+        level, text, sections, summary = 1, vdds_exchange.message(opts.language, "timeout"), [], ""
     except Exception as exc:  # a bug must still become an answer, never a hanging PVS
         log.exception("VDDS request failed", extra={"kind": exchange.kind.value})
         level, text, sections, summary = (
             1,
-            f"{vdds.message(opts.language, 'internal')} ({exc!r})"[:200],
+            f"{vdds_exchange.message(opts.language, 'internal')} ({exc!r})"[:200],
             [],
             "",
         )
-    content = vdds.answer(exchange, level, text, sections)
+    content = vdds_exchange.answer(exchange, level, text, sections)
     return LaunchReply(exit_code=level, message=text or summary, content=content)
 
 
 async def _serve(
-    rt: Runtime, launch: Launch, exchange: vdds.Exchange, opts: vdds.Options
-) -> tuple[int, str, list[vdds.Section], str]:
+    rt: Runtime, launch: Launch, exchange: vdds_exchange.Exchange, opts: vdds.Options
+) -> tuple[int, str, list[vdds_exchange.Section], str]:
     """(ERRORLEVEL, ERRORTEXT, answer sections, a line for the log and the PVS's console)."""
     request = vdds.patient_request(exchange, origin_of(launch), opts, launch.args)
     outcome = await rt.service.handle(request)
     level, text = vdds.outcome_error(outcome, exchange.kind, opts, request.pms_id)
     summary = f"{exchange.kind.value}: {outcome.message}"
-    if exchange.kind is vdds.Kind.MMOINFEXPORT:
+    if exchange.kind is vdds_exchange.Kind.MMOINFEXPORT:
         if outcome.status is Status.NOT_FOUND and rt.settings.vdds.unknown_patient == "empty":
             return 0, "", vdds.info_sections([], opts, {}), f"{summary} (answered as no images)"
         if not outcome.status.ok:
             return level, text, [], summary
         thumbnails = await thumbnail_files(rt, outcome.images)
         return 0, "", vdds.info_sections(outcome.images, opts, thumbnails, request.practice_id), summary
-    if exchange.kind is vdds.Kind.MMOEXPORT and outcome.images:
+    if exchange.kind is vdds_exchange.Kind.MMOEXPORT and outcome.images:
         assert exchange.request is not None  # a MMOEXPORT kind always has its [MMOIDS] section
         slots = vdds.export_slots(exchange.request, opts.max_mmoids)
         found_refs = [ref for ref in request.image_refs if ref not in outcome.missing_refs]
@@ -119,7 +119,9 @@ async def _serve(
             if image.id in paths
         }
         if failed:
-            failed_text = vdds.message(opts.language, "export_failed", ids=", ".join(map(str, failed)))
+            failed_text = vdds_exchange.message(
+                opts.language, "export_failed", ids=", ".join(map(str, failed))
+            )
             level, text = 1, f"{text} {failed_text}".strip()
         return level, text, vdds.export_sections(slots, by_ref), summary
     return level, text, [], summary
@@ -141,8 +143,8 @@ async def _view(rt: Runtime, launch: Launch, opts: vdds.Options) -> LaunchReply:
         return LaunchReply(1, exc.text(opts.language))
     except Exception as exc:
         log.exception("MMOVIEW failed")
-        return LaunchReply(1, f"{vdds.message(opts.language, 'internal')} ({type(exc).__name__})")
-    level, text = vdds.outcome_error(outcome, vdds.Kind.MMOVIEW, opts)
+        return LaunchReply(1, f"{vdds_exchange.message(opts.language, 'internal')} ({type(exc).__name__})")
+    level, text = vdds.outcome_error(outcome, vdds_exchange.Kind.MMOVIEW, opts)
     return LaunchReply(level, text or f"image {args[0]} shown ({outcome.viewer_url})")
 
 
@@ -314,13 +316,13 @@ def _dicom_wrap(source: Path, image: ImageView, patient: PatientView | None) -> 
 
 def classifier(settings: VddsSettings) -> Classify:
     """The watched folder's `classify`: complete unanswered requests now, others once stable."""
-    fallback = vdds.codepage(settings.encoding)
+    fallback = vdds_exchange.codepage(settings.encoding)
 
     def classify(content: bytes, stable: bool) -> Verdict:
-        state = vdds.folder_state(content, fallback)
-        if state is vdds.FolderState.COMPLETE and (stable or not settings.folder_wait_stable):
+        state = vdds_exchange.folder_state(content, fallback)
+        if state is vdds_exchange.FolderState.COMPLETE and (stable or not settings.folder_wait_stable):
             return Verdict.HANDLE
-        if state in (vdds.FolderState.COMPLETE, vdds.FolderState.INCOMPLETE):
+        if state in (vdds_exchange.FolderState.COMPLETE, vdds_exchange.FolderState.INCOMPLETE):
             return Verdict.HANDLE if stable else Verdict.WAIT
         return Verdict.IGNORE
 

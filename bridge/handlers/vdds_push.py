@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from bridge.atomic import write_atomic
 from bridge.events import Event, ImagesAdded
 from bridge.model import Origin
-from protocols import vdds
+from protocols import vdds, vdds_exchange
 from protocols.common import DecodedText
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ async def send(rt: Runtime, item: OutboxItem) -> None:
         patid=patient.pms_id or "",
         objects=objects,
     )
-    data = DecodedText("", vdds.codepage(settings.vdds.encoding), b"", "\r\n").encode(text)
+    data = DecodedText("", vdds_exchange.codepage(settings.vdds.encoding), b"", "\r\n").encode(text)
     path = push_file(settings, item)
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
