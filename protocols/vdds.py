@@ -130,10 +130,6 @@ class Options:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading an exchange file
-
-
-# --------------------------------------------------------------------------------------------------
 # Request -> PatientRequest
 
 
@@ -279,7 +275,7 @@ def view_request(mmoid: str, origin: Origin) -> PatientRequest:
 
 
 # --------------------------------------------------------------------------------------------------
-# Answers
+# Answer sections (the answer itself: protocols.vdds_exchange.answer)
 
 
 def object_pairs(

@@ -40,6 +40,7 @@ class FolderState(enum.Enum):
 HANDSHAKE_KEYS = frozenset({"READY", "ERRORLEVEL", "ERRORTEXT", "ERROR-TEXT"})
 FALLBACK_SECTION = "PATIENT"  # where the handshake goes when a file has no section at all
 ERRORTEXT_LIMIT = 250  # PVSs show it in a message box and read it into fixed buffers
+
 # Field -> accepted keys, first present wins. The German variants are what defensive parsers accept
 # because Z1 may send them (praxishub); BIRTHDATE likewise.
 DEMOGRAPHIC_KEYS: dict[str, tuple[str, ...]] = {
@@ -54,6 +55,7 @@ DEMOGRAPHIC_KEYS: dict[str, tuple[str, ...]] = {
     "phone": ("HOMEPHONE", "TELEFON", "PHONE", "CELLULAR"),
     "email": ("EMAIL",),
 }
+
 # The answer texts a receptionist reads (ERRORTEXT), per configured language.
 TEXTS: dict[str, dict[str, str]] = {
     "de": {
