@@ -12,13 +12,15 @@ from collections.abc import Callable, Sequence
 
 from bridge.handlers import HANDLERS
 
-# typing costs 8 ms at start-up, which a PMS waiting on a launch pays; mypy treats this name as True.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (3 ms); mypy takes it as true
+
 if TYPE_CHECKING:
     import argparse
 
 # Sub-commands of a launch protocol that are admin commands, not PMS launches.
-ADMIN_SUBCOMMANDS: dict[str, frozenset[str]] = {}
+ADMIN_SUBCOMMANDS: dict[str, frozenset[str]] = {
+    "vdds": frozenset({"register", "unregister"}),
+}
 
 EXIT_USAGE = 2
 
@@ -26,7 +28,9 @@ EXIT_USAGE = 2
 def _is_launch(argv: Sequence[str]) -> bool:
     if not argv or argv[0] not in HANDLERS:
         return False
-    rest = [a for a in argv[1:] if not a.startswith("--config")]
+    rest = list(argv[1:])
+    while rest and rest[0].startswith("--config"):  # `--config FILE` or `--config=FILE` before the rest
+        del rest[: 2 if rest[0] == "--config" else 1]
     admin = ADMIN_SUBCOMMANDS.get(argv[0], frozenset())
     return not (rest and (rest[0] in admin or rest[0] in ("--help", "-h")))
 
@@ -106,6 +110,26 @@ def cmd_replay(ns: argparse.Namespace) -> int:
     return 0 if results and all(r.result in ("pass", "n/a") for r in results) else 1
 
 
+def cmd_vdds(ns: argparse.Namespace) -> int:
+    from bridge.handlers.vdds_register import run
+
+    return run(ns)
+
+
+def _vdds_args(parser: argparse.ArgumentParser) -> None:
+    import argparse
+
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (
+        ("register", "add or update our [BVS] entry in VDDS_MMI.INI (needs administrator rights)"),
+        ("unregister", "remove our [BVS] entry from VDDS_MMI.INI"),
+    ):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("--config", default=argparse.SUPPRESS, help="config file (as before the action)")
+        action.add_argument("--ini", help="VDDS_MMI.INI to edit (default: [vdds] mmi_ini, else the system's)")
+        action.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
+
+
 def _replay_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("samples", help="folder of cases (see samples/README.md)")
     parser.add_argument("--case", default="*", help="glob of case names to run, e.g. 'vdds/*'")
@@ -141,6 +165,12 @@ COMMANDS: dict[str, Command] = {
         cmd_replay,
         _replay_args,
     ),
+    "vdds": (
+        "VDDS-media: the module a PVS calls (pms-bridge vdds FILE, pms-bridge vdds MMOID) and its"
+        " registration in VDDS_MMI.INI",
+        cmd_vdds,
+        _vdds_args,
+    ),
 }
 
 # Launch commands (PMS entry points) are listed for --help; their arguments go to the daemon as they are.
@@ -169,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", help="config file (default: $PMS_BRIDGE_CONFIG, then ./pms-bridge.ini)")
         add_args(cmd)
         cmd.set_defaults(func=func)
-    for name in sorted(HANDLERS):
+    for name in sorted(HANDLERS.keys() - COMMANDS.keys()):  # a protocol with admin commands is listed above
         help_text = LAUNCH_HELP.get(name, f"the {name} entry point a PMS calls")
         launch = sub.add_parser(name, help=help_text, description=help_text)
         launch.add_argument("--config", help="config file")

@@ -157,22 +157,26 @@ def Csv() -> Parser:
     return Parser("a comma-separated list, or empty", convert)
 
 
-def KeyMap(*fields: str) -> Parser:
-    """'field=Key, field=Key' pairs: which INI key a PMS writes each field under (names not public)."""
+def Pairs(*names: str, separator: str) -> Parser:
+    """`name<separator>value` pairs separated by commas; each name one of `names`, at most once.
+
+    Used for maps a PMS needs configured: the INI key each field is written under ("id=PatientNumber",
+    names not public) and per-category texts ("panoramic:OPG").
+    """
 
     def convert(text: str, _home: Path) -> dict[str, str]:
         found: dict[str, str] = {}
         for item in text.split(","):
             if not item.strip():
                 continue
-            name, sep, ini_key = item.partition("=")
-            name, ini_key = name.strip(), ini_key.strip()
-            if not sep or name not in fields or not ini_key or name in found:
+            name, sep, value = item.partition(separator)
+            name, value = name.strip().lower(), value.strip()
+            if not sep or name not in names or not value or name in found:
                 raise ValueError
-            found[name] = ini_key
+            found[name] = value
         return found
 
-    return Parser(f"field=IniKey pairs separated by commas; fields: {', '.join(fields)}", convert)
+    return Parser(f"name{separator}value pairs separated by commas; names: {', '.join(names)}", convert)
 
 
 def DateFormat() -> Parser:
@@ -263,6 +267,110 @@ class VddsSettings:
         "auto",
         Choice("auto", "cp1252", "cp850", "cp437", "iso-8859-15", "utf-8"),
         "auto = BOM sniff (UTF-8, UTF-16), then cp1252",
+    )
+    poll_seconds: float = key(
+        "1", Float(0.05, 60), "How often the exchange folder is scanned (change events only hint)"
+    )
+    folder_wait_stable: bool = key(
+        "no",
+        Bool(),
+        "yes: answer a dropped file only once its size is stable, even when its handshake keys are"
+        " complete (for PVSs that write the handshake before the data)",
+    )
+    language: str = key("de", Choice("de", "en"), "Language of the ERRORTEXT a receptionist reads")
+    require_ready: bool = key(
+        "yes",
+        Bool(),
+        "yes: a request without its READY key is a truncated file and answered with an error;"
+        " no: for a PVS that never writes READY=0",
+    )
+    default_pvs: str = key(
+        "VDDS",
+        Text(required=True, max_length=100),
+        "PMS system of requests without a PVS key (all such PVSs share one patient-id namespace)",
+    )
+    practice_id_key: str = key(
+        "PRXNR", Text(max_length=40), "Request key read as practice id; empty: the PVS sends none"
+    )
+    export_dir: Path = key(
+        "{home}/vdds-export", RequiredPath(), "Where stage-2 thumbnails and stage-4 copies are written"
+    )
+    export_max_age_hours: float = key(
+        "24", Float(0.01, 8760), "Exported files and push files older than this are deleted"
+    )
+    export_format: str = key(
+        "jpg", Choice("jpg", "png", "tif", "dcm"), "Format of MMOEXPORT copies when the request has no EXT"
+    )
+    export_watermark: bool = key(
+        "yes", Bool(), "Stamp the thumbnail watermark on JPG/PNG/TIF copies (never on DCM)"
+    )
+    thumbnail_key: str = key(
+        "THUMBNAIL",
+        Text(max_length=40),
+        "Key naming the thumbnail file in each [MMOn] (not public in the spec); empty: no thumbnails",
+    )
+    unknown_patient: str = key(
+        "empty",
+        Choice("empty", "error"),
+        "MMOINFEXPORT for a patient the store does not know: an empty list, or an error",
+    )
+    stage5: str = key(
+        "off",
+        Choice("off", "always", "flagged"),
+        "Stage 5 (assumed: acquisition request): off; always: every PATDATIMPORT also requests an"
+        " acquisition; flagged: only when started with ACQUIRE or the request has stage5_key=1",
+    )
+    stage5_key: str = key("ACQUIRE", Text(max_length=40), "Request key that flags an acquisition")
+    type_names: dict[str, str] = key(
+        "",
+        Pairs(
+            "intraoral-xray",
+            "extraoral-xray",
+            "panoramic",
+            "cephalometric",
+            "cbct",
+            "photo",
+            "document",
+            separator=":",
+        ),
+        "TYPE text per image category, overriding the German defaults (e.g. panoramic:OPG)",
+    )
+    type_numbers: dict[str, str] = key(
+        "",
+        Pairs(
+            "intraoral-xray",
+            "extraoral-xray",
+            "panoramic",
+            "cephalometric",
+            "cbct",
+            "photo",
+            "document",
+            separator=":",
+        ),
+        "TYPENR per image category, overriding the defaults (x-rays 1, photo 2, document 10)",
+    )
+    answer_timeout: float = key(
+        "60", Float(1, 110), "Seconds a request may take before it is answered with a timeout error"
+    )
+    push: bool = key("yes", Bool(), "Push new images to the PVS (stage 6, MMOINFIMPORT)")
+    push_dir: Path = key("{home}/vdds-push", RequiredPath(), "Where push exchange files are written")
+    push_timeout: float = key("120", Float(1, 3600), "Seconds the PVS's import program gets to set READY=1")
+    push_trust_exit_code: bool = key(
+        "yes", Bool(), "A push whose program exits 0 without setting READY=1 counts as delivered"
+    )
+    push_prxnr: str = key("1", Text(max_length=100), "PRXNR of a push when the patient has no practice id")
+    mmi_ini: Path | None = key(
+        "", OptionalPath(), "VDDS_MMI.INI; empty: %WINDIR%\\VDDS_MMI.INI, or /etc/vdds/VDDS_MMI.INI elsewhere"
+    )
+    bvs_section: str = key(
+        "PMSBRIDGE", Text(required=True, max_length=40), "Our section name in VDDS_MMI.INI (the BVS key)"
+    )
+    bvs_name: str = key("pms-bridge", Text(required=True, max_length=80), "Display name a PVS shows")
+    version: str = key("1.4", Text(required=True, max_length=10), "VDDS-media version we register")
+    module_command: str = key(
+        "",
+        Text(max_length=500),
+        "Command registered for every stage; empty: this installation's pms-bridge with --config",
     )
 
 
@@ -407,7 +515,7 @@ class EaglesoftSettings(LaunchProfile):
     ini_keys: dict[str, str] = key(
         "id=PatientNumber, first_name=FirstName, middle_name=MiddleInitial, last_name=LastName,"
         " street=Address, city=City, postal_code=Zip, sex=Gender, birth_date=Birthdate",
-        KeyMap(
+        Pairs(
             "id",
             "first_name",
             "middle_name",
@@ -417,8 +525,9 @@ class EaglesoftSettings(LaunchProfile):
             "postal_code",
             "sex",
             "birth_date",
+            separator="=",
         ),
-        "INI key of each field (the real names are not public; SSN is never read)",
+        "INI key of each field (the real names are not public; the SSN is never used)",
     )
 
     def __post_init__(self) -> None:
@@ -439,8 +548,8 @@ class CliniviewSettings(LaunchProfile):
     ini_section: str = key("Patient", Text(required=True, max_length=100), "Section of the patient fields")
     ini_keys: dict[str, str] = key(
         "id=PatientID, first_name=FirstName, last_name=LastName, birth_date=BirthDate, sex=Sex",
-        KeyMap("id", "first_name", "middle_name", "last_name", "birth_date", "sex"),
-        "INI key of each field in Cliniview.ini (the real names are not public; SSN is never read)",
+        Pairs("id", "first_name", "middle_name", "last_name", "birth_date", "sex", separator="="),
+        "INI key of each field in Cliniview.ini (the real names are not public; the SSN is never used)",
     )
     ini_date_format: str = key("MM/dd/yyyy", DateFormat(), "Birth date in Cliniview.ini (.NET format)")
 

@@ -22,6 +22,8 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Settings
+from bridge.handlers import vdds as vdds_handler
+from bridge.handlers import vdds_push
 from bridge.handlers.dexis import integrator_watchers
 from bridge.runtime import Runtime
 from bridge.thumbfolders import thumbnail_workers
@@ -37,6 +39,9 @@ WorkerFactory = Callable[[Runtime], Coroutine[Any, Any, None] | None]
 WORKER_FACTORIES: list[WorkerFactory] = [
     integrator_watchers,
     thumbnail_workers,
+    vdds_handler.folder_worker,
+    vdds_handler.cleanup_worker,
+    vdds_push.push_worker,
 ]
 
 # Extra listeners protocols contribute (OPP web): a factory returning (name, app, host, port), or None

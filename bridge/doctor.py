@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bridge.config import ConfigError, Settings, launch_profiles, load_settings
 from bridge.config_file import api_endpoint, read_raw
+from bridge.handlers import vdds_register
 
 Check = tuple[str, Callable[[Settings], str]]  # (title, function returning a detail or raising)
 
@@ -114,6 +115,7 @@ CHECKS: list[Check] = [
         lambda s: check_folder(s.vdds.exchange_dir) if s.vdds.exchange_dir else "not configured",
     ),
     ("PMS profile folders writable", check_profile_folders),
+    ("VDDS registration in VDDS_MMI.INI", vdds_register.check),
     ("daemon answering", check_daemon),
     ("API token", check_token),
 ]

@@ -10,23 +10,32 @@ non-zero exit code and one line on stderr.
 
 from __future__ import annotations
 
-import importlib
+import _socket  # the C module: socket.py's enums and selectors cost more start-up than this whole client
 import os
-import socket
 import sys
-from urllib.parse import quote, unquote
 
 from bridge.atomic import write_atomic
-from bridge.config_file import LAUNCH_PATH, ConfigFileError, api_endpoint, find_config_path, read_raw
+from bridge.config_file import (
+    LAUNCH_PATH,
+    ConfigFileError,
+    RawConfig,
+    api_endpoint,
+    find_config_path,
+    read_raw,
+)
 
 TIMEOUT_SECONDS = 120.0
 MAX_FILE_BYTES = 4 * 1024 * 1024
 EXIT_UNREACHABLE = 3
 EXIT_REFUSED = 4
 
-# protocol -> "module:function(content: bytes, message: str) -> bytes | None": the answer a protocol
-# writes into the PMS's file when the daemon cannot answer. Imported only on that (rare) path.
-UNREACHABLE_RENDERERS: dict[str, str] = {}
+# protocol -> "module:function(content: bytes, message: str, settings: dict[str, str]) -> bytes | None":
+# the answer a protocol writes into the PMS's file when the daemon cannot answer; `settings` is the
+# protocol's config section as raw strings (its answer language, code page), empty when the config could
+# not be read. Imported only on that (rare) path.
+UNREACHABLE_RENDERERS: dict[str, str] = {
+    "vdds": "protocols.vdds_exchange:unreachable_answer",
+}
 
 
 def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -58,7 +67,52 @@ def named_file(args: list[str]) -> str:
 
 
 def workstation() -> str:
-    return os.environ.get("COMPUTERNAME") or socket.gethostname()
+    return os.environ.get("COMPUTERNAME") or _socket.gethostname()
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def quote(text: str, safe: str = "/") -> str:
+    """Percent-encode UTF-8 as urllib.parse.quote does (that module costs more start-up than it saves)."""
+    keep = _UNRESERVED | frozenset(safe.encode("ascii"))
+    return "".join(chr(b) if b in keep else f"%{b:02X}" for b in text.encode("utf-8"))
+
+
+def unquote(text: str) -> str:
+    """Undo percent-encoding (UTF-8; a malformed escape stays as it is)."""
+    if "%" not in text:
+        return text
+    first, *rest = text.split("%")
+    out = bytearray(first.encode("utf-8"))
+    for part in rest:
+        if len(part) >= 2 and part[0] in _HEX and part[1] in _HEX:
+            out.append(int(part[:2], 16))
+            out += part[2:].encode("utf-8")
+        else:
+            out += b"%" + part.encode("utf-8")
+    return out.decode("utf-8", errors="replace")
+
+
+def connect(host: str, port: int, timeout: float) -> _socket.socket:
+    """socket.create_connection with the C module only: each address of `host` in turn.
+
+    An ASCII host name is passed as bytes so that resolving it does not load the IDNA codec.
+    """
+    name: str | bytes = host.encode("ascii") if host.isascii() else host
+    error: OSError | None = None
+    for family, kind, proto, _canonical, address in _socket.getaddrinfo(name, port, 0, _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return sock
+    raise error or OSError(f"{host} has no address")
 
 
 def http_post(
@@ -72,13 +126,14 @@ def http_post(
     cafile: str = "",
 ) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 POST with `Connection: close`; returns (status, lower-cased headers, body)."""
-    sock: socket.socket = socket.create_connection((host, port), timeout=TIMEOUT_SECONDS)
+    sock: _socket.socket = connect(host, port, TIMEOUT_SECONDS)
     try:
-        if tls:
-            import ssl  # only when the API listener is configured for TLS
+        if tls:  # only when the API listener is configured for TLS
+            import socket
+            import ssl
 
             ctx = ssl.create_default_context(cafile=cafile or None)
-            sock = ctx.wrap_socket(sock, server_hostname=host)
+            sock = ctx.wrap_socket(socket.socket(fileno=sock.detach()), server_hostname=host)
         head = [
             f"POST {path} HTTP/1.1",
             f"Host: {host}:{port}",
@@ -117,13 +172,18 @@ def _dechunk(data: bytes) -> bytes:
     return bytes(out)
 
 
-def _fail(protocol: str, path: str, content: bytes, message: str, code: int) -> int:
+def _fail(
+    protocol: str, path: str, content: bytes, message: str, code: int, raw: RawConfig | None = None
+) -> int:
     """Answer without the daemon: the protocol's error answer into its file, one line on stderr."""
     target = UNREACHABLE_RENDERERS.get(protocol)
     if target and path:
         module, _, name = target.partition(":")
+        import importlib  # only on this rare path
+
         try:
-            answer = getattr(importlib.import_module(module), name)(content, message)
+            settings = (raw or {}).get(protocol, {})
+            answer = getattr(importlib.import_module(module), name)(content, message, settings)
             if answer is not None:
                 write_atomic(path, answer)
         except Exception as exc:  # the PMS must still get an exit code and a line
@@ -146,7 +206,8 @@ def run(protocol: str, argv: list[str]) -> int:
         if len(content) > MAX_FILE_BYTES:
             return _fail(protocol, path, b"", f"{path} is larger than {MAX_FILE_BYTES} bytes", EXIT_REFUSED)
     try:
-        host, port, token, tls, cafile = api_endpoint(read_raw(find_config_path(config)))
+        raw = read_raw(find_config_path(config))
+        host, port, token, tls, cafile = api_endpoint(raw)
     except ConfigFileError as exc:
         return _fail(protocol, path, content, str(exc), EXIT_UNREACHABLE)
     query = "&".join("arg=" + quote(arg, safe="") for arg in args)
@@ -168,6 +229,7 @@ def run(protocol: str, argv: list[str]) -> int:
             content,
             f"the pms-bridge service is not reachable at {host}:{port} ({reason})",
             EXIT_UNREACHABLE,
+            raw,
         )
     if status != 200:
         import json  # only on the error path
@@ -182,6 +244,7 @@ def run(protocol: str, argv: list[str]) -> int:
             content,
             f"the pms-bridge service refused the request ({status}): {detail}",
             EXIT_REFUSED,
+            raw,
         )
     if reply_headers.get("x-pms-write") == "1" and path:
         write_atomic(path, body)

@@ -193,6 +193,7 @@ class ImageView:
     device: str = ""
     comment: str = ""
     frames: int = 1
+    imported_at: datetime | None = None  # UTC; when the capture time is unknown, what a PMS dates it by
 
     def to_json(self) -> dict[str, Any]:
         return {

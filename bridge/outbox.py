@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+from bridge.handlers.vdds_push import push_channels
 from bridge.store import queries as q
 from bridge.store.models import OutboxMessage
 from bridge.store.types import utcnow
@@ -55,6 +56,7 @@ Recover = Callable[["Runtime", OutboxItem], Awaitable[bool]]  # True: the PMS al
 TargetRule = Callable[["Settings", str, str], Sequence[str]]
 TARGET_RULES: list[TargetRule] = [
     folder_targets,
+    push_channels,  # VDDS-media stage 6 (MMOINFIMPORT)
 ]
 
 

@@ -38,10 +38,19 @@ if TYPE_CHECKING:
 PROTOCOL_NORMALISERS: dict[str, list[tuple[str, str]]] = {
     # REST answers carry the store's generated patient and image ids.
     "rest": [(r'"(id|patient_id|conflict_id)": \d+', r'"\1": {ID}')],
+    # VDDS answers carry image ids (MMOID, and in the thumbnail and export file names) and one export
+    # folder per MMOEXPORT request.
+    "vdds": [
+        (r"^MMOID=\d+(?=\r?$)", "MMOID={ID}"),
+        (r"^(THUMBNAIL=.*[\\/])\d+(\.jpg)(?=\r?$)", r"\1{ID}\2"),
+        (r"^(MMOID\d+=.*[\\/])x[0-9a-f]{12}([\\/])\d+(\.\w+)(?=\r?$)", r"\1{EXPORT}\2{ID}\3"),
+    ],
 }
 
 # protocol -> code page its answer files are read with when they carry no BOM.
-PROTOCOL_CODEPAGES: dict[str, str] = {}
+PROTOCOL_CODEPAGES: dict[str, str] = {
+    "vdds": "cp1252",
+}
 
 ISO_TIMESTAMP = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})?"
 FOLDER_TIMEOUT = 15.0
@@ -176,8 +185,8 @@ class Runner:
         return {"Authorization": f"Bearer {self.target.token}"}
 
     async def run_case(self, case: Case) -> Result:
-        if case.spec.get("settings") and not self.target.fresh:
-            return Result(case.name, "n/a", "needs its own settings: replay it against a fresh store")
+        if (case.spec.get("settings") or case.spec.get("fresh")) and not self.target.fresh:
+            return Result(case.name, "n/a", "needs a fresh store (settings, image ids): replay it on one")
         workdir = Path(tempfile.mkdtemp(prefix="replay-"))
         try:
             norm = normaliser(case, self.target, workdir)
@@ -232,8 +241,10 @@ class Runner:
             source = case.path(step["file"])
             copy = workdir / (step.get("name") or source.name)
             shutil.copyfile(source, copy)
+        for name in step.get("copy", []):  # further files the arguments name, e.g. a client config
+            shutil.copyfile(case.path(name), workdir / Path(name).name)
         args = [
-            a.replace("{file}", str(copy) if copy else "")
+            a.replace("{file}", str(copy) if copy else "").replace("{case}", str(workdir))
             for a in step.get("args", ["{file}"] if copy else [])
         ]
         config = self.target.config

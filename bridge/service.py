@@ -217,6 +217,7 @@ def image_view(image: Any, series_uid: str, study_uid: str) -> ImageView:
         device=image.device,
         comment=image.comment,
         frames=image.frames,
+        imported_at=image.imported_at,
     )
 
 
@@ -1088,10 +1089,12 @@ class BridgeService:
     async def images_for_push(
         self, origin: Origin, patient_id: int, link_id: int | None, image_ids: Sequence[int]
     ) -> tuple[PatientView | None, list[ImageView]]:
-        """What a push channel sends: the patient as the link's PMS knows it, and the images still there.
+        """What a push channel announces: the patient as the PMS behind the link knows it, and the images.
 
-        The patient view carries the link's id (not just the patient's first link) and the current chart
-        number; images deleted since the push was queued, or of another patient, are left out.
+        With a `link_id`, the view carries that link's PMS system and id; a link deleted since the push
+        was queued announces nothing (None), so a push never goes to another PMS. Without one (channels
+        keyed by chart number) the view carries the first link. Images deleted since, or of another
+        patient, are left out.
         """
 
         def work(session: Session) -> tuple[PatientView | None, list[ImageView]]:
@@ -1099,10 +1102,12 @@ class BridgeService:
             if patient is None:
                 return None, []
             link = session.get(PmsLink, link_id) if link_id is not None else None
-            if link is not None and link.patient_id != patient_id:
-                link = None
+            if link_id is not None and (link is None or link.patient_id != patient_id):
+                return None, []
             rows = session.execute(q.images_by_ids(sorted(set(image_ids)))).all() if image_ids else []
-            images = [image_view_row(row) for row in rows if row.patient_id == patient_id]
+            images = sorted(
+                (image_view_row(r) for r in rows if r.patient_id == patient_id), key=lambda i: i.id
+            )
             return _load_patient_view(session, patient, link), images
 
         view, images = await self.db.read(work)

@@ -16,16 +16,8 @@ from collections.abc import Mapping, Sequence
 from datetime import date
 
 from bridge.model import Demographics, Sex
-from protocols.common import (
-    DateFormatError,
-    MessageError,
-    PatientFields,
-    field_id,
-    field_text,
-    parse_date,
-    parse_sex,
-    read_mapped_ini,
-)
+from protocols.common import DateFormatError, parse_date, parse_sex
+from protocols.fields import MessageError, PatientFields, field_id, field_text, read_mapped_ini
 
 MAX_ARGUMENT_CHARS = 1024
 ARGUMENT_FIELDS = 5  # id, first, last, SSN, birth date

@@ -10,11 +10,7 @@ from __future__ import annotations
 import codecs
 import datetime as dt
 import re
-import unicodedata
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-
-from bridge.model import Demographics
+from collections.abc import Iterable
 
 # --------------------------------------------------------------------------------------------------
 # Encodings
@@ -126,26 +122,35 @@ def parse_ini(text: str) -> dict[str, IniSection]:
     sections: dict[str, IniSection] = {}
     current = sections.setdefault("", IniSection(""))
     for raw in text.splitlines():
-        line = raw.strip().lstrip("\ufeff")
-        if not line or line[0] in ";#":
-            continue
-        if line.startswith("[") and "]" in line:
-            name = line[1 : line.index("]")].strip()
+        kind, name, value = ini_line(raw)
+        if kind == "section":
             current = sections.setdefault(name.upper(), IniSection(name))
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip():
-            continue
-        key = key.strip()
-        if key.upper() in current.values:
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        current.set(key, value)
+        elif kind == "key" and name.upper() not in current.values:
+            current.set(name, value)
     if not sections[""].values:
         del sections[""]
     return sections
+
+
+def ini_line(raw: str) -> tuple[str, str, str]:
+    """What one line of an INI text is, as `parse_ini` reads it: ("section", name, ""), ("key", key,
+    value) or ("other", "", "") for blank, comment and malformed lines.
+
+    Exposed so that an editor that rewrites a file line by line (a VDDS answer keeps the PMS's own
+    lines) sees exactly the sections and keys the parser sees.
+    """
+    line = raw.strip().lstrip("\ufeff")
+    if not line or line[0] in ";#":
+        return "other", "", ""
+    if line.startswith("[") and "]" in line:
+        return "section", line[1 : line.index("]")].strip(), ""
+    key, sep, value = line.partition("=")
+    if not sep or not key.strip():
+        return "other", "", ""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return "key", key.strip(), value
 
 
 def render_ini(sections: Iterable[tuple[str, Iterable[tuple[str, str]]]]) -> str:
@@ -153,14 +158,18 @@ def render_ini(sections: Iterable[tuple[str, Iterable[tuple[str, str]]]]) -> str
     out: list[str] = []
     for name, pairs in sections:
         out.append(f"[{name}]")
-        out.extend(f"{key}={_one_line(value)}" for key, value in pairs)
+        out.extend(f"{key}={one_line(value)}" for key, value in pairs)
         out.append("")
     return "\n".join(out)
 
 
-def _one_line(value: str) -> str:
-    """A value can never break the file's structure: line breaks become spaces."""
-    return value.replace("\r", " ").replace("\n", " ")
+# Every character str.splitlines() breaks a line at, so parse_ini can never see a value as two lines.
+_LINE_BREAKS = str.maketrans(dict.fromkeys("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029", " "))
+
+
+def one_line(value: str) -> str:
+    """A value can never break the file's structure: every kind of line break becomes a space."""
+    return value.translate(_LINE_BREAKS)
 
 
 def parse_key_values(text: str, *, unquote: bool = False) -> dict[str, str]:
@@ -183,109 +192,6 @@ def parse_key_values(text: str, *, unquote: bool = False) -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------------
 # Fields of launch-style messages (Dexis, Patterson, CLINIVIEW): what they say about one patient
-
-
-class MessageError(ValueError):
-    """A PMS message that cannot be served as sent. The text is one line the PMS's user can act on."""
-
-
-@dataclass(frozen=True)
-class PatientFields:
-    """What a launch-style message says about its patient, before the PMS profile says what its id is.
-
-    `patient_id` is the one id the message carries (the profile's `id_field` says whether the PMS sends
-    its internal id or the chart number there); `chart_number` is a second id a few messages carry
-    beside it (Dentrix's `CN=`), empty otherwise.
-    """
-
-    patient_id: str
-    demographics: Demographics
-    chart_number: str = ""
-    # Values the message carries that the store never keeps (an SSN, a provider's name): not used for
-    # anything but telling record mode what to pseudonymise.
-    sensitive: tuple[str, ...] = field(default=(), repr=False)
-
-
-def field_text(value: str, name: str, max_length: int = 120) -> str:
-    """A text field of a message, stripped; control characters or an absurd length are refused.
-
-    The limit protects the store (names are at most 120 characters there) and makes a corrupt file fail
-    with a message naming the field instead of a database error.
-    """
-    text = value.strip()
-    if len(text) > max_length:
-        raise MessageError(f"{name} is longer than {max_length} characters")
-    if any(unicodedata.category(ch) == "Cc" for ch in text):
-        raise MessageError(f"{name} contains control characters")
-    return text
-
-
-def field_id(value: str, name: str, max_length: int = 60) -> str:
-    """An id field (patient number, chart number): required, one line, opaque (leading zeros kept)."""
-    text = field_text(value, name, max_length)
-    if not text:
-        raise MessageError(f"{name} is empty: the message names no patient")
-    return text
-
-
-MAX_INI_BYTES = 64 * 1024  # a launch ini (Patterson, Cliniview.ini) is a few hundred bytes
-
-
-class MappedIni:
-    """One section of an INI a PMS writes under key names of its own, read through a field -> key map.
-
-    For formats whose key names are not public (Patterson Imaging ini, Cliniview.ini): the map comes
-    from configuration, and every error names the key as the file spells it.
-    """
-
-    def __init__(self, section: IniSection, keys: Mapping[str, str], what: str) -> None:
-        self.section = section
-        self.keys = keys
-        self.what = what
-
-    def text(self, name: str, max_length: int = 120) -> str:
-        """A mapped field's text; "" when the map has no key for it or the file lacks the key."""
-        ini_key = self.keys.get(name)
-        return field_text(self.section.get(ini_key), ini_key, max_length) if ini_key else ""
-
-    def unmapped_values(self) -> tuple[str, ...]:
-        """The values of the section's other keys (an SSN, providers, phone numbers): never used, but
-        record mode must know them to keep them out of a capture."""
-        mapped = {key.upper() for key in self.keys.values()}
-        return tuple(
-            value for key, value in self.section.items() if key.upper() not in mapped and value.strip()
-        )
-
-    def patient_id(self) -> str:
-        """The mapped `id` field, required: a file without it is truncated or not the PMS's."""
-        ini_key = self.keys.get("id", "")
-        if not ini_key or ini_key not in self.section:
-            raise MessageError(f"{self.what} has no {ini_key or 'patient id'} key in [{self.section.name}]")
-        return field_id(self.section.get(ini_key), ini_key)
-
-    def date(self, name: str, formats: Iterable[str]) -> dt.date | None:
-        """A mapped date field in one of `formats`; a date in another format is refused, not guessed."""
-        value = self.text(name, 40)
-        try:
-            return parse_date(value, formats)
-        except DateFormatError:
-            raise MessageError(
-                f"{self.keys.get(name, name)} {value!r} is not a date in the configured format"
-            ) from None
-
-
-def read_mapped_ini(
-    data: bytes, *, section: str, keys: Mapping[str, str], encoding: str, what: str, setting: str
-) -> MappedIni:
-    """The configured section of an INI message; a missing one is refused naming the sections found."""
-    if len(data) > MAX_INI_BYTES:
-        raise MessageError(f"{what} has {len(data)} bytes; at most {MAX_INI_BYTES} are read")
-    sections = parse_ini(decode(data, encoding).text)
-    found = sections.get(section.upper())
-    if found is None:
-        named = ", ".join(f"[{s.name}]" for s in sections.values() if s.name) or "none"
-        raise MessageError(f"{what} has no [{section}] section (found: {named}); set {setting}")
-    return MappedIni(found, keys, what)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,17 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.model import Demographics, Sex
-from protocols.common import (
-    DateFormatError,
-    MessageError,
-    PatientFields,
-    decode,
-    field_id,
-    field_text,
-    parse_date,
-    parse_key_values,
-    parse_sex,
-)
+from protocols.common import DateFormatError, decode, parse_date, parse_key_values, parse_sex
+from protocols.fields import MessageError, PatientFields, field_id, field_text
 
 INFO_FILE = "info-file"
 INTEGRATOR = "integrator"

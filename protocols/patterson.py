@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from bridge.model import Demographics, Sex
-from protocols.common import PatientFields, parse_sex, read_mapped_ini
+from protocols.common import parse_sex
+from protocols.fields import PatientFields, read_mapped_ini
 
 
 def parse(

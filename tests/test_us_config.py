@@ -64,7 +64,7 @@ def test_profile_values_and_environment(tmp_path: Path, monkeypatch: pytest.Monk
     [
         ("[dexis]\nlocale = en-au\n", "[dexis] locale = 'en-au'"),
         ("[dexis]\nid_field = ssn\n", "allowed: pms_id | chart_number"),
-        ("[cliniview]\nini_keys = id=PatientID, ssn=SSN\n", "fields: id, first_name, middle_name"),
+        ("[cliniview]\nini_keys = id=PatientID, ssn=SSN\n", "names: id, first_name, middle_name"),
         ("[cliniview]\nini_keys = id\n", "[cliniview] ini_keys = 'id'"),
         ("[cliniview]\ndate_format = MM/yyyy\n", "a .NET date format with day, month and year"),
         ("[eaglesoft]\nlegacy_id_suffix = 50\n", "a whole number from 0 to 20"),

@@ -16,16 +16,8 @@ from hypothesis import strategies as st
 
 from bridge.model import Sex
 from protocols import cliniview, dexis, patterson
-from protocols.common import (
-    MessageError,
-    dotnet_date_formats,
-    field_id,
-    field_text,
-    locale_formats,
-    parse_date,
-    parse_key_values,
-    parse_sex,
-)
+from protocols.common import dotnet_date_formats, locale_formats, parse_date, parse_key_values, parse_sex
+from protocols.fields import MessageError, field_id, field_text
 
 EN_US = locale_formats("en-us")
 

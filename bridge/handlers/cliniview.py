@@ -13,7 +13,8 @@ from bridge.config import CliniviewSettings
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.handlers.profile import open_patient
 from protocols import cliniview
-from protocols.common import MessageError, PatientFields, dotnet_date_formats
+from protocols.common import dotnet_date_formats
+from protocols.fields import MessageError, PatientFields
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime

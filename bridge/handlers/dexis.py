@@ -26,7 +26,8 @@ from bridge.handlers.base import Launch, LaunchHandler, LaunchReply
 from bridge.handlers.profile import open_patient
 from bridge.watch import FolderWatcher, Handle
 from protocols import dexis
-from protocols.common import MessageError, PatientFields, decode, locale_formats
+from protocols.common import decode, locale_formats
+from protocols.fields import MessageError, PatientFields
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
@@ -127,6 +128,8 @@ def _folder_handler(rt: Runtime, protocol: str, handler: LaunchHandler) -> Handl
             transport="folder",
         )
         answer = await handler(rt, launch)
+        if rt.recorder is not None:
+            await rt.recorder.folder(protocol, path.name, content, None, answer)
         return f"exit {answer.exit_code}: {answer.message}"
 
     return handle

@@ -14,7 +14,8 @@ from bridge.config import EaglesoftSettings
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.handlers.profile import open_patient
 from protocols import patterson
-from protocols.common import MessageError, PatientFields, locale_formats
+from protocols.common import locale_formats
+from protocols.fields import MessageError, PatientFields
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime

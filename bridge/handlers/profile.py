@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from bridge.config import LaunchProfile
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.model import Action, IdKind, Origin, Outcome, PatientRequest, Status
-from protocols.common import MessageError, PatientFields
+from protocols.fields import MessageError, PatientFields
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime

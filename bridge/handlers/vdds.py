@@ -1,0 +1,403 @@
+"""VDDS-media in the daemon: the `vdds` launch handler, the watched exchange folder, exported files.
+
+One exchange file (from `pms-bridge vdds FILE` or dropped in `[vdds] exchange_dir`) or one MMOID (stage 3,
+`pms-bridge vdds MMOID`) is parsed by `protocols.vdds`, served by the service, and answered in the same
+file. Stage 2 writes a watermarked thumbnail per image and stage 4 a copy per image into `[vdds]
+export_dir`; both are deleted after `export_max_age_hours`. Every failure, including a bug here, becomes
+an answer with ERRORLEVEL=1 and READY=1: a PVS waiting on READY would hang otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import secrets
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bridge.atomic import write_atomic
+from bridge.config import VddsSettings
+from bridge.handlers.base import Launch, LaunchReply
+from bridge.model import ImageView, Origin, Outcome, PatientRequest, PatientView, Status
+from bridge.watch import Classify, FolderWatcher, Handle, Verdict
+from protocols import vdds, vdds_exchange
+
+if TYPE_CHECKING:
+    from bridge.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "vdds"
+THUMBNAIL_FOLDER = "thumbnails"
+PARALLEL_RENDERS = 4
+CLEANUP_EVERY_SECONDS = 600.0
+
+
+def options(settings: VddsSettings) -> vdds.Options:
+    """The protocol module's options from `[vdds]`."""
+    return vdds.Options(
+        language=settings.language,
+        default_pvs=settings.default_pvs,
+        practice_key=settings.practice_id_key,
+        stage5=settings.stage5,
+        stage5_key=settings.stage5_key,
+        thumbnail_key=settings.thumbnail_key,
+        default_format=settings.export_format.upper(),
+        require_ready=settings.require_ready,
+        type_names={**vdds.DEFAULT_TYPE_NAMES, **settings.type_names},
+        type_numbers={**vdds.DEFAULT_TYPE_NUMBERS, **settings.type_numbers},
+    )
+
+
+def origin_of(launch: Launch) -> Origin:
+    return Origin(
+        protocol=PROTOCOL,
+        transport=launch.transport,
+        workstation=launch.workstation,
+        request_id=launch.request_id,
+    )
+
+
+async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
+    """Answer one VDDS launch; never raises (the answer says what went wrong)."""
+    settings = rt.settings.vdds
+    opts = options(settings)
+    if not launch.content and not launch.filename:
+        return await _view(rt, launch, opts)
+    exchange = vdds_exchange.read_exchange(launch.content, vdds_exchange.codepage(settings.encoding))
+    trace = _Trace()
+    try:
+        if not settings.enabled:
+            raise vdds.VddsError("disabled")
+        level, text, sections, summary = await asyncio.wait_for(
+            _serve(rt, launch, exchange, opts, trace), settings.answer_timeout
+        )
+    except vdds.VddsError as exc:
+        level, text, sections, summary = 1, exc.text(opts.language), [], ""
+    except TimeoutError:
+        log.error("VDDS request timed out", extra={"kind": exchange.kind.value})
+        level, text, sections, summary = 1, vdds_exchange.message(opts.language, "timeout"), [], ""
+    except Exception as exc:  # a bug must still become an answer, never a hanging PVS
+        log.exception("VDDS request failed", extra={"kind": exchange.kind.value})
+        level, text, sections, summary = (
+            1,
+            f"{vdds_exchange.message(opts.language, 'internal')} ({exc!r})"[:200],
+            [],
+            "",
+        )
+    content = vdds_exchange.answer(exchange, level, text, sections)
+    return LaunchReply(level, text or summary, content, request=trace.request, outcome=trace.outcome)
+
+
+@dataclass
+class _Trace:
+    """What a request was parsed into and how it ended, for record mode (which pseudonymises PHI)."""
+
+    request: PatientRequest | None = None
+    outcome: Outcome | None = None
+
+
+async def _serve(
+    rt: Runtime, launch: Launch, exchange: vdds_exchange.Exchange, opts: vdds.Options, trace: _Trace
+) -> tuple[int, str, list[vdds_exchange.Section], str]:
+    """(ERRORLEVEL, ERRORTEXT, answer sections, a line for the log and the PVS's console)."""
+    request = trace.request = vdds.patient_request(exchange, origin_of(launch), opts, launch.args)
+    outcome = trace.outcome = await rt.service.handle(request)
+    level, text = vdds.outcome_error(outcome, exchange.kind, opts, request.pms_id)
+    summary = f"{exchange.kind.value}: {outcome.message}"
+    if exchange.kind is vdds_exchange.Kind.MMOINFEXPORT:
+        if outcome.status is Status.NOT_FOUND and rt.settings.vdds.unknown_patient == "empty":
+            return 0, "", vdds.info_sections([], opts, {}), f"{summary} (answered as no images)"
+        if not outcome.status.ok:
+            return level, text, [], summary
+        thumbnails = await thumbnail_files(rt, outcome.images)
+        return 0, "", vdds.info_sections(outcome.images, opts, thumbnails, request.practice_id), summary
+    if exchange.kind is vdds_exchange.Kind.MMOEXPORT and outcome.images:
+        assert exchange.request is not None  # a MMOEXPORT kind always has its [MMOIDS] section
+        slots = vdds.export_slots(exchange.request, opts.max_mmoids)
+        found_refs = [ref for ref in request.image_refs if ref not in outcome.missing_refs]
+        paths, failed = await export_copies(rt, outcome.images, request.export_format, origin_of(launch))
+        by_ref = {
+            ref: paths[image.id]
+            for ref, image in zip(found_refs, outcome.images, strict=True)
+            if image.id in paths
+        }
+        if failed:
+            failed_text = vdds_exchange.message(
+                opts.language, "export_failed", ids=", ".join(map(str, failed))
+            )
+            level, text = 1, f"{text} {failed_text}".strip()
+        return level, text, vdds.export_sections(slots, by_ref), summary
+    return level, text, [], summary
+
+
+async def _view(rt: Runtime, launch: Launch, opts: vdds.Options) -> LaunchReply:
+    """Stage 3 MMOVIEW: `pms-bridge vdds MMOID`; no file to answer in, so an exit code and a line."""
+    try:
+        if not rt.settings.vdds.enabled:
+            raise vdds.VddsError("disabled")
+        args = [arg for arg in launch.args if arg.strip()]
+        if not args:
+            raise vdds.VddsError("no_request")
+        if any(sep in args[0] for sep in ("/", "\\")):
+            # A path that named no readable file: the PVS's exchange file is gone or not shared.
+            raise vdds.VddsError("unknown_request")
+        outcome = await rt.service.handle(vdds.view_request(args[0], origin_of(launch)))
+    except vdds.VddsError as exc:
+        return LaunchReply(1, exc.text(opts.language))
+    except Exception as exc:
+        log.exception("MMOVIEW failed")
+        return LaunchReply(1, f"{vdds_exchange.message(opts.language, 'internal')} ({type(exc).__name__})")
+    level, text = vdds.outcome_error(outcome, vdds_exchange.Kind.MMOVIEW, opts)
+    return LaunchReply(level, text or f"image {args[0]} shown ({outcome.viewer_url})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Files for the PVS: thumbnails (stage 2, push) and copies (stage 4, push with DIRECTIMAGEIMPORT)
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """`folder/name`, refused unless it stays inside `folder` (names are ours, but never trust a path)."""
+    path = folder / name
+    if path.resolve().parent != folder.resolve():
+        raise ValueError(f"{name!r} leaves {folder}")
+    return path
+
+
+def _place(data: bytes, target: Path) -> None:
+    """Write `data` atomically unless `target` already holds exactly it (PVSs may move files away)."""
+    with contextlib.suppress(OSError):
+        if target.stat().st_size == len(data) and target.read_bytes() == data:
+            return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, data)
+
+
+async def thumbnail_files(rt: Runtime, images: Sequence[ImageView]) -> dict[int, str]:
+    """Image id -> path of its watermarked thumbnail in the export folder (none when the key is off).
+
+    A thumbnail that cannot be rendered (a damaged file) is logged and left out: the list itself is
+    still worth answering.
+    """
+    if not rt.settings.vdds.thumbnail_key:
+        return {}
+    folder = rt.settings.vdds.export_dir / THUMBNAIL_FOLDER
+    limit = asyncio.Semaphore(PARALLEL_RENDERS)
+
+    async def one(image: ImageView) -> tuple[int, str] | None:
+        async with limit:
+            try:
+                cached = await rt.imaging.thumbnail(image)
+                target = _inside(folder, f"{image.id}.jpg")
+                await asyncio.to_thread(lambda: _place(cached.read_bytes(), target))
+            except Exception:
+                log.warning("thumbnail for the PVS failed", exc_info=True, extra={"image_id": image.id})
+                return None
+            return image.id, str(target)
+
+    found = await asyncio.gather(*(one(image) for image in images))
+    return dict(item for item in found if item is not None)
+
+
+async def export_copies(
+    rt: Runtime, images: Sequence[ImageView], fmt: str, origin: Origin
+) -> tuple[dict[int, str], list[int]]:
+    """Copies of `images` in `fmt` in a folder of their own: (image id -> path, ids that failed)."""
+    folder = rt.settings.vdds.export_dir / f"x{secrets.token_hex(6)}"
+    paths: dict[int, str] = {}
+    failed: list[int] = []
+    for image in images:
+        try:
+            data = await export_bytes(rt, image, fmt, origin)
+            target = _inside(folder, f"{image.id}.{fmt.lower()}")
+            await asyncio.to_thread(_place, data, target)
+        except Exception:
+            log.warning("export for the PVS failed", exc_info=True, extra={"image_id": image.id})
+            failed.append(image.id)
+            continue
+        paths[image.id] = str(target)
+    return paths, failed
+
+
+async def export_bytes(rt: Runtime, image: ImageView, fmt: str, origin: Origin) -> bytes:
+    """One exported copy: JPG, PNG or TIF rendered by imaging (display mapping, orientation, and the
+    watermark when `[vdds] export_watermark`); DCM the original when it is DICOM, else a wrap.
+
+    The DCM wrap of non-DICOM images is a minimal Secondary Capture until the DICOM export's IOD-specific
+    wrapping is wired in here.
+    """
+    if fmt == "DCM":
+        source = rt.files.path_for(image.sha256, image.file_ext)
+        if image.file_ext.lower() == "dcm":
+            return await asyncio.to_thread(source.read_bytes)
+        patient = await rt.service.get_patient(origin, image.patient_id)
+        return await asyncio.to_thread(_dicom_wrap, source, image, patient)
+    return await rt.imaging.export_bytes(image, fmt, watermark=rt.settings.vdds.export_watermark)
+
+
+def _dicom_wrap(source: Path, image: ImageView, patient: PatientView | None) -> bytes:
+    """TEMPORARY (see export_bytes): a minimal Secondary Capture object around a non-DICOM image."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    with Image.open(source) as img:
+        if img.mode.startswith("I"):  # 16-bit grey stays 16-bit
+            pixels = np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
+        else:
+            pixels = np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
+    if image.mirrored:  # orientation as bridge.imaging.render.orient: mirror, then rotate clockwise
+        pixels = np.fliplr(pixels)
+    pixels = np.ascontiguousarray(np.rot90(pixels, k=-(image.rotation // 90)))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = UID(image.sop_instance_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = image.sop_instance_uid
+    ds.StudyInstanceUID = image.study_uid
+    ds.SeriesInstanceUID = image.series_uid
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: names with umlauts
+    ds.Modality = "OT"
+    ds.ConversionType = "WSD"
+    for empty in ("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        setattr(ds, empty, "")  # type 2: present, may be empty
+    ds.SeriesNumber = None
+    ds.InstanceNumber = None
+    ds.PatientOrientation = ""
+    ds.Laterality = ""
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "", "", "", ""
+    if patient is not None:
+        ds.PatientName = f"{patient.last_name}^{patient.first_name}"
+        ds.PatientID = patient.pms_id or str(patient.id)
+        ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
+        ds.PatientSex = patient.sex.value if patient.sex.value in ("M", "F", "O") else ""
+    if image.captured_at is not None:
+        ds.StudyDate = ds.ContentDate = image.captured_at.strftime("%Y%m%d")
+        ds.StudyTime = ds.ContentTime = image.captured_at.strftime("%H%M%S")
+    ds.Rows, ds.Columns = pixels.shape[0], pixels.shape[1]
+    color = pixels.ndim == 3
+    ds.SamplesPerPixel = 3 if color else 1
+    ds.PhotometricInterpretation = "RGB" if color else "MONOCHROME2"
+    if color:
+        ds.PlanarConfiguration = 0
+    bits = 16 if pixels.dtype == np.uint16 else 8
+    ds.BitsAllocated = bits
+    ds.BitsStored = min(image.bits_stored, bits) if bits == 16 else 8
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# Background workers: the watched exchange folder, and the export folder's upkeep
+
+
+def classifier(settings: VddsSettings) -> Classify:
+    """The watched folder's `classify`: complete unanswered requests now, others once stable."""
+    fallback = vdds_exchange.codepage(settings.encoding)
+
+    def classify(content: bytes, stable: bool) -> Verdict:
+        state = vdds_exchange.folder_state(content, fallback)
+        if state is vdds_exchange.FolderState.COMPLETE and (stable or not settings.folder_wait_stable):
+            return Verdict.HANDLE
+        if state in (vdds_exchange.FolderState.COMPLETE, vdds_exchange.FolderState.INCOMPLETE):
+            return Verdict.HANDLE if stable else Verdict.WAIT
+        return Verdict.IGNORE
+
+    return classify
+
+
+def folder_handler(rt: Runtime) -> Handle:
+    """What the watched folder does with a complete request: answer it in place, unless the PVS has
+    replaced the file meanwhile (then the new request is the next one)."""
+
+    async def on_file(path: Path, content: bytes) -> str:
+        launch = Launch(PROTOCOL, filename=str(path), content=content, transport="folder")
+        reply = await handle(rt, launch)
+        rt.metrics.launches.labels(PROTOCOL, str(reply.exit_code)).inc()
+        if reply.content is None:
+            return f"exit {reply.exit_code}"
+        try:
+            current = await asyncio.to_thread(path.read_bytes)
+        except OSError:
+            return "gone before the answer"
+        if current != content:  # the PVS replaced its request meanwhile; that one is answered next
+            return "replaced before the answer"
+        await asyncio.to_thread(write_atomic, path, reply.content)
+        if rt.recorder is not None:
+            await rt.recorder.folder(PROTOCOL, path.name, content, reply.content, reply)
+        return f"errorlevel {reply.exit_code}"
+
+    return on_file
+
+
+def folder_worker(rt: Runtime) -> Coroutine[Any, Any, None] | None:
+    """The watched exchange folder (`[vdds] exchange_dir`), when configured."""
+    settings = rt.settings.vdds
+    if not settings.enabled or settings.exchange_dir is None:
+        return None
+    folder = settings.exchange_dir
+    with contextlib.suppress(OSError):  # a share that is not there yet is reported by the watcher
+        folder.mkdir(parents=True, exist_ok=True)
+    watcher = FolderWatcher(
+        rt,
+        PROTOCOL,
+        folder,
+        folder_handler(rt),
+        classify=classifier(settings),
+        poll_seconds=settings.poll_seconds,
+    )
+    rt.readiness.watched[PROTOCOL] = folder  # known before the first scan (replay looks it up at start)
+    return watcher.run()
+
+
+def remove_old_files(folder: Path, max_age_seconds: float, now: float) -> int:
+    """Delete files under `folder` older than `max_age_seconds`, and folders left empty; never follows
+    links out of it. Returns how many files went."""
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = Path(root) / name
+            with contextlib.suppress(OSError):
+                if now - path.lstat().st_mtime > max_age_seconds:
+                    path.unlink()
+                    removed += 1
+        for name in dirs:
+            path = Path(root) / name
+            with contextlib.suppress(OSError):
+                if not path.is_symlink() and not any(path.iterdir()):
+                    path.rmdir()
+    return removed
+
+
+def cleanup_worker(rt: Runtime) -> Coroutine[Any, Any, None] | None:
+    """Deletes exported files and push files after `export_max_age_hours` (PVSs copy them away)."""
+    settings = rt.settings.vdds
+    if not settings.enabled:
+        return None
+    max_age = settings.export_max_age_hours * 3600
+
+    async def run() -> None:
+        while True:
+            for folder in (settings.export_dir, settings.push_dir):
+                removed = await asyncio.to_thread(remove_old_files, folder, max_age, time.time())
+                if removed:
+                    log.info("old VDDS files removed", extra={"folder": str(folder), "files": removed})
+            await asyncio.sleep(min(CLEANUP_EVERY_SECONDS, max_age / 4))
+
+    return run()

@@ -1,0 +1,314 @@
+"""The VDDS-media exchange file itself: how it is read, recognised and answered.
+
+Split from `protocols.vdds` so that the answer the launch client writes when the daemon is down
+(`unreachable_answer`) costs almost nothing to import: this module needs only the standard library and
+`protocols.common`, no dataclasses and no `bridge.model`. Everything a request means (patients, images,
+exports, the push, the registry) is in `protocols.vdds`, which builds on this.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+
+from protocols.common import DecodedText, IniSection, decode, ini_line, one_line, parse_ini, render_ini
+
+# --------------------------------------------------------------------------------------------------
+# Vocabulary
+
+
+class Kind(enum.StrEnum):
+    """Which request an exchange file is, named by the VDDS_MMI.INI key of the program it calls."""
+
+    PATDATIMPORT = "PATDATIMPORT"  # stage 1: [PATIENT], hand over a patient
+    MMOINFEXPORT = "MMOINFEXPORT"  # stage 2: [PATID], list the patient's objects
+    MMOVIEW = "MMOVIEW"  # stage 3: command line MMOID, show one object
+    MMOEXPORT = "MMOEXPORT"  # stage 4: [MMOIDS], export file copies
+    MMOINFIMPORT = "MMOINFIMPORT"  # stage 6: our own push into the PVS (never a request to us)
+    UNKNOWN = "UNKNOWN"
+
+
+class FolderState(enum.Enum):
+    """What a file in the watched exchange folder is."""
+
+    COMPLETE = "complete"  # a request with its handshake keys: answer it now
+    INCOMPLETE = "incomplete"  # a request that may still be being written: answer once it is stable
+    ANSWERED = "answered"  # READY=1: done (by us or anyone)
+    FOREIGN = "foreign"  # not a VDDS request (a thumbnail, a push file, an empty file)
+
+
+HANDSHAKE_KEYS = frozenset({"READY", "ERRORLEVEL", "ERRORTEXT", "ERROR-TEXT"})
+FALLBACK_SECTION = "PATIENT"  # where the handshake goes when a file has no section at all
+ERRORTEXT_LIMIT = 250  # PVSs show it in a message box and read it into fixed buffers
+
+# Field -> accepted keys, first present wins. The German variants are what defensive parsers accept
+# because Z1 may send them (praxishub); BIRTHDATE likewise.
+DEMOGRAPHIC_KEYS: dict[str, tuple[str, ...]] = {
+    "last_name": ("LASTNAME", "NAME", "NACHNAME"),
+    "first_name": ("FIRSTNAME", "VORNAME"),
+    "title": ("TITLE", "TITEL"),
+    "birth_date": ("BIRTHDAY", "GEBDATUM", "BIRTHDATE", "GEBURTSDATUM"),
+    "sex": ("SEX", "GESCHLECHT"),
+    "street": ("STREET", "STRASSE", "STRAßE"),
+    "city": ("CITY", "ORT"),
+    "postal_code": ("ZIP", "PLZ"),
+    "phone": ("HOMEPHONE", "TELEFON", "PHONE", "CELLULAR"),
+    "email": ("EMAIL",),
+}
+
+# The answer texts a receptionist reads (ERRORTEXT), per configured language.
+TEXTS: dict[str, dict[str, str]] = {
+    "de": {
+        "unreachable": "Die Bildverwaltung (pms-bridge) ist nicht erreichbar oder hat die Anfrage abgelehnt. "
+        "Bitte den Dienst pms-bridge prüfen oder die IT informieren.",
+        "unknown_request": "Unbekannte Anfrage: die Übergabedatei enthält keinen Abschnitt [PATIENT], "
+        "[PATID] oder [MMOIDS].",
+        "no_request": "Es wurde weder eine Übergabedatei noch eine Bildnummer übergeben.",
+        "no_patid": "Die Patientennummer (PATID) fehlt in der Übergabedatei.",
+        "incomplete": "Die Übergabedatei ist unvollständig (READY fehlt). Bitte die Anfrage wiederholen.",
+        "bad_date": "Das Geburtsdatum {value!r} ist ungültig (erwartet JJJJMMTT oder TT.MM.JJJJ).",
+        "too_long": "Der Wert von {key} ist zu lang (höchstens {limit} Zeichen).",
+        "no_mmoids": "Die Anfrage nennt keine Bildnummern (MMOID).",
+        "too_many": "Die Anfrage nennt {count} Bilder; höchstens {limit} sind erlaubt.",
+        "bad_format": "Das Exportformat {value!r} wird nicht unterstützt (JPG, PNG, TIF oder DCM).",
+        "conflict": "Patient {patid}: die übermittelten Daten passen nicht zu den gespeicherten; nichts "
+        "wurde geändert. Bitte die Stammdaten prüfen (Konflikt Nr. {conflict}).",
+        "patient_unknown": "Patient {patid} ist in der Bildverwaltung nicht bekannt.",
+        "images_missing": "Bilder nicht gefunden: {ids}.",
+        "image_unknown": "Bild {ids} nicht gefunden.",
+        "export_failed": "Bilder konnten nicht exportiert werden: {ids}.",
+        "disabled": "Die VDDS-Schnittstelle ist in pms-bridge ausgeschaltet.",
+        "timeout": "Die Bildverwaltung hat nicht rechtzeitig geantwortet. Bitte erneut versuchen.",
+        "internal": "Interner Fehler in der Bildverwaltung. Bitte die IT informieren.",
+    },
+    "en": {
+        "unreachable": "The imaging service (pms-bridge) cannot be reached or refused the request. Please "
+        "check the pms-bridge service or call IT.",
+        "unknown_request": "Unknown request: the exchange file has no [PATIENT], [PATID] or [MMOIDS] "
+        "section.",
+        "no_request": "Neither an exchange file nor an image number was passed.",
+        "no_patid": "The patient number (PATID) is missing from the exchange file.",
+        "incomplete": "The exchange file is incomplete (READY is missing). Please send the request again.",
+        "bad_date": "The birth date {value!r} is not valid (expected YYYYMMDD or DD.MM.YYYY).",
+        "too_long": "The value of {key} is too long (at most {limit} characters).",
+        "no_mmoids": "The request names no image numbers (MMOID).",
+        "too_many": "The request names {count} images; at most {limit} are allowed.",
+        "bad_format": "The export format {value!r} is not supported (JPG, PNG, TIF or DCM).",
+        "conflict": "Patient {patid}: the data sent do not match the stored patient; nothing was changed. "
+        "Please check the patient's details (conflict no. {conflict}).",
+        "patient_unknown": "Patient {patid} is not known to the imaging system.",
+        "images_missing": "Images not found: {ids}.",
+        "image_unknown": "Image {ids} not found.",
+        "export_failed": "Images could not be exported: {ids}.",
+        "disabled": "The VDDS interface is switched off in pms-bridge.",
+        "timeout": "The imaging system did not answer in time. Please try again.",
+        "internal": "Internal error in the imaging system. Please call IT.",
+    },
+}
+
+
+def message(language: str, code: str, **values: object) -> str:
+    """The answer text `code` in `language` (German when the language is unknown)."""
+    texts = TEXTS.get(language, TEXTS["de"])
+    return texts[code].format(**values)
+
+
+def codepage(setting: str) -> str:
+    """The code page for files without a BOM: `[vdds] encoding`, where auto means cp1252."""
+    value = setting.strip().lower()
+    return "cp1252" if value in ("", "auto") else value
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading an exchange file
+
+
+class Exchange:
+    """One exchange file as read: its text (and how to write it back), sections, kind, main section.
+
+    A plain class, not a dataclass: the dataclasses module costs the daemon-down answer 10 ms.
+    """
+
+    __slots__ = ("decoded", "fallback", "kind", "main", "sections")
+
+    def __init__(
+        self, decoded: DecodedText, sections: dict[str, IniSection], kind: Kind, main: str, fallback: str
+    ) -> None:
+        self.decoded = decoded
+        self.sections = sections
+        self.kind = kind
+        self.main = main  # the request section's name as written; "" when the file has no section
+        self.fallback = fallback
+
+    @property
+    def request(self) -> IniSection | None:
+        return self.sections.get(self.main.upper()) if self.main else None
+
+    @property
+    def answered(self) -> bool:
+        request = self.request
+        return request is not None and request.get("READY") == "1"
+
+
+def read_exchange(data: bytes, fallback: str = "cp1252") -> Exchange:
+    """Read an exchange file; never fails (unreadable bytes become U+FFFD and an UNKNOWN request)."""
+    decoded = decode(data, fallback)
+    sections = parse_ini(decoded.text)
+    kind, main = detect(sections)
+    return Exchange(decoded, sections, kind, main, fallback)
+
+
+def detect(sections: Mapping[str, IniSection]) -> tuple[Kind, str]:
+    """The request a file holds, from its sections (never from its name: PVSs pass .tmp files).
+
+    [MMOIDS] is stage 4; [PATIENT] stage 1; [PATID] is stage 1 when it carries demographics (a variant
+    some PVSs write) and stage 2 otherwise, unless it carries FROMPVS, which only our own stage-6 push
+    file has. Anything else is UNKNOWN, answered in its first section that has a handshake key.
+    """
+    if "MMOIDS" in sections:
+        return Kind.MMOEXPORT, sections["MMOIDS"].name
+    if "PATIENT" in sections:
+        return Kind.PATDATIMPORT, sections["PATIENT"].name
+    if "PATID" in sections:
+        section = sections["PATID"]
+        if "FROMPVS" in section:
+            return Kind.MMOINFIMPORT, section.name
+        if any(key in section for keys in DEMOGRAPHIC_KEYS.values() for key in keys):
+            return Kind.PATDATIMPORT, section.name
+        return Kind.MMOINFEXPORT, section.name
+    named = [section for key, section in sections.items() if key]
+    with_handshake = [s for s in named if any(k in s for k in HANDSHAKE_KEYS)]
+    main = (with_handshake or named or [IniSection("")])[0].name
+    return Kind.UNKNOWN, main
+
+
+def folder_state(data: bytes, fallback: str = "cp1252") -> FolderState:
+    """What a file in the watched folder is: a complete request, one still being written, done, or not ours.
+
+    A request is complete when its section holds all three handshake keys (READY, ERRORLEVEL and
+    ERRORTEXT, as PVSs write them after the data); a request without them is answered only once its size
+    has been stable. An unknown section counts as a request only when it has a READY key.
+    """
+    exchange = read_exchange(data, fallback)
+    request = exchange.request
+    if request is None or exchange.kind is Kind.MMOINFIMPORT:
+        return FolderState.FOREIGN
+    if exchange.answered:
+        return FolderState.ANSWERED
+    if exchange.kind is Kind.UNKNOWN:
+        return FolderState.INCOMPLETE if "READY" in request else FolderState.FOREIGN
+    has_text = "ERRORTEXT" in request or "ERROR-TEXT" in request
+    if "READY" in request and "ERRORLEVEL" in request and has_text:
+        return FolderState.COMPLETE
+    return FolderState.INCOMPLETE
+
+
+def numbered(key: str, prefix: str) -> int | None:
+    """k of a numbered key or section name such as MMOID3, NAME12 or MMO1; None for anything else."""
+    upper = key.upper()
+    suffix = upper[len(prefix) :]
+    return int(suffix) if upper.startswith(prefix) and suffix.isascii() and suffix.isdigit() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Answers
+
+Section = tuple[str, Sequence[tuple[str, str]]]
+
+
+def _is_answer_section(name: str) -> bool:
+    """[MMOS], [MMOPATH] and [MMOn]: what a stage-2 or stage-4 answer adds to the request file."""
+    return name.upper() in ("MMOS", "MMOPATH") or numbered(name, "MMO") is not None
+
+
+def answer(exchange: Exchange, errorlevel: int, errortext: str, sections: Sequence[Section] = ()) -> bytes:
+    """The answered exchange file, in the encoding, BOM and line endings it arrived in.
+
+    The PVS's own lines stay as they were; only the handshake keys of the request section are replaced
+    (ERRORLEVEL, ERRORTEXT - and ERROR-TEXT when the PVS used that spelling - then READY=1 as the last
+    key) and the answer sections of an earlier answer are replaced by `sections`. The caller writes the
+    result atomically, so the PVS never sees READY=1 before the rest of the answer.
+    """
+    main = exchange.main or FALLBACK_SECTION
+    handshake = _handshake(exchange, errorlevel, errortext)
+    drop = {name.upper() for name, _pairs in sections}
+    if exchange.kind in (Kind.MMOINFEXPORT, Kind.MMOEXPORT):
+        drop |= {key for key in exchange.sections if key and _is_answer_section(key)}
+    drop.discard(main.upper())
+    head = _edit(exchange.decoded.text, main, handshake, drop)
+    tail = render_ini((name, [(key, clean(value)) for key, value in pairs]) for name, pairs in sections)
+    if tail and not head.endswith("\n\n"):
+        head += "\n"
+    data = exchange.decoded.encode(head + tail)
+    if _ready_in(data, main, exchange.fallback):
+        return data
+    # The edited text did not read back (a BOM-less UTF-16 file whose first characters changed, say):
+    # fall back to a file that only holds the answer, which always reads back.
+    name = main if main.isascii() and main.isprintable() and "]" not in main else FALLBACK_SECTION
+    return exchange.decoded.encode(render_ini([(name, handshake), *sections]))
+
+
+def _handshake(exchange: Exchange, errorlevel: int, errortext: str) -> list[tuple[str, str]]:
+    text = clean(errortext)[:ERRORTEXT_LIMIT]
+    request = exchange.request
+    pairs = [("ERRORLEVEL", str(errorlevel))]
+    if request is None or "ERRORTEXT" in request or "ERROR-TEXT" not in request:
+        pairs.append(("ERRORTEXT", text))
+    if request is not None and "ERROR-TEXT" in request:
+        pairs.append(("ERROR-TEXT", text))
+    pairs.append(("READY", "1"))
+    return pairs
+
+
+def clean(value: str) -> str:
+    """A value written into an INI line: one line, no control characters."""
+    return "".join(c if c.isprintable() else " " for c in one_line(value))
+
+
+def _edit(text: str, main: str, handshake: Sequence[tuple[str, str]], drop: set[str]) -> str:
+    """`text` with the main section's handshake keys replaced and the `drop` sections removed."""
+    main_upper = main.upper()
+    out: list[str] = []
+    current = ""
+    placed = False
+
+    def place() -> None:
+        trailing: list[str] = []
+        while out and not out[-1].strip():
+            trailing.append(out.pop())
+        out.extend(f"{key}={value}" for key, value in handshake)
+        out.extend(trailing)
+
+    for raw in text.splitlines():
+        kind, name, _value = ini_line(raw)
+        if kind == "section":
+            if current == main_upper and not placed:
+                place()
+                placed = True
+            current = name.upper()
+        if current in drop or (current == main_upper and kind == "key" and name.upper() in HANDSHAKE_KEYS):
+            continue
+        out.append(raw)
+    if current == main_upper and not placed:
+        place()
+        placed = True
+    body = "\n".join(out) + "\n" if out else ""
+    if not placed:
+        body += ("\n" if body and not body.endswith("\n\n") else "") + render_ini([(main, handshake)])
+    return body
+
+
+def _ready_in(data: bytes, section: str, fallback: str) -> bool:
+    found = parse_ini(decode(data, fallback).text).get(section.upper())
+    return found is not None and found.get("READY") == "1"
+
+
+def unreachable_answer(content: bytes, detail: str, settings: Mapping[str, str]) -> bytes:
+    """The answer the launch client writes when the daemon cannot answer (`[vdds]` raw settings).
+
+    ERRORLEVEL=1, a sentence in the configured language and the technical reason, READY=1, in the
+    encoding the file arrived in.
+    """
+    language = settings.get("language", "de").strip().lower()
+    exchange = read_exchange(content, codepage(settings.get("encoding", "auto")))
+    return answer(exchange, 1, f"{message(language, 'unreachable')} ({detail})")

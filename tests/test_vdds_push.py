@@ -1,0 +1,277 @@
+"""Stage 6: new images pushed into the PVS through its MMOINFIMPORT program, exactly once across a crash.
+
+The PVS is a fake program registered in a VDDS_MMI.INI: it records each start and each push it takes,
+then sets READY=1 in the push file, as a PVS's import module does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from bridge.handlers import vdds_push
+from bridge.handlers.vdds import handle
+from bridge.model import Origin
+from bridge.outbox import OutboxItem
+from bridge.runtime import Runtime
+from bridge.store import queries as q
+from bridge.store.types import utcnow
+from protocols.common import parse_ini
+from tests.conftest import DaemonProcess, start_daemon
+from tests.test_vdds import launch, run_module, stage1
+
+FAKE_PVS = """
+import os, sys, time
+from pathlib import Path
+push = Path(sys.argv[-1])
+folder = Path({folder!r})
+starts = folder / "starts"
+first = not starts.exists()
+with open(starts, "a") as fh:
+    fh.write(f"{{os.getpid()}}\\n")
+if first:
+    time.sleep({first_delay})
+text = push.read_bytes().decode("cp1252")
+if {answer!r} == "exit3":
+    sys.exit(3)
+if {answer!r} != "silent":
+    with open(folder / "arrivals", "a") as fh:
+        fh.write(push.name + " " + str(text.count("[MMO") - 1) + "\\n")
+    level = "1" if {answer!r} == "refuse" else "0"
+    answered = text.replace("ERRORLEVEL=0", "ERRORLEVEL=" + level).replace("READY=0", "READY=1")
+    push.write_bytes(answered.encode("cp1252"))
+"""
+
+
+def fake_pvs(folder: Path, *, first_delay: float = 0.0, answer: str = "accept", archive: bool = True) -> Path:
+    """A VDDS_MMI.INI whose PVS TESTPVS registers the fake import program (in its archive section)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "mmoinfim.py"
+    script.write_text(FAKE_PVS.format(folder=str(folder), first_delay=first_delay, answer=answer))
+    program = f"{sys.executable} {script}"
+    if archive:
+        text = "[PVS]\r\nNAME1=TESTPVS\r\nARCHIV=TEST_ARCHIV\r\n\r\n[TESTPVS]\r\nNAME=Test\r\n\r\n"
+        text += f"[TEST_ARCHIV]\r\nNAME=Archiv\r\nMMOINFIMPORT={program}\r\nSTAGES=123456\r\n"
+    else:
+        text = "[PVS]\r\nNAME1=TESTPVS\r\n\r\n[TESTPVS]\r\nNAME=Test ohne Stufe 6\r\nSTAGES=1234\r\n"
+    ini = folder / "VDDS_MMI.INI"
+    ini.write_bytes(text.encode("cp1252"))
+    return ini
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def png() -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (400, 300), 120).save(out, "PNG")
+    return out.getvalue()
+
+
+def upload(daemon: DaemonProcess, patient_id: int, data: bytes) -> None:
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    status, reply = daemon.request(
+        "POST",
+        f"/api/v1/patients/{patient_id}/images",
+        body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert status == 201, reply
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        time.sleep(0.05)
+
+
+def outbox_states(url: str) -> list[str]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [row[0] for row in conn.execute(sa.text("SELECT state FROM outbox ORDER BY id"))]
+    finally:
+        engine.dispose()
+
+
+def new_patient(daemon: DaemonProcess, tmp_path: Path, patid: str) -> int:
+    request = tmp_path / f"{patid}.tmp"
+    request.write_bytes(stage1(patid))
+    assert run_module(daemon.config, str(request)).returncode == 0
+    status, body = daemon.request("GET", f"/api/v1/patients?pms_system=TESTPVS&pms_id={patid}")
+    assert status == 200
+    return int(json.loads(body)["items"][0]["id"])
+
+
+@pytest.mark.slow
+def test_a_push_cut_off_by_a_crash_is_not_sent_again(daemon_factory: Any, tmp_path: Path) -> None:
+    """SIGKILL while the PVS's program runs: it finishes on its own; after the restart the outbox sees
+    READY=1 in the push file and settles the message without a second push."""
+    pvs = tmp_path / "pvs"
+    daemon = daemon_factory(vdds={"mmi_ini": str(fake_pvs(pvs, first_delay=3)), "push_timeout": 60})
+    upload(daemon, new_patient(daemon, tmp_path, "0815"), png())
+    wait_for(lambda: len(lines(pvs / "starts")) == 1, "the PVS's program to start")
+    daemon.stop(signal.SIGKILL)
+    wait_for(lambda: len(lines(pvs / "arrivals")) == 1, "the orphaned program to take the push")
+    restarted = start_daemon(daemon.config)
+    try:
+        wait_for(lambda: outbox_states(daemon.settings.store.url) == ["done"], "the outbox to settle")
+    finally:
+        restarted.stop()
+    assert lines(pvs / "arrivals") == ["MMOINF1.INI 1"]
+    assert len(lines(pvs / "starts")) == 1
+
+
+@pytest.mark.slow
+def test_a_push_lost_in_a_crash_arrives_once_after_the_restart(daemon_factory: Any, tmp_path: Path) -> None:
+    """SIGKILL of the daemon and of the PVS's program before it took the push: after the restart the push
+    file stays READY=0 for push_timeout, so the push is sent again - once."""
+    pvs = tmp_path / "pvs"
+    daemon = daemon_factory(vdds={"mmi_ini": str(fake_pvs(pvs, first_delay=120)), "push_timeout": 3})
+    upload(daemon, new_patient(daemon, tmp_path, "0816"), png())
+    wait_for(lambda: len(lines(pvs / "starts")) == 1, "the PVS's program to start")
+    daemon.stop(signal.SIGKILL)
+    os.kill(int(lines(pvs / "starts")[0]), signal.SIGKILL)
+    restarted = start_daemon(daemon.config)
+    try:
+        wait_for(lambda: outbox_states(daemon.settings.store.url) == ["done"], "the outbox to settle")
+    finally:
+        restarted.stop()
+    assert lines(pvs / "arrivals") == ["MMOINF1.INI 1"]
+    assert len(lines(pvs / "starts")) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The sender's decisions, one push at a time
+
+
+async def queued_push(make_settings: Any, pvs: Path, **vdds: Any) -> tuple[Runtime, OutboxItem]:
+    """A runtime whose store holds one queued push for a new image of VDDS patient 0815."""
+    rt = Runtime.build(make_settings(vdds={"push_timeout": 5, **vdds, "mmi_ini": str(pvs)}))
+    reply = await handle(rt, launch(stage1("0815")))
+    assert reply.exit_code == 0
+    [patient] = await rt.service.search_patients(Origin("test"), pms_id="0815")
+    await rt.service.add_images(Origin("test"), patient.id, [await rt.imaging.ingest(png())])
+    messages = await rt.db.read(lambda s: list(s.scalars(q.due_outbox(vdds_push.CHANNEL, utcnow()))))
+    assert len(messages) == 1
+    msg = messages[0]
+    return rt, OutboxItem(msg.id, msg.channel, msg.patient_id, dict(msg.payload), msg.attempts)
+
+
+async def test_an_accepted_push_carries_the_object_and_its_thumbnail(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    rt, item = await queued_push(make_settings, fake_pvs(tmp_path / "pvs"))
+    try:
+        await vdds_push.send(rt, item)
+        push = vdds_push.push_file(rt.settings, item)
+        text = push.read_bytes().decode("cp1252")
+        assert "\r\n" in text
+        sections = parse_ini(text)
+        head = sections["PATID"]
+        assert [head.get(k) for k in ("PVS", "FROMPVS", "BVS", "PRXNR", "PATID", "READY")] == [
+            "TEST_ARCHIV",
+            "TESTPVS",
+            "PMSBRIDGE",
+            "1",
+            "0815",
+            "1",
+        ]
+        assert sections["MMOS"].get("COUNT") == "1"
+        assert Path(sections["MMO1"].get("THUMBNAIL")).is_file()
+        assert await vdds_push.recover(rt, item)  # after a crash this push counts as delivered
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [("refuse", "refused the push: ERRORLEVEL=1"), ("exit3", "exited with 3"), ("silent", "no READY=1")],
+)
+async def test_a_push_the_pvs_does_not_take_is_retried(
+    make_settings: Any, tmp_path: Path, answer: str, reason: str
+) -> None:
+    rt, item = await queued_push(
+        make_settings, fake_pvs(tmp_path / "pvs", answer=answer), push_timeout=3, push_trust_exit_code="no"
+    )
+    try:
+        with pytest.raises(vdds_push.PushFailed, match=reason):
+            await vdds_push.send(rt, item)
+        assert not await vdds_push.recover(rt, item)
+    finally:
+        rt.close()
+
+
+async def test_an_exit_code_0_without_ready_counts_when_trusted(make_settings: Any, tmp_path: Path) -> None:
+    rt, item = await queued_push(make_settings, fake_pvs(tmp_path / "pvs", answer="silent"))
+    try:
+        await vdds_push.send(rt, item)
+        assert await vdds_push.recover(rt, item)  # the recorded exit code settles it after a crash
+    finally:
+        rt.close()
+
+
+async def test_a_pvs_without_stage_6_gets_no_push(make_settings: Any, tmp_path: Path) -> None:
+    pvs = tmp_path / "pvs"
+    rt, item = await queued_push(make_settings, fake_pvs(pvs, archive=False))
+    try:
+        await vdds_push.send(rt, item)  # settled, nothing started
+        assert not vdds_push.push_file(rt.settings, item).exists()
+        assert lines(pvs / "starts") == []
+    finally:
+        rt.close()
+
+
+async def test_an_unreadable_registry_is_retried(make_settings: Any, tmp_path: Path) -> None:
+    rt, item = await queued_push(make_settings, tmp_path / "missing" / "VDDS_MMI.INI")
+    try:
+        with pytest.raises(OSError):
+            await vdds_push.send(rt, item)
+    finally:
+        rt.close()
+
+
+async def test_pushes_only_for_vdds_links(make_settings: Any) -> None:
+    rt = Runtime.build(make_settings(vdds={"push": "no"}))
+    try:
+        assert vdds_push.push_channels(rt.settings, "vdds", "Z1") == []
+        assert vdds_push.push_worker(rt) is None
+    finally:
+        rt.close()
+    rt = Runtime.build(make_settings())
+    try:
+        assert vdds_push.push_channels(rt.settings, "vdds", "Z1") == [vdds_push.CHANNEL]
+        assert vdds_push.push_channels(rt.settings, "opp", "Z1") == []
+    finally:
+        rt.close()
+
+
+def test_the_registered_command_line_takes_the_file() -> None:
+    assert vdds_push.command_line("/opt/pvs/import -q", Path("/x/MMOINF1.INI")) == [
+        "/opt/pvs/import",
+        "-q",
+        "/x/MMOINF1.INI",
+    ]
