@@ -144,7 +144,9 @@ COMMANDS: dict[str, Command] = {
 }
 
 # Launch commands (PMS entry points) are listed for --help; their arguments go to the daemon as they are.
-LAUNCH_HELP: dict[str, str] = {}
+LAUNCH_HELP: dict[str, str] = {
+    "opp": "OPP: 'opp FILE' (the XML file form) or 'opp -p REFERENCE -l LAST ...' (flags; docs/opp.md)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

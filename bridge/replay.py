@@ -35,6 +35,13 @@ from protocols.common import decode
 PROTOCOL_NORMALISERS: dict[str, list[tuple[str, str]]] = {
     # REST answers carry the store's generated patient and image ids.
     "rest": [(r'"(id|patient_id|conflict_id)": \d+', r'"\1": {ID}')],
+    # OPP web answers: the store's ids (JSON keys, XML attributes) and the signed, expiring thumbnail URLs.
+    "oppweb": [
+        (r'"(id|patient_id|conflict_id)": \d+', r'"\1": {ID}'),
+        (r'\b(id|patientId)="\d+"', r'\1="{ID}"'),
+        (r'("(?:study|series|sop_instance)_uid": "|\b(?:study|series)Uid=")2\.25\.\d+', r"\1{UID}"),
+        (r"https?://[^/\"]+/opp/thumbnails/\d+\.jpg\?exp=\d+&(?:amp;)?sig=[\w-]+", "{THUMBNAIL_URL}"),
+    ],
 }
 
 # protocol -> code page its answer files are read with when they carry no BOM.

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 # protocol name -> "module:function". Protocols add themselves here. Kept free of heavy imports: the
 # command line reads it to know which commands are launches.
-HANDLERS: dict[str, str] = {}
+HANDLERS: dict[str, str] = {
+    "opp": "bridge.handlers.opp:handle",
+}
 
 
 class UnknownProtocol(LookupError):
