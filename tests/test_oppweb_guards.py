@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ def test_cors_refused_for_an_origin_not_listed_and_allowed_for_a_listed_one(daem
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
     refused = call(daemon, "OPTIONS", "/opp", headers={"Origin": "https://evil.example", **preflight})
     assert refused[0] == 403 and "access-control-allow-origin" not in refused[1]
+    thumbnail = call(daemon, "OPTIONS", "/opp/thumbnails/1.jpg", headers={"Origin": "https://evil.example"})
+    assert thumbnail[0] == 403 and "access-control-allow-origin" not in thumbnail[1]
+    assert call(daemon, "OPTIONS", "/opp", headers=preflight)[0] == 403  # no Origin: not a preflight
     allowed = call(daemon, "OPTIONS", "/opp", headers={"Origin": PMS_ORIGIN, **preflight})
     assert allowed[0] == 204
     assert allowed[1]["access-control-allow-origin"] == PMS_ORIGIN
@@ -83,6 +87,10 @@ def test_requests_for_a_foreign_host_name_are_refused(daemon_factory: Any) -> No
     assert rebound[0] == 403 and problem(rebound)["type"].endswith("host-not-allowed")
     assert call(daemon, "GET", path, headers={"Host": f"localhost:{port}"})[0] == 200
     assert call(daemon, "GET", path, headers={"Host": f"[::1]:{port}"})[0] == 200
+    # HTTP/1.0 programs may send no Host at all: not a browser, so not a rebinding page.
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        assert sock.makefile("rb").readline().split()[1] == b"200"
     anyhost = daemon_factory(opp_web={"allowed_hosts": "*"})
     assert call(anyhost, "GET", path, headers={"Host": "pms-server.praxis.local"})[0] == 200
 

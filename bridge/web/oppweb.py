@@ -195,8 +195,10 @@ def make_guard(state: OppWebState) -> Callable[..., Awaitable[web.StreamResponse
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        host = _host_name(request.host)
-        if not state.any_host and host not in state.hosts:
+        # No Host header: an HTTP/1.0 program, never a browser (a rebinding page always sends its host).
+        host_header = request.headers.get("Host")
+        host = _host_name(host_header) if host_header is not None else ""
+        if host_header is not None and not state.any_host and host not in state.hosts:
             raise ProblemError(
                 403,
                 f"requests addressed to host {host!r} are not accepted ([opp_web] allowed_hosts)",
@@ -204,17 +206,14 @@ def make_guard(state: OppWebState) -> Callable[..., Awaitable[web.StreamResponse
             )
         is_thumbnail = request.path.startswith("/opp/thumbnails/")
         origin = caller_origin(request)
-        own = f"{request.scheme}://{request.host}".lower()
-        if origin is not None and origin != own and origin not in state.origins and not is_thumbnail:
-            raise ProblemError(
-                403,
-                f"web origin {origin!r} may not call OPP web; add it to [opp_web] cors_origins",
-                kind="origin-not-allowed",
-            )
+        listed = origin in state.origins
+        own = f"{request.scheme}://{host_header}".lower() if host_header is not None else None
         if request.method == "OPTIONS":
-            if origin is None or origin == own:
-                raise ProblemError(400, "an OPTIONS request here is a CORS preflight and needs an Origin")
+            if not listed:
+                raise _origin_refused(origin)
             return _preflight(request)
+        if origin is not None and origin != own and not listed and not is_thumbnail:
+            raise _origin_refused(origin)
         if state.token and not is_thumbnail:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), state.token):
@@ -225,6 +224,14 @@ def make_guard(state: OppWebState) -> Callable[..., Awaitable[web.StreamResponse
         return await handler(request)
 
     return guard
+
+
+def _origin_refused(origin: str | None) -> ProblemError:
+    return ProblemError(
+        403,
+        f"web origin {origin!r} may not call OPP web; add it to [opp_web] cors_origins",
+        kind="origin-not-allowed",
+    )
 
 
 def _preflight(request: web.Request) -> web.Response:
