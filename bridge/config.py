@@ -228,8 +228,8 @@ def WebOrigins() -> Parser:
 def OppFlagMap() -> Parser:
     """The OPP command-line flag letters: LETTER=FIELD pairs (protocols.opp.FIELDS)."""
 
-    def convert(text: str, _home: Path) -> tuple[tuple[str, str], ...]:
-        return tuple(parse_flag_map(text).items())
+    def convert(text: str, _home: Path) -> str:
+        return " ".join(f"{letter}={name}" for letter, name in parse_flag_map(text).items())
 
     return Parser(f"LETTER=FIELD pairs, one flag carrying reference; fields: {', '.join(FIELDS)}", convert)
 
@@ -289,7 +289,7 @@ class OppSettings:
         Choice("cp1252", "cp850", "iso-8859-15", "utf-8"),
         "Code page of XML files whose bytes are not in the encoding they declare (or UTF-8)",
     )
-    cli_flags: tuple[tuple[str, str], ...] = key(
+    cli_flags: str = key(
         DEFAULT_CLI_FLAGS,
         OppFlagMap(),
         "Command-line flag letters (only -p and -d are documented by OPP; the rest are inferred)",

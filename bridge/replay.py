@@ -45,7 +45,10 @@ PROTOCOL_NORMALISERS: dict[str, list[tuple[str, str]]] = {
 }
 
 # protocol -> code page its answer files are read with when they carry no BOM.
-PROTOCOL_CODEPAGES: dict[str, str] = {}
+PROTOCOL_CODEPAGES: dict[str, str] = {
+    "opp": "utf-8",  # OPP XML without BOM or declaration is UTF-8 (record mode reads captures with it)
+    "opp_web": "utf-8",  # the OPP web listener's raw requests, as record mode captures them
+}
 
 ISO_TIMESTAMP = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})?"
 FOLDER_TIMEOUT = 15.0
@@ -117,6 +120,10 @@ def normaliser(case: Case, target: Target, workdir: Path) -> Callable[[str], str
                 rules.append((re.escape(form), placeholder))
     rules.append((ISO_TIMESTAMP, "{TIMESTAMP}"))
     rules += PROTOCOL_NORMALISERS.get(case.protocol, [])
+    # A recorded session mixes transports: its OPP web answers carry generated ids and signed URLs too.
+    steps = case.spec.get("steps", [])
+    if case.protocol != "oppweb" and any(step.get("listener") == "opp_web" for step in steps):
+        rules += PROTOCOL_NORMALISERS["oppweb"]
     rules += [(a, b) for a, b in case.spec.get("normalise", [])]
     compiled = [(re.compile(a, re.MULTILINE), b) for a, b in rules]
 

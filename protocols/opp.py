@@ -169,10 +169,7 @@ def from_fields(
 ) -> OppMessage:
     """Validate fields named as in FIELDS into a message; OppError names the first bad field."""
     version = fields.get("version", "").strip() or version
-    if not _SUPPORTED_VERSION.fullmatch(version):
-        raise OppError(
-            f"OPP version {version!r} is not supported (supported: 1.0 to 1.3)", "unsupported-version"
-        )
+    check_version(version)
     raw_command = fields.get("command", "").strip()
     if not raw_command:
         raise OppError("the message names no command", "unknown-command")
@@ -201,6 +198,14 @@ def from_fields(
         ),
         data_elements=data_elements,
     )
+
+
+def check_version(version: str) -> None:
+    """Versions 1.0 to 1.3 (with an optional revision); OppError for any other."""
+    if not _SUPPORTED_VERSION.fullmatch(version):
+        raise OppError(
+            f"OPP version {version!r} is not supported (supported: 1.0 to 1.3)", "unsupported-version"
+        )
 
 
 def _field(fields: Mapping[str, str], name: str) -> str:
@@ -350,6 +355,10 @@ def parse_xml(data: bytes, options: OppOptions) -> OppMessage:
         raise OppError(f"not well-formed XML: {exc.msg}", "not-xml") from None
     if _local(root) != "opp":
         raise OppError(f"the root element is <{_local(root)}>, not <opp>", "not-opp")
+    version = root.get("version")
+    if version is None:
+        raise OppError("the <opp> element has no version attribute", "unsupported-version")
+    check_version(version)  # before the content: another version may mean another shape
     found: dict[str, list[etree._Element]] = {}
     for child in root:
         found.setdefault(_local(child), []).append(child)
@@ -358,9 +367,6 @@ def parse_xml(data: bytes, options: OppOptions) -> OppMessage:
             raise OppError(f"the <opp> element has no <{name}> element", "invalid-message")
         if len(found[name]) > 1:
             raise OppError(f"the <opp> element has {len(found[name])} <{name}> elements, not one")
-    version = root.get("version")
-    if version is None:
-        raise OppError("the <opp> element has no version attribute", "unsupported-version")
     command, patient = found["command"][0], found["patient"][0]
     software = found.get("software", [None])[0]
 

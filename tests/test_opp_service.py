@@ -7,13 +7,19 @@ import asyncio
 from dataclasses import replace
 
 from bridge.events import AcquisitionRequested, Event, PatientOpened
-from bridge.handlers.opp import execute, options
-from bridge.model import Category, NewImage, Origin, Status
+from bridge.handlers.opp import execute as run_message
+from bridge.handlers.opp import options
+from bridge.model import Category, NewImage, Origin, Outcome, Status
 from bridge.runtime import Runtime
 from bridge.store import queries as q
 from protocols.opp import OppMessage, parse_args
 
 ORIGIN = Origin(protocol="opp", transport="cli", workstation="WS1")
+
+
+async def execute(rt: Runtime, message: OppMessage, origin: Origin) -> Outcome:
+    """Run a message as the transports do: as its request from `origin`."""
+    return await run_message(rt, message, message.request(origin))
 
 
 def message(rt: Runtime, *args: str) -> OppMessage:

@@ -192,6 +192,8 @@ def test_view_data_lists_images_with_signed_watermarked_thumbnail_urls(daemon_fa
     assert thumb[0] == 200 and thumb[1]["content-type"] == "image/jpeg"
     picture = Image.open(io.BytesIO(thumb[2]))
     assert picture.format == "JPEG" and max(picture.size) == daemon.settings.thumbnails.size
+    again = call(daemon, "GET", f"{url.path}?{url.query}", headers={"If-None-Match": thumb[1]["etag"]})
+    assert (again[0], again[2]) == (304, b"")
 
     query = dict(part.split("=", 1) for part in url.query.split("&"))
     forged = f"{url.path}?exp={query['exp']}&sig=AAAA{query['sig'][4:]}"

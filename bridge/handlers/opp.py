@@ -12,9 +12,17 @@ import logging
 
 from bridge.config import Settings
 from bridge.handlers.base import Launch, LaunchReply
-from bridge.model import Origin, Outcome, Status
+from bridge.model import Origin, Outcome, PatientRequest, Status
 from bridge.runtime import Runtime
-from protocols.opp import Command, OppError, OppMessage, OppOptions, parse_args, parse_xml
+from protocols.opp import (
+    Command,
+    OppError,
+    OppMessage,
+    OppOptions,
+    parse_args,
+    parse_flag_map,
+    parse_xml,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +44,20 @@ def options(settings: Settings) -> OppOptions:
         practice_id_attribute=opp.practice_id_attribute,
         middle_name_attribute=opp.middle_name_attribute,
         encoding=opp.encoding,
-        cli_flags=dict(opp.cli_flags),
+        cli_flags=parse_flag_map(opp.cli_flags),
         cli_case_sensitive=opp.cli_case_sensitive,
         cli_command=Command(opp.cli_command.upper()),
     )
 
 
-async def execute(rt: Runtime, message: OppMessage, origin: Origin) -> Outcome:
-    """Run one OPP message against the store (VIEW_DATA: image list plus viewer; the rest: open/update)."""
+async def execute(rt: Runtime, message: OppMessage, request: PatientRequest) -> Outcome:
+    """Run one OPP message (as `message.request(origin)`) against the store: VIEW_DATA is the image list
+    plus a viewer (`BridgeService.view_data`), the other commands open, create or update."""
     if message.data_elements:
         log.info(
             "OPP <data> elements are not interpreted (their shape is unpublished)",
             extra={"count": message.data_elements, "command": message.command.value},
         )
-    request = message.request(origin)
     if message.command is Command.VIEW_DATA:
         return await rt.service.view_data(request)
     return await rt.service.handle(request)
@@ -81,8 +89,9 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
         workstation=launch.workstation,
         request_id=launch.request_id,
     )
-    outcome = await execute(rt, message, origin)
+    request = message.request(origin)
+    outcome = await execute(rt, message, request)
     text = f"OPP {message.command.value}: {outcome.message}"
     if outcome.conflict_id is not None:
         text += f" (conflict {outcome.conflict_id})"
-    return LaunchReply(exit_code(outcome.status), text)
+    return LaunchReply(exit_code(outcome.status), text, request=request, outcome=outcome)

@@ -35,10 +35,17 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from bridge.config import Settings
-from bridge.handlers.opp import execute, options
-from bridge.model import Status
+from bridge.handlers.opp import PROTOCOL, execute, options
+from bridge.imaging.analyze import ImagingError
+from bridge.model import Outcome, PatientRequest, Status
 from bridge.runtime import Runtime
-from bridge.web.api import STATUS_HTTP, origin_of
+from bridge.web.api import (
+    RENDER_CACHE_CONTROL,
+    RENDER_VIEW_MAX_AGE,
+    STATUS_HTTP,
+    etag_matches,
+    origin_of,
+)
 from bridge.web.keys import LISTENER_TLS, MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY, make_request_context
 from bridge.web.problems import ProblemError
@@ -280,32 +287,86 @@ async def read_message(request: web.Request, opts: OppOptions) -> OppMessage:
         raise ProblemError(413 if exc.kind == "too-large" else 400, str(exc), kind=exc.kind) from None
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """An OPP web answer, with what record mode needs to pseudonymise it (when parsing got that far)."""
+
+    response: web.Response
+    request: PatientRequest | None = None
+    outcome: Outcome | None = None
+
+
 @routes.get(OPP_PATH)
 @routes.post(OPP_PATH)
 async def opp_request(request: web.Request) -> web.Response:
-    """One OPP command; the answer in XML or JSON."""
+    """One OPP command; the answer in XML or JSON. Record mode keeps the exchange as a replayable step."""
+    rt = request.app[RUNTIME]
+    answer = await _answer(request)
+    if rt.recorder is not None:
+        response = answer.response
+        await rt.recorder.http(
+            "opp_web",
+            await recorded_request(request),
+            response.status,
+            bytes(response.body) if isinstance(response.body, bytes | bytearray) else b"",
+            request=answer.request,
+            outcome=answer.outcome,
+            suffix=".json" if "json" in response.content_type else ".xml",
+        )
+    return answer.response
+
+
+async def _answer(request: web.Request) -> _Answer:
     rt = request.app[RUNTIME]
     state = request.app[OPP_WEB]
-    media = negotiate(request.headers.get("Accept", ""))
-    if media is None:
-        raise ProblemError(406, f"OPP web answers in {XML_TYPE} or {JSON_TYPE}", kind="not-acceptable")
-    message = await read_message(request, state.options)
-    outcome = await execute(rt, message, origin_of(request, "opp"))
+    try:
+        media = negotiate(request.headers.get("Accept", ""))
+        if media is None:
+            raise ProblemError(406, f"OPP web answers in {XML_TYPE} or {JSON_TYPE}", kind="not-acceptable")
+        message = await read_message(request, state.options)
+    except ProblemError as exc:
+        return _Answer(exc.response(request.path))
+    patient_request = message.request(origin_of(request, PROTOCOL))
+    outcome = await execute(rt, message, patient_request)
     if not outcome.status.ok and outcome.status is not Status.PARTIAL:
         extra = {"conflict_id": outcome.conflict_id} if outcome.conflict_id is not None else {}
-        raise ProblemError(
+        refused = ProblemError(
             STATUS_HTTP[outcome.status],
             outcome.message,
             kind=outcome.status.value.replace("_", "-"),
             command=message.command.value,
             **extra,
         )
+        return _Answer(refused.response(request.path), patient_request, outcome)
     urls: dict[int, str] = {}
     if message.command is Command.VIEW_DATA:
-        base, now = f"{request.scheme}://{request.host}", time.time()
+        base, now = base_url(request), time.time()
         urls = {image.id: state.signer.url(base, image.id, now) for image in outcome.images}
     render = render_json if media == JSON_TYPE else render_xml
-    return web.Response(body=render(outcome, message, urls), content_type=media, charset="utf-8")
+    body = render(outcome, message, urls)
+    return _Answer(web.Response(body=body, content_type=media, charset="utf-8"), patient_request, outcome)
+
+
+def base_url(request: web.Request) -> str:
+    """scheme://host[:port] as the client addressed this listener (the host guard checked the name)."""
+    host = request.headers.get("Host")
+    if host is None:  # HTTP/1.0 without Host: the address the client connected to
+        address = request.transport.get_extra_info("sockname") if request.transport else None
+        host = f"{address[0]}:{address[1]}" if address else "127.0.0.1"
+    return f"{request.scheme}://{host}"
+
+
+# Headers a recorded request leaves out: secrets, and what the replay sets itself.
+UNRECORDED_HEADERS = frozenset({b"authorization", b"cookie", b"host", b"content-length"})
+
+
+async def recorded_request(request: web.Request) -> bytes:
+    """The request as raw HTTP (request line, headers, blank line, body), as samples keep requests."""
+    lines = [f"{request.method} {request.raw_path} HTTP/1.1".encode()]
+    lines += [
+        name + b": " + value for name, value in request.raw_headers if name.lower() not in UNRECORDED_HEADERS
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + await request.read()
 
 
 @routes.get(THUMBNAIL_PATH)
@@ -320,13 +381,21 @@ async def opp_thumbnail(request: web.Request) -> web.StreamResponse:
         raise ProblemError(
             403, "the thumbnail link is invalid or has expired; ask VIEW_DATA again", kind="invalid-link"
         )
-    image = await rt.service.get_image(origin_of(request, "opp"), image_id, action="image.thumbnail")
+    image = await rt.service.get_image(
+        origin_of(request, "opp"), image_id, action="image.thumbnail", max_age=RENDER_VIEW_MAX_AGE
+    )
     if image is None:
         raise ProblemError(404, f"no image with id {image_id}")
-    path = await rt.imaging.thumbnail(image)
-    return web.FileResponse(
-        path, headers={"Content-Type": "image/jpeg", "Cache-Control": f"private, max-age={state.signer.ttl}"}
-    )
+    size = rt.settings.thumbnails.size
+    etag = rt.imaging.etag_for(image, size)
+    headers = {"ETag": f'"{etag}"', "Cache-Control": RENDER_CACHE_CONTROL}
+    if etag_matches(request.headers.get("If-None-Match", ""), etag):
+        return web.Response(status=304, headers=headers)
+    try:
+        rendered = await rt.imaging.rendered(image, size)
+    except ImagingError as exc:
+        raise ProblemError(503, str(exc), kind="image-unavailable") from None
+    return web.Response(body=rendered.data, content_type="image/jpeg", headers=headers)
 
 
 # --------------------------------------------------------------------------------------------------
