@@ -78,7 +78,7 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
         elif launch.content:
             message = parse_xml(launch.content, opts)
         elif launch.args:
-            return LaunchReply(EXIT_INVALID, f"OPP: cannot read the file {launch.args[0]!r}")
+            return LaunchReply(EXIT_INVALID, f"OPP: no message in {launch.args[0]!r} (missing or empty file)")
         else:
             return LaunchReply(EXIT_INVALID, "OPP: name an OPP XML file or pass OPP flags (-p REFERENCE ...)")
     except OppError as exc:
