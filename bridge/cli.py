@@ -179,6 +179,7 @@ LAUNCH_HELP: dict[str, str] = {
     "dentrix": "Dentrix G6/G7: the Dexis formats under the [dentrix] profile (CN=<chart number> optional)",
     "eaglesoft": "Eaglesoft / Patterson: INIFILE, the Patterson Imaging ini the PMS wrote",
     "cliniview": "CLINIVIEW: -ID;FIRST;LAST;SSN;MM/dd/yyyy, or the path of Cliniview.ini",
+    "opp": "OPP: 'opp FILE' (the XML file form) or 'opp -p REFERENCE -l LAST ...' (flags; docs/opp.md)",
 }
 
 

@@ -28,6 +28,7 @@ from bridge.config_file import (
     read_raw,
 )
 from protocols.common import LOCALE_SHORT_DATES, DateFormatError, dotnet_to_strptime
+from protocols.opp import DEFAULT_CLI_FLAGS, FIELDS, parse_flag_map
 
 
 class ConfigError(Exception):
@@ -244,6 +245,32 @@ class ApiSettings:
     max_body_mb: int = key("200", Int(1, 4096), "Largest request body accepted, in MB (image uploads)")
 
 
+def WebOrigins() -> Parser:
+    """Exact web origins (scheme://host[:port], as browsers send them in the Origin header)."""
+
+    def convert(text: str, _home: Path) -> tuple[str, ...]:
+        found = []
+        for item in (i.strip().rstrip("/").lower() for i in text.split(",")):
+            if not item:
+                continue
+            scheme, sep, rest = item.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest or "*" in rest:
+                raise ValueError
+            found.append(item)
+        return tuple(found)
+
+    return Parser("comma-separated origins like https://pms.example.com or http://localhost:8080", convert)
+
+
+def OppFlagMap() -> Parser:
+    """The OPP command-line flag letters: LETTER=FIELD pairs (protocols.opp.FIELDS)."""
+
+    def convert(text: str, _home: Path) -> str:
+        return " ".join(f"{letter}={name}" for letter, name in parse_flag_map(text).items())
+
+    return Parser(f"LETTER=FIELD pairs, one flag carrying reference; fields: {', '.join(FIELDS)}", convert)
+
+
 @dataclass(frozen=True)
 class OppWebSettings:
     """OPP web: the HTTP flavour of the Open Practice Protocol (DTX Studio default port 4435)."""
@@ -252,6 +279,64 @@ class OppWebSettings:
     enabled: bool = key("yes", Bool(), "Listen for OPP web requests")
     host: str = key(DEFAULT_API_HOST, Text(required=True), "Listen address")
     port: int = key("4435", Int(1, 65535), "OPP web port (4435 as in DTX Studio Clinic)")
+    token: str = key(
+        "",
+        Text(),
+        'Optional: requests must send "Authorization: Bearer <token>". Empty: no token, because a'
+        " browser-based PMS cannot keep one secret; the origin and host checks protect it instead",
+    )
+    cors_origins: tuple[str, ...] = key(
+        "", WebOrigins(), "Web origins whose pages may call OPP web (CORS); empty allows no other origin"
+    )
+    allowed_hosts: tuple[str, ...] = key(
+        "",
+        Csv(),
+        "Host names requests may be addressed to besides loopback and the listen address (a guard"
+        " against DNS rebinding); * allows any",
+    )
+    tls: bool = key("no", Bool(), "Serve OPP web over HTTPS")
+    tls_cert: Path | None = key("", OptionalPath(), "PEM certificate; empty: [api] tls_cert")
+    tls_key: Path | None = key("", OptionalPath(), "PEM private key; empty: [api] tls_key")
+    max_body_kb: int = key("64", Int(1, 4096), "Largest OPP web request body, in KB")
+    thumbnail_url_seconds: int = key(
+        "3600", Int(60, 604800), "How long the signed thumbnail URLs in VIEW_DATA answers stay valid"
+    )
+
+
+@dataclass(frozen=True)
+class OppSettings:
+    """OPP (Open Practice Protocol): the points its public documents leave open (docs/opp.md)."""
+
+    SECTION: ClassVar[str] = "opp"
+    software_name: str = key(
+        "OPP",
+        Text(required=True, max_length=64),
+        "PMS system name for messages that name no <software> (the command line never does); it keys"
+        " the patients, so a PMS using both forms should name itself the same in both",
+    )
+    practice_id: str = key("", Text(max_length=64), "Practice id for messages that carry none")
+    practice_id_attribute: str = key(
+        "practiceId", Text(required=True, max_length=64), "XML attribute carrying the practice id"
+    )
+    middle_name_attribute: str = key(
+        "middleName", Text(required=True, max_length=64), "XML attribute of <patient> with the middle name"
+    )
+    encoding: str = key(
+        "cp1252",
+        Choice("cp1252", "cp850", "iso-8859-15", "utf-8"),
+        "Code page of XML files whose bytes are not in the encoding they declare (or UTF-8)",
+    )
+    cli_flags: str = key(
+        DEFAULT_CLI_FLAGS,
+        OppFlagMap(),
+        "Command-line flag letters (only -p and -d are documented by OPP; the rest are inferred)",
+    )
+    cli_case_sensitive: bool = key("no", Bool(), "no: -P means -p and -D means -d")
+    cli_command: str = key(
+        "update_create",
+        Choice("update", "update_create", "acquire", "view", "view_data"),
+        "Command of a command line that names none",
+    )
 
 
 @dataclass(frozen=True)
@@ -590,6 +675,7 @@ SECTIONS: tuple[type[Any], ...] = (
     StoreSettings,
     ApiSettings,
     OppWebSettings,
+    OppSettings,
     VddsSettings,
     PmsSettings,
     ThumbnailSettings,
@@ -616,6 +702,7 @@ class Settings:
     store: StoreSettings
     api: ApiSettings
     opp_web: OppWebSettings
+    opp: OppSettings
     vdds: VddsSettings
     pms: PmsSettings
     thumbnails: ThumbnailSettings

@@ -28,6 +28,8 @@ from bridge.handlers.dexis import integrator_watchers
 from bridge.runtime import Runtime
 from bridge.thumbfolders import thumbnail_workers
 from bridge.web.app import build_api_app
+from bridge.web.keys import LISTENER_TLS
+from bridge.web.oppweb import opp_web_listener
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,9 @@ WORKER_FACTORIES: list[WorkerFactory] = [
 # Extra listeners protocols contribute (OPP web): a factory returning (name, app, host, port), or None
 # when its settings leave it off.
 ListenerFactory = Callable[[Runtime], "tuple[str, web.Application, str, int] | None"]
-LISTENER_FACTORIES: list[ListenerFactory] = []
+LISTENER_FACTORIES: list[ListenerFactory] = [
+    opp_web_listener,
+]
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -90,14 +94,15 @@ class Daemon:
         for name, app, host, port in listeners:
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=timeout, handle_signals=False)
             await runner.setup()
-            site = web.TCPSite(runner, host, port, ssl_context=tls, reuse_address=True)
+            site_tls = app.get(LISTENER_TLS, tls)
+            site = web.TCPSite(runner, host, port, ssl_context=site_tls, reuse_address=True)
             await site.start()
             self._runners.append(runner)
             sock = site._server.sockets[0]  # type: ignore[union-attr]
             self.bound[name] = sock.getsockname()[:2]
             log.info(
                 "listening",
-                extra={"listener": name, "host": host, "port": self.bound[name][1], "tls": bool(tls)},
+                extra={"listener": name, "host": host, "port": self.bound[name][1], "tls": bool(site_tls)},
             )
         self._spawn(rt.audit.run(), "audit")
         self._spawn(self._watch_stop_file(), "stop-file")

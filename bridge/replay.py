@@ -45,11 +45,20 @@ PROTOCOL_NORMALISERS: dict[str, list[tuple[str, str]]] = {
         (r"^(THUMBNAIL=.*[\\/])\d+(\.jpg)(?=\r?$)", r"\1{ID}\2"),
         (r"^(MMOID\d+=.*[\\/])x[0-9a-f]{12}([\\/])\d+(\.\w+)(?=\r?$)", r"\1{EXPORT}\2{ID}\3"),
     ],
+    # OPP web answers: the store's ids (JSON keys, XML attributes) and the signed, expiring thumbnail URLs.
+    "oppweb": [
+        (r'"(id|patient_id|conflict_id)": \d+', r'"\1": {ID}'),
+        (r'\b(id|patientId)="\d+"', r'\1="{ID}"'),
+        (r'("(?:study|series|sop_instance)_uid": "|\b(?:study|series)Uid=")2\.25\.\d+', r"\1{UID}"),
+        (r"https?://[^/\"]+/opp/thumbnails/\d+\.jpg\?exp=\d+&(?:amp;)?sig=[\w-]+", "{THUMBNAIL_URL}"),
+    ],
 }
 
 # protocol -> code page its answer files are read with when they carry no BOM.
 PROTOCOL_CODEPAGES: dict[str, str] = {
     "vdds": "cp1252",
+    "opp": "utf-8",  # OPP XML without BOM or declaration is UTF-8 (record mode reads captures with it)
+    "opp_web": "utf-8",  # the OPP web listener's raw requests, as record mode captures them
 }
 
 ISO_TIMESTAMP = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})?"
@@ -122,6 +131,10 @@ def normaliser(case: Case, target: Target, workdir: Path) -> Callable[[str], str
                 rules.append((re.escape(form), placeholder))
     rules.append((ISO_TIMESTAMP, "{TIMESTAMP}"))
     rules += PROTOCOL_NORMALISERS.get(case.protocol, [])
+    # A recorded session mixes transports: its OPP web answers carry generated ids and signed URLs too.
+    steps = case.spec.get("steps", [])
+    if case.protocol != "oppweb" and any(step.get("listener") == "opp_web" for step in steps):
+        rules += PROTOCOL_NORMALISERS["oppweb"]
     rules += [(a, b) for a, b in case.spec.get("normalise", [])]
     compiled = [(re.compile(a, re.MULTILINE), b) for a, b in rules]
 

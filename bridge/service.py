@@ -804,6 +804,20 @@ class BridgeService:
             )
         return replace(outcome, viewer_url=url)
 
+    async def view_data(self, req: PatientRequest) -> Outcome:
+        """A PMS asks to see a patient's data (OPP VIEW_DATA): the image list, and a viewer follows.
+
+        It reads only: an unknown patient is NOT_FOUND (never created) and demographics are not applied.
+        Unless the request is silent, viewers are told to show the patient (PatientOpened), so the
+        clinician sees the images the PMS just listed.
+        """
+        outcome = await self.handle(replace(req, action=Action.LIST_IMAGES))
+        if outcome.patient is None or not outcome.status.ok or req.silent:
+            return outcome
+        url = self.patient_viewer_url(outcome.patient.id)
+        self._publish_opened(req, outcome.patient, url)
+        return replace(outcome, viewer_url=url)
+
     # ---------------------------------------------------------------------------------------------
     # API reads
 

@@ -204,39 +204,46 @@ class DateFormatError(ValueError):
     """A date that does not match the format the protocol or configuration prescribes."""
 
 
-_DOTNET_TOKENS = (
-    ("yyyy", "%Y"),
-    ("MM", "%m"),
-    ("dd", "%d"),
-    ("HH", "%H"),
-    ("mm", "%M"),
-    ("ss", "%S"),
-    ("yy", "%y"),
-    ("M", "%m"),
-    ("d", "%d"),
-)
+# .NET custom date format specifiers, as whole runs of one letter ("MMM" is a month name, not "MM" + "M").
+_DOTNET_RUNS = {
+    "yyyy": "%Y",
+    "yy": "%y",
+    "MM": "%m",
+    "M": "%m",
+    "dd": "%d",
+    "d": "%d",
+    "HH": "%H",
+    "H": "%H",
+    "mm": "%M",
+    "m": "%M",
+    "ss": "%S",
+    "s": "%S",
+}
+# Characters with a meaning in .NET formats that this translation does not support (quoted literals,
+# escapes, single-specifier "%d"): refused rather than read as literal text.
+_DOTNET_UNSUPPORTED = "'\"\\%"
 
 
 def dotnet_to_strptime(fmt: str) -> str:
     """Translate a .NET date format string ("dd.MM.yyyy", "M/d/yyyy", "yyyyMMdd") into strptime's.
 
-    Only unambiguous date/time tokens are accepted; anything else raises DateFormatError, because a
-    guessed date format files images under the wrong patient.
+    Each run of one letter is one .NET specifier; only unambiguous numeric date/time specifiers are
+    accepted ("MMM" month names, "ddd" day names, "tt" and quoted literals raise DateFormatError),
+    because a guessed date format files images under the wrong patient. Separators are literal, as in
+    .NET's invariant culture ("/" stays "/").
     """
     out: list[str] = []
-    i = 0
-    while i < len(fmt):
-        for token, directive in _DOTNET_TOKENS:
-            if fmt.startswith(token, i):
-                out.append(directive)
-                i += len(token)
-                break
+    for match in re.finditer(r"([A-Za-z])\1*|.", fmt, re.DOTALL):
+        run = match.group(0)
+        if run[0].isalpha():
+            directive = _DOTNET_RUNS.get(run)
+            if directive is None:
+                raise DateFormatError(f"unsupported token {run!r} in date format {fmt!r}")
+            out.append(directive)
+        elif run in _DOTNET_UNSUPPORTED:
+            raise DateFormatError(f"unsupported character {run!r} in date format {fmt!r}")
         else:
-            ch = fmt[i]
-            if ch.isalpha():
-                raise DateFormatError(f"unsupported token {ch!r} in date format {fmt!r}")
-            out.append("%%" if ch == "%" else ch)
-            i += 1
+            out.append(run)
     result = "".join(out)
     if not all(d in result for d in ("%d", "%m")) or not ("%Y" in result or "%y" in result):
         raise DateFormatError(f"date format {fmt!r} lacks day, month or year")

@@ -25,6 +25,7 @@ HANDLERS: dict[str, str] = {
     "eaglesoft": "bridge.handlers.eaglesoft:handle",
     "cliniview": "bridge.handlers.cliniview:handle",
     "vdds": "bridge.handlers.vdds:handle",
+    "opp": "bridge.handlers.opp:handle",
 }
 
 

@@ -410,7 +410,7 @@ RENDER_VIEW_MAX_AGE = 2.0
 RENDER_CACHE_CONTROL = "private, no-cache"
 
 
-def _etag_matches(header: str, etag: str) -> bool:
+def etag_matches(header: str, etag: str) -> bool:
     """If-None-Match semantics (RFC 9110 13.1.2): weak comparison, a list of tags, or *."""
     if header.strip() == "*":
         return True
@@ -427,7 +427,7 @@ async def rendering_response(request: web.Request, size: int, action: str) -> we
         raise ProblemError(404, f"no image with id {request.match_info['id']}")
     etag = rt.imaging.etag_for(image, size)
     headers = {"ETag": f'"{etag}"', "Cache-Control": RENDER_CACHE_CONTROL}
-    if _etag_matches(request.headers.get("If-None-Match", ""), etag):
+    if etag_matches(request.headers.get("If-None-Match", ""), etag):
         return web.Response(status=304, headers=headers)
     try:
         rendered = await rt.imaging.rendered(image, size)

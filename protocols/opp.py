@@ -1,0 +1,468 @@
+"""OPP, the Open Practice Protocol (DTX Studio's PMS interface): its XML message, its command-line flags,
+the OPP web parameters, and the OPP web answer.
+
+Three ways in, one message: the file-based XML (`<opp version><command/><software/><patient/></opp>`), the
+command-line flags (`-p 0815 -l Müller -d dd.MM.yyyy ...`) and OPP web's query or form parameters all
+become the same `OppMessage`, built and validated by one function (`from_fields`), so the three transports
+cannot disagree on what a field means. Confirmed facts and inferred points are listed in docs/opp.md;
+every inferred point is a field of `OppOptions` (from the `[opp]` settings), not a constant here.
+
+Pure: bytes and strings in, `PatientRequest` out; `Outcome` in, bytes out. No I/O, no clock, no database.
+XML is parsed with entity resolution and network access off, no huge trees, a size limit, and any DTD
+refused before parsing (XXE and entity-expansion bombs never reach the parser). lxml is imported only
+when XML is parsed or written: the config layer imports this module for the flag vocabulary.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+from bridge.model import Action, Demographics, Origin, Outcome, PatientRequest, Sex
+from protocols.common import DateFormatError, decode, dotnet_to_strptime, parse_date
+
+if TYPE_CHECKING:
+    from lxml import etree
+
+MAX_XML_BYTES = 64 * 1024  # an OPP message is a few hundred bytes; anything near this is not one
+MAX_FIELD_CHARS = 200  # as the REST API's limit on names
+DEFAULT_VERSION = "1.3"  # what the command line and OPP web parameters speak when they name none
+ISO_DATE = "%Y-%m-%d"
+
+# Versions 1.0 to 1.3, optionally with a revision ("1.3.4"); anything else is refused.
+_SUPPORTED_VERSION = re.compile(r"1\.[0-3](?:\.\d{1,3})?")
+_XML_DECLARATION = re.compile(r"\A\s*<\?xml[^>]*\?>")
+_DECLARED_ENCODING = re.compile(rb"\A\s*<\?xml[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._:-]{1,40})[\"']")
+_DTD = re.compile(r"<!DOCTYPE|<!ENTITY", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Command(enum.StrEnum):
+    """OPP commands (the v1.0 ... v1.3 changelog names them; their semantics are inferred from names)."""
+
+    UPDATE = "UPDATE"
+    UPDATE_CREATE = "UPDATE_CREATE"
+    ACQUIRE = "ACQUIRE"
+    VIEW = "VIEW"
+    VIEW_DATA = "VIEW_DATA"
+
+
+# What each command asks of the service. UPDATE never creates; VIEW_DATA reads (BridgeService.view_data).
+COMMAND_ACTIONS: dict[Command, Action] = {
+    Command.UPDATE: Action.UPDATE,
+    Command.UPDATE_CREATE: Action.OPEN,
+    Command.ACQUIRE: Action.ACQUIRE,
+    Command.VIEW: Action.OPEN,
+    Command.VIEW_DATA: Action.LIST_IMAGES,
+}
+
+# The field names every transport shares: the XML attribute names (plus `command`, `silent`, `software`,
+# `softwareVersion`, `version` and the command line's `dateFormat`). OPP web parameters use these names.
+FIELDS = (
+    "command",
+    "silent",
+    "software",
+    "softwareVersion",
+    "practiceId",
+    "reference",
+    "firstName",
+    "lastName",
+    "middleName",
+    "birthdate",
+    "gender",
+    "dateFormat",
+    "version",
+)
+
+# The command-line flags. Confirmed: -p/-P exist (v1.1: "UPDATE ... in combination with -p, -P") and
+# -d/-D pass a .NET date format (v1.3 rev. 2). Everything else here is inferred and configurable
+# ([opp] cli_flags); docs/opp.md says so.
+DEFAULT_CLI_FLAGS = (
+    "c=command p=reference f=firstName l=lastName m=middleName b=birthdate g=gender s=silent d=dateFormat"
+)
+
+_GENDERS = {"MALE": Sex.MALE, "FEMALE": Sex.FEMALE}
+_GENDER_WORDS = {Sex.MALE: "MALE", Sex.FEMALE: "FEMALE", Sex.OTHER: "OTHER", Sex.UNKNOWN: "UNKNOWN"}
+
+
+class OppError(ValueError):
+    """A message OPP cannot accept; `kind` names the problem (it becomes the problem type on OPP web)."""
+
+    def __init__(self, message: str, kind: str = "invalid-message") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def parse_flag_map(text: str) -> dict[str, str]:
+    """`"p=reference f=firstName ..."` (spaces or commas between pairs) as {letter: field}.
+
+    Raises ValueError naming the bad pair: a flag is one letter, a field one of FIELDS, a letter once.
+    """
+    flags: dict[str, str] = {}
+    for pair in text.replace(",", " ").split():
+        letter, sep, name = pair.partition("=")
+        if not sep or len(letter) != 1 or not letter.isalpha():
+            raise ValueError(f"{pair!r} is not LETTER=FIELD")
+        if name not in FIELDS:
+            raise ValueError(f"{pair!r}: {name!r} is not one of {', '.join(FIELDS)}")
+        if letter in flags:
+            raise ValueError(f"flag -{letter} is mapped twice")
+        flags[letter] = name
+    if "reference" not in flags.values():
+        raise ValueError("no flag carries the patient reference")
+    return flags
+
+
+@dataclass(frozen=True)
+class OppOptions:
+    """The inferred points of OPP, as the `[opp]` settings fix them (see docs/opp.md)."""
+
+    software_name: str = "OPP"  # pms_system when a message names no software (the command line never does)
+    practice_id: str = ""  # practice id when a message carries none
+    practice_id_attribute: str = "practiceId"  # on <patient>, else on <software>
+    middle_name_attribute: str = "middleName"  # on <patient> (v1.3 rev. 4; name not seen)
+    encoding: str = "cp1252"  # XML that is neither UTF-8 nor what it declares
+    cli_flags: Mapping[str, str] = field(default_factory=lambda: parse_flag_map(DEFAULT_CLI_FLAGS))
+    cli_case_sensitive: bool = False  # no: -P means -p (as -d/-D name one option in the changelog)
+    cli_command: Command = Command.UPDATE_CREATE  # when the command line names no command
+    max_bytes: int = MAX_XML_BYTES
+
+
+@dataclass(frozen=True)
+class OppMessage:
+    """One OPP request, whichever transport it came by."""
+
+    version: str
+    command: Command
+    silent: bool
+    software: str
+    software_version: str
+    practice_id: str
+    reference: str
+    demographics: Demographics
+    data_elements: int = 0  # <data> children of the XML (shape unpublished): counted, not interpreted
+
+    def request(self, origin: Origin) -> PatientRequest:
+        """The service request this message makes; the patient key is (software, practice, reference)."""
+        return PatientRequest(
+            action=COMMAND_ACTIONS[self.command],
+            origin=origin,
+            pms_system=self.software,
+            pms_id=self.reference,
+            practice_id=self.practice_id,
+            demographics=self.demographics,
+            silent=self.silent,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Fields -> message (shared by the three transports)
+
+
+def from_fields(
+    fields: Mapping[str, str], options: OppOptions, *, version: str = DEFAULT_VERSION, data_elements: int = 0
+) -> OppMessage:
+    """Validate fields named as in FIELDS into a message; OppError names the first bad field."""
+    version = fields.get("version", "").strip() or version
+    check_version(version)
+    raw_command = fields.get("command", "").strip()
+    if not raw_command:
+        raise OppError("the message names no command", "unknown-command")
+    try:
+        command = Command(raw_command.upper())
+    except ValueError:
+        known = ", ".join(c.value for c in Command)
+        raise OppError(f"unknown OPP command {raw_command!r} (known: {known})", "unknown-command") from None
+    reference = _field(fields, "reference")
+    if not reference:
+        raise OppError("the message carries no patient reference", "missing-reference")
+    return OppMessage(
+        version=version,
+        command=command,
+        silent=_silent(fields.get("silent", "")),
+        software=_field(fields, "software") or options.software_name,
+        software_version=_field(fields, "softwareVersion"),
+        practice_id=_field(fields, "practiceId") or options.practice_id,
+        reference=reference,
+        demographics=Demographics(
+            last_name=_field(fields, "lastName"),
+            first_name=_field(fields, "firstName"),
+            middle_name=_field(fields, "middleName"),
+            birth_date=_birth_date(fields.get("birthdate", ""), fields.get("dateFormat", "")),
+            sex=_GENDERS.get(fields.get("gender", "").strip().upper(), Sex.UNKNOWN),
+        ),
+        data_elements=data_elements,
+    )
+
+
+def check_version(version: str) -> None:
+    """Versions 1.0 to 1.3 (with an optional revision); OppError for any other."""
+    if not _SUPPORTED_VERSION.fullmatch(version):
+        raise OppError(
+            f"OPP version {version!r} is not supported (supported: 1.0 to 1.3)", "unsupported-version"
+        )
+
+
+def _field(fields: Mapping[str, str], name: str) -> str:
+    """A text field: trimmed, control characters as spaces, at most MAX_FIELD_CHARS."""
+    value = _CONTROL.sub(" ", fields.get(name, "")).strip()
+    if len(value) > MAX_FIELD_CHARS:
+        raise OppError(f"{name} is longer than {MAX_FIELD_CHARS} characters", "field-too-long")
+    return value
+
+
+def _silent(value: str) -> bool:
+    word = value.strip().upper()
+    if word in ("", "NO"):
+        return False
+    if word == "YES":
+        return True
+    raise OppError(f"silent must be YES or NO, got {value!r}", "invalid-field")
+
+
+def _birth_date(value: str, dotnet_format: str) -> date | None:
+    """ISO (yyyy-MM-dd) unless the PMS passes a .NET format; a two-digit year is refused, not guessed."""
+    fmt = ISO_DATE
+    if dotnet_format.strip():
+        try:
+            fmt = dotnet_to_strptime(dotnet_format.strip())
+        except DateFormatError as exc:
+            raise OppError(str(exc), "invalid-date-format") from None
+        if "%Y" not in fmt:
+            raise OppError(
+                f"date format {dotnet_format!r} has a two-digit year, which cannot tell 1925 from 2025;"
+                " use yyyy",
+                "invalid-date-format",
+            )
+    try:
+        return parse_date(value, (fmt,))
+    except DateFormatError:
+        shown = dotnet_format.strip() or "yyyy-MM-dd"
+        raise OppError(f"birthdate {value.strip()!r} does not match {shown}", "invalid-date") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+
+
+def parse_args(args: Sequence[str], options: OppOptions) -> OppMessage:
+    """The flag form: `-p 0815 -l Müller ...` (getopt style: `-p0815` works too; a value may start with -).
+
+    With `cli_case_sensitive` off, a flag not mapped as written is looked up in the other case.
+    """
+    fields: dict[str, str] = {}
+    flags = options.cli_flags
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if len(arg) < 2 or arg[0] != "-" or not arg[1].isalpha():
+            raise OppError(f"unexpected argument {arg!r}: OPP flags look like -p VALUE", "invalid-flag")
+        letter = arg[1]
+        name = flags.get(letter)
+        if name is None and not options.cli_case_sensitive:
+            name = flags.get(letter.swapcase())
+        if name is None:
+            known = " ".join(f"-{k} ({v})" for k, v in flags.items())
+            raise OppError(f"unknown flag -{letter} (known: {known})", "invalid-flag")
+        if len(arg) > 2:
+            value = arg[2:]
+        elif i + 1 < len(args):
+            i += 1
+            value = args[i]
+        else:
+            raise OppError(f"flag -{letter} ({name}) needs a value", "invalid-flag")
+        if name in fields:
+            raise OppError(f"{name} is given twice (flag -{letter})", "invalid-flag")
+        fields[name] = value
+        i += 1
+    fields.setdefault("command", options.cli_command.value)
+    return from_fields(fields, options)
+
+
+# --------------------------------------------------------------------------------------------------
+# OPP web parameters
+
+
+def parse_params(params: Mapping[str, str], options: OppOptions) -> OppMessage:
+    """Query or form parameters named as in FIELDS (names compared case-insensitively; others ignored)."""
+    by_lower = {name.lower(): name for name in FIELDS}
+    fields: dict[str, str] = {}
+    for key, value in params.items():
+        name = by_lower.get(key.lower())
+        if name is not None and name not in fields:
+            fields[name] = value
+    return from_fields(fields, options)
+
+
+# --------------------------------------------------------------------------------------------------
+# XML
+
+
+def xml_text(data: bytes, fallback: str) -> str:
+    """The text of an XML document, by XML's rules with one concession to Windows PMSs.
+
+    A BOM (UTF-8, UTF-16) decides; else the declared encoding; else UTF-8. Bytes that are not valid in
+    that encoding are read with the `fallback` code page: PMSs that declare UTF-8 and write cp1252 are
+    common, and a readable umlaut beats a refused patient.
+    """
+    if data[:3] == b"\xef\xbb\xbf" or data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4]:
+        return decode(data, fallback).text
+    declared = _DECLARED_ENCODING.match(data)
+    codec = declared.group(1).decode("ascii") if declared else "utf-8"
+    try:
+        return data.decode(codec)
+    except LookupError:
+        raise OppError(f"unknown encoding {codec!r} in the XML declaration", "not-xml") from None
+    except UnicodeDecodeError:
+        return data.decode(fallback, errors="replace")
+
+
+def _local(element: etree._Element) -> str:
+    tag = element.tag
+    return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
+
+
+def parse_xml(data: bytes, options: OppOptions) -> OppMessage:
+    """The file-based XML form (also OPP web's POST body)."""
+    from lxml import etree
+
+    if len(data) > options.max_bytes:
+        raise OppError(f"an OPP message may be at most {options.max_bytes} bytes", "too-large")
+    if not data.strip():
+        raise OppError("the message is empty", "not-xml")
+    text = xml_text(data, options.encoding)
+    if _DTD.search(text):
+        raise OppError(
+            "DTDs and entity declarations are not accepted in OPP messages (XXE protection)", "forbidden-dtd"
+        )
+    parser = etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        huge_tree=False,
+        load_dtd=False,
+        remove_comments=True,
+        remove_pis=True,
+    )
+    body = _XML_DECLARATION.sub("", text.lstrip("\ufeff"), count=1)
+    try:
+        root = etree.fromstring(body.encode("utf-8"), parser)
+    except etree.XMLSyntaxError as exc:
+        raise OppError(f"not well-formed XML: {exc.msg}", "not-xml") from None
+    if _local(root) != "opp":
+        raise OppError(f"the root element is <{_local(root)}>, not <opp>", "not-opp")
+    version = root.get("version")
+    if version is None:
+        raise OppError("the <opp> element has no version attribute", "unsupported-version")
+    check_version(version)  # before the content: another version may mean another shape
+    found: dict[str, list[etree._Element]] = {}
+    for child in root:
+        found.setdefault(_local(child), []).append(child)
+    for name in ("command", "patient"):
+        if name not in found:
+            raise OppError(f"the <opp> element has no <{name}> element", "invalid-message")
+        if len(found[name]) > 1:
+            raise OppError(f"the <opp> element has {len(found[name])} <{name}> elements, not one")
+    command, patient = found["command"][0], found["patient"][0]
+    software = found.get("software", [None])[0]
+
+    def attr(element: etree._Element | None, name: str) -> str:
+        return "" if element is None else element.get(name, "")
+
+    fields = {
+        "version": version,
+        "command": attr(command, "type"),
+        "silent": attr(command, "silent"),
+        "software": attr(software, "name"),
+        "softwareVersion": attr(software, "version"),
+        "practiceId": attr(patient, options.practice_id_attribute)
+        or attr(software, options.practice_id_attribute),
+        "reference": attr(patient, "reference"),
+        "firstName": attr(patient, "firstName"),
+        "lastName": attr(patient, "lastName"),
+        "middleName": attr(patient, options.middle_name_attribute),
+        "birthdate": attr(patient, "birthdate"),
+        "gender": attr(patient, "gender"),
+    }
+    return from_fields(fields, options, version=version, data_elements=len(found.get("data", [])))
+
+
+# --------------------------------------------------------------------------------------------------
+# The OPP web answer
+
+
+def answer_data(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[int, str]) -> dict[str, Any]:
+    """The answer as JSON-ready data: status, the store's patient id, the patient, and for VIEW_DATA the
+    images with their watermarked thumbnail URLs."""
+    patient = outcome.patient
+    data: dict[str, Any] = {
+        "version": message.version,
+        "command": message.command.value,
+        "status": outcome.status.value,
+        "message": outcome.message,
+        "patient_id": patient.id if patient else None,
+        "patient": patient.to_json() if patient else None,
+    }
+    if message.command is Command.VIEW_DATA:
+        data["images"] = [
+            {**image.to_json(), "thumbnail_url": thumbnail_urls.get(image.id, "")} for image in outcome.images
+        ]
+    return data
+
+
+def render_json(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[int, str]) -> bytes:
+    return json.dumps(answer_data(outcome, message, thumbnail_urls), ensure_ascii=False).encode("utf-8")
+
+
+def render_xml(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[int, str]) -> bytes:
+    """`<oppResult version command status patientId><message/><patient/><images><image/>...</oppResult>`,
+    UTF-8, written by lxml so names with apostrophes, ampersands and umlauts are escaped correctly."""
+    from lxml import etree
+
+    root = etree.Element(
+        "oppResult",
+        version=message.version,
+        command=message.command.value,
+        status=outcome.status.value,
+    )
+    patient = outcome.patient
+    if patient is not None:
+        root.set("patientId", str(patient.id))
+    etree.SubElement(root, "message").text = outcome.message
+    if patient is not None:
+        etree.SubElement(
+            root,
+            "patient",
+            id=str(patient.id),
+            reference=patient.pms_id or "",
+            software=patient.pms_system or "",
+            practiceId=patient.practice_id or "",
+            firstName=patient.first_name,
+            middleName=patient.middle_name,
+            lastName=patient.last_name,
+            birthdate=patient.birth_date.isoformat() if patient.birth_date else "",
+            gender=_GENDER_WORDS[patient.sex],
+        )
+    if message.command is Command.VIEW_DATA:
+        images = etree.SubElement(root, "images", count=str(len(outcome.images)))
+        for image in outcome.images:
+            etree.SubElement(
+                images,
+                "image",
+                id=str(image.id),
+                capturedAt=image.captured_at.isoformat() if image.captured_at else "",
+                category=image.category.value,
+                teeth=" ".join(str(t) for t in image.tooth_numbers),
+                width=str(image.width),
+                height=str(image.height),
+                color="true" if image.color else "false",
+                studyUid=image.study_uid,
+                seriesUid=image.series_uid,
+                thumbnail=thumbnail_urls.get(image.id, ""),
+            )
+    xml: bytes = etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+    return xml

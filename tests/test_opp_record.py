@@ -1,0 +1,108 @@
+"""Record mode with OPP: launches and OPP web requests are captured, replay at once, and carry no PHI."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from tests.conftest import DaemonProcess, pms_bridge_command
+from tests.test_oppweb import upload_png
+
+SCRIPT = Path(sys.executable).with_name("pms-bridge")
+PHI = ["Jürgen", "Müller-Lüdenscheidt", "O'Brien", "Siobhán", "0047110", "A-99", "1971-03-14", "1988-12-01"]
+
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    """Recording and replaying do not depend on the store kind."""
+    return f"sqlite:///{tmp_path / 'bridge.db'}"
+
+
+def post(
+    daemon: DaemonProcess, method: str, path: str, body: bytes = b"", **headers: str
+) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.settings.opp_web.port, timeout=30)
+    try:
+        conn.request(
+            method, path, body=body or None, headers={k.replace("_", "-"): v for k, v in headers.items()}
+        )
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def drive(daemon: DaemonProcess, tmp_path: Path) -> None:
+    env = {**os.environ, "PMS_BRIDGE_CONFIG": str(daemon.config)}
+    request = tmp_path / "opp.xml"
+    request.write_bytes(
+        b'<?xml version="1.0" encoding="UTF-8"?>\r\n'
+        b'<opp version="1.2"><command type="UPDATE_CREATE" silent="NO"/>'
+        b'<software name="Praxis-PMS"/><patient reference="0047110" firstName="J\xc3\xbcrgen" '
+        b'lastName="M\xc3\xbcller-L\xc3\xbcdenscheidt" birthdate="1971-03-14" gender="MALE"/></opp>\r\n'
+    )
+    assert subprocess.run([str(SCRIPT), "opp", str(request)], env=env, check=False).returncode == 0
+    flags = ["-c", "VIEW", "-p", "0047110", "-f", "Jürgen", "-l", "Müller-Lüdenscheidt", "-b", "1971-03-14"]
+    assert subprocess.run([str(SCRIPT), "opp", *flags], env=env, check=False).returncode == 0
+
+    xml = (
+        '<opp version="1.3"><command type="UPDATE_CREATE"/><software name="WebPMS"/>'
+        '<patient reference="A-99" firstName="Siobhán" lastName="O&apos;Brien" birthdate="1988-12-01" '
+        'gender="FEMALE"/></opp>'
+    ).encode()
+    status, body = post(
+        daemon, "POST", "/opp", xml, Content_Type="application/xml", Accept="application/json"
+    )
+    assert status == 200
+    upload_png(daemon, json.loads(body)["patient_id"])
+    status, body = post(
+        daemon, "GET", "/opp?command=VIEW_DATA&reference=A-99&software=WebPMS", Accept="application/json"
+    )
+    assert status == 200 and len(json.loads(body)["images"]) == 1
+    query = "command=VIEW&reference=A-99&software=WebPMS&lastName=" + quote("O'Brien")
+    assert post(daemon, "GET", f"/opp?{query}")[0] == 200
+    assert post(daemon, "POST", "/opp", b"<opp version='9.9'/>", Content_Type="application/xml")[0] == 400
+    assert post(daemon, "GET", "/opp?command=UPDATE&reference=nobody&software=WebPMS")[0] == 404
+
+
+def capture_text(folder: Path) -> str:
+    return "\n".join(
+        path.read_bytes().decode("utf-8", errors="ignore") for path in folder.rglob("*") if path.is_file()
+    )
+
+
+def test_an_opp_session_is_recorded_replays_and_keeps_no_phi(daemon_factory: Any, tmp_path: Path) -> None:
+    captures = tmp_path / "captures"
+    daemon = daemon_factory(record={"dir": str(captures)})
+    drive(daemon, tmp_path)
+    assert daemon.stop(signal.SIGTERM) == 0
+
+    (session,) = captures.iterdir()
+    case = json.loads((session / "case.json").read_text("utf-8"))
+    transports = [(step["transport"], step.get("listener", step.get("protocol"))) for step in case["steps"]]
+    assert (
+        transports
+        == [("cli", "opp"), ("cli", "opp"), ("http", "opp_web"), ("upload", None)] + [("http", "opp_web")] * 4
+    )
+    text = capture_text(session)
+    leaked = [value for value in PHI if value in text or quote(value) in text]
+    assert leaked == []
+
+    done = subprocess.run(
+        [*pms_bridge_command(), "replay", str(captures)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "1 pass"

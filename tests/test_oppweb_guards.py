@@ -1,0 +1,169 @@
+"""OPP web's guards and transport on a real daemon process: CORS, origins, host names, the optional token,
+body limit, content negotiation, TLS, switching it off. None of this depends on the store kind, so these
+run on SQLite only (the store-dependent behaviour is in test_oppweb.py, on SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from bridge.install import write_self_signed
+from bridge.web.oppweb import JSON_TYPE, XML_TYPE, UrlSigner, negotiate
+from tests.conftest import DaemonProcess
+from tests.test_oppweb import PMS_ORIGIN, call, opp_xml, patients, problem
+
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    """One SQLite store: what is tested here happens before the store is asked."""
+    return f"sqlite:///{tmp_path / 'bridge.db'}"
+
+
+def test_cors_refused_for_an_origin_not_listed_and_allowed_for_a_listed_one(daemon_factory: Any) -> None:
+    daemon = daemon_factory(opp_web={"cors_origins": f"{PMS_ORIGIN}, http://localhost:8080"})
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    refused = call(daemon, "OPTIONS", "/opp", headers={"Origin": "https://evil.example", **preflight})
+    assert refused[0] == 403 and "access-control-allow-origin" not in refused[1]
+    thumbnail = call(daemon, "OPTIONS", "/opp/thumbnails/1.jpg", headers={"Origin": "https://evil.example"})
+    assert thumbnail[0] == 403 and "access-control-allow-origin" not in thumbnail[1]
+    assert call(daemon, "OPTIONS", "/opp", headers=preflight)[0] == 403  # no Origin: not a preflight
+    allowed = call(daemon, "OPTIONS", "/opp", headers={"Origin": PMS_ORIGIN, **preflight})
+    assert allowed[0] == 204
+    assert allowed[1]["access-control-allow-origin"] == PMS_ORIGIN
+    assert "POST" in allowed[1]["access-control-allow-methods"]
+    assert "content-type" in allowed[1]["access-control-allow-headers"].lower()
+
+    post = call(daemon, "POST", "/opp", opp_xml("VIEW", "7"), {"Origin": PMS_ORIGIN, "Accept": JSON_TYPE})
+    assert post[0] == 200 and post[1]["access-control-allow-origin"] == PMS_ORIGIN
+    assert "x-request-id" in post[1]["access-control-expose-headers"].lower()
+
+    # A form POST needs no preflight: the request is refused before it runs, not merely unreadable.
+    csrf = call(
+        daemon,
+        "POST",
+        "/opp",
+        b"command=UPDATE_CREATE&reference=8&software=WebPMS",
+        {"Origin": "https://evil.example", "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert csrf[0] == 403 and problem(csrf)["type"].endswith("origin-not-allowed")
+    assert patients(daemon, pms_system="WebPMS", pms_id="8") == []
+
+
+def test_no_origin_is_allowed_by_default(daemon: DaemonProcess) -> None:
+    reply = call(
+        daemon, "OPTIONS", "/opp", headers={"Origin": PMS_ORIGIN, "Access-Control-Request-Method": "POST"}
+    )
+    assert reply[0] == 403 and "access-control-allow-origin" not in reply[1]
+    post = call(daemon, "POST", "/opp", opp_xml("UPDATE_CREATE", "9"), {"Origin": PMS_ORIGIN})
+    assert post[0] == 403
+    assert patients(daemon, pms_system="WebPMS") == []
+    # A PMS program on the workstation (no browser, no Origin) is served.
+    assert call(daemon, "POST", "/opp", opp_xml("UPDATE_CREATE", "9"))[0] == 200
+
+
+def test_cross_site_links_need_a_listed_referer(daemon_factory: Any) -> None:
+    daemon = daemon_factory(opp_web={"cors_origins": PMS_ORIGIN})
+    path = "/opp?command=VIEW&reference=10&software=WebPMS"
+    nav = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert call(daemon, "GET", path, headers={**nav, "Referer": "https://evil.example/x"})[0] == 403
+    assert call(daemon, "GET", path, headers=nav)[0] == 403  # no Referer: cannot tell who sent it
+    assert call(daemon, "GET", path, headers={**nav, "Referer": f"{PMS_ORIGIN}/patients/10"})[0] == 200
+    assert call(daemon, "GET", path, headers={"Sec-Fetch-Site": "none"})[0] == 200  # typed into the bar
+
+
+def test_requests_for_a_foreign_host_name_are_refused(daemon_factory: Any) -> None:
+    """DNS rebinding: a page of attacker.example resolved to 127.0.0.1 is 'same-origin' to the browser."""
+    daemon = daemon_factory()
+    port = daemon.settings.opp_web.port
+    path = "/opp?command=UPDATE_CREATE&reference=11&software=WebPMS"
+    rebound = call(daemon, "GET", path, headers={"Host": f"attacker.example:{port}"})
+    assert rebound[0] == 403 and problem(rebound)["type"].endswith("host-not-allowed")
+    assert call(daemon, "GET", path, headers={"Host": f"localhost:{port}"})[0] == 200
+    assert call(daemon, "GET", path, headers={"Host": f"[::1]:{port}"})[0] == 200
+    # HTTP/1.0 programs may send no Host at all: not a browser, so not a rebinding page.
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        assert sock.makefile("rb").readline().split()[1] == b"200"
+    anyhost = daemon_factory(opp_web={"allowed_hosts": "*"})
+    assert call(anyhost, "GET", path, headers={"Host": "pms-server.praxis.local"})[0] == 200
+
+
+def test_the_optional_token(daemon_factory: Any) -> None:
+    daemon = daemon_factory(opp_web={"token": "opp-secret"})
+    path = "/opp?command=UPDATE_CREATE&reference=12&software=WebPMS"
+    assert call(daemon, "GET", path)[0] == 401
+    assert call(daemon, "GET", path, headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert patients(daemon) == []
+    assert call(daemon, "GET", path, headers={"Authorization": "Bearer opp-secret"})[0] == 200
+
+
+def test_a_body_over_the_limit_is_413(daemon_factory: Any) -> None:
+    daemon = daemon_factory(opp_web={"max_body_kb": 1})
+    reply = call(daemon, "POST", "/opp", opp_xml("UPDATE_CREATE", "1", last="x" * 2000))
+    assert reply[0] == 413 and "limit 1024 bytes" in problem(reply)["detail"]
+    assert patients(daemon) == []
+
+
+def test_thumbnail_links_expire() -> None:
+    signer = UrlSigner(b"k" * 32, ttl_seconds=60)
+    url = urlsplit(signer.url("http://h", 5, now=1000.0))
+    query = dict(part.split("=", 1) for part in url.query.split("&"))
+    assert query["exp"] == "1060"
+    assert signer.valid(5, query["exp"], query["sig"], now=1060.0)
+    assert not signer.valid(5, query["exp"], query["sig"], now=1060.5)
+    assert not signer.valid(6, query["exp"], query["sig"], now=1000.0)
+    assert not UrlSigner(b"x" * 32, 60).valid(5, query["exp"], query["sig"], now=1000.0)
+
+
+@pytest.mark.parametrize(
+    ("accept", "chosen"),
+    [
+        ("", XML_TYPE),
+        ("*/*", XML_TYPE),
+        ("application/json", JSON_TYPE),
+        ("text/xml", XML_TYPE),
+        ("application/json, application/xml", XML_TYPE),
+        ("application/xml;q=0.5, application/json", JSON_TYPE),
+        ("text/html, */*;q=0.1", XML_TYPE),
+        ("application/*", XML_TYPE),
+        ("text/html", None),
+        ("application/json;q=0, application/xml;q=0", None),
+        ("application/json;q=abc", None),
+    ],
+)
+def test_accept_negotiation(accept: str, chosen: str | None) -> None:
+    assert negotiate(accept) == chosen
+
+
+def test_an_unacceptable_accept_header_is_406_and_runs_nothing(daemon: DaemonProcess) -> None:
+    reply = call(daemon, "POST", "/opp", opp_xml("UPDATE_CREATE", "14"), {"Accept": "text/html"})
+    assert reply[0] == 406
+    assert patients(daemon) == []
+
+
+def test_opp_web_over_tls(daemon_factory: Any, tmp_path: Path) -> None:
+    cert, key = tmp_path / "tls" / "cert.pem", tmp_path / "tls" / "key.pem"
+    write_self_signed(cert, key)
+    daemon = daemon_factory(opp_web={"tls": "yes", "tls_cert": str(cert), "tls_key": str(key)})
+    context = ssl.create_default_context(cafile=str(cert))
+    reply = call(
+        daemon, "POST", "/opp", opp_xml("UPDATE_CREATE", "15"), {"Accept": JSON_TYPE}, context=context
+    )
+    assert reply[0] == 200 and json.loads(reply[2])["status"] == "created"
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        call(daemon, "POST", "/opp", opp_xml("UPDATE_CREATE", "16"))
+    # The API listener stays plain HTTP: TLS is per listener.
+    assert daemon.request("GET", "/healthz", token=None)[0] == 200
+
+
+def test_opp_web_can_be_switched_off(daemon_factory: Any) -> None:
+    daemon = daemon_factory(opp_web={"enabled": "no"})
+    with pytest.raises(ConnectionRefusedError):
+        call(daemon, "GET", "/opp")
