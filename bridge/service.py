@@ -141,7 +141,7 @@ def same_beyond_spelling(a: str, b: str) -> bool:
     return _edit_distance(la, lb) <= allowed
 
 
-def disagreements(stored: Patient, incoming: Demographics) -> list[str]:
+def disagreements(stored: Any, incoming: Demographics) -> list[str]:
     """How incoming demographics contradict a stored patient beyond spelling; empty when they agree.
 
     Only facts both sides know are compared: a PMS that omits the birth date or sends an unknown sex
@@ -326,9 +326,13 @@ def _store_conflict(session: Session, draft: Conflict, origin: Origin) -> int:
     return draft.id
 
 
-def _apply_demographics(patient: Patient, demo: Demographics) -> list[str]:
-    """Overwrite stored demographics with what the PMS sent (only fields it sent); the changed names."""
-    changed: list[str] = []
+def _demographic_changes(stored: Any, demo: Demographics) -> dict[str, Any]:
+    """What an update with `demo` would change on a stored patient (a Patient or a patient view row).
+
+    Only fields the PMS sent count; an unknown sex or a missing birth date never erases a known one, and a
+    name that only lost its spaces (CLINIVIEW) is not a change.
+    """
+    changes: dict[str, Any] = {}
     values: dict[str, Any] = {
         "last_name": demo.last_name,
         "first_name": demo.first_name,
@@ -345,16 +349,24 @@ def _apply_demographics(patient: Patient, demo: Demographics) -> list[str]:
     for name, value in values.items():
         if value in (None, ""):
             continue
-        if name in _NAME_FIELDS and _only_spaces_lost(getattr(patient, name), value):
+        if name in _NAME_FIELDS and _only_spaces_lost(getattr(stored, name), value):
             continue
-        if getattr(patient, name) != value:
-            setattr(patient, name, value)
-            changed.append(name)
-    if {"last_name", "first_name"} & set(changed):
+        if getattr(stored, name) != value:
+            changes[name] = value
+    return changes
+
+
+def _apply_demographics(patient: Patient, demo: Demographics) -> list[str]:
+    """Overwrite stored demographics with what the PMS sent (see `_demographic_changes`); changed names."""
+    changed = list(_demographic_changes(patient, demo).items())
+    for name, value in changed:
+        setattr(patient, name, value)
+    changed_names = [name for name, _ in changed]
+    if {"last_name", "first_name"} & set(changed_names):
         patient.name_key = name_key(patient.last_name, patient.first_name)
-    if changed:
+    if changed_names:
         patient.updated_at = utcnow()
-    return changed
+    return changed_names
 
 
 _NAME_FIELDS = frozenset({"last_name", "first_name", "middle_name"})
@@ -454,21 +466,53 @@ class BridgeService:
         else:
             may_create = True  # a PMS launch may always create: that is what the integration is for
 
-        def work(session: Session) -> tuple[_Resolved, PatientView]:
-            resolved = self._resolve(
-                session, req, may_create=may_create, update=self.settings.update_patient_info
-            )
-            if resolved.status is Status.OK:
-                self.audit.change(session, req.origin, "patient.open", patient_id=resolved.patient.id)
-            return resolved, _load_patient_view(session, resolved.patient, resolved.link)
+        view = await self._open_unchanged(req)
+        if view is not None:
+            status = Status.OK
+        else:
 
-        resolved, view = await self._retry_unique(work)
-        status = resolved.status
+            def work(session: Session) -> tuple[_Resolved, PatientView]:
+                resolved = self._resolve(
+                    session, req, may_create=may_create, update=self.settings.update_patient_info
+                )
+                if resolved.status is Status.OK:
+                    self.audit.change(session, req.origin, "patient.open", patient_id=resolved.patient.id)
+                return resolved, _load_patient_view(session, resolved.patient, resolved.link)
+
+            resolved, view = await self._retry_unique(work)
+            status = resolved.status
         outcome = Outcome(status, _status_message(status, req), patient=view)
         if req.action is not Action.CREATE_OR_UPDATE and not req.silent:
             outcome = replace(outcome, viewer_url=self.patient_viewer_url(view.id))
             self._publish_opened(req, view, outcome.viewer_url)
         return outcome
+
+    async def _open_unchanged(self, req: PatientRequest) -> PatientView | None:
+        """The patient when the request only opens a known one and would change nothing, read in one
+        round trip without a write transaction; None sends the request down the full (writing) path.
+
+        Most launches open a patient the store already knows as the PMS does: answering those with a
+        read keeps writers (and SQLite's single write lock) free for the requests that change something.
+        Anything else (a new key, other demographics, a moved chart number, another protocol on the link,
+        ignore_practice_id's several links) takes the full path, which applies every rule.
+        """
+        if req.id_kind is not IdKind.PMS_ID or self.settings.ignore_practice_id:
+            return None
+        row = await self.db.read(
+            lambda session: session.execute(
+                q.patient_view_by_link_key(req.pms_system, req.practice_id, req.pms_id)
+            ).first()
+        )
+        if row is None or disagreements(row, req.demographics):
+            return None
+        if req.chart_number and req.chart_number != row.chart_number:
+            return None
+        if req.origin.protocol and row.link_protocol != req.origin.protocol:
+            return None
+        if self.settings.update_patient_info and _demographic_changes(row, req.demographics):
+            return None
+        self.audit.read(req.origin, "patient.open", patient_id=row.id)
+        return patient_view_row(row)
 
     async def _retry_unique(self, work: Callable[[Session], Any]) -> Any:
         """Run a write that may lose a race on a unique key; the retry sees the winner's row."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -306,3 +307,33 @@ def test_spelling_rule() -> None:
         assert same_beyond_spelling(a, b), (a, b)
     for a, b in [("Müller", "Schmidt"), ("Meier", "Maurer"), ("Smith", "Jones")]:
         assert not same_beyond_spelling(a, b), (a, b)
+
+
+async def test_opening_a_known_unchanged_patient_needs_no_write_lock(tmp_path: Path) -> None:
+    """The common launch (a known patient, nothing new) is a read: it is answered while a writer holds
+    the store's write lock (SQLite has one, which makes this observable), and it changes nothing."""
+    import sqlite3
+
+    from bridge.config import load_settings
+    from tests.conftest import write_config
+
+    settings = load_settings(str(write_config(tmp_path / "home", f"sqlite:///{tmp_path / 'lock.db'}")))
+    rt = Runtime.build(settings)
+    try:
+        created = await rt.service.handle(req(chart="CH7"))
+        assert created.patient is not None
+        blocker = sqlite3.connect(settings.store.url.removeprefix("sqlite:///"), timeout=1)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            again = await asyncio.wait_for(rt.service.handle(req(chart="CH7")), 5)
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert again.status is Status.OK and again.patient == created.patient
+        changed = await rt.service.handle(req(chart="CH7", first="Johann"))
+        assert changed.status is Status.UPDATED  # a change still takes the writing path
+        await rt.audit.flush()
+        actions = [e["action"] for e in await rt.service.audit_entries(ORIGIN, patient_id=created.patient.id)]
+        assert actions.count("patient.open") == 1 and "patient.update" in actions
+    finally:
+        rt.close()
