@@ -221,6 +221,12 @@ def image_view(image: Any, series_uid: str, study_uid: str) -> ImageView:
     )
 
 
+def _rows(session: Session, statement: Any, params: dict[str, Any] | None = None) -> Any:
+    """Plain rows of a read, straight from the session's connection: view statements select columns,
+    not entities, so the ORM's result processing would only cost time on every PMS request."""
+    return session.connection().execute(statement, params)
+
+
 def image_view_row(row: Any) -> ImageView:
     return image_view(row, row.series_uid, row.study_uid)
 
@@ -249,8 +255,8 @@ def patient_view_row(row: Any) -> PatientView:
 
 def _load_patient_view(session: Session, patient: Patient, link: PmsLink | None = None) -> PatientView:
     if link is None:
-        link = session.scalars(q.links_of_patient(patient.id)).first()
-    alias = session.scalars(q.current_chart_of_patient(patient.id)).first()
+        link = session.scalars(*q.links_of_patient(patient.id)).first()
+    alias = session.scalars(*q.current_chart_of_patient(patient.id)).first()
     return patient_view(patient, link, alias.chart_number if alias else None)
 
 
@@ -500,7 +506,7 @@ class BridgeService:
             return None
         row = await self.db.read(
             lambda session: session.execute(
-                q.patient_view_by_link_key(req.pms_system, req.practice_id, req.pms_id)
+                *q.patient_view_by_link_key(req.pms_system, req.practice_id, req.pms_id)
             ).first()
         )
         if row is None or disagreements(row, req.demographics):
@@ -533,7 +539,7 @@ class BridgeService:
             return self._find_link_by_suffix(session, req)
         # A suffix shorter than the PMS truncates to is a whole id: exact, as below.
         if not self.settings.ignore_practice_id:
-            return session.scalars(q.link_by_key(req.pms_system, req.practice_id, req.pms_id)).first()
+            return session.scalars(*q.link_by_key(req.pms_system, req.practice_id, req.pms_id)).first()
         links = list(session.scalars(q.links_by_system_id(req.pms_system, req.pms_id)))
         if len({link.patient_id for link in links}) > 1:
             raise _conflict(
@@ -587,7 +593,7 @@ class BridgeService:
 
         # No link yet: a migrated patient carrying the same chart number is this PMS's patient.
         if req.chart_number:
-            alias = session.scalars(q.current_chart_alias(req.chart_number)).first()
+            alias = session.scalars(*q.current_chart_alias(req.chart_number)).first()
             if alias is not None:
                 patient = alias.patient
                 self._refuse_if_linked_elsewhere(session, req, patient)
@@ -619,7 +625,7 @@ class BridgeService:
         Without an immutable id a renumbered chart cannot be followed from this request alone; the
         linkage by PMS id (when the PMS also sends it) or the REST API re-links it.
         """
-        alias = session.scalars(q.current_chart_alias(req.chart_number)).first()
+        alias = session.scalars(*q.current_chart_alias(req.chart_number)).first()
         if alias is not None:
             patient = alias.patient
             self._refuse_if_disagreeing(session, req, patient)
@@ -663,7 +669,7 @@ class BridgeService:
     def _refuse_if_linked_elsewhere(self, session: Session, req: PatientRequest, patient: Patient) -> None:
         """A chart number's patient already known to this PMS under another id is not ours to take."""
         practice_key = self._practice_key(req)
-        for other in session.scalars(q.links_of_patient(patient.id)):
+        for other in session.scalars(*q.links_of_patient(patient.id)):
             if other.pms_system == req.pms_system and other.practice_key == practice_key:
                 raise _conflict(
                     req,
@@ -677,10 +683,10 @@ class BridgeService:
         """Follow a renumbered chart: the alias moves to the new number, unless another patient holds it."""
         if not req.chart_number:
             return []
-        current = session.scalars(q.current_chart_of_patient(patient.id)).first()
+        current = session.scalars(*q.current_chart_of_patient(patient.id)).first()
         if current is not None and current.chart_number == req.chart_number:
             return []
-        holder = session.scalars(q.current_chart_alias(req.chart_number)).first()
+        holder = session.scalars(*q.current_chart_alias(req.chart_number)).first()
         if holder is not None and holder.patient_id != patient.id:
             raise _conflict(
                 req,
@@ -738,7 +744,7 @@ class BridgeService:
     def _find_existing(self, session: Session, req: PatientRequest) -> Patient:
         """The patient a request means, without creating or changing anything (image lists, exports)."""
         if req.id_kind is IdKind.CHART_NUMBER:
-            alias = session.scalars(q.current_chart_alias(req.chart_number)).first()
+            alias: ChartAlias | None = session.scalars(*q.current_chart_alias(req.chart_number)).first()
             if alias is None:
                 raise self._cannot_create(req)
             return alias.patient
@@ -787,10 +793,19 @@ class BridgeService:
         self._check_request(req)
 
         def work(session: Session) -> tuple[PatientView, list[ImageView]]:
-            patient = self._find_existing(session, req)
-            rows = session.execute(q.images_of_patient(patient.id, limit=10_000)).all()
-            view = patient_view_row(session.execute(q.patient_view_by_id(patient.id)).one())
-            return view, [image_view_row(row) for row in rows]
+            if req.id_kind is IdKind.PMS_ID and not self.settings.ignore_practice_id:
+                # the common case in one round trip, as `_open_unchanged`
+                row = _rows(
+                    session, *q.patient_view_by_link_key(req.pms_system, req.practice_id, req.pms_id)
+                ).first()
+                if row is None:
+                    raise self._cannot_create(req)
+                view = patient_view_row(row)
+            else:
+                patient = self._find_existing(session, req)
+                view = patient_view_row(_rows(session, *q.patient_view_by_id(patient.id)).one())
+            rows = _rows(session, *q.images_of_patient(view.id, limit=10_000)).all()
+            return view, [image_view_row(r) for r in rows]
 
         view, images = await self.db.read(work)
         self.audit.read(req.origin, "images.list", patient_id=view.id, detail=f"{len(images)} images")
@@ -814,9 +829,7 @@ class BridgeService:
         def work(session: Session) -> list[ImageView]:
             if not ids:
                 return []
-            return [
-                image_view_row(row) for row in session.execute(q.images_by_ids(sorted(set(ids.values()))))
-            ]
+            return [image_view_row(row) for row in _rows(session, q.images_by_ids(sorted(set(ids.values()))))]
 
         found = {image.id: image for image in await self.db.read(work)}
         images = tuple(found[ids[ref]] for ref in req.image_refs if ref in ids and ids[ref] in found)
@@ -889,7 +902,7 @@ class BridgeService:
                 after_id=after_id,
                 limit=limit,
             )
-            return [patient_view_row(row) for row in session.execute(stmt)]
+            return [patient_view_row(row) for row in _rows(session, *stmt)]
 
         found = await self.db.read(work)
         for view in found:
@@ -898,7 +911,7 @@ class BridgeService:
 
     async def get_patient(self, origin: Origin, patient_id: int) -> PatientView | None:
         def work(session: Session) -> PatientView | None:
-            row = session.execute(q.patient_view_by_id(patient_id)).first()
+            row = _rows(session, *q.patient_view_by_id(patient_id)).first()
             return patient_view_row(row) if row else None
 
         view = await self.db.read(work)
@@ -917,7 +930,7 @@ class BridgeService:
         def work(session: Session) -> list[ImageView]:
             return [
                 image_view_row(row)
-                for row in session.execute(q.images_of_patient(patient_id, after=after, limit=limit))
+                for row in _rows(session, *q.images_of_patient(patient_id, after=after, limit=limit))
             ]
 
         images = await self.db.read(work)
@@ -938,7 +951,7 @@ class BridgeService:
         else:
 
             def work(session: Session) -> ImageView | None:
-                row = session.execute(q.image_view_by_id(image_id)).first()
+                row = _rows(session, *q.image_view_by_id(image_id)).first()
                 return image_view_row(row) if row else None
 
             image = await self.db.read(work)
@@ -997,7 +1010,7 @@ class BridgeService:
                     image_id=image.id,
                     detail="; ".join(changes),
                 )
-            return image_view_row(session.execute(q.image_view_by_id(image_id)).one())
+            return image_view_row(_rows(session, *q.image_view_by_id(image_id)).one())
 
         view = await self.db.write(work)
         if view is not None:
@@ -1027,7 +1040,7 @@ class BridgeService:
         """
 
         def work(session: Session) -> list[ImageView]:
-            patient = session.scalars(q.patient_by_id(patient_id)).first()
+            patient = session.scalars(*q.patient_by_id(patient_id)).first()
             if patient is None:
                 raise Refused(Outcome(Status.NOT_FOUND, f"no patient with id {patient_id}"))
             now = utcnow()
@@ -1136,10 +1149,10 @@ class BridgeService:
                 )
             )
 
-        for link in session.scalars(q.links_of_patient(patient_id)):
+        for link in session.scalars(*q.links_of_patient(patient_id)):
             for channel in self.push_targets(link.protocol, link.pms_system):
                 add(channel, str(link.id), {"link_id": link.id, "pms_system": link.pms_system})
-        if session.scalars(q.current_chart_of_patient(patient_id)).first() is not None:
+        if session.scalars(*q.current_chart_of_patient(patient_id)).first() is not None:
             for channel in self.push_targets(CHART_KEYED, ""):
                 if channel not in queued:
                     add(channel, "chart", {"link_id": None, "pms_system": ""})
@@ -1156,13 +1169,13 @@ class BridgeService:
         """
 
         def work(session: Session) -> tuple[PatientView | None, list[ImageView]]:
-            patient = session.scalars(q.patient_by_id(patient_id)).first()
+            patient = session.scalars(*q.patient_by_id(patient_id)).first()
             if patient is None:
                 return None, []
             link = session.get(PmsLink, link_id) if link_id is not None else None
             if link_id is not None and (link is None or link.patient_id != patient_id):
                 return None, []
-            rows = session.execute(q.images_by_ids(sorted(set(image_ids)))).all() if image_ids else []
+            rows = _rows(session, q.images_by_ids(sorted(set(image_ids)))).all() if image_ids else []
             images = sorted(
                 (image_view_row(r) for r in rows if r.patient_id == patient_id), key=lambda i: i.id
             )

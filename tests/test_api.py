@@ -277,3 +277,12 @@ async def test_reads_are_audited_with_the_token_actor(api_client: Any, runtime: 
     actions = [e["action"] for e in entries]
     assert "patient.create" in actions and "patient.read" in actions
     assert all(e["actor"].startswith("token:") and e["transport"] == "http" for e in entries)
+
+
+async def test_name_search_takes_wildcards_literally(api_client: Any) -> None:
+    for pms_id, last in (("W1", "50%_off"), ("W2", "50xyoff"), ("W3", "a/b")):
+        assert (await create(api_client, pms_id=pms_id, last_name=last)).status == 201
+    literal = await (await api_client.get("/api/v1/patients", params={"name": "50%_"})).json()
+    assert [p["pms_id"] for p in literal["items"]] == ["W1"]
+    slash = await (await api_client.get("/api/v1/patients", params={"name": "a/b"})).json()
+    assert [p["pms_id"] for p in slash["items"]] == ["W3"]

@@ -49,7 +49,8 @@ def every_statement() -> list[tuple[str, Any]]:
             continue
         params = inspect.signature(fn).parameters
         kwargs = {n: sample_value(str(p.annotation), n) for n, p in params.items()}
-        built.append((name, fn(**kwargs)))
+        statement = fn(**kwargs)
+        built.append((name, statement.statement if isinstance(statement, queries.Bound) else statement))
     return built
 
 

@@ -2,14 +2,20 @@
 
 Keeping the statements here, apart from the code that executes them, lets one test compile each of them
 for every supported dialect (SQLite, PostgreSQL, SQL Server) without a server of each kind at hand.
+
+The statements every PMS request runs are built once as templates with bound parameters (`_template`)
+and only given their values per call: building a SQLAlchemy statement costs several times more CPU than
+running it on an indexed key, and a PMS launch runs a few of them.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Generic, NamedTuple, TypeVar
 
-from sqlalchemy import Delete, Select, Update, and_, delete, func, or_, select, update
+from sqlalchemy import Delete, Select, Update, and_, bindparam, delete, func, or_, select, update
 
 from bridge.store.models import (
     AuditEntry,
@@ -28,12 +34,38 @@ from bridge.store.models import (
 # of every dialect's datetime type (SQL Server's DATETIME starts in 1753).
 _NO_CAPTURE_TIME = datetime(1900, 1, 1)
 
+T = TypeVar("T")
+R = TypeVar("R")
 
-def link_by_key(pms_system: str, practice_key: str, pms_id: str) -> Select[PmsLink]:
-    """The link for an exact (system, practice, id) key: the identity rule when practice ids count."""
+
+def _template(build: Callable[..., T]) -> Callable[..., T]:
+    """Memoise a statement shape built with `bindparam`s (the builder's arguments choose the shape)."""
+    return functools.lru_cache(maxsize=128)(build)
+
+
+class Bound(NamedTuple, Generic[R]):
+    """A memoised statement and its parameter values: `session.execute(*bound)` runs it.
+
+    Executing one statement object with fresh values reuses its compiled form and cache key; cloning it
+    with `.params()` for every call would recompute the cache key each time.
+    """
+
+    statement: Select[R]
+    params: dict[str, Any]
+
+
+@_template
+def _link_by_key() -> Select[PmsLink]:
     return select(PmsLink).where(
-        PmsLink.pms_system == pms_system, PmsLink.practice_key == practice_key, PmsLink.pms_id == pms_id
+        PmsLink.pms_system == bindparam("pms_system"),
+        PmsLink.practice_key == bindparam("practice_key"),
+        PmsLink.pms_id == bindparam("pms_id"),
     )
+
+
+def link_by_key(pms_system: str, practice_key: str, pms_id: str) -> Bound[PmsLink]:
+    """The link for an exact (system, practice, id) key: the identity rule when practice ids count."""
+    return Bound(_link_by_key(), dict(pms_system=pms_system, practice_key=practice_key, pms_id=pms_id))
 
 
 def links_by_system_id(pms_system: str, pms_id: str) -> Select[PmsLink]:
@@ -57,17 +89,36 @@ def links_by_id_suffix(pms_system: str, suffix: str, practice_key: str | None) -
     return stmt.order_by(PmsLink.id).limit(50)
 
 
-def links_of_patient(patient_id: int) -> Select[PmsLink]:
-    return select(PmsLink).where(PmsLink.patient_id == patient_id).order_by(PmsLink.id)
+@_template
+def _links_of_patient() -> Select[PmsLink]:
+    return select(PmsLink).where(PmsLink.patient_id == bindparam("patient_id")).order_by(PmsLink.id)
 
 
-def current_chart_alias(chart_number: str) -> Select[ChartAlias]:
+def links_of_patient(patient_id: int) -> Bound[PmsLink]:
+    return Bound(_links_of_patient(), dict(patient_id=patient_id))
+
+
+@_template
+def _current_chart_alias() -> Select[ChartAlias]:
+    return select(ChartAlias).where(
+        ChartAlias.chart_number == bindparam("chart_number"), ChartAlias.retired_at.is_(None)
+    )
+
+
+def current_chart_alias(chart_number: str) -> Bound[ChartAlias]:
     """The alias currently holding a chart number (exact match, indexed)."""
-    return select(ChartAlias).where(ChartAlias.chart_number == chart_number, ChartAlias.retired_at.is_(None))
+    return Bound(_current_chart_alias(), dict(chart_number=chart_number))
 
 
-def current_chart_of_patient(patient_id: int) -> Select[ChartAlias]:
-    return select(ChartAlias).where(ChartAlias.patient_id == patient_id, ChartAlias.retired_at.is_(None))
+@_template
+def _current_chart_of_patient() -> Select[ChartAlias]:
+    return select(ChartAlias).where(
+        ChartAlias.patient_id == bindparam("patient_id"), ChartAlias.retired_at.is_(None)
+    )
+
+
+def current_chart_of_patient(patient_id: int) -> Bound[ChartAlias]:
+    return Bound(_current_chart_of_patient(), dict(patient_id=patient_id))
 
 
 def retire_chart_aliases(patient_id: int, at: datetime) -> Update:
@@ -78,10 +129,16 @@ def retire_chart_aliases(patient_id: int, at: datetime) -> Update:
     )
 
 
-def patient_by_id(patient_id: int) -> Select[Patient]:
-    return select(Patient).where(Patient.id == patient_id)
+@_template
+def _patient_by_id() -> Select[Patient]:
+    return select(Patient).where(Patient.id == bindparam("patient_id"))
 
 
+def patient_by_id(patient_id: int) -> Bound[Patient]:
+    return Bound(_patient_by_id(), dict(patient_id=patient_id))
+
+
+@_template
 def _patient_view_select() -> Select[Any]:
     """Patient columns with the patient's first PMS link and current chart number, in one round trip.
 
@@ -108,9 +165,8 @@ def _patient_view_select() -> Select[Any]:
     )
 
 
-def patient_view_by_link_key(pms_system: str, practice_key: str, pms_id: str) -> Select[Any]:
-    """The patient a PMS key names, with that link's columns and the current chart number, in one round
-    trip: how an open of a known, unchanged patient is answered without a write transaction."""
+@_template
+def _patient_view_by_link_key() -> Select[Any]:
     return (
         select(
             *Patient.__table__.c,
@@ -124,13 +180,61 @@ def patient_view_by_link_key(pms_system: str, practice_key: str, pms_id: str) ->
         .join(Patient, Patient.id == PmsLink.patient_id)
         .outerjoin(ChartAlias, and_(ChartAlias.patient_id == Patient.id, ChartAlias.retired_at.is_(None)))
         .where(
-            PmsLink.pms_system == pms_system, PmsLink.practice_key == practice_key, PmsLink.pms_id == pms_id
+            PmsLink.pms_system == bindparam("pms_system"),
+            PmsLink.practice_key == bindparam("practice_key"),
+            PmsLink.pms_id == bindparam("pms_id"),
         )
     )
 
 
-def patient_view_by_id(patient_id: int) -> Select[Any]:
-    return _patient_view_select().where(Patient.id == patient_id)
+def patient_view_by_link_key(pms_system: str, practice_key: str, pms_id: str) -> Bound[Any]:
+    """The patient a PMS key names, with that link's columns and the current chart number, in one round
+    trip: how an open of a known, unchanged patient is answered without a write transaction."""
+    return Bound(
+        _patient_view_by_link_key(), dict(pms_system=pms_system, practice_key=practice_key, pms_id=pms_id)
+    )
+
+
+@_template
+def _patient_view_by_id() -> Select[Any]:
+    return _patient_view_select().where(Patient.id == bindparam("patient_id"))
+
+
+def patient_view_by_id(patient_id: int) -> Bound[Any]:
+    return Bound(_patient_view_by_id(), dict(patient_id=patient_id))
+
+
+@_template
+def _search_patients(
+    by_link: tuple[bool, bool], by_chart: bool, by_name: bool, by_birth: bool, limit: int
+) -> Select[Any]:
+    """One template per combination of filters (there are few); values are bound per call."""
+    stmt = _patient_view_select().where(Patient.id > bindparam("after_id"))
+    if any(by_link):
+        link_filter = []
+        if by_link[0]:
+            link_filter.append(PmsLink.pms_id == bindparam("pms_id"))
+        if by_link[1]:
+            link_filter.append(PmsLink.pms_system == bindparam("pms_system"))
+        stmt = stmt.where(Patient.id.in_(select(PmsLink.patient_id).where(and_(*link_filter))))
+    if by_chart:
+        stmt = stmt.where(
+            Patient.id.in_(
+                select(ChartAlias.patient_id).where(
+                    ChartAlias.chart_number == bindparam("chart_number"), ChartAlias.retired_at.is_(None)
+                )
+            )
+        )
+    if by_name:
+        stmt = stmt.where(Patient.name_key.like(bindparam("name_pattern"), escape="/"))
+    if by_birth:
+        stmt = stmt.where(Patient.birth_date == bindparam("birth_date"))
+    return stmt.order_by(Patient.id).limit(limit)
+
+
+def _prefix_pattern(prefix: str) -> str:
+    """A LIKE pattern matching `prefix` literally at the start ("/" escapes the wildcards)."""
+    return prefix.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
 
 
 def search_patients(
@@ -142,35 +246,33 @@ def search_patients(
     birth_date: date | None = None,
     after_id: int = 0,
     limit: int = 50,
-) -> Select[Any]:
+) -> Bound[Any]:
     """Patients (as view rows) matching every filter, in id order, after `after_id` (keyset paging).
 
     `name_prefix` is a folded prefix of "last first" (see `service.name_key`): a search aid for people,
     never an identity rule.
     """
-    stmt = _patient_view_select().where(Patient.id > after_id)
-    if pms_id is not None or pms_system is not None:
-        link_filter = []
-        if pms_id is not None:
-            link_filter.append(PmsLink.pms_id == pms_id)
-        if pms_system is not None:
-            link_filter.append(PmsLink.pms_system == pms_system)
-        stmt = stmt.where(Patient.id.in_(select(PmsLink.patient_id).where(and_(*link_filter))))
-    if chart_number is not None:
-        stmt = stmt.where(
-            Patient.id.in_(
-                select(ChartAlias.patient_id).where(
-                    ChartAlias.chart_number == chart_number, ChartAlias.retired_at.is_(None)
-                )
-            )
-        )
-    if name_prefix:
-        stmt = stmt.where(Patient.name_key.startswith(name_prefix, autoescape=True))
-    if birth_date is not None:
-        stmt = stmt.where(Patient.birth_date == birth_date)
-    return stmt.order_by(Patient.id).limit(limit)
+    template = _search_patients(
+        (pms_id is not None, pms_system is not None),
+        chart_number is not None,
+        bool(name_prefix),
+        birth_date is not None,
+        limit,
+    )
+    values: dict[str, Any] = {"after_id": after_id}
+    for name, value in (
+        ("pms_id", pms_id),
+        ("pms_system", pms_system),
+        ("chart_number", chart_number),
+        ("name_pattern", _prefix_pattern(name_prefix) if name_prefix else None),
+        ("birth_date", birth_date),
+    ):
+        if value is not None:
+            values[name] = value
+    return Bound(template, values)
 
 
+@_template
 def _image_view_select() -> Select[Any]:
     """Image columns with their series and study UIDs: what an image's view needs, as plain rows.
 
@@ -183,21 +285,31 @@ def _image_view_select() -> Select[Any]:
     )
 
 
+@_template
+def _images_of_patient(paged: bool, limit: int) -> Select[Any]:
+    stmt = _image_view_select().where(Image.patient_id == bindparam("patient_id"))
+    # A sort key without NULLs keeps the keyset condition portable (NULLS LAST is not on SQL Server).
+    captured = func.coalesce(Image.captured_at, _NO_CAPTURE_TIME)
+    if paged:
+        pivot = bindparam("pivot", type_=Image.captured_at.type)
+        stmt = stmt.where(or_(captured < pivot, and_(captured == pivot, Image.id < bindparam("last_id"))))
+    return stmt.order_by(captured.desc(), Image.id.desc()).limit(limit)
+
+
 def images_of_patient(
     patient_id: int, *, after: tuple[datetime | None, int] | None = None, limit: int = 100
-) -> Select[Any]:
+) -> Bound[Any]:
     """A patient's images with their series and study, newest capture first, keyset-paged.
 
     Images without a capture time sort last. `after` is the (captured_at, id) of the last row seen.
     """
-    stmt = _image_view_select().where(Image.patient_id == patient_id)
-    # A sort key without NULLs keeps the keyset condition portable (NULLS LAST is not on SQL Server).
-    captured = func.coalesce(Image.captured_at, _NO_CAPTURE_TIME)
-    if after is not None:
-        last_captured, last_id = after
-        pivot = last_captured or _NO_CAPTURE_TIME
-        stmt = stmt.where(or_(captured < pivot, and_(captured == pivot, Image.id < last_id)))
-    return stmt.order_by(captured.desc(), Image.id.desc()).limit(limit)
+    if after is None:
+        return Bound(_images_of_patient(False, limit), dict(patient_id=patient_id))
+    last_captured, last_id = after
+    return Bound(
+        _images_of_patient(True, limit),
+        dict(patient_id=patient_id, pivot=last_captured or _NO_CAPTURE_TIME, last_id=last_id),
+    )
 
 
 def image_by_id(image_id: int) -> Select[Image]:
@@ -205,8 +317,13 @@ def image_by_id(image_id: int) -> Select[Image]:
     return select(Image).where(Image.id == image_id)
 
 
-def image_view_by_id(image_id: int) -> Select[Any]:
-    return _image_view_select().where(Image.id == image_id)
+@_template
+def _image_view_by_id() -> Select[Any]:
+    return _image_view_select().where(Image.id == bindparam("image_id"))
+
+
+def image_view_by_id(image_id: int) -> Bound[Any]:
+    return Bound(_image_view_by_id(), dict(image_id=image_id))
 
 
 def images_by_ids(image_ids: list[int]) -> Select[Any]:
