@@ -268,6 +268,19 @@ class ThumbnailSettings:
         Text(required=True, max_length=200),
         "Text stamped on every thumbnail sent to a PMS",
     )
+    watermark_logo: Path | None = key(
+        "", OptionalPath(), "Optional PNG logo stamped beside the text (transparency is kept)"
+    )
+    watermark_position: str = key(
+        "bottom-left",
+        Choice("bottom-left", "bottom-right", "top-left", "top-right", "center"),
+        "Where the watermark goes on the oriented image",
+    )
+    watermark_opacity: float = key("0.8", Float(0.2, 1.0), "Opacity of the watermark (1 = opaque)")
+    preview_size: int = key(
+        "1024", Int(256, 4096), "Long edge of the watermarked preview the viewer and PMS links show"
+    )
+    quality: int = key("85", Int(50, 95), "JPEG quality of thumbnails and previews")
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,10 @@ PMS settings (DTX Studio Clinic's, same meaning): `ignore_practice_id`, `update_
 from __future__ import annotations
 
 import logging
+import time
 import unicodedata
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -66,6 +68,7 @@ from bridge.store.types import utcnow
 log = logging.getLogger(__name__)
 
 MAX_CREATE_RETRIES = 8
+MAX_REMEMBERED_IMAGE_VIEWS = 10_000
 
 # Decides which push channels (outbox) announce new images to the PMS behind a link:
 # (protocol of the link, pms_system) -> channel names. Protocols register theirs at daemon start.
@@ -384,6 +387,8 @@ class BridgeService:
         self.bus = bus
         self.audit = audit
         self.push_targets = push_targets
+        # Image views recently read for the thumbnail path: id -> (monotonic time read, view).
+        self._image_views: OrderedDict[int, tuple[float, ImageView]] = OrderedDict()
 
     # ---------------------------------------------------------------------------------------------
     # PMS requests
@@ -814,16 +819,97 @@ class BridgeService:
         return images
 
     async def get_image(
-        self, origin: Origin, image_id: int, *, action: str = "image.read"
+        self, origin: Origin, image_id: int, *, action: str = "image.read", max_age: float = 0.0
     ) -> ImageView | None:
-        def work(session: Session) -> ImageView | None:
-            row = session.execute(q.image_view_by_id(image_id)).first()
-            return image_view_row(row) if row else None
+        """One image's metadata (audited). With `max_age`, a view read at most that many seconds ago
+        may answer without a database round trip: the thumbnail path of a PMS fetching 40 thumbnails.
+        `update_image` replaces the remembered view, so this daemon never serves a stale orientation;
+        another daemon sharing the store may, for at most `max_age` seconds.
+        """
+        cached = self._image_views.get(image_id) if max_age > 0 else None
+        if cached is not None and time.monotonic() - cached[0] <= max_age:
+            image: ImageView | None = cached[1]
+        else:
 
-        image = await self.db.read(work)
+            def work(session: Session) -> ImageView | None:
+                row = session.execute(q.image_view_by_id(image_id)).first()
+                return image_view_row(row) if row else None
+
+            image = await self.db.read(work)
+            if image is not None:
+                self._remember_view(image)
         if image is not None:
             self.audit.read(origin, action, patient_id=image.patient_id, image_id=image.id)
         return image
+
+    def _remember_view(self, image: ImageView) -> None:
+        self._image_views[image.id] = (time.monotonic(), image)
+        self._image_views.move_to_end(image.id)
+        while len(self._image_views) > MAX_REMEMBERED_IMAGE_VIEWS:
+            self._image_views.popitem(last=False)
+
+    async def update_image(
+        self,
+        origin: Origin,
+        image_id: int,
+        *,
+        rotation: int | None = None,
+        mirrored: bool | None = None,
+        tooth_numbers: Sequence[int] | None = None,
+        category: Category | None = None,
+    ) -> ImageView | None:
+        """Change what a clinician may change about an image: orientation, teeth, category (audited).
+
+        The pixels are never touched: orientation is metadata applied at render time, and renderings
+        are cached by orientation, so the next thumbnail request renders the new one. None = unchanged.
+        """
+        if rotation is not None and rotation not in (0, 90, 180, 270):
+            raise Refused(Outcome(Status.INVALID, f"rotation must be 0, 90, 180 or 270, got {rotation}"))
+        wanted: dict[str, Any] = {
+            "rotation": rotation,
+            "mirrored": mirrored,
+            "tooth_numbers": list(tooth_numbers) if tooth_numbers is not None else None,
+            "category": category.value if category is not None else None,
+        }
+
+        def work(session: Session) -> ImageView | None:
+            row = session.execute(q.image_for_update(image_id)).first()
+            if row is None:
+                return None
+            image, series, study = row
+            changes = []
+            for name, value in wanted.items():
+                if value is not None and getattr(image, name) != value:
+                    changes.append(f"{name} {getattr(image, name)!r} -> {value!r}")
+                    setattr(image, name, value)
+            if changes:
+                session.flush()
+                self.audit.change(
+                    session,
+                    origin,
+                    "image.update",
+                    patient_id=image.patient_id,
+                    image_id=image.id,
+                    detail="; ".join(changes),
+                )
+            return image_view(image, series.series_uid, study.study_uid)
+
+        view = await self.db.write(work)
+        if view is not None:
+            self._remember_view(view)
+        return view
+
+    async def referenced_hashes(self, sha256s: Sequence[str]) -> set[str]:
+        """Which of these file hashes some stored image uses (reveals no patient data; not audited).
+
+        Decides whether an ingested file whose images could not be added may be removed again.
+        """
+        if not sha256s:
+            return set()
+        found = await self.db.read(
+            lambda session: list(session.scalars(q.images_using_hashes(list(sha256s))))
+        )
+        return set(found)
 
     # ---------------------------------------------------------------------------------------------
     # Adding images

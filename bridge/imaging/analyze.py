@@ -1,21 +1,98 @@
-"""What an incoming image file is: format, size, bit depth, colour. Runs in the process pool."""
+"""Decoding and describing image files: format, size, bit depth, colour. Runs in the process pool.
+
+Everything is decided from the file itself, never from its name or a label a sender attached:
+* the format from its first bytes (PNG, JPEG, TIFF, DICOM Part 10), so a renamed file is still known;
+* colour from the pixels: an RGB file whose channels are all equal is a grey X-ray (`is_grey_rgb`);
+* `bits_stored` from the container's own declaration (see `docs/imaging.md` for the rule).
+
+A file is decoded completely before anything is stored: a truncated or corrupt file fails here and the
+sender gets the reason, while the store stays untouched.
+"""
 
 from __future__ import annotations
 
 import io
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
 from bridge.model import Category
 
-MAX_PIXELS = 20_000 * 20_000
+# Below Pillow's own decompression-bomb warning (about 89 M pixels), above any dental image (a 50 MP photo).
+MAX_PIXELS = 80_000_000
+# A lossy JPEG of a grey image can differ between channels by a rounding step; a real colour photo
+# differs by far more. Lossless sources must be exactly equal.
+LOSSY_GREY_TOLERANCE = 2
+# Robust automatic window for 12/16-bit images without one of their own (percent of pixels clipped).
+AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
+# Pixels sampled for the automatic window: a regular grid, enough for stable percentiles and cheap.
+AUTO_WINDOW_SAMPLES = 1_000_000
+
+Pixels = np.ndarray[Any, Any]
 
 
 class ImagingError(ValueError):
     """The file cannot be ingested; the message names the reason for the sender (a 4xx answer)."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """A display window in modality units (DICOM VOI: centre, width, function)."""
+
+    center: float
+    width: float
+    function: str = "LINEAR"  # LINEAR | LINEAR_EXACT | SIGMOID (DICOM VOI LUT Function)
+    source: str = "dicom"  # dicom | auto
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "center": round(self.center, 3),
+            "width": round(self.width, 3),
+            "function": self.function,
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Pixels ready for display mapping, with the facts that decide the mapping.
+
+    `pixels` is (rows, columns) for grey images (uint8, or uint16 for deeper ones: signed sources are
+    shifted by `offset` into uint16) and (rows, columns, 3) uint8 for colour. A grey image stored as RGB
+    arrives here as one channel.
+    """
+
+    pixels: Pixels
+    color: bool
+    bits_stored: int
+    lossy: bool
+    file_ext: str
+    media_type: str
+    frames: int = 1
+    window: Window | None = None  # the source's own window; None = automatic (deep images) or none
+    slope: float = 1.0
+    intercept: float = 0.0
+    offset: int = 0  # added to signed stored values to index them as uint16
+    invert: bool = False  # MONOCHROME1: high values are dark
+    category: Category | None = None  # what the source says it is (DICOM modality), if it says
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def deep(self) -> bool:
+        """True for grey images with more than 8 bits per pixel, which need a display window."""
+        return not self.color and self.pixels.dtype != np.uint8
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
 
 
 @dataclass(frozen=True)
@@ -33,35 +110,381 @@ class Analysis:
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
-_FORMATS = {"PNG": ("png", "image/png"), "TIFF": ("tif", "image/tiff"), "JPEG": ("jpg", "image/jpeg")}
+# --------------------------------------------------------------------------------------------------
+# Format sniffing
 
 
-def is_grey_rgb(pixels: np.ndarray[Any, Any]) -> bool:
-    """True when every pixel of an RGB(A) array has equal R, G and B: a grey X-ray saved as colour."""
+_UNSUPPORTED_MAGIC = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000 (JP2)"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000 codestream"),
+    (b"%PDF", "PDF"),
+    (b"II+\x00", "BigTIFF"),
+    (b"MM\x00+", "BigTIFF"),
+    (b"PK\x03\x04", "ZIP archive"),
+)
+ACCEPTED = "PNG, TIFF, JPEG or DICOM"
+
+
+def sniff(data: bytes) -> str:
+    """The format of `data` from its first bytes: png, jpeg, tiff or dicom; anything else is refused."""
+    if not data:
+        raise ImagingError("the file is empty")
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    if data[128:132] == b"DICM":
+        return "dicom"
+    for magic, name in _UNSUPPORTED_MAGIC:
+        if data.startswith(magic):
+            raise ImagingError(f"unsupported image format {name} (accepted: {ACCEPTED})")
+    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1") or data[8:12] == b"WEBP":
+        raise ImagingError(f"unsupported image format HEIF/WebP (accepted: {ACCEPTED})")
+    raise ImagingError(f"not an image file this bridge reads (accepted: {ACCEPTED})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Colour
+
+
+def is_grey_rgb(pixels: Pixels, tolerance: int = 0) -> bool:
+    """True when every pixel of an RGB(A) array has R, G and B within `tolerance` of each other.
+
+    A sparse grid is checked first: a colour photo shows its colour there at once, so only grey images
+    (where the answer is "yes") pay for the full comparison.
+    """
     rgb = pixels[..., :3]
-    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+    step = max(1, int((rgb.shape[0] * rgb.shape[1] / 65_536) ** 0.5))
+    for view in (rgb[::step, ::step], rgb):
+        if tolerance == 0:
+            if not (
+                np.array_equal(view[..., 0], view[..., 1]) and np.array_equal(view[..., 1], view[..., 2])
+            ):
+                return False
+        else:
+            wide = view.astype(np.int32)
+            spread = wide.max(axis=-1) - wide.min(axis=-1)
+            if int(spread.max(initial=0)) > tolerance:
+                return False
+    return True
+
+
+def _grey_or_colour(rgb: Pixels, *, lossy: bool) -> tuple[Pixels, bool]:
+    """(pixels, color): one channel when the RGB pixels are grey, else the three colour channels."""
+    rgb = rgb[..., :3]
+    if is_grey_rgb(rgb, LOSSY_GREY_TOLERANCE if lossy else 0):
+        return np.ascontiguousarray(rgb[..., 1]), False
+    return np.ascontiguousarray(rgb), True
+
+
+# --------------------------------------------------------------------------------------------------
+# PNG, TIFF, JPEG (Pillow)
+
+
+_PIL_FORMATS = {"png": ("PNG", "png", "image/png"), "jpeg": ("JPEG", "jpg", "image/jpeg")}
+_PIL_FORMATS["tiff"] = ("TIFF", "tif", "image/tiff")
+
+
+def png_bit_facts(data: bytes) -> tuple[int, int | None]:
+    """(bit depth from IHDR, significant bits from sBIT or None), read from the chunk headers.
+
+    Pillow reduces 16-bit colour PNGs to 8 bits and does not report sBIT, so both are read here.
+    """
+    depth = data[24] if len(data) > 24 else 8
+    color_type = data[25] if len(data) > 25 else 0
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"sBIT" and color_type != 3:  # palette sBIT describes the palette, not the pixels
+            values = data[pos + 8 : pos + 8 + length]
+            colour_values = values[:3] if color_type in (2, 6) else values[:1]
+            if colour_values and 0 < max(colour_values) <= depth:
+                return depth, max(colour_values)
+            return depth, None
+        if kind in (b"IDAT", b"IEND"):
+            break
+        pos += 12 + length
+    return depth, None
+
+
+def _pil_bits(fmt: str, img: Image.Image, data: bytes, pixels: Pixels) -> tuple[int, dict[str, Any]]:
+    """bits_stored and source facts for a Pillow-decoded file (rule: docs/imaging.md)."""
+    if fmt == "png":
+        depth, sbit = png_bit_facts(data)
+        if img.mode == "1":
+            depth = 1
+        return (sbit or depth), {"container_bits": depth, **({"sbit": sbit} if sbit else {})}
+    if fmt == "tiff":
+        tags = getattr(img, "tag_v2", {})
+        per_sample = tags.get(TiffImagePlugin.BITSPERSAMPLE, 8)
+        depth = int(per_sample[0] if isinstance(per_sample, tuple) else per_sample)
+        return depth, {"container_bits": depth}
+    return 8, {"container_bits": 8}
+
+
+def _decode_pillow(data: bytes, fmt: str) -> Decoded:
+    pil_format, ext, media_type = _PIL_FORMATS[fmt]
+    try:
+        with Image.open(io.BytesIO(data), formats=[pil_format]) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImagingError(f"image too large: {img.width}x{img.height} pixels (limit {MAX_PIXELS})")
+            frames = int(getattr(img, "n_frames", 1))
+            img.load()
+            mode = img.mode
+            if mode in ("P", "PA", "CMYK", "YCbCr"):
+                rgb = img.convert("RGB")
+                pixels = np.asarray(rgb)
+            elif mode == "1":
+                pixels = np.asarray(img.convert("L"))
+            else:
+                pixels = np.asarray(img)
+            bits, facts = _pil_bits(fmt, img, data, pixels)
+        if fmt == "png":
+            # Pillow stops at the last image data; verify() reads on to IEND and checks every CRC, so a
+            # file cut after its pixels (or with a damaged chunk) is still refused.
+            with Image.open(io.BytesIO(data), formats=[pil_format]) as check:
+                check.verify()
+    except ImagingError:
+        raise
+    except UnidentifiedImageError:
+        raise ImagingError(f"corrupt {pil_format} file: its header cannot be read") from None
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
+        raise ImagingError(f"corrupt or truncated {pil_format} file: {exc}") from None
+    lossy = fmt == "jpeg"
+    facts["source_format"] = pil_format.lower()
+    facts["mode"] = mode
+    if pixels.ndim == 3:
+        pixels, color = _grey_or_colour(pixels, lossy=lossy)
+    elif mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        pixels, color = pixels.astype(np.uint16, copy=False), False
+    elif mode == "I":
+        if pixels.size and (int(pixels.min()) < 0 or int(pixels.max()) > 65535):
+            raise ImagingError("unsupported pixels: 32-bit integer values beyond the 16-bit range")
+        pixels, color = pixels.astype(np.uint16), False
+    elif mode in ("L", "1"):
+        color = False
+    else:
+        raise ImagingError(f"unsupported pixel format {mode} in {pil_format} file")
+    return Decoded(
+        pixels=pixels,
+        color=color,
+        bits_stored=bits,
+        lossy=lossy,
+        file_ext=ext,
+        media_type=media_type,
+        frames=frames,
+        attributes=facts,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM (pydicom; compressed pixel data through the pylibjpeg plugins)
+
+
+_DICOM_CATEGORY = {
+    "IO": Category.INTRAORAL_XRAY,
+    "PX": Category.PANORAMIC,
+    "DX": Category.EXTRAORAL_XRAY,
+    "CR": Category.EXTRAORAL_XRAY,
+    "CT": Category.CBCT,
+    "XC": Category.PHOTO,
+    "VL": Category.PHOTO,
+    "DOC": Category.DOCUMENT,
+}
+_GREY = ("MONOCHROME1", "MONOCHROME2")
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+
+
+def _first_number(value: Any) -> float | None:
+    """The first value of a possibly multi-valued DICOM number (WindowCenter can hold several)."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        value = value[0] if len(value) else None
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _dicom_lossy(ds: Any) -> bool:
+    from pydicom.uid import (
+        JPEG2000,
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        JPEGLSNearLossless,
+    )
+
+    syntax = ds.file_meta.get("TransferSyntaxUID", "")
+    lossy_syntaxes = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless}
+    return syntax in lossy_syntaxes or str(ds.get("LossyImageCompression", "")) == "01"
+
+
+def _decode_dicom(data: bytes) -> Decoded:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels.processing import apply_color_lut
+    from pydicom.pixels.utils import pixel_array
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, struct.error) as exc:
+        raise ImagingError(f"corrupt or truncated DICOM file: {exc}") from None
+    if "PixelData" not in ds:
+        raise ImagingError("the DICOM file holds no pixel data (not an image object)")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        raise ImagingError("corrupt DICOM file: its meta information names no transfer syntax")
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric not in _GREY + _COLOUR:
+        raise ImagingError(f"unsupported DICOM photometric interpretation {photometric or 'missing'}")
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits_allocated = int(ds.BitsAllocated)
+        bits_stored = int(ds.get("BitsStored", bits_allocated))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ImagingError(f"corrupt DICOM image description: {exc}") from None
+    if rows * columns > MAX_PIXELS:
+        raise ImagingError(f"image too large: {columns}x{rows} pixels (limit {MAX_PIXELS})")
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        # Only the first frame is shown; the length check of native data covers every frame.
+        arr: Pixels = pixel_array(ds, index=0 if frames > 1 else None)
+        if photometric == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+    except NotImplementedError as exc:
+        raise ImagingError(f"unsupported DICOM pixel data ({syntax.name}): {exc}") from None
+    except (ValueError, RuntimeError, OSError, EOFError, KeyError, AttributeError, TypeError) as exc:
+        raise ImagingError(f"corrupt or truncated DICOM pixel data ({syntax.name}): {exc}") from None
+    lossy = _dicom_lossy(ds)
+    modality = str(ds.get("Modality", ""))
+    attributes: dict[str, Any] = {
+        "source_format": "dicom",
+        "transfer_syntax": str(syntax),
+        "photometric": photometric,
+        "bits_allocated": bits_allocated,
+        "lossy": lossy,
+        "dicom": {
+            "modality": modality,
+            "sop_class_uid": str(ds.get("SOPClassUID", "")),
+            "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+            "study_uid": str(ds.get("StudyInstanceUID", "")),
+            "series_uid": str(ds.get("SeriesInstanceUID", "")),
+        },
+    }
+    common: dict[str, Any] = {
+        "lossy": lossy,
+        "file_ext": "dcm",
+        "media_type": "application/dicom",
+        "frames": frames,
+        "category": _DICOM_CATEGORY.get(modality),
+        "attributes": attributes,
+    }
+    if arr.ndim == 3:  # colour (pydicom has already converted YBR to RGB)
+        if arr.dtype != np.uint8:
+            depth = bits_stored if photometric != "PALETTE COLOR" else 16
+            arr = (arr >> max(depth - 8, 0)).astype(np.uint8)
+        pixels, color = _grey_or_colour(arr, lossy=lossy)
+        return Decoded(pixels=pixels, color=color, bits_stored=bits_stored, **common)
+    slope = _first_number(ds.get("RescaleSlope")) or 1.0
+    intercept = _first_number(ds.get("RescaleIntercept")) or 0.0
+    center = _first_number(ds.get("WindowCenter"))
+    width = _first_number(ds.get("WindowWidth"))
+    window = None
+    if center is not None and width is not None and width >= 1:
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        window = Window(center, width, function if function in ("LINEAR_EXACT", "SIGMOID") else "LINEAR")
+        attributes["window"] = window.to_json()
+    if slope != 1.0 or intercept != 0.0:
+        attributes["rescale"] = {"slope": slope, "intercept": intercept}
+    offset = 0
+    if arr.dtype.kind == "i":  # signed: shift into uint16 so a 64K lookup table can index it
+        offset = 32768 if arr.dtype.itemsize == 2 else 128
+        arr = (arr.astype(np.int32) + offset).astype(np.uint16 if offset == 32768 else np.uint8)
+    elif arr.dtype not in (np.uint8, np.uint16):
+        arr = arr.astype(np.uint16)
+    return Decoded(
+        pixels=arr,
+        color=False,
+        bits_stored=bits_stored,
+        window=window,
+        slope=slope,
+        intercept=intercept,
+        offset=offset,
+        invert=photometric == "MONOCHROME1",
+        **common,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def decode(data: bytes) -> Decoded:
+    """Decode `data` completely (any damage fails here, before anything is stored)."""
+    fmt = sniff(data)
+    if fmt == "dicom":
+        return _decode_dicom(data)
+    return _decode_pillow(data, fmt)
+
+
+def auto_window(decoded: Decoded) -> Window:
+    """A robust window for deep grey images: the 0.5 and 99.5 percentiles of a grid sample.
+
+    Percentiles come from a histogram (np.bincount) of at most AUTO_WINDOW_SAMPLES pixels, so the
+    answer is deterministic (the same file always gets the same window) and costs about a millisecond.
+    """
+    pixels = decoded.pixels
+    step = max(1, int((pixels.shape[0] * pixels.shape[1] / AUTO_WINDOW_SAMPLES) ** 0.5))
+    sample = pixels[::step, ::step].ravel()
+    counts = np.cumsum(np.bincount(sample, minlength=256))
+    low_q, high_q = AUTO_WINDOW_PERCENTILES
+    low = int(np.searchsorted(counts, counts[-1] * low_q / 100.0))
+    high = int(np.searchsorted(counts, counts[-1] * high_q / 100.0))
+    low_v = (low - decoded.offset) * decoded.slope + decoded.intercept
+    high_v = (high - decoded.offset) * decoded.slope + decoded.intercept
+    low_v, high_v = min(low_v, high_v), max(low_v, high_v)
+    width = max(high_v - low_v, 1.0)
+    return Window(center=low_v + width / 2, width=width, function="LINEAR_EXACT", source="auto")
+
+
+def guess_category(decoded: Decoded) -> Category:
+    """The category the source declares (DICOM modality), else a guess from the pixels.
+
+    Colour is a photo; a wide grey image (aspect 1.8 or more, 1500 pixels or wider) is a panoramic;
+    any other grey image an intra-oral X-ray. Senders that know better pass the category explicitly.
+    """
+    if decoded.category is not None and (decoded.category is not Category.PHOTO or decoded.color):
+        return decoded.category
+    if decoded.color:
+        return Category.PHOTO
+    if decoded.width >= 1500 and decoded.width >= 1.8 * decoded.height:
+        return Category.PANORAMIC
+    return Category.INTRAORAL_XRAY
+
+
+def describe(decoded: Decoded) -> Analysis:
+    """The facts stored with the image; deep grey images record their display window."""
+    attributes = dict(decoded.attributes)
+    attributes["lossy"] = decoded.lossy
+    if decoded.deep and decoded.window is None:
+        attributes["window"] = auto_window(decoded).to_json()
+    return Analysis(
+        file_ext=decoded.file_ext,
+        media_type=decoded.media_type,
+        width=decoded.width,
+        height=decoded.height,
+        bits_stored=decoded.bits_stored,
+        color=decoded.color,
+        category=guess_category(decoded),
+        frames=decoded.frames,
+        attributes=attributes,
+    )
 
 
 def analyze(data: bytes) -> Analysis:
-    """Decode `data` fully (a truncated file fails here, before anything is stored) and describe it."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format or ""
-            if fmt not in _FORMATS:
-                raise ImagingError(
-                    f"unsupported image format {fmt or 'unknown'} (PNG, TIFF, JPEG are accepted)"
-                )
-            if img.width * img.height > MAX_PIXELS:
-                raise ImagingError(f"image too large: {img.width}x{img.height}")
-            img.load()
-            mode = img.mode
-            pixels = np.asarray(img)
-    except UnidentifiedImageError:
-        raise ImagingError("not an image file (or an unsupported format)") from None
-    except (OSError, SyntaxError) as exc:
-        raise ImagingError(f"corrupt or truncated image: {exc}") from None
-    ext, media_type = _FORMATS[fmt]
-    color = mode in ("RGB", "RGBA", "CMYK", "YCbCr", "P") and not (pixels.ndim == 3 and is_grey_rgb(pixels))
-    bits = 16 if mode.startswith("I;16") or mode == "I" else 8
-    category = Category.PHOTO if color else Category.INTRAORAL_XRAY
-    return Analysis(ext, media_type, img.width, img.height, bits, color, category)
+    """Decode `data` fully and describe it."""
+    return describe(decode(data))

@@ -1,31 +1,74 @@
-"""The event-loop side of imaging: a process pool for decoding and rendering, the thumbnail cache."""
+"""The event-loop side of imaging: a process pool for decoding and rendering, and the thumbnail cache.
+
+Cache layout (docs/imaging.md): `<cache_dir>/<sha256[:2]>/<key>.jpg` with the key
+`<sha256>_<size>_<rotation>_<mirrored>_<version>`, where `version` hashes the watermark settings, the JPEG
+quality and the renderer's RENDER_VERSION. A change of orientation or watermark therefore asks for a file
+that does not exist yet and is rendered anew; stale files are never served. Recently served renderings
+are also kept in memory (a small LRU by bytes), so the hot path of a PMS fetching 40 thumbnails touches
+neither the disk nor the pool.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import multiprocessing
 import sys
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.atomic import write_atomic
-from bridge.config import ThumbnailSettings
-from bridge.imaging.analyze import Analysis, analyze
-from bridge.imaging.render import render_jpeg
-from bridge.model import ImageView, NewImage
+from bridge.config import ConfigError, ThumbnailSettings
+from bridge.imaging.analyze import Analysis, ImagingError
+from bridge.imaging.render import (
+    FORMATS,
+    RenderRequest,
+    Watermark,
+    analyze_and_render,
+    render_file,
+)
+from bridge.model import ImageView, NewImage, Origin
+from bridge.service import BridgeService
 from bridge.store.files import FileStore
 
 T = TypeVar("T")
 
+MEMORY_CACHE_BYTES = 48 * 1024 * 1024
+EXPORT_JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A cached rendering: its bytes and the entity tag HTTP clients revalidate with."""
+
+    etag: str
+    data: bytes
+
+
+def _load_logo(path: Path | None) -> bytes | None:
+    """The watermark logo's bytes, checked once at start-up: a bad logo stops the daemon with a reason."""
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"[thumbnails] watermark_logo = {path}: cannot be read ({exc.strerror})") from None
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ConfigError(f"[thumbnails] watermark_logo = {path}: not a PNG file")
+    return data
+
 
 class Imaging:
-    """Ingests image bytes into the file store and serves cached watermarked thumbnails.
+    """Ingests image bytes into the file store and serves cached watermarked renderings.
 
-    Decoding never runs on the event loop: a JPEG 2000 decode takes hundreds of milliseconds.
+    Decoding and rendering never run on the event loop: a JPEG 2000 decode takes hundreds of
+    milliseconds, so they go to a process pool; file I/O goes to a thread.
     """
 
     def __init__(
@@ -36,7 +79,22 @@ class Imaging:
         self.cache_dir = cache_dir
         self._workers = workers
         self._pool: ProcessPoolExecutor | None = None
-        self.watermark_version = hashlib.sha256(thumbnails.watermark.encode()).hexdigest()[:12]
+        self.watermark = Watermark(
+            text=thumbnails.watermark,
+            logo_png=_load_logo(thumbnails.watermark_logo),
+            position=thumbnails.watermark_position,
+            opacity=thumbnails.watermark_opacity,
+        )
+        # Everything but the image and its orientation that changes the bytes of a thumbnail.
+        self.watermark_version = hashlib.sha256(
+            f"{self.watermark.version}:{thumbnails.quality}".encode()
+        ).hexdigest()[:12]
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._memory_bytes = 0
+        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+
+    # ---------------------------------------------------------------------------------------------
+    # The pool
 
     def _executor(self) -> ProcessPoolExecutor:
         """The process pool, started on first use (a command that never renders never pays for it)."""
@@ -50,16 +108,36 @@ class Imaging:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor(), functools.partial(fn, *args, **kwargs))
 
+    # ---------------------------------------------------------------------------------------------
+    # Ingest
+
+    def _request(self, size: int, rotation: int, mirrored: bool) -> RenderRequest:
+        return RenderRequest(size, rotation, mirrored, self.watermark, "JPEG", self.settings.quality)
+
     async def ingest(self, data: bytes, **metadata: object) -> NewImage:
-        """Check and describe `data` (in the pool), store it, and return the image to add."""
-        facts: Analysis = await self._run(analyze, data)
+        """Check and describe `data` (in the pool), store it, cache its thumbnail and preview.
+
+        The file is decoded completely before anything is written, so a corrupt or truncated file
+        raises ImagingError and leaves nothing behind. The thumbnail and preview are rendered from the
+        same decode, with the orientation in `metadata`, so a PMS's first request is served from disk.
+        """
+        rotation = metadata.get("rotation") or 0
+        mirrored = bool(metadata.get("mirrored") or False)
+        if not isinstance(rotation, int) or rotation not in (0, 90, 180, 270):
+            raise ImagingError(f"rotation must be 0, 90, 180 or 270, got {rotation!r}")
+        sizes = (self.settings.size, self.settings.preview_size)
+        requests = [self._request(size, rotation, mirrored) for size in sizes]
+        facts: Analysis
+        facts, renders = await self._run(analyze_and_render, data, requests)
         sha256, _path = await asyncio.to_thread(self.files.put, data, facts.file_ext)
-        fields: dict[str, object] = {
-            "category": facts.category,
-            "frames": facts.frames,
-            "attributes": facts.attributes,
-        }
+        for size, rendered in zip(sizes, renders, strict=True):
+            key = self.render_key(sha256, size, rotation, mirrored)
+            await asyncio.to_thread(self._write_cache, self._cache_path(sha256, key), rendered)
+            self._remember(key, rendered)
+        fields: dict[str, object] = {"category": facts.category, "frames": facts.frames}
         fields.update({k: v for k, v in metadata.items() if v is not None})
+        extra = metadata.get("attributes")
+        fields["attributes"] = {**facts.attributes, **(extra if isinstance(extra, dict) else {})}
         return NewImage(
             sha256=sha256,
             file_ext=facts.file_ext,
@@ -72,28 +150,160 @@ class Imaging:
             **fields,  # type: ignore[arg-type]
         )
 
+    async def ingest_all(
+        self,
+        service: BridgeService,
+        origin: Origin,
+        patient_id: int,
+        files: Sequence[tuple[str, bytes]],
+        **metadata: object,
+    ) -> list[ImageView]:
+        """Ingest `files` (name, bytes) and add them to a patient, all or nothing.
+
+        A bad file raises ImagingError naming it; when anything fails (a later bad file, the store
+        refusing the images, a database error), the files this call wrote are removed again unless a
+        stored image uses the same bytes.
+        """
+        new: list[NewImage] = []
+        try:
+            for name, data in files:
+                try:
+                    new.append(await self.ingest(data, **metadata))
+                except ImagingError as exc:
+                    raise ImagingError(f"{name or 'file'}: {exc}") from None
+            return await service.add_images(origin, patient_id, new)
+        except BaseException:
+            if new:
+                referenced = await service.referenced_hashes([n.sha256 for n in new])
+                await self.discard(new, referenced)
+            raise
+
+    async def discard(self, images: Iterable[NewImage], referenced: set[str]) -> None:
+        """Remove the files (and cached renderings) of ingested images that no stored image references.
+
+        Called when adding the images to the store failed after `ingest` wrote their files: the store
+        must not keep orphan files. `referenced` are the hashes some image row still uses (the same
+        bytes uploaded before), whose files stay.
+        """
+        doomed = {(img.sha256, img.file_ext) for img in images if img.sha256 not in referenced}
+        for sha256, _ext in doomed:
+            for key in [k for k in self._memory if k.startswith(sha256)]:
+                self._memory_bytes -= len(self._memory.pop(key))
+        await asyncio.to_thread(self._remove_files, doomed)
+
+    def _remove_files(self, doomed: set[tuple[str, str]]) -> None:
+        for sha256, ext in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                self.files.path_for(sha256, ext).unlink()
+            for cached in (self.cache_dir / sha256[:2]).glob(f"{sha256}_*.jpg"):
+                with contextlib.suppress(FileNotFoundError):
+                    cached.unlink()
+
+    # ---------------------------------------------------------------------------------------------
+    # Cached renderings
+
+    def render_key(self, sha256: str, size: int, rotation: int, mirrored: bool) -> str:
+        """The cache key: (sha256, size, rotation, mirror, watermark version)."""
+        return f"{sha256}_{size}_{rotation}_{int(mirrored)}_{self.watermark_version}"
+
+    def _cache_path(self, sha256: str, key: str) -> Path:
+        return self.cache_dir / sha256[:2] / f"{key}.jpg"
+
     def thumbnail_path(self, image: ImageView, size: int) -> Path:
-        name = f"{image.sha256}_{size}_{image.rotation}_{int(image.mirrored)}_{self.watermark_version}.jpg"
-        return self.cache_dir / image.sha256[:2] / name
+        """Where the thumbnail of `image` at `size` is cached (it may not be rendered yet)."""
+        return self._cache_path(
+            image.sha256, self.render_key(image.sha256, size, image.rotation, image.mirrored)
+        )
+
+    @staticmethod
+    def etag(key: str) -> str:
+        return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+
+    def etag_for(self, image: ImageView, size: int) -> str:
+        """The entity tag of a rendering, known without reading it (for If-None-Match)."""
+        return self.etag(self.render_key(image.sha256, size, image.rotation, image.mirrored))
 
     async def thumbnail(self, image: ImageView, size: int | None = None) -> Path:
         """The cached watermarked thumbnail of `image`, rendered now if it is not cached yet."""
         size = size or self.settings.size
+        rendered = await self.rendered(image, size)
         path = self.thumbnail_path(image, size)
-        if path.exists():
-            return path
-        source = str(self.files.path_for(image.sha256, image.file_ext))
-        data: bytes = await self._run(
-            render_jpeg,
-            source,
-            rotation=image.rotation,
-            mirrored=image.mirrored,
-            size=size,
-            watermark=self.settings.watermark,
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(write_atomic, path, data)
+        if not await asyncio.to_thread(path.exists):  # served from memory, the file was cleaned away
+            await asyncio.to_thread(self._write_cache, path, rendered.data)
         return path
+
+    async def preview(self, image: ImageView) -> Path:
+        """The cached watermarked preview (long edge `[thumbnails] preview_size`) of `image`."""
+        return await self.thumbnail(image, self.settings.preview_size)
+
+    async def rendered(self, image: ImageView, size: int | None = None) -> Rendered:
+        """The bytes and entity tag of the watermarked JPEG of `image` with long edge `size`.
+
+        Memory first, then the disk cache, then a render in the pool; concurrent requests for the same
+        rendering share one render.
+        """
+        size = size or self.settings.size
+        key = self.render_key(image.sha256, size, image.rotation, image.mirrored)
+        data = self._memory.get(key)
+        if data is not None:
+            self._memory.move_to_end(key)
+            return Rendered(self.etag(key), data)
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._load(image, size, key))
+            self._inflight[key] = future
+            future.add_done_callback(lambda _f: self._inflight.pop(key, None))
+        data = await asyncio.shield(future)
+        return Rendered(self.etag(key), data)
+
+    async def _load(self, image: ImageView, size: int, key: str) -> bytes:
+        path = self._cache_path(image.sha256, key)
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            source = self.files.path_for(image.sha256, image.file_ext)
+            request = self._request(size, image.rotation, image.mirrored)
+            try:
+                (data,) = await self._run(render_file, str(source), [request])
+            except FileNotFoundError:
+                raise ImagingError(f"the file of image {image.id} is missing from the image store") from None
+            await asyncio.to_thread(self._write_cache, path, data)
+        self._remember(key, data)
+        return data
+
+    async def export_bytes(self, image: ImageView, fmt: str, *, watermark: bool) -> bytes:
+        """The whole image, display-mapped and oriented, as JPG, PNG or TIF bytes (e.g. VDDS exports).
+
+        Not cached: exports are rare and large. `watermark=True` stamps it like a thumbnail.
+        """
+        if fmt.upper() not in FORMATS:
+            raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        request = RenderRequest(
+            None,
+            image.rotation,
+            image.mirrored,
+            self.watermark if watermark else None,
+            fmt.upper(),
+            EXPORT_JPEG_QUALITY,
+        )
+        source = self.files.path_for(image.sha256, image.file_ext)
+        (data,) = await self._run(render_file, str(source), [request])
+        return data
+
+    def _remember(self, key: str, data: bytes) -> None:
+        """Keep a rendering in the memory LRU, evicting the least recently used beyond the budget."""
+        if len(data) > MEMORY_CACHE_BYTES // 16 or key in self._memory:
+            return
+        self._memory[key] = data
+        self._memory_bytes += len(data)
+        while self._memory_bytes > MEMORY_CACHE_BYTES:
+            _old, evicted = self._memory.popitem(last=False)
+            self._memory_bytes -= len(evicted)
+
+    @staticmethod
+    def _write_cache(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -165,6 +165,16 @@ def images_of_patient(
     return stmt.order_by(captured.desc(), Image.id.desc()).limit(limit)
 
 
+def image_for_update(image_id: int) -> Select[Image, Series, Study]:
+    """An image with its series and study as ORM objects, for changing it."""
+    return (
+        select(Image, Series, Study)
+        .join(Series, Image.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+        .where(Image.id == image_id)
+    )
+
+
 def image_view_by_id(image_id: int) -> Select[Any]:
     return _image_view_select().where(Image.id == image_id)
 
@@ -179,6 +189,11 @@ def image_by_sop_uid(sop_instance_uid: str) -> Select[Image]:
 
 def image_by_sha256(patient_id: int, sha256: str) -> Select[Image]:
     return select(Image).where(Image.patient_id == patient_id, Image.sha256 == sha256)
+
+
+def images_using_hashes(sha256s: list[str]) -> Select[str]:
+    """The distinct file hashes among `sha256s` that some image row still references."""
+    return select(Image.sha256).where(Image.sha256.in_(sha256s)).distinct()
 
 
 def study_by_uid(study_uid: str) -> Select[Study]:

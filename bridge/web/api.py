@@ -258,14 +258,10 @@ async def upload_images(request: web.Request) -> web.Response:
     metadata = upload_metadata(fields)
     if await rt.service.get_patient(origin_of(request), patient_id) is None:
         raise ProblemError(404, f"no patient with id {patient_id}")
-    new = []
-    for filename, data in blobs:
-        try:
-            new.append(await rt.imaging.ingest(data, **metadata))
-        except ImagingError as exc:
-            raise ProblemError(422, f"{filename or 'file'}: {exc}", kind="bad-image") from None
     try:
-        added = await rt.service.add_images(origin_of(request), patient_id, new)
+        added = await rt.imaging.ingest_all(rt.service, origin_of(request), patient_id, blobs, **metadata)
+    except ImagingError as exc:
+        raise ProblemError(422, str(exc), kind="bad-image") from None
     except Refused as refused:
         raise ProblemError(STATUS_HTTP[refused.outcome.status], refused.outcome.message) from None
     return json_response({"items": [i.to_json() for i in added], "next": None}, 201)
@@ -293,8 +289,10 @@ def upload_metadata(fields: dict[str, str]) -> dict[str, Any]:
         meta["rotation"] = int(fields["rotation"])
     if "mirrored" in fields:
         meta["mirrored"] = fields["mirrored"].lower() in ("1", "true", "yes")
-    for name in ("device", "comment"):
+    for name, longest in (("device", 200), ("comment", 500)):
         if name in fields:
+            if len(fields[name]) > longest:
+                raise ProblemError(422, f"{name} must be at most {longest} characters")
             meta[name] = fields[name]
     return meta
 
@@ -352,14 +350,99 @@ async def get_image_file(request: web.Request) -> web.StreamResponse:
     )
 
 
+@routes.patch("/api/v1/images/{id}")
+async def update_image(request: web.Request) -> web.Response:
+    """Change orientation (rotation, mirrored), tooth numbers or category; audited, pixels untouched."""
+    rt = request.app[RUNTIME]
+    image_id = path_id(request)
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProblemError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ProblemError(400, "the body must be a JSON object")
+    unknown = sorted(set(body) - set(IMAGE_CHANGES))
+    if unknown:
+        raise ProblemError(422, f"cannot change {', '.join(unknown)}; changeable: {', '.join(IMAGE_CHANGES)}")
+    if not body:
+        raise ProblemError(422, f"nothing to change; send any of {', '.join(IMAGE_CHANGES)}")
+    rotation = body.get("rotation")
+    if rotation is not None and (type(rotation) is not int or rotation not in (0, 90, 180, 270)):
+        raise ProblemError(422, "rotation must be 0, 90, 180 or 270 (clockwise, applied after mirroring)")
+    mirrored = body.get("mirrored")
+    if mirrored is not None and not isinstance(mirrored, bool):
+        raise ProblemError(422, "mirrored must be true or false")
+    teeth = body.get("tooth_numbers")
+    if teeth is not None and not isinstance(teeth, list):
+        raise ProblemError(422, "tooth_numbers must be a list of FDI numbers")
+    category = None
+    if body.get("category") is not None:
+        try:
+            category = Category(body["category"])
+        except ValueError:
+            allowed = ", ".join(c.value for c in Category)
+            raise ProblemError(422, f"category must be one of {allowed}") from None
+    view = await rt.service.update_image(
+        origin_of(request),
+        image_id,
+        rotation=rotation,
+        mirrored=mirrored,
+        tooth_numbers=parse_teeth(teeth) if teeth is not None else None,
+        category=category,
+    )
+    if view is None:
+        raise ProblemError(404, f"no image with id {image_id}")
+    return json_response(view.to_json())
+
+
+IMAGE_CHANGES = ("rotation", "mirrored", "tooth_numbers", "category")
+
+# How stale an image's orientation may be on the rendering paths when another daemon sharing the store
+# changed it (this daemon's own changes apply at once); it spares a database round trip per thumbnail.
+RENDER_VIEW_MAX_AGE = 2.0
+# Clients may keep renderings but must revalidate (ETag): orientation can change under the same URL.
+RENDER_CACHE_CONTROL = "private, no-cache"
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match semantics (RFC 9110 13.1.2): weak comparison, a list of tags, or *."""
+    if header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == f'"{etag}"' for tag in header.split(","))
+
+
+async def rendering_response(request: web.Request, size: int, action: str) -> web.Response:
+    """A cached watermarked JPEG of the image, or 304 when the client's copy is current."""
+    rt = request.app[RUNTIME]
+    image = await rt.service.get_image(
+        origin_of(request), path_id(request), action=action, max_age=RENDER_VIEW_MAX_AGE
+    )
+    if image is None:
+        raise ProblemError(404, f"no image with id {request.match_info['id']}")
+    etag = rt.imaging.etag_for(image, size)
+    headers = {"ETag": f'"{etag}"', "Cache-Control": RENDER_CACHE_CONTROL}
+    if _etag_matches(request.headers.get("If-None-Match", ""), etag):
+        return web.Response(status=304, headers=headers)
+    try:
+        rendered = await rt.imaging.rendered(image, size)
+    except ImagingError as exc:
+        raise ProblemError(503, str(exc), kind="image-unavailable") from None
+    return web.Response(body=rendered.data, content_type="image/jpeg", headers=headers)
+
+
 @routes.get("/api/v1/images/{id}/thumbnail")
-async def get_thumbnail(request: web.Request) -> web.StreamResponse:
-    """A watermarked JPEG, oriented as the clinician left the image; cached on disk."""
+async def get_thumbnail(request: web.Request) -> web.Response:
+    """A watermarked JPEG, oriented as the clinician left the image; cached on disk and in memory."""
     rt = request.app[RUNTIME]
     size = int_param(request, "size", rt.settings.thumbnails.size, 16, 2048)
-    image = await image_or_404(request, "image.thumbnail")
-    path = await rt.imaging.thumbnail(image, size)
-    return web.FileResponse(path, headers={"Content-Type": "image/jpeg"})
+    return await rendering_response(request, size, "image.thumbnail")
+
+
+@routes.get("/api/v1/images/{id}/preview")
+async def get_preview(request: web.Request) -> web.Response:
+    """A larger watermarked JPEG for a viewer (long edge `[thumbnails] preview_size`)."""
+    rt = request.app[RUNTIME]
+    return await rendering_response(request, rt.settings.thumbnails.preview_size, "image.preview")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -190,6 +190,39 @@ PROBLEM_SCHEMA = {
 
 BINARY = {"type": "string", "format": "binary"}
 
+IMAGE_CHANGE = {
+    "type": "object",
+    "minProperties": 1,
+    "additionalProperties": False,
+    "properties": {
+        "rotation": {"enum": [0, 90, 180, 270], "description": "Clockwise, applied after mirroring"},
+        "mirrored": {"type": "boolean", "description": "Left-right mirror, applied first"},
+        "tooth_numbers": {"type": "array", "items": {"type": "integer"}, "description": "FDI numbers"},
+        "category": {"enum": [c.value for c in Category]},
+    },
+}
+
+IF_NONE_MATCH = {
+    "name": "If-None-Match",
+    "in": "header",
+    "description": "An ETag from an earlier answer: 304 when the rendering is unchanged",
+    "schema": {"type": "string"},
+}
+
+_RENDER_HEADERS = {
+    "ETag": {"schema": {"type": "string"}, "description": "Changes with orientation and watermark"},
+    "Cache-Control": {"schema": {"type": "string"}, "description": "private, no-cache (revalidate)"},
+}
+RENDERING = {
+    "200": {
+        "description": "Watermarked JPEG",
+        "headers": _RENDER_HEADERS,
+        "content": {"image/jpeg": {"schema": BINARY}},
+    },
+    "304": {"description": "The client's copy (If-None-Match) is current", "headers": _RENDER_HEADERS},
+    "503": PROBLEM,
+}
+
 
 def document() -> dict[str, Any]:
     """The OpenAPI document."""
@@ -208,6 +241,7 @@ def document() -> dict[str, Any]:
                 "Patient": PATIENT,
                 "PatientInput": PATIENT_IN,
                 "Image": IMAGE,
+                "ImageChange": IMAGE_CHANGE,
                 "Conflict": CONFLICT,
                 "AuditEntry": AUDIT,
                 "Problem": PROBLEM_SCHEMA,
@@ -287,7 +321,19 @@ def document() -> dict[str, Any]:
                 },
             },
             "/api/v1/images/{id}": {
-                "get": {"parameters": [ID], "responses": {"200": _json(_ref("Image")), **ERRORS}}
+                "get": {"parameters": [ID], "responses": {"200": _json(_ref("Image")), **ERRORS}},
+                "patch": {
+                    "summary": "Change orientation, tooth numbers or category (audited; pixels untouched)",
+                    "description": "Orientation is applied at render time: mirror left-right first, then"
+                    " rotate clockwise by `rotation`. Cached renderings of the old orientation are not"
+                    " served again.",
+                    "parameters": [ID],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("ImageChange")}},
+                    },
+                    "responses": {"200": _json(_ref("Image")), "422": PROBLEM, **ERRORS},
+                },
             },
             "/api/v1/images/{id}/file": {
                 "get": {
@@ -302,11 +348,24 @@ def document() -> dict[str, Any]:
             "/api/v1/images/{id}/thumbnail": {
                 "get": {
                     "summary": "Watermarked JPEG thumbnail, orientation applied",
-                    "parameters": [ID, {"name": "size", "in": "query", "schema": {"type": "integer"}}],
-                    "responses": {
-                        "200": {"description": "JPEG", "content": {"image/jpeg": {"schema": BINARY}}},
-                        **ERRORS,
-                    },
+                    "parameters": [
+                        ID,
+                        {
+                            "name": "size",
+                            "in": "query",
+                            "description": "Long edge in pixels (default [thumbnails] size)",
+                            "schema": {"type": "integer", "minimum": 16, "maximum": 2048},
+                        },
+                        IF_NONE_MATCH,
+                    ],
+                    "responses": {**RENDERING, **ERRORS},
+                }
+            },
+            "/api/v1/images/{id}/preview": {
+                "get": {
+                    "summary": "Larger watermarked JPEG for a viewer (long edge [thumbnails] preview_size)",
+                    "parameters": [ID, IF_NONE_MATCH],
+                    "responses": {**RENDERING, **ERRORS},
                 }
             },
             "/api/v1/conflicts": {
