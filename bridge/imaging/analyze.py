@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,31 +231,42 @@ def _pil_bits(fmt: str, img: Image.Image, data: bytes, pixels: Pixels) -> tuple[
 def _decode_pillow(data: bytes, fmt: str) -> Decoded:
     pil_format, ext, media_type = _PIL_FORMATS[fmt]
     try:
-        with Image.open(io.BytesIO(data), formats=[pil_format]) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ImagingError(f"image too large: {img.width}x{img.height} pixels (limit {MAX_PIXELS})")
-            frames = int(getattr(img, "n_frames", 1))
-            img.load()
-            mode = img.mode
-            if mode in ("P", "PA", "CMYK", "YCbCr"):
-                rgb = img.convert("RGB")
-                pixels = np.asarray(rgb)
-            elif mode == "1":
-                pixels = np.asarray(img.convert("L"))
-            else:
-                pixels = np.asarray(img)
-            bits, facts = _pil_bits(fmt, img, data, pixels)
-        if fmt == "png":
-            # Pillow stops at the last image data; verify() reads on to IEND and checks every CRC, so a
-            # file cut after its pixels (or with a damaged chunk) is still refused.
-            with Image.open(io.BytesIO(data), formats=[pil_format]) as check:
-                check.verify()
+        with warnings.catch_warnings():
+            # Pillow warns about damaged metadata (a camera's odd EXIF) and decodes on; damaged pixels
+            # raise. Only the latter refuse a file.
+            warnings.simplefilter("ignore")
+            return _decode_pillow_checked(data, fmt, pil_format, ext, media_type)
     except ImagingError:
         raise
+    except Image.DecompressionBombError:
+        raise ImagingError(f"image too large (limit {MAX_PIXELS} pixels)") from None
     except UnidentifiedImageError:
         raise ImagingError(f"corrupt {pil_format} file: its header cannot be read") from None
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         raise ImagingError(f"corrupt or truncated {pil_format} file: {exc}") from None
+
+
+def _decode_pillow_checked(data: bytes, fmt: str, pil_format: str, ext: str, media_type: str) -> Decoded:
+    """Decode with Pillow, restricted to the sniffed format (no other plugin parses untrusted bytes)."""
+    with Image.open(io.BytesIO(data), formats=[pil_format]) as img:
+        if img.width * img.height > MAX_PIXELS:
+            raise ImagingError(f"image too large: {img.width}x{img.height} pixels (limit {MAX_PIXELS})")
+        frames = int(getattr(img, "n_frames", 1))
+        img.load()
+        mode = img.mode
+        if mode in ("P", "PA", "CMYK", "YCbCr"):
+            rgb = img.convert("RGB")
+            pixels = np.asarray(rgb)
+        elif mode in ("1", "LA", "La"):
+            pixels = np.asarray(img.convert("L"))
+        else:
+            pixels = np.asarray(img)
+        bits, facts = _pil_bits(fmt, img, data, pixels)
+    if fmt == "png":
+        # Pillow stops at the last image data; verify() reads on to IEND and checks every CRC, so a
+        # file cut after its pixels (or with a damaged chunk) is still refused.
+        with Image.open(io.BytesIO(data), formats=[pil_format]) as check:
+            check.verify()
     lossy = fmt == "jpeg"
     facts["source_format"] = pil_format.lower()
     facts["mode"] = mode
@@ -266,7 +278,7 @@ def _decode_pillow(data: bytes, fmt: str) -> Decoded:
         if pixels.size and (int(pixels.min()) < 0 or int(pixels.max()) > 65535):
             raise ImagingError("unsupported pixels: 32-bit integer values beyond the 16-bit range")
         pixels, color = pixels.astype(np.uint16), False
-    elif mode in ("L", "1"):
+    elif mode in ("L", "1", "LA", "La"):
         color = False
     else:
         raise ImagingError(f"unsupported pixel format {mode} in {pil_format} file")

@@ -1,0 +1,282 @@
+"""Imaging without the store: decoding, colour and bit depth, display mapping, orientation, watermark."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bridge.imaging import synthetic
+from bridge.imaging.analyze import ImagingError, analyze, decode
+from bridge.imaging.render import (
+    RenderRequest,
+    Watermark,
+    render_decoded,
+    watermark_box,
+    window_lut,
+)
+from bridge.model import Category
+
+MARK = Watermark("NOT FOR DIAGNOSIS")
+RNG = np.random.default_rng(7)
+
+
+def pixels_of(data: bytes) -> np.ndarray[Any, Any]:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
+
+
+def render(data: bytes, **kwargs: Any) -> bytes:
+    """One rendering of a file, PNG by default so that pixel comparisons are exact."""
+    options: dict[str, Any] = {"size": None, "fmt": "PNG", **kwargs}
+    (out,) = render_decoded(decode(data), [RenderRequest(**options)])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Colour and bit depth, decided from the file
+
+
+@pytest.mark.parametrize("writer", [synthetic.png_bytes, synthetic.tiff_bytes])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_rgb_with_equal_channels_is_grey_and_a_colour_photo_is_colour(writer: Any, dtype: Any) -> None:
+    top = np.iinfo(dtype).max
+    grey = RNG.integers(0, top, (40, 50, 1), dtype=dtype)
+    grey_rgb = np.repeat(grey, 3, axis=2)
+    colour = grey_rgb.copy()
+    colour[10, 20, 0] = colour[10, 20, 1] ^ (top // 2 + 1)  # one pixel with colour is enough
+    rgba = np.concatenate([grey_rgb, np.full((40, 50, 1), top, dtype)], axis=2)
+
+    assert analyze(writer(grey_rgb)).color is False
+    assert analyze(writer(rgba)).color is False
+    assert analyze(writer(colour)).color is True
+    assert analyze(writer(grey_rgb)).category is Category.INTRAORAL_XRAY
+    assert analyze(writer(colour)).category is Category.PHOTO
+
+
+def test_jpeg_photo_is_colour_and_a_grey_jpeg_in_rgb_is_grey() -> None:
+    photo = synthetic.photo(400, 300)
+    out = io.BytesIO()
+    Image.fromarray(photo).save(out, "JPEG", quality=90)
+    facts = analyze(out.getvalue())
+    assert (facts.color, facts.category, facts.bits_stored, facts.file_ext) == (
+        True,
+        Category.PHOTO,
+        8,
+        "jpg",
+    )
+
+    grey = np.repeat(photo[..., :1], 3, axis=2)
+    out = io.BytesIO()
+    Image.fromarray(grey).save(out, "JPEG", quality=90)
+    assert analyze(out.getvalue()).color is False
+
+
+def test_bits_stored_follows_dicom_bits_stored_then_png_sbit_then_the_container() -> None:
+    deep = synthetic.intraoral(130, 100, bits=12)
+    assert analyze(synthetic.dicom_bytes(deep, bits_stored=12)).bits_stored == 12
+    assert analyze(synthetic.png_bytes(deep, sbit=12)).bits_stored == 12
+    assert analyze(synthetic.png_bytes(deep)).bits_stored == 16
+    assert analyze(synthetic.tiff_bytes(deep)).bits_stored == 16
+    assert analyze(synthetic.png_bytes((deep >> 4).astype(np.uint8))).bits_stored == 8
+    colour16 = RNG.integers(0, 65535, (20, 30, 3), dtype=np.uint16)
+    facts = analyze(synthetic.png_bytes(colour16))
+    assert (facts.color, facts.bits_stored) == (True, 16)
+
+
+def test_dicom_jpeg_baseline_colour_and_modality_category() -> None:
+    facts = analyze(synthetic.dicom_bytes(synthetic.photo(64, 48), jpeg_baseline=True, modality="XC"))
+    assert (facts.color, facts.category, facts.file_ext) == (True, Category.PHOTO, "dcm")
+    assert facts.attributes["lossy"] is True
+    pano = analyze(synthetic.dicom_bytes(synthetic.panoramic(300, 150), bits_stored=12, modality="PX"))
+    assert (pano.color, pano.category, pano.bits_stored) == (False, Category.PANORAMIC, 12)
+
+
+def test_a_wide_grey_image_without_a_label_is_taken_for_a_panoramic() -> None:
+    assert analyze(synthetic.png_bytes(synthetic.panoramic(1600, 800))).category is Category.PANORAMIC
+
+
+# ------------------------------------------------------------------------------------------------
+# Display mapping
+
+
+def test_dicom_window_is_recorded_and_applied_through_the_lookup_table() -> None:
+    values = np.array([[0, 1000, 1500, 2000], [2500, 3000, 3500, 4095]], np.uint16)
+    data = synthetic.dicom_bytes(values, bits_stored=12, window=(2000, 1000))
+    facts = analyze(data)
+    assert facts.attributes["window"] == {
+        "center": 2000.0,
+        "width": 1000.0,
+        "function": "LINEAR",
+        "source": "dicom",
+    }
+    shown = pixels_of(render(data))
+    # PS3.3 C.11.2.1.2.1: below c - 0.5 - (w-1)/2 black, above c - 0.5 + (w-1)/2 white, linear between.
+    expected = np.clip(((values - 1999.5) / 999.0 + 0.5), 0, 1) * 255
+    assert np.array_equal(shown, np.rint(expected).astype(np.uint8))
+    assert shown[0, 0] == 0 and shown[1, 3] == 255 and shown[0, 3] == 128
+
+
+def test_rescale_slope_and_intercept_come_before_the_window() -> None:
+    values = np.array([[0, 100, 200, 300]], np.uint16)
+    data = synthetic.dicom_bytes(values, bits_stored=12, window=(0, 400), rescale=(2.0, -200.0))
+    shown = pixels_of(render(data))  # modality values -200, 0, 200, 400
+    assert shown[0, 0] == 0 and shown[0, 3] == 255 and shown[0, 1] in (127, 128)
+
+
+def test_monochrome1_is_inverted() -> None:
+    values = synthetic.intraoral(64, 48, bits=12)
+    normal = pixels_of(render(synthetic.dicom_bytes(values, bits_stored=12, window=(2048, 4096))))
+    inverted = pixels_of(
+        render(synthetic.dicom_bytes(values, bits_stored=12, window=(2048, 4096), photometric="MONOCHROME1"))
+    )
+    assert np.array_equal(inverted.astype(np.int32), 255 - normal.astype(np.int32))
+
+
+def test_deep_image_without_window_gets_a_robust_percentile_window() -> None:
+    values = synthetic.intraoral(200, 150, bits=12)
+    values[0, 0] = 65535  # one hot pixel must not squash the whole image into black
+    data = synthetic.png_bytes(values)
+    window = analyze(data).attributes["window"]
+    assert window["source"] == "auto"
+    assert window["center"] - window["width"] / 2 > 0 and window["center"] + window["width"] / 2 < 4096
+    shown = pixels_of(render(data))
+    assert shown.min() == 0 and shown.max() == 255
+    assert np.percentile(shown, 50) > 20
+
+
+def test_window_lut_covers_every_stored_value() -> None:
+    from bridge.imaging.analyze import Window
+
+    lut = window_lut(65536, Window(2048, 4096), 1.0, 0.0, 0, False)
+    assert lut.shape == (65536,) and lut.dtype == np.uint8
+    assert lut[0] == 0 and lut[4095] == 255 and np.all(np.diff(lut.astype(np.int32)) >= 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Orientation: mirror left-right first, then rotate clockwise
+
+
+ORIENTATIONS = [(rotation, mirrored) for rotation in (0, 90, 180, 270) for mirrored in (False, True)]
+
+
+def expected_orientation(pixels: np.ndarray[Any, Any], rotation: int, mirrored: bool) -> np.ndarray[Any, Any]:
+    oriented = np.fliplr(pixels) if mirrored else pixels
+    return np.rot90(oriented, k=-(rotation // 90))  # negative k: clockwise
+
+
+@pytest.mark.parametrize(("rotation", "mirrored"), ORIENTATIONS)
+def test_all_eight_orientations_of_an_asymmetric_pattern(rotation: int, mirrored: bool) -> None:
+    pattern = synthetic.quadrants(96, 64)
+    pattern[5:9, 3:30] = (0, 0, 0)  # a bar near the top-left makes even the quadrant layout unambiguous
+    shown = pixels_of(render(synthetic.png_bytes(pattern), rotation=rotation, mirrored=mirrored))
+    assert np.array_equal(shown, expected_orientation(pattern, rotation, mirrored))
+
+
+def test_the_eight_orientations_are_all_different() -> None:
+    data = synthetic.png_bytes(synthetic.quadrants(96, 64))
+    renders = {render(data, rotation=r, mirrored=m) for r, m in ORIENTATIONS}
+    assert len(renders) == 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Size and watermark
+
+
+def test_thumbnail_long_edge_and_jpeg() -> None:
+    data = synthetic.png_bytes(synthetic.panoramic(1200, 600))
+    (out,) = render_decoded(decode(data), [RenderRequest(256, 90, False, MARK)])
+    with Image.open(io.BytesIO(out)) as img:
+        assert (img.format, img.size) == ("JPEG", (128, 256))
+
+
+@pytest.mark.parametrize("position", ["bottom-left", "bottom-right", "top-left", "top-right", "center"])
+def test_watermark_changes_its_region_and_nothing_else(position: str) -> None:
+    mark = Watermark("NOT FOR DIAGNOSIS", position=position)
+    data = synthetic.png_bytes(synthetic.intraoral(320, 240, bits=12))
+    plain = pixels_of(render(data, size=256)).astype(np.int32)
+    stamped = pixels_of(render(data, size=256, watermark=mark)).astype(np.int32)
+    left, top, right, bottom = watermark_box(mark, plain.shape[1], plain.shape[0])
+    inside = np.abs(stamped[top:bottom, left:right] - plain[top:bottom, left:right])
+    assert inside.mean() > 20
+    outside = stamped.copy()
+    outside[top:bottom, left:right] = plain[top:bottom, left:right]
+    assert np.array_equal(outside, plain)
+
+
+def test_watermark_with_logo_turns_a_grey_thumbnail_into_colour() -> None:
+    logo = np.zeros((20, 20, 4), np.uint8)
+    logo[..., 0] = 255
+    logo[..., 3] = 255
+    mark = Watermark("NOT FOR DIAGNOSIS", logo_png=synthetic.png_bytes(logo))
+    data = synthetic.png_bytes(synthetic.intraoral(320, 240, bits=12))
+    with Image.open(io.BytesIO(render(data, size=256, watermark=mark))) as img:
+        assert img.mode == "RGB"
+        left, top, _right, bottom = watermark_box(mark, img.width, img.height)
+        red, green, _blue = np.asarray(img)[(top + bottom) // 2, left + 4].astype(int)
+    assert red - green > 100
+
+
+def test_watermark_version_changes_with_every_setting() -> None:
+    versions = {
+        MARK.version,
+        Watermark("OTHER").version,
+        Watermark("NOT FOR DIAGNOSIS", position="top-right").version,
+        Watermark("NOT FOR DIAGNOSIS", opacity=0.5).version,
+        Watermark("NOT FOR DIAGNOSIS", logo_png=b"\x89PNG...").version,
+    }
+    assert len(versions) == 5
+
+
+@pytest.mark.parametrize("fmt", ["JPG", "PNG", "TIF"])
+def test_export_formats(fmt: str) -> None:
+    data = synthetic.png_bytes(synthetic.quadrants(96, 64))
+    out = render(data, fmt=fmt, rotation=90, quality=95)
+    with Image.open(io.BytesIO(out)) as img:
+        assert img.format == {"JPG": "JPEG", "PNG": "PNG", "TIF": "TIFF"}[fmt]
+        assert img.size == (64, 96)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: the reason is named
+
+
+def _truncated_jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(synthetic.photo(200, 150)).save(out, "JPEG")
+    return out.getvalue()[:-400]
+
+
+def _bad_crc_png() -> bytes:
+    data = bytearray(synthetic.png_bytes(synthetic.intraoral(60, 40)))
+    data[40] ^= 0xFF  # inside IDAT: its CRC no longer matches
+    return bytes(data)
+
+
+PNG16 = synthetic.png_bytes(synthetic.intraoral(60, 40))
+DICOM = synthetic.dicom_bytes(synthetic.intraoral(60, 40), bits_stored=12)
+BAD_FILES = {
+    "empty": (b"", "empty"),
+    "text": (b"hello, this is not an image", "not an image"),
+    "gif": (b"GIF89a" + b"\x00" * 100, "unsupported image format GIF"),
+    "bmp": (b"BM" + b"\x00" * 100, "unsupported image format BMP"),
+    "png cut in its pixels": (PNG16[: len(PNG16) // 2], "truncated PNG"),
+    "png without IEND": (PNG16[:-12], "PNG"),
+    "png with a bad CRC": (_bad_crc_png(), "PNG"),
+    "png header only": (PNG16[:20], "PNG"),
+    "jpeg cut short": (_truncated_jpeg(), "truncated JPEG"),
+    "tiff cut short": (synthetic.tiff_bytes(synthetic.intraoral(60, 40))[:2000], "TIFF"),
+    "dicom cut in its pixels": (DICOM[:-500], "DICOM"),
+    "dicom without pixels": (DICOM[:400], "DICOM"),
+    "float tiff": (b"II*\x00" + b"\x00" * 4, "TIFF"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_files_are_refused_with_a_reason(name: str) -> None:
+    data, reason = BAD_FILES[name]
+    with pytest.raises(ImagingError, match=reason):
+        analyze(data)

@@ -1,0 +1,360 @@
+"""Imaging through the REST API and the store (SQLite and PostgreSQL): lossless round trips, cached
+watermarked thumbnails and previews, orientation changes, and refusals that leave nothing behind."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from aiohttp import FormData
+from PIL import Image
+
+from bridge.config import Settings
+from bridge.imaging import synthetic
+from bridge.imaging.pipeline import Imaging
+from bridge.model import Origin
+from bridge.runtime import Runtime
+from bridge.service import Refused
+from bridge.web.openapi import document
+
+ORIGIN = Origin(protocol="test", transport="api", workstation="WS1", actor="pytest")
+_patients = 0
+
+
+async def new_patient(client: Any) -> int:
+    """A new patient (a fresh PMS id each time)."""
+    global _patients
+    _patients += 1
+    body = {"pms_system": "PVS1", "pms_id": f"{_patients:04d}", "last_name": "Muster", "first_name": "Eva"}
+    response = await client.post("/api/v1/patients", json=body)
+    assert response.status == 201, await response.text()
+    return int((await response.json())["id"])
+
+
+async def upload(client: Any, patient_id: int, *files: tuple[str, bytes], **fields: str) -> Any:
+    form = FormData()
+    for name, data in files:
+        form.add_field("file", io.BytesIO(data), filename=name, content_type="application/octet-stream")
+    for key, value in fields.items():
+        form.add_field(key, value)
+    return await client.post(f"/api/v1/patients/{patient_id}/images", data=form)
+
+
+async def upload_one(client: Any, data: bytes, name: str = "image", **fields: str) -> dict[str, Any]:
+    patient_id = await new_patient(client)
+    response = await upload(client, patient_id, (name, data), **fields)
+    assert response.status == 201, await response.text()
+    items: list[dict[str, Any]] = (await response.json())["items"]
+    return items[0]
+
+
+def stored_files(settings: Settings) -> list[Path]:
+    """Every file under the images folder (originals and cached renderings alike)."""
+    root = settings.store.images
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def jpeg_pixels(data: bytes) -> np.ndarray[Any, Any]:
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "JPEG"
+        return np.asarray(img.convert("RGB")).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lossless originals
+
+
+async def test_16_bit_png_round_trips_bit_exact(api_client: Any) -> None:
+    values = np.random.default_rng(3).integers(0, 65536, (300, 400), dtype=np.uint16)
+    values[0, :4] = (0, 1, 65534, 65535)
+    data = synthetic.png_bytes(values)
+    image = await upload_one(api_client, data, "xray.png")
+    assert (image["width"], image["height"], image["bits_stored"], image["color"]) == (400, 300, 16, False)
+
+    response = await api_client.get(f"/api/v1/images/{image['id']}/file")
+    assert response.status == 200 and response.headers["Content-Type"] == "image/png"
+    returned = await response.read()
+    assert returned == data
+    with Image.open(io.BytesIO(returned)) as img:
+        assert np.array_equal(np.asarray(img).astype(np.uint16), values)
+
+
+@pytest.mark.parametrize("kind", ["dicom", "tiff"])
+async def test_12_bit_dicom_and_16_bit_tiff_round_trip_bit_exact(api_client: Any, kind: str) -> None:
+    values = synthetic.intraoral(260, 200, bits=12)
+    if kind == "dicom":
+        data = synthetic.dicom_bytes(values, bits_stored=12, window=(2000, 3000))
+    else:
+        data = synthetic.tiff_bytes(values)
+    image = await upload_one(api_client, data)
+    assert image["bits_stored"] == (12 if kind == "dicom" else 16)
+    returned = await (await api_client.get(f"/api/v1/images/{image['id']}/file")).read()
+    assert returned == data
+    if kind == "dicom":
+        assert np.array_equal(pydicom.dcmread(io.BytesIO(returned)).pixel_array, values)
+    else:
+        with Image.open(io.BytesIO(returned)) as img:
+            assert np.array_equal(np.asarray(img).astype(np.uint16), values)
+
+
+async def test_colour_photo_stays_colour_and_grey_in_rgb_is_grey(api_client: Any) -> None:
+    photo = await upload_one(api_client, synthetic.png_bytes(synthetic.photo(400, 300)), "photo.png")
+    assert (photo["color"], photo["category"], photo["bits_stored"]) == (True, "photo", 8)
+    thumb = jpeg_pixels(await (await api_client.get(f"/api/v1/images/{photo['id']}/thumbnail")).read())
+    spread = thumb.max(axis=2) - thumb.min(axis=2)
+    assert spread.mean() > 50  # still colour after rendering
+
+    grey = np.repeat(synthetic.intraoral(200, 150, bits=8).astype(np.uint8)[..., None], 3, axis=2)
+    xray = await upload_one(api_client, synthetic.png_bytes(grey), "xray-rgb.png")
+    assert (xray["color"], xray["category"]) == (False, "intraoral-xray")
+
+
+async def test_upload_category_and_orientation_fields_win_over_the_guess(api_client: Any) -> None:
+    data = synthetic.png_bytes(synthetic.intraoral(200, 150))
+    image = await upload_one(api_client, data, category="cephalometric", rotation="90", mirrored="yes")
+    assert (image["category"], image["rotation"], image["mirrored"]) == ("cephalometric", 90, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: nothing stored, nothing left behind
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("cut.png", synthetic.png_bytes(synthetic.intraoral(120, 100))[:-300], "truncated PNG"),
+        ("scan.gif", b"GIF89a" + b"\x00" * 64, "unsupported image format GIF"),
+        ("cut.dcm", synthetic.dicom_bytes(synthetic.intraoral(120, 100), bits_stored=12)[:-999], "DICOM"),
+        ("notes.txt", b"just some text", "not an image"),
+    ],
+)
+async def test_bad_upload_is_refused_with_a_reason_and_leaves_nothing(
+    api_client: Any, runtime: Runtime, name: str, data: bytes, reason: str
+) -> None:
+    patient_id = await new_patient(api_client)
+    good = synthetic.png_bytes(synthetic.intraoral(100, 80))
+    response = await upload(api_client, patient_id, ("good.png", good), (name, data))
+    assert response.status == 422
+    problem = await response.json()
+    assert problem["type"].endswith(":bad-image")
+    assert name in problem["detail"] and reason in problem["detail"]
+    assert stored_files(runtime.settings) == []  # the good file of the same request went again
+    listing = await (await api_client.get(f"/api/v1/patients/{patient_id}/images")).json()
+    assert listing["items"] == []
+
+
+async def test_a_failed_store_insert_removes_the_files_it_wrote(runtime: Runtime, api_client: Any) -> None:
+    data = synthetic.png_bytes(synthetic.intraoral(100, 80))
+    with pytest.raises(Refused):  # no such patient: the store refuses after the file was ingested
+        await runtime.imaging.ingest_all(runtime.service, ORIGIN, 999_999, [("a.png", data)])
+    assert stored_files(runtime.settings) == []
+
+
+async def test_a_failed_insert_keeps_files_that_stored_images_use(runtime: Runtime, api_client: Any) -> None:
+    data = synthetic.png_bytes(synthetic.intraoral(100, 80))
+    kept = await upload_one(api_client, data)
+    before = stored_files(runtime.settings)
+    with pytest.raises(Refused):
+        await runtime.imaging.ingest_all(runtime.service, ORIGIN, 999_999, [("a.png", data)])
+    assert stored_files(runtime.settings) == before
+    assert (await api_client.get(f"/api/v1/images/{kept['id']}/file")).status == 200
+
+
+# ------------------------------------------------------------------------------------------------
+# Thumbnails and previews
+
+
+async def test_thumbnail_is_rendered_at_ingest_watermarked_and_cached(
+    api_client: Any, runtime: Runtime
+) -> None:
+    image = await upload_one(api_client, synthetic.dicom_bytes(synthetic.panoramic(900, 450), bits_stored=12))
+    view = await runtime.service.get_image(ORIGIN, image["id"])
+    assert view is not None
+    cached = runtime.imaging.thumbnail_path(view, 256)
+    assert cached.exists()  # before anybody asked for it
+
+    response = await api_client.get(f"/api/v1/images/{image['id']}/thumbnail")
+    assert response.status == 200 and response.content_type == "image/jpeg"
+    body = await response.read()
+    assert body == cached.read_bytes()
+    assert jpeg_pixels(body).shape[:2] == (128, 256)
+    assert response.headers["Cache-Control"] == "private, no-cache"
+
+    small = await api_client.get(f"/api/v1/images/{image['id']}/thumbnail?size=64")
+    assert jpeg_pixels(await small.read()).shape[:2] == (32, 64)
+    assert (await api_client.get(f"/api/v1/images/{image['id']}/thumbnail?size=9999")).status == 400
+
+
+async def test_etag_answers_304_until_the_orientation_changes(api_client: Any) -> None:
+    image = await upload_one(api_client, synthetic.png_bytes(synthetic.intraoral(300, 200)))
+    url = f"/api/v1/images/{image['id']}/thumbnail"
+    first = await api_client.get(url)
+    etag = first.headers["ETag"]
+    again = await api_client.get(url, headers={"If-None-Match": etag})
+    assert again.status == 304 and again.headers["ETag"] == etag and await again.read() == b""
+    assert (await api_client.get(url, headers={"If-None-Match": f'"other", W/{etag}'})).status == 304
+
+    await api_client.patch(f"/api/v1/images/{image['id']}", json={"rotation": 180})
+    changed = await api_client.get(url, headers={"If-None-Match": etag})
+    assert changed.status == 200 and changed.headers["ETag"] != etag
+
+
+async def test_change_of_orientation_renders_anew_and_is_audited(api_client: Any, runtime: Runtime) -> None:
+    pattern = synthetic.quadrants(300, 200)
+    image = await upload_one(api_client, synthetic.png_bytes(pattern))
+    url = f"/api/v1/images/{image['id']}/thumbnail"
+    before = await (await api_client.get(url)).read()
+
+    response = await api_client.patch(
+        f"/api/v1/images/{image['id']}", json={"rotation": 90, "mirrored": True}
+    )
+    assert response.status == 200
+    changed = await response.json()
+    assert (changed["rotation"], changed["mirrored"]) == (90, True)
+
+    after = await (await api_client.get(url)).read()
+    assert after != before
+    assert jpeg_pixels(before).shape[:2] == (171, 256) and jpeg_pixels(after).shape[:2] == (256, 171)
+    audit = await (await api_client.get(f"/api/v1/audit?patient_id={image['patient_id']}")).json()
+    updates = [e for e in audit["items"] if e["action"] == "image.update"]
+    assert len(updates) == 1 and updates[0]["image_id"] == image["id"]
+    assert "rotation 0 -> 90" in updates[0]["detail"] and "mirrored False -> True" in updates[0]["detail"]
+
+
+QUADRANT_COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
+# Which colour ends up in each corner (top-left, top-right, bottom-right, bottom-left): mirror, then
+# rotate clockwise. The pattern is red, green, blue, white clockwise from the top left.
+CORNERS = {
+    (0, False): ("red", "green", "blue", "white"),
+    (90, False): ("white", "red", "green", "blue"),
+    (180, False): ("blue", "white", "red", "green"),
+    (270, False): ("green", "blue", "white", "red"),
+    (0, True): ("green", "red", "white", "blue"),
+    (90, True): ("blue", "green", "red", "white"),
+    (180, True): ("white", "blue", "green", "red"),
+    (270, True): ("red", "white", "blue", "green"),
+}
+
+
+async def test_all_eight_orientations_through_the_api(api_client: Any) -> None:
+    image = await upload_one(api_client, synthetic.png_bytes(synthetic.quadrants(300, 200)))
+    seen = set()
+    for (rotation, mirrored), corners in CORNERS.items():
+        response = await api_client.patch(
+            f"/api/v1/images/{image['id']}", json={"rotation": rotation, "mirrored": mirrored}
+        )
+        assert response.status == 200
+        thumb = jpeg_pixels(await (await api_client.get(f"/api/v1/images/{image['id']}/thumbnail")).read())
+        height, width = thumb.shape[:2]
+        assert (width > height) == (rotation in (0, 180))
+        points = [(height // 4, width // 4), (height // 4, 3 * width // 4)]
+        points += [(3 * height // 4, 3 * width // 4), (3 * height // 4, width // 4)]
+        for (y, x), name in zip(points, corners, strict=True):
+            assert np.abs(thumb[y, x] - QUADRANT_COLOURS[name]).max() < 40, (rotation, mirrored, name)
+        seen.add(corners)
+    assert len(seen) == 8
+
+
+async def test_preview_is_larger_watermarked_and_cached(api_client: Any, runtime: Runtime) -> None:
+    image = await upload_one(api_client, synthetic.png_bytes(synthetic.photo(2000, 1500)))
+    response = await api_client.get(f"/api/v1/images/{image['id']}/preview")
+    assert response.status == 200 and "ETag" in response.headers
+    preview = jpeg_pixels(await response.read())
+    assert preview.shape[:2] == (768, 1024)
+    view = await runtime.service.get_image(ORIGIN, image["id"])
+    assert view is not None
+    assert (await runtime.imaging.preview(view)).exists()
+
+
+async def test_watermark_on_the_thumbnail_against_an_unwatermarked_render(
+    api_client: Any, runtime: Runtime
+) -> None:
+    from bridge.imaging.analyze import decode
+    from bridge.imaging.render import RenderRequest, render_decoded, watermark_box
+
+    data = synthetic.png_bytes(synthetic.intraoral(512, 384, bits=12))
+    image = await upload_one(api_client, data)
+    thumb = jpeg_pixels(await (await api_client.get(f"/api/v1/images/{image['id']}/thumbnail")).read())
+    (unmarked,) = render_decoded(
+        decode(data), [RenderRequest(256, quality=runtime.settings.thumbnails.quality)]
+    )
+    plain = jpeg_pixels(unmarked)
+    assert plain.shape == thumb.shape == (192, 256, 3)
+    left, top, right, bottom = watermark_box(runtime.imaging.watermark, 256, 192)
+    inside = np.abs(thumb[top:bottom, left:right] - plain[top:bottom, left:right]).mean()
+    outside = np.abs(thumb[: top - 8] - plain[: top - 8]).max()  # JPEG blocks next to the stamp may differ
+    assert inside > 20 and outside <= 2
+
+
+async def test_a_new_watermark_renders_anew(runtime: Runtime, make_settings: Any, api_client: Any) -> None:
+    image = await upload_one(api_client, synthetic.png_bytes(synthetic.intraoral(300, 200)))
+    view = await runtime.service.get_image(ORIGIN, image["id"])
+    assert view is not None
+    other_settings = make_settings(thumbnails={"watermark": "COPY ONLY", "watermark_position": "top-right"})
+    other = Imaging(runtime.files, other_settings.thumbnails, runtime.imaging.cache_dir, workers=1)
+    try:
+        assert other.watermark_version != runtime.imaging.watermark_version
+        assert not other.thumbnail_path(view, 256).exists()
+        path = await other.thumbnail(view)
+        assert path.exists() and path != await runtime.imaging.thumbnail(view)
+        assert path.read_bytes() != runtime.imaging.thumbnail_path(view, 256).read_bytes()
+    finally:
+        other.close()
+
+
+async def test_export_bytes_for_pms_exports(api_client: Any, runtime: Runtime) -> None:
+    image = await upload_one(api_client, synthetic.png_bytes(synthetic.quadrants(300, 200)), rotation="270")
+    view = await runtime.service.get_image(ORIGIN, image["id"])
+    assert view is not None
+    for fmt, pil in (("JPG", "JPEG"), ("PNG", "PNG"), ("TIF", "TIFF")):
+        data = await runtime.imaging.export_bytes(view, fmt, watermark=True)
+        with Image.open(io.BytesIO(data)) as img:
+            assert (img.format, img.size) == (pil, (200, 300))
+    with pytest.raises(ValueError, match="export format"):
+        await runtime.imaging.export_bytes(view, "GIF", watermark=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# PATCH validation and the OpenAPI document
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        ({"rotation": 45}, 422, "rotation must be"),
+        ({"rotation": "90"}, 422, "rotation must be"),
+        ({"mirrored": "yes"}, 422, "mirrored must be"),
+        ({"tooth_numbers": [11, 99]}, 422, "99 is not an FDI tooth number"),
+        ({"category": "selfie"}, 422, "category must be one of"),
+        ({"width": 10}, 422, "cannot change width"),
+        ({}, 422, "nothing to change"),
+        ([], 400, "JSON object"),
+    ],
+)
+async def test_patch_refuses_bad_changes(api_client: Any, body: Any, status: int, detail: str) -> None:
+    image = await upload_one(api_client, synthetic.png_bytes(synthetic.intraoral(60, 40)))
+    response = await api_client.patch(f"/api/v1/images/{image['id']}", json=body)
+    assert response.status == status
+    assert detail in (await response.json())["detail"]
+
+
+async def test_patch_teeth_and_category_and_unknown_image(api_client: Any) -> None:
+    image = await upload_one(api_client, synthetic.png_bytes(synthetic.intraoral(60, 40)))
+    response = await api_client.patch(
+        f"/api/v1/images/{image['id']}", json={"tooth_numbers": [11, 21], "category": "intraoral-xray"}
+    )
+    assert (await response.json())["tooth_numbers"] == [11, 21]
+    assert (await api_client.get(f"/api/v1/images/{image['id']}")).status == 200
+    assert (await api_client.patch("/api/v1/images/987654", json={"rotation": 90})).status == 404
+    assert (await api_client.get("/api/v1/images/987654/thumbnail")).status == 404
+
+
+def test_openapi_documents_the_imaging_routes() -> None:
+    paths = document()["paths"]
+    assert "patch" in paths["/api/v1/images/{id}"]
+    assert {"200", "304"} <= set(paths["/api/v1/images/{id}/thumbnail"]["get"]["responses"])
+    assert {"200", "304"} <= set(paths["/api/v1/images/{id}/preview"]["get"]["responses"])
