@@ -83,6 +83,17 @@ def cmd_reconcile(ns: argparse.Namespace) -> int:
     return reconcile(load_settings(ns.config))
 
 
+def cmd_import(ns: argparse.Namespace) -> int:
+    from bridge.dicom.commands import run_import
+
+    return run_import(ns.config, ns.paths, as_json=ns.json)
+
+
+def _import_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files, folders, DICOMDIR file sets")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
 def cmd_replay(ns: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
@@ -136,6 +147,7 @@ COMMANDS: dict[str, Command] = {
         _no_args,
     ),
     "reconcile": ("re-check every image file against its SHA-256", cmd_reconcile, _no_args),
+    "import": ("import DICOM files, folders and DICOMDIR file sets", cmd_import, _import_args),
     "replay": (
         "replay captured PMS messages and compare answers and store effects",
         cmd_replay,

@@ -108,24 +108,30 @@ class Imaging:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor(), functools.partial(fn, *args, **kwargs))
 
+    async def run_in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in the imaging process pool: CPU work of other packages (DICOM headers and
+        volumes), so one pool sized to the machine serves all decoding."""
+        return await self._run(fn, *args)
+
     # ---------------------------------------------------------------------------------------------
     # Ingest
 
     def _request(self, size: int, rotation: int, mirrored: bool) -> RenderRequest:
         return RenderRequest(size, rotation, mirrored, self.watermark, "JPEG", self.settings.quality)
 
-    async def ingest(self, data: bytes, **metadata: object) -> NewImage:
+    async def ingest(self, data: bytes, *, render: bool = True, **metadata: object) -> NewImage:
         """Check and describe `data` (in the pool), store it, cache its thumbnail and preview.
 
         The file is decoded completely before anything is written, so a corrupt or truncated file
         raises ImagingError and leaves nothing behind. The thumbnail and preview are rendered from the
         same decode, with the orientation in `metadata`, so a PMS's first request is served from disk.
+        `render=False` skips them (bulk imports): they are rendered and cached on first request.
         """
         rotation = metadata.get("rotation") or 0
         mirrored = bool(metadata.get("mirrored") or False)
         if not isinstance(rotation, int) or rotation not in (0, 90, 180, 270):
             raise ImagingError(f"rotation must be 0, 90, 180 or 270, got {rotation!r}")
-        sizes = (self.settings.size, self.settings.preview_size)
+        sizes = (self.settings.size, self.settings.preview_size) if render else ()
         requests = [self._request(size, rotation, mirrored) for size in sizes]
         facts: Analysis
         facts, renders = await self._run(analyze_and_render, data, requests)
@@ -156,6 +162,8 @@ class Imaging:
         origin: Origin,
         patient_id: int,
         files: Sequence[tuple[str, bytes]],
+        *,
+        render: bool = True,
         **metadata: object,
     ) -> list[ImageView]:
         """Ingest `files` (name, bytes) and add them to a patient, all or nothing.
@@ -168,7 +176,7 @@ class Imaging:
         try:
             for name, data in files:
                 try:
-                    new.append(await self.ingest(data, **metadata))
+                    new.append(await self.ingest(data, render=render, **metadata))
                 except ImagingError as exc:
                     raise ImagingError(f"{name or 'file'}: {exc}") from None
             return await service.add_images(origin, patient_id, new)
