@@ -219,6 +219,7 @@ class ImageDetails:
 
     image: ImageView
     attributes: dict[str, Any]
+    imported_at: datetime
     study_description: str
     study_date: datetime | None
     accession_number: str

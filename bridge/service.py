@@ -937,6 +937,7 @@ class BridgeService:
                 ImageDetails(
                     image=image_view_row(row),
                     attributes=dict(row.attributes or {}),
+                    imported_at=row.imported_at,
                     study_description=row.study_description,
                     study_date=row.study_date,
                     accession_number=row.accession_number,

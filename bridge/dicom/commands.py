@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bridge.config import load_settings
+from bridge.dicom.export import ExportRefused, ExportReport, export_patient
 from bridge.dicom.importer import ImportAborted, Importer, ImportReport
 from bridge.model import Origin
 from bridge.runtime import Runtime
@@ -66,6 +67,70 @@ def run_import(config: str | None, paths: Sequence[str], *, as_json: bool) -> in
 async def _import(rt: Runtime, sources: list[tuple[str, str]]) -> ImportReport:
     try:
         return await Importer(rt, cli_origin("import"), concurrency=2 * _workers()).run(sources)
+    finally:
+        await rt.audit.flush()
+
+
+def run_export(
+    config: str | None,
+    *,
+    pms_id: str,
+    out: str,
+    profile: str,
+    mode: str,
+    pms_system: str | None,
+    practice_id: str | None,
+    as_json: bool,
+) -> int:
+    """`pms-bridge export-dicom`: write the file set; exit 1 if an image could not be exported."""
+    settings = load_settings(config)
+    rt = Runtime.build(settings, imaging_workers=_workers())
+    try:
+        report = asyncio.run(
+            _export(rt, pms_id, Path(out), profile, mode, pms_system=pms_system, practice_id=practice_id)
+        )
+    except ExportRefused as exc:
+        print(f"pms-bridge export-dicom: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        rt.close()
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        for item in report.written:
+            note = f" ({item.note})" if item.note else ""
+            print(f"exported  image {item.image_id} -> {'/'.join(item.file_id)} [{item.how}]{note}")
+        for kind, problems in (("skipped", report.skipped), ("error", report.errors)):
+            for problem in problems:
+                print(f"{kind:9} image {problem.image_id}: {problem.reason}")
+        print(
+            f"{len(report.written)} images written to {report.out} with its DICOMDIR; "
+            f"{len(report.skipped)} left out; {len(report.errors)} failed"
+        )
+    return EXIT_PROBLEMS if report.errors else EXIT_OK
+
+
+async def _export(
+    rt: Runtime,
+    pms_id: str,
+    out: Path,
+    profile: str,
+    mode: str,
+    *,
+    pms_system: str | None,
+    practice_id: str | None,
+) -> ExportReport:
+    try:
+        return await export_patient(
+            rt,
+            cli_origin("export"),
+            pms_id=pms_id,
+            out=out,
+            profile=profile,
+            mode=mode,
+            pms_system=pms_system,
+            practice_id=practice_id,
+        )
     finally:
         await rt.audit.flush()
 

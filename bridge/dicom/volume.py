@@ -26,19 +26,40 @@ import numpy as np
 from bridge import __version__
 from bridge.dicom import read
 
-# Attributes of the slices that belong at the top level of the volume (patient, study, series, frame of
-# reference, equipment); taken from the first slice, and required to agree across the series.
+# Attributes of the slices that belong at the top level of the volume: the Patient, Patient Study, General
+# Study, General Series, Frame of Reference and General Equipment modules (PS3.3 C.7), the same for every
+# slice of a series; validators compare them across the files of a patient, study and series.
 _TOP_LEVEL = (
     "SpecificCharacterSet",
+    "TimezoneOffsetFromUTC",
+    # Patient
     "PatientName",
     "PatientID",
     "IssuerOfPatientID",
     "PatientBirthDate",
+    "PatientBirthTime",
     "PatientSex",
     "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "EthnicGroup",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    # Patient Study
+    "AdmittingDiagnosesDescription",
     "PatientAge",
     "PatientSize",
     "PatientWeight",
+    "Occupation",
+    "AdditionalPatientHistory",
+    "MedicalAlerts",
+    "Allergies",
+    "SmokingStatus",
+    "PregnancyStatus",
+    "LastMenstrualDate",
+    "PatientState",
+    # General Study
     "StudyInstanceUID",
     "StudyDate",
     "StudyTime",
@@ -46,6 +67,11 @@ _TOP_LEVEL = (
     "StudyID",
     "AccessionNumber",
     "StudyDescription",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "ReferencedStudySequence",
+    "ProcedureCodeSequence",
+    # General Series
     "SeriesInstanceUID",
     "SeriesNumber",
     "SeriesDescription",
@@ -57,8 +83,16 @@ _TOP_LEVEL = (
     "ProtocolName",
     "OperatorsName",
     "PerformingPhysicianName",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "PerformedProcedureStepID",
+    "PerformedProcedureStepDescription",
+    "RequestAttributesSequence",
+    "ReferencedPerformedProcedureStepSequence",
+    # Frame of Reference
     "FrameOfReferenceUID",
     "PositionReferenceIndicator",
+    # General Equipment
     "Manufacturer",
     "InstitutionName",
     "InstitutionAddress",
@@ -67,7 +101,9 @@ _TOP_LEVEL = (
     "ManufacturerModelName",
     "DeviceSerialNumber",
     "SoftwareVersions",
-    "TimezoneOffsetFromUTC",
+    "SpatialResolution",
+    "DateOfLastCalibration",
+    "TimeOfLastCalibration",
 )
 # What the slices must share to be one volume.
 _MUST_AGREE = (

@@ -100,3 +100,32 @@ def write(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(to_bytes(ds))
     return path
+
+
+def intraoral_object(**attributes: Any) -> Dataset:
+    """A complete Digital Intra-Oral X-Ray Image For Presentation as a sensor writes it (dciodvfy-clean):
+    tooth 12, maxilla, 20 micrometre pixels."""
+    ds = dental_dataset(
+        teeth=[("424877001", "SCT", "Permanent maxillary right lateral incisor tooth")],
+        ImageType=["ORIGINAL", "PRIMARY", ""],
+        PresentationIntentType="FOR PRESENTATION",
+        PatientOrientation=["L", "F"],
+        BurnedInAnnotation="NO",
+        ImageLaterality="R",
+        PixelIntensityRelationship="LIN",
+        PixelIntensityRelationshipSign=1,
+        RescaleIntercept="0",
+        RescaleSlope="1",
+        RescaleType="US",
+        LossyImageCompression="00",
+        PresentationLUTShape="IDENTITY",
+        WindowCenter="2048",
+        WindowWidth="4096",
+        DetectorType="DIRECT",
+        ImagerPixelSpacing=["0.02", "0.02"],
+        PositionerType="NONE",
+        AcquisitionContextSequence=Sequence([]),
+        AnatomicRegionSequence=Sequence([code("70925003", "SCT", "Maxilla")]),
+        **attributes,
+    )
+    return ds
