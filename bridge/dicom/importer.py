@@ -1,15 +1,20 @@
 """An import of DICOM media into the store: `pms-bridge import PATH...` and `POST /api/v1/import`.
 
-1. Find the files (fileset) and read their headers (read), in the imaging process pool.
+1. The files are found (fileset) in the imaging process pool; then each file's whole job runs in a pool
+   worker: its header is mapped (read), its pixels decoded completely (the integrity check), and it is
+   stored content-addressed, byte for byte (written atomically and flushed). Only facts come back: moving
+   a file's bytes between processes costs more than decoding it.
 2. Each distinct patient (PMS id and demographics as the files carry them) goes through the service as an
    IMPORT request: found by the identity rules, created only under `allow_patient_creation`, never
    updated from a file, a conflict refused with the service's reason.
 3. A SOP Instance UID already stored is "already imported" when the bytes are the same, and refused when
    they differ (another object must not hide under a stored UID).
-4. Each image goes through `Imaging.ingest_all`: decoded completely, stored byte for byte, added to the
-   patient in one transaction, or not at all. A CT series of single-slice files is stacked into one volume
-   first (volume); a series whose slices do not form one volume is imported slice by slice, and a series
-   with a damaged slice is not imported.
+4. A patient's images are added through `service.add_images` in batches, one transaction each; a batch the
+   store refuses is retried image by image, so one refused image does not hold back the others. An image
+   is added completely or not at all: the files of images that were not added are removed again (unless
+   a stored image has the same bytes).
+5. A CT series of single-slice files is stacked into one volume (volume) in a worker; a series whose slices
+   do not form one volume is imported slice by slice, and a series with a damaged slice is not imported.
 
 Every file ends in the report: imported, skipped (with the reason) or refused (with the reason).
 """
@@ -17,9 +22,8 @@ Every file ends in the report: imported, skipped (with the reason) or refused (w
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,18 +32,17 @@ from sqlalchemy.exc import IntegrityError
 
 from bridge.dicom import read, volume
 from bridge.dicom.fileset import Candidate, Problem, discover
-from bridge.imaging.analyze import ImagingError
-from bridge.model import Action, Category, Demographics, Origin, PatientRequest
+from bridge.imaging.analyze import Analysis, ImagingError, analyze
+from bridge.imaging.pipeline import new_image
+from bridge.model import Action, Category, Demographics, ImageView, NewImage, Origin, PatientRequest
 from bridge.service import Refused
 from bridge.store.db import is_unique_violation
+from bridge.store.files import FileStore
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
 
-log = logging.getLogger(__name__)
-
-HEADERS_PER_TASK = 32
-UID_BATCH = 500
+BATCH = 50  # images per transaction
 
 
 class ImportAborted(Exception):
@@ -99,25 +102,74 @@ class ImportReport:
 
 @dataclass(frozen=True)
 class Unreadable:
-    """A file whose header was refused: the problem, whether it is only skipped, its series if known."""
+    """A file that cannot be imported: the problem, whether it is only skipped, its series if known."""
 
     problem: Problem
     skipped: bool = False
     series_uid: str = ""
 
 
-def read_headers(
-    candidates: list[Candidate], id_tag: int, max_bytes: int
-) -> list[read.DicomFacts | Unreadable]:
-    """The facts of each candidate, or why it cannot be imported; runs in the pool."""
-    results: list[read.DicomFacts | Unreadable] = []
-    for candidate in candidates:
-        try:
-            results.append(read.read_header(candidate.path, candidate.display, id_tag, max_bytes))
-        except read.DicomError as exc:
-            problem = Problem(candidate.display, str(exc))
-            results.append(Unreadable(problem, isinstance(exc, read.NotAnImage), exc.series_uid))
-    return results
+@dataclass(frozen=True)
+class Stored:
+    """A file a pool worker decoded completely and stored: what the main process adds to the store."""
+
+    facts: read.DicomFacts
+    sha256: str
+    analysis: Analysis
+    size: int
+    sources: tuple[str, ...] = ()  # the slices of a CT volume
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The files this image came from, as reports name them."""
+        return self.sources or (self.facts.display,)
+
+    def new_image(self) -> NewImage:
+        return new_image(self.analysis, self.sha256, self.size, self.facts.ingest_metadata())
+
+
+def _store(facts: read.DicomFacts, data: bytes, store_root: str) -> Stored | Unreadable:
+    try:
+        analysis = analyze(data)
+    except ImagingError as exc:
+        return Unreadable(Problem(facts.display, str(exc)))
+    sha256, _path = FileStore(Path(store_root)).put(data, analysis.file_ext)
+    return Stored(facts, sha256, analysis, len(data))
+
+
+def prepare(
+    candidate: Candidate, id_tag: int, max_bytes: int, store_root: str
+) -> read.DicomFacts | Stored | Unreadable:
+    """One file's work in a pool worker: its facts (a CT slice stops there: it is stacked later), or the
+    file decoded and stored, or why it cannot be imported."""
+    try:
+        facts = read.read_header(candidate.path, candidate.display, id_tag, max_bytes)
+    except read.DicomError as exc:
+        problem = Problem(candidate.display, str(exc))
+        return Unreadable(problem, isinstance(exc, read.NotAnImage), exc.series_uid)
+    return facts if facts.is_ct_slice else store_file(facts, store_root)
+
+
+def store_file(facts: read.DicomFacts, store_root: str) -> Stored | Unreadable:
+    """A described file read, decoded and stored by a pool worker."""
+    try:
+        data = Path(facts.path).read_bytes()
+    except OSError as exc:
+        return Unreadable(Problem(facts.display, f"cannot be read: {exc.strerror or exc}"))
+    return _store(facts, data, store_root)
+
+
+def prepare_volume(
+    slices: list[tuple[str, str]], merged: read.DicomFacts, store_root: str
+) -> Stored | Unreadable:
+    """A CT series stacked into one volume, decoded and stored, in a pool worker (VolumeError when it
+    cannot be stacked)."""
+    stored = _store(merged, volume.build_volume(slices), store_root)
+    return (
+        replace(stored, sources=tuple(display for _path, display in slices))
+        if isinstance(stored, Stored)
+        else stored
+    )
 
 
 @dataclass
@@ -135,62 +187,54 @@ class Importer:
         self.settings = rt.settings.dicom
         self.report = ImportReport()
         self._slots = asyncio.Semaphore(max(1, concurrency))
-        self._volume_slot = asyncio.Semaphore(1)  # volumes hold a whole series in memory
         self._patients: dict[tuple[str, Demographics], _Patient] = {}
         self._patient_lock = asyncio.Lock()
-        self._stored: dict[str, tuple[int, str]] = {}
+        self._pending: dict[tuple[str, Demographics], list[Stored]] = defaultdict(list)
+        self._flush_locks: dict[tuple[str, Demographics], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._series: dict[tuple[str, str], list[read.DicomFacts]] = defaultdict(list)
+        self._damaged: dict[str, str] = {}  # series UID -> a damaged file of it
+        self._id_tag = 0
 
     async def run(self, sources: list[tuple[str, str]]) -> ImportReport:
         """Import `sources` (path, name to report it by); the report says what became of every file."""
         imaging = self.rt.imaging
         try:
-            id_tag, _keyword = await imaging.run_in_pool(read.resolve_id_tag, self.settings.patient_id_tag)
+            self._id_tag, _keyword = await imaging.run_in_pool(
+                read.resolve_id_tag, self.settings.patient_id_tag
+            )
         except ValueError as exc:
             raise ImportAborted(str(exc)) from None
         found = await imaging.run_in_pool(discover, sources)
         self.report.errors.extend(found.errors)
         self.report.skipped.extend(found.skipped)
-        chunks = [
-            found.candidates[i : i + HEADERS_PER_TASK]
-            for i in range(0, len(found.candidates), HEADERS_PER_TASK)
-        ]
-        max_bytes = self.settings.max_file_mb * 1024 * 1024
-        results = await asyncio.gather(
-            *(imaging.run_in_pool(read_headers, c, id_tag, max_bytes) for c in chunks)
-        )
-        singles: list[read.DicomFacts] = []
-        series: dict[tuple[str, str], list[read.DicomFacts]] = defaultdict(list)
-        damaged: dict[str, str] = {}  # series UID -> a damaged file of it
-        for result in (item for chunk in results for item in chunk):
-            if isinstance(result, read.DicomFacts):
-                if result.is_ct_slice:
-                    series[(result.series_uid, result.pms_id)].append(result)
-                else:
-                    singles.append(result)
-            else:
-                (self.report.skipped if result.skipped else self.report.errors).append(result.problem)
-                if result.series_uid:
-                    damaged.setdefault(result.series_uid, result.problem.path)
-        for key in [key for key in series if key[0] in damaged]:
-            self.report.errors.extend(
-                Problem(f.display, f"not imported: a slice of its CT series is damaged ({damaged[key[0]]})")
-                for f in series.pop(key)
-            )
-        uids = [f.sop_instance_uid for f in singles]
-        uids += [volume.volume_uid([f.sop_instance_uid for f in group]) for group in series.values()]
-        await self._load_stored(uids)
-        await asyncio.gather(
-            *(self._single(facts) for facts in singles),
-            *(self._series(group) for group in series.values()),
-        )
+        await asyncio.gather(*(self._file(candidate) for candidate in found.candidates))
+        await asyncio.gather(*(self._flush(key) for key in list(self._pending)))
+        await asyncio.gather(*(self._volume(group) for group in self._series.values()))
         for problems in (self.report.skipped, self.report.errors, self.report.notes):
             problems.sort(key=lambda item: item.path)
         self.report.imported.sort(key=lambda item: item.path)
         return self.report
 
-    async def _load_stored(self, uids: list[str]) -> None:
-        for start in range(0, len(uids), UID_BATCH):
-            self._stored.update(await self.rt.service.stored_instances(uids[start : start + UID_BATCH]))
+    async def _file(self, candidate: Candidate) -> None:
+        """Prepare one file in the pool and queue what it became."""
+        max_bytes = self.settings.max_file_mb * 1024 * 1024
+        root = str(self.rt.files.root)
+        async with self._slots:
+            result = await self.rt.imaging.run_in_pool(prepare, candidate, self._id_tag, max_bytes, root)
+        if isinstance(result, Unreadable):
+            (self.report.skipped if result.skipped else self.report.errors).append(result.problem)
+            if result.series_uid:
+                self._damaged.setdefault(result.series_uid, result.problem.path)
+        elif isinstance(result, Stored):
+            await self._queue(result)
+        else:
+            self._series[(result.series_uid, result.pms_id)].append(result)
+
+    async def _queue(self, stored: Stored) -> None:
+        key = (stored.facts.pms_id, stored.facts.demographics)
+        self._pending[key].append(stored)
+        if len(self._pending[key]) >= BATCH:
+            await self._flush(key)
 
     async def _patient(self, facts: read.DicomFacts) -> _Patient:
         """The patient a file belongs to, resolved once per (PMS id, demographics) through the service."""
@@ -215,133 +259,172 @@ class Importer:
                 self._patients[key] = known
         return known
 
-    def _duplicate(self, facts: read.DicomFacts, sop_uid: str, patient_id: int, sha256: str | None) -> bool:
-        """True when the instance is already stored (reported); a conflicting copy is an error."""
-        stored = self._stored.get(sop_uid)
-        if stored is None:
+    async def _flush(self, key: tuple[str, Demographics]) -> None:
+        """Add a patient's waiting images to the store; remove the files of those that were not added."""
+        async with self._flush_locks[key]:
+            batch, self._pending[key] = self._pending[key], []
+            if not batch:
+                return
+            patient = await self._patient(batch[0].facts)
+            added: list[Stored] = []
+            try:
+                if patient.patient_id is None:
+                    self.report.errors.extend(
+                        Problem(path, patient.problem) for s in batch for path in s.paths
+                    )
+                else:
+                    added = await self._add(patient.patient_id, batch)
+            finally:
+                await self._discard([s for s in batch if s not in added])
+
+    async def _add(self, patient_id: int, batch: list[Stored]) -> list[Stored]:
+        """Add the images of one patient that are not stored yet; the ones added."""
+        known = await self.rt.service.stored_instances([s.facts.sop_instance_uid for s in batch])
+        fresh: dict[str, Stored] = {}
+        for stored in batch:
+            uid = stored.facts.sop_instance_uid
+            if uid in known:
+                self._duplicate(stored.paths, uid, known[uid], patient_id, stored.sha256)
+            elif uid in fresh:  # the same instance twice in one import
+                self._duplicate(stored.paths, uid, (patient_id, fresh[uid].sha256), patient_id, stored.sha256)
+            else:
+                fresh[uid] = stored
+        todo = list(fresh.values())
+        if not todo:
+            return []
+        try:
+            views = await self.rt.service.add_images(self.origin, patient_id, [s.new_image() for s in todo])
+        except (Refused, IntegrityError) as exc:
+            if isinstance(exc, IntegrityError) and not is_unique_violation(exc):
+                raise
+            return [s for s in todo if await self._add_one(patient_id, s)]
+        await self._added(patient_id, todo, views)
+        return todo
+
+    async def _add_one(self, patient_id: int, stored: Stored) -> bool:
+        """Add one image on its own (its batch was refused); True when it was added."""
+        try:
+            views = await self.rt.service.add_images(self.origin, patient_id, [stored.new_image()])
+        except Refused as refused:
+            self.report.errors.append(Problem(stored.facts.display, refused.outcome.message))
             return False
-        stored_patient, stored_sha = stored
-        if stored_patient != patient_id:
-            self.report.errors.append(
-                Problem(facts.display, f"SOP Instance UID {sop_uid} is already stored for another patient")
-            )
-        elif sha256 is not None and stored_sha != sha256:
-            self.report.errors.append(
-                Problem(facts.display, f"SOP Instance UID {sop_uid} is already stored with other content")
-            )
-        else:
-            self.report.skipped.append(Problem(facts.display, "already imported"))
+        except IntegrityError as exc:  # stored meanwhile by another import
+            if not is_unique_violation(exc):
+                raise
+            uid = stored.facts.sop_instance_uid
+            found = await self.rt.service.stored_instances([uid])
+            if uid not in found:
+                raise
+            self._duplicate(stored.paths, uid, found[uid], patient_id, stored.sha256)
+            return False
+        await self._added(patient_id, [stored], views)
         return True
 
-    async def _single(self, facts: read.DicomFacts) -> None:
-        async with self._slots:
-            patient = await self._patient(facts)
-            if patient.patient_id is None:
-                self.report.errors.append(Problem(facts.display, patient.problem))
-                return
-            try:
-                data = await asyncio.to_thread(Path(facts.path).read_bytes)
-            except OSError as exc:
-                self.report.errors.append(Problem(facts.display, f"cannot be read: {exc.strerror or exc}"))
-                return
-            sha256 = hashlib.sha256(data).hexdigest()
-            if self._duplicate(facts, facts.sop_instance_uid, patient.patient_id, sha256):
-                return
-            await self._ingest(facts, patient.patient_id, data, files=1)
+    async def _added(self, patient_id: int, stored: list[Stored], views: list[ImageView]) -> None:
+        for item, view in zip(stored, views, strict=True):
+            self.report.imported.append(
+                Imported(
+                    path=item.facts.display,
+                    image_id=view.id,
+                    patient_id=patient_id,
+                    pms_id=item.facts.pms_id,
+                    category=view.category.value,
+                    frames=view.frames,
+                    files=len(item.paths),
+                )
+            )
+            if self.settings.render_at_import:  # the cached renderings a PMS asks for first
+                await self.rt.imaging.thumbnail(view)
+                await self.rt.imaging.preview(view)
 
-    async def _series(self, group: list[read.DicomFacts]) -> None:
+    def _duplicate(
+        self, paths: Sequence[str], uid: str, existing: tuple[int, str], patient_id: int, sha256: str | None
+    ) -> None:
+        """Report an instance already stored: skipped when it is the same, refused otherwise. `sha256`
+        None: the bytes need no comparing (a volume is the same whenever its slices are)."""
+        stored_patient, stored_sha = existing
+        if stored_patient != patient_id:
+            reason = f"SOP Instance UID {uid} is already stored for another patient"
+        elif sha256 is not None and stored_sha != sha256:
+            reason = f"SOP Instance UID {uid} is already stored with other content"
+        else:
+            self.report.skipped.extend(Problem(path, "already imported") for path in paths)
+            return
+        self.report.errors.extend(Problem(path, reason) for path in paths)
+
+    async def _discard(self, stored: Sequence[Stored]) -> None:
+        """Remove the files of images that were not added, unless a stored image has the same bytes."""
+        if not stored:
+            return
+        images = [s.new_image() for s in stored]
+        referenced = await self.rt.service.referenced_hashes([image.sha256 for image in images])
+        await self.rt.imaging.discard(images, referenced)
+
+    async def _volume(self, group: list[read.DicomFacts]) -> None:
         """Stack a CT series into one volume and import it; slice by slice when it is not one volume."""
         first = min(group, key=lambda f: f.display)
+        if first.series_uid in self._damaged:
+            damaged = self._damaged[first.series_uid]
+            self.report.errors.extend(
+                Problem(f.display, f"not imported: a slice of its CT series is damaged ({damaged})")
+                for f in group
+            )
+            return
+        uid = volume.volume_uid([f.sop_instance_uid for f in group])
         patient = await self._patient(first)
         if patient.patient_id is None:
             self.report.errors.extend(Problem(f.display, patient.problem) for f in group)
             return
-        uid = volume.volume_uid([f.sop_instance_uid for f in group])
-        if self._duplicate(first, uid, patient.patient_id, None):
-            self.report.skipped.extend(
-                Problem(f.display, "already imported") for f in group if f is not first
+        stored = (await self.rt.service.stored_instances([uid])).get(uid)
+        if stored is not None:  # the same slices always make the same volume: no need to stack them again
+            self._duplicate([f.display for f in group], uid, stored, patient.patient_id, None)
+            return
+        times = [f.captured_at for f in group if f.captured_at is not None]
+        merged = replace(
+            first,
+            sop_instance_uid=uid,
+            category=Category.CBCT,
+            frames=len(group),
+            captured_at=min(times) if times else None,
+            attributes={**first.attributes, "source_series": first.series_uid, "source_files": len(group)},
+        )
+        slices = [(f.path, f.display) for f in group]
+        root = str(self.rt.files.root)
+        try:
+            async with self._slots:
+                result = await self.rt.imaging.run_in_pool(prepare_volume, slices, merged, root)
+        except volume.NotOneVolume as exc:
+            self.report.notes.append(
+                Problem(
+                    exc.path,
+                    f"CT series {first.series_uid}: this slice {exc.reason}, so the series' {len(group)}"
+                    " slices are imported one by one rather than as one volume",
+                )
+            )
+            await asyncio.gather(*(self._slice(facts) for facts in group))
+            return
+        except volume.VolumeError as exc:
+            self.report.errors.append(Problem(exc.path, exc.reason))
+            self.report.errors.extend(
+                Problem(f.display, f"not imported: a slice of its CT series is damaged ({exc.path})")
+                for f in group
+                if f.display != exc.path
             )
             return
-        async with self._volume_slot:
-            try:
-                data = await self.rt.imaging.run_in_pool(
-                    volume.build_volume, [(f.path, f.display) for f in group]
-                )
-            except volume.NotOneVolume as exc:
-                self.report.notes.append(
-                    Problem(
-                        exc.path,
-                        f"CT series {first.series_uid}: this slice {exc.reason}, so the series' {len(group)}"
-                        " slices are imported one by one rather than as one volume",
-                    )
-                )
-                await asyncio.gather(*(self._single(facts) for facts in group))
-                return
-            except volume.VolumeError as exc:
-                self.report.errors.append(Problem(exc.path, exc.reason))
-                self.report.errors.extend(
-                    Problem(f.display, f"not imported: a slice of its CT series is damaged ({exc.path})")
-                    for f in group
-                    if f.display != exc.path
-                )
-                return
-            times = [f.captured_at for f in group if f.captured_at is not None]
-            merged = replace(
-                first,
-                sop_instance_uid=uid,
-                category=Category.CBCT,
-                frames=len(group),
-                captured_at=min(times) if times else None,
-                attributes={
-                    **first.attributes,
-                    "source_series": first.series_uid,
-                    "source_files": len(group),
-                },
-            )
-            await self._ingest(merged, patient.patient_id, data, files=len(group))
+        if isinstance(result, Unreadable):
+            self.report.errors.extend(Problem(f.display, result.problem.reason) for f in group)
+            return
+        key = (merged.pms_id, merged.demographics)
+        self._pending[key].append(result)
+        await self._flush(key)
 
-    async def _ingest(self, facts: read.DicomFacts, patient_id: int, data: bytes, *, files: int) -> None:
-        """Store one image through the imaging pipeline; a lost race on a new study is retried once."""
-        imaging = self.rt.imaging
-        for attempt in (1, 2):
-            try:
-                added = await imaging.ingest_all(
-                    self.rt.service,
-                    self.origin,
-                    patient_id,
-                    [(facts.display, data)],
-                    render=self.settings.render_at_import,
-                    **facts.ingest_metadata(),
-                )
-            except ImagingError as exc:
-                reason = str(exc).removeprefix(f"{facts.display}: ")
-                self.report.errors.append(Problem(facts.display, reason))
-                return
-            except Refused as refused:
-                self.report.errors.append(Problem(facts.display, refused.outcome.message))
-                return
-            except IntegrityError as exc:
-                # Two images of one new study or series arrived at once and the other created it first;
-                # or the same instance sits in the import twice. Look again and retry once.
-                if attempt == 2 or not is_unique_violation(exc):
-                    raise
-                await self._load_stored([facts.sop_instance_uid])
-                if self._duplicate(
-                    facts, facts.sop_instance_uid, patient_id, hashlib.sha256(data).hexdigest()
-                ):
-                    return
-                continue
-            view = added[0]
-            self._stored[view.sop_instance_uid] = (patient_id, view.sha256)
-            self.report.imported.append(
-                Imported(
-                    path=facts.display,
-                    image_id=view.id,
-                    patient_id=patient_id,
-                    pms_id=facts.pms_id,
-                    category=view.category.value,
-                    frames=view.frames,
-                    files=files,
-                )
-            )
+    async def _slice(self, facts: read.DicomFacts) -> None:
+        """A CT slice imported on its own: decoded and stored in the pool like any other file."""
+        async with self._slots:
+            result = await self.rt.imaging.run_in_pool(store_file, facts, str(self.rt.files.root))
+        if isinstance(result, Unreadable):
+            self.report.errors.append(result.problem)
             return
+        key = (facts.pms_id, facts.demographics)
+        self._pending[key].append(result)
+        await self._flush(key)

@@ -64,6 +64,26 @@ def _load_logo(path: Path | None) -> bytes | None:
     return data
 
 
+def new_image(facts: Analysis, sha256: str, size: int, metadata: dict[str, object]) -> NewImage:
+    """The image to add for a stored file: the facts decided from its pixels, then what the sender says
+    (`metadata`: NewImage fields; `attributes` are merged over the decoded ones)."""
+    fields: dict[str, object] = {"category": facts.category, "frames": facts.frames}
+    fields.update({k: v for k, v in metadata.items() if v is not None})
+    extra = metadata.get("attributes")
+    fields["attributes"] = {**facts.attributes, **(extra if isinstance(extra, dict) else {})}
+    return NewImage(
+        sha256=sha256,
+        file_ext=facts.file_ext,
+        media_type=facts.media_type,
+        size_bytes=size,
+        width=facts.width,
+        height=facts.height,
+        bits_stored=facts.bits_stored,
+        color=facts.color,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
 class Imaging:
     """Ingests image bytes into the file store and serves cached watermarked renderings.
 
@@ -119,19 +139,18 @@ class Imaging:
     def _request(self, size: int, rotation: int, mirrored: bool) -> RenderRequest:
         return RenderRequest(size, rotation, mirrored, self.watermark, "JPEG", self.settings.quality)
 
-    async def ingest(self, data: bytes, *, render: bool = True, **metadata: object) -> NewImage:
+    async def ingest(self, data: bytes, **metadata: object) -> NewImage:
         """Check and describe `data` (in the pool), store it, cache its thumbnail and preview.
 
         The file is decoded completely before anything is written, so a corrupt or truncated file
         raises ImagingError and leaves nothing behind. The thumbnail and preview are rendered from the
         same decode, with the orientation in `metadata`, so a PMS's first request is served from disk.
-        `render=False` skips them (bulk imports): they are rendered and cached on first request.
         """
         rotation = metadata.get("rotation") or 0
         mirrored = bool(metadata.get("mirrored") or False)
         if not isinstance(rotation, int) or rotation not in (0, 90, 180, 270):
             raise ImagingError(f"rotation must be 0, 90, 180 or 270, got {rotation!r}")
-        sizes = (self.settings.size, self.settings.preview_size) if render else ()
+        sizes = (self.settings.size, self.settings.preview_size)
         requests = [self._request(size, rotation, mirrored) for size in sizes]
         facts: Analysis
         facts, renders = await self._run(analyze_and_render, data, requests)
@@ -140,21 +159,7 @@ class Imaging:
             key = self.render_key(sha256, size, rotation, mirrored)
             await asyncio.to_thread(self._write_cache, self._cache_path(sha256, key), rendered)
             self._remember(key, rendered)
-        fields: dict[str, object] = {"category": facts.category, "frames": facts.frames}
-        fields.update({k: v for k, v in metadata.items() if v is not None})
-        extra = metadata.get("attributes")
-        fields["attributes"] = {**facts.attributes, **(extra if isinstance(extra, dict) else {})}
-        return NewImage(
-            sha256=sha256,
-            file_ext=facts.file_ext,
-            media_type=facts.media_type,
-            size_bytes=len(data),
-            width=facts.width,
-            height=facts.height,
-            bits_stored=facts.bits_stored,
-            color=facts.color,
-            **fields,  # type: ignore[arg-type]
-        )
+        return new_image(facts, sha256, len(data), metadata)
 
     async def ingest_all(
         self,
@@ -162,8 +167,6 @@ class Imaging:
         origin: Origin,
         patient_id: int,
         files: Sequence[tuple[str, bytes]],
-        *,
-        render: bool = True,
         **metadata: object,
     ) -> list[ImageView]:
         """Ingest `files` (name, bytes) and add them to a patient, all or nothing.
@@ -176,7 +179,7 @@ class Imaging:
         try:
             for name, data in files:
                 try:
-                    new.append(await self.ingest(data, render=render, **metadata))
+                    new.append(await self.ingest(data, **metadata))
                 except ImagingError as exc:
                     raise ImagingError(f"{name or 'file'}: {exc}") from None
             return await service.add_images(origin, patient_id, new)
