@@ -12,12 +12,14 @@ import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient, TestServer
 
+from bridge.model import Origin
 from bridge.runtime import Runtime
 from bridge.web.app import build_api_app
 from bridge.web.problems import CONTENT_TYPE as PROBLEM
 from tests.support.dicomfiles import dental_dataset, sample, to_bytes
 
 REFERENCE_SET = sample("CT_small.dcm").parent / "dicomdirtests"
+ORIGIN = Origin("dicom", "http", "TEST")
 
 
 def form(*files: tuple[str, bytes]) -> FormData:
@@ -89,6 +91,19 @@ async def test_files_and_a_zipped_file_set_import_with_a_report(api_client: Any)
     assert (await again.json())["skipped"] == [{"path": "a.dcm", "reason": "already imported"}]
 
 
+async def test_received_files_are_moved_into_the_store_intact(api_client: Any, runtime: Runtime) -> None:
+    single = to_bytes(dental_dataset(patient_id="0042"))
+    response = await api_client.post("/api/v1/import", data=form(("a.dcm", single)))
+    assert response.status == 201
+    (item,) = (await response.json())["imported"]
+    image = await runtime.service.get_image(ORIGIN, item["image_id"])
+    assert image is not None
+    assert runtime.files.path_for(image.sha256, "dcm").read_bytes() == single
+    assert runtime.files.verify(image.sha256, "dcm") is None
+    leftovers = [p.name for p in runtime.settings.store.images.iterdir() if p.name.startswith(".import-")]
+    assert leftovers == [], "the upload's temporary folder was left behind"
+
+
 async def test_nothing_imported_is_a_problem_with_the_report(api_client: Any) -> None:
     response = await api_client.post("/api/v1/import", data=form(("notes.txt", b"hello")))
     assert response.status == 422 and response.content_type == PROBLEM
@@ -120,6 +135,10 @@ async def test_uploads_and_zips_beyond_the_budget_are_refused(
     assert "larger than 1 MB" in (await too_big.json(content_type=PROBLEM))["detail"]
     bomb = zipped({"zeros.dcm": bytes(8 * 1024 * 1024)})  # a few KB that unpack to 8 MB
     assert len(bomb) < 100_000
-    response = await small_client.post("/api/v1/import", data=form(("bomb.zip", bomb)))
+    first = to_bytes(dental_dataset(patient_id="0042"))
+    response = await small_client.post("/api/v1/import", data=form(("first.dcm", first), ("bomb.zip", bomb)))
     assert response.status == 413
-    assert "unpacks to more than 1 MB" in (await response.json(content_type=PROBLEM))["detail"]
+    body = await response.json(content_type=PROBLEM)
+    assert "unpacks to more than 1 MB" in body["detail"]
+    assert "the files received before the limit are in the report" in body["detail"]
+    assert [item["path"] for item in body["report"]["imported"]] == ["first.dcm"]

@@ -22,6 +22,7 @@ Every file ends in the report: imported, skipped (with the reason) or refused (w
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -128,17 +129,25 @@ class Stored:
         return new_image(self.analysis, self.sha256, self.size, self.facts.ingest_metadata())
 
 
-def _store(facts: read.DicomFacts, data: bytes, store_root: str) -> Stored | Unreadable:
+def _store(
+    facts: read.DicomFacts, data: bytes, store_root: str, *, adopt: bool = False
+) -> Stored | Unreadable:
+    """Decode `data` completely, then store it; `adopt` moves the file itself in (an upload of ours)."""
     try:
         analysis = analyze(data)
     except ImagingError as exc:
         return Unreadable(Problem(facts.display, str(exc)))
-    sha256, _path = FileStore(Path(store_root)).put(data, analysis.file_ext)
+    store = FileStore(Path(store_root))
+    if adopt:
+        sha256 = hashlib.sha256(data).hexdigest()
+        store.adopt(Path(facts.path), sha256, analysis.file_ext)
+    else:
+        sha256, _path = store.put(data, analysis.file_ext)
     return Stored(facts, sha256, analysis, len(data))
 
 
 def prepare(
-    candidate: Candidate, id_tag: int, max_bytes: int, store_root: str
+    candidate: Candidate, id_tag: int, max_bytes: int, store_root: str, adopt: bool = False
 ) -> read.DicomFacts | Stored | Unreadable:
     """One file's work in a pool worker: its facts (a CT slice stops there: it is stacked later), or the
     file decoded and stored, or why it cannot be imported."""
@@ -147,16 +156,16 @@ def prepare(
     except read.DicomError as exc:
         problem = Problem(candidate.display, str(exc))
         return Unreadable(problem, isinstance(exc, read.NotAnImage), exc.series_uid)
-    return facts if facts.is_ct_slice else store_file(facts, store_root)
+    return facts if facts.is_ct_slice else store_file(facts, store_root, adopt)
 
 
-def store_file(facts: read.DicomFacts, store_root: str) -> Stored | Unreadable:
+def store_file(facts: read.DicomFacts, store_root: str, adopt: bool = False) -> Stored | Unreadable:
     """A described file read, decoded and stored by a pool worker."""
     try:
         data = Path(facts.path).read_bytes()
     except OSError as exc:
         return Unreadable(Problem(facts.display, f"cannot be read: {exc.strerror or exc}"))
-    return _store(facts, data, store_root)
+    return _store(facts, data, store_root, adopt=adopt)
 
 
 def prepare_volume(
@@ -179,11 +188,16 @@ class _Patient:
 
 
 class Importer:
-    """One import run against a runtime (the daemon's, or one a CLI command built)."""
+    """One import run against a runtime (the daemon's, or one a CLI command built).
 
-    def __init__(self, rt: Runtime, origin: Origin, *, concurrency: int = 4) -> None:
+    `adopt`: the files are the bridge's own temporary copies on the image store's file system (an
+    upload), so they are moved into the store rather than copied. Never for a user's files.
+    """
+
+    def __init__(self, rt: Runtime, origin: Origin, *, concurrency: int = 4, adopt: bool = False) -> None:
         self.rt = rt
         self.origin = origin
+        self.adopt = adopt
         self.settings = rt.settings.dicom
         self.report = ImportReport()
         self._slots = asyncio.Semaphore(max(1, concurrency))
@@ -193,21 +207,32 @@ class Importer:
         self._flush_locks: dict[tuple[str, Demographics], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._series: dict[tuple[str, str], list[read.DicomFacts]] = defaultdict(list)
         self._damaged: dict[str, str] = {}  # series UID -> a damaged file of it
-        self._id_tag = 0
+        self._id_tag: int | None = None
+        self._files: list[asyncio.Task[None]] = []
 
     async def run(self, sources: list[tuple[str, str]]) -> ImportReport:
         """Import `sources` (path, name to report it by); the report says what became of every file."""
+        await self.add(sources)
+        return await self.finish()
+
+    async def add(self, sources: list[tuple[str, str]]) -> None:
+        """Start importing the files of `sources` while more may come (an upload still arriving)."""
         imaging = self.rt.imaging
-        try:
-            self._id_tag, _keyword = await imaging.run_in_pool(
-                read.resolve_id_tag, self.settings.patient_id_tag
-            )
-        except ValueError as exc:
-            raise ImportAborted(str(exc)) from None
+        if self._id_tag is None:
+            try:
+                self._id_tag, _keyword = await imaging.run_in_pool(
+                    read.resolve_id_tag, self.settings.patient_id_tag
+                )
+            except ValueError as exc:
+                raise ImportAborted(str(exc)) from None
         found = await imaging.run_in_pool(discover, sources)
         self.report.errors.extend(found.errors)
         self.report.skipped.extend(found.skipped)
-        await asyncio.gather(*(self._file(candidate) for candidate in found.candidates))
+        self._files += [asyncio.create_task(self._file(candidate)) for candidate in found.candidates]
+
+    async def finish(self) -> ImportReport:
+        """Wait for every file added, add what waits in batches, stack the CT series; the report."""
+        await asyncio.gather(*self._files)
         await asyncio.gather(*(self._flush(key) for key in list(self._pending)))
         await asyncio.gather(*(self._volume(group) for group in self._series.values()))
         for problems in (self.report.skipped, self.report.errors, self.report.notes):
@@ -219,8 +244,11 @@ class Importer:
         """Prepare one file in the pool and queue what it became."""
         max_bytes = self.settings.max_file_mb * 1024 * 1024
         root = str(self.rt.files.root)
+        assert self._id_tag is not None  # add() resolves it before any file is scheduled
         async with self._slots:
-            result = await self.rt.imaging.run_in_pool(prepare, candidate, self._id_tag, max_bytes, root)
+            result = await self.rt.imaging.run_in_pool(
+                prepare, candidate, self._id_tag, max_bytes, root, self.adopt
+            )
         if isinstance(result, Unreadable):
             (self.report.skipped if result.skipped else self.report.errors).append(result.problem)
             if result.series_uid:
@@ -421,7 +449,7 @@ class Importer:
     async def _slice(self, facts: read.DicomFacts) -> None:
         """A CT slice imported on its own: decoded and stored in the pool like any other file."""
         async with self._slots:
-            result = await self.rt.imaging.run_in_pool(store_file, facts, str(self.rt.files.root))
+            result = await self.rt.imaging.run_in_pool(store_file, facts, str(self.rt.files.root), self.adopt)
         if isinstance(result, Unreadable):
             self.report.errors.append(result.problem)
             return

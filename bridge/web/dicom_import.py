@@ -1,10 +1,12 @@
 """`POST /api/v1/import`: DICOM media over HTTP, for viewers and PMSs that are not on the bridge's machine.
 
 The body is multipart/form-data with parts named `file`: DICOM files, or zips of a file set (a DICOMDIR
-and its folders, or plain files). Parts are streamed to a private temporary folder (never held in memory)
-under the `[dicom] max_upload_mb` budget, counted while receiving and while unpacking; zips are unpacked
-with the path rules of `bridge.dicom.fileset`. The import itself is the one `pms-bridge import` runs, and
-the answer is its report: every file imported, skipped or refused with the reason.
+and its folders, or plain files). Parts are streamed to a private temporary folder inside the image store
+(never held in memory; on the store's file system, so a stored file is the received one moved in, not a
+second copy) under the `[dicom] max_upload_mb` budget, counted while receiving and while unpacking; zips
+are unpacked with the path rules of `bridge.dicom.fileset`. Each part is imported as soon as it is on disk,
+by the importer `pms-bridge import` runs, and the answer is its report: every file imported, skipped or
+refused with the reason.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ def _part_name(raw: str | None, index: int) -> str:
     return name or f"part{index}"
 
 
-async def _receive(
-    request: web.Request, folder: Path, limit: int
-) -> tuple[list[tuple[str, str]], list[Problem]]:
-    """Stream the `file` parts into `folder` and unpack zips; (sources, problems of the zips)."""
+class TooLarge(Exception):
+    """The upload went beyond `[dicom] max_upload_mb` while arriving; what came before was imported."""
+
+
+async def _receive(request: web.Request, folder: Path, limit: int, importer: Importer) -> list[Problem]:
+    """Stream the `file` parts into `folder`, unpack zips, and hand each to `importer` as soon as it is
+    on disk, so importing overlaps receiving; the problems of the zips."""
     reader = await request.multipart()
-    sources: list[tuple[str, str]] = []
     problems: list[Problem] = []
     received = 0
     index = 0
@@ -52,7 +56,7 @@ async def _receive(
             continue
         index += 1
         if index > MAX_PARTS:
-            raise ProblemError(413, f"at most {MAX_PARTS} files per import")
+            raise TooLarge(f"at most {MAX_PARTS} files per import")
         name = _part_name(part.filename, index)
         target = folder / f"{index:05d}" / name
         target.parent.mkdir()
@@ -60,10 +64,8 @@ async def _receive(
             while chunk := await part.read_chunk(_CHUNK):
                 received += len(chunk)
                 if received > limit:
-                    raise ProblemError(
-                        413, f"the import is larger than {limit // 1_000_000} MB ([dicom] max_upload_mb)"
-                    )
-                await asyncio.to_thread(out.write, chunk)
+                    raise TooLarge(f"the import is larger than {limit // 2**20} MB ([dicom] max_upload_mb)")
+                await asyncio.to_thread(out.write, chunk)  # the disk may throttle: not on the loop
         with open(target, "rb") as fh:
             is_zip = fh.read(4) == b"PK\x03\x04"
         if is_zip:
@@ -72,12 +74,14 @@ async def _receive(
             try:
                 problems += await asyncio.to_thread(unpack_zip, target, unpacked, name, limit - received)
             except ZipTooLarge as exc:
-                raise ProblemError(413, str(exc)) from None
+                raise TooLarge(str(exc)) from None
             target.unlink()
-            sources.append((str(unpacked), name))
+            await importer.add([(str(unpacked), name)])
         else:
-            sources.append((str(target), name))
-    return sources, problems
+            await importer.add([(str(target), name)])
+    if index == 0:
+        raise ProblemError(400, "no part named 'file' in the upload")
+    return problems
 
 
 @routes.post("/api/v1/import")
@@ -88,19 +92,27 @@ async def import_media(request: web.Request) -> web.Response:
         raise ProblemError(
             415, "send DICOM files or zipped file sets as multipart/form-data parts named 'file'"
         )
-    limit = rt.settings.dicom.max_upload_mb * 1024 * 1024
-    with tempfile.TemporaryDirectory(prefix="pms-bridge-import-") as tmp:
-        sources, problems = await _receive(request, Path(tmp), limit)
-        if not sources:
-            raise ProblemError(400, "no part named 'file' in the upload")
+    limit = rt.settings.dicom.max_upload_mb * 2**20
+    if (request.content_length or 0) > limit:
+        raise ProblemError(413, f"the import is larger than {limit // 2**20} MB ([dicom] max_upload_mb)")
+    importer = Importer(rt, origin_of(request, "dicom"), concurrency=IMPORT_CONCURRENCY, adopt=True)
+    too_large = ""
+    # Received into the image store's own file system, so a stored file is the received one, moved in.
+    await asyncio.to_thread(rt.files.root.mkdir, parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".import-", dir=rt.files.root) as tmp:
         try:
-            report = await Importer(rt, origin_of(request, "dicom"), concurrency=IMPORT_CONCURRENCY).run(
-                sources
-            )
+            problems = await _receive(request, Path(tmp), limit, importer)
         except ImportAborted as exc:
             raise ProblemError(500, f"the import cannot run: {exc}") from None
+        except TooLarge as exc:
+            problems, too_large = [], str(exc)
+        finally:
+            report = await importer.finish()  # what was handed over is imported, or its files removed
     report.errors[:0] = problems
     body = report.to_json()
+    if too_large:
+        detail = f"{too_large}; the files received before the limit are in the report"
+        raise ProblemError(413, detail, kind="import-too-large", report=body)
     if report.imported:
         return json_response(body, 201)
     if report.errors:
