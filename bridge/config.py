@@ -319,6 +319,20 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True)
+class RecordSettings:
+    """Record mode: every PMS message and its answer saved as a replayable case (samples layout)."""
+
+    SECTION: ClassVar[str] = "record"
+    dir: Path | None = key("", OptionalPath(), "Folder for recorded sessions; empty = record nothing")
+    redact: bool = key(
+        "yes",
+        Bool(),
+        "yes: names, birth dates, ids, addresses and SSNs are replaced by consistent pseudonyms;"
+        " no: an unredacted capture, only for the practice's own machine",
+    )
+
+
+@dataclass(frozen=True)
 class DicomSettings:
     """DICOM media: importing files and file sets, exporting file sets with a DICOMDIR."""
 
@@ -357,6 +371,7 @@ SECTIONS: tuple[type[Any], ...] = (
     ThumbnailSettings,
     DaemonSettings,
     DicomSettings,
+    RecordSettings,
 )
 
 
@@ -374,6 +389,7 @@ class Settings:
     thumbnails: ThumbnailSettings
     daemon: DaemonSettings
     dicom: DicomSettings
+    record: RecordSettings
 
 
 S = TypeVar("S")

@@ -17,6 +17,7 @@ from bridge.config import Settings
 from bridge.events import EventBus
 from bridge.imaging.pipeline import Imaging
 from bridge.outbox import push_targets
+from bridge.record import Recorder
 from bridge.service import BridgeService
 from bridge.store.db import Database, upgrade_schema
 from bridge.store.files import FileStore
@@ -81,6 +82,7 @@ class Runtime:
     metrics: Metrics
     readiness: Readiness
     instance_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    recorder: Recorder | None = None
 
     @classmethod
     def build(cls, settings: Settings, *, migrate: bool | None = None, imaging_workers: int = 2) -> Runtime:
@@ -97,7 +99,10 @@ class Runtime:
         )
         metrics = Metrics()
         bus.subscribe(lambda event: metrics.events.labels(event.name).inc())
-        return cls(settings, db, files, bus, audit, service, imaging, metrics, Readiness())
+        rt = cls(settings, db, files, bus, audit, service, imaging, metrics, Readiness())
+        if settings.record.dir is not None:
+            rt.recorder = Recorder(rt, settings.record.dir, redact=settings.record.redact)
+        return rt
 
     def close(self) -> None:
         self.imaging.close()

@@ -889,10 +889,9 @@ class BridgeService:
         }
 
         def work(session: Session) -> ImageView | None:
-            row = session.execute(q.image_for_update(image_id)).first()
-            if row is None:
+            image = session.scalars(q.image_by_id(image_id)).first()
+            if image is None:
                 return None
-            image, series, study = row
             changes = []
             for name, value in wanted.items():
                 if value is not None and getattr(image, name) != value:
@@ -908,7 +907,7 @@ class BridgeService:
                     image_id=image.id,
                     detail="; ".join(changes),
                 )
-            return image_view(image, series.series_uid, study.study_uid)
+            return image_view_row(session.execute(q.image_view_by_id(image_id)).one())
 
         view = await self.db.write(work)
         if view is not None:

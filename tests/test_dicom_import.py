@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from bridge.dicom import volume
 from bridge.dicom.importer import Importer, ImportReport
+from bridge.dicom.wrap import decoded_pixels
 from bridge.imaging import analyze
 from bridge.model import Action, Demographics, Origin, PatientRequest, Sex
 from bridge.runtime import Runtime
@@ -76,7 +77,7 @@ def pydicom_pixels(path: Path | bytes) -> np.ndarray[Any, Any]:
 def bridge_pixels(data: bytes) -> tuple[np.ndarray[Any, Any], analyze.Decoded]:
     """What the bridge decodes from a stored file (first frame), with signed values restored."""
     decoded = analyze.decode(data)
-    return decoded.pixels.astype(np.int64) - decoded.offset, decoded
+    return decoded_pixels(decoded), decoded
 
 
 def stored_files(rt: Runtime) -> set[str]:

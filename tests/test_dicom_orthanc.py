@@ -23,6 +23,7 @@ import pydicom
 import pytest
 
 from bridge.dicom.export import export_patient
+from bridge.dicom.wrap import decoded_pixels
 from bridge.imaging import analyze
 from bridge.runtime import Runtime
 from tests.conftest import free_port
@@ -99,7 +100,7 @@ async def test_an_exported_set_survives_a_round_trip_through_orthanc(
         if image.file_ext == "dcm":
             expected = pydicom.dcmread(io.BytesIO(stored)).pixel_array
         else:
-            expected = analyze.decode(stored).pixels
+            expected = decoded_pixels(analyze.decode(stored))
         assert np.array_equal(fetched.pixel_array, expected), written.file_id
     patients = json.loads(call(f"{orthanc}/patients"))
     assert len(patients) == 1, "Orthanc filed the set under more than one patient"

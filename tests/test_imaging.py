@@ -280,3 +280,11 @@ def test_bad_files_are_refused_with_a_reason(name: str) -> None:
     data, reason = BAD_FILES[name]
     with pytest.raises(ImagingError, match=reason):
         analyze(data)
+
+
+def test_dicom_bits_above_bits_stored_are_ignored() -> None:
+    values = synthetic.intraoral(64, 48, bits=12)
+    noisy = values | np.uint16(0xF000)  # overlay bits or garbage above BitsStored
+    decoded = decode(synthetic.dicom_bytes(noisy, bits_stored=12))
+    assert decoded.pixels is not None
+    assert np.array_equal(decoded.pixels, values)

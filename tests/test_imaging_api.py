@@ -358,3 +358,14 @@ def test_openapi_documents_the_imaging_routes() -> None:
     assert "patch" in paths["/api/v1/images/{id}"]
     assert {"200", "304"} <= set(paths["/api/v1/images/{id}/thumbnail"]["get"]["responses"])
     assert {"200", "304"} <= set(paths["/api/v1/images/{id}/preview"]["get"]["responses"])
+
+
+def test_a_bad_watermark_logo_stops_start_up_with_the_reason(make_settings: Any, tmp_path: Path) -> None:
+    from bridge.config import ConfigError
+    from bridge.store.files import FileStore
+
+    (tmp_path / "logo.txt").write_text("not a picture", encoding="utf-8")
+    for logo, reason in ((tmp_path / "missing.png", "cannot be read"), (tmp_path / "logo.txt", "not a PNG")):
+        settings = make_settings(thumbnails={"watermark_logo": str(logo)})
+        with pytest.raises(ConfigError, match=reason):
+            Imaging(FileStore(settings.store.images), settings.thumbnails, tmp_path / "cache")

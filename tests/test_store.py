@@ -33,8 +33,8 @@ def sample_value(annotation: str, name: str) -> Any:
         return [1, 2]
     if name == "after":
         return (datetime(2020, 1, 2), 5)
-    if annotation.startswith("list[str]"):
-        return ["x"]
+    if annotation == "list[str]":
+        return ["x", "y"]
     for kind, value in SAMPLE_ARGS.items():
         if annotation.startswith(kind.__name__):
             return value

@@ -478,7 +478,7 @@ def _wrapped(job: Job) -> tuple[Any, str, str]:
 
     from PIL import Image
 
-    from bridge.dicom.wrap import wrap
+    from bridge.dicom.wrap import decoded_pixels, wrap
     from bridge.imaging.analyze import decode
 
     data = Path(job.source).read_bytes()
@@ -488,7 +488,7 @@ def _wrapped(job: Job) -> tuple[Any, str, str]:
     dpi = (float(raw_dpi[0]), float(raw_dpi[1])) if raw_dpi else None
     details = job.details
     wrapped = wrap(
-        details.image, details.attributes, decoded.pixels, decoded.bits_stored, dpi, _when(details)
+        details.image, details.attributes, decoded_pixels(decoded), decoded.bits_stored, dpi, _when(details)
     )
     ds = wrapped.dataset
     ds.SpecificCharacterSet = job.charset

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from bridge.dicom import read, teeth
+from bridge.imaging.analyze import Decoded
 from bridge.model import Category, ImageView
 
 MIN_DETECTOR_DPI = 100.0
@@ -59,6 +60,17 @@ class Wrapped:
 
     dataset: Any
     note: str = ""
+
+
+def decoded_pixels(decoded: Decoded) -> np.ndarray[Any, Any]:
+    """The decoded values as an array, (rows, columns) or (rows, columns, 3): the imaging decoder keeps
+    8-bit images as Pillow images and deep grey ones as arrays (signed values shifted by `offset`)."""
+    if decoded.pixels is not None:
+        if decoded.offset:
+            return decoded.pixels.astype(np.int32) - decoded.offset
+        return decoded.pixels
+    assert decoded.image is not None
+    return np.asarray(decoded.image)
 
 
 def patient_orientation(rotation: int, mirrored: bool, lateral: bool) -> list[str]:

@@ -6,6 +6,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from bridge.model import Outcome, PatientRequest
+
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
 
@@ -27,12 +29,18 @@ class Launch:
 class LaunchReply:
     """What to answer: an exit code and one line for the PMS, and bytes to write back into its file.
 
-    `content` None leaves the PMS's file alone (protocols without an answer file).
+    `content` None leaves the PMS's file alone (protocols without an answer file). `request` (the parsed
+    request, when parsing got that far) and `phi` (other sensitive strings the message carried, such as an
+    SSN or an address the request does not keep) tell record mode what to pseudonymise; `outcome` tells it
+    which patient the message touched.
     """
 
     exit_code: int
     message: str
     content: bytes | None = None
+    request: PatientRequest | None = None
+    outcome: Outcome | None = None
+    phi: tuple[str, ...] = ()
 
 
 LaunchHandler = Callable[["Runtime", Launch], Awaitable[LaunchReply]]

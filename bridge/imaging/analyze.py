@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, TiffImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageChops, TiffImagePlugin, UnidentifiedImageError
 
 from bridge.model import Category
 
@@ -31,7 +31,7 @@ LOSSY_GREY_TOLERANCE = 2
 # Robust automatic window for 12/16-bit images without one of their own (percent of pixels clipped).
 AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
 # Pixels sampled for the automatic window: a regular grid, enough for stable percentiles and cheap.
-AUTO_WINDOW_SAMPLES = 1_000_000
+AUTO_WINDOW_SAMPLES = 100_000
 
 Pixels = np.ndarray[Any, Any]
 
@@ -62,22 +62,25 @@ class Window:
 class Decoded:
     """Pixels ready for display mapping, with the facts that decide the mapping.
 
-    `pixels` is (rows, columns) for grey images (uint8, or uint16 for deeper ones: signed sources are
-    shifted by `offset` into uint16) and (rows, columns, 3) uint8 for colour. A grey image stored as RGB
-    arrives here as one channel.
+    Deep grey images (more than 8 bits) are a (rows, columns) uint16 array in `pixels` (signed sources
+    shifted by `offset`); everything 8-bit stays a Pillow image in `image` (mode L or RGB), because
+    copying a 12-megapixel photo into numpy costs more than rendering its thumbnail. A grey image stored
+    as RGB arrives here as one channel.
     """
 
-    pixels: Pixels
     color: bool
     bits_stored: int
     lossy: bool
     file_ext: str
     media_type: str
+    pixels: Pixels | None = None
+    image: Image.Image | None = None
     frames: int = 1
     window: Window | None = None  # the source's own window; None = automatic (deep images) or none
     slope: float = 1.0
     intercept: float = 0.0
     offset: int = 0  # added to signed stored values to index them as uint16
+    value_bits: int = 16  # every value in `pixels` is below 2**value_bits (DICOM masks to BitsStored)
     invert: bool = False  # MONOCHROME1: high values are dark
     category: Category | None = None  # what the source says it is (DICOM modality), if it says
     attributes: dict[str, Any] = field(default_factory=dict)
@@ -85,15 +88,23 @@ class Decoded:
     @property
     def deep(self) -> bool:
         """True for grey images with more than 8 bits per pixel, which need a display window."""
-        return not self.color and self.pixels.dtype != np.uint8
+        return self.pixels is not None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        if self.pixels is not None:
+            return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+        assert self.image is not None
+        return self.image.size
 
     @property
     def width(self) -> int:
-        return int(self.pixels.shape[1])
+        return self.size[0]
 
     @property
     def height(self) -> int:
-        return int(self.pixels.shape[0])
+        return self.size[1]
 
 
 @dataclass(frozen=True)
@@ -153,34 +164,28 @@ def sniff(data: bytes) -> str:
 # Colour
 
 
-def is_grey_rgb(pixels: Pixels, tolerance: int = 0) -> bool:
-    """True when every pixel of an RGB(A) array has R, G and B within `tolerance` of each other.
+def is_grey_rgb(img: Image.Image, tolerance: int = 0) -> bool:
+    """True when every pixel of an RGB image has R, G and B within `tolerance` of each other.
 
-    A sparse grid is checked first: a colour photo shows its colour there at once, so only grey images
-    (where the answer is "yes") pay for the full comparison.
+    A sparse sample is checked first: a colour photo shows its colour there at once, so only grey images
+    (where the answer is "yes") pay for the full comparison. Both run in Pillow's C code.
     """
-    rgb = pixels[..., :3]
-    step = max(1, int((rgb.shape[0] * rgb.shape[1] / 65_536) ** 0.5))
-    for view in (rgb[::step, ::step], rgb):
-        if tolerance == 0:
-            if not (
-                np.array_equal(view[..., 0], view[..., 1]) and np.array_equal(view[..., 1], view[..., 2])
-            ):
-                return False
-        else:
-            wide = view.astype(np.int32)
-            spread = wide.max(axis=-1) - wide.min(axis=-1)
-            if int(spread.max(initial=0)) > tolerance:
+    step = max(1, int((img.width * img.height / 65_536) ** 0.5))
+    sample = img.resize((max(1, img.width // step), max(1, img.height // step)), Image.Resampling.NEAREST)
+    for view in (sample, img):
+        red, green, blue = view.split()[:3]
+        for one, other in ((red, green), (green, blue)):
+            if ImageChops.difference(one, other).getextrema()[1] > tolerance:  # type: ignore[operator]
                 return False
     return True
 
 
-def _grey_or_colour(rgb: Pixels, *, lossy: bool) -> tuple[Pixels, bool]:
-    """(pixels, color): one channel when the RGB pixels are grey, else the three colour channels."""
-    rgb = rgb[..., :3]
+def _grey_or_colour(rgb: Image.Image, *, lossy: bool) -> tuple[Image.Image, bool]:
+    """(image, color): one channel (L) when the RGB pixels are grey, else RGB."""
+    rgb = rgb if rgb.mode == "RGB" else rgb.convert("RGB")
     if is_grey_rgb(rgb, LOSSY_GREY_TOLERANCE if lossy else 0):
-        return np.ascontiguousarray(rgb[..., 1]), False
-    return np.ascontiguousarray(rgb), True
+        return rgb.getchannel("G"), False
+    return rgb, True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,7 +218,7 @@ def png_bit_facts(data: bytes) -> tuple[int, int | None]:
     return depth, None
 
 
-def _pil_bits(fmt: str, img: Image.Image, data: bytes, pixels: Pixels) -> tuple[int, dict[str, Any]]:
+def _pil_bits(fmt: str, img: Image.Image, data: bytes) -> tuple[int, dict[str, Any]]:
     """bits_stored and source facts for a Pillow-decoded file (rule: docs/imaging.md)."""
     if fmt == "png":
         depth, sbit = png_bit_facts(data)
@@ -228,14 +233,14 @@ def _pil_bits(fmt: str, img: Image.Image, data: bytes, pixels: Pixels) -> tuple[
     return 8, {"container_bits": 8}
 
 
-def _decode_pillow(data: bytes, fmt: str) -> Decoded:
+def _decode_pillow(data: bytes, fmt: str, draft: int | None = None) -> Decoded:
     pil_format, ext, media_type = _PIL_FORMATS[fmt]
     try:
         with warnings.catch_warnings():
             # Pillow warns about damaged metadata (a camera's odd EXIF) and decodes on; damaged pixels
             # raise. Only the latter refuse a file.
             warnings.simplefilter("ignore")
-            return _decode_pillow_checked(data, fmt, pil_format, ext, media_type)
+            return _decode_pillow_checked(data, fmt, pil_format, ext, media_type, draft)
     except ImagingError:
         raise
     except Image.DecompressionBombError:
@@ -246,22 +251,19 @@ def _decode_pillow(data: bytes, fmt: str) -> Decoded:
         raise ImagingError(f"corrupt or truncated {pil_format} file: {exc}") from None
 
 
-def _decode_pillow_checked(data: bytes, fmt: str, pil_format: str, ext: str, media_type: str) -> Decoded:
+def _decode_pillow_checked(
+    data: bytes, fmt: str, pil_format: str, ext: str, media_type: str, draft: int | None
+) -> Decoded:
     """Decode with Pillow, restricted to the sniffed format (no other plugin parses untrusted bytes)."""
-    with Image.open(io.BytesIO(data), formats=[pil_format]) as img:
-        if img.width * img.height > MAX_PIXELS:
-            raise ImagingError(f"image too large: {img.width}x{img.height} pixels (limit {MAX_PIXELS})")
-        frames = int(getattr(img, "n_frames", 1))
-        img.load()
-        mode = img.mode
-        if mode in ("P", "PA", "CMYK", "YCbCr"):
-            rgb = img.convert("RGB")
-            pixels = np.asarray(rgb)
-        elif mode in ("1", "LA", "La"):
-            pixels = np.asarray(img.convert("L"))
-        else:
-            pixels = np.asarray(img)
-        bits, facts = _pil_bits(fmt, img, data, pixels)
+    img = Image.open(io.BytesIO(data), formats=[pil_format])
+    if img.width * img.height > MAX_PIXELS:
+        raise ImagingError(f"image too large: {img.width}x{img.height} pixels (limit {MAX_PIXELS})")
+    frames = int(getattr(img, "n_frames", 1))
+    if draft is not None and fmt == "jpeg":
+        img.draft(img.mode, (draft, draft))  # libjpeg scales while decoding (1/2 .. 1/8): far faster
+    img.load()
+    mode = img.mode
+    bits, facts = _pil_bits(fmt, img, data)
     if fmt == "png":
         # Pillow stops at the last image data; verify() reads on to IEND and checks every CRC, so a
         # file cut after its pixels (or with a damaged chunk) is still refused.
@@ -270,28 +272,27 @@ def _decode_pillow_checked(data: bytes, fmt: str, pil_format: str, ext: str, med
     lossy = fmt == "jpeg"
     facts["source_format"] = pil_format.lower()
     facts["mode"] = mode
-    if pixels.ndim == 3:
-        pixels, color = _grey_or_colour(pixels, lossy=lossy)
-    elif mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        pixels, color = pixels.astype(np.uint16, copy=False), False
-    elif mode == "I":
+    common: dict[str, Any] = {
+        "bits_stored": bits,
+        "lossy": lossy,
+        "file_ext": ext,
+        "media_type": media_type,
+        "frames": frames,
+        "attributes": facts,
+    }
+    if mode in ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr"):
+        image, color = _grey_or_colour(img, lossy=lossy)
+        return Decoded(color=color, image=image, **common)
+    if mode in ("L", "1", "LA", "La"):
+        return Decoded(color=False, image=img if mode == "L" else img.convert("L"), **common)
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return Decoded(color=False, pixels=np.asarray(img).astype(np.uint16, copy=False), **common)
+    if mode == "I":
+        pixels = np.asarray(img)
         if pixels.size and (int(pixels.min()) < 0 or int(pixels.max()) > 65535):
             raise ImagingError("unsupported pixels: 32-bit integer values beyond the 16-bit range")
-        pixels, color = pixels.astype(np.uint16), False
-    elif mode in ("L", "1", "LA", "La"):
-        color = False
-    else:
-        raise ImagingError(f"unsupported pixel format {mode} in {pil_format} file")
-    return Decoded(
-        pixels=pixels,
-        color=color,
-        bits_stored=bits,
-        lossy=lossy,
-        file_ext=ext,
-        media_type=media_type,
-        frames=frames,
-        attributes=facts,
-    )
+        return Decoded(color=False, pixels=pixels.astype(np.uint16), **common)
+    raise ImagingError(f"unsupported pixel format {mode} in {pil_format} file")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,6 +336,31 @@ def _dicom_lossy(ds: Any) -> bool:
     return syntax in lossy_syntaxes or str(ds.get("LossyImageCompression", "")) == "01"
 
 
+def _native_grey16(
+    ds: Any, rows: int, columns: int, frames: int, bits_allocated: int, bits_stored: int
+) -> Pixels | None:
+    """The common X-ray case read straight from the buffer, or None for pydicom's general decoder.
+
+    Uncompressed little-endian, one frame, one unsigned 16-bit sample: the pixels are the bytes, and
+    masking the unused high bits (as pydicom does) is one pass instead of pydicom's two plus a copy.
+    """
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    native = ds.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    simple = (
+        frames == 1 and int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("PixelRepresentation", 0)) == 0
+    )
+    if not (native and simple and bits_allocated == 16 and 0 < bits_stored <= 16):
+        return None
+    buffer = ds.PixelData
+    if len(buffer) < rows * columns * 2:
+        raise ImagingError(
+            f"corrupt or truncated DICOM pixel data: {len(buffer)} bytes for {columns}x{rows} 16-bit pixels"
+        )
+    arr = np.frombuffer(buffer, "<u2", rows * columns).reshape(rows, columns)
+    return arr & np.uint16((1 << bits_stored) - 1) if bits_stored < 16 else arr
+
+
 def _decode_dicom(data: bytes) -> Decoded:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -363,8 +389,10 @@ def _decode_dicom(data: bytes) -> Decoded:
         raise ImagingError(f"image too large: {columns}x{rows} pixels (limit {MAX_PIXELS})")
     syntax = ds.file_meta.TransferSyntaxUID
     try:
-        # Only the first frame is shown; the length check of native data covers every frame.
-        arr: Pixels = pixel_array(ds, index=0 if frames > 1 else None)
+        arr = _native_grey16(ds, rows, columns, frames, bits_allocated, bits_stored)
+        if arr is None:
+            # Only the first frame is shown; the length check of native data covers every frame.
+            arr = pixel_array(ds, index=0 if frames > 1 else None)
         if photometric == "PALETTE COLOR":
             arr = apply_color_lut(arr, ds)
     except NotImplementedError as exc:
@@ -399,8 +427,8 @@ def _decode_dicom(data: bytes) -> Decoded:
         if arr.dtype != np.uint8:
             depth = bits_stored if photometric != "PALETTE COLOR" else 16
             arr = (arr >> max(depth - 8, 0)).astype(np.uint8)
-        pixels, color = _grey_or_colour(arr, lossy=lossy)
-        return Decoded(pixels=pixels, color=color, bits_stored=bits_stored, **common)
+        image, color = _grey_or_colour(Image.fromarray(np.ascontiguousarray(arr[..., :3])), lossy=lossy)
+        return Decoded(image=image, color=color, bits_stored=bits_stored, **common)
     slope = _first_number(ds.get("RescaleSlope")) or 1.0
     intercept = _first_number(ds.get("RescaleIntercept")) or 0.0
     center = _first_number(ds.get("WindowCenter"))
@@ -418,8 +446,10 @@ def _decode_dicom(data: bytes) -> Decoded:
         arr = (arr.astype(np.int32) + offset).astype(np.uint16 if offset == 32768 else np.uint8)
     elif arr.dtype not in (np.uint8, np.uint16):
         arr = arr.astype(np.uint16)
+    deep = arr.dtype == np.uint16
     return Decoded(
-        pixels=arr,
+        pixels=arr if deep else None,
+        image=None if deep else Image.fromarray(np.ascontiguousarray(arr)),
         color=False,
         bits_stored=bits_stored,
         window=window,
@@ -427,6 +457,7 @@ def _decode_dicom(data: bytes) -> Decoded:
         intercept=intercept,
         offset=offset,
         invert=photometric == "MONOCHROME1",
+        value_bits=bits_stored if offset == 0 and 8 <= bits_stored <= 16 else 16,
         **common,
     )
 
@@ -435,22 +466,27 @@ def _decode_dicom(data: bytes) -> Decoded:
 # Entry points
 
 
-def decode(data: bytes) -> Decoded:
-    """Decode `data` completely (any damage fails here, before anything is stored)."""
+def decode(data: bytes, *, draft: int | None = None) -> Decoded:
+    """Decode `data` completely (any damage fails here, before anything is stored).
+
+    `draft` is for rendering a stored file only: a JPEG may then be decoded at a reduced scale whose
+    long edge is still at least `draft` pixels.
+    """
     fmt = sniff(data)
     if fmt == "dicom":
         return _decode_dicom(data)
-    return _decode_pillow(data, fmt)
+    return _decode_pillow(data, fmt, draft)
 
 
 def auto_window(decoded: Decoded) -> Window:
-    """A robust window for deep grey images: the 0.5 and 99.5 percentiles of a grid sample.
+    """A robust window for deep grey images: the 0.5 and 99.5 percentiles of a regular grid sample.
 
     Percentiles come from a histogram (np.bincount) of at most AUTO_WINDOW_SAMPLES pixels, so the
     answer is deterministic (the same file always gets the same window) and costs about a millisecond.
     """
     pixels = decoded.pixels
-    step = max(1, int((pixels.shape[0] * pixels.shape[1] / AUTO_WINDOW_SAMPLES) ** 0.5))
+    assert pixels is not None, "only deep images get an automatic window"
+    step = max(1, round((pixels.shape[0] * pixels.shape[1] / AUTO_WINDOW_SAMPLES) ** 0.5))
     sample = pixels[::step, ::step].ravel()
     counts = np.cumsum(np.bincount(sample, minlength=256))
     low_q, high_q = AUTO_WINDOW_PERCENTILES

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import hashlib
 import multiprocessing
+import os
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bridge.atomic import write_atomic
 from bridge.config import ConfigError, ThumbnailSettings
 from bridge.imaging.analyze import Analysis, ImagingError
 from bridge.imaging.render import (
@@ -269,9 +269,10 @@ class Imaging:
 
     async def _load(self, image: ImageView, size: int, key: str) -> bytes:
         path = self._cache_path(image.sha256, key)
-        try:
-            data = await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:
+        cached = await asyncio.to_thread(self._read_cache, path)
+        if cached is not None:
+            data = cached
+        else:
             source = self.files.path_for(image.sha256, image.file_ext)
             request = self._request(size, image.rotation, image.mirrored)
             try:
@@ -313,8 +314,29 @@ class Imaging:
 
     @staticmethod
     def _write_cache(path: Path, data: bytes) -> None:
+        """Write a rendering: temporary file and rename, without the fsync originals get.
+
+        A cached rendering can always be made again, and an fsync per thumbnail would halve the
+        throughput of an import. A file torn by a power cut is caught when read (`_read_cache`).
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    @staticmethod
+    def _read_cache(path: Path) -> bytes | None:
+        """A cached rendering, or None when it is missing or torn (no JPEG end-of-image marker)."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return data if data.endswith(b"\xff\xd9") else None
 
     def close(self) -> None:
         if self._pool is not None:

@@ -165,14 +165,9 @@ def images_of_patient(
     return stmt.order_by(captured.desc(), Image.id.desc()).limit(limit)
 
 
-def image_for_update(image_id: int) -> Select[Image, Series, Study]:
-    """An image with its series and study as ORM objects, for changing it."""
-    return (
-        select(Image, Series, Study)
-        .join(Series, Image.series_id == Series.id)
-        .join(Study, Series.study_id == Study.id)
-        .where(Image.id == image_id)
-    )
+def image_by_id(image_id: int) -> Select[Image]:
+    """One image as an ORM object, for changing it (PATCH /images/{id})."""
+    return select(Image).where(Image.id == image_id)
 
 
 def image_view_by_id(image_id: int) -> Select[Any]:

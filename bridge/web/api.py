@@ -188,6 +188,8 @@ async def create_or_update_patient(request: web.Request) -> web.Response:
         demographics=demographics_from_json(body),
     )
     outcome = await rt.service.handle(req)
+    if rt.recorder is not None:
+        await rt.recorder.api("POST", "/api/v1/patients", body, STATUS_HTTP[outcome.status], outcome)
     if not outcome.status.ok:
         raise ProblemError(
             STATUS_HTTP[outcome.status],
@@ -264,6 +266,10 @@ async def upload_images(request: web.Request) -> web.Response:
         raise ProblemError(422, str(exc), kind="bad-image") from None
     except Refused as refused:
         raise ProblemError(STATUS_HTTP[refused.outcome.status], refused.outcome.message) from None
+    if rt.recorder is not None:
+        patient = await rt.service.get_patient(origin_of(request), patient_id)
+        if patient is not None:
+            await rt.recorder.upload(patient, blobs, fields)
     return json_response({"items": [i.to_json() for i in added], "next": None}, 201)
 
 

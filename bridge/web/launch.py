@@ -57,6 +57,8 @@ async def launch(request: web.Request) -> web.Response:
     )
     reply = await handler(rt, item)
     rt.metrics.launches.labels(protocol, str(reply.exit_code)).inc()
+    if rt.recorder is not None:
+        await rt.recorder.launch(item, reply)
     headers = {
         "X-PMS-Exit": str(reply.exit_code),
         "X-PMS-Message": quote(reply.message.replace("\n", " ")[:1000]),

@@ -20,7 +20,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Paths anyone on the listener may call: they carry no patient data.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"})
-ACTOR_KEY = web.RequestKey("actor", str)  # aiohttp 3.14 warns about plain string keys
+ACTOR_KEY = web.RequestKey("actor", str)
 
 
 def make_request_context(listener: str, metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:

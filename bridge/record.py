@@ -1,0 +1,325 @@
+"""Record mode: the daemon saves every incoming PMS message and its answer as a replayable case.
+
+With `[record] dir` set, each daemon run writes one session case, `<dir>/session-<start>-<id>/`, in the
+samples layout (`samples/README.md`): one step per message in arrival order (launch commands, watched
+files, OPP web requests, REST calls and uploads), the answer each got, and the store's state of the
+patients touched (effect.json). `pms-bridge replay <dir>` replays it against a fresh store.
+
+PHI is pseudonymised on the way in (`bridge.redact`) unless `[record] redact = no`: names, birth dates,
+ids, addresses and SSNs learned from each parsed request are replaced in every file of the capture,
+consistently, so the session still replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bridge.atomic import write_atomic
+from bridge.model import Origin, Outcome, PatientRequest, PatientView, Status
+from bridge.redact import Redactor
+from protocols.common import decode
+
+if TYPE_CHECKING:
+    from bridge.handlers.base import Launch, LaunchReply
+    from bridge.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# Sections whose non-path keys shape answers, copied into the session so it replays the same way.
+NOT_REPLAYED_SECTIONS = {"store", "api", "opp_web", "daemon", "record"}
+
+
+def _ini_value(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return ", ".join(value)
+    return None  # paths and unset values belong to the recording machine
+
+
+class Recorder:
+    """Writes one session case for this daemon run; every method is safe to call concurrently."""
+
+    def __init__(self, rt: Runtime, folder: Path, *, redact: bool) -> None:
+        self.rt = rt
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        self.session_dir = folder / f"session-{stamp}-{secrets.token_hex(3)}"
+        self.redactor: Redactor | None = Redactor() if redact else None
+        self._steps: list[dict[str, Any]] = []
+        self._keys: list[dict[str, str]] = []
+        self._lock = asyncio.Lock()
+
+    # --------------------------------------------------------------------------------------------
+    # What is sensitive
+
+    def learn(
+        self, request: PatientRequest | None, outcome: Outcome | None, extra: tuple[str, ...] = ()
+    ) -> None:
+        """Teach the redactor the PHI of one message: from the request, the patient it touched, extras."""
+        if self.redactor is None:
+            return
+        if request is not None:
+            demo = request.demographics
+            self.redactor.learn_all(
+                [
+                    ("id", request.pms_id),
+                    ("id", request.chart_number),
+                    ("name", demo.last_name),
+                    ("name", demo.first_name),
+                    ("name", demo.middle_name),
+                    ("address", demo.street),
+                    ("address", demo.city),
+                    ("address", demo.postal_code),
+                    ("address", demo.phone),
+                    ("address", demo.email),
+                ]
+            )
+            self.redactor.learn_date(demo.birth_date)
+        patient = outcome.patient if outcome is not None else None
+        if patient is not None:
+            self._learn_patient(patient)
+        self.redactor.learn_all(("other", value) for value in extra)
+
+    def _learn_patient(self, patient: PatientView) -> None:
+        assert self.redactor is not None
+        self.redactor.learn_all(
+            [
+                ("id", patient.pms_id or ""),
+                ("id", patient.chart_number or ""),
+                ("name", patient.last_name),
+                ("name", patient.first_name),
+                ("name", patient.middle_name),
+                ("address", patient.street),
+                ("address", patient.city),
+                ("address", patient.postal_code),
+                ("address", patient.phone),
+                ("address", patient.email),
+            ]
+        )
+        self.redactor.learn_date(patient.birth_date)
+
+    def text(self, value: str) -> str:
+        return self.redactor.apply(value) if self.redactor else value
+
+    def data(self, content: bytes, protocol: str) -> bytes:
+        """Bytes of a PMS file with PHI replaced, in the file's own encoding, BOM and line endings."""
+        if self.redactor is None or not content:
+            return content
+        from bridge.replay import PROTOCOL_CODEPAGES
+
+        decoded = decode(content, PROTOCOL_CODEPAGES.get(protocol, "cp1252"))
+        return decoded.encode(self.redactor.apply(decoded.text))
+
+    def _json(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return [self._json(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._json(v) for k, v in value.items()}
+        return value
+
+    # --------------------------------------------------------------------------------------------
+    # Steps
+
+    async def launch(self, launch: Launch, reply: LaunchReply) -> None:
+        """A launch command (`pms-bridge <protocol> ...`): the file it named, its arguments, the answer."""
+        self.learn(reply.request, reply.outcome, reply.phi)
+        async with self._lock:
+            n = len(self._steps) + 1
+            step: dict[str, Any] = {"transport": "cli", "protocol": launch.protocol}
+            args = list(launch.args)
+            if launch.filename:
+                base = os.path.basename(launch.filename)
+                suffix = os.path.splitext(base)[1] or ".bin"
+                request_name = f"{n:03d}-request{suffix}"
+                self._write(request_name, self.data(launch.content, launch.protocol))
+                step["file"] = request_name
+                step["name"] = self.text(base)
+                args = [
+                    "@{file}" if a == "@" + launch.filename else "{file}" if a == launch.filename else a
+                    for a in args
+                ]
+                if reply.content is not None:
+                    reply_name = f"{n:03d}-reply{suffix}"
+                    self._write(reply_name, self.data(reply.content, launch.protocol))
+                    step["expect"] = {"exit": reply.exit_code, "file": reply_name}
+            step["args"] = [self.text(a) for a in args]
+            step.setdefault("expect", {"exit": reply.exit_code})
+            await self._add(step, reply.outcome)
+
+    async def folder(
+        self, watcher: str, name: str, content: bytes, answer: bytes | None, reply: LaunchReply
+    ) -> None:
+        """A file dropped into a watched folder, and the answer written into it (if any)."""
+        self.learn(reply.request, reply.outcome, reply.phi)
+        async with self._lock:
+            n = len(self._steps) + 1
+            suffix = os.path.splitext(name)[1] or ".bin"
+            request_name = f"{n:03d}-request{suffix}"
+            self._write(request_name, self.data(content, watcher))
+            step: dict[str, Any] = {
+                "transport": "folder",
+                "watcher": watcher,
+                "file": request_name,
+                "name": self.text(name),
+            }
+            if answer is not None:
+                reply_name = f"{n:03d}-reply{suffix}"
+                self._write(reply_name, self.data(answer, watcher))
+                step["expect"] = {"file": reply_name}
+            await self._add(step, reply.outcome)
+
+    async def http(
+        self,
+        listener: str,
+        raw_request: bytes,
+        status: int,
+        body: bytes,
+        *,
+        request: PatientRequest | None = None,
+        outcome: Outcome | None = None,
+        suffix: str = ".txt",
+    ) -> None:
+        """A raw HTTP request to a listener (OPP web) and the answer's status and body."""
+        self.learn(request, outcome)
+        async with self._lock:
+            n = len(self._steps) + 1
+            self._write(f"{n:03d}-request.http", self.data(raw_request, listener))
+            step: dict[str, Any] = {
+                "transport": "http",
+                "listener": listener,
+                "request": f"{n:03d}-request.http",
+            }
+            expect: dict[str, Any] = {"status": status}
+            if body:
+                self._write(f"{n:03d}-reply{suffix}", self.data(body, listener))
+                expect["body"] = f"{n:03d}-reply{suffix}"
+            step["expect"] = expect
+            await self._add(step, outcome)
+
+    async def api(
+        self, method: str, path: str, body: dict[str, Any], status: int, outcome: Outcome | None
+    ) -> None:
+        """A REST call that changes the store (POST /api/v1/patients)."""
+        self.learn(None, outcome)
+        if self.redactor is not None:
+            self.redactor.learn_all(
+                ("name" if "name" in k else "id" if k.endswith("id") or k == "chart_number" else "other", v)
+                for k, v in body.items()
+                if isinstance(v, str) and k not in ("pms_system", "sex", "practice_id", "birth_date")
+            )
+            if isinstance(body.get("birth_date"), str):
+                with contextlib.suppress(ValueError):  # the API refuses it; nothing to learn
+                    self.redactor.learn_date(date.fromisoformat(body["birth_date"]))
+        async with self._lock:
+            step = {
+                "transport": "api",
+                "method": method,
+                "path": path,
+                "json": self._json(body),
+                "expect": {"status": status},
+            }
+            await self._add(step, outcome)
+
+    async def upload(
+        self, patient: PatientView, files: list[tuple[str, bytes]], fields: dict[str, str]
+    ) -> None:
+        """Images uploaded for a patient: recorded so that later answers (image lists) replay the same."""
+        self.learn(None, Outcome(Status.OK, patient=patient))
+        async with self._lock:
+            n = len(self._steps) + 1
+            names = []
+            for index, (filename, data) in enumerate(files, 1):
+                suffix = os.path.splitext(filename)[1].lower() or ".bin"
+                name = f"{n:03d}-image-{index}{suffix}"
+                self._write(name, data)
+                names.append(name)
+            key = {"pms_system": patient.pms_system or "", "pms_id": self.text(patient.pms_id or "")}
+            if not patient.pms_id and patient.chart_number:
+                key = {"chart_number": self.text(patient.chart_number)}
+            step = {"transport": "upload", "patient": key, "files": names, "fields": self._json(fields)}
+            await self._add(step, Outcome(Status.OK, patient=patient))
+
+    # --------------------------------------------------------------------------------------------
+    # Writing the case
+
+    def _write(self, name: str, data: bytes) -> None:
+        self.session_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.session_dir / name, data)
+
+    async def _add(self, step: dict[str, Any], outcome: Outcome | None) -> None:
+        self._steps.append(step)
+        patient = outcome.patient if outcome is not None else None
+        if patient is not None and patient.pms_id:
+            key = {"pms_system": patient.pms_system or "", "pms_id": patient.pms_id}
+            if key not in self._keys:
+                self._keys.append(key)
+        effect = await self._effect()
+        case = {
+            "description": f"Session recorded {self.session_dir.name.split('-', 1)[1]}"
+            + (" (PHI pseudonymised)" if self.redactor else " (UNREDACTED: keep on the practice's machine)"),
+            "settings": self._settings(),
+            "steps": self._steps,
+            "effect": "effect.json",
+        }
+        self._write("effect.json", json.dumps(effect, ensure_ascii=False, indent=2).encode())
+        self._write("case.json", json.dumps(case, ensure_ascii=False, indent=2).encode())
+        log.info("recorded", extra={"session": self.session_dir.name, "step": len(self._steps)})
+
+    async def _effect(self) -> dict[str, Any]:
+        origin = Origin("record", "internal")
+        patients = []
+        for key in self._keys:
+            found = await self.rt.service.search_patients(
+                origin, pms_system=key["pms_system"], pms_id=key["pms_id"]
+            )
+            if len(found) != 1:
+                continue
+            p = found[0]
+            images = await self.rt.service.list_images(origin, p.id, limit=500)
+            patients.append(
+                {
+                    "key": {"pms_system": p.pms_system, "pms_id": self.text(p.pms_id or "")},
+                    "last_name": self.text(p.last_name),
+                    "first_name": self.text(p.first_name),
+                    "birth_date": self._date(p.birth_date),
+                    "sex": p.sex.value,
+                    "chart_number": self.text(p.chart_number) if p.chart_number else None,
+                    "images": len(images),
+                }
+            )
+        return {"patients": patients}
+
+    def _date(self, day: date | None) -> str | None:
+        if day is None:
+            return None
+        if self.redactor is None:
+            return day.isoformat()
+        self.redactor.learn_date(day)
+        return self.redactor.apply(day.isoformat())
+
+    def _settings(self) -> dict[str, dict[str, str]]:
+        settings: dict[str, dict[str, str]] = {}
+        for fld in dataclasses.fields(self.rt.settings):
+            if fld.name in NOT_REPLAYED_SECTIONS or not dataclasses.is_dataclass(
+                getattr(self.rt.settings, fld.name)
+            ):
+                continue
+            section = getattr(self.rt.settings, fld.name)
+            values = {f.name: _ini_value(getattr(section, f.name)) for f in dataclasses.fields(section)}
+            kept = {k: v for k, v in values.items() if v is not None}
+            if kept:
+                settings[fld.name] = kept
+        return settings

@@ -1,0 +1,136 @@
+"""Pseudonymising PHI in recorded PMS traffic, consistently within one capture.
+
+A capture sent to a vendor must not carry names, birth dates, ids, addresses or SSNs, yet must still
+replay: the same input value always gets the same pseudonym inside one capture (an HMAC under a secret
+that lives only in the recording daemon's memory), and a pseudonym keeps the shape of what it replaces
+(digits stay digits, letters stay letters, the length stays, a date stays a valid date in the same
+textual format), so parsers, code pages and field limits treat it like the original.
+
+Known limit: two spellings of one name (Müller, Mueller) get unrelated pseudonyms, so a recorded session
+that relied on the spelling rule replays as a conflict. Documented in docs/replay.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+import json
+import re
+import secrets
+import string
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from urllib.parse import quote, quote_plus
+
+# Textual forms a date takes in PMS traffic (VDDS, OPP, Dexis, Patterson, CLINIVIEW, JSON, DICOM).
+DATE_FORMATS = (
+    "%Y%m%d",
+    "%Y-%m-%d",
+    "%d.%m.%Y",
+    "%m/%d/%Y",
+    "%d/%m/%Y",
+    "%Y/%m/%d",
+    "{M}/{D}/%Y",
+    "{D}.{M}.%Y",
+    "{D}/{M}/%Y",
+)
+MIN_LENGTH = 2  # single characters (an initial, a sex code) are not identifying on their own
+
+
+def _format(day: date, fmt: str) -> str:
+    return day.strftime(fmt.replace("{M}", str(day.month)).replace("{D}", str(day.day)))
+
+
+@dataclass
+class Redactor:
+    """Replaces PHI values with consistent pseudonyms; `learn` what is sensitive, then `apply`."""
+
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    _values: dict[str, str] = field(default_factory=dict)  # original text -> pseudonym text
+    _pattern: re.Pattern[str] | None = None
+
+    def _digest(self, kind: str, value: str) -> bytes:
+        return hmac.new(self.secret, f"{kind}\0{value}".encode(), hashlib.sha256).digest()
+
+    def pseudonym(self, kind: str, value: str) -> str:
+        """A same-shaped stand-in for `value`: digits for digits, letters (same case) for letters."""
+        stream = self._digest(kind, value)
+        while len(stream) < len(value):
+            stream += hashlib.sha256(stream).digest()
+        out = []
+        for ch, byte in zip(value, stream, strict=False):
+            if ch.isdigit():
+                out.append(string.digits[byte % 10])
+            elif ch.isalpha():
+                letters = string.ascii_uppercase if ch.isupper() else string.ascii_lowercase
+                out.append(letters[byte % 26])
+            else:
+                out.append(ch)
+        fake = "".join(out)
+        if fake == value:  # e.g. a value without letters or digits: never hand the original back
+            fake = "X" * len(value)
+        return fake
+
+    def pseudo_date(self, day: date) -> date:
+        """Another valid date, 1 to 3650 days away, the same for the same input."""
+        offset = int.from_bytes(self._digest("date", day.isoformat())[:4], "big") % 3650 + 1
+        shifted = day - timedelta(days=offset) if day.year > 1905 else day + timedelta(days=offset)
+        return shifted
+
+    def learn_text(self, kind: str, value: str) -> None:
+        """Mark a text value (name, id, address, SSN) as sensitive, with the forms it takes in traffic."""
+        value = value.strip()
+        if len(value) < MIN_LENGTH or value in self._values:
+            return
+        fake = self.pseudonym(kind, value)
+        for original, pseudo in _variants(value, fake):
+            self._values.setdefault(original, pseudo)
+        self._pattern = None
+
+    def learn_date(self, day: date | None) -> None:
+        if day is None:
+            return
+        fake = self.pseudo_date(day)
+        for fmt in DATE_FORMATS:
+            self._values.setdefault(_format(day, fmt), _format(fake, fmt))
+        self._pattern = None
+
+    def learn_all(self, items: Iterable[tuple[str, str]]) -> None:
+        for kind, value in items:
+            self.learn_text(kind, value)
+
+    def apply(self, text: str) -> str:
+        """`text` with every learned value replaced (whole tokens only, longest values first)."""
+        if not self._values:
+            return text
+        if self._pattern is None:
+            alternatives = sorted(self._values, key=len, reverse=True)
+            self._pattern = re.compile(
+                r"(?<![0-9A-Za-zÀ-ÿ])(" + "|".join(map(re.escape, alternatives)) + r")(?![0-9A-Za-zÀ-ÿ])"
+            )
+        return self._pattern.sub(lambda m: self._values[m.group(1)], text)
+
+    @property
+    def originals(self) -> list[str]:
+        """Every learned original form (what must not appear in a capture)."""
+        return list(self._values)
+
+
+def _variants(value: str, fake: str) -> list[tuple[str, str]]:
+    """The forms a value takes in traffic (as sent, upper case, XML/HTML-, JSON- and URL-escaped)."""
+    pairs = [
+        (value, fake),
+        (value.upper(), fake.upper()),
+        (html.escape(value, quote=True), html.escape(fake, quote=True)),
+        (
+            html.escape(value, quote=False).replace("'", "&apos;"),
+            html.escape(fake, quote=False).replace("'", "&apos;"),
+        ),
+        (json.dumps(value)[1:-1], json.dumps(fake)[1:-1]),
+        (json.dumps(value, ensure_ascii=False)[1:-1], json.dumps(fake, ensure_ascii=False)[1:-1]),
+        (quote(value, safe=""), quote(fake, safe="")),
+        (quote_plus(value), quote_plus(fake)),
+    ]
+    return [(a, b) for a, b in pairs if a]

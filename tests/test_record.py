@@ -1,0 +1,171 @@
+"""Record mode: a recorded session replays at once, and no PHI from the traffic is in the capture."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import uuid
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from bridge.redact import Redactor
+from tests.conftest import DaemonProcess, pms_bridge_command
+
+PATIENTS = [
+    {
+        "pms_system": "desk",
+        "pms_id": "0047110",
+        "last_name": "Müller-Lüdenscheidt",
+        "first_name": "Hans Jürgen",
+        "birth_date": "1971-03-14",
+        "sex": "M",
+        "chart_number": "MUELHA0",
+        "street": "Lindenstraße 5",
+        "city": "Köln",
+    },
+    {
+        "pms_system": "desk",
+        "pms_id": "A-99",
+        "last_name": "O'Brien",
+        "first_name": "Siobhán",
+        "birth_date": "1988-12-01",
+        "sex": "F",
+    },
+]
+
+
+def multipart(fields: dict[str, str], files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        )
+    for filename, data in files:
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n\r\n'
+        parts.append(head.encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def png() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 7) & 0x0FFF).save(out, "PNG")
+    return out.getvalue()
+
+
+def drive_session(daemon: DaemonProcess) -> list[int]:
+    statuses = []
+    for patient in PATIENTS:
+        status, body = daemon.request(
+            "POST",
+            "/api/v1/patients",
+            json.dumps(patient).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        statuses.append(status)
+        if patient["pms_id"] == "0047110":
+            patient_id = json.loads(body)["id"]
+            data, content_type = multipart({"tooth_numbers": "36"}, [("bite.png", png())])
+            status, _ = daemon.request(
+                "POST", f"/api/v1/patients/{patient_id}/images", data, headers={"Content-Type": content_type}
+            )
+            statuses.append(status)
+    renamed = {**PATIENTS[0], "chart_number": "MUELHA1", "first_name": "Hans-Jürgen"}
+    conflicting = {**PATIENTS[1], "birth_date": "1989-12-01"}
+    for body_json in (renamed, conflicting):
+        status, _ = daemon.request(
+            "POST",
+            "/api/v1/patients",
+            json.dumps(body_json).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        statuses.append(status)
+    return statuses
+
+
+def originals() -> list[str]:
+    values: list[str] = []
+    for p in PATIENTS:
+        values += [
+            p["pms_id"],
+            p["last_name"],
+            p["first_name"],
+            p.get("chart_number", ""),
+            p.get("street", ""),
+        ]
+        values.append(p.get("city", ""))
+        day = date.fromisoformat(p["birth_date"])
+        values += [
+            day.isoformat(),
+            day.strftime("%Y%m%d"),
+            day.strftime("%d.%m.%Y"),
+            day.strftime("%m/%d/%Y"),
+        ]
+    values += ["MUELHA1", "Hans-Jürgen", "1989-12-01"]
+    return [v for v in values if v]
+
+
+def capture_text(folder: Path) -> str:
+    chunks = []
+    for path in folder.rglob("*"):
+        if path.is_file():
+            raw = path.read_bytes()
+            for codec in ("utf-8", "cp1252", "utf-16-le"):
+                chunks.append(raw.decode(codec, errors="ignore"))
+    return "\n".join(chunks)
+
+
+def test_a_recorded_session_replays_and_carries_no_phi(daemon_factory: Any, tmp_path: Path) -> None:
+    record_dir = tmp_path / "capture"
+    daemon = daemon_factory(record={"dir": str(record_dir)})
+    assert drive_session(daemon) == [201, 201, 201, 200, 409]
+    assert daemon.stop() == 0
+    [session] = list(record_dir.iterdir())
+    case = json.loads((session / "case.json").read_text(encoding="utf-8"))
+    assert [s["transport"] for s in case["steps"]] == ["api", "upload", "api", "api", "api"]
+    assert "pseudonymised" in case["description"]
+    text = capture_text(session)
+    leaked = [value for value in originals() if value in text or value.upper() in text]
+    assert leaked == []
+    effect = json.loads((session / "effect.json").read_text(encoding="utf-8"))
+    assert len(effect["patients"]) == 2 and {p["images"] for p in effect["patients"]} == {0, 1}
+    replayed = subprocess.run(
+        [*pms_bridge_command(), "replay", str(record_dir)], capture_output=True, text=True, timeout=600
+    )
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "1 pass" in replayed.stdout
+
+
+def test_an_unredacted_capture_keeps_the_data(daemon_factory: Any, tmp_path: Path) -> None:
+    record_dir = tmp_path / "capture"
+    daemon = daemon_factory(record={"dir": str(record_dir), "redact": "no"})
+    drive_session(daemon)
+    assert daemon.stop() == 0
+    [session] = list(record_dir.iterdir())
+    assert "Müller-Lüdenscheidt" in capture_text(session)
+    assert "UNREDACTED" in json.loads((session / "case.json").read_text(encoding="utf-8"))["description"]
+
+
+def test_pseudonyms_are_consistent_and_keep_the_shape() -> None:
+    redactor = Redactor()
+    redactor.learn_text("id", "002509")
+    redactor.learn_text("name", "Müller")
+    redactor.learn_date(date(1971, 3, 14))
+    text = "PATID=002509\r\nLASTNAME=Müller\r\nBIRTHDAY=19710314\r\n"
+    text += "<p lastName='MÜLLER' birthdate='1971-03-14'/>"
+    once, twice = redactor.apply(text), redactor.apply(text)
+    assert once == twice
+    assert "002509" not in once and "Müller" not in once and "MÜLLER" not in once
+    assert "19710314" not in once and "1971-03-14" not in once
+    fake_id = once.split("PATID=")[1].split("\r\n")[0]
+    assert len(fake_id) == 6 and fake_id.isdigit()
+    fake_birthday = once.split("BIRTHDAY=")[1].split("\r\n")[0]
+    assert date(int(fake_birthday[:4]), int(fake_birthday[4:6]), int(fake_birthday[6:]))  # still a valid date
+    assert "PATID=" in once and redactor.apply("0025099") == "0025099"  # whole tokens only
+    assert Redactor().apply(text) == text  # another capture knows nothing yet
