@@ -11,6 +11,8 @@ second over the import itself (servers already running, files already on disk):
   Python's http.client sends no "Expect: 100-continue", which costs curl about a second per file over 1 MB.
 * pms-bridge REST: one POST /api/v1/import of all files to a running daemon (`pms-bridge serve`).
 * pms-bridge CLI: `pms-bridge import FOLDER` as a process, start-up and schema check included.
+* pms-bridge import engine: the same import in this process (a Runtime, warmed), without HTTP or a process
+  start: what the transports above add to it.
 
 Both servers get one unrelated file before the clock starts (a running archive is warm: pms-bridge's decoder
 processes load their codecs on first use, once).
@@ -31,7 +33,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,23 +41,17 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bridge.imaging import synthetic
+from tests.conftest import free_port
 from tests.support.dicomfiles import intraoral_object, write
+from tests.support.orthanc import running_orthanc
 
 BIN = Path(sys.executable).parent
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_files(folder: Path, count: int, patient: str = "BENCH1") -> list[Path]:
@@ -74,34 +69,6 @@ def make_files(folder: Path, count: int, patient: str = "BENCH1") -> list[Path]:
         ds.InstanceNumber = index % 10 + 1
         paths.append(write(ds, folder / f"IO{index:05d}.dcm"))
     return paths
-
-
-@contextmanager
-def orthanc(home: Path) -> Iterator[int]:
-    """A fresh Orthanc of our own on loopback; yields its HTTP port; stopped by its process id."""
-    home.mkdir(parents=True)
-    port = free_port()
-    config = {
-        "Name": "bench",
-        "HttpPort": port,
-        "DicomPort": free_port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "StorageDirectory": str(home / "data"),
-        "IndexDirectory": str(home / "data"),
-        "Plugins": [],
-    }
-    (home / "orthanc.json").write_text(json.dumps(config), encoding="utf-8")
-    with open(home / "log", "wb") as log:
-        process = subprocess.Popen(
-            [ORTHANC, str(home / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_for(f"http://127.0.0.1:{port}/system", process)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 def wait_for(url: str, process: subprocess.Popen[bytes], headers: dict[str, str] | None = None) -> None:
@@ -230,6 +197,36 @@ def bridge_cli(home: Path, folder: Path, count: int) -> float:
     return elapsed
 
 
+def bridge_engine(home: Path, folder: Path, warm: Path, count: int) -> float:
+    """Seconds for the import itself, in this process, with a warmed runtime."""
+    import asyncio
+
+    from bridge.config import load_settings
+    from bridge.dicom.importer import Importer
+    from bridge.model import Origin
+    from bridge.runtime import Runtime
+
+    config, _port, _token = bridge_config(home, render=False)
+    workers = os.cpu_count() or 1
+    rt = Runtime.build(load_settings(str(config)), imaging_workers=workers)
+
+    async def run() -> float:
+        origin = Origin("bench", "import", "BENCH")
+        await Importer(rt, origin, concurrency=2 * workers).run([(str(warm), "warm")])
+        started = time.perf_counter()
+        report = await Importer(rt, origin, concurrency=2 * workers).run([(str(folder), "files")])
+        elapsed = time.perf_counter() - started
+        await rt.audit.flush()
+        if len(report.imported) != count:
+            raise RuntimeError(f"the engine imported {len(report.imported)} of {count}: {report.errors[:1]}")
+        return elapsed
+
+    try:
+        return asyncio.run(run())
+    finally:
+        rt.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=100)
@@ -248,7 +245,7 @@ def main() -> None:
         results: dict[str, list[float]] = {}
         for round_number in range(args.rounds):
             for clients in (1, 2, 4):
-                with orthanc(work / f"orthanc-{round_number}-{clients}") as port:
+                with running_orthanc(work / f"orthanc-{round_number}-{clients}") as port:
                     results.setdefault(f"Orthanc REST, {clients} client(s)", []).append(
                         orthanc_upload(port, data, clients, warm.read_bytes())
                     )
@@ -259,6 +256,9 @@ def main() -> None:
             )
             results.setdefault("pms-bridge import command (process)", []).append(
                 bridge_cli(work / f"cli-{round_number}", folder, args.files)
+            )
+            results.setdefault("pms-bridge import engine (in-process)", []).append(
+                bridge_engine(work / f"engine-{round_number}", folder, warm, args.files)
             )
             results.setdefault("pms-bridge REST, render_at_import = yes", []).append(
                 bridge_rest(

@@ -1,18 +1,14 @@
 """A round trip through Orthanc (a real DICOM archive, the Debian package) on loopback: export a patient,
 upload every file to Orthanc's REST API, fetch it back, and find the store's pixels and identity.
 
-The test runs its own Orthanc with a config of its own on free loopback ports (remote access off) and stops
-it by its process id.
+The test runs its own Orthanc (tests.support.orthanc: a config of its own on free loopback ports, remote
+access off, stopped by its process id).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import shutil
-import subprocess
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,10 +22,8 @@ from bridge.dicom.export import export_patient
 from bridge.dicom.wrap import decoded_pixels
 from bridge.imaging import analyze
 from bridge.runtime import Runtime
-from tests.conftest import free_port
 from tests.support.dental_patient import NAME, ORIGIN, PMS_ID, everything
-
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+from tests.support.orthanc import running_orthanc
 
 
 def call(url: str, body: bytes | None = None) -> bytes:
@@ -44,38 +38,8 @@ def call(url: str, body: bytes | None = None) -> bytes:
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[str]:
     """The base URL of a fresh Orthanc of this test's own."""
-    home = tmp_path / "orthanc"
-    home.mkdir()
-    config = {
-        "Name": "pms-bridge-test",
-        "HttpPort": free_port(),
-        "DicomPort": free_port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "StorageDirectory": str(home / "data"),
-        "IndexDirectory": str(home / "data"),
-        "Plugins": [],
-    }
-    (home / "orthanc.json").write_text(json.dumps(config), encoding="utf-8")
-    url = f"http://127.0.0.1:{config['HttpPort']}"
-    with open(home / "orthanc.log", "wb") as log:
-        process = subprocess.Popen(
-            [ORTHANC, str(home / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                call(f"{url}/system")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((home / "orthanc.log").read_text(errors="replace")) from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(30)
+    with running_orthanc(tmp_path / "orthanc") as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 async def test_an_exported_set_survives_a_round_trip_through_orthanc(

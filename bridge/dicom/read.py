@@ -24,6 +24,7 @@ from datetime import date, datetime, time
 from typing import Any
 
 from bridge.dicom import teeth
+from bridge.imaging.analyze import DICOM_CATEGORY
 from bridge.model import Category, Demographics, Sex
 
 # SOP classes read (DTX Studio Clinic's table 3, VL photographic, and our own CT volumes).
@@ -95,20 +96,6 @@ MAX_ID_LENGTH = 100  # the store's pms_id column
 _DEFER_BYTES = 64 * 1024
 _UNDEFINED_LENGTH = 0xFFFFFFFF  # values larger than this (pixel data) are not read to describe a file
 
-# Modality -> category, for the SOP classes that do not decide it themselves.
-_MODALITY_CATEGORY = {
-    "IO": Category.INTRAORAL_XRAY,
-    "PX": Category.PANORAMIC,
-    "DX": Category.EXTRAORAL_XRAY,
-    "CR": Category.EXTRAORAL_XRAY,
-    "CT": Category.CBCT,
-    "XC": Category.PHOTO,
-    "VL": Category.PHOTO,
-    "ES": Category.PHOTO,
-    "GM": Category.PHOTO,
-    "OP": Category.PHOTO,
-    "DOC": Category.DOCUMENT,
-}
 _PANORAMIC_WORDS = frozenset({"PAN", "PANO", "PANORAMIC", "PANORAMA", "OPG", "OPT"})
 
 
@@ -507,7 +494,8 @@ def category_of(ds: Any, sop_class: str, modality: str, codec: str) -> Category:
 
     IO objects are intra-oral X-rays and CT objects CBCT whatever else they say; DX and CR objects are
     panoramic (modality PX, or labelled so), cephalometric (labelled CEPH...) or other extra-oral X-rays;
-    secondary captures go by modality, then colour (a photo), else a document.
+    secondary captures go by modality (the imaging decoder's table), then colour (a photo), else a
+    document.
     """
     if sop_class in (IO_PRESENTATION, IO_PROCESSING):
         return Category.INTRAORAL_XRAY
@@ -530,6 +518,6 @@ def category_of(ds: Any, sop_class: str, modality: str, codec: str) -> Category:
         if any("CEPH" in word for word in words):
             return Category.CEPHALOMETRIC
         return Category.EXTRAORAL_XRAY
-    if modality in _MODALITY_CATEGORY:
-        return _MODALITY_CATEGORY[modality]
+    if modality in DICOM_CATEGORY:
+        return DICOM_CATEGORY[modality]
     return Category.PHOTO if ds.get("SamplesPerPixel", 1) == 3 else Category.DOCUMENT

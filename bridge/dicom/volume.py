@@ -105,8 +105,8 @@ _TOP_LEVEL = (
     "DateOfLastCalibration",
     "TimeOfLastCalibration",
 )
-# What the slices must share to be one volume.
-_MUST_AGREE = (
+# The Image Pixel description, the same for every slice of one volume.
+_PIXEL_DESCRIPTION = (
     "Rows",
     "Columns",
     "BitsAllocated",
@@ -115,22 +115,14 @@ _MUST_AGREE = (
     "PixelRepresentation",
     "SamplesPerPixel",
     "PhotometricInterpretation",
-    "PatientID",
-    "StudyInstanceUID",
-    "FrameOfReferenceUID",
 )
+# What the slices must share to be one volume.
+_MUST_AGREE = (*_PIXEL_DESCRIPTION, "PatientID", "StudyInstanceUID", "FrameOfReferenceUID")
 # Attributes the conversion places itself (pixel description, geometry, rescale, window, identity).
 _PLACED = frozenset(
     {
         *_TOP_LEVEL,
-        "Rows",
-        "Columns",
-        "BitsAllocated",
-        "BitsStored",
-        "HighBit",
-        "PixelRepresentation",
-        "SamplesPerPixel",
-        "PhotometricInterpretation",
+        *_PIXEL_DESCRIPTION,
         "PixelData",
         "SOPClassUID",
         "SOPInstanceUID",
@@ -325,9 +317,7 @@ def _dataset(ordered: list[tuple[str, Any]], pixels: np.ndarray[Any, Any]) -> An
     ds.InstanceNumber = 1
     ds.Laterality = first.get("Laterality", "")
     ds.NumberOfFrames = len(ordered)
-    for name in ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns"):
-        ds[name] = first[name]
-    for name in ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+    for name in _PIXEL_DESCRIPTION:
         ds[name] = first[name]
     ds.BurnedInAnnotation = first.get("BurnedInAnnotation", "NO") or "NO"
     _lossy(ds, ordered)
