@@ -64,6 +64,22 @@ DENTAL_EQUIPMENT = (
 LATIN_1_SETS = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6", "ISO_IR 100", "ISO 2022 IR 100"})
 # Patient-module attributes that describe the patient as the source system knew the replaced id.
 _REPLACED_ID_QUALIFIERS = ("IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence")
+# Patient-module attributes compared across originals (the ones set from the store are not).
+_PATIENT_EXTRAS = (
+    "PatientBirthTime",
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "EthnicGroup",
+    "PatientComments",
+    "PatientSpeciesDescription",
+    "PatientBreedDescription",
+    "ResponsiblePerson",
+    "ResponsibleOrganization",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "TypeOfPatientID",
+)
 _EXPORT_CONCURRENCY = 4
 
 
@@ -248,35 +264,14 @@ def patient_module(patient: PatientView, scanned: list[dict[str, Any]], *, wrapp
     }
     for keyword in _REPLACED_ID_QUALIFIERS:
         module[keyword] = None
-    others: dict[str, set[str]] = (
-        {keyword: {"<absent>"} for keyword in read_patient_keywords()} if wrapped else {}
-    )
+    others: dict[str, set[str]] = {keyword: {"<absent>"} for keyword in _PATIENT_EXTRAS} if wrapped else {}
     for facts in scanned:
-        for keyword in read_patient_keywords():
+        for keyword in _PATIENT_EXTRAS:
             others.setdefault(keyword, set()).add(facts["patient"].get(keyword, "<absent>"))
     for keyword, values in others.items():
         if keyword not in module and len(values) > 1:
             module[keyword] = None
     return module
-
-
-def read_patient_keywords() -> tuple[str, ...]:
-    """Patient-module attributes compared across originals (the ones set from the store are not)."""
-    return (
-        "PatientBirthTime",
-        "OtherPatientIDs",
-        "OtherPatientIDsSequence",
-        "OtherPatientNames",
-        "EthnicGroup",
-        "PatientComments",
-        "PatientSpeciesDescription",
-        "PatientBreedDescription",
-        "ResponsiblePerson",
-        "ResponsibleOrganization",
-        "PatientIdentityRemoved",
-        "DeidentificationMethod",
-        "TypeOfPatientID",
-    )
 
 
 def _date_time(moment: datetime | None) -> tuple[str, str]:
@@ -395,7 +390,7 @@ def scan_originals(paths: list[str]) -> list[dict[str, Any]]:
                 continue
             charset = ds.get("SpecificCharacterSet") or [""]
             values = [charset] if isinstance(charset, str) else list(charset)
-            patient = {k: repr(ds[k].value) for k in read_patient_keywords() if k in ds}
+            patient = {k: repr(ds[k].value) for k in _PATIENT_EXTRAS if k in ds}
             found.append({"charset": [str(v).strip().upper() for v in values], "patient": patient})
     return found
 
