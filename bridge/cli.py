@@ -87,6 +87,46 @@ def cmd_reconcile(ns: argparse.Namespace) -> int:
     return reconcile(load_settings(ns.config))
 
 
+def cmd_import(ns: argparse.Namespace) -> int:
+    from bridge.dicom.commands import run_import
+
+    return run_import(ns.config, ns.paths, as_json=ns.json)
+
+
+def _import_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files, folders, DICOMDIR file sets")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def cmd_export_dicom(ns: argparse.Namespace) -> int:
+    from bridge.dicom.commands import run_export
+
+    return run_export(
+        ns.config,
+        pms_id=ns.patient,
+        out=ns.out,
+        profile=ns.profile,
+        mode=ns.mode,
+        pms_system=ns.pms_system,
+        practice_id=ns.practice_id,
+        as_json=ns.json,
+    )
+
+
+def _export_dicom_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--patient", required=True, metavar="PMS_ID", help="the patient's id in the PMS")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="a new (or empty) folder for the file set"
+    )
+    parser.add_argument(
+        "--profile", choices=("general", "dental"), default="general", help="STD-GEN-CD or STD-DEN-CD"
+    )
+    parser.add_argument("--mode", choices=("original", "filtered"), default="original", help="originals only")
+    parser.add_argument("--pms-system", help="the PMS that knows the id (default: [dicom] pms_system)")
+    parser.add_argument("--practice-id", help="its practice id (default: [dicom] practice_id)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
 def cmd_replay(ns: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
@@ -160,6 +200,12 @@ COMMANDS: dict[str, Command] = {
         _no_args,
     ),
     "reconcile": ("re-check every image file against its SHA-256", cmd_reconcile, _no_args),
+    "import": ("import DICOM files, folders and DICOMDIR file sets", cmd_import, _import_args),
+    "export-dicom": (
+        "write a patient's images as a DICOM File Set with a DICOMDIR",
+        cmd_export_dicom,
+        _export_dicom_args,
+    ),
     "replay": (
         "replay captured PMS messages and compare answers and store effects",
         cmd_replay,

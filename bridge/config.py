@@ -194,6 +194,23 @@ def DateFormat() -> Parser:
     return Parser("a .NET date format with day, month and year, e.g. MM/dd/yyyy or yyyyMMdd", convert)
 
 
+def DicomTag() -> Parser:
+    """A DICOM attribute named by keyword (PatientID) or by tag (0010,0020); checked against the
+    dictionary where it is used, so loading the settings does not import pydicom."""
+
+    def convert(text: str, _home: Path) -> str:
+        value = text.strip().strip("()").replace(" ", "")
+        group, comma, element = value.partition(",")
+        is_tag = comma and all(
+            len(p) == 4 and all(c in "0123456789abcdefABCDEF" for c in p) for p in (group, element)
+        )
+        if not is_tag and not (value[:1].isalpha() and value.isalnum() and value.isascii()):
+            raise ValueError
+        return value
+
+    return Parser("a DICOM keyword such as PatientID, or a tag such as 0010,0020", convert)
+
+
 def key(default: str, parser: Parser, doc: str) -> Any:
     """Declare one config key: its default as written in the file, its parser, its documentation."""
     return field(metadata={"default": default, "parser": parser, "doc": doc})
@@ -671,6 +688,36 @@ class RecordSettings:
     )
 
 
+@dataclass(frozen=True)
+class DicomSettings:
+    """DICOM media: importing files and file sets, exporting file sets with a DICOMDIR."""
+
+    SECTION: ClassVar[str] = "dicom"
+    pms_system: str = key(
+        "dicom",
+        Text(required=True, max_length=100),
+        "The PMS system whose patient ids the DICOM files carry: imported images join the patients that"
+        " PMS knows under that id (set it to the PMS's name, e.g. the VDDS PVS name), and export-dicom"
+        " finds --patient under it",
+    )
+    practice_id: str = key("", Text(max_length=100), "The practice id recorded with that PMS system")
+    patient_id_tag: str = key(
+        "PatientID",
+        DicomTag(),
+        "The DICOM attribute holding the PMS patient id (exported files carry the id in PatientID)",
+    )
+    institution_name: str = key("", Text(max_length=64), "Institution Name written on exported images")
+    institution_address: str = key("", Text(max_length=1024), "Institution Address on exported images")
+    institution_department: str = key("", Text(max_length=64), "Institution Department Name on exports")
+    render_at_import: bool = key(
+        "no",
+        Bool(),
+        "yes: render thumbnails and previews while importing; no: render them on first request (cached)",
+    )
+    max_file_mb: int = key("1024", Int(1, 65536), "Largest DICOM file (or CT volume) imported, in MB")
+    max_upload_mb: int = key("4096", Int(1, 262144), "Largest REST import (files, or a zip unpacked), in MB")
+
+
 SECTIONS: tuple[type[Any], ...] = (
     StoreSettings,
     ApiSettings,
@@ -680,6 +727,7 @@ SECTIONS: tuple[type[Any], ...] = (
     PmsSettings,
     ThumbnailSettings,
     DaemonSettings,
+    DicomSettings,
     RecordSettings,
     DexisSettings,
     DentrixSettings,
@@ -707,6 +755,7 @@ class Settings:
     pms: PmsSettings
     thumbnails: ThumbnailSettings
     daemon: DaemonSettings
+    dicom: DicomSettings
     record: RecordSettings
     dexis: DexisSettings
     dentrix: DentrixSettings

@@ -32,6 +32,7 @@ class Action(enum.StrEnum):
     LIST_IMAGES = "list_images"  # the patient's images (VDDS MMOINFEXPORT, OPP VIEW_DATA)
     VIEW_IMAGE = "view_image"  # show one image (VDDS MMOVIEW)
     EXPORT_IMAGES = "export_images"  # file copies (VDDS MMOEXPORT)
+    IMPORT = "import"  # images arriving without a PMS (DICOM media): creation needs allow_patient_creation
 
 
 class IdKind(enum.StrEnum):
@@ -217,6 +218,21 @@ class ImageView:
             "comment": self.comment,
             "frames": self.frames,
         }
+
+
+@dataclass(frozen=True)
+class ImageDetails:
+    """An image with what an export needs beyond its view: its stored facts, its study and its series."""
+
+    image: ImageView
+    attributes: dict[str, Any]
+    imported_at: datetime
+    study_description: str
+    study_date: datetime | None
+    accession_number: str
+    series_number: int | None
+    series_modality: str
+    series_description: str
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from bridge.model import (
     Category,
     Demographics,
     IdKind,
+    ImageDetails,
     ImageView,
     NewImage,
     Origin,
@@ -433,7 +434,13 @@ class BridgeService:
     async def handle(self, req: PatientRequest) -> Outcome:
         """Serve one PMS request; every failure becomes an Outcome the protocol can render."""
         try:
-            if req.action in (Action.OPEN, Action.ACQUIRE, Action.UPDATE, Action.CREATE_OR_UPDATE):
+            if req.action in (
+                Action.OPEN,
+                Action.ACQUIRE,
+                Action.UPDATE,
+                Action.CREATE_OR_UPDATE,
+                Action.IMPORT,
+            ):
                 return await self._open(req)
             if req.action is Action.LIST_IMAGES:
                 return await self._list_for_pms(req)
@@ -467,33 +474,35 @@ class BridgeService:
         self._check_request(req)
         if req.action is Action.UPDATE:
             may_create = False
-        elif req.action is Action.CREATE_OR_UPDATE:
+        elif req.action in (Action.CREATE_OR_UPDATE, Action.IMPORT):
             may_create = self.settings.allow_patient_creation
         else:
             may_create = True  # a PMS launch may always create: that is what the integration is for
+        # An imported file's header is a snapshot taken at the modality; the PMS owns the demographics,
+        # so an import never overwrites them (a disagreement is still a conflict, as for every request).
+        update = self.settings.update_patient_info and req.action is not Action.IMPORT
+        opened = "patient.import" if req.action is Action.IMPORT else "patient.open"
 
-        view = await self._open_unchanged(req)
+        view = await self._open_unchanged(req, update=update, opened=opened)
         if view is not None:
             status = Status.OK
         else:
 
             def work(session: Session) -> tuple[_Resolved, PatientView]:
-                resolved = self._resolve(
-                    session, req, may_create=may_create, update=self.settings.update_patient_info
-                )
+                resolved = self._resolve(session, req, may_create=may_create, update=update)
                 if resolved.status is Status.OK:
-                    self.audit.change(session, req.origin, "patient.open", patient_id=resolved.patient.id)
+                    self.audit.change(session, req.origin, opened, patient_id=resolved.patient.id)
                 return resolved, _load_patient_view(session, resolved.patient, resolved.link)
 
             resolved, view = await self._retry_unique(work)
             status = resolved.status
         outcome = Outcome(status, _status_message(status, req), patient=view)
-        if req.action is not Action.CREATE_OR_UPDATE and not req.silent:
+        if req.action not in (Action.CREATE_OR_UPDATE, Action.IMPORT) and not req.silent:
             outcome = replace(outcome, viewer_url=self.patient_viewer_url(view.id))
             self._publish_opened(req, view, outcome.viewer_url)
         return outcome
 
-    async def _open_unchanged(self, req: PatientRequest) -> PatientView | None:
+    async def _open_unchanged(self, req: PatientRequest, *, update: bool, opened: str) -> PatientView | None:
         """The patient when the request only opens a known one and would change nothing, read in one
         round trip without a write transaction; None sends the request down the full (writing) path.
 
@@ -515,9 +524,9 @@ class BridgeService:
             return None
         if req.origin.protocol and row.link_protocol != req.origin.protocol:
             return None
-        if self.settings.update_patient_info and _demographic_changes(row, req.demographics):
+        if update and _demographic_changes(row, req.demographics):
             return None
-        self.audit.read(req.origin, "patient.open", patient_id=row.id)
+        self.audit.read(req.origin, opened, patient_id=row.id)
         return patient_view_row(row)
 
     async def _retry_unique(self, work: Callable[[Session], Any]) -> Any:
@@ -587,7 +596,12 @@ class BridgeService:
             changed = self._move_chart_number(session, req, patient)
             changed += self._maybe_update(session, req, patient, update)
             link.last_seen_at = utcnow()
-            if req.origin.protocol and link.protocol != req.origin.protocol:
+            # The link's protocol decides the PMS's pushes; an import is not the PMS speaking.
+            if (
+                req.origin.protocol
+                and req.action is not Action.IMPORT
+                and link.protocol != req.origin.protocol
+            ):
                 link.protocol = req.origin.protocol
             return _Resolved(patient, link, Status.UPDATED if changed else Status.OK)
 
@@ -644,11 +658,13 @@ class BridgeService:
         return _Resolved(patient, None, Status.CREATED)
 
     def _cannot_create(self, req: PatientRequest) -> Refused:
-        if req.action is Action.CREATE_OR_UPDATE:
+        if req.action in (Action.CREATE_OR_UPDATE, Action.IMPORT):
+            key = req.pms_id or req.chart_number
             return Refused(
                 Outcome(
                     Status.FORBIDDEN,
-                    "patient creation is disabled (allow_patient_creation = no): patients come from the PMS",
+                    f"no patient with id {key!r} from {req.pms_system}, and patient creation is disabled"
+                    " (allow_patient_creation = no): patients come from the PMS",
                 )
             )
         key = req.pms_id or req.chart_number
@@ -1016,6 +1032,44 @@ class BridgeService:
         if view is not None:
             self._remember_view(view)
         return view
+
+    async def stored_instances(self, sop_instance_uids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """Which of these SOP Instance UIDs are stored: uid -> (patient id, sha256). Not audited: it
+        reveals no patient data, and decides whether an imported file is already in the store.
+        """
+        if not sop_instance_uids:
+            return {}
+
+        def work(session: Session) -> dict[str, tuple[int, str]]:
+            rows = session.execute(q.images_by_sop_uids(list(sop_instance_uids)))
+            return {uid: (patient_id, sha256) for uid, patient_id, sha256 in rows}
+
+        found: dict[str, tuple[int, str]] = await self.db.read(work)
+        return found
+
+    async def image_details(self, origin: Origin, patient_id: int) -> list[ImageDetails]:
+        """Every image of a patient with its stored facts, study and series (audited as an export)."""
+
+        def work(session: Session) -> list[ImageDetails]:
+            return [
+                ImageDetails(
+                    image=image_view_row(row),
+                    attributes=dict(row.attributes or {}),
+                    imported_at=row.imported_at,
+                    study_description=row.study_description,
+                    study_date=row.study_date,
+                    accession_number=row.accession_number,
+                    series_number=row.series_number,
+                    series_modality=row.series_modality,
+                    series_description=row.series_description,
+                )
+                for row in session.execute(q.image_details_of_patient(patient_id))
+            ]
+
+        found = await self.db.read(work)
+        for details in found:
+            self.audit.read(origin, "image.export", patient_id=patient_id, image_id=details.image.id)
+        return found
 
     async def referenced_hashes(self, sha256s: Sequence[str]) -> set[str]:
         """Which of these file hashes some stored image uses (reveals no patient data; not audited).

@@ -299,7 +299,8 @@ def _decode_pillow_checked(
 # DICOM (pydicom; compressed pixel data through the pylibjpeg plugins)
 
 
-_DICOM_CATEGORY = {
+# DICOM modality -> category (DICOM import uses it too, for objects whose SOP class does not decide).
+DICOM_CATEGORY = {
     "IO": Category.INTRAORAL_XRAY,
     "PX": Category.PANORAMIC,
     "DX": Category.EXTRAORAL_XRAY,
@@ -420,7 +421,7 @@ def _decode_dicom(data: bytes) -> Decoded:
         "file_ext": "dcm",
         "media_type": "application/dicom",
         "frames": frames,
-        "category": _DICOM_CATEGORY.get(modality),
+        "category": DICOM_CATEGORY.get(modality),
         "attributes": attributes,
     }
     if arr.ndim == 3:  # colour (pydicom has already converted YBR to RGB)

@@ -64,6 +64,26 @@ def _load_logo(path: Path | None) -> bytes | None:
     return data
 
 
+def new_image(facts: Analysis, sha256: str, size: int, metadata: dict[str, object]) -> NewImage:
+    """The image to add for a stored file: the facts decided from its pixels, then what the sender says
+    (`metadata`: NewImage fields; `attributes` are merged over the decoded ones)."""
+    fields: dict[str, object] = {"category": facts.category, "frames": facts.frames}
+    fields.update({k: v for k, v in metadata.items() if v is not None})
+    extra = metadata.get("attributes")
+    fields["attributes"] = {**facts.attributes, **(extra if isinstance(extra, dict) else {})}
+    return NewImage(
+        sha256=sha256,
+        file_ext=facts.file_ext,
+        media_type=facts.media_type,
+        size_bytes=size,
+        width=facts.width,
+        height=facts.height,
+        bits_stored=facts.bits_stored,
+        color=facts.color,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
 class Imaging:
     """Ingests image bytes into the file store and serves cached watermarked renderings.
 
@@ -108,6 +128,11 @@ class Imaging:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor(), functools.partial(fn, *args, **kwargs))
 
+    async def run_in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in the imaging process pool: CPU work of other packages (DICOM headers and
+        volumes), so one pool sized to the machine serves all decoding."""
+        return await self._run(fn, *args)
+
     # ---------------------------------------------------------------------------------------------
     # Ingest
 
@@ -134,21 +159,7 @@ class Imaging:
             key = self.render_key(sha256, size, rotation, mirrored)
             await asyncio.to_thread(self._write_cache, self._cache_path(sha256, key), rendered)
             self._remember(key, rendered)
-        fields: dict[str, object] = {"category": facts.category, "frames": facts.frames}
-        fields.update({k: v for k, v in metadata.items() if v is not None})
-        extra = metadata.get("attributes")
-        fields["attributes"] = {**facts.attributes, **(extra if isinstance(extra, dict) else {})}
-        return NewImage(
-            sha256=sha256,
-            file_ext=facts.file_ext,
-            media_type=facts.media_type,
-            size_bytes=len(data),
-            width=facts.width,
-            height=facts.height,
-            bits_stored=facts.bits_stored,
-            color=facts.color,
-            **fields,  # type: ignore[arg-type]
-        )
+        return new_image(facts, sha256, len(data), metadata)
 
     async def ingest_all(
         self,

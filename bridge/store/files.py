@@ -51,6 +51,22 @@ class FileStore:
             write_atomic(path, data)
         return digest, path
 
+    def adopt(self, path: Path, sha256: str, ext: str) -> Path:
+        """Move a complete file the bridge wrote itself (a received upload, on this store's file system)
+        in under its hash, with `put`'s guarantee: flushed to disk, then renamed. When the store already
+        holds those bytes, `path` is left where it is. Saves writing the same bytes a second time.
+        """
+        target = self.path_for(sha256, ext)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(path, target)
+        return target
+
     def verify(self, sha256: str, ext: str) -> str | None:
         """None when the file is present and intact, else what is wrong (for reconcile and readiness)."""
         path = self.path_for(sha256, ext)

@@ -334,6 +334,34 @@ def image_by_sop_uid(sop_instance_uid: str) -> Select[Image]:
     return select(Image).where(Image.sop_instance_uid == sop_instance_uid)
 
 
+def images_by_sop_uids(sop_instance_uids: list[str]) -> Select[str, int, str]:
+    """(SOP Instance UID, patient id, sha256) of the stored images among these UIDs (import's duplicates)."""
+    return select(Image.sop_instance_uid, Image.patient_id, Image.sha256).where(
+        Image.sop_instance_uid.in_(sop_instance_uids)
+    )
+
+
+def image_details_of_patient(patient_id: int) -> Select[Any]:
+    """A patient's images with their stored attributes, study and series facts: what an export needs."""
+    return (
+        select(
+            *Image.__table__.c,
+            Series.series_uid,
+            Series.number.label("series_number"),
+            Series.modality.label("series_modality"),
+            Series.description.label("series_description"),
+            Study.study_uid,
+            Study.description.label("study_description"),
+            Study.study_date,
+            Study.accession_number,
+        )
+        .join(Series, Image.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+        .where(Image.patient_id == patient_id)
+        .order_by(Study.id, Series.id, Image.id)
+    )
+
+
 def image_by_sha256(patient_id: int, sha256: str) -> Select[Image]:
     return select(Image).where(Image.patient_id == patient_id, Image.sha256 == sha256)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from bridge.runtime import Runtime
-from bridge.web import api, events_stream, health, launch, openapi
+from bridge.web import api, dicom_import, events_stream, health, launch, openapi
 from bridge.web.keys import MAX_BODY, RUNTIME
 from bridge.web.middleware import make_bearer_auth, make_request_context
 
@@ -19,6 +19,6 @@ def build_api_app(rt: Runtime) -> web.Application:
     )
     app[RUNTIME] = rt
     app[MAX_BODY] = max_body
-    for module in (api, health, events_stream, launch, openapi):
+    for module in (api, health, events_stream, launch, openapi, dicom_import):
         app.add_routes(module.routes)
     return app

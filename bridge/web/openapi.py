@@ -202,6 +202,38 @@ IMAGE_CHANGE = {
     },
 }
 
+_FILE_PROBLEM = {
+    "type": "object",
+    "required": ["path", "reason"],
+    "properties": {"path": {"type": "string"}, "reason": {"type": "string"}},
+}
+IMPORT_REPORT = {
+    "type": "object",
+    "description": "What became of every file of a DICOM import",
+    "required": ["imported", "skipped", "errors", "notes", "summary"],
+    "properties": {
+        "imported": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string"},
+                    "image_id": {"type": "integer"},
+                    "patient_id": {"type": "integer"},
+                    "pms_id": {"type": "string"},
+                    "category": {"enum": [c.value for c in Category]},
+                    "frames": {"type": "integer"},
+                    "files": {"type": "integer", "description": "Source files (slices of a CT volume)"},
+                },
+            },
+        },
+        "skipped": {"type": "array", "items": _FILE_PROBLEM, "description": "Already imported, not images"},
+        "errors": {"type": "array", "items": _FILE_PROBLEM, "description": "Refused, with the reason"},
+        "notes": {"type": "array", "items": _FILE_PROBLEM},
+        "summary": {"type": "object"},
+    },
+}
+
 IF_NONE_MATCH = {
     "name": "If-None-Match",
     "in": "header",
@@ -245,6 +277,7 @@ def document() -> dict[str, Any]:
                 "Conflict": CONFLICT,
                 "AuditEntry": AUDIT,
                 "Problem": PROBLEM_SCHEMA,
+                "ImportReport": IMPORT_REPORT,
             },
         },
         "paths": {
@@ -427,6 +460,34 @@ def document() -> dict[str, Any]:
                             "content": {"application/octet-stream": {"schema": BINARY}},
                         },
                         "413": PROBLEM,
+                        **ERRORS,
+                    },
+                }
+            },
+            "/api/v1/import": {
+                "post": {
+                    "summary": "Import DICOM files and zipped DICOM file sets (multipart parts named 'file')",
+                    "description": "Patients are found by the identity rules from the files' patient id"
+                    " ([dicom] patient_id_tag, pms_system) and created only when allow_patient_creation"
+                    " permits. Each image is imported completely or not at all; the report names every file.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"file": {"type": "array", "items": BINARY}},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json(_ref("ImportReport"), "Nothing new: every file was imported before"),
+                        "201": _json(_ref("ImportReport"), "Images were imported (errors may list others)"),
+                        "413": PROBLEM,
+                        "415": PROBLEM,
+                        "422": PROBLEM,
+                        "500": PROBLEM,
                         **ERRORS,
                     },
                 }

@@ -1,0 +1,278 @@
+"""DICOM import benchmark: the same files into pms-bridge and into Orthanc's REST API, in one run.
+
+The files are synthetic intra-oral X-rays as a sensor writes them (Digital Intra-Oral X-Ray For
+Presentation, 1000x1500 pixels, 12 bits in 16, uncompressed, with a window): about 3 MB each, the case
+reference/dicom.md measured Orthanc with. Each round starts from empty stores on both sides; rounds
+alternate between the two, so both share whatever else the machine is doing. Figures are images per
+second over the import itself (servers already running, files already on disk):
+
+* Orthanc: POST /instances, one file per request over keep-alive connections, sequential (how
+  reference/dicom.md measured it) and with 2 and 4 clients; the best of the three is the baseline.
+  Python's http.client sends no "Expect: 100-continue", which costs curl about a second per file over 1 MB.
+* pms-bridge REST: one POST /api/v1/import of all files to a running daemon (`pms-bridge serve`).
+* pms-bridge CLI: `pms-bridge import FOLDER` as a process, start-up and schema check included.
+* pms-bridge import engine: the same import in this process (a Runtime, warmed), without HTTP or a process
+  start: what the transports above add to it.
+
+Both servers get one unrelated file before the clock starts (a running archive is warm: pms-bridge's decoder
+processes load their codecs on first use, once).
+
+pms-bridge decodes every file completely (the integrity check) and Orthanc does not; neither renders
+previews while importing ([dicom] render_at_import = no, the default; the figure with renders is printed
+too). Nothing is asserted: the figures are printed next to their same-run baseline.
+
+    python bench/dicom_import.py [--files 100] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bridge.imaging import synthetic
+from tests.conftest import free_port
+from tests.support.dicomfiles import intraoral_object, write
+from tests.support.orthanc import running_orthanc
+
+BIN = Path(sys.executable).parent
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+
+
+def make_files(folder: Path, count: int, patient: str = "BENCH1") -> list[Path]:
+    """`count` intra-oral objects of one patient, 10 per study, each a different image."""
+    pixels = synthetic.intraoral(1000, 1500, bits=12)
+    study = series = ""
+    paths = []
+    for index in range(count):
+        if index % 10 == 0:
+            study, series = f"2.25.{uuid.uuid4().int}", f"2.25.{uuid.uuid4().int}"
+        shifted = (pixels.astype("int32") + index) % 4096  # different bytes and pixels per file
+        ds = intraoral_object(patient_id=patient, name="Bench^Patient", study_uid=study, series_uid=series)
+        ds.PixelData = shifted.astype("<u2").tobytes()
+        ds.Rows, ds.Columns = pixels.shape
+        ds.InstanceNumber = index % 10 + 1
+        paths.append(write(ds, folder / f"IO{index:05d}.dcm"))
+    return paths
+
+
+def wait_for(url: str, process: subprocess.Popen[bytes], headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def orthanc_upload(port: int, files: list[bytes], clients: int, warm: bytes) -> float:
+    """Seconds to POST every file to /instances with `clients` keep-alive connections (after `warm`)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    connection.request("POST", "/instances", body=warm, headers={"Content-Type": "application/dicom"})
+    connection.getresponse().read()
+    connection.close()
+    shares = [files[i::clients] for i in range(clients)]
+    failures: list[str] = []
+
+    def upload(share: list[bytes]) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        for data in share:
+            connection.request("POST", "/instances", body=data, headers={"Content-Type": "application/dicom"})
+            response = connection.getresponse()
+            answer = response.read()
+            if response.status != 200 or b'"Success"' not in answer:
+                failures.append(answer.decode(errors="replace")[:200])
+        connection.close()
+
+    threads = [threading.Thread(target=upload, args=(share,)) for share in shares]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"Orthanc refused files: {failures[0]}")
+    return elapsed
+
+
+def bridge_config(home: Path, *, render: bool) -> tuple[Path, int, str]:
+    home.mkdir(parents=True)
+    port, token = free_port(), secrets.token_hex(8)
+    lines = [
+        "[store]",
+        f"url = sqlite:///{home / 'bridge.db'}",
+        f"images = {home / 'images'}",
+        "[api]",
+        f"port = {port}",
+        f"token = {token}",
+        "[opp_web]",
+        f"port = {free_port()}",
+        "[daemon]",
+        "log_level = warning",
+        "[dicom]",
+        f"render_at_import = {'yes' if render else 'no'}",
+    ]
+    config = home / "pms-bridge.ini"
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return config, port, token
+
+
+def multipart(paths: list[Path]) -> tuple[bytes, str]:
+    boundary = secrets.token_hex(16)
+    body = io.BytesIO()
+    for path in paths:
+        disposition = f'Content-Disposition: form-data; name="file"; filename="{path.name}"'
+        body.write(f"--{boundary}\r\n{disposition}\r\n".encode())
+        body.write(b"Content-Type: application/dicom\r\n\r\n")
+        body.write(path.read_bytes())
+        body.write(b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    return body.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def bridge_rest(home: Path, body: bytes, content_type: str, count: int, *, render: bool, warm: Path) -> float:
+    """Seconds for one POST /api/v1/import of every file to a running daemon (started and warmed first)."""
+    config, port, token = bridge_config(home, render=render)
+    with open(home / "log", "wb") as log:
+        daemon = subprocess.Popen(
+            [str(BIN / "pms-bridge"), "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", daemon)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        headers = {"Content-Type": content_type, "Authorization": f"Bearer {token}"}
+        warm_body, warm_type = multipart([warm])
+        connection.request(
+            "POST", "/api/v1/import", body=warm_body, headers={**headers, "Content-Type": warm_type}
+        )
+        warmed = connection.getresponse()
+        if warmed.status != 201:
+            raise RuntimeError(f"warm-up import answered {warmed.status}: {warmed.read()[:300]!r}")
+        warmed.read()
+        started = time.perf_counter()
+        connection.request("POST", "/api/v1/import", body=body, headers=headers)
+        response = connection.getresponse()
+        report = json.loads(response.read())
+        elapsed = time.perf_counter() - started
+        if response.status != 201 or report["summary"]["images"] != count:
+            raise RuntimeError(f"pms-bridge answered {response.status}: {str(report)[:300]}")
+        return elapsed
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+
+
+def bridge_cli(home: Path, folder: Path, count: int) -> float:
+    """Seconds for `pms-bridge import FOLDER`, the process start included."""
+    config, _port, _token = bridge_config(home, render=False)
+    started = time.perf_counter()
+    result = subprocess.run(
+        [str(BIN / "pms-bridge"), "import", "--config", str(config), "--json", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0 or json.loads(result.stdout)["summary"]["images"] != count:
+        raise RuntimeError(f"pms-bridge import failed: {result.stderr[-500:]}")
+    return elapsed
+
+
+def bridge_engine(home: Path, folder: Path, warm: Path, count: int) -> float:
+    """Seconds for the import itself, in this process, with a warmed runtime."""
+    import asyncio
+
+    from bridge.config import load_settings
+    from bridge.dicom.importer import Importer
+    from bridge.model import Origin
+    from bridge.runtime import Runtime
+
+    config, _port, _token = bridge_config(home, render=False)
+    workers = os.cpu_count() or 1
+    rt = Runtime.build(load_settings(str(config)), imaging_workers=workers)
+
+    async def run() -> float:
+        origin = Origin("bench", "import", "BENCH")
+        await Importer(rt, origin, concurrency=2 * workers).run([(str(warm), "warm")])
+        started = time.perf_counter()
+        report = await Importer(rt, origin, concurrency=2 * workers).run([(str(folder), "files")])
+        elapsed = time.perf_counter() - started
+        await rt.audit.flush()
+        if len(report.imported) != count:
+            raise RuntimeError(f"the engine imported {len(report.imported)} of {count}: {report.errors[:1]}")
+        return elapsed
+
+    try:
+        return asyncio.run(run())
+    finally:
+        rt.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pms-bridge-bench-dicom-"))
+    try:
+        folder = work / "files"
+        paths = make_files(folder, args.files)
+        warm = make_files(work / "warm", 1, patient="WARM")[0]
+        data = [p.read_bytes() for p in paths]
+        body, content_type = multipart(paths)
+        size = sum(len(d) for d in data) / 1e6
+        each = size / args.files
+        print(f"{args.files} intra-oral objects, {size:.0f} MB ({each:.2f} MB each); {os.cpu_count()} cores")
+        results: dict[str, list[float]] = {}
+        for round_number in range(args.rounds):
+            for clients in (1, 2, 4):
+                with running_orthanc(work / f"orthanc-{round_number}-{clients}") as port:
+                    results.setdefault(f"Orthanc REST, {clients} client(s)", []).append(
+                        orthanc_upload(port, data, clients, warm.read_bytes())
+                    )
+            results.setdefault("pms-bridge REST import (daemon)", []).append(
+                bridge_rest(
+                    work / f"rest-{round_number}", body, content_type, args.files, render=False, warm=warm
+                )
+            )
+            results.setdefault("pms-bridge import command (process)", []).append(
+                bridge_cli(work / f"cli-{round_number}", folder, args.files)
+            )
+            results.setdefault("pms-bridge import engine (in-process)", []).append(
+                bridge_engine(work / f"engine-{round_number}", folder, warm, args.files)
+            )
+            results.setdefault("pms-bridge REST, render_at_import = yes", []).append(
+                bridge_rest(
+                    work / f"render-{round_number}", body, content_type, args.files, render=True, warm=warm
+                )
+            )
+        rates = {name: args.files / statistics.median(times) for name, times in results.items()}
+        baseline = max(rate for name, rate in rates.items() if name.startswith("Orthanc"))
+        print(f"median of {args.rounds} rounds, images/s (ratio to the best Orthanc figure of the same run):")
+        for name, rate in rates.items():
+            print(f"  {name:42} {rate:7.1f} /s   {rate / baseline:5.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Finding the files of an import: named files, folders, DICOMDIR file sets and uploaded zips.
+
+* A named file is read as it is; a file named DICOMDIR (or holding a Media Storage Directory) is a file set.
+* A folder that holds a DICOMDIR is that file set: the files its DICOMDIR lists are read, others are not
+  (a file set's directory says what belongs to it). Any other folder is walked, and each subfolder
+  follows the same rule. Hidden entries (".name") are left out; symbolic links to folders are not followed.
+* A DICOMDIR's records are read one after the other, without following their offsets: a reordered
+  directory, one without offsets, or one whose records have unexpected types still lists the same files.
+  Every Referenced File ID must stay inside the file set's folder after symbolic links are resolved
+  (`..` components, absolute paths and links pointing elsewhere are refused). A referenced file that is
+  missing is reported. Media written on other systems often change case or add ISO 9660's ";1" or a
+  trailing dot, so names are matched that way when the exact one is absent.
+* A zip (REST uploads) is unpacked with the same path rules and a size budget counted while unpacking
+  (the sizes a zip declares are not trusted).
+
+Discovery runs in the imaging process pool: it parses untrusted DICOMDIRs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+MAX_DICOMDIR_BYTES = 64 * 1024 * 1024
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+MAX_ZIP_MEMBERS = 200_000
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file to read: where it is, and how reports name it (the path as the user gave it)."""
+
+    path: str
+    display: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A file that was not imported, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Discovery:
+    """The files an import reads, the problems found on the way, and what was left out on purpose."""
+
+    candidates: list[Candidate] = field(default_factory=list)
+    errors: list[Problem] = field(default_factory=list)
+    skipped: list[Problem] = field(default_factory=list)
+
+
+def discover(sources: list[tuple[str, str]]) -> Discovery:
+    """The files of `sources` (path, display name) by the rules of the module doc."""
+    found = Discovery()
+    seen: set[str] = set()
+    for path, display in sources:
+        target = Path(path)
+        if target.is_dir():
+            _walk(target, display, found, seen)
+        elif target.is_file():
+            if _is_dicomdir(target):
+                _read_dicomdir(target, display, found, seen)
+            else:
+                _add(found, seen, target, display)
+        else:
+            found.errors.append(Problem(display, "no such file or folder"))
+    return found
+
+
+def _add(found: Discovery, seen: set[str], path: Path, display: str) -> None:
+    key = os.path.realpath(path)
+    if key not in seen:
+        seen.add(key)
+        found.candidates.append(Candidate(str(path), display))
+
+
+def _join(display: str, *parts: str) -> str:
+    return "/".join([display.rstrip("/\\"), *parts]) if display else "/".join(parts)
+
+
+def _dicomdir_in(folder: Path) -> Path | None:
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    for name in sorted(names):
+        if name.upper() in ("DICOMDIR", "DICOMDIR.") and (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _is_dicomdir(path: Path) -> bool:
+    """A file named DICOMDIR, or a Part 10 file whose meta information says Media Storage Directory."""
+    from pydicom.filereader import read_file_meta_info
+
+    if path.name.upper().rstrip(".") == "DICOMDIR":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(132)[128:] != b"DICM":
+                return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta = read_file_meta_info(path)
+    except Exception:  # not readable as DICOM: the header reader says why
+        return False
+    return str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY
+
+
+def _walk(folder: Path, display: str, found: Discovery, seen: set[str]) -> None:
+    dicomdir = _dicomdir_in(folder)
+    if dicomdir is not None:
+        _read_dicomdir(dicomdir, _join(display, dicomdir.name), found, seen)
+        return
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError as exc:
+        found.errors.append(Problem(display, f"cannot list the folder: {exc.strerror or exc}"))
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        shown = _join(display, entry.name)
+        if entry.is_dir(follow_symlinks=False):
+            _walk(Path(entry.path), shown, found, seen)
+        elif entry.is_file():
+            _add(found, seen, Path(entry.path), shown)
+
+
+def _read_dicomdir(path: Path, display: str, found: Discovery, seen: set[str]) -> None:
+    """Add the files a DICOMDIR lists; report the unsafe and the missing ones."""
+    import pydicom
+
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        found.errors.append(Problem(display, f"cannot be read: {exc.strerror or exc}"))
+        return
+    if size > MAX_DICOMDIR_BYTES:
+        found.errors.append(Problem(display, f"DICOMDIR too large ({size / 1e6:.0f} MB)"))
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(path)
+            records = list(ds.get("DirectoryRecordSequence", None) or ())
+            sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+        except Exception as exc:  # a parser meeting hostile bytes fails in many ways
+            found.errors.append(Problem(display, f"unreadable DICOMDIR ({type(exc).__name__}: {exc})"))
+            return
+    if sop_class != MEDIA_STORAGE_DIRECTORY:
+        found.errors.append(
+            Problem(display, f"not a DICOMDIR (Media Storage SOP Class {sop_class or 'missing'})")
+        )
+        return
+    root = path.parent.resolve()
+    base = display.rsplit("/", 1)[0] if "/" in display else ""
+    listed = 0
+    for record in records:
+        if "ReferencedFileID" not in record or record.get("RecordInUseFlag", 0xFFFF) == 0:
+            continue
+        value = record.ReferencedFileID
+        components = [value] if isinstance(value, str) else [str(v) for v in value]
+        shown = _join(base, *components)
+        listed += 1
+        if not _safe_components(components):
+            found.errors.append(Problem(shown, "the DICOMDIR refers to a path outside its file set: refused"))
+            continue
+        located = _locate(root, components)
+        if located is None:
+            found.errors.append(Problem(shown, "listed in the DICOMDIR but missing from the file set"))
+            continue
+        resolved = located.resolve()
+        if not resolved.is_relative_to(root):
+            found.errors.append(Problem(shown, "the DICOMDIR refers to a file outside its file set: refused"))
+            continue
+        if not resolved.is_file():
+            found.errors.append(Problem(shown, "listed in the DICOMDIR but not a file"))
+            continue
+        _add(found, seen, located, shown)
+    if listed == 0:
+        found.skipped.append(Problem(display, "the DICOMDIR lists no files"))
+
+
+def _safe_components(components: list[str]) -> bool:
+    """File ID components that name a path below the file set's folder (nothing absolute, no ..)."""
+    if not components:
+        return False
+    for part in components:
+        if part in ("", ".", "..") or any(c in part for c in "/\\:\x00") or part.strip() != part:
+            return False
+    return True
+
+
+def _locate(root: Path, components: list[str]) -> Path | None:
+    """The file a File ID names: exactly, else ignoring case, ISO 9660's ';1' and a trailing dot."""
+    current = root
+    for part in components:
+        exact = current / part
+        if exact.exists():
+            current = exact
+            continue
+        try:
+            names = os.listdir(current)
+        except OSError:
+            return None
+        wanted = part.upper()
+        matches = [n for n in sorted(names) if n.upper().split(";")[0].rstrip(".") == wanted]
+        if not matches:
+            return None
+        current = current / matches[0]
+    return current
+
+
+# --------------------------------------------------------------------------------------------------
+# Zips (REST uploads)
+
+
+class ZipTooLarge(ValueError):
+    """A zip unpacks to more than the import may take."""
+
+
+def unpack_zip(archive: Path, dest: Path, display: str, max_bytes: int) -> list[Problem]:
+    """Unpack `archive` into `dest` (path rules of the module doc); the members refused and why.
+
+    Raises ZipTooLarge when the members, counted while unpacking, exceed `max_bytes`; the caller then
+    drops the whole upload. A zip that cannot be read at all is one problem naming the zip.
+    """
+    problems: list[Problem] = []
+    written = 0
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            if len(members) > MAX_ZIP_MEMBERS:
+                return [Problem(display, f"the zip holds {len(members)} entries (limit {MAX_ZIP_MEMBERS})")]
+            for info in members:
+                if info.is_dir():
+                    continue
+                name = info.filename.replace("\\", "/")
+                shown = _join(display, name)
+                parts = PurePosixPath(name).parts
+                if not parts or name.startswith("/") or ":" in parts[0] or not _safe_components(list(parts)):
+                    problems.append(Problem(shown, "unsafe path in the zip: refused"))
+                    continue
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    problems.append(Problem(shown, "a symbolic link in the zip: refused"))
+                    continue
+                target = dest.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as out:
+                    while chunk := src.read(_CHUNK):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            limit = f"{max_bytes / 1e6:.0f} MB"
+                            raise ZipTooLarge(f"the zip unpacks to more than {limit} ([dicom] max_upload_mb)")
+                        out.write(chunk)
+    except ZipTooLarge:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, OSError, EOFError, ValueError) as exc:
+        return [*problems, Problem(display, f"unreadable zip ({type(exc).__name__}: {exc})")]
+    return problems

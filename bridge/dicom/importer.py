@@ -1,0 +1,458 @@
+"""An import of DICOM media into the store: `pms-bridge import PATH...` and `POST /api/v1/import`.
+
+1. The files are found (fileset) in the imaging process pool; then each file's whole job runs in a pool
+   worker: its header is mapped (read), its pixels decoded completely (the integrity check), and it is
+   stored content-addressed, byte for byte (written atomically and flushed). Only facts come back: moving
+   a file's bytes between processes costs more than decoding it.
+2. Each distinct patient (PMS id and demographics as the files carry them) goes through the service as an
+   IMPORT request: found by the identity rules, created only under `allow_patient_creation`, never
+   updated from a file, a conflict refused with the service's reason.
+3. A SOP Instance UID already stored is "already imported" when the bytes are the same, and refused when
+   they differ (another object must not hide under a stored UID).
+4. A patient's images are added through `service.add_images` in batches, one transaction each; a batch the
+   store refuses is retried image by image, so one refused image does not hold back the others. An image
+   is added completely or not at all: the files of images that were not added are removed again (unless
+   a stored image has the same bytes).
+5. A CT series of single-slice files is stacked into one volume (volume) in a worker; a series whose slices
+   do not form one volume is imported slice by slice, and a series with a damaged slice is not imported.
+
+Every file ends in the report: imported, skipped (with the reason) or refused (with the reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import IntegrityError
+
+from bridge.dicom import read, volume
+from bridge.dicom.fileset import Candidate, Problem, discover
+from bridge.imaging.analyze import Analysis, ImagingError, analyze
+from bridge.imaging.pipeline import new_image
+from bridge.model import Action, Category, Demographics, ImageView, NewImage, Origin, PatientRequest
+from bridge.service import Refused
+from bridge.store.db import is_unique_violation
+from bridge.store.files import FileStore
+
+if TYPE_CHECKING:
+    from bridge.runtime import Runtime
+
+BATCH = 50  # images per transaction
+
+
+class ImportAborted(Exception):
+    """The import cannot start (a setting is wrong); nothing was read or stored."""
+
+
+@dataclass(frozen=True)
+class Imported:
+    """One image added to the store; `files` > 1 for a CT volume stacked from that many slices."""
+
+    path: str
+    image_id: int
+    patient_id: int
+    pms_id: str
+    category: str
+    frames: int
+    files: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "image_id": self.image_id,
+            "patient_id": self.patient_id,
+            "pms_id": self.pms_id,
+            "category": self.category,
+            "frames": self.frames,
+            "files": self.files,
+        }
+
+
+@dataclass
+class ImportReport:
+    """Every file of an import: imported, skipped on purpose, or refused; notes explain choices made."""
+
+    imported: list[Imported] = field(default_factory=list)
+    skipped: list[Problem] = field(default_factory=list)
+    errors: list[Problem] = field(default_factory=list)
+    notes: list[Problem] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        def problems(items: list[Problem]) -> list[dict[str, str]]:
+            return [{"path": p.path, "reason": p.reason} for p in items]
+
+        return {
+            "imported": [i.to_json() for i in self.imported],
+            "skipped": problems(self.skipped),
+            "errors": problems(self.errors),
+            "notes": problems(self.notes),
+            "summary": {
+                "images": len(self.imported),
+                "files": sum(i.files for i in self.imported),
+                "skipped": len(self.skipped),
+                "errors": len(self.errors),
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A file that cannot be imported: the problem, whether it is only skipped, its series if known."""
+
+    problem: Problem
+    skipped: bool = False
+    series_uid: str = ""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A file a pool worker decoded completely and stored: what the main process adds to the store."""
+
+    facts: read.DicomFacts
+    sha256: str
+    analysis: Analysis
+    size: int
+    sources: tuple[str, ...] = ()  # the slices of a CT volume
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The files this image came from, as reports name them."""
+        return self.sources or (self.facts.display,)
+
+    def new_image(self) -> NewImage:
+        return new_image(self.analysis, self.sha256, self.size, self.facts.ingest_metadata())
+
+
+def _store(
+    facts: read.DicomFacts, data: bytes, store_root: str, *, adopt: bool = False
+) -> Stored | Unreadable:
+    """Decode `data` completely, then store it; `adopt` moves the file itself in (an upload of ours)."""
+    try:
+        analysis = analyze(data)
+    except ImagingError as exc:
+        return Unreadable(Problem(facts.display, str(exc)))
+    store = FileStore(Path(store_root))
+    if adopt:
+        sha256 = hashlib.sha256(data).hexdigest()
+        store.adopt(Path(facts.path), sha256, analysis.file_ext)
+    else:
+        sha256, _path = store.put(data, analysis.file_ext)
+    return Stored(facts, sha256, analysis, len(data))
+
+
+def prepare(
+    candidate: Candidate, id_tag: int, max_bytes: int, store_root: str, adopt: bool = False
+) -> read.DicomFacts | Stored | Unreadable:
+    """One file's work in a pool worker: its facts (a CT slice stops there: it is stacked later), or the
+    file decoded and stored, or why it cannot be imported."""
+    try:
+        facts = read.read_header(candidate.path, candidate.display, id_tag, max_bytes)
+    except read.DicomError as exc:
+        problem = Problem(candidate.display, str(exc))
+        return Unreadable(problem, isinstance(exc, read.NotAnImage), exc.series_uid)
+    return facts if facts.is_ct_slice else store_file(facts, store_root, adopt)
+
+
+def store_file(facts: read.DicomFacts, store_root: str, adopt: bool = False) -> Stored | Unreadable:
+    """A described file read, decoded and stored by a pool worker."""
+    try:
+        data = Path(facts.path).read_bytes()
+    except OSError as exc:
+        return Unreadable(Problem(facts.display, f"cannot be read: {exc.strerror or exc}"))
+    return _store(facts, data, store_root, adopt=adopt)
+
+
+def prepare_volume(
+    slices: list[tuple[str, str]], merged: read.DicomFacts, store_root: str
+) -> Stored | Unreadable:
+    """A CT series stacked into one volume, decoded and stored, in a pool worker (VolumeError when it
+    cannot be stacked)."""
+    stored = _store(merged, volume.build_volume(slices), store_root)
+    return (
+        replace(stored, sources=tuple(display for _path, display in slices))
+        if isinstance(stored, Stored)
+        else stored
+    )
+
+
+@dataclass
+class _Patient:
+    patient_id: int | None
+    problem: str = ""
+
+
+class Importer:
+    """One import run against a runtime (the daemon's, or one a CLI command built).
+
+    `adopt`: the files are the bridge's own temporary copies on the image store's file system (an
+    upload), so they are moved into the store rather than copied. Never for a user's files.
+    """
+
+    def __init__(self, rt: Runtime, origin: Origin, *, concurrency: int = 4, adopt: bool = False) -> None:
+        self.rt = rt
+        self.origin = origin
+        self.adopt = adopt
+        self.settings = rt.settings.dicom
+        self.report = ImportReport()
+        self._slots = asyncio.Semaphore(max(1, concurrency))
+        self._patients: dict[tuple[str, Demographics], _Patient] = {}
+        self._patient_lock = asyncio.Lock()
+        self._pending: dict[tuple[str, Demographics], list[Stored]] = defaultdict(list)
+        self._flush_locks: dict[tuple[str, Demographics], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._series: dict[tuple[str, str], list[read.DicomFacts]] = defaultdict(list)
+        self._damaged: dict[str, str] = {}  # series UID -> a damaged file of it
+        self._id_tag: int | None = None
+        self._files: list[asyncio.Task[None]] = []
+
+    async def run(self, sources: list[tuple[str, str]]) -> ImportReport:
+        """Import `sources` (path, name to report it by); the report says what became of every file."""
+        await self.add(sources)
+        return await self.finish()
+
+    async def add(self, sources: list[tuple[str, str]]) -> None:
+        """Start importing the files of `sources` while more may come (an upload still arriving)."""
+        imaging = self.rt.imaging
+        if self._id_tag is None:
+            try:
+                self._id_tag, _keyword = await imaging.run_in_pool(
+                    read.resolve_id_tag, self.settings.patient_id_tag
+                )
+            except ValueError as exc:
+                raise ImportAborted(str(exc)) from None
+        found = await imaging.run_in_pool(discover, sources)
+        self.report.errors.extend(found.errors)
+        self.report.skipped.extend(found.skipped)
+        self._files += [asyncio.create_task(self._file(candidate)) for candidate in found.candidates]
+
+    async def finish(self) -> ImportReport:
+        """Wait for every file added, add what waits in batches, stack the CT series; the report."""
+        await asyncio.gather(*self._files)
+        await asyncio.gather(*(self._flush(key) for key in list(self._pending)))
+        await asyncio.gather(*(self._volume(group) for group in self._series.values()))
+        for problems in (self.report.skipped, self.report.errors, self.report.notes):
+            problems.sort(key=lambda item: item.path)
+        self.report.imported.sort(key=lambda item: item.path)
+        return self.report
+
+    async def _file(self, candidate: Candidate) -> None:
+        """Prepare one file in the pool and queue what it became."""
+        max_bytes = self.settings.max_file_mb * 1024 * 1024
+        root = str(self.rt.files.root)
+        assert self._id_tag is not None  # add() resolves it before any file is scheduled
+        async with self._slots:
+            result = await self.rt.imaging.run_in_pool(
+                prepare, candidate, self._id_tag, max_bytes, root, self.adopt
+            )
+        if isinstance(result, Unreadable):
+            (self.report.skipped if result.skipped else self.report.errors).append(result.problem)
+            if result.series_uid:
+                self._damaged.setdefault(result.series_uid, result.problem.path)
+        elif isinstance(result, Stored):
+            await self._queue(result)
+        else:
+            self._series[(result.series_uid, result.pms_id)].append(result)
+
+    async def _queue(self, stored: Stored) -> None:
+        key = (stored.facts.pms_id, stored.facts.demographics)
+        self._pending[key].append(stored)
+        if len(self._pending[key]) >= BATCH:
+            await self._flush(key)
+
+    async def _patient(self, facts: read.DicomFacts) -> _Patient:
+        """The patient a file belongs to, resolved once per (PMS id, demographics) through the service."""
+        key = (facts.pms_id, facts.demographics)
+        async with self._patient_lock:
+            known = self._patients.get(key)
+            if known is None:
+                request = PatientRequest(
+                    action=Action.IMPORT,
+                    origin=self.origin,
+                    pms_system=self.settings.pms_system,
+                    pms_id=facts.pms_id,
+                    practice_id=self.settings.practice_id,
+                    demographics=facts.demographics,
+                    silent=True,
+                )
+                outcome = await self.rt.service.handle(request)
+                if outcome.status.ok and outcome.patient is not None:
+                    known = _Patient(outcome.patient.id)
+                else:
+                    known = _Patient(None, f"patient {facts.pms_id!r}: {outcome.message}")
+                self._patients[key] = known
+        return known
+
+    async def _flush(self, key: tuple[str, Demographics]) -> None:
+        """Add a patient's waiting images to the store; remove the files of those that were not added."""
+        async with self._flush_locks[key]:
+            batch, self._pending[key] = self._pending[key], []
+            if not batch:
+                return
+            patient = await self._patient(batch[0].facts)
+            added: list[Stored] = []
+            try:
+                if patient.patient_id is None:
+                    self.report.errors.extend(
+                        Problem(path, patient.problem) for s in batch for path in s.paths
+                    )
+                else:
+                    added = await self._add(patient.patient_id, batch)
+            finally:
+                await self._discard([s for s in batch if s not in added])
+
+    async def _add(self, patient_id: int, batch: list[Stored]) -> list[Stored]:
+        """Add the images of one patient that are not stored yet; the ones added."""
+        known = await self.rt.service.stored_instances([s.facts.sop_instance_uid for s in batch])
+        fresh: dict[str, Stored] = {}
+        for stored in batch:
+            uid = stored.facts.sop_instance_uid
+            if uid in known:
+                self._duplicate(stored.paths, uid, known[uid], patient_id, stored.sha256)
+            elif uid in fresh:  # the same instance twice in one import
+                self._duplicate(stored.paths, uid, (patient_id, fresh[uid].sha256), patient_id, stored.sha256)
+            else:
+                fresh[uid] = stored
+        todo = list(fresh.values())
+        if not todo:
+            return []
+        try:
+            views = await self.rt.service.add_images(self.origin, patient_id, [s.new_image() for s in todo])
+        except (Refused, IntegrityError) as exc:
+            if isinstance(exc, IntegrityError) and not is_unique_violation(exc):
+                raise
+            return [s for s in todo if await self._add_one(patient_id, s)]
+        await self._added(patient_id, todo, views)
+        return todo
+
+    async def _add_one(self, patient_id: int, stored: Stored) -> bool:
+        """Add one image on its own (its batch was refused); True when it was added."""
+        try:
+            views = await self.rt.service.add_images(self.origin, patient_id, [stored.new_image()])
+        except Refused as refused:
+            self.report.errors.append(Problem(stored.facts.display, refused.outcome.message))
+            return False
+        except IntegrityError as exc:  # stored meanwhile by another import
+            if not is_unique_violation(exc):
+                raise
+            uid = stored.facts.sop_instance_uid
+            found = await self.rt.service.stored_instances([uid])
+            if uid not in found:
+                raise
+            self._duplicate(stored.paths, uid, found[uid], patient_id, stored.sha256)
+            return False
+        await self._added(patient_id, [stored], views)
+        return True
+
+    async def _added(self, patient_id: int, stored: list[Stored], views: list[ImageView]) -> None:
+        for item, view in zip(stored, views, strict=True):
+            self.report.imported.append(
+                Imported(
+                    path=item.facts.display,
+                    image_id=view.id,
+                    patient_id=patient_id,
+                    pms_id=item.facts.pms_id,
+                    category=view.category.value,
+                    frames=view.frames,
+                    files=len(item.paths),
+                )
+            )
+            if self.settings.render_at_import:  # the cached renderings a PMS asks for first
+                await self.rt.imaging.thumbnail(view)
+                await self.rt.imaging.preview(view)
+
+    def _duplicate(
+        self, paths: Sequence[str], uid: str, existing: tuple[int, str], patient_id: int, sha256: str | None
+    ) -> None:
+        """Report an instance already stored: skipped when it is the same, refused otherwise. `sha256`
+        None: the bytes need no comparing (a volume is the same whenever its slices are)."""
+        stored_patient, stored_sha = existing
+        if stored_patient != patient_id:
+            reason = f"SOP Instance UID {uid} is already stored for another patient"
+        elif sha256 is not None and stored_sha != sha256:
+            reason = f"SOP Instance UID {uid} is already stored with other content"
+        else:
+            self.report.skipped.extend(Problem(path, "already imported") for path in paths)
+            return
+        self.report.errors.extend(Problem(path, reason) for path in paths)
+
+    async def _discard(self, stored: Sequence[Stored]) -> None:
+        """Remove the files of images that were not added, unless a stored image has the same bytes."""
+        if not stored:
+            return
+        images = [s.new_image() for s in stored]
+        referenced = await self.rt.service.referenced_hashes([image.sha256 for image in images])
+        await self.rt.imaging.discard(images, referenced)
+
+    async def _volume(self, group: list[read.DicomFacts]) -> None:
+        """Stack a CT series into one volume and import it; slice by slice when it is not one volume."""
+        first = min(group, key=lambda f: f.display)
+        if first.series_uid in self._damaged:
+            damaged = self._damaged[first.series_uid]
+            self.report.errors.extend(
+                Problem(f.display, f"not imported: a slice of its CT series is damaged ({damaged})")
+                for f in group
+            )
+            return
+        uid = volume.volume_uid([f.sop_instance_uid for f in group])
+        patient = await self._patient(first)
+        if patient.patient_id is None:
+            self.report.errors.extend(Problem(f.display, patient.problem) for f in group)
+            return
+        stored = (await self.rt.service.stored_instances([uid])).get(uid)
+        if stored is not None:  # the same slices always make the same volume: no need to stack them again
+            self._duplicate([f.display for f in group], uid, stored, patient.patient_id, None)
+            return
+        times = [f.captured_at for f in group if f.captured_at is not None]
+        merged = replace(
+            first,
+            sop_instance_uid=uid,
+            category=Category.CBCT,
+            frames=len(group),
+            captured_at=min(times) if times else None,
+            attributes={**first.attributes, "source_series": first.series_uid, "source_files": len(group)},
+        )
+        slices = [(f.path, f.display) for f in group]
+        root = str(self.rt.files.root)
+        try:
+            async with self._slots:
+                result = await self.rt.imaging.run_in_pool(prepare_volume, slices, merged, root)
+        except volume.NotOneVolume as exc:
+            self.report.notes.append(
+                Problem(
+                    exc.path,
+                    f"CT series {first.series_uid}: this slice {exc.reason}, so the series' {len(group)}"
+                    " slices are imported one by one rather than as one volume",
+                )
+            )
+            await asyncio.gather(*(self._slice(facts) for facts in group))
+            return
+        except volume.VolumeError as exc:
+            self.report.errors.append(Problem(exc.path, exc.reason))
+            self.report.errors.extend(
+                Problem(f.display, f"not imported: a slice of its CT series is damaged ({exc.path})")
+                for f in group
+                if f.display != exc.path
+            )
+            return
+        if isinstance(result, Unreadable):
+            self.report.errors.extend(Problem(f.display, result.problem.reason) for f in group)
+            return
+        key = (merged.pms_id, merged.demographics)
+        self._pending[key].append(result)
+        await self._flush(key)
+
+    async def _slice(self, facts: read.DicomFacts) -> None:
+        """A CT slice imported on its own: decoded and stored in the pool like any other file."""
+        async with self._slots:
+            result = await self.rt.imaging.run_in_pool(store_file, facts, str(self.rt.files.root), self.adopt)
+        if isinstance(result, Unreadable):
+            self.report.errors.append(result.problem)
+            return
+        key = (facts.pms_id, facts.demographics)
+        self._pending[key].append(result)
+        await self._flush(key)

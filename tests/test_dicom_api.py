@@ -1,0 +1,144 @@
+"""`POST /api/v1/import` over real loopback HTTP: files, zipped file sets, hostile zips, limits, statuses."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import FormData
+from aiohttp.test_utils import TestClient, TestServer
+
+from bridge.model import Origin
+from bridge.runtime import Runtime
+from bridge.web.app import build_api_app
+from bridge.web.problems import CONTENT_TYPE as PROBLEM
+from tests.support.dicomfiles import dental_dataset, sample, to_bytes
+
+REFERENCE_SET = sample("CT_small.dcm").parent / "dicomdirtests"
+ORIGIN = Origin("dicom", "http", "TEST")
+
+
+def form(*files: tuple[str, bytes]) -> FormData:
+    data = FormData()
+    for name, content in files:
+        # a file object: aiohttp refuses large bytes values in a form
+        data.add_field("file", io.BytesIO(content), filename=name, content_type="application/octet-stream")
+    return data
+
+
+def zipped(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, content in members.items():
+            zf.writestr(name, content)
+    return out.getvalue()
+
+
+def reference_zip() -> bytes:
+    """The reference file set's DICOMDIR and one patient's folder (the others' files are absent)."""
+    members = {"media/DICOMDIR": (REFERENCE_SET / "DICOMDIR").read_bytes()}
+    for path in sorted((REFERENCE_SET / "77654033").rglob("*")):
+        if path.is_file():
+            members[f"media/{path.relative_to(REFERENCE_SET).as_posix()}"] = path.read_bytes()
+    return zipped(members)
+
+
+@pytest.fixture
+async def small_client(make_settings: Any) -> AsyncIterator[TestClient[Any, Any]]:
+    """A client of an API whose import budget is 1 MB."""
+    rt = Runtime.build(make_settings(dicom={"max_upload_mb": 1}))
+    client: TestClient[Any, Any] = TestClient(TestServer(build_api_app(rt)))
+    await client.start_server()
+    client.session.headers["Authorization"] = f"Bearer {rt.settings.api.token}"
+    yield client
+    await client.close()
+    await rt.audit.flush()
+    rt.close()
+
+
+async def test_files_and_a_zipped_file_set_import_with_a_report(api_client: Any) -> None:
+    single = to_bytes(dental_dataset(patient_id="0042", name="Müller^Anna"))
+    hostile = zipped({"../evil.dcm": single, "ok/x.dcm": to_bytes(dental_dataset(patient_id="0043"))})
+    response = await api_client.post(
+        "/api/v1/import", data=form(("a.dcm", single), ("set.zip", reference_zip()), ("hostile.zip", hostile))
+    )
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    imported = sorted((item["path"], item["category"], item["files"]) for item in body["imported"])
+    assert imported == [
+        ("a.dcm", "intraoral-xray", 1),
+        ("hostile.zip/ok/x.dcm", "intraoral-xray", 1),
+        ("set.zip/media/77654033/CR1/6154", "extraoral-xray", 1),
+        ("set.zip/media/77654033/CR2/6247", "extraoral-xray", 1),
+        ("set.zip/media/77654033/CR3/6278", "extraoral-xray", 1),
+        ("set.zip/media/77654033/CT2/17106", "cbct", 4),
+    ]
+    errors = {item["path"]: item["reason"] for item in body["errors"]}
+    assert errors["hostile.zip/../evil.dcm"] == "unsafe path in the zip: refused"
+    missing = [
+        path for path, reason in errors.items() if reason.startswith("listed in the DICOMDIR but missing")
+    ]
+    assert len(missing) == 24 and all(path.startswith("set.zip/media/9889") for path in missing)
+    assert body["summary"] == {"images": 6, "files": 9, "skipped": 0, "errors": 25}
+    patients = await (await api_client.get("/api/v1/patients", params={"pms_id": "0042"})).json()
+    assert [(p["last_name"], p["pms_system"]) for p in patients["items"]] == [("Müller", "dicom")]
+    again = await api_client.post("/api/v1/import", data=form(("a.dcm", single)))
+    assert again.status == 200
+    assert (await again.json())["skipped"] == [{"path": "a.dcm", "reason": "already imported"}]
+
+
+async def test_received_files_are_moved_into_the_store_intact(api_client: Any, runtime: Runtime) -> None:
+    single = to_bytes(dental_dataset(patient_id="0042"))
+    response = await api_client.post("/api/v1/import", data=form(("a.dcm", single)))
+    assert response.status == 201
+    (item,) = (await response.json())["imported"]
+    image = await runtime.service.get_image(ORIGIN, item["image_id"])
+    assert image is not None
+    assert runtime.files.path_for(image.sha256, "dcm").read_bytes() == single
+    assert runtime.files.verify(image.sha256, "dcm") is None
+    leftovers = [p.name for p in runtime.settings.store.images.iterdir() if p.name.startswith(".import-")]
+    assert leftovers == [], "the upload's temporary folder was left behind"
+
+
+async def test_nothing_imported_is_a_problem_with_the_report(api_client: Any) -> None:
+    response = await api_client.post("/api/v1/import", data=form(("notes.txt", b"hello")))
+    assert response.status == 422 and response.content_type == PROBLEM
+    body = await response.json(content_type=PROBLEM)
+    assert body["type"].endswith("import-failed")
+    assert body["report"]["errors"] == [
+        {"path": "notes.txt", "reason": "not a DICOM file (no DICM marker after the 128-byte preamble)"}
+    ]
+
+
+async def test_wrong_requests_are_refused(api_client: Any) -> None:
+    assert (await api_client.post("/api/v1/import", json={"file": "x"})).status == 415
+    empty = FormData(default_to_multipart=True)
+    empty.add_field("comment", "no file")
+    response = await api_client.post("/api/v1/import", data=empty)
+    assert response.status == 400
+    assert (await response.json(content_type=PROBLEM))["detail"] == "no part named 'file' in the upload"
+    anonymous = await api_client.post(
+        "/api/v1/import", data=form(("a.dcm", b"x")), headers={"Authorization": ""}
+    )
+    assert anonymous.status == 401
+
+
+async def test_uploads_and_zips_beyond_the_budget_are_refused(
+    small_client: TestClient[Any, Any], tmp_path: Path
+) -> None:
+    too_big = await small_client.post("/api/v1/import", data=form(("big.dcm", bytes(2 * 1024 * 1024))))
+    assert too_big.status == 413
+    assert "larger than 1 MB" in (await too_big.json(content_type=PROBLEM))["detail"]
+    bomb = zipped({"zeros.dcm": bytes(8 * 1024 * 1024)})  # a few KB that unpack to 8 MB
+    assert len(bomb) < 100_000
+    first = to_bytes(dental_dataset(patient_id="0042"))
+    response = await small_client.post("/api/v1/import", data=form(("first.dcm", first), ("bomb.zip", bomb)))
+    assert response.status == 413
+    body = await response.json(content_type=PROBLEM)
+    assert "unpacks to more than 1 MB" in body["detail"]
+    assert "the files received before the limit are in the report" in body["detail"]
+    assert [item["path"] for item in body["report"]["imported"]] == ["first.dcm"]

@@ -1,0 +1,434 @@
+"""DICOM import on SQLite and PostgreSQL: sample files, reference DICOMDIRs, CT volumes, bad input, identity.
+
+Pixel identity is checked against pydicom's own decode of the source file; the stored file must be the
+source byte for byte. Real files, a real store and the real process pool; no mocks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from bridge.dicom import volume
+from bridge.dicom.importer import Importer, ImportReport
+from bridge.dicom.wrap import decoded_pixels
+from bridge.imaging import analyze
+from bridge.model import Action, Demographics, Origin, PatientRequest, Sex
+from bridge.runtime import Runtime
+from bridge.store.models import Image, PmsLink
+from tests.support.dicomfiles import dental_dataset, sample, to_bytes, write
+
+ORIGIN = Origin("dicom", "import", "TEST")
+
+# pydicom's shipped files and pydicom-data's: CR radiographs uncompressed, J2K lossless and lossy; JPEG
+# lossless grey and colour; RLE; JPEG baseline colour (RGB and YBR 4:2:2), JPEG extended 12-bit; a signed
+# CT slice. Some are one object in several encodings under one SOP Instance UID, which a store holds once:
+# each round goes to a fresh store.
+SAMPLE_ROUNDS = {
+    "uncompressed-and-lossless": [
+        "RG1_UNCI.dcm",
+        "RG1_UNCR.dcm",
+        "RG1_J2KR.dcm",
+        "RG3_UNCI.dcm",
+        "RG3_UNCR.dcm",
+        "RG3_J2KR.dcm",
+        "JPEG-LL.dcm",
+        "SC_rgb_jpeg_gdcm.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "SC_rgb_dcmtk_+eb+cy+np.dcm",
+        "JPGExtended.dcm",
+        "CT_small.dcm",
+    ],
+    "j2k-lossy-and-rle": ["RG1_J2KI.dcm", "RG3_J2KI.dcm", "SC_rgb_rle.dcm"],
+    "rle-16-bit-colour": ["SC_rgb_rle_16bit.dcm"],
+}
+DICOMDIR_VARIANTS = [
+    "DICOMDIR",
+    "DICOMDIR-implicit",
+    "DICOMDIR-nooffset",
+    "DICOMDIR-reordered",
+    "DICOMDIR-bigEnd",
+    "DICOMDIR-nopatient",
+]
+REFERENCE_SET = sample("CT_small.dcm").parent / "dicomdirtests"
+
+
+async def run_import(rt: Runtime, *paths: Path, display: str = "") -> ImportReport:
+    sources = [(str(p), f"{display}{p.name}" if display else str(p)) for p in paths]
+    return await Importer(rt, ORIGIN).run(sources)
+
+
+def pydicom_pixels(path: Path | bytes) -> np.ndarray[Any, Any]:
+    ds = pydicom.dcmread(io.BytesIO(path) if isinstance(path, bytes) else path)
+    return np.asarray(ds.pixel_array)
+
+
+def bridge_pixels(data: bytes) -> tuple[np.ndarray[Any, Any], analyze.Decoded]:
+    """What the bridge decodes from a stored file (first frame), with signed values restored."""
+    decoded = analyze.decode(data)
+    return decoded_pixels(decoded), decoded
+
+
+def stored_files(rt: Runtime) -> set[str]:
+    """The content hashes of every file in the image store (thumbnail cache left out)."""
+    root = rt.settings.store.images
+    return {
+        path.stem
+        for path in root.rglob("*")
+        if path.is_file() and "thumbnails" not in path.relative_to(root).parts
+    }
+
+
+def image_rows(rt: Runtime) -> list[Image]:
+    return rt.db.read_sync(lambda s: list(s.scalars(select(Image).order_by(Image.id))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sample files and the reference DICOMDIRs
+
+
+@pytest.mark.parametrize("round_name", SAMPLE_ROUNDS)
+async def test_sample_files_are_stored_byte_for_byte_with_pydicoms_pixels(
+    runtime: Runtime, round_name: str
+) -> None:
+    paths = [sample(name) for name in SAMPLE_ROUNDS[round_name]]
+    report = await run_import(runtime, *paths)
+    assert report.errors == [] and report.skipped == []
+    by_path = {item.path: item for item in report.imported}
+    assert len(by_path) == len(paths)
+    for path in paths:
+        item = by_path[str(path)]
+        image = await runtime.service.get_image(ORIGIN, item.image_id)
+        assert image is not None
+        stored = runtime.files.path_for(image.sha256, image.file_ext).read_bytes()
+        source = path.read_bytes()
+        if path.name == "CT_small.dcm":  # a CT slice becomes a volume of one frame
+            assert image.frames == 1 and image.category.value == "cbct"
+            assert np.array_equal(pydicom_pixels(stored), pydicom_pixels(path))
+            assert np.array_equal(bridge_pixels(stored)[0], pydicom_pixels(path))
+            continue
+        assert stored == source, f"{path.name} was not stored byte for byte"
+        expected = pydicom_pixels(path)
+        ours, decoded = bridge_pixels(stored)
+        assert (image.width, image.height) == (expected.shape[1], expected.shape[0]), path.name
+        if expected.ndim == 3 and expected.dtype != np.uint8:  # 16-bit colour is shown in 8 bits
+            expected = expected >> (int(pydicom.dcmread(path).BitsStored) - 8)
+        assert decoded.color == (expected.ndim == 3), path.name
+        assert np.array_equal(ours, expected), f"{path.name}: pixels differ from pydicom's decode"
+
+
+@pytest.mark.parametrize("variant", DICOMDIR_VARIANTS)
+def test_every_reference_dicomdir_variant_lists_the_same_files(variant: str) -> None:
+    from bridge.dicom.fileset import discover
+
+    found = discover([(str(REFERENCE_SET / variant), variant)])
+    assert found.errors == [] and found.skipped == []
+    listed = sorted(Path(c.path).relative_to(REFERENCE_SET).as_posix() for c in found.candidates)
+    assert len(listed) == 31
+    reference = discover([(str(REFERENCE_SET / "DICOMDIR"), "DICOMDIR")])
+    assert listed == sorted(Path(c.path).relative_to(REFERENCE_SET).as_posix() for c in reference.candidates)
+
+
+def test_an_empty_dicomdir_is_reported_as_listing_nothing() -> None:
+    from bridge.dicom.fileset import discover
+
+    found = discover([(str(REFERENCE_SET / "DICOMDIR-empty.dcm"), "empty")])
+    assert found.candidates == []
+    assert [(p.path, p.reason) for p in found.skipped] == [("empty", "the DICOMDIR lists no files")]
+
+
+async def test_a_reference_file_set_imports_cr_images_and_ct_volumes_and_refuses_mr(runtime: Runtime) -> None:
+    report = await run_import(runtime, REFERENCE_SET / "DICOMDIR-reordered")
+    kinds = sorted((item.category, item.files) for item in report.imported)
+    # three CR images, a 4-slice and a 5-slice CT volume, and a series of two slices of different
+    # orientation (not one volume), imported slice by slice with a note saying so
+    assert kinds == [("cbct", 1), ("cbct", 1), ("cbct", 4), ("cbct", 5)] + [("extraoral-xray", 1)] * 3
+    assert len(report.notes) == 1 and "imported one by one" in report.notes[0].reason
+    assert len(report.errors) == 17
+    assert all(
+        "98892003" in p.path and "unsupported SOP class MR Image Storage" in p.reason for p in report.errors
+    )
+    volume_item = next(item for item in report.imported if item.files == 5)
+    image = await runtime.service.get_image(ORIGIN, volume_item.image_id)
+    assert image is not None and image.frames == 5
+    patients = await runtime.service.search_patients(ORIGIN, pms_id="98890234", pms_system="dicom")
+    assert [(p.last_name, p.first_name) for p in patients] == [("Doe", "Peter")]
+    again = await run_import(runtime, REFERENCE_SET / "DICOMDIR")
+    assert again.imported == []
+    assert {p.reason for p in again.skipped} == {"already imported"} and len(again.skipped) == 14
+
+
+def test_a_ct_volume_is_valid_stacked_in_position_order_and_the_same_every_time(tmp_path: Path) -> None:
+    slices = sorted((REFERENCE_SET / "98892001" / "CT5N").iterdir())
+    data = volume.build_volume([(str(p), p.name) for p in slices])
+    assert volume.build_volume([(str(p), p.name) for p in reversed(slices)]) == data
+    path = tmp_path / "volume.dcm"
+    path.write_bytes(data)
+    verdict = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True).stderr
+    assert verdict.splitlines()[0] == "LegacyConvertedEnhancedCTImage"
+    assert [line for line in verdict.splitlines() if line.startswith("Error")] == []
+    stacked = pydicom_pixels(data)
+    sources = sorted((pydicom.dcmread(p) for p in slices), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    assert stacked.shape == (5, 16, 16)
+    for frame, source in zip(stacked, sources, strict=True):
+        assert np.array_equal(frame, source.pixel_array)
+    ds = pydicom.dcmread(path)
+    assert ds.SeriesInstanceUID == sources[0].SeriesInstanceUID
+    references = [
+        f.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID
+        for f in ds.PerFrameFunctionalGroupsSequence
+    ]
+    assert references == [s.SOPInstanceUID for s in sources]
+    positions = [
+        list(map(float, f.PlanePositionSequence[0].ImagePositionPatient))
+        for f in ds.PerFrameFunctionalGroupsSequence
+    ]
+    assert positions == [list(map(float, s.ImagePositionPatient)) for s in sources]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+
+
+async def test_bad_files_are_reported_one_by_one_and_nothing_is_half_imported(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    good = write(dental_dataset(patient_id="7"), tmp_path / "in" / "good.dcm")
+    (tmp_path / "in" / "notes.txt").write_text("not an image", encoding="utf-8")
+    source = to_bytes(dental_dataset(patient_id="7"))
+    (tmp_path / "in" / "cut_header.dcm").write_bytes(source[:200])
+    (tmp_path / "in" / "cut_pixels.dcm").write_bytes(source[:-500])
+    shutil.copy(sample("MR_small_jpeg_ls_lossless.dcm"), tmp_path / "in" / "jpegls.dcm")
+    j2k = sample("RG3_J2KR.dcm").read_bytes()
+    (tmp_path / "in" / "cut_j2k.dcm").write_bytes(j2k[:-5000])
+    # the same length, the codestream's header (SOC and SIZ markers) zeroed: only decoding finds it
+    start = j2k.index(b"\xff\x4f\xff\x51")
+    (tmp_path / "in" / "bad_j2k.dcm").write_bytes(j2k[:start] + bytes(64) + j2k[start + 64 :])
+    fileset = tmp_path / "media"
+    shutil.copytree(REFERENCE_SET, fileset, ignore=shutil.ignore_patterns("TINY_ALPHA", "98892003"))
+    (fileset / "77654033" / "CR3" / "6278").unlink()  # listed in the DICOMDIR, gone from the media
+    damaged = fileset / "98892001" / "CT5N" / "2392"
+    damaged.write_bytes(damaged.read_bytes()[:-100])  # one damaged slice: its series is not imported
+    report = await run_import(runtime, tmp_path / "in", fileset)
+    reasons = {Path(p.path).name: p.reason for p in report.errors}
+    assert reasons["notes.txt"] == "not a DICOM file (no DICM marker after the 128-byte preamble)"
+    assert reasons["cut_header.dcm"] == "truncated DICOM file: it ends inside its meta information"
+    assert reasons["cut_pixels.dcm"] == "truncated DICOM file: it ends inside PixelData (7FE0,0010)"
+    assert reasons["cut_j2k.dcm"] == "truncated DICOM file: its pixel data ends early"
+    assert reasons["bad_j2k.dcm"].startswith("corrupt or truncated DICOM pixel data (JPEG 2000")
+    assert reasons["jpegls.dcm"].startswith("unsupported transfer syntax JPEG-LS Lossless")
+    assert reasons["6278"] == "listed in the DICOMDIR but missing from the file set"
+    assert reasons["2392"] == "truncated DICOM file: it ends inside PixelData (7FE0,0010)"
+    for other in ("2062", "2693", "3023", "3353"):
+        assert reasons[other] == f"not imported: a slice of its CT series is damaged ({damaged})"
+    not_copied = [p for p in report.errors if "98892003" in p.path]
+    assert len(not_copied) == 17
+    assert {p.reason for p in not_copied} == {"listed in the DICOMDIR but missing from the file set"}
+    imported = {Path(item.path).name for item in report.imported}
+    assert imported == {"good.dcm", "6154", "6247", "17106", "6293", "6924"}
+    assert str(good) in {item.path for item in report.imported}
+    rows = image_rows(runtime)
+    assert len(rows) == len(report.imported)
+    assert stored_files(runtime) == {row.sha256 for row in rows}, "a refused file left bytes in the store"
+
+
+async def test_dicomdir_paths_must_stay_inside_the_file_set(runtime: Runtime, tmp_path: Path) -> None:
+    fileset = tmp_path / "media"
+    shutil.copytree(REFERENCE_SET / "77654033", fileset / "77654033")
+    write(dental_dataset(patient_id="77654033", name="Doe^Archibald"), tmp_path / "outside.dcm")
+    (fileset / "LINK").symlink_to(tmp_path / "outside.dcm")
+    directory = pydicom.dcmread(REFERENCE_SET / "DICOMDIR")
+    images = [r for r in directory.DirectoryRecordSequence if "ReferencedFileID" in r]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid File ID this test writes on purpose
+        images[0].ReferencedFileID = ["..", "outside.dcm"]
+        images[1].ReferencedFileID = "LINK"
+        directory.save_as(fileset / "DICOMDIR")
+    report = await run_import(runtime, fileset)
+    refused = {p.path: p.reason for p in report.errors}
+    assert (
+        refused[f"{fileset}/../outside.dcm"] == "the DICOMDIR refers to a path outside its file set: refused"
+    )
+    assert refused[f"{fileset}/LINK"] == "the DICOMDIR refers to a file outside its file set: refused"
+    # the rest of patient 77654033 imports; the other patients' files were not copied
+    assert {item.path for item in report.imported} == {
+        f"{fileset}/77654033/CR3/6278",
+        f"{fileset}/77654033/CT2/17106",
+    }
+    others = [p for p in report.errors if "outside" not in p.reason]
+    assert others and all(
+        "9889" in p.path and p.reason.startswith("listed in the DICOMDIR but missing") for p in others
+    )
+
+
+async def test_files_above_the_size_limit_are_refused(make_settings: Any, tmp_path: Path) -> None:
+    rt = Runtime.build(make_settings(dicom={"max_file_mb": 1}))
+    try:
+        pixels = np.zeros((800, 800), np.uint16)
+        big = write(dental_dataset(pixels=pixels), tmp_path / "big.dcm")
+        report = await run_import(rt, big)
+        assert [p.reason for p in report.errors] == ["too large: 1.2 MB (limit 1 MB, [dicom] max_file_mb)"]
+    finally:
+        await rt.audit.flush()
+        rt.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity
+
+
+async def test_imports_follow_the_identity_rules_and_never_rewrite_the_pms_data(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    rt = Runtime.build(make_settings(dicom={"pms_system": "PVS1"}, pms={"allow_patient_creation": "no"}))
+    try:
+        known = await rt.service.handle(
+            PatientRequest(
+                Action.OPEN,
+                Origin("vdds", "cli", "DESK"),
+                "PVS1",
+                "0042",
+                demographics=Demographics("Doe", "Jane", birth_date=None, sex=Sex.FEMALE),
+            )
+        )
+        assert known.patient is not None
+        same = write(
+            dental_dataset(patient_id="0042", name="Doe^Janet", birth_date="19800506"), tmp_path / "a.dcm"
+        )
+        other_birth = write(dental_dataset(patient_id="0042", name="Doe^Jane", sex="M"), tmp_path / "b.dcm")
+        unknown = write(dental_dataset(patient_id="0099", name="New^Person"), tmp_path / "c.dcm")
+        report = await run_import(rt, same, other_birth, unknown)
+        assert [(Path(i.path).name, i.patient_id) for i in report.imported] == [("a.dcm", known.patient.id)]
+        reasons = {Path(p.path).name: p.reason for p in report.errors}
+        assert "known with other data: sex F in the store, M sent" in reasons["b.dcm"]
+        assert "patient creation is disabled (allow_patient_creation = no)" in reasons["c.dcm"]
+        patient = await rt.service.get_patient(ORIGIN, known.patient.id)
+        assert patient is not None
+        assert (patient.first_name, patient.birth_date) == ("Jane", None), "an import rewrote the PMS's data"
+        links = rt.db.read_sync(lambda s: [(k.pms_system, k.protocol) for k in s.scalars(select(PmsLink))])
+        assert links == [("PVS1", "vdds")], "an import took over the link that decides the PMS's pushes"
+        conflicts = await rt.service.list_conflicts(ORIGIN)
+        assert [c["kind"] for c in conflicts] == ["demographics"]
+        assert (await rt.service.search_patients(ORIGIN, pms_id="0099")) == []
+    finally:
+        await rt.audit.flush()
+        rt.close()
+
+
+async def test_a_new_patient_is_created_from_the_file_under_the_configured_system_and_tag(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    rt = Runtime.build(make_settings(dicom={"pms_system": "dentrix", "patient_id_tag": "OtherPatientIDs"}))
+    try:
+        path = write(
+            dental_dataset(
+                patient_id="HOSP-1", OtherPatientIDs=["000123", "X"], name="Müller^Hans^Peter^Dr."
+            ),
+            tmp_path / "a.dcm",
+        )
+        report = await run_import(rt, path)
+        assert report.errors == []
+        (patient,) = await rt.service.search_patients(ORIGIN, pms_system="dentrix", pms_id="000123")
+        assert (patient.last_name, patient.first_name, patient.middle_name, patient.title) == (
+            "Müller",
+            "Hans",
+            "Peter",
+            "Dr.",
+        )
+        assert str(patient.birth_date) == "1980-05-06" and patient.sex.value == "F"
+        missing = write(dental_dataset(patient_id="HOSP-2"), tmp_path / "b.dcm")
+        (problem,) = (await run_import(rt, missing)).errors
+        assert problem.reason == (
+            "no patient id in OtherPatientIDs (0010,1000), the attribute [dicom] patient_id_tag names"
+        )
+    finally:
+        await rt.audit.flush()
+        rt.close()
+
+
+async def test_a_stored_uid_with_other_bytes_or_another_patient_is_refused(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    ds = dental_dataset(patient_id="1")
+    first = write(ds, tmp_path / "first.dcm")
+    assert len((await run_import(runtime, first)).imported) == 1
+    ds.InstitutionName = "Changed"
+    changed = write(ds, tmp_path / "changed.dcm")
+    ds.PatientID = "2"
+    del ds.InstitutionName
+    moved = write(ds, tmp_path / "moved.dcm")
+    report = await run_import(runtime, changed, moved)
+    reasons = {Path(p.path).name: p.reason for p in report.errors}
+    uid = ds.SOPInstanceUID
+    assert reasons == {
+        "changed.dcm": f"SOP Instance UID {uid} is already stored with other content",
+        "moved.dcm": f"SOP Instance UID {uid} is already stored for another patient",
+    }
+
+
+async def test_the_same_file_twice_in_one_import_is_stored_once(runtime: Runtime, tmp_path: Path) -> None:
+    data = to_bytes(dental_dataset())
+    paths = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.dcm").write_bytes(data)
+        paths.append(tmp_path / name / "x.dcm")
+    report = await run_import(runtime, *paths)
+    assert len(report.imported) == 1 and [p.reason for p in report.skipped] == ["already imported"] * 2
+    assert len(image_rows(runtime)) == 1
+
+
+async def test_imported_thumbnails_render_on_first_request(runtime: Runtime, tmp_path: Path) -> None:
+    report = await run_import(runtime, write(dental_dataset(), tmp_path / "a.dcm"))
+    image = await runtime.service.get_image(ORIGIN, report.imported[0].image_id)
+    assert image is not None
+    thumbnail = runtime.imaging.thumbnail_path(image, runtime.settings.thumbnails.size)
+    assert not thumbnail.exists(), "[dicom] render_at_import = no renders nothing while importing"
+    assert (await runtime.imaging.thumbnail(image)).read_bytes()[:3] == b"\xff\xd8\xff"
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def test_the_import_command_prints_every_file_and_exits_1_on_problems(
+    tmp_path: Path, make_settings: Any
+) -> None:
+    from tests.conftest import pms_bridge_command
+
+    settings = make_settings()
+    good = write(dental_dataset(patient_id="5"), tmp_path / "good.dcm")
+    (tmp_path / "bad.txt").write_text("x", encoding="utf-8")
+    env = {**os.environ, "PMS_BRIDGE_CONFIG": str(settings.path)}
+    first = subprocess.run(
+        [*pms_bridge_command(), "import", str(good), str(tmp_path / "bad.txt")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert first.returncode == 1, first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith(f"imported  {good} -> image 1 (patient 5, intraoral-xray)")
+    assert (
+        lines[1]
+        == f"error     {tmp_path / 'bad.txt'}: not a DICOM file (no DICM marker after the 128-byte preamble)"
+    )
+    assert lines[-1] == "1 images imported from 1 files; 0 skipped; 1 not imported"
+    again = subprocess.run(
+        [*pms_bridge_command(), "import", "--json", str(good)], capture_output=True, text=True, env=env
+    )
+    assert again.returncode == 0, again.stderr
+    body = json.loads(again.stdout)
+    assert body["skipped"] == [{"path": str(good), "reason": "already imported"}]
+    assert body["summary"] == {"images": 0, "files": 0, "skipped": 1, "errors": 0}
