@@ -31,6 +31,7 @@ its DICOMDIR is there, and it lists exactly the files written.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,7 +46,7 @@ from bridge.dicom import (
     dicomdir,
     read,
 )
-from bridge.model import Action, ImageDetails, Origin, PatientRequest, PatientView, Sex
+from bridge.model import Action, ImageDetails, ImageView, Origin, PatientRequest, PatientView, Sex
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
@@ -232,6 +233,35 @@ async def export_patient(
     directory = await rt.imaging.run_in_pool(dicomdir.build, tree(report.written, patient), charset)
     await asyncio.to_thread(write_atomic, out / "DICOMDIR", directory)
     return report
+
+
+async def instance_bytes(rt: Runtime, origin: Origin, image: ImageView) -> bytes:
+    """One image as a DICOM Part 10 file, for a PMS that asks for a DCM copy (VDDS MMOEXPORT).
+
+    A stored DICOM original is returned as it is; any other image is wrapped exactly as `export-dicom`
+    wraps it (its IOD by category, the patient's attributes, the equipment of `[dicom]`).
+    """
+    source = rt.files.path_for(image.sha256, image.file_ext)
+    if image.file_ext == "dcm":
+        return await asyncio.to_thread(source.read_bytes)
+    patient = await rt.service.get_patient(origin, image.patient_id)
+    details = [d for d in await rt.service.image_details(origin, image.patient_id) if d.image.id == image.id]
+    if patient is None or not details:
+        raise ExportRefused(f"image {image.id} is no longer in the store")
+    settings = rt.settings.dicom
+    charset = choose_charset(patient, details, settings.institution_name, [])
+    equipment = {
+        "InstitutionName": settings.institution_name,
+        "InstitutionAddress": settings.institution_address,
+        "InstitutionalDepartmentName": settings.institution_department,
+    }
+    with tempfile.TemporaryDirectory(prefix="pms-bridge-dcm-") as tmp:
+        module = patient_module(patient, [], wrapped=True)
+        [job] = plan(details, {image.id: str(source)}, Path(tmp), module, equipment, charset, "general")
+        result = await rt.imaging.run_in_pool(write_instance, job)
+        if isinstance(result, NotWritten):
+            raise ExportRefused(f"image {image.id}: {result.reason}")
+        return await asyncio.to_thread(Path(tmp).joinpath(*result.file_id).read_bytes)
 
 
 def choose_charset(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import os
 import secrets
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from bridge.atomic import write_atomic
 from bridge.config import VddsSettings
 from bridge.handlers.base import Launch, LaunchReply
-from bridge.model import ImageView, Origin, Outcome, PatientRequest, PatientView, Status
+from bridge.model import ImageView, Origin, Outcome, PatientRequest, Status
 from bridge.watch import Classify, FolderWatcher, Handle, Verdict
 from protocols import vdds, vdds_exchange
 
@@ -227,82 +226,13 @@ async def export_copies(
 
 async def export_bytes(rt: Runtime, image: ImageView, fmt: str, origin: Origin) -> bytes:
     """One exported copy: JPG, PNG or TIF rendered by imaging (display mapping, orientation, and the
-    watermark when `[vdds] export_watermark`); DCM the original when it is DICOM, else a wrap.
-
-    The DCM wrap of non-DICOM images is a minimal Secondary Capture until the DICOM export's IOD-specific
-    wrapping is wired in here.
-    """
+    watermark when `[vdds] export_watermark`); DCM the original when it is DICOM, else the object
+    `export-dicom` would write for it."""
     if fmt == "DCM":
-        source = rt.files.path_for(image.sha256, image.file_ext)
-        if image.file_ext.lower() == "dcm":
-            return await asyncio.to_thread(source.read_bytes)
-        patient = await rt.service.get_patient(origin, image.patient_id)
-        return await asyncio.to_thread(_dicom_wrap, source, image, patient)
+        from bridge.dicom.export import instance_bytes
+
+        return await instance_bytes(rt, origin, image)
     return await rt.imaging.export_bytes(image, fmt, watermark=rt.settings.vdds.export_watermark)
-
-
-def _dicom_wrap(source: Path, image: ImageView, patient: PatientView | None) -> bytes:
-    """TEMPORARY (see export_bytes): a minimal Secondary Capture object around a non-DICOM image."""
-    import numpy as np
-    from PIL import Image
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
-
-    with Image.open(source) as img:
-        if img.mode.startswith("I"):  # 16-bit grey stays 16-bit
-            pixels = np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
-        else:
-            pixels = np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
-    if image.mirrored:  # orientation as bridge.imaging.render.orient: mirror, then rotate clockwise
-        pixels = np.fliplr(pixels)
-    pixels = np.ascontiguousarray(np.rot90(pixels, k=-(image.rotation // 90)))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = UID(image.sop_instance_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = image.sop_instance_uid
-    ds.StudyInstanceUID = image.study_uid
-    ds.SeriesInstanceUID = image.series_uid
-    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: names with umlauts
-    ds.Modality = "OT"
-    ds.ConversionType = "WSD"
-    for empty in ("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
-        setattr(ds, empty, "")  # type 2: present, may be empty
-    ds.SeriesNumber = None
-    ds.InstanceNumber = None
-    ds.PatientOrientation = ""
-    ds.Laterality = ""
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "", "", "", ""
-    if patient is not None:
-        ds.PatientName = f"{patient.last_name}^{patient.first_name}"
-        ds.PatientID = patient.pms_id or str(patient.id)
-        ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
-        ds.PatientSex = patient.sex.value if patient.sex.value in ("M", "F", "O") else ""
-    if image.captured_at is not None:
-        ds.StudyDate = ds.ContentDate = image.captured_at.strftime("%Y%m%d")
-        ds.StudyTime = ds.ContentTime = image.captured_at.strftime("%H%M%S")
-    ds.Rows, ds.Columns = pixels.shape[0], pixels.shape[1]
-    color = pixels.ndim == 3
-    ds.SamplesPerPixel = 3 if color else 1
-    ds.PhotometricInterpretation = "RGB" if color else "MONOCHROME2"
-    if color:
-        ds.PlanarConfiguration = 0
-    bits = 16 if pixels.dtype == np.uint16 else 8
-    ds.BitsAllocated = bits
-    ds.BitsStored = min(image.bits_stored, bits) if bits == 16 else 8
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixels.tobytes()
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
-# --------------------------------------------------------------------------------------------------
-# Background workers: the watched exchange folder, and the export folder's upkeep
 
 
 def classifier(settings: VddsSettings) -> Classify:
