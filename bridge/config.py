@@ -46,6 +46,7 @@ class Parser:
 
     allowed: str
     convert: Callable[[str, Path], Any]
+    render: Callable[[Any], str] | None = None  # back to the text a config file holds (plain str() if None)
 
     def __call__(self, text: str, home: Path) -> Any:
         return self.convert(text, home)
@@ -177,7 +178,12 @@ def Pairs(*names: str, separator: str) -> Parser:
             found[name] = value
         return found
 
-    return Parser(f"name{separator}value pairs separated by commas; names: {', '.join(names)}", convert)
+    def render(value: dict[str, str]) -> str:
+        return ", ".join(f"{name}{separator}{text}" for name, text in value.items())
+
+    return Parser(
+        f"name{separator}value pairs separated by commas; names: {', '.join(names)}", convert, render
+    )
 
 
 def DateFormat() -> Parser:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import secrets
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -34,11 +35,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Words of PMS message formats (flags, commands, codes), never personal data.
+_NOT_PHI = frozenset(
+    {
+        *("YES", "NO", "TRUE", "FALSE", "MALE", "FEMALE", "UNKNOWN", "OTHER"),
+        *("UPDATE", "UPDATE_CREATE", "ACQUIRE", "VIEW", "VIEW_DATA", "UTF-8", "XML"),
+    }
+)
+
 # Sections whose non-path keys shape answers, copied into the session so it replays the same way.
 NOT_REPLAYED_SECTIONS = {"store", "api", "opp_web", "daemon", "record"}
 
 
-def _ini_value(value: Any) -> str | None:
+def _ini_value(value: Any, parser: Any) -> str | None:
+    if parser.render is not None:
+        return str(parser.render(value))
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (int, float, str)):
@@ -91,6 +102,26 @@ class Recorder:
             self._learn_patient(patient)
         self.redactor.learn_all(("other", value) for value in extra)
 
+    def learn_unparsed(self, content: bytes, protocol: str, args: tuple[str, ...] = ()) -> None:
+        """A message the bridge could not parse tells nothing about which of its values are PHI: then
+        every value in it is treated as PHI (INI values, XML attribute values and text, arguments), so the
+        capture keeps its structure (and its refusal replays) without its data."""
+        if self.redactor is None:
+            return
+        from bridge.replay import PROTOCOL_CODEPAGES
+
+        text = decode(content, PROTOCOL_CODEPAGES.get(protocol, "cp1252")).text if content else ""
+        values = [line.partition("=")[2] for line in text.splitlines() if "=" in line]
+        values += re.findall(r'"([^"<>]*)"', text) + re.findall(r">([^<>]+)<", text) + list(args)
+        # The message's structure is not PHI: its key, tag and attribute names, enumerations, small numbers.
+        structure = {m.upper() for m in re.findall(r"([A-Za-z_][\w.-]*)\s*=", text)}
+        structure |= {m.upper() for m in re.findall(r"</?([A-Za-z_][\w.-]*)", text)} | _NOT_PHI
+        for value in values:
+            for token in re.findall(r"[^\s;,=&<>\"'/()]+", value):
+                small_number = len(token) <= 3 and token.replace(".", "").isdigit()
+                if any(ch.isalnum() for ch in token) and token.upper() not in structure and not small_number:
+                    self.redactor.learn_text("other", token)
+
     def _learn_patient(self, patient: PatientView) -> None:
         assert self.redactor is not None
         self.redactor.learn_all(
@@ -113,13 +144,19 @@ class Recorder:
         return self.redactor.apply(value) if self.redactor else value
 
     def data(self, content: bytes, protocol: str) -> bytes:
-        """Bytes of a PMS file with PHI replaced, in the file's own encoding, BOM and line endings."""
-        if self.redactor is None or not content:
+        """Bytes of a PMS file as the capture keeps them: PHI replaced (unless unredacted) and the
+        daemon's home folder written as {HOME} (where the replay's own home goes), in the file's own
+        encoding, BOM and line endings."""
+        if not content:
             return content
         from bridge.replay import PROTOCOL_CODEPAGES
 
         decoded = decode(content, PROTOCOL_CODEPAGES.get(protocol, "cp1252"))
-        return decoded.encode(self.redactor.apply(decoded.text))
+        text = self.redactor.apply(decoded.text) if self.redactor else decoded.text
+        home = self.rt.settings.home
+        for form in sorted({str(home), home.as_posix(), str(home).replace("/", "\\")}, key=len, reverse=True):
+            text = text.replace(form, "{HOME}")
+        return decoded.encode(text)
 
     def _json(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -136,6 +173,8 @@ class Recorder:
     async def launch(self, launch: Launch, reply: LaunchReply) -> None:
         """A launch command (`pms-bridge <protocol> ...`): the file it named, its arguments, the answer."""
         self.learn(reply.request, reply.outcome, reply.phi)
+        if reply.request is None:
+            self.learn_unparsed(launch.content, launch.protocol, launch.args)
         async with self._lock:
             n = len(self._steps) + 1
             step: dict[str, Any] = {"transport": "cli", "protocol": launch.protocol}
@@ -160,15 +199,17 @@ class Recorder:
             await self._add(step, reply.outcome)
 
     async def folder(
-        self, watcher: str, name: str, content: bytes, answer: bytes | None, reply: LaunchReply
+        self, watcher: str, protocol: str, name: str, content: bytes, answer: bytes | None, reply: LaunchReply
     ) -> None:
-        """A file dropped into a watched folder, and the answer written into it (if any)."""
+        """A file dropped into `watcher`'s folder, and the answer written into it (if any)."""
         self.learn(reply.request, reply.outcome, reply.phi)
+        if reply.request is None:
+            self.learn_unparsed(content, protocol)
         async with self._lock:
             n = len(self._steps) + 1
             suffix = os.path.splitext(name)[1] or ".bin"
             request_name = f"{n:03d}-request{suffix}"
-            self._write(request_name, self.data(content, watcher))
+            self._write(request_name, self.data(content, protocol))
             step: dict[str, Any] = {
                 "transport": "folder",
                 "watcher": watcher,
@@ -177,7 +218,7 @@ class Recorder:
             }
             if answer is not None:
                 reply_name = f"{n:03d}-reply{suffix}"
-                self._write(reply_name, self.data(answer, watcher))
+                self._write(reply_name, self.data(answer, protocol))
                 step["expect"] = {"file": reply_name}
             await self._add(step, reply.outcome)
 
@@ -194,6 +235,8 @@ class Recorder:
     ) -> None:
         """A raw HTTP request to a listener (OPP web) and the answer's status and body."""
         self.learn(request, outcome)
+        if request is None:
+            self.learn_unparsed(raw_request.partition(b"\r\n\r\n")[2], listener)
         async with self._lock:
             n = len(self._steps) + 1
             self._write(f"{n:03d}-request.http", self.data(raw_request, listener))
@@ -318,7 +361,16 @@ class Recorder:
             ):
                 continue
             section = getattr(self.rt.settings, fld.name)
-            values = {f.name: _ini_value(getattr(section, f.name)) for f in dataclasses.fields(section)}
+            values: dict[str, str | None] = {}
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                if f.name.endswith("_dir") and isinstance(value, Path):
+                    # a folder of the recording machine: the replay gets one of its own under its home
+                    home = self.rt.settings.home
+                    place = value.relative_to(home).as_posix() if value.is_relative_to(home) else None
+                    values[f.name] = f"{{HOME}}/{place or fld.name + '-' + f.name}"
+                else:
+                    values[f.name] = _ini_value(value, f.metadata["parser"])
             kept = {k: v for k, v in values.items() if v is not None}
             if kept:
                 settings[fld.name] = kept

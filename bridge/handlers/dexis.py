@@ -129,7 +129,7 @@ def _folder_handler(rt: Runtime, protocol: str, handler: LaunchHandler) -> Handl
         )
         answer = await handler(rt, launch)
         if rt.recorder is not None:
-            await rt.recorder.folder(protocol, path.name, content, None, answer)
+            await rt.recorder.folder(f"{protocol}-integrator", protocol, path.name, content, None, answer)
         return f"exit {answer.exit_code}: {answer.message}"
 
     return handle

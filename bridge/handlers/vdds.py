@@ -268,7 +268,7 @@ def folder_handler(rt: Runtime) -> Handle:
             return "replaced before the answer"
         await asyncio.to_thread(write_atomic, path, reply.content)
         if rt.recorder is not None:
-            await rt.recorder.folder(PROTOCOL, path.name, content, reply.content, reply)
+            await rt.recorder.folder(PROTOCOL, PROTOCOL, path.name, content, reply.content, reply)
         return f"errorlevel {reply.exit_code}"
 
     return on_file
