@@ -27,6 +27,7 @@ from bridge.config_file import (
     find_config_path,
     read_raw,
 )
+from bridge.model import Category
 from protocols.common import LOCALE_SHORT_DATES, DateFormatError, dotnet_to_strptime
 from protocols.opp import DEFAULT_CLI_FLAGS, FIELDS, parse_flag_map
 
@@ -215,6 +216,9 @@ def DicomTag() -> Parser:
         return value
 
     return Parser("a DICOM keyword such as PatientID, or a tag such as 0010,0020", convert)
+
+
+CATEGORY_NAMES = tuple(category.value for category in Category)
 
 
 def key(default: str, parser: Parser, doc: str) -> Any:
@@ -431,30 +435,12 @@ class VddsSettings:
     stage5_key: str = key("ACQUIRE", Text(max_length=40), "Request key that flags an acquisition")
     type_names: dict[str, str] = key(
         "",
-        Pairs(
-            "intraoral-xray",
-            "extraoral-xray",
-            "panoramic",
-            "cephalometric",
-            "cbct",
-            "photo",
-            "document",
-            separator=":",
-        ),
+        Pairs(*CATEGORY_NAMES, separator=":"),
         "TYPE text per image category, overriding the German defaults (e.g. panoramic:OPG)",
     )
     type_numbers: dict[str, str] = key(
         "",
-        Pairs(
-            "intraoral-xray",
-            "extraoral-xray",
-            "panoramic",
-            "cephalometric",
-            "cbct",
-            "photo",
-            "document",
-            separator=":",
-        ),
+        Pairs(*CATEGORY_NAMES, separator=":"),
         "TYPENR per image category, overriding the defaults (x-rays 1, photo 2, document 10)",
     )
     answer_timeout: float = key(

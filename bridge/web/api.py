@@ -26,6 +26,7 @@ from bridge.model import (
     Sex,
     Status,
 )
+from bridge.runtime import Runtime
 from bridge.service import Refused
 from bridge.web.keys import RUNTIME
 from bridge.web.middleware import ACTOR_KEY
@@ -100,6 +101,17 @@ def decode_cursor(request: web.Request) -> Any:
         raise ProblemError(400, "the cursor is not one this API handed out") from None
 
 
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 problem saying what is wrong with it."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProblemError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ProblemError(400, "the body must be a JSON object")
+    return body
+
+
 def parse_date(value: str | None, name: str) -> date | None:
     if value in (None, ""):
         return None
@@ -166,12 +178,7 @@ def demographics_from_json(body: dict[str, Any]) -> Demographics:
 async def create_or_update_patient(request: web.Request) -> web.Response:
     """The front desk's "+": create or update by PMS key, under the same identity rules as every PMS."""
     rt = request.app[RUNTIME]
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ProblemError(400, "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ProblemError(400, "the body must be a JSON object")
+    body = await json_object(request)
     for name in ("pms_system", "pms_id", "practice_id", "chart_number"):
         if not isinstance(body.get(name, ""), str):
             raise ProblemError(422, f"{name} must be a string (ids keep their leading zeros)")
@@ -361,12 +368,7 @@ async def update_image(request: web.Request) -> web.Response:
     """Change orientation (rotation, mirrored), tooth numbers or category; audited, pixels untouched."""
     rt = request.app[RUNTIME]
     image_id = path_id(request)
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ProblemError(400, "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ProblemError(400, "the body must be a JSON object")
+    body = await json_object(request)
     unknown = sorted(set(body) - set(IMAGE_CHANGES))
     if unknown:
         raise ProblemError(422, f"cannot change {', '.join(unknown)}; changeable: {', '.join(IMAGE_CHANGES)}")
@@ -425,6 +427,12 @@ async def rendering_response(request: web.Request, size: int, action: str) -> we
     )
     if image is None:
         raise ProblemError(404, f"no image with id {request.match_info['id']}")
+    return await rendered_image(request, rt, image, size)
+
+
+async def rendered_image(request: web.Request, rt: Runtime, image: ImageView, size: int) -> web.Response:
+    """The watermarked rendering of `image` at `size` with its ETag (304 when the client has it);
+    shared by the API and OPP web's signed thumbnail links."""
     etag = rt.imaging.etag_for(image, size)
     headers = {"ETag": f'"{etag}"', "Cache-Control": RENDER_CACHE_CONTROL}
     if etag_matches(request.headers.get("If-None-Match", ""), etag):
@@ -471,11 +479,8 @@ async def list_conflicts(request: web.Request) -> web.Response:
 @routes.post("/api/v1/conflicts/{id}/resolve")
 async def resolve_conflict(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ProblemError(400, "the body is not valid JSON") from None
-    resolution = body.get("resolution", "") if isinstance(body, dict) else ""
+    body = await json_object(request)
+    resolution = body.get("resolution", "")
     if not isinstance(resolution, str) or not resolution.strip():
         raise ProblemError(422, 'send {"resolution": "<what was done>"}')
     result = await rt.service.resolve_conflict(origin_of(request), path_id(request), resolution.strip())

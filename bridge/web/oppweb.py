@@ -36,16 +36,9 @@ from aiohttp import web
 
 from bridge.config import Settings
 from bridge.handlers.opp import PROTOCOL, execute, options
-from bridge.imaging.analyze import ImagingError
 from bridge.model import Outcome, PatientRequest, Status
 from bridge.runtime import Runtime
-from bridge.web.api import (
-    RENDER_CACHE_CONTROL,
-    RENDER_VIEW_MAX_AGE,
-    STATUS_HTTP,
-    etag_matches,
-    origin_of,
-)
+from bridge.web.api import RENDER_VIEW_MAX_AGE, STATUS_HTTP, origin_of, rendered_image
 from bridge.web.keys import LISTENER_TLS, MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY, make_request_context
 from bridge.web.problems import ProblemError
@@ -386,16 +379,7 @@ async def opp_thumbnail(request: web.Request) -> web.StreamResponse:
     )
     if image is None:
         raise ProblemError(404, f"no image with id {image_id}")
-    size = rt.settings.thumbnails.size
-    etag = rt.imaging.etag_for(image, size)
-    headers = {"ETag": f'"{etag}"', "Cache-Control": RENDER_CACHE_CONTROL}
-    if etag_matches(request.headers.get("If-None-Match", ""), etag):
-        return web.Response(status=304, headers=headers)
-    try:
-        rendered = await rt.imaging.rendered(image, size)
-    except ImagingError as exc:
-        raise ProblemError(503, str(exc), kind="image-unavailable") from None
-    return web.Response(body=rendered.data, content_type="image/jpeg", headers=headers)
+    return await rendered_image(request, rt, image, rt.settings.thumbnails.size)
 
 
 # --------------------------------------------------------------------------------------------------
