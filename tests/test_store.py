@@ -12,6 +12,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import text
 from sqlalchemy.dialects import mssql, postgresql, sqlite
 
 from bridge.store import queries
@@ -116,3 +117,27 @@ def test_file_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
         store.path_for("../../etc/passwd", "png")
     with pytest.raises(ValueError):
         store.path_for("a" * 64, "png/../x")
+
+
+async def test_a_dropped_database_connection_is_retried_once(pg_server: str) -> None:
+    """PostgreSQL restarted or a firewall cut the pool's connections: the next request still succeeds."""
+    import psycopg
+
+    from bridge.store.db import Database
+    from tests.conftest import new_pg_database
+
+    url = new_pg_database(pg_server)
+    db = Database(url, threads=2)
+    try:
+        upgrade_schema(db.engine)
+        assert await db.read(lambda s: s.execute(text("SELECT 1")).scalar()) == 1
+        database = url.rsplit("/", 1)[1]
+        plain = pg_server.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(plain + "/postgres", autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,)
+            )
+        assert await db.read(lambda s: s.execute(text("SELECT 2")).scalar()) == 2
+        assert await db.write(lambda s: s.execute(text("SELECT 3")).scalar()) == 3
+    finally:
+        db.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,10 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    # No pre-ping: it is a round trip on every checkout, a quarter of a lookup on PostgreSQL. A connection
+    # that died (a server restart) fails its first statement instead; `Database` then retries the unit of
+    # work once on a fresh connection (SQLAlchemy's "optimistic" disconnect handling).
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -103,19 +106,28 @@ class Database:
 
     def read_sync(self, work: Callable[[Session], T]) -> T:
         """Run `work` in a read transaction, in the calling thread (for CLI commands and tests)."""
-        with self._reader() as session, session.begin():
-            return work(session)
+        for attempt in range(2):
+            try:
+                with self._reader() as session, session.begin():
+                    return work(session)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated or attempt:
+                    raise
+                log.warning("database connection lost; retrying on a new one")
+        raise AssertionError("unreachable")
 
     def write_sync(self, work: Callable[[Session], T], *, retries: int = 5) -> T:
-        """Run `work` in a write transaction, retrying when SQLite reports a lock it could not wait out."""
+        """Run `work` in a write transaction, retrying when SQLite reports a lock it could not wait out
+        or the connection turns out to be dead (then nothing was committed)."""
         for attempt in range(retries + 1):
             try:
                 with self._writer() as session, session.begin():
                     return work(session)
-            except OperationalError as exc:
-                if "locked" not in str(exc).lower() or attempt == retries:
+            except DBAPIError as exc:
+                locked = isinstance(exc, OperationalError) and "locked" in str(exc).lower()
+                if not (locked or exc.connection_invalidated) or attempt == retries:
                     raise
-                log.warning("database locked, retrying", extra={"attempt": attempt + 1})
+                log.warning("database busy or reconnecting, retrying", extra={"attempt": attempt + 1})
         raise AssertionError("unreachable")
 
     async def read(self, work: Callable[[Session], T]) -> T:
