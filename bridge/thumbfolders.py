@@ -19,9 +19,6 @@ name that stays inside the configured folder, otherwise the message fails with t
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
-import json
 import logging
 from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +28,7 @@ from bridge.atomic import write_atomic
 from bridge.config import LaunchProfile, Settings, launch_profiles
 from bridge.model import ImageView, Origin, PatientView
 from bridge.service import CHART_KEYED
+from protocols import thumbfolder
 
 if TYPE_CHECKING:
     from bridge.outbox import OutboxItem, OutboxWorker, Sender
@@ -39,26 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_FOLDER_NAME = 100
-FORMAT = "pms-bridge-thumbnail/1"
-CSV_COLUMNS = (
-    "image_id",
-    "pms_system",
-    "pms_id",
-    "chart_number",
-    "last_name",
-    "first_name",
-    "birth_date",
-    "captured_at",
-    "category",
-    "tooth_numbers",
-    "rotation",
-    "mirrored",
-    "width",
-    "height",
-    "color",
-    "thumbnail",
-    "sha256",
-)
 _FORBIDDEN = frozenset('<>:"/\\|?*')
 _RESERVED = frozenset(
     {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
@@ -120,75 +98,16 @@ def patient_folder(root: Path, name: str) -> Path:
     return folder
 
 
-def file_stem(image: ImageView) -> str:
-    """Sorts by capture time in a file list, unique by image id."""
-    when = image.captured_at.strftime("%Y%m%d-%H%M%S") if image.captured_at else "undated"
-    return f"{when}_{image.id}"
-
-
-def metadata(image: ImageView, patient: PatientView, thumbnail: str, watermark: str) -> dict[str, Any]:
-    """The JSON written beside a thumbnail. Links are relative to the API's base URL."""
-    return {
-        "format": FORMAT,
-        "patient": {
-            "pms_system": patient.pms_system,
-            "pms_id": patient.pms_id,
-            "chart_number": patient.chart_number,
-            "last_name": patient.last_name,
-            "first_name": patient.first_name,
-            "middle_name": patient.middle_name,
-            "birth_date": patient.birth_date.isoformat() if patient.birth_date else None,
-            "sex": patient.sex.value,
-        },
-        "image": image.to_json(),
-        "thumbnail": {"file": thumbnail, "watermark": watermark},
-        "links": {
-            "image": f"/api/v1/images/{image.id}",
-            "thumbnail": f"/api/v1/images/{image.id}/thumbnail",
-            "file": f"/api/v1/images/{image.id}/file",
-        },
-    }
-
-
-def csv_bytes(image: ImageView, patient: PatientView, thumbnail: str, encoding: str) -> bytes:
-    """One header row and one row, CRLF, in the PMS's code page ("?" for what it cannot hold)."""
-    row = {
-        "image_id": image.id,
-        "pms_system": patient.pms_system or "",
-        "pms_id": patient.pms_id or "",
-        "chart_number": patient.chart_number or "",
-        "last_name": patient.last_name,
-        "first_name": patient.first_name,
-        "birth_date": patient.birth_date.isoformat() if patient.birth_date else "",
-        "captured_at": image.captured_at.isoformat() if image.captured_at else "",
-        "category": image.category.value,
-        "tooth_numbers": " ".join(str(t) for t in image.tooth_numbers),
-        "rotation": image.rotation,
-        "mirrored": int(image.mirrored),
-        "width": image.width,
-        "height": image.height,
-        "color": int(image.color),
-        "thumbnail": thumbnail,
-        "sha256": image.sha256,
-    }
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\r\n")
-    writer.writeheader()
-    writer.writerow(row)
-    return out.getvalue().encode(encoding, errors="replace")
-
-
 def write_image_files(
     folder: Path, image: ImageView, patient: PatientView, jpeg: bytes, encoding: str, watermark: str
 ) -> str:
     """Write the thumbnail, the JSON and (last) the CSV of one image; returns the file stem."""
     folder.mkdir(exist_ok=True)
-    stem = file_stem(image)
+    stem = thumbfolder.file_stem(image)
     thumbnail = f"{stem}.jpg"
     write_atomic(folder / thumbnail, jpeg)
-    text = json.dumps(metadata(image, patient, thumbnail, watermark), ensure_ascii=False, indent=2)
-    write_atomic(folder / f"{stem}.json", text.encode("utf-8"))
-    write_atomic(folder / f"{stem}.csv", csv_bytes(image, patient, thumbnail, encoding))
+    write_atomic(folder / f"{stem}.json", thumbfolder.json_bytes(image, patient, thumbnail, watermark))
+    write_atomic(folder / f"{stem}.csv", thumbfolder.csv_bytes(image, patient, thumbnail, encoding))
     return stem
 
 

@@ -30,7 +30,8 @@ from bridge.outbox import OutboxWorker
 from bridge.runtime import Runtime
 from bridge.service import CHART_KEYED
 from bridge.store.models import OutboxMessage
-from bridge.thumbfolders import CSV_COLUMNS, channel_name, folder_targets, make_sender, patient_folder
+from bridge.thumbfolders import channel_name, folder_targets, make_sender, patient_folder
+from protocols.thumbfolder import CSV_COLUMNS
 from tests.test_us_launch import run
 
 ORIGIN = Origin(protocol="dentrix", transport="cli", workstation="OP1", actor="pytest")
