@@ -424,7 +424,12 @@ def audit_entries(
 
 
 def due_outbox(channel: str, now: datetime, limit: int = 20) -> Select[OutboxMessage]:
-    """Messages of one channel that are due: pending and past their next attempt time."""
+    """Messages of one channel that are due: pending and past their next attempt time.
+
+    Locked as they are read, skipping rows another daemon holds (PostgreSQL FOR UPDATE SKIP LOCKED, SQL
+    Server READPAST): several daemons sharing one store never claim the same push. SQLite has one writer
+    at a time (BEGIN IMMEDIATE), so there the lock clause is not needed and not emitted.
+    """
     return (
         select(OutboxMessage)
         .where(
@@ -434,6 +439,7 @@ def due_outbox(channel: str, now: datetime, limit: int = 20) -> Select[OutboxMes
         )
         .order_by(OutboxMessage.id)
         .limit(limit)
+        .with_for_update(skip_locked=True)
     )
 
 
