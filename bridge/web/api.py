@@ -6,6 +6,7 @@ Lists answer {"items": [...], "next": cursor-or-null} and take `limit` and `curs
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -349,7 +350,7 @@ async def get_image_file(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     image = await image_or_404(request, "image.file")
     path = rt.files.path_for(image.sha256, image.file_ext)
-    if not path.exists():
+    if not await asyncio.to_thread(path.exists):  # the image store may be a share: never stat on the loop
         raise ProblemError(
             503, "the image file is not reachable (is the image share mounted?)", kind="file-missing"
         )
