@@ -71,7 +71,8 @@ def drive_session(daemon: DaemonProcess) -> list[int]:
         statuses.append(status)
         if patient["pms_id"] == "0047110":
             patient_id = json.loads(body)["id"]
-            data, content_type = multipart({"tooth_numbers": "36"}, [("bite.png", png())])
+            fields = {"tooth_numbers": "36", "captured_at": "2024-05-06T07:08:09"}
+            data, content_type = multipart(fields, [("bite.png", png())])
             status, _ = daemon.request(
                 "POST", f"/api/v1/patients/{patient_id}/images", data, headers={"Content-Type": content_type}
             )

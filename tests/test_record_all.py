@@ -183,7 +183,12 @@ def drive(daemon: DaemonProcess, tmp: Path, exchange: Path, integrator: Path) ->
     assert status == 201
     [vdds_patient] = patients(daemon, pms_id=VDDS["id"])
     boundary = uuid.uuid4().hex
-    data = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n').encode()
+    # with its capture time: an image without one is dated by its import time in VDDS answers, which a
+    # replay cannot reproduce (docs/replay.md)
+    data = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="captured_at"\r\n\r\n2024-05-06T07:08:09\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
+    ).encode()
     data += png() + f"\r\n--{boundary}--\r\n".encode()
     status, _ = daemon.request(
         "POST",
