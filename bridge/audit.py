@@ -90,10 +90,10 @@ class AuditLog:
         self._pending.clear()
 
         def work(session: Session) -> None:
-            session.execute(insert(AuditEntry), batch)
+            session.execute(insert(AuditEntry.__table__), batch)
 
         try:
-            await self._db.write(work)
+            await self._db.write(work, watched=False)
         except Exception:
             self._pending.extendleft(reversed(batch))  # keep them for the next attempt
             raise

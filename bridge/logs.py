@@ -8,6 +8,7 @@ a request causes carries the same id, from the listener down to the store.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
 import secrets
@@ -22,8 +23,14 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
+_REQUEST_ID_PREFIX = secrets.token_hex(3)
+_request_numbers = itertools.count()
+
+
 def new_request_id() -> str:
-    return secrets.token_hex(6)
+    """12 hex digits: a per-process random prefix and a counter. Unique enough to find a request in the
+    logs, and free of the getrandom system call a random id costs on every request."""
+    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers) & 0xFFFFFF:06x}"
 
 
 class _ContextFilter(logging.Filter):

@@ -246,6 +246,9 @@ class Outcome:
     missing_refs: tuple[str, ...] = ()  # image refs that were asked for and not found
     conflict_id: int | None = None
     viewer_url: str = ""  # where a viewer should show the patient or image (open_patient_in/open_image_as)
+    # A pure read: while the store is unchanged, an identical request (origin aside) gets this same outcome,
+    # and `BridgeService.repeat` records and announces it again without asking the store.
+    repeatable: bool = False
 
 
 @dataclass(frozen=True)

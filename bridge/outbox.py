@@ -136,7 +136,7 @@ class OutboxWorker:
                 claimed.append(_item(msg))
             return claimed
 
-        items = await self.rt.db.write(claim)
+        items = await self.rt.db.write(claim, watched=False)
         for item in items:
             try:
                 await self.sender(self.rt, item)
@@ -180,4 +180,4 @@ class OutboxWorker:
             delay = self.backoff[min(max(msg.attempts - 1, 0), len(self.backoff) - 1)]
             msg.state, msg.next_attempt_at = "pending", now + timedelta(seconds=delay)
 
-        await self.rt.db.write(work)
+        await self.rt.db.write(work, watched=False)

@@ -135,6 +135,8 @@ def same_beyond_spelling(a: str, b: str) -> bool:
     A PMS that strips spaces (CLINIVIEW), transliterates umlauts (cp1252 fallbacks) or fixes a typo is
     not another person; a different surname is. One edit is tolerated, two for names of 10+ letters.
     """
+    if a == b:  # the common case (a PMS sending the name it sent before), without folding
+        return True
     la, lb = _letters(a), _letters(b)
     if not la or not lb or la == lb or _umlaut_spelled(a) == _umlaut_spelled(b):
         return True
@@ -483,26 +485,57 @@ class BridgeService:
         update = self.settings.update_patient_info and req.action is not Action.IMPORT
         opened = "patient.import" if req.action is Action.IMPORT else "patient.open"
 
-        view = await self._open_unchanged(req, update=update, opened=opened)
+        shown = req.action not in (Action.CREATE_OR_UPDATE, Action.IMPORT) and not req.silent
+
+        view = await self._open_unchanged(req, update=update)
         if view is not None:
-            status = Status.OK
-        else:
+            outcome = Outcome(
+                Status.OK,
+                _status_message(Status.OK, req),
+                patient=view,
+                viewer_url=self.patient_viewer_url(view.id) if shown else "",
+                repeatable=True,
+            )
+            self._announce_read(req, outcome)
+            return outcome
 
-            def work(session: Session) -> tuple[_Resolved, PatientView]:
-                resolved = self._resolve(session, req, may_create=may_create, update=update)
-                if resolved.status is Status.OK:
-                    self.audit.change(session, req.origin, opened, patient_id=resolved.patient.id)
-                return resolved, _load_patient_view(session, resolved.patient, resolved.link)
+        def work(session: Session) -> tuple[_Resolved, PatientView]:
+            resolved = self._resolve(session, req, may_create=may_create, update=update)
+            if resolved.status is Status.OK:
+                self.audit.change(session, req.origin, opened, patient_id=resolved.patient.id)
+            return resolved, _load_patient_view(session, resolved.patient, resolved.link)
 
-            resolved, view = await self._retry_unique(work)
-            status = resolved.status
-        outcome = Outcome(status, _status_message(status, req), patient=view)
-        if req.action not in (Action.CREATE_OR_UPDATE, Action.IMPORT) and not req.silent:
+        resolved, view = await self._retry_unique(work)
+        outcome = Outcome(resolved.status, _status_message(resolved.status, req), patient=view)
+        if shown:
             outcome = replace(outcome, viewer_url=self.patient_viewer_url(view.id))
             self._publish_opened(req, view, outcome.viewer_url)
         return outcome
 
-    async def _open_unchanged(self, req: PatientRequest, *, update: bool, opened: str) -> PatientView | None:
+    def repeat(self, req: PatientRequest, outcome: Outcome) -> None:
+        """`req` answered again with `outcome`: an earlier, `repeatable` outcome of an identical request
+        (origin aside), which a caller kept while the store generation held. Records the read and tells
+        viewers exactly as the first answer did, so a repeated answer is audited like any other."""
+        if not outcome.repeatable:
+            raise ValueError("only a repeatable (read-only) outcome can be given again")
+        self._announce_read(req, outcome)
+
+    def _announce_read(self, req: PatientRequest, outcome: Outcome) -> None:
+        """The effects of a read answer, first or repeated: its audit entry and, when the answer names a
+        viewer, the viewer events."""
+        patient = outcome.patient
+        if patient is None:
+            return
+        if req.action is Action.LIST_IMAGES:
+            detail = f"{len(outcome.images)} images"
+            self.audit.read(req.origin, "images.list", patient_id=patient.id, detail=detail)
+        else:
+            opened = "patient.import" if req.action is Action.IMPORT else "patient.open"
+            self.audit.read(req.origin, opened, patient_id=patient.id)
+        if outcome.viewer_url:
+            self._publish_opened(req, patient, outcome.viewer_url)
+
+    async def _open_unchanged(self, req: PatientRequest, *, update: bool) -> PatientView | None:
         """The patient when the request only opens a known one and would change nothing, read in one
         round trip without a write transaction; None sends the request down the full (writing) path.
 
@@ -513,10 +546,11 @@ class BridgeService:
         """
         if req.id_kind is not IdKind.PMS_ID or self.settings.ignore_practice_id:
             return None
-        row = await self.db.read(
+        row = await self.db.read_memo(
+            ("patient-by-link", req.pms_system, req.practice_id, req.pms_id),
             lambda session: session.execute(
                 *q.patient_view_by_link_key(req.pms_system, req.practice_id, req.pms_id)
-            ).first()
+            ).first(),
         )
         if row is None or disagreements(row, req.demographics):
             return None
@@ -526,7 +560,6 @@ class BridgeService:
             return None
         if update and _demographic_changes(row, req.demographics):
             return None
-        self.audit.read(req.origin, opened, patient_id=row.id)
         return patient_view_row(row)
 
     async def _retry_unique(self, work: Callable[[Session], Any]) -> Any:
@@ -808,8 +841,10 @@ class BridgeService:
     async def _list_for_pms(self, req: PatientRequest) -> Outcome:
         self._check_request(req)
 
-        def work(session: Session) -> tuple[PatientView, list[ImageView]]:
-            if req.id_kind is IdKind.PMS_ID and not self.settings.ignore_practice_id:
+        by_link = req.id_kind is IdKind.PMS_ID and not self.settings.ignore_practice_id
+
+        def work(session: Session) -> tuple[PatientView, tuple[ImageView, ...]]:
+            if by_link:
                 # the common case in one round trip, as `_open_unchanged`
                 row = _rows(
                     session, *q.patient_view_by_link_key(req.pms_system, req.practice_id, req.pms_id)
@@ -821,11 +856,16 @@ class BridgeService:
                 patient = self._find_existing(session, req)
                 view = patient_view_row(_rows(session, *q.patient_view_by_id(patient.id)).one())
             rows = _rows(session, *q.images_of_patient(view.id, limit=10_000)).all()
-            return view, [image_view_row(r) for r in rows]
+            return view, tuple(image_view_row(r) for r in rows)
 
-        view, images = await self.db.read(work)
-        self.audit.read(req.origin, "images.list", patient_id=view.id, detail=f"{len(images)} images")
-        return Outcome(Status.OK, f"{len(images)} images", patient=view, images=tuple(images))
+        if by_link:  # a PMS listing the same patient again (VIEW_DATA on every page) is answered from memory
+            key = ("images-by-link", req.pms_system, req.practice_id, req.pms_id)
+            view, images = await self.db.read_memo(key, work)
+        else:
+            view, images = await self.db.read(work)
+        outcome = Outcome(Status.OK, f"{len(images)} images", patient=view, images=images, repeatable=True)
+        self._announce_read(req, outcome)
+        return outcome
 
     @staticmethod
     def _ref_ids(refs: Sequence[str]) -> dict[str, int]:

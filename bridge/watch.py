@@ -215,7 +215,7 @@ class FolderWatcher:
             return True
 
         try:
-            return await self.rt.db.write(work)
+            return await self.rt.db.write(work, watched=False)
         except IntegrityError as exc:
             if is_unique_violation(exc):
                 return False
@@ -228,4 +228,4 @@ class FolderWatcher:
                 record.result = (result or "done")[:200]
             session.execute(q.forget_processed_files(self.name, utcnow() - FORGET_AFTER))
 
-        await self.rt.db.write(work)
+        await self.rt.db.write(work, watched=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import datetime as dt
+import functools
 import re
 from collections.abc import Iterable
 
@@ -263,6 +264,13 @@ def dotnet_date_formats(fmt: str, separators: str = "/.-") -> tuple[str, ...]:
     return tuple(dict.fromkeys(base.replace("/", sep) for sep in separators))
 
 
+@functools.lru_cache(maxsize=4096)
+def _strptime_date(text: str, fmt: str) -> dt.date:
+    """strptime, remembered: a PMS sends the same few birth dates again and again, and strptime costs
+    tens of microseconds (a failed match raises and is not remembered)."""
+    return dt.datetime.strptime(text, fmt).date()
+
+
 def parse_date(value: str, formats: Iterable[str]) -> dt.date | None:
     """The date in `value`, trying strptime `formats` in order; None for "no date".
 
@@ -274,7 +282,7 @@ def parse_date(value: str, formats: Iterable[str]) -> dt.date | None:
         return None
     for fmt in formats:
         try:
-            parsed = dt.datetime.strptime(text, fmt).date()
+            parsed = _strptime_date(text, fmt)
         except ValueError:
             continue
         return parsed if parsed.year >= EARLIEST_BIRTH_YEAR else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -327,6 +328,31 @@ def _local(element: etree._Element) -> str:
     return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
 
 
+_parsers = threading.local()
+
+
+def _parser() -> etree.XMLParser:
+    """This thread's safe parser: no entities resolved, no network, no huge trees, no DTD loaded.
+
+    lxml parsers may be reused but not shared between threads; building one costs more than parsing a
+    message.
+    """
+    parser: etree.XMLParser | None = getattr(_parsers, "parser", None)
+    if parser is None:
+        from lxml import etree
+
+        parser = etree.XMLParser(
+            resolve_entities=False,
+            no_network=True,
+            huge_tree=False,
+            load_dtd=False,
+            remove_comments=True,
+            remove_pis=True,
+        )
+        _parsers.parser = parser
+    return parser
+
+
 def parse_xml(data: bytes, options: OppOptions) -> OppMessage:
     """The file-based XML form (also OPP web's POST body)."""
     from lxml import etree
@@ -340,14 +366,7 @@ def parse_xml(data: bytes, options: OppOptions) -> OppMessage:
         raise OppError(
             "DTDs and entity declarations are not accepted in OPP messages (XXE protection)", "forbidden-dtd"
         )
-    parser = etree.XMLParser(
-        resolve_entities=False,
-        no_network=True,
-        huge_tree=False,
-        load_dtd=False,
-        remove_comments=True,
-        remove_pis=True,
-    )
+    parser = _parser()
     body = _XML_DECLARATION.sub("", text.lstrip("\ufeff"), count=1)
     try:
         root = etree.fromstring(body.encode("utf-8"), parser)

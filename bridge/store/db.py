@@ -3,6 +3,9 @@
 The event loop never waits on the database. Every unit of database work is a plain function taking a
 Session; `Database.read` and `Database.write` run it in a small thread pool inside one transaction.
 pyodbc (SQL Server) has no asyncio driver, so threads give one code path for all three databases.
+
+`Database.read_memo` answers a repeated read from memory while the store's change generation (changes)
+says nothing it depends on has changed since.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import contextvars
 import functools
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,11 +24,14 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from bridge.store.changes import Generation, Unknown, generation_for
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _WRITE = "pms_bridge_write"
+MEMO_ENTRIES = 20_000  # memoised reads kept at most (a practice's patients opened today, many times over)
 
 
 def make_engine(url: str, *, pool_size: int = 5, autocommit: bool = False) -> Engine:
@@ -98,7 +104,7 @@ def is_unique_violation(exc: IntegrityError) -> bool:
 class Database:
     """Runs units of database work in worker threads, each in its own transaction."""
 
-    def __init__(self, url: str, *, threads: int = 4) -> None:
+    def __init__(self, url: str, *, threads: int = 4, memo: bool = True) -> None:
         self.url = url
         self.engine = make_engine(url, pool_size=threads)
         self.dialect = self.engine.dialect.name
@@ -111,6 +117,9 @@ class Database:
         self._reader = sessionmaker(self.read_engine, expire_on_commit=False)
         self._writer = sessionmaker(self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="db")
+        self.generation: Generation = generation_for(self.engine) if memo else Unknown()
+        self._memo: dict[Hashable, Any] = {}
+        self._memo_generation: int | None = None
 
     def read_sync(self, work: Callable[[Session], T]) -> T:
         """Run `work` in a read transaction, in the calling thread (for CLI commands and tests)."""
@@ -126,13 +135,21 @@ class Database:
                 log.warning("database connection lost; retrying on a new one")
         raise AssertionError("unreachable")
 
-    def write_sync(self, work: Callable[[Session], T], *, retries: int = 5) -> T:
+    def write_sync(self, work: Callable[[Session], T], *, retries: int = 5, watched: bool = True) -> T:
         """Run `work` in a write transaction, retrying when SQLite reports a lock it could not wait out
-        or the connection turns out to be dead (then nothing was committed)."""
+        or the connection turns out to be dead (then nothing was committed).
+
+        `watched=False` is for bookkeeping that touches none of changes.WATCHED_TABLES (audit, outbox,
+        claims): it leaves memoised reads in place. Everything else moves the generation on.
+        """
         for attempt in range(retries + 1):
             try:
-                with self._writer() as session, session.begin():
-                    return work(session)
+                try:
+                    with self._writer() as session, session.begin():
+                        return work(session)
+                finally:  # after the commit (or whatever became of it): a read now sees this write
+                    if watched:
+                        self.generation.bump()
             except DBAPIError as exc:
                 locked = isinstance(exc, OperationalError) and "locked" in str(exc).lower()
                 if not (locked or exc.connection_invalidated) or attempt == retries:
@@ -144,9 +161,31 @@ class Database:
         """Run `work` in a read transaction in a worker thread."""
         return await self._in_thread(self.read_sync, work)
 
-    async def write(self, work: Callable[[Session], T]) -> T:
-        """Run `work` in a write transaction in a worker thread."""
-        return await self._in_thread(self.write_sync, work)
+    async def write(self, work: Callable[[Session], T], *, watched: bool = True) -> T:
+        """Run `work` in a write transaction in a worker thread (`watched`: as in `write_sync`)."""
+        if watched:
+            return await self._in_thread(self.write_sync, work)
+        return await self._in_thread(functools.partial(self.write_sync, watched=False), work)
+
+    async def read_memo(self, key: Hashable, work: Callable[[Session], T]) -> T:
+        """`read(work)`, answered from memory while the store's generation is the one `work` last ran
+        under. `work` must read only changes.WATCHED_TABLES and return an immutable value; `key` names
+        it with its parameters. Results are kept only when the generation did not move during the read.
+        """
+        before = self.generation.current()
+        if before is not None:
+            if before != self._memo_generation:
+                self._memo.clear()
+                self._memo_generation = before
+            elif key in self._memo:
+                result: T = self._memo[key]
+                return result
+        result = await self.read(work)
+        if before is not None and self.generation.current() == before == self._memo_generation:
+            if len(self._memo) >= MEMO_ENTRIES:
+                self._memo.clear()
+            self._memo[key] = result
+        return result
 
     async def _in_thread(
         self, runner: Callable[[Callable[[Session], T]], T], work: Callable[[Session], T]
@@ -161,6 +200,7 @@ class Database:
             conn.execute(text("SELECT 1"))
 
     def close(self) -> None:
+        self.generation.close()
         self._pool.shutdown(wait=True)
         self.engine.dispose()
         self.read_engine.dispose()

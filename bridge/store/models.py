@@ -261,3 +261,12 @@ class ProcessedFile(Base):
     path: Mapped[str] = mapped_column(Unicode(1000))
     processed_at: Mapped[datetime] = mapped_column(UtcDateTime())
     result: Mapped[str] = mapped_column(Unicode(200), default="")
+
+
+class StoreGeneration(Base):
+    """One row whose value triggers move on every change to a table memoised reads depend on (SQLite;
+    PostgreSQL notifies instead). See bridge/store/changes.py and migration 0003."""
+
+    __tablename__ = "store_generation"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -6,6 +6,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -25,6 +26,8 @@ ACTOR_KEY = web.RequestKey("actor", str)
 
 def make_request_context(listener: str, metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Request id in and out (X-Request-ID), every error as a problem body, metrics per route."""
+    latency = metrics.http_latency.labels(listener)
+    counters: dict[tuple[str, int], Any] = {}  # (route, status) -> its counter (labels() is not free)
 
     @web.middleware
     async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -39,8 +42,12 @@ def make_request_context(listener: str, metrics: Metrics) -> Callable[..., Await
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         elapsed = time.perf_counter() - started
-        metrics.http_requests.labels(listener, route, str(response.status)).inc()
-        metrics.http_latency.labels(listener).observe(elapsed)
+        counter = counters.get((route, response.status))
+        if counter is None:
+            counter = metrics.http_requests.labels(listener, route, str(response.status))
+            counters[(route, response.status)] = counter
+        counter.inc()
+        latency.observe(elapsed)
         if access.isEnabledFor(logging.INFO):
             # The path only: query strings can hold names (patient search), which stay out of logs.
             access.info(

@@ -18,6 +18,9 @@ Callers are browser-based PMSs on the same workstation, which is why the guards 
   non-browser callers and sites that want one, not as the browser protection.
 * Thumbnail URLs are signed and expire (`thumbnail_url_seconds`), because an <img> tag cannot send a
   token; the signature is the capability.
+
+Answers to repeated identical requests are given again from memory while the store is unchanged
+(bridge.web.answers); the guards above run for every request all the same.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from bridge.config import Settings
 from bridge.handlers.opp import PROTOCOL, execute, options
 from bridge.model import Outcome, PatientRequest, Status
 from bridge.runtime import Runtime
+from bridge.web.answers import Kept, RepeatedAnswers
 from bridge.web.api import RENDER_VIEW_MAX_AGE, STATUS_HTTP, origin_of, rendered_image
 from bridge.web.keys import LISTENER_TLS, MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY, make_request_context
@@ -96,6 +100,7 @@ class OppWebState:
     hosts: frozenset[str]
     any_host: bool
     token: bytes
+    answers: RepeatedAnswers[OppMessage]
 
 
 OPP_WEB = web.AppKey("opp_web", OppWebState)
@@ -316,6 +321,15 @@ async def _answer(request: web.Request) -> _Answer:
         media = negotiate(request.headers.get("Accept", ""))
         if media is None:
             raise ProblemError(406, f"OPP web answers in {XML_TYPE} or {JSON_TYPE}", kind="not-acceptable")
+        body = await request.read()
+        # Everything the answer depends on (the settings aside): how the message came, and where to.
+        key = (request.method, request.content_type, request.query_string, body, media, base_url(request))
+        kept, generation = state.answers.get(key)
+        if kept is not None:
+            patient_request = kept.message.request(origin_of(request, PROTOCOL))
+            rt.service.repeat(patient_request, kept.outcome)
+            response = web.Response(body=kept.body, content_type=kept.content_type, charset="utf-8")
+            return _Answer(response, patient_request, kept.outcome)
         message = await read_message(request, state.options)
     except ProblemError as exc:
         return _Answer(exc.response(request.path))
@@ -336,8 +350,9 @@ async def _answer(request: web.Request) -> _Answer:
         base, now = base_url(request), time.time()
         urls = {image.id: state.signer.url(base, image.id, now) for image in outcome.images}
     render = render_json if media == JSON_TYPE else render_xml
-    body = render(outcome, message, urls)
-    return _Answer(web.Response(body=body, content_type=media, charset="utf-8"), patient_request, outcome)
+    answer = render(outcome, message, urls)
+    state.answers.keep(key, len(body), generation, Kept(message, outcome, answer, media, time.monotonic()))
+    return _Answer(web.Response(body=answer, content_type=media, charset="utf-8"), patient_request, outcome)
 
 
 def base_url(request: web.Request) -> str:
@@ -414,6 +429,8 @@ def build_oppweb_app(rt: Runtime) -> web.Application:
         hosts=frozenset(LOOPBACK_HOSTS | {_host_name(opp_web.host)} | hosts),
         any_host="*" in hosts,
         token=opp_web.token.encode(),
+        # Kept answers carry signed thumbnail URLs: give them again only while most of their life is left.
+        answers=RepeatedAnswers(rt.db.generation, max_age=min(60.0, opp_web.thumbnail_url_seconds / 10)),
     )
     app = web.Application(
         middlewares=[
