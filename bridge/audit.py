@@ -13,7 +13,7 @@ import logging
 from collections import deque
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 from sqlalchemy.orm import Session
 
 from bridge.model import Origin
@@ -22,6 +22,9 @@ from bridge.store.models import AuditEntry
 from bridge.store.types import utcnow
 
 log = logging.getLogger(__name__)
+# The table, not the ORM entity: an executemany on the table skips the ORM's bulk machinery (a quarter of
+# the cost per row, paid for every read a PMS makes).
+AUDIT_TABLE: Table = AuditEntry.__table__  # type: ignore[assignment]
 
 
 def _row(
@@ -90,7 +93,7 @@ class AuditLog:
         self._pending.clear()
 
         def work(session: Session) -> None:
-            session.execute(insert(AuditEntry.__table__), batch)
+            session.execute(insert(AUDIT_TABLE), batch)
 
         try:
             await self._db.write(work, watched=False)

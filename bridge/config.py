@@ -250,6 +250,12 @@ class StoreSettings:
         "4", Int(1, 64), "Worker threads for database work (the event loop never waits on it)"
     )
     migrate: bool = key("yes", Bool(), "Bring the schema up to date (Alembic) when the daemon starts")
+    memo_reads: bool = key(
+        "yes",
+        Bool(),
+        "Answer repeated PMS reads (the same patient opened or listed again) from memory while the store"
+        " is unchanged; the database tells every daemon of each change (SQLite, PostgreSQL)",
+    )
 
 
 @dataclass(frozen=True)

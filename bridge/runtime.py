@@ -87,7 +87,7 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings, *, migrate: bool | None = None, imaging_workers: int = 2) -> Runtime:
         """Connect to the store (migrating it when configured) and build every part."""
-        db = Database(settings.store.url, threads=settings.store.db_threads)
+        db = Database(settings.store.url, threads=settings.store.db_threads, memo=settings.store.memo_reads)
         if settings.store.migrate if migrate is None else migrate:
             upgrade_schema(db.engine)
         files = FileStore(settings.store.images)
