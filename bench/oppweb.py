@@ -6,6 +6,11 @@ store). Three kinds of process: the daemon (`pms-bridge serve`), the baseline se
 generator, which runs apart from both so it does not take the event loop it measures. Targets (issue 5):
 >= 0.5x the bare handler's throughput, p99 <= 25 ms.
 
+The clients ask for the same 200 patients again and again, as a practice's browser-based PMS does, so after
+the warm-up the daemon answers from memory (`[store] memo_reads`, docs/operations.md). A second daemon on
+the same store with `memo_reads = no` is measured in the same run too: the cost when every request asks
+the store (a patient asked for the first time, or a store that changes all the time).
+
 Besides the closed loop (every client sends its next request as soon as it has the answer: saturation),
 it reports each server's CPU time per request, which does not depend on what else the machine is doing,
 and a paced run (`--rate` requests/s in all, 25 by default: 50 workstations each clicking every 2 s,
@@ -173,16 +178,18 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def start_daemon(home: Path, store_url: str) -> tuple[subprocess.Popen[bytes], str, str, str]:
+def start_daemon(
+    home: Path, store_url: str, *, memo: bool = True, name: str = "pms-bridge"
+) -> tuple[subprocess.Popen[bytes], str, str, str]:
     api_port, opp_port, token = free_port(), free_port(), "bench-token"
-    config = home / "pms-bridge.ini"
+    config = home / f"{name}.ini"
     config.write_text(
-        f"[store]\nurl = {store_url}\nimages = {home / 'images'}\n"
+        f"[store]\nurl = {store_url}\nimages = {home / 'images'}\nmemo_reads = {'yes' if memo else 'no'}\n"
         f"[api]\nport = {api_port}\ntoken = {token}\n[opp_web]\nport = {opp_port}\n"
-        f"[daemon]\nlog_level = warning\nstop_file = {home / 'stop'}\n",
+        f"[daemon]\nlog_level = warning\nstop_file = {home / (name + '.stop')}\n",
         encoding="utf-8",
     )
-    with open(home / "daemon.log", "ab") as log:  # the child keeps its own handle
+    with open(home / f"{name}.log", "ab") as log:  # the child keeps its own handle
         proc = subprocess.Popen([str(SCRIPT), "serve", "--config", str(config)], stdout=log, stderr=log)
     api = f"http://127.0.0.1:{api_port}"
     wait_http(api + "/healthz")
@@ -266,39 +273,37 @@ def row(name: str, latencies: list[float], seconds: float, cpu: float | None, er
     )
 
 
-def table(title: str, bare: dict[str, Any], opp: dict[str, Any]) -> tuple[float, float]:
+def table(
+    title: str, bare: dict[str, Any], opp: dict[str, Any], uncached: dict[str, Any]
+) -> tuple[float, float]:
     """Print one run's rows; returns (OPP web / bare throughput, OPP web p99 in ms)."""
     print(title)
-    print(f"{'target':<34} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>12} {'errors':>7}")
-    everything = {
+    print(f"{'target':<40} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>12} {'errors':>7}")
+    flat = {
         name: [v for values in r["latencies"].values() for v in values]
-        for name, r in (("bare", bare), ("opp", opp))
+        for name, r in (("bare", bare), ("opp", opp), ("uncached", uncached))
     }
-    print(
-        row(
-            "bare aiohttp handler (baseline)",
-            everything["bare"],
-            bare["seconds"],
-            bare["server_cpu"],
-            sum(bare["errors"].values()),
-        )
-    )
-    print(
-        row(
-            "OPP web, VIEW + VIEW_DATA",
-            everything["opp"],
-            opp["seconds"],
-            opp["server_cpu"],
-            sum(opp["errors"].values()),
-        )
-    )
+    for key, label, result in (
+        ("bare", "bare aiohttp handler (baseline)", bare),
+        ("opp", "OPP web, VIEW + VIEW_DATA", opp),
+    ):
+        print(row(label, flat[key], result["seconds"], result["server_cpu"], sum(result["errors"].values())))
     for command in COMMANDS:
         print(row(f"  of which {command}", opp["latencies"][command], opp["seconds"], None, None))
-    for name, result in (("bare", bare), ("OPP web", opp)):
+    print(
+        row(
+            "OPP web, memo_reads = no",
+            flat["uncached"],
+            uncached["seconds"],
+            uncached["server_cpu"],
+            sum(uncached["errors"].values()),
+        )
+    )
+    for name, result in (("bare", bare), ("OPP web", opp), ("memo_reads = no", uncached)):
         if result["errors"]:
             print(f"  errors ({name}): {result['errors']}")
-    ratio = len(everything["opp"]) / len(everything["bare"]) if everything["bare"] else float("nan")
-    return ratio, pct(everything["opp"], 0.99)
+    ratio = len(flat["opp"]) / len(flat["bare"]) if flat["bare"] else float("nan")
+    return ratio, pct(flat["opp"], 0.99)
 
 
 def main() -> None:
@@ -331,26 +336,31 @@ def main() -> None:
 
 
 def benchmark(args: argparse.Namespace, home: Path) -> None:
-    """Start the baseline and the daemon, seed the store, run the loads, print the report."""
+    """Start the baseline and the daemons, seed the store, run the loads, print the report."""
     bare_port = free_port()
     bare_proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(bare_port)])
-    daemon = None
+    daemons: list[subprocess.Popen[bytes]] = []
     try:
         with store(args, home) as store_url:
             daemon, api, opp_url, token = start_daemon(home, store_url)
-            daemon_pid = daemon.pid
+            daemons.append(daemon)
             started = time.perf_counter()
             references = seed(api, opp_url, token, args.patients, args.images)
             seeded = time.perf_counter() - started
+            uncached, _api, uncached_url, _token = start_daemon(home, store_url, memo=False, name="no-memo")
+            daemons.append(uncached)
             bare_url = f"http://127.0.0.1:{bare_port}/opp"
             wait_http(bare_url)
 
-            def both(rate: float) -> tuple[dict[str, Any], dict[str, Any]]:
-                bare = run_load(bare_url, bare_proc.pid, references, args, rate)
-                return bare, run_load(opp_url, daemon_pid, references, args, rate)
+            def all_three(rate: float) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+                return (
+                    run_load(bare_url, bare_proc.pid, references, args, rate),
+                    run_load(opp_url, daemon.pid, references, args, rate),
+                    run_load(uncached_url, uncached.pid, references, args, rate),
+                )
 
-            closed = both(0)
-            paced = both(args.rate) if args.rate > 0 else None
+            closed = all_three(0)
+            paced = all_three(args.rate) if args.rate > 0 else None
             print(
                 f"OPP web benchmark: {args.clients} clients, {args.seconds:g} s measured after"
                 f" {args.warmup:g} s warm-up; {args.patients} patients x {args.images} images (seeded in"
@@ -367,9 +377,9 @@ def benchmark(args: argparse.Namespace, home: Path) -> None:
     finally:
         bare_proc.terminate()
         bare_proc.wait(10)
-        if daemon is not None:
-            daemon.terminate()
-            daemon.wait(30)
+        for process in daemons:
+            process.terminate()
+            process.wait(30)
 
 
 def verdict(met: bool) -> str:
