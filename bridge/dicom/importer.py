@@ -22,7 +22,6 @@ Every file ends in the report: imported, skipped (with the reason) or refused (w
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -33,12 +32,10 @@ from sqlalchemy.exc import IntegrityError
 
 from bridge.dicom import read, volume
 from bridge.dicom.fileset import Candidate, Problem, discover
-from bridge.imaging.analyze import Analysis, ImagingError, analyze
-from bridge.imaging.pipeline import new_image
-from bridge.model import Action, Category, Demographics, ImageView, NewImage, Origin, PatientRequest
+from bridge.dicom.prepare import Stored, Unreadable, prepare, prepare_volume, store_file
+from bridge.model import Action, Category, Demographics, ImageView, Origin, PatientRequest
 from bridge.service import Refused
 from bridge.store.db import is_unique_violation
-from bridge.store.files import FileStore
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
@@ -99,86 +96,6 @@ class ImportReport:
                 "errors": len(self.errors),
             },
         }
-
-
-@dataclass(frozen=True)
-class Unreadable:
-    """A file that cannot be imported: the problem, whether it is only skipped, its series if known."""
-
-    problem: Problem
-    skipped: bool = False
-    series_uid: str = ""
-
-
-@dataclass(frozen=True)
-class Stored:
-    """A file a pool worker decoded completely and stored: what the main process adds to the store."""
-
-    facts: read.DicomFacts
-    sha256: str
-    analysis: Analysis
-    size: int
-    sources: tuple[str, ...] = ()  # the slices of a CT volume
-
-    @property
-    def paths(self) -> tuple[str, ...]:
-        """The files this image came from, as reports name them."""
-        return self.sources or (self.facts.display,)
-
-    def new_image(self) -> NewImage:
-        return new_image(self.analysis, self.sha256, self.size, self.facts.ingest_metadata())
-
-
-def _store(
-    facts: read.DicomFacts, data: bytes, store_root: str, *, adopt: bool = False
-) -> Stored | Unreadable:
-    """Decode `data` completely, then store it; `adopt` moves the file itself in (an upload of ours)."""
-    try:
-        analysis = analyze(data)
-    except ImagingError as exc:
-        return Unreadable(Problem(facts.display, str(exc)))
-    store = FileStore(Path(store_root))
-    if adopt:
-        sha256 = hashlib.sha256(data).hexdigest()
-        store.adopt(Path(facts.path), sha256, analysis.file_ext)
-    else:
-        sha256, _path = store.put(data, analysis.file_ext)
-    return Stored(facts, sha256, analysis, len(data))
-
-
-def prepare(
-    candidate: Candidate, id_tag: int, max_bytes: int, store_root: str, adopt: bool = False
-) -> read.DicomFacts | Stored | Unreadable:
-    """One file's work in a pool worker: its facts (a CT slice stops there: it is stacked later), or the
-    file decoded and stored, or why it cannot be imported."""
-    try:
-        facts = read.read_header(candidate.path, candidate.display, id_tag, max_bytes)
-    except read.DicomError as exc:
-        problem = Problem(candidate.display, str(exc))
-        return Unreadable(problem, isinstance(exc, read.NotAnImage), exc.series_uid)
-    return facts if facts.is_ct_slice else store_file(facts, store_root, adopt)
-
-
-def store_file(facts: read.DicomFacts, store_root: str, adopt: bool = False) -> Stored | Unreadable:
-    """A described file read, decoded and stored by a pool worker."""
-    try:
-        data = Path(facts.path).read_bytes()
-    except OSError as exc:
-        return Unreadable(Problem(facts.display, f"cannot be read: {exc.strerror or exc}"))
-    return _store(facts, data, store_root, adopt=adopt)
-
-
-def prepare_volume(
-    slices: list[tuple[str, str]], merged: read.DicomFacts, store_root: str
-) -> Stored | Unreadable:
-    """A CT series stacked into one volume, decoded and stored, in a pool worker (VolumeError when it
-    cannot be stacked)."""
-    stored = _store(merged, volume.build_volume(slices), store_root)
-    return (
-        replace(stored, sources=tuple(display for _path, display in slices))
-        if isinstance(stored, Stored)
-        else stored
-    )
 
 
 @dataclass
@@ -254,9 +171,38 @@ class Importer:
             if result.series_uid:
                 self._damaged.setdefault(result.series_uid, result.problem.path)
         elif isinstance(result, Stored):
-            await self._queue(result)
+            if await self._commit(result):
+                await self._queue(result)
         else:
             self._series[(result.series_uid, result.pms_id)].append(result)
+
+    async def _commit(self, stored: Stored) -> bool:
+        """Flush a worker's file to disk and rename it into place, in a thread while the workers read on
+        (an fsync in a worker would leave its core idle); False, with the file reported, when that fails."""
+        if stored.pending:
+            try:
+                await asyncio.to_thread(
+                    self.rt.files.commit, Path(stored.pending), stored.sha256, stored.analysis.file_ext
+                )
+            except OSError as exc:
+                reason = f"cannot be stored: {exc.strerror or exc}"
+                self.report.errors.extend(Problem(path, reason) for path in stored.paths)
+                return False
+        return True
+
+    async def _durable(self, batch: list[Stored]) -> bool:
+        """Flush the folders of a batch's files once each, so that every file is on disk under its name
+        before the transaction that references it commits; False, with the files reported, on failure."""
+        files = self.rt.files
+        try:
+            await asyncio.to_thread(
+                files.sync_folders, [files.path_for(s.sha256, s.analysis.file_ext) for s in batch]
+            )
+        except OSError as exc:
+            reason = f"cannot be stored: {exc.strerror or exc}"
+            self.report.errors.extend(Problem(path, reason) for s in batch for path in s.paths)
+            return False
+        return True
 
     async def _queue(self, stored: Stored) -> None:
         key = (stored.facts.pms_id, stored.facts.demographics)
@@ -300,10 +246,11 @@ class Importer:
                     self.report.errors.extend(
                         Problem(path, patient.problem) for s in batch for path in s.paths
                     )
-                else:
+                elif await self._durable(batch):
                     added = await self._add(patient.patient_id, batch)
             finally:
-                await self._discard([s for s in batch if s not in added])
+                kept = {id(s) for s in added}
+                await self._discard([s for s in batch if id(s) not in kept])
 
     async def _add(self, patient_id: int, batch: list[Stored]) -> list[Stored]:
         """Add the images of one patient that are not stored yet; the ones added."""
@@ -442,6 +389,8 @@ class Importer:
         if isinstance(result, Unreadable):
             self.report.errors.extend(Problem(f.display, result.problem.reason) for f in group)
             return
+        if not await self._commit(result):
+            return
         key = (merged.pms_id, merged.demographics)
         self._pending[key].append(result)
         await self._flush(key)
@@ -452,6 +401,8 @@ class Importer:
             result = await self.rt.imaging.run_in_pool(store_file, facts, str(self.rt.files.root), self.adopt)
         if isinstance(result, Unreadable):
             self.report.errors.append(result.problem)
+            return
+        if not await self._commit(result):
             return
         key = (facts.pms_id, facts.demographics)
         self._pending[key].append(result)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.config import ConfigError, ThumbnailSettings
-from bridge.imaging.analyze import Analysis, ImagingError
+from bridge.imaging.analyze import Analysis, ImagingError, new_image
 from bridge.imaging.render import (
     FORMATS,
     RenderRequest,
@@ -40,6 +40,10 @@ from bridge.store.files import FileStore
 T = TypeVar("T")
 
 MEMORY_CACHE_BYTES = 48 * 1024 * 1024
+# What pool tasks run, imported once by the fork server so that every worker forked from it starts warm:
+# the pool starts its workers one by one as work arrives, and a worker importing these during an import
+# holds up the files waiting for it.
+POOL_MODULES = ["bridge.imaging.render", "bridge.dicom.prepare", "bridge.dicom.fileset", "pydicom"]
 EXPORT_JPEG_QUALITY = 95
 
 
@@ -62,26 +66,6 @@ def _load_logo(path: Path | None) -> bytes | None:
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
         raise ConfigError(f"[thumbnails] watermark_logo = {path}: not a PNG file")
     return data
-
-
-def new_image(facts: Analysis, sha256: str, size: int, metadata: dict[str, object]) -> NewImage:
-    """The image to add for a stored file: the facts decided from its pixels, then what the sender says
-    (`metadata`: NewImage fields; `attributes` are merged over the decoded ones)."""
-    fields: dict[str, object] = {"category": facts.category, "frames": facts.frames}
-    fields.update({k: v for k, v in metadata.items() if v is not None})
-    extra = metadata.get("attributes")
-    fields["attributes"] = {**facts.attributes, **(extra if isinstance(extra, dict) else {})}
-    return NewImage(
-        sha256=sha256,
-        file_ext=facts.file_ext,
-        media_type=facts.media_type,
-        size_bytes=size,
-        width=facts.width,
-        height=facts.height,
-        bits_stored=facts.bits_stored,
-        color=facts.color,
-        **fields,  # type: ignore[arg-type]
-    )
 
 
 class Imaging:
@@ -120,7 +104,10 @@ class Imaging:
         """The process pool, started on first use (a command that never renders never pays for it)."""
         if self._pool is None:
             method = "forkserver" if sys.platform.startswith("linux") else "spawn"
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context(method))
+            context = multiprocessing.get_context(method)
+            if method == "forkserver":
+                context.set_forkserver_preload(POOL_MODULES)
+            self._pool = ProcessPoolExecutor(self._workers, mp_context=context)
         return self._pool
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
