@@ -125,6 +125,7 @@ class Importer:
         self._series: dict[tuple[str, str], list[read.DicomFacts]] = defaultdict(list)
         self._damaged: dict[str, str] = {}  # series UID -> a damaged file of it
         self._id_tag: int | None = None
+        self._discoveries: list[asyncio.Task[None]] = []
         self._files: list[asyncio.Task[None]] = []
 
     async def run(self, sources: list[tuple[str, str]]) -> ImportReport:
@@ -133,22 +134,26 @@ class Importer:
         return await self.finish()
 
     async def add(self, sources: list[tuple[str, str]]) -> None:
-        """Start importing the files of `sources` while more may come (an upload still arriving)."""
-        imaging = self.rt.imaging
+        """Start importing the files of `sources` while more may come (an upload still arriving): the
+        caller goes on at once (its next part need not wait for this one's files to be found)."""
         if self._id_tag is None:
             try:
-                self._id_tag, _keyword = await imaging.run_in_pool(
+                self._id_tag, _keyword = await self.rt.imaging.run_in_pool(
                     read.resolve_id_tag, self.settings.patient_id_tag
                 )
             except ValueError as exc:
                 raise ImportAborted(str(exc)) from None
-        found = await imaging.run_in_pool(discover, sources)
+        self._discoveries.append(asyncio.create_task(self._discover(sources)))
+
+    async def _discover(self, sources: list[tuple[str, str]]) -> None:
+        found = await self.rt.imaging.run_in_pool(discover, sources)
         self.report.errors.extend(found.errors)
         self.report.skipped.extend(found.skipped)
         self._files += [asyncio.create_task(self._file(candidate)) for candidate in found.candidates]
 
     async def finish(self) -> ImportReport:
         """Wait for every file added, add what waits in batches, stack the CT series; the report."""
+        await asyncio.gather(*self._discoveries)
         await asyncio.gather(*self._files)
         await asyncio.gather(*(self._flush(key) for key in list(self._pending)))
         await asyncio.gather(*(self._volume(group) for group in self._series.values()))
@@ -194,10 +199,9 @@ class Importer:
         """Flush the folders of a batch's files once each, so that every file is on disk under its name
         before the transaction that references it commits; False, with the files reported, on failure."""
         files = self.rt.files
+        folders = files.folders_to_sync(files.path_for(s.sha256, s.analysis.file_ext) for s in batch)
         try:
-            await asyncio.to_thread(
-                files.sync_folders, [files.path_for(s.sha256, s.analysis.file_ext) for s in batch]
-            )
+            await asyncio.gather(*(asyncio.to_thread(files.sync_folder, folder) for folder in folders))
         except OSError as exc:
             reason = f"cannot be stored: {exc.strerror or exc}"
             self.report.errors.extend(Problem(path, reason) for s in batch for path in s.paths)

@@ -14,9 +14,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import multiprocessing
 import os
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.config import ConfigError, ThumbnailSettings
+from bridge.imaging import pool
 from bridge.imaging.analyze import Analysis, ImagingError, new_image
 from bridge.imaging.render import (
     FORMATS,
@@ -40,10 +39,6 @@ from bridge.store.files import FileStore
 T = TypeVar("T")
 
 MEMORY_CACHE_BYTES = 48 * 1024 * 1024
-# What pool tasks run, imported once by the fork server so that every worker forked from it starts warm:
-# the pool starts its workers one by one as work arrives, and a worker importing these during an import
-# holds up the files waiting for it.
-POOL_MODULES = ["bridge.imaging.render", "bridge.dicom.prepare", "bridge.dicom.fileset", "pydicom"]
 EXPORT_JPEG_QUALITY = 95
 
 
@@ -103,11 +98,7 @@ class Imaging:
     def _executor(self) -> ProcessPoolExecutor:
         """The process pool, started on first use (a command that never renders never pays for it)."""
         if self._pool is None:
-            method = "forkserver" if sys.platform.startswith("linux") else "spawn"
-            context = multiprocessing.get_context(method)
-            if method == "forkserver":
-                context.set_forkserver_preload(POOL_MODULES)
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=context)
+            self._pool = ProcessPoolExecutor(self._workers, mp_context=pool.context())
         return self._pool
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

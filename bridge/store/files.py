@@ -7,8 +7,8 @@ leaves a half-written file under a final name; the SHA-256 in the file name is t
 A bulk import splits that write in three, so that the waits for the disk overlap instead of adding up:
 `stage` writes the temporary file (in a process-pool worker, which then goes on to the next file),
 `commit` flushes it and renames it into place (in a thread of the daemon, while the workers read on), and
-`sync_folders` flushes the folders that gained names, once per folder for a whole batch, before the
-database transaction that references the files commits.
+`sync_folder` flushes each folder that gained names once for a whole batch (`folders_to_sync`), before
+the database transaction that references the files commits.
 """
 
 from __future__ import annotations
@@ -100,24 +100,29 @@ class FileStore:
             raise
         return target
 
-    def sync_folders(self, paths: Iterable[Path]) -> None:
-        """Flush the folders of these stored files (and the store's folders above them) to disk, each
-        once, so that names `commit` created survive a power cut. Windows needs no such call (NTFS
-        journals its directories; a folder cannot even be opened for it)."""
+    def folders_to_sync(self, paths: Iterable[Path]) -> list[Path]:
+        """The folders that must be flushed to disk (`sync_folder`) so that names `commit` gave these
+        stored files survive a power cut: their folders and the store's folders above them, each once.
+        None on Windows, which needs no such call (NTFS journals its directories; a folder cannot even be
+        opened for it)."""
         if os.name == "nt":
-            return
-        folders: set[Path] = set()
+            return []
+        folders = {self.root}
         for path in paths:
             folder = path.parent
             while folder != self.root and self.root in folder.parents:
                 folders.add(folder)
                 folder = folder.parent
-        for folder in [*sorted(folders, reverse=True), self.root]:
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        return sorted(folders)
+
+    @staticmethod
+    def sync_folder(folder: Path) -> None:
+        """Flush a folder's entries to disk (concurrent calls share the file system's journal commits)."""
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def verify(self, sha256: str, ext: str) -> str | None:
         """None when the file is present and intact, else what is wrong (for reconcile and readiness)."""
