@@ -16,7 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from bridge.dicom.read import DicomFile
-from bridge.imaging.analyze import Analysis, ImagingError, analyze, analyze_native_grey, native_grey_length
+from bridge.imaging.analyze import (
+    Analysis,
+    ImagingError,
+    analyze_dicom,
+    analyze_native_grey,
+    native_grey_length,
+)
 
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -35,7 +41,7 @@ def check(file: DicomFile) -> Analysis:
         analysis = analyze_native_grey(file.dataset, pixel_data)
         if analysis is not None:
             return analysis
-    return analyze(file.data)
+    return analyze_dicom(file.data)
 
 
 def _pixel_data(file: DicomFile) -> memoryview | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bridge.dicom import pixels, read, volume
 from bridge.dicom.fileset import Candidate, Problem
-from bridge.imaging.analyze import Analysis, ImagingError, analyze, new_image
+from bridge.imaging.analyze import Analysis, ImagingError, analyze_dicom, new_image
 from bridge.model import NewImage
 from bridge.store.files import FileStore
 
@@ -71,7 +71,7 @@ def _decode_and_stage(
 ) -> Stored | Unreadable:
     """Decode `data` completely (the check of what was not read as a file: a volume, a lone CT slice)."""
     try:
-        analysis = analyze(data)
+        analysis = analyze_dicom(data)
     except ImagingError as exc:
         return Unreadable(Problem(facts.display, str(exc)))
     return _stage(facts, data, analysis, store_root, adopt)

@@ -635,6 +635,12 @@ def analyze(data: bytes) -> Analysis:
     return describe(decode(data))
 
 
+def analyze_dicom(data: bytes) -> Analysis:
+    """Decode a DICOM Part 10 file fully and describe it as DICOM, even when its preamble is also a TIFF
+    header (a dual-personality file, which `analyze` sniffs as TIFF): what the DICOM import reads."""
+    return describe(_decode_dicom(data))
+
+
 def new_image(facts: Analysis, sha256: str, size: int, metadata: dict[str, object]) -> NewImage:
     """The image to add for a stored file: the facts decided from its pixels, then what the sender says
     (`metadata`: NewImage fields; `attributes` are merged over the decoded ones)."""
