@@ -1,18 +1,20 @@
 """An import of DICOM media into the store: `pms-bridge import PATH...` and `POST /api/v1/import`.
 
-1. The files are found (fileset) in the imaging process pool; then each file's whole job runs in a pool
-   worker: its header is mapped (read), its pixels decoded completely (the integrity check), and it is
-   stored content-addressed, byte for byte (written atomically and flushed). Only facts come back: moving
-   a file's bytes between processes costs more than decoding it.
+1. The files are found (fileset) in the imaging process pool; then each file's job runs in a pool worker
+   (prepare): the file is read once, its header mapped (read), its pixel data checked (pixels: native grey
+   data by its length, everything else decoded completely), its bytes hashed and written beside their place
+   in the store. Only facts come back: moving a file's bytes between processes costs more than checking
+   them. The daemon flushes each file and renames it into place in a thread while the workers go on.
 2. Each distinct patient (PMS id and demographics as the files carry them) goes through the service as an
    IMPORT request: found by the identity rules, created only under `allow_patient_creation`, never
    updated from a file, a conflict refused with the service's reason.
 3. A SOP Instance UID already stored is "already imported" when the bytes are the same, and refused when
    they differ (another object must not hide under a stored UID).
-4. A patient's images are added through `service.add_images` in batches, one transaction each; a batch the
-   store refuses is retried image by image, so one refused image does not hold back the others. An image
-   is added completely or not at all: the files of images that were not added are removed again (unless
-   a stored image has the same bytes).
+4. A patient's images are added through `service.add_images` in batches, one transaction each, after the
+   folders of the batch's files are flushed (a row never references a file a power cut would lose); a
+   batch the store refuses is retried image by image, so one refused image does not hold back the others.
+   An image is added completely or not at all: the files of images that were not added are removed again
+   (unless a stored image has the same bytes).
 5. A CT series of single-slice files is stacked into one volume (volume) in a worker; a series whose slices
    do not form one volume is imported slice by slice, and a series with a damaged slice is not imported.
 
