@@ -17,9 +17,11 @@ second over the import itself (servers already running, files already on disk):
 Both servers get one unrelated file before the clock starts (a running archive is warm: pms-bridge's decoder
 processes load their codecs on first use, once).
 
-pms-bridge decodes every file completely (the integrity check) and Orthanc does not; neither renders
-previews while importing ([dicom] render_at_import = no, the default; the figure with renders is printed
-too). Nothing is asserted: the figures are printed next to their same-run baseline.
+pms-bridge checks every file's pixel data (uncompressed grey data by its length, as a decode would; the
+rest by a complete decode), hashes it (SHA-256) and flushes it to disk before the transaction that adds
+it; neither side renders previews while importing ([dicom] render_at_import = no, the default; the figure
+with renders is printed too). Nothing is asserted: the figures are printed next to their same-run baseline.
+The machine may be shared: run several rounds and compare the ratios, not the absolute rates.
 
     python bench/dicom_import.py [--files 100] [--rounds 3]
 """

@@ -88,6 +88,9 @@ def cmd_reconcile(ns: argparse.Namespace) -> int:
 
 
 def cmd_import(ns: argparse.Namespace) -> int:
+    from bridge.imaging.pool import prestart
+
+    prestart()  # the pool's fork server imports its modules while this process imports the rest
     from bridge.dicom.commands import run_import
 
     return run_import(ns.config, ns.paths, as_json=ns.json)

@@ -19,13 +19,15 @@ import numpy as np
 import pydicom
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from bridge.dicom import volume
 from bridge.dicom.importer import Importer, ImportReport
 from bridge.dicom.wrap import decoded_pixels
 from bridge.imaging import analyze
-from bridge.model import Action, Demographics, Origin, PatientRequest, Sex
+from bridge.model import Action, Demographics, NewImage, Origin, PatientRequest, Sex
 from bridge.runtime import Runtime
+from bridge.store.files import FileStore
 from bridge.store.models import Image, PmsLink
 from tests.support.dicomfiles import dental_dataset, sample, to_bytes, write
 
@@ -241,6 +243,47 @@ async def test_bad_files_are_reported_one_by_one_and_nothing_is_half_imported(
     rows = image_rows(runtime)
     assert len(rows) == len(report.imported)
     assert stored_files(runtime) == {row.sha256 for row in rows}, "a refused file left bytes in the store"
+
+
+async def test_native_pixel_data_one_pixel_short_is_refused_and_leaves_nothing(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    ds = dental_dataset(patient_id="8")
+    ds.PixelData = ds.PixelData[:-2]  # a complete file whose pixel data is one 16-bit pixel short
+    report = await run_import(runtime, write(ds, tmp_path / "short.dcm"))
+    assert [p.reason for p in report.errors] == [
+        "corrupt or truncated DICOM pixel data: 6142 bytes where Rows, Columns, Number of Frames and"
+        " Bits Allocated declare 6144"
+    ]
+    assert image_rows(runtime) == [] and stored_files(runtime) == set()
+
+
+async def test_files_are_flushed_before_their_rows_and_a_failed_batch_leaves_no_file(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = [
+        write(dental_dataset(patient_id="9", pixels=np.full((8, 8), n, np.uint16)), tmp_path / f"{n}.dcm")
+        for n in range(3)
+    ]
+    files = runtime.files
+    synced: list[Path] = []
+
+    def sync_folder(folder: Path) -> None:
+        synced.append(folder)
+        FileStore.sync_folder(folder)
+
+    async def add_images(origin: Origin, patient_id: int, new: list[NewImage]) -> list[Any]:
+        for image in new:  # on disk, under its name, in folders flushed since
+            path = files.path_for(image.sha256, image.file_ext)
+            assert path.is_file() and {path.parent, path.parent.parent, files.root} <= set(synced)
+        raise OperationalError("INSERT INTO images", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(files, "sync_folder", sync_folder)
+    monkeypatch.setattr(runtime.service, "add_images", add_images)
+    with pytest.raises(OperationalError):
+        await run_import(runtime, *paths)
+    left = [p for p in files.root.rglob("*") if p.is_file() and "thumbnails" not in p.parts]
+    assert left == [], "the files of a batch the database refused (or their temporary files) remain"
 
 
 async def test_dicomdir_paths_must_stay_inside_the_file_set(runtime: Runtime, tmp_path: Path) -> None:

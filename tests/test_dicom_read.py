@@ -25,14 +25,14 @@ def facts(tmp_path: Path, **attributes: object) -> read.DicomFacts:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # some tests write the invalid values real files carry
         path = write(dental_dataset(**attributes), tmp_path / "f.dcm")  # type: ignore[arg-type]
-    return read.read_header(str(path), "f.dcm", PATIENT_ID, 1 << 30)
+    return read.read_file(str(path), "f.dcm", PATIENT_ID, 1 << 30).facts
 
 
 def refused(tmp_path: Path, data: bytes) -> str:
     path = tmp_path / "f.dcm"
     path.write_bytes(data)
     with pytest.raises(read.DicomError) as caught:
-        read.read_header(str(path), "f.dcm", PATIENT_ID, 1 << 30)
+        read.read_file(str(path), "f.dcm", PATIENT_ID, 1 << 30)
     return str(caught.value)
 
 
@@ -229,7 +229,7 @@ def test_the_id_tag_is_configurable_and_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="its VR DA cannot hold an id"):
         read.resolve_id_tag("PatientBirthDate")
     path = write(dental_dataset(AccessionNumber="ACC-7"), tmp_path / "a.dcm")
-    assert read.read_header(str(path), "a", 0x00080050, 1 << 30).pms_id == "ACC-7"
+    assert read.read_file(str(path), "a", 0x00080050, 1 << 30).facts.pms_id == "ACC-7"
 
 
 @pytest.mark.parametrize(
@@ -246,13 +246,13 @@ def test_the_id_tag_is_configurable_and_checked(tmp_path: Path) -> None:
 )
 def test_unsupported_files_are_refused_with_the_reason(name: str, reason: str) -> None:
     with pytest.raises(read.DicomError) as caught:
-        read.read_header(str(sample(name)), name, PATIENT_ID, 1 << 30)
+        read.read_file(str(sample(name)), name, PATIENT_ID, 1 << 30)
     assert str(caught.value).startswith(reason)
 
 
 def test_a_dicomdir_named_as_a_file_inside_a_walked_folder_is_skipped_not_refused() -> None:
     with pytest.raises(read.NotAnImage):
-        read.read_header(
+        read.read_file(
             str(sample("CT_small.dcm").parent / "dicomdirtests" / "DICOMDIR"), "d", PATIENT_ID, 1 << 30
         )
 

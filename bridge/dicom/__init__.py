@@ -2,7 +2,8 @@
 
 The bridge reads and writes media as DTX Studio Clinic does (a File-Set Reader and Creator, see
 docs/dicom.md): `fileset` finds the files, `read` maps one file's header onto the store (identity,
-category, teeth, capture time, UIDs), `volume` stacks a CT series into one multi-frame object, `importer`
+category, teeth, capture time, UIDs), `pixels` checks its pixel data, `prepare` is a pool worker's part of
+an import (read, check, hash, stage), `volume` stacks a CT series into one multi-frame object, `importer`
 runs an import through the service and the imaging pipeline, `wrap` turns non-DICOM images into DICOM
 objects, `dicomdir` writes the directory, `export` writes a file set, `commands` are the CLI entry points.
 

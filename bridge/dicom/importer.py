@@ -1,18 +1,20 @@
 """An import of DICOM media into the store: `pms-bridge import PATH...` and `POST /api/v1/import`.
 
-1. The files are found (fileset) in the imaging process pool; then each file's whole job runs in a pool
-   worker: its header is mapped (read), its pixels decoded completely (the integrity check), and it is
-   stored content-addressed, byte for byte (written atomically and flushed). Only facts come back: moving
-   a file's bytes between processes costs more than decoding it.
+1. The files are found (fileset) in the imaging process pool; then each file's job runs in a pool worker
+   (prepare): the file is read once, its header mapped (read), its pixel data checked (pixels: native grey
+   data by its length, everything else decoded completely), its bytes hashed and written beside their place
+   in the store. Only facts come back: moving a file's bytes between processes costs more than checking
+   them. The daemon flushes each file and renames it into place in a thread while the workers go on.
 2. Each distinct patient (PMS id and demographics as the files carry them) goes through the service as an
    IMPORT request: found by the identity rules, created only under `allow_patient_creation`, never
    updated from a file, a conflict refused with the service's reason.
 3. A SOP Instance UID already stored is "already imported" when the bytes are the same, and refused when
    they differ (another object must not hide under a stored UID).
-4. A patient's images are added through `service.add_images` in batches, one transaction each; a batch the
-   store refuses is retried image by image, so one refused image does not hold back the others. An image
-   is added completely or not at all: the files of images that were not added are removed again (unless
-   a stored image has the same bytes).
+4. A patient's images are added through `service.add_images` in batches, one transaction each, after the
+   folders of the batch's files are flushed (a row never references a file a power cut would lose); a
+   batch the store refuses is retried image by image, so one refused image does not hold back the others.
+   An image is added completely or not at all: the files of images that were not added are removed again
+   (unless a stored image has the same bytes).
 5. A CT series of single-slice files is stacked into one volume (volume) in a worker; a series whose slices
    do not form one volume is imported slice by slice, and a series with a damaged slice is not imported.
 
@@ -22,7 +24,6 @@ Every file ends in the report: imported, skipped (with the reason) or refused (w
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -33,12 +34,10 @@ from sqlalchemy.exc import IntegrityError
 
 from bridge.dicom import read, volume
 from bridge.dicom.fileset import Candidate, Problem, discover
-from bridge.imaging.analyze import Analysis, ImagingError, analyze
-from bridge.imaging.pipeline import new_image
-from bridge.model import Action, Category, Demographics, ImageView, NewImage, Origin, PatientRequest
+from bridge.dicom.prepare import Stored, Unreadable, prepare, prepare_volume, store_file
+from bridge.model import Action, Category, Demographics, ImageView, Origin, PatientRequest
 from bridge.service import Refused
 from bridge.store.db import is_unique_violation
-from bridge.store.files import FileStore
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
@@ -101,86 +100,6 @@ class ImportReport:
         }
 
 
-@dataclass(frozen=True)
-class Unreadable:
-    """A file that cannot be imported: the problem, whether it is only skipped, its series if known."""
-
-    problem: Problem
-    skipped: bool = False
-    series_uid: str = ""
-
-
-@dataclass(frozen=True)
-class Stored:
-    """A file a pool worker decoded completely and stored: what the main process adds to the store."""
-
-    facts: read.DicomFacts
-    sha256: str
-    analysis: Analysis
-    size: int
-    sources: tuple[str, ...] = ()  # the slices of a CT volume
-
-    @property
-    def paths(self) -> tuple[str, ...]:
-        """The files this image came from, as reports name them."""
-        return self.sources or (self.facts.display,)
-
-    def new_image(self) -> NewImage:
-        return new_image(self.analysis, self.sha256, self.size, self.facts.ingest_metadata())
-
-
-def _store(
-    facts: read.DicomFacts, data: bytes, store_root: str, *, adopt: bool = False
-) -> Stored | Unreadable:
-    """Decode `data` completely, then store it; `adopt` moves the file itself in (an upload of ours)."""
-    try:
-        analysis = analyze(data)
-    except ImagingError as exc:
-        return Unreadable(Problem(facts.display, str(exc)))
-    store = FileStore(Path(store_root))
-    if adopt:
-        sha256 = hashlib.sha256(data).hexdigest()
-        store.adopt(Path(facts.path), sha256, analysis.file_ext)
-    else:
-        sha256, _path = store.put(data, analysis.file_ext)
-    return Stored(facts, sha256, analysis, len(data))
-
-
-def prepare(
-    candidate: Candidate, id_tag: int, max_bytes: int, store_root: str, adopt: bool = False
-) -> read.DicomFacts | Stored | Unreadable:
-    """One file's work in a pool worker: its facts (a CT slice stops there: it is stacked later), or the
-    file decoded and stored, or why it cannot be imported."""
-    try:
-        facts = read.read_header(candidate.path, candidate.display, id_tag, max_bytes)
-    except read.DicomError as exc:
-        problem = Problem(candidate.display, str(exc))
-        return Unreadable(problem, isinstance(exc, read.NotAnImage), exc.series_uid)
-    return facts if facts.is_ct_slice else store_file(facts, store_root, adopt)
-
-
-def store_file(facts: read.DicomFacts, store_root: str, adopt: bool = False) -> Stored | Unreadable:
-    """A described file read, decoded and stored by a pool worker."""
-    try:
-        data = Path(facts.path).read_bytes()
-    except OSError as exc:
-        return Unreadable(Problem(facts.display, f"cannot be read: {exc.strerror or exc}"))
-    return _store(facts, data, store_root, adopt=adopt)
-
-
-def prepare_volume(
-    slices: list[tuple[str, str]], merged: read.DicomFacts, store_root: str
-) -> Stored | Unreadable:
-    """A CT series stacked into one volume, decoded and stored, in a pool worker (VolumeError when it
-    cannot be stacked)."""
-    stored = _store(merged, volume.build_volume(slices), store_root)
-    return (
-        replace(stored, sources=tuple(display for _path, display in slices))
-        if isinstance(stored, Stored)
-        else stored
-    )
-
-
 @dataclass
 class _Patient:
     patient_id: int | None
@@ -208,6 +127,7 @@ class Importer:
         self._series: dict[tuple[str, str], list[read.DicomFacts]] = defaultdict(list)
         self._damaged: dict[str, str] = {}  # series UID -> a damaged file of it
         self._id_tag: int | None = None
+        self._discoveries: list[asyncio.Task[None]] = []
         self._files: list[asyncio.Task[None]] = []
 
     async def run(self, sources: list[tuple[str, str]]) -> ImportReport:
@@ -216,22 +136,26 @@ class Importer:
         return await self.finish()
 
     async def add(self, sources: list[tuple[str, str]]) -> None:
-        """Start importing the files of `sources` while more may come (an upload still arriving)."""
-        imaging = self.rt.imaging
+        """Start importing the files of `sources` while more may come (an upload still arriving): the
+        caller goes on at once (its next part need not wait for this one's files to be found)."""
         if self._id_tag is None:
             try:
-                self._id_tag, _keyword = await imaging.run_in_pool(
+                self._id_tag, _keyword = await self.rt.imaging.run_in_pool(
                     read.resolve_id_tag, self.settings.patient_id_tag
                 )
             except ValueError as exc:
                 raise ImportAborted(str(exc)) from None
-        found = await imaging.run_in_pool(discover, sources)
+        self._discoveries.append(asyncio.create_task(self._discover(sources)))
+
+    async def _discover(self, sources: list[tuple[str, str]]) -> None:
+        found = await self.rt.imaging.run_in_pool(discover, sources)
         self.report.errors.extend(found.errors)
         self.report.skipped.extend(found.skipped)
         self._files += [asyncio.create_task(self._file(candidate)) for candidate in found.candidates]
 
     async def finish(self) -> ImportReport:
         """Wait for every file added, add what waits in batches, stack the CT series; the report."""
+        await asyncio.gather(*self._discoveries)
         await asyncio.gather(*self._files)
         await asyncio.gather(*(self._flush(key) for key in list(self._pending)))
         await asyncio.gather(*(self._volume(group) for group in self._series.values()))
@@ -254,9 +178,37 @@ class Importer:
             if result.series_uid:
                 self._damaged.setdefault(result.series_uid, result.problem.path)
         elif isinstance(result, Stored):
-            await self._queue(result)
+            if await self._commit(result):
+                await self._queue(result)
         else:
             self._series[(result.series_uid, result.pms_id)].append(result)
+
+    async def _commit(self, stored: Stored) -> bool:
+        """Flush a worker's file to disk and rename it into place, in a thread while the workers read on
+        (an fsync in a worker would leave its core idle); False, with the file reported, when that fails."""
+        if stored.pending:
+            try:
+                await asyncio.to_thread(
+                    self.rt.files.commit, Path(stored.pending), stored.sha256, stored.analysis.file_ext
+                )
+            except OSError as exc:
+                reason = f"cannot be stored: {exc.strerror or exc}"
+                self.report.errors.extend(Problem(path, reason) for path in stored.paths)
+                return False
+        return True
+
+    async def _durable(self, batch: list[Stored]) -> bool:
+        """Flush the folders of a batch's files once each, so that every file is on disk under its name
+        before the transaction that references it commits; False, with the files reported, on failure."""
+        files = self.rt.files
+        folders = files.folders_to_sync(files.path_for(s.sha256, s.analysis.file_ext) for s in batch)
+        try:
+            await asyncio.gather(*(asyncio.to_thread(files.sync_folder, folder) for folder in folders))
+        except OSError as exc:
+            reason = f"cannot be stored: {exc.strerror or exc}"
+            self.report.errors.extend(Problem(path, reason) for s in batch for path in s.paths)
+            return False
+        return True
 
     async def _queue(self, stored: Stored) -> None:
         key = (stored.facts.pms_id, stored.facts.demographics)
@@ -300,10 +252,11 @@ class Importer:
                     self.report.errors.extend(
                         Problem(path, patient.problem) for s in batch for path in s.paths
                     )
-                else:
+                elif await self._durable(batch):
                     added = await self._add(patient.patient_id, batch)
             finally:
-                await self._discard([s for s in batch if s not in added])
+                kept = {id(s) for s in added}
+                await self._discard([s for s in batch if id(s) not in kept])
 
     async def _add(self, patient_id: int, batch: list[Stored]) -> list[Stored]:
         """Add the images of one patient that are not stored yet; the ones added."""
@@ -442,6 +395,8 @@ class Importer:
         if isinstance(result, Unreadable):
             self.report.errors.extend(Problem(f.display, result.problem.reason) for f in group)
             return
+        if not await self._commit(result):
+            return
         key = (merged.pms_id, merged.demographics)
         self._pending[key].append(result)
         await self._flush(key)
@@ -452,6 +407,8 @@ class Importer:
             result = await self.rt.imaging.run_in_pool(store_file, facts, str(self.rt.files.root), self.adopt)
         if isinstance(result, Unreadable):
             self.report.errors.append(result.problem)
+            return
+        if not await self._commit(result):
             return
         key = (facts.pms_id, facts.demographics)
         self._pending[key].append(result)

@@ -9,13 +9,15 @@ holds Latin-1 bytes (a sender mislabelling its character set, a classic source o
 with that reason instead of storing a garbled name. The default repertoire (no Specific Character Set) is
 read as Latin-1, which is what such files hold in practice.
 
-These functions run in the imaging process pool (they parse untrusted bytes and cost CPU); everything
-they return pickles.
+These functions run in the imaging process pool (they parse untrusted bytes and cost CPU). A file is read
+once (`read_file`): its header is parsed from the bytes that are then checked, hashed and stored, so
+what is described is what is stored. The facts pickle; the bytes stay in the worker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import warnings
@@ -59,6 +61,7 @@ SOP_CLASSES = {
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 TRANSFER_SYNTAXES = {
     IMPLICIT_LE: "Implicit VR Little Endian",
     EXPLICIT_LE: "Explicit VR Little Endian",
@@ -93,8 +96,9 @@ _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})  # the VRs the
 ID_VRS = frozenset({"LO", "SH", "CS", "IS", "UC", "UI", "ST"})  # VRs a PMS patient id may come in
 
 MAX_ID_LENGTH = 100  # the store's pms_id column
-_DEFER_BYTES = 64 * 1024
-_UNDEFINED_LENGTH = 0xFFFFFFFF  # values larger than this (pixel data) are not read to describe a file
+_DEFER_BYTES = 64 * 1024  # values larger than this (pixel data) are not read to describe a file
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as it is written in a little-endian file
 
 _PANORAMIC_WORDS = frozenset({"PAN", "PANO", "PANORAMIC", "PANORAMA", "OPG", "OPT"})
 
@@ -191,46 +195,57 @@ def resolve_id_tag(name: str) -> tuple[int, str]:
     return tag, keyword_for_tag(tag) or name
 
 
-def read_header(path: str, display: str, id_tag: int, max_bytes: int) -> DicomFacts:
-    """The facts of the DICOM Part 10 file at `path`; DicomError with the reason when it is not importable."""
+@dataclass(frozen=True)
+class DicomFile:
+    """A file read once: its bytes (what is hashed and stored), its parsed header (the pixel data is not
+    read into it: its element points into `data`) and the facts mapped from that header."""
+
+    facts: DicomFacts
+    dataset: Any
+    data: bytes
+
+
+def read_file(path: str, display: str, id_tag: int, max_bytes: int) -> DicomFile:
+    """The DICOM Part 10 file at `path`, read once; DicomError with the reason when it is not importable."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > max_bytes:
+                limit = f"{max_bytes // 2**20} MB, [dicom] max_file_mb"
+                raise DicomError(f"too large: {size / 2**20:.1f} MB (limit {limit})")
+            data = fh.read()
+    except OSError as exc:
+        raise DicomError(f"cannot be read: {exc.strerror or exc}") from None
+    return parse(data, path, display, id_tag)
+
+
+def parse(data: bytes, path: str, display: str, id_tag: int) -> DicomFile:
+    """The header of a DICOM Part 10 file's bytes, checked for completeness and mapped onto the store."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError as exc:
-        raise DicomError(f"cannot be read: {exc.strerror or exc}") from None
-    if size > max_bytes:
-        limit = f"{max_bytes // 2**20} MB, [dicom] max_file_mb"
-        raise DicomError(f"too large: {size / 2**20:.1f} MB (limit {limit})")
-    if len(head) < 132 or head[128:132] != b"DICM":
+    if len(data) < 132 or data[128:132] != b"DICM":
         raise DicomError("not a DICOM file (no DICM marker after the 128-byte preamble)")
     with warnings.catch_warnings():
         # pydicom warns about non-conformant values and reads on; what matters is checked below.
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+            ds = pydicom.dcmread(io.BytesIO(data), defer_size=_DEFER_BYTES)
         except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise DicomError(f"truncated or corrupt DICOM header: {exc}") from None
         except Exception as exc:  # a parser meeting hostile bytes fails in many ways
             raise DicomError(f"corrupt DICOM header ({type(exc).__name__}: {exc})") from None
         try:
-            check_complete(ds, size)
-            if "PixelData" not in ds and _holds_pixel_data_tag(path):
+            check_complete(ds, len(data))
+            if "PixelData" not in ds and _PIXEL_DATA_TAG in data:
                 # pydicom drops an encapsulated Pixel Data element whose items run past the end of the file
                 raise DicomError("truncated DICOM file: its pixel data ends early")
         except DicomError as exc:
             with contextlib.suppress(DicomError):  # a cut series UID: the file is reported on its own
                 exc.series_uid = _ascii(ds, "SeriesInstanceUID")
             raise
-        return facts_from_dataset(ds, path=path, display=display, size=size, id_tag=id_tag)
-
-
-def _holds_pixel_data_tag(path: str) -> bool:
-    with open(path, "rb") as fh:
-        return b"\xe0\x7f\x10\x00" in fh.read()
+        facts = facts_from_dataset(ds, path=path, display=display, size=len(data), id_tag=id_tag)
+    return DicomFile(facts, ds, data)
 
 
 def check_complete(ds: Any, size: int) -> None:
@@ -240,15 +255,18 @@ def check_complete(ds: Any, size: int) -> None:
     group_length = meta.get("FileMetaInformationGroupLength") if meta is not None else None
     if size < 132 + 12 or (isinstance(group_length, int) and 132 + 12 + group_length > size):
         raise DicomError("truncated DICOM file: it ends inside its meta information")
+    # A deflated dataset is read from its inflated bytes: positions in it are not the file's (and the
+    # transfer syntax is refused anyway).
+    inflated = meta is not None and str(meta.get("TransferSyntaxUID", "")) == _DEFLATED
     for dataset in (meta, ds):
         if dataset is None:
             continue
         for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset converts its raw elements
-            element = dataset.get_item(tag)
+            element = dataset.get_item(tag, keep_deferred=True)  # a deferred value is not read
             if not getattr(element, "is_raw", False) or element.length == _UNDEFINED_LENGTH:
                 continue
             if element.value is None:  # deferred: not read, so check that the file holds it
-                complete = element.value_tell + element.length <= size
+                complete = inflated or element.value_tell + element.length <= size
             else:
                 complete = len(element.value) == element.length
             if not complete:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageChops, TiffImagePlugin, UnidentifiedImageError
 
-from bridge.model import Category
+from bridge.model import Category, NewImage
 
 # Below Pillow's own decompression-bomb warning (about 89 M pixels), above any dental image (a 50 MP photo).
 MAX_PIXELS = 80_000_000
@@ -362,16 +362,24 @@ def _native_grey16(
     return arr & np.uint16((1 << bits_stored) - 1) if bits_stored < 16 else arr
 
 
-def _decode_dicom(data: bytes) -> Decoded:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels.processing import apply_color_lut
-    from pydicom.pixels.utils import pixel_array
+@dataclass(frozen=True)
+class _DicomImage:
+    """What a DICOM header says about its image, checked; `attributes` are those stored with it."""
 
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, struct.error) as exc:
-        raise ImagingError(f"corrupt or truncated DICOM file: {exc}") from None
+    syntax: Any  # pydicom UID
+    photometric: str
+    rows: int
+    columns: int
+    frames: int
+    bits_allocated: int
+    bits_stored: int
+    lossy: bool
+    modality: str
+    attributes: dict[str, Any]
+
+
+def _dicom_image(ds: Any) -> _DicomImage:
+    """The image description of a parsed DICOM dataset; ImagingError when it cannot describe an image."""
     if "PixelData" not in ds:
         raise ImagingError("the DICOM file holds no pixel data (not an image object)")
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -389,17 +397,6 @@ def _decode_dicom(data: bytes) -> Decoded:
     if rows * columns > MAX_PIXELS:
         raise ImagingError(f"image too large: {columns}x{rows} pixels (limit {MAX_PIXELS})")
     syntax = ds.file_meta.TransferSyntaxUID
-    try:
-        arr = _native_grey16(ds, rows, columns, frames, bits_allocated, bits_stored)
-        if arr is None:
-            # Only the first frame is shown; the length check of native data covers every frame.
-            arr = pixel_array(ds, index=0 if frames > 1 else None)
-        if photometric == "PALETTE COLOR":
-            arr = apply_color_lut(arr, ds)
-    except NotImplementedError as exc:
-        raise ImagingError(f"unsupported DICOM pixel data ({syntax.name}): {exc}") from None
-    except (ValueError, RuntimeError, OSError, EOFError, KeyError, AttributeError, TypeError) as exc:
-        raise ImagingError(f"corrupt or truncated DICOM pixel data ({syntax.name}): {exc}") from None
     lossy = _dicom_lossy(ds)
     modality = str(ds.get("Modality", ""))
     attributes: dict[str, Any] = {
@@ -416,20 +413,13 @@ def _decode_dicom(data: bytes) -> Decoded:
             "series_uid": str(ds.get("SeriesInstanceUID", "")),
         },
     }
-    common: dict[str, Any] = {
-        "lossy": lossy,
-        "file_ext": "dcm",
-        "media_type": "application/dicom",
-        "frames": frames,
-        "category": DICOM_CATEGORY.get(modality),
-        "attributes": attributes,
-    }
-    if arr.ndim == 3:  # colour (pydicom has already converted YBR to RGB)
-        if arr.dtype != np.uint8:
-            depth = bits_stored if photometric != "PALETTE COLOR" else 16
-            arr = (arr >> max(depth - 8, 0)).astype(np.uint8)
-        image, color = _grey_or_colour(Image.fromarray(np.ascontiguousarray(arr[..., :3])), lossy=lossy)
-        return Decoded(image=image, color=color, bits_stored=bits_stored, **common)
+    return _DicomImage(
+        syntax, photometric, rows, columns, frames, bits_allocated, bits_stored, lossy, modality, attributes
+    )
+
+
+def _grey_display(ds: Any, attributes: dict[str, Any]) -> tuple[Window | None, float, float]:
+    """(window, slope, intercept) of a grey DICOM image; the window and rescale go into `attributes`."""
     slope = _first_number(ds.get("RescaleSlope")) or 1.0
     intercept = _first_number(ds.get("RescaleIntercept")) or 0.0
     center = _first_number(ds.get("WindowCenter"))
@@ -441,6 +431,50 @@ def _decode_dicom(data: bytes) -> Decoded:
         attributes["window"] = window.to_json()
     if slope != 1.0 or intercept != 0.0:
         attributes["rescale"] = {"slope": slope, "intercept": intercept}
+    return window, slope, intercept
+
+
+def _decode_dicom(data: bytes) -> Decoded:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels.processing import apply_color_lut
+    from pydicom.pixels.utils import pixel_array
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, struct.error) as exc:
+        raise ImagingError(f"corrupt or truncated DICOM file: {exc}") from None
+    image = _dicom_image(ds)
+    rows, columns, frames, syntax = image.rows, image.columns, image.frames, image.syntax
+    bits_stored, photometric, attributes = image.bits_stored, image.photometric, image.attributes
+    try:
+        arr = _native_grey16(ds, rows, columns, frames, image.bits_allocated, bits_stored)
+        if arr is None:
+            # Only the first frame is shown; the length check of native data covers every frame.
+            arr = pixel_array(ds, index=0 if frames > 1 else None)
+        if photometric == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+    except NotImplementedError as exc:
+        raise ImagingError(f"unsupported DICOM pixel data ({syntax.name}): {exc}") from None
+    except (ValueError, RuntimeError, OSError, EOFError, KeyError, AttributeError, TypeError) as exc:
+        raise ImagingError(f"corrupt or truncated DICOM pixel data ({syntax.name}): {exc}") from None
+    common: dict[str, Any] = {
+        "lossy": image.lossy,
+        "file_ext": "dcm",
+        "media_type": "application/dicom",
+        "frames": frames,
+        "category": DICOM_CATEGORY.get(image.modality),
+        "attributes": attributes,
+    }
+    if arr.ndim == 3:  # colour (pydicom has already converted YBR to RGB)
+        if arr.dtype != np.uint8:
+            depth = bits_stored if photometric != "PALETTE COLOR" else 16
+            arr = (arr >> max(depth - 8, 0)).astype(np.uint8)
+        colour_image, color = _grey_or_colour(
+            Image.fromarray(np.ascontiguousarray(arr[..., :3])), lossy=image.lossy
+        )
+        return Decoded(image=colour_image, color=color, bits_stored=bits_stored, **common)
+    window, slope, intercept = _grey_display(ds, attributes)
     offset = 0
     if arr.dtype.kind == "i":  # signed: shift into uint16 so a 64K lookup table can index it
         offset = 32768 if arr.dtype.itemsize == 2 else 128
@@ -460,6 +494,64 @@ def _decode_dicom(data: bytes) -> Decoded:
         invert=photometric == "MONOCHROME1",
         value_bits=bits_stored if offset == 0 and 8 <= bits_stored <= 16 else 16,
         **common,
+    )
+
+
+def native_grey_length(ds: Any) -> int | None:
+    """The bytes of pixel data the header of an uncompressed grey DICOM image declares (every frame,
+    before the padding of an odd length); None for any other image, which only a decode checks."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if ds.file_meta.get("TransferSyntaxUID") not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        return None
+    try:
+        image = _dicom_image(ds)
+        grey = image.photometric in _GREY and int(ds.get("SamplesPerPixel", 1)) == 1
+    except (ImagingError, TypeError, ValueError):
+        return None  # the decode says what is wrong
+    if not grey or image.bits_allocated not in (8, 16) or not 0 < image.bits_stored <= image.bits_allocated:
+        return None
+    return image.rows * image.columns * image.frames * image.bits_allocated // 8
+
+
+def analyze_native_grey(ds: Any, pixel_data: memoryview) -> Analysis | None:
+    """What `analyze` says of an uncompressed grey DICOM image (see `native_grey_length`), from its
+    parsed header and the raw bytes of its pixel data, without decoding them: for native data the
+    decode checks the length, which the caller has done, then only re-arranges bytes the description
+    does not need. A 16-bit image without a window of its own gets its automatic window from a sample
+    of its (masked) pixels; None when they are signed, which only the decode shifts.
+    """
+    image = _dicom_image(ds)
+    attributes = image.attributes
+    window, slope, intercept = _grey_display(ds, attributes)
+    if image.bits_allocated == 16 and window is None:
+        if int(ds.get("PixelRepresentation", 0)) == 1:
+            return None
+        rows, columns = image.rows, image.columns
+        pixels = np.frombuffer(pixel_data, "<u2", rows * columns).reshape(rows, columns)
+        if image.bits_stored < 16:
+            pixels = pixels & np.uint16((1 << image.bits_stored) - 1)
+        sampled = Decoded(
+            color=False,
+            bits_stored=image.bits_stored,
+            lossy=image.lossy,
+            file_ext="dcm",
+            media_type="application/dicom",
+            pixels=pixels,
+            slope=slope,
+            intercept=intercept,
+        )
+        attributes["window"] = auto_window(sampled).to_json()
+    return Analysis(
+        file_ext="dcm",
+        media_type="application/dicom",
+        width=image.columns,
+        height=image.rows,
+        bits_stored=image.bits_stored,
+        color=False,
+        category=_category(DICOM_CATEGORY.get(image.modality), False, image.columns, image.rows),
+        frames=image.frames,
+        attributes=attributes,
     )
 
 
@@ -506,11 +598,15 @@ def guess_category(decoded: Decoded) -> Category:
     Colour is a photo; a wide grey image (aspect 1.8 or more, 1500 pixels or wider) is a panoramic;
     any other grey image an intra-oral X-ray. Senders that know better pass the category explicitly.
     """
-    if decoded.category is not None and (decoded.category is not Category.PHOTO or decoded.color):
-        return decoded.category
-    if decoded.color:
+    return _category(decoded.category, decoded.color, decoded.width, decoded.height)
+
+
+def _category(declared: Category | None, color: bool, width: int, height: int) -> Category:
+    if declared is not None and (declared is not Category.PHOTO or color):
+        return declared
+    if color:
         return Category.PHOTO
-    if decoded.width >= 1500 and decoded.width >= 1.8 * decoded.height:
+    if width >= 1500 and width >= 1.8 * height:
         return Category.PANORAMIC
     return Category.INTRAORAL_XRAY
 
@@ -537,3 +633,29 @@ def describe(decoded: Decoded) -> Analysis:
 def analyze(data: bytes) -> Analysis:
     """Decode `data` fully and describe it."""
     return describe(decode(data))
+
+
+def analyze_dicom(data: bytes) -> Analysis:
+    """Decode a DICOM Part 10 file fully and describe it as DICOM, even when its preamble is also a TIFF
+    header (a dual-personality file, which `analyze` sniffs as TIFF): what the DICOM import reads."""
+    return describe(_decode_dicom(data))
+
+
+def new_image(facts: Analysis, sha256: str, size: int, metadata: dict[str, object]) -> NewImage:
+    """The image to add for a stored file: the facts decided from its pixels, then what the sender says
+    (`metadata`: NewImage fields; `attributes` are merged over the decoded ones)."""
+    fields: dict[str, object] = {"category": facts.category, "frames": facts.frames}
+    fields.update({k: v for k, v in metadata.items() if v is not None})
+    extra = metadata.get("attributes")
+    fields["attributes"] = {**facts.attributes, **(extra if isinstance(extra, dict) else {})}
+    return NewImage(
+        sha256=sha256,
+        file_ext=facts.file_ext,
+        media_type=facts.media_type,
+        size_bytes=size,
+        width=facts.width,
+        height=facts.height,
+        bits_stored=facts.bits_stored,
+        color=facts.color,
+        **fields,  # type: ignore[arg-type]
+    )

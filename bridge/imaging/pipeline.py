@@ -14,9 +14,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import multiprocessing
 import os
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.config import ConfigError, ThumbnailSettings
-from bridge.imaging.analyze import Analysis, ImagingError
+from bridge.imaging import pool
+from bridge.imaging.analyze import Analysis, ImagingError, new_image
 from bridge.imaging.render import (
     FORMATS,
     RenderRequest,
@@ -64,26 +63,6 @@ def _load_logo(path: Path | None) -> bytes | None:
     return data
 
 
-def new_image(facts: Analysis, sha256: str, size: int, metadata: dict[str, object]) -> NewImage:
-    """The image to add for a stored file: the facts decided from its pixels, then what the sender says
-    (`metadata`: NewImage fields; `attributes` are merged over the decoded ones)."""
-    fields: dict[str, object] = {"category": facts.category, "frames": facts.frames}
-    fields.update({k: v for k, v in metadata.items() if v is not None})
-    extra = metadata.get("attributes")
-    fields["attributes"] = {**facts.attributes, **(extra if isinstance(extra, dict) else {})}
-    return NewImage(
-        sha256=sha256,
-        file_ext=facts.file_ext,
-        media_type=facts.media_type,
-        size_bytes=size,
-        width=facts.width,
-        height=facts.height,
-        bits_stored=facts.bits_stored,
-        color=facts.color,
-        **fields,  # type: ignore[arg-type]
-    )
-
-
 class Imaging:
     """Ingests image bytes into the file store and serves cached watermarked renderings.
 
@@ -119,8 +98,7 @@ class Imaging:
     def _executor(self) -> ProcessPoolExecutor:
         """The process pool, started on first use (a command that never renders never pays for it)."""
         if self._pool is None:
-            method = "forkserver" if sys.platform.startswith("linux") else "spawn"
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context(method))
+            self._pool = ProcessPoolExecutor(self._workers, mp_context=pool.context())
         return self._pool
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -3,13 +3,22 @@
 Writes are atomic (a temporary file in the same folder, fsync, rename), so a crash or a full disk never
 leaves a half-written file under a final name; the SHA-256 in the file name is the integrity hash that
 `pms-bridge reconcile` re-checks.
+
+A bulk import splits that write in three, so that the waits for the disk overlap instead of adding up:
+`stage` writes the temporary file (in a process-pool worker, which then goes on to the next file),
+`commit` flushes it and renames it into place (in a thread of the daemon, while the workers read on), and
+`sync_folder` flushes each folder that gained names once for a whole batch (`folders_to_sync`), before
+the database transaction that references the files commits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import secrets
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from bridge.atomic import write_atomic
@@ -51,21 +60,69 @@ class FileStore:
             write_atomic(path, data)
         return digest, path
 
-    def adopt(self, path: Path, sha256: str, ext: str) -> Path:
-        """Move a complete file the bridge wrote itself (a received upload, on this store's file system)
-        in under its hash, with `put`'s guarantee: flushed to disk, then renamed. When the store already
-        holds those bytes, `path` is left where it is. Saves writing the same bytes a second time.
+    def stage(self, data: bytes, sha256: str, ext: str) -> Path | None:
+        """Write `data` (whose hash is `sha256`) to a temporary file beside its final name, not flushed
+        yet; None when the store already holds those bytes. `commit` puts it in place."""
+        target = self.path_for(sha256, ext)
+        if target.exists():
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(data)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return tmp
+
+    def commit(self, path: Path, sha256: str, ext: str) -> Path:
+        """Flush a complete file the bridge wrote itself (staged, or a received upload on this store's
+        file system) to disk and rename it to its final name; the final path. When the store already
+        holds those bytes, `path` is removed instead. The new name is durable after `sync_folders`.
         """
         target = self.path_for(sha256, ext)
-        if not target.exists():
+        try:
+            if target.exists():
+                path.unlink()
+                return target
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(path, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
         return target
+
+    def folders_to_sync(self, paths: Iterable[Path]) -> list[Path]:
+        """The folders that must be flushed to disk (`sync_folder`) so that names `commit` gave these
+        stored files survive a power cut: their folders and the store's folders above them, each once.
+        None on Windows, which needs no such call (NTFS journals its directories; a folder cannot even be
+        opened for it)."""
+        if os.name == "nt":
+            return []
+        folders = {self.root}
+        for path in paths:
+            folder = path.parent
+            while folder != self.root and self.root in folder.parents:
+                folders.add(folder)
+                folder = folder.parent
+        return sorted(folders)
+
+    @staticmethod
+    def sync_folder(folder: Path) -> None:
+        """Flush a folder's entries to disk (concurrent calls share the file system's journal commits)."""
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def verify(self, sha256: str, ext: str) -> str | None:
         """None when the file is present and intact, else what is wrong (for reconcile and readiness)."""

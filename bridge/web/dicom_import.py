@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from aiohttp import BodyPartReader, web
 
@@ -27,7 +28,7 @@ routes = web.RouteTableDef()
 
 MAX_PARTS = 10_000
 IMPORT_CONCURRENCY = 4
-_CHUNK = 1 << 20
+_CHUNK = 4 << 20  # a DICOM file of a sensor in one or two chunks: each is a thread hop
 
 
 def _part_name(raw: str | None, index: int) -> str:
@@ -39,6 +40,24 @@ def _part_name(raw: str | None, index: int) -> str:
 
 class TooLarge(Exception):
     """The upload went beyond `[dicom] max_upload_mb` while arriving; what came before was imported."""
+
+
+async def _write_part(part: BodyPartReader, out: BinaryIO, received: int, limit: int) -> int:
+    """Write a part's content to `out`; the bytes received so far. The disk may throttle, so chunks are
+    written in a thread, each while the next one arrives."""
+    writing: asyncio.Future[int] | None = None
+    try:
+        while chunk := await part.read_chunk(_CHUNK):
+            received += len(chunk)
+            if received > limit:
+                raise TooLarge(f"the import is larger than {limit // 2**20} MB ([dicom] max_upload_mb)")
+            if writing is not None:
+                await writing
+            writing = asyncio.ensure_future(asyncio.to_thread(out.write, chunk))
+    finally:
+        if writing is not None:
+            await writing
+    return received
 
 
 async def _receive(request: web.Request, folder: Path, limit: int, importer: Importer) -> list[Problem]:
@@ -61,11 +80,7 @@ async def _receive(request: web.Request, folder: Path, limit: int, importer: Imp
         target = folder / f"{index:05d}" / name
         target.parent.mkdir()
         with open(target, "wb") as out:
-            while chunk := await part.read_chunk(_CHUNK):
-                received += len(chunk)
-                if received > limit:
-                    raise TooLarge(f"the import is larger than {limit // 2**20} MB ([dicom] max_upload_mb)")
-                await asyncio.to_thread(out.write, chunk)  # the disk may throttle: not on the loop
+            received = await _write_part(part, out, received, limit)
         with open(target, "rb") as fh:
             is_zip = fh.read(4) == b"PK\x03\x04"
         if is_zip:
