@@ -268,7 +268,7 @@ def row(name: str, latencies: list[float], seconds: float, cpu: float | None, er
     cpu_ms = f"{cpu / len(latencies) * 1000:.2f}" if cpu is not None and latencies else ""
     errs = "" if errors is None else str(errors)
     return (
-        f"{name:<34} {rps:>8.0f} {pct(latencies, 0.5):>8.2f} {pct(latencies, 0.99):>8.2f} "
+        f"{name:<40} {rps:>8.0f} {pct(latencies, 0.5):>8.2f} {pct(latencies, 0.99):>8.2f} "
         f"{cpu_ms:>12} {errs:>7}"
     )
 
