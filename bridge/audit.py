@@ -105,6 +105,7 @@ class AuditLog:
     """Writes audit entries: changes inside the caller's transaction, reads through a batched queue."""
 
     FLUSH_INTERVAL = 0.5
+    FLUSH_CHUNK = 500
     MAX_QUEUE = 100_000
 
     def __init__(self, db: Database) -> None:
@@ -143,21 +144,23 @@ class AuditLog:
         self._pending.append(_row(origin, action, patient_id, image_id, detail))
 
     async def flush(self) -> int:
-        """Write every queued read now; returns how many were written."""
-        if not self._pending:
-            return 0
-        batch = list(self._pending)
-        self._pending.clear()
+        """Write every queued read now, in transactions of at most FLUSH_CHUNK rows (a short job in the
+        database thread at a time leaves the event loop the interpreter in between); returns how many
+        were written."""
+        written = 0
+        while self._pending:
+            batch = [self._pending.popleft() for _ in range(min(self.FLUSH_CHUNK, len(self._pending)))]
 
-        def work(session: Session) -> None:
-            _insert_reads(session, [dict(row) for row in batch])  # copies: a retry starts from the originals
+            def work(session: Session, batch: list[dict[str, Any]] = batch) -> None:
+                _insert_reads(session, [dict(row) for row in batch])  # copies: a retry starts afresh
 
-        try:
-            await self._db.write(work, watched=False)
-        except Exception:
-            self._pending.extendleft(reversed(batch))  # keep them for the next attempt
-            raise
-        return len(batch)
+            try:
+                await self._db.write(work, watched=False)
+            except Exception:
+                self._pending.extendleft(reversed(batch))  # keep them for the next attempt
+                raise
+            written += len(batch)
+        return written
 
     async def run(self) -> None:
         """Flush periodically until cancelled; a final flush happens in `Daemon.stop`."""
