@@ -350,3 +350,30 @@ async def test_a_repeated_request_is_answered_without_the_store_until_it_changes
         assert len(reads) > asked
     finally:
         await client.close()
+
+
+def test_postgresql_listener_lost_means_unknown_until_it_is_back_with_a_new_generation(
+    pg_server: str,
+) -> None:
+    store_url = new_pg_database(pg_server)
+    db = Database(store_url)
+    upgrade_schema(db.engine)
+    try:
+        before = known_generation(db)
+        admin = create_engine(store_url)
+        with admin.begin() as conn:  # the server drops the listener's connection (a restart, a network cut)
+            dropped = conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+                )
+            ).all()
+        admin.dispose()
+        assert dropped == [(True,)]
+        # Notifications sent meanwhile would be lost: nothing may be memoised until it listens again...
+        assert eventually(db.generation.current, lambda g: g is None) is None
+        # ...and then under a generation no earlier memo can have.
+        after = known_generation(db)
+        assert after != before
+    finally:
+        db.close()
