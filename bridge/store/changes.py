@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 WATCHED_TABLES = ("patients", "pms_links", "chart_aliases", "studies", "series", "images")
 PG_CHANNEL = "pms_bridge_store"
 RECONNECT_SECONDS = 2.0
-LISTEN_POLL_SECONDS = 1.0
+LISTEN_POLL_SECONDS = 0.25  # how soon the listener notices a stop (close) between notifications
 
 
 class Generation(Protocol):
