@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import sqlite3
 import threading
-from typing import Any, Protocol
+import time
+from collections.abc import Hashable
+from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
+V = TypeVar("V")
 
 WATCHED_TABLES = ("patients", "pms_links", "chart_aliases", "studies", "series", "images")
 PG_CHANNEL = "pms_bridge_store"
@@ -182,3 +186,46 @@ def generation_for(engine: Engine) -> Generation:
     if engine.dialect.name == "postgresql":
         return PostgresGeneration(engine)
     return Unknown()
+
+
+class GenerationMemo(Generic[V]):
+    """Values kept for one store generation: all of them go when it moves, each after `max_age` seconds.
+
+    The pattern of every use: `value, generation = memo.get(key)`; on a miss compute the value and
+    `memo.keep(key, generation, value)`, which keeps it only if the generation is still the one it was
+    computed under (a change committed meanwhile may not be in it).
+    """
+
+    def __init__(self, generation: Generation, *, max_entries: int, max_age: float = math.inf) -> None:
+        self.generation = generation
+        self._max_entries = max_entries
+        self._max_age = max_age
+        self._kept: dict[Hashable, tuple[float, V]] = {}
+        self._kept_generation: int | None = None
+
+    def get(self, key: Hashable) -> tuple[V | None, int | None]:
+        """The value kept for `key` (None if none) and the store generation now (None: unknown)."""
+        now = self.generation.current()
+        if now is None:
+            return None, None
+        if now != self._kept_generation:
+            self._kept.clear()
+            self._kept_generation = now
+            return None, now
+        found = self._kept.get(key)
+        if found is None:
+            return None, now
+        at, value = found
+        if time.monotonic() - at > self._max_age:
+            del self._kept[key]
+            return None, now
+        return value, now
+
+    def keep(self, key: Hashable, generation: int | None, value: V) -> None:
+        if generation is None or generation != self._kept_generation:
+            return
+        if self.generation.current() != generation:
+            return
+        if len(self._kept) >= self._max_entries:
+            self._kept.clear()
+        self._kept[key] = (time.monotonic(), value)

@@ -24,7 +24,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from bridge.store.changes import Generation, Unknown, generation_for
+from bridge.store.changes import Generation, GenerationMemo, Unknown, generation_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,8 +118,7 @@ class Database:
         self._writer = sessionmaker(self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="db")
         self.generation: Generation = generation_for(self.engine) if memo else Unknown()
-        self._memo: dict[Hashable, Any] = {}
-        self._memo_generation: int | None = None
+        self._memo: GenerationMemo[Any] = GenerationMemo(self.generation, max_entries=MEMO_ENTRIES)
 
     def read_sync(self, work: Callable[[Session], T]) -> T:
         """Run `work` in a read transaction, in the calling thread (for CLI commands and tests)."""
@@ -170,21 +169,14 @@ class Database:
     async def read_memo(self, key: Hashable, work: Callable[[Session], T]) -> T:
         """`read(work)`, answered from memory while the store's generation is the one `work` last ran
         under. `work` must read only changes.WATCHED_TABLES and return an immutable value; `key` names
-        it with its parameters. Results are kept only when the generation did not move during the read.
+        it with its parameters.
         """
-        before = self.generation.current()
-        if before is not None:
-            if before != self._memo_generation:
-                self._memo.clear()
-                self._memo_generation = before
-            elif key in self._memo:
-                result: T = self._memo[key]
-                return result
+        kept, generation = self._memo.get(key)
+        if kept is not None:
+            result: T = kept
+            return result
         result = await self.read(work)
-        if before is not None and self.generation.current() == before == self._memo_generation:
-            if len(self._memo) >= MEMO_ENTRIES:
-                self._memo.clear()
-            self._memo[key] = result
+        self._memo.keep(key, generation, result)
         return result
 
     async def _in_thread(

@@ -13,13 +13,12 @@ and only small requests are kept (an OPP message is a few hundred bytes).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from bridge.model import Outcome
-from bridge.store.changes import Generation
+from bridge.store.changes import Generation, GenerationMemo
 
 M = TypeVar("M")
 
@@ -35,40 +34,22 @@ class Kept(Generic[M]):
     outcome: Outcome
     body: bytes
     content_type: str
-    at: float  # time.monotonic() when it was first given
 
 
 class RepeatedAnswers(Generic[M]):
-    """Kept answers for the current store generation; all of them go when the generation moves."""
+    """Kept answers for the current store generation (a GenerationMemo), and which answers may be kept."""
 
     def __init__(self, generation: Generation, *, max_age: float) -> None:
-        self._generation = generation
-        self._max_age = max_age
-        self._kept: dict[Hashable, Kept[M]] = {}
-        self._kept_generation: int | None = None
+        self._memo: GenerationMemo[Kept[M]] = GenerationMemo(
+            generation, max_entries=MAX_KEPT, max_age=max_age
+        )
 
     def get(self, key: Hashable) -> tuple[Kept[M] | None, int | None]:
         """The kept answer for `key` (or None) and the store generation now, which `keep` needs."""
-        generation = self._generation.current()
-        if generation is None:
-            return None, None
-        if generation != self._kept_generation:
-            self._kept.clear()
-            self._kept_generation = generation
-            return None, generation
-        kept = self._kept.get(key)
-        if kept is not None and time.monotonic() - kept.at > self._max_age:
-            del self._kept[key]
-            return None, generation
-        return kept, generation
+        return self._memo.get(key)
 
     def keep(self, key: Hashable, size: int, generation: int | None, kept: Kept[M]) -> None:
         """Keep a repeatable answer computed under `generation` (from `get`), unless the store changed
         meanwhile (the answer may then describe the old state) or the request is too big to key on."""
-        if not kept.outcome.repeatable or generation is None or size > MAX_REQUEST_BYTES:
-            return
-        if generation != self._kept_generation or self._generation.current() != generation:
-            return
-        if len(self._kept) >= MAX_KEPT:
-            self._kept.clear()
-        self._kept[key] = kept
+        if kept.outcome.repeatable and size <= MAX_REQUEST_BYTES:
+            self._memo.keep(key, generation, kept)

@@ -351,7 +351,7 @@ async def _answer(request: web.Request) -> _Answer:
         urls = {image.id: state.signer.url(base, image.id, now) for image in outcome.images}
     render = render_json if media == JSON_TYPE else render_xml
     answer = render(outcome, message, urls)
-    state.answers.keep(key, len(body), generation, Kept(message, outcome, answer, media, time.monotonic()))
+    state.answers.keep(key, len(body), generation, Kept(message, outcome, answer, media))
     return _Answer(web.Response(body=answer, content_type=media, charset="utf-8"), patient_request, outcome)
 
 
