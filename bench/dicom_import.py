@@ -9,7 +9,8 @@ second over the import itself (servers already running, files already on disk):
 * Orthanc: POST /instances, one file per request over keep-alive connections, sequential (how
   reference/dicom.md measured it) and with 2 and 4 clients; the best of the three is the baseline.
   Python's http.client sends no "Expect: 100-continue", which costs curl about a second per file over 1 MB.
-* pms-bridge REST: one POST /api/v1/import of all files to a running daemon (`pms-bridge serve`).
+* pms-bridge REST: one multipart POST /api/v1/import of all files to a running daemon (`pms-bridge serve`);
+  and, as Orthanc is measured, each file as its own application/dicom POST over 4 keep-alive connections.
 * pms-bridge CLI: `pms-bridge import FOLDER` as a process, start-up and schema check included.
 * pms-bridge import engine: the same import in this process (a Runtime, warmed), without HTTP or a process
   start: what the transports above add to it.
@@ -29,6 +30,7 @@ The machine may be shared: run several rounds and compare the ratios, not the ab
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import io
 import json
@@ -43,7 +45,9 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -152,8 +156,9 @@ def multipart(paths: list[Path]) -> tuple[bytes, str]:
     return body.getvalue(), f"multipart/form-data; boundary={boundary}"
 
 
-def bridge_rest(home: Path, body: bytes, content_type: str, count: int, *, render: bool, warm: Path) -> float:
-    """Seconds for one POST /api/v1/import of every file to a running daemon (started and warmed first)."""
+@contextlib.contextmanager
+def running_bridge(home: Path, *, render: bool) -> Iterator[tuple[int, dict[str, str]]]:
+    """A `pms-bridge serve` on a fresh store: its API port and the authorization header."""
     config, port, token = bridge_config(home, render=render)
     with open(home / "log", "wb") as log:
         daemon = subprocess.Popen(
@@ -161,27 +166,66 @@ def bridge_rest(home: Path, body: bytes, content_type: str, count: int, *, rende
         )
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", daemon)
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        headers = {"Content-Type": content_type, "Authorization": f"Bearer {token}"}
-        warm_body, warm_type = multipart([warm])
-        connection.request(
-            "POST", "/api/v1/import", body=warm_body, headers={**headers, "Content-Type": warm_type}
-        )
-        warmed = connection.getresponse()
-        if warmed.status != 201:
-            raise RuntimeError(f"warm-up import answered {warmed.status}: {warmed.read()[:300]!r}")
-        warmed.read()
-        started = time.perf_counter()
-        connection.request("POST", "/api/v1/import", body=body, headers=headers)
-        response = connection.getresponse()
-        report = json.loads(response.read())
-        elapsed = time.perf_counter() - started
-        if response.status != 201 or report["summary"]["images"] != count:
-            raise RuntimeError(f"pms-bridge answered {response.status}: {str(report)[:300]}")
-        return elapsed
+        yield port, {"Authorization": f"Bearer {token}"}
     finally:
         daemon.terminate()
         daemon.wait(60)
+
+
+def bridge_post(
+    connection: http.client.HTTPConnection, body: bytes, headers: dict[str, str]
+) -> dict[str, Any]:
+    """POST /api/v1/import; the report (an import that added nothing is an error here)."""
+    connection.request("POST", "/api/v1/import", body=body, headers=headers)
+    response = connection.getresponse()
+    answer = response.read()
+    if response.status != 201:
+        raise RuntimeError(f"pms-bridge answered {response.status}: {answer[:300]!r}")
+    report: dict[str, Any] = json.loads(answer)
+    return report
+
+
+def bridge_rest(home: Path, body: bytes, content_type: str, count: int, *, render: bool, warm: Path) -> float:
+    """Seconds for one multipart POST /api/v1/import of every file to a running daemon (warmed first)."""
+    with running_bridge(home, render=render) as (port, auth):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        warm_body, warm_type = multipart([warm])
+        bridge_post(connection, warm_body, {**auth, "Content-Type": warm_type})
+        started = time.perf_counter()
+        report = bridge_post(connection, body, {**auth, "Content-Type": content_type})
+        elapsed = time.perf_counter() - started
+        if report["summary"]["images"] != count:
+            raise RuntimeError(f"pms-bridge imported {report['summary']}")
+        return elapsed
+
+
+def bridge_rest_single(home: Path, files: list[bytes], clients: int, warm: bytes) -> float:
+    """Seconds to POST every file as its own application/dicom body with `clients` keep-alive connections,
+    as Orthanc is measured (each request is a whole import: its own report, transaction and flushes)."""
+    with running_bridge(home, render=False) as (port, auth):
+        headers = {**auth, "Content-Type": "application/dicom"}
+        bridge_post(http.client.HTTPConnection("127.0.0.1", port, timeout=120), warm, headers)
+        failures: list[str] = []
+
+        def upload(share: list[bytes]) -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            try:
+                for data in share:
+                    bridge_post(connection, data, headers)
+            except RuntimeError as exc:
+                failures.append(str(exc))
+            connection.close()
+
+        threads = [threading.Thread(target=upload, args=(files[i::clients],)) for i in range(clients)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        if failures:
+            raise RuntimeError(failures[0])
+        return elapsed
 
 
 def bridge_cli(home: Path, folder: Path, count: int) -> float:
@@ -256,6 +300,9 @@ def main() -> None:
                     work / f"rest-{round_number}", body, content_type, args.files, render=False, warm=warm
                 )
             )
+            results.setdefault("pms-bridge REST, a file per request, 4 clients", []).append(
+                bridge_rest_single(work / f"single-{round_number}", data, 4, warm.read_bytes())
+            )
             results.setdefault("pms-bridge import command (process)", []).append(
                 bridge_cli(work / f"cli-{round_number}", folder, args.files)
             )
@@ -271,7 +318,7 @@ def main() -> None:
         baseline = max(rate for name, rate in rates.items() if name.startswith("Orthanc"))
         print(f"median of {args.rounds} rounds, images/s (ratio to the best Orthanc figure of the same run):")
         for name, rate in rates.items():
-            print(f"  {name:42} {rate:7.1f} /s   {rate / baseline:5.2f}x")
+            print(f"  {name:48} {rate:7.1f} /s   {rate / baseline:5.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge import __version__
+from bridge.allocator import tune_for_large_buffers
 from bridge.config import Settings
 from bridge.handlers import vdds as vdds_handler
 from bridge.handlers import vdds_push
@@ -86,6 +87,7 @@ class Daemon:
         self.bound: dict[str, tuple[str, int]] = {}
 
     async def start(self) -> None:
+        tune_for_large_buffers()  # files of megabytes pass through: no page faults for each one
         if self.rt is None:
             self.rt = await asyncio.to_thread(Runtime.build, self.settings)
         rt = self.rt

@@ -20,6 +20,7 @@ from tests.support.dicomfiles import dental_dataset, sample, to_bytes
 
 REFERENCE_SET = sample("CT_small.dcm").parent / "dicomdirtests"
 ORIGIN = Origin("dicom", "http", "TEST")
+AS_DICOM = {"Content-Type": "application/dicom"}
 
 
 def form(*files: tuple[str, bytes]) -> FormData:
@@ -142,3 +143,62 @@ async def test_uploads_and_zips_beyond_the_budget_are_refused(
     assert "unpacks to more than 1 MB" in body["detail"]
     assert "the files received before the limit are in the report" in body["detail"]
     assert [item["path"] for item in body["report"]["imported"]] == ["first.dcm"]
+
+
+async def test_one_file_as_the_whole_body_imports_as_orthanc_takes_it(
+    api_client: Any, runtime: Runtime
+) -> None:
+    single = to_bytes(dental_dataset(patient_id="0044", name="O'Brien^Seán"))
+    response = await api_client.post(
+        "/api/v1/import",
+        data=single,
+        headers={**AS_DICOM, "Content-Disposition": 'attachment; filename="IO1.dcm"'},
+    )
+    assert response.status == 201, await response.text()
+    (item,) = (await response.json())["imported"]
+    assert (item["path"], item["category"]) == ("IO1.dcm", "intraoral-xray")
+    image = await runtime.service.get_image(ORIGIN, item["image_id"])
+    assert image is not None and runtime.files.path_for(image.sha256, "dcm").read_bytes() == single
+    unnamed = await api_client.post(
+        "/api/v1/import", data=to_bytes(dental_dataset(patient_id="0045")), headers=AS_DICOM
+    )
+    assert unnamed.status == 201 and (await unnamed.json())["imported"][0]["path"] == "part1"
+    again = await api_client.post("/api/v1/import", data=single, headers=AS_DICOM)
+    assert again.status == 200 and (await again.json())["skipped"][0]["reason"] == "already imported"
+
+
+async def test_a_zipped_file_set_as_the_whole_body(api_client: Any) -> None:
+    response = await api_client.post(
+        "/api/v1/import",
+        data=io.BytesIO(reference_zip()),
+        headers={"Content-Type": "application/zip", "Content-Disposition": 'attachment; filename="set.zip"'},
+    )
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    assert sorted(item["path"] for item in body["imported"]) == [
+        "set.zip/media/77654033/CR1/6154",
+        "set.zip/media/77654033/CR2/6247",
+        "set.zip/media/77654033/CR3/6278",
+        "set.zip/media/77654033/CT2/17106",
+    ]
+    assert body["summary"]["errors"] == 24  # the DICOMDIR lists the other patient's files, not zipped
+
+
+async def test_single_file_bodies_that_are_empty_bad_or_too_large(
+    api_client: Any, small_client: TestClient[Any, Any]
+) -> None:
+    empty = await api_client.post("/api/v1/import", data=b"", headers=AS_DICOM)
+    assert empty.status == 400 and empty.content_type == PROBLEM
+    assert "the body is empty" in (await empty.json(content_type=PROBLEM))["detail"]
+    truncated = to_bytes(dental_dataset(patient_id="0046"))[:2000]
+    bad = await api_client.post("/api/v1/import", data=truncated, headers=AS_DICOM)
+    assert bad.status == 422
+    (error,) = (await bad.json(content_type=PROBLEM))["report"]["errors"]
+    assert error["path"] == "part1" and error["reason"]
+    big = await small_client.post("/api/v1/import", data=io.BytesIO(bytes(2 * 1024 * 1024)), headers=AS_DICOM)
+    assert big.status == 413
+    other = await api_client.post(
+        "/api/v1/import", data=b"x", headers={"Content-Type": "application/octet-stream"}
+    )
+    assert other.status == 415
+    assert "application/dicom" in (await other.json(content_type=PROBLEM))["detail"]

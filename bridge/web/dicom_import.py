@@ -1,7 +1,10 @@
 """`POST /api/v1/import`: DICOM media over HTTP, for viewers and PMSs that are not on the bridge's machine.
 
 The body is multipart/form-data with parts named `file`: DICOM files, or zips of a file set (a DICOMDIR
-and its folders, or plain files). Parts are streamed to a private temporary folder inside the image store
+and its folders, or plain files). Or it is one file as the whole body, `application/dicom` (as Orthanc's
+`POST /instances` takes it, and as upload tools send a file per request, several at once) or
+`application/zip`: nothing to parse between the socket and the disk, so it costs the daemon the least CPU
+per file. Parts and bodies are streamed to a private temporary folder inside the image store
 (never held in memory; on the store's file system, so a stored file is the received one moved in, not a
 second copy) under the `[dicom] max_upload_mb` budget, counted while receiving and while unpacking; zips
 are unpacked with the path rules of `bridge.dicom.fileset`. Each part is imported as soon as it is on disk,
@@ -13,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, StreamReader, web
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
 from bridge.dicom.fileset import Problem, ZipTooLarge, unpack_zip
 from bridge.dicom.importer import ImportAborted, Importer
@@ -29,6 +34,8 @@ routes = web.RouteTableDef()
 MAX_PARTS = 10_000
 IMPORT_CONCURRENCY = 4
 _CHUNK = 4 << 20  # a DICOM file of a sensor in one or two chunks: each is a thread hop
+# Bodies that are one file; multipart/form-data carries any number.
+SINGLE_FILE_TYPES = ("application/dicom", "application/zip")
 
 
 def _part_name(raw: str | None, index: int) -> str:
@@ -42,12 +49,14 @@ class TooLarge(Exception):
     """The upload went beyond `[dicom] max_upload_mb` while arriving; what came before was imported."""
 
 
-async def _write_part(part: BodyPartReader, out: BinaryIO, received: int, limit: int) -> int:
-    """Write a part's content to `out`; the bytes received so far. The disk may throttle, so chunks are
-    written in a thread, each while the next one arrives."""
+async def _write_stream(
+    read: Callable[[], Awaitable[bytes]], out: BinaryIO, received: int, limit: int
+) -> int:
+    """Write what `read` returns until it returns b"" to `out`; the bytes received so far. The disk may
+    throttle, so chunks are written in a thread, each while the next one arrives."""
     writing: asyncio.Future[int] | None = None
     try:
-        while chunk := await part.read_chunk(_CHUNK):
+        while chunk := await read():
             received += len(chunk)
             if received > limit:
                 raise TooLarge(f"the import is larger than {limit // 2**20} MB ([dicom] max_upload_mb)")
@@ -58,6 +67,48 @@ async def _write_part(part: BodyPartReader, out: BinaryIO, received: int, limit:
         if writing is not None:
             await writing
     return received
+
+
+async def _read_body_chunk(content: StreamReader) -> bytes:
+    """Up to `_CHUNK` bytes of a raw body: whole chunks, so a file is one or two thread hops to the disk."""
+    try:
+        return await content.readexactly(_CHUNK)
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial
+
+
+async def _hand_over(target: Path, name: str, received: int, limit: int, importer: Importer) -> list[Problem]:
+    """Give one received file to `importer`; a zip is unpacked beside it first (its problems returned)."""
+    with open(target, "rb") as fh:
+        is_zip = fh.read(4) == b"PK\x03\x04"
+    if not is_zip:
+        await importer.add([(str(target), name)])
+        return []
+    unpacked = target.parent.with_name(target.parent.name + ".unzipped")
+    unpacked.mkdir()
+    try:
+        problems = await asyncio.to_thread(unpack_zip, target, unpacked, name, limit - received)
+    except ZipTooLarge as exc:
+        raise TooLarge(str(exc)) from None
+    target.unlink()
+    await importer.add([(str(unpacked), name)])
+    return problems
+
+
+async def _receive_body(request: web.Request, folder: Path, limit: int, importer: Importer) -> list[Problem]:
+    """Stream a single-file body into `folder` and hand it to `importer`; the problems of a zip."""
+    disposition = request.headers.get("Content-Disposition")
+    filename = None
+    if disposition:
+        filename = content_disposition_filename(parse_content_disposition(disposition)[1])
+    name = _part_name(filename, 1)
+    target = folder / "00001" / name
+    target.parent.mkdir()
+    with open(target, "wb") as out:
+        received = await _write_stream(lambda: _read_body_chunk(request.content), out, 0, limit)
+    if received == 0:
+        raise ProblemError(400, "the body is empty: send the DICOM file (or the zip) as the body")
+    return await _hand_over(target, name, received, limit, importer)
 
 
 async def _receive(request: web.Request, folder: Path, limit: int, importer: Importer) -> list[Problem]:
@@ -80,20 +131,8 @@ async def _receive(request: web.Request, folder: Path, limit: int, importer: Imp
         target = folder / f"{index:05d}" / name
         target.parent.mkdir()
         with open(target, "wb") as out:
-            received = await _write_part(part, out, received, limit)
-        with open(target, "rb") as fh:
-            is_zip = fh.read(4) == b"PK\x03\x04"
-        if is_zip:
-            unpacked = folder / f"{index:05d}.unzipped"
-            unpacked.mkdir()
-            try:
-                problems += await asyncio.to_thread(unpack_zip, target, unpacked, name, limit - received)
-            except ZipTooLarge as exc:
-                raise TooLarge(str(exc)) from None
-            target.unlink()
-            await importer.add([(str(unpacked), name)])
-        else:
-            await importer.add([(str(target), name)])
+            received = await _write_stream(lambda: part.read_chunk(_CHUNK), out, received, limit)
+        problems += await _hand_over(target, name, received, limit, importer)
     if index == 0:
         raise ProblemError(400, "no part named 'file' in the upload")
     return problems
@@ -103,9 +142,12 @@ async def _receive(request: web.Request, folder: Path, limit: int, importer: Imp
 async def import_media(request: web.Request) -> web.Response:
     """Import DICOM files and zipped file sets; 201 when images were added, with the per-file report."""
     rt = request.app[RUNTIME]
-    if not request.content_type.startswith("multipart/"):
+    single = request.content_type in SINGLE_FILE_TYPES
+    if not single and not request.content_type.startswith("multipart/"):
         raise ProblemError(
-            415, "send DICOM files or zipped file sets as multipart/form-data parts named 'file'"
+            415,
+            "send DICOM files or zipped file sets as multipart/form-data parts named 'file',"
+            " or one of them as an application/dicom or application/zip body",
         )
     limit = rt.settings.dicom.max_upload_mb * 2**20
     if (request.content_length or 0) > limit:
@@ -116,7 +158,8 @@ async def import_media(request: web.Request) -> web.Response:
     await asyncio.to_thread(rt.files.root.mkdir, parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".import-", dir=rt.files.root) as tmp:
         try:
-            problems = await _receive(request, Path(tmp), limit, importer)
+            receive = _receive_body if single else _receive
+            problems = await receive(request, Path(tmp), limit, importer)
         except ImportAborted as exc:
             raise ProblemError(500, f"the import cannot run: {exc}") from None
         except TooLarge as exc:

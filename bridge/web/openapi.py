@@ -466,7 +466,8 @@ def document() -> dict[str, Any]:
             },
             "/api/v1/import": {
                 "post": {
-                    "summary": "Import DICOM files and zipped DICOM file sets (multipart parts named 'file')",
+                    "summary": "Import DICOM files and zipped DICOM file sets (multipart parts named 'file',"
+                    " or one file as an application/dicom or application/zip body)",
                     "description": "Patients are found by the identity rules from the files' patient id"
                     " ([dicom] patient_id_tag, pms_system) and created only when allow_patient_creation"
                     " permits. Each image is imported completely or not at all; the report names every file.",
@@ -478,12 +479,15 @@ def document() -> dict[str, Any]:
                                     "type": "object",
                                     "properties": {"file": {"type": "array", "items": BINARY}},
                                 }
-                            }
+                            },
+                            "application/dicom": {"schema": BINARY},
+                            "application/zip": {"schema": BINARY},
                         },
                     },
                     "responses": {
                         "200": _json(_ref("ImportReport"), "Nothing new: every file was imported before"),
                         "201": _json(_ref("ImportReport"), "Images were imported (errors may list others)"),
+                        "400": PROBLEM,
                         "413": PROBLEM,
                         "415": PROBLEM,
                         "422": PROBLEM,
