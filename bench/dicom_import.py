@@ -78,8 +78,8 @@ def make_files(folder: Path, count: int, patient: str = "BENCH1") -> list[Path]:
 
 
 def page_cache_costs(folder: Path, count: int = 100) -> tuple[float, float, float]:
-    """Milliseconds to write a 3 MB file into page cache never used before, into page cache freed just
-    before, and into page cache freed 5 s before (printed with the figures, not used by them).
+    """Milliseconds to write a 3 MB file into page cache; again at once into the pages just freed; again
+    5 s after freeing them (printed with the figures, not used by them).
 
     A virtual machine pays for the first touch of every page of its memory, and this kind hands freed pages
     back to its host within seconds (virtio-balloon free page reporting), so nearly every file either
@@ -367,8 +367,8 @@ def main() -> None:
             print(f"  {name:48} {rate:7.1f} /s   {rate / baseline:5.2f}x")
         fresh, reused, later = page_cache_costs(work / "memory")
         print(
-            f"writing 3 MB into page cache: {fresh:.2f} ms into memory never used,"
-            f" {reused:.2f} ms into memory just freed, {later:.2f} ms into memory freed 5 s before"
+            f"writing 3 MB into page cache: {fresh:.2f} ms; again at once {reused:.2f} ms;"
+            f" again 5 s after freeing {later:.2f} ms"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
