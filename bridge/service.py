@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from bridge.announce import OwnAdditions
 from bridge.audit import AuditLog
 from bridge.config import PmsSettings
 from bridge.events import AcquisitionRequested, EventBus, ImagesAdded, ImageViewRequested, PatientOpened
@@ -427,6 +428,8 @@ class BridgeService:
         self.bus = bus
         self.audit = audit
         self.push_targets = push_targets
+        # The images this process adds, known before their transactions commit (bridge.announce).
+        self.own_additions = OwnAdditions()
         # Image views recently read for the thumbnail path: id -> (monotonic time read, view).
         self._image_views: OrderedDict[int, tuple[float, ImageView]] = OrderedDict()
 
@@ -1130,8 +1133,10 @@ class BridgeService:
         """Store metadata of images whose files are in the file store; queue the pushes; announce them.
 
         Pushes to PMSs are written to the outbox in the same transaction, so a crash can neither lose a
-        push nor announce images that were not stored.
+        push nor announce images that were not stored. Their ids are registered as this process's own
+        before the commit, so the daemon's watcher of the store never announces them a second time.
         """
+        registered: list[int] = []
 
         def work(session: Session) -> list[ImageView]:
             patient = session.scalars(*q.patient_by_id(patient_id)).first()
@@ -1172,6 +1177,8 @@ class BridgeService:
                 session.add(image)
                 placed.append((image, series, study))
             session.flush()
+            registered.extend(image.id for image, _series, _study in placed)
+            self.own_additions.adding(registered)
             added: list[ImageView] = []
             for image, series, study in placed:
                 self.audit.change(session, origin, "image.add", patient_id=patient_id, image_id=image.id)
@@ -1179,7 +1186,13 @@ class BridgeService:
             self._enqueue_pushes(session, patient_id, [view.id for view in added], now)
             return added
 
-        added = await self.db.write(work)
+        try:
+            added = await self.db.write(work)
+        except BaseException:
+            self.own_additions.not_added(registered)
+            raise
+        # the ids of an attempt that was rolled back and retried, where the retry got other ids
+        self.own_additions.not_added(set(registered).difference(view.id for view in added))
         if added:
             self.bus.publish(
                 ImagesAdded(

@@ -472,3 +472,16 @@ def count_patients() -> Select[int]:
 
 def count_images() -> Select[int]:
     return select(func.count()).select_from(Image)
+
+
+def highest_image_id() -> Select[int]:
+    return select(func.max(Image.id))
+
+
+def image_patients_after(image_id: int, limit: int) -> Select[int, int]:
+    """Images added after `image_id` (ids grow), oldest first: the announcing worker's look."""
+    return select(Image.id, Image.patient_id).where(Image.id > image_id).order_by(Image.id).limit(limit)
+
+
+def image_patients_by_ids(image_ids: list[int]) -> Select[int, int]:
+    return select(Image.id, Image.patient_id).where(Image.id.in_(image_ids)).order_by(Image.id)

@@ -1,15 +1,15 @@
 """`POST /api/v1/import`: DICOM media over HTTP, for viewers and PMSs that are not on the bridge's machine.
 
-The body is multipart/form-data with parts named `file`: DICOM files, or zips of a file set (a DICOMDIR
-and its folders, or plain files). Or it is one file as the whole body, `application/dicom` (as Orthanc's
-`POST /instances` takes it, and as curl and upload tools send a file per request) or `application/zip`.
-Each such request is a whole import (its report, its transaction, its folder flushes), so many files go
-faster as the parts of one multipart request (docs/dicom.md, "Performance"). Parts and bodies are streamed to a private temporary folder inside the image store
-(never held in memory; on the store's file system, so a stored file is the received one moved in, not a
-second copy) under the `[dicom] max_upload_mb` budget, counted while receiving and while unpacking; zips
-are unpacked with the path rules of `bridge.dicom.fileset`. Each part is imported as soon as it is on disk,
-by the importer `pms-bridge import` runs, and the answer is its report: every file imported, skipped or
-refused with the reason.
+The body is multipart/form-data with parts named `file`: DICOM files, or zips of a file set (a DICOMDIR and
+its folders, or plain files). Or it is one file as the whole body, `application/dicom` (as Orthanc's `POST
+/instances` takes it, and as curl and upload tools send a file per request) or `application/zip`. Each such
+request is a whole import (its report, its transaction, its folder flushes), so many files go faster as the
+parts of one multipart request (docs/dicom.md, "Performance"). Parts and bodies are streamed to a private
+temporary folder inside the image store (never held in memory; on the store's file system, so a stored file
+is the received one moved in, not a second copy) under the `[dicom] max_upload_mb` budget, counted while
+receiving and while unpacking; zips are unpacked with the path rules of `bridge.dicom.fileset`. Each part is
+imported as soon as it is on disk, by the importer `pms-bridge import` runs, and the answer is its report:
+every file imported, skipped or refused with the reason.
 """
 
 from __future__ import annotations
