@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+import socket
+import time
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from bridge.model import Origin
 from bridge.runtime import Runtime
 from bridge.web.app import build_api_app
 from bridge.web.problems import CONTENT_TYPE as PROBLEM
+from tests.conftest import DaemonProcess
 from tests.support.dicomfiles import dental_dataset, sample, to_bytes
 
 REFERENCE_SET = sample("CT_small.dcm").parent / "dicomdirtests"
@@ -202,3 +206,33 @@ async def test_single_file_bodies_that_are_empty_bad_or_too_large(
     )
     assert other.status == 415
     assert "application/dicom" in (await other.json(content_type=PROBLEM))["detail"]
+
+
+@pytest.mark.parametrize("content_type", ["application/dicom", "multipart/form-data; boundary=cut"])
+def test_an_upload_cut_off_mid_body_leaves_nothing_and_the_daemon_serves_on(
+    daemon: DaemonProcess, content_type: str
+) -> None:
+    head = (
+        "POST /api/v1/import HTTP/1.1\r\nHost: test\r\n"
+        f"Authorization: Bearer {daemon.token}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: 8000000\r\n\r\n"
+    )
+    part = b'--cut\r\nContent-Disposition: form-data; name="file"; filename="a.dcm"\r\n\r\n'
+    with socket.create_connection(("127.0.0.1", daemon.settings.api.port)) as cut:
+        cut.sendall(
+            head.encode() + (part if content_type.startswith("multipart") else b"") + bytes(3_000_000)
+        )
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while "mid-request" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    cut_off = [r for r in records if r.get("msg") == "client closed the connection mid-request"]
+    assert [(r["level"], r["path"]) for r in cut_off] == [("warning", "/api/v1/import")]
+    assert not [r for r in records if r.get("msg") == "unhandled error"]
+    images = daemon.settings.store.images
+    assert [p.name for p in images.iterdir() if p.name.startswith(".import-")] == []
+    status, body = daemon.request(
+        "POST", "/api/v1/import", to_bytes(dental_dataset()), headers={"Content-Type": "application/dicom"}
+    )
+    assert status == 201, body

@@ -103,6 +103,9 @@ async def _answer(request: web.Request, handler: Handler, rid: str) -> web.Strea
         elif exc.text and not exc.text.startswith(f"{exc.status}:"):
             detail = exc.text
         return problem(exc.status, detail, instance=request.path)
+    except ConnectionResetError:  # the client went away mid-body (an upload cut off): not our error
+        log.warning("client closed the connection mid-request", extra={"path": request.path})
+        return problem(400, "the connection was closed before the request was complete")
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
         return problem(500, f"internal error; the daemon log has the details under request id {rid}")
