@@ -100,6 +100,11 @@ class ImportReport:
         }
 
 
+# `[dicom] patient_id_tag` values already checked against the DICOM dictionary, by the pool (where pydicom is
+# imported): an upload a file per request would otherwise pay a round trip to a pool worker for each.
+_RESOLVED_ID_TAGS: dict[str, int] = {}
+
+
 @dataclass
 class _Patient:
     patient_id: int | None
@@ -139,13 +144,21 @@ class Importer:
         """Start importing the files of `sources` while more may come (an upload still arriving): the
         caller goes on at once (its next part need not wait for this one's files to be found)."""
         if self._id_tag is None:
-            try:
-                self._id_tag, _keyword = await self.rt.imaging.run_in_pool(
-                    read.resolve_id_tag, self.settings.patient_id_tag
-                )
-            except ValueError as exc:
-                raise ImportAborted(str(exc)) from None
+            self._id_tag = await self._resolve_id_tag()
         self._discoveries.append(asyncio.create_task(self._discover(sources)))
+
+    async def _resolve_id_tag(self) -> int:
+        """The tag of `[dicom] patient_id_tag`; ImportAborted when the setting names no usable attribute."""
+        name = self.settings.patient_id_tag
+        known = _RESOLVED_ID_TAGS.get(name)
+        if known is not None:
+            return known
+        try:
+            tag, _keyword = await self.rt.imaging.run_in_pool(read.resolve_id_tag, name)
+        except ValueError as exc:
+            raise ImportAborted(str(exc)) from None
+        _RESOLVED_ID_TAGS[name] = tag
+        return tag
 
     async def _discover(self, sources: list[tuple[str, str]]) -> None:
         found = await self.rt.imaging.run_in_pool(discover, sources)

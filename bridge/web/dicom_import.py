@@ -15,6 +15,7 @@ every file imported, skipped or refused with the reason.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -49,24 +50,38 @@ class TooLarge(Exception):
     """The upload went beyond `[dicom] max_upload_mb` while arriving; what came before was imported."""
 
 
-async def _write_stream(
-    read: Callable[[], Awaitable[bytes]], out: BinaryIO, received: int, limit: int
-) -> int:
-    """Write what `read` returns until it returns b"" to `out`; the bytes received so far. The disk may
-    throttle, so chunks are written in a thread, each while the next one arrives."""
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+async def _receive_file(
+    read: Callable[[], Awaitable[bytes]], target: Path, received: int, limit: int
+) -> tuple[int, bool]:
+    """Write what `read` returns until it returns b"" to a new file `target` (its folder created too); the
+    bytes received so far, and whether the file is a zip. The disk may throttle, so the file is created and
+    written in threads, each chunk while the next one arrives: the event loop never waits on the disk."""
+    out = await asyncio.to_thread(_create, target)
     writing: asyncio.Future[int] | None = None
+    head = b""
     try:
         while chunk := await read():
             received += len(chunk)
             if received > limit:
                 raise TooLarge(f"the import is larger than {limit // 2**20} MB ([dicom] max_upload_mb)")
+            if len(head) < len(ZIP_MAGIC):
+                head += chunk[: len(ZIP_MAGIC) - len(head)]
             if writing is not None:
                 await writing
             writing = asyncio.ensure_future(asyncio.to_thread(out.write, chunk))
     finally:
         if writing is not None:
             await writing
-    return received
+        out.close()
+    return received, head == ZIP_MAGIC
+
+
+def _create(target: Path) -> BinaryIO:
+    target.parent.mkdir()
+    return open(target, "wb")
 
 
 async def _read_body_chunk(content: StreamReader) -> bytes:
@@ -77,21 +92,27 @@ async def _read_body_chunk(content: StreamReader) -> bytes:
         return exc.partial
 
 
-async def _hand_over(target: Path, name: str, received: int, limit: int, importer: Importer) -> list[Problem]:
+async def _hand_over(
+    target: Path, name: str, is_zip: bool, received: int, limit: int, importer: Importer
+) -> list[Problem]:
     """Give one received file to `importer`; a zip is unpacked beside it first (its problems returned)."""
-    with open(target, "rb") as fh:
-        is_zip = fh.read(4) == b"PK\x03\x04"
     if not is_zip:
         await importer.add([(str(target), name)])
         return []
     unpacked = target.parent.with_name(target.parent.name + ".unzipped")
-    unpacked.mkdir()
     try:
-        problems = await asyncio.to_thread(unpack_zip, target, unpacked, name, limit - received)
+        problems = await asyncio.to_thread(_unpack, target, unpacked, name, limit - received)
     except ZipTooLarge as exc:
         raise TooLarge(str(exc)) from None
-    target.unlink()
     await importer.add([(str(unpacked), name)])
+    return problems
+
+
+def _unpack(target: Path, unpacked: Path, name: str, budget: int) -> list[Problem]:
+    """Unpack a received zip into the new folder `unpacked` and remove the zip."""
+    unpacked.mkdir()
+    problems = unpack_zip(target, unpacked, name, budget)
+    target.unlink()
     return problems
 
 
@@ -103,12 +124,10 @@ async def _receive_body(request: web.Request, folder: Path, limit: int, importer
         filename = content_disposition_filename(parse_content_disposition(disposition)[1])
     name = _part_name(filename, 1)
     target = folder / "00001" / name
-    target.parent.mkdir()
-    with open(target, "wb") as out:
-        received = await _write_stream(lambda: _read_body_chunk(request.content), out, 0, limit)
+    received, is_zip = await _receive_file(lambda: _read_body_chunk(request.content), target, 0, limit)
     if received == 0:
         raise ProblemError(400, "the body is empty: send the DICOM file (or the zip) as the body")
-    return await _hand_over(target, name, received, limit, importer)
+    return await _hand_over(target, name, is_zip, received, limit, importer)
 
 
 async def _receive(request: web.Request, folder: Path, limit: int, importer: Importer) -> list[Problem]:
@@ -129,13 +148,17 @@ async def _receive(request: web.Request, folder: Path, limit: int, importer: Imp
             raise TooLarge(f"at most {MAX_PARTS} files per import")
         name = _part_name(part.filename, index)
         target = folder / f"{index:05d}" / name
-        target.parent.mkdir()
-        with open(target, "wb") as out:
-            received = await _write_stream(lambda: part.read_chunk(_CHUNK), out, received, limit)
-        problems += await _hand_over(target, name, received, limit, importer)
+        received, is_zip = await _receive_file(lambda: part.read_chunk(_CHUNK), target, received, limit)
+        problems += await _hand_over(target, name, is_zip, received, limit, importer)
     if index == 0:
         raise ProblemError(400, "no part named 'file' in the upload")
     return problems
+
+
+def _private_folder(root: Path) -> str:
+    """A new folder for one upload's files inside the image store (created with the store if need be)."""
+    root.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix=".import-", dir=root)
 
 
 @routes.post("/api/v1/import")
@@ -155,17 +178,19 @@ async def import_media(request: web.Request) -> web.Response:
     importer = Importer(rt, origin_of(request, "dicom"), concurrency=IMPORT_CONCURRENCY, adopt=True)
     too_large = ""
     # Received into the image store's own file system, so a stored file is the received one, moved in.
-    await asyncio.to_thread(rt.files.root.mkdir, parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".import-", dir=rt.files.root) as tmp:
+    tmp = Path(await asyncio.to_thread(_private_folder, rt.files.root))
+    try:
+        receive = _receive_body if single else _receive
+        problems = await receive(request, tmp, limit, importer)
+    except ImportAborted as exc:
+        raise ProblemError(500, f"the import cannot run: {exc}") from None
+    except TooLarge as exc:
+        problems, too_large = [], str(exc)
+    finally:
         try:
-            receive = _receive_body if single else _receive
-            problems = await receive(request, Path(tmp), limit, importer)
-        except ImportAborted as exc:
-            raise ProblemError(500, f"the import cannot run: {exc}") from None
-        except TooLarge as exc:
-            problems, too_large = [], str(exc)
-        finally:
             report = await importer.finish()  # what was handed over is imported, or its files removed
+        finally:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
     report.errors[:0] = problems
     body = report.to_json()
     if too_large:
