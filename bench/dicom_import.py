@@ -116,26 +116,23 @@ def wait_for(url: str, process: subprocess.Popen[bytes], headers: dict[str, str]
     raise RuntimeError(f"{url} did not answer")
 
 
-def orthanc_upload(port: int, files: list[bytes], clients: int, warm: bytes) -> float:
-    """Seconds to POST every file to /instances with `clients` keep-alive connections (after `warm`)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    connection.request("POST", "/instances", body=warm, headers={"Content-Type": "application/dicom"})
-    connection.getresponse().read()
-    connection.close()
-    shares = [files[i::clients] for i in range(clients)]
+def timed_uploads(
+    port: int, files: list[bytes], clients: int, post: Callable[[http.client.HTTPConnection, bytes], None]
+) -> float:
+    """Seconds for `clients` keep-alive connections to `post` every file, each connection a share of them
+    in turn (`post` raises RuntimeError for a refused file)."""
     failures: list[str] = []
 
     def upload(share: list[bytes]) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        for data in share:
-            connection.request("POST", "/instances", body=data, headers={"Content-Type": "application/dicom"})
-            response = connection.getresponse()
-            answer = response.read()
-            if response.status != 200 or b'"Success"' not in answer:
-                failures.append(answer.decode(errors="replace")[:200])
+        try:
+            for data in share:
+                post(connection, data)
+        except RuntimeError as exc:
+            failures.append(str(exc))
         connection.close()
 
-    threads = [threading.Thread(target=upload, args=(share,)) for share in shares]
+    threads = [threading.Thread(target=upload, args=(files[i::clients],)) for i in range(clients)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -143,8 +140,22 @@ def orthanc_upload(port: int, files: list[bytes], clients: int, warm: bytes) -> 
         thread.join()
     elapsed = time.perf_counter() - started
     if failures:
-        raise RuntimeError(f"Orthanc refused files: {failures[0]}")
+        raise RuntimeError(failures[0])
     return elapsed
+
+
+def orthanc_post(connection: http.client.HTTPConnection, data: bytes) -> None:
+    connection.request("POST", "/instances", body=data, headers={"Content-Type": "application/dicom"})
+    response = connection.getresponse()
+    answer = response.read()
+    if response.status != 200 or b'"Success"' not in answer:
+        raise RuntimeError(f"Orthanc refused a file: {answer.decode(errors='replace')[:200]}")
+
+
+def orthanc_upload(port: int, files: list[bytes], clients: int, warm: bytes) -> float:
+    """Seconds to POST every file to /instances with `clients` keep-alive connections (after `warm`)."""
+    orthanc_post(http.client.HTTPConnection("127.0.0.1", port, timeout=120), warm)
+    return timed_uploads(port, files, clients, orthanc_post)
 
 
 def bridge_config(home: Path, *, render: bool) -> tuple[Path, int, str]:
@@ -230,28 +241,12 @@ def bridge_rest_single(home: Path, files: list[bytes], clients: int, warm: bytes
     as Orthanc is measured (each request is a whole import: its own report, transaction and flushes)."""
     with running_bridge(home, render=False) as (port, auth):
         headers = {**auth, "Content-Type": "application/dicom"}
-        bridge_post(http.client.HTTPConnection("127.0.0.1", port, timeout=120), warm, headers)
-        failures: list[str] = []
 
-        def upload(share: list[bytes]) -> None:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            try:
-                for data in share:
-                    bridge_post(connection, data, headers)
-            except RuntimeError as exc:
-                failures.append(str(exc))
-            connection.close()
+        def post(connection: http.client.HTTPConnection, data: bytes) -> None:
+            bridge_post(connection, data, headers)
 
-        threads = [threading.Thread(target=upload, args=(files[i::clients],)) for i in range(clients)]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - started
-        if failures:
-            raise RuntimeError(failures[0])
-        return elapsed
+        post(http.client.HTTPConnection("127.0.0.1", port, timeout=120), warm)
+        return timed_uploads(port, files, clients, post)
 
 
 def bridge_cli(home: Path, folder: Path, count: int) -> float:
