@@ -137,7 +137,7 @@ async def announce_stored_elsewhere(rt: Runtime) -> None:
     own = rt.service.own_additions
     own.active = True  # before the high-water mark is read: an image added in between is known as ours
     try:
-        watcher = Watcher(rt, await rt.db.read(lambda session: session.scalar(q.highest_image_id()) or 0))
+        watcher = await _start(rt)
         own.passed(watcher.high)
         seen = rt.db.generation.current()
         while True:
@@ -154,6 +154,19 @@ async def announce_stored_elsewhere(rt: Runtime) -> None:
                 seen = generation
     finally:
         own.active = False
+
+
+async def _start(rt: Runtime) -> Watcher:
+    """A watcher from the store's highest image id, asked until the store answers."""
+    while True:
+        try:
+            high = await rt.db.read(lambda session: session.scalar(q.highest_image_id()) or 0)
+        except Exception:  # the store is away: ask again
+            log.warning("cannot read the store's highest image id", exc_info=True)
+            await asyncio.sleep(POLL_SECONDS)
+            continue
+        log.info("watching for images stored elsewhere", extra={"after_image_id": high})
+        return Watcher(rt, high)
 
 
 def announce_worker(rt: Runtime) -> Coroutine[Any, Any, None]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
+import logging
 import os
 import queue
 import socket
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from bridge.announce import MAX_GAPS, OwnAdditions, Watcher
+from bridge.announce import MAX_GAPS, OwnAdditions, Watcher, announce_stored_elsewhere
 from bridge.config import Settings, load_settings
 from bridge.events import Event, ImagesAdded
 from bridge.model import Action, Demographics, Origin, PatientRequest
@@ -224,3 +226,47 @@ async def test_an_id_committed_after_a_higher_one_is_announced_on_postgresql(pg_
         for rt in (first_in, second_in, runtime):
             await rt.audit.flush()
             rt.close()
+
+
+async def until(condition: Any, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds * 10)):
+        if condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the condition did not come true in time")
+
+
+async def test_the_announcer_waits_out_a_store_that_is_away(
+    runtime: Runtime, settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.announce")
+    published: list[Event] = []
+    runtime.bus.subscribe(published.append)
+
+    def rename(old: str, new: str) -> Any:
+        return lambda session: session.execute(text(f"ALTER TABLE {old} RENAME TO {new}"))
+
+    await runtime.db.write(rename("images", "images_away"), watched=False)
+    task = asyncio.create_task(announce_stored_elsewhere(runtime))
+    try:
+        await until(lambda: any("highest image id" in r.getMessage() for r in caplog.records))
+        assert not task.done()
+        await runtime.db.write(rename("images_away", "images"), watched=False)
+        await until(
+            lambda: any(r.getMessage() == "watching for images stored elsewhere" for r in caplog.records)
+        )
+        other = Runtime.build(settings)
+        try:
+            theirs = await add_image(other, await open_patient(other, "4714"), 1)
+        finally:
+            await other.audit.flush()
+            other.close()
+        await until(lambda: any(isinstance(e, ImagesAdded) for e in published))
+        assert [(e.origin_protocol, list(e.image_ids)) for e in published if isinstance(e, ImagesAdded)] == [
+            ("store", [theirs])
+        ]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert runtime.service.own_additions.active is False
