@@ -167,6 +167,16 @@ async def test_one_file_as_the_whole_body_imports_as_orthanc_takes_it(
         "/api/v1/import", data=to_bytes(dental_dataset(patient_id="0045")), headers=AS_DICOM
     )
     assert unnamed.status == 201 and (await unnamed.json())["imported"][0]["path"] == "part1"
+    for disposition, reported in [
+        ("attachment; filename*=UTF-8''R%C3%B6ntgen%20Z%C3%A4hne.dcm", "Röntgen Zähne.dcm"),
+        ('attachment; filename="../../etc/IO2.dcm"', "IO2.dcm"),  # a name, never a path
+    ]:
+        named = await api_client.post(
+            "/api/v1/import",
+            data=to_bytes(dental_dataset(patient_id="0045")),
+            headers={**AS_DICOM, "Content-Disposition": disposition},
+        )
+        assert named.status == 201 and (await named.json())["imported"][0]["path"] == reported
     again = await api_client.post("/api/v1/import", data=single, headers=AS_DICOM)
     assert again.status == 200 and (await again.json())["skipped"][0]["reason"] == "already imported"
 
