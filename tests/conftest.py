@@ -8,6 +8,7 @@ then skipped, loudly); CI never sets it.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import signal
@@ -187,7 +188,11 @@ def pms_bridge_command() -> list[str]:
     return [str(script)]
 
 
-def start_daemon(config: Path, *, env: dict[str, str] | None = None) -> DaemonProcess:
+def start_daemon(
+    config: Path, *, env: dict[str, str] | None = None, file_size_limit: int | None = None
+) -> DaemonProcess:
+    """A real `pms-bridge serve` once /healthz answers; `file_size_limit`: no file it writes may grow beyond
+    that many bytes (RLIMIT_FSIZE: a store whose disk is full, for real, without filling a disk)."""
     settings = load_settings(str(config))
     log_path = config.parent / "daemon.log"
     with open(log_path, "ab") as log_file:  # the child keeps its own handle
@@ -196,6 +201,7 @@ def start_daemon(config: Path, *, env: dict[str, str] | None = None) -> DaemonPr
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            preexec_fn=None if file_size_limit is None else functools.partial(_limit_files, file_size_limit),
         )
     daemon = DaemonProcess(proc, config, settings, log_path)
     deadline = time.monotonic() + 60
@@ -211,6 +217,12 @@ def start_daemon(config: Path, *, env: dict[str, str] | None = None) -> DaemonPr
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"daemon did not come up:\n{daemon.log()}")
+
+
+def _limit_files(size: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 @pytest.fixture

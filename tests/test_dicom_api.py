@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient, TestServer
@@ -19,7 +20,7 @@ from bridge.model import Origin
 from bridge.runtime import Runtime
 from bridge.web.app import build_api_app
 from bridge.web.problems import CONTENT_TYPE as PROBLEM
-from tests.conftest import DaemonProcess
+from tests.conftest import DaemonProcess, start_daemon, write_config
 from tests.support.dicomfiles import dental_dataset, sample, to_bytes
 
 REFERENCE_SET = sample("CT_small.dcm").parent / "dicomdirtests"
@@ -246,3 +247,52 @@ def test_an_upload_cut_off_mid_body_leaves_nothing_and_the_daemon_serves_on(
         "POST", "/api/v1/import", to_bytes(dental_dataset()), headers={"Content-Type": "application/dicom"}
     )
     assert status == 201, body
+
+
+def test_a_full_store_answers_507_with_the_report_and_the_daemon_serves_on(
+    tmp_path: Path, store_url: str
+) -> None:
+    daemon = start_daemon(write_config(tmp_path / "full", store_url), file_size_limit=2 << 20)
+    try:
+        small = to_bytes(dental_dataset(patient_id="0047"))
+        big = to_bytes(dental_dataset(patient_id="0048", pixels=np.ones((1500, 1000), dtype=np.uint16)))
+        assert len(big) > 2 << 20
+        boundary = "full-store"
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'.encode()
+            + data
+            + b"\r\n"
+            for name, data in (("small.dcm", small), ("big.dcm", big))
+        ]
+        status, body = daemon.request(
+            "POST",
+            "/api/v1/import",
+            b"".join(parts) + f"--{boundary}--\r\n".encode(),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        assert status == 507, body
+        problem = json.loads(body)
+        assert problem["type"].endswith("import-not-stored") and "File too large" in problem["detail"]
+        assert [item["path"] for item in problem["report"]["imported"]] == ["small.dcm"]
+        images = daemon.settings.store.images
+        assert [p.name for p in images.iterdir() if p.name.startswith(".import-")] == []
+        status, _ = daemon.request("GET", "/healthz", token=None)
+        assert status == 200
+        status, body = daemon.request(
+            "POST", "/api/v1/import", to_bytes(dental_dataset(patient_id="0049")), headers=AS_DICOM
+        )
+        assert status == 201, body
+        # an acquisition uploaded to a patient meets the same full disk: 507 from the shared middleware
+        patient_id = json.loads(body)["imported"][0]["patient_id"]
+        status, body = daemon.request(
+            "POST",
+            f"/api/v1/patients/{patient_id}/images",
+            parts[1] + f"--{boundary}--\r\n".encode(),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        assert status == 507, body
+        assert "the image store cannot be written or read (File too large)" in json.loads(body)["detail"]
+        status, body = daemon.request("GET", f"/api/v1/patients/{patient_id}/images")
+        assert status == 200 and len(json.loads(body)["items"]) == 1
+    finally:
+        daemon.stop()

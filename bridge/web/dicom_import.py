@@ -15,6 +15,7 @@ every file imported, skipped or refused with the reason.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -28,8 +29,9 @@ from bridge.dicom.fileset import Problem, ZipTooLarge, unpack_zip
 from bridge.dicom.importer import ImportAborted, Importer
 from bridge.web.api import json_response, origin_of
 from bridge.web.keys import RUNTIME
-from bridge.web.problems import ProblemError
+from bridge.web.problems import ProblemError, storage_status
 
+log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 MAX_PARTS = 10_000
@@ -177,6 +179,7 @@ async def import_media(request: web.Request) -> web.Response:
         raise ProblemError(413, f"the import is larger than {limit // 2**20} MB ([dicom] max_upload_mb)")
     importer = Importer(rt, origin_of(request, "dicom"), concurrency=IMPORT_CONCURRENCY, adopt=True)
     too_large = ""
+    not_stored: OSError | None = None
     # Received into the image store's own file system, so a stored file is the received one, moved in.
     tmp = Path(await asyncio.to_thread(_private_folder, rt.files.root))
     try:
@@ -186,6 +189,10 @@ async def import_media(request: web.Request) -> web.Response:
         raise ProblemError(500, f"the import cannot run: {exc}") from None
     except TooLarge as exc:
         problems, too_large = [], str(exc)
+    except ConnectionResetError:
+        raise  # the client is gone: nobody to answer (bridge.web.middleware logs it)
+    except OSError as exc:  # the store's disk or share: full, gone
+        problems, not_stored = [], exc
     finally:
         try:
             report = await importer.finish()  # what was handed over is imported, or its files removed
@@ -196,6 +203,13 @@ async def import_media(request: web.Request) -> web.Response:
     if too_large:
         detail = f"{too_large}; the files received before the limit are in the report"
         raise ProblemError(413, detail, kind="import-too-large", report=body)
+    if not_stored is not None:
+        log.error("upload not stored", extra={"errno": not_stored.errno, "reason": not_stored.strerror})
+        detail = (
+            f"the upload cannot be stored in the image store ({not_stored.strerror or not_stored}); the files"
+            " received before are in the report"
+        )
+        raise ProblemError(storage_status(not_stored), detail, kind="import-not-stored", report=body)
     if report.imported:
         return json_response(body, 201)
     if report.errors:

@@ -13,7 +13,7 @@ from aiohttp import web
 from bridge.logs import new_request_id, request_id_var
 from bridge.runtime import Metrics
 from bridge.web.keys import MAX_BODY
-from bridge.web.problems import ProblemError, problem
+from bridge.web.problems import ProblemError, problem, storage_status
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("pms_bridge.access")
@@ -106,6 +106,13 @@ async def _answer(request: web.Request, handler: Handler, rid: str) -> web.Strea
     except ConnectionResetError:  # the client went away mid-body (an upload cut off): not our error
         log.warning("client closed the connection mid-request", extra={"path": request.path})
         return problem(400, "the connection was closed before the request was complete")
+    except OSError as exc:  # the disk or share under the store: full, gone, read-only
+        log.exception("storage error", extra={"path": request.path, "errno": exc.errno})
+        return problem(
+            storage_status(exc),
+            f"the image store cannot be written or read ({exc.strerror or exc}); the daemon log has the"
+            f" details under request id {rid}",
+        )
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
         return problem(500, f"internal error; the daemon log has the details under request id {rid}")

@@ -5,6 +5,7 @@ The `type` URIs are stable names (not links to fetch); tests and clients compare
 
 from __future__ import annotations
 
+import errno
 import json
 from typing import Any
 
@@ -27,7 +28,18 @@ TITLES = {
     500: "Internal error",
     502: "Bad gateway",
     503: "Service unavailable",
+    507: "Insufficient storage",
 }
+
+# An OSError with one of these means the store's disk or quota is full (507); any other one escaping a
+# handler, that the store cannot be reached or written right now (503). Both say more to an admin than
+# "internal error".
+STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def storage_status(exc: OSError) -> int:
+    """The HTTP status for a failure of the disk or share under the store."""
+    return 507 if exc.errno in STORAGE_FULL else 503
 
 
 def problem(status: int, detail: str, *, kind: str = "", instance: str = "", **extra: Any) -> web.Response:
