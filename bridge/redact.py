@@ -21,7 +21,7 @@ import secrets
 import string
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from urllib.parse import quote, quote_plus
 
 # Textual forms a date takes in PMS traffic (VDDS, OPP, Dexis, Patterson, CLINIVIEW, JSON, DICOM).
@@ -39,8 +39,24 @@ DATE_FORMATS = (
 MIN_LENGTH = 2  # single characters (an initial, a sex code) are not identifying on their own
 
 
+MAX_DRAWS = 50  # pseudonyms drawn for a token that is not a date until one is not a date either
+
+
 def _format(day: date, fmt: str) -> str:
     return day.strftime(fmt.replace("{M}", str(day.month)).replace("{D}", str(day.day)))
+
+
+def _parse_date(text: str) -> tuple[date, str] | None:
+    """The date `text` reads as in one of DATE_FORMATS, with that format; None when it is none."""
+    if not any(ch.isdigit() for ch in text):
+        return None
+    for fmt in DATE_FORMATS:
+        try:
+            parsed = datetime.strptime(text, fmt.replace("{M}", "%m").replace("{D}", "%d"))
+        except ValueError:
+            continue
+        return parsed.date(), fmt
+    return None
 
 
 @dataclass
@@ -55,7 +71,22 @@ class Redactor:
         return hmac.new(self.secret, f"{kind}\0{value}".encode(), hashlib.sha256).digest()
 
     def pseudonym(self, kind: str, value: str) -> str:
-        """A same-shaped stand-in for `value`: digits for digits, letters (same case) for letters."""
+        """A same-shaped stand-in for `value`: digits for digits, letters (same case) for letters.
+
+        It is a date exactly when `value` is one: a date becomes another date in the same format, and a
+        token of a message the bridge refused (a birth date of 31.31.1970) never turns into a valid date,
+        or the capture would replay as accepted."""
+        dated = _parse_date(value)
+        if dated is not None:
+            day, fmt = dated
+            return _format(self.pseudo_date(day), fmt)
+        for attempt in range(MAX_DRAWS):
+            fake = self._shaped(f"{kind}\0{attempt}" if attempt else kind, value)
+            if _parse_date(fake) is None:
+                return fake
+        return "X" * len(value)
+
+    def _shaped(self, kind: str, value: str) -> str:
         stream = self._digest(kind, value)
         while len(stream) < len(value):
             stream += hashlib.sha256(stream).digest()
