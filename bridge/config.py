@@ -256,6 +256,12 @@ class StoreSettings:
         "Answer repeated PMS reads (the same patient opened or listed again) from memory while the store"
         " is unchanged; the database tells every daemon of each change (SQLite, PostgreSQL)",
     )
+    min_free_mb: int = key(
+        "1024",
+        Int(0, 10**9),
+        "Free space below which the image folder counts as low: doctor fails, /readyz says low_space"
+        " (a full disk refuses imports and acquisitions with 507)",
+    )
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,20 @@ def check_folder(path: Path) -> str:
     return str(path)
 
 
+def check_image_folder(settings: Settings) -> str:
+    """Writable, and with at least `[store] min_free_mb` free: a full disk refuses every new image."""
+    from bridge.store.files import FileStore
+
+    folder = check_folder(settings.store.images)
+    free_mb = FileStore(settings.store.images).free_bytes() // 2**20
+    if free_mb < settings.store.min_free_mb:
+        raise CheckFailed(
+            f"{folder}: only {free_mb} MB free (under [store] min_free_mb = {settings.store.min_free_mb}):"
+            " free space or move the store; when it is full, imports and acquisitions are refused (507)"
+        )
+    return f"{folder} ({free_mb / 1024:.1f} GB free)"
+
+
 def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
     host, port, _token, tls, cafile = api_endpoint(read_raw(str(settings.path)))
     scheme = "https" if tls else "http"
@@ -109,7 +123,7 @@ def check_token(settings: Settings) -> str:
 
 CHECKS: list[Check] = [
     ("store reachable and up to date", check_store),
-    ("image folder writable", lambda s: check_folder(s.store.images)),
+    ("image folder writable", check_image_folder),
     (
         "VDDS exchange folder writable",
         lambda s: check_folder(s.vdds.exchange_dir) if s.vdds.exchange_dir else "not configured",

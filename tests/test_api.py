@@ -250,6 +250,7 @@ async def test_health_readiness_and_metrics(api_client: Any) -> None:
     assert (await (await api_client.get("/healthz")).json())["status"] == "ok"
     ready = await (await api_client.get("/readyz")).json()
     assert ready["status"] == "ready" and ready["checks"]["store"]["ok"] and ready["checks"]["images"]["ok"]
+    assert ready["checks"]["images"]["free_bytes"] > 0 and ready["checks"]["images"]["low_space"] is False
     await api_client.get("/api/v1/patients")
     metrics = await (await api_client.get("/metrics")).text()
     assert 'pms_bridge_http_requests_total{listener="api",route="/api/v1/patients",status="200"}' in metrics
@@ -286,3 +287,18 @@ async def test_name_search_takes_wildcards_literally(api_client: Any) -> None:
     assert [p["pms_id"] for p in literal["items"]] == ["W1"]
     slash = await (await api_client.get("/api/v1/patients", params={"name": "a/b"})).json()
     assert [p["pms_id"] for p in slash["items"]] == ["W3"]
+
+
+async def test_readiness_says_the_image_folder_is_low_on_space_and_stays_ready(make_settings: Any) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    rt = Runtime.build(make_settings(store={"min_free_mb": 10**9}))
+    client: TestClient[Any, Any] = TestClient(TestServer(build_api_app(rt)))
+    await client.start_server()
+    try:
+        response = await client.get("/readyz")
+        images = (await response.json())["checks"]["images"]
+        assert response.status == 200 and images["ok"] and images["low_space"] is True
+    finally:
+        await client.close()
+        rt.close()

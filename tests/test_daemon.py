@@ -131,6 +131,8 @@ def test_doctor_checks_a_running_daemon(daemon: DaemonProcess) -> None:
     )
     assert result.returncode == 0, result.stdout
     assert "FAIL" not in result.stdout and "ok   daemon answering: alive and ready" in result.stdout
+    assert f"ok   image folder writable: {daemon.settings.store.images} (" in result.stdout
+    assert " GB free)" in result.stdout
     daemon.stop()
     stopped = subprocess.run(
         [*pms_bridge_command(), "doctor", "--config", str(daemon.config)],
@@ -139,3 +141,17 @@ def test_doctor_checks_a_running_daemon(daemon: DaemonProcess) -> None:
         timeout=60,
     )
     assert stopped.returncode == 1 and "FAIL daemon answering" in stopped.stdout
+
+
+def test_doctor_fails_an_image_folder_low_on_space(tmp_path: Path) -> None:
+    from tests.conftest import write_config
+
+    config = write_config(
+        tmp_path / "home", f"sqlite:///{tmp_path / 'bridge.db'}", {"store": {"min_free_mb": 10**9}}
+    )
+    result = subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("FAIL image folder writable:")]
+    assert "MB free (under [store] min_free_mb = 1000000000)" in line and "refused (507)" in line

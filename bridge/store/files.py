@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -131,6 +132,10 @@ class FileStore:
             return "missing"
         actual = sha256_file(path)
         return None if actual == sha256 else f"hash mismatch ({actual})"
+
+    def free_bytes(self) -> int:
+        """Bytes free for the store on its disk or share (OSError when it cannot be reached)."""
+        return shutil.disk_usage(self.root).free
 
     def check_writable(self) -> None:
         """Raise OSError if the root cannot be written (a share that disappeared, a read-only mount)."""

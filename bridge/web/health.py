@@ -42,7 +42,13 @@ async def readyz(request: web.Request) -> web.Response:
         checks["store"] = {"ok": False, "error": str(exc).splitlines()[0][:300]}
     try:
         await asyncio.wait_for(asyncio.to_thread(rt.files.check_writable), timeout=5)
-        checks["images"] = {"ok": True, "path": str(rt.files.root)}
+        free = await asyncio.wait_for(asyncio.to_thread(rt.files.free_bytes), timeout=5)
+        checks["images"] = {
+            "ok": True,  # reads go on while the disk fills; doctor and low_space warn the admin
+            "path": str(rt.files.root),
+            "free_bytes": free,
+            "low_space": free < rt.settings.store.min_free_mb * 2**20,
+        }
     except Exception as exc:
         ok = False
         checks["images"] = {"ok": False, "path": str(rt.files.root), "error": str(exc)[:300]}
