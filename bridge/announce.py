@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Row
@@ -133,7 +133,8 @@ class Watcher:
 
 
 async def announce_stored_elsewhere(rt: Runtime) -> None:
-    """Publish `images-added` for images other processes add to the store, until cancelled."""
+    """Publish `images-added` for images other processes add to the store, until cancelled (a daemon
+    worker, always on: bridge.daemon.WORKER_FACTORIES)."""
     own = rt.service.own_additions
     own.active = True  # before the high-water mark is read: an image added in between is known as ours
     try:
@@ -167,8 +168,3 @@ async def _start(rt: Runtime) -> Watcher:
             continue
         log.info("watching for images stored elsewhere", extra={"after_image_id": high})
         return Watcher(rt, high)
-
-
-def announce_worker(rt: Runtime) -> Coroutine[Any, Any, None]:
-    """The daemon's worker (bridge.daemon.WORKER_FACTORIES): always on."""
-    return announce_stored_elsewhere(rt)

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.allocator import tune_for_large_buffers
-from bridge.announce import announce_worker
+from bridge.announce import announce_stored_elsewhere
 from bridge.config import Settings
 from bridge.handlers import vdds as vdds_handler
 from bridge.handlers import vdds_push
@@ -42,7 +42,7 @@ STOP_FILE_POLL_SECONDS = 0.5
 # until cancelled (a watched folder, an outbox channel), or None when its settings leave it off.
 WorkerFactory = Callable[[Runtime], Coroutine[Any, Any, None] | None]
 WORKER_FACTORIES: list[WorkerFactory] = [
-    announce_worker,
+    announce_stored_elsewhere,
     integrator_watchers,
     thumbnail_workers,
     vdds_handler.folder_worker,

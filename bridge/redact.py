@@ -37,8 +37,6 @@ DATE_FORMATS = (
     "{D}/{M}/%Y",
 )
 MIN_LENGTH = 2  # single characters (an initial, a sex code) are not identifying on their own
-
-
 MAX_DRAWS = 50  # pseudonyms drawn for a token that is not a date until one is not a date either
 
 

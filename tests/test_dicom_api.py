@@ -291,7 +291,7 @@ def test_a_full_store_answers_507_with_the_report_and_the_daemon_serves_on(
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
         assert status == 507, body
-        assert "the image store cannot be written or read (File too large)" in json.loads(body)["detail"]
+        assert "cannot be written or read (File too large)" in json.loads(body)["detail"]
         status, body = daemon.request("GET", f"/api/v1/patients/{patient_id}/images")
         assert status == 200 and len(json.loads(body)["items"]) == 1
     finally:

@@ -106,12 +106,12 @@ async def _answer(request: web.Request, handler: Handler, rid: str) -> web.Strea
     except ConnectionResetError:  # the client went away mid-body (an upload cut off): not our error
         log.warning("client closed the connection mid-request", extra={"path": request.path})
         return problem(400, "the connection was closed before the request was complete")
-    except OSError as exc:  # the disk or share under the store: full, gone, read-only
+    except OSError as exc:  # a disk or share the request needs (the image store, a PMS folder): full, gone
         log.exception("storage error", extra={"path": request.path, "errno": exc.errno})
         return problem(
             storage_status(exc),
-            f"the image store cannot be written or read ({exc.strerror or exc}); the daemon log has the"
-            f" details under request id {rid}",
+            f"storage the bridge needs (the image store or a PMS folder) cannot be written or read"
+            f" ({exc.strerror or exc}); the daemon log names it under request id {rid}",
         )
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
