@@ -5,7 +5,8 @@ leaves a half-written file under a final name; the SHA-256 in the file name is t
 `pms-bridge reconcile` re-checks.
 
 A bulk import splits that write in three, so that the waits for the disk overlap instead of adding up:
-`stage` writes the temporary file (in a process-pool worker, which then goes on to the next file),
+`stage` writes the temporary file past the page cache (bridge.store.uncached; in a process-pool worker,
+which then goes on to the next file),
 `commit` flushes it and renames it into place (in a thread of the daemon, while the workers read on), and
 `sync_folder` flushes each folder that gained names once for a whole batch (`folders_to_sync`), before
 the database transaction that references the files commits.
@@ -23,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bridge.atomic import write_atomic
+from bridge.store import uncached
 
 _CHUNK = 1 << 20
 
@@ -69,13 +71,7 @@ class FileStore:
             return None
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            with open(tmp, "xb") as fh:
-                fh.write(data)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        uncached.write_new(tmp, data)  # an import's files are read again later, if at all
         return tmp
 
     def commit(self, path: Path, sha256: str, ext: str) -> Path:

@@ -1,0 +1,136 @@
+"""Files written past the page cache (bridge.store.uncached): the bytes on disk are exactly the data, on
+every size around the block boundaries, and on a disk file system they do not occupy the page cache."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.store import uncached
+
+SIZES = [0, 1, 4095, 4096, 4097, 3_000_123, 2 * (8 << 20) + 4096 + 7]  # the last: three aligned chunks
+ON_LINUX = sys.platform.startswith("linux")
+
+
+def resident_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache: mincore(2) over a read-only mapping of it."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vector = ctypes.create_string_buffer(pages)
+            assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
+            return sum(byte & 1 for byte in vector.raw)
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+def file_system(path: Path) -> str:
+    return subprocess.run(
+        ["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True
+    ).stdout.strip()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_the_file_holds_exactly_the_data(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    target = tmp_path / "f.bin"
+    uncached.write_new(target, data)
+    assert target.read_bytes() == data
+
+
+def test_an_existing_file_is_never_overwritten(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"kept")
+    with pytest.raises(FileExistsError):
+        uncached.write_new(target, os.urandom(10_000))
+    assert target.read_bytes() == b"kept"
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="O_DIRECT and mincore(2) are Linux's")
+def test_whole_blocks_stay_out_of_the_page_cache_on_a_disk_file_system(tmp_path: Path) -> None:
+    """On a block device's file system (what a practice's image store is on) only the last partial block
+    went through the page cache; a RAM file system holds every file in memory anyway."""
+    size = 3_000_123
+    direct = tmp_path / "direct.bin"
+    uncached.write_new(direct, os.urandom(size))
+    buffered = tmp_path / "buffered.bin"
+    buffered.write_bytes(os.urandom(size))
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    assert resident_pages(buffered) == pages  # the probe sees the cache
+    if file_system(tmp_path) in ("tmpfs", "ramfs"):
+        assert resident_pages(direct) == pages
+    else:
+        assert resident_pages(direct) <= 1
+
+
+def test_without_direct_writes_the_file_is_written_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows, macOS, or a file system that refuses the flag: the same bytes, buffered."""
+    monkeypatch.setattr(uncached, "_O_DIRECT", 0)
+    data = os.urandom(3_000_123)
+    uncached.write_new(tmp_path / "f.bin", data)
+    assert (tmp_path / "f.bin").read_bytes() == data
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="O_DIRECT is Linux's")
+def test_a_device_refusing_a_direct_write_gets_the_rest_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A share may take the flag and then refuse a write (EINVAL): the rest is written buffered."""
+    import fcntl
+
+    real_write = os.write
+    calls = {"direct": 0}
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & uncached._O_DIRECT:
+            calls["direct"] += 1
+            if calls["direct"] == 2:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    data = os.urandom(3 * (8 << 20) + 123)
+    uncached.write_new(tmp_path / "f.bin", data)
+    assert calls["direct"] == 2
+    assert (tmp_path / "f.bin").read_bytes() == data
+
+
+def test_a_failing_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk: the error is raised and the partial file removed."""
+
+    def full(fd: int, data: bytes | memoryview) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError) as caught:
+        uncached.write_new(tmp_path / "f.bin", os.urandom(10_000))
+    assert caught.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
