@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import io
+import subprocess
+import sys
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,12 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.dialects import mssql, postgresql, sqlite
 
 from bridge.store import queries
-from bridge.store.db import alembic_config, make_engine, upgrade_schema
+from bridge.store.db import SCHEMA_HEAD, alembic_config, current_revision, make_engine, upgrade_schema
 from bridge.store.files import FileStore
 from bridge.store.models import Base
 
@@ -92,6 +95,39 @@ def test_migrations_equal_the_models(store_url: str) -> None:
         assert diff == []
     finally:
         engine.dispose()
+
+
+def test_schema_head_is_alembics_newest_revision() -> None:
+    assert ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head() == SCHEMA_HEAD
+
+
+def test_an_older_schema_is_still_upgraded(store_url: str) -> None:
+    """The one-query check for a current schema lets an older one through to Alembic."""
+    engine = make_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config(store_url)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0002")
+        assert current_revision(engine) == "0002"
+        upgrade_schema(engine)
+        assert current_revision(engine) == SCHEMA_HEAD
+    finally:
+        engine.dispose()
+
+
+def test_a_current_schema_is_seen_without_importing_alembic(tmp_path: Path) -> None:
+    """Every command checks the schema as it starts: on a current one Alembic is not even imported."""
+    url = f"sqlite:///{tmp_path / 'current.db'}"
+    engine = make_engine(url)
+    upgrade_schema(engine)
+    engine.dispose()
+    probe = (
+        "import sys; from bridge.store.db import make_engine, upgrade_schema;"
+        f" upgrade_schema(make_engine({url!r})); print('alembic' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
