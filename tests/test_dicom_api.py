@@ -6,6 +6,7 @@ import io
 import json
 import socket
 import time
+import warnings
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -95,6 +96,24 @@ async def test_files_and_a_zipped_file_set_import_with_a_report(api_client: Any)
     again = await api_client.post("/api/v1/import", data=form(("a.dcm", single)))
     assert again.status == 200
     assert (await again.json())["skipped"] == [{"path": "a.dcm", "reason": "already imported"}]
+
+
+async def test_a_second_zip_entry_of_the_same_name_is_refused_not_written_over_the_first(
+    api_client: Any,
+) -> None:
+    first = to_bytes(dental_dataset(patient_id="0044"))
+    out = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(out, "w") as zf:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name, and writes it
+        zf.writestr("a.dcm", first)
+        zf.writestr("a.dcm", to_bytes(dental_dataset(patient_id="0045")))
+    response = await api_client.post("/api/v1/import", data=form(("twice.zip", out.getvalue())))
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    assert [(i["path"], i["pms_id"]) for i in body["imported"]] == [("twice.zip/a.dcm", "0044")]
+    assert body["errors"] == [
+        {"path": "twice.zip/a.dcm", "reason": "a second entry of this name in the zip: refused"}
+    ]
 
 
 async def test_received_files_are_moved_into_the_store_intact(api_client: Any, runtime: Runtime) -> None:

@@ -1,5 +1,6 @@
-"""Files written past the page cache (bridge.store.uncached): the bytes on disk are exactly the data, on
-every size around the block boundaries, and on a disk file system they do not occupy the page cache."""
+"""Files written and read past the page cache (bridge.store.uncached): the bytes on disk are exactly the
+data, on every size around the block boundaries, whole or in pieces of any size, read back exactly, and on
+a disk file system they do not occupy the page cache."""
 
 from __future__ import annotations
 
@@ -134,3 +135,88 @@ def test_a_failing_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Monk
         uncached.write_new(tmp_path / "f.bin", os.urandom(10_000))
     assert caught.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("piece", [1, 4095, 4096, 65_537, 4 << 20, 9 << 20])
+def test_a_file_written_in_pieces_holds_exactly_the_data(tmp_path: Path, piece: int) -> None:
+    """An upload arrives in chunks of any size; the partial block between them is carried over."""
+    data = os.urandom(2 * (8 << 20) + 4096 + 7 if piece > 4096 else 300_001)
+    target = tmp_path / "f.bin"
+    with uncached.NewFile(target) as new:
+        for start in range(0, len(data), piece):
+            new.write(data[start : start + piece])
+    assert target.read_bytes() == data
+
+
+def test_a_file_abandoned_while_written_is_removed(tmp_path: Path) -> None:
+    """An upload cut off or refused midway: no partial file remains."""
+    target = tmp_path / "f.bin"
+    with pytest.raises(RuntimeError), uncached.NewFile(target) as new:
+        new.write(os.urandom(100_000))
+        raise RuntimeError("the client went away")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_file_is_read_back_exactly(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    target = tmp_path / "f.bin"
+    uncached.write_new(target, data)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        assert uncached.read_whole(fd, size) == data
+    finally:
+        os.close(fd)
+
+
+def test_a_read_stops_at_the_size_asked_for_and_at_the_end_of_the_file(tmp_path: Path) -> None:
+    """`size` is what fstat said; the file may have grown or shrunk since."""
+    data = os.urandom(3_000_123)
+    target = tmp_path / "f.bin"
+    target.write_bytes(data)
+    for size in (2_000_000, 3_000_123, 4_000_000):
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            assert uncached.read_whole(fd, size) == data[:size]
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="O_DIRECT is Linux's")
+def test_a_device_refusing_a_direct_read_gets_the_rest_read_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A share that takes the flag and then refuses a read (EINVAL): the rest is read buffered."""
+    data = os.urandom(2 * (8 << 20) + 99)
+    target = tmp_path / "f.bin"
+    target.write_bytes(data)
+    real_readv = os.readv
+    calls = {"direct": 0}
+
+    def readv(fd: int, buffers: list[memoryview]) -> int:
+        calls["direct"] += 1
+        if calls["direct"] == 2:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_readv(fd, buffers)
+
+    monkeypatch.setattr(os, "readv", readv)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        assert uncached.read_whole(fd, len(data)) == data
+    finally:
+        os.close(fd)
+    assert calls["direct"] == 2
+
+
+def test_without_direct_reads_the_file_is_read_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(uncached, "_O_DIRECT", 0)
+    data = os.urandom(3_000_123)
+    target = tmp_path / "f.bin"
+    target.write_bytes(data)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        assert uncached.read_whole(fd, len(data)) == data
+    finally:
+        os.close(fd)

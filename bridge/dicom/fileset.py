@@ -26,6 +26,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from bridge.store import uncached
+
 MAX_DICOMDIR_BYTES = 64 * 1024 * 1024
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 MAX_ZIP_MEMBERS = 200_000
@@ -255,7 +257,12 @@ def unpack_zip(archive: Path, dest: Path, display: str, max_bytes: int) -> list[
                     continue
                 target = dest.joinpath(*parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:
+                try:
+                    out = uncached.NewFile(target)  # read back past the page cache, as a received file
+                except FileExistsError:
+                    problems.append(Problem(shown, "a second entry of this name in the zip: refused"))
+                    continue
+                with zf.open(info) as src, out:
                     while chunk := src.read(_CHUNK):
                         written += len(chunk)
                         if written > max_bytes:

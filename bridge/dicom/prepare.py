@@ -84,7 +84,7 @@ def prepare(
     (pixels), and its bytes hashed and staged; or its facts only (a CT slice: it is stacked later); or
     why it cannot be imported. Only facts go back to the main process, never the bytes."""
     try:
-        file = read.read_file(candidate.path, candidate.display, id_tag, max_bytes)
+        file = read.read_file(candidate.path, candidate.display, id_tag, max_bytes, direct=adopt)
     except read.DicomError as exc:
         problem = Problem(candidate.display, str(exc))
         return Unreadable(problem, isinstance(exc, read.NotAnImage), exc.series_uid)

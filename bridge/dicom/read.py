@@ -28,6 +28,7 @@ from typing import Any
 from bridge.dicom import teeth
 from bridge.imaging.analyze import DICOM_CATEGORY
 from bridge.model import Category, Demographics, Sex
+from bridge.store import uncached
 
 # SOP classes read (DTX Studio Clinic's table 3, VL photographic, and our own CT volumes).
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -205,18 +206,27 @@ class DicomFile:
     data: bytes
 
 
-def read_file(path: str, display: str, id_tag: int, max_bytes: int) -> DicomFile:
-    """The DICOM Part 10 file at `path`, read once; DicomError with the reason when it is not importable."""
+def read_file(path: str, display: str, id_tag: int, max_bytes: int, direct: bool = False) -> DicomFile:
+    """The DICOM Part 10 file at `path`, read once; DicomError with the reason when it is not importable.
+    `direct`: a file the bridge wrote past the page cache (an upload), read the same way."""
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            size = os.fstat(fd).st_size
             if size > max_bytes:
                 limit = f"{max_bytes // 2**20} MB, [dicom] max_file_mb"
                 raise DicomError(f"too large: {size / 2**20:.1f} MB (limit {limit})")
-            data = fh.read()
+            data = uncached.read_whole(fd, size) if direct else _read_buffered(fd, size)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise DicomError(f"cannot be read: {exc.strerror or exc}") from None
     return parse(data, path, display, id_tag)
+
+
+def _read_buffered(fd: int, size: int) -> bytes:
+    with open(fd, "rb", closefd=False) as fh:
+        return fh.read(size)
 
 
 def parse(data: bytes, path: str, display: str, id_tag: int) -> DicomFile:

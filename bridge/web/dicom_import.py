@@ -20,13 +20,13 @@ import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import BinaryIO
 
 from aiohttp import BodyPartReader, StreamReader, web
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
 from bridge.dicom.fileset import Problem, ZipTooLarge, unpack_zip
 from bridge.dicom.importer import ImportAborted, Importer
+from bridge.store import uncached
 from bridge.web.api import json_response, origin_of
 from bridge.web.keys import RUNTIME
 from bridge.web.problems import ProblemError, storage_status
@@ -60,9 +60,10 @@ async def _receive_file(
 ) -> tuple[int, bool]:
     """Write what `read` returns until it returns b"" to a new file `target` (its folder created too); the
     bytes received so far, and whether the file is a zip. The disk may throttle, so the file is created and
-    written in threads, each chunk while the next one arrives: the event loop never waits on the disk."""
+    written in threads, each chunk while the next one arrives: the event loop never waits on the disk. It
+    is written past the page cache (bridge.store.uncached): a pool worker reads it once, the same way."""
     out = await asyncio.to_thread(_create, target)
-    writing: asyncio.Future[int] | None = None
+    writing: asyncio.Future[None] | None = None
     head = b""
     try:
         while chunk := await read():
@@ -74,16 +75,21 @@ async def _receive_file(
             if writing is not None:
                 await writing
             writing = asyncio.ensure_future(asyncio.to_thread(out.write, chunk))
-    finally:
         if writing is not None:
             await writing
-        out.close()
+            writing = None
+        await asyncio.to_thread(out.close)
+    except BaseException:
+        if writing is not None:
+            await asyncio.gather(writing, return_exceptions=True)
+        await asyncio.to_thread(out.abort)
+        raise
     return received, head == ZIP_MAGIC
 
 
-def _create(target: Path) -> BinaryIO:
+def _create(target: Path) -> uncached.NewFile:
     target.parent.mkdir()
-    return open(target, "wb")
+    return uncached.NewFile(target)
 
 
 async def _read_body_chunk(content: StreamReader) -> bytes:
