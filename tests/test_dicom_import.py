@@ -27,7 +27,7 @@ from bridge.dicom.wrap import decoded_pixels
 from bridge.imaging import analyze
 from bridge.model import Action, Demographics, NewImage, Origin, PatientRequest, Sex
 from bridge.runtime import Runtime
-from bridge.store.files import FileStore
+from bridge.store.files import STAGING, FileStore
 from bridge.store.models import Image, PmsLink
 from tests.support.dicomfiles import dental_dataset, sample, to_bytes, write
 
@@ -284,6 +284,26 @@ async def test_files_are_flushed_before_their_rows_and_a_failed_batch_leaves_no_
         await run_import(runtime, *paths)
     left = [p for p in files.root.rglob("*") if p.is_file() and "thumbnails" not in p.parts]
     assert left == [], "the files of a batch the database refused (or their temporary files) remain"
+
+
+async def test_a_file_the_store_cannot_take_is_reported_and_the_import_goes_on(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """The pool workers write into the store's staging folder; when that fails (here: a file where the
+    folder must be) each file says why, no row is added, and the import still answers."""
+    paths = [write(dental_dataset(patient_id="10"), tmp_path / f"{n}.dcm") for n in range(2)]
+    root = runtime.settings.store.images
+    root.mkdir(parents=True, exist_ok=True)
+    (root / STAGING).write_bytes(b"")
+    report = await run_import(runtime, *paths)
+    assert sorted((Path(p.path).name, p.reason) for p in report.errors) == [
+        ("0.dcm", "cannot be stored: File exists"),
+        ("1.dcm", "cannot be stored: File exists"),
+    ]
+    assert report.imported == [] and image_rows(runtime) == []
+    (root / STAGING).unlink()
+    again = await run_import(runtime, *paths)
+    assert len(again.imported) == 2 and stored_files(runtime) == {row.sha256 for row in image_rows(runtime)}
 
 
 async def test_dicomdir_paths_must_stay_inside_the_file_set(runtime: Runtime, tmp_path: Path) -> None:

@@ -2,8 +2,8 @@
 
 1. The files are found (fileset) in the imaging process pool; then each file's job runs in a pool worker
    (prepare): the file is read once, its header mapped (read), its pixel data checked (pixels: native grey
-   data by its length, everything else decoded completely), its bytes hashed and written beside their place
-   in the store. Only facts come back: moving a file's bytes between processes costs more than checking
+   data by its length, everything else decoded completely), its bytes hashed and written to the store's
+   staging folder. Only facts come back: moving a file's bytes between processes costs more than checking
    them. The daemon flushes each file and renames it into place in a thread while the workers go on.
 2. Each distinct patient (PMS id and demographics as the files carry them) goes through the service as an
    IMPORT request: found by the identity rules, created only under `allow_patient_creation`, never
@@ -199,15 +199,14 @@ class Importer:
     async def _commit(self, stored: Stored) -> bool:
         """Flush a worker's file to disk and rename it into place, in a thread while the workers read on
         (an fsync in a worker would leave its core idle); False, with the file reported, when that fails."""
-        if stored.pending:
-            try:
-                await asyncio.to_thread(
-                    self.rt.files.commit, Path(stored.pending), stored.sha256, stored.analysis.file_ext
-                )
-            except OSError as exc:
-                reason = f"cannot be stored: {exc.strerror or exc}"
-                self.report.errors.extend(Problem(path, reason) for path in stored.paths)
-                return False
+        try:
+            await asyncio.to_thread(
+                self.rt.files.commit, Path(stored.pending), stored.sha256, stored.analysis.file_ext
+            )
+        except OSError as exc:
+            reason = f"cannot be stored: {exc.strerror or exc}"
+            self.report.errors.extend(Problem(path, reason) for path in stored.paths)
+            return False
         return True
 
     async def _durable(self, batch: list[Stored]) -> bool:

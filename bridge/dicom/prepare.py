@@ -1,6 +1,10 @@
 """The pool worker's side of an import: one file read once, its header mapped, its pixel data checked,
-its bytes hashed and written next to their place in the store; only facts go back (bridge.dicom.importer
+its bytes hashed and written to the store's staging folder; only facts go back (bridge.dicom.importer
 runs the rest). Moving a file's bytes between processes would cost more than checking them.
+
+The write goes past the page cache (bridge.store.uncached) and waits for the disk, so it runs in a thread
+of the worker while the worker checks and hashes the same bytes: measured in docs/dicom.md
+("Performance"), that wait would otherwise leave the worker's core idle for about half of each file.
 
 Every pool process imports this module when it starts, so it imports nothing of the daemon's (no
 database, no service): a worker that starts during an import delays the files waiting for it.
@@ -8,7 +12,10 @@ database, no service): a worker that starts during an import delays the files wa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,6 +23,7 @@ from bridge.dicom import pixels, read, volume
 from bridge.dicom.fileset import Candidate, Problem
 from bridge.imaging.analyze import Analysis, ImagingError, analyze_dicom, new_image
 from bridge.model import NewImage
+from bridge.store import uncached
 from bridge.store.files import FileStore
 
 
@@ -30,16 +38,16 @@ class Unreadable:
 
 @dataclass(frozen=True)
 class Stored:
-    """A file a pool worker checked completely and wrote next to its place in the store: what the main
+    """A file a pool worker checked completely and wrote to the store's staging folder: what the main
     process puts in place and adds to the store. `pending` is the file to flush and rename into place
-    (staged by the worker, or the received upload itself); empty when the store holds the bytes already.
+    (staged by the worker, or the received upload itself).
     """
 
     facts: read.DicomFacts
     sha256: str
     analysis: Analysis
     size: int
-    pending: str = ""
+    pending: str
     sources: tuple[str, ...] = ()  # the slices of a CT volume
 
     @property
@@ -51,30 +59,55 @@ class Stored:
         return new_image(self.analysis, self.sha256, self.size, self.facts.ingest_metadata())
 
 
-def _stage(
-    facts: read.DicomFacts, data: bytes, analysis: Analysis, store_root: str, adopt: bool
+_writer: ThreadPoolExecutor | None = None
+
+
+def _write_behind(data: bytes, store_root: str) -> tuple[Path, Future[None]]:
+    """Start writing `data` to a new file of the store's staging folder in this worker's writer thread;
+    the file and the write (its result raises the OSError of a failed write, the file then removed)."""
+    global _writer
+    if _writer is None:
+        _writer = ThreadPoolExecutor(1, thread_name_prefix="stage")
+    path = FileStore(Path(store_root)).staging_path()
+    return path, _writer.submit(uncached.write_new, path, data)
+
+
+def _check_and_stage(
+    facts: read.DicomFacts, data: bytes, check: Callable[[], Analysis], store_root: str, adopt: bool
 ) -> Stored | Unreadable:
-    """Hash checked bytes and write them next to their place in the store (not flushed yet: the main
-    process does that, off this worker); `adopt`: the file itself is an upload of ours, moved in later."""
-    sha256 = hashlib.sha256(data).hexdigest()
+    """Check `data` (`check` raises ImagingError), hash it and write it to the store's staging folder,
+    the write running beside the check and the hash; not flushed yet: the main process does that, off
+    this worker. `adopt`: the file itself is an upload of ours, moved in later, so nothing is written."""
     if adopt:
-        return Stored(facts, sha256, analysis, len(data), facts.path)
+        try:
+            analysis = check()
+        except ImagingError as exc:
+            return Unreadable(Problem(facts.display, str(exc)))
+        return Stored(facts, hashlib.sha256(data).hexdigest(), analysis, len(data), facts.path)
     try:
-        staged = FileStore(Path(store_root)).stage(data, sha256, analysis.file_ext)
+        staged, writing = _write_behind(data, store_root)
     except OSError as exc:
         return Unreadable(Problem(facts.display, f"cannot be stored: {exc.strerror or exc}"))
-    return Stored(facts, sha256, analysis, len(data), str(staged or ""))
+    try:
+        analysis = check()
+    except ImagingError as exc:
+        with contextlib.suppress(OSError):
+            writing.result()
+            staged.unlink()
+        return Unreadable(Problem(facts.display, str(exc)))
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        writing.result()
+    except OSError as exc:
+        return Unreadable(Problem(facts.display, f"cannot be stored: {exc.strerror or exc}"))
+    return Stored(facts, sha256, analysis, len(data), str(staged))
 
 
 def _decode_and_stage(
     facts: read.DicomFacts, data: bytes, store_root: str, adopt: bool = False
 ) -> Stored | Unreadable:
     """Decode `data` completely (the check of what was not read as a file: a volume, a lone CT slice)."""
-    try:
-        analysis = analyze_dicom(data)
-    except ImagingError as exc:
-        return Unreadable(Problem(facts.display, str(exc)))
-    return _stage(facts, data, analysis, store_root, adopt)
+    return _check_and_stage(facts, data, lambda: analyze_dicom(data), store_root, adopt)
 
 
 def prepare(
@@ -90,11 +123,7 @@ def prepare(
         return Unreadable(problem, isinstance(exc, read.NotAnImage), exc.series_uid)
     if file.facts.is_ct_slice:
         return file.facts
-    try:
-        analysis = pixels.check(file)
-    except ImagingError as exc:
-        return Unreadable(Problem(candidate.display, str(exc)))
-    return _stage(file.facts, file.data, analysis, store_root, adopt)
+    return _check_and_stage(file.facts, file.data, lambda: pixels.check(file), store_root, adopt)
 
 
 def store_file(facts: read.DicomFacts, store_root: str, adopt: bool = False) -> Stored | Unreadable:

@@ -5,8 +5,8 @@ leaves a half-written file under a final name; the SHA-256 in the file name is t
 `pms-bridge reconcile` re-checks.
 
 A bulk import splits that write in three, so that the waits for the disk overlap instead of adding up:
-`stage` writes the temporary file past the page cache (bridge.store.uncached; in a process-pool worker,
-which then goes on to the next file),
+a process-pool worker writes the file under a `staging_path` past the page cache (bridge.store.uncached)
+while it checks and hashes the same bytes,
 `commit` flushes it and renames it into place (in a thread of the daemon, while the workers read on), and
 `sync_folder` flushes each folder that gained names once for a whole batch (`folders_to_sync`), before
 the database transaction that references the files commits.
@@ -24,9 +24,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bridge.atomic import write_atomic
-from bridge.store import uncached
 
 _CHUNK = 1 << 20
+STAGING = ".staging"  # the folder of files an import wrote and has not committed yet
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -63,16 +63,12 @@ class FileStore:
             write_atomic(path, data)
         return digest, path
 
-    def stage(self, data: bytes, sha256: str, ext: str) -> Path | None:
-        """Write `data` (whose hash is `sha256`) to a temporary file beside its final name, not flushed
-        yet; None when the store already holds those bytes. `commit` puts it in place."""
-        target = self.path_for(sha256, ext)
-        if target.exists():
-            return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-        uncached.write_new(tmp, data)  # an import's files are read again later, if at all
-        return tmp
+    def staging_path(self) -> Path:
+        """A new name in the store's staging folder, where an import writes a file before `commit` moves
+        it into place: on the store's own file system, so that the rename is atomic."""
+        folder = self.root / STAGING
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{secrets.token_hex(12)}.tmp"
 
     def commit(self, path: Path, sha256: str, ext: str) -> Path:
         """Flush a complete file the bridge wrote itself (staged, or a received upload on this store's
