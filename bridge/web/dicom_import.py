@@ -21,7 +21,9 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from aiohttp import BodyPartReader, StreamReader, web
+from aiohttp import web
+from aiohttp.hdrs import CONTENT_TYPE
+from aiohttp.helpers import parse_mimetype
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
 from bridge.dicom.fileset import Problem, ZipTooLarge, unpack_zip
@@ -29,6 +31,7 @@ from bridge.dicom.importer import ImportAborted, Importer
 from bridge.store import uncached
 from bridge.web.api import json_response, origin_of
 from bridge.web.keys import RUNTIME
+from bridge.web.multipart import FormReader, MultipartError, boundary_of
 from bridge.web.problems import ProblemError, storage_status
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,8 @@ routes = web.RouteTableDef()
 
 MAX_PARTS = 10_000
 IMPORT_CONCURRENCY = 4
-_CHUNK = 4 << 20  # a DICOM file of a sensor in one or two chunks: each is a thread hop
+IN_FLIGHT = 4  # received files of one upload whose writes may still be finishing
+_CHUNK = 4 << 20  # a DICOM file of a sensor in one or two writes: each is a thread hop
 # Bodies that are one file; multipart/form-data carries any number.
 SINGLE_FILE_TYPES = ("application/dicom", "application/zip")
 
@@ -56,35 +60,63 @@ ZIP_MAGIC = b"PK\x03\x04"
 
 
 async def _receive_file(
-    read: Callable[[], Awaitable[bytes]], target: Path, received: int, limit: int
-) -> tuple[int, bool]:
-    """Write what `read` returns until it returns b"" to a new file `target` (its folder created too); the
-    bytes received so far, and whether the file is a zip. The disk may throttle, so the file is created and
-    written in threads, each chunk while the next one arrives: the event loop never waits on the disk. It
-    is written past the page cache (bridge.store.uncached): a pool worker reads it once, the same way."""
+    read: Callable[[], Awaitable[bytes | memoryview]], target: Path, received: int, limit: int
+) -> tuple[int, bool, asyncio.Future[None]]:
+    """Write what `read` returns until it returns nothing to a new file `target` (its folder created too);
+    the bytes received so far, whether the file is a zip, and the write's completion, which comes after
+    this returns (the next file may be received meanwhile) and raises what the disk raised, the partial
+    file then removed. The disk may throttle, so the file is created and written in threads, gathered into
+    pieces of `_CHUNK` bytes (each is a thread hop) while the next ones arrive: the event loop never waits
+    on the disk. It is written past the page cache (bridge.store.uncached): a pool worker reads it once,
+    the same way."""
     out = await asyncio.to_thread(_create, target)
     writing: asyncio.Future[None] | None = None
+    batch: list[bytes | memoryview] = []
+    batched = 0
     head = b""
     try:
-        while chunk := await read():
-            received += len(chunk)
+        while piece := await read():
+            received += len(piece)
             if received > limit:
                 raise TooLarge(f"the import is larger than {limit // 2**20} MB ([dicom] max_upload_mb)")
             if len(head) < len(ZIP_MAGIC):
-                head += chunk[: len(ZIP_MAGIC) - len(head)]
-            if writing is not None:
-                await writing
-            writing = asyncio.ensure_future(asyncio.to_thread(out.write, chunk))
+                head += bytes(piece[: len(ZIP_MAGIC) - len(head)])
+            batch.append(piece)
+            batched += len(piece)
+            if batched >= _CHUNK:
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(_write_pieces, out, batch))
+                batch, batched = [], 0
+    except BaseException:
+        await _abandon(out, writing)
+        raise
+    return received, head == ZIP_MAGIC, asyncio.ensure_future(_complete(out, writing, batch))
+
+
+async def _complete(
+    out: uncached.NewFile, writing: asyncio.Future[None] | None, rest: list[bytes | memoryview]
+) -> None:
+    """Write the rest of a received file and close it; on failure it is removed."""
+    try:
         if writing is not None:
             await writing
-            writing = None
-        await asyncio.to_thread(out.close)
+        await asyncio.to_thread(_write_pieces, out, rest)
     except BaseException:
-        if writing is not None:
-            await asyncio.gather(writing, return_exceptions=True)
-        await asyncio.to_thread(out.abort)
+        await _abandon(out, None)
         raise
-    return received, head == ZIP_MAGIC
+    await asyncio.to_thread(out.close)  # which removes the file itself when its last write fails
+
+
+async def _abandon(out: uncached.NewFile, writing: asyncio.Future[None] | None) -> None:
+    if writing is not None:
+        await asyncio.gather(writing, return_exceptions=True)
+    await asyncio.to_thread(out.abort)
+
+
+def _write_pieces(out: uncached.NewFile, pieces: list[bytes | memoryview]) -> None:
+    for piece in pieces:
+        out.write(piece)
 
 
 def _create(target: Path) -> uncached.NewFile:
@@ -92,18 +124,18 @@ def _create(target: Path) -> uncached.NewFile:
     return uncached.NewFile(target)
 
 
-async def _read_body_chunk(content: StreamReader) -> bytes:
-    """Up to `_CHUNK` bytes of a raw body: whole chunks, so a file is one or two thread hops to the disk."""
-    try:
-        return await content.readexactly(_CHUNK)
-    except asyncio.IncompleteReadError as exc:
-        return exc.partial
-
-
 async def _hand_over(
-    target: Path, name: str, is_zip: bool, received: int, limit: int, importer: Importer
+    written: Awaitable[None],
+    target: Path,
+    name: str,
+    is_zip: bool,
+    received: int,
+    limit: int,
+    importer: Importer,
 ) -> list[Problem]:
-    """Give one received file to `importer`; a zip is unpacked beside it first (its problems returned)."""
+    """Give one received file to `importer` once it is written; a zip is unpacked beside it first (its
+    problems returned)."""
+    await written
     if not is_zip:
         await importer.add([(str(target), name)])
         return []
@@ -132,32 +164,43 @@ async def _receive_body(request: web.Request, folder: Path, limit: int, importer
         filename = content_disposition_filename(parse_content_disposition(disposition)[1])
     name = _part_name(filename, 1)
     target = folder / "00001" / name
-    received, is_zip = await _receive_file(lambda: _read_body_chunk(request.content), target, 0, limit)
+    received, is_zip, written = await _receive_file(request.content.readany, target, 0, limit)
     if received == 0:
+        await written
         raise ProblemError(400, "the body is empty: send the DICOM file (or the zip) as the body")
-    return await _hand_over(target, name, is_zip, received, limit, importer)
+    return await _hand_over(written, target, name, is_zip, received, limit, importer)
 
 
 async def _receive(request: web.Request, folder: Path, limit: int, importer: Importer) -> list[Problem]:
     """Stream the `file` parts into `folder`, unpack zips, and hand each to `importer` as soon as it is
-    on disk, so importing overlaps receiving; the problems of the zips."""
-    reader = await request.multipart()
-    problems: list[Problem] = []
+    on disk, so importing overlaps receiving: the next part is received while the last one's write
+    finishes (at most `IN_FLIGHT` files at once). The problems of the zips."""
+    form = FormReader(request.content, boundary_of(parse_mimetype(request.headers[CONTENT_TYPE]).parameters))
+    handing: list[asyncio.Future[list[Problem]]] = []
     received = 0
     index = 0
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            raise ProblemError(400, "nested multipart bodies are not accepted")
-        if part.name != "file":
-            await part.release()
-            continue
-        index += 1
-        if index > MAX_PARTS:
-            raise TooLarge(f"at most {MAX_PARTS} files per import")
-        name = _part_name(part.filename, index)
-        target = folder / f"{index:05d}" / name
-        received, is_zip = await _receive_file(lambda: part.read_chunk(_CHUNK), target, received, limit)
-        problems += await _hand_over(target, name, is_zip, received, limit, importer)
+    try:
+        while (part := await form.next_part()) is not None:
+            if part.name != "file":
+                continue
+            index += 1
+            if index > MAX_PARTS:
+                raise TooLarge(f"at most {MAX_PARTS} files per import")
+            name = _part_name(part.filename, index)
+            target = folder / f"{index:05d}" / name
+            received, is_zip, written = await _receive_file(form.read, target, received, limit)
+            handing.append(
+                asyncio.ensure_future(_hand_over(written, target, name, is_zip, received, limit, importer))
+            )
+            while len(waiting := [h for h in handing if not h.done()]) >= IN_FLIGHT:
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # nothing may still write into `folder` when the caller removes it
+        outcomes = await asyncio.gather(*handing, return_exceptions=True)
+    problems: list[Problem] = []
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        problems += outcome
     if index == 0:
         raise ProblemError(400, "no part named 'file' in the upload")
     return problems
@@ -184,7 +227,7 @@ async def import_media(request: web.Request) -> web.Response:
     if (request.content_length or 0) > limit:
         raise ProblemError(413, f"the import is larger than {limit // 2**20} MB ([dicom] max_upload_mb)")
     importer = Importer(rt, origin_of(request, "dicom"), concurrency=IMPORT_CONCURRENCY, adopt=True)
-    too_large = ""
+    too_large = malformed = ""
     not_stored: OSError | None = None
     # Received into the image store's own file system, so a stored file is the received one, moved in.
     tmp = Path(await asyncio.to_thread(_private_folder, rt.files.root))
@@ -195,6 +238,8 @@ async def import_media(request: web.Request) -> web.Response:
         raise ProblemError(500, f"the import cannot run: {exc}") from None
     except TooLarge as exc:
         problems, too_large = [], str(exc)
+    except MultipartError as exc:
+        problems, malformed = [], str(exc)
     except ConnectionResetError:
         raise  # the client is gone: nobody to answer (bridge.web.middleware logs it)
     except OSError as exc:  # the store's disk or share: full, gone
@@ -209,6 +254,12 @@ async def import_media(request: web.Request) -> web.Response:
     if too_large:
         detail = f"{too_large}; the files received before the limit are in the report"
         raise ProblemError(413, detail, kind="import-too-large", report=body)
+    if malformed:
+        detail = (
+            f"the upload is not well-formed multipart/form-data: {malformed}; the files received before"
+            " are in the report"
+        )
+        raise ProblemError(400, detail, kind="import-malformed", report=body)
     if not_stored is not None:
         log.error("upload not stored", extra={"errno": not_stored.errno, "reason": not_stored.strerror})
         detail = (

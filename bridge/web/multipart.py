@@ -1,0 +1,164 @@
+"""multipart/form-data (RFC 7578; the framing of RFC 2046, section 5.1.1) read as a stream of parts, for
+uploads of many large files (`POST /api/v1/import`).
+
+Why not aiohttp's own reader: to find the boundary it joins the previous and the current chunk and slices
+the result again, so each byte of a part is copied six times or more; for a DICOM import that was a
+quarter of the daemon's CPU per file (docs/dicom.md, "Performance"). Here the body's chunks are searched
+where they lie and a part's data is handed out as views of them: the one copy left is the write into the
+file. The body is untrusted: a part's header block is limited (`MAX_HEAD`), a nested multipart body and a
+transfer encoding other than the identity are refused, and a body that ends before its closing boundary
+is an error, never a silently shortened file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiohttp import StreamReader
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
+
+MAX_HEAD = 16 * 1024  # bytes of one part's header lines
+MAX_BOUNDARY = 70  # RFC 2046
+_IDENTITY = ("", "binary", "8bit", "7bit")
+
+
+class MultipartError(ValueError):
+    """The body is not well-formed multipart/form-data (answered 400)."""
+
+
+@dataclass(frozen=True)
+class PartHead:
+    """What a part's headers say: its form field name, the client's file name, its media type."""
+
+    name: str | None
+    filename: str | None
+    content_type: str
+
+
+def boundary_of(content_type_params: Mapping[str, str]) -> str:
+    """The boundary parameter of a multipart Content-Type, checked (RFC 2046: 1 to 70 characters)."""
+    boundary = content_type_params.get("boundary", "")
+    if not 0 < len(boundary) <= MAX_BOUNDARY or not boundary.isascii():
+        raise MultipartError("the multipart Content-Type has no usable boundary parameter")
+    return boundary
+
+
+class FormReader:
+    """The parts of one multipart body, in order: `next_part` gives a part's head (None after the last),
+    `read` its data in pieces until b"". A part not read to its end is skipped by `next_part`."""
+
+    def __init__(self, content: StreamReader, boundary: str) -> None:
+        self._content = content
+        self._delimiter = b"\r\n--" + boundary.encode("ascii")
+        # The first delimiter may start the body without a line break before it: one is supplied, so the
+        # preamble (usually empty) is read as the data of a part nobody asked for.
+        self._buf = b"\r\n"
+        self._pos = 0
+        self._in_part = True
+        self._closed = False
+
+    async def next_part(self) -> PartHead | None:
+        """The next part's head, its data ready for `read`; None when the closing delimiter was read."""
+        while self._in_part:
+            await self.read()
+        if self._closed:
+            return None
+        while len(self._buf) - self._pos < 2:
+            await self._more("inside a boundary line")
+        if self._buf[self._pos : self._pos + 2] == b"--":
+            self._closed = True  # the epilogue after the closing delimiter is ignored (RFC 2046)
+            return None
+        end = await self._find(b"\r\n", "inside a boundary line")
+        if self._buf[self._pos : end].strip(b" \t"):
+            raise MultipartError("a boundary line carries text after the boundary")
+        self._pos = end + 2
+        if await self._ensure(2) == b"\r\n":
+            lines: list[bytes] = []
+            self._pos += 2
+        else:
+            end = await self._find(b"\r\n\r\n", "inside a part's headers")
+            lines = self._buf[self._pos : end].split(b"\r\n")
+            self._pos = end + 4
+        self._in_part = True
+        return _head(lines)
+
+    async def read(self) -> memoryview:
+        """The next piece of the current part's data (a view of the body as received); empty at its end."""
+        if not self._in_part:
+            return memoryview(b"")
+        while True:
+            found = self._buf.find(self._delimiter, self._pos)
+            if found >= 0:
+                piece = memoryview(self._buf)[self._pos : found]
+                self._pos = found + len(self._delimiter)
+                self._in_part = False
+                return piece
+            end = len(self._buf) - self._partial_delimiter()
+            if end > self._pos:
+                piece = memoryview(self._buf)[self._pos : end]
+                self._pos = end
+                return piece
+            await self._more("inside a part, before its closing boundary")
+
+    def _partial_delimiter(self) -> int:
+        """How many bytes at the end of the buffer may begin a delimiter: kept until more data arrives.
+        Binary data seldom ends so, so the next chunk is seldom copied to join them."""
+        size = len(self._buf)
+        at = self._buf.find(b"\r", max(self._pos, size - len(self._delimiter) + 1))
+        while at >= 0:
+            if self._delimiter.startswith(self._buf[at:]):
+                return size - at
+            at = self._buf.find(b"\r", at + 1)
+        return 0
+
+    async def _more(self, where: str) -> None:
+        """Append the next chunk of the body to what is not consumed yet."""
+        chunk = await self._content.readany()
+        if not chunk:
+            raise MultipartError(f"the body ends {where}")
+        rest = self._buf[self._pos :] if self._pos < len(self._buf) else b""
+        self._buf = rest + chunk if rest else chunk
+        self._pos = 0
+
+    async def _find(self, marker: bytes, where: str) -> int:
+        """The index of `marker` at or after the read position, reading on for it within `MAX_HEAD`."""
+        while (found := self._buf.find(marker, self._pos)) < 0:
+            if len(self._buf) - self._pos > MAX_HEAD:
+                raise MultipartError(f"a part's headers are longer than {MAX_HEAD} bytes")
+            await self._more(where)
+        if found - self._pos > MAX_HEAD:
+            raise MultipartError(f"a part's headers are longer than {MAX_HEAD} bytes")
+        return found
+
+    async def _ensure(self, count: int) -> bytes:
+        """The next `count` bytes, not consumed."""
+        while len(self._buf) - self._pos < count:
+            await self._more("inside a part's headers")
+        return self._buf[self._pos : self._pos + count]
+
+
+def _head(lines: list[bytes]) -> PartHead:
+    """A part's head from its header lines (folded lines joined; names case-insensitive)."""
+    headers: dict[str, str] = {}
+    last = ""
+    for raw in lines:
+        line = raw.decode("utf-8", "replace")  # browsers send a file name's UTF-8 bytes as they are
+        if line[:1] in (" ", "\t") and last:
+            headers[last] += " " + line.strip()
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise MultipartError(f"a part's header line is malformed: {line[:80]!r}")
+        last = name.strip().lower()
+        headers[last] = value.strip()
+    content_type = headers.get("content-type", "text/plain")
+    if content_type.lower().startswith("multipart/"):
+        raise MultipartError("nested multipart bodies are not accepted")
+    encoding = headers.get("content-transfer-encoding", "").lower()
+    if encoding not in _IDENTITY:
+        raise MultipartError(
+            f"Content-Transfer-Encoding {encoding} is not accepted: send the bytes as they are"
+        )
+    _kind, params = parse_content_disposition(headers.get("content-disposition"))
+    return PartHead(params.get("name"), content_disposition_filename(params, "filename"), content_type)
