@@ -80,6 +80,7 @@ class NewFile:
         self._direct = _set_direct(self._fd, True)
         self._buf: mmap.mmap | None = None
         self._fill = 0  # bytes waiting in the buffer, at most a partial block between writes
+        self._closed = False
 
     def __enter__(self) -> NewFile:
         return self
@@ -146,12 +147,15 @@ class NewFile:
             self.abort()
             raise
         self._release()
+        self._closed = True
         os.close(self._fd)
 
     def abort(self) -> None:
-        """Close and remove the partial file."""
+        """Close (unless closed) and remove the partial file."""
         self._release()
-        os.close(self._fd)
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
         try:  # noqa: SIM105 - the same shape as bridge.atomic
             os.unlink(self.path)
         except OSError:

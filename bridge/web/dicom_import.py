@@ -59,17 +59,42 @@ class TooLarge(Exception):
 ZIP_MAGIC = b"PK\x03\x04"
 
 
+class _Received:
+    """A received file written in threads: created with its first batch of pieces, closed with its last
+    (so a file of up to `_CHUNK` bytes is one thread hop), and removed again if anything fails."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self._out: uncached.NewFile | None = None
+
+    def write(self, pieces: list[bytes | memoryview], last: bool) -> None:
+        try:
+            if self._out is None:
+                self.target.parent.mkdir()
+                self._out = uncached.NewFile(self.target)
+            for piece in pieces:
+                self._out.write(piece)
+            if last:
+                self._out.close()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        if self._out is not None:
+            self._out.abort()
+
+
 async def _receive_file(
     read: Callable[[], Awaitable[bytes | memoryview]], target: Path, received: int, limit: int
 ) -> tuple[int, bool, asyncio.Future[None]]:
     """Write what `read` returns until it returns nothing to a new file `target` (its folder created too);
     the bytes received so far, whether the file is a zip, and the write's completion, which comes after
     this returns (the next file may be received meanwhile) and raises what the disk raised, the partial
-    file then removed. The disk may throttle, so the file is created and written in threads, gathered into
-    pieces of `_CHUNK` bytes (each is a thread hop) while the next ones arrive: the event loop never waits
-    on the disk. It is written past the page cache (bridge.store.uncached): a pool worker reads it once,
-    the same way."""
-    out = await asyncio.to_thread(_create, target)
+    file then removed. The disk may throttle, so the file is written in threads, in batches of `_CHUNK`
+    bytes (each is a thread hop) while the next pieces arrive: the event loop never waits on the disk. It
+    is written past the page cache (bridge.store.uncached): a pool worker reads it once, the same way."""
+    file = _Received(target)
     writing: asyncio.Future[None] | None = None
     batch: list[bytes | memoryview] = []
     batched = 0
@@ -86,42 +111,23 @@ async def _receive_file(
             if batched >= _CHUNK:
                 if writing is not None:
                     await writing
-                writing = asyncio.ensure_future(asyncio.to_thread(_write_pieces, out, batch))
+                writing = asyncio.ensure_future(asyncio.to_thread(file.write, batch, False))
                 batch, batched = [], 0
     except BaseException:
-        await _abandon(out, writing)
+        if writing is not None:
+            await asyncio.gather(writing, return_exceptions=True)
+        await asyncio.to_thread(file.abandon)
         raise
-    return received, head == ZIP_MAGIC, asyncio.ensure_future(_complete(out, writing, batch))
+    return received, head == ZIP_MAGIC, asyncio.ensure_future(_complete(file, writing, batch))
 
 
 async def _complete(
-    out: uncached.NewFile, writing: asyncio.Future[None] | None, rest: list[bytes | memoryview]
+    file: _Received, writing: asyncio.Future[None] | None, rest: list[bytes | memoryview]
 ) -> None:
-    """Write the rest of a received file and close it; on failure it is removed."""
-    try:
-        if writing is not None:
-            await writing
-        await asyncio.to_thread(_write_pieces, out, rest)
-    except BaseException:
-        await _abandon(out, None)
-        raise
-    await asyncio.to_thread(out.close)  # which removes the file itself when its last write fails
-
-
-async def _abandon(out: uncached.NewFile, writing: asyncio.Future[None] | None) -> None:
+    """Write the rest of a received file and close it (on failure it is removed)."""
     if writing is not None:
-        await asyncio.gather(writing, return_exceptions=True)
-    await asyncio.to_thread(out.abort)
-
-
-def _write_pieces(out: uncached.NewFile, pieces: list[bytes | memoryview]) -> None:
-    for piece in pieces:
-        out.write(piece)
-
-
-def _create(target: Path) -> uncached.NewFile:
-    target.parent.mkdir()
-    return uncached.NewFile(target)
+        await writing
+    await asyncio.to_thread(file.write, rest, True)
 
 
 async def _hand_over(
