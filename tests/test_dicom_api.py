@@ -116,6 +116,35 @@ async def test_a_second_zip_entry_of_the_same_name_is_refused_not_written_over_t
     ]
 
 
+async def test_a_multipart_body_cut_before_its_closing_boundary_is_a_400_with_the_report(
+    api_client: Any,
+) -> None:
+    """The body is complete as HTTP goes (its Content-Length arrived) but its last part never ends: the
+    files before it are imported and reported, the cut one is not stored shortened."""
+    first = to_bytes(dental_dataset(patient_id="0050"))
+    cut = to_bytes(dental_dataset(patient_id="0051"))
+    head = 'Content-Disposition: form-data; name="file"; filename="{}"\r\n\r\n'
+    raw = (
+        ("--cut\r\n" + head.format("first.dcm")).encode()
+        + first
+        + ("\r\n--cut\r\n" + head.format("cut.dcm")).encode()
+        + cut
+    )
+    response = await api_client.post(
+        "/api/v1/import", data=raw, headers={"Content-Type": "multipart/form-data; boundary=cut"}
+    )
+    assert response.status == 400
+    problem = await response.json(content_type=PROBLEM)
+    assert problem["type"].endswith("import-malformed")
+    assert problem["detail"].startswith(
+        "the upload is not well-formed multipart/form-data: the body ends inside a part, before its"
+        " closing boundary"
+    )
+    assert [(i["path"], i["pms_id"]) for i in problem["report"]["imported"]] == [("first.dcm", "0050")]
+    patients = await (await api_client.get("/api/v1/patients", params={"pms_id": "0051"})).json()
+    assert patients["items"] == []
+
+
 async def test_received_files_are_moved_into_the_store_intact(api_client: Any, runtime: Runtime) -> None:
     single = to_bytes(dental_dataset(patient_id="0042"))
     response = await api_client.post("/api/v1/import", data=form(("a.dcm", single)))
