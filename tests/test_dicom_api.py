@@ -145,6 +145,39 @@ async def test_a_multipart_body_cut_before_its_closing_boundary_is_a_400_with_th
     assert patients["items"] == []
 
 
+async def test_bodies_sent_in_chunked_transfer_encoding_import_intact(
+    api_client: Any, runtime: Runtime
+) -> None:
+    """No Content-Length: HTTP chunks of odd sizes, for a single file and for a multipart body."""
+    single = to_bytes(dental_dataset(patient_id="0052"))
+    part = to_bytes(dental_dataset(patient_id="0053"))
+    multipart = (
+        b'--chunked\r\nContent-Disposition: form-data; name="file"; filename="p.dcm"\r\n\r\n'
+        + part
+        + b"\r\n--chunked--\r\n"
+    )
+
+    def chunked(data: bytes) -> Any:
+        async def pieces() -> AsyncIterator[bytes]:
+            for start in range(0, len(data), 777):
+                yield data[start : start + 777]
+
+        return pieces()
+
+    one = await api_client.post("/api/v1/import", data=chunked(single), headers=AS_DICOM)
+    assert one.status == 201, await one.text()
+    form = await api_client.post(
+        "/api/v1/import",
+        data=chunked(multipart),
+        headers={"Content-Type": "multipart/form-data; boundary=chunked"},
+    )
+    assert form.status == 201, await form.text()
+    for response, data in ((one, single), (form, part)):
+        (item,) = (await response.json())["imported"]
+        image = await runtime.service.get_image(ORIGIN, item["image_id"])
+        assert image is not None and runtime.files.path_for(image.sha256, "dcm").read_bytes() == data
+
+
 async def test_received_files_are_moved_into_the_store_intact(api_client: Any, runtime: Runtime) -> None:
     single = to_bytes(dental_dataset(patient_id="0042"))
     response = await api_client.post("/api/v1/import", data=form(("a.dcm", single)))

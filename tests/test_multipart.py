@@ -11,7 +11,14 @@ import pytest
 from aiohttp import StreamReader
 from aiohttp.base_protocol import BaseProtocol
 
-from bridge.web.multipart import MAX_HEAD, FormReader, MultipartError, PartHead, boundary_of
+from bridge.web.multipart import (
+    MAX_HEAD,
+    BodyTooLarge,
+    FormReader,
+    MultipartError,
+    PartHead,
+    boundary_of,
+)
 
 BOUNDARY = "b0und4ry"
 # Data that looks like a delimiter without being one: a CRLF and dashes before most of the boundary, the
@@ -137,3 +144,26 @@ async def test_malformed_bodies_are_refused_with_the_reason(raw: bytes, reason: 
 def test_a_content_type_without_a_usable_boundary_is_refused(params: dict[str, str]) -> None:
     with pytest.raises(MultipartError, match="no usable boundary"):
         boundary_of(params)
+
+
+def fed(raw: bytes, chunk: int) -> StreamReader:
+    stream = StreamReader(BaseProtocol(asyncio.get_running_loop()), 2**16, loop=asyncio.get_running_loop())
+    for start in range(0, len(raw), chunk):
+        stream.feed_data(raw[start : start + chunk])
+    stream.feed_eof()
+    return stream
+
+
+async def test_a_small_part_is_read_whole_and_a_body_beyond_max_bytes_is_stopped() -> None:
+    raw = body(
+        [('Content-Disposition: form-data; name="note"', b"a, b"), (file_head("x.png"), bytes(50_000))]
+    )
+    form = FormReader(fed(raw, 4096), BOUNDARY, max_bytes=len(raw))
+    assert await form.next_part() is not None and await form.read_all() == b"a, b"
+    assert await form.next_part() is not None and await form.read_all() == bytes(50_000)
+    assert await form.next_part() is None
+    limited = FormReader(fed(raw, 4096), BOUNDARY, max_bytes=20_000)
+    assert await limited.next_part() is not None  # the first chunks are within the limit
+    with pytest.raises(BodyTooLarge, match="limit 20000 bytes"):
+        while await limited.next_part() is not None:
+            await limited.read_all()

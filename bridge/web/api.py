@@ -13,7 +13,9 @@ import json
 from datetime import date, datetime
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
+from aiohttp.hdrs import CONTENT_TYPE
+from aiohttp.helpers import parse_mimetype
 
 from bridge.imaging.analyze import ImagingError
 from bridge.model import (
@@ -29,8 +31,9 @@ from bridge.model import (
 )
 from bridge.runtime import Runtime
 from bridge.service import Refused
-from bridge.web.keys import RUNTIME
+from bridge.web.keys import MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY
+from bridge.web.multipart import BodyTooLarge, FormReader, MultipartError, boundary_of
 from bridge.web.problems import ProblemError
 
 routes = web.RouteTableDef()
@@ -251,18 +254,28 @@ async def upload_images(request: web.Request) -> web.Response:
     patient_id = path_id(request)
     if not request.content_type.startswith("multipart/"):
         raise ProblemError(415, "send the images as multipart/form-data parts named 'file'")
-    reader = await request.multipart()
+    limit = request.app[MAX_BODY]
+    if (request.content_length or 0) > limit:
+        raise ProblemError(413, f"request body too large (limit {limit} bytes)")
     blobs: list[tuple[str, bytes]] = []
     fields: dict[str, str] = {}
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            raise ProblemError(400, "nested multipart bodies are not accepted")
-        if part.name == "file":
-            if len(blobs) >= MAX_UPLOAD_FILES:
-                raise ProblemError(413, f"at most {MAX_UPLOAD_FILES} files per request")
-            blobs.append((part.filename or "", bytes(await part.read())))
-        elif part.name:
-            fields[part.name] = (await part.text())[:500]
+    try:
+        form = FormReader(
+            request.content,
+            boundary_of(parse_mimetype(request.headers[CONTENT_TYPE]).parameters),
+            max_bytes=limit,
+        )
+        while (part := await form.next_part()) is not None:
+            if part.name == "file":
+                if len(blobs) >= MAX_UPLOAD_FILES:
+                    raise ProblemError(413, f"at most {MAX_UPLOAD_FILES} files per request")
+                blobs.append((part.filename or "", await form.read_all()))
+            elif part.name:
+                fields[part.name] = (await form.read_all()).decode("utf-8", "replace")[:500]
+    except BodyTooLarge as exc:
+        raise ProblemError(413, str(exc)) from None
+    except MultipartError as exc:
+        raise ProblemError(400, f"the upload is not well-formed multipart/form-data: {exc}") from None
     if not blobs:
         raise ProblemError(400, "no part named 'file' in the upload")
     metadata = upload_metadata(fields)

@@ -31,7 +31,7 @@ from bridge.dicom.importer import ImportAborted, Importer
 from bridge.store import uncached
 from bridge.web.api import json_response, origin_of
 from bridge.web.keys import RUNTIME
-from bridge.web.multipart import FormReader, MultipartError, boundary_of
+from bridge.web.multipart import BodyTooLarge, FormReader, MultipartError, boundary_of, next_chunk
 from bridge.web.problems import ProblemError, storage_status
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ async def _receive_body(request: web.Request, folder: Path, limit: int, importer
         filename = content_disposition_filename(parse_content_disposition(disposition)[1])
     name = _part_name(filename, 1)
     target = folder / "00001" / name
-    received, is_zip, written = await _receive_file(request.content.readany, target, 0, limit)
+    received, is_zip, written = await _receive_file(lambda: next_chunk(request.content), target, 0, limit)
     if received == 0:
         await written
         raise ProblemError(400, "the body is empty: send the DICOM file (or the zip) as the body")
@@ -181,7 +181,8 @@ async def _receive(request: web.Request, folder: Path, limit: int, importer: Imp
     """Stream the `file` parts into `folder`, unpack zips, and hand each to `importer` as soon as it is
     on disk, so importing overlaps receiving: the next part is received while the last one's write
     finishes (at most `IN_FLIGHT` files at once). The problems of the zips."""
-    form = FormReader(request.content, boundary_of(parse_mimetype(request.headers[CONTENT_TYPE]).parameters))
+    boundary = boundary_of(parse_mimetype(request.headers[CONTENT_TYPE]).parameters)
+    form = FormReader(request.content, boundary, max_bytes=limit)  # the parts' headers count too
     handing: list[asyncio.Future[list[Problem]]] = []
     received = 0
     index = 0
@@ -244,6 +245,8 @@ async def import_media(request: web.Request) -> web.Response:
         raise ProblemError(500, f"the import cannot run: {exc}") from None
     except TooLarge as exc:
         problems, too_large = [], str(exc)
+    except BodyTooLarge:
+        problems, too_large = [], f"the import is larger than {limit // 2**20} MB ([dicom] max_upload_mb)"
     except MultipartError as exc:
         problems, malformed = [], str(exc)
     except ConnectionResetError:

@@ -1,13 +1,13 @@
-"""multipart/form-data (RFC 7578; the framing of RFC 2046, section 5.1.1) read as a stream of parts, for
-uploads of many large files (`POST /api/v1/import`).
+"""multipart/form-data (RFC 7578; the framing of RFC 2046, section 5.1.1) read as a stream of parts: the
+reader of every multipart upload of the REST API (DICOM imports of many large files, acquisitions).
 
 Why not aiohttp's own reader: to find the boundary it joins the previous and the current chunk and slices
 the result again, so each byte of a part is copied six times or more; for a DICOM import that was a
 quarter of the daemon's CPU per file (docs/dicom.md, "Performance"). Here the body's chunks are searched
 where they lie and a part's data is handed out as views of them: the one copy left is the write into the
 file. The body is untrusted: a part's header block is limited (`MAX_HEAD`), a nested multipart body and a
-transfer encoding other than the identity are refused, and a body that ends before its closing boundary
-is an error, never a silently shortened file.
+transfer encoding other than the identity are refused, a body that ends before its closing boundary is
+an error, never a silently shortened file, and a reader given `max_bytes` stops a body that grows beyond.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ class MultipartError(ValueError):
     """The body is not well-formed multipart/form-data (answered 400)."""
 
 
+class BodyTooLarge(ValueError):
+    """The body went beyond the reader's `max_bytes` while arriving (answered 413)."""
+
+
 @dataclass(frozen=True)
 class PartHead:
     """What a part's headers say: its form field name, the client's file name, its media type."""
@@ -34,6 +38,16 @@ class PartHead:
     name: str | None
     filename: str | None
     content_type: str
+
+
+async def next_chunk(content: StreamReader) -> bytes:
+    """The next piece of a request body as it arrived; b"" at its end. aiohttp's `readany` joins every
+    piece waiting in the buffer into one (a copy of each byte); `readchunk` hands them out one by one."""
+    while True:
+        data, end_of_http_chunk = await content.readchunk()
+        # (b"", True) marks the end of a chunk of a chunked body, and is all an empty body ever answers
+        if data or not end_of_http_chunk or content.at_eof():
+            return data
 
 
 def boundary_of(content_type_params: Mapping[str, str]) -> str:
@@ -48,8 +62,10 @@ class FormReader:
     """The parts of one multipart body, in order: `next_part` gives a part's head (None after the last),
     `read` its data in pieces until b"". A part not read to its end is skipped by `next_part`."""
 
-    def __init__(self, content: StreamReader, boundary: str) -> None:
+    def __init__(self, content: StreamReader, boundary: str, max_bytes: int | None = None) -> None:
         self._content = content
+        self._max_bytes = max_bytes
+        self._received = 0
         self._delimiter = b"\r\n--" + boundary.encode("ascii")
         # The first delimiter may start the body without a line break before it: one is supplied, so the
         # preamble (usually empty) is read as the data of a part nobody asked for.
@@ -101,6 +117,13 @@ class FormReader:
                 return piece
             await self._more("inside a part, before its closing boundary")
 
+    async def read_all(self) -> bytes:
+        """The rest of the current part's data as one bytes object (a small part, held in memory)."""
+        pieces = []
+        while piece := await self.read():
+            pieces.append(piece)
+        return b"".join(pieces)
+
     def _partial_delimiter(self) -> int:
         """How many bytes at the end of the buffer may begin a delimiter: kept until more data arrives.
         Binary data seldom ends so, so the next chunk is seldom copied to join them."""
@@ -114,9 +137,12 @@ class FormReader:
 
     async def _more(self, where: str) -> None:
         """Append the next chunk of the body to what is not consumed yet."""
-        chunk = await self._content.readany()
+        chunk = await next_chunk(self._content)
         if not chunk:
             raise MultipartError(f"the body ends {where}")
+        self._received += len(chunk)
+        if self._max_bytes is not None and self._received > self._max_bytes:
+            raise BodyTooLarge(f"request body too large (limit {self._max_bytes} bytes)")
         rest = self._buf[self._pos :] if self._pos < len(self._buf) else b""
         self._buf = rest + chunk if rest else chunk
         self._pos = 0
