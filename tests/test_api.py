@@ -203,6 +203,27 @@ async def test_bad_uploads_are_refused_and_leave_nothing(api_client: Any, runtim
     assert (await api_client.post("/api/v1/patients/999/images", data=missing)).status == 404
 
 
+async def test_a_malformed_acquisition_upload_is_a_400_and_stores_nothing(api_client: Any) -> None:
+    patient = await (
+        await api_client.post(
+            "/api/v1/patients", json={"pms_system": "desk", "pms_id": "M400", "last_name": "Cut"}
+        )
+    ).json()
+    raw = b'--cut\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n' + png16()
+    response = await api_client.post(
+        f"/api/v1/patients/{patient['id']}/images",
+        data=raw,
+        headers={"Content-Type": "multipart/form-data; boundary=cut"},
+    )
+    assert response.status == 400
+    assert (await response.json(content_type=PROBLEM))["detail"] == (
+        "the upload is not well-formed multipart/form-data: the body ends inside a part, before its closing"
+        " boundary"
+    )
+    images = await (await api_client.get(f"/api/v1/patients/{patient['id']}/images")).json()
+    assert images["items"] == []
+
+
 async def test_request_size_limit(make_settings: Any) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
