@@ -115,6 +115,7 @@ class Daemon:
                 "listening",
                 extra={"listener": name, "host": host, "port": self.bound[name][1], "tls": bool(site_tls)},
             )
+        await self._remove_import_leftovers()
         self._spawn(rt.audit.run(), "audit")
         self._spawn(self._watch_stop_file(), "stop-file")
         for make_worker in WORKER_FACTORIES:
@@ -131,6 +132,18 @@ class Daemon:
             "started",
             extra={"version": __version__, "config": str(self.settings.path), "store": rt.db.dialect},
         )
+
+    async def _remove_import_leftovers(self) -> None:
+        """Files of imports a crash interrupted (FileStore.remove_leftovers); a store that cannot be reached
+        now is left to the readiness check."""
+        assert self.rt is not None
+        try:
+            removed = await asyncio.to_thread(self.rt.files.remove_leftovers)
+        except OSError as exc:
+            log.warning("import leftovers not checked", extra={"reason": exc.strerror or str(exc)})
+            return
+        if removed:
+            log.info("import leftovers removed", extra={"count": removed})
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

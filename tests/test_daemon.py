@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import DaemonProcess, free_port, pms_bridge_command, start_daemon
+from bridge.config import load_settings
+from bridge.store.files import FileStore
+from tests.conftest import DaemonProcess, free_port, pms_bridge_command, start_daemon, write_config
 
 
 def test_readme_first_command_gives_a_daemon_that_answers(tmp_path: Path) -> None:
@@ -155,3 +157,19 @@ def test_doctor_fails_an_image_folder_low_on_space(tmp_path: Path) -> None:
     assert result.returncode == 1
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("FAIL image folder writable:")]
     assert "MB free (under [store] min_free_mb = 1000000000)" in line and "refused (507)" in line
+
+
+def test_start_up_removes_what_a_crashed_import_left(tmp_path: Path, store_url: str) -> None:
+    config = write_config(tmp_path / "home", store_url)
+    images = load_settings(str(config)).store.images
+    staged = FileStore(images).staging_path()
+    staged.write_bytes(b"half an import")
+    past = time.time() - 2 * 86400
+    os.utime(staged, (past, past))
+    daemon = start_daemon(config)
+    try:
+        assert not staged.exists()
+        records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+        assert [r["count"] for r in records if r.get("msg") == "import leftovers removed"] == [1]
+    finally:
+        daemon.stop()

@@ -20,7 +20,7 @@ from sqlalchemy.dialects import mssql, postgresql, sqlite
 
 from bridge.store import queries
 from bridge.store.db import SCHEMA_HEAD, alembic_config, current_revision, make_engine, upgrade_schema
-from bridge.store.files import FileStore
+from bridge.store.files import STAGING, UPLOADS, FileStore
 from bridge.store.models import Base
 
 SAMPLE_ARGS: dict[type, Any] = {
@@ -177,3 +177,41 @@ async def test_a_dropped_database_connection_is_retried_once(pg_server: str) -> 
         assert await db.write(lambda s: s.execute(text("SELECT 3")).scalar()) == 3
     finally:
         db.close()
+
+
+def _age(path: Path, seconds: float) -> None:
+    """Set `path`'s times `seconds` into the past."""
+    import os
+    import time
+
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+
+
+def test_leftovers_of_interrupted_imports_are_removed_once_a_day_old(tmp_path: Path) -> None:
+    """Staged files and upload folders nothing touched for a day go; recent ones (a running import, a
+    slow upload still writing into its folder) and everything else in the store stay."""
+    files = FileStore(tmp_path / "images")
+    old_staged, new_staged = files.staging_path(), files.staging_path()
+    old_staged.write_bytes(b"cut off")
+    new_staged.write_bytes(b"being written")
+    _age(old_staged, 2 * 86400)
+    old_upload = files.root / f"{UPLOADS}dead"
+    (old_upload / "00001").mkdir(parents=True)
+    (old_upload / "00001" / "a.dcm").write_bytes(b"x")
+    for path in (old_upload / "00001" / "a.dcm", old_upload / "00001", old_upload):
+        _age(path, 2 * 86400)
+    slow_upload = files.root / f"{UPLOADS}slow"
+    (slow_upload / "00001").mkdir(parents=True)
+    _age(slow_upload, 2 * 86400)  # the folder is old, the part arriving in it is not
+    (slow_upload / "00001" / "big.zip").write_bytes(b"arriving")
+    stored = files.path_for("ab" * 32, "dcm")
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(b"stored")
+    _age(stored, 30 * 86400)
+    assert files.remove_leftovers() == 2
+    assert not old_staged.exists() and not old_upload.exists()
+    assert new_staged.exists() and slow_upload.exists() and stored.exists()
+    assert (files.root / STAGING).is_dir()
+    assert files.remove_leftovers() == 0
+    assert FileStore(tmp_path / "never-created").remove_leftovers() == 0

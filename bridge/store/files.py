@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from bridge.atomic import write_atomic
 
 _CHUNK = 1 << 20
 STAGING = ".staging"  # the folder of files an import wrote and has not committed yet
+UPLOADS = ".import-"  # the prefix of the folder each REST import receives its files into
+LEFTOVER_SECONDS = 24 * 3600  # untouched this long, such files belong to no running import
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -69,6 +72,26 @@ class FileStore:
         folder = self.root / STAGING
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{secrets.token_hex(12)}.tmp"
+
+    def remove_leftovers(self, older_than: float = LEFTOVER_SECONDS) -> int:
+        """Remove what imports killed midway (a crash, a power cut) left in the store's root: staged files
+        and upload folders nothing has touched for `older_than` seconds; how many were removed. A running
+        import touches its own within seconds of writing them; the default day leaves room for a slow
+        upload to another daemon sharing the store. Nothing there is referenced by the database."""
+        limit = time.time() - older_than
+        removed = 0
+        staging = self.root / STAGING
+        for entry in _entries(staging):
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < limit:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+        for entry in _entries(self.root):
+            upload = entry.name.startswith(UPLOADS) and entry.is_dir(follow_symlinks=False)
+            if upload and _newest_mtime(Path(entry.path)) < limit:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+        return removed
 
     def commit(self, path: Path, sha256: str, ext: str) -> Path:
         """Flush a complete file the bridge wrote itself (staged, or a received upload on this store's
@@ -135,3 +158,21 @@ class FileStore:
         fd, tmp = tempfile.mkstemp(prefix=".probe.", dir=self.root)
         os.close(fd)
         os.unlink(tmp)
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as found:
+            return list(found)
+    except FileNotFoundError:
+        return []
+
+
+def _newest_mtime(folder: Path) -> float:
+    """The latest modification time in a folder's tree (an upload still arriving writes into it)."""
+    newest = folder.stat().st_mtime
+    for base, dirs, names in os.walk(folder):
+        for name in [*names, *dirs]:
+            with contextlib.suppress(FileNotFoundError):
+                newest = max(newest, os.stat(os.path.join(base, name), follow_symlinks=False).st_mtime)
+    return newest

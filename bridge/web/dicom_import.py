@@ -29,6 +29,7 @@ from aiohttp.multipart import content_disposition_filename, parse_content_dispos
 from bridge.dicom.fileset import Problem, ZipTooLarge, unpack_zip
 from bridge.dicom.importer import ImportAborted, Importer
 from bridge.store import uncached
+from bridge.store.files import UPLOADS
 from bridge.web.api import json_response, origin_of
 from bridge.web.keys import RUNTIME
 from bridge.web.multipart import BodyTooLarge, FormReader, MultipartError, boundary_of, next_chunk
@@ -216,7 +217,7 @@ async def _receive(request: web.Request, folder: Path, limit: int, importer: Imp
 def _private_folder(root: Path) -> str:
     """A new folder for one upload's files inside the image store (created with the store if need be)."""
     root.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".import-", dir=root)
+    return tempfile.mkdtemp(prefix=UPLOADS, dir=root)
 
 
 @routes.post("/api/v1/import")
