@@ -16,6 +16,12 @@ second over the import itself (servers already running, files already on disk):
 * pms-bridge import engine: the same import in this process (a Runtime, warmed), without HTTP or a process
   start: what the transports above add to it.
 
+Beside each rate the bench prints the CPU the server side spent per file (user and system time of the
+server's process and every process below it, from Linux /proc, over the same interval; for the engine, this
+process and its pool), as a ratio to the best Orthanc figure's: on a shared or virtual machine the rates move
+with what else runs, the CPU a file costs much less. The import command's CPU is not measured (its
+processes are gone when it ends).
+
 Both servers get one unrelated file before the clock starts (a running archive is warm: pms-bridge's decoder
 processes load their codecs on first use, once).
 
@@ -47,6 +53,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,11 +140,56 @@ def wait_for(url: str, process: subprocess.Popen[bytes], headers: dict[str, str]
     raise RuntimeError(f"{url} did not answer")
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One import: seconds, and the CPU seconds its server side spent (the process and all processes below
+    it, from /proc; None where not measured: the import command, whose processes are gone when it ends)."""
+
+    seconds: float
+    cpu: float | None
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid` and every process below it (Linux /proc)."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, total = [pid], 0.0
+    while tree:
+        current = tree.pop()
+        total += used.get(current, 0.0)
+        tree += [child for child, parent in parents.items() if parent == current]
+    return total
+
+
+def pid_running(marker: str) -> int:
+    """The process whose command line holds `marker` (the server a helper started, by its config path)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
+                    return int(entry)
+    raise RuntimeError(f"no process with {marker} in its command line")
+
+
 def timed_uploads(
-    port: int, files: list[bytes], clients: int, post: Callable[[http.client.HTTPConnection, bytes], None]
-) -> float:
+    port: int,
+    files: list[bytes],
+    clients: int,
+    post: Callable[[http.client.HTTPConnection, bytes], None],
+    server: int,
+) -> Measured:
     """Seconds for `clients` keep-alive connections to `post` every file, each connection a share of them
-    in turn (`post` raises RuntimeError for a refused file)."""
+    in turn (`post` raises RuntimeError for a refused file), and the CPU process `server` spent."""
     failures: list[str] = []
 
     def upload(share: list[bytes]) -> None:
@@ -150,15 +202,17 @@ def timed_uploads(
         connection.close()
 
     threads = [threading.Thread(target=upload, args=(files[i::clients],)) for i in range(clients)]
+    cpu = tree_cpu(server)
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
+    cpu = tree_cpu(server) - cpu
     if failures:
         raise RuntimeError(failures[0])
-    return elapsed
+    return Measured(elapsed, cpu)
 
 
 def orthanc_post(connection: http.client.HTTPConnection, data: bytes) -> None:
@@ -169,10 +223,10 @@ def orthanc_post(connection: http.client.HTTPConnection, data: bytes) -> None:
         raise RuntimeError(f"Orthanc refused a file: {answer.decode(errors='replace')[:200]}")
 
 
-def orthanc_upload(port: int, files: list[bytes], clients: int, warm: bytes) -> float:
-    """Seconds to POST every file to /instances with `clients` keep-alive connections (after `warm`)."""
+def orthanc_upload(port: int, files: list[bytes], clients: int, warm: bytes, server: int) -> Measured:
+    """POST every file to /instances with `clients` keep-alive connections (after `warm`)."""
     orthanc_post(http.client.HTTPConnection("127.0.0.1", port, timeout=120), warm)
-    return timed_uploads(port, files, clients, orthanc_post)
+    return timed_uploads(port, files, clients, orthanc_post, server)
 
 
 def bridge_config(home: Path, *, render: bool) -> tuple[Path, int, str]:
@@ -211,8 +265,8 @@ def multipart(paths: list[Path]) -> tuple[bytes, str]:
 
 
 @contextlib.contextmanager
-def running_bridge(home: Path, *, render: bool) -> Iterator[tuple[int, dict[str, str]]]:
-    """A `pms-bridge serve` on a fresh store: its API port and the authorization header."""
+def running_bridge(home: Path, *, render: bool) -> Iterator[tuple[int, dict[str, str], int]]:
+    """A `pms-bridge serve` on a fresh store: its API port, the authorization header and its pid."""
     config, port, token = bridge_config(home, render=render)
     with open(home / "log", "wb") as log:
         daemon = subprocess.Popen(
@@ -220,7 +274,7 @@ def running_bridge(home: Path, *, render: bool) -> Iterator[tuple[int, dict[str,
         )
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", daemon)
-        yield port, {"Authorization": f"Bearer {token}"}
+        yield port, {"Authorization": f"Bearer {token}"}, daemon.pid
     finally:
         daemon.terminate()
         daemon.wait(60)
@@ -239,35 +293,39 @@ def bridge_post(
     return report
 
 
-def bridge_rest(home: Path, body: bytes, content_type: str, count: int, *, render: bool, warm: Path) -> float:
-    """Seconds for one multipart POST /api/v1/import of every file to a running daemon (warmed first)."""
-    with running_bridge(home, render=render) as (port, auth):
+def bridge_rest(
+    home: Path, body: bytes, content_type: str, count: int, *, render: bool, warm: Path
+) -> Measured:
+    """One multipart POST /api/v1/import of every file to a running daemon (warmed first)."""
+    with running_bridge(home, render=render) as (port, auth, pid):
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         warm_body, warm_type = multipart([warm])
         bridge_post(connection, warm_body, {**auth, "Content-Type": warm_type})
+        cpu = tree_cpu(pid)
         started = time.perf_counter()
         report = bridge_post(connection, body, {**auth, "Content-Type": content_type})
         elapsed = time.perf_counter() - started
+        cpu = tree_cpu(pid) - cpu
         if report["summary"]["images"] != count:
             raise RuntimeError(f"pms-bridge imported {report['summary']}")
-        return elapsed
+        return Measured(elapsed, cpu)
 
 
-def bridge_rest_single(home: Path, files: list[bytes], clients: int, warm: bytes) -> float:
-    """Seconds to POST every file as its own application/dicom body with `clients` keep-alive connections,
-    as Orthanc is measured (each request is a whole import: its own report, transaction and flushes)."""
-    with running_bridge(home, render=False) as (port, auth):
+def bridge_rest_single(home: Path, files: list[bytes], clients: int, warm: bytes) -> Measured:
+    """POST every file as its own application/dicom body with `clients` keep-alive connections, as Orthanc
+    is measured (each request is a whole import: its own report, transaction and flushes)."""
+    with running_bridge(home, render=False) as (port, auth, pid):
         headers = {**auth, "Content-Type": "application/dicom"}
 
         def post(connection: http.client.HTTPConnection, data: bytes) -> None:
             bridge_post(connection, data, headers)
 
         post(http.client.HTTPConnection("127.0.0.1", port, timeout=120), warm)
-        return timed_uploads(port, files, clients, post)
+        return timed_uploads(port, files, clients, post, pid)
 
 
-def bridge_cli(home: Path, folder: Path, count: int) -> float:
-    """Seconds for `pms-bridge import FOLDER`, the process start included, into a store whose schema
+def bridge_cli(home: Path, folder: Path, count: int) -> Measured:
+    """`pms-bridge import FOLDER`, the process start included, into a store whose schema
     exists (created at install, as Orthanc's database and the daemon's exist before they are measured)."""
     from bridge.store.db import make_engine, upgrade_schema
 
@@ -284,11 +342,11 @@ def bridge_cli(home: Path, folder: Path, count: int) -> float:
     elapsed = time.perf_counter() - started
     if result.returncode != 0 or json.loads(result.stdout)["summary"]["images"] != count:
         raise RuntimeError(f"pms-bridge import failed: {result.stderr[-500:]}")
-    return elapsed
+    return Measured(elapsed, None)
 
 
-def bridge_engine(home: Path, folder: Path, warm: Path, count: int) -> float:
-    """Seconds for the import itself, in this process, with a warmed runtime."""
+def bridge_engine(home: Path, folder: Path, warm: Path, count: int) -> Measured:
+    """The import itself, in this process (and its pool), with a warmed runtime."""
     import asyncio
 
     from bridge.config import load_settings
@@ -300,16 +358,18 @@ def bridge_engine(home: Path, folder: Path, warm: Path, count: int) -> float:
     workers = os.cpu_count() or 1
     rt = Runtime.build(load_settings(str(config)), imaging_workers=workers)
 
-    async def run() -> float:
+    async def run() -> Measured:
         origin = Origin("bench", "import", "BENCH")
         await Importer(rt, origin, concurrency=2 * workers).run([(str(warm), "warm")])
+        cpu = tree_cpu(os.getpid())
         started = time.perf_counter()
         report = await Importer(rt, origin, concurrency=2 * workers).run([(str(folder), "files")])
         elapsed = time.perf_counter() - started
+        cpu = tree_cpu(os.getpid()) - cpu
         await rt.audit.flush()
         if len(report.imported) != count:
             raise RuntimeError(f"the engine imported {len(report.imported)} of {count}: {report.errors[:1]}")
-        return elapsed
+        return Measured(elapsed, cpu)
 
     try:
         return asyncio.run(run())
@@ -332,19 +392,20 @@ def main() -> None:
         size = sum(len(d) for d in data) / 1e6
         each = size / args.files
         print(f"{args.files} intra-oral objects, {size:.0f} MB ({each:.2f} MB each); {os.cpu_count()} cores")
-        results: dict[str, list[float]] = {}
+        results: dict[str, list[Measured]] = {}
 
-        def measure(name: str, home: Path, run: Callable[[Path], float]) -> None:
+        def measure(name: str, home: Path, run: Callable[[Path], Measured]) -> None:
             # each store is removed once measured: a run of many rounds needs no more disk than one
             try:
                 results.setdefault(name, []).append(run(home))
             finally:
                 shutil.rmtree(home, ignore_errors=True)
 
-        def orthanc(clients: int) -> Callable[[Path], float]:
-            def run(home: Path) -> float:
+        def orthanc(clients: int) -> Callable[[Path], Measured]:
+            def run(home: Path) -> Measured:
                 with running_orthanc(home) as port:
-                    return orthanc_upload(port, data, clients, warm.read_bytes())
+                    server = pid_running(str(home / "orthanc.json"))
+                    return orthanc_upload(port, data, clients, warm.read_bytes(), server)
 
             return run
 
@@ -378,11 +439,27 @@ def main() -> None:
                 work / f"render-{n}",
                 lambda home: bridge_rest(home, body, content_type, args.files, render=True, warm=warm),
             )
-        rates = {name: args.files / statistics.median(times) for name, times in results.items()}
-        baseline = max(rate for name, rate in rates.items() if name.startswith("Orthanc"))
-        print(f"median of {args.rounds} rounds, images/s (ratio to the best Orthanc figure of the same run):")
+        rates = {
+            name: args.files / statistics.median(m.seconds for m in runs) for name, runs in results.items()
+        }
+        cpus = {
+            name: 1000 * statistics.median(m.cpu for m in runs if m.cpu is not None) / args.files
+            for name, runs in results.items()
+            if all(m.cpu is not None for m in runs)
+        }
+        best = max((name for name in rates if name.startswith("Orthanc")), key=rates.__getitem__)
+        baseline, cpu_baseline = rates[best], cpus[best]
+        print(
+            f"median of {args.rounds} rounds: images/s (ratio to the best Orthanc figure of the same run,"
+            f" {best}); CPU of the server side per file (its processes, from /proc; ratio to that run's)"
+        )
         for name, rate in rates.items():
-            print(f"  {name:48} {rate:7.1f} /s   {rate / baseline:5.2f}x")
+            cpu = (
+                f"{cpus[name]:6.1f} ms/file {cpus[name] / cpu_baseline:5.2f}x"
+                if name in cpus
+                else "   (not measured)"
+            )
+            print(f"  {name:48} {rate:7.1f} /s   {rate / baseline:5.2f}x   CPU {cpu}")
         fresh, reused, later = page_cache_costs(work / "memory")
         print(
             f"writing 3 MB into page cache: {fresh:.2f} ms; again at once {reused:.2f} ms;"
