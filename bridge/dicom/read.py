@@ -216,17 +216,12 @@ def read_file(path: str, display: str, id_tag: int, max_bytes: int, direct: bool
             if size > max_bytes:
                 limit = f"{max_bytes // 2**20} MB, [dicom] max_file_mb"
                 raise DicomError(f"too large: {size / 2**20:.1f} MB (limit {limit})")
-            data = uncached.read_whole(fd, size) if direct else _read_buffered(fd, size)
+            data = uncached.read_whole(fd, size, direct=direct)
         finally:
             os.close(fd)
     except OSError as exc:
         raise DicomError(f"cannot be read: {exc.strerror or exc}") from None
     return parse(data, path, display, id_tag)
-
-
-def _read_buffered(fd: int, size: int) -> bytes:
-    with open(fd, "rb", closefd=False) as fh:
-        return fh.read(size)
 
 
 def parse(data: bytes, path: str, display: str, id_tag: int) -> DicomFile:

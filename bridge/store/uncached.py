@@ -173,10 +173,11 @@ def write_new(path: str | os.PathLike[str], data: bytes) -> None:
         new.write(data)
 
 
-def read_whole(fd: int, size: int) -> bytes:
-    """The first `size` bytes of the open file `fd` (as fstat gave its size; fewer if it shrank since),
-    read directly where the file system allows, else buffered from where the direct reads stopped."""
-    if size < ALIGN or not _set_direct(fd, True):
+def read_whole(fd: int, size: int, *, direct: bool = True) -> bytes:
+    """The first `size` bytes of the open file `fd` (as fstat gave its size; fewer if it shrank since).
+    `direct`: read past the page cache where the file system allows, else buffered from where the direct
+    reads stopped; False: buffered (a user's file, which may well be in the cache already)."""
+    if not direct or size < ALIGN or not _set_direct(fd, True):
         return _read_buffered(fd, size, [])
     pieces: list[bytes] = []
     got = 0
