@@ -90,12 +90,14 @@ def _check_and_stage(
         return Unreadable(Problem(facts.display, f"cannot be stored: {exc.strerror or exc}"))
     try:
         analysis = check()
-    except ImagingError as exc:
+        sha256 = hashlib.sha256(data).hexdigest()
+    except BaseException as exc:  # refused, or a decoder failing oddly: the staged file goes either way
         with contextlib.suppress(OSError):
             writing.result()
             staged.unlink()
-        return Unreadable(Problem(facts.display, str(exc)))
-    sha256 = hashlib.sha256(data).hexdigest()
+        if isinstance(exc, ImagingError):
+            return Unreadable(Problem(facts.display, str(exc)))
+        raise
     try:
         writing.result()
     except OSError as exc:
