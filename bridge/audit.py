@@ -113,6 +113,9 @@ class AuditLog:
         # Plain rows, not ORM objects: a read is queued on the hot path of every thumbnail, and a batch
         # goes in as one executemany, so neither side pays for ORM instrumentation.
         self._pending: deque[dict[str, Any]] = deque()
+        # One flush at a time: a flush that finds the queue empty while another is still writing the
+        # batch it took must wait for that write, or "flush, then read the log" misses those rows.
+        self._flushing = asyncio.Lock()
 
     @staticmethod
     def change(
@@ -148,18 +151,19 @@ class AuditLog:
         database thread at a time leaves the event loop the interpreter in between); returns how many
         were written."""
         written = 0
-        while self._pending:
-            batch = [self._pending.popleft() for _ in range(min(self.FLUSH_CHUNK, len(self._pending)))]
+        async with self._flushing:
+            while self._pending:
+                batch = [self._pending.popleft() for _ in range(min(self.FLUSH_CHUNK, len(self._pending)))]
 
-            def work(session: Session, batch: list[dict[str, Any]] = batch) -> None:
-                _insert_reads(session, [dict(row) for row in batch])  # copies: a retry starts afresh
+                def work(session: Session, batch: list[dict[str, Any]] = batch) -> None:
+                    _insert_reads(session, [dict(row) for row in batch])  # copies: a retry starts afresh
 
-            try:
-                await self._db.write(work, watched=False)
-            except Exception:
-                self._pending.extendleft(reversed(batch))  # keep them for the next attempt
-                raise
-            written += len(batch)
+                try:
+                    await self._db.write(work, watched=False)
+                except Exception:
+                    self._pending.extendleft(reversed(batch))  # keep them for the next attempt
+                    raise
+                written += len(batch)
         return written
 
     async def run(self) -> None:

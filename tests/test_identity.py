@@ -295,6 +295,31 @@ async def test_every_change_and_read_is_audited(runtime: Runtime) -> None:
     assert all(e["protocol"] == "test" and e["workstation"] == "WS1" for e in entries)
 
 
+async def test_a_flush_waits_for_the_batch_another_flush_is_writing(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic flush has taken the queued reads and is still writing them when the audit API flushes
+    to show them: that flush must wait for the write, or the API misses those reads."""
+    created = await runtime.service.handle(req())
+    assert created.patient is not None
+    await runtime.audit.flush()
+    for _ in range(3):
+        await runtime.service.get_patient(ORIGIN, created.patient.id)
+    real_write = runtime.db.write
+
+    async def slow_write(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await real_write(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.db, "write", slow_write)
+    periodic = asyncio.create_task(runtime.audit.flush())
+    await asyncio.sleep(0)  # it has taken the queued reads and waits on the database
+    await runtime.audit.flush()
+    entries = await runtime.service.audit_entries(ORIGIN, patient_id=created.patient.id)
+    assert [e["action"] for e in entries].count("patient.read") == 3
+    assert await periodic == 3
+
+
 def test_spelling_rule() -> None:
     assert fold("Müller") == "muller" and fold("Strauß") == "strauss"
     for a, b in [
