@@ -59,6 +59,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.proc import pid_running, tree_cpu
 from bridge.imaging import synthetic
 from tests.conftest import free_port
 from tests.support.dicomfiles import intraoral_object, write
@@ -147,38 +148,6 @@ class Measured:
 
     seconds: float
     cpu: float | None
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process `pid` and every process below it (Linux /proc)."""
-    parents: dict[int, int] = {}
-    used: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        parents[int(entry)] = int(fields[1])
-        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, total = [pid], 0.0
-    while tree:
-        current = tree.pop()
-        total += used.get(current, 0.0)
-        tree += [child for child, parent in parents.items() if parent == current]
-    return total
-
-
-def pid_running(marker: str) -> int:
-    """The process whose command line holds `marker` (the server a helper started, by its config path)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if marker in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
-                    return int(entry)
-    raise RuntimeError(f"no process with {marker} in its command line")
 
 
 def timed_uploads(

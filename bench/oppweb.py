@@ -45,6 +45,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.proc import cpu_seconds  # noqa: E402 - after the path to the project
+
 SCRIPT = Path(sys.executable).with_name("pms-bridge")
 SOFTWARE = "BenchPMS"
 COMMANDS = ("VIEW", "VIEW_DATA")
@@ -138,15 +140,6 @@ async def load(args: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.clients)) as session:
         await asyncio.gather(*(worker(session, i) for i in range(args.clients)))
     return {"seconds": args.seconds, "latencies": latencies, "errors": errors}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc; NaN elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_load(
