@@ -75,6 +75,19 @@ class ImagesAdded(Event):
     name: ClassVar[str] = "images-added"
     patient_id: int = 0
     image_ids: tuple[int, ...] = ()
+    # The outbox channels the same transaction queued pushes for, so that only their workers wake (a
+    # worker's look at the outbox is a write transaction); None: not known (images another process
+    # stored), every push worker looks. Internal: not part of the event's JSON.
+    push_channels: frozenset[str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = super().to_json()
+        del data["push_channels"]
+        return data
+
+    def may_concern(self, channel: str) -> bool:
+        """Whether a push worker of `channel` may find new messages because of these images."""
+        return self.push_channels is None or channel in self.push_channels
 
 
 Handler = Callable[[Event], Awaitable[None] | None]

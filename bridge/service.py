@@ -1137,8 +1137,10 @@ class BridgeService:
         before the commit, so the daemon's watcher of the store never announces them a second time.
         """
         registered: list[int] = []
+        queued: set[str] = set()
 
         def work(session: Session) -> list[ImageView]:
+            queued.clear()  # a retried transaction queues anew
             patient = session.scalars(*q.patient_by_id(patient_id)).first()
             if patient is None:
                 raise Refused(Outcome(Status.NOT_FOUND, f"no patient with id {patient_id}"))
@@ -1183,7 +1185,7 @@ class BridgeService:
             for image, series, study in placed:
                 self.audit.change(session, origin, "image.add", patient_id=patient_id, image_id=image.id)
                 added.append(image_view(image, series.series_uid, study.study_uid))
-            self._enqueue_pushes(session, patient_id, [view.id for view in added], now)
+            queued.update(self._enqueue_pushes(session, patient_id, [view.id for view in added], now))
             return added
 
         try:
@@ -1200,6 +1202,7 @@ class BridgeService:
                     image_ids=tuple(v.id for v in added),
                     origin_protocol=origin.protocol,
                     workstation=origin.workstation,
+                    push_channels=frozenset(queued),
                 )
             )
         return added
@@ -1249,14 +1252,17 @@ class BridgeService:
         known[series.series_uid] = series
         return series
 
-    def _enqueue_pushes(self, session: Session, patient_id: int, image_ids: list[int], now: datetime) -> None:
-        """One outbox message per (link, channel) the push targets name for the patient's links.
+    def _enqueue_pushes(
+        self, session: Session, patient_id: int, image_ids: list[int], now: datetime
+    ) -> set[str]:
+        """One outbox message per (link, channel) the push targets name for the patient's links; the
+        channels that got one.
 
         A patient with a current chart number is also announced to the channels of PMSs keyed by chart
         number (CHART_KEYED), once per channel and only where no link already announces it.
         """
         if not image_ids:
-            return
+            return set()
         batch = f"{image_ids[0]}-{image_ids[-1]}:{len(image_ids)}"
         queued: set[str] = set()
 
@@ -1280,6 +1286,7 @@ class BridgeService:
             for channel in self.push_targets(CHART_KEYED, ""):
                 if channel not in queued:
                     add(channel, "chart", {"link_id": None, "pms_system": ""})
+        return queued
 
     async def images_for_push(
         self, origin: Origin, patient_id: int, link_id: int | None, image_ids: Sequence[int]

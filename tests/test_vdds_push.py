@@ -21,9 +21,10 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
+from bridge.events import ImagesAdded
 from bridge.handlers import vdds_push
 from bridge.handlers.vdds import handle
-from bridge.model import Origin
+from bridge.model import Action, Demographics, Origin, PatientRequest
 from bridge.outbox import OutboxItem
 from bridge.runtime import Runtime
 from bridge.store import queries as q
@@ -265,6 +266,32 @@ async def test_pushes_only_for_vdds_links(make_settings: Any) -> None:
     try:
         assert vdds_push.push_channels(rt.settings, "vdds", "Z1") == [vdds_push.CHANNEL]
         assert vdds_push.push_channels(rt.settings, "opp", "Z1") == []
+    finally:
+        rt.close()
+
+
+async def test_only_images_of_vdds_patients_wake_the_push_worker(make_settings: Any, tmp_path: Path) -> None:
+    """The worker's look at the outbox is a write transaction: images that queued no push for its channel
+    (here an OPP patient's) must not wake it, images of a VDDS patient must; the SSE event is unchanged."""
+    rt = Runtime.build(make_settings(vdds={"mmi_ini": str(fake_pvs(tmp_path / "pvs"))}))
+    published: list[ImagesAdded] = []
+    rt.bus.subscribe(lambda event: published.append(event) if isinstance(event, ImagesAdded) else None)
+    try:
+        assert (await handle(rt, launch(stage1("0815")))).exit_code == 0
+        [vdds_patient] = await rt.service.search_patients(Origin("test"), pms_id="0815")
+        opened = await rt.service.handle(
+            PatientRequest(Action.OPEN, Origin("opp"), "OTHERPMS", "77", demographics=Demographics("Muster"))
+        )
+        assert opened.patient is not None
+        for patient_id in (vdds_patient.id, opened.patient.id):
+            await rt.service.add_images(Origin("test"), patient_id, [await rt.imaging.ingest(png())])
+        vdds_images, opp_images = published
+        assert vdds_images.may_concern(vdds_push.CHANNEL)
+        assert vdds_images.push_channels == {vdds_push.CHANNEL}
+        assert not opp_images.may_concern(vdds_push.CHANNEL)
+        assert "push_channels" not in vdds_images.to_json()
+        # images another process stored: what it queued is not known here, so every worker looks
+        assert ImagesAdded(patient_id=1, image_ids=(5,)).may_concern(vdds_push.CHANNEL)
     finally:
         rt.close()
 

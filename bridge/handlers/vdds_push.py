@@ -231,7 +231,7 @@ def push_worker(rt: Runtime) -> Coroutine[Any, Any, None] | None:
     worker = OutboxWorker(rt, CHANNEL, send, recover=recover)
 
     def wake(event: Event) -> None:
-        if isinstance(event, ImagesAdded):
+        if isinstance(event, ImagesAdded) and event.may_concern(CHANNEL):
             worker.wake.set()
 
     rt.bus.subscribe(wake)
