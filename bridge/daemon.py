@@ -102,6 +102,40 @@ class Daemon:
             extra = factory(rt)
             if extra is not None:
                 listeners.append(extra)
+        # The workers' set-up (a watched folder is created) is done before a listener answers: a client
+        # told the daemon is up may drop a file there at once. They run once the listeners are bound (a
+        # second daemon on the same ports stops before it touches a folder).
+        workers = [(make(rt), getattr(make, "__name__", "worker")) for make in WORKER_FACTORIES]
+        try:
+            await self._listen(listeners, tls, timeout)
+        except BaseException:
+            for worker, _name in workers:
+                if worker is not None:
+                    worker.close()
+            raise
+        await self._remove_import_leftovers()
+        self._spawn(rt.audit.run(), "audit")
+        self._spawn(self._watch_stop_file(), "stop-file")
+        for worker, name in workers:
+            if worker is not None:
+                self._spawn(worker, name)
+        # Everything built so far (modules, SQLAlchemy metadata, codecs) lives as long as the process; kept
+        # out of the cyclic collector, a full collection no longer walks it: without this one stalls every
+        # listener for tens of milliseconds every few seconds under load.
+        gc.collect()
+        gc.freeze()
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        log.info(
+            "started",
+            extra={"version": __version__, "config": str(self.settings.path), "store": rt.db.dialect},
+        )
+
+    async def _listen(
+        self,
+        listeners: list[tuple[str, web.Application, str, int]],
+        tls: ssl.SSLContext | None,
+        timeout: float,
+    ) -> None:
         for name, app, host, port in listeners:
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=timeout, handle_signals=False)
             await runner.setup()
@@ -115,23 +149,6 @@ class Daemon:
                 "listening",
                 extra={"listener": name, "host": host, "port": self.bound[name][1], "tls": bool(site_tls)},
             )
-        await self._remove_import_leftovers()
-        self._spawn(rt.audit.run(), "audit")
-        self._spawn(self._watch_stop_file(), "stop-file")
-        for make_worker in WORKER_FACTORIES:
-            worker = make_worker(rt)
-            if worker is not None:
-                self._spawn(worker, getattr(make_worker, "__name__", "worker"))
-        # Everything built so far (modules, SQLAlchemy metadata, codecs) lives as long as the process; kept
-        # out of the cyclic collector, a full collection no longer walks it: without this one stalls every
-        # listener for tens of milliseconds every few seconds under load.
-        gc.collect()
-        gc.freeze()
-        sys.setswitchinterval(SWITCH_INTERVAL)
-        log.info(
-            "started",
-            extra={"version": __version__, "config": str(self.settings.path), "store": rt.db.dialect},
-        )
 
     async def _remove_import_leftovers(self) -> None:
         """Files of imports a crash interrupted (FileStore.remove_leftovers); a store that cannot be reached

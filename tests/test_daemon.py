@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,7 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bridge.config import load_settings
+from bridge.daemon import Daemon
 from bridge.store.files import FileStore
 from tests.conftest import DaemonProcess, free_port, pms_bridge_command, start_daemon, write_config
 
@@ -173,3 +177,34 @@ def test_start_up_removes_what_a_crashed_import_left(tmp_path: Path, store_url: 
         assert [r["count"] for r in records if r.get("msg") == "import leftovers removed"] == [1]
     finally:
         daemon.stop()
+
+
+async def test_a_watched_folder_exists_once_the_daemon_answers(
+    make_settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client the daemon has answered may drop a file into the watched folder at once, while the daemon
+    still finishes starting (here its start-up clean-up is held): the folder must be there by then."""
+    share = tmp_path / "share"
+    port = free_port()
+    settings = make_settings(api={"port": port}, vdds={"exchange_dir": str(share)})
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_cleanup(self: Daemon) -> None:
+        held.set()
+        await release.wait()
+
+    monkeypatch.setattr(Daemon, "_remove_import_leftovers", slow_cleanup)
+    daemon = Daemon(settings)
+    starting = asyncio.create_task(daemon.start())
+    try:
+        await asyncio.wait_for(held.wait(), 60)
+        status = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).status
+        )
+        assert status == 200
+        assert share.is_dir()
+    finally:
+        release.set()
+        await starting
+        await daemon.shutdown()
