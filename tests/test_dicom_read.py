@@ -232,6 +232,21 @@ def test_the_id_tag_is_configurable_and_checked(tmp_path: Path) -> None:
     assert read.read_file(str(path), "a", 0x00080050, 1 << 30).facts.pms_id == "ACC-7"
 
 
+def test_an_id_or_uid_with_a_second_value_is_refused_not_cut_to_its_first(tmp_path: Path) -> None:
+    """PatientID "0042\\0043" must not become patient 0042: refusing is the only safe reading."""
+    two_ids = to_bytes(dental_dataset(patient_id="0042\\0043"))
+    assert (
+        refused(tmp_path, two_ids)
+        == "PatientID (0010,0020) holds 2 values ('0042', '0043'); it must hold one"
+    )
+    study = "1.2.826.0.1.3680043.8.498.1"
+    two_studies = to_bytes(dental_dataset(study_uid=f"{study}\\{study}.2"))
+    assert refused(tmp_path, two_studies).startswith("StudyInstanceUID (0020,000D) holds 2 values")
+    path = write(dental_dataset(OtherPatientIDs=["P-7", "P-8"]), tmp_path / "o.dcm")  # VM 1-n: the first
+    assert read.read_file(str(path), "o", 0x00101000, 1 << 30).facts.pms_id == "P-7"
+    assert facts(tmp_path, patient_id="0042 ").pms_id == "0042"  # the padding DICOM adds is no second value
+
+
 @pytest.mark.parametrize(
     ("name", "reason"),
     [

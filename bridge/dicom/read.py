@@ -294,13 +294,16 @@ def facts_from_dataset(ds: Any, *, path: str, display: str, size: int, id_tag: i
     if "PixelData" not in ds:
         raise DicomError("the DICOM file holds no pixel data")
     codec = _codec(ds)
-    uids = {name: _ascii(ds, name) for name in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
+    uids = {
+        name: _single(ds, name, "latin_1")
+        for name in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+    }
     for name, value in uids.items():
         if not value:
             raise DicomError(f"the file has no {name}")
         if len(value) > 64 or not re.fullmatch(r"[0-9]+(\.[0-9]+)*", value):
             raise DicomError(f"the file's {name} is not a valid UID: {value[:70]!r}")
-    pms_id = _first(_text(ds, id_tag, codec))
+    pms_id = _single(ds, id_tag, codec)
     if not pms_id:
         raise DicomError(f"no patient id in {_tag_name(id_tag)}, the attribute [dicom] patient_id_tag names")
     if len(pms_id) > MAX_ID_LENGTH:
@@ -425,6 +428,21 @@ def _text(ds: Any, key: int | str, codec: str) -> list[str]:
 
 def _ascii(ds: Any, keyword: str) -> str:
     return _first(_text(ds, keyword, "latin_1"))
+
+
+def _single(ds: Any, key: int | str, codec: str) -> str:
+    """The value of an attribute that identifies something (a patient id, a UID). An attribute the DICOM
+    dictionary allows one value only (PatientID, the UIDs) that holds two is refused, not cut: "A\\B" in
+    PatientID is a damaged or misconfigured file, and keeping "A" of it could file the image under another
+    patient. Of a multi-valued attribute (OtherPatientIDs, VM 1-n) the first value is the id."""
+    from pydicom.datadict import dictionary_VM, tag_for_keyword
+
+    values = _text(ds, key, codec)
+    tag = tag_for_keyword(key) if isinstance(key, str) else key
+    if len(values) > 1 and tag is not None and dictionary_VM(tag) == "1":
+        shown = ", ".join(repr(v[:40]) for v in values[:3])
+        raise DicomError(f"{_tag_name(tag)} holds {len(values)} values ({shown}); it must hold one")
+    return _first(values)
 
 
 def _first(values: list[str]) -> str:
