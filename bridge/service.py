@@ -584,7 +584,14 @@ class BridgeService:
             return self._find_link_by_suffix(session, req)
         # A suffix shorter than the PMS truncates to is a whole id: exact, as below.
         if not self.settings.ignore_practice_id:
-            return session.scalars(*q.link_by_key(req.pms_system, req.practice_id, req.pms_id)).first()
+            link = session.scalars(*q.link_by_key(req.pms_system, req.practice_id, req.pms_id)).first()
+            if link is None and req.practice_id:
+                # Made while ignore_practice_id was on (no practice key, the practice recorded beside):
+                # it is this practice's patient, not a reason to create a second one.
+                link = session.scalars(
+                    q.unkeyed_link_of_practice(req.pms_system, req.practice_id, req.pms_id)
+                ).first()
+            return link
         links = list(session.scalars(q.links_by_system_id(req.pms_system, req.pms_id)))
         if len({link.patient_id for link in links}) > 1:
             raise _conflict(
@@ -632,6 +639,16 @@ class BridgeService:
             changed = self._move_chart_number(session, req, patient)
             changed += self._maybe_update(session, req, patient, update)
             link.last_seen_at = utcnow()
+            if link.practice_key != self._practice_key(req) and self._practice_key(req):
+                # a link of ignore_practice_id's time gets its practice key back (the read paths key on it)
+                link.practice_key = self._practice_key(req)
+                self.audit.change(
+                    session,
+                    req.origin,
+                    "link.rekey",
+                    patient_id=patient.id,
+                    detail=f"practice {req.practice_id!r}",
+                )
             # The link's protocol decides the PMS's pushes; an import is not the PMS speaking.
             if (
                 req.origin.protocol
@@ -678,6 +695,7 @@ class BridgeService:
         alias = session.scalars(*q.current_chart_alias(req.chart_number)).first()
         if alias is not None:
             patient = alias.patient
+            self._refuse_if_of_another_practice(session, req, patient)
             self._refuse_if_disagreeing(session, req, patient)
             changed = self._maybe_update(session, req, patient, update)
             return _Resolved(patient, None, Status.UPDATED if changed else Status.OK)
@@ -728,6 +746,26 @@ class BridgeService:
                     "chart-number",
                     f"chart number {req.chart_number!r} belongs to a patient {req.pms_system} knows under "
                     f"id {other.pms_id!r}, not {req.pms_id!r}",
+                    patient_id=patient.id,
+                )
+        self._refuse_if_of_another_practice(session, req, patient)
+
+    def _refuse_if_of_another_practice(self, session: Session, req: PatientRequest, patient: Patient) -> None:
+        """A chart number names a patient only within one practice: the holder of a chart number that a PMS
+        of another practice knows is that practice's patient, never linked or opened by this request's
+        chart number (practices sharing a store number their charts independently). Links without a
+        practice (ignore_practice_id, or a PMS without practice ids) say nothing about the practice."""
+        practice_key = self._practice_key(req)
+        if not practice_key:
+            return
+        for other in session.scalars(*q.links_of_patient(patient.id)):
+            if other.practice_key and other.practice_key != practice_key:
+                raise _conflict(
+                    req,
+                    "chart-number",
+                    f"chart number {req.chart_number!r} is the chart of a patient of practice "
+                    f"{other.practice_id!r} ({other.pms_system} id {other.pms_id!r}), not of practice "
+                    f"{req.practice_id!r}",
                     patient_id=patient.id,
                 )
 
@@ -799,6 +837,7 @@ class BridgeService:
             alias: ChartAlias | None = session.scalars(*q.current_chart_alias(req.chart_number)).first()
             if alias is None:
                 raise self._cannot_create(req)
+            self._refuse_if_of_another_practice(session, req, alias.patient)
             return alias.patient
         link = self._find_link(session, req)
         if link is None:
@@ -847,17 +886,18 @@ class BridgeService:
         by_link = req.id_kind is IdKind.PMS_ID and not self.settings.ignore_practice_id
 
         def work(session: Session) -> tuple[PatientView, tuple[ImageView, ...]]:
-            if by_link:
-                # the common case in one round trip, as `_open_unchanged`
-                row = _rows(
+            # the common case in one round trip, as `_open_unchanged`
+            row = (
+                _rows(
                     session, *q.patient_view_by_link_key(req.pms_system, req.practice_id, req.pms_id)
                 ).first()
-                if row is None:
-                    raise self._cannot_create(req)
-                view = patient_view_row(row)
-            else:
+                if by_link
+                else None
+            )
+            if row is None:  # another kind of key, unknown, or linked while ignore_practice_id was on
                 patient = self._find_existing(session, req)
-                view = patient_view_row(_rows(session, *q.patient_view_by_id(patient.id)).one())
+                row = _rows(session, *q.patient_view_by_id(patient.id)).one()
+            view = patient_view_row(row)
             rows = _rows(session, *q.images_of_patient(view.id, limit=10_000)).all()
             return view, tuple(image_view_row(r) for r in rows)
 
@@ -875,20 +915,31 @@ class BridgeService:
         ids: dict[str, int] = {}
         for ref in refs:
             text = ref.strip()
-            if text.isdigit() and len(text) < 19:
+            if text.isascii() and text.isdigit() and len(text) < 19:  # "²".isdigit() is True
                 ids[ref] = int(text)
         return ids
 
     async def _images_by_refs(self, req: PatientRequest) -> Outcome:
-        """The images a PMS refers to by MMOID (our image id); the missing ones are named, not dropped."""
+        """The images a PMS refers to by MMOID (our image id); the missing ones are named, not dropped.
+
+        When the request also names its patient (a VDDS MMOEXPORT with PATID), only that patient's images
+        are handed out: another patient's MMOID is reported missing, like an unknown one, whatever the
+        PMS sent. Without a patient (the MMOID alone, as stage 3 and the confirmed stage 4 send it) the
+        MMOID is the key: the PMS had it from a listing or push of ours."""
         if not req.image_refs:
             return Outcome(Status.INVALID, "the request names no images")
         ids = self._ref_ids(req.image_refs)
+        key = req.chart_number if req.id_kind is IdKind.CHART_NUMBER else req.pms_id
+        names_patient = bool(key.strip())
+        if names_patient:
+            self._check_request(req)
 
         def work(session: Session) -> list[ImageView]:
+            owner = self._find_existing(session, req).id if names_patient else None
             if not ids:
                 return []
-            return [image_view_row(row) for row in _rows(session, q.images_by_ids(sorted(set(ids.values()))))]
+            rows = _rows(session, q.images_by_ids(sorted(set(ids.values()))))
+            return [view for view in map(image_view_row, rows) if owner is None or view.patient_id == owner]
 
         found = {image.id: image for image in await self.db.read(work)}
         images = tuple(found[ids[ref]] for ref in req.image_refs if ref in ids and ids[ref] in found)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,90 @@ async def test_ignore_practice_id_makes_them_one(make_settings: Any) -> None:
         assert await count_patients(rt) == 1
     finally:
         rt.close()
+
+
+async def test_switching_ignore_practice_id_off_again_finds_the_patients_linked_meanwhile(
+    make_settings: Any,
+) -> None:
+    """Links made while practice ids were ignored carry no practice key; once they count again, the
+    practice that made the link still finds its patient (no duplicate, images still listed)."""
+    ignoring = Runtime.build(make_settings(pms={"ignore_practice_id": "yes"}))
+    try:
+        first = (await ignoring.service.handle(req(practice="P1"))).patient
+        assert first is not None
+        image_id = await add_image(ignoring, first.id)
+        await ignoring.audit.flush()
+    finally:
+        ignoring.close()
+    rt = Runtime.build(make_settings(pms={"ignore_practice_id": "no"}))
+    try:
+        listed = await rt.service.handle(req(practice="P1", action=Action.LIST_IMAGES))
+        assert listed.status is Status.OK and [i.id for i in listed.images] == [image_id]
+        opened = await rt.service.handle(req(practice="P1"))
+        assert opened.status is Status.OK and opened.patient and opened.patient.id == first.id
+        again = await rt.service.handle(req(practice="P1"))  # the read-only fast path, keyed again
+        assert again.patient and again.patient.id == first.id
+        assert await count_patients(rt) == 1
+        other = await rt.service.handle(req(practice="P2"))  # another practice's patient 0042
+        assert other.status is Status.CREATED and await count_patients(rt) == 2
+        await rt.audit.flush()
+    finally:
+        rt.close()
+
+
+async def test_a_chart_number_known_to_another_practice_is_a_conflict_not_a_link(runtime: Runtime) -> None:
+    """Practices sharing a store number their charts independently: practice B's new id carrying chart
+    2001 must not take over (and rewrite) practice NORTH's patient with that chart."""
+    north = await runtime.service.handle(
+        req("5", system="dentrix", practice="NORTH", chart="2001", last="Garcia", first="Luis")
+    )
+    assert north.status is Status.CREATED and north.patient is not None
+    claimed = await runtime.service.handle(
+        req("9", system="dentrix", practice="B", chart="2001", last="Garcia", first="Maria")
+    )
+    assert claimed.status is Status.CONFLICT
+    assert (
+        "is the chart of a patient of practice 'NORTH' (dentrix id '5'), not of practice 'B'"
+        in claimed.message
+    )
+    by_chart = await runtime.service.handle(
+        req("", system="dentrix", practice="B", chart="2001", id_kind=IdKind.CHART_NUMBER, last="Garcia")
+    )
+    assert by_chart.status is Status.CONFLICT
+    kept = await runtime.service.get_patient(ORIGIN, north.patient.id)
+    assert kept is not None and kept.first_name == "Luis" and kept.pms_id == "5"
+    assert await count_patients(runtime) == 1
+    # the practice's own chart-keyed launch still opens its patient by chart
+    own = await runtime.service.handle(
+        req(
+            "",
+            system="dentrix",
+            practice="NORTH",
+            chart="2001",
+            id_kind=IdKind.CHART_NUMBER,
+            last="Garcia",
+            first="Luis",
+        )
+    )
+    assert own.status is Status.OK and own.patient and own.patient.id == north.patient.id
+
+
+async def test_an_export_naming_its_patient_hands_out_only_that_patients_images(runtime: Runtime) -> None:
+    """MMOEXPORT with PATID: another patient's MMOID is missing, exactly like an unknown one."""
+    mine = (await runtime.service.handle(req("0042"))).patient
+    theirs = (await runtime.service.handle(req("0043", last="Meier"))).patient
+    assert mine and theirs
+    my_image, their_image = await add_image(runtime, mine.id), await add_image(runtime, theirs.id)
+    refs = (str(my_image), str(their_image), "²")  # "²" is a digit to str.isdigit(), not an MMOID
+    export = PatientRequest(Action.EXPORT_IMAGES, ORIGIN, "PVS1", pms_id="0042", image_refs=refs)
+    outcome = await runtime.service.handle(export)
+    assert outcome.status is Status.PARTIAL
+    assert [i.id for i in outcome.images] == [my_image]
+    assert outcome.missing_refs == (str(their_image), "²")
+    unknown = await runtime.service.handle(replace(export, pms_id="7777"))
+    assert unknown.status is Status.NOT_FOUND and unknown.images == ()
+    anyone = await runtime.service.handle(replace(export, pms_id=""))  # the MMOID alone is the key
+    assert [i.id for i in anyone.images] == [my_image, their_image]
 
 
 async def test_update_patient_info_off_keeps_stored_demographics(make_settings: Any) -> None:

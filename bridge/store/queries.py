@@ -68,6 +68,17 @@ def link_by_key(pms_system: str, practice_key: str, pms_id: str) -> Bound[PmsLin
     return Bound(_link_by_key(), dict(pms_system=pms_system, practice_key=practice_key, pms_id=pms_id))
 
 
+def unkeyed_link_of_practice(pms_system: str, practice_id: str, pms_id: str) -> Select[PmsLink]:
+    """The link of one PMS id made under `ignore_practice_id` (no practice key) by a request of this
+    practice: the same patient once practice ids count again."""
+    return select(PmsLink).where(
+        PmsLink.pms_system == pms_system,
+        PmsLink.practice_key == "",
+        PmsLink.practice_id == practice_id,
+        PmsLink.pms_id == pms_id,
+    )
+
+
 def links_by_system_id(pms_system: str, pms_id: str) -> Select[PmsLink]:
     """Every link of one PMS id in any practice: the identity rule under `ignore_practice_id`."""
     return (
