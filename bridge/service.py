@@ -787,6 +787,8 @@ class BridgeService:
             )
         old = current.chart_number if current else None
         self._set_chart_alias(session, patient, req.chart_number)
+        if old is not None:
+            self._enqueue_chart_move(session, patient.id, old)
         self.audit.change(
             session,
             req.origin,
@@ -1319,15 +1321,8 @@ class BridgeService:
 
         def add(channel: str, link_key: str, payload: dict[str, Any]) -> None:
             queued.add(channel)
-            session.add(
-                OutboxMessage(
-                    channel=channel,
-                    key=f"{channel}:{link_key}:{batch}",
-                    patient_id=patient_id,
-                    payload={**payload, "image_ids": image_ids},
-                    next_attempt_at=now,
-                    created_at=now,
-                )
+            _queue_push(
+                session, f"{channel}:{link_key}:{batch}", channel, patient_id, image_ids, payload, now
             )
 
         for link in session.scalars(*q.links_of_patient(patient_id)):
@@ -1338,6 +1333,20 @@ class BridgeService:
                 if channel not in queued:
                     add(channel, "chart", {"link_id": None, "pms_system": ""})
         return queued
+
+    def _enqueue_chart_move(self, session: Session, patient_id: int, old: str) -> None:
+        """A renumbered patient's images go to the folders of its new chart number: PMSs keyed by chart
+        number (CHART_KEYED channels) get all of them again, with the old number, whose folder the channel
+        clears of them (that number may become another patient's)."""
+        channels = self.push_targets(CHART_KEYED, "")
+        image_ids = list(session.scalars(q.image_ids_of_patient(patient_id))) if channels else []
+        if not image_ids:
+            return
+        now = utcnow()
+        payload = {"link_id": None, "pms_system": "", "retired_chart": old}
+        for channel in channels:
+            key = f"{channel}:chart:{patient_id}:{now.isoformat()}"
+            _queue_push(session, key, channel, patient_id, image_ids, payload, now)
 
     async def images_for_push(
         self, origin: Origin, patient_id: int, link_id: int | None, image_ids: Sequence[int]
@@ -1415,6 +1424,28 @@ class BridgeService:
         entries = await self.db.read(work)
         self.audit.read(origin, "audit.read", patient_id=patient_id)
         return entries
+
+
+def _queue_push(
+    session: Session,
+    key: str,
+    channel: str,
+    patient_id: int,
+    image_ids: list[int],
+    payload: dict[str, Any],
+    now: datetime,
+) -> None:
+    """One outbox message announcing `image_ids` of a patient to a channel, due now."""
+    session.add(
+        OutboxMessage(
+            channel=channel,
+            key=key,
+            patient_id=patient_id,
+            payload={**payload, "image_ids": image_ids},
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )
 
 
 def audit_json(entry: AuditEntry) -> dict[str, Any]:

@@ -19,8 +19,9 @@ name that stays inside the configured folder, otherwise the message fails with t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_FOLDER_NAME = 100
+MAX_JSON_BYTES = 1 << 20  # an image's JSON is a few kB; more is not ours
 _FORBIDDEN = frozenset('<>:"/\\|?*')
 _RESERVED = frozenset(
     {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
@@ -111,6 +113,44 @@ def write_image_files(
     return stem
 
 
+def remove_image_files(folder: Path, belongs: Callable[[int], bool]) -> int:
+    """Remove from `folder` the files of every image whose JSON names a patient `belongs` accepts; the
+    number of images removed. Files that are not ours (no JSON of our format) are left alone; the folder
+    goes when nothing is left in it. A missing folder holds nothing."""
+    removed = 0
+    try:
+        documents = [entry for entry in folder.iterdir() if entry.suffix == ".json" and entry.is_file()]
+    except FileNotFoundError:
+        return 0
+    for document in documents:
+        try:
+            owner = thumbfolder.image_owner(document.read_bytes()[:MAX_JSON_BYTES])
+        except OSError:
+            continue
+        if owner is None or not belongs(owner):
+            continue
+        for suffix in (".csv", ".json", ".jpg"):  # the CSV first: an import watching for it sees no half set
+            document.with_suffix(suffix).unlink(missing_ok=True)
+        removed += 1
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when empty
+    return removed
+
+
+async def _follow_chart(profile_name: str, root: Path, folder: Path, patient_id: int, retired: Any) -> None:
+    """A chart number passes from patient to patient (Dentrix lets users renumber and reuse them): the
+    folder of a chart holds only its current holder's images, and a renumbered patient's files leave the
+    folder of its old number (`retired`, from the service's message), so a PMS looking a patient up by
+    chart never shows another patient's images."""
+    removed = await asyncio.to_thread(remove_image_files, folder, lambda owner: owner != patient_id)
+    if isinstance(retired, str) and retired and retired != folder.name:
+        with contextlib.suppress(UnsafeName):
+            old = await asyncio.to_thread(patient_folder, root, retired)
+            removed += await asyncio.to_thread(remove_image_files, old, lambda owner: owner == patient_id)
+    if removed:
+        log.info("thumbnails removed", extra={"channel": channel_name(profile_name), "images": removed})
+
+
 def make_sender(profile_name: str) -> Sender:
     """The outbox sender writing one profile's thumbnail folder."""
     from bridge.outbox import Undeliverable  # bridge.outbox imports this module for its target rule
@@ -140,6 +180,8 @@ def make_sender(profile_name: str) -> Sender:
             folder = await asyncio.to_thread(patient_folder, root, name)
         except UnsafeName as exc:
             raise Undeliverable(f"no thumbnail folder for patient {patient.id}: {exc}") from None
+        if by_chart:
+            await _follow_chart(profile_name, root, folder, patient.id, item.payload.get("retired_chart"))
         for image in images:
             jpeg = await asyncio.to_thread((await rt.imaging.thumbnail(image)).read_bytes)
             await asyncio.to_thread(

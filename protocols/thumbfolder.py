@@ -16,6 +16,7 @@ from typing import Any
 from bridge.model import ImageView, PatientView
 
 FORMAT = "pms-bridge-thumbnail/1"
+SUFFIXES = (".jpg", ".json", ".csv")  # the files of one image share their stem
 CSV_COLUMNS = (
     "image_id",
     "pms_system",
@@ -98,3 +99,17 @@ def csv_bytes(image: ImageView, patient: PatientView, thumbnail: str, encoding: 
 def json_bytes(image: ImageView, patient: PatientView, thumbnail: str, watermark: str) -> bytes:
     """The JSON document beside a thumbnail, UTF-8."""
     return json.dumps(metadata(image, patient, thumbnail, watermark), ensure_ascii=False, indent=2).encode()
+
+
+def image_owner(data: bytes) -> int | None:
+    """The store's patient id an image's JSON was written for; None when the bytes are not one of our
+    documents (a file the PMS or someone else put there: never ours to remove)."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        return None
+    image = document.get("image")
+    owner = image.get("patient_id") if isinstance(image, dict) else None
+    return owner if isinstance(owner, int) and not isinstance(owner, bool) else None

@@ -275,3 +275,38 @@ async def test_pushes_survive_a_share_that_is_down_and_a_restart(make_settings: 
         assert [s for _c, s, _e in await outbox(restarted)] == ["done"], await outbox(restarted)
     names = sorted(p.name for p in (root / "SMIJO0").iterdir())
     assert names == [f"20260102-000000_{image_id}.{ext}" for ext in ("csv", "jpg", "json")]
+
+
+async def test_a_chart_folder_holds_only_its_current_holders_images(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """Dentrix lets users renumber charts and reuse numbers; a PMS looking patients up by chart number
+    must never find another patient's X-ray in the folder of the number it asks for."""
+    root = tmp_path / "SmartImage"
+    root.mkdir()
+    settings = make_settings(dentrix=profile_settings(root, id_field="chart_number"))
+    async with runtime_with(settings) as rt:
+        worker = OutboxWorker(rt, channel_name("dentrix"), make_sender("dentrix"))
+
+        def owners(chart: str) -> list[int]:
+            return sorted(
+                json.loads(p.read_bytes())["image"]["patient_id"] for p in (root / chart).glob("*.json")
+            )
+
+        ann = await open_patient(rt, "801", chart="100")
+        await add_image(rt, ann)
+        assert await worker.run_once() == 1
+        assert owners("100") == [ann]
+        (root / "100" / "notes.txt").write_text("the practice's own file")
+
+        await open_patient(rt, "801", chart="300")  # renumbered: her images move with her
+        assert await worker.run_once() == 1
+        assert owners("300") == [ann]
+        assert sorted(p.name for p in (root / "100").iterdir()) == ["notes.txt"]  # not ours: kept
+
+        bob = await open_patient(rt, "802", chart="100")  # the number is reused
+        await add_image(rt, bob)
+        assert await worker.run_once() == 1
+        assert owners("100") == [bob]
+        assert owners("300") == [ann]
+        assert all(state == "done" for _c, state, _e in await outbox(rt))

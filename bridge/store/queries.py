@@ -477,6 +477,10 @@ def forget_processed_files(watcher: str, before: datetime) -> Delete:
     return delete(ProcessedFile).where(ProcessedFile.watcher == watcher, ProcessedFile.processed_at < before)
 
 
+def image_ids_of_patient(patient_id: int) -> Select[int]:
+    return select(Image.id).where(Image.patient_id == patient_id).order_by(Image.id)
+
+
 def count_patients() -> Select[int]:
     return select(func.count()).select_from(Patient)
 
