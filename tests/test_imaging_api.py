@@ -3,6 +3,7 @@ watermarked thumbnails and previews, orientation changes, and refusals that leav
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from PIL import Image
 
 from bridge.config import Settings
 from bridge.imaging import synthetic
+from bridge.imaging.analyze import ImagingError
 from bridge.imaging.pipeline import Imaging
 from bridge.model import Origin
 from bridge.runtime import Runtime
@@ -162,6 +164,48 @@ async def test_a_failed_insert_keeps_files_that_stored_images_use(runtime: Runti
         await runtime.imaging.ingest_all(runtime.service, ORIGIN, 999_999, [("a.png", data)])
     assert stored_files(runtime.settings) == before
     assert (await api_client.get(f"/api/v1/images/{kept['id']}/file")).status == 200
+
+
+async def test_a_failed_request_keeps_a_file_another_request_is_about_to_reference(
+    runtime: Runtime, api_client: Any
+) -> None:
+    """Two uploads of the same bytes at once, one failing: the failing one must not remove the file the
+    other has written but not committed yet (the other would answer 201 for an image with no file)."""
+    data = synthetic.png_bytes(synthetic.intraoral(100, 80))
+    patient_id = await new_patient(api_client)
+    in_flight = await runtime.imaging.ingest(data)  # request A: file written and claimed, rows not yet
+    with pytest.raises(ImagingError):  # request B: the same bytes and a bad file
+        await runtime.imaging.ingest_all(
+            runtime.service, ORIGIN, patient_id, [("same.png", data), ("bad.png", b"\x89PNG\r\n\x1a\nbad")]
+        )
+    assert runtime.files.path_for(in_flight.sha256, in_flight.file_ext).read_bytes() == data
+    [view] = await runtime.service.add_images(ORIGIN, patient_id, [in_flight])  # request A commits
+    runtime.imaging.release([in_flight.sha256])
+    response = await api_client.get(f"/api/v1/images/{view.id}/file")
+    assert response.status == 200 and await response.read() == data
+
+
+async def test_an_import_given_up_keeps_a_file_another_request_has_claimed(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """The same rule for DICOM imports: a batch given up (here: its patient may not be created) removes
+    its files unless another request of the daemon holds a claim on the same bytes."""
+    from bridge.dicom.importer import Importer
+    from tests.support.dicomfiles import intraoral_object, write
+
+    rt = Runtime.build(make_settings(pms={"allow_patient_creation": "no"}))
+    try:
+        path = write(intraoral_object(patient_id="NOBODY"), tmp_path / "a.dcm")
+        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        await rt.imaging.claim([sha256])  # another request placed these bytes and is about to add them
+        report = await Importer(rt, ORIGIN).run([(str(path), "a.dcm")])
+        assert report.imported == [] and "patient creation is disabled" in report.errors[0].reason
+        assert [p.name.split(".")[0] for p in stored_files(rt.settings)] == [sha256]
+        rt.imaging.release([sha256])
+        report = await Importer(rt, ORIGIN).run([(str(path), "a.dcm")])  # nobody holds it now
+        assert report.imported == [] and stored_files(rt.settings) == []
+    finally:
+        rt.close()
 
 
 # ------------------------------------------------------------------------------------------------

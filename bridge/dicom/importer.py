@@ -199,11 +199,13 @@ class Importer:
     async def _commit(self, stored: Stored) -> bool:
         """Flush a worker's file to disk and rename it into place, in a thread while the workers read on
         (an fsync in a worker would leave its core idle); False, with the file reported, when that fails."""
+        await self.rt.imaging.claim([stored.sha256])  # released when its batch is added or given up
         try:
             await asyncio.to_thread(
                 self.rt.files.commit, Path(stored.pending), stored.sha256, stored.analysis.file_ext
             )
         except OSError as exc:
+            self.rt.imaging.release([stored.sha256])
             reason = f"cannot be stored: {exc.strerror or exc}"
             self.report.errors.extend(Problem(path, reason) for path in stored.paths)
             return False
@@ -267,6 +269,7 @@ class Importer:
                 elif await self._durable(batch):
                     added = await self._add(patient.patient_id, batch)
             finally:
+                self.rt.imaging.release([s.sha256 for s in batch])
                 kept = {id(s) for s in added}
                 await self._discard([s for s in batch if id(s) not in kept])
 
@@ -349,9 +352,7 @@ class Importer:
         """Remove the files of images that were not added, unless a stored image has the same bytes."""
         if not stored:
             return
-        images = [s.new_image() for s in stored]
-        referenced = await self.rt.service.referenced_hashes([image.sha256 for image in images])
-        await self.rt.imaging.discard(images, referenced)
+        await self.rt.imaging.discard(self.rt.service, [s.new_image() for s in stored])
 
     async def _volume(self, group: list[read.DicomFacts]) -> None:
         """Stack a CT series into one volume and import it; slice by slice when it is not one volume."""

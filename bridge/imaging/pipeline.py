@@ -15,7 +15,7 @@ import contextlib
 import functools
 import hashlib
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ from bridge.imaging.render import (
 )
 from bridge.model import ImageView, NewImage, Origin
 from bridge.service import BridgeService
-from bridge.store.files import FileStore
+from bridge.store.files import FileStore, sha256_bytes
 
 T = TypeVar("T")
 
@@ -91,6 +91,9 @@ class Imaging:
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._memory_bytes = 0
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        # Stored files whose image rows are not committed yet, by hash (see `claim`).
+        self._claims: Counter[str] = Counter()
+        self._claims_lock = asyncio.Lock()
 
     # ---------------------------------------------------------------------------------------------
     # The pool
@@ -132,7 +135,13 @@ class Imaging:
         requests = [self._request(size, rotation, mirrored) for size in sizes]
         facts: Analysis
         facts, renders = await self._run(analyze_and_render, data, requests)
-        sha256, _path = await asyncio.to_thread(self.files.put, data, facts.file_ext)
+        sha256 = await asyncio.to_thread(sha256_bytes, data)
+        await self.claim([sha256])  # released by the caller once its rows are committed or given up
+        try:
+            await asyncio.to_thread(self.files.put, data, facts.file_ext, sha256)
+        except BaseException:
+            self.release([sha256])
+            raise
         for size, rendered in zip(sizes, renders, strict=True):
             key = self.render_key(sha256, size, rotation, mirrored)
             await asyncio.to_thread(self._write_cache, self._cache_path(sha256, key), rendered)
@@ -154,31 +163,55 @@ class Imaging:
         stored image uses the same bytes.
         """
         new: list[NewImage] = []
+        added = False
         try:
             for name, data in files:
                 try:
                     new.append(await self.ingest(data, **metadata))
                 except ImagingError as exc:
                     raise ImagingError(f"{name or 'file'}: {exc}") from None
-            return await service.add_images(origin, patient_id, new)
-        except BaseException:
-            if new:
-                referenced = await service.referenced_hashes([n.sha256 for n in new])
-                await self.discard(new, referenced)
-            raise
+            views = await service.add_images(origin, patient_id, new)
+            added = True
+            return views
+        finally:
+            self.release([n.sha256 for n in new])
+            if new and not added:
+                await self.discard(service, new)
 
-    async def discard(self, images: Iterable[NewImage], referenced: set[str]) -> None:
-        """Remove the files (and cached renderings) of ingested images that no stored image references.
+    async def claim(self, sha256s: Iterable[str]) -> None:
+        """Mark stored files as about to be referenced: written (or renamed) into place, their image rows
+        not committed yet. Call it before the file goes into place, and `release` once the rows are
+        committed or given up. A `discard` meanwhile keeps claimed files: another request (an upload of
+        the same bytes, a retried DICOM file) failing beside this one must not remove a file this one is
+        about to reference, which the store would then list with no file behind it."""
+        async with self._claims_lock:
+            self._claims.update(sha256s)
 
-        Called when adding the images to the store failed after `ingest` wrote their files: the store
-        must not keep orphan files. `referenced` are the hashes some image row still uses (the same
-        bytes uploaded before), whose files stay.
+    def release(self, sha256s: Iterable[str]) -> None:
+        """Give up claims taken by `claim` (once each)."""
+        for sha256 in sha256s:
+            self._claims[sha256] -= 1
+            if self._claims[sha256] <= 0:
+                del self._claims[sha256]
+
+    async def discard(self, service: BridgeService, images: Iterable[NewImage]) -> None:
+        """Remove the files (and cached renderings) of ingested images that could not be added, unless a
+        stored image uses the same bytes or another request of this daemon has claimed them.
+
+        The store must not keep orphan files. The check of the claims and of the store and the removal
+        run under the lock `claim` takes, so no new claim slips in between. Known gap: a second daemon
+        on the same image store does not see this one's claims.
         """
-        doomed = {(img.sha256, img.file_ext) for img in images if img.sha256 not in referenced}
-        for sha256, _ext in doomed:
-            for key in [k for k in self._memory if k.startswith(sha256)]:
-                self._memory_bytes -= len(self._memory.pop(key))
-        await asyncio.to_thread(self._remove_files, doomed)
+        async with self._claims_lock:
+            unclaimed = {(img.sha256, img.file_ext) for img in images if self._claims[img.sha256] <= 0}
+            if not unclaimed:
+                return
+            referenced = await service.referenced_hashes([sha256 for sha256, _ext in unclaimed])
+            doomed = {(sha256, ext) for sha256, ext in unclaimed if sha256 not in referenced}
+            for sha256, _ext in doomed:
+                for key in [k for k in self._memory if k.startswith(sha256)]:
+                    self._memory_bytes -= len(self._memory.pop(key))
+            await asyncio.to_thread(self._remove_files, doomed)
 
     def _remove_files(self, doomed: set[tuple[str, str]]) -> None:
         for sha256, ext in doomed:

@@ -57,9 +57,10 @@ class FileStore:
             raise ValueError(f"bad file extension: {ext!r}")
         return self.root / sha256[:2] / sha256[2:4] / f"{sha256}.{ext.lower()}"
 
-    def put(self, data: bytes, ext: str) -> tuple[str, Path]:
-        """Store `data` (idempotent: the same bytes give the same file) and return (sha256, path)."""
-        digest = sha256_bytes(data)
+    def put(self, data: bytes, ext: str, digest: str | None = None) -> tuple[str, Path]:
+        """Store `data` (idempotent: the same bytes give the same file) and return (sha256, path);
+        `digest`: the bytes' SHA-256 when the caller has it already."""
+        digest = digest or sha256_bytes(data)
         path = self.path_for(digest, ext)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
