@@ -99,6 +99,13 @@ def fold(text: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c)).strip()
 
 
+def key_text(text: str) -> str:
+    """A key (PMS system, practice id, PMS id, chart number) as the identity rules compare it: in Unicode
+    NFC ("Jürgen-1" typed with a combining umlaut is the same id) and without surrounding white space (a
+    padded field). Inside, nothing changes: leading zeros, letters and case are kept."""
+    return unicodedata.normalize("NFC", text).strip()
+
+
 def name_key(last_name: str, first_name: str) -> str:
     """What name search matches on: folded "last first"."""
     return f"{fold(last_name)} {fold(first_name)}".strip()[:250]
@@ -288,6 +295,13 @@ class _Resolved:
     status: Status  # OK (found, unchanged), CREATED, UPDATED
 
 
+def _speaks_for_link(req: PatientRequest) -> bool:
+    """Whether a request is the PMS itself speaking, whose protocol a link records: the link's protocol
+    decides the PMS's pushes (a VDDS PMS gets stage-6 pushes). An import, or the front desk's REST
+    "create or update", is not the PMS: it must not switch a VDDS patient's pushes off."""
+    return bool(req.origin.protocol) and req.action not in (Action.IMPORT, Action.CREATE_OR_UPDATE)
+
+
 def _origin_text(origin: Origin) -> str:
     return f"{origin.protocol}/{origin.transport} {origin.workstation}".strip()[:200]
 
@@ -317,18 +331,20 @@ def _conflict(
 
 
 def _store_conflict(session: Session, draft: Conflict, origin: Origin) -> int:
-    """Record a conflict, or find the same open one: a PMS repeating a request does not pile them up."""
-    existing = session.scalars(
+    """Record a conflict, or find the same open one: a PMS repeating a request does not pile them up.
+    The same one is the same disagreement (its message); another birth date, then another surname, for one
+    id are two conflicts, each shown until resolved."""
+    message = (draft.detail or {}).get("message", "")
+    for existing in session.scalars(
         q.open_conflict_like(
             draft.kind, draft.pms_system, draft.practice_id, draft.pms_id, draft.chart_number
         )
-    ).first()
-    if existing is not None:
-        return existing.id
+    ):
+        if (existing.detail or {}).get("message", "") == message:
+            return existing.id
     draft.created_at = utcnow()
     session.add(draft)
     session.flush()
-    message = (draft.detail or {}).get("message", "")
     AuditLog.change(
         session, origin, "conflict.record", patient_id=draft.patient_id, detail=f"{draft.kind}: {message}"
     )
@@ -438,6 +454,13 @@ class BridgeService:
 
     async def handle(self, req: PatientRequest) -> Outcome:
         """Serve one PMS request; every failure becomes an Outcome the protocol can render."""
+        req = replace(
+            req,
+            pms_system=key_text(req.pms_system),
+            practice_id=key_text(req.practice_id),
+            pms_id=key_text(req.pms_id),
+            chart_number=key_text(req.chart_number),
+        )
         try:
             if req.action in (
                 Action.OPEN,
@@ -559,7 +582,7 @@ class BridgeService:
             return None
         if req.chart_number and req.chart_number != row.chart_number:
             return None
-        if req.origin.protocol and row.link_protocol != req.origin.protocol:
+        if _speaks_for_link(req) and row.link_protocol != req.origin.protocol:
             return None
         if update and _demographic_changes(row, req.demographics):
             return None
@@ -649,12 +672,7 @@ class BridgeService:
                     patient_id=patient.id,
                     detail=f"practice {req.practice_id!r}",
                 )
-            # The link's protocol decides the PMS's pushes; an import is not the PMS speaking.
-            if (
-                req.origin.protocol
-                and req.action is not Action.IMPORT
-                and link.protocol != req.origin.protocol
-            ):
+            if _speaks_for_link(req) and link.protocol != req.origin.protocol:
                 link.protocol = req.origin.protocol
             return _Resolved(patient, link, Status.UPDATED if changed else Status.OK)
 
@@ -1006,9 +1024,9 @@ class BridgeService:
 
         def work(session: Session) -> list[PatientView]:
             stmt = q.search_patients(
-                pms_id=pms_id,
-                pms_system=pms_system,
-                chart_number=chart_number,
+                pms_id=None if pms_id is None else key_text(pms_id),
+                pms_system=None if pms_system is None else key_text(pms_system),
+                chart_number=None if chart_number is None else key_text(chart_number),
                 name_prefix=name_prefix,
                 birth_date=birth_date,
                 after_id=after_id,

@@ -72,6 +72,22 @@ async def test_pms_ids_are_opaque_strings(runtime: Runtime) -> None:
     assert len(found) == 4
 
 
+async def test_an_id_differing_only_in_unicode_form_or_padding_is_the_same_patient(runtime: Runtime) -> None:
+    """ "Jürgen-1" with a precomposed or a combining umlaut, " 007 " and "007": one key each; inside the
+    id nothing is normalised ("007" and "7" stay two patients)."""
+    composed = await runtime.service.handle(req("J\u00fcrgen-1"))
+    decomposed = await runtime.service.handle(req("Ju\u0308rgen-1"))
+    assert composed.patient and decomposed.patient and composed.patient.id == decomposed.patient.id
+    padded = await runtime.service.handle(req(" 007 ", chart=" CH7\t"))
+    plain = await runtime.service.handle(req("007", chart="CH7"))
+    assert padded.patient and plain.patient and padded.patient.id == plain.patient.id
+    assert plain.patient.pms_id == "007" and plain.patient.chart_number == "CH7"
+    seven = await runtime.service.handle(req("7"))
+    assert seven.patient and seven.patient.id != plain.patient.id
+    [found] = await runtime.service.search_patients(ORIGIN, pms_id="Ju\u0308rgen-1 ")
+    assert found.id == composed.patient.id
+
+
 async def test_spelling_differences_update_without_conflict(runtime: Runtime) -> None:
     await runtime.service.handle(req(last="Müller"))
     outcome = await runtime.service.handle(req(last="Mueller"))
@@ -102,6 +118,18 @@ async def test_disagreeing_demographics_are_a_conflict_not_a_merge_or_duplicate(
     # the PMS repeating the request does not pile up conflicts
     repeat = await runtime.service.handle(req(**change))
     assert repeat.conflict_id == outcome.conflict_id
+
+
+async def test_another_disagreement_for_the_same_id_is_another_conflict(runtime: Runtime) -> None:
+    await runtime.service.handle(req())
+    birth = await runtime.service.handle(req(birth=date(1971, 1, 2)))
+    surname = await runtime.service.handle(req(last="Schmidt"))
+    assert birth.status is surname.status is Status.CONFLICT
+    assert birth.conflict_id != surname.conflict_id
+    messages = sorted(c["message"] for c in await runtime.service.list_conflicts(ORIGIN))
+    assert (
+        len(messages) == 2 and "birth date" in messages[0] + messages[1] and "Schmidt" in " ".join(messages)
+    )
 
 
 async def test_missing_birth_date_or_unknown_sex_contradict_nothing(runtime: Runtime) -> None:

@@ -302,3 +302,31 @@ def test_the_registered_command_line_takes_the_file() -> None:
         "-q",
         "/x/MMOINF1.INI",
     ]
+
+
+async def test_the_front_desk_editing_a_vdds_patient_keeps_its_pushes(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """A REST "create or update" (the front desk's "+", a phone number) is not the PMS speaking: the
+    link keeps the PMS's protocol, and the PMS keeps getting its stage-6 pushes."""
+    rt = Runtime.build(make_settings(vdds={"mmi_ini": str(fake_pvs(tmp_path / "pvs"))}))
+    published: list[ImagesAdded] = []
+    rt.bus.subscribe(lambda event: published.append(event) if isinstance(event, ImagesAdded) else None)
+    try:
+        assert (await handle(rt, launch(stage1("0815")))).exit_code == 0
+        [patient] = await rt.service.search_patients(Origin("test"), pms_id="0815")
+        edited = await rt.service.handle(
+            PatientRequest(
+                Action.CREATE_OR_UPDATE,
+                Origin("rest"),
+                patient.pms_system or "",
+                "0815",
+                demographics=Demographics(patient.last_name, phone="0123 4567"),
+            )
+        )
+        assert edited.status.ok, edited.message
+        await rt.service.add_images(Origin("test"), patient.id, [await rt.imaging.ingest(png())])
+        [added] = published
+        assert added.push_channels == {vdds_push.CHANNEL}
+    finally:
+        rt.close()

@@ -126,6 +126,8 @@ class Imaging:
         The file is decoded completely before anything is written, so a corrupt or truncated file
         raises ImagingError and leaves nothing behind. The thumbnail and preview are rendered from the
         same decode, with the orientation in `metadata`, so a PMS's first request is served from disk.
+        The stored file is claimed (`claim`): the caller releases it once its image row is committed or
+        given up.
         """
         rotation = metadata.get("rotation") or 0
         mirrored = bool(metadata.get("mirrored") or False)
