@@ -6,6 +6,9 @@ over a socket are a fifth of the start-up cost of urllib), hands the message to 
 writes the answer back. When the daemon cannot be reached, the protocol still gets an answer: protocols
 with an answer file (VDDS) get an error written into it by their `unreachable` renderer; all get a
 non-zero exit code and one line on stderr.
+
+Printing never fails: what the stream's encoding cannot show is escaped, so the exit code always says
+what the daemon did.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from bridge.config_file import (
     find_config_path,
     read_raw,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy takes it as true
+if TYPE_CHECKING:
+    from typing import TextIO
 
 TIMEOUT_SECONDS = 120.0
 MAX_FILE_BYTES = 4 * 1024 * 1024
@@ -64,6 +71,34 @@ def named_file(args: list[str]) -> str:
         if candidate and os.path.isfile(candidate):
             return candidate
     return ""
+
+
+def printable(text: str) -> str:
+    """`text` as valid Unicode: the undecodable bytes of a POSIX argument or path escaped (`\\xe9`)."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no undecodable byte made
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def say(line: str, stream: TextIO | None) -> None:
+    """Write one line that cannot fail: what the stream's encoding cannot show is escaped (`\\u0141`).
+
+    A PMS reading our redirected stdout in cp1252 must get the exit code of what the daemon did, not a
+    UnicodeEncodeError after the patient was created. A missing or closed stream loses the line only.
+    """
+    if stream is None:  # pythonw, or a PMS starting us without standard handles
+        return
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        line = printable(line).encode(encoding, "backslashreplace").decode(encoding, "replace")
+    except LookupError:  # an encoding name Python does not know
+        line = printable(line).encode("ascii", "backslashreplace").decode("ascii")
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError, UnicodeError):
+        pass
 
 
 def workstation() -> str:
@@ -181,6 +216,7 @@ def _fail(
         module, _, name = target.partition(":")
         import importlib  # only on this rare path
 
+        message = printable(message)
         try:
             settings = (raw or {}).get(protocol, {})
             answer = getattr(importlib.import_module(module), name)(content, message, settings)
@@ -188,7 +224,7 @@ def _fail(
                 write_atomic(path, answer)
         except Exception as exc:  # the PMS must still get an exit code and a line
             message += f" (and the error answer could not be written: {exc})"
-    print(f"pms-bridge {protocol}: {message}", file=sys.stderr)
+    say(f"pms-bridge {protocol}: {message}", sys.stderr)
     return code
 
 
@@ -251,5 +287,5 @@ def run(protocol: str, argv: list[str]) -> int:
     message = unquote(reply_headers.get("x-pms-message", ""))
     code = int(reply_headers.get("x-pms-exit", "1"))
     if message:
-        print(message, file=sys.stderr if code else sys.stdout)
+        say(message, sys.stderr if code else sys.stdout)
     return code

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 from bridge import launch
 from bridge.handlers import HANDLERS
 from bridge.runtime import Runtime
+from tests.conftest import DaemonProcess, pms_bridge_command
 
 HEAVY = (
     "asyncio",
@@ -102,6 +105,45 @@ def test_a_missing_config_is_reported_in_one_line(tmp_path: Path) -> None:
     )
     assert json.loads(result.stdout.splitlines()[-1])["code"] == launch.EXIT_UNREACHABLE
     assert "config file not found" in result.stderr
+
+
+def run_launch(
+    daemon: DaemonProcess, protocol: str, *args: str | bytes, cwd: Path | None = None, **env: str
+) -> tuple[int, str, str]:
+    """`pms-bridge PROTOCOL ARGS` as a PMS starts it (bytes: an argument that is not UTF-8):
+    (exit code, stdout, stderr), both decoded as UTF-8 unless PYTHONIOENCODING says otherwise."""
+    done = subprocess.run(
+        [*pms_bridge_command(), protocol, *args],
+        env={**os.environ, "PMS_BRIDGE_CONFIG": str(daemon.config), **env},
+        cwd=cwd,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    encoding = env.get("PYTHONIOENCODING", "utf-8").split(":")[0]
+    return done.returncode, done.stdout.decode(encoding), done.stderr.decode(encoding)
+
+
+def patients(daemon: DaemonProcess, system: str, pms_id: str) -> list[dict[str, Any]]:
+    query = urllib.parse.urlencode({"pms_system": system, "pms_id": pms_id})
+    status, body = daemon.request("GET", "/api/v1/patients?" + query)
+    assert status == 200, body
+    items: list[dict[str, Any]] = json.loads(body)["items"]
+    return items
+
+
+def test_a_line_the_console_cannot_encode_does_not_turn_success_into_failure(daemon: DaemonProcess) -> None:
+    """A Windows PMS reading our redirected output in cp1252: the line is escaped, the exit code is true."""
+    cp1252 = {"PYTHONIOENCODING": "cp1252"}
+    code, out, err = run_launch(daemon, "opp", "-p", "Ł1", "-l", "Wałęsa", **cp1252)
+    assert (code, out, err) == (0, "OPP UPDATE_CREATE: patient \\u01411 created\n", "")
+    [patient] = patients(daemon, "OPP", "Ł1")
+    assert patient["last_name"] == "Wałęsa"
+    code, out, err = run_launch(daemon, "opp", "-c", "UPDATE", "-p", "Ł2", "-l", "Wałęsa", **cp1252)
+    assert (code, out, err) == (1, "", "OPP UPDATE: no patient with id '\\u01412' from OPP\n")
+    strict = {"PYTHONIOENCODING": "ascii:strict"}
+    code, out, err = run_launch(daemon, "opp", "-c", "UPDATE", "-p", "Ł1", "-l", "Wałęsa", **strict)
+    assert (code, out, err) == (0, "OPP UPDATE: patient \\u01411 opened\n", "")
 
 
 PROBE = f"""
