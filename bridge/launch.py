@@ -7,8 +7,8 @@ writes the answer back. When the daemon cannot be reached, the protocol still ge
 with an answer file (VDDS) get an error written into it by their `unreachable` renderer; all get a
 non-zero exit code and one line on stderr.
 
-Printing never fails: what the stream's encoding cannot show is escaped, so the exit code always says
-what the daemon did.
+Only the argument in a protocol's file position is read as a file (`named_file`). Printing never fails:
+what the stream's encoding cannot show is escaped, so the exit code always says what the daemon did.
 """
 
 from __future__ import annotations
@@ -65,12 +65,17 @@ def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def named_file(args: list[str]) -> str:
-    """The first argument naming an existing file (a leading '@' marks info files, as Dexis does)."""
-    for arg in args:
-        candidate = arg[1:] if arg.startswith("@") else arg
-        if candidate and os.path.isfile(candidate):
-            return candidate
-    return ""
+    """The file a launch names, or "": only the first argument, which is the file position of every
+    protocol's file form (`vdds FILE`, `opp FILE`, `dexis @FILE`, `eaglesoft FILE`, `cliniview PATH`).
+
+    A leading '@' marks an info file, as Dexis does. An argument starting with '-' is a flag (`opp -p
+    4711 ...`, `cliniview -ID;FIRST;...`), and nothing after the first argument is a file: flag values
+    and SET fields are data even when a file of that name happens to be in the working directory.
+    """
+    if not args or args[0].startswith("-"):
+        return ""
+    candidate = args[0][1:] if args[0].startswith("@") else args[0]
+    return candidate if candidate and os.path.isfile(candidate) else ""
 
 
 def printable(text: str) -> str:

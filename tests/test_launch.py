@@ -50,10 +50,10 @@ async def test_the_file_goes_to_the_daemon_and_the_answer_comes_back(
 ) -> None:
     exchange = tmp_path / "Übergabe 1.tmp"
     exchange.write_bytes(b"[PATIENT]\r\nPATID=0042\r\n")
-    code = await run_client(runtime, api_client.port, ["-x", "@" + str(exchange), "ä b"], tmp_path)
+    code = await run_client(runtime, api_client.port, ["@" + str(exchange), "-x", "ä b"], tmp_path)
     assert code == 0
     answer = json.loads(exchange.read_bytes())
-    assert answer["args"] == ["-x", "@" + str(exchange), "ä b"]
+    assert answer["args"] == ["@" + str(exchange), "-x", "ä b"]
     assert answer["filename"] == str(exchange)
     assert answer["content"] == "[PATIENT]\r\nPATID=0042\r\n"
     assert answer["workstation"]
@@ -107,6 +107,28 @@ def test_a_missing_config_is_reported_in_one_line(tmp_path: Path) -> None:
     assert "config file not found" in result.stderr
 
 
+async def test_only_the_file_position_is_read_as_a_file(
+    api_client: Any,
+    runtime: Runtime,
+    echo_protocol: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A flag value naming a file in the working directory is data: the file is neither sent nor written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "4711").write_bytes(b"private")
+    (tmp_path / "Roe").write_bytes(b"private too")
+    assert await run_client(runtime, api_client.port, ["-p", "4711", "Roe"], tmp_path) == 0
+    assert "Grüße: done" in capsys.readouterr().out
+    # the echo answer goes into the named file: had either been taken for the message, it would hold it
+    assert (tmp_path / "4711").read_bytes() == b"private"
+    assert (tmp_path / "Roe").read_bytes() == b"private too"
+    assert launch.named_file(["-p", "4711", "Roe"]) == ""
+    assert launch.named_file(["SET", "4711", "Roe"]) == ""
+    assert launch.named_file(["@4711"]) == "4711"
+
+
 def run_launch(
     daemon: DaemonProcess, protocol: str, *args: str | bytes, cwd: Path | None = None, **env: str
 ) -> tuple[int, str, str]:
@@ -144,6 +166,17 @@ def test_a_line_the_console_cannot_encode_does_not_turn_success_into_failure(dae
     strict = {"PYTHONIOENCODING": "ascii:strict"}
     code, out, err = run_launch(daemon, "opp", "-c", "UPDATE", "-p", "Ł1", "-l", "Wałęsa", **strict)
     assert (code, out, err) == (0, "OPP UPDATE: patient \\u01411 opened\n", "")
+
+
+def test_a_flag_value_naming_a_file_is_not_read(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """`opp -p 4711` with a (large) file named 4711 where the PMS starts us: the patient, not a refusal."""
+    (tmp_path / "4711").write_bytes(b"x" * (launch.MAX_FILE_BYTES + 1))
+    (tmp_path / "Roe").write_bytes(b"<opp/>")
+    code, out, err = run_launch(daemon, "opp", "-p", "4711", "-l", "Roe", cwd=tmp_path)
+    assert (code, out, err) == (0, "OPP UPDATE_CREATE: patient 4711 created\n", "")
+    [patient] = patients(daemon, "OPP", "4711")
+    assert patient["last_name"] == "Roe"
+    assert (tmp_path / "Roe").read_bytes() == b"<opp/>"
 
 
 PROBE = f"""
