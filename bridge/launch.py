@@ -7,7 +7,8 @@ writes the answer back. When the daemon cannot be reached, the protocol still ge
 with an answer file (VDDS) get an error written into it by their `unreachable` renderer; all get a
 non-zero exit code and one line on stderr.
 
-Only the argument in a protocol's file position is read as a file (`named_file`). Printing never fails:
+Only the argument in a protocol's file position is read as a file (`named_file`), and only a regular
+file: one that cannot be read or is too large is the message's fault (exit 2). Printing never fails:
 what the stream's encoding cannot show is escaped, so the exit code always says what the daemon did.
 """
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 TIMEOUT_SECONDS = 120.0
 MAX_FILE_BYTES = 4 * 1024 * 1024
+EXIT_INVALID = 2  # the launch itself: its file cannot be read or is too large, an argument is not text
 EXIT_UNREACHABLE = 3
 EXIT_REFUSED = 4
 
@@ -71,11 +73,12 @@ def named_file(args: list[str]) -> str:
     A leading '@' marks an info file, as Dexis does. An argument starting with '-' is a flag (`opp -p
     4711 ...`, `cliniview -ID;FIRST;...`), and nothing after the first argument is a file: flag values
     and SET fields are data even when a file of that name happens to be in the working directory.
+    Anything that exists there is returned (a directory too: `run` refuses what is not a regular file).
     """
     if not args or args[0].startswith("-"):
         return ""
     candidate = args[0][1:] if args[0].startswith("@") else args[0]
-    return candidate if candidate and os.path.isfile(candidate) else ""
+    return candidate if candidate and os.path.lexists(candidate) else ""
 
 
 def printable(text: str) -> str:
@@ -238,14 +241,19 @@ def run(protocol: str, argv: list[str]) -> int:
     config, args = split_config(argv)
     path = named_file(args)
     content = b""
-    if path:
+    if path:  # opened by its real bytes (a str with surrogate escapes on POSIX); only its display is escaped
+        shown = printable(path)
+        if not os.path.isfile(path):
+            what = "a directory" if os.path.isdir(path) else "not a regular file"
+            return _fail(protocol, "", b"", f"cannot read {shown}: it is {what}", EXIT_INVALID)
         try:
             with open(path, "rb") as fh:
                 content = fh.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
-            return _fail(protocol, "", b"", f"cannot read {path}: {exc.strerror}", EXIT_REFUSED)
+            reason = exc.strerror or type(exc).__name__
+            return _fail(protocol, "", b"", f"cannot read {shown}: {reason}", EXIT_INVALID)
         if len(content) > MAX_FILE_BYTES:
-            return _fail(protocol, path, b"", f"{path} is larger than {MAX_FILE_BYTES} bytes", EXIT_REFUSED)
+            return _fail(protocol, path, b"", f"{shown} is larger than {MAX_FILE_BYTES} bytes", EXIT_INVALID)
     try:
         raw = read_raw(find_config_path(config))
         host, port, token, tls, cafile = api_endpoint(raw)

@@ -17,6 +17,7 @@ from bridge import launch
 from bridge.handlers import HANDLERS
 from bridge.runtime import Runtime
 from tests.conftest import DaemonProcess, pms_bridge_command
+from tests.test_vdds import keys, stage1
 
 HEAVY = (
     "asyncio",
@@ -166,6 +167,46 @@ def test_a_line_the_console_cannot_encode_does_not_turn_success_into_failure(dae
     strict = {"PYTHONIOENCODING": "ascii:strict"}
     code, out, err = run_launch(daemon, "opp", "-c", "UPDATE", "-p", "Ł1", "-l", "Wałęsa", **strict)
     assert (code, out, err) == (0, "OPP UPDATE: patient \\u01411 opened\n", "")
+
+
+def test_a_file_that_cannot_be_read_is_exit_2(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """As the docs say: the message itself (2), not a refusal by the daemon (4); nothing reaches it."""
+    (tmp_path / "folder").mkdir()
+    large = tmp_path / "large.xml"
+    large.write_bytes(b"<opp/>" + b" " * launch.MAX_FILE_BYTES)
+    assert run_launch(daemon, "opp", str(tmp_path / "folder")) == (
+        2,
+        "",
+        f"pms-bridge opp: cannot read {tmp_path / 'folder'}: it is a directory\n",
+    )
+    assert run_launch(daemon, "opp", "/proc/self/mem") == (
+        2,
+        "",
+        "pms-bridge opp: cannot read /proc/self/mem: Input/output error\n",
+    )
+    assert run_launch(daemon, "opp", str(large)) == (
+        2,
+        "",
+        f"pms-bridge opp: {large} is larger than {launch.MAX_FILE_BYTES} bytes\n",
+    )
+    assert run_launch(daemon, "dexis", "@/dev/null") == (
+        2,
+        "",
+        "pms-bridge dexis: cannot read /dev/null: it is not a regular file\n",
+    )
+    exchange = tmp_path / "MME505F.tmp"
+    exchange.write_bytes(stage1("0930") + b";" * launch.MAX_FILE_BYTES)
+    assert run_launch(daemon, "vdds", str(exchange)) == (
+        2,
+        "",
+        f"pms-bridge vdds: {exchange} is larger than {launch.MAX_FILE_BYTES} bytes\n",
+    )
+    answer = keys(exchange.read_bytes(), "PATIENT")  # the error answer, as when the daemon is down
+    assert (answer["ERRORLEVEL"], answer["READY"]) == ("1", "1")
+    assert answer["ERRORTEXT"].endswith(f"({exchange} is larger than {launch.MAX_FILE_BYTES} bytes)")
+    assert patients(daemon, "TESTPVS", "0930") == []
+    status, body = daemon.request("GET", "/metrics")
+    assert status == 200 and b'protocol="opp"' not in body  # the daemon got no launch at all
 
 
 def test_a_flag_value_naming_a_file_is_not_read(daemon: DaemonProcess, tmp_path: Path) -> None:
