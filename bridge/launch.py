@@ -8,8 +8,10 @@ with an answer file (VDDS) get an error written into it by their `unreachable` r
 non-zero exit code and one line on stderr.
 
 Only the argument in a protocol's file position is read as a file (`named_file`), and only a regular
-file: one that cannot be read or is too large is the message's fault (exit 2). Printing never fails:
-what the stream's encoding cannot show is escaped, so the exit code always says what the daemon did.
+file. On POSIX an argument is bytes: one that is not UTF-8 arrives with surrogate escapes. A file path
+like that is opened by its real bytes and shown escaped (`x\\xe9.txt`); any other such argument is
+refused (exit 2) rather than sent with its letters guessed. Printing never fails: what the stream's
+encoding cannot show is escaped, so the exit code always says what the daemon did.
 """
 
 from __future__ import annotations
@@ -87,6 +89,15 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that no undecodable byte made
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_text(text: str) -> bool:
+    """False for an argument that carries undecodable bytes (surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def say(line: str, stream: TextIO | None) -> None:
@@ -259,11 +270,23 @@ def run(protocol: str, argv: list[str]) -> int:
         host, port, token, tls, cafile = api_endpoint(raw)
     except ConfigFileError as exc:
         return _fail(protocol, path, content, str(exc), EXIT_UNREACHABLE)
+    if path:  # the file's argument goes as it is shown: the daemon has its bytes already
+        args = [printable(args[0]), *args[1:]]
+    for arg in args:
+        if not is_text(arg):
+            return _fail(
+                protocol,
+                path,
+                content,
+                f"argument '{printable(arg)}' is not UTF-8 text: the PMS must pass its arguments in UTF-8",
+                EXIT_INVALID,
+                raw,
+            )
     query = "&".join("arg=" + quote(arg, safe="") for arg in args)
     headers = {
         "Authorization": f"Bearer {token}",
-        "X-PMS-Filename": quote(path),
-        "X-PMS-Workstation": quote(workstation()),
+        "X-PMS-Filename": quote(printable(path)),
+        "X-PMS-Workstation": quote(printable(workstation())),
         "Content-Type": "application/octet-stream",
     }
     try:

@@ -155,6 +155,56 @@ def patients(daemon: DaemonProcess, system: str, pms_id: str) -> list[dict[str, 
     return items
 
 
+NOT_UTF8 = ": the PMS must pass its arguments in UTF-8\n"
+
+
+def test_an_argument_that_is_not_utf8_is_refused_in_one_line(daemon: DaemonProcess) -> None:
+    """POSIX arguments are bytes; Latin-1 ones are not sent with guessed letters but refused (exit 2)."""
+    code, out, err = run_launch(daemon, "opp", "-p", "C1", "-l", b"M\xfcller")
+    assert (code, out, err) == (2, "", "pms-bridge opp: argument 'M\\xfcller' is not UTF-8 text" + NOT_UTF8)
+    assert patients(daemon, "OPP", "C1") == []
+    code, out, err = run_launch(daemon, "cliniview", b"-3006;Jos\xe9;Smith;;07/14/1985")
+    assert (code, out) == (2, "")
+    assert (
+        err
+        == "pms-bridge cliniview: argument '-3006;Jos\\xe9;Smith;;07/14/1985' is not UTF-8 text" + NOT_UTF8
+    )
+    assert patients(daemon, "cliniview", "3006") == []
+    assert run_launch(daemon, "opp", "-p", "C1", "-l", "Müller")[0] == 0  # and the daemon serves on
+
+
+def test_a_file_path_that_is_not_utf8_is_opened_by_its_bytes(daemon: DaemonProcess, tmp_path: Path) -> None:
+    folder = os.fsencode(tmp_path)
+    info = folder + b"/x\xe9.txt"
+    lines = ("Côté, Zoë  7/14/1985  (01043)", "PN=01043", "LN=Côté", "FN=Zoë", "BD=7/14/1985", "SX=F")
+    with open(info, "wb") as fh:
+        fh.write("".join(line + "\r\n" for line in lines).encode("cp1252"))
+    assert run_launch(daemon, "dexis", b"@" + info) == (0, "pms-bridge dexis: patient 01043 created\n", "")
+    [patient] = patients(daemon, "dexis", "01043")
+    assert (patient["last_name"], patient["first_name"]) == ("Côté", "Zoë")
+
+    # VDDS: the answer goes back into the file of that name
+    exchange = folder + b"/MM\xe9.tmp"
+    with open(exchange, "wb") as fh:
+        fh.write(stage1("0920"))
+    assert run_launch(daemon, "vdds", exchange)[0] == 0
+    with open(exchange, "rb") as fh:
+        answer = keys(fh.read(), "PATIENT")
+    assert (answer["ERRORLEVEL"], answer["READY"]) == ("0", "1")
+    assert len(patients(daemon, "TESTPVS", "0920")) == 1
+
+    # a request that cannot be sent still gets its VDDS answer in the file
+    with open(exchange, "wb") as fh:
+        fh.write(stage1("0921"))
+    code, out, err = run_launch(daemon, "vdds", exchange, b"\xff")
+    assert (code, out, err) == (2, "", "pms-bridge vdds: argument '\\xff' is not UTF-8 text" + NOT_UTF8)
+    with open(exchange, "rb") as fh:
+        answer = keys(fh.read(), "PATIENT")
+    assert (answer["ERRORLEVEL"], answer["READY"]) == ("1", "1")
+    assert "is not UTF-8 text" in answer["ERRORTEXT"]
+    assert patients(daemon, "TESTPVS", "0921") == []
+
+
 def test_a_line_the_console_cannot_encode_does_not_turn_success_into_failure(daemon: DaemonProcess) -> None:
     """A Windows PMS reading our redirected output in cp1252: the line is escaped, the exit code is true."""
     cp1252 = {"PYTHONIOENCODING": "cp1252"}
