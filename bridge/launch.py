@@ -6,6 +6,12 @@ over a socket are a fifth of the start-up cost of urllib), hands the message to 
 writes the answer back. When the daemon cannot be reached, the protocol still gets an answer: protocols
 with an answer file (VDDS) get an error written into it by their `unreachable` renderer; all get a
 non-zero exit code and one line on stderr.
+
+Only the argument in a protocol's file position is read as a file (`named_file`), and only a regular
+file. On POSIX an argument is bytes: one that is not UTF-8 arrives with surrogate escapes. A file path
+like that is opened by its real bytes and shown escaped (`x\\xe9.txt`); any other such argument is
+refused (exit 2) rather than sent with its letters guessed. Printing never fails: what the stream's
+encoding cannot show is escaped, so the exit code always says what the daemon did.
 """
 
 from __future__ import annotations
@@ -24,8 +30,13 @@ from bridge.config_file import (
     read_raw,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy takes it as true
+if TYPE_CHECKING:
+    from typing import TextIO
+
 TIMEOUT_SECONDS = 120.0
 MAX_FILE_BYTES = 4 * 1024 * 1024
+EXIT_INVALID = 2  # the launch itself: its file cannot be read or is too large, an argument is not text
 EXIT_UNREACHABLE = 3
 EXIT_REFUSED = 4
 
@@ -58,12 +69,55 @@ def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def named_file(args: list[str]) -> str:
-    """The first argument naming an existing file (a leading '@' marks info files, as Dexis does)."""
-    for arg in args:
-        candidate = arg[1:] if arg.startswith("@") else arg
-        if candidate and os.path.isfile(candidate):
-            return candidate
-    return ""
+    """The file a launch names, or "": only the first argument, which is the file position of every
+    protocol's file form (`vdds FILE`, `opp FILE`, `dexis @FILE`, `eaglesoft FILE`, `cliniview PATH`).
+
+    A leading '@' marks an info file, as Dexis does. An argument starting with '-' is a flag (`opp -p
+    4711 ...`, `cliniview -ID;FIRST;...`), and nothing after the first argument is a file: flag values
+    and SET fields are data even when a file of that name happens to be in the working directory.
+    Anything that exists there is returned (a directory too: `run` refuses what is not a regular file).
+    """
+    if not args or args[0].startswith("-"):
+        return ""
+    candidate = args[0][1:] if args[0].startswith("@") else args[0]
+    return candidate if candidate and os.path.lexists(candidate) else ""
+
+
+def printable(text: str) -> str:
+    """`text` as valid Unicode: the undecodable bytes of a POSIX argument or path escaped (`\\xe9`)."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no undecodable byte made
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_text(text: str) -> bool:
+    """False for an argument that carries undecodable bytes (surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def say(line: str, stream: TextIO | None) -> None:
+    """Write one line that cannot fail: what the stream's encoding cannot show is escaped (`\\u0141`).
+
+    A PMS reading our redirected stdout in cp1252 must get the exit code of what the daemon did, not a
+    UnicodeEncodeError after the patient was created. A missing or closed stream loses the line only.
+    """
+    if stream is None:  # pythonw, or a PMS starting us without standard handles
+        return
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        line = printable(line).encode(encoding, "backslashreplace").decode(encoding, "replace")
+    except LookupError:  # an encoding name Python does not know
+        line = printable(line).encode("ascii", "backslashreplace").decode("ascii")
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError, UnicodeError):
+        pass
 
 
 def workstation() -> str:
@@ -181,6 +235,7 @@ def _fail(
         module, _, name = target.partition(":")
         import importlib  # only on this rare path
 
+        message = printable(message)
         try:
             settings = (raw or {}).get(protocol, {})
             answer = getattr(importlib.import_module(module), name)(content, message, settings)
@@ -188,7 +243,7 @@ def _fail(
                 write_atomic(path, answer)
         except Exception as exc:  # the PMS must still get an exit code and a line
             message += f" (and the error answer could not be written: {exc})"
-    print(f"pms-bridge {protocol}: {message}", file=sys.stderr)
+    say(f"pms-bridge {protocol}: {message}", sys.stderr)
     return code
 
 
@@ -197,24 +252,41 @@ def run(protocol: str, argv: list[str]) -> int:
     config, args = split_config(argv)
     path = named_file(args)
     content = b""
-    if path:
+    if path:  # opened by its real bytes (a str with surrogate escapes on POSIX); only its display is escaped
+        shown = printable(path)
+        if not os.path.isfile(path):
+            what = "a directory" if os.path.isdir(path) else "not a regular file"
+            return _fail(protocol, "", b"", f"cannot read {shown}: it is {what}", EXIT_INVALID)
         try:
             with open(path, "rb") as fh:
                 content = fh.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
-            return _fail(protocol, "", b"", f"cannot read {path}: {exc.strerror}", EXIT_REFUSED)
+            reason = exc.strerror or type(exc).__name__
+            return _fail(protocol, "", b"", f"cannot read {shown}: {reason}", EXIT_INVALID)
         if len(content) > MAX_FILE_BYTES:
-            return _fail(protocol, path, b"", f"{path} is larger than {MAX_FILE_BYTES} bytes", EXIT_REFUSED)
+            return _fail(protocol, path, b"", f"{shown} is larger than {MAX_FILE_BYTES} bytes", EXIT_INVALID)
     try:
         raw = read_raw(find_config_path(config))
         host, port, token, tls, cafile = api_endpoint(raw)
     except ConfigFileError as exc:
         return _fail(protocol, path, content, str(exc), EXIT_UNREACHABLE)
+    if path:  # the file's argument goes as it is shown: the daemon has its bytes already
+        args = [printable(args[0]), *args[1:]]
+    for arg in args:
+        if not is_text(arg):
+            return _fail(
+                protocol,
+                path,
+                content,
+                f"argument '{printable(arg)}' is not UTF-8 text: the PMS must pass its arguments in UTF-8",
+                EXIT_INVALID,
+                raw,
+            )
     query = "&".join("arg=" + quote(arg, safe="") for arg in args)
     headers = {
         "Authorization": f"Bearer {token}",
-        "X-PMS-Filename": quote(path),
-        "X-PMS-Workstation": quote(workstation()),
+        "X-PMS-Filename": quote(printable(path)),
+        "X-PMS-Workstation": quote(printable(workstation())),
         "Content-Type": "application/octet-stream",
     }
     try:
@@ -251,5 +323,5 @@ def run(protocol: str, argv: list[str]) -> int:
     message = unquote(reply_headers.get("x-pms-message", ""))
     code = int(reply_headers.get("x-pms-exit", "1"))
     if message:
-        print(message, file=sys.stderr if code else sys.stdout)
+        say(message, sys.stderr if code else sys.stdout)
     return code

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ import pytest
 from bridge import launch
 from bridge.handlers import HANDLERS
 from bridge.runtime import Runtime
+from tests.conftest import DaemonProcess, pms_bridge_command
+from tests.test_vdds import keys, stage1
 
 HEAVY = (
     "asyncio",
@@ -47,10 +51,10 @@ async def test_the_file_goes_to_the_daemon_and_the_answer_comes_back(
 ) -> None:
     exchange = tmp_path / "Übergabe 1.tmp"
     exchange.write_bytes(b"[PATIENT]\r\nPATID=0042\r\n")
-    code = await run_client(runtime, api_client.port, ["-x", "@" + str(exchange), "ä b"], tmp_path)
+    code = await run_client(runtime, api_client.port, ["@" + str(exchange), "-x", "ä b"], tmp_path)
     assert code == 0
     answer = json.loads(exchange.read_bytes())
-    assert answer["args"] == ["-x", "@" + str(exchange), "ä b"]
+    assert answer["args"] == ["@" + str(exchange), "-x", "ä b"]
     assert answer["filename"] == str(exchange)
     assert answer["content"] == "[PATIENT]\r\nPATID=0042\r\n"
     assert answer["workstation"]
@@ -102,6 +106,168 @@ def test_a_missing_config_is_reported_in_one_line(tmp_path: Path) -> None:
     )
     assert json.loads(result.stdout.splitlines()[-1])["code"] == launch.EXIT_UNREACHABLE
     assert "config file not found" in result.stderr
+
+
+async def test_only_the_file_position_is_read_as_a_file(
+    api_client: Any,
+    runtime: Runtime,
+    echo_protocol: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A flag value naming a file in the working directory is data: the file is neither sent nor written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "4711").write_bytes(b"private")
+    (tmp_path / "Roe").write_bytes(b"private too")
+    assert await run_client(runtime, api_client.port, ["-p", "4711", "Roe"], tmp_path) == 0
+    assert "Grüße: done" in capsys.readouterr().out
+    # the echo answer goes into the named file: had either been taken for the message, it would hold it
+    assert (tmp_path / "4711").read_bytes() == b"private"
+    assert (tmp_path / "Roe").read_bytes() == b"private too"
+    assert launch.named_file(["-p", "4711", "Roe"]) == ""
+    assert launch.named_file(["SET", "4711", "Roe"]) == ""
+    assert launch.named_file(["@4711"]) == "4711"
+
+
+def run_launch(
+    daemon: DaemonProcess, protocol: str, *args: str | bytes, cwd: Path | None = None, **env: str
+) -> tuple[int, str, str]:
+    """`pms-bridge PROTOCOL ARGS` as a PMS starts it (bytes: an argument that is not UTF-8):
+    (exit code, stdout, stderr), both decoded as UTF-8 unless PYTHONIOENCODING says otherwise."""
+    done = subprocess.run(
+        [*pms_bridge_command(), protocol, *args],
+        env={**os.environ, "PMS_BRIDGE_CONFIG": str(daemon.config), **env},
+        cwd=cwd,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    encoding = env.get("PYTHONIOENCODING", "utf-8").split(":")[0]
+    return done.returncode, done.stdout.decode(encoding), done.stderr.decode(encoding)
+
+
+def patients(daemon: DaemonProcess, system: str, pms_id: str) -> list[dict[str, Any]]:
+    query = urllib.parse.urlencode({"pms_system": system, "pms_id": pms_id})
+    status, body = daemon.request("GET", "/api/v1/patients?" + query)
+    assert status == 200, body
+    items: list[dict[str, Any]] = json.loads(body)["items"]
+    return items
+
+
+NOT_UTF8 = ": the PMS must pass its arguments in UTF-8\n"
+
+
+def test_an_argument_that_is_not_utf8_is_refused_in_one_line(daemon: DaemonProcess) -> None:
+    """POSIX arguments are bytes; Latin-1 ones are not sent with guessed letters but refused (exit 2)."""
+    code, out, err = run_launch(daemon, "opp", "-p", "C1", "-l", b"M\xfcller")
+    assert (code, out, err) == (2, "", "pms-bridge opp: argument 'M\\xfcller' is not UTF-8 text" + NOT_UTF8)
+    assert patients(daemon, "OPP", "C1") == []
+    code, out, err = run_launch(daemon, "cliniview", b"-3006;Jos\xe9;Smith;;07/14/1985")
+    assert (code, out) == (2, "")
+    assert (
+        err
+        == "pms-bridge cliniview: argument '-3006;Jos\\xe9;Smith;;07/14/1985' is not UTF-8 text" + NOT_UTF8
+    )
+    assert patients(daemon, "cliniview", "3006") == []
+    assert run_launch(daemon, "opp", "-p", "C1", "-l", "Müller")[0] == 0  # and the daemon serves on
+
+
+def test_a_file_path_that_is_not_utf8_is_opened_by_its_bytes(daemon: DaemonProcess, tmp_path: Path) -> None:
+    folder = os.fsencode(tmp_path)
+    info = folder + b"/x\xe9.txt"
+    lines = ("Côté, Zoë  7/14/1985  (01043)", "PN=01043", "LN=Côté", "FN=Zoë", "BD=7/14/1985", "SX=F")
+    with open(info, "wb") as fh:
+        fh.write("".join(line + "\r\n" for line in lines).encode("cp1252"))
+    assert run_launch(daemon, "dexis", b"@" + info) == (0, "pms-bridge dexis: patient 01043 created\n", "")
+    [patient] = patients(daemon, "dexis", "01043")
+    assert (patient["last_name"], patient["first_name"]) == ("Côté", "Zoë")
+
+    # VDDS: the answer goes back into the file of that name
+    exchange = folder + b"/MM\xe9.tmp"
+    with open(exchange, "wb") as fh:
+        fh.write(stage1("0920"))
+    assert run_launch(daemon, "vdds", exchange)[0] == 0
+    with open(exchange, "rb") as fh:
+        answer = keys(fh.read(), "PATIENT")
+    assert (answer["ERRORLEVEL"], answer["READY"]) == ("0", "1")
+    assert len(patients(daemon, "TESTPVS", "0920")) == 1
+
+    # a request that cannot be sent still gets its VDDS answer in the file
+    with open(exchange, "wb") as fh:
+        fh.write(stage1("0921"))
+    code, out, err = run_launch(daemon, "vdds", exchange, b"\xff")
+    assert (code, out, err) == (2, "", "pms-bridge vdds: argument '\\xff' is not UTF-8 text" + NOT_UTF8)
+    with open(exchange, "rb") as fh:
+        answer = keys(fh.read(), "PATIENT")
+    assert (answer["ERRORLEVEL"], answer["READY"]) == ("1", "1")
+    assert "is not UTF-8 text" in answer["ERRORTEXT"]
+    assert patients(daemon, "TESTPVS", "0921") == []
+
+
+def test_a_line_the_console_cannot_encode_does_not_turn_success_into_failure(daemon: DaemonProcess) -> None:
+    """A Windows PMS reading our redirected output in cp1252: the line is escaped, the exit code is true."""
+    cp1252 = {"PYTHONIOENCODING": "cp1252"}
+    code, out, err = run_launch(daemon, "opp", "-p", "Ł1", "-l", "Wałęsa", **cp1252)
+    assert (code, out, err) == (0, "OPP UPDATE_CREATE: patient \\u01411 created\n", "")
+    [patient] = patients(daemon, "OPP", "Ł1")
+    assert patient["last_name"] == "Wałęsa"
+    code, out, err = run_launch(daemon, "opp", "-c", "UPDATE", "-p", "Ł2", "-l", "Wałęsa", **cp1252)
+    assert (code, out, err) == (1, "", "OPP UPDATE: no patient with id '\\u01412' from OPP\n")
+    strict = {"PYTHONIOENCODING": "ascii:strict"}
+    code, out, err = run_launch(daemon, "opp", "-c", "UPDATE", "-p", "Ł1", "-l", "Wałęsa", **strict)
+    assert (code, out, err) == (0, "OPP UPDATE: patient \\u01411 opened\n", "")
+
+
+def test_a_file_that_cannot_be_read_is_exit_2(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """As the docs say: the message itself (2), not a refusal by the daemon (4); nothing reaches it."""
+    (tmp_path / "folder").mkdir()
+    large = tmp_path / "large.xml"
+    large.write_bytes(b"<opp/>" + b" " * launch.MAX_FILE_BYTES)
+    assert run_launch(daemon, "opp", str(tmp_path / "folder")) == (
+        2,
+        "",
+        f"pms-bridge opp: cannot read {tmp_path / 'folder'}: it is a directory\n",
+    )
+    assert run_launch(daemon, "opp", "/proc/self/mem") == (
+        2,
+        "",
+        "pms-bridge opp: cannot read /proc/self/mem: Input/output error\n",
+    )
+    assert run_launch(daemon, "opp", str(large)) == (
+        2,
+        "",
+        f"pms-bridge opp: {large} is larger than {launch.MAX_FILE_BYTES} bytes\n",
+    )
+    assert run_launch(daemon, "dexis", "@/dev/null") == (
+        2,
+        "",
+        "pms-bridge dexis: cannot read /dev/null: it is not a regular file\n",
+    )
+    exchange = tmp_path / "MME505F.tmp"
+    exchange.write_bytes(stage1("0930") + b";" * launch.MAX_FILE_BYTES)
+    assert run_launch(daemon, "vdds", str(exchange)) == (
+        2,
+        "",
+        f"pms-bridge vdds: {exchange} is larger than {launch.MAX_FILE_BYTES} bytes\n",
+    )
+    answer = keys(exchange.read_bytes(), "PATIENT")  # the error answer, as when the daemon is down
+    assert (answer["ERRORLEVEL"], answer["READY"]) == ("1", "1")
+    assert answer["ERRORTEXT"].endswith(f"({exchange} is larger than {launch.MAX_FILE_BYTES} bytes)")
+    assert patients(daemon, "TESTPVS", "0930") == []
+    status, body = daemon.request("GET", "/metrics")
+    assert status == 200 and b'protocol="opp"' not in body  # the daemon got no launch at all
+
+
+def test_a_flag_value_naming_a_file_is_not_read(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """`opp -p 4711` with a (large) file named 4711 where the PMS starts us: the patient, not a refusal."""
+    (tmp_path / "4711").write_bytes(b"x" * (launch.MAX_FILE_BYTES + 1))
+    (tmp_path / "Roe").write_bytes(b"<opp/>")
+    code, out, err = run_launch(daemon, "opp", "-p", "4711", "-l", "Roe", cwd=tmp_path)
+    assert (code, out, err) == (0, "OPP UPDATE_CREATE: patient 4711 created\n", "")
+    [patient] = patients(daemon, "OPP", "4711")
+    assert patient["last_name"] == "Roe"
+    assert (tmp_path / "Roe").read_bytes() == b"<opp/>"
 
 
 PROBE = f"""
