@@ -107,10 +107,20 @@ class MappedIni:
 def read_mapped_ini(
     data: bytes, *, section: str, keys: Mapping[str, str], encoding: str, what: str, setting: str
 ) -> MappedIni:
-    """The configured section of an INI message; a missing one is refused naming the sections found."""
+    """The configured section of an INI message; a missing one is refused naming the sections found.
+
+    Every line must be ended: every captured Patterson ini and Cliniview.ini ends its last line with
+    CRLF, so a last line without a terminator is a file cut short, refused whole (as the Dexis parser
+    does) rather than read with a shortened id, date or name (docs/us-pms.md, "Truncation").
+    """
     if len(data) > MAX_INI_BYTES:
         raise MessageError(f"{what} has {len(data)} bytes; at most {MAX_INI_BYTES} are read")
-    sections = parse_ini(decode(data, encoding).text)
+    text = decode(data, encoding).text
+    if text.rsplit("\n", 1)[-1].rsplit("\r", 1)[-1].strip():
+        # Read while the PMS was still writing it: the last value may be cut short ("PatientNumber=10"
+        # of 1042 names another patient), so nothing in it can be trusted.
+        raise MessageError(f"{what} ends in the middle of a line: it is truncated or still being written")
+    sections = parse_ini(text)
     found = sections.get(section.upper())
     if found is None:
         named = ", ".join(f"[{s.name}]" for s in sections.values() if s.name) or "none"

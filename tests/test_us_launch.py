@@ -303,3 +303,42 @@ async def test_an_integrator_file_still_being_written_is_not_taken_half(
     finally:
         await rt.audit.flush()
         rt.close()
+
+
+def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """An Eaglesoft ini or Cliniview.ini read while still being written: exit 2, the store untouched."""
+    for system, last in (("eaglesoft", "Ten"), ("cliniview", "Ten"), ("eaglesoft", "Other")):
+        pms_id = "10" if last == "Ten" else "1042"
+        body = {"pms_system": system, "pms_id": pms_id, "last_name": last, "first_name": "Ann"}
+        status, _ = daemon.request(
+            "POST",
+            "/api/v1/patients",
+            json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert status == 201
+    full = crlf(
+        "[Patient]", "PatientNumber=1042", "FirstName=Ann", "LastName=Other", "Gender=F", "Birthdate=2/2/1990"
+    )
+    cuts = {
+        "eaglesoft-id.ini": ("eaglesoft", full[:27]),  # "PatientNumber=10"
+        "eaglesoft-name.ini": ("eaglesoft", full.replace(b"Ann", b"Zoe")[: full.index(b"Ann") + 2]),
+        "eaglesoft-new.ini": ("eaglesoft", full.replace(b"1042", b"2042").replace(b"1990", b"1985")[:-5]),
+        "Cliniview.ini": ("cliniview", b"[Patient]\r\nPatientID=10"),
+    }
+    for name, (protocol, data) in cuts.items():
+        (tmp_path / name).write_bytes(data)
+        what = "Cliniview.ini" if protocol == "cliniview" else "the ini"
+        refused = f"pms-bridge {protocol}: {what} ends in the middle of a line: it is truncated or still"
+        assert run(daemon, protocol, str(tmp_path / name)) == (2, f"{refused} being written"), name
+    [other] = patients(daemon, pms_system="eaglesoft", pms_id="1042")
+    assert other["first_name"] == "Ann"  # not "Zo"
+    assert patients(daemon, pms_system="eaglesoft", pms_id="2042") == []  # not born in 2019
+    # The whole file opens the right patient.
+    (tmp_path / "whole.ini").write_bytes(full)
+    assert run(daemon, "eaglesoft", str(tmp_path / "whole.ini")) == (
+        0,
+        "pms-bridge eaglesoft: patient 1042 updated",
+    )

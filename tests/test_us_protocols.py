@@ -300,6 +300,32 @@ def test_patterson_truncated_ini_without_the_number_is_refused() -> None:
         patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
 
 
+FULL_PATTERSON = crlf(
+    "[Patient]", "PatientNumber=1042", "FirstName=Ann", "LastName=Other", "Gender=F", "Birthdate=2/2/1990"
+)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        FULL_PATTERSON[:27],  # "PatientNumber=10": another patient's number
+        FULL_PATTERSON[: FULL_PATTERSON.index(b"Ann") + 1],  # "FirstName=A"
+        FULL_PATTERSON[:-6],  # "Birthdate=2/2/" : no year
+        FULL_PATTERSON.decode().encode("utf-16-le")[:-3],  # UTF-16 cut inside a character
+    ],
+)
+def test_patterson_ini_cut_inside_a_line_is_refused_as_truncated(data: bytes) -> None:
+    with pytest.raises(MessageError, match="the ini ends in the middle of a line: it is truncated"):
+        patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+
+
+def test_patterson_ini_cut_between_cr_and_lf_or_with_a_blank_last_line_is_whole() -> None:
+    """CR alone ends a line (as GetPrivateProfileString reads it), so no value of these is cut short."""
+    for data in (FULL_PATTERSON[:-1], FULL_PATTERSON + b"  ", FULL_PATTERSON.replace(b"\r\n", b"\n")):
+        fields = patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+        assert (fields.patient_id, fields.demographics.birth_date) == ("1042", date(1990, 2, 2))
+
+
 # --------------------------------------------------------------------------------------------------
 # CLINIVIEW
 
@@ -354,3 +380,12 @@ def test_cliniview_ini_with_configured_names() -> None:
     demo = fields.demographics
     assert (fields.patient_id, demo.last_name, demo.first_name) == ("0042", "Gagné", "Hélène")
     assert (demo.birth_date, demo.sex) == (date(1985, 7, 14), Sex.FEMALE)
+
+
+@pytest.mark.parametrize(
+    "cut", [b"[Patient]\r\nPatientID=10", b"[Patient]\r\nPatientID=1042\r\nFirstName=Zo"]
+)
+def test_cliniview_ini_cut_inside_a_line_is_refused_as_truncated(cut: bytes) -> None:
+    keys = {"id": "PatientID", "first_name": "FirstName", "last_name": "LastName"}
+    with pytest.raises(MessageError, match=r"Cliniview\.ini ends in the middle of a line: it is truncated"):
+        cliniview.parse_ini_file(cut, section="Patient", keys=keys, date_formats=CLINIVIEW_DATES)
