@@ -342,3 +342,23 @@ def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
         0,
         "pms-bridge eaglesoft: patient 1042 updated",
     )
+
+
+def test_set_without_an_id_cut_short_or_without_names_changes_nobody(daemon: DaemonProcess) -> None:
+    """A SET the Integrator would not have sent whole: exit 2, and the stored patient keeps its name."""
+    assert run(daemon, "dentrix", "SET", "4713", "LN=Smith", "FN=Ann", "BD=19850714")[0] == 0
+    refused = {
+        (
+            "SET",
+            "LN=Smith",
+            "FN=Ann",
+            "BD=19850714",
+        ): "the SET command has no patient id: 'LN=Smith' is a key, not an id",
+        ('SET 4713 LN="Smit',): "LN has an unbalanced quote: the SET command is truncated",
+        ("SET", "4713", 'LN="Smith"', 'FN="An'): "FN has an unbalanced quote: the SET command is truncated",
+        ("SET", "4716"): "the SET command has no LN=: it is truncated or not an Integrator SET",
+    }
+    for args, message in refused.items():
+        assert run(daemon, "dentrix", *args) == (2, f"pms-bridge dentrix: {message}"), args
+    [patient] = patients(daemon, pms_system="dentrix")
+    assert (patient["pms_id"], patient["last_name"], patient["first_name"]) == ("4713", "Smith", "Ann")
