@@ -362,3 +362,37 @@ def test_set_without_an_id_cut_short_or_without_names_changes_nobody(daemon: Dae
         assert run(daemon, "dentrix", *args) == (2, f"pms-bridge dentrix: {message}"), args
     [patient] = patients(daemon, pms_system="dentrix")
     assert (patient["pms_id"], patient["last_name"], patient["first_name"]) == ("4713", "Smith", "Ann")
+
+
+def test_set_over_http_is_read_in_the_declared_charset(daemon: DaemonProcess) -> None:
+    """A shim that says `charset=utf-8` is read as UTF-8; an unreadable charset is a 415, never a 500."""
+    command = 'SET 4712 LN="Núñez" FN="Inés" MI="" BD=19991231'
+    status, body = daemon.request(
+        "POST",
+        "/api/v1/launch/dexis",
+        command.encode("utf-8"),
+        headers={"Content-Type": "text/plain; charset=utf-8"},
+    )
+    assert (status, body) == (200, b"")
+    [patient] = patients(daemon, pms_system="dexis", pms_id="4712")
+    assert (patient["last_name"], patient["first_name"]) == ("Núñez", "Inés")
+    for charset in ("no-such-charset", "base64", "idna", "undefined"):
+        status, body = daemon.request(
+            "POST",
+            "/api/v1/launch/dexis",
+            command.replace("4712", "4713").encode("utf-8"),
+            headers={"Content-Type": f"text/plain; charset={charset}"},
+        )
+        assert status == 415, (charset, body)
+        assert json.loads(body)["detail"] == f"cannot read the body in the declared charset {charset!r}"
+    assert patients(daemon, pms_system="dexis", pms_id="4713") == []
+    # Without a charset the profile's code page (cp1252) still reads it, as a Windows shim sends it.
+    status, _ = daemon.request(
+        "POST",
+        "/api/v1/launch/dexis",
+        command.replace("4712", "4714").encode("cp1252"),
+        headers={"Content-Type": "text/plain"},
+    )
+    assert status == 200
+    [cp1252] = patients(daemon, pms_system="dexis", pms_id="4714")
+    assert cp1252["last_name"] == "Núñez"
