@@ -396,3 +396,19 @@ def test_set_over_http_is_read_in_the_declared_charset(daemon: DaemonProcess) ->
     assert status == 200
     [cp1252] = patients(daemon, pms_system="dexis", pms_id="4714")
     assert cp1252["last_name"] == "Núñez"
+
+
+def test_a_utf16_info_file_without_a_bom_starting_outside_latin1_opens_its_patient(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """A PMS writing UTF-16LE without a BOM: a surname starting with Ł was refused as "truncated"."""
+    lines = ("Łukasiewicz, Zoë  7/14/1985  (1043)", "PN=1043", "LN=Łukasiewicz", "FN=Zoë", "BD=7/14/1985")
+    info = tmp_path / "infofile.txt"
+    info.write_bytes("".join(f"{line}\r\n" for line in lines).encode("utf-16-le"))
+    assert run(daemon, "dexis", f"@{info}") == (0, "pms-bridge dexis: patient 1043 created")
+    [patient] = patients(daemon, pms_system="dexis", pms_id="1043")
+    assert (patient["last_name"], patient["first_name"], patient["birth_date"]) == (
+        "Łukasiewicz",
+        "Zoë",
+        "1985-07-14",
+    )

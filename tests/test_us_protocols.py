@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 
 from bridge.model import Sex
 from protocols import cliniview, dexis, patterson
-from protocols.common import dotnet_date_formats, locale_formats, parse_date, parse_key_values, parse_sex
+from protocols.common import (
+    decode,
+    dotnet_date_formats,
+    locale_formats,
+    parse_date,
+    parse_key_values,
+    parse_sex,
+)
 from protocols.fields import MessageError, field_id, field_text
 
 EN_US = locale_formats("en-us")
@@ -108,6 +115,33 @@ def test_info_file_with_a_utf16_bom_reads_the_same() -> None:
     text = info_file("7/14/1985").decode("cp1252")
     data = codecs.BOM_UTF16_LE + text.encode("utf-16-le")
     assert dexis.parse_file(data, short_date_formats=EN_US).fields.demographics.last_name == "Côté"
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_info_file_in_utf16_without_a_bom_starting_outside_latin1_reads_the_same(codec: str) -> None:
+    """Ł is 41 01 in UTF-16LE: no NUL in the second byte, so the file was read as cp1252, "truncated"."""
+    lines = ("Łukasiewicz, Zoë  7/14/1985  (1042)", "PN=1042", "LN=Łukasiewicz", "FN=Zoë", "BD=7/14/1985")
+    data = "".join(f"{line}\r\n" for line in lines)
+    decoded = decode(data.encode(codec))
+    assert (decoded.encoding, decoded.bom, decoded.text) == (codec, b"", data)
+    fields = dexis.parse_file(data.encode(codec), short_date_formats=EN_US).fields
+    assert (fields.patient_id, fields.demographics.last_name) == ("1042", "Łukasiewicz")
+
+
+@pytest.mark.parametrize(
+    ("data", "encoding"),
+    [
+        ("[PATIENT]\r\nPATID=1\r\n".encode("utf-16-le"), "utf-16-le"),  # what the old test caught
+        ("ŁŻ\r\nPN=1\r\n".encode("utf-16-le"), "utf-16-le"),
+        ("Ł\r\nPN=1".encode("utf-16-be"), "utf-16-be"),
+        ("Łukasz Żółw".encode("cp1252", "replace"), "cp1252"),
+        ("Łukasz Żółw".encode(), "utf-8"),
+        (b"\x00\x00\x00\x00\x00\x00", "utf-8"),  # NULs everywhere say nothing about byte order
+        (b"A\x00", "utf-8"),  # one code unit is too little to tell
+    ],
+)
+def test_bomless_utf16_is_told_by_where_most_nuls_are(data: bytes, encoding: str) -> None:
+    assert decode(data, "utf-8" if encoding != "cp1252" else "cp1252").encoding == encoding
 
 
 def test_info_file_date_of_another_locale_is_refused_not_guessed() -> None:
