@@ -78,6 +78,21 @@ class MappedIni:
         ini_key = self.keys.get(name)
         return field_text(self.section.get(ini_key), ini_key, max_length) if ini_key else ""
 
+    def name(self, name: str) -> str:
+        """A mapped name field (last_name, first_name), whose key must be present when it is mapped.
+
+        Every patient has a last and a first name in the PMS, so a file without one of their keys was
+        cut at a line end, which the end-of-line test cannot see; as the Dexis files' required lines, it
+        is refused rather than creating a patient without that name. A site whose PMS writes no such
+        key leaves the field out of `ini_keys`.
+        """
+        ini_key = self.keys.get(name)
+        if ini_key and ini_key not in self.section:
+            raise MessageError(
+                f"{self.what} has no {ini_key} key in [{self.section.name}]: it is truncated or not the PMS's"
+            )
+        return self.text(name)
+
     def unmapped_values(self) -> tuple[str, ...]:
         """The values of the section's other keys (an SSN, providers, phone numbers): never used, but
         record mode must know them to keep them out of a capture."""

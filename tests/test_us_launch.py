@@ -333,6 +333,13 @@ def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
         what = "Cliniview.ini" if protocol == "cliniview" else "the ini"
         refused = f"pms-bridge {protocol}: {what} ends in the middle of a line: it is truncated or still"
         assert run(daemon, protocol, str(tmp_path / name)) == (2, f"{refused} being written"), name
+    # Cut at a line end, after the number: no name key, so no nameless patient 3042 either.
+    (tmp_path / "line-end.ini").write_bytes(full.replace(b"1042", b"3042").split(b"FirstName")[0])
+    assert run(daemon, "eaglesoft", str(tmp_path / "line-end.ini")) == (
+        2,
+        "pms-bridge eaglesoft: the ini has no LastName key in [Patient]: it is truncated or not the PMS's",
+    )
+    assert patients(daemon, pms_system="eaglesoft", pms_id="3042") == []
     [other] = patients(daemon, pms_system="eaglesoft", pms_id="1042")
     assert other["first_name"] == "Ann"  # not "Zo"
     assert patients(daemon, pms_system="eaglesoft", pms_id="2042") == []  # not born in 2019

@@ -360,6 +360,16 @@ def test_patterson_ini_cut_inside_a_line_is_refused_as_truncated(data: bytes) ->
         patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
 
 
+@pytest.mark.parametrize("cut_after", ["PatientNumber", "FirstName"])
+def test_patterson_ini_cut_at_a_line_end_before_a_name_is_refused(cut_after: str) -> None:
+    data = FULL_PATTERSON[: FULL_PATTERSON.index(b"\r\n", FULL_PATTERSON.index(cut_after.encode())) + 2]
+    with pytest.raises(MessageError, match=r"the ini has no LastName key in \[Patient\]: it is truncated"):
+        patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+    # A site whose PMS writes no name keys maps none, and is not refused for them.
+    keys = {k: v for k, v in PATTERSON_KEYS.items() if k not in ("first_name", "last_name")}
+    assert patterson.parse(data, section="Patient", keys=keys, short_date_formats=EN_US).patient_id == "1042"
+
+
 def test_patterson_ini_cut_between_cr_and_lf_or_with_a_blank_last_line_is_whole() -> None:
     """CR alone ends a line (as GetPrivateProfileString reads it), so no value of these is cut short."""
     for data in (FULL_PATTERSON[:-1], FULL_PATTERSON + b"  ", FULL_PATTERSON.replace(b"\r\n", b"\n")):
