@@ -40,8 +40,18 @@ log = logging.getLogger(__name__)
 MAX_FOLDER_NAME = 100
 MAX_JSON_BYTES = 1 << 20  # an image's JSON is a few kB; more is not ours
 _FORBIDDEN = frozenset('<>:"/\\|?*')
+# Windows device names, whatever the extension: COM and LPT take 0-9 and the superscript digits ¹ ² ³
+# too (Windows reads those as digits), and CONIN$ / CONOUT$ open the console.
 _RESERVED = frozenset(
-    {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+    {
+        "CON",
+        "PRN",
+        "AUX",
+        "NUL",
+        "CONIN$",
+        "CONOUT$",
+        *(f"{port}{digit}" for port in ("COM", "LPT") for digit in "0123456789\u00b9\u00b2\u00b3"),
+    }
 )
 
 
@@ -82,7 +92,8 @@ def patient_folder(root: Path, name: str) -> Path:
 
     Refused: empty, "." and "..", separators and other characters Windows forbids, control characters,
     a trailing dot or space (Windows drops them, which would name another folder), device names (CON,
-    NUL, COM1 ...), and a path that resolves elsewhere (an existing symbolic link).
+    NUL, COM1, COM¹, LPT0, CONIN$ ...) in any case, with any extension and with the spaces and dots
+    Windows strips before one, and a path that resolves elsewhere (an existing symbolic link).
     """
     if name in ("", ".", ".."):
         raise UnsafeName(f"{name!r} is not a folder name")

@@ -68,8 +68,8 @@ def parse_ini_file(
     return PatientFields(
         patient_id=ini.patient_id(),
         demographics=Demographics(
-            last_name=ini.text("last_name"),
-            first_name=ini.text("first_name"),
+            last_name=ini.name("last_name"),
+            first_name=ini.name("first_name"),
             middle_name=ini.text("middle_name"),
             birth_date=ini.date("birth_date", date_formats),
             sex=Sex(parse_sex(ini.text("sex", 10))),

@@ -52,23 +52,45 @@ class DecodedText:
 def decode(data: bytes, fallback: str = "cp1252") -> DecodedText:
     """Decode a PMS file: a BOM means UTF-8 or UTF-16 (LE/BE); otherwise the configured code page.
 
-    BOM-less UTF-16 (every other byte NUL in ASCII text) is recognised too. Bytes the code page cannot
-    map are kept as U+FFFD rather than refused, so a request is answered rather than dropped.
+    BOM-less UTF-16 (most high bytes NUL, as in mostly ASCII text) is recognised too. Bytes the code
+    page cannot map are kept as U+FFFD rather than refused, so a request is answered rather than dropped.
     """
     for bom, codec in _BOMS:
         if data.startswith(bom):
             body = data[len(bom) :]
             text = body.decode("utf-8" if codec == "utf-8-sig" else codec, errors="replace")
             return DecodedText(text, codec, bom, _newline(text))
-    if len(data) >= 4 and data[1:4:2] == b"\x00\x00" and data[0:1] != b"\x00":
-        text = data.decode("utf-16-le", errors="replace")
-        return DecodedText(text, "utf-16-le", b"", _newline(text))
-    if len(data) >= 4 and data[0:3:2] == b"\x00\x00" and data[1:2] != b"\x00":
-        text = data.decode("utf-16-be", errors="replace")
-        return DecodedText(text, "utf-16-be", b"", _newline(text))
+    utf16 = _bomless_utf16(data)
+    if utf16:
+        text = data.decode(utf16, errors="replace")
+        return DecodedText(text, utf16, b"", _newline(text))
     codec = "utf-8" if fallback.lower().replace("_", "-") in ("utf-8", "utf8") else fallback
     text = data.decode(codec, errors="replace")
     return DecodedText(text, codec, b"", _newline(text))
+
+
+_UTF16_SNIFF_BYTES = 512  # the first 256 code units: the keys and dates of a PMS file are there
+
+
+def _bomless_utf16(data: bytes) -> str:
+    """The codec of UTF-16 text without a BOM ("utf-16-le" or "utf-16-be"), "" for anything else.
+
+    A PMS file is mostly ASCII (keys, digits, dates), so in UTF-16 most code units have a NUL high byte:
+    at odd offsets in little endian, even ones in big endian; cp1252 and UTF-8 text has no NULs. Counting
+    over the first bytes, rather than testing the first two characters, still recognises a file that
+    starts with a character outside Latin-1 ("Łukasz" is 41 01 in UTF-16LE), which was read as cp1252
+    and refused as truncated.
+    """
+    sample = data[:_UTF16_SNIFF_BYTES]
+    units = len(sample) // 2
+    if units < 2:
+        return ""
+    even, odd = sample[0 : 2 * units : 2].count(0), sample[1 : 2 * units : 2].count(0)
+    if odd * 2 > units and even * 4 < odd:
+        return "utf-16-le"
+    if even * 2 > units and odd * 4 < even:
+        return "utf-16-be"
+    return ""
 
 
 def _newline(text: str) -> str:

@@ -88,7 +88,9 @@ def parse_set_command(command: str) -> PatientFields:
     """Read `SET <id> LN="..." FN="..." MI="..." BD=yyyyMMdd`, quoted or not.
 
     A value runs to the next `XX=` key, so a command whose quotes a shell removed (or whose arguments
-    were split at spaces and joined again) reads the same: `LN=Van Der Berg FN=Ann`.
+    were split at spaces and joined again) reads the same: `LN=Van Der Berg FN=Ann`. What the
+    Integrator file requires is required here too (the id, `LN=` and `FN=`), and a value with an
+    unbalanced quote is refused: both are what a command cut short looks like.
     """
     text = command.strip()
     if len(text) > MAX_COMMAND_CHARS:
@@ -103,16 +105,29 @@ def parse_set_command(command: str) -> PatientFields:
         patient_id, rest = rest[1:end], rest[end + 1 :]
     else:
         patient_id, _, rest = rest.partition(" ")
+        if "=" in patient_id:
+            # Without this, `SET LN="Smith" FN=...` keys the patient by the text "LN=Smith", one record
+            # shared by every such launch.
+            raise MessageError(f"the SET command has no patient id: {patient_id[:40]!r} is a key, not an id")
     values: dict[str, str] = {}
     for part in _KEY_BOUNDARY.split(" " + rest.strip())[1:] if rest.strip() else []:
         key, _, value = part.partition("=")
         value = value.strip()
+        if value.count('"') % 2:
+            # An opening quote whose value never closes is a command cut short (`LN="Smit`): its value,
+            # and any value after it, would overwrite the stored one with a fragment.
+            raise MessageError(f"{key} has an unbalanced quote: the SET command is truncated")
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]
         values.setdefault(key, value)
     if rest.strip() and not _KEY_BOUNDARY.match(" " + rest.strip()):
         raise MessageError(f"unexpected text after the patient id: {rest.strip()[:40]!r}")
-    values["PN"] = patient_id
+    values["PN"] = field_id(patient_id, "PN")
+    for required in _REQUIRED[INTEGRATOR]:  # what the Integrator file requires
+        if required not in values:
+            raise MessageError(
+                f"the SET command has no {required}=: it is truncated or not an Integrator SET"
+            )
     return _fields(values, INTEGRATOR_DATE, "yyyyMMdd", _sex(values.get("SX", "")))
 
 

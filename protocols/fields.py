@@ -78,6 +78,21 @@ class MappedIni:
         ini_key = self.keys.get(name)
         return field_text(self.section.get(ini_key), ini_key, max_length) if ini_key else ""
 
+    def name(self, name: str) -> str:
+        """A mapped name field (last_name, first_name), whose key must be present when it is mapped.
+
+        Every patient has a last and a first name in the PMS, so a file without one of their keys was
+        cut at a line end, which the end-of-line test cannot see; as the Dexis files' required lines, it
+        is refused rather than creating a patient without that name. A site whose PMS writes no such
+        key leaves the field out of `ini_keys`.
+        """
+        ini_key = self.keys.get(name)
+        if ini_key and ini_key not in self.section:
+            raise MessageError(
+                f"{self.what} has no {ini_key} key in [{self.section.name}]: it is truncated or not the PMS's"
+            )
+        return self.text(name)
+
     def unmapped_values(self) -> tuple[str, ...]:
         """The values of the section's other keys (an SSN, providers, phone numbers): never used, but
         record mode must know them to keep them out of a capture."""
@@ -107,10 +122,21 @@ class MappedIni:
 def read_mapped_ini(
     data: bytes, *, section: str, keys: Mapping[str, str], encoding: str, what: str, setting: str
 ) -> MappedIni:
-    """The configured section of an INI message; a missing one is refused naming the sections found."""
+    """The configured section of an INI message; a missing one is refused naming the sections found.
+
+    Every line must be ended: every captured Patterson ini and Cliniview.ini ends its last line with
+    CRLF, so a last line without a terminator is a file cut short, refused whole (as the Dexis parser
+    does) rather than read with a shortened id, date or name (docs/us-pms.md, "Truncation").
+    """
     if len(data) > MAX_INI_BYTES:
         raise MessageError(f"{what} has {len(data)} bytes; at most {MAX_INI_BYTES} are read")
-    sections = parse_ini(decode(data, encoding).text)
+    text = decode(data, encoding).text
+    unended = text.rsplit("\n", 1)[-1].rsplit("\r", 1)[-1]  # what follows the last CR or LF
+    if unended.strip():
+        # Read while the PMS was still writing it: the last value may be cut short ("PatientNumber=10"
+        # of 1042 names another patient), so nothing in it can be trusted.
+        raise MessageError(f"{what} ends in the middle of a line: it is truncated or still being written")
+    sections = parse_ini(text)
     found = sections.get(section.upper())
     if found is None:
         named = ", ".join(f"[{s.name}]" for s in sections.values() if s.name) or "none"

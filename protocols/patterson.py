@@ -36,8 +36,8 @@ def parse(
     return PatientFields(
         patient_id=ini.patient_id(),
         demographics=Demographics(
-            last_name=ini.text("last_name"),
-            first_name=ini.text("first_name"),
+            last_name=ini.name("last_name"),
+            first_name=ini.name("first_name"),
             middle_name=ini.text("middle_name"),
             street=ini.text("street", 200),
             city=ini.text("city"),

@@ -303,3 +303,119 @@ async def test_an_integrator_file_still_being_written_is_not_taken_half(
     finally:
         await rt.audit.flush()
         rt.close()
+
+
+def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """An Eaglesoft ini or Cliniview.ini read while still being written: exit 2, the store untouched."""
+    for system, last in (("eaglesoft", "Ten"), ("cliniview", "Ten"), ("eaglesoft", "Other")):
+        pms_id = "10" if last == "Ten" else "1042"
+        body = {"pms_system": system, "pms_id": pms_id, "last_name": last, "first_name": "Ann"}
+        status, _ = daemon.request(
+            "POST",
+            "/api/v1/patients",
+            json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert status == 201
+    full = crlf(
+        "[Patient]", "PatientNumber=1042", "FirstName=Ann", "LastName=Other", "Gender=F", "Birthdate=2/2/1990"
+    )
+    cuts = {
+        "eaglesoft-id.ini": ("eaglesoft", full[:27]),  # "PatientNumber=10"
+        "eaglesoft-name.ini": ("eaglesoft", full.replace(b"Ann", b"Zoe")[: full.index(b"Ann") + 2]),
+        "eaglesoft-new.ini": ("eaglesoft", full.replace(b"1042", b"2042").replace(b"1990", b"1985")[:-5]),
+        "Cliniview.ini": ("cliniview", b"[Patient]\r\nPatientID=10"),
+    }
+    for name, (protocol, data) in cuts.items():
+        (tmp_path / name).write_bytes(data)
+        what = "Cliniview.ini" if protocol == "cliniview" else "the ini"
+        refused = f"pms-bridge {protocol}: {what} ends in the middle of a line: it is truncated or still"
+        assert run(daemon, protocol, str(tmp_path / name)) == (2, f"{refused} being written"), name
+    # Cut at a line end, after the number: no name key, so no nameless patient 3042 either.
+    (tmp_path / "line-end.ini").write_bytes(full.replace(b"1042", b"3042").split(b"FirstName")[0])
+    assert run(daemon, "eaglesoft", str(tmp_path / "line-end.ini")) == (
+        2,
+        "pms-bridge eaglesoft: the ini has no LastName key in [Patient]: it is truncated or not the PMS's",
+    )
+    assert patients(daemon, pms_system="eaglesoft", pms_id="3042") == []
+    [other] = patients(daemon, pms_system="eaglesoft", pms_id="1042")
+    assert other["first_name"] == "Ann"  # not "Zo"
+    assert patients(daemon, pms_system="eaglesoft", pms_id="2042") == []  # not born in 2019
+    # The whole file opens the right patient.
+    (tmp_path / "whole.ini").write_bytes(full)
+    assert run(daemon, "eaglesoft", str(tmp_path / "whole.ini")) == (
+        0,
+        "pms-bridge eaglesoft: patient 1042 updated",
+    )
+
+
+def test_set_without_an_id_cut_short_or_without_names_changes_nobody(daemon: DaemonProcess) -> None:
+    """A SET the Integrator would not have sent whole: exit 2, and the stored patient keeps its name."""
+    assert run(daemon, "dentrix", "SET", "4713", "LN=Smith", "FN=Ann", "BD=19850714")[0] == 0
+    refused = {
+        (
+            "SET",
+            "LN=Smith",
+            "FN=Ann",
+            "BD=19850714",
+        ): "the SET command has no patient id: 'LN=Smith' is a key, not an id",
+        ('SET 4713 LN="Smit',): "LN has an unbalanced quote: the SET command is truncated",
+        ("SET", "4713", 'LN="Smith"', 'FN="An'): "FN has an unbalanced quote: the SET command is truncated",
+        ("SET", "4716"): "the SET command has no LN=: it is truncated or not an Integrator SET",
+    }
+    for args, message in refused.items():
+        assert run(daemon, "dentrix", *args) == (2, f"pms-bridge dentrix: {message}"), args
+    [patient] = patients(daemon, pms_system="dentrix")
+    assert (patient["pms_id"], patient["last_name"], patient["first_name"]) == ("4713", "Smith", "Ann")
+
+
+def test_set_over_http_is_read_in_the_declared_charset(daemon: DaemonProcess) -> None:
+    """A shim that says `charset=utf-8` is read as UTF-8; an unreadable charset is a 415, never a 500."""
+    command = 'SET 4712 LN="Núñez" FN="Inés" MI="" BD=19991231'
+    status, body = daemon.request(
+        "POST",
+        "/api/v1/launch/dexis",
+        command.encode("utf-8"),
+        headers={"Content-Type": "text/plain; charset=utf-8"},
+    )
+    assert (status, body) == (200, b"")
+    [patient] = patients(daemon, pms_system="dexis", pms_id="4712")
+    assert (patient["last_name"], patient["first_name"]) == ("Núñez", "Inés")
+    for charset in ("no-such-charset", "base64", "idna", "undefined"):
+        status, body = daemon.request(
+            "POST",
+            "/api/v1/launch/dexis",
+            command.replace("4712", "4713").encode("utf-8"),
+            headers={"Content-Type": f"text/plain; charset={charset}"},
+        )
+        assert status == 415, (charset, body)
+        assert json.loads(body)["detail"] == f"cannot read the body in the declared charset {charset!r}"
+    assert patients(daemon, pms_system="dexis", pms_id="4713") == []
+    # Without a charset the profile's code page (cp1252) still reads it, as a Windows shim sends it.
+    status, _ = daemon.request(
+        "POST",
+        "/api/v1/launch/dexis",
+        command.replace("4712", "4714").encode("cp1252"),
+        headers={"Content-Type": "text/plain"},
+    )
+    assert status == 200
+    [cp1252] = patients(daemon, pms_system="dexis", pms_id="4714")
+    assert cp1252["last_name"] == "Núñez"
+
+
+def test_a_utf16_info_file_without_a_bom_starting_outside_latin1_opens_its_patient(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """A PMS writing UTF-16LE without a BOM: a surname starting with Ł was refused as "truncated"."""
+    lines = ("Łukasiewicz, Zoë  7/14/1985  (1043)", "PN=1043", "LN=Łukasiewicz", "FN=Zoë", "BD=7/14/1985")
+    info = tmp_path / "infofile.txt"
+    info.write_bytes("".join(f"{line}\r\n" for line in lines).encode("utf-16-le"))
+    assert run(daemon, "dexis", f"@{info}") == (0, "pms-bridge dexis: patient 1043 created")
+    [patient] = patients(daemon, pms_system="dexis", pms_id="1043")
+    assert (patient["last_name"], patient["first_name"], patient["birth_date"]) == (
+        "Łukasiewicz",
+        "Zoë",
+        "1985-07-14",
+    )

@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 
 from bridge.model import Sex
 from protocols import cliniview, dexis, patterson
-from protocols.common import dotnet_date_formats, locale_formats, parse_date, parse_key_values, parse_sex
+from protocols.common import (
+    decode,
+    dotnet_date_formats,
+    locale_formats,
+    parse_date,
+    parse_key_values,
+    parse_sex,
+)
 from protocols.fields import MessageError, field_id, field_text
 
 EN_US = locale_formats("en-us")
@@ -110,6 +117,33 @@ def test_info_file_with_a_utf16_bom_reads_the_same() -> None:
     assert dexis.parse_file(data, short_date_formats=EN_US).fields.demographics.last_name == "Côté"
 
 
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_info_file_in_utf16_without_a_bom_starting_outside_latin1_reads_the_same(codec: str) -> None:
+    """Ł is 41 01 in UTF-16LE: no NUL in the second byte, so the file was read as cp1252, "truncated"."""
+    lines = ("Łukasiewicz, Zoë  7/14/1985  (1042)", "PN=1042", "LN=Łukasiewicz", "FN=Zoë", "BD=7/14/1985")
+    data = "".join(f"{line}\r\n" for line in lines)
+    decoded = decode(data.encode(codec))
+    assert (decoded.encoding, decoded.bom, decoded.text) == (codec, b"", data)
+    fields = dexis.parse_file(data.encode(codec), short_date_formats=EN_US).fields
+    assert (fields.patient_id, fields.demographics.last_name) == ("1042", "Łukasiewicz")
+
+
+@pytest.mark.parametrize(
+    ("data", "encoding"),
+    [
+        ("[PATIENT]\r\nPATID=1\r\n".encode("utf-16-le"), "utf-16-le"),  # what the old test caught
+        ("ŁŻ\r\nPN=1\r\n".encode("utf-16-le"), "utf-16-le"),
+        ("Ł\r\nPN=1".encode("utf-16-be"), "utf-16-be"),
+        ("Łukasz Żółw".encode("cp1252", "replace"), "cp1252"),
+        ("Łukasz Żółw".encode(), "utf-8"),
+        (b"\x00\x00\x00\x00\x00\x00", "utf-8"),  # NULs everywhere say nothing about byte order
+        (b"A\x00", "utf-8"),  # one code unit is too little to tell
+    ],
+)
+def test_bomless_utf16_is_told_by_where_most_nuls_are(data: bytes, encoding: str) -> None:
+    assert decode(data, "utf-8" if encoding != "cp1252" else "cp1252").encoding == encoding
+
+
 def test_info_file_date_of_another_locale_is_refused_not_guessed() -> None:
     with pytest.raises(MessageError, match="BD '14/07/1985' is not a date in the configured locale"):
         dexis.parse_file(info_file("14/07/1985"), short_date_formats=EN_US)
@@ -194,7 +228,14 @@ def test_set_command_carries_a_chart_number_beside_the_id() -> None:
         ("SETX 1 LN=a", "not a SET command"),
         ("SET 17 garbage LN=Smith", "unexpected text"),
         ('SET "17 LN=Smith', "no closing quote"),
-        ("SET 17 LN=Smith BD=1985-07-14", "yyyyMMdd"),
+        ("SET 17 LN=Smith FN=Ann BD=1985-07-14", "yyyyMMdd"),
+        ('SET LN="Smith" FN="Ann" BD=19850714', "no patient id: 'LN=\"Smith\"' is a key"),
+        ("SET LN=Smith FN=Ann BD=19850714", "no patient id: 'LN=Smith' is a key"),
+        ('SET 4713 LN="Smit', "LN has an unbalanced quote: the SET command is truncated"),
+        ('SET 4720 LN="Smith" FN="An', "FN has an unbalanced quote: the SET command is truncated"),
+        ('SET 4720 LN="Smith" FN="Ann" MI="', "MI has an unbalanced quote"),
+        ("SET 4716", "no LN=: it is truncated"),
+        ('SET 4716 LN="Smith"', "no FN=: it is truncated"),
         ("SET 17 LN=" + "x" * 1100, "longer than"),
     ],
 )
@@ -300,6 +341,42 @@ def test_patterson_truncated_ini_without_the_number_is_refused() -> None:
         patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
 
 
+FULL_PATTERSON = crlf(
+    "[Patient]", "PatientNumber=1042", "FirstName=Ann", "LastName=Other", "Gender=F", "Birthdate=2/2/1990"
+)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        FULL_PATTERSON[:27],  # "PatientNumber=10": another patient's number
+        FULL_PATTERSON[: FULL_PATTERSON.index(b"Ann") + 1],  # "FirstName=A"
+        FULL_PATTERSON[:-6],  # "Birthdate=2/2/" : no year
+        FULL_PATTERSON.decode().encode("utf-16-le")[:-3],  # UTF-16 cut inside a character
+    ],
+)
+def test_patterson_ini_cut_inside_a_line_is_refused_as_truncated(data: bytes) -> None:
+    with pytest.raises(MessageError, match="the ini ends in the middle of a line: it is truncated"):
+        patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+
+
+@pytest.mark.parametrize("cut_after", ["PatientNumber", "FirstName"])
+def test_patterson_ini_cut_at_a_line_end_before_a_name_is_refused(cut_after: str) -> None:
+    data = FULL_PATTERSON[: FULL_PATTERSON.index(b"\r\n", FULL_PATTERSON.index(cut_after.encode())) + 2]
+    with pytest.raises(MessageError, match=r"the ini has no LastName key in \[Patient\]: it is truncated"):
+        patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+    # A site whose PMS writes no name keys maps none, and is not refused for them.
+    keys = {k: v for k, v in PATTERSON_KEYS.items() if k not in ("first_name", "last_name")}
+    assert patterson.parse(data, section="Patient", keys=keys, short_date_formats=EN_US).patient_id == "1042"
+
+
+def test_patterson_ini_cut_between_cr_and_lf_or_with_a_blank_last_line_is_whole() -> None:
+    """CR alone ends a line (as GetPrivateProfileString reads it), so no value of these is cut short."""
+    for data in (FULL_PATTERSON[:-1], FULL_PATTERSON + b"  ", FULL_PATTERSON.replace(b"\r\n", b"\n")):
+        fields = patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+        assert (fields.patient_id, fields.demographics.birth_date) == ("1042", date(1990, 2, 2))
+
+
 # --------------------------------------------------------------------------------------------------
 # CLINIVIEW
 
@@ -354,3 +431,12 @@ def test_cliniview_ini_with_configured_names() -> None:
     demo = fields.demographics
     assert (fields.patient_id, demo.last_name, demo.first_name) == ("0042", "Gagné", "Hélène")
     assert (demo.birth_date, demo.sex) == (date(1985, 7, 14), Sex.FEMALE)
+
+
+@pytest.mark.parametrize(
+    "cut", [b"[Patient]\r\nPatientID=10", b"[Patient]\r\nPatientID=1042\r\nFirstName=Zo"]
+)
+def test_cliniview_ini_cut_inside_a_line_is_refused_as_truncated(cut: bytes) -> None:
+    keys = {"id": "PatientID", "first_name": "FirstName", "last_name": "LastName"}
+    with pytest.raises(MessageError, match=r"Cliniview\.ini ends in the middle of a line: it is truncated"):
+        cliniview.parse_ini_file(cut, section="Patient", keys=keys, date_formats=CLINIVIEW_DATES)

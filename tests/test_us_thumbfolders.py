@@ -224,7 +224,22 @@ async def test_one_message_per_channel_even_when_link_and_chart_both_match(
         ]
 
 
-@pytest.mark.parametrize("pms_id", ["..", "../evil", "a/b", "a\\b", "CON", "nul.txt", "x.", "C:evil", " x"])
+@pytest.mark.parametrize(
+    "pms_id",
+    [
+        *("..", "../evil", "a/b", "a\\b", "CON", "nul.txt", "x.", "C:evil", " x"),
+        *(
+            "COM\u00b9",
+            "lpt\u00b3.txt",
+            "COM0",
+            "LPT0",
+            "CONIN$",
+            "conout$.jpg",
+            "CONIN$ .txt",
+            "Com\u00b2 ..x",
+        ),
+    ],
+)
 async def test_an_id_that_is_no_safe_folder_name_fails_the_push_and_writes_nothing(
     make_settings: Any, tmp_path: Path, pms_id: str
 ) -> None:
@@ -240,6 +255,16 @@ async def test_an_id_that_is_no_safe_folder_name_fails_the_push_and_writes_nothi
         assert "no thumbnail folder for patient" in error
         assert list(root.iterdir()) == []
         assert list(share.iterdir()) == [root]
+
+
+def test_windows_device_names_are_refused_in_every_spelling_and_near_misses_are_not(tmp_path: Path) -> None:
+    refused = ["COM\u00b9", "com\u00b2", "LPT\u00b3", "lpt\u00b9.csv", "COM0", "lpt0", "CONIN$", "conout$"]
+    refused += ["CONIN$.txt", "CONOUT$ .jpg", "Conin$..txt", "COM0 . x", "NUL", "aux.tar.gz"]
+    for name in refused:
+        with pytest.raises(ValueError, match="is a Windows device name"):
+            patient_folder(tmp_path, name)
+    for name in ["COM10", "COM\u2074", "LPT", "CONIN", "CONOUT", "XCON$", "1042", "COM1X"]:
+        assert patient_folder(tmp_path, name) == tmp_path / name
 
 
 def test_a_symbolic_link_out_of_the_folder_is_refused(tmp_path: Path) -> None:

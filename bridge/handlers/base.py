@@ -23,6 +23,9 @@ class Launch:
     workstation: str = ""
     transport: str = "cli"  # cli | folder | http
     request_id: str = ""
+    # The charset an HTTP client declared for `content` (Content-Type); "" when none was declared, and
+    # then the profile's encoding reads it, as it reads the files a PMS writes.
+    charset: str = ""
 
 
 @dataclass(frozen=True)

@@ -55,14 +55,15 @@ def parse_launch(launch: Launch, profile: DexisSettings) -> PatientFields:
     if launch.args and dexis.is_set_command(joined + " "):
         return dexis.parse_set_command(joined)
     if launch.filename or launch.content:
+        encoding = launch.charset or profile.encoding  # an HTTP client's declared charset wins
         if not launch.filename:  # a body without a file: the SET string of an HTTP client, or a file's bytes
-            text = decode(launch.content, profile.encoding).text
+            text = decode(launch.content, encoding).text
             if dexis.is_set_command(text):
                 return dexis.parse_set_command(text)
         message = dexis.parse_file(
             launch.content,
             short_date_formats=locale_formats(profile.locale),
-            encoding=profile.encoding,
+            encoding=encoding,
             info_file_male=profile.info_file_sx_m == "male",
         )
         return message.fields

@@ -40,6 +40,7 @@ async def launch(request: web.Request) -> web.Response:
     content = await request.content.read(MAX_LAUNCH_BYTES + 1)
     if len(content) > MAX_LAUNCH_BYTES:
         raise ProblemError(413, f"a PMS message may be at most {MAX_LAUNCH_BYTES} bytes")
+    charset = _declared_charset(request, content)
     args = tuple(request.query.getall("arg", []))
     if len(args) > MAX_ARGS:
         raise ProblemError(400, f"at most {MAX_ARGS} arguments")
@@ -51,6 +52,7 @@ async def launch(request: web.Request) -> web.Response:
         workstation=unquote(request.headers.get("X-PMS-Workstation", ""))[:120],
         transport=request.headers.get("X-PMS-Transport", "cli")[:20],
         request_id=request_id_var.get(),
+        charset=charset,
     )
     log.info(
         "launch", extra={"protocol": protocol, "actor": request.get(ACTOR_KEY, ""), "bytes": len(content)}
@@ -65,3 +67,23 @@ async def launch(request: web.Request) -> web.Response:
         "X-PMS-Write": "1" if reply.content is not None else "0",
     }
     return web.Response(body=reply.content or b"", headers=headers, content_type="application/octet-stream")
+
+
+def _declared_charset(request: web.Request, content: bytes) -> str:
+    """The charset parameter of the body's Content-Type ("" without one), checked against the body.
+
+    A SET command posted as `text/plain; charset=utf-8` must be read as UTF-8, not in the profile's code
+    page (which turned "Núñez" into "NÃºÃ±ez"). A charset Python does not know, one that is not a text
+    encoding (`base64`) or one that cannot decode this body even with replacement characters (`idna`,
+    `undefined`) is the client's error: 415, not a failure inside the handler.
+    """
+    charset = (request.charset or "").strip()
+    if not charset:
+        return ""
+    try:
+        content.decode(charset, errors="replace")
+    except (LookupError, UnicodeError):
+        raise ProblemError(
+            415, f"cannot read the body in the declared charset {charset[:40]!r}", kind="unsupported-charset"
+        ) from None
+    return charset
