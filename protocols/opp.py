@@ -25,7 +25,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from bridge.model import Action, Demographics, Origin, Outcome, PatientRequest, Sex
-from protocols.common import DateFormatError, decode, dotnet_to_strptime, parse_date
+from protocols.common import DateFormatError, decode, dotnet_to_strptime, parse_dotnet_date
 
 if TYPE_CHECKING:
     from lxml import etree
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 MAX_XML_BYTES = 64 * 1024  # an OPP message is a few hundred bytes; anything near this is not one
 MAX_FIELD_CHARS = 200  # as the REST API's limit on names
 DEFAULT_VERSION = "1.3"  # what the command line and OPP web parameters speak when they name none
-ISO_DATE = "%Y-%m-%d"
+ISO_DATE = "yyyy-MM-dd"  # .NET notation, as the -d flag's
 
 # Versions 1.0 to 1.3, optionally with a revision ("1.3.4"); anything else is refused.
 _SUPPORTED_VERSION = re.compile(r"1\.[0-3](?:\.\d{1,3})?")
@@ -227,24 +227,23 @@ def _silent(value: str) -> bool:
 
 
 def _birth_date(value: str, dotnet_format: str) -> date | None:
-    """ISO (yyyy-MM-dd) unless the PMS passes a .NET format; a two-digit year is refused, not guessed."""
-    fmt = ISO_DATE
-    if dotnet_format.strip():
-        try:
-            fmt = dotnet_to_strptime(dotnet_format.strip())
-        except DateFormatError as exc:
-            raise OppError(str(exc), "invalid-date-format") from None
-        if "%Y" not in fmt:
-            raise OppError(
-                f"date format {dotnet_format!r} has a two-digit year, which cannot tell 1925 from 2025;"
-                " use yyyy",
-                "invalid-date-format",
-            )
+    """ISO (yyyy-MM-dd) unless the PMS passes a .NET format, read exactly as that format writes dates
+    (`parse_dotnet_date`: "1985111" is not read as a yyyyMMdd date); a two-digit year is refused, not
+    guessed."""
+    fmt = dotnet_format.strip() or ISO_DATE
     try:
-        return parse_date(value, (fmt,))
+        directives = dotnet_to_strptime(fmt)
+    except DateFormatError as exc:
+        raise OppError(str(exc), "invalid-date-format") from None
+    if "%Y" not in directives:
+        raise OppError(
+            f"date format {fmt!r} has a two-digit year, which cannot tell 1925 from 2025; use yyyy",
+            "invalid-date-format",
+        )
+    try:
+        return parse_dotnet_date(value, fmt)
     except DateFormatError:
-        shown = dotnet_format.strip() or "yyyy-MM-dd"
-        raise OppError(f"birthdate {value.strip()!r} does not match {shown}", "invalid-date") from None
+        raise OppError(f"birthdate {value.strip()!r} does not match {fmt}", "invalid-date") from None
 
 
 # --------------------------------------------------------------------------------------------------

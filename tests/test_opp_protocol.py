@@ -454,6 +454,31 @@ def test_date_formats_are_never_guessed(fmt: str, value: str, match: str) -> Non
         parse_args(["-p", "1", "-d", fmt, "-b", value], OPTIONS)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "value", "match"),
+    [
+        ("yyyyMMdd", "1985111", "birthdate '1985111' does not match yyyyMMdd"),  # strptime: 1985-11-01
+        ("yyyyMd", "1985111", "does not match yyyyMd"),  # January 11 or November 1
+        ("dMyyyy", "1111985", "does not match dMyyyy"),  # strptime: January 11
+        ("dd.MM.yyyy", "1.7.1985", "does not match dd.MM.yyyy"),
+        ("d.M.yyyy", "014.7.1985", "does not match d.M.yyyy"),
+        ("yyyy-MM-dd", "85-07-14", "does not match yyyy-MM-dd"),
+        ("dd.MM.yyyy", "14.07.1985x", "does not match dd.MM.yyyy"),
+    ],
+)
+def test_a_date_is_read_only_when_it_has_the_format_s_exact_widths(fmt: str, value: str, match: str) -> None:
+    with pytest.raises(OppError, match=match) as err:
+        parse_args(["-p", "1", "-d", fmt, "-b", value], OPTIONS)
+    assert err.value.kind == "invalid-date"
+
+
+def test_single_letter_fields_without_separators_are_read_when_only_one_split_fits() -> None:
+    message = parse_args(["-p", "1", "-d", "yyyyMd", "-b", "19851231"], OPTIONS)
+    assert message.demographics.birth_date == date(1985, 12, 31)
+    with pytest.raises(OppError, match="birthdate '1985-7-14' does not match yyyy-MM-dd"):
+        parse_args(["-p", "1", "-b", "1985-7-14"], OPTIONS)  # ISO: two-digit month and day
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.text(max_size=12), max_size=8))
 def test_arbitrary_argument_lists_give_a_message_or_an_opp_error(args: list[str]) -> None:
