@@ -15,6 +15,7 @@ when XML is parsed or written: the config layer imports this module for the flag
 
 from __future__ import annotations
 
+import codecs
 import enum
 import json
 import re
@@ -303,22 +304,49 @@ def parse_params(params: Mapping[str, str], options: OppOptions) -> OppMessage:
 # XML
 
 
+# Codecs Python has that are no text encoding a PMS writes XML in: escape codecs would read `\u0030` in
+# a name as "0", punycode/idna are for host names, UTF-7 can yield lone surrogates, "undefined" always fails.
+_NOT_TEXT_CODECS = frozenset(
+    {"undefined", "unicode-escape", "raw-unicode-escape", "punycode", "idna", "utf-7"}
+)
+
+
+def text_codec(name: str) -> str:
+    """The codec for an encoding a message names (XML declaration, charset parameter), as Python names
+    it; OppError (`unsupported-encoding`) for a name that is no text encoding, whatever Python knows
+    (base64, rot13, unicode_escape, punycode ...: a codec lookup alone would honour those)."""
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        raise OppError(f"unknown encoding {name!r}", "unsupported-encoding") from None
+    if not info._is_text_encoding or info.name in _NOT_TEXT_CODECS:
+        raise OppError(f"{name!r} is not a text encoding OPP accepts", "unsupported-encoding")
+    return info.name
+
+
 def xml_text(data: bytes, fallback: str) -> str:
     """The text of an XML document, by XML's rules with one concession to Windows PMSs.
 
     A BOM (UTF-8, UTF-16) decides; else the declared encoding; else UTF-8. Bytes that are not valid in
     that encoding are read with the `fallback` code page: PMSs that declare UTF-8 and write cp1252 are
-    common, and a readable umlaut beats a refused patient.
+    common, and a readable umlaut beats a refused patient. Bytes without a BOM and without a NUL byte
+    are not UTF-16 (or UTF-32) whatever they declare: .NET's StringWriter declares utf-16 on text that
+    is then written as UTF-8, so such a declaration is read as UTF-8.
     """
     if data[:3] == b"\xef\xbb\xbf" or data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4]:
         return decode(data, fallback).text
     declared = _DECLARED_ENCODING.match(data)
-    codec = declared.group(1).decode("ascii") if declared else "utf-8"
+    codec = "utf-8"
+    if declared:
+        try:
+            codec = text_codec(declared.group(1).decode("ascii"))
+        except OppError as exc:
+            raise OppError(f"{exc} in the XML declaration", "not-xml") from None
+    if codec.startswith(("utf-16", "utf-32")) and b"\x00" not in data:
+        codec = "utf-8"
     try:
         return data.decode(codec)
-    except LookupError:
-        raise OppError(f"unknown encoding {codec!r} in the XML declaration", "not-xml") from None
-    except UnicodeDecodeError:
+    except UnicodeError:
         return data.decode(fallback, errors="replace")
 
 

@@ -319,8 +319,36 @@ def test_the_fallback_code_page_is_configurable() -> None:
 
 
 def test_an_unknown_declared_encoding_is_refused() -> None:
-    with pytest.raises(OppError, match="unknown encoding 'klingon-8'"):
+    with pytest.raises(OppError, match="unknown encoding 'klingon-8' in the XML declaration"):
         parse_xml(opp_xml(decl='<?xml version="1.0" encoding="klingon-8"?>').encode(), OPTIONS)
+
+
+@pytest.mark.parametrize("extra", ["", " "])  # an even and an odd byte count
+def test_a_utf8_document_declaring_utf16_without_a_bom_is_read_as_utf8(extra: str) -> None:
+    """.NET's StringWriter declares utf-16 on text that is then written as UTF-8."""
+    text = opp_xml(decl='<?xml version="1.0" encoding="utf-16"?>', patient='reference="1" lastName="Müller"')
+    data = (text + extra).encode("utf-8")
+    assert parse_xml(data, OPTIONS).demographics.last_name == "Müller"
+
+
+@pytest.mark.parametrize(
+    ("encoding", "patient"),
+    [
+        ("undefined", 'reference="E1"'),
+        ("punycode", 'reference="E2"'),
+        ("utf-7", 'reference="E3" lastName="+2AA-"'),  # a lone surrogate
+        ("unicode_escape", 'reference="E4\\u0030"'),  # was read as reference "E40"
+        ("raw_unicode_escape", 'reference="E5"'),
+        ("idna", 'reference="E6"'),
+        ("rot13", 'reference="E7"'),
+        ("base64", 'reference="E8"'),
+    ],
+)
+def test_encodings_that_are_no_text_encoding_are_refused(encoding: str, patient: str) -> None:
+    data = opp_xml(decl=f'<?xml version="1.0" encoding="{encoding}"?>', patient=patient).encode()
+    with pytest.raises(OppError, match=f"'{encoding}' is not a text encoding OPP accepts") as err:
+        parse_xml(data, OPTIONS)
+    assert err.value.kind == "not-xml"
 
 
 @settings(max_examples=300, deadline=None)
