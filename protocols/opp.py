@@ -20,7 +20,7 @@ import enum
 import json
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -289,14 +289,21 @@ def parse_args(args: Sequence[str], options: OppOptions) -> OppMessage:
 # OPP web parameters
 
 
-def parse_params(params: Mapping[str, str], options: OppOptions) -> OppMessage:
-    """Query or form parameters named as in FIELDS (names compared case-insensitively; others ignored)."""
+def parse_params(params: Iterable[tuple[str, str]], options: OppOptions) -> OppMessage:
+    """Query or form parameters named as in FIELDS (names compared case-insensitively; others ignored).
+
+    A parameter given twice is refused, as a flag given twice is: `reference=D1&reference=D2` names two
+    patients, and taking either one files images under a patient the PMS may not have meant.
+    """
     by_lower = {name.lower(): name for name in FIELDS}
     fields: dict[str, str] = {}
-    for key, value in params.items():
+    for key, value in params:
         name = by_lower.get(key.lower())
-        if name is not None and name not in fields:
-            fields[name] = value
+        if name is None:
+            continue
+        if name in fields:
+            raise OppError(f"parameter {name} is given twice", "invalid-field")
+        fields[name] = value
     return from_fields(fields, options)
 
 
@@ -411,7 +418,8 @@ def parse_xml(data: bytes, options: OppOptions) -> OppMessage:
     for name in ("command", "patient"):
         if name not in found:
             raise OppError(f"the <opp> element has no <{name}> element", "invalid-message")
-        if len(found[name]) > 1:
+    for name in ("command", "patient", "software"):  # the software name is part of the patient key
+        if len(found.get(name, ())) > 1:
             raise OppError(f"the <opp> element has {len(found[name])} <{name}> elements, not one")
     command, patient = found["command"][0], found["patient"][0]
     software = found.get("software", [None])[0]

@@ -536,7 +536,13 @@ def test_flag_maps_are_validated() -> None:
 
 def test_parameter_names_are_compared_case_insensitively_and_unknown_ones_ignored() -> None:
     message = parse_params(
-        {"COMMAND": "view", "Reference": "0042", "firstname": "Eva", "_": "1700000000", "software": "Web"},
+        {
+            "COMMAND": "view",
+            "Reference": "0042",
+            "firstname": "Eva",
+            "_": "1700000000",
+            "software": "Web",
+        }.items(),
         OPTIONS,
     )
     assert (message.command, message.reference, message.demographics.first_name, message.software) == (
@@ -549,9 +555,29 @@ def test_parameter_names_are_compared_case_insensitively_and_unknown_ones_ignore
 
 def test_parameters_take_a_dotnet_date_format_and_a_version() -> None:
     params = {"command": "VIEW", "reference": "1", "birthdate": "24.12.1979", "dateFormat": "dd.MM.yyyy"}
-    assert parse_params(params, OPTIONS).demographics.birth_date == date(1979, 12, 24)
+    assert parse_params(params.items(), OPTIONS).demographics.birth_date == date(1979, 12, 24)
     with pytest.raises(OppError, match=r"version '9\.9'"):
-        parse_params({**params, "version": "9.9"}, OPTIONS)
+        parse_params({**params, "version": "9.9"}.items(), OPTIONS)
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("command", "VIEW"), ("reference", "D1"), ("reference", "D2")],
+        [("command", "VIEW"), ("reference", "D1"), ("Reference", "D1")],  # names compare case-insensitively
+    ],
+)
+def test_a_parameter_given_twice_is_refused(pairs: list[tuple[str, str]]) -> None:
+    with pytest.raises(OppError, match="parameter reference is given twice") as err:
+        parse_params(pairs, OPTIONS)
+    assert err.value.kind == "invalid-field"
+    assert parse_params([*pairs[:2], ("_", "1"), ("_", "2")], OPTIONS).reference == "D1"  # others: ignored
+
+
+def test_two_software_elements_are_refused_as_two_patients_are() -> None:
+    data = opp_xml(extra='<software name="Other" version="1"/>').encode()
+    with pytest.raises(OppError, match="has 2 <software> elements, not one"):
+        parse_xml(data, OPTIONS)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -167,3 +167,18 @@ def test_opp_web_can_be_switched_off(daemon_factory: Any) -> None:
     daemon = daemon_factory(opp_web={"enabled": "no"})
     with pytest.raises(ConnectionRefusedError):
         call(daemon, "GET", "/opp")
+
+
+def test_a_repeated_parameter_or_software_element_is_refused(daemon: DaemonProcess) -> None:
+    reply = call(daemon, "GET", "/opp?command=VIEW&reference=D1&reference=D2&software=WebPMS")
+    assert reply[0] == 400
+    assert (problem(reply)["detail"], problem(reply)["type"]) == (
+        "parameter reference is given twice",
+        "urn:pms-bridge:problem:invalid-field",
+    )
+    body = b"command=VIEW&reference=D1&Software=A&software=B"
+    assert call(daemon, "POST", "/opp", body, {"Content-Type": "application/x-www-form-urlencoded"})[0] == 400
+    two = opp_xml("VIEW", "D1").replace(b"</opp>", b'<software name="Other" version="1"/></opp>')
+    reply = call(daemon, "POST", "/opp", two, {"Content-Type": XML_TYPE})
+    assert reply[0] == 400 and "has 2 <software> elements, not one" in problem(reply)["detail"]
+    assert patients(daemon) == []

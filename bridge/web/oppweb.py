@@ -273,14 +273,14 @@ async def read_message(request: web.Request, opts: OppOptions) -> OppMessage:
                 form = await request.post()
                 if any(not isinstance(value, str) for value in form.values()):
                     raise ProblemError(415, "OPP web form fields are text; file parts are not accepted")
-                return parse_params({k: str(v) for k, v in form.items()}, opts)
+                return parse_params(((k, str(v)) for k, v in form.items()), opts)
             if request.content_type == JSON_TYPE:
                 raise ProblemError(
                     415, "send the OPP XML document, form fields or query parameters, not JSON"
                 )
             if body.strip():
                 return parse_xml(body, opts)
-        return parse_params(request.query, opts)
+        return parse_params(request.query.items(), opts)
     except OppError as exc:
         raise ProblemError(413 if exc.kind == "too-large" else 400, str(exc), kind=exc.kind) from None
 
