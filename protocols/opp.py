@@ -42,6 +42,11 @@ _XML_DECLARATION = re.compile(r"\A\s*<\?xml[^>]*\?>")
 _DECLARED_ENCODING = re.compile(rb"\A\s*<\?xml[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._:-]{1,40})[\"']")
 _DTD = re.compile(r"<!DOCTYPE|<!ENTITY", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What XML 1.0 cannot carry besides the C0 controls (which text fields turn into spaces): refused in any
+# field, so nothing an answer cannot hold is stored.
+_NOT_XML = re.compile("[\ud800-\udfff\ufffe\uffff]")
+# Everything XML 1.0 cannot carry: replaced in an answer, since other protocols may have stored it.
+_UNWRITABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 class Command(enum.StrEnum):
@@ -170,6 +175,11 @@ def from_fields(
     fields: Mapping[str, str], options: OppOptions, *, version: str = DEFAULT_VERSION, data_elements: int = 0
 ) -> OppMessage:
     """Validate fields named as in FIELDS into a message; OppError names the first bad field."""
+    for name, value in fields.items():
+        if found := _NOT_XML.search(value):
+            raise OppError(
+                f"{name} contains U+{ord(found.group()):04X}, a character XML cannot carry", "invalid-field"
+            )
     version = fields.get("version", "").strip() or version
     check_version(version)
     raw_command = fields.get("command", "").strip()
@@ -469,12 +479,28 @@ def answer_data(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[i
 
 
 def render_json(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[int, str]) -> bytes:
-    return json.dumps(answer_data(outcome, message, thumbnail_urls), ensure_ascii=False).encode("utf-8")
+    """The JSON answer, UTF-8; a lone surrogate (which UTF-8 cannot hold) becomes "?" rather than fail."""
+    text = json.dumps(answer_data(outcome, message, thumbnail_urls), ensure_ascii=False)
+    return text.encode("utf-8", errors="replace")
+
+
+def _writable(text: str) -> str:
+    """`text` as XML 1.0 can carry it: what it cannot becomes U+FFFD. OPP refuses such characters on the
+    way in, but a patient stored through another protocol may hold them, and one stored name must not
+    make every answer about that patient fail."""
+    return _UNWRITABLE.sub("\ufffd", text)
+
+
+def _element(parent: etree._Element, tag: str, **attributes: str) -> etree._Element:
+    from lxml import etree
+
+    return etree.SubElement(parent, tag, {name: _writable(value) for name, value in attributes.items()})
 
 
 def render_xml(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[int, str]) -> bytes:
     """`<oppResult version command status patientId><message/><patient/><images><image/>...</oppResult>`,
-    UTF-8, written by lxml so names with apostrophes, ampersands and umlauts are escaped correctly."""
+    UTF-8, written by lxml so names with apostrophes, ampersands and umlauts are escaped correctly;
+    characters XML cannot carry become U+FFFD (`_writable`)."""
     from lxml import etree
 
     root = etree.Element(
@@ -486,9 +512,9 @@ def render_xml(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[in
     patient = outcome.patient
     if patient is not None:
         root.set("patientId", str(patient.id))
-    etree.SubElement(root, "message").text = outcome.message
+    _element(root, "message").text = _writable(outcome.message)
     if patient is not None:
-        etree.SubElement(
+        _element(
             root,
             "patient",
             id=str(patient.id),
@@ -502,9 +528,9 @@ def render_xml(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[in
             gender=_GENDER_WORDS[patient.sex],
         )
     if message.command is Command.VIEW_DATA:
-        images = etree.SubElement(root, "images", count=str(len(outcome.images)))
+        images = _element(root, "images", count=str(len(outcome.images)))
         for image in outcome.images:
-            etree.SubElement(
+            _element(
                 images,
                 "image",
                 id=str(image.id),

@@ -580,6 +580,15 @@ def test_two_software_elements_are_refused_as_two_patients_are() -> None:
         parse_xml(data, OPTIONS)
 
 
+@pytest.mark.parametrize("value", ["A\ufffeB", "A\uffffB", "A\ud800B"])
+def test_characters_xml_cannot_carry_are_refused_in_any_field(value: str) -> None:
+    with pytest.raises(OppError, match=f"lastName contains U\\+{ord(value[1]):04X}") as err:
+        parse_params([("command", "VIEW"), ("reference", "1"), ("lastName", value)], OPTIONS)
+    assert err.value.kind == "invalid-field"
+    with pytest.raises(OppError, match="reference contains"):
+        parse_args(["-p", value], OPTIONS)
+
+
 # --------------------------------------------------------------------------------------------------
 # The answer
 
@@ -641,6 +650,24 @@ def test_the_xml_answer_escapes_names_and_links_thumbnails() -> None:
         "36 37",
         "http://h/opp/thumbnails/5.jpg?exp=1&sig=x",
     )
+
+
+def test_a_stored_value_xml_cannot_carry_never_makes_the_answer_fail() -> None:
+    """Another protocol may have stored such a name: the answer carries U+FFFD in its place."""
+    message = parse_xml(opp_xml(command="VIEW").encode(), OPTIONS)
+    stored = replace(PATIENT, last_name="A\ufffeB\x01C", first_name="\uffffD", pms_id="7\x0b")
+    outcome = Outcome(Status.OK, "patient 7\x0b opened", patient=stored)
+    root = etree.fromstring(render_xml(outcome, message, {}))
+    patient = root.find("patient")
+    assert patient is not None
+    assert (patient.get("lastName"), patient.get("firstName"), patient.get("reference")) == (
+        "A\ufffdB\ufffdC",
+        "\ufffdD",
+        "7\ufffd",
+    )
+    assert root.findtext("message") == "patient 7\ufffd opened"
+    lone = replace(PATIENT, last_name="A\ud800B")
+    assert b'"A?B"' in render_json(Outcome(Status.OK, "ok", patient=lone), message, {})
 
 
 def test_the_json_answer_has_status_patient_id_and_only_view_data_lists_images() -> None:
