@@ -169,6 +169,14 @@ def test_opp_web_can_be_switched_off(daemon_factory: Any) -> None:
         call(daemon, "GET", "/opp")
 
 
+def test_head_does_not_run_the_command(daemon: DaemonProcess) -> None:
+    reply = call(daemon, "HEAD", "/opp?command=VIEW&reference=HEAD1&software=WebPMS")
+    assert reply[0] == 405 and reply[1]["content-type"].startswith("application/problem+json")
+    for method in ("PUT", "DELETE"):
+        assert call(daemon, method, "/opp?command=VIEW&reference=HEAD1")[0] == 405
+    assert patients(daemon) == []
+
+
 def test_a_repeated_parameter_or_software_element_is_refused(daemon: DaemonProcess) -> None:
     reply = call(daemon, "GET", "/opp?command=VIEW&reference=D1&reference=D2&software=WebPMS")
     assert reply[0] == 400

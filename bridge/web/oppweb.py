@@ -294,7 +294,7 @@ class _Answer:
     outcome: Outcome | None = None
 
 
-@routes.get(OPP_PATH)
+@routes.get(OPP_PATH, allow_head=False)  # a HEAD would run the command: 405, as PUT and DELETE
 @routes.post(OPP_PATH)
 async def opp_request(request: web.Request) -> web.Response:
     """One OPP command; the answer in XML or JSON. Record mode keeps the exchange as a replayable step."""
