@@ -17,7 +17,7 @@ import pytest
 from bridge.install import write_self_signed
 from bridge.web.oppweb import JSON_TYPE, XML_TYPE, UrlSigner, negotiate
 from tests.conftest import DaemonProcess
-from tests.test_oppweb import PMS_ORIGIN, call, opp_xml, patients, problem
+from tests.test_oppweb import PMS_ORIGIN, Reply, call, opp_xml, patients, problem
 
 
 @pytest.fixture
@@ -167,6 +167,44 @@ def test_opp_web_can_be_switched_off(daemon_factory: Any) -> None:
     daemon = daemon_factory(opp_web={"enabled": "no"})
     with pytest.raises(ConnectionRefusedError):
         call(daemon, "GET", "/opp")
+
+
+# --------------------------------------------------------------------------------------------------
+# Transports: how a message may come, and how its bytes are read
+
+
+def json_view(daemon: DaemonProcess, method: str, path: str, body: bytes = b"", **headers: str) -> Reply:
+    return call(daemon, method, path, body, {"Accept": JSON_TYPE, **headers})
+
+
+def test_a_kept_answer_is_found_by_the_query_as_sent(daemon: DaemonProcess) -> None:
+    """yarl's query_string decodes %25: reference=K%2526 and reference=K%26 gave one key, and the
+    patient "K&" was answered with the patient "K%26"."""
+    for _ in range(2):  # the second answer is a pure read: kept
+        reply = json_view(daemon, "GET", "/opp?command=VIEW&reference=K%2526&software=WebPMS")
+        assert json.loads(reply[2])["patient"]["pms_id"] == "K%26"
+    other = json_view(daemon, "GET", "/opp?command=VIEW&reference=K%26&software=WebPMS")
+    assert (other[0], json.loads(other[2])["status"], json.loads(other[2])["patient"]["pms_id"]) == (
+        200,
+        "created",
+        "K&",
+    )
+    assert sorted(p["pms_id"] for p in patients(daemon, pms_system="WebPMS")) == ["K%26", "K&"]
+
+
+def test_a_kept_answer_is_found_by_the_whole_content_type(daemon: DaemonProcess) -> None:
+    """The charset parameter decides what a form body's bytes mean, so it is part of the key."""
+    body = b"command=VIEW&software=WebPMS&reference=Z%C3%BC1"
+    latin1 = "application/x-www-form-urlencoded; charset=iso-8859-1"
+    for _ in range(2):
+        reply = json_view(daemon, "POST", "/opp", body, **{"Content-Type": latin1})
+        assert json.loads(reply[2])["patient"]["pms_id"] == "Z\u00c3\u00bc1"
+    utf8 = json_view(daemon, "POST", "/opp", body, **{"Content-Type": "application/x-www-form-urlencoded"})
+    assert (utf8[0], json.loads(utf8[2])["status"], json.loads(utf8[2])["patient"]["pms_id"]) == (
+        200,
+        "created",
+        "Zü1",
+    )
 
 
 def test_head_does_not_run_the_command(daemon: DaemonProcess) -> None:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.hdrs import CONTENT_TYPE
 
 from bridge.config import Settings
 from bridge.handlers.opp import PROTOCOL, execute, options
@@ -322,8 +323,17 @@ async def _answer(request: web.Request) -> _Answer:
         if media is None:
             raise ProblemError(406, f"OPP web answers in {XML_TYPE} or {JSON_TYPE}", kind="not-acceptable")
         body = await request.read()
-        # Everything the answer depends on (the settings aside): how the message came, and where to.
-        key = (request.method, request.content_type, request.query_string, body, media, base_url(request))
+        # Everything the answer depends on (the settings aside): how the message came, and where to. The
+        # query as sent (yarl's query_string is partly decoded: %2526 and %26 would meet) and the whole
+        # Content-Type (its charset decides what a form body's bytes mean).
+        key = (
+            request.method,
+            request.headers.get(CONTENT_TYPE, ""),
+            request.raw_path,
+            body,
+            media,
+            base_url(request),
+        )
         kept, generation = state.answers.get(key)
         if kept is not None:
             patient_request = kept.message.request(origin_of(request, PROTOCOL))
