@@ -207,6 +207,14 @@ def test_a_kept_answer_is_found_by_the_whole_content_type(daemon: DaemonProcess)
     )
 
 
+def test_a_post_without_a_body_takes_the_query_whatever_its_content_type(daemon: DaemonProcess) -> None:
+    """jQuery's $.post(url) sends a form Content-Type and no body."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    reply = json_view(daemon, "POST", "/opp?command=VIEW&reference=Q1&software=WebPMS", **form)
+    assert reply[0] == 200 and json.loads(reply[2])["status"] == "created", reply
+    assert len(patients(daemon, pms_system="WebPMS", pms_id="Q1")) == 1
+
+
 def test_head_does_not_run_the_command(daemon: DaemonProcess) -> None:
     reply = call(daemon, "HEAD", "/opp?command=VIEW&reference=HEAD1&software=WebPMS")
     assert reply[0] == 405 and reply[1]["content-type"].startswith("application/problem+json")

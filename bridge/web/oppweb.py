@@ -264,22 +264,23 @@ def _looks_like_xml(body: bytes) -> bool:
 
 
 async def read_message(request: web.Request, opts: OppOptions) -> OppMessage:
-    """The OPP message of a request: XML body, form fields, or query parameters."""
+    """The OPP message of a request: XML body, form fields, or query parameters. A POST without a body
+    takes the query, as a GET does (jQuery's `$.post(url)` sends a form Content-Type and nothing else)."""
     try:
         if request.method == "POST":
             body = await request.read()
             if _looks_like_xml(body):  # whatever the Content-Type says (curl -d sends XML as a "form")
                 return parse_xml(body, opts)
-            if request.content_type in FORM_TYPES:
-                form = await request.post()
-                if any(not isinstance(value, str) for value in form.values()):
-                    raise ProblemError(415, "OPP web form fields are text; file parts are not accepted")
-                return parse_params(((k, str(v)) for k, v in form.items()), opts)
             if request.content_type == JSON_TYPE:
                 raise ProblemError(
                     415, "send the OPP XML document, form fields or query parameters, not JSON"
                 )
             if body.strip():
+                if request.content_type in FORM_TYPES:
+                    form = await request.post()
+                    if any(not isinstance(value, str) for value in form.values()):
+                        raise ProblemError(415, "OPP web form fields are text; file parts are not accepted")
+                    return parse_params(((k, str(v)) for k, v in form.items()), opts)
                 return parse_xml(body, opts)
         return parse_params(request.query.items(), opts)
     except OppError as exc:
