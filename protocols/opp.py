@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 from bridge.model import Action, Demographics, Origin, Outcome, PatientRequest, Sex
 from protocols.common import DateFormatError, decode, dotnet_to_strptime, parse_dotnet_date
@@ -315,6 +316,37 @@ def parse_params(params: Iterable[tuple[str, str]], options: OppOptions) -> OppM
             raise OppError(f"parameter {name} is given twice", "invalid-field")
         fields[name] = value
     return from_fields(fields, options)
+
+
+def form_params(data: bytes, charset: str | None, fallback: str) -> list[tuple[str, str]]:
+    """The (name, value) pairs of a query string or an application/x-www-form-urlencoded body, as sent
+    (`+` a space, %XX a byte), each value decoded by `decode_param`. Names are compared with the ASCII
+    field names only, so they are read byte for byte (latin-1)."""
+    codec = text_codec(charset) if charset else "utf-8"
+    pairs: list[tuple[str, str]] = []
+    for piece in data.split(b"&"):
+        if not piece:
+            continue
+        raw_name, _, raw_value = piece.partition(b"=")
+        name = unquote_to_bytes(raw_name.replace(b"+", b" ")).decode("latin-1")
+        pairs.append(
+            (name, decode_param(name, unquote_to_bytes(raw_value.replace(b"+", b" ")), codec, fallback))
+        )
+    return pairs
+
+
+def decode_param(name: str, data: bytes, codec: str, fallback: str) -> str:
+    """A parameter's bytes as text: in `codec` (the request's charset, UTF-8 when it names none), else in
+    the `fallback` code page (`[opp] encoding`, as for XML: a PMS percent-encoding Latin-1 means
+    "Müller", never "M\ufffdller"); OppError naming the parameter when neither reads them."""
+    for candidate in dict.fromkeys((codec, fallback)):
+        try:
+            return data.decode(candidate)
+        except UnicodeError:
+            continue
+    raise OppError(
+        f"parameter {name} is neither {codec} nor {fallback} text (the [opp] encoding)", "invalid-field"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

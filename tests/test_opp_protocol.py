@@ -26,6 +26,7 @@ from protocols.opp import (
     Command,
     OppError,
     OppOptions,
+    form_params,
     parse_args,
     parse_flag_map,
     parse_params,
@@ -578,6 +579,37 @@ def test_two_software_elements_are_refused_as_two_patients_are() -> None:
     data = opp_xml(extra='<software name="Other" version="1"/>').encode()
     with pytest.raises(OppError, match="has 2 <software> elements, not one"):
         parse_xml(data, OPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("query", "charset", "fallback", "last_name"),
+    [
+        (b"lastName=M%C3%BCller", None, "cp1252", "Müller"),
+        (b"lastName=M%FCller", None, "cp1252", "Müller"),  # Latin-1 percent-encoding: the [opp] encoding
+        (b"lastName=M%81ller", None, "cp850", "Müller"),
+        (b"lastName=M\xfcller", None, "cp1252", "Müller"),  # a raw byte in a form body
+        (b"lastName=Z%FC1", "iso-8859-1", "cp1252", "Zü1"),
+        (b"lastName=%C5%BBak", "utf-8", "cp1252", "Żak"),
+        (b"lastName=O%27Brien+%26+S%C3%B6hne", None, "cp1252", "O'Brien & Söhne"),
+    ],
+)
+def test_parameter_values_are_read_in_the_charset_then_the_opp_encoding(
+    query: bytes, charset: str | None, fallback: str, last_name: str
+) -> None:
+    pairs = form_params(b"command=VIEW&reference=1&" + query, charset, fallback)
+    assert parse_params(pairs, OPTIONS).demographics.last_name == last_name
+
+
+def test_parameters_neither_charset_can_read_or_an_unknown_charset_are_refused() -> None:
+    with pytest.raises(OppError, match="parameter lastName is neither utf-8 nor cp1252 text") as err:
+        form_params(b"reference=1&lastName=M%81ller", None, "cp1252")  # 0x81: no cp1252 character
+    assert err.value.kind == "invalid-field"
+    with pytest.raises(OppError, match="parameter lastName is neither utf-8 nor utf-8 text"):
+        form_params(b"reference=1&lastName=M%FCller", None, "utf-8")
+    for charset in ("foo", "unicode_escape"):
+        with pytest.raises(OppError) as err:
+            form_params(b"reference=1", charset, "cp1252")
+        assert err.value.kind == "unsupported-encoding"
 
 
 @pytest.mark.parametrize("value", ["A\ufffeB", "A\uffffB", "A\ud800B"])

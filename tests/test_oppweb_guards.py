@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from bridge.install import write_self_signed
-from bridge.web.oppweb import JSON_TYPE, XML_TYPE, UrlSigner, negotiate
+from bridge.web.oppweb import FORM_TYPE, JSON_TYPE, XML_TYPE, UrlSigner, negotiate
 from tests.conftest import DaemonProcess
 from tests.test_oppweb import PMS_ORIGIN, Reply, call, opp_xml, patients, problem
 
@@ -50,7 +50,7 @@ def test_cors_refused_for_an_origin_not_listed_and_allowed_for_a_listed_one(daem
         "POST",
         "/opp",
         b"command=UPDATE_CREATE&reference=8&software=WebPMS",
-        {"Origin": "https://evil.example", "Content-Type": "application/x-www-form-urlencoded"},
+        {"Origin": "https://evil.example", "Content-Type": FORM_TYPE},
     )
     assert csrf[0] == 403 and problem(csrf)["type"].endswith("origin-not-allowed")
     assert patients(daemon, pms_system="WebPMS", pms_id="8") == []
@@ -195,11 +195,11 @@ def test_a_kept_answer_is_found_by_the_query_as_sent(daemon: DaemonProcess) -> N
 def test_a_kept_answer_is_found_by_the_whole_content_type(daemon: DaemonProcess) -> None:
     """The charset parameter decides what a form body's bytes mean, so it is part of the key."""
     body = b"command=VIEW&software=WebPMS&reference=Z%C3%BC1"
-    latin1 = "application/x-www-form-urlencoded; charset=iso-8859-1"
+    latin1 = f"{FORM_TYPE}; charset=iso-8859-1"
     for _ in range(2):
         reply = json_view(daemon, "POST", "/opp", body, **{"Content-Type": latin1})
         assert json.loads(reply[2])["patient"]["pms_id"] == "Z\u00c3\u00bc1"
-    utf8 = json_view(daemon, "POST", "/opp", body, **{"Content-Type": "application/x-www-form-urlencoded"})
+    utf8 = json_view(daemon, "POST", "/opp", body, **{"Content-Type": FORM_TYPE})
     assert (utf8[0], json.loads(utf8[2])["status"], json.loads(utf8[2])["patient"]["pms_id"]) == (
         200,
         "created",
@@ -209,10 +209,53 @@ def test_a_kept_answer_is_found_by_the_whole_content_type(daemon: DaemonProcess)
 
 def test_a_post_without_a_body_takes_the_query_whatever_its_content_type(daemon: DaemonProcess) -> None:
     """jQuery's $.post(url) sends a form Content-Type and no body."""
-    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    form = {"Content-Type": FORM_TYPE}
     reply = json_view(daemon, "POST", "/opp?command=VIEW&reference=Q1&software=WebPMS", **form)
     assert reply[0] == 200 and json.loads(reply[2])["status"] == "created", reply
     assert len(patients(daemon, pms_system="WebPMS", pms_id="Q1")) == 1
+
+
+def test_latin1_parameters_are_read_with_the_opp_encoding_never_as_replacement_characters(
+    daemon: DaemonProcess,
+) -> None:
+    stored = call(daemon, "POST", "/opp", opp_xml("UPDATE_CREATE", "000815"), {"Accept": JSON_TYPE})
+    assert json.loads(stored[2])["status"] == "created"
+    latin1 = "lastName=M%FCller&firstName=J%FCrgen&birthdate=1985-07-14&gender=MALE"
+    reply = json_view(daemon, "GET", f"/opp?command=VIEW&reference=000815&software=WebPMS&{latin1}")
+    assert (reply[0], json.loads(reply[2])["status"]) == (200, "ok")
+    form = b"command=UPDATE_CREATE&software=WebPMS&reference=L2&lastName=Gro\xdf&firstName=J%FCrgen"
+    raw = json_view(daemon, "POST", "/opp", form, **{"Content-Type": FORM_TYPE})
+    assert raw[0] == 200, raw
+    charset = f"{FORM_TYPE}; charset=iso-8859-1"
+    body = b"command=UPDATE_CREATE&software=WebPMS&reference=L3&lastName=%C4rger"
+    assert json_view(daemon, "POST", "/opp", body, **{"Content-Type": charset})[0] == 200
+    names = {p["pms_id"]: (p["last_name"], p["first_name"]) for p in patients(daemon, pms_system="WebPMS")}
+    assert names == {"000815": ("Müller", "Jürgen"), "L2": ("Groß", "Jürgen"), "L3": ("Ärger", "")}
+
+    unknown = json_view(daemon, "POST", "/opp", body, **{"Content-Type": f"{FORM_TYPE};charset=foo"})
+    assert unknown[0] == 400 and problem(unknown)["type"].endswith("unsupported-encoding")
+    unreadable = json_view(daemon, "GET", "/opp?command=VIEW&reference=L4&lastName=M%81ller")
+    assert unreadable[0] == 400
+    assert (
+        problem(unreadable)["detail"]
+        == "parameter lastName is neither utf-8 nor cp1252 text (the [opp] encoding)"
+    )
+    assert patients(daemon, pms_id="L4") == []
+
+
+def test_xml_bodies_with_odd_encodings_are_400_or_read_never_500(daemon: DaemonProcess) -> None:
+    for encoding in ("undefined", "punycode", "utf-7"):
+        data = opp_xml("VIEW", "U7", last="+2AA-").replace(
+            b'encoding="UTF-8"', f'encoding="{encoding}"'.encode()
+        )
+        reply = call(daemon, "POST", "/opp", data, {"Content-Type": XML_TYPE})
+        assert reply[0] == 400 and problem(reply)["type"].endswith("not-xml"), (encoding, reply)
+    utf16 = (
+        opp_xml("VIEW", "BE1").replace(b'encoding="UTF-8"', b'encoding="UTF-16"').decode().encode("utf-16-be")
+    )
+    reply = json_view(daemon, "POST", "/opp", utf16, **{"Content-Type": FORM_TYPE})  # curl -d's default type
+    assert reply[0] == 200 and json.loads(reply[2])["patient"]["last_name"] == "Müller", reply
+    assert [p["pms_id"] for p in patients(daemon)] == ["BE1"]
 
 
 def test_head_does_not_run_the_command(daemon: DaemonProcess) -> None:
@@ -231,7 +274,7 @@ def test_a_repeated_parameter_or_software_element_is_refused(daemon: DaemonProce
         "urn:pms-bridge:problem:invalid-field",
     )
     body = b"command=VIEW&reference=D1&Software=A&software=B"
-    assert call(daemon, "POST", "/opp", body, {"Content-Type": "application/x-www-form-urlencoded"})[0] == 400
+    assert call(daemon, "POST", "/opp", body, {"Content-Type": FORM_TYPE})[0] == 400
     two = opp_xml("VIEW", "D1").replace(b"</opp>", b'<software name="Other" version="1"/></opp>')
     reply = call(daemon, "POST", "/opp", two, {"Content-Type": XML_TYPE})
     assert reply[0] == 400 and "has 2 <software> elements, not one" in problem(reply)["detail"]

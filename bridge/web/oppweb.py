@@ -52,6 +52,7 @@ from protocols.opp import (
     OppError,
     OppMessage,
     OppOptions,
+    form_params,
     parse_params,
     parse_xml,
     render_json,
@@ -62,7 +63,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OPP_PATH = "/opp"
 THUMBNAIL_PATH = "/opp/thumbnails/{id:\\d{1,18}}.jpg"
-FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+FORM_TYPE = "application/x-www-form-urlencoded"
+MULTIPART_TYPE = "multipart/form-data"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 XML_TYPE = "application/xml"
 JSON_TYPE = "application/json"
@@ -258,17 +260,18 @@ routes = web.RouteTableDef()
 
 
 def _looks_like_xml(body: bytes) -> bool:
-    """An XML document (UTF-8 with or without BOM, or UTF-16), not form fields (names cannot hold '<')."""
+    """An XML document (UTF-8 with or without BOM, or UTF-16 with or without BOM), not form fields (names
+    cannot hold '<')."""
     head = body[:64].lstrip(b" \t\r\n\xef\xbb\xbf")
-    return head.startswith(b"<") or head[:2] in (b"\xff\xfe", b"\xfe\xff")
+    return head.startswith((b"<", b"\x00<")) or head[:2] in (b"\xff\xfe", b"\xfe\xff")
 
 
-async def read_message(request: web.Request, opts: OppOptions) -> OppMessage:
-    """The OPP message of a request: XML body, form fields, or query parameters. A POST without a body
-    takes the query, as a GET does (jQuery's `$.post(url)` sends a form Content-Type and nothing else)."""
+async def read_message(request: web.Request, body: bytes, opts: OppOptions) -> OppMessage:
+    """The OPP message of a request with this `body` (already read): XML body, form fields, or query
+    parameters. A POST without a body takes the query, as a GET does (jQuery's `$.post(url)` sends a
+    form Content-Type and nothing else)."""
     try:
         if request.method == "POST":
-            body = await request.read()
             if _looks_like_xml(body):  # whatever the Content-Type says (curl -d sends XML as a "form")
                 return parse_xml(body, opts)
             if request.content_type == JSON_TYPE:
@@ -276,13 +279,16 @@ async def read_message(request: web.Request, opts: OppOptions) -> OppMessage:
                     415, "send the OPP XML document, form fields or query parameters, not JSON"
                 )
             if body.strip():
-                if request.content_type in FORM_TYPES:
+                if request.content_type == FORM_TYPE:
+                    return parse_params(form_params(body, request.charset, opts.encoding), opts)
+                if request.content_type == MULTIPART_TYPE:
                     form = await request.post()
                     if any(not isinstance(value, str) for value in form.values()):
                         raise ProblemError(415, "OPP web form fields are text; file parts are not accepted")
                     return parse_params(((k, str(v)) for k, v in form.items()), opts)
                 return parse_xml(body, opts)
-        return parse_params(request.query.items(), opts)
+        query = request.raw_path.partition("?")[2].encode("utf-8", "surrogateescape")
+        return parse_params(form_params(query, None, opts.encoding), opts)
     except OppError as exc:
         raise ProblemError(413 if exc.kind == "too-large" else 400, str(exc), kind=exc.kind) from None
 
@@ -341,7 +347,7 @@ async def _answer(request: web.Request) -> _Answer:
             rt.service.repeat(patient_request, kept.outcome)
             response = web.Response(body=kept.body, content_type=kept.content_type, charset="utf-8")
             return _Answer(response, patient_request, kept.outcome)
-        message = await read_message(request, state.options)
+        message = await read_message(request, body, state.options)
     except ProblemError as exc:
         return _Answer(exc.response(request.path))
     patient_request = message.request(origin_of(request, PROTOCOL))
