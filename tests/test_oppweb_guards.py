@@ -1,6 +1,8 @@
 """OPP web's guards and transport on a real daemon process: CORS, origins, host names, the optional token,
-body limit, content negotiation, TLS, switching it off. None of this depends on the store kind, so these
-run on SQLite only (the store-dependent behaviour is in test_oppweb.py, on SQLite and PostgreSQL)."""
+body limit, content negotiation, TLS, switching it off, and the transports (query, form, multipart, XML
+body: their encodings, repeated parameters, HEAD, the repeated-answer key). None of this depends on the
+store kind, so these run on SQLite only (the store-dependent behaviour is in test_oppweb.py, on SQLite and
+PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -205,6 +207,41 @@ def test_a_kept_answer_is_found_by_the_whole_content_type(daemon: DaemonProcess)
         "created",
         "Zü1",
     )
+
+
+def multipart(fields: list[tuple[str, bytes, str]], boundary: str = "opp-boundary") -> tuple[bytes, str]:
+    """A multipart/form-data body of (name, value, extra part headers) and its Content-Type."""
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n{extra}\r\n'.encode()
+        + value
+        + b"\r\n"
+        for name, value, extra in fields
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_multipart_form_fields_are_a_message(daemon: DaemonProcess) -> None:
+    """The body is read before parsing (the repeated-answer key needs it): multipart failed with 500."""
+    body, content_type = multipart(
+        [
+            ("command", b"VIEW", ""),
+            ("reference", b"MP1", ""),
+            ("software", b"WebPMS", ""),
+            ("lastName", "Müller".encode(), ""),
+            ("firstName", "Jürgen".encode("latin-1"), "Content-Type: text/plain; charset=iso-8859-1\r\n"),
+        ]
+    )
+    reply = json_view(daemon, "POST", "/opp", body, **{"Content-Type": content_type})
+    assert reply[0] == 200 and json.loads(reply[2])["status"] == "created", reply
+    found = patients(daemon, pms_system="WebPMS", pms_id="MP1")
+    assert [(p["last_name"], p["first_name"]) for p in found] == [("Müller", "Jürgen")]
+    upload, upload_type = multipart([("command", b"VIEW", ""), ("reference", b"MP2", "")])
+    upload = upload.replace(b'name="reference"', b'name="reference"; filename="x.txt"')
+    refused = json_view(daemon, "POST", "/opp", upload, **{"Content-Type": upload_type})
+    assert refused[0] == 415 and "file parts are not accepted" in problem(refused)["detail"]
+    broken = json_view(daemon, "POST", "/opp", body[:60], **{"Content-Type": content_type})
+    assert broken[0] == 400 and "not well-formed multipart/form-data" in problem(broken)["detail"]
+    assert patients(daemon, pms_system="WebPMS", pms_id="MP2") == []
 
 
 def test_a_post_without_a_body_takes_the_query_whatever_its_content_type(daemon: DaemonProcess) -> None:

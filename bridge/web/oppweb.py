@@ -25,6 +25,7 @@ Answers to repeated identical requests are given again from memory while the sto
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -35,8 +36,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import StreamReader, web
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.hdrs import CONTENT_TYPE
+from aiohttp.helpers import parse_mimetype
 
 from bridge.config import Settings
 from bridge.handlers.opp import PROTOCOL, execute, options
@@ -46,17 +49,20 @@ from bridge.web.answers import Kept, RepeatedAnswers
 from bridge.web.api import RENDER_VIEW_MAX_AGE, STATUS_HTTP, origin_of, rendered_image
 from bridge.web.keys import LISTENER_TLS, MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY, make_request_context
+from bridge.web.multipart import FormReader, MultipartError, boundary_of
 from bridge.web.problems import ProblemError
 from protocols.opp import (
     Command,
     OppError,
     OppMessage,
     OppOptions,
+    decode_param,
     form_params,
     parse_params,
     parse_xml,
     render_json,
     render_xml,
+    text_codec,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -282,15 +288,35 @@ async def read_message(request: web.Request, body: bytes, opts: OppOptions) -> O
                 if request.content_type == FORM_TYPE:
                     return parse_params(form_params(body, request.charset, opts.encoding), opts)
                 if request.content_type == MULTIPART_TYPE:
-                    form = await request.post()
-                    if any(not isinstance(value, str) for value in form.values()):
-                        raise ProblemError(415, "OPP web form fields are text; file parts are not accepted")
-                    return parse_params(((k, str(v)) for k, v in form.items()), opts)
+                    return parse_params(await _multipart_params(request, body, opts), opts)
                 return parse_xml(body, opts)
         query = request.raw_path.partition("?")[2].encode("utf-8", "surrogateescape")
         return parse_params(form_params(query, None, opts.encoding), opts)
     except OppError as exc:
         raise ProblemError(413 if exc.kind == "too-large" else 400, str(exc), kind=exc.kind) from None
+
+
+async def _multipart_params(request: web.Request, body: bytes, opts: OppOptions) -> list[tuple[str, str]]:
+    """The text fields of a multipart/form-data `body`, each decoded by its part's charset (else the
+    request's, else UTF-8) and then `[opp] encoding`. The body was read already (the repeated-answer key
+    needs it), so the shared multipart reader is given it from memory."""
+    loop = asyncio.get_running_loop()
+    stream = StreamReader(BaseProtocol(loop), limit=2**16, loop=loop)
+    stream.feed_data(body)
+    stream.feed_eof()
+    pairs: list[tuple[str, str]] = []
+    try:
+        reader = FormReader(stream, boundary_of(parse_mimetype(request.headers[CONTENT_TYPE]).parameters))
+        while (head := await reader.next_part()) is not None:
+            if head.filename is not None:
+                raise ProblemError(415, "OPP web form fields are text; file parts are not accepted")
+            name = head.name or ""
+            charset = parse_mimetype(head.content_type).parameters.get("charset") or request.charset
+            codec = text_codec(charset) if charset else "utf-8"
+            pairs.append((name, decode_param(name, await reader.read_all(), codec, opts.encoding)))
+    except MultipartError as exc:
+        raise ProblemError(400, f"the body is not well-formed multipart/form-data: {exc}") from None
+    return pairs
 
 
 @dataclass(frozen=True)
