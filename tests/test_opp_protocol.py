@@ -612,6 +612,17 @@ def test_parameters_neither_charset_can_read_or_an_unknown_charset_are_refused()
         assert err.value.kind == "unsupported-encoding"
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([None, "utf-8", "iso-8859-1", "cp1252"]))
+def test_arbitrary_form_bytes_give_a_message_or_an_opp_error(data: bytes, charset: str | None) -> None:
+    try:
+        message = parse_params(form_params(b"command=VIEW&" + data, charset, "cp1252"), OPTIONS)
+    except OppError as exc:
+        assert exc.kind in ERROR_KINDS and str(exc)
+    else:
+        assert message.reference and message.command is Command.VIEW
+
+
 @pytest.mark.parametrize("value", ["A\ufffeB", "A\uffffB", "A\ud800B"])
 def test_characters_xml_cannot_carry_are_refused_in_any_field(value: str) -> None:
     with pytest.raises(OppError, match=f"lastName contains U\\+{ord(value[1]):04X}") as err:
