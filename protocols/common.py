@@ -245,6 +245,7 @@ _DOTNET_RUNS = {
 # Characters with a meaning in .NET formats that this translation does not support (quoted literals,
 # escapes, single-specifier "%d"): refused rather than read as literal text.
 _DOTNET_UNSUPPORTED = "'\"\\%"
+_DOTNET_TOKEN = re.compile(r"([A-Za-z])\1*|.", re.DOTALL)  # a run of one letter, or one other character
 
 
 def dotnet_to_strptime(fmt: str) -> str:
@@ -256,7 +257,7 @@ def dotnet_to_strptime(fmt: str) -> str:
     .NET's invariant culture ("/" stays "/").
     """
     out: list[str] = []
-    for match in re.finditer(r"([A-Za-z])\1*|.", fmt, re.DOTALL):
+    for match in _DOTNET_TOKEN.finditer(fmt):
         run = match.group(0)
         if run[0].isalpha():
             directive = _DOTNET_RUNS.get(run)
@@ -311,6 +312,61 @@ def parse_date(value: str, formats: Iterable[str]) -> dt.date | None:
     if re.fullmatch(r"0*1[./-]0*1[./-]0*1", text):  # 1/1/0001, which strptime cannot read
         return None
     raise DateFormatError(f"date {text!r} does not match {', '.join(formats)}")
+
+
+# Digits each numeric .NET specifier takes when a value is read exactly: a doubled letter ("MM", "dd",
+# "HH") and "yyyy"/"yy" a fixed count, a single letter ("M", "d", "H") one or two.
+_DOTNET_WIDTHS = {run: (len(run), len(run)) if len(run) > 1 else (1, 2) for run in _DOTNET_RUNS}
+
+
+def parse_dotnet_date(value: str, fmt: str) -> dt.date | None:
+    """The date in `value`, read exactly as the .NET custom format `fmt` writes it; None for "no date".
+
+    strptime is lenient about widths ("%Y%m%d" reads "1985111" as 1985-11-01), which guesses a date the
+    PMS never wrote. Here a doubled or four-letter field takes exactly that many digits, a single-letter
+    field one or two, separators must be there as written, and a value whose digits can be split into
+    the fields in more than one way ("1985111" for "yyyyMd": January 11 or November 1) is refused rather
+    than read either way. The "no date" values are those of `parse_date`. DateFormatError otherwise.
+    """
+    dotnet_to_strptime(fmt)  # refuses what the format may not contain (names, escapes, no day)
+    text = value.strip()
+    if not text or not text.strip("0-./ "):
+        return None
+    tokens = [match.group(0) for match in _DOTNET_TOKEN.finditer(fmt)]
+    readings = _readings(text, tokens)
+    if len(readings) != 1:
+        reason = "does not match" if not readings else "can be read in more than one way as"
+        raise DateFormatError(f"date {text!r} {reason} {fmt!r}")
+    fields = readings[0]
+    year = fields.get("y", "")
+    if len(year) == 2:  # "yy", as strptime's %y: 69-99 are 1969-1999, 00-68 are 2000-2068
+        year = ("19" if int(year) >= 69 else "20") + year
+    try:
+        parsed = dt.date(int(year), int(fields["M"]), int(fields["d"]))
+    except ValueError:
+        raise DateFormatError(f"date {text!r} in {fmt!r} is not a date of the calendar") from None
+    return parsed if parsed.year >= EARLIEST_BIRTH_YEAR else None
+
+
+def _readings(text: str, tokens: list[str]) -> list[dict[str, str]]:
+    """Every way `text` splits into the format's `tokens` (numeric fields by letter; at most two kept,
+    which is enough to tell one from several)."""
+    if not tokens:
+        return [{}] if not text else []
+    token, rest = tokens[0], tokens[1:]
+    if not token[0].isalpha():
+        return _readings(text[len(token) :], rest) if text.startswith(token) else []
+    low, high = _DOTNET_WIDTHS[token]
+    found: list[dict[str, str]] = []
+    for width in range(low, min(high, len(text)) + 1):
+        digits = text[:width]
+        if not (digits.isascii() and digits.isdigit()):
+            break
+        for reading in _readings(text[width:], rest):
+            found.append({**reading, token[0]: digits})
+            if len(found) > 1:
+                return found
+    return found
 
 
 # Short date formats of the workstation locales the US/Canadian bridges write (Dexis info file, Patterson).

@@ -15,17 +15,19 @@ when XML is parsed or written: the config layer imports this module for the flag
 
 from __future__ import annotations
 
+import codecs
 import enum
 import json
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 from bridge.model import Action, Demographics, Origin, Outcome, PatientRequest, Sex
-from protocols.common import DateFormatError, decode, dotnet_to_strptime, parse_date
+from protocols.common import DateFormatError, decode, dotnet_to_strptime, parse_dotnet_date
 
 if TYPE_CHECKING:
     from lxml import etree
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 MAX_XML_BYTES = 64 * 1024  # an OPP message is a few hundred bytes; anything near this is not one
 MAX_FIELD_CHARS = 200  # as the REST API's limit on names
 DEFAULT_VERSION = "1.3"  # what the command line and OPP web parameters speak when they name none
-ISO_DATE = "%Y-%m-%d"
+ISO_DATE = "yyyy-MM-dd"  # .NET notation, as the -d flag's
 
 # Versions 1.0 to 1.3, optionally with a revision ("1.3.4"); anything else is refused.
 _SUPPORTED_VERSION = re.compile(r"1\.[0-3](?:\.\d{1,3})?")
@@ -41,6 +43,11 @@ _XML_DECLARATION = re.compile(r"\A\s*<\?xml[^>]*\?>")
 _DECLARED_ENCODING = re.compile(rb"\A\s*<\?xml[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._:-]{1,40})[\"']")
 _DTD = re.compile(r"<!DOCTYPE|<!ENTITY", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What XML 1.0 cannot carry besides the C0 controls (which text fields turn into spaces): refused in any
+# field, so nothing an answer cannot hold is stored.
+_NOT_XML = re.compile("[\ud800-\udfff\ufffe\uffff]")
+# Everything XML 1.0 cannot carry: replaced in an answer, since other protocols may have stored it.
+_UNWRITABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 class Command(enum.StrEnum):
@@ -169,6 +176,11 @@ def from_fields(
     fields: Mapping[str, str], options: OppOptions, *, version: str = DEFAULT_VERSION, data_elements: int = 0
 ) -> OppMessage:
     """Validate fields named as in FIELDS into a message; OppError names the first bad field."""
+    for name, value in fields.items():
+        if found := _NOT_XML.search(value):
+            raise OppError(
+                f"{name} contains U+{ord(found.group()):04X}, a character XML cannot carry", "invalid-field"
+            )
     version = fields.get("version", "").strip() or version
     check_version(version)
     raw_command = fields.get("command", "").strip()
@@ -227,24 +239,23 @@ def _silent(value: str) -> bool:
 
 
 def _birth_date(value: str, dotnet_format: str) -> date | None:
-    """ISO (yyyy-MM-dd) unless the PMS passes a .NET format; a two-digit year is refused, not guessed."""
-    fmt = ISO_DATE
-    if dotnet_format.strip():
-        try:
-            fmt = dotnet_to_strptime(dotnet_format.strip())
-        except DateFormatError as exc:
-            raise OppError(str(exc), "invalid-date-format") from None
-        if "%Y" not in fmt:
-            raise OppError(
-                f"date format {dotnet_format!r} has a two-digit year, which cannot tell 1925 from 2025;"
-                " use yyyy",
-                "invalid-date-format",
-            )
+    """ISO (yyyy-MM-dd) unless the PMS passes a .NET format, read exactly as that format writes dates
+    (`parse_dotnet_date`: "1985111" is not read as a yyyyMMdd date); a two-digit year is refused, not
+    guessed."""
+    fmt = dotnet_format.strip() or ISO_DATE
     try:
-        return parse_date(value, (fmt,))
+        directives = dotnet_to_strptime(fmt)
+    except DateFormatError as exc:
+        raise OppError(str(exc), "invalid-date-format") from None
+    if "%Y" not in directives:
+        raise OppError(
+            f"date format {fmt!r} has a two-digit year, which cannot tell 1925 from 2025; use yyyy",
+            "invalid-date-format",
+        )
+    try:
+        return parse_dotnet_date(value, fmt)
     except DateFormatError:
-        shown = dotnet_format.strip() or "yyyy-MM-dd"
-        raise OppError(f"birthdate {value.strip()!r} does not match {shown}", "invalid-date") from None
+        raise OppError(f"birthdate {value.strip()!r} does not match {fmt}", "invalid-date") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,19 +300,77 @@ def parse_args(args: Sequence[str], options: OppOptions) -> OppMessage:
 # OPP web parameters
 
 
-def parse_params(params: Mapping[str, str], options: OppOptions) -> OppMessage:
-    """Query or form parameters named as in FIELDS (names compared case-insensitively; others ignored)."""
+def parse_params(params: Iterable[tuple[str, str]], options: OppOptions) -> OppMessage:
+    """Query or form parameters named as in FIELDS (names compared case-insensitively; others ignored).
+
+    A parameter given twice is refused, as a flag given twice is: `reference=D1&reference=D2` names two
+    patients, and taking either one files images under a patient the PMS may not have meant.
+    """
     by_lower = {name.lower(): name for name in FIELDS}
     fields: dict[str, str] = {}
-    for key, value in params.items():
+    for key, value in params:
         name = by_lower.get(key.lower())
-        if name is not None and name not in fields:
-            fields[name] = value
+        if name is None:
+            continue
+        if name in fields:
+            raise OppError(f"parameter {name} is given twice", "invalid-field")
+        fields[name] = value
     return from_fields(fields, options)
+
+
+def form_params(data: bytes, charset: str | None, fallback: str) -> list[tuple[str, str]]:
+    """The (name, value) pairs of a query string or an application/x-www-form-urlencoded body, as sent
+    (`+` a space, %XX a byte), each value decoded by `decode_param`. Names are compared with the ASCII
+    field names only, so they are read byte for byte (latin-1)."""
+    codec = text_codec(charset) if charset else "utf-8"
+    pairs: list[tuple[str, str]] = []
+    for piece in data.split(b"&"):
+        if not piece:
+            continue
+        raw_name, _, raw_value = piece.partition(b"=")
+        name = unquote_to_bytes(raw_name.replace(b"+", b" ")).decode("latin-1")
+        pairs.append(
+            (name, decode_param(name, unquote_to_bytes(raw_value.replace(b"+", b" ")), codec, fallback))
+        )
+    return pairs
+
+
+def decode_param(name: str, data: bytes, codec: str, fallback: str) -> str:
+    """A parameter's bytes as text: in `codec` (the request's charset, UTF-8 when it names none), else in
+    the `fallback` code page (`[opp] encoding`, as for XML: a PMS percent-encoding Latin-1 means
+    "Müller", never "M\ufffdller"); OppError naming the parameter when neither reads them."""
+    for candidate in dict.fromkeys((codec, fallback)):
+        try:
+            return data.decode(candidate)
+        except UnicodeError:
+            continue
+    raise OppError(
+        f"parameter {name} is neither {codec} nor {fallback} text (the [opp] encoding)", "invalid-field"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # XML
+
+
+# Codecs Python has that are no text encoding a PMS writes XML in: escape codecs would read `\u0030` in
+# a name as "0", punycode/idna are for host names, UTF-7 can yield lone surrogates, "undefined" always fails.
+_NOT_TEXT_CODECS = frozenset(
+    {"undefined", "unicode-escape", "raw-unicode-escape", "punycode", "idna", "utf-7"}
+)
+
+
+def text_codec(name: str) -> str:
+    """The codec for an encoding a message names (XML declaration, charset parameter), as Python names
+    it; OppError (`unsupported-encoding`) for a name that is no text encoding, whatever Python knows
+    (base64, rot13, unicode_escape, punycode ...: a codec lookup alone would honour those)."""
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        raise OppError(f"unknown encoding {name!r}", "unsupported-encoding") from None
+    if not info._is_text_encoding or info.name in _NOT_TEXT_CODECS:
+        raise OppError(f"{name!r} is not a text encoding OPP accepts", "unsupported-encoding")
+    return info.name
 
 
 def xml_text(data: bytes, fallback: str) -> str:
@@ -309,17 +378,24 @@ def xml_text(data: bytes, fallback: str) -> str:
 
     A BOM (UTF-8, UTF-16) decides; else the declared encoding; else UTF-8. Bytes that are not valid in
     that encoding are read with the `fallback` code page: PMSs that declare UTF-8 and write cp1252 are
-    common, and a readable umlaut beats a refused patient.
+    common, and a readable umlaut beats a refused patient. Bytes without a BOM and without a NUL byte
+    are not UTF-16 (or UTF-32) whatever they declare: .NET's StringWriter declares utf-16 on text that
+    is then written as UTF-8, so such a declaration is read as UTF-8.
     """
     if data[:3] == b"\xef\xbb\xbf" or data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4]:
         return decode(data, fallback).text
     declared = _DECLARED_ENCODING.match(data)
-    codec = declared.group(1).decode("ascii") if declared else "utf-8"
+    codec = "utf-8"
+    if declared:
+        try:
+            codec = text_codec(declared.group(1).decode("ascii"))
+        except OppError as exc:
+            raise OppError(f"{exc} in the XML declaration", "not-xml") from None
+    if codec.startswith(("utf-16", "utf-32")) and b"\x00" not in data:
+        codec = "utf-8"
     try:
         return data.decode(codec)
-    except LookupError:
-        raise OppError(f"unknown encoding {codec!r} in the XML declaration", "not-xml") from None
-    except UnicodeDecodeError:
+    except UnicodeError:
         return data.decode(fallback, errors="replace")
 
 
@@ -384,7 +460,8 @@ def parse_xml(data: bytes, options: OppOptions) -> OppMessage:
     for name in ("command", "patient"):
         if name not in found:
             raise OppError(f"the <opp> element has no <{name}> element", "invalid-message")
-        if len(found[name]) > 1:
+    for name in ("command", "patient", "software"):  # the software name is part of the patient key
+        if len(found.get(name, ())) > 1:
             raise OppError(f"the <opp> element has {len(found[name])} <{name}> elements, not one")
     command, patient = found["command"][0], found["patient"][0]
     software = found.get("software", [None])[0]
@@ -434,12 +511,28 @@ def answer_data(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[i
 
 
 def render_json(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[int, str]) -> bytes:
-    return json.dumps(answer_data(outcome, message, thumbnail_urls), ensure_ascii=False).encode("utf-8")
+    """The JSON answer, UTF-8; a lone surrogate (which UTF-8 cannot hold) becomes "?" rather than fail."""
+    text = json.dumps(answer_data(outcome, message, thumbnail_urls), ensure_ascii=False)
+    return text.encode("utf-8", errors="replace")
+
+
+def _writable(text: str) -> str:
+    """`text` as XML 1.0 can carry it: what it cannot becomes U+FFFD. OPP refuses such characters on the
+    way in, but a patient stored through another protocol may hold them, and one stored name must not
+    make every answer about that patient fail."""
+    return _UNWRITABLE.sub("\ufffd", text)
+
+
+def _element(parent: etree._Element, tag: str, **attributes: str) -> etree._Element:
+    from lxml import etree
+
+    return etree.SubElement(parent, tag, {name: _writable(value) for name, value in attributes.items()})
 
 
 def render_xml(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[int, str]) -> bytes:
     """`<oppResult version command status patientId><message/><patient/><images><image/>...</oppResult>`,
-    UTF-8, written by lxml so names with apostrophes, ampersands and umlauts are escaped correctly."""
+    UTF-8, written by lxml so names with apostrophes, ampersands and umlauts are escaped correctly;
+    characters XML cannot carry become U+FFFD (`_writable`)."""
     from lxml import etree
 
     root = etree.Element(
@@ -451,9 +544,9 @@ def render_xml(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[in
     patient = outcome.patient
     if patient is not None:
         root.set("patientId", str(patient.id))
-    etree.SubElement(root, "message").text = outcome.message
+    _element(root, "message").text = _writable(outcome.message)
     if patient is not None:
-        etree.SubElement(
+        _element(
             root,
             "patient",
             id=str(patient.id),
@@ -467,9 +560,9 @@ def render_xml(outcome: Outcome, message: OppMessage, thumbnail_urls: Mapping[in
             gender=_GENDER_WORDS[patient.sex],
         )
     if message.command is Command.VIEW_DATA:
-        images = etree.SubElement(root, "images", count=str(len(outcome.images)))
+        images = _element(root, "images", count=str(len(outcome.images)))
         for image in outcome.images:
-            etree.SubElement(
+            _element(
                 images,
                 "image",
                 id=str(image.id),

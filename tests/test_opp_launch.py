@@ -86,6 +86,27 @@ def test_a_bad_message_is_exit_2_and_the_daemon_keeps_serving(daemon: DaemonProc
     assert run_opp(daemon.config, "-p", "1", "-l", "Danach").returncode == 0
 
 
+def test_declared_encodings_a_pms_cannot_mean_are_exit_2_and_a_mislabelled_utf16_is_utf8(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    request = tmp_path / "opp.xml"
+    for encoding, reference in (("undefined", "E1"), ("punycode", "E2"), ("utf-7", "+2AA-")):
+        text = XML.format(command="UPDATE_CREATE", reference=reference)
+        request.write_bytes(text.replace('encoding="UTF-8"', f'encoding="{encoding}"').encode())
+        done = run_opp(daemon.config, str(request))
+        assert (done.returncode, done.stderr.strip()) == (
+            2,
+            f"OPP: '{encoding}' is not a text encoding OPP accepts in the XML declaration",
+        )
+    text = XML.format(command="UPDATE_CREATE", reference="SW1").replace(
+        'encoding="UTF-8"', 'encoding="utf-16"'
+    )
+    for reference, tail in (("SW1", ""), ("SW2", " ")):  # an even and an odd byte count
+        request.write_bytes((text.replace("SW1", reference) + tail).encode("utf-8"))
+        assert run_opp(daemon.config, str(request)).returncode == 0
+        assert [p["first_name"] for p in patients(daemon, "Praxis-PMS", reference)] == ["Jürgen"]
+
+
 def test_an_unreachable_daemon_is_exit_3_with_a_reason(tmp_path: Path) -> None:
     config = tmp_path / "pms-bridge.ini"
     config.write_text(f"[api]\nport = {free_port()}\ntoken = t\n", encoding="utf-8")

@@ -26,6 +26,7 @@ from protocols.opp import (
     Command,
     OppError,
     OppOptions,
+    form_params,
     parse_args,
     parse_flag_map,
     parse_params,
@@ -319,8 +320,36 @@ def test_the_fallback_code_page_is_configurable() -> None:
 
 
 def test_an_unknown_declared_encoding_is_refused() -> None:
-    with pytest.raises(OppError, match="unknown encoding 'klingon-8'"):
+    with pytest.raises(OppError, match="unknown encoding 'klingon-8' in the XML declaration"):
         parse_xml(opp_xml(decl='<?xml version="1.0" encoding="klingon-8"?>').encode(), OPTIONS)
+
+
+@pytest.mark.parametrize("extra", ["", " "])  # an even and an odd byte count
+def test_a_utf8_document_declaring_utf16_without_a_bom_is_read_as_utf8(extra: str) -> None:
+    """.NET's StringWriter declares utf-16 on text that is then written as UTF-8."""
+    text = opp_xml(decl='<?xml version="1.0" encoding="utf-16"?>', patient='reference="1" lastName="Müller"')
+    data = (text + extra).encode("utf-8")
+    assert parse_xml(data, OPTIONS).demographics.last_name == "Müller"
+
+
+@pytest.mark.parametrize(
+    ("encoding", "patient"),
+    [
+        ("undefined", 'reference="E1"'),
+        ("punycode", 'reference="E2"'),
+        ("utf-7", 'reference="E3" lastName="+2AA-"'),  # a lone surrogate
+        ("unicode_escape", 'reference="E4\\u0030"'),  # was read as reference "E40"
+        ("raw_unicode_escape", 'reference="E5"'),
+        ("idna", 'reference="E6"'),
+        ("rot13", 'reference="E7"'),
+        ("base64", 'reference="E8"'),
+    ],
+)
+def test_encodings_that_are_no_text_encoding_are_refused(encoding: str, patient: str) -> None:
+    data = opp_xml(decl=f'<?xml version="1.0" encoding="{encoding}"?>', patient=patient).encode()
+    with pytest.raises(OppError, match=f"'{encoding}' is not a text encoding OPP accepts") as err:
+        parse_xml(data, OPTIONS)
+    assert err.value.kind == "not-xml"
 
 
 @settings(max_examples=300, deadline=None)
@@ -454,6 +483,31 @@ def test_date_formats_are_never_guessed(fmt: str, value: str, match: str) -> Non
         parse_args(["-p", "1", "-d", fmt, "-b", value], OPTIONS)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "value", "match"),
+    [
+        ("yyyyMMdd", "1985111", "birthdate '1985111' does not match yyyyMMdd"),  # strptime: 1985-11-01
+        ("yyyyMd", "1985111", "does not match yyyyMd"),  # January 11 or November 1
+        ("dMyyyy", "1111985", "does not match dMyyyy"),  # strptime: January 11
+        ("dd.MM.yyyy", "1.7.1985", "does not match dd.MM.yyyy"),
+        ("d.M.yyyy", "014.7.1985", "does not match d.M.yyyy"),
+        ("yyyy-MM-dd", "85-07-14", "does not match yyyy-MM-dd"),
+        ("dd.MM.yyyy", "14.07.1985x", "does not match dd.MM.yyyy"),
+    ],
+)
+def test_a_date_is_read_only_when_it_has_the_format_s_exact_widths(fmt: str, value: str, match: str) -> None:
+    with pytest.raises(OppError, match=match) as err:
+        parse_args(["-p", "1", "-d", fmt, "-b", value], OPTIONS)
+    assert err.value.kind == "invalid-date"
+
+
+def test_single_letter_fields_without_separators_are_read_when_only_one_split_fits() -> None:
+    message = parse_args(["-p", "1", "-d", "yyyyMd", "-b", "19851231"], OPTIONS)
+    assert message.demographics.birth_date == date(1985, 12, 31)
+    with pytest.raises(OppError, match="birthdate '1985-7-14' does not match yyyy-MM-dd"):
+        parse_args(["-p", "1", "-b", "1985-7-14"], OPTIONS)  # ISO: two-digit month and day
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.text(max_size=12), max_size=8))
 def test_arbitrary_argument_lists_give_a_message_or_an_opp_error(args: list[str]) -> None:
@@ -483,7 +537,13 @@ def test_flag_maps_are_validated() -> None:
 
 def test_parameter_names_are_compared_case_insensitively_and_unknown_ones_ignored() -> None:
     message = parse_params(
-        {"COMMAND": "view", "Reference": "0042", "firstname": "Eva", "_": "1700000000", "software": "Web"},
+        {
+            "COMMAND": "view",
+            "Reference": "0042",
+            "firstname": "Eva",
+            "_": "1700000000",
+            "software": "Web",
+        }.items(),
         OPTIONS,
     )
     assert (message.command, message.reference, message.demographics.first_name, message.software) == (
@@ -496,9 +556,80 @@ def test_parameter_names_are_compared_case_insensitively_and_unknown_ones_ignore
 
 def test_parameters_take_a_dotnet_date_format_and_a_version() -> None:
     params = {"command": "VIEW", "reference": "1", "birthdate": "24.12.1979", "dateFormat": "dd.MM.yyyy"}
-    assert parse_params(params, OPTIONS).demographics.birth_date == date(1979, 12, 24)
+    assert parse_params(params.items(), OPTIONS).demographics.birth_date == date(1979, 12, 24)
     with pytest.raises(OppError, match=r"version '9\.9'"):
-        parse_params({**params, "version": "9.9"}, OPTIONS)
+        parse_params({**params, "version": "9.9"}.items(), OPTIONS)
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("command", "VIEW"), ("reference", "D1"), ("reference", "D2")],
+        [("command", "VIEW"), ("reference", "D1"), ("Reference", "D1")],  # names compare case-insensitively
+    ],
+)
+def test_a_parameter_given_twice_is_refused(pairs: list[tuple[str, str]]) -> None:
+    with pytest.raises(OppError, match="parameter reference is given twice") as err:
+        parse_params(pairs, OPTIONS)
+    assert err.value.kind == "invalid-field"
+    assert parse_params([*pairs[:2], ("_", "1"), ("_", "2")], OPTIONS).reference == "D1"  # others: ignored
+
+
+def test_two_software_elements_are_refused_as_two_patients_are() -> None:
+    data = opp_xml(extra='<software name="Other" version="1"/>').encode()
+    with pytest.raises(OppError, match="has 2 <software> elements, not one"):
+        parse_xml(data, OPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("query", "charset", "fallback", "last_name"),
+    [
+        (b"lastName=M%C3%BCller", None, "cp1252", "Müller"),
+        (b"lastName=M%FCller", None, "cp1252", "Müller"),  # Latin-1 percent-encoding: the [opp] encoding
+        (b"lastName=M%81ller", None, "cp850", "Müller"),
+        (b"lastName=M\xfcller", None, "cp1252", "Müller"),  # a raw byte in a form body
+        (b"lastName=Z%FC1", "iso-8859-1", "cp1252", "Zü1"),
+        (b"lastName=%C5%BBak", "utf-8", "cp1252", "Żak"),
+        (b"lastName=O%27Brien+%26+S%C3%B6hne", None, "cp1252", "O'Brien & Söhne"),
+    ],
+)
+def test_parameter_values_are_read_in_the_charset_then_the_opp_encoding(
+    query: bytes, charset: str | None, fallback: str, last_name: str
+) -> None:
+    pairs = form_params(b"command=VIEW&reference=1&" + query, charset, fallback)
+    assert parse_params(pairs, OPTIONS).demographics.last_name == last_name
+
+
+def test_parameters_neither_charset_can_read_or_an_unknown_charset_are_refused() -> None:
+    with pytest.raises(OppError, match="parameter lastName is neither utf-8 nor cp1252 text") as err:
+        form_params(b"reference=1&lastName=M%81ller", None, "cp1252")  # 0x81: no cp1252 character
+    assert err.value.kind == "invalid-field"
+    with pytest.raises(OppError, match="parameter lastName is neither utf-8 nor utf-8 text"):
+        form_params(b"reference=1&lastName=M%FCller", None, "utf-8")
+    for charset in ("foo", "unicode_escape"):
+        with pytest.raises(OppError) as err:
+            form_params(b"reference=1", charset, "cp1252")
+        assert err.value.kind == "unsupported-encoding"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([None, "utf-8", "iso-8859-1", "cp1252"]))
+def test_arbitrary_form_bytes_give_a_message_or_an_opp_error(data: bytes, charset: str | None) -> None:
+    try:
+        message = parse_params(form_params(b"command=VIEW&" + data, charset, "cp1252"), OPTIONS)
+    except OppError as exc:
+        assert exc.kind in ERROR_KINDS and str(exc)
+    else:
+        assert message.reference and message.command is Command.VIEW
+
+
+@pytest.mark.parametrize("value", ["A\ufffeB", "A\uffffB", "A\ud800B"])
+def test_characters_xml_cannot_carry_are_refused_in_any_field(value: str) -> None:
+    with pytest.raises(OppError, match=f"lastName contains U\\+{ord(value[1]):04X}") as err:
+        parse_params([("command", "VIEW"), ("reference", "1"), ("lastName", value)], OPTIONS)
+    assert err.value.kind == "invalid-field"
+    with pytest.raises(OppError, match="reference contains"):
+        parse_args(["-p", value], OPTIONS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -562,6 +693,24 @@ def test_the_xml_answer_escapes_names_and_links_thumbnails() -> None:
         "36 37",
         "http://h/opp/thumbnails/5.jpg?exp=1&sig=x",
     )
+
+
+def test_a_stored_value_xml_cannot_carry_never_makes_the_answer_fail() -> None:
+    """Another protocol may have stored such a name: the answer carries U+FFFD in its place."""
+    message = parse_xml(opp_xml(command="VIEW").encode(), OPTIONS)
+    stored = replace(PATIENT, last_name="A\ufffeB\x01C", first_name="\uffffD", pms_id="7\x0b")
+    outcome = Outcome(Status.OK, "patient 7\x0b opened", patient=stored)
+    root = etree.fromstring(render_xml(outcome, message, {}))
+    patient = root.find("patient")
+    assert patient is not None
+    assert (patient.get("lastName"), patient.get("firstName"), patient.get("reference")) == (
+        "A\ufffdB\ufffdC",
+        "\ufffdD",
+        "7\ufffd",
+    )
+    assert root.findtext("message") == "patient 7\ufffd opened"
+    lone = replace(PATIENT, last_name="A\ud800B")
+    assert b'"A?B"' in render_json(Outcome(Status.OK, "ok", patient=lone), message, {})
 
 
 def test_the_json_answer_has_status_patient_id_and_only_view_data_lists_images() -> None:

@@ -146,6 +146,25 @@ def test_hostile_bodies_are_400_problems_change_nothing_and_the_daemon_keeps_ser
     assert ok[0] == 200
 
 
+def test_names_xml_cannot_carry_are_refused_and_never_break_an_answer(daemon: DaemonProcess) -> None:
+    """lxml refuses U+FFFE: the patient was created, then every XML answer about it was a 500."""
+    reply = call(daemon, "GET", "/opp?command=VIEW&reference=FFFE1&software=WebPMS&lastName=A%EF%BF%BEB")
+    assert reply[0] == 400
+    assert (problem(reply)["detail"], problem(reply)["type"]) == (
+        "lastName contains U+FFFE, a character XML cannot carry",
+        "urn:pms-bridge:problem:invalid-field",
+    )
+    assert patients(daemon, pms_system="WebPMS") == []
+    # Another way in (the REST API here) may store such a name: the answer replaces what XML cannot hold.
+    body = {"pms_system": "WebPMS", "pms_id": "FFFE2", "last_name": "A\ufffeB", "first_name": "\uffffC"}
+    status, _ = daemon.request("POST", "/api/v1/patients", json.dumps(body).encode())
+    assert status == 201
+    for command in ("VIEW", "VIEW_DATA"):
+        answer = call(daemon, "GET", f"/opp?command={command}&reference=FFFE2&software=WebPMS")
+        assert answer[0] == 200, answer
+        assert 'lastName="A\ufffdB"'.encode() in answer[2] and 'firstName="\ufffdC"'.encode() in answer[2]
+
+
 # --------------------------------------------------------------------------------------------------
 # VIEW_DATA and thumbnails
 

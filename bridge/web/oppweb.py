@@ -25,6 +25,7 @@ Answers to repeated identical requests are given again from memory while the sto
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -35,7 +36,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import StreamReader, web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.hdrs import CONTENT_TYPE
+from aiohttp.helpers import parse_mimetype
 
 from bridge.config import Settings
 from bridge.handlers.opp import PROTOCOL, execute, options
@@ -45,23 +49,28 @@ from bridge.web.answers import Kept, RepeatedAnswers
 from bridge.web.api import RENDER_VIEW_MAX_AGE, STATUS_HTTP, origin_of, rendered_image
 from bridge.web.keys import LISTENER_TLS, MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY, make_request_context
+from bridge.web.multipart import FormReader, MultipartError, boundary_of
 from bridge.web.problems import ProblemError
 from protocols.opp import (
     Command,
     OppError,
     OppMessage,
     OppOptions,
+    decode_param,
+    form_params,
     parse_params,
     parse_xml,
     render_json,
     render_xml,
+    text_codec,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OPP_PATH = "/opp"
 THUMBNAIL_PATH = "/opp/thumbnails/{id:\\d{1,18}}.jpg"
-FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+FORM_TYPE = "application/x-www-form-urlencoded"
+MULTIPART_TYPE = "multipart/form-data"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 XML_TYPE = "application/xml"
 JSON_TYPE = "application/json"
@@ -257,32 +266,57 @@ routes = web.RouteTableDef()
 
 
 def _looks_like_xml(body: bytes) -> bool:
-    """An XML document (UTF-8 with or without BOM, or UTF-16), not form fields (names cannot hold '<')."""
+    """An XML document (UTF-8 with or without BOM, or UTF-16 with or without BOM), not form fields (names
+    cannot hold '<')."""
     head = body[:64].lstrip(b" \t\r\n\xef\xbb\xbf")
-    return head.startswith(b"<") or head[:2] in (b"\xff\xfe", b"\xfe\xff")
+    return head.startswith((b"<", b"\x00<")) or head[:2] in (b"\xff\xfe", b"\xfe\xff")
 
 
-async def read_message(request: web.Request, opts: OppOptions) -> OppMessage:
-    """The OPP message of a request: XML body, form fields, or query parameters."""
+async def read_message(request: web.Request, body: bytes, opts: OppOptions) -> OppMessage:
+    """The OPP message of a request with this `body` (already read): XML body, form fields, or query
+    parameters. A POST without a body takes the query, as a GET does (jQuery's `$.post(url)` sends a
+    form Content-Type and nothing else)."""
     try:
         if request.method == "POST":
-            body = await request.read()
             if _looks_like_xml(body):  # whatever the Content-Type says (curl -d sends XML as a "form")
                 return parse_xml(body, opts)
-            if request.content_type in FORM_TYPES:
-                form = await request.post()
-                if any(not isinstance(value, str) for value in form.values()):
-                    raise ProblemError(415, "OPP web form fields are text; file parts are not accepted")
-                return parse_params({k: str(v) for k, v in form.items()}, opts)
             if request.content_type == JSON_TYPE:
                 raise ProblemError(
                     415, "send the OPP XML document, form fields or query parameters, not JSON"
                 )
             if body.strip():
+                if request.content_type == FORM_TYPE:
+                    return parse_params(form_params(body, request.charset, opts.encoding), opts)
+                if request.content_type == MULTIPART_TYPE:
+                    return parse_params(await _multipart_params(request, body, opts), opts)
                 return parse_xml(body, opts)
-        return parse_params(request.query, opts)
+        query = request.raw_path.partition("?")[2].encode("utf-8", "surrogateescape")
+        return parse_params(form_params(query, None, opts.encoding), opts)
     except OppError as exc:
         raise ProblemError(413 if exc.kind == "too-large" else 400, str(exc), kind=exc.kind) from None
+
+
+async def _multipart_params(request: web.Request, body: bytes, opts: OppOptions) -> list[tuple[str, str]]:
+    """The text fields of a multipart/form-data `body`, each decoded by its part's charset (else the
+    request's, else UTF-8) and then `[opp] encoding`. The body was read already (the repeated-answer key
+    needs it), so the shared multipart reader is given it from memory."""
+    loop = asyncio.get_running_loop()
+    stream = StreamReader(BaseProtocol(loop), limit=2**16, loop=loop)
+    stream.feed_data(body)
+    stream.feed_eof()
+    pairs: list[tuple[str, str]] = []
+    try:
+        reader = FormReader(stream, boundary_of(parse_mimetype(request.headers[CONTENT_TYPE]).parameters))
+        while (head := await reader.next_part()) is not None:
+            if head.filename is not None:
+                raise ProblemError(415, "OPP web form fields are text; file parts are not accepted")
+            name = head.name or ""
+            charset = parse_mimetype(head.content_type).parameters.get("charset") or request.charset
+            codec = text_codec(charset) if charset else "utf-8"
+            pairs.append((name, decode_param(name, await reader.read_all(), codec, opts.encoding)))
+    except MultipartError as exc:
+        raise ProblemError(400, f"the body is not well-formed multipart/form-data: {exc}") from None
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -294,7 +328,7 @@ class _Answer:
     outcome: Outcome | None = None
 
 
-@routes.get(OPP_PATH)
+@routes.get(OPP_PATH, allow_head=False)  # a HEAD would run the command: 405, as PUT and DELETE
 @routes.post(OPP_PATH)
 async def opp_request(request: web.Request) -> web.Response:
     """One OPP command; the answer in XML or JSON. Record mode keeps the exchange as a replayable step."""
@@ -322,15 +356,24 @@ async def _answer(request: web.Request) -> _Answer:
         if media is None:
             raise ProblemError(406, f"OPP web answers in {XML_TYPE} or {JSON_TYPE}", kind="not-acceptable")
         body = await request.read()
-        # Everything the answer depends on (the settings aside): how the message came, and where to.
-        key = (request.method, request.content_type, request.query_string, body, media, base_url(request))
+        # Everything the answer depends on (the settings aside): how the message came, and where to. The
+        # query as sent (yarl's query_string is partly decoded: %2526 and %26 would meet) and the whole
+        # Content-Type (its charset decides what a form body's bytes mean).
+        key = (
+            request.method,
+            request.headers.get(CONTENT_TYPE, ""),
+            request.raw_path,
+            body,
+            media,
+            base_url(request),
+        )
         kept, generation = state.answers.get(key)
         if kept is not None:
             patient_request = kept.message.request(origin_of(request, PROTOCOL))
             rt.service.repeat(patient_request, kept.outcome)
             response = web.Response(body=kept.body, content_type=kept.content_type, charset="utf-8")
             return _Answer(response, patient_request, kept.outcome)
-        message = await read_message(request, state.options)
+        message = await read_message(request, body, state.options)
     except ProblemError as exc:
         return _Answer(exc.response(request.path))
     patient_request = message.request(origin_of(request, PROTOCOL))
