@@ -287,6 +287,12 @@ def dotnet_date_formats(fmt: str, separators: str = "/.-") -> tuple[str, ...]:
     return tuple(dict.fromkeys(base.replace("/", sep) for sep in separators))
 
 
+# Two numeric fields with no separator between them ("%Y%m%d"): strptime's flexible widths would read
+# "710315" as the year 7103 and "1971111" as November 1 (or was it January 11?), so such a value is read
+# only when it is exactly what the format writes (every field at its full, zero-padded width).
+_ADJACENT_FIELDS = re.compile(r"%[YymdHMS]%[YymdHMS]")
+
+
 @functools.lru_cache(maxsize=4096)
 def _strptime_date(text: str, fmt: str) -> dt.date:
     """strptime, remembered: a PMS sends the same few birth dates again and again, and strptime costs
@@ -308,6 +314,8 @@ def parse_date(value: str, formats: Iterable[str]) -> dt.date | None:
             parsed = _strptime_date(text, fmt)
         except ValueError:
             continue
+        if _ADJACENT_FIELDS.search(fmt) and parsed.strftime(fmt) != text:
+            continue  # fields without separators must have their full widths: see _ADJACENT_FIELDS
         return parsed if parsed.year >= EARLIEST_BIRTH_YEAR else None
     if re.fullmatch(r"0*1[./-]0*1[./-]0*1", text):  # 1/1/0001, which strptime cannot read
         return None

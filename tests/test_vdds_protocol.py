@@ -211,6 +211,10 @@ def test_german_keys_and_practice_number() -> None:
         ("[PATIENT]\nPATID=1\nLASTNAME=X", "incomplete"),
         ("[PATIENT]\nPATID=1\nBIRTHDAY=31.02.1970\nREADY=0", "bad_date"),
         ("[PATIENT]\nPATID=1\nBIRTHDAY=1970/01/01\nREADY=0", "bad_date"),
+        # short digits, which strptime's flexible widths read as 7103-01-05, 1971-11-01 and 1971-01-02
+        ("[PATIENT]\nPATID=1\nBIRTHDAY=710315\nREADY=0", "bad_date"),
+        ("[PATIENT]\nPATID=1\nBIRTHDAY=1971111\nREADY=0", "bad_date"),
+        ("[PATIENT]\nPATID=1\nBIRTHDAY=197112\nREADY=0", "bad_date"),
         (f"[PATIENT]\nPATID={'1' * 101}\nREADY=0", "too_long"),
         (f"[PATIENT]\nPATID=1\nLASTNAME={'x' * 121}\nREADY=0", "too_long"),
         ("[FOO]\nREADY=0", "unknown_request"),
