@@ -68,19 +68,29 @@ def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
-def named_file(args: list[str]) -> str:
-    """The file a launch names, or "": only the first argument, which is the file position of every
-    protocol's file form (`vdds FILE`, `opp FILE`, `dexis @FILE`, `eaglesoft FILE`, `cliniview PATH`).
+def named_file(protocol: str, args: list[str]) -> tuple[str, int]:
+    """The file a launch names and how many arguments name it, or ("", 0): the first argument, which is
+    the file position of every protocol's file form (`vdds FILE`, `opp FILE`, `dexis @FILE`, `eaglesoft
+    FILE`, `cliniview PATH`).
 
     A leading '@' marks an info file, as Dexis does. An argument starting with '-' is a flag (`opp -p
-    4711 ...`, `cliniview -ID;FIRST;...`), and nothing after the first argument is a file: flag values
-    and SET fields are data even when a file of that name happens to be in the working directory.
-    Anything that exists there is returned (a directory too: `run` refuses what is not a regular file).
+    4711 ...`, `cliniview -ID;FIRST;...`), and nothing after the file is a file: flag values and SET
+    fields are data even when a file of that name happens to be in the working directory. PMSs start the
+    command unquoted, so a path with spaces arrives as several arguments: when the first is no file, the
+    first two, three ... joined with single spaces are tried. A VDDS MMOVIEW id (ASCII digits, `vdds 17`)
+    is never a file, even if the working directory holds one of that name. Anything that exists is
+    returned (a directory too: `run` refuses what is not a regular file).
     """
     if not args or args[0].startswith("-"):
-        return ""
-    candidate = args[0][1:] if args[0].startswith("@") else args[0]
-    return candidate if candidate and os.path.lexists(candidate) else ""
+        return "", 0
+    if protocol == "vdds" and len(args) == 1 and args[0].isascii() and args[0].isdigit():
+        return "", 0
+    for count in range(1, len(args) + 1):
+        joined = " ".join(args[:count])
+        candidate = joined[1:] if joined.startswith("@") else joined
+        if candidate and os.path.lexists(candidate):
+            return candidate, count
+    return "", 0
 
 
 def printable(text: str) -> str:
@@ -250,7 +260,9 @@ def _fail(
 def run(protocol: str, argv: list[str]) -> int:
     """Forward one PMS launch to the daemon and apply its answer; returns the process exit code."""
     config, args = split_config(argv)
-    path = named_file(args)
+    path, count = named_file(protocol, args)
+    if count > 1:
+        args = [" ".join(args[:count]), *args[count:]]
     content = b""
     if path:  # opened by its real bytes (a str with surrogate escapes on POSIX); only its display is escaped
         shown = printable(path)
@@ -263,13 +275,16 @@ def run(protocol: str, argv: list[str]) -> int:
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             return _fail(protocol, "", b"", f"cannot read {shown}: {reason}", EXIT_INVALID)
-        if len(content) > MAX_FILE_BYTES:
-            return _fail(protocol, path, b"", f"{shown} is larger than {MAX_FILE_BYTES} bytes", EXIT_INVALID)
     try:
         raw = read_raw(find_config_path(config))
         host, port, token, tls, cafile = api_endpoint(raw)
     except ConfigFileError as exc:
-        return _fail(protocol, path, content, str(exc), EXIT_UNREACHABLE)
+        return _fail(protocol, path, content[:MAX_FILE_BYTES], str(exc), EXIT_UNREACHABLE)
+    if len(content) > MAX_FILE_BYTES:
+        # Answered from what was read (its encoding and request section, the [vdds] language): the
+        # rest of so large an exchange file is not kept.
+        message = f"{printable(path)} is larger than {MAX_FILE_BYTES} bytes"
+        return _fail(protocol, path, content[:MAX_FILE_BYTES], message, EXIT_INVALID, raw)
     if path:  # the file's argument goes as it is shown: the daemon has its bytes already
         args = [printable(args[0]), *args[1:]]
     for arg in args:

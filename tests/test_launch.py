@@ -125,9 +125,13 @@ async def test_only_the_file_position_is_read_as_a_file(
     # the echo answer goes into the named file: had either been taken for the message, it would hold it
     assert (tmp_path / "4711").read_bytes() == b"private"
     assert (tmp_path / "Roe").read_bytes() == b"private too"
-    assert launch.named_file(["-p", "4711", "Roe"]) == ""
-    assert launch.named_file(["SET", "4711", "Roe"]) == ""
-    assert launch.named_file(["@4711"]) == "4711"
+    assert launch.named_file("opp", ["-p", "4711", "Roe"]) == ("", 0)
+    assert launch.named_file("dexis", ["SET", "4711", "Roe"]) == ("", 0)
+    assert launch.named_file("dexis", ["@4711"]) == ("4711", 1)
+    assert launch.named_file("vdds", ["4711"]) == ("", 0)  # an MMOVIEW id, not the file of that name
+    (tmp_path / "sp ace").mkdir()
+    (tmp_path / "sp ace" / "MME505F.tmp").write_bytes(b"[PATID]")
+    assert launch.named_file("vdds", ["sp", "ace/MME505F.tmp"]) == ("sp ace/MME505F.tmp", 2)
 
 
 def run_launch(

@@ -62,11 +62,12 @@ def png(width: int = 64, height: int = 48) -> bytes:
     return out.getvalue()
 
 
-def run_module(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_module(config: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """`pms-bridge vdds ARGS` as a PVS starts it."""
     env = {**os.environ, "PMS_BRIDGE_CONFIG": str(config)}
     return subprocess.run(
         [*pms_bridge_command(), "vdds", *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -404,6 +405,41 @@ def test_mmoview_through_the_module(daemon: DaemonProcess) -> None:
     assert missing.returncode == 1 and "Bild 424242 nicht gefunden" in missing.stderr
     gone = run_module(daemon.config, "C:\\TEMP\\gone.tmp")
     assert gone.returncode == 1
+
+
+def test_the_module_finds_an_unquoted_path_with_spaces(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """PVSs start the module unquoted: a temp folder with a space arrives as two arguments."""
+    folder = tmp_path / "Dokumente und Einstellungen"
+    folder.mkdir()
+    request = folder / "MME505F.tmp"
+    request.write_bytes(stage1("0902"))
+    result = run_module(daemon.config, *str(request).split(" "))
+    assert result.returncode == 0, result.stderr
+    answer = keys(request.read_bytes(), "PATIENT")
+    assert (answer["ERRORLEVEL"], answer["READY"]) == ("0", "1")
+
+
+def test_an_mmoview_id_is_not_a_file_of_that_name(daemon: DaemonProcess, tmp_path: Path) -> None:
+    (tmp_path / "424242").write_bytes(b"some unrelated data\n")
+    viewed = run_module(daemon.config, "424242", cwd=tmp_path)
+    assert viewed.returncode == 1 and "Bild 424242 nicht gefunden" in viewed.stderr
+    assert (tmp_path / "424242").read_bytes() == b"some unrelated data\n"
+
+
+def test_an_oversized_exchange_file_is_answered_in_its_own_encoding_and_section(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    request = tmp_path / "MME505F.tmp"
+    text = "[PATID]\r\nPVS=Z1\r\nPATID=002509\r\nREADY=0\r\nERRORLEVEL=0\r\nERRORTEXT=\r\n"
+    padding = (";" + "x" * 98 + "\r\n") * 22_000  # 4.4 MB of comment lines in UTF-16
+    request.write_bytes(b"\xff\xfe" + (text + padding).encode("utf-16-le"))
+    result = run_module(daemon.config, str(request))
+    assert result.returncode == 2 and "is larger than" in result.stderr
+    data = request.read_bytes()
+    assert data.startswith(b"\xff\xfe")  # still UTF-16 with its BOM
+    answer = dict(parse_ini(decode(data, "cp1252").text)["PATID"].items())
+    assert (answer["PATID"], answer["ERRORLEVEL"], answer["READY"]) == ("002509", "1", "1")
+    assert "größer" in answer["ERRORTEXT"] or "larger" in answer["ERRORTEXT"]
 
 
 # --------------------------------------------------------------------------------------------------
