@@ -229,6 +229,8 @@ def patient_request(
     omits it; the practice id is the `practice_key` value (PRXNR), empty when absent.
     """
     section = exchange.request
+    if exchange.kind is Kind.AMBIGUOUS:
+        raise VddsError("ambiguous", sections=", ".join(f"[{name}]" for name in exchange.targets))
     if section is None or exchange.kind in (Kind.UNKNOWN, Kind.MMOINFIMPORT):
         raise VddsError("unknown_request")
     if options.require_ready and "READY" not in section:

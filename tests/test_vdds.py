@@ -318,6 +318,99 @@ async def test_a_file_still_being_written_is_answered_once_it_is_complete(
         rt.close()
 
 
+# A reused exchange file (WritePrivateProfileString leaves old sections): the answered one is history
+
+REUSED_STAGE2 = (
+    b"[PATIENT]\r\nPVS=Z1\r\nPATID=N1\r\nLASTNAME=x\r\nERRORLEVEL=0\r\nERRORTEXT=\r\nREADY=1\r\n\r\n"
+    b"[PATID]\r\nPVS=Z1\r\nPATID=002509\r\nREADY=0\r\nERRORLEVEL=0\r\nERRORTEXT=\r\n"
+)
+OLD_EXPORT = b"[MMOIDS]\r\nPVS=Z1\r\nCOUNT=1\r\nMMOID1=1\r\nERRORLEVEL=0\r\nERRORTEXT=\r\nREADY=1\r\n\r\n"
+
+
+def patients(daemon: DaemonProcess, pms_id: str) -> list[dict[str, Any]]:
+    status, body = daemon.request("GET", f"/api/v1/patients?pms_id={pms_id}")
+    assert status == 200, body
+    items: list[dict[str, Any]] = json.loads(body)["items"]
+    return items
+
+
+def test_a_reused_file_serves_its_new_request_not_the_answered_one(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    request = tmp_path / "MME505F.tmp"
+    request.write_bytes(REUSED_STAGE2)
+    result = run_module(daemon.config, str(request))
+    assert result.returncode == 0, result.stderr
+    assert "MMOINFEXPORT" in result.stdout and "N1" not in result.stdout
+    answer = request.read_bytes()
+    assert answer.startswith(REUSED_STAGE2.split(b"[PATID]")[0])  # the answered section keeps its bytes
+    assert keys(answer, "PATID") == {
+        "PVS": "Z1",
+        "PATID": "002509",
+        "ERRORLEVEL": "0",
+        "ERRORTEXT": "",
+        "READY": "1",
+    }
+    assert keys(answer, "MMOS") == {"COUNT": "0"}  # 002509 is not known: no images
+    assert patients(daemon, "N1") == []  # the previous patient was not served (and so not created)
+
+    request.write_bytes(OLD_EXPORT + stage1("SP2", pvs="Z1"))
+    result = run_module(daemon.config, str(request))
+    assert result.returncode == 0, result.stderr
+    answer = request.read_bytes()
+    assert answer.startswith(OLD_EXPORT)
+    assert "MMOPATH" not in parse_ini(decode(answer).text)  # the old export was not run again
+    assert (keys(answer, "PATIENT")["READY"], keys(answer, "PATIENT")["ERRORLEVEL"]) == ("1", "0")
+    [created] = patients(daemon, "SP2")
+    assert (created["pms_system"], created["last_name"]) == ("Z1", "Müller")
+
+
+def test_a_file_with_two_unanswered_requests_is_refused_in_both(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    request = tmp_path / "NNTBA0E.tmp"
+    two = stage1("A1") + b"\r\n" + request_file("PATID", "PVS=TESTPVS\r\nPATID=B2\r\n")
+    request.write_bytes(two)
+    result = run_module(daemon.config, str(request))
+    assert result.returncode == 1
+    answer = request.read_bytes()
+    for section in ("PATIENT", "PATID"):
+        found = keys(answer, section)
+        assert (found["READY"], found["ERRORLEVEL"]) == ("1", "1")
+        assert found["ERRORTEXT"].startswith("Die Übergabedatei enthält mehrere unbeantwortete Anfragen")
+    assert keys(answer, "PATIENT")["LASTNAME"] == "Müller" and keys(answer, "PATID")["PATID"] == "B2"
+    assert patients(daemon, "A1") == [] and patients(daemon, "B2") == []
+
+    # Now every section is answered: calling the module again serves nothing and changes nothing.
+    again = run_module(daemon.config, str(request))
+    assert again.returncode == 1 and "already answered" in again.stderr
+    assert request.read_bytes() == answer
+
+
+async def test_a_reused_file_in_the_watched_folder_is_answered_in_its_new_section(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    folder = tmp_path / "share"
+    folder.mkdir()
+    settings_ = make_settings(vdds={"exchange_dir": str(folder)})
+    rt = Runtime.build(settings_)
+    try:
+        watcher = FolderWatcher(rt, "vdds", folder, folder_handler(rt), classify=classifier(settings_.vdds))
+        request = folder / "MME505F.tmp"
+        request.write_bytes(OLD_EXPORT + stage1("SP3", pvs="Z1"))
+        assert await watcher.scan()
+        answer = request.read_bytes()
+        assert answer.startswith(OLD_EXPORT)
+        assert (keys(answer, "PATIENT")["READY"], keys(answer, "PATIENT")["ERRORLEVEL"]) == ("1", "0")
+        [patient] = await rt.service.search_patients(Origin("test"), pms_id="SP3")
+        assert (patient.pms_system, patient.last_name) == ("Z1", "Müller")
+        await watcher.scan()
+        await watcher.scan()
+        assert request.read_bytes() == answer  # answered now: left alone
+    finally:
+        rt.close()
+
+
 def test_the_daemon_answers_files_dropped_on_the_share(daemon_factory: Any, tmp_path: Path) -> None:
     share = tmp_path / "share"
     daemon = daemon_factory(vdds={"exchange_dir": str(share), "poll_seconds": 0.2})

@@ -276,6 +276,83 @@ def test_view_request() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# A reused exchange file: answered sections are history
+
+REUSED_PATID = (
+    "[PATIENT]\nPVS=Z1\nPATID=N1\nLASTNAME=x\nERRORLEVEL=0\nERRORTEXT=\nREADY=1\n\n"
+    "[PATID]\nPVS=Z1\nPATID=002509\nREADY=0\nERRORLEVEL=0\nERRORTEXT=\n"
+)
+REUSED_MMOIDS = (
+    "[MMOIDS]\nPVS=Z1\nCOUNT=1\nMMOID1=5\nERRORLEVEL=0\nERRORTEXT=\nREADY=1\n[MMOPATH]\nMMOID1=C:\\x\\5.jpg\n"
+    "[PATIENT]\nPVS=Z1\nPATID=SP2\nLASTNAME=Neu\nREADY=0\nERRORLEVEL=0\nERRORTEXT=\n"
+)
+TWO_OPEN = (
+    "[PATIENT]\nPVS=Z1\nPATID=A1\nLASTNAME=x\nREADY=0\nERRORLEVEL=0\nERRORTEXT=\n"
+    "[PATID]\nPVS=Z1\nPATID=B2\nREADY=0\nERRORLEVEL=0\nERROR-TEXT=\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "targets", "state"),
+    [
+        (REUSED_PATID, vdds_exchange.Kind.MMOINFEXPORT, ("PATID",), vdds_exchange.FolderState.COMPLETE),
+        (REUSED_MMOIDS, vdds_exchange.Kind.PATDATIMPORT, ("PATIENT",), vdds_exchange.FolderState.COMPLETE),
+        (
+            REUSED_PATID.replace("READY=0", "READY=1"),
+            vdds_exchange.Kind.PATDATIMPORT,  # all answered: the first by priority, left alone
+            ("PATIENT",),
+            vdds_exchange.FolderState.ANSWERED,
+        ),
+        (TWO_OPEN, vdds_exchange.Kind.AMBIGUOUS, ("PATIENT", "PATID"), vdds_exchange.FolderState.INCOMPLETE),
+        (  # READY absent counts as unanswered too
+            "[MMOIDS]\nCOUNT=1\nMMOID1=5\n[PATID]\nPATID=1\nREADY=0\nERRORLEVEL=0\nERRORTEXT=",
+            vdds_exchange.Kind.AMBIGUOUS,
+            ("MMOIDS", "PATID"),
+            vdds_exchange.FolderState.INCOMPLETE,
+        ),
+    ],
+)
+def test_the_request_is_the_unanswered_section(
+    text: str, kind: vdds_exchange.Kind, targets: tuple[str, ...], state: vdds_exchange.FolderState
+) -> None:
+    found = exchange(text)
+    assert (found.kind, found.targets, found.main) == (kind, targets, targets[0])
+    data = text.strip("\n").replace("\n", "\r\n").encode("cp1252") + b"\r\n"
+    assert vdds_exchange.folder_state(data) is state
+
+
+def test_the_answer_goes_into_the_served_section_and_history_keeps_its_bytes() -> None:
+    found = exchange(REUSED_PATID)
+    assert vdds.patient_request(found, ORIGIN, vdds.Options()).pms_id == "002509"
+    data = vdds_exchange.answer(found, 0, "", vdds.info_sections([], vdds.Options(), {}))
+    history = "[PATIENT]\r\nPVS=Z1\r\nPATID=N1\r\nLASTNAME=x\r\nERRORLEVEL=0\r\nERRORTEXT=\r\nREADY=1\r\n\r\n"
+    assert data.startswith(history.encode("cp1252"))
+    got = answered(data)
+    assert got["PATID"] == {"PVS": "Z1", "PATID": "002509", "ERRORLEVEL": "0", "ERRORTEXT": "", "READY": "1"}
+    assert got["MMOS"] == {"COUNT": "0"}
+    assert vdds_exchange.read_exchange(data).answered
+
+    request = vdds.patient_request(exchange(REUSED_MMOIDS), ORIGIN, vdds.Options())
+    assert (request.action, request.pms_id) == (Action.OPEN, "SP2")
+
+
+def test_several_unanswered_requests_are_refused_in_each_of_them() -> None:
+    found = exchange(TWO_OPEN)
+    with pytest.raises(vdds.VddsError) as refused:
+        vdds.patient_request(found, ORIGIN, vdds.Options())
+    text = refused.value.text("de")
+    assert text.startswith("Die Übergabedatei enthält mehrere unbeantwortete Anfragen ([PATIENT], [PATID])")
+    got = answered(vdds_exchange.answer(found, 1, text))
+    handshake = {
+        "ERRORLEVEL": "1",
+        "ERRORTEXT": text,
+        "ERROR-TEXT": text,
+        "READY": "1",
+    }  # both spellings in use
+    assert got["PATIENT"] == {"PVS": "Z1", "PATID": "A1", "LASTNAME": "x", **handshake}
+    assert got["PATID"] == {"PVS": "Z1", "PATID": "B2", **handshake}
+
+
 # Answers
 
 

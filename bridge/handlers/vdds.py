@@ -70,6 +70,8 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
     if not launch.content and not launch.filename:
         return await _view(rt, launch, opts)
     exchange = vdds_exchange.read_exchange(launch.content, vdds_exchange.codepage(settings.encoding))
+    if exchange.answered:
+        return _already_answered(exchange)
     trace = _Trace()
     try:
         if not settings.enabled:
@@ -92,6 +94,19 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
         )
     content = vdds_exchange.answer(exchange, level, text, sections)
     return LaunchReply(level, text or summary, content, request=trace.request, outcome=trace.outcome)
+
+
+def _already_answered(exchange: vdds_exchange.Exchange) -> LaunchReply:
+    """A file whose every request section has READY=1: nothing is served and the file stays as it is.
+
+    Serving its request again would repeat an old request (the previous patient, an old export) in a
+    file the PVS reuses; rewriting the answer would overwrite the one the PVS may be reading (a PVS that
+    calls the module again while waiting). The exit code repeats the recorded ERRORLEVEL.
+    """
+    assert exchange.request is not None  # answered means the request section has READY=1
+    recorded = exchange.request.get("ERRORLEVEL").strip()
+    level = 0 if recorded in ("", "0") else 1
+    return LaunchReply(level, f"{exchange.kind.value}: already answered (READY=1); nothing served")
 
 
 @dataclass
