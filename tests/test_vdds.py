@@ -543,6 +543,47 @@ def test_register_dry_run_register_unregister(tmp_path: Path) -> None:
     assert ini.read_bytes() == original
 
 
+@pytest.mark.parametrize(("bom", "codec"), [(b"\xff\xfe", "utf-16-le"), (b"\xef\xbb\xbf", "utf-8")])
+def test_register_keeps_a_shared_registry_in_its_bom_and_encoding(
+    tmp_path: Path, bom: bytes, codec: str
+) -> None:
+    ini = tmp_path / "VDDS_MMI.INI"
+    others = (
+        "[BVS]\r\nNAME1=SIDEXIS\r\n\r\n"
+        "[SIDEXIS]\r\nNAME=Sidexis Röntgen\r\nMMOVIEW=C:\\SIDEXIS\\SIDEXIS.EXE\r\n"
+    )
+    original = bom + others.encode(codec)
+    ini.write_bytes(original)
+    config = write_config(tmp_path / "home", f"sqlite:///{tmp_path / 'b.db'}")
+
+    done = register(config, "register", "--ini", str(ini))
+    assert done.returncode == 0, done.stderr
+    written = ini.read_bytes()
+    assert written.startswith(bom + "[BVS]\r\nNAME1=SIDEXIS\r\nNAME2=PMSBRIDGE\r\n".encode(codec))
+    sections = parse_ini(written[len(bom) :].decode(codec))  # strict: no cp1252 line in a UTF file
+    assert sections["SIDEXIS"].get("NAME") == "Sidexis Röntgen"
+    assert sections["SIDEXIS"].get("MMOVIEW") == "C:\\SIDEXIS\\SIDEXIS.EXE"
+    assert sections["PMSBRIDGE"].get("PATDATIMPORT").endswith(f"vdds --config {config}")
+    assert "+NAME2=PMSBRIDGE" in done.stdout  # the diff is shown in the file's own text
+
+    removed = register(config, "unregister", "--ini", str(ini))
+    assert removed.returncode == 0, removed.stderr
+    assert ini.read_bytes() == original
+
+
+def test_register_refuses_a_registry_it_cannot_read_back_and_leaves_it(tmp_path: Path) -> None:
+    ini = tmp_path / "VDDS_MMI.INI"
+    broken = b"\xff\xfe" + "[BVS]\r\nNAME1=SIDEXIS\r\n".encode("utf-16-le") + b"\x00"  # odd length
+    ini.write_bytes(broken)
+    config = write_config(tmp_path / "home", f"sqlite:///{tmp_path / 'b.db'}")
+    refused = register(config, "register", "--ini", str(ini))
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "pms-bridge vdds register: the file is not valid UTF-16-LE with BOM: left untouched, edit it by hand"
+    )
+    assert ini.read_bytes() == broken
+
+
 def test_register_refuses_a_path_with_spaces(tmp_path: Path) -> None:
     config = write_config(tmp_path / "Programme und Daten", f"sqlite:///{tmp_path / 'b.db'}")
     ini = tmp_path / "VDDS_MMI.INI"

@@ -597,6 +597,42 @@ def test_register_into_an_empty_or_missing_file_and_refuse_what_cp1252_cannot_ho
     assert no_index.startswith(b"[BVS]\r\nNAME1=PMSBRIDGE\r\n\r\n[PVS]\r\nNAME1=Z1\r\n")
 
 
+MMI_OTHERS = (
+    "[BVS]\r\nNAME1=SIDEXIS\r\n\r\n[SIDEXIS]\r\nNAME=Sidexis Röntgen\r\nMMOVIEW=C:\\SIDEXIS\\VIEW.EXE\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("bom", "codec"),
+    [(b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"), (b"\xef\xbb\xbf", "utf-8"), (b"", "cp1252")],
+)
+def test_register_edits_the_file_in_its_own_encoding(bom: bytes, codec: str) -> None:
+    original = bom + MMI_OTHERS.encode(codec)
+    registered = vdds.register(original, ENTRY)
+    assert registered.startswith(bom + "[BVS]\r\nNAME1=SIDEXIS\r\nNAME2=PMSBRIDGE\r\n".encode(codec))
+    text = registered[len(bom) :].decode(codec)  # strict: one encoding throughout
+    assert text.startswith("[BVS]") and "\ufeff" not in text
+    sections = parse_ini(text)
+    assert sections["SIDEXIS"].get("NAME") == "Sidexis Röntgen"
+    assert sections["PMSBRIDGE"].get("MMOVIEW") == ENTRY.command
+    assert vdds.register(registered, ENTRY) == registered
+    assert vdds.unregister(registered, "PMSBRIDGE") == original
+
+
+def test_register_keeps_undefined_bytes_and_refuses_a_file_it_cannot_read_back() -> None:
+    odd = b"[BVS]\r\nNAME1=X\x81Y\r\n"  # 0x81 is not a cp1252 character, but it is another entry's byte
+    assert vdds.unregister(vdds.register(odd, ENTRY), "PMSBRIDGE") == odd
+    truncated = b"\xff\xfe" + "[BVS]\r\nNAME1=SIDEXIS\r\n".encode("utf-16-le") + b"\x00"  # odd length
+    with pytest.raises(vdds.RegistryError, match="not valid UTF-16-LE with BOM"):
+        vdds.register(truncated, ENTRY)
+    with pytest.raises(vdds.RegistryError):
+        vdds.unregister(truncated, "PMSBRIDGE")
+    with pytest.raises(vdds.RegistryError, match="cannot be written in cp1252"):
+        vdds.register(b"[BVS]\r\n", vdds.BvsEntry("P", "\u4e2d", "x", "1", "x", "1", "1"))
+    cjk = vdds.register(b"\xef\xbb\xbf[BVS]\r\n", vdds.BvsEntry("P", "\u4e2d", "x", "1", "x", "1", "1"))
+    assert parse_ini(cjk.decode("utf-8-sig"))["P"].get("NAME") == "\u4e2d"  # UTF-8 holds it
+
+
 def test_push_target() -> None:
     registry = (SAMPLES / "VDDS_MMI.INI").read_bytes()
     target = vdds.push_target(registry, "cgm_z1")
