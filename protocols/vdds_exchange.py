@@ -71,6 +71,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "incomplete": "Die Übergabedatei ist unvollständig (READY fehlt). Bitte die Anfrage wiederholen.",
         "ambiguous": "Die Übergabedatei enthält mehrere unbeantwortete Anfragen ({sections}); keine wurde "
         "ausgeführt. Bitte die Anfrage wiederholen.",
+        "too_large": "Die Übergabedatei ist zu groß ({size} Bytes, höchstens {limit}); sie wurde nicht "
+        "ausgeführt.",
         "bad_date": "Das Geburtsdatum {value!r} ist ungültig (erwartet JJJJMMTT oder TT.MM.JJJJ).",
         "too_long": "Der Wert von {key} ist zu lang (höchstens {limit} Zeichen).",
         "no_mmoids": "Die Anfrage nennt keine Bildnummern (MMOID).",
@@ -96,6 +98,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "incomplete": "The exchange file is incomplete (READY is missing). Please send the request again.",
         "ambiguous": "The exchange file holds several unanswered requests ({sections}); none was carried "
         "out. Please send the request again.",
+        "too_large": "The exchange file is too large ({size} bytes, at most {limit}); it was not carried "
+        "out.",
         "bad_date": "The birth date {value!r} is not valid (expected YYYYMMDD or DD.MM.YYYY).",
         "too_long": "The value of {key} is too long (at most {limit} characters).",
         "no_mmoids": "The request names no image numbers (MMOID).",
@@ -295,6 +299,13 @@ def answer(exchange: Exchange, errorlevel: int, errortext: str, sections: Sequen
         return data
     # The edited text did not read back (a BOM-less UTF-16 file whose first characters changed, say):
     # fall back to a file that only holds the answer, which always reads back.
+    return _bare(exchange, targets, handshake, sections)
+
+
+def _bare(
+    exchange: Exchange, targets: Sequence[str], handshake: list[tuple[str, str]], sections: Sequence[Section]
+) -> bytes:
+    """A file holding only the answer: what is written when the edited file does not read back."""
     names = [
         name if name.isascii() and name.isprintable() and "]" not in name else FALLBACK_SECTION
         for name in targets
@@ -362,6 +373,44 @@ def _edit(text: str, targets: Sequence[str], handshake: Sequence[tuple[str, str]
 def _ready_in(data: bytes, section: str, fallback: str) -> bool:
     found = parse_ini(decode(data, fallback).text).get(section.upper())
     return found is not None and found.get("READY") == "1"
+
+
+def whole_lines(head: bytes, fallback: str = "cp1252") -> bytes:
+    """The first bytes of a file cut after its last complete line, in the file's encoding.
+
+    For a file too large to read whole: the cut never splits a line, a UTF-8 sequence or a UTF-16 code
+    unit, so the bytes after it can be copied unchanged behind an edited head. Empty (or only the BOM)
+    when the head holds no line end.
+    """
+    decoded = decode(head[:4], fallback)
+    start = len(decoded.bom)
+    if decoded.encoding.startswith("utf-16"):
+        unit = b"\n\x00" if decoded.encoding == "utf-16-le" else b"\x00\n"
+        at = head.rfind(unit, start)
+        while at != -1 and (at - start) % 2:
+            at = head.rfind(unit, start, at + 1)
+        return head[: at + 2] if at != -1 else head[:start]
+    at = head.rfind(b"\n", start)
+    return head[: at + 1] if at != -1 else head[:start]
+
+
+def too_large_answer(head: bytes, size: int, limit: int, language: str, fallback: str) -> tuple[bytes, int]:
+    """The answer for a file larger than `limit`, from its first bytes `head`: (new head, n).
+
+    The file becomes the new head followed by the original bytes from offset n on, unchanged: only the
+    request section's handshake keys within the head are replaced (ERRORLEVEL=1, the ERRORTEXT in
+    `language`, READY=1), in the encoding sniffed from the head. Windows' GetPrivateProfileString reads
+    the first occurrence of a key, so a READY=0 the section may still hold beyond the head does not count.
+    """
+    cut = whole_lines(head, fallback)
+    exchange = read_exchange(cut, fallback)
+    targets = exchange.targets or (FALLBACK_SECTION,)
+    text = message(language, "too_large", size=size, limit=limit)
+    handshake = _handshake(exchange, 1, text)
+    data = exchange.decoded.encode(_edit(exchange.decoded.text, targets, handshake, set()))
+    if not all(_ready_in(data, name, fallback) for name in targets):
+        data = _bare(exchange, targets, handshake, ())
+    return data, len(cut)
 
 
 def unreachable_answer(content: bytes, detail: str, settings: Mapping[str, str]) -> bytes:

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tracemalloc
 import urllib.parse
 from itertools import count
 from pathlib import Path
@@ -28,7 +29,7 @@ from bridge.doctor import CheckFailed
 from bridge.events import AcquisitionRequested, Event, ImageViewRequested, PatientOpened
 from bridge.handlers import vdds_register
 from bridge.handlers.base import Launch
-from bridge.handlers.vdds import classifier, folder_handler, handle, remove_old_files
+from bridge.handlers.vdds import classifier, folder_handler, handle, oversized, remove_old_files
 from bridge.model import Origin
 from bridge.runtime import Runtime
 from bridge.watch import FolderWatcher
@@ -427,6 +428,111 @@ def test_the_daemon_answers_files_dropped_on_the_share(daemon_factory: Any, tmp_
     status, body = daemon.request("GET", "/readyz", token=None)
     assert status == 200
     assert json.loads(body)["checks"]["watch:vdds"]["ok"] is True
+
+
+def big_request(head: str, encoding: str, bom: bytes = b"", size: int = 6 * 1024 * 1024) -> bytes:
+    """A request section followed by a [NOTES] section that makes the file larger than the 4 MB limit."""
+    line = "NOTE{:06d}=" + "Befund " * 12 + "\r\n"
+    notes = "".join(line.format(i) for i in range(size // len(line.format(0).encode(encoding)) + 1))
+    return bom + (head + "\r\n[NOTES]\r\n" + notes + "[OTHER]\r\nA=1\r\n").encode(encoding)
+
+
+async def test_an_oversized_file_in_the_folder_is_refused_without_reading_it_whole(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    folder = tmp_path / "share"
+    folder.mkdir()
+    settings_ = make_settings(vdds={"exchange_dir": str(folder)})
+    rt = Runtime.build(settings_)
+    try:
+        watcher = FolderWatcher(
+            rt,
+            "vdds",
+            folder,
+            folder_handler(rt),
+            classify=classifier(settings_.vdds),
+            oversized=oversized(rt),
+        )
+
+        async def refuse(name: str, patid: str, size: int) -> tuple[bytes, bytes, int]:
+            """Drop a request of `size` bytes; (original, answer, peak memory of the scan answering it)."""
+            request = folder / name
+            original = big_request(stage1(patid).decode("cp1252").rstrip("\r\n"), "cp1252", size=size)
+            request.write_bytes(original)
+            assert await watcher.scan()
+            assert request.read_bytes() == original  # may still be growing
+            tracemalloc.start()
+            try:
+                assert await watcher.scan()
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            return original, request.read_bytes(), peak
+
+        original, answer, small_peak = await refuse("MME505F.tmp", "BIG1", 5 * 1024 * 1024)
+        found = keys(answer, "PATIENT")
+        assert (found["PATID"], found["LASTNAME"], found["ERRORLEVEL"], found["READY"]) == (
+            "BIG1",
+            "Müller",
+            "1",
+            "1",
+        )
+        assert found["ERRORTEXT"] == (
+            f"Die Übergabedatei ist zu groß ({len(original)} Bytes, höchstens 4194304); "
+            "sie wurde nicht ausgeführt."
+        )
+        rest = original.index(b"\r\n[NOTES]")
+        assert answer.endswith(original[rest:])  # every other section byte for byte
+        assert answer[: answer.index(b"ERRORLEVEL")] == original[: original.index(b"READY=0")]
+        assert await rt.service.search_patients(Origin("test"), pms_id="BIG1") == []
+        answered_at = (folder / "MME505F.tmp").stat().st_mtime_ns
+        await watcher.scan()
+        await watcher.scan()
+        assert (folder / "MME505F.tmp").stat().st_mtime_ns == answered_at  # answered: left alone
+
+        # Ten times the size costs no more memory: the file is refused from its first 4 MB.
+        original, answer, large_peak = await refuse("NNT0001.tmp", "BIG2", 50 * 1024 * 1024)
+        assert keys(answer, "PATIENT")["READY"] == "1" and answer.endswith(original[rest:])
+        assert large_peak < small_peak + 8 * 1024 * 1024, (small_peak, large_peak)
+        assert await rt.service.search_patients(Origin("test"), pms_id="BIG2") == []
+
+        picture = folder / "scan.jpg"  # large, but not a request: never touched
+        content = b"\xff\xd8\xff\xe0" + bytes(range(256)) * (5 * 4096)
+        picture.write_bytes(content)
+        await watcher.scan()
+        await watcher.scan()
+        assert picture.read_bytes() == content
+    finally:
+        rt.close()
+
+
+def test_the_daemon_refuses_an_oversized_file_on_the_share_in_its_encoding(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    share = tmp_path / "share"
+    daemon = daemon_factory(vdds={"exchange_dir": str(share), "poll_seconds": 0.2, "language": "en"})
+    request = share / "NNTBA0E.tmp"
+    original = big_request(
+        request_file("MMOIDS", "PVS=TESTPVS\r\nCOUNT=1\r\nMMOID1=1\r\n").decode(), "utf-16-le", b"\xff\xfe"
+    )
+    part = share / ".NNTBA0E.part"
+    part.write_bytes(original)
+    part.replace(request)
+    deadline = time.monotonic() + 30
+    while keys(request.read_bytes()[:4096], "MMOIDS").get("READY") != "1":
+        assert time.monotonic() < deadline, "no answer to the oversized file"
+        time.sleep(0.1)
+    answer = request.read_bytes()
+    assert answer.startswith(b"\xff\xfe[\x00M\x00M\x00O\x00I\x00D\x00S\x00]\x00")
+    found = keys(answer, "MMOIDS")
+    assert (found["MMOID1"], found["ERRORLEVEL"], found["READY"]) == ("1", "1", "1")
+    assert found["ERRORTEXT"].startswith(
+        f"The exchange file is too large ({len(original)} bytes, at most 4194304)"
+    )
+    rest = original.index("\r\n[NOTES]".encode("utf-16-le"))
+    assert answer.endswith(original[rest:])
+    assert "MMOPATH" not in parse_ini(decode(answer).text)  # nothing was exported
+    assert "file too large" in daemon.log()
 
 
 def test_old_exports_are_removed(tmp_path: Path) -> None:

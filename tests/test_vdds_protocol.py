@@ -353,6 +353,37 @@ def test_several_unanswered_requests_are_refused_in_each_of_them() -> None:
     assert got["PATID"] == {"PVS": "Z1", "PATID": "B2", **handshake}
 
 
+@pytest.mark.parametrize(
+    ("encoding", "bom"),
+    [
+        ("cp1252", b""),
+        ("utf-8", b"\xef\xbb\xbf"),
+        ("utf-16-le", b"\xff\xfe"),
+        ("utf-16-be", b"\xfe\xff"),
+        ("utf-16-le", b""),
+    ],
+)
+def test_an_oversized_file_is_answered_from_its_head_in_its_encoding(encoding: str, bom: bytes) -> None:
+    text = "[PATID]\r\nPATID=Ä1\r\nREADY=0\r\nERRORLEVEL=0\r\nERRORTEXT=\r\n[NOTES]\r\nN1=ü\r\nN2=ü\r\n"
+    data = bom + text.encode(encoding)
+    head = data[: data.index("N2".encode(encoding)) + 3]  # cut inside a line (and a UTF-16 code unit)
+    cut = vdds_exchange.whole_lines(head)
+    assert cut == data[: data.index("N2".encode(encoding))]
+    new_head, n = vdds_exchange.too_large_answer(head, 5_000_000, 4_194_304, "en", "cp1252")
+    assert n == len(cut) and new_head.startswith(bom)
+    whole = new_head + data[n:]
+    got = answered(whole)
+    assert got["PATID"] == {
+        "PATID": "Ä1",
+        "ERRORLEVEL": "1",
+        "ERRORTEXT": "The exchange file is too large (5000000 bytes, at most 4194304); it was not "
+        "carried out.",
+        "READY": "1",
+    }
+    assert got["NOTES"] == {"N1": "ü", "N2": "ü"}
+    assert vdds_exchange.whole_lines(bom + "[PATID] no line end".encode(encoding)) == bom
+
+
 # Answers
 
 
