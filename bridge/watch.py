@@ -7,6 +7,8 @@ VDDS file with its request section and READY=0), or its size and modification ti
 scans. Each file version is handled once: it is claimed in the store first (by name, modification time
 and content hash), so two daemons sharing a folder never both answer it, and a restart does not answer it
 twice. A share that disappears is retried with backoff; the last successful scan shows in /readyz.
+Files over MAX_FILE_BYTES are never read whole: a protocol whose PMS waits on a flag in the file refuses
+them from their first bytes (`Oversized`), others are only logged.
 """
 
 from __future__ import annotations
@@ -54,6 +56,20 @@ Classify = Callable[[bytes, bool], Verdict]  # (content, size stable since last 
 Handle = Callable[[Path, bytes], Awaitable[str]]  # handles a file; returns a short result for the record
 
 
+@dataclass(frozen=True)
+class Oversized:
+    """How a protocol answers a file larger than MAX_FILE_BYTES, which is never read whole.
+
+    Once the file's size and time are stable, `classify` sees its first MAX_FILE_BYTES bytes (HANDLE:
+    a request to refuse; anything else: leave it) and `handle` gets the path and those bytes; it streams
+    the rest itself if it rewrites the file. Without it, such a file is only logged: a PMS that polls a
+    flag in the file (VDDS READY) would wait forever, so protocols with such a flag provide one.
+    """
+
+    classify: Callable[[bytes], Verdict]
+    handle: Handle
+
+
 def handle_when_stable(_content: bytes, stable: bool) -> Verdict:
     """The default: a file is complete when its size and time did not change between two scans."""
     return Verdict.HANDLE if stable else Verdict.WAIT
@@ -78,12 +94,14 @@ class FolderWatcher:
         classify: Classify = handle_when_stable,
         accept_name: Callable[[str], bool] = lambda _name: True,
         poll_seconds: float = 1.0,
+        oversized: Oversized | None = None,
     ) -> None:
         self.rt = rt
         self.name = name
         self.folder = folder
         self.handle = handle
         self.classify = classify
+        self.oversized = oversized
         self.accept_name = accept_name
         self.poll_seconds = poll_seconds
         self._seen: dict[str, _Seen] = {}
@@ -164,10 +182,7 @@ class FolderWatcher:
     async def _consider(self, name: str, seen: _Seen, stable: bool) -> None:
         path = self.folder / name
         if seen.size > MAX_FILE_BYTES:
-            if not stable:
-                log.warning(
-                    "file too large; ignored", extra={"watcher": self.name, "file": name, "bytes": seen.size}
-                )
+            await self._consider_oversized(name, seen, stable)
             return
         try:
             content = await asyncio.to_thread(path.read_bytes)
@@ -177,12 +192,38 @@ class FolderWatcher:
         if verdict is not Verdict.HANDLE:
             return
         digest = hashlib.sha256(f"{name}\0{seen.mtime_ns}\0".encode() + content).hexdigest()
+        await self._handle_once(name, digest, self.handle, content)
+
+    async def _consider_oversized(self, name: str, seen: _Seen, stable: bool) -> None:
+        """A file over the limit: refused through `oversized` once stable, from its first bytes only."""
+        if not stable:
+            log.warning(
+                "file too large; ignored"
+                if self.oversized is None
+                else "file too large; refused once stable",
+                extra={"watcher": self.name, "file": name, "bytes": seen.size},
+            )
+            return
+        if self.oversized is None:
+            return
+        try:
+            head = await asyncio.to_thread(_read_head, self.folder / name, MAX_FILE_BYTES)
+        except OSError:
+            return
+        if self.oversized.classify(head) is not Verdict.HANDLE:
+            return
+        key = f"{name}\0{seen.mtime_ns}\0{seen.size}\0".encode()
+        await self._handle_once(name, hashlib.sha256(key + head).hexdigest(), self.oversized.handle, head)
+
+    async def _handle_once(self, name: str, digest: str, handle: Handle, content: bytes) -> None:
+        """Claim this file version, hand it to `handle` and record the result (once across daemons)."""
+        path = self.folder / name
         if digest in self._done or not await self._claim(digest, path):
             return
         self._done.add(digest)
         started = time.perf_counter()
         try:
-            result = await self.handle(path, content)
+            result = await handle(path, content)
         except Exception:
             log.exception("handling a watched file failed", extra={"watcher": self.name, "file": name})
             result = "error"
@@ -229,3 +270,8 @@ class FolderWatcher:
             session.execute(q.forget_processed_files(self.name, utcnow() - FORGET_AFTER))
 
         await self.rt.db.write(work, watched=False)
+
+
+def _read_head(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(limit)

@@ -15,6 +15,7 @@ from the reference notes, protocols.md section 1.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -229,6 +230,8 @@ def patient_request(
     omits it; the practice id is the `practice_key` value (PRXNR), empty when absent.
     """
     section = exchange.request
+    if exchange.kind is Kind.AMBIGUOUS:
+        raise VddsError("ambiguous", sections=", ".join(f"[{name}]" for name in exchange.targets))
     if section is None or exchange.kind in (Kind.UNKNOWN, Kind.MMOINFIMPORT):
         raise VddsError("unknown_request")
     if options.require_ready and "READY" not in section:
@@ -405,7 +408,8 @@ def push_reply(data: bytes, fallback: str = "cp1252") -> PushReply:
 # VDDS_MMI.INI: our [BVS] registration, edited so every other byte stays as it was
 
 PROGRAM_KEYS = ("PATDATIMPORT", "MMOINFEXPORT", "MMOVIEW", "MMOEXPORT")
-MMI_ENCODING = "cp1252"
+MMI_ENCODING = "cp1252"  # VDDS_MMI.INI without a BOM (verified on a real Z1 file [C1])
+_LINE = re.compile(r"(?<=\n)|(?<=\r)(?!\n)")  # after CRLF, LF or a lone CR: what Windows ends lines at
 
 
 class RegistryError(ValueError):
@@ -432,25 +436,70 @@ class BvsEntry:
         return pairs
 
 
-def _lines(data: bytes) -> tuple[list[bytes], bytes]:
-    """The file's lines with their endings, and the line ending new lines get (CRLF unless LF is used)."""
-    lines = data.splitlines(keepends=True)
-    newline = b"\n" if b"\n" in data and b"\r\n" not in data else b"\r\n"
+@dataclass(frozen=True)
+class MmiText:
+    """VDDS_MMI.INI as text, and how to write it back byte for byte: its BOM and its codec.
+
+    The file belongs to every PVS and BVS on the machine, and some write it as UTF-16 or UTF-8 with a
+    BOM; an edit in cp1252 would put our lines before the BOM and make every other entry unreadable.
+    The error handlers keep bytes the codec does not define (cp1252's five holes, stray UTF-8 bytes) as
+    they were, so untouched lines round-trip exactly.
+    """
+
+    text: str
+    bom: bytes
+    codec: str
+
+    @property
+    def errors(self) -> str:
+        return "surrogatepass" if self.codec.startswith("utf-16") else "surrogateescape"
+
+    def encode(self, text: str) -> bytes:
+        return self.bom + text.encode(self.codec, self.errors)
+
+
+def read_mmi(data: bytes) -> MmiText:
+    """VDDS_MMI.INI in its own encoding: a BOM (UTF-8, UTF-16LE/BE), BOM-less UTF-16, else cp1252.
+
+    Raises RegistryError when the bytes do not read back exactly (UTF-16 with an odd byte count, say):
+    such a file is refused and left untouched rather than rewritten with damage.
+    """
+    sniffed = decode(data, MMI_ENCODING)
+    codec = "utf-8" if sniffed.encoding == "utf-8-sig" else sniffed.encoding
+    body = data[len(sniffed.bom) :]
+    mmi = MmiText("", sniffed.bom, codec)
+    try:
+        text = body.decode(codec, mmi.errors)
+        exact = text.encode(codec, mmi.errors) == body
+    except UnicodeError:
+        exact = False
+    if not exact:
+        label = f"{codec.upper()}{' with BOM' if sniffed.bom else ''}"
+        raise RegistryError(f"the file is not valid {label}: left untouched, edit it by hand")
+    return MmiText(text, sniffed.bom, codec)
+
+
+def _lines(text: str) -> tuple[list[str], str]:
+    """The text's lines with their endings, and the line ending new lines get (CRLF unless LF is used)."""
+    lines = [line for line in _LINE.split(text) if line]
+    newline = "\n" if "\n" in text and "\r\n" not in text else "\r\n"
     return lines, newline
 
 
-def _classify(line: bytes) -> tuple[str, str, str]:
-    return ini_line(line.decode(MMI_ENCODING, errors="replace"))
+def _classify(line: str) -> tuple[str, str, str]:
+    return ini_line(line)
 
 
-def _encode_line(text: str, newline: bytes) -> bytes:
+def _new_line(text: str, newline: str, mmi: MmiText) -> str:
+    """A line we add, refused when the file's encoding cannot hold it (cp1252 and a CJK name, say)."""
     try:
-        return text.encode(MMI_ENCODING) + newline
+        text.encode(mmi.codec)
     except UnicodeEncodeError:
-        raise RegistryError(f"{text!r} cannot be written in {MMI_ENCODING}") from None
+        raise RegistryError(f"{text!r} cannot be written in {mmi.codec}") from None
+    return text + newline
 
 
-def _section_spans(lines: Sequence[bytes]) -> list[tuple[str, int, int]]:
+def _section_spans(lines: Sequence[str]) -> list[tuple[str, int, int]]:
     """(upper-cased name, first line, end line) of every section, in file order."""
     spans: list[tuple[str, int, int]] = []
     for i, line in enumerate(lines):
@@ -462,12 +511,12 @@ def _section_spans(lines: Sequence[bytes]) -> list[tuple[str, int, int]]:
     return spans
 
 
-def _ensure_final_newline(lines: list[bytes], newline: bytes) -> None:
-    if lines and not lines[-1].endswith((b"\n", b"\r")):
+def _ensure_final_newline(lines: list[str], newline: str) -> None:
+    if lines and not lines[-1].endswith(("\n", "\r")):
         lines[-1] += newline
 
 
-def _end_of_keys(lines: Sequence[bytes], start: int, end: int) -> int:
+def _end_of_keys(lines: Sequence[str], start: int, end: int) -> int:
     """Where a new key goes in a section: after its last non-blank line."""
     last = start
     for i in range(start + 1, end):
@@ -477,17 +526,19 @@ def _end_of_keys(lines: Sequence[bytes], start: int, end: int) -> int:
 
 
 def register(data: bytes, entry: BvsEntry) -> bytes:
-    """VDDS_MMI.INI with our entry added or updated; every other byte as it was.
+    """VDDS_MMI.INI with our entry added or updated, in the file's own encoding and BOM; every other
+    byte as it was.
 
     [BVS] gets NAMEk=<our section> with the next free k (the largest k in use plus one: the index need
     not be contiguous) unless some NAMEk already names us; our detail section is replaced in place, or
     appended at the end.
     """
-    lines, newline = _lines(data)
+    mmi = read_mmi(data)
+    lines, newline = _lines(mmi.text)
     _ensure_final_newline(lines, newline)
     ours = entry.section.upper()
-    body = [_encode_line(f"[{entry.section}]", newline)]
-    body += [_encode_line(f"{key}={value}", newline) for key, value in entry.pairs()]
+    body = [_new_line(f"[{entry.section}]", newline, mmi)]
+    body += [_new_line(f"{key}={value}", newline, mmi) for key, value in entry.pairs()]
     detail = [span for span in _section_spans(lines) if span[0] == ours]
     if detail:
         for _name, start, end in reversed(detail[1:]):  # a duplicate of our section goes
@@ -498,16 +549,16 @@ def register(data: bytes, entry: BvsEntry) -> bytes:
         if lines and lines[-1].strip():
             lines.append(newline)
         lines += body
-    return _register_index(b"".join(lines), entry.section)
+    _register_index(lines, newline, entry.section, mmi)
+    return mmi.encode("".join(lines))
 
 
-def _register_index(data: bytes, section: str) -> bytes:
-    lines, newline = _lines(data)
-    spans = _section_spans(lines)
-    index = next((span for span in spans if span[0] == "BVS"), None)
+def _register_index(lines: list[str], newline: str, section: str, mmi: MmiText) -> None:
+    """Our NAMEk in the [BVS] index (created at the top when the file has none), in place."""
+    index = next((span for span in _section_spans(lines) if span[0] == "BVS"), None)
     if index is None:
-        head = [_encode_line("[BVS]", newline), _encode_line(f"NAME1={section}", newline), newline]
-        return b"".join(head + lines)
+        lines[:0] = [_new_line("[BVS]", newline, mmi), _new_line(f"NAME1={section}", newline, mmi), newline]
+        return
     _name, start, end = index
     taken: list[int] = []
     for line in lines[start + 1 : end]:
@@ -515,16 +566,17 @@ def _register_index(data: bytes, section: str) -> bytes:
         k = numbered(key, "NAME")
         if kind == "key" and k is not None:
             if value.strip().upper() == section.upper():
-                return data
+                return
             taken.append(k)
     at = _end_of_keys(lines, start, end)
-    lines.insert(at, _encode_line(f"NAME{max(taken, default=0) + 1}={section}", newline))
-    return b"".join(lines)
+    lines.insert(at, _new_line(f"NAME{max(taken, default=0) + 1}={section}", newline, mmi))
 
 
 def unregister(data: bytes, section: str) -> bytes:
-    """VDDS_MMI.INI without our [BVS] index entry and our detail section; every other byte as it was."""
-    lines, _newline = _lines(data)
+    """VDDS_MMI.INI without our [BVS] index entry and our detail section, in the file's own encoding;
+    every other byte as it was."""
+    mmi = read_mmi(data)
+    lines, _newline = _lines(mmi.text)
     ours = section.upper()
     spans = _section_spans(lines)
     remove: set[int] = set()
@@ -539,7 +591,7 @@ def unregister(data: bytes, section: str) -> bytes:
                 kind, key, value = _classify(lines[i])
                 if kind == "key" and numbered(key, "NAME") is not None and value.strip().upper() == ours:
                     remove.add(i)
-    return b"".join(line for i, line in enumerate(lines) if i not in remove)
+    return mmi.encode("".join(line for i, line in enumerate(lines) if i not in remove))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ class Kind(enum.StrEnum):
     MMOVIEW = "MMOVIEW"  # stage 3: command line MMOID, show one object
     MMOEXPORT = "MMOEXPORT"  # stage 4: [MMOIDS], export file copies
     MMOINFIMPORT = "MMOINFIMPORT"  # stage 6: our own push into the PVS (never a request to us)
+    AMBIGUOUS = "AMBIGUOUS"  # several unanswered requests in one file: none is served
     UNKNOWN = "UNKNOWN"
 
 
@@ -38,6 +39,8 @@ class FolderState(enum.Enum):
 
 
 HANDSHAKE_KEYS = frozenset({"READY", "ERRORLEVEL", "ERRORTEXT", "ERROR-TEXT"})
+# The sections a PVS writes a request into, in the priority that picks among answered ones.
+REQUEST_SECTIONS = ("MMOIDS", "PATIENT", "PATID")
 FALLBACK_SECTION = "PATIENT"  # where the handshake goes when a file has no section at all
 ERRORTEXT_LIMIT = 250  # PVSs show it in a message box and read it into fixed buffers
 
@@ -66,6 +69,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "no_request": "Es wurde weder eine Übergabedatei noch eine Bildnummer übergeben.",
         "no_patid": "Die Patientennummer (PATID) fehlt in der Übergabedatei.",
         "incomplete": "Die Übergabedatei ist unvollständig (READY fehlt). Bitte die Anfrage wiederholen.",
+        "ambiguous": "Die Übergabedatei enthält mehrere unbeantwortete Anfragen ({sections}); keine wurde "
+        "ausgeführt. Bitte die Anfrage wiederholen.",
+        "too_large": "Die Übergabedatei ist zu groß ({size} Bytes, höchstens {limit}); sie wurde nicht "
+        "ausgeführt.",
         "bad_date": "Das Geburtsdatum {value!r} ist ungültig (erwartet JJJJMMTT oder TT.MM.JJJJ).",
         "too_long": "Der Wert von {key} ist zu lang (höchstens {limit} Zeichen).",
         "no_mmoids": "Die Anfrage nennt keine Bildnummern (MMOID).",
@@ -89,6 +96,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "no_request": "Neither an exchange file nor an image number was passed.",
         "no_patid": "The patient number (PATID) is missing from the exchange file.",
         "incomplete": "The exchange file is incomplete (READY is missing). Please send the request again.",
+        "ambiguous": "The exchange file holds several unanswered requests ({sections}); none was carried "
+        "out. Please send the request again.",
+        "too_large": "The exchange file is too large ({size} bytes, at most {limit}); it was not carried "
+        "out.",
         "bad_date": "The birth date {value!r} is not valid (expected YYYYMMDD or DD.MM.YYYY).",
         "too_long": "The value of {key} is too long (at most {limit} characters).",
         "no_mmoids": "The request names no image numbers (MMOID).",
@@ -126,19 +137,29 @@ def codepage(setting: str) -> str:
 class Exchange:
     """One exchange file as read: its text (and how to write it back), sections, kind, main section.
 
-    A plain class, not a dataclass: the dataclasses module costs the daemon-down answer 10 ms.
+    `targets` are the sections the answer's handshake goes into: the request section, or every
+    unanswered request section when the file is AMBIGUOUS (the PVS polls the one it wrote, which we
+    cannot tell). A plain class, not a dataclass: the dataclasses module costs the daemon-down answer
+    10 ms.
     """
 
-    __slots__ = ("decoded", "fallback", "kind", "main", "sections")
+    __slots__ = ("decoded", "fallback", "kind", "main", "sections", "targets")
 
     def __init__(
-        self, decoded: DecodedText, sections: dict[str, IniSection], kind: Kind, main: str, fallback: str
+        self,
+        decoded: DecodedText,
+        sections: dict[str, IniSection],
+        kind: Kind,
+        main: str,
+        fallback: str,
+        targets: tuple[str, ...] = (),
     ) -> None:
         self.decoded = decoded
         self.sections = sections
         self.kind = kind
         self.main = main  # the request section's name as written; "" when the file has no section
         self.fallback = fallback
+        self.targets = targets or ((main,) if main else ())
 
     @property
     def request(self) -> IniSection | None:
@@ -146,6 +167,7 @@ class Exchange:
 
     @property
     def answered(self) -> bool:
+        """READY=1 in the request section: the file holds no unanswered request (detect prefers those)."""
         request = self.request
         return request is not None and request.get("READY") == "1"
 
@@ -154,32 +176,59 @@ def read_exchange(data: bytes, fallback: str = "cp1252") -> Exchange:
     """Read an exchange file; never fails (unreadable bytes become U+FFFD and an UNKNOWN request)."""
     decoded = decode(data, fallback)
     sections = parse_ini(decoded.text)
-    kind, main = detect(sections)
-    return Exchange(decoded, sections, kind, main, fallback)
+    kind, main, targets = detect(sections)
+    return Exchange(decoded, sections, kind, main, fallback, targets)
 
 
-def detect(sections: Mapping[str, IniSection]) -> tuple[Kind, str]:
-    """The request a file holds, from its sections (never from its name: PVSs pass .tmp files).
+def _request_kind(key: str, section: IniSection) -> Kind:
+    """What a request section asks for: [MMOIDS] stage 4, [PATIENT] stage 1, [PATID] stage 1 with
+    demographics (a variant some PVSs write), our own push file with FROMPVS, else stage 2."""
+    if key == "MMOIDS":
+        return Kind.MMOEXPORT
+    if key == "PATIENT":
+        return Kind.PATDATIMPORT
+    if "FROMPVS" in section:
+        return Kind.MMOINFIMPORT
+    if any(k in section for keys in DEMOGRAPHIC_KEYS.values() for k in keys):
+        return Kind.PATDATIMPORT
+    return Kind.MMOINFEXPORT
 
-    [MMOIDS] is stage 4; [PATIENT] stage 1; [PATID] is stage 1 when it carries demographics (a variant
-    some PVSs write) and stage 2 otherwise, unless it carries FROMPVS, which only our own stage-6 push
-    file has. Anything else is UNKNOWN, answered in its first section that has a handshake key.
+
+def _unanswered(section: IniSection) -> bool:
+    return section.get("READY") != "1"
+
+
+def detect(sections: Mapping[str, IniSection]) -> tuple[Kind, str, tuple[str, ...]]:
+    """(kind, request section, sections the answer goes into) of a file, from its sections (never from
+    its name: PVSs pass .tmp files).
+
+    The request is the request section ([MMOIDS], [PATIENT], [PATID]) whose READY is not 1: PVSs that
+    write with WritePrivateProfileString reuse their file and leave the sections of earlier, answered
+    requests in it, and serving one of those again would show the previous patient. Several unanswered
+    request sections are AMBIGUOUS (which one the PVS wrote last cannot be told from the content), and
+    are all answered with an error rather than guessed at. When every request section is answered, the
+    first in the order [MMOIDS], [PATIENT], [PATID] is the (answered) request. [PATID] with FROMPVS is
+    our own stage-6 push file, not a request. A file without any request section is UNKNOWN, answered in
+    its first unanswered section that has a handshake key.
     """
-    if "MMOIDS" in sections:
-        return Kind.MMOEXPORT, sections["MMOIDS"].name
-    if "PATIENT" in sections:
-        return Kind.PATDATIMPORT, sections["PATIENT"].name
-    if "PATID" in sections:
-        section = sections["PATID"]
-        if "FROMPVS" in section:
-            return Kind.MMOINFIMPORT, section.name
-        if any(key in section for keys in DEMOGRAPHIC_KEYS.values() for key in keys):
-            return Kind.PATDATIMPORT, section.name
-        return Kind.MMOINFEXPORT, section.name
+    found = [
+        (_request_kind(key, sections[key]), sections[key]) for key in REQUEST_SECTIONS if key in sections
+    ]
+    requests = [(kind, section) for kind, section in found if kind is not Kind.MMOINFIMPORT]
+    if requests:
+        pending = [(kind, section) for kind, section in requests if _unanswered(section)]
+        if len(pending) > 1:
+            names = tuple(section.name for _kind, section in pending)
+            return Kind.AMBIGUOUS, names[0], names
+        kind, section = (pending or requests)[0]
+        return kind, section.name, (section.name,)
+    if found:
+        return Kind.MMOINFIMPORT, found[0][1].name, (found[0][1].name,)
     named = [section for key, section in sections.items() if key]
     with_handshake = [s for s in named if any(k in s for k in HANDSHAKE_KEYS)]
-    main = (with_handshake or named or [IniSection("")])[0].name
-    return Kind.UNKNOWN, main
+    pending_unknown = [s for s in with_handshake if _unanswered(s)]
+    main = (pending_unknown or with_handshake or named or [IniSection("")])[0].name
+    return Kind.UNKNOWN, main, ((main,) if main else ())
 
 
 def folder_state(data: bytes, fallback: str = "cp1252") -> FolderState:
@@ -187,7 +236,9 @@ def folder_state(data: bytes, fallback: str = "cp1252") -> FolderState:
 
     A request is complete when its section holds all three handshake keys (READY, ERRORLEVEL and
     ERRORTEXT, as PVSs write them after the data); a request without them is answered only once its size
-    has been stable. An unknown section counts as a request only when it has a READY key.
+    has been stable. A file with several unanswered requests is refused, but only once it has been
+    stable (a PVS may be half way through writing its new request). An unknown section counts as a
+    request only when it has a READY key. Answered sections of a reused file are history (`detect`).
     """
     exchange = read_exchange(data, fallback)
     request = exchange.request
@@ -195,6 +246,8 @@ def folder_state(data: bytes, fallback: str = "cp1252") -> FolderState:
         return FolderState.FOREIGN
     if exchange.answered:
         return FolderState.ANSWERED
+    if exchange.kind is Kind.AMBIGUOUS:
+        return FolderState.INCOMPLETE
     if exchange.kind is Kind.UNKNOWN:
         return FolderState.INCOMPLETE if "READY" in request else FolderState.FOREIGN
     has_text = "ERRORTEXT" in request or "ERROR-TEXT" in request
@@ -224,37 +277,54 @@ def _is_answer_section(name: str) -> bool:
 def answer(exchange: Exchange, errorlevel: int, errortext: str, sections: Sequence[Section] = ()) -> bytes:
     """The answered exchange file, in the encoding, BOM and line endings it arrived in.
 
-    The PVS's own lines stay as they were; only the handshake keys of the request section are replaced
-    (ERRORLEVEL, ERRORTEXT - and ERROR-TEXT when the PVS used that spelling - then READY=1 as the last
-    key) and the answer sections of an earlier answer are replaced by `sections`. The caller writes the
-    result atomically, so the PVS never sees READY=1 before the rest of the answer.
+    The PVS's own lines stay as they were; only the handshake keys of the request section (of every
+    unanswered request section when the file is AMBIGUOUS) are replaced (ERRORLEVEL, ERRORTEXT - and
+    ERROR-TEXT when the PVS used that spelling - then READY=1 as the last key) and the answer sections of
+    an earlier answer are replaced by `sections`. Answered request sections of a reused file keep their
+    bytes. The caller writes the result atomically, so the PVS never sees READY=1 before the rest of the
+    answer.
     """
-    main = exchange.main or FALLBACK_SECTION
+    targets = exchange.targets or (FALLBACK_SECTION,)
     handshake = _handshake(exchange, errorlevel, errortext)
     drop = {name.upper() for name, _pairs in sections}
     if exchange.kind in (Kind.MMOINFEXPORT, Kind.MMOEXPORT):
         drop |= {key for key in exchange.sections if key and _is_answer_section(key)}
-    drop.discard(main.upper())
-    head = _edit(exchange.decoded.text, main, handshake, drop)
+    drop -= {name.upper() for name in targets}
+    head = _edit(exchange.decoded.text, targets, handshake, drop)
     tail = render_ini((name, [(key, clean(value)) for key, value in pairs]) for name, pairs in sections)
     if tail and not head.endswith("\n\n"):
         head += "\n"
     data = exchange.decoded.encode(head + tail)
-    if _ready_in(data, main, exchange.fallback):
+    if all(_ready_in(data, name, exchange.fallback) for name in targets):
         return data
     # The edited text did not read back (a BOM-less UTF-16 file whose first characters changed, say):
     # fall back to a file that only holds the answer, which always reads back.
-    name = main if main.isascii() and main.isprintable() and "]" not in main else FALLBACK_SECTION
-    return exchange.decoded.encode(render_ini([(name, handshake), *sections]))
+    return _bare(exchange, targets, handshake, sections)
+
+
+def _bare(
+    exchange: Exchange, targets: Sequence[str], handshake: list[tuple[str, str]], sections: Sequence[Section]
+) -> bytes:
+    """A file holding only the answer: what is written when the edited file does not read back."""
+    names = [
+        name if name.isascii() and name.isprintable() and "]" not in name else FALLBACK_SECTION
+        for name in targets
+    ]
+    return exchange.decoded.encode(
+        render_ini([*((name, handshake) for name in dict.fromkeys(names)), *sections])
+    )
 
 
 def _handshake(exchange: Exchange, errorlevel: int, errortext: str) -> list[tuple[str, str]]:
+    """ERRORLEVEL, the text in the spelling(s) the answered sections use, READY=1 last."""
     text = clean(errortext)[:ERRORTEXT_LIMIT]
-    request = exchange.request
+    found = [
+        exchange.sections[name.upper()] for name in exchange.targets if name.upper() in exchange.sections
+    ]
     pairs = [("ERRORLEVEL", str(errorlevel))]
-    if request is None or "ERRORTEXT" in request or "ERROR-TEXT" not in request:
+    if not found or any("ERRORTEXT" in s or "ERROR-TEXT" not in s for s in found):
         pairs.append(("ERRORTEXT", text))
-    if request is not None and "ERROR-TEXT" in request:
+    if any("ERROR-TEXT" in s for s in found):
         pairs.append(("ERROR-TEXT", text))
     pairs.append(("READY", "1"))
     return pairs
@@ -265,12 +335,12 @@ def clean(value: str) -> str:
     return "".join(c if c.isprintable() else " " for c in one_line(value))
 
 
-def _edit(text: str, main: str, handshake: Sequence[tuple[str, str]], drop: set[str]) -> str:
-    """`text` with the main section's handshake keys replaced and the `drop` sections removed."""
-    main_upper = main.upper()
+def _edit(text: str, targets: Sequence[str], handshake: Sequence[tuple[str, str]], drop: set[str]) -> str:
+    """`text` with the handshake keys of the `targets` sections replaced and the `drop` sections removed."""
+    wanted = {name.upper() for name in targets}
     out: list[str] = []
     current = ""
-    placed = False
+    placed: set[str] = set()
 
     def place() -> None:
         trailing: list[str] = []
@@ -278,29 +348,69 @@ def _edit(text: str, main: str, handshake: Sequence[tuple[str, str]], drop: set[
             trailing.append(out.pop())
         out.extend(f"{key}={value}" for key, value in handshake)
         out.extend(trailing)
+        placed.add(current)
 
     for raw in text.splitlines():
         kind, name, _value = ini_line(raw)
         if kind == "section":
-            if current == main_upper and not placed:
+            if current in wanted and current not in placed:
                 place()
-                placed = True
             current = name.upper()
-        if current in drop or (current == main_upper and kind == "key" and name.upper() in HANDSHAKE_KEYS):
+        if current in drop or (current in wanted and kind == "key" and name.upper() in HANDSHAKE_KEYS):
             continue
         out.append(raw)
-    if current == main_upper and not placed:
+    if current in wanted and current not in placed:
         place()
-        placed = True
     body = "\n".join(out) + "\n" if out else ""
-    if not placed:
-        body += ("\n" if body and not body.endswith("\n\n") else "") + render_ini([(main, handshake)])
+    missing = [name for name in targets if name.upper() not in placed]
+    if missing:
+        body += ("\n" if body and not body.endswith("\n\n") else "") + render_ini(
+            (name, handshake) for name in missing
+        )
     return body
 
 
 def _ready_in(data: bytes, section: str, fallback: str) -> bool:
     found = parse_ini(decode(data, fallback).text).get(section.upper())
     return found is not None and found.get("READY") == "1"
+
+
+def whole_lines(head: bytes, fallback: str = "cp1252") -> bytes:
+    """The first bytes of a file cut after its last complete line, in the file's encoding.
+
+    For a file too large to read whole: the cut never splits a line, a UTF-8 sequence or a UTF-16 code
+    unit, so the bytes after it can be copied unchanged behind an edited head. Empty (or only the BOM)
+    when the head holds no line end.
+    """
+    decoded = decode(head[:4], fallback)
+    start = len(decoded.bom)
+    if decoded.encoding.startswith("utf-16"):
+        unit = b"\n\x00" if decoded.encoding == "utf-16-le" else b"\x00\n"
+        at = head.rfind(unit, start)
+        while at != -1 and (at - start) % 2:
+            at = head.rfind(unit, start, at + 1)
+        return head[: at + 2] if at != -1 else head[:start]
+    at = head.rfind(b"\n", start)
+    return head[: at + 1] if at != -1 else head[:start]
+
+
+def too_large_answer(head: bytes, size: int, limit: int, language: str, fallback: str) -> tuple[bytes, int]:
+    """The answer for a file larger than `limit`, from its first bytes `head`: (new head, n).
+
+    The file becomes the new head followed by the original bytes from offset n on, unchanged: only the
+    request section's handshake keys within the head are replaced (ERRORLEVEL=1, the ERRORTEXT in
+    `language`, READY=1), in the encoding sniffed from the head. Windows' GetPrivateProfileString reads
+    the first occurrence of a key, so a READY=0 the section may still hold beyond the head does not count.
+    """
+    cut = whole_lines(head, fallback)
+    exchange = read_exchange(cut, fallback)
+    targets = exchange.targets or (FALLBACK_SECTION,)
+    text = message(language, "too_large", size=size, limit=limit)
+    handshake = _handshake(exchange, 1, text)
+    data = exchange.decoded.encode(_edit(exchange.decoded.text, targets, handshake, set()))
+    if not all(_ready_in(data, name, fallback) for name in targets):
+        data = _bare(exchange, targets, handshake, ())
+    return data, len(cut)
 
 
 def unreachable_answer(content: bytes, detail: str, settings: Mapping[str, str]) -> bytes:

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tracemalloc
 import urllib.parse
 from itertools import count
 from pathlib import Path
@@ -28,7 +29,7 @@ from bridge.doctor import CheckFailed
 from bridge.events import AcquisitionRequested, Event, ImageViewRequested, PatientOpened
 from bridge.handlers import vdds_register
 from bridge.handlers.base import Launch
-from bridge.handlers.vdds import classifier, folder_handler, handle, remove_old_files
+from bridge.handlers.vdds import classifier, folder_handler, handle, oversized, remove_old_files
 from bridge.model import Origin
 from bridge.runtime import Runtime
 from bridge.watch import FolderWatcher
@@ -319,6 +320,99 @@ async def test_a_file_still_being_written_is_answered_once_it_is_complete(
         rt.close()
 
 
+# A reused exchange file (WritePrivateProfileString leaves old sections): the answered one is history
+
+REUSED_STAGE2 = (
+    b"[PATIENT]\r\nPVS=Z1\r\nPATID=N1\r\nLASTNAME=x\r\nERRORLEVEL=0\r\nERRORTEXT=\r\nREADY=1\r\n\r\n"
+    b"[PATID]\r\nPVS=Z1\r\nPATID=002509\r\nREADY=0\r\nERRORLEVEL=0\r\nERRORTEXT=\r\n"
+)
+OLD_EXPORT = b"[MMOIDS]\r\nPVS=Z1\r\nCOUNT=1\r\nMMOID1=1\r\nERRORLEVEL=0\r\nERRORTEXT=\r\nREADY=1\r\n\r\n"
+
+
+def patients(daemon: DaemonProcess, pms_id: str) -> list[dict[str, Any]]:
+    status, body = daemon.request("GET", f"/api/v1/patients?pms_id={pms_id}")
+    assert status == 200, body
+    items: list[dict[str, Any]] = json.loads(body)["items"]
+    return items
+
+
+def test_a_reused_file_serves_its_new_request_not_the_answered_one(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    request = tmp_path / "MME505F.tmp"
+    request.write_bytes(REUSED_STAGE2)
+    result = run_module(daemon.config, str(request))
+    assert result.returncode == 0, result.stderr
+    assert "MMOINFEXPORT" in result.stdout and "N1" not in result.stdout
+    answer = request.read_bytes()
+    assert answer.startswith(REUSED_STAGE2.split(b"[PATID]")[0])  # the answered section keeps its bytes
+    assert keys(answer, "PATID") == {
+        "PVS": "Z1",
+        "PATID": "002509",
+        "ERRORLEVEL": "0",
+        "ERRORTEXT": "",
+        "READY": "1",
+    }
+    assert keys(answer, "MMOS") == {"COUNT": "0"}  # 002509 is not known: no images
+    assert patients(daemon, "N1") == []  # the previous patient was not served (and so not created)
+
+    request.write_bytes(OLD_EXPORT + stage1("SP2", pvs="Z1"))
+    result = run_module(daemon.config, str(request))
+    assert result.returncode == 0, result.stderr
+    answer = request.read_bytes()
+    assert answer.startswith(OLD_EXPORT)
+    assert "MMOPATH" not in parse_ini(decode(answer).text)  # the old export was not run again
+    assert (keys(answer, "PATIENT")["READY"], keys(answer, "PATIENT")["ERRORLEVEL"]) == ("1", "0")
+    [created] = patients(daemon, "SP2")
+    assert (created["pms_system"], created["last_name"]) == ("Z1", "Müller")
+
+
+def test_a_file_with_two_unanswered_requests_is_refused_in_both(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    request = tmp_path / "NNTBA0E.tmp"
+    two = stage1("A1") + b"\r\n" + request_file("PATID", "PVS=TESTPVS\r\nPATID=B2\r\n")
+    request.write_bytes(two)
+    result = run_module(daemon.config, str(request))
+    assert result.returncode == 1
+    answer = request.read_bytes()
+    for section in ("PATIENT", "PATID"):
+        found = keys(answer, section)
+        assert (found["READY"], found["ERRORLEVEL"]) == ("1", "1")
+        assert found["ERRORTEXT"].startswith("Die Übergabedatei enthält mehrere unbeantwortete Anfragen")
+    assert keys(answer, "PATIENT")["LASTNAME"] == "Müller" and keys(answer, "PATID")["PATID"] == "B2"
+    assert patients(daemon, "A1") == [] and patients(daemon, "B2") == []
+
+    # Now every section is answered: calling the module again serves nothing and changes nothing.
+    again = run_module(daemon.config, str(request))
+    assert again.returncode == 1 and "already answered" in again.stderr
+    assert request.read_bytes() == answer
+
+
+async def test_a_reused_file_in_the_watched_folder_is_answered_in_its_new_section(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    folder = tmp_path / "share"
+    folder.mkdir()
+    settings_ = make_settings(vdds={"exchange_dir": str(folder)})
+    rt = Runtime.build(settings_)
+    try:
+        watcher = FolderWatcher(rt, "vdds", folder, folder_handler(rt), classify=classifier(settings_.vdds))
+        request = folder / "MME505F.tmp"
+        request.write_bytes(OLD_EXPORT + stage1("SP3", pvs="Z1"))
+        assert await watcher.scan()
+        answer = request.read_bytes()
+        assert answer.startswith(OLD_EXPORT)
+        assert (keys(answer, "PATIENT")["READY"], keys(answer, "PATIENT")["ERRORLEVEL"]) == ("1", "0")
+        [patient] = await rt.service.search_patients(Origin("test"), pms_id="SP3")
+        assert (patient.pms_system, patient.last_name) == ("Z1", "Müller")
+        await watcher.scan()
+        await watcher.scan()
+        assert request.read_bytes() == answer  # answered now: left alone
+    finally:
+        rt.close()
+
+
 def test_the_daemon_answers_files_dropped_on_the_share(daemon_factory: Any, tmp_path: Path) -> None:
     share = tmp_path / "share"
     daemon = daemon_factory(vdds={"exchange_dir": str(share), "poll_seconds": 0.2})
@@ -335,6 +429,111 @@ def test_the_daemon_answers_files_dropped_on_the_share(daemon_factory: Any, tmp_
     status, body = daemon.request("GET", "/readyz", token=None)
     assert status == 200
     assert json.loads(body)["checks"]["watch:vdds"]["ok"] is True
+
+
+def big_request(head: str, encoding: str, bom: bytes = b"", size: int = 6 * 1024 * 1024) -> bytes:
+    """A request section followed by a [NOTES] section that makes the file larger than the 4 MB limit."""
+    line = "NOTE{:06d}=" + "Befund " * 12 + "\r\n"
+    notes = "".join(line.format(i) for i in range(size // len(line.format(0).encode(encoding)) + 1))
+    return bom + (head + "\r\n[NOTES]\r\n" + notes + "[OTHER]\r\nA=1\r\n").encode(encoding)
+
+
+async def test_an_oversized_file_in_the_folder_is_refused_without_reading_it_whole(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    folder = tmp_path / "share"
+    folder.mkdir()
+    settings_ = make_settings(vdds={"exchange_dir": str(folder)})
+    rt = Runtime.build(settings_)
+    try:
+        watcher = FolderWatcher(
+            rt,
+            "vdds",
+            folder,
+            folder_handler(rt),
+            classify=classifier(settings_.vdds),
+            oversized=oversized(rt),
+        )
+
+        async def refuse(name: str, patid: str, size: int) -> tuple[bytes, bytes, int]:
+            """Drop a request of `size` bytes; (original, answer, peak memory of the scan answering it)."""
+            request = folder / name
+            original = big_request(stage1(patid).decode("cp1252").rstrip("\r\n"), "cp1252", size=size)
+            request.write_bytes(original)
+            assert await watcher.scan()
+            assert request.read_bytes() == original  # may still be growing
+            tracemalloc.start()
+            try:
+                assert await watcher.scan()
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            return original, request.read_bytes(), peak
+
+        original, answer, small_peak = await refuse("MME505F.tmp", "BIG1", 5 * 1024 * 1024)
+        found = keys(answer, "PATIENT")
+        assert (found["PATID"], found["LASTNAME"], found["ERRORLEVEL"], found["READY"]) == (
+            "BIG1",
+            "Müller",
+            "1",
+            "1",
+        )
+        assert found["ERRORTEXT"] == (
+            f"Die Übergabedatei ist zu groß ({len(original)} Bytes, höchstens 4194304); "
+            "sie wurde nicht ausgeführt."
+        )
+        rest = original.index(b"\r\n[NOTES]")
+        assert answer.endswith(original[rest:])  # every other section byte for byte
+        assert answer[: answer.index(b"ERRORLEVEL")] == original[: original.index(b"READY=0")]
+        assert await rt.service.search_patients(Origin("test"), pms_id="BIG1") == []
+        answered_at = (folder / "MME505F.tmp").stat().st_mtime_ns
+        await watcher.scan()
+        await watcher.scan()
+        assert (folder / "MME505F.tmp").stat().st_mtime_ns == answered_at  # answered: left alone
+
+        # Ten times the size costs no more memory: the file is refused from its first 4 MB.
+        original, answer, large_peak = await refuse("NNT0001.tmp", "BIG2", 50 * 1024 * 1024)
+        assert keys(answer, "PATIENT")["READY"] == "1" and answer.endswith(original[rest:])
+        assert large_peak < small_peak + 8 * 1024 * 1024, (small_peak, large_peak)
+        assert await rt.service.search_patients(Origin("test"), pms_id="BIG2") == []
+
+        picture = folder / "scan.jpg"  # large, but not a request: never touched
+        content = b"\xff\xd8\xff\xe0" + bytes(range(256)) * (5 * 4096)
+        picture.write_bytes(content)
+        await watcher.scan()
+        await watcher.scan()
+        assert picture.read_bytes() == content
+    finally:
+        rt.close()
+
+
+def test_the_daemon_refuses_an_oversized_file_on_the_share_in_its_encoding(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    share = tmp_path / "share"
+    daemon = daemon_factory(vdds={"exchange_dir": str(share), "poll_seconds": 0.2, "language": "en"})
+    request = share / "NNTBA0E.tmp"
+    original = big_request(
+        request_file("MMOIDS", "PVS=TESTPVS\r\nCOUNT=1\r\nMMOID1=1\r\n").decode(), "utf-16-le", b"\xff\xfe"
+    )
+    part = share / ".NNTBA0E.part"
+    part.write_bytes(original)
+    part.replace(request)
+    deadline = time.monotonic() + 30
+    while keys(request.read_bytes()[:4096], "MMOIDS").get("READY") != "1":
+        assert time.monotonic() < deadline, "no answer to the oversized file"
+        time.sleep(0.1)
+    answer = request.read_bytes()
+    assert answer.startswith(b"\xff\xfe[\x00M\x00M\x00O\x00I\x00D\x00S\x00]\x00")
+    found = keys(answer, "MMOIDS")
+    assert (found["MMOID1"], found["ERRORLEVEL"], found["READY"]) == ("1", "1", "1")
+    assert found["ERRORTEXT"].startswith(
+        f"The exchange file is too large ({len(original)} bytes, at most 4194304)"
+    )
+    rest = original.index("\r\n[NOTES]".encode("utf-16-le"))
+    assert answer.endswith(original[rest:])
+    assert "MMOPATH" not in parse_ini(decode(answer).text)  # nothing was exported
+    assert "file too large" in daemon.log()
 
 
 def test_old_exports_are_removed(tmp_path: Path) -> None:
@@ -484,6 +683,47 @@ def test_register_dry_run_register_unregister(tmp_path: Path) -> None:
     removed = register(config, "unregister", "--ini", str(ini))
     assert removed.returncode == 0, removed.stderr
     assert ini.read_bytes() == original
+
+
+@pytest.mark.parametrize(("bom", "codec"), [(b"\xff\xfe", "utf-16-le"), (b"\xef\xbb\xbf", "utf-8")])
+def test_register_keeps_a_shared_registry_in_its_bom_and_encoding(
+    tmp_path: Path, bom: bytes, codec: str
+) -> None:
+    ini = tmp_path / "VDDS_MMI.INI"
+    others = (
+        "[BVS]\r\nNAME1=SIDEXIS\r\n\r\n"
+        "[SIDEXIS]\r\nNAME=Sidexis Röntgen\r\nMMOVIEW=C:\\SIDEXIS\\SIDEXIS.EXE\r\n"
+    )
+    original = bom + others.encode(codec)
+    ini.write_bytes(original)
+    config = write_config(tmp_path / "home", f"sqlite:///{tmp_path / 'b.db'}")
+
+    done = register(config, "register", "--ini", str(ini))
+    assert done.returncode == 0, done.stderr
+    written = ini.read_bytes()
+    assert written.startswith(bom + "[BVS]\r\nNAME1=SIDEXIS\r\nNAME2=PMSBRIDGE\r\n".encode(codec))
+    sections = parse_ini(written[len(bom) :].decode(codec))  # strict: no cp1252 line in a UTF file
+    assert sections["SIDEXIS"].get("NAME") == "Sidexis Röntgen"
+    assert sections["SIDEXIS"].get("MMOVIEW") == "C:\\SIDEXIS\\SIDEXIS.EXE"
+    assert sections["PMSBRIDGE"].get("PATDATIMPORT").endswith(f"vdds --config {config}")
+    assert "+NAME2=PMSBRIDGE" in done.stdout  # the diff is shown in the file's own text
+
+    removed = register(config, "unregister", "--ini", str(ini))
+    assert removed.returncode == 0, removed.stderr
+    assert ini.read_bytes() == original
+
+
+def test_register_refuses_a_registry_it_cannot_read_back_and_leaves_it(tmp_path: Path) -> None:
+    ini = tmp_path / "VDDS_MMI.INI"
+    broken = b"\xff\xfe" + "[BVS]\r\nNAME1=SIDEXIS\r\n".encode("utf-16-le") + b"\x00"  # odd length
+    ini.write_bytes(broken)
+    config = write_config(tmp_path / "home", f"sqlite:///{tmp_path / 'b.db'}")
+    refused = register(config, "register", "--ini", str(ini))
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "pms-bridge vdds register: the file is not valid UTF-16-LE with BOM: left untouched, edit it by hand"
+    )
+    assert ini.read_bytes() == broken
 
 
 def test_register_refuses_a_path_with_spaces(tmp_path: Path) -> None:

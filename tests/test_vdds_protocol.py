@@ -280,6 +280,114 @@ def test_view_request() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# A reused exchange file: answered sections are history
+
+REUSED_PATID = (
+    "[PATIENT]\nPVS=Z1\nPATID=N1\nLASTNAME=x\nERRORLEVEL=0\nERRORTEXT=\nREADY=1\n\n"
+    "[PATID]\nPVS=Z1\nPATID=002509\nREADY=0\nERRORLEVEL=0\nERRORTEXT=\n"
+)
+REUSED_MMOIDS = (
+    "[MMOIDS]\nPVS=Z1\nCOUNT=1\nMMOID1=5\nERRORLEVEL=0\nERRORTEXT=\nREADY=1\n[MMOPATH]\nMMOID1=C:\\x\\5.jpg\n"
+    "[PATIENT]\nPVS=Z1\nPATID=SP2\nLASTNAME=Neu\nREADY=0\nERRORLEVEL=0\nERRORTEXT=\n"
+)
+TWO_OPEN = (
+    "[PATIENT]\nPVS=Z1\nPATID=A1\nLASTNAME=x\nREADY=0\nERRORLEVEL=0\nERRORTEXT=\n"
+    "[PATID]\nPVS=Z1\nPATID=B2\nREADY=0\nERRORLEVEL=0\nERROR-TEXT=\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "targets", "state"),
+    [
+        (REUSED_PATID, vdds_exchange.Kind.MMOINFEXPORT, ("PATID",), vdds_exchange.FolderState.COMPLETE),
+        (REUSED_MMOIDS, vdds_exchange.Kind.PATDATIMPORT, ("PATIENT",), vdds_exchange.FolderState.COMPLETE),
+        (
+            REUSED_PATID.replace("READY=0", "READY=1"),
+            vdds_exchange.Kind.PATDATIMPORT,  # all answered: the first by priority, left alone
+            ("PATIENT",),
+            vdds_exchange.FolderState.ANSWERED,
+        ),
+        (TWO_OPEN, vdds_exchange.Kind.AMBIGUOUS, ("PATIENT", "PATID"), vdds_exchange.FolderState.INCOMPLETE),
+        (  # READY absent counts as unanswered too
+            "[MMOIDS]\nCOUNT=1\nMMOID1=5\n[PATID]\nPATID=1\nREADY=0\nERRORLEVEL=0\nERRORTEXT=",
+            vdds_exchange.Kind.AMBIGUOUS,
+            ("MMOIDS", "PATID"),
+            vdds_exchange.FolderState.INCOMPLETE,
+        ),
+    ],
+)
+def test_the_request_is_the_unanswered_section(
+    text: str, kind: vdds_exchange.Kind, targets: tuple[str, ...], state: vdds_exchange.FolderState
+) -> None:
+    found = exchange(text)
+    assert (found.kind, found.targets, found.main) == (kind, targets, targets[0])
+    data = text.strip("\n").replace("\n", "\r\n").encode("cp1252") + b"\r\n"
+    assert vdds_exchange.folder_state(data) is state
+
+
+def test_the_answer_goes_into_the_served_section_and_history_keeps_its_bytes() -> None:
+    found = exchange(REUSED_PATID)
+    assert vdds.patient_request(found, ORIGIN, vdds.Options()).pms_id == "002509"
+    data = vdds_exchange.answer(found, 0, "", vdds.info_sections([], vdds.Options(), {}))
+    history = "[PATIENT]\r\nPVS=Z1\r\nPATID=N1\r\nLASTNAME=x\r\nERRORLEVEL=0\r\nERRORTEXT=\r\nREADY=1\r\n\r\n"
+    assert data.startswith(history.encode("cp1252"))
+    got = answered(data)
+    assert got["PATID"] == {"PVS": "Z1", "PATID": "002509", "ERRORLEVEL": "0", "ERRORTEXT": "", "READY": "1"}
+    assert got["MMOS"] == {"COUNT": "0"}
+    assert vdds_exchange.read_exchange(data).answered
+
+    request = vdds.patient_request(exchange(REUSED_MMOIDS), ORIGIN, vdds.Options())
+    assert (request.action, request.pms_id) == (Action.OPEN, "SP2")
+
+
+def test_several_unanswered_requests_are_refused_in_each_of_them() -> None:
+    found = exchange(TWO_OPEN)
+    with pytest.raises(vdds.VddsError) as refused:
+        vdds.patient_request(found, ORIGIN, vdds.Options())
+    text = refused.value.text("de")
+    assert text.startswith("Die Übergabedatei enthält mehrere unbeantwortete Anfragen ([PATIENT], [PATID])")
+    got = answered(vdds_exchange.answer(found, 1, text))
+    handshake = {
+        "ERRORLEVEL": "1",
+        "ERRORTEXT": text,
+        "ERROR-TEXT": text,
+        "READY": "1",
+    }  # both spellings in use
+    assert got["PATIENT"] == {"PVS": "Z1", "PATID": "A1", "LASTNAME": "x", **handshake}
+    assert got["PATID"] == {"PVS": "Z1", "PATID": "B2", **handshake}
+
+
+@pytest.mark.parametrize(
+    ("encoding", "bom"),
+    [
+        ("cp1252", b""),
+        ("utf-8", b"\xef\xbb\xbf"),
+        ("utf-16-le", b"\xff\xfe"),
+        ("utf-16-be", b"\xfe\xff"),
+        ("utf-16-le", b""),
+    ],
+)
+def test_an_oversized_file_is_answered_from_its_head_in_its_encoding(encoding: str, bom: bytes) -> None:
+    text = "[PATID]\r\nPATID=Ä1\r\nREADY=0\r\nERRORLEVEL=0\r\nERRORTEXT=\r\n[NOTES]\r\nN1=ü\r\nN2=ü\r\n"
+    data = bom + text.encode(encoding)
+    head = data[: data.index("N2".encode(encoding)) + 3]  # cut inside a line (and a UTF-16 code unit)
+    cut = vdds_exchange.whole_lines(head)
+    assert cut == data[: data.index("N2".encode(encoding))]
+    new_head, n = vdds_exchange.too_large_answer(head, 5_000_000, 4_194_304, "en", "cp1252")
+    assert n == len(cut) and new_head.startswith(bom)
+    whole = new_head + data[n:]
+    got = answered(whole)
+    assert got["PATID"] == {
+        "PATID": "Ä1",
+        "ERRORLEVEL": "1",
+        "ERRORTEXT": "The exchange file is too large (5000000 bytes, at most 4194304); it was not "
+        "carried out.",
+        "READY": "1",
+    }
+    assert got["NOTES"] == {"N1": "ü", "N2": "ü"}
+    assert vdds_exchange.whole_lines(bom + "[PATID] no line end".encode(encoding)) == bom
+
+
 # Answers
 
 
@@ -522,6 +630,42 @@ def test_register_into_an_empty_or_missing_file_and_refuse_what_cp1252_cannot_ho
         vdds.register(b"", vdds.BvsEntry("PMSBRIDGE", "Brücke \u4e2d", "x", "1", "x", "1234", "1.4"))
     no_index = vdds.register(b"[PVS]\r\nNAME1=Z1", ENTRY)
     assert no_index.startswith(b"[BVS]\r\nNAME1=PMSBRIDGE\r\n\r\n[PVS]\r\nNAME1=Z1\r\n")
+
+
+MMI_OTHERS = (
+    "[BVS]\r\nNAME1=SIDEXIS\r\n\r\n[SIDEXIS]\r\nNAME=Sidexis Röntgen\r\nMMOVIEW=C:\\SIDEXIS\\VIEW.EXE\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("bom", "codec"),
+    [(b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"), (b"\xef\xbb\xbf", "utf-8"), (b"", "cp1252")],
+)
+def test_register_edits_the_file_in_its_own_encoding(bom: bytes, codec: str) -> None:
+    original = bom + MMI_OTHERS.encode(codec)
+    registered = vdds.register(original, ENTRY)
+    assert registered.startswith(bom + "[BVS]\r\nNAME1=SIDEXIS\r\nNAME2=PMSBRIDGE\r\n".encode(codec))
+    text = registered[len(bom) :].decode(codec)  # strict: one encoding throughout
+    assert text.startswith("[BVS]") and "\ufeff" not in text
+    sections = parse_ini(text)
+    assert sections["SIDEXIS"].get("NAME") == "Sidexis Röntgen"
+    assert sections["PMSBRIDGE"].get("MMOVIEW") == ENTRY.command
+    assert vdds.register(registered, ENTRY) == registered
+    assert vdds.unregister(registered, "PMSBRIDGE") == original
+
+
+def test_register_keeps_undefined_bytes_and_refuses_a_file_it_cannot_read_back() -> None:
+    odd = b"[BVS]\r\nNAME1=X\x81Y\r\n"  # 0x81 is not a cp1252 character, but it is another entry's byte
+    assert vdds.unregister(vdds.register(odd, ENTRY), "PMSBRIDGE") == odd
+    truncated = b"\xff\xfe" + "[BVS]\r\nNAME1=SIDEXIS\r\n".encode("utf-16-le") + b"\x00"  # odd length
+    with pytest.raises(vdds.RegistryError, match="not valid UTF-16-LE with BOM"):
+        vdds.register(truncated, ENTRY)
+    with pytest.raises(vdds.RegistryError):
+        vdds.unregister(truncated, "PMSBRIDGE")
+    with pytest.raises(vdds.RegistryError, match="cannot be written in cp1252"):
+        vdds.register(b"[BVS]\r\n", vdds.BvsEntry("P", "\u4e2d", "x", "1", "x", "1", "1"))
+    cjk = vdds.register(b"\xef\xbb\xbf[BVS]\r\n", vdds.BvsEntry("P", "\u4e2d", "x", "1", "x", "1", "1"))
+    assert parse_ini(cjk.decode("utf-8-sig"))["P"].get("NAME") == "\u4e2d"  # UTF-8 holds it
 
 
 def test_push_target() -> None:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from bridge.atomic import write_atomic
 from bridge.config import VddsSettings
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.model import ImageView, Origin, Outcome, PatientRequest, Status
-from bridge.watch import Classify, FolderWatcher, Handle, Verdict
+from bridge.watch import MAX_FILE_BYTES, Classify, FolderWatcher, Handle, Oversized, Verdict
 from protocols import vdds, vdds_exchange
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
     if not launch.content and not launch.filename:
         return await _view(rt, launch, opts)
     exchange = vdds_exchange.read_exchange(launch.content, vdds_exchange.codepage(settings.encoding))
+    if exchange.answered:
+        return _already_answered(exchange)
     trace = _Trace()
     try:
         if not settings.enabled:
@@ -92,6 +95,19 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
         )
     content = vdds_exchange.answer(exchange, level, text, sections)
     return LaunchReply(level, text or summary, content, request=trace.request, outcome=trace.outcome)
+
+
+def _already_answered(exchange: vdds_exchange.Exchange) -> LaunchReply:
+    """A file whose every request section has READY=1: nothing is served and the file stays as it is.
+
+    Serving its request again would repeat an old request (the previous patient, an old export) in a
+    file the PVS reuses; rewriting the answer would overwrite the one the PVS may be reading (a PVS that
+    calls the module again while waiting). The exit code repeats the recorded ERRORLEVEL.
+    """
+    assert exchange.request is not None  # answered means the request section has READY=1
+    recorded = exchange.request.get("ERRORLEVEL").strip()
+    level = 0 if recorded in ("", "0") else 1
+    return LaunchReply(level, f"{exchange.kind.value}: already answered (READY=1); nothing served")
 
 
 @dataclass
@@ -274,6 +290,63 @@ def folder_handler(rt: Runtime) -> Handle:
     return on_file
 
 
+def oversized(rt: Runtime) -> Oversized:
+    """The watched folder's answer to an exchange file over the size limit (4 MB).
+
+    Left alone, the PVS would wait on READY forever. So a request (a request section in its first 4 MB,
+    unanswered) gets ERRORLEVEL=1, an ERRORTEXT and READY=1 in its request section, in its own encoding;
+    everything after the first 4 MB is copied unchanged, never held in memory. A large file without a
+    request (a picture someone dropped) is left alone.
+    """
+    settings = rt.settings.vdds
+    fallback = vdds_exchange.codepage(settings.encoding)
+
+    def classify(head: bytes) -> Verdict:
+        state = vdds_exchange.folder_state(vdds_exchange.whole_lines(head, fallback), fallback)
+        if state in (vdds_exchange.FolderState.COMPLETE, vdds_exchange.FolderState.INCOMPLETE):
+            return Verdict.HANDLE
+        return Verdict.IGNORE
+
+    async def on_file(path: Path, head: bytes) -> str:
+        result = await asyncio.to_thread(_refuse_oversized, path, head, settings.language, fallback)
+        rt.metrics.launches.labels(PROTOCOL, "1").inc()
+        return result
+
+    return Oversized(classify, on_file)
+
+
+def _refuse_oversized(path: Path, head: bytes, language: str, fallback: str) -> str:
+    """Write the too-large answer into `path`: the answered head, then the rest of the file streamed
+    unchanged, through a dot-file (which the watcher skips) renamed over the request. Nothing is
+    written if the PVS changed the file meanwhile."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(path, "rb") as source:
+            before = os.fstat(source.fileno())
+            if source.read(len(head)) != head:
+                return "replaced before the answer"
+            new_head, cut = vdds_exchange.too_large_answer(
+                head, before.st_size, MAX_FILE_BYTES, language, fallback
+            )
+            with open(tmp, "xb") as target:
+                target.write(new_head)
+                source.seek(cut)
+                shutil.copyfileobj(source, target, 1 << 20)
+                target.flush()
+                os.fsync(target.fileno())
+        # The source is closed before the rename: Windows cannot replace a file that is open.
+        after = os.stat(path)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            return "replaced before the answer"
+        os.replace(tmp, path)
+    except FileNotFoundError:
+        return "gone before the answer"
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return "errorlevel 1 (file too large)"
+
+
 def folder_worker(rt: Runtime) -> Coroutine[Any, Any, None] | None:
     """The watched exchange folder (`[vdds] exchange_dir`), when configured."""
     settings = rt.settings.vdds
@@ -289,6 +362,7 @@ def folder_worker(rt: Runtime) -> Coroutine[Any, Any, None] | None:
         folder_handler(rt),
         classify=classifier(settings),
         poll_seconds=settings.poll_seconds,
+        oversized=oversized(rt),
     )
     rt.readiness.watched[PROTOCOL] = folder  # known before the first scan (replay looks it up at start)
     return watcher.run()

@@ -3,9 +3,10 @@
 A PVS finds the programs of a BVS in VDDS_MMI.INI (the Windows directory's, by default): the `[BVS]` index
 names our section, which holds one command per stage. PVSs start that string unquoted as a raw command
 line with the exchange file appended, so a path with a space breaks it: on Windows the 8.3 short names
-are registered, elsewhere a path with a space is refused with an explanation. The file is cp1252 and
-belongs to every imaging program on the machine, so only our two places change and every other byte
-stays as it was (`protocols.vdds.register`).
+are registered, elsewhere a path with a space is refused with an explanation. The file belongs to every
+imaging program on the machine, so it is edited in its own encoding (cp1252, or UTF-8/UTF-16 with a
+BOM), only our two places change and every other byte stays as it was (`protocols.vdds.register`); a
+file that does not read back exactly is refused and left untouched.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def check(settings: Settings) -> str:
 
 
 def _diff(path: Path, old: bytes, new: bytes) -> str:
-    before = old.decode(vdds.MMI_ENCODING, errors="replace").splitlines()
-    after = new.decode(vdds.MMI_ENCODING, errors="replace").splitlines()
+    before = vdds.read_mmi(old).text.splitlines()
+    after = vdds.read_mmi(new).text.splitlines()
     lines = difflib.unified_diff(before, after, f"{path}", f"{path} (new)", lineterm="")
     return "\n".join(lines)
 
