@@ -47,6 +47,11 @@ EXIT_REFUSED = 4
 UNREACHABLE_RENDERERS: dict[str, str] = {
     "vdds": "protocols.vdds_exchange:unreachable_answer",
 }
+# protocol -> "module:function(path: str, head: bytes, limit: int, settings: dict[str, str]) -> None": writes
+# the protocol's answer into a message file over the size limit whose first `limit` bytes are `head`.
+TOO_LARGE_RENDERERS: dict[str, str] = {
+    "vdds": "protocols.vdds_exchange:too_large_file_answer",
+}
 
 
 def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -236,6 +241,23 @@ def _dechunk(data: bytes) -> bytes:
     return bytes(out)
 
 
+def _too_large(protocol: str, path: str, head: bytes, raw: RawConfig) -> int:
+    """A message file over MAX_FILE_BYTES: the protocol's own answer goes into it (VDDS: into its request
+    section, in its encoding and language, the rest of the file kept), then exit 2 and one line."""
+    message = f"{printable(path)} is larger than {MAX_FILE_BYTES} bytes"
+    target = TOO_LARGE_RENDERERS.get(protocol)
+    if target:
+        module, _, name = target.partition(":")
+        import importlib  # only on this rare path
+
+        try:
+            getattr(importlib.import_module(module), name)(path, head, MAX_FILE_BYTES, raw.get(protocol, {}))
+        except Exception as exc:  # the PMS must still get an exit code and a line
+            message += f" (and the error answer could not be written: {exc})"
+    say(f"pms-bridge {protocol}: {message}", sys.stderr)
+    return EXIT_INVALID
+
+
 def _fail(
     protocol: str, path: str, content: bytes, message: str, code: int, raw: RawConfig | None = None
 ) -> int:
@@ -281,10 +303,7 @@ def run(protocol: str, argv: list[str]) -> int:
     except ConfigFileError as exc:
         return _fail(protocol, path, content[:MAX_FILE_BYTES], str(exc), EXIT_UNREACHABLE)
     if len(content) > MAX_FILE_BYTES:
-        # Answered from what was read (its encoding and request section, the [vdds] language): the
-        # rest of so large an exchange file is not kept.
-        message = f"{printable(path)} is larger than {MAX_FILE_BYTES} bytes"
-        return _fail(protocol, path, content[:MAX_FILE_BYTES], message, EXIT_INVALID, raw)
+        return _too_large(protocol, path, content[:MAX_FILE_BYTES], raw)
     if path:  # the file's argument goes as it is shown: the daemon has its bytes already
         args = [printable(args[0]), *args[1:]]
     for arg in args:

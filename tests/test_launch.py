@@ -255,9 +255,9 @@ def test_a_file_that_cannot_be_read_is_exit_2(daemon: DaemonProcess, tmp_path: P
         "",
         f"pms-bridge vdds: {exchange} is larger than {launch.MAX_FILE_BYTES} bytes\n",
     )
-    answer = keys(exchange.read_bytes(), "PATIENT")  # the error answer, as when the daemon is down
-    assert (answer["ERRORLEVEL"], answer["READY"]) == ("1", "1")
-    assert answer["ERRORTEXT"].endswith(f"({exchange} is larger than {launch.MAX_FILE_BYTES} bytes)")
+    answer = keys(exchange.read_bytes(), "PATIENT")  # the too-large answer, as the watched folder's
+    assert (answer["ERRORLEVEL"], answer["READY"], answer["PATID"]) == ("1", "1", "0930")
+    assert answer["ERRORTEXT"].startswith("Die Übergabedatei ist zu groß")
     assert patients(daemon, "TESTPVS", "0930") == []
     status, body = daemon.request("GET", "/metrics")
     assert status == 200 and b'protocol="opp"' not in body  # the daemon got no launch at all

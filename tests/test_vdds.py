@@ -638,7 +638,8 @@ def test_an_oversized_exchange_file_is_answered_in_its_own_encoding_and_section(
     assert data.startswith(b"\xff\xfe")  # still UTF-16 with its BOM
     answer = dict(parse_ini(decode(data, "cp1252").text)["PATID"].items())
     assert (answer["PATID"], answer["ERRORLEVEL"], answer["READY"]) == ("002509", "1", "1")
-    assert "größer" in answer["ERRORTEXT"] or "larger" in answer["ERRORTEXT"]
+    assert answer["ERRORTEXT"].startswith("Die Übergabedatei ist zu groß")
+    assert data.endswith(padding.encode("utf-16-le")[-20_000:])  # the PVS's lines are kept
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -308,43 +307,13 @@ def oversized(rt: Runtime) -> Oversized:
         return Verdict.IGNORE
 
     async def on_file(path: Path, head: bytes) -> str:
-        result = await asyncio.to_thread(_refuse_oversized, path, head, settings.language, fallback)
+        result = await asyncio.to_thread(
+            vdds_exchange.rewrite_too_large, path, head, MAX_FILE_BYTES, settings.language, fallback
+        )
         rt.metrics.launches.labels(PROTOCOL, "1").inc()
         return result
 
     return Oversized(classify, on_file)
-
-
-def _refuse_oversized(path: Path, head: bytes, language: str, fallback: str) -> str:
-    """Write the too-large answer into `path`: the answered head, then the rest of the file streamed
-    unchanged, through a dot-file (which the watcher skips) renamed over the request. Nothing is
-    written if the PVS changed the file meanwhile."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(path, "rb") as source:
-            before = os.fstat(source.fileno())
-            if source.read(len(head)) != head:
-                return "replaced before the answer"
-            new_head, cut = vdds_exchange.too_large_answer(
-                head, before.st_size, MAX_FILE_BYTES, language, fallback
-            )
-            with open(tmp, "xb") as target:
-                target.write(new_head)
-                source.seek(cut)
-                shutil.copyfileobj(source, target, 1 << 20)
-                target.flush()
-                os.fsync(target.fileno())
-        # The source is closed before the rename: Windows cannot replace a file that is open.
-        after = os.stat(path)
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            return "replaced before the answer"
-        os.replace(tmp, path)
-    except FileNotFoundError:
-        return "gone before the answer"
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return "errorlevel 1 (file too large)"
 
 
 def folder_worker(rt: Runtime) -> Coroutine[Any, Any, None] | None:
