@@ -227,7 +227,7 @@ async def test_one_message_per_channel_even_when_link_and_chart_both_match(
 @pytest.mark.parametrize(
     "pms_id",
     [
-        *("..", "../evil", "a/b", "a\\b", "CON", "nul.txt", "x.", "C:evil", " x"),
+        *("..", "../evil", "a/b", "a\\b", "CON", "nul.txt", "x.", "C:evil", "x|y"),
         *(
             "COM\u00b9",
             "lpt\u00b3.txt",
@@ -274,6 +274,8 @@ def test_a_symbolic_link_out_of_the_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="leads outside"):
         patient_folder(root, "1001")
     assert patient_folder(root, "SMIJO0") == root / "SMIJO0"
+    with pytest.raises(ValueError, match="starts or ends with a space"):  # the service strips ids; still
+        patient_folder(root, " x")
 
 
 async def test_pushes_survive_a_share_that_is_down_and_a_restart(make_settings: Any, tmp_path: Path) -> None:
