@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 from typing import Any
@@ -111,7 +112,7 @@ async def test_bad_requests_get_problem_bodies(api_client: Any) -> None:
         (await create(api_client, pms_id="", chart_number=""), 422),
         (await api_client.get("/api/v1/patients?limit=0"), 400),
         (await api_client.get("/api/v1/patients?cursor=@@@"), 400),
-        (await api_client.get("/api/v1/patients/abc"), 404),
+        (await api_client.get("/api/v1/patients/abc"), 400),
         (await api_client.get("/api/v1/nothing-here"), 404),
         (await api_client.delete("/api/v1/patients"), 405),
     ]
@@ -119,6 +120,62 @@ async def test_bad_requests_get_problem_bodies(api_client: Any) -> None:
         assert response.status == status, (response.url, await response.text())
         body = await response.json(content_type=PROBLEM)
         assert set(body) >= {"type", "title", "status", "detail"} and body["status"] == status
+
+
+def cursor(value: Any) -> str:
+    """A cursor as the API encodes one (base64url of the JSON, unpadded), around any value."""
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+async def test_malformed_ids_and_cursors_are_400_problems_naming_the_parameter(api_client: Any) -> None:
+    for i in range(3):
+        assert (await create(api_client, pms_id=f"N{i}")).status == 201
+    bad_id_cursors = [cursor(v) for v in ("x", True, 1.5, [1, 2], {"a": 1}, 10**30, 0, -1)]
+    cases = [
+        *[
+            (f"/api/v1/{what}?cursor={c}", "cursor")
+            for what in ("patients", "conflicts", "audit")
+            for c in bad_id_cursors
+        ],
+        *[
+            (f"/api/v1/patients/1/images?cursor={c}", "cursor")
+            for c in (
+                cursor([None, 10**30]),
+                cursor([None, 1e400]),
+                cursor(["x", 1]),
+                cursor(5),
+                cursor([None]),
+            )
+        ],
+        ("/api/v1/patients/1/images?cursor=" + cursor(["2024-01-01T00:00:00+02:00", 1]), "cursor"),
+        ("/api/v1/patients?cursor=" + base64.urlsafe_b64encode(b"[" * 2000 + b"]" * 2000).decode(), "cursor"),
+        ("/api/v1/audit?patient_id=99999999999999999999999", "patient_id"),
+        ("/api/v1/audit?patient_id=%D9%A3", "patient_id"),
+        ("/api/v1/patients/%C2%B2", "id"),
+        ("/api/v1/patients/%D9%A3", "id"),  # an Arabic-Indic 3 answered patient 3
+        ("/api/v1/patients/0", "id"),
+        ("/api/v1/patients/9223372036854775808", "id"),
+        ("/api/v1/patients/%D9%A3/images", "id"),
+        ("/api/v1/images/%C2%B2", "id"),
+        ("/api/v1/images/%C2%B2/thumbnail", "id"),
+        ("/api/v1/images/%C2%B2/file", "id"),
+        ("/api/v1/images/1/thumbnail?size=%D9%A3%D9%A3", "size"),
+        ("/api/v1/patients?limit=%D9%A3", "limit"),
+        ("/api/v1/patients?limit=1_0", "limit"),
+    ]
+    for path, parameter in cases:
+        response = await api_client.get(path)
+        assert response.status == 400, (path, await response.text())
+        body = await response.json(content_type=PROBLEM)
+        assert body["status"] == 400 and body["parameter"] == parameter, (path, body)
+    for path in (
+        "/api/v1/patients/9223372036854775807",
+        "/api/v1/patients/0099999",
+        "/api/v1/images/77/file",
+    ):
+        assert (await api_client.get(path)).status == 404, path
+    three = await api_client.get("/api/v1/patients/3")
+    assert three.status == 200 and (await three.json())["id"] == 3
 
 
 async def test_forbidden_when_patient_creation_is_off(make_settings: Any) -> None:

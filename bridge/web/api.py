@@ -7,8 +7,6 @@ Lists answer {"items": [...], "next": cursor-or-null} and take `limit` and `curs
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 from datetime import date, datetime
 from typing import Any
@@ -31,6 +29,14 @@ from bridge.model import (
 )
 from bridge.runtime import Runtime
 from bridge.service import Refused
+from bridge.web.fields import (
+    cursor_after_capture,
+    cursor_after_id,
+    encode_cursor,
+    int_param,
+    parse_id,
+    path_id,
+)
 from bridge.web.keys import MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY
 from bridge.web.multipart import BodyTooLarge, FormReader, MultipartError, boundary_of
@@ -71,40 +77,6 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     )
 
 
-def int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ProblemError(400, f"query parameter {name!r} must be a whole number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ProblemError(400, f"query parameter {name!r} must be from {low} to {high}, got {value}")
-    return value
-
-
-def path_id(request: web.Request, name: str = "id") -> int:
-    raw = request.match_info[name]
-    if not raw.isdigit() or len(raw) > 18:
-        raise ProblemError(404, f"no such {name}: {raw!r}")
-    return int(raw)
-
-
-def encode_cursor(value: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(value, default=str).encode()).decode().rstrip("=")
-
-
-def decode_cursor(request: web.Request) -> Any:
-    raw = request.query.get("cursor")
-    if not raw:
-        return None
-    try:
-        return json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except (ValueError, binascii.Error):
-        raise ProblemError(400, "the cursor is not one this API handed out") from None
-
-
 async def json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 problem saying what is wrong with it."""
     try:
@@ -133,8 +105,7 @@ def parse_date(value: str | None, name: str) -> date | None:
 async def list_patients(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
-    cursor = decode_cursor(request)
-    after_id = int(cursor) if isinstance(cursor, int) else 0
+    after_id = cursor_after_id(request)
     query = request.query
     found = await rt.service.search_patients(
         origin_of(request),
@@ -226,14 +197,7 @@ async def list_patient_images(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     patient_id = path_id(request)
     limit = int_param(request, "limit", 100, 1, MAX_LIMIT)
-    cursor = decode_cursor(request)
-    after = None
-    if cursor is not None:
-        try:
-            captured, last_id = cursor
-            after = (datetime.fromisoformat(captured) if captured else None, int(last_id))
-        except (TypeError, ValueError):
-            raise ProblemError(400, "the cursor is not one this API handed out") from None
+    after = cursor_after_capture(request)
     if await rt.service.get_patient(origin_of(request), patient_id) is None:
         raise ProblemError(404, f"no patient with id {patient_id}")
     images = await rt.service.list_images(origin_of(request), patient_id, after=after, limit=limit)
@@ -481,10 +445,10 @@ async def get_preview(request: web.Request) -> web.Response:
 async def list_conflicts(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
-    cursor = decode_cursor(request)
+    after_id = cursor_after_id(request)
     open_only = request.query.get("state", "open") != "all"
     items = await rt.service.list_conflicts(
-        origin_of(request), open_only=open_only, after_id=int(cursor or 0), limit=limit
+        origin_of(request), open_only=open_only, after_id=after_id, limit=limit
     )
     nxt = encode_cursor(items[-1]["id"]) if len(items) == limit else None
     return json_response({"items": items, "next": nxt})
@@ -507,15 +471,13 @@ async def resolve_conflict(request: web.Request) -> web.Response:
 async def list_audit(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     limit = int_param(request, "limit", 100, 1, MAX_LIMIT)
-    cursor = decode_cursor(request)
+    after_id = cursor_after_id(request)
     patient = request.query.get("patient_id")
-    if patient is not None and not patient.isdigit():
-        raise ProblemError(400, "patient_id must be a number")
     await rt.audit.flush()  # show reads that are still queued
     items = await rt.service.audit_entries(
         origin_of(request),
-        patient_id=int(patient) if patient else None,
-        after_id=int(cursor or 0),
+        patient_id=parse_id(patient, "patient_id") if patient else None,
+        after_id=after_id,
         limit=limit,
     )
     nxt = encode_cursor(items[-1]["id"]) if len(items) == limit else None

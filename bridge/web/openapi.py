@@ -12,6 +12,7 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.model import Category
+from bridge.web.fields import ID_MAX
 
 routes = web.RouteTableDef()
 
@@ -38,7 +39,8 @@ PAGING = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
 ]
-ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}
+ROW_ID = {"type": "integer", "minimum": 1, "maximum": ID_MAX}
+ID = {"name": "id", "in": "path", "required": True, "schema": ROW_ID}
 
 PATIENT = {
     "type": "object",
@@ -430,7 +432,7 @@ def document() -> dict[str, Any]:
                     "summary": "The audit log: who read or changed what",
                     "parameters": [
                         *PAGING,
-                        {"name": "patient_id", "in": "query", "schema": {"type": "integer"}},
+                        {"name": "patient_id", "in": "query", "schema": ROW_ID},
                     ],
                     "responses": {"200": _json(_list_of("AuditEntry")), **ERRORS},
                 }
