@@ -178,6 +178,135 @@ async def test_malformed_ids_and_cursors_are_400_problems_naming_the_parameter(a
     assert three.status == 200 and (await three.json())["id"] == 3
 
 
+# The store's column lengths (bridge/store/models.py) that the API's text fields must fit.
+COLUMN_LENGTHS = {
+    "pms_system": 100,
+    "practice_id": 100,
+    "pms_id": 100,
+    "chart_number": 60,
+    "last_name": 120,
+    "first_name": 120,
+    "middle_name": 120,
+    "title": 40,
+    "street": 200,
+    "city": 120,
+    "postal_code": 20,
+    "phone": 60,
+    "email": 200,
+}
+
+
+async def test_text_fields_fit_their_columns_on_every_database(api_client: Any) -> None:
+    from bridge.web.fields import TEXT_RULES
+
+    assert {name: TEXT_RULES[name].limit for name in COLUMN_LENGTHS} == COLUMN_LENGTHS
+    for n, (name, length) in enumerate(COLUMN_LENGTHS.items()):
+        longest = {"pms_id": f"L{n}", name: "x" * length}
+        if name != "chart_number":
+            longest["chart_number"] = f"C{n}"
+        created = await create(api_client, **longest)
+        assert created.status == 201, (name, await created.text())
+        stored = await (await api_client.get(f"/api/v1/patients/{(await created.json())['id']}")).json()
+        if name in stored:
+            assert stored[name] == "x" * length, name
+        too_long = await create(api_client, **{**longest, "pms_id": f"T{n}", name: "x" * (length + 1)})
+        assert too_long.status == 422, (name, await too_long.text())
+        problem = await too_long.json(content_type=PROBLEM)
+        assert problem["field"] == name and f"at most {length}" in problem["detail"]
+    # SQL Server's NVARCHAR counts UTF-16 code units: a character beyond the BMP counts twice
+    astral = await create(api_client, pms_id="astral", title="\U0001f600" * 21)
+    assert astral.status == 422 and (await astral.json(content_type=PROBLEM))["field"] == "title"
+    huge = await create(api_client, pms_id="a" * 100_000)
+    assert huge.status == 422 and (await huge.json(content_type=PROBLEM))["field"] == "pms_id"
+    search = await api_client.get("/api/v1/patients", params={"chart_number": "c" * 61})
+    assert search.status == 400 and (await search.json(content_type=PROBLEM))["parameter"] == "chart_number"
+
+
+async def test_control_characters_and_lone_surrogates_are_refused_by_name(api_client: Any) -> None:
+    for name, value in (
+        ("pms_id", "a\u0000b"),
+        ("pms_id", "\ud800"),
+        ("pms_system", "desk\x7f"),
+        ("chart_number", "C\t1"),
+        ("last_name", "Doe\u0000"),
+        ("first_name", "Ja\x1bne"),
+        ("street", "Main St\udfff"),
+    ):
+        response = await create(api_client, **{"pms_id": "ctl", name: value})
+        assert response.status == 422, (name, value, await response.text())
+        assert (await response.json(content_type=PROBLEM))["field"] == name
+    for name in ("pms_id", "name", "chart_number", "pms_system"):
+        for raw in ("a%00b", "a%1Fb"):
+            response = await api_client.get(f"/api/v1/patients?{name}={raw}")
+            assert response.status == 400, (name, raw, await response.text())
+            assert (await response.json(content_type=PROBLEM))["parameter"] == name
+    assert (await api_client.get("/api/v1/patients")).status == 200  # nothing was stored
+    # a conflict's resolution is free text: line breaks are fine, NUL is not
+    assert (await create(api_client, pms_id="R1", birth_date="1980-01-01")).status == 201
+    clash = await create(api_client, pms_id="R1", birth_date="1990-01-01")
+    conflict_id = (await clash.json(content_type=PROBLEM))["conflict_id"]
+    nul = await api_client.post(f"/api/v1/conflicts/{conflict_id}/resolve", json={"resolution": "ok\u0000"})
+    assert nul.status == 422 and (await nul.json(content_type=PROBLEM))["field"] == "resolution"
+    lines = await api_client.post(
+        f"/api/v1/conflicts/{conflict_id}/resolve", json={"resolution": "PMS corrected\nby the front desk"}
+    )
+    assert lines.status == 200, await lines.text()
+
+
+async def test_upload_comment_and_device_are_checked_not_cut(api_client: Any) -> None:
+    patient = await (await create(api_client)).json()
+    for name, value, status in (
+        ("comment", "c" * 500, 201),
+        ("comment", "first line\r\nsecond line\tend", 201),
+        ("comment", "c" * 501, 422),
+        ("comment", "a\x00b", 422),
+        ("device", "d" * 201, 422),
+        ("device", "Sensor\nX", 422),
+    ):
+        form = FormData()
+        form.add_field("file", png16(), filename="x.png", content_type="image/png")
+        form.add_field(name, value)
+        response = await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)
+        assert response.status == status, (name, value, await response.text())
+        if status == 422:
+            assert (await response.json(content_type=PROBLEM))["field"] == name
+
+
+async def test_header_bytes_that_are_not_utf8_are_recorded_readably(
+    api_client: Any, runtime: Runtime
+) -> None:
+    """A workstation name in cp1252 arrives as bytes aiohttp hands on as lone surrogates; recorded as
+    they were, they made every later audit batch fail on PostgreSQL."""
+    patient = await (await create(api_client)).json()
+    reader, writer = await asyncio.open_connection(api_client.server.host, api_client.server.port)
+    writer.write(
+        f"GET /api/v1/patients/{patient['id']} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Authorization: Bearer {runtime.settings.api.token}\r\n".encode()
+        + b"X-PMS-Workstation: PRAXIS-M\xdcLLER\r\nX-Request-ID: r\xff1\r\n\r\n"
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b"\r\nX-Request-ID: r\xff1" not in head  # a fresh request id instead of the unprintable one
+    await runtime.audit.flush()
+    entries = (await (await api_client.get(f"/api/v1/audit?patient_id={patient['id']}")).json())["items"]
+    assert any(e["action"] == "patient.read" and e["workstation"] == "PRAXIS-M\ufffdLLER" for e in entries)
+    # the launch endpoint takes the workstation percent-encoded: a NUL in it was recorded as it came
+    launched = await api_client.post(
+        "/api/v1/launch/dexis",
+        data=b'SET 4712 LN="Roe" FN="Ann" BD=19991231',
+        headers={"X-PMS-Workstation": "WS%00%FF1", "X-PMS-Transport": "cli\t"},
+    )
+    assert launched.status == 200 and launched.headers["X-PMS-Exit"] == "0"
+    [roe] = (await (await api_client.get("/api/v1/patients", params={"pms_id": "4712"})).json())["items"]
+    await runtime.audit.flush()
+    entries = (await (await api_client.get(f"/api/v1/audit?patient_id={roe['id']}")).json())["items"]
+    entries = [e for e in entries if e["protocol"] == "dexis"]
+    assert entries and all(e["workstation"] == "WS\ufffd1" and e["transport"] == "cli" for e in entries)
+
+
 async def test_forbidden_when_patient_creation_is_off(make_settings: Any) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 

@@ -30,12 +30,16 @@ from bridge.model import (
 from bridge.runtime import Runtime
 from bridge.service import Refused
 from bridge.web.fields import (
+    body_text,
     cursor_after_capture,
     cursor_after_id,
     encode_cursor,
+    form_text,
+    header_text,
     int_param,
     parse_id,
     path_id,
+    query_text,
 )
 from bridge.web.keys import MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY
@@ -65,7 +69,7 @@ def origin_of(request: web.Request, protocol: str = "rest") -> Origin:
     return Origin(
         protocol=protocol,
         transport="http",
-        workstation=request.headers.get("X-PMS-Workstation", "")[:120] or (request.remote or ""),
+        workstation=header_text(request, "X-PMS-Workstation", "workstation") or (request.remote or ""),
         actor=request.get(ACTOR_KEY, ""),
         request_id=request_id_var.get(),
     )
@@ -109,10 +113,10 @@ async def list_patients(request: web.Request) -> web.Response:
     query = request.query
     found = await rt.service.search_patients(
         origin_of(request),
-        pms_id=query.get("pms_id") or None,
-        pms_system=query.get("pms_system") or None,
-        chart_number=query.get("chart_number") or None,
-        name=query.get("name") or None,
+        pms_id=query_text(request, "pms_id"),
+        pms_system=query_text(request, "pms_system"),
+        chart_number=query_text(request, "chart_number"),
+        name=query_text(request, "name"),
         birth_date=parse_date(query.get("birth_date"), "birth_date"),
         after_id=after_id,
         limit=limit,
@@ -121,26 +125,24 @@ async def list_patients(request: web.Request) -> web.Response:
     return json_response({"items": [p.to_json() for p in found], "next": nxt})
 
 
+DEMOGRAPHIC_TEXTS = (
+    "last_name",
+    "first_name",
+    "middle_name",
+    "title",
+    "street",
+    "city",
+    "postal_code",
+    "phone",
+    "email",
+)
+
+
 def demographics_from_json(body: dict[str, Any]) -> Demographics:
     sex = str(body.get("sex") or "U").upper()[:1]
     if sex not in {s.value for s in Sex}:
         raise ProblemError(422, f"sex must be one of M, F, O, U, got {body.get('sex')!r}")
-    texts = {}
-    for name in (
-        "last_name",
-        "first_name",
-        "middle_name",
-        "title",
-        "street",
-        "city",
-        "postal_code",
-        "phone",
-        "email",
-    ):
-        value = body.get(name, "")
-        if not isinstance(value, str) or len(value) > 200:
-            raise ProblemError(422, f"{name} must be a text of at most 200 characters")
-        texts[name] = value.strip()
+    texts = {name: body_text(body, name, strip=True) for name in DEMOGRAPHIC_TEXTS}
     raw_birth = body.get("birth_date")
     return Demographics(
         birth_date=parse_date(raw_birth if isinstance(raw_birth, str) else None, "birth_date"),
@@ -154,17 +156,15 @@ async def create_or_update_patient(request: web.Request) -> web.Response:
     """The front desk's "+": create or update by PMS key, under the same identity rules as every PMS."""
     rt = request.app[RUNTIME]
     body = await json_object(request)
-    for name in ("pms_system", "pms_id", "practice_id", "chart_number"):
-        if not isinstance(body.get(name, ""), str):
-            raise ProblemError(422, f"{name} must be a string (ids keep their leading zeros)")
-    pms_id = body.get("pms_id", "")
-    chart = body.get("chart_number", "")
+    pms_system, pms_id, practice_id, chart = (
+        body_text(body, name) for name in ("pms_system", "pms_id", "practice_id", "chart_number")
+    )
     req = PatientRequest(
         action=Action.CREATE_OR_UPDATE,
         origin=origin_of(request),
-        pms_system=body.get("pms_system", ""),
+        pms_system=pms_system,
         pms_id=pms_id,
-        practice_id=body.get("practice_id", ""),
+        practice_id=practice_id,
         id_kind=IdKind.PMS_ID if pms_id else IdKind.CHART_NUMBER,
         chart_number=chart,
         demographics=demographics_from_json(body),
@@ -235,7 +235,7 @@ async def upload_images(request: web.Request) -> web.Response:
                     raise ProblemError(413, f"at most {MAX_UPLOAD_FILES} files per request")
                 blobs.append((part.filename or "", await form.read_all()))
             elif part.name:
-                fields[part.name] = (await form.read_all()).decode("utf-8", "replace")[:500]
+                fields[part.name] = (await form.read_all()).decode("utf-8", "replace")
     except BodyTooLarge as exc:
         raise ProblemError(413, str(exc)) from None
     except MultipartError as exc:
@@ -280,11 +280,9 @@ def upload_metadata(fields: dict[str, str]) -> dict[str, Any]:
         meta["rotation"] = int(fields["rotation"])
     if "mirrored" in fields:
         meta["mirrored"] = fields["mirrored"].lower() in ("1", "true", "yes")
-    for name, longest in (("device", 200), ("comment", 500)):
-        if name in fields:
-            if len(fields[name]) > longest:
-                raise ProblemError(422, f"{name} must be at most {longest} characters")
-            meta[name] = fields[name]
+    for name in ("device", "comment"):
+        if (text := form_text(fields, name)) is not None:
+            meta[name] = text
     return meta
 
 
@@ -457,11 +455,12 @@ async def list_conflicts(request: web.Request) -> web.Response:
 @routes.post("/api/v1/conflicts/{id}/resolve")
 async def resolve_conflict(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    conflict_id = path_id(request)
     body = await json_object(request)
-    resolution = body.get("resolution", "")
-    if not isinstance(resolution, str) or not resolution.strip():
-        raise ProblemError(422, 'send {"resolution": "<what was done>"}')
-    result = await rt.service.resolve_conflict(origin_of(request), path_id(request), resolution.strip())
+    resolution = body_text(body, "resolution", strip=True)
+    if not resolution:
+        raise ProblemError(422, 'send {"resolution": "<what was done>"}', field="resolution")
+    result = await rt.service.resolve_conflict(origin_of(request), conflict_id, resolution)
     if result is None:
         raise ProblemError(404, f"no conflict with id {request.match_info['id']}")
     return json_response(result)

@@ -16,6 +16,7 @@ from aiohttp import web
 from bridge.handlers import UnknownProtocol, get_handler
 from bridge.handlers.base import Launch
 from bridge.logs import request_id_var
+from bridge.web.fields import header_text, label_text
 from bridge.web.keys import RUNTIME
 from bridge.web.middleware import ACTOR_KEY
 from bridge.web.problems import ProblemError
@@ -48,8 +49,8 @@ async def launch(request: web.Request) -> web.Response:
         args=args,
         filename=unquote(request.headers.get("X-PMS-Filename", "")),
         content=content,
-        workstation=unquote(request.headers.get("X-PMS-Workstation", ""))[:120],
-        transport=request.headers.get("X-PMS-Transport", "cli")[:20],
+        workstation=label_text(unquote(request.headers.get("X-PMS-Workstation", "")), "workstation"),
+        transport=header_text(request, "X-PMS-Transport", "transport") or "cli",
         request_id=request_id_var.get(),
     )
     log.info(

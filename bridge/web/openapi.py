@@ -12,7 +12,7 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.model import Category
-from bridge.web.fields import ID_MAX
+from bridge.web.fields import ID_MAX, TEXT_RULES
 
 routes = web.RouteTableDef()
 
@@ -39,6 +39,13 @@ PAGING = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
 ]
+
+
+def _text(name: str, **more: Any) -> dict[str, Any]:
+    """A text field's schema with the store's limit (bridge/web/fields.py TEXT_RULES)."""
+    return {"type": "string", "maxLength": TEXT_RULES[name].limit, **more}
+
+
 ROW_ID = {"type": "integer", "minimum": 1, "maximum": ID_MAX}
 ID = {"name": "id", "in": "path", "required": True, "schema": ROW_ID}
 
@@ -83,21 +90,21 @@ PATIENT_IN = {
     "type": "object",
     "required": ["pms_system"],
     "properties": {
-        "pms_system": {"type": "string"},
-        "practice_id": {"type": "string"},
-        "pms_id": {"type": "string"},
-        "chart_number": {"type": "string"},
-        "last_name": {"type": "string"},
-        "first_name": {"type": "string"},
-        "middle_name": {"type": "string"},
-        "title": {"type": "string"},
+        "pms_system": _text("pms_system"),
+        "practice_id": _text("practice_id"),
+        "pms_id": _text("pms_id"),
+        "chart_number": _text("chart_number"),
+        "last_name": _text("last_name"),
+        "first_name": _text("first_name"),
+        "middle_name": _text("middle_name"),
+        "title": _text("title"),
         "birth_date": {"type": ["string", "null"], "format": "date"},
         "sex": {"enum": ["M", "F", "O", "U"]},
-        "street": {"type": "string"},
-        "city": {"type": "string"},
-        "postal_code": {"type": "string"},
-        "phone": {"type": "string"},
-        "email": {"type": "string"},
+        "street": _text("street"),
+        "city": _text("city"),
+        "postal_code": _text("postal_code"),
+        "phone": _text("phone"),
+        "email": _text("email"),
     },
 }
 
@@ -289,9 +296,10 @@ def document() -> dict[str, Any]:
                     "parameters": [
                         *PAGING,
                         *(
-                            {"name": n, "in": "query", "schema": {"type": "string"}}
-                            for n in ("pms_id", "pms_system", "chart_number", "name", "birth_date")
+                            {"name": n, "in": "query", "schema": _text(n)}
+                            for n in ("pms_id", "pms_system", "chart_number", "name")
                         ),
+                        {"name": "birth_date", "in": "query", "schema": {"type": "string", "format": "date"}},
                     ],
                     "responses": {"200": _json(_list_of("Patient")), **ERRORS},
                 },
@@ -339,8 +347,8 @@ def document() -> dict[str, Any]:
                                         "captured_at": {"type": "string"},
                                         "rotation": {"enum": ["0", "90", "180", "270"]},
                                         "mirrored": {"type": "string"},
-                                        "device": {"type": "string"},
-                                        "comment": {"type": "string"},
+                                        "device": _text("device"),
+                                        "comment": _text("comment"),
                                     },
                                 }
                             }
@@ -420,7 +428,10 @@ def document() -> dict[str, Any]:
                         "required": True,
                         "content": {
                             "application/json": {
-                                "schema": {"type": "object", "properties": {"resolution": {"type": "string"}}}
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"resolution": _text("resolution")},
+                                }
                             }
                         },
                     },
