@@ -307,6 +307,40 @@ async def test_header_bytes_that_are_not_utf8_are_recorded_readably(
     assert entries and all(e["workstation"] == "WS\ufffd1" and e["transport"] == "cli" for e in entries)
 
 
+async def test_json_bodies_have_their_own_small_limit_and_depth(api_client: Any) -> None:
+    """[api] max_body_mb (200 MB) is for uploads; JSON bodies stop at 1 MB, and deep nesting is a 400,
+    not the parser's RecursionError as a 500."""
+    patient = await (await create(api_client)).json()
+    form = FormData()
+    form.add_field("file", png16(), filename="x.png", content_type="image/png")
+    uploaded = await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)
+    image_id = (await uploaded.json())["items"][0]["id"]
+    big = json.dumps({"pms_system": "desk", "pms_id": "big", "x": "x" * (1024 * 1024)}).encode()
+
+    async def chunked() -> Any:
+        for start in range(0, len(big), 100_000):
+            yield big[start : start + 100_000]
+
+    targets = [
+        ("POST", "/api/v1/patients"),
+        ("PATCH", f"/api/v1/images/{image_id}"),
+        ("POST", "/api/v1/conflicts/1/resolve"),
+    ]
+    json_type = {"Content-Type": "application/json"}
+    for method, path in targets:
+        for data in (io.BytesIO(big), chunked()):
+            response = await api_client.request(method, path, data=data, headers=json_type)
+            assert response.status == 413, (method, path, await response.text())
+            assert "at most 1048576 bytes" in (await response.json(content_type=PROBLEM))["detail"]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for method, path in targets:
+        response = await api_client.request(method, path, data=deep, headers=json_type)
+        assert response.status == 400, (method, path, await response.text())
+        assert "nests too deeply" in (await response.json(content_type=PROBLEM))["detail"]
+    fits = json.dumps({"pms_system": "desk", "pms_id": "fits", "x": "x" * (1024 * 1024 - 100)}).encode()
+    assert (await api_client.post("/api/v1/patients", data=io.BytesIO(fits), headers=json_type)).status == 201
+
+
 async def test_forbidden_when_patient_creation_is_off(make_settings: Any) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
@@ -384,6 +418,13 @@ async def test_bad_uploads_are_refused_and_leave_nothing(api_client: Any, runtim
     bad_teeth.add_field("file", png16(), filename="x.png")
     bad_teeth.add_field("tooth_numbers", "19")
     assert (await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=bad_teeth)).status == 422
+    for teeth in ("11, 11", "١١", ",".join(["11"] * 53)):
+        form = FormData()
+        form.add_field("file", png16(), filename="x.png")
+        form.add_field("tooth_numbers", teeth)
+        response = await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)
+        assert response.status == 422, teeth
+        assert (await response.json(content_type=PROBLEM))["field"] == "tooth_numbers"
     missing = FormData()
     missing.add_field("file", png16(), filename="x.png")
     assert (await api_client.post("/api/v1/patients/999/images", data=missing)).status == 404

@@ -15,6 +15,8 @@ from aiohttp import web
 from aiohttp.hdrs import CONTENT_TYPE
 from aiohttp.helpers import parse_mimetype
 
+from bridge.dicom.teeth import CODES as FDI_TEETH
+from bridge.dicom.teeth import is_fdi
 from bridge.imaging.analyze import ImagingError
 from bridge.model import (
     Action,
@@ -38,6 +40,7 @@ from bridge.web.fields import (
     header_text,
     int_param,
     parse_id,
+    parse_number,
     path_id,
     query_text,
 )
@@ -81,12 +84,30 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     )
 
 
+# JSON bodies (a patient, an image's changes, a conflict's resolution) are at most a few KB; the much
+# larger [api] max_body_mb is for uploads, and would let a client make the daemon parse 200 MB of JSON.
+MAX_JSON_BYTES = 1024 * 1024
+JSON_READ_CHUNK = 64 * 1024
+
+
 async def json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 problem saying what is wrong with it."""
+    """The request body as a JSON object, or a 4xx problem saying what is wrong with it: 413 over
+    MAX_JSON_BYTES (from Content-Length, or while reading a chunked body), 400 when it is not JSON or
+    nests deeper than the parser's recursion allows."""
+    too_large = ProblemError(413, f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
+    if (request.content_length or 0) > MAX_JSON_BYTES:
+        raise too_large
+    raw = bytearray()
+    while chunk := await request.content.read(JSON_READ_CHUNK):
+        raw += chunk
+        if len(raw) > MAX_JSON_BYTES:
+            raise too_large
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = json.loads(raw.decode(request.charset or "utf-8"))
+    except (ValueError, LookupError):  # not JSON, not in its charset, or an unknown charset
         raise ProblemError(400, "the body is not valid JSON") from None
+    except RecursionError:
+        raise ProblemError(400, "the body is not valid JSON: it nests too deeply") from None
     if not isinstance(body, dict):
         raise ProblemError(400, "the body must be a JSON object")
     return body
@@ -287,19 +308,27 @@ def upload_metadata(fields: dict[str, str]) -> dict[str, Any]:
 
 
 def parse_teeth(raw: str | list[Any]) -> tuple[int, ...]:
-    """FDI tooth numbers: 11-18, 21-28, 31-38, 41-48 (permanent) and 51-55 ... 81-85 (deciduous)."""
+    """FDI tooth numbers (`bridge.dicom.teeth.is_fdi`: 11-18 ... 41-48, 51-55 ... 81-85), each once, in
+    the order given: a form field's comma list or a JSON list of integers (or digit strings). More
+    entries than FDI has teeth are refused before any is read, so a list stays cheap to check."""
     items = raw if isinstance(raw, list) else [t for t in raw.replace(";", ",").split(",") if t.strip()]
-    teeth = []
+    if len(items) > len(FDI_TEETH):
+        raise ProblemError(
+            422,
+            f"at most {len(FDI_TEETH)} tooth numbers (each FDI tooth once), got {len(items)}",
+            field="tooth_numbers",
+        )
+    found: dict[int, None] = {}
     for item in items:
-        try:
-            tooth = int(str(item).strip())
-        except ValueError:
-            raise ProblemError(422, f"tooth number {item!r} is not a number") from None
-        quadrant, position = divmod(tooth, 10)
-        if not ((1 <= quadrant <= 4 and 1 <= position <= 8) or (5 <= quadrant <= 8 and 1 <= position <= 5)):
-            raise ProblemError(422, f"{tooth} is not an FDI tooth number")
-        teeth.append(tooth)
-    return tuple(teeth)
+        number = parse_number(item.strip()) if isinstance(item, str) else item if type(item) is int else None
+        if number is None:
+            raise ProblemError(422, f"tooth number {item!r:.40} is not a number", field="tooth_numbers")
+        if not is_fdi(number):
+            raise ProblemError(422, f"{number} is not an FDI tooth number", field="tooth_numbers")
+        if number in found:
+            raise ProblemError(422, f"tooth {number} is listed twice", field="tooth_numbers")
+        found[number] = None
+    return tuple(found)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +387,7 @@ async def update_image(request: web.Request) -> web.Response:
         raise ProblemError(422, "mirrored must be true or false")
     teeth = body.get("tooth_numbers")
     if teeth is not None and not isinstance(teeth, list):
-        raise ProblemError(422, "tooth_numbers must be a list of FDI numbers")
+        raise ProblemError(422, "tooth_numbers must be a list of FDI numbers", field="tooth_numbers")
     category = None
     if body.get("category") is not None:
         try:

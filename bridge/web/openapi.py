@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge import __version__
+from bridge.dicom.teeth import CODES as FDI_TEETH
 from bridge.model import Category
 from bridge.web.fields import ID_MAX, TEXT_RULES
 
@@ -206,7 +207,13 @@ IMAGE_CHANGE = {
     "properties": {
         "rotation": {"enum": [0, 90, 180, 270], "description": "Clockwise, applied after mirroring"},
         "mirrored": {"type": "boolean", "description": "Left-right mirror, applied first"},
-        "tooth_numbers": {"type": "array", "items": {"type": "integer"}, "description": "FDI numbers"},
+        "tooth_numbers": {
+            "type": "array",
+            "items": {"enum": sorted(FDI_TEETH)},
+            "maxItems": len(FDI_TEETH),
+            "uniqueItems": True,
+            "description": "FDI numbers, each tooth once",
+        },
         "category": {"enum": [c.value for c in Category]},
     },
 }
@@ -314,6 +321,7 @@ def document() -> dict[str, Any]:
                         "201": _json(_ref("Patient"), "Created"),
                         "403": PROBLEM,
                         "409": PROBLEM,
+                        "413": PROBLEM,
                         "422": PROBLEM,
                         **ERRORS,
                     },
@@ -342,7 +350,7 @@ def document() -> dict[str, Any]:
                                         "category": {"enum": [c.value for c in Category]},
                                         "tooth_numbers": {
                                             "type": "string",
-                                            "description": "comma-separated FDI",
+                                            "description": "comma-separated FDI numbers, each tooth once",
                                         },
                                         "captured_at": {"type": "string"},
                                         "rotation": {"enum": ["0", "90", "180", "270"]},
@@ -375,7 +383,7 @@ def document() -> dict[str, Any]:
                         "required": True,
                         "content": {"application/json": {"schema": _ref("ImageChange")}},
                     },
-                    "responses": {"200": _json(_ref("Image")), "422": PROBLEM, **ERRORS},
+                    "responses": {"200": _json(_ref("Image")), "413": PROBLEM, "422": PROBLEM, **ERRORS},
                 },
             },
             "/api/v1/images/{id}/file": {
@@ -435,7 +443,7 @@ def document() -> dict[str, Any]:
                             }
                         },
                     },
-                    "responses": {"200": _json(_ref("Conflict")), "422": PROBLEM, **ERRORS},
+                    "responses": {"200": _json(_ref("Conflict")), "413": PROBLEM, "422": PROBLEM, **ERRORS},
                 }
             },
             "/api/v1/audit": {
