@@ -108,7 +108,8 @@ async def test_bad_requests_get_problem_bodies(api_client: Any) -> None:
         (await api_client.post("/api/v1/patients", json=["a"]), 400),
         (await create(api_client, pms_id=123), 422),
         (await create(api_client, sex="Q"), 422),
-        (await create(api_client, birth_date="14.07.1985"), 400),
+        (await create(api_client, birth_date="14.07.1985"), 422),  # a field of the body, like sex
+        (await api_client.get("/api/v1/patients?birth_date=14.07.1985"), 400),
         (await create(api_client, pms_id="", chart_number=""), 422),
         (await api_client.get("/api/v1/patients?limit=0"), 400),
         (await api_client.get("/api/v1/patients?cursor=@@@"), 400),
@@ -176,6 +177,36 @@ async def test_malformed_ids_and_cursors_are_400_problems_naming_the_parameter(a
         assert (await api_client.get(path)).status == 404, path
     three = await api_client.get("/api/v1/patients/3")
     assert three.status == 200 and (await three.json())["id"] == 3
+
+
+async def test_birth_date_and_sex_are_taken_as_sent_or_refused(api_client: Any) -> None:
+    created = await create(api_client, pms_id="S1", birth_date="1980-05-06", sex="F")
+    assert created.status == 201
+    # A birth date sent as a number was dropped, so this other birth date was no conflict (200).
+    for birth_date in (19810102, 19800506, True, ["1980-05-06"], {"y": 1980}):
+        response = await create(api_client, pms_id="S1", birth_date=birth_date, sex="F")
+        assert response.status == 422, (birth_date, await response.text())
+        assert (await response.json(content_type=PROBLEM))["field"] == "birth_date"
+    # Sex was read by its first letter: "Mrs" was male, "Frau" female.
+    for sex in ("Mrs", "Ms", "Miss", "Frau", "Mann", "W", "Q", 1, True):
+        response = await create(api_client, pms_id="S2", sex=sex)
+        assert response.status == 422, (sex, await response.text())
+        assert (await response.json(content_type=PROBLEM))["field"] == "sex"
+    for n, (sex, stored) in enumerate(
+        (
+            ("f", "F"),
+            (" M ", "M"),
+            ("female", "F"),
+            ("MALE", "M"),
+            ("Other", "O"),
+            ("unknown", "U"),
+            ("", "U"),
+        )
+    ):
+        response = await create(api_client, pms_id=f"S3{n}", sex=sex)
+        assert response.status == 201 and (await response.json())["sex"] == stored, sex
+    unsent = await create(api_client, pms_id="S4", sex=None, birth_date=None)
+    assert unsent.status == 201 and (await unsent.json())["sex"] == "U"
 
 
 # The store's column lengths (bridge/store/models.py) that the API's text fields must fit.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +32,7 @@ from bridge.model import (
 from bridge.runtime import Runtime
 from bridge.service import Refused
 from bridge.web.fields import (
+    body_date,
     body_text,
     cursor_after_capture,
     cursor_after_id,
@@ -42,6 +43,7 @@ from bridge.web.fields import (
     parse_id,
     parse_number,
     path_id,
+    query_date,
     query_text,
 )
 from bridge.web.keys import MAX_BODY, RUNTIME
@@ -113,15 +115,6 @@ async def json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def parse_date(value: str | None, name: str) -> date | None:
-    if value in (None, ""):
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise ProblemError(400, f"{name} must be an ISO date (YYYY-MM-DD), got {value!r}") from None
-
-
 # ------------------------------------------------------------------------------------------------
 # Patients
 
@@ -131,14 +124,13 @@ async def list_patients(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
     after_id = cursor_after_id(request)
-    query = request.query
     found = await rt.service.search_patients(
         origin_of(request),
         pms_id=query_text(request, "pms_id"),
         pms_system=query_text(request, "pms_system"),
         chart_number=query_text(request, "chart_number"),
         name=query_text(request, "name"),
-        birth_date=parse_date(query.get("birth_date"), "birth_date"),
+        birth_date=query_date(request, "birth_date"),
         after_id=after_id,
         limit=limit,
     )
@@ -159,16 +151,35 @@ DEMOGRAPHIC_TEXTS = (
 )
 
 
+# What `sex` may be, case-insensitive: the API's letters and the English words for them. Anything else is
+# refused rather than read by its first letter ("Mrs" is not male, "Frau" not female).
+SEX_WORDS: dict[str, Sex] = {
+    **{sex.value.lower(): sex for sex in Sex},
+    "male": Sex.MALE,
+    "female": Sex.FEMALE,
+    "other": Sex.OTHER,
+    "unknown": Sex.UNKNOWN,
+}
+
+
+def parse_sex(value: Any) -> Sex:
+    """The `sex` of a JSON body (SEX_WORDS); absent, null or "" is unknown, anything else a 422."""
+    if value is None or value == "":
+        return Sex.UNKNOWN
+    sex = SEX_WORDS.get(value.strip().lower()) if isinstance(value, str) else None
+    if sex is None:
+        allowed = "M, F, O, U (or male, female, other, unknown)"
+        raise ProblemError(422, f"sex must be one of {allowed}, got {value!r:.40}", field="sex")
+    return sex
+
+
 def demographics_from_json(body: dict[str, Any]) -> Demographics:
-    sex = str(body.get("sex") or "U").upper()[:1]
-    if sex not in {s.value for s in Sex}:
-        raise ProblemError(422, f"sex must be one of M, F, O, U, got {body.get('sex')!r}")
-    texts = {name: body_text(body, name, strip=True) for name in DEMOGRAPHIC_TEXTS}
-    raw_birth = body.get("birth_date")
+    """The demographics of a POST /patients body; every field checked, none silently dropped (a birth
+    date sent as a number would otherwise hide a birth-date conflict)."""
     return Demographics(
-        birth_date=parse_date(raw_birth if isinstance(raw_birth, str) else None, "birth_date"),
-        sex=Sex(sex),
-        **texts,
+        birth_date=body_date(body, "birth_date"),
+        sex=parse_sex(body.get("sex")),
+        **{name: body_text(body, name, strip=True) for name in DEMOGRAPHIC_TEXTS},
     )
 
 

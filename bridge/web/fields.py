@@ -24,7 +24,7 @@ import binascii
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from aiohttp import web
@@ -161,6 +161,32 @@ def label_text(text: str, name: str) -> str:
 def header_text(request: web.Request, header: str, name: str) -> str:
     """The header `header` as the label `name` (see `label_text`); "" when absent."""
     return label_text(request.headers.get(header, ""), name)
+
+
+def body_date(body: dict[str, Any], name: str) -> date | None:
+    """The date field `name` of a JSON body (None when absent, null or ""), or a 422 naming it: a
+    number (19810102) is refused, not dropped."""
+    value = body.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            pass
+    raise ProblemError(422, f"{name} must be an ISO date (YYYY-MM-DD) or null, got {value!r:.40}", field=name)
+
+
+def query_date(request: web.Request, name: str) -> date | None:
+    """The date query parameter `name` (None when absent or empty), or a 400 naming it."""
+    value = request.query.get(name)
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        detail = f"query parameter {name!r} must be an ISO date (YYYY-MM-DD), got {value!r:.40}"
+        raise ProblemError(400, detail, parameter=name) from None
 
 
 def parse_number(raw: str) -> int | None:

@@ -13,6 +13,7 @@ from aiohttp import web
 from bridge import __version__
 from bridge.dicom.teeth import CODES as FDI_TEETH
 from bridge.model import Category
+from bridge.web.api import SEX_WORDS
 from bridge.web.fields import ID_MAX, TEXT_RULES
 
 routes = web.RouteTableDef()
@@ -100,7 +101,10 @@ PATIENT_IN = {
         "middle_name": _text("middle_name"),
         "title": _text("title"),
         "birth_date": {"type": ["string", "null"], "format": "date"},
-        "sex": {"enum": ["M", "F", "O", "U"]},
+        "sex": {
+            "type": ["string", "null"],
+            "description": "Any case: " + ", ".join(SEX_WORDS) + "; absent, null or empty is U",
+        },
         "street": _text("street"),
         "city": _text("city"),
         "postal_code": _text("postal_code"),
