@@ -113,6 +113,40 @@ async def test_colour_photo_stays_colour_and_grey_in_rgb_is_grey(api_client: Any
     assert (xray["color"], xray["category"]) == (False, "intraoral-xray")
 
 
+def png_with(img: Image.Image, **save: Any) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "PNG", **save)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "color", "grey"),
+    [
+        (png_with(Image.new("P", (64, 64)), transparency=0), False, 0),  # palette index 0 transparent
+        (png_with(Image.new("RGB", (64, 64), (50, 50, 50)), transparency=(50, 50, 50)), False, 50),
+        (png_with(Image.new("L", (64, 64), 90), transparency=90), False, 90),
+        (png_with(Image.new("RGB", (64, 64), (30, 120, 200)), transparency=(30, 120, 200)), True, None),
+    ],
+    ids=["palette", "grey-rgb", "grey", "colour-rgb"],
+)
+async def test_png_with_transparency_is_stored_and_rendered(
+    api_client: Any, data: bytes, color: bool, grey: int | None
+) -> None:
+    """A PNG's tRNS chunk is alpha, ignored like any alpha; it used to survive as an RGB triple on the
+    grey channel of a grey image, and rendering the thumbnail failed (500 on upload)."""
+    image = await upload_one(api_client, data, "transparent.png")
+    assert (image["width"], image["height"], image["color"]) == (64, 64, color)
+    original = await api_client.get(f"/api/v1/images/{image['id']}/file")
+    assert await original.read() == data
+    for size in (64, 32):  # rendered at ingest, and from the stored file on request
+        thumb = await api_client.get(f"/api/v1/images/{image['id']}/thumbnail?size={size}")
+        assert thumb.status == 200, await thumb.text()
+        pixels = jpeg_pixels(await thumb.read())
+        assert pixels.shape[:2] == (size, size)
+        if grey is not None:
+            assert abs(int(pixels[2, size // 2, 0]) - grey) <= 3  # top row: clear of the watermark
+
+
 async def test_upload_category_and_orientation_fields_win_over_the_guess(api_client: Any) -> None:
     data = synthetic.png_bytes(synthetic.intraoral(200, 150))
     image = await upload_one(api_client, data, category="cephalometric", rotation="90", mirrored="yes")

@@ -262,6 +262,10 @@ def _decode_pillow_checked(
     if draft is not None and fmt == "jpeg":
         img.draft(img.mode, (draft, draft))  # libjpeg scales while decoding (1/2 .. 1/8): far faster
     img.load()
+    # Transparency (a PNG's tRNS, a GIF-style palette index) is alpha, which is ignored (see
+    # docs/imaging.md, Colour). Kept in `info`, it outlives conversions in the wrong form: an RGB triple
+    # on the grey channel of a grey RGB image, which the renderer's encoder then refuses.
+    img.info.pop("transparency", None)
     mode = img.mode
     bits, facts = _pil_bits(fmt, img, data)
     if fmt == "png":
