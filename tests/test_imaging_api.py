@@ -147,6 +147,35 @@ async def test_png_with_transparency_is_stored_and_rendered(
             assert abs(int(pixels[2, size // 2, 0]) - grey) <= 3  # top row: clear of the watermark
 
 
+async def test_a_camera_jpeg_with_exif_orientation_6_is_shown_upright(api_client: Any) -> None:
+    """A phone stores a portrait photo as landscape sensor rows with Orientation 6 ("turn 90 degrees
+    clockwise"); its thumbnail was landscape, the photo lying on its side."""
+    from PIL import ExifTags
+
+    stored = np.full((200, 400, 3), 40, np.uint8)
+    stored[:60, :60] = (250, 250, 250)  # a bright block at the sensor's top-left ...
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    out = io.BytesIO()
+    Image.fromarray(stored).save(out, "JPEG", quality=95, exif=exif.tobytes())
+    data = out.getvalue()
+    image = await upload_one(api_client, data, "IMG_0001.jpg")
+    assert (image["width"], image["height"], image["rotation"]) == (200, 400, 0)  # upright size
+    assert await (await api_client.get(f"/api/v1/images/{image['id']}/file")).read() == data  # EXIF kept
+
+    thumb = jpeg_pixels(await (await api_client.get(f"/api/v1/images/{image['id']}/thumbnail")).read())
+    assert thumb.shape[:2] == (256, 128)  # portrait
+    assert thumb[10, 118].min() > 200 and thumb[10, 10].max() < 80  # ... is the upright top-right
+    preview = jpeg_pixels(await (await api_client.get(f"/api/v1/images/{image['id']}/preview")).read())
+    assert preview.shape[:2] == (400, 200)
+
+    # the clinician's rotation turns the upright photo: 270 clockwise brings the block back to top-left
+    await api_client.patch(f"/api/v1/images/{image['id']}", json={"rotation": 270})
+    turned = jpeg_pixels(await (await api_client.get(f"/api/v1/images/{image['id']}/thumbnail")).read())
+    assert turned.shape[:2] == (128, 256)
+    assert turned[10, 10].min() > 200 and turned[10, 245].max() < 80
+
+
 async def test_upload_category_and_orientation_fields_win_over_the_guess(api_client: Any) -> None:
     data = synthetic.png_bytes(synthetic.intraoral(200, 150))
     image = await upload_one(api_client, data, category="cephalometric", rotation="90", mirrored="yes")
