@@ -372,6 +372,23 @@ async def test_json_bodies_have_their_own_small_limit_and_depth(api_client: Any)
     assert (await api_client.post("/api/v1/patients", data=io.BytesIO(fits), headers=json_type)).status == 201
 
 
+async def test_a_launch_message_sent_in_pieces_is_read_whole(api_client: Any) -> None:
+    """The launch endpoint read only what had arrived by its first read: the first piece of a body
+    that comes in several (a slow share, a large exchange file)."""
+
+    async def pieces() -> Any:
+        for piece in (b'SET 4713 LN="Roe"', b' FN="Ann"', b" BD=19991231"):
+            yield piece
+            await asyncio.sleep(0.05)
+
+    launched = await api_client.post("/api/v1/launch/dexis", data=pieces())
+    assert launched.status == 200 and launched.headers["X-PMS-Exit"] == "0"
+    [roe] = (await (await api_client.get("/api/v1/patients", params={"pms_id": "4713"})).json())["items"]
+    assert (roe["last_name"], roe["first_name"], roe["birth_date"]) == ("Roe", "Ann", "1999-12-31")
+    too_large = await api_client.post("/api/v1/launch/dexis", data=io.BytesIO(b" " * (4 * 1024 * 1024 + 1)))
+    assert too_large.status == 413
+
+
 async def test_forbidden_when_patient_creation_is_off(make_settings: Any) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 

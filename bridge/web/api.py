@@ -45,6 +45,7 @@ from bridge.web.fields import (
     path_id,
     query_date,
     query_text,
+    read_body,
 )
 from bridge.web.keys import MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY
@@ -89,21 +90,12 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 # JSON bodies (a patient, an image's changes, a conflict's resolution) are at most a few KB; the much
 # larger [api] max_body_mb is for uploads, and would let a client make the daemon parse 200 MB of JSON.
 MAX_JSON_BYTES = 1024 * 1024
-JSON_READ_CHUNK = 64 * 1024
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 4xx problem saying what is wrong with it: 413 over
-    MAX_JSON_BYTES (from Content-Length, or while reading a chunked body), 400 when it is not JSON or
-    nests deeper than the parser's recursion allows."""
-    too_large = ProblemError(413, f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
-    if (request.content_length or 0) > MAX_JSON_BYTES:
-        raise too_large
-    raw = bytearray()
-    while chunk := await request.content.read(JSON_READ_CHUNK):
-        raw += chunk
-        if len(raw) > MAX_JSON_BYTES:
-            raise too_large
+    MAX_JSON_BYTES, 400 when it is not JSON or nests deeper than the parser's recursion allows."""
+    raw = await read_body(request, MAX_JSON_BYTES, f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
     try:
         body = json.loads(raw.decode(request.charset or "utf-8"))
     except (ValueError, LookupError):  # not JSON, not in its charset, or an unknown charset

@@ -231,6 +231,27 @@ def int_param(request: web.Request, name: str, default: int, low: int, high: int
 
 
 # --------------------------------------------------------------------------------------------------
+# Bodies
+
+
+BODY_READ_CHUNK = 64 * 1024
+
+
+async def read_body(request: web.Request, limit: int, too_large: str) -> bytes:
+    """The whole request body, or a 413 problem with `too_large` as soon as it passes `limit` bytes
+    (from Content-Length, else while reading a chunked body). A single `content.read(n)` is not enough:
+    it answers with what has arrived so far, the first chunk of a body sent in several."""
+    if (request.content_length or 0) > limit:
+        raise ProblemError(413, too_large)
+    body = bytearray()
+    while chunk := await request.content.read(BODY_READ_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise ProblemError(413, too_large)
+    return bytes(body)
+
+
+# --------------------------------------------------------------------------------------------------
 # Cursors: base64url (unpadded) JSON of the last row's sort key
 
 
