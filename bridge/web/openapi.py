@@ -199,6 +199,8 @@ PROBLEM_SCHEMA = {
         "status": {"type": "integer"},
         "detail": {"type": "string"},
         "instance": {"type": "string"},
+        "field": {"type": "string", "description": "The body or form field refused (422)"},
+        "parameter": {"type": "string", "description": "The query parameter, path id or cursor refused"},
     },
 }
 
