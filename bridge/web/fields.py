@@ -64,21 +64,21 @@ def _rule(*columns: Column[Any], free: bool = False) -> TextRule:
     return TextRule(column_limit(*columns), free)
 
 
-def _cols(model: type[Any], name: str) -> Column[Any]:
+def _column(model: type[Any], name: str) -> Column[Any]:
     column: Column[Any] = model.__table__.c[name]
     return column
 
 
 # Every text the API stores or searches by, and the columns it ends up in.
 TEXT_RULES: dict[str, TextRule] = {
-    "pms_system": _rule(_cols(PmsLink, "pms_system"), _cols(Conflict, "pms_system")),
+    "pms_system": _rule(_column(PmsLink, "pms_system"), _column(Conflict, "pms_system")),
     "practice_id": _rule(
-        _cols(PmsLink, "practice_id"), _cols(PmsLink, "practice_key"), _cols(Conflict, "practice_id")
+        _column(PmsLink, "practice_id"), _column(PmsLink, "practice_key"), _column(Conflict, "practice_id")
     ),
-    "pms_id": _rule(_cols(PmsLink, "pms_id"), _cols(Conflict, "pms_id")),
-    "chart_number": _rule(_cols(ChartAlias, "chart_number"), _cols(Conflict, "chart_number")),
+    "pms_id": _rule(_column(PmsLink, "pms_id"), _column(Conflict, "pms_id")),
+    "chart_number": _rule(_column(ChartAlias, "chart_number"), _column(Conflict, "chart_number")),
     **{
-        name: _rule(_cols(Patient, name))
+        name: _rule(_column(Patient, name))
         for name in (
             "last_name",
             "first_name",
@@ -91,16 +91,16 @@ TEXT_RULES: dict[str, TextRule] = {
             "email",
         )
     },
-    "name": _rule(_cols(Patient, "name_key")),  # the search: a prefix of the folded "last first"
-    "device": _rule(_cols(Image, "device")),
-    "comment": _rule(_cols(Image, "comment"), free=True),
+    "name": _rule(_column(Patient, "name_key")),  # the search: a prefix of the folded "last first"
+    "device": _rule(_column(Image, "device")),
+    "comment": _rule(_column(Image, "comment"), free=True),
     # A person's note: its first 40 characters are the conflict's resolution (the service cuts it), the
     # whole text goes to the audit log's unbounded detail; 1000 characters is a paragraph.
     "resolution": TextRule(limit=1000, free=True),
-    # Headers that only label the audit entry (see `header_text`).
-    "workstation": _rule(_cols(AuditEntry, "workstation"), _cols(Conflict, "origin")),
-    "transport": _rule(_cols(AuditEntry, "transport")),
-    "request_id": _rule(_cols(AuditEntry, "request_id")),
+    # Headers that only label the audit entry (see `label_text`).
+    "workstation": _rule(_column(AuditEntry, "workstation"), _column(Conflict, "origin")),
+    "transport": _rule(_column(AuditEntry, "transport")),
+    "request_id": _rule(_column(AuditEntry, "request_id")),
 }
 
 
