@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 from typing import Any
@@ -107,11 +108,12 @@ async def test_bad_requests_get_problem_bodies(api_client: Any) -> None:
         (await api_client.post("/api/v1/patients", json=["a"]), 400),
         (await create(api_client, pms_id=123), 422),
         (await create(api_client, sex="Q"), 422),
-        (await create(api_client, birth_date="14.07.1985"), 400),
+        (await create(api_client, birth_date="14.07.1985"), 422),  # a field of the body, like sex
+        (await api_client.get("/api/v1/patients?birth_date=14.07.1985"), 400),
         (await create(api_client, pms_id="", chart_number=""), 422),
         (await api_client.get("/api/v1/patients?limit=0"), 400),
         (await api_client.get("/api/v1/patients?cursor=@@@"), 400),
-        (await api_client.get("/api/v1/patients/abc"), 404),
+        (await api_client.get("/api/v1/patients/abc"), 400),
         (await api_client.get("/api/v1/nothing-here"), 404),
         (await api_client.delete("/api/v1/patients"), 405),
     ]
@@ -119,6 +121,272 @@ async def test_bad_requests_get_problem_bodies(api_client: Any) -> None:
         assert response.status == status, (response.url, await response.text())
         body = await response.json(content_type=PROBLEM)
         assert set(body) >= {"type", "title", "status", "detail"} and body["status"] == status
+
+
+def cursor(value: Any) -> str:
+    """A cursor as the API encodes one (base64url of the JSON, unpadded), around any value."""
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+async def test_malformed_ids_and_cursors_are_400_problems_naming_the_parameter(api_client: Any) -> None:
+    for i in range(3):
+        assert (await create(api_client, pms_id=f"N{i}")).status == 201
+    bad_id_cursors = [cursor(v) for v in ("x", True, 1.5, [1, 2], {"a": 1}, 10**30, 0, -1)]
+    cases = [
+        *[
+            (f"/api/v1/{what}?cursor={c}", "cursor")
+            for what in ("patients", "conflicts", "audit")
+            for c in bad_id_cursors
+        ],
+        *[
+            (f"/api/v1/patients/1/images?cursor={c}", "cursor")
+            for c in (
+                cursor([None, 10**30]),
+                cursor([None, 1e400]),
+                cursor(["x", 1]),
+                cursor(5),
+                cursor([None]),
+            )
+        ],
+        ("/api/v1/patients/1/images?cursor=" + cursor(["2024-01-01T00:00:00+02:00", 1]), "cursor"),
+        ("/api/v1/patients?cursor=" + base64.urlsafe_b64encode(b"[" * 2000 + b"]" * 2000).decode(), "cursor"),
+        ("/api/v1/audit?patient_id=99999999999999999999999", "patient_id"),
+        ("/api/v1/audit?patient_id=%D9%A3", "patient_id"),
+        ("/api/v1/patients/%C2%B2", "id"),
+        ("/api/v1/patients/%D9%A3", "id"),  # an Arabic-Indic 3 answered patient 3
+        ("/api/v1/patients/0", "id"),
+        ("/api/v1/patients/9223372036854775808", "id"),
+        ("/api/v1/patients/%D9%A3/images", "id"),
+        ("/api/v1/images/%C2%B2", "id"),
+        ("/api/v1/images/%C2%B2/thumbnail", "id"),
+        ("/api/v1/images/%C2%B2/file", "id"),
+        ("/api/v1/images/1/thumbnail?size=%D9%A3%D9%A3", "size"),
+        ("/api/v1/patients?limit=%D9%A3", "limit"),
+        ("/api/v1/patients?limit=1_0", "limit"),
+    ]
+    for path, parameter in cases:
+        response = await api_client.get(path)
+        assert response.status == 400, (path, await response.text())
+        body = await response.json(content_type=PROBLEM)
+        assert body["status"] == 400 and body["parameter"] == parameter, (path, body)
+    for path in (
+        "/api/v1/patients/9223372036854775807",
+        "/api/v1/patients/0099999",
+        "/api/v1/images/77/file",
+    ):
+        assert (await api_client.get(path)).status == 404, path
+    three = await api_client.get("/api/v1/patients/3")
+    assert three.status == 200 and (await three.json())["id"] == 3
+
+
+async def test_birth_date_and_sex_are_taken_as_sent_or_refused(api_client: Any) -> None:
+    created = await create(api_client, pms_id="S1", birth_date="1980-05-06", sex="F")
+    assert created.status == 201
+    # A birth date sent as a number was dropped, so this other birth date was no conflict (200).
+    for birth_date in (19810102, 19800506, True, ["1980-05-06"], {"y": 1980}):
+        response = await create(api_client, pms_id="S1", birth_date=birth_date, sex="F")
+        assert response.status == 422, (birth_date, await response.text())
+        assert (await response.json(content_type=PROBLEM))["field"] == "birth_date"
+    # Sex was read by its first letter: "Mrs" was male, "Frau" female.
+    for sex in ("Mrs", "Ms", "Miss", "Frau", "Mann", "W", "Q", 1, True):
+        response = await create(api_client, pms_id="S2", sex=sex)
+        assert response.status == 422, (sex, await response.text())
+        assert (await response.json(content_type=PROBLEM))["field"] == "sex"
+    for n, (sex, stored) in enumerate(
+        (
+            ("f", "F"),
+            (" M ", "M"),
+            ("female", "F"),
+            ("MALE", "M"),
+            ("Other", "O"),
+            ("unknown", "U"),
+            ("", "U"),
+        )
+    ):
+        response = await create(api_client, pms_id=f"S3{n}", sex=sex)
+        assert response.status == 201 and (await response.json())["sex"] == stored, sex
+    unsent = await create(api_client, pms_id="S4", sex=None, birth_date=None)
+    assert unsent.status == 201 and (await unsent.json())["sex"] == "U"
+
+
+# The store's column lengths (bridge/store/models.py) that the API's text fields must fit.
+COLUMN_LENGTHS = {
+    "pms_system": 100,
+    "practice_id": 100,
+    "pms_id": 100,
+    "chart_number": 60,
+    "last_name": 120,
+    "first_name": 120,
+    "middle_name": 120,
+    "title": 40,
+    "street": 200,
+    "city": 120,
+    "postal_code": 20,
+    "phone": 60,
+    "email": 200,
+}
+
+
+async def test_text_fields_fit_their_columns_on_every_database(api_client: Any) -> None:
+    from bridge.web.fields import TEXT_RULES
+
+    assert {name: TEXT_RULES[name].limit for name in COLUMN_LENGTHS} == COLUMN_LENGTHS
+    for n, (name, length) in enumerate(COLUMN_LENGTHS.items()):
+        longest = {"pms_id": f"L{n}", name: "x" * length}
+        if name != "chart_number":
+            longest["chart_number"] = f"C{n}"
+        created = await create(api_client, **longest)
+        assert created.status == 201, (name, await created.text())
+        stored = await (await api_client.get(f"/api/v1/patients/{(await created.json())['id']}")).json()
+        if name in stored:
+            assert stored[name] == "x" * length, name
+        too_long = await create(api_client, **{**longest, "pms_id": f"T{n}", name: "x" * (length + 1)})
+        assert too_long.status == 422, (name, await too_long.text())
+        problem = await too_long.json(content_type=PROBLEM)
+        assert problem["field"] == name and f"at most {length}" in problem["detail"]
+    # SQL Server's NVARCHAR counts UTF-16 code units: a character beyond the BMP counts twice
+    astral = await create(api_client, pms_id="astral", title="\U0001f600" * 21)
+    assert astral.status == 422 and (await astral.json(content_type=PROBLEM))["field"] == "title"
+    huge = await create(api_client, pms_id="a" * 100_000)
+    assert huge.status == 422 and (await huge.json(content_type=PROBLEM))["field"] == "pms_id"
+    search = await api_client.get("/api/v1/patients", params={"chart_number": "c" * 61})
+    assert search.status == 400 and (await search.json(content_type=PROBLEM))["parameter"] == "chart_number"
+
+
+async def test_control_characters_and_lone_surrogates_are_refused_by_name(api_client: Any) -> None:
+    for name, value in (
+        ("pms_id", "a\u0000b"),
+        ("pms_id", "\ud800"),
+        ("pms_system", "desk\x7f"),
+        ("chart_number", "C\t1"),
+        ("last_name", "Doe\u0000"),
+        ("first_name", "Ja\x1bne"),
+        ("street", "Main St\udfff"),
+    ):
+        response = await create(api_client, **{"pms_id": "ctl", name: value})
+        assert response.status == 422, (name, value, await response.text())
+        assert (await response.json(content_type=PROBLEM))["field"] == name
+    for name in ("pms_id", "name", "chart_number", "pms_system"):
+        for raw in ("a%00b", "a%1Fb"):
+            response = await api_client.get(f"/api/v1/patients?{name}={raw}")
+            assert response.status == 400, (name, raw, await response.text())
+            assert (await response.json(content_type=PROBLEM))["parameter"] == name
+    assert (await api_client.get("/api/v1/patients")).status == 200  # nothing was stored
+    # a conflict's resolution is free text: line breaks are fine, NUL is not
+    assert (await create(api_client, pms_id="R1", birth_date="1980-01-01")).status == 201
+    clash = await create(api_client, pms_id="R1", birth_date="1990-01-01")
+    conflict_id = (await clash.json(content_type=PROBLEM))["conflict_id"]
+    nul = await api_client.post(f"/api/v1/conflicts/{conflict_id}/resolve", json={"resolution": "ok\u0000"})
+    assert nul.status == 422 and (await nul.json(content_type=PROBLEM))["field"] == "resolution"
+    lines = await api_client.post(
+        f"/api/v1/conflicts/{conflict_id}/resolve", json={"resolution": "PMS corrected\nby the front desk"}
+    )
+    assert lines.status == 200, await lines.text()
+
+
+async def test_upload_comment_and_device_are_checked_not_cut(api_client: Any) -> None:
+    patient = await (await create(api_client)).json()
+    for name, value, status in (
+        ("comment", "c" * 500, 201),
+        ("comment", "first line\r\nsecond line\tend", 201),
+        ("comment", "c" * 501, 422),
+        ("comment", "a\x00b", 422),
+        ("device", "d" * 201, 422),
+        ("device", "Sensor\nX", 422),
+    ):
+        form = FormData()
+        form.add_field("file", png16(), filename="x.png", content_type="image/png")
+        form.add_field(name, value)
+        response = await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)
+        assert response.status == status, (name, value, await response.text())
+        if status == 422:
+            assert (await response.json(content_type=PROBLEM))["field"] == name
+
+
+async def test_header_bytes_that_are_not_utf8_are_recorded_readably(
+    api_client: Any, runtime: Runtime
+) -> None:
+    """A workstation name in cp1252 arrives as bytes aiohttp hands on as lone surrogates; recorded as
+    they were, they made every later audit batch fail on PostgreSQL."""
+    patient = await (await create(api_client)).json()
+    reader, writer = await asyncio.open_connection(api_client.server.host, api_client.server.port)
+    writer.write(
+        f"GET /api/v1/patients/{patient['id']} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Authorization: Bearer {runtime.settings.api.token}\r\n".encode()
+        + b"X-PMS-Workstation: PRAXIS-M\xdcLLER\r\nX-Request-ID: r\xff1\r\n\r\n"
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b"\r\nX-Request-ID: r\xff1" not in head  # a fresh request id instead of the unprintable one
+    await runtime.audit.flush()
+    entries = (await (await api_client.get(f"/api/v1/audit?patient_id={patient['id']}")).json())["items"]
+    assert any(e["action"] == "patient.read" and e["workstation"] == "PRAXIS-M\ufffdLLER" for e in entries)
+    # the launch endpoint takes the workstation percent-encoded: a NUL in it was recorded as it came
+    launched = await api_client.post(
+        "/api/v1/launch/dexis",
+        data=b'SET 4712 LN="Roe" FN="Ann" BD=19991231',
+        headers={"X-PMS-Workstation": "WS%00%FF1", "X-PMS-Transport": "cli\t"},
+    )
+    assert launched.status == 200 and launched.headers["X-PMS-Exit"] == "0"
+    [roe] = (await (await api_client.get("/api/v1/patients", params={"pms_id": "4712"})).json())["items"]
+    await runtime.audit.flush()
+    entries = (await (await api_client.get(f"/api/v1/audit?patient_id={roe['id']}")).json())["items"]
+    entries = [e for e in entries if e["protocol"] == "dexis"]
+    assert entries and all(e["workstation"] == "WS\ufffd1" and e["transport"] == "cli" for e in entries)
+
+
+async def test_json_bodies_have_their_own_small_limit_and_depth(api_client: Any) -> None:
+    """[api] max_body_mb (200 MB) is for uploads; JSON bodies stop at 1 MB, and deep nesting is a 400,
+    not the parser's RecursionError as a 500."""
+    patient = await (await create(api_client)).json()
+    form = FormData()
+    form.add_field("file", png16(), filename="x.png", content_type="image/png")
+    uploaded = await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)
+    image_id = (await uploaded.json())["items"][0]["id"]
+    big = json.dumps({"pms_system": "desk", "pms_id": "big", "x": "x" * (1024 * 1024)}).encode()
+
+    async def chunked() -> Any:
+        for start in range(0, len(big), 100_000):
+            yield big[start : start + 100_000]
+
+    targets = [
+        ("POST", "/api/v1/patients"),
+        ("PATCH", f"/api/v1/images/{image_id}"),
+        ("POST", "/api/v1/conflicts/1/resolve"),
+    ]
+    json_type = {"Content-Type": "application/json"}
+    for method, path in targets:
+        for data in (io.BytesIO(big), chunked()):
+            response = await api_client.request(method, path, data=data, headers=json_type)
+            assert response.status == 413, (method, path, await response.text())
+            assert "at most 1048576 bytes" in (await response.json(content_type=PROBLEM))["detail"]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for method, path in targets:
+        response = await api_client.request(method, path, data=deep, headers=json_type)
+        assert response.status == 400, (method, path, await response.text())
+        assert "nests too deeply" in (await response.json(content_type=PROBLEM))["detail"]
+    fits = json.dumps({"pms_system": "desk", "pms_id": "fits", "x": "x" * (1024 * 1024 - 100)}).encode()
+    assert (await api_client.post("/api/v1/patients", data=io.BytesIO(fits), headers=json_type)).status == 201
+
+
+async def test_a_launch_message_sent_in_pieces_is_read_whole(api_client: Any) -> None:
+    """The launch endpoint read only what had arrived by its first read: the first piece of a body
+    that comes in several (a slow share, a large exchange file)."""
+
+    async def pieces() -> Any:
+        for piece in (b'SET 4713 LN="Roe"', b' FN="Ann"', b" BD=19991231"):
+            yield piece
+            await asyncio.sleep(0.05)
+
+    launched = await api_client.post("/api/v1/launch/dexis", data=pieces())
+    assert launched.status == 200 and launched.headers["X-PMS-Exit"] == "0"
+    [roe] = (await (await api_client.get("/api/v1/patients", params={"pms_id": "4713"})).json())["items"]
+    assert (roe["last_name"], roe["first_name"], roe["birth_date"]) == ("Roe", "Ann", "1999-12-31")
+    too_large = await api_client.post("/api/v1/launch/dexis", data=io.BytesIO(b" " * (4 * 1024 * 1024 + 1)))
+    assert too_large.status == 413
 
 
 async def test_forbidden_when_patient_creation_is_off(make_settings: Any) -> None:
@@ -198,6 +466,13 @@ async def test_bad_uploads_are_refused_and_leave_nothing(api_client: Any, runtim
     bad_teeth.add_field("file", png16(), filename="x.png")
     bad_teeth.add_field("tooth_numbers", "19")
     assert (await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=bad_teeth)).status == 422
+    for teeth in ("11, 11", "١١", ",".join(["11"] * 53)):
+        form = FormData()
+        form.add_field("file", png16(), filename="x.png")
+        form.add_field("tooth_numbers", teeth)
+        response = await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)
+        assert response.status == 422, teeth
+        assert (await response.json(content_type=PROBLEM))["field"] == "tooth_numbers"
     missing = FormData()
     missing.add_field("file", png16(), filename="x.png")
     assert (await api_client.post("/api/v1/patients/999/images", data=missing)).status == 404

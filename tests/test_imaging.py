@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from bridge.imaging import synthetic
 from bridge.imaging.analyze import ImagingError, analyze, decode
@@ -180,6 +180,51 @@ def test_the_eight_orientations_are_all_different() -> None:
     data = synthetic.png_bytes(synthetic.quadrants(96, 64))
     renders = {render(data, rotation=r, mirrored=m) for r, m in ORIENTATIONS}
     assert len(renders) == 8
+
+
+# The file's EXIF orientation (EXIF 2.3, tag 274): how the stored rows and columns become the upright
+# picture. Here the other way round, from upright to stored, written independently of Pillow with numpy.
+UPRIGHT_TO_STORED = {
+    1: lambda up: up,
+    2: np.fliplr,
+    3: lambda up: np.rot90(up, 2),
+    4: np.flipud,
+    5: lambda up: up.transpose(1, 0, 2),  # row 0 is the left edge, column 0 the top
+    6: lambda up: np.rot90(up, 1),  # row 0 is the right edge: shown turned 90 degrees clockwise
+    7: lambda up: up[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda up: np.rot90(up, -1),
+}
+
+
+def with_exif_orientation(pixels: np.ndarray[Any, Any], orientation: int, fmt: str = "PNG") -> bytes:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(out, fmt, exif=exif.tobytes())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_files_exif_orientation_is_applied_before_the_stored_one(orientation: int) -> None:
+    upright = synthetic.quadrants(96, 64)
+    upright[5:9, 3:30] = (0, 0, 0)
+    data = with_exif_orientation(UPRIGHT_TO_STORED[orientation](upright), orientation)
+    facts = analyze(data)
+    assert (facts.width, facts.height) == (96, 64)  # the upright size, whichever way the file stores it
+    assert facts.attributes.get("exif_orientation", 1) == orientation
+    assert np.array_equal(pixels_of(render(data)), upright)
+    for rotation, mirrored in ((90, False), (270, True)):
+        shown = pixels_of(render(data, rotation=rotation, mirrored=mirrored))
+        assert np.array_equal(shown, expected_orientation(upright, rotation, mirrored))
+
+
+def test_a_damaged_exif_block_does_not_refuse_the_photo() -> None:
+    out = io.BytesIO()
+    Image.fromarray(synthetic.quadrants(96, 64)).save(
+        out, "JPEG", exif=b"Exif\x00\x00MM\x00*\xff\xff\xff\xff"
+    )
+    facts = analyze(out.getvalue())
+    assert (facts.width, facts.height) == (96, 64) and "exif_orientation" not in facts.attributes
 
 
 # ------------------------------------------------------------------------------------------------

@@ -115,6 +115,69 @@ async def test_colour_photo_stays_colour_and_grey_in_rgb_is_grey(api_client: Any
     assert (xray["color"], xray["category"]) == (False, "intraoral-xray")
 
 
+def png_with(img: Image.Image, **save: Any) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "PNG", **save)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "color", "grey"),
+    [
+        (png_with(Image.new("P", (64, 64)), transparency=0), False, 0),  # palette index 0 transparent
+        (png_with(Image.new("RGB", (64, 64), (50, 50, 50)), transparency=(50, 50, 50)), False, 50),
+        (png_with(Image.new("L", (64, 64), 90), transparency=90), False, 90),
+        (png_with(Image.new("RGB", (64, 64), (30, 120, 200)), transparency=(30, 120, 200)), True, None),
+    ],
+    ids=["palette", "grey-rgb", "grey", "colour-rgb"],
+)
+async def test_png_with_transparency_is_stored_and_rendered(
+    api_client: Any, data: bytes, color: bool, grey: int | None
+) -> None:
+    """A PNG's tRNS chunk is alpha, ignored like any alpha; it used to survive as an RGB triple on the
+    grey channel of a grey image, and rendering the thumbnail failed (500 on upload)."""
+    image = await upload_one(api_client, data, "transparent.png")
+    assert (image["width"], image["height"], image["color"]) == (64, 64, color)
+    original = await api_client.get(f"/api/v1/images/{image['id']}/file")
+    assert await original.read() == data
+    for size in (64, 32):  # rendered at ingest, and from the stored file on request
+        thumb = await api_client.get(f"/api/v1/images/{image['id']}/thumbnail?size={size}")
+        assert thumb.status == 200, await thumb.text()
+        pixels = jpeg_pixels(await thumb.read())
+        assert pixels.shape[:2] == (size, size)
+        if grey is not None:
+            assert abs(int(pixels[2, size // 2, 0]) - grey) <= 3  # top row: clear of the watermark
+
+
+async def test_a_camera_jpeg_with_exif_orientation_6_is_shown_upright(api_client: Any) -> None:
+    """A phone stores a portrait photo as landscape sensor rows with Orientation 6 ("turn 90 degrees
+    clockwise"); its thumbnail was landscape, the photo lying on its side."""
+    from PIL import ExifTags
+
+    stored = np.full((200, 400, 3), 40, np.uint8)
+    stored[:60, :60] = (250, 250, 250)  # a bright block at the sensor's top-left ...
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    out = io.BytesIO()
+    Image.fromarray(stored).save(out, "JPEG", quality=95, exif=exif.tobytes())
+    data = out.getvalue()
+    image = await upload_one(api_client, data, "IMG_0001.jpg")
+    assert (image["width"], image["height"], image["rotation"]) == (200, 400, 0)  # upright size
+    assert await (await api_client.get(f"/api/v1/images/{image['id']}/file")).read() == data  # EXIF kept
+
+    thumb = jpeg_pixels(await (await api_client.get(f"/api/v1/images/{image['id']}/thumbnail")).read())
+    assert thumb.shape[:2] == (256, 128)  # portrait
+    assert thumb[10, 118].min() > 200 and thumb[10, 10].max() < 80  # ... is the upright top-right
+    preview = jpeg_pixels(await (await api_client.get(f"/api/v1/images/{image['id']}/preview")).read())
+    assert preview.shape[:2] == (400, 200)
+
+    # the clinician's rotation turns the upright photo: 270 clockwise brings the block back to top-left
+    await api_client.patch(f"/api/v1/images/{image['id']}", json={"rotation": 270})
+    turned = jpeg_pixels(await (await api_client.get(f"/api/v1/images/{image['id']}/thumbnail")).read())
+    assert turned.shape[:2] == (128, 256)
+    assert turned[10, 10].min() > 200 and turned[10, 245].max() < 80
+
+
 async def test_upload_category_and_orientation_fields_win_over_the_guess(api_client: Any) -> None:
     data = synthetic.png_bytes(synthetic.intraoral(200, 150))
     image = await upload_one(api_client, data, category="cephalometric", rotation="90", mirrored="yes")
@@ -373,6 +436,15 @@ async def test_export_bytes_for_pms_exports(api_client: Any, runtime: Runtime) -
         ({"rotation": "90"}, 422, "rotation must be"),
         ({"mirrored": "yes"}, 422, "mirrored must be"),
         ({"tooth_numbers": [11, 99]}, 422, "99 is not an FDI tooth number"),
+        (
+            {"tooth_numbers": [11] * 200_000},
+            422,
+            "at most 52 tooth numbers (each FDI tooth once), got 200000",
+        ),
+        ({"tooth_numbers": [11, 21, 11]}, 422, "tooth 11 is listed twice"),
+        ({"tooth_numbers": ["١١"]}, 422, "is not a number"),
+        ({"tooth_numbers": [True]}, 422, "is not a number"),
+        ({"tooth_numbers": [11.0]}, 422, "is not a number"),
         ({"category": "selfie"}, 422, "category must be one of"),
         ({"width": 10}, 422, "cannot change width"),
         ({}, 422, "nothing to change"),

@@ -3,7 +3,10 @@
 Everything is decided from the file itself, never from its name or a label a sender attached:
 * the format from its first bytes (PNG, JPEG, TIFF, DICOM Part 10), so a renamed file is still known;
 * colour from the pixels: an RGB file whose channels are all equal is a grey X-ray (`is_grey_rgb`);
-* `bits_stored` from the container's own declaration (see `docs/imaging.md` for the rule).
+* `bits_stored` from the container's own declaration (see `docs/imaging.md` for the rule);
+* which way is up from the file's EXIF orientation (cameras and phones store the sensor's pixels and say
+  how to turn them): the decoded pixels, and so the analysed width and height, are upright, and the
+  clinician's rotation and mirroring apply to those at render time.
 
 A file is decoded completely before anything is stored: a truncated or corrupt file fails here and the
 sender gets the reason, while the store stays untouched.
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageChops, TiffImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageChops, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from bridge.model import Category, NewImage
 
@@ -251,6 +254,24 @@ def _decode_pillow(data: bytes, fmt: str, draft: int | None = None) -> Decoded:
         raise ImagingError(f"corrupt or truncated {pil_format} file: {exc}") from None
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation (1-8) of a Pillow image, 1 when it has none or an unreadable one: a camera's
+    damaged EXIF must not refuse its photo (the pixels decide that)."""
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # Pillow's EXIF parser raises many kinds on damaged data; all mean "unknown"
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _upright(img: Image.Image) -> tuple[Image.Image, int]:
+    """`img` turned as its EXIF orientation says (exact transposes), and that orientation."""
+    orientation = exif_orientation(img)
+    if orientation == 1:
+        return img, 1
+    return ImageOps.exif_transpose(img), orientation
+
+
 def _decode_pillow_checked(
     data: bytes, fmt: str, pil_format: str, ext: str, media_type: str, draft: int | None
 ) -> Decoded:
@@ -262,8 +283,13 @@ def _decode_pillow_checked(
     if draft is not None and fmt == "jpeg":
         img.draft(img.mode, (draft, draft))  # libjpeg scales while decoding (1/2 .. 1/8): far faster
     img.load()
-    mode = img.mode
-    bits, facts = _pil_bits(fmt, img, data)
+    bits, facts = _pil_bits(fmt, img, data)  # from the file's own image: a turned copy has no TIFF tags
+    upright, orientation = _upright(img)
+    # Transparency (a PNG's tRNS, a GIF-style palette index) is alpha, which is ignored (see
+    # docs/imaging.md, Colour). Kept in `info`, it outlives conversions in the wrong form: an RGB triple
+    # on the grey channel of a grey RGB image, which the renderer's encoder then refuses.
+    upright.info.pop("transparency", None)
+    mode = upright.mode
     if fmt == "png":
         # Pillow stops at the last image data; verify() reads on to IEND and checks every CRC, so a
         # file cut after its pixels (or with a damaged chunk) is still refused.
@@ -272,6 +298,8 @@ def _decode_pillow_checked(
     lossy = fmt == "jpeg"
     facts["source_format"] = pil_format.lower()
     facts["mode"] = mode
+    if orientation != 1:
+        facts["exif_orientation"] = orientation  # the file's pixels are stored turned: say so
     common: dict[str, Any] = {
         "bits_stored": bits,
         "lossy": lossy,
@@ -281,14 +309,14 @@ def _decode_pillow_checked(
         "attributes": facts,
     }
     if mode in ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr"):
-        image, color = _grey_or_colour(img, lossy=lossy)
+        image, color = _grey_or_colour(upright, lossy=lossy)
         return Decoded(color=color, image=image, **common)
     if mode in ("L", "1", "LA", "La"):
-        return Decoded(color=False, image=img if mode == "L" else img.convert("L"), **common)
+        return Decoded(color=False, image=upright if mode == "L" else upright.convert("L"), **common)
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        return Decoded(color=False, pixels=np.asarray(img).astype(np.uint16, copy=False), **common)
+        return Decoded(color=False, pixels=np.asarray(upright).astype(np.uint16, copy=False), **common)
     if mode == "I":
-        pixels = np.asarray(img)
+        pixels = np.asarray(upright)
         if pixels.size and (int(pixels.min()) < 0 or int(pixels.max()) > 65535):
             raise ImagingError("unsupported pixels: 32-bit integer values beyond the 16-bit range")
         return Decoded(color=False, pixels=pixels.astype(np.uint16), **common)

@@ -6,7 +6,8 @@ The order is chosen for speed without changing what a clinician sees:
    the following steps touch a 256-pixel image instead of a 3000x1500 one;
 2. map deep grey values to 8 bits with a lookup table (numpy indexing, no per-pixel Python): the
    DICOM window when the source has one, otherwise a robust automatic window; MONOCHROME1 inverted;
-3. orient: mirror left-right first, then rotate clockwise (exact pixel transposes, no resampling);
+3. orient: mirror left-right first, then rotate clockwise (exact pixel transposes, no resampling), on
+   pixels the decoder has already turned upright by the file's EXIF orientation (a phone's photo);
 4. stamp the watermark last, so it is upright and readable whatever the orientation.
 """
 
@@ -28,7 +29,7 @@ from bridge.imaging.analyze import Analysis, Decoded, Window, auto_window, decod
 
 # Bump when rendering changes what a thumbnail looks like: it is part of the watermark version, which is
 # part of every cache key, so all cached renders are replaced.
-RENDER_VERSION = 1
+RENDER_VERSION = 2  # 2: the file's EXIF orientation is applied before the stored one
 
 POSITIONS = ("bottom-left", "bottom-right", "top-left", "top-right", "center")
 FORMATS = {"JPEG": "JPEG", "JPG": "JPEG", "PNG": "PNG", "TIF": "TIFF", "TIFF": "TIFF"}

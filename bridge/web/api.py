@@ -7,16 +7,16 @@ Lists answer {"items": [...], "next": cursor-or-null} and take `limit` and `curs
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 from aiohttp.hdrs import CONTENT_TYPE
 from aiohttp.helpers import parse_mimetype
 
+from bridge.dicom.teeth import CODES as FDI_TEETH
+from bridge.dicom.teeth import is_fdi
 from bridge.imaging.analyze import ImagingError
 from bridge.model import (
     Action,
@@ -31,6 +31,22 @@ from bridge.model import (
 )
 from bridge.runtime import Runtime
 from bridge.service import Refused
+from bridge.web.fields import (
+    body_date,
+    body_text,
+    cursor_after_capture,
+    cursor_after_id,
+    encode_cursor,
+    form_text,
+    header_text,
+    int_param,
+    parse_id,
+    parse_number,
+    path_id,
+    query_date,
+    query_text,
+    read_body,
+)
 from bridge.web.keys import MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY
 from bridge.web.multipart import BodyTooLarge, FormReader, MultipartError, boundary_of
@@ -59,7 +75,7 @@ def origin_of(request: web.Request, protocol: str = "rest") -> Origin:
     return Origin(
         protocol=protocol,
         transport="http",
-        workstation=request.headers.get("X-PMS-Workstation", "")[:120] or (request.remote or ""),
+        workstation=header_text(request, "X-PMS-Workstation", "workstation") or (request.remote or ""),
         actor=request.get(ACTOR_KEY, ""),
         request_id=request_id_var.get(),
     )
@@ -71,58 +87,24 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     )
 
 
-def int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ProblemError(400, f"query parameter {name!r} must be a whole number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ProblemError(400, f"query parameter {name!r} must be from {low} to {high}, got {value}")
-    return value
-
-
-def path_id(request: web.Request, name: str = "id") -> int:
-    raw = request.match_info[name]
-    if not raw.isdigit() or len(raw) > 18:
-        raise ProblemError(404, f"no such {name}: {raw!r}")
-    return int(raw)
-
-
-def encode_cursor(value: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(value, default=str).encode()).decode().rstrip("=")
-
-
-def decode_cursor(request: web.Request) -> Any:
-    raw = request.query.get("cursor")
-    if not raw:
-        return None
-    try:
-        return json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except (ValueError, binascii.Error):
-        raise ProblemError(400, "the cursor is not one this API handed out") from None
+# JSON bodies (a patient, an image's changes, a conflict's resolution) are at most a few KB; the much
+# larger [api] max_body_mb is for uploads, and would let a client make the daemon parse 200 MB of JSON.
+MAX_JSON_BYTES = 1024 * 1024
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 problem saying what is wrong with it."""
+    """The request body as a JSON object, or a 4xx problem saying what is wrong with it: 413 over
+    MAX_JSON_BYTES, 400 when it is not JSON or nests deeper than the parser's recursion allows."""
+    raw = await read_body(request, MAX_JSON_BYTES, f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = json.loads(raw.decode(request.charset or "utf-8"))
+    except (ValueError, LookupError):  # not JSON, not in its charset, or an unknown charset
         raise ProblemError(400, "the body is not valid JSON") from None
+    except RecursionError:
+        raise ProblemError(400, "the body is not valid JSON: it nests too deeply") from None
     if not isinstance(body, dict):
         raise ProblemError(400, "the body must be a JSON object")
     return body
-
-
-def parse_date(value: str | None, name: str) -> date | None:
-    if value in (None, ""):
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise ProblemError(400, f"{name} must be an ISO date (YYYY-MM-DD), got {value!r}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,16 +115,14 @@ def parse_date(value: str | None, name: str) -> date | None:
 async def list_patients(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
-    cursor = decode_cursor(request)
-    after_id = int(cursor) if isinstance(cursor, int) else 0
-    query = request.query
+    after_id = cursor_after_id(request)
     found = await rt.service.search_patients(
         origin_of(request),
-        pms_id=query.get("pms_id") or None,
-        pms_system=query.get("pms_system") or None,
-        chart_number=query.get("chart_number") or None,
-        name=query.get("name") or None,
-        birth_date=parse_date(query.get("birth_date"), "birth_date"),
+        pms_id=query_text(request, "pms_id"),
+        pms_system=query_text(request, "pms_system"),
+        chart_number=query_text(request, "chart_number"),
+        name=query_text(request, "name"),
+        birth_date=query_date(request, "birth_date"),
         after_id=after_id,
         limit=limit,
     )
@@ -150,31 +130,48 @@ async def list_patients(request: web.Request) -> web.Response:
     return json_response({"items": [p.to_json() for p in found], "next": nxt})
 
 
+DEMOGRAPHIC_TEXTS = (
+    "last_name",
+    "first_name",
+    "middle_name",
+    "title",
+    "street",
+    "city",
+    "postal_code",
+    "phone",
+    "email",
+)
+
+
+# What `sex` may be, case-insensitive: the API's letters and the English words for them. Anything else is
+# refused rather than read by its first letter ("Mrs" is not male, "Frau" not female).
+SEX_WORDS: dict[str, Sex] = {
+    **{sex.value.lower(): sex for sex in Sex},
+    "male": Sex.MALE,
+    "female": Sex.FEMALE,
+    "other": Sex.OTHER,
+    "unknown": Sex.UNKNOWN,
+}
+
+
+def parse_sex(value: Any) -> Sex:
+    """The `sex` of a JSON body (SEX_WORDS); absent, null or "" is unknown, anything else a 422."""
+    if value is None or value == "":
+        return Sex.UNKNOWN
+    sex = SEX_WORDS.get(value.strip().lower()) if isinstance(value, str) else None
+    if sex is None:
+        allowed = "M, F, O, U (or male, female, other, unknown)"
+        raise ProblemError(422, f"sex must be one of {allowed}, got {value!r:.40}", field="sex")
+    return sex
+
+
 def demographics_from_json(body: dict[str, Any]) -> Demographics:
-    sex = str(body.get("sex") or "U").upper()[:1]
-    if sex not in {s.value for s in Sex}:
-        raise ProblemError(422, f"sex must be one of M, F, O, U, got {body.get('sex')!r}")
-    texts = {}
-    for name in (
-        "last_name",
-        "first_name",
-        "middle_name",
-        "title",
-        "street",
-        "city",
-        "postal_code",
-        "phone",
-        "email",
-    ):
-        value = body.get(name, "")
-        if not isinstance(value, str) or len(value) > 200:
-            raise ProblemError(422, f"{name} must be a text of at most 200 characters")
-        texts[name] = value.strip()
-    raw_birth = body.get("birth_date")
+    """The demographics of a POST /patients body; every field checked, none silently dropped (a birth
+    date sent as a number would otherwise hide a birth-date conflict)."""
     return Demographics(
-        birth_date=parse_date(raw_birth if isinstance(raw_birth, str) else None, "birth_date"),
-        sex=Sex(sex),
-        **texts,
+        birth_date=body_date(body, "birth_date"),
+        sex=parse_sex(body.get("sex")),
+        **{name: body_text(body, name, strip=True) for name in DEMOGRAPHIC_TEXTS},
     )
 
 
@@ -183,17 +180,15 @@ async def create_or_update_patient(request: web.Request) -> web.Response:
     """The front desk's "+": create or update by PMS key, under the same identity rules as every PMS."""
     rt = request.app[RUNTIME]
     body = await json_object(request)
-    for name in ("pms_system", "pms_id", "practice_id", "chart_number"):
-        if not isinstance(body.get(name, ""), str):
-            raise ProblemError(422, f"{name} must be a string (ids keep their leading zeros)")
-    pms_id = body.get("pms_id", "")
-    chart = body.get("chart_number", "")
+    pms_system, pms_id, practice_id, chart = (
+        body_text(body, name) for name in ("pms_system", "pms_id", "practice_id", "chart_number")
+    )
     req = PatientRequest(
         action=Action.CREATE_OR_UPDATE,
         origin=origin_of(request),
-        pms_system=body.get("pms_system", ""),
+        pms_system=pms_system,
         pms_id=pms_id,
-        practice_id=body.get("practice_id", ""),
+        practice_id=practice_id,
         id_kind=IdKind.PMS_ID if pms_id else IdKind.CHART_NUMBER,
         chart_number=chart,
         demographics=demographics_from_json(body),
@@ -226,14 +221,7 @@ async def list_patient_images(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     patient_id = path_id(request)
     limit = int_param(request, "limit", 100, 1, MAX_LIMIT)
-    cursor = decode_cursor(request)
-    after = None
-    if cursor is not None:
-        try:
-            captured, last_id = cursor
-            after = (datetime.fromisoformat(captured) if captured else None, int(last_id))
-        except (TypeError, ValueError):
-            raise ProblemError(400, "the cursor is not one this API handed out") from None
+    after = cursor_after_capture(request)
     if await rt.service.get_patient(origin_of(request), patient_id) is None:
         raise ProblemError(404, f"no patient with id {patient_id}")
     images = await rt.service.list_images(origin_of(request), patient_id, after=after, limit=limit)
@@ -271,7 +259,7 @@ async def upload_images(request: web.Request) -> web.Response:
                     raise ProblemError(413, f"at most {MAX_UPLOAD_FILES} files per request")
                 blobs.append((part.filename or "", await form.read_all()))
             elif part.name:
-                fields[part.name] = (await form.read_all()).decode("utf-8", "replace")[:500]
+                fields[part.name] = (await form.read_all()).decode("utf-8", "replace")
     except BodyTooLarge as exc:
         raise ProblemError(413, str(exc)) from None
     except MultipartError as exc:
@@ -316,28 +304,34 @@ def upload_metadata(fields: dict[str, str]) -> dict[str, Any]:
         meta["rotation"] = int(fields["rotation"])
     if "mirrored" in fields:
         meta["mirrored"] = fields["mirrored"].lower() in ("1", "true", "yes")
-    for name, longest in (("device", 200), ("comment", 500)):
-        if name in fields:
-            if len(fields[name]) > longest:
-                raise ProblemError(422, f"{name} must be at most {longest} characters")
-            meta[name] = fields[name]
+    for name in ("device", "comment"):
+        if (text := form_text(fields, name)) is not None:
+            meta[name] = text
     return meta
 
 
 def parse_teeth(raw: str | list[Any]) -> tuple[int, ...]:
-    """FDI tooth numbers: 11-18, 21-28, 31-38, 41-48 (permanent) and 51-55 ... 81-85 (deciduous)."""
+    """FDI tooth numbers (`bridge.dicom.teeth.is_fdi`: 11-18 ... 41-48, 51-55 ... 81-85), each once, in
+    the order given: a form field's comma list or a JSON list of integers (or digit strings). More
+    entries than FDI has teeth are refused before any is read, so a list stays cheap to check."""
     items = raw if isinstance(raw, list) else [t for t in raw.replace(";", ",").split(",") if t.strip()]
-    teeth = []
+    if len(items) > len(FDI_TEETH):
+        raise ProblemError(
+            422,
+            f"at most {len(FDI_TEETH)} tooth numbers (each FDI tooth once), got {len(items)}",
+            field="tooth_numbers",
+        )
+    found: dict[int, None] = {}
     for item in items:
-        try:
-            tooth = int(str(item).strip())
-        except ValueError:
-            raise ProblemError(422, f"tooth number {item!r} is not a number") from None
-        quadrant, position = divmod(tooth, 10)
-        if not ((1 <= quadrant <= 4 and 1 <= position <= 8) or (5 <= quadrant <= 8 and 1 <= position <= 5)):
-            raise ProblemError(422, f"{tooth} is not an FDI tooth number")
-        teeth.append(tooth)
-    return tuple(teeth)
+        number = parse_number(item.strip()) if isinstance(item, str) else item if type(item) is int else None
+        if number is None:
+            raise ProblemError(422, f"tooth number {item!r:.40} is not a number", field="tooth_numbers")
+        if not is_fdi(number):
+            raise ProblemError(422, f"{number} is not an FDI tooth number", field="tooth_numbers")
+        if number in found:
+            raise ProblemError(422, f"tooth {number} is listed twice", field="tooth_numbers")
+        found[number] = None
+    return tuple(found)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,7 +390,7 @@ async def update_image(request: web.Request) -> web.Response:
         raise ProblemError(422, "mirrored must be true or false")
     teeth = body.get("tooth_numbers")
     if teeth is not None and not isinstance(teeth, list):
-        raise ProblemError(422, "tooth_numbers must be a list of FDI numbers")
+        raise ProblemError(422, "tooth_numbers must be a list of FDI numbers", field="tooth_numbers")
     category = None
     if body.get("category") is not None:
         try:
@@ -481,10 +475,10 @@ async def get_preview(request: web.Request) -> web.Response:
 async def list_conflicts(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
-    cursor = decode_cursor(request)
+    after_id = cursor_after_id(request)
     open_only = request.query.get("state", "open") != "all"
     items = await rt.service.list_conflicts(
-        origin_of(request), open_only=open_only, after_id=int(cursor or 0), limit=limit
+        origin_of(request), open_only=open_only, after_id=after_id, limit=limit
     )
     nxt = encode_cursor(items[-1]["id"]) if len(items) == limit else None
     return json_response({"items": items, "next": nxt})
@@ -493,11 +487,12 @@ async def list_conflicts(request: web.Request) -> web.Response:
 @routes.post("/api/v1/conflicts/{id}/resolve")
 async def resolve_conflict(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    conflict_id = path_id(request)
     body = await json_object(request)
-    resolution = body.get("resolution", "")
-    if not isinstance(resolution, str) or not resolution.strip():
-        raise ProblemError(422, 'send {"resolution": "<what was done>"}')
-    result = await rt.service.resolve_conflict(origin_of(request), path_id(request), resolution.strip())
+    resolution = body_text(body, "resolution", strip=True)
+    if not resolution:
+        raise ProblemError(422, 'send {"resolution": "<what was done>"}', field="resolution")
+    result = await rt.service.resolve_conflict(origin_of(request), conflict_id, resolution)
     if result is None:
         raise ProblemError(404, f"no conflict with id {request.match_info['id']}")
     return json_response(result)
@@ -507,15 +502,13 @@ async def resolve_conflict(request: web.Request) -> web.Response:
 async def list_audit(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     limit = int_param(request, "limit", 100, 1, MAX_LIMIT)
-    cursor = decode_cursor(request)
+    after_id = cursor_after_id(request)
     patient = request.query.get("patient_id")
-    if patient is not None and not patient.isdigit():
-        raise ProblemError(400, "patient_id must be a number")
     await rt.audit.flush()  # show reads that are still queued
     items = await rt.service.audit_entries(
         origin_of(request),
-        patient_id=int(patient) if patient else None,
-        after_id=int(cursor or 0),
+        patient_id=parse_id(patient, "patient_id") if patient else None,
+        after_id=after_id,
         limit=limit,
     )
     nxt = encode_cursor(items[-1]["id"]) if len(items) == limit else None

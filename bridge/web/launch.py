@@ -16,6 +16,7 @@ from aiohttp import web
 from bridge.handlers import UnknownProtocol, get_handler
 from bridge.handlers.base import Launch
 from bridge.logs import request_id_var
+from bridge.web.fields import header_text, label_text, read_body
 from bridge.web.keys import RUNTIME
 from bridge.web.middleware import ACTOR_KEY
 from bridge.web.problems import ProblemError
@@ -35,11 +36,8 @@ async def launch(request: web.Request) -> web.Response:
         handler = get_handler(protocol)
     except UnknownProtocol as exc:
         raise ProblemError(404, str(exc), kind="unknown-protocol") from None
-    if request.content_length is not None and request.content_length > MAX_LAUNCH_BYTES:
-        raise ProblemError(413, f"a PMS message may be at most {MAX_LAUNCH_BYTES} bytes")
-    content = await request.content.read(MAX_LAUNCH_BYTES + 1)
-    if len(content) > MAX_LAUNCH_BYTES:
-        raise ProblemError(413, f"a PMS message may be at most {MAX_LAUNCH_BYTES} bytes")
+    too_large = f"a PMS message may be at most {MAX_LAUNCH_BYTES} bytes"
+    content = await read_body(request, MAX_LAUNCH_BYTES, too_large)
     charset = _declared_charset(request, content)
     args = tuple(request.query.getall("arg", []))
     if len(args) > MAX_ARGS:
@@ -49,8 +47,8 @@ async def launch(request: web.Request) -> web.Response:
         args=args,
         filename=unquote(request.headers.get("X-PMS-Filename", "")),
         content=content,
-        workstation=unquote(request.headers.get("X-PMS-Workstation", ""))[:120],
-        transport=request.headers.get("X-PMS-Transport", "cli")[:20],
+        workstation=label_text(unquote(request.headers.get("X-PMS-Workstation", "")), "workstation"),
+        transport=header_text(request, "X-PMS-Transport", "transport") or "cli",
         request_id=request_id_var.get(),
         charset=charset,
     )

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from bridge.logs import new_request_id, request_id_var
 from bridge.runtime import Metrics
+from bridge.web.fields import TEXT_RULES
 from bridge.web.keys import MAX_BODY
 from bridge.web.problems import ProblemError, problem, storage_status
 
@@ -31,7 +32,7 @@ def make_request_context(listener: str, metrics: Metrics) -> Callable[..., Await
 
     @web.middleware
     async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = request.headers.get("X-Request-ID", "")[:40] or new_request_id()
+        rid = client_request_id(request) or new_request_id()
         token = request_id_var.set(rid)
         started = time.perf_counter()
         try:
@@ -64,6 +65,13 @@ def make_request_context(listener: str, metrics: Metrics) -> Callable[..., Await
         return response
 
     return request_context
+
+
+def client_request_id(request: web.Request) -> str:
+    """The client's X-Request-ID when it is printable ASCII (it is echoed in a response header and
+    recorded), cut to the audit column; else "" and the daemon makes one."""
+    given = request.headers.get("X-Request-ID", "")[: TEXT_RULES["request_id"].limit]
+    return given if given.isascii() and given.isprintable() else ""
 
 
 def make_bearer_auth(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:

@@ -11,7 +11,10 @@ from typing import Any
 from aiohttp import web
 
 from bridge import __version__
+from bridge.dicom.teeth import CODES as FDI_TEETH
 from bridge.model import Category
+from bridge.web.api import SEX_WORDS
+from bridge.web.fields import ID_MAX, TEXT_RULES
 
 routes = web.RouteTableDef()
 
@@ -38,7 +41,15 @@ PAGING = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
 ]
-ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}
+
+
+def _text(name: str, **more: Any) -> dict[str, Any]:
+    """A text field's schema with the store's limit (bridge/web/fields.py TEXT_RULES)."""
+    return {"type": "string", "maxLength": TEXT_RULES[name].limit, **more}
+
+
+ROW_ID = {"type": "integer", "minimum": 1, "maximum": ID_MAX}
+ID = {"name": "id", "in": "path", "required": True, "schema": ROW_ID}
 
 PATIENT = {
     "type": "object",
@@ -81,21 +92,24 @@ PATIENT_IN = {
     "type": "object",
     "required": ["pms_system"],
     "properties": {
-        "pms_system": {"type": "string"},
-        "practice_id": {"type": "string"},
-        "pms_id": {"type": "string"},
-        "chart_number": {"type": "string"},
-        "last_name": {"type": "string"},
-        "first_name": {"type": "string"},
-        "middle_name": {"type": "string"},
-        "title": {"type": "string"},
+        "pms_system": _text("pms_system"),
+        "practice_id": _text("practice_id"),
+        "pms_id": _text("pms_id"),
+        "chart_number": _text("chart_number"),
+        "last_name": _text("last_name"),
+        "first_name": _text("first_name"),
+        "middle_name": _text("middle_name"),
+        "title": _text("title"),
         "birth_date": {"type": ["string", "null"], "format": "date"},
-        "sex": {"enum": ["M", "F", "O", "U"]},
-        "street": {"type": "string"},
-        "city": {"type": "string"},
-        "postal_code": {"type": "string"},
-        "phone": {"type": "string"},
-        "email": {"type": "string"},
+        "sex": {
+            "type": ["string", "null"],
+            "description": "Any case: " + ", ".join(SEX_WORDS) + "; absent, null or empty is U",
+        },
+        "street": _text("street"),
+        "city": _text("city"),
+        "postal_code": _text("postal_code"),
+        "phone": _text("phone"),
+        "email": _text("email"),
     },
 }
 
@@ -185,6 +199,8 @@ PROBLEM_SCHEMA = {
         "status": {"type": "integer"},
         "detail": {"type": "string"},
         "instance": {"type": "string"},
+        "field": {"type": "string", "description": "The body or form field refused (422)"},
+        "parameter": {"type": "string", "description": "The query parameter, path id or cursor refused"},
     },
 }
 
@@ -197,7 +213,13 @@ IMAGE_CHANGE = {
     "properties": {
         "rotation": {"enum": [0, 90, 180, 270], "description": "Clockwise, applied after mirroring"},
         "mirrored": {"type": "boolean", "description": "Left-right mirror, applied first"},
-        "tooth_numbers": {"type": "array", "items": {"type": "integer"}, "description": "FDI numbers"},
+        "tooth_numbers": {
+            "type": "array",
+            "items": {"enum": sorted(FDI_TEETH)},
+            "maxItems": len(FDI_TEETH),
+            "uniqueItems": True,
+            "description": "FDI numbers, each tooth once",
+        },
         "category": {"enum": [c.value for c in Category]},
     },
 }
@@ -287,9 +309,10 @@ def document() -> dict[str, Any]:
                     "parameters": [
                         *PAGING,
                         *(
-                            {"name": n, "in": "query", "schema": {"type": "string"}}
-                            for n in ("pms_id", "pms_system", "chart_number", "name", "birth_date")
+                            {"name": n, "in": "query", "schema": _text(n)}
+                            for n in ("pms_id", "pms_system", "chart_number", "name")
                         ),
+                        {"name": "birth_date", "in": "query", "schema": {"type": "string", "format": "date"}},
                     ],
                     "responses": {"200": _json(_list_of("Patient")), **ERRORS},
                 },
@@ -304,6 +327,7 @@ def document() -> dict[str, Any]:
                         "201": _json(_ref("Patient"), "Created"),
                         "403": PROBLEM,
                         "409": PROBLEM,
+                        "413": PROBLEM,
                         "422": PROBLEM,
                         **ERRORS,
                     },
@@ -332,13 +356,13 @@ def document() -> dict[str, Any]:
                                         "category": {"enum": [c.value for c in Category]},
                                         "tooth_numbers": {
                                             "type": "string",
-                                            "description": "comma-separated FDI",
+                                            "description": "comma-separated FDI numbers, each tooth once",
                                         },
                                         "captured_at": {"type": "string"},
                                         "rotation": {"enum": ["0", "90", "180", "270"]},
                                         "mirrored": {"type": "string"},
-                                        "device": {"type": "string"},
-                                        "comment": {"type": "string"},
+                                        "device": _text("device"),
+                                        "comment": _text("comment"),
                                     },
                                 }
                             }
@@ -365,7 +389,7 @@ def document() -> dict[str, Any]:
                         "required": True,
                         "content": {"application/json": {"schema": _ref("ImageChange")}},
                     },
-                    "responses": {"200": _json(_ref("Image")), "422": PROBLEM, **ERRORS},
+                    "responses": {"200": _json(_ref("Image")), "413": PROBLEM, "422": PROBLEM, **ERRORS},
                 },
             },
             "/api/v1/images/{id}/file": {
@@ -418,11 +442,14 @@ def document() -> dict[str, Any]:
                         "required": True,
                         "content": {
                             "application/json": {
-                                "schema": {"type": "object", "properties": {"resolution": {"type": "string"}}}
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"resolution": _text("resolution")},
+                                }
                             }
                         },
                     },
-                    "responses": {"200": _json(_ref("Conflict")), "422": PROBLEM, **ERRORS},
+                    "responses": {"200": _json(_ref("Conflict")), "413": PROBLEM, "422": PROBLEM, **ERRORS},
                 }
             },
             "/api/v1/audit": {
@@ -430,7 +457,7 @@ def document() -> dict[str, Any]:
                     "summary": "The audit log: who read or changed what",
                     "parameters": [
                         *PAGING,
-                        {"name": "patient_id", "in": "query", "schema": {"type": "integer"}},
+                        {"name": "patient_id", "in": "query", "schema": ROW_ID},
                     ],
                     "responses": {"200": _json(_list_of("AuditEntry")), **ERRORS},
                 }

@@ -47,6 +47,7 @@ from bridge.model import Outcome, PatientRequest, Status
 from bridge.runtime import Runtime
 from bridge.web.answers import Kept, RepeatedAnswers
 from bridge.web.api import RENDER_VIEW_MAX_AGE, STATUS_HTTP, origin_of, rendered_image
+from bridge.web.fields import path_id
 from bridge.web.keys import LISTENER_TLS, MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY, make_request_context
 from bridge.web.multipart import FormReader, MultipartError, boundary_of
@@ -68,7 +69,7 @@ from protocols.opp import (
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OPP_PATH = "/opp"
-THUMBNAIL_PATH = "/opp/thumbnails/{id:\\d{1,18}}.jpg"
+THUMBNAIL_PATH = "/opp/thumbnails/{id:[0-9]{1,19}}.jpg"
 FORM_TYPE = "application/x-www-form-urlencoded"
 MULTIPART_TYPE = "multipart/form-data"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -425,7 +426,7 @@ async def opp_thumbnail(request: web.Request) -> web.StreamResponse:
     """The watermarked thumbnail a VIEW_DATA answer links to (signed URL, no token)."""
     rt = request.app[RUNTIME]
     state = request.app[OPP_WEB]
-    image_id = int(request.match_info["id"])
+    image_id = path_id(request)
     if not state.signer.valid(
         image_id, request.query.get("exp", ""), request.query.get("sig", ""), time.time()
     ):
