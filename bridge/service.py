@@ -54,6 +54,7 @@ from bridge.model import (
 )
 from bridge.store import queries as q
 from bridge.store.db import Database, is_unique_violation
+from bridge.store.limits import text_problem
 from bridge.store.models import (
     AuditEntry,
     ChartAlias,
@@ -295,6 +296,33 @@ class _Resolved:
     status: Status  # OK (found, unchanged), CREATED, UPDATED
 
 
+_KEY_FIELDS = ("pms_system", "practice_id", "pms_id", "chart_number")
+_TEXT_FIELDS = (
+    "last_name",
+    "first_name",
+    "middle_name",
+    "title",
+    "street",
+    "city",
+    "postal_code",
+    "phone",
+    "email",
+)
+
+
+def _text_problem(req: PatientRequest) -> str:
+    """What the store cannot take in a request's keys and demographics (bridge.store.limits: longer than
+    its column, a control character), for every protocol alike: a PMS's 150-character surname is refused
+    in the protocol's way instead of failing on PostgreSQL (SQLite would store it). "" when all fit."""
+    fields = [(name, getattr(req, name)) for name in _KEY_FIELDS]
+    fields += [(name, getattr(req.demographics, name)) for name in _TEXT_FIELDS]
+    for name, value in fields:
+        problem = text_problem(name, value) if value else None
+        if problem:
+            return f"{name.replace('_', ' ')} {problem}"
+    return ""
+
+
 def _speaks_for_link(req: PatientRequest) -> bool:
     """Whether a request is the PMS itself speaking, whose protocol a link records: the link's protocol
     decides the PMS's pushes (a VDDS PMS gets stage-6 pushes). An import, or the front desk's REST
@@ -461,6 +489,9 @@ class BridgeService:
             pms_id=key_text(req.pms_id),
             chart_number=key_text(req.chart_number),
         )
+        problem = _text_problem(req)
+        if problem:
+            return Outcome(Status.INVALID, problem)
         try:
             if req.action in (
                 Action.OPEN,

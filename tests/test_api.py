@@ -228,7 +228,7 @@ COLUMN_LENGTHS = {
 
 
 async def test_text_fields_fit_their_columns_on_every_database(api_client: Any) -> None:
-    from bridge.web.fields import TEXT_RULES
+    from bridge.store.limits import TEXT_RULES
 
     assert {name: TEXT_RULES[name].limit for name in COLUMN_LENGTHS} == COLUMN_LENGTHS
     for n, (name, length) in enumerate(COLUMN_LENGTHS.items()):

@@ -88,6 +88,19 @@ async def test_an_id_differing_only_in_unicode_form_or_padding_is_the_same_patie
     assert found.id == composed.patient.id
 
 
+async def test_what_the_store_cannot_hold_is_refused_for_every_protocol(runtime: Runtime) -> None:
+    """A 150-character surname (PostgreSQL refuses it, SQLite would store it) or a NUL in an id is an
+    invalid request, answered in the protocol's way; nothing is stored."""
+    too_long = await runtime.service.handle(req("0042", last="M" * 150))
+    assert too_long.status is Status.INVALID
+    assert too_long.message == "last name must be at most 120 characters, got 150"
+    nul = await runtime.service.handle(req("00\x0042"))
+    assert (
+        nul.status is Status.INVALID and nul.message == "pms id must not contain a control character (U+0000)"
+    )
+    assert await count_patients(runtime) == 0
+
+
 async def test_spelling_differences_update_without_conflict(runtime: Runtime) -> None:
     await runtime.service.handle(req(last="Müller"))
     outcome = await runtime.service.handle(req(last="Mueller"))

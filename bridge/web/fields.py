@@ -4,14 +4,9 @@
   (1 .. 2**63-1); anything else is a 400 naming the parameter, before the store is asked. Python's
   `int()` and `str.isdigit()` take other scripts' digits ('٣', '²'), which no client means as an id,
   and an id beyond the key range makes the database driver fail instead of finding nothing.
-* Text is at most as long as every column that stores it, read from the SQLAlchemy models so the limits
-  cannot drift from the schema (PostgreSQL refuses a longer value with an error, SQLite stores it).
-  Lengths count UTF-16 code units: SQL Server's NVARCHAR(n) counts those, PostgreSQL and SQLite count
-  characters, so a value that fits here fits on all three.
-* Text holds no C0 control character, no DEL and no lone surrogate: PostgreSQL refuses NUL in text, no
-  encoder writes a lone surrogate (JSON's "\\ud800" makes one), and a control character in an id or a
-  name is a fault of the sender, never part of the name. Free text (an image comment, a conflict's
-  resolution) may hold tab and line breaks.
+* Text follows `bridge.store.limits` (as long as the columns that store it, no control characters),
+  checked here so that the problem names the field; the service checks the same rules for every
+  protocol.
 
 A wrong field of a JSON body or form is a 422 with `field`, a wrong query parameter, path id or cursor a
 400 with `parameter`: the body was understood and its content refused, versus a request naming nothing.
@@ -22,101 +17,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
-from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import Column, String
 
-from bridge.store.models import AuditEntry, ChartAlias, Conflict, Image, Patient, PmsLink
+from bridge.store.limits import CONTROL, TEXT_RULES, text_problem
 from bridge.web.problems import ProblemError
 
 # The store's keys are BIGINT (SQLite's INTEGER is 64-bit too); 0 and below are never handed out.
 ID_MAX = 2**63 - 1
 _ID_DIGITS = len(str(ID_MAX))
 BAD_CURSOR = "the cursor is not one this API handed out"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
-_CONTROL_IN_FREE_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
-
-
-@dataclass(frozen=True)
-class TextRule:
-    """How long a text may be (UTF-16 code units) and whether it is free text (tab, line breaks)."""
-
-    limit: int
-    free: bool = False
-
-
-def column_limit(*columns: Column[Any]) -> int:
-    """The longest text every one of `columns` holds: a value that reaches several columns (a PMS id
-    is kept in its link and, when refused, in the conflict) must fit the shortest."""
-    lengths = []
-    for column in columns:
-        if not isinstance(column.type, String) or column.type.length is None:
-            raise TypeError(f"{column} is not a text column with a length")
-        lengths.append(column.type.length)
-    return min(lengths)
-
-
-def _rule(*columns: Column[Any], free: bool = False) -> TextRule:
-    return TextRule(column_limit(*columns), free)
-
-
-def _column(model: type[Any], name: str) -> Column[Any]:
-    column: Column[Any] = model.__table__.c[name]
-    return column
-
-
-# Every text the API stores or searches by, and the columns it ends up in.
-TEXT_RULES: dict[str, TextRule] = {
-    "pms_system": _rule(_column(PmsLink, "pms_system"), _column(Conflict, "pms_system")),
-    "practice_id": _rule(
-        _column(PmsLink, "practice_id"), _column(PmsLink, "practice_key"), _column(Conflict, "practice_id")
-    ),
-    "pms_id": _rule(_column(PmsLink, "pms_id"), _column(Conflict, "pms_id")),
-    "chart_number": _rule(_column(ChartAlias, "chart_number"), _column(Conflict, "chart_number")),
-    **{
-        name: _rule(_column(Patient, name))
-        for name in (
-            "last_name",
-            "first_name",
-            "middle_name",
-            "title",
-            "street",
-            "city",
-            "postal_code",
-            "phone",
-            "email",
-        )
-    },
-    "name": _rule(_column(Patient, "name_key")),  # the search: a prefix of the folded "last first"
-    "device": _rule(_column(Image, "device")),
-    "comment": _rule(_column(Image, "comment"), free=True),
-    # A person's note: its first 40 characters are the conflict's resolution (the service cuts it), the
-    # whole text goes to the audit log's unbounded detail; 1000 characters is a paragraph.
-    "resolution": TextRule(limit=1000, free=True),
-    # Headers that only label the audit entry (see `label_text`).
-    "workstation": _rule(_column(AuditEntry, "workstation"), _column(Conflict, "origin")),
-    "transport": _rule(_column(AuditEntry, "transport")),
-    "request_id": _rule(_column(AuditEntry, "request_id")),
-}
-
-
-def text_problem(name: str, value: str) -> str | None:
-    """What is wrong with `value` as the text `name` (TEXT_RULES), or None when it is acceptable."""
-    rule = TEXT_RULES[name]
-    if len(value) > rule.limit:  # code points never outnumber UTF-16 code units: a cheap first test
-        return f"must be at most {rule.limit} characters, got {len(value)}"
-    found = (_CONTROL_IN_FREE_TEXT if rule.free else _CONTROL).search(value)
-    if found is not None:
-        char = ord(found.group())
-        kind = "a lone surrogate" if 0xD800 <= char <= 0xDFFF else "a control character"
-        return f"must not contain {kind} (U+{char:04X})"
-    if not value.isascii() and (units := len(value.encode("utf-16-le")) // 2) > rule.limit:
-        return f"must be at most {rule.limit} characters (UTF-16 code units), got {units}"
-    return None
 
 
 def body_text(body: dict[str, Any], name: str, *, strip: bool = False) -> str:
@@ -155,7 +67,7 @@ def label_text(text: str, name: str) -> str:
     the column. Lenient, unlike body fields: a label only tags the audit entry, and a PMS whose
     workstation name is in cp1252 must still be served."""
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return _CONTROL.sub("", text)[: TEXT_RULES[name].limit]
+    return CONTROL.sub("", text)[: TEXT_RULES[name].limit]
 
 
 def header_text(request: web.Request, header: str, name: str) -> str:

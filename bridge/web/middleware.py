@@ -12,7 +12,7 @@ from aiohttp import web
 
 from bridge.logs import new_request_id, request_id_var
 from bridge.runtime import Metrics
-from bridge.web.fields import TEXT_RULES
+from bridge.store.limits import TEXT_RULES
 from bridge.web.keys import MAX_BODY
 from bridge.web.problems import ProblemError, problem, storage_status
 

@@ -13,8 +13,9 @@ from aiohttp import web
 from bridge import __version__
 from bridge.dicom.teeth import CODES as FDI_TEETH
 from bridge.model import Category
+from bridge.store.limits import TEXT_RULES
 from bridge.web.api import SEX_WORDS
-from bridge.web.fields import ID_MAX, TEXT_RULES
+from bridge.web.fields import ID_MAX
 
 routes = web.RouteTableDef()
 
