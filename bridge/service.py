@@ -54,7 +54,7 @@ from bridge.model import (
 )
 from bridge.store import queries as q
 from bridge.store.db import Database, is_unique_violation
-from bridge.store.limits import text_problem
+from bridge.store.limits import DEMOGRAPHIC_TEXTS, text_problem
 from bridge.store.models import (
     AuditEntry,
     ChartAlias,
@@ -297,17 +297,6 @@ class _Resolved:
 
 
 _KEY_FIELDS = ("pms_system", "practice_id", "pms_id", "chart_number")
-_TEXT_FIELDS = (
-    "last_name",
-    "first_name",
-    "middle_name",
-    "title",
-    "street",
-    "city",
-    "postal_code",
-    "phone",
-    "email",
-)
 
 
 def _text_problem(req: PatientRequest) -> str:
@@ -315,7 +304,7 @@ def _text_problem(req: PatientRequest) -> str:
     its column, a control character), for every protocol alike: a PMS's 150-character surname is refused
     in the protocol's way instead of failing on PostgreSQL (SQLite would store it). "" when all fit."""
     fields = [(name, getattr(req, name)) for name in _KEY_FIELDS]
-    fields += [(name, getattr(req.demographics, name)) for name in _TEXT_FIELDS]
+    fields += [(name, getattr(req.demographics, name)) for name in DEMOGRAPHIC_TEXTS]
     for name, value in fields:
         problem = text_problem(name, value) if value else None
         if problem:

@@ -14,6 +14,8 @@ import sys
 import time
 import tracemalloc
 import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -282,15 +284,30 @@ async def test_a_switched_off_module_still_answers(make_settings: Any) -> None:
 # The watched exchange folder
 
 
-async def test_a_file_still_being_written_is_answered_once_it_is_complete(
+@asynccontextmanager
+async def watched_folder(
     make_settings: Any, tmp_path: Path
-) -> None:
+) -> AsyncIterator[tuple[Runtime, FolderWatcher, Path]]:
+    """A runtime and the watcher of its VDDS exchange folder (`tmp_path/share`), as the daemon builds them."""
     folder = tmp_path / "share"
     folder.mkdir()
     settings_ = make_settings(vdds={"exchange_dir": str(folder)})
     rt = Runtime.build(settings_)
     try:
-        watcher = FolderWatcher(rt, "vdds", folder, folder_handler(rt), classify=classifier(settings_.vdds))
+        classify = classifier(settings_.vdds)
+        yield (
+            rt,
+            FolderWatcher(rt, "vdds", folder, folder_handler(rt), classify=classify, oversized=oversized(rt)),
+            folder,
+        )
+    finally:
+        rt.close()
+
+
+async def test_a_file_still_being_written_is_answered_once_it_is_complete(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    async with watched_folder(make_settings, tmp_path) as (rt, watcher, folder):
         request = folder / "MME505F.tmp"
         complete = stage1("4711")
         request.write_bytes(complete[:60])  # the PVS is half way through
@@ -316,8 +333,6 @@ async def test_a_file_still_being_written_is_answered_once_it_is_complete(
         await watcher.scan()
         await watcher.scan()
         assert (folder / "thumb.jpg").read_bytes() == png()  # not a request: left alone
-    finally:
-        rt.close()
 
 
 # A reused exchange file (WritePrivateProfileString leaves old sections): the answered one is history
@@ -392,12 +407,7 @@ def test_a_file_with_two_unanswered_requests_is_refused_in_both(
 async def test_a_reused_file_in_the_watched_folder_is_answered_in_its_new_section(
     make_settings: Any, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "share"
-    folder.mkdir()
-    settings_ = make_settings(vdds={"exchange_dir": str(folder)})
-    rt = Runtime.build(settings_)
-    try:
-        watcher = FolderWatcher(rt, "vdds", folder, folder_handler(rt), classify=classifier(settings_.vdds))
+    async with watched_folder(make_settings, tmp_path) as (rt, watcher, folder):
         request = folder / "MME505F.tmp"
         request.write_bytes(OLD_EXPORT + stage1("SP3", pvs="Z1"))
         assert await watcher.scan()
@@ -409,8 +419,6 @@ async def test_a_reused_file_in_the_watched_folder_is_answered_in_its_new_sectio
         await watcher.scan()
         await watcher.scan()
         assert request.read_bytes() == answer  # answered now: left alone
-    finally:
-        rt.close()
 
 
 def test_the_daemon_answers_files_dropped_on_the_share(daemon_factory: Any, tmp_path: Path) -> None:
@@ -441,19 +449,7 @@ def big_request(head: str, encoding: str, bom: bytes = b"", size: int = 6 * 1024
 async def test_an_oversized_file_in_the_folder_is_refused_without_reading_it_whole(
     make_settings: Any, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "share"
-    folder.mkdir()
-    settings_ = make_settings(vdds={"exchange_dir": str(folder)})
-    rt = Runtime.build(settings_)
-    try:
-        watcher = FolderWatcher(
-            rt,
-            "vdds",
-            folder,
-            folder_handler(rt),
-            classify=classifier(settings_.vdds),
-            oversized=oversized(rt),
-        )
+    async with watched_folder(make_settings, tmp_path) as (rt, watcher, folder):
 
         async def refuse(name: str, patid: str, size: int) -> tuple[bytes, bytes, int]:
             """Drop a request of `size` bytes; (original, answer, peak memory of the scan answering it)."""
@@ -503,8 +499,6 @@ async def test_an_oversized_file_in_the_folder_is_refused_without_reading_it_who
         await watcher.scan()
         await watcher.scan()
         assert picture.read_bytes() == content
-    finally:
-        rt.close()
 
 
 def test_the_daemon_refuses_an_oversized_file_on_the_share_in_its_encoding(

@@ -56,6 +56,18 @@ def _column(model: type[Any], name: str) -> Column[Any]:
     return column
 
 
+# The text fields of bridge.model.Demographics, each stored in the patient's column of that name.
+DEMOGRAPHIC_TEXTS = (
+    "last_name",
+    "first_name",
+    "middle_name",
+    "title",
+    "street",
+    "city",
+    "postal_code",
+    "phone",
+    "email",
+)
 # Every text the API stores or searches by, and the columns it ends up in.
 TEXT_RULES: dict[str, TextRule] = {
     "pms_system": _rule(_column(PmsLink, "pms_system"), _column(Conflict, "pms_system")),
@@ -64,20 +76,7 @@ TEXT_RULES: dict[str, TextRule] = {
     ),
     "pms_id": _rule(_column(PmsLink, "pms_id"), _column(Conflict, "pms_id")),
     "chart_number": _rule(_column(ChartAlias, "chart_number"), _column(Conflict, "chart_number")),
-    **{
-        name: _rule(_column(Patient, name))
-        for name in (
-            "last_name",
-            "first_name",
-            "middle_name",
-            "title",
-            "street",
-            "city",
-            "postal_code",
-            "phone",
-            "email",
-        )
-    },
+    **{name: _rule(_column(Patient, name)) for name in DEMOGRAPHIC_TEXTS},
     "name": _rule(_column(Patient, "name_key")),  # the search: a prefix of the folded "last first"
     "device": _rule(_column(Image, "device")),
     "comment": _rule(_column(Image, "comment"), free=True),

@@ -31,6 +31,7 @@ from bridge.model import (
 )
 from bridge.runtime import Runtime
 from bridge.service import Refused
+from bridge.store.limits import DEMOGRAPHIC_TEXTS
 from bridge.web.fields import (
     body_date,
     body_text,
@@ -128,19 +129,6 @@ async def list_patients(request: web.Request) -> web.Response:
     )
     nxt = encode_cursor(found[-1].id) if len(found) == limit else None
     return json_response({"items": [p.to_json() for p in found], "next": nxt})
-
-
-DEMOGRAPHIC_TEXTS = (
-    "last_name",
-    "first_name",
-    "middle_name",
-    "title",
-    "street",
-    "city",
-    "postal_code",
-    "phone",
-    "email",
-)
 
 
 # What `sex` may be, case-insensitive: the API's letters and the English words for them. Anything else is
