@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -108,6 +109,20 @@ def test_sigterm_under_load_lets_in_flight_requests_finish(daemon: DaemonProcess
         assert all(p["pms_id"].startswith("LOAD-") and p["last_name"] == "Nguyễn" for p in patients)
     finally:
         assert restarted.stop() == 0
+
+
+def test_an_open_event_stream_does_not_hold_the_shutdown(daemon_factory: Any) -> None:
+    """A viewer following /api/v1/events must not keep the daemon from stopping: its stream ends, and
+    the daemon stops long before `shutdown_timeout` (the time a service wrapper may give it)."""
+    daemon = daemon_factory(daemon={"shutdown_timeout": 300})
+    stream = http.client.HTTPConnection("127.0.0.1", daemon.settings.api.port, timeout=120)
+    stream.request("GET", "/api/v1/events", headers={"Authorization": f"Bearer {daemon.token}"})
+    response = stream.getresponse()
+    assert response.status == 200 and response.readline() == b": connected\n"
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(150) == 0  # without the stream's end: 300 s, then a timeout here
+    assert response.read() == b"\n"  # the rest of the "connected" comment, then the end of the stream
+    stream.close()
 
 
 def test_the_stop_file_stops_the_daemon_cleanly(daemon: DaemonProcess) -> None:

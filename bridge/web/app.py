@@ -21,4 +21,5 @@ def build_api_app(rt: Runtime) -> web.Application:
     app[MAX_BODY] = max_body
     for module in (api, health, events_stream, launch, openapi, dicom_import):
         app.add_routes(module.routes)
+    events_stream.setup(app)
     return app

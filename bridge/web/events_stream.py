@@ -1,4 +1,9 @@
-"""GET /api/v1/events: the event bus as Server-Sent Events, so a viewer follows what the PMS opens."""
+"""GET /api/v1/events: the event bus as Server-Sent Events, so a viewer follows what the PMS opens.
+
+A stream ends when the daemon stops (`setup` registers that on the application): an open viewer must not
+hold the shutdown for `shutdown_timeout` and more, or a service wrapper kills the daemon before its audit
+log is flushed.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,42 @@ import json
 
 from aiohttp import web
 
+from bridge.events import Event
 from bridge.web.keys import RUNTIME
 
 routes = web.RouteTableDef()
 KEEPALIVE_SECONDS = 15.0
+STOPPING = web.AppKey("events-stopping", asyncio.Event)
+
+
+def setup(app: web.Application) -> None:
+    """Make the application's event streams end when it shuts down."""
+    app[STOPPING] = asyncio.Event()
+
+    async def stop_streams(app: web.Application) -> None:
+        app[STOPPING].set()
+
+    app.on_shutdown.append(stop_streams)
+
+
+async def _next_event(queue: asyncio.Queue[Event], stopping: asyncio.Event) -> Event | None:
+    """The next event; None after KEEPALIVE_SECONDS without one or once `stopping` is set."""
+    getter = asyncio.ensure_future(queue.get())
+    stopper = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({getter, stopper}, timeout=KEEPALIVE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not getter.done():
+            getter.cancel()
+    return getter.result() if getter.done() and not getter.cancelled() else None
 
 
 @routes.get("/api/v1/events")
 async def events(request: web.Request) -> web.StreamResponse:
     """Stream events as `event: <name>` / `data: <json>`; a comment line every 15 s keeps proxies open."""
     rt = request.app[RUNTIME]
+    stopping = request.app[STOPPING]
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
@@ -24,11 +55,11 @@ async def events(request: web.Request) -> web.StreamResponse:
     await response.write(b": connected\n\n")
     queue = rt.bus.open_stream()
     try:
-        while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
-            except TimeoutError:
-                await response.write(b": keep-alive\n\n")
+        while not stopping.is_set():
+            event = await _next_event(queue, stopping)
+            if event is None:
+                if not stopping.is_set():
+                    await response.write(b": keep-alive\n\n")
                 continue
             data = json.dumps(event.to_json(), ensure_ascii=False)
             await response.write(f"event: {event.name}\ndata: {data}\n\n".encode())
