@@ -127,6 +127,34 @@ def test_rescale_slope_and_intercept_come_before_the_window() -> None:
     assert shown[0, 0] == 0 and shown[0, 3] == 255 and shown[0, 1] in (127, 128)
 
 
+def test_signed_8_bit_grey_without_a_window_shows_its_whole_range() -> None:
+    """Signed 8-bit pixels (-128 .. 127) without a window render like the same ramp unsigned (0 .. 255):
+    half of them were black, the default window ignoring that signed values are stored shifted."""
+    import pydicom
+
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (4, 1))
+    unsigned = synthetic.dicom_bytes(ramp)
+    ds = pydicom.dcmread(io.BytesIO(unsigned))
+    ds.PixelRepresentation = 1
+    ds.PixelData = (ramp.astype(np.int16) - 128).astype(np.int8).tobytes()
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    shown_signed, shown_unsigned = pixels_of(render(out.getvalue())), pixels_of(render(unsigned))
+    assert np.abs(shown_signed.astype(int) - shown_unsigned.astype(int)).max() <= 1
+    assert shown_signed[0, 0] <= 1 and shown_signed[0, 255] >= 254
+
+
+def test_a_dicom_file_whose_preamble_is_a_tiff_header_is_read_as_dicom() -> None:
+    """PS3.10 lets the 128-byte preamble make a DICOM file a TIFF too: pydicom's CT_small.dcm starts
+    with II*\\0. The DICM marker decides (it was refused as a corrupt TIFF)."""
+    from tests.support.dicomfiles import sample
+
+    data = sample("CT_small.dcm").read_bytes()
+    assert data.startswith(b"II*\x00")
+    facts = analyze(data)
+    assert (facts.file_ext, facts.width, facts.height) == ("dcm", 128, 128)
+
+
 def test_monochrome1_is_inverted() -> None:
     values = synthetic.intraoral(64, 48, bits=12)
     normal = pixels_of(render(synthetic.dicom_bytes(values, bits_stored=12, window=(2048, 4096))))

@@ -151,10 +151,10 @@ def sniff(data: bytes) -> str:
         return "png"
     if data.startswith(b"\xff\xd8\xff"):
         return "jpeg"
+    if data[128:132] == b"DICM":  # before TIFF: a DICOM preamble may make the file a TIFF too (PS3.10 7.5)
+        return "dicom"
     if data.startswith((b"II*\x00", b"MM\x00*")):
         return "tiff"
-    if data[128:132] == b"DICM":
-        return "dicom"
     for magic, name in _UNSUPPORTED_MAGIC:
         if data.startswith(magic):
             raise ImagingError(f"unsupported image format {name} (accepted: {ACCEPTED})")

@@ -111,7 +111,11 @@ def display_lut(decoded: Decoded) -> np.ndarray[Any, np.dtype[np.uint8]] | None:
         window = decoded.window or auto_window(decoded)
         entries = 1 << decoded.value_bits  # 4096 for 12-bit DICOM: a sixteenth of the work
     else:
-        window = decoded.window or Window(127.5 * decoded.slope + decoded.intercept, 256 * decoded.slope)
+        # The full 8-bit range of modality values: stored 0 .. 255 are values (i - offset) * slope + intercept
+        # (signed data is stored shifted by its offset; a negative slope still spans 256 steps).
+        window = decoded.window or Window(
+            (127.5 - decoded.offset) * decoded.slope + decoded.intercept, 256 * abs(decoded.slope)
+        )
         entries = 256
     return window_lut(entries, window, decoded.slope, decoded.intercept, decoded.offset, decoded.invert)
 
