@@ -60,12 +60,20 @@ TARGET_RULES: list[TargetRule] = [
 ]
 
 
-def push_targets(settings: Settings) -> Callable[[str, str], Sequence[str]]:
+# The rules of channels that show an image's current state (files a PMS reads again): when a clinician
+# changes an image (orientation, teeth, category), these get the image again. A VDDS stage-6 push is an
+# announcement of a new object, not sent twice.
+REFRESH_RULES: list[TargetRule] = [folder_targets]
+
+
+def push_targets(
+    settings: Settings, rules: Sequence[TargetRule] = TARGET_RULES
+) -> Callable[[str, str], Sequence[str]]:
     """The service's push-target function for these settings, from every channel's rule."""
 
     def targets(protocol: str, pms_system: str) -> Sequence[str]:
         found: list[str] = []
-        for rule in TARGET_RULES:
+        for rule in rules:
             found.extend(rule(settings, protocol, pms_system))
         return found
 

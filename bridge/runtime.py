@@ -16,7 +16,7 @@ from bridge.audit import AuditLog
 from bridge.config import Settings
 from bridge.events import EventBus
 from bridge.imaging.pipeline import Imaging
-from bridge.outbox import push_targets
+from bridge.outbox import REFRESH_RULES, push_targets
 from bridge.record import Recorder
 from bridge.service import BridgeService
 from bridge.store.db import Database, upgrade_schema
@@ -93,7 +93,14 @@ class Runtime:
         files = FileStore(settings.store.images)
         bus = EventBus()
         audit = AuditLog(db)
-        service = BridgeService(db, settings.pms, bus, audit, push_targets=push_targets(settings))
+        service = BridgeService(
+            db,
+            settings.pms,
+            bus,
+            audit,
+            push_targets=push_targets(settings),
+            refresh_targets=push_targets(settings, REFRESH_RULES),
+        )
         imaging = Imaging(
             files, settings.thumbnails, settings.store.images / "thumbnails", workers=imaging_workers
         )

@@ -455,12 +455,14 @@ class BridgeService:
         audit: AuditLog,
         *,
         push_targets: PushTargets = _no_push,
+        refresh_targets: PushTargets = _no_push,
     ) -> None:
         self.db = db
         self.settings = settings
         self.bus = bus
         self.audit = audit
         self.push_targets = push_targets
+        self.refresh_targets = refresh_targets  # the channels that get a changed image again
         # The images this process adds, known before their transactions commit (bridge.announce).
         self.own_additions = OwnAdditions()
         # Image views recently read for the thumbnail path: id -> (monotonic time read, view).
@@ -1160,6 +1162,8 @@ class BridgeService:
                     image_id=image.id,
                     detail="; ".join(changes),
                 )
+                # PMS thumbnail folders show the image as it is now: they get it again
+                self._enqueue_pushes(session, image.patient_id, [image.id], utcnow(), changed=True)
             return image_view_row(_rows(session, *q.image_view_by_id(image_id)).one())
 
         view = await self.db.write(work)
@@ -1344,17 +1348,26 @@ class BridgeService:
         return series
 
     def _enqueue_pushes(
-        self, session: Session, patient_id: int, image_ids: list[int], now: datetime
+        self,
+        session: Session,
+        patient_id: int,
+        image_ids: list[int],
+        now: datetime,
+        *,
+        changed: bool = False,
     ) -> set[str]:
         """One outbox message per (link, channel) the push targets name for the patient's links; the
-        channels that got one.
+        channels that got one. `changed`: the images are not new but changed, for the refresh targets.
 
         A patient with a current chart number is also announced to the channels of PMSs keyed by chart
         number (CHART_KEYED), once per channel and only where no link already announces it.
         """
         if not image_ids:
             return set()
+        targets = self.refresh_targets if changed else self.push_targets
         batch = f"{image_ids[0]}-{image_ids[-1]}:{len(image_ids)}"
+        if changed:  # each change is its own message (the key of the first push is taken)
+            batch += f":changed:{now.isoformat()}"
         queued: set[str] = set()
 
         def add(channel: str, link_key: str, payload: dict[str, Any]) -> None:
@@ -1364,10 +1377,10 @@ class BridgeService:
             )
 
         for link in session.scalars(*q.links_of_patient(patient_id)):
-            for channel in self.push_targets(link.protocol, link.pms_system):
+            for channel in targets(link.protocol, link.pms_system):
                 add(channel, str(link.id), {"link_id": link.id, "pms_system": link.pms_system})
         if session.scalars(*q.current_chart_of_patient(patient_id)).first() is not None:
-            for channel in self.push_targets(CHART_KEYED, ""):
+            for channel in targets(CHART_KEYED, ""):
                 if channel not in queued:
                     add(channel, "chart", {"link_id": None, "pms_system": ""})
         return queued

@@ -337,3 +337,21 @@ async def test_a_chart_folder_holds_only_its_current_holders_images(
         assert owners("100") == [bob]
         assert owners("300") == [ann]
         assert all(state == "done" for _c, state, _e in await outbox(rt))
+
+
+async def test_a_clinicians_change_reaches_the_thumbnail_folder(make_settings: Any, tmp_path: Path) -> None:
+    """Rotated (or renumbered teeth, another category) in the viewer: the PMS's folder shows it too."""
+    root = tmp_path / "SmartImage"
+    root.mkdir()
+    async with runtime_with(make_settings(dentrix=profile_settings(root))) as rt:
+        worker = OutboxWorker(rt, channel_name("dentrix"), make_sender("dentrix"))
+        image_id = await add_image(rt, await open_patient(rt, "01001"))
+        assert await worker.run_once() == 1
+        [document] = (root / "01001").glob("*.json")
+        assert json.loads(document.read_bytes())["image"]["rotation"] == 0
+        await rt.service.update_image(ORIGIN, image_id, rotation=90, tooth_numbers=[11])
+        assert await worker.run_once() == 1
+        written = json.loads(document.read_bytes())["image"]
+        assert (written["rotation"], written["tooth_numbers"]) == (90, [11])
+        await rt.service.update_image(ORIGIN, image_id, rotation=90)  # no change: nothing to send
+        assert await worker.run_once() == 0
