@@ -495,3 +495,27 @@ def test_the_import_command_prints_every_file_and_exits_1_on_problems(
     body = json.loads(again.stdout)
     assert body["skipped"] == [{"path": str(good), "reason": "already imported"}]
     assert body["summary"] == {"images": 0, "files": 0, "skipped": 1, "errors": 0}
+
+
+async def test_a_dicomdir_reference_to_a_symlink_loop_is_refused_and_the_rest_imported(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    fileset = tmp_path / "media"
+    shutil.copytree(REFERENCE_SET / "77654033", fileset / "77654033")
+    (fileset / "LA").symlink_to("LB")
+    (fileset / "LB").symlink_to("LA")
+    directory = pydicom.dcmread(REFERENCE_SET / "DICOMDIR")
+    images = [r for r in directory.DirectoryRecordSequence if "ReferencedFileID" in r]
+    images[0].ReferencedFileID = ["LA"]
+    directory.save_as(fileset / "DICOMDIR")
+    report = await run_import(runtime, fileset)
+    refused = {p.path: p.reason for p in report.errors}
+    assert (
+        refused[f"{fileset}/LA"]
+        == "the DICOMDIR refers to a path that cannot be resolved (a symbolic link loop): refused"
+    )
+    assert {item.path for item in report.imported} == {
+        f"{fileset}/77654033/CR2/6247",
+        f"{fileset}/77654033/CR3/6278",
+        f"{fileset}/77654033/CT2/17106",
+    }

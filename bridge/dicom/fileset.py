@@ -180,7 +180,14 @@ def _read_dicomdir(path: Path, display: str, found: Discovery, seen: set[str]) -
         if located is None:
             found.errors.append(Problem(shown, "listed in the DICOMDIR but missing from the file set"))
             continue
-        resolved = located.resolve()
+        try:
+            resolved = located.resolve()
+        except (RuntimeError, OSError) as exc:  # a symbolic link loop is a RuntimeError before Python 3.13
+            why = "a symbolic link loop" if isinstance(exc, RuntimeError) else exc.strerror or "unresolvable"
+            found.errors.append(
+                Problem(shown, f"the DICOMDIR refers to a path that cannot be resolved ({why}): refused")
+            )
+            continue
         if not resolved.is_relative_to(root):
             found.errors.append(Problem(shown, "the DICOMDIR refers to a file outside its file set: refused"))
             continue
