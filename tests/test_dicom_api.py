@@ -280,6 +280,41 @@ async def test_a_zipped_file_set_as_the_whole_body(api_client: Any) -> None:
     assert body["summary"]["errors"] == 24  # the DICOMDIR lists the other patient's files, not zipped
 
 
+async def test_a_zipped_file_set_whose_dicomdir_names_a_too_long_file_reports_it_and_imports_the_rest(
+    api_client: Any,
+) -> None:
+    import pydicom
+
+    directory = pydicom.dcmread(REFERENCE_SET / "DICOMDIR")
+    images = [r for r in directory.DirectoryRecordSequence if "ReferencedFileID" in r]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid File ID this test writes on purpose
+        images[0].ReferencedFileID = ["X" * 300]
+        written = io.BytesIO()
+        directory.save_as(written)
+    members = {"media/DICOMDIR": written.getvalue()}
+    for path in sorted((REFERENCE_SET / "77654033").rglob("*")):
+        if path.is_file():
+            members[f"media/{path.relative_to(REFERENCE_SET).as_posix()}"] = path.read_bytes()
+    response = await api_client.post(
+        "/api/v1/import",
+        data=io.BytesIO(zipped(members)),
+        headers={"Content-Type": "application/zip", "Content-Disposition": 'attachment; filename="set.zip"'},
+    )
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    errors = {item["path"]: item["reason"] for item in body["errors"]}
+    assert (
+        errors[f"set.zip/media/{'X' * 300}"]
+        == "the DICOMDIR names a file or folder longer than 255 bytes: refused"
+    )
+    assert sorted(item["path"] for item in body["imported"]) == [
+        "set.zip/media/77654033/CR2/6247",
+        "set.zip/media/77654033/CR3/6278",
+        "set.zip/media/77654033/CT2/17106",
+    ]
+
+
 async def test_single_file_bodies_that_are_empty_bad_or_too_large(
     api_client: Any, small_client: TestClient[Any, Any]
 ) -> None:

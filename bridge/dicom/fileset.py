@@ -31,6 +31,7 @@ from bridge.store import uncached
 MAX_DICOMDIR_BYTES = 64 * 1024 * 1024
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 MAX_ZIP_MEMBERS = 200_000
+MAX_NAME_BYTES = 255  # the longest file name of Linux, macOS and Windows file systems (NAME_MAX)
 _CHUNK = 1 << 20
 
 
@@ -173,6 +174,13 @@ def _read_dicomdir(path: Path, display: str, found: Discovery, seen: set[str]) -
         components = [value] if isinstance(value, str) else [str(v) for v in value]
         shown = _join(base, *components)
         listed += 1
+        if _too_long(components):
+            found.errors.append(
+                Problem(
+                    shown, f"the DICOMDIR names a file or folder longer than {MAX_NAME_BYTES} bytes: refused"
+                )
+            )
+            continue
         if not _safe_components(components):
             found.errors.append(Problem(shown, "the DICOMDIR refers to a path outside its file set: refused"))
             continue
@@ -209,14 +217,24 @@ def _safe_components(components: list[str]) -> bool:
     return True
 
 
+def _too_long(components: list[str]) -> bool:
+    """A component no file system can hold as a name: asking for it fails with ENAMETOOLONG, so it is
+    refused before any look-up."""
+    return any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in components)
+
+
 def _locate(root: Path, components: list[str]) -> Path | None:
-    """The file a File ID names: exactly, else ignoring case, ISO 9660's ';1' and a trailing dot."""
+    """The file a File ID names: exactly, else ignoring case, ISO 9660's ';1' and a trailing dot; None
+    when absent or when the system cannot look the path up (too long as a whole: ENAMETOOLONG)."""
     current = root
     for part in components:
         exact = current / part
-        if exact.exists():
-            current = exact
-            continue
+        try:
+            if exact.exists():
+                current = exact
+                continue
+        except OSError:
+            return None
         try:
             names = os.listdir(current)
         except OSError:
