@@ -349,6 +349,32 @@ async def test_one_file_as_the_whole_body_imports_as_orthanc_takes_it(
     assert again.status == 200 and (await again.json())["skipped"][0]["reason"] == "already imported"
 
 
+async def test_upload_file_names_longer_than_the_file_system_takes_are_cut_by_bytes(api_client: Any) -> None:
+    """'€' is 3 bytes of UTF-8: 120 of them are 360 bytes, beyond the 255 a file name may have."""
+    from urllib.parse import quote
+
+    parts = b""
+    for i, name in enumerate(("€" * 120, "€" * 120 + ".dcm")):
+        head = f'--b\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'
+        parts += head.encode() + to_bytes(dental_dataset(patient_id=f"007{i}")) + b"\r\n"
+    response = await api_client.post(
+        "/api/v1/import",
+        data=parts + b"--b--\r\n",
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    assert sorted(item["path"] for item in body["imported"]) == ["€" * 32 + ".dcm", "€" * 33]
+    assert body["errors"] == []
+    single = await api_client.post(
+        "/api/v1/import",
+        data=to_bytes(dental_dataset(patient_id="0072")),
+        headers={**AS_DICOM, "Content-Disposition": "attachment; filename*=UTF-8''" + quote("€" * 120)},
+    )
+    assert single.status == 201, await single.text()
+    assert [item["path"] for item in (await single.json())["imported"]] == ["€" * 33]
+
+
 async def test_a_zipped_file_set_as_the_whole_body(api_client: Any) -> None:
     response = await api_client.post(
         "/api/v1/import",
