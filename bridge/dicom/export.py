@@ -31,6 +31,8 @@ its DICOMDIR is there, and it lists exactly the files written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -82,6 +84,11 @@ _PATIENT_EXTRAS = (
     "TypeOfPatientID",
 )
 _EXPORT_CONCURRENCY = 4
+
+
+class ExportNotWritten(Exception):
+    """The file set could not be written: its folder cannot be created, or its DICOMDIR cannot be written
+    (a full disk). What this export wrote is removed again: a set without its DICOMDIR is not a set."""
 
 
 class ExportRefused(Exception):
@@ -213,7 +220,11 @@ async def export_patient(
         "InstitutionalDepartmentName": settings.institution_department,
     }
     jobs = plan(details, sources, out, patient, equipment, charset, profile)
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportNotWritten(f"cannot create the folder {out}: {exc.strerror or exc}") from None
     slots = asyncio.Semaphore(_EXPORT_CONCURRENCY)
 
     async def run(job: Job) -> Written | NotWritten:
@@ -228,11 +239,30 @@ async def export_patient(
             (report.skipped if result.skipped else report.errors).append(result)
     report.written.sort(key=lambda w: w.file_id)
     if not report.written:
+        await asyncio.to_thread(_remove_written, out, [], created)
         reasons = "; ".join(sorted({r.reason for r in report.skipped + report.errors}))
         raise ExportRefused(f"nothing to export for patient {pms_id!r}: {reasons}")
     directory = await rt.imaging.run_in_pool(dicomdir.build, tree(report.written, patient), charset)
-    await asyncio.to_thread(write_atomic, out / "DICOMDIR", directory)
+    try:
+        await asyncio.to_thread(write_atomic, out / "DICOMDIR", directory)
+    except OSError as exc:
+        await asyncio.to_thread(_remove_written, out, report.written, created)
+        raise ExportNotWritten(
+            f"the DICOMDIR cannot be written into {out} ({exc.strerror or exc}): the set is incomplete,"
+            f" and the {len(report.written)} image files written were removed"
+        ) from None
     return report
+
+
+def _remove_written(out: Path, written: list[Written], created: bool) -> None:
+    """Remove the files of an export that failed, the folders it made for them, and `out` if the export
+    created it: the folder was new or empty, so nothing else is touched."""
+    for item in written:
+        out.joinpath(*item.file_id).unlink(missing_ok=True)
+    for folder, _, _ in sorted(os.walk(out), key=lambda entry: -len(entry[0])):
+        if folder != str(out) or created:
+            with contextlib.suppress(OSError):  # not empty: something else is in it
+                os.rmdir(folder)
 
 
 async def instance_bytes(rt: Runtime, origin: Origin, image: ImageView) -> bytes:
@@ -453,7 +483,11 @@ def _write(job: Job) -> Written | NotWritten:
     _file_meta(ds)
     target = Path(job.target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(target, enforce_file_format=True)
+    try:
+        ds.save_as(target, enforce_file_format=True)
+    except BaseException:  # a full disk: no partial file is left in the set
+        target.unlink(missing_ok=True)
+        raise
     return Written(
         image_id=job.image_id,
         file_id=job.file_id,
