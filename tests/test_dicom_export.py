@@ -352,3 +352,44 @@ async def test_a_dicomdir_that_cannot_be_written_removes_the_set(
     with pytest.raises(export.ExportNotWritten):
         await export_patient(runtime, ORIGIN, pms_id=PMS_ID, out=kept)
     assert kept.is_dir() and list(kept.iterdir()) == [], "a folder the user made stays, emptied"
+
+
+@pytest.mark.parametrize(
+    ("last", "first", "family", "given"),
+    [
+        ("L" * 70, "Anna", "L" * 59, "Anna"),  # the store holds 120 characters, a PN group 64
+        ("Back\\Slash", "Care^t", "Back Slash", "Care t"),  # VM and component delimiters
+        ("Eq=uals", "Ann", "Eq uals", "Ann"),  # the component group delimiter
+        ("Ł" * 40, "Zoë", "Ł" * 29, "Zoë"),  # UTF-8: 64 bytes, cut between characters
+    ],
+)
+async def test_patient_names_follow_the_pn_rules_whatever_the_store_holds(
+    runtime: Runtime, tmp_path: Path, last: str, first: str, family: str, given: str
+) -> None:
+    from bridge.model import Action, Demographics, PatientRequest
+    from bridge.model import Origin as PmsOrigin
+
+    opened = await runtime.service.handle(
+        PatientRequest(
+            Action.OPEN,
+            PmsOrigin("vdds", "cli", "DESK"),
+            "dicom",
+            "77",
+            demographics=Demographics(last, first),
+        )
+    )
+    assert opened.patient is not None and opened.patient.last_name == last, opened.message
+    write(intraoral_object(patient_id="77", name=""), tmp_path / "media" / "a.dcm")
+    imported = await Importer(runtime, ORIGIN).run([(str(tmp_path / "media"), "media")])
+    assert len(imported.imported) == 1, imported.errors
+    out = tmp_path / "export"
+    await export_patient(runtime, ORIGIN, pms_id="77", out=out)
+    files = validate(out, dental=False)  # dciodvfy: no Error line on any file or the DICOMDIR
+    directory = pydicom.dcmread(out / "DICOMDIR")
+    names = [
+        directory.DirectoryRecordSequence[0].PatientName,
+        *(pydicom.dcmread(f).PatientName for f in files),
+    ]
+    for name in names:
+        assert (name.family_name, name.given_name, name.middle_name) == (family, given, "")
+        assert name.ideographic == "" and name.phonetic == ""

@@ -213,7 +213,7 @@ async def export_patient(
     scanned = await rt.imaging.run_in_pool(scan_originals, originals)
     charset = choose_charset(outcome.patient, details, rt.settings.dicom.institution_name, scanned)
     wrapped = any(d.image.file_ext != "dcm" for d in details)
-    patient = patient_module(outcome.patient, scanned, wrapped=wrapped)
+    patient = patient_module(outcome.patient, scanned, wrapped=wrapped, charset=charset)
     equipment = {
         "InstitutionName": settings.institution_name,
         "InstitutionAddress": settings.institution_address,
@@ -286,7 +286,7 @@ async def instance_bytes(rt: Runtime, origin: Origin, image: ImageView) -> bytes
         "InstitutionalDepartmentName": settings.institution_department,
     }
     with tempfile.TemporaryDirectory(prefix="pms-bridge-dcm-") as tmp:
-        module = patient_module(patient, [], wrapped=True)
+        module = patient_module(patient, [], wrapped=True, charset=charset)
         [job] = plan(details, {image.id: str(source)}, Path(tmp), module, equipment, charset, "general")
         result = await rt.imaging.run_in_pool(write_instance, job)
         if isinstance(result, NotWritten):
@@ -312,10 +312,40 @@ def choose_charset(
     return "ISO_IR 100"
 
 
-def patient_module(patient: PatientView, scanned: list[dict[str, Any]], *, wrapped: bool) -> dict[str, Any]:
+PN_GROUP_BYTES = 64  # a PN component group holds 64 characters (PS3.5 6.2); counted as bytes, see person_name
+_PN_DELIMITERS = str.maketrans({"\\": " ", "^": " ", "=": " "})
+
+
+def person_name(family: str, given: str, middle: str, prefix: str, charset: str) -> str:
+    """A DICOM PN of the store's name parts, whatever text they hold (PS3.5 6.2).
+
+    A backslash, caret or equals sign inside a part is a delimiter of PN (values, components, component
+    groups): each becomes a space, so "Back\\Slash" stays one name and "Care^t" one given name. Control
+    characters become spaces too. The group holds 64 characters; it is kept within 64 bytes of the set's
+    character set (dciodvfy counts bytes, so UTF-8 names count each byte), cutting the longest part first,
+    one character at a time (never inside one), so every part keeps what it can.
+    """
+    encoding = "latin-1" if charset == "ISO_IR 100" else "utf-8"
+    parts = [
+        "".join(" " if ord(c) < 32 or c == "\x7f" else c for c in text.translate(_PN_DELIMITERS)).strip()
+        for text in (family, given, middle, prefix)
+    ]
+
+    def size() -> int:
+        return len("^".join(parts).rstrip("^").encode(encoding, "replace"))
+
+    while size() > PN_GROUP_BYTES:
+        longest = max(range(len(parts)), key=lambda i: (len(parts[i].encode(encoding, "replace")), -i))
+        parts[longest] = parts[longest][:-1].rstrip()
+    return "^".join(parts).rstrip("^")
+
+
+def patient_module(
+    patient: PatientView, scanned: list[dict[str, Any]], *, wrapped: bool, charset: str
+) -> dict[str, Any]:
     """The Patient module of every file: the store's patient; other patient attributes the originals carry
     are kept only where every file agrees, wrapped ones (which carry none) included. None removes one."""
-    name = "^".join([patient.last_name, patient.first_name, patient.middle_name, patient.title]).rstrip("^")
+    name = person_name(patient.last_name, patient.first_name, patient.middle_name, patient.title, charset)
     module: dict[str, Any] = {
         "PatientName": name,
         "PatientID": patient.pms_id or "",
