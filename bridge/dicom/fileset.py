@@ -11,7 +11,10 @@
   missing is reported. Media written on other systems often change case or add ISO 9660's ";1" or a
   trailing dot, so names are matched that way when the exact one is absent.
 * A zip (REST uploads) is unpacked with the same path rules and a size budget counted while unpacking
-  (the sizes a zip declares are not trusted).
+  (the sizes a zip declares are not trusted). Each entry stands alone: one that cannot be unpacked is
+  reported by the name the zip gives it, and the others are unpacked.
+* A name longer than 255 bytes (a DICOMDIR's File ID component, a zip entry's) is refused before any
+  look-up: no file system holds it, and asking fails with ENAMETOOLONG.
 
 Discovery runs in the imaging process pool: it parses untrusted DICOMDIRs.
 """
