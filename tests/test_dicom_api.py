@@ -116,6 +116,92 @@ async def test_a_second_zip_entry_of_the_same_name_is_refused_not_written_over_t
     ]
 
 
+def stored_zip(members: dict[str, bytes]) -> bytes:
+    """A zip of uncompressed entries, so a test can alter an entry's bytes or flags where they lie."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        for name, content in members.items():
+            zf.writestr(name, content)
+    return out.getvalue()
+
+
+def broken_zip(how: str) -> bytes:
+    """a.dcm, b.dcm and c.dcm, b marked encrypted in the central directory or one byte of its data changed."""
+    data = bytearray(
+        stored_zip(
+            {f"{n}.dcm": to_bytes(dental_dataset(patient_id=f"00{i}")) for i, n in enumerate("abc", 60)}
+        )
+    )
+    info = zipfile.ZipFile(io.BytesIO(bytes(data))).getinfo("b.dcm")
+    if how == "encrypted":
+        central = next(
+            i
+            for i in range(len(data))
+            if data[i : i + 4] == b"PK\x01\x02" and data[i + 46 : i + 51] == b"b.dcm"
+        )
+        data[central + 8] |= 0x01
+    else:
+        start = info.header_offset + 30 + len(b"b.dcm") + len(info.extra)
+        data[start + 200] ^= 0xFF
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        (
+            "encrypted",
+            "encrypted in the zip: refused (an import has no password)",
+        ),
+        ("corrupt", "cannot be unpacked (BadZipFile: Bad CRC-32 for file 'b.dcm')"),
+    ],
+)
+async def test_a_zip_entry_that_cannot_be_unpacked_is_reported_once_and_the_later_ones_imported(
+    api_client: Any, how: str, reason: str
+) -> None:
+    response = await api_client.post("/api/v1/import", data=form(("set.zip", broken_zip(how))))
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    assert sorted(item["path"] for item in body["imported"]) == ["set.zip/a.dcm", "set.zip/c.dcm"]
+    assert body["errors"] == [{"path": "set.zip/b.dcm", "reason": reason}]
+
+
+def test_zip_entries_the_file_system_refuses_are_reported_by_their_zip_names_and_leave_nothing(
+    tmp_path: Path,
+) -> None:
+    from bridge.dicom.fileset import unpack_zip
+
+    deep = "d/" * 2100 + "x.dcm"
+    archive = tmp_path / "up.zip"
+    archive.write_bytes(stored_zip({"a": b"1", "a/b.dcm": b"2", "X" * 300: b"3", deep: b"4", "c.dcm": b"5"}))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    problems = unpack_zip(archive, dest, "up.zip", 1 << 20)
+    assert [(p.path, p.reason) for p in problems] == [
+        ("up.zip/a/b.dcm", "its folder is a file of the zip: refused"),
+        (f"up.zip/{'X' * 300}", "a file or folder name longer than 255 bytes: refused"),
+        (f"up.zip/{deep}", "a path longer than 1024 bytes: refused"),
+    ]
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["a", "c.dcm"]
+    assert (dest / "c.dcm").read_bytes() == b"5"
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(broken_zip("encrypted"))
+    (dest2 := tmp_path / "out2").mkdir()
+    assert [(p.path, p.reason) for p in unpack_zip(broken, dest2, "b.zip", 1 << 20)] == [
+        (
+            "b.zip/b.dcm",
+            "encrypted in the zip: refused (an import has no password)",
+        )
+    ]
+    assert sorted(p.name for p in dest2.iterdir()) == ["a.dcm", "c.dcm"], "no empty b.dcm is left behind"
+    unreadable = tmp_path / "cut.zip"
+    unreadable.write_bytes(stored_zip({"a.dcm": b"1"})[:-10])  # the end of the central directory cut off
+    (dest3 := tmp_path / "out3").mkdir()
+    assert [(p.path, p.reason) for p in unpack_zip(unreadable, dest3, "cut.zip", 1 << 20)] == [
+        ("cut.zip", "unreadable zip (BadZipFile: File is not a zip file)")
+    ]
+
+
 async def test_a_multipart_body_cut_before_its_closing_boundary_is_a_400_with_the_report(
     api_client: Any,
 ) -> None:
@@ -263,6 +349,32 @@ async def test_one_file_as_the_whole_body_imports_as_orthanc_takes_it(
     assert again.status == 200 and (await again.json())["skipped"][0]["reason"] == "already imported"
 
 
+async def test_upload_file_names_longer_than_the_file_system_takes_are_cut_by_bytes(api_client: Any) -> None:
+    """'€' is 3 bytes of UTF-8: 120 of them are 360 bytes, beyond the 255 a file name may have."""
+    from urllib.parse import quote
+
+    parts = b""
+    for i, name in enumerate(("€" * 120, "€" * 120 + ".dcm")):
+        head = f'--b\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'
+        parts += head.encode() + to_bytes(dental_dataset(patient_id=f"007{i}")) + b"\r\n"
+    response = await api_client.post(
+        "/api/v1/import",
+        data=parts + b"--b--\r\n",
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    assert sorted(item["path"] for item in body["imported"]) == ["€" * 32 + ".dcm", "€" * 33]
+    assert body["errors"] == []
+    single = await api_client.post(
+        "/api/v1/import",
+        data=to_bytes(dental_dataset(patient_id="0072")),
+        headers={**AS_DICOM, "Content-Disposition": "attachment; filename*=UTF-8''" + quote("€" * 120)},
+    )
+    assert single.status == 201, await single.text()
+    assert [item["path"] for item in (await single.json())["imported"]] == ["€" * 33]
+
+
 async def test_a_zipped_file_set_as_the_whole_body(api_client: Any) -> None:
     response = await api_client.post(
         "/api/v1/import",
@@ -278,6 +390,41 @@ async def test_a_zipped_file_set_as_the_whole_body(api_client: Any) -> None:
         "set.zip/media/77654033/CT2/17106",
     ]
     assert body["summary"]["errors"] == 24  # the DICOMDIR lists the other patient's files, not zipped
+
+
+async def test_a_zipped_file_set_whose_dicomdir_names_a_too_long_file_reports_it_and_imports_the_rest(
+    api_client: Any,
+) -> None:
+    import pydicom
+
+    directory = pydicom.dcmread(REFERENCE_SET / "DICOMDIR")
+    images = [r for r in directory.DirectoryRecordSequence if "ReferencedFileID" in r]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid File ID this test writes on purpose
+        images[0].ReferencedFileID = ["X" * 300]
+        written = io.BytesIO()
+        directory.save_as(written)
+    members = {"media/DICOMDIR": written.getvalue()}
+    for path in sorted((REFERENCE_SET / "77654033").rglob("*")):
+        if path.is_file():
+            members[f"media/{path.relative_to(REFERENCE_SET).as_posix()}"] = path.read_bytes()
+    response = await api_client.post(
+        "/api/v1/import",
+        data=io.BytesIO(zipped(members)),
+        headers={"Content-Type": "application/zip", "Content-Disposition": 'attachment; filename="set.zip"'},
+    )
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    errors = {item["path"]: item["reason"] for item in body["errors"]}
+    assert (
+        errors[f"set.zip/media/{'X' * 300}"]
+        == "the DICOMDIR names a file or folder longer than 255 bytes: refused"
+    )
+    assert sorted(item["path"] for item in body["imported"]) == [
+        "set.zip/media/77654033/CR2/6247",
+        "set.zip/media/77654033/CR3/6278",
+        "set.zip/media/77654033/CT2/17106",
+    ]
 
 
 async def test_single_file_bodies_that_are_empty_bad_or_too_large(

@@ -278,3 +278,118 @@ def test_the_command_refuses_filtered_mode_and_writes_a_set(tmp_path: Path, make
     assert exported.stdout.splitlines()[-1].startswith("1 images written to")
     validate(out, dental=False)
     shutil.rmtree(out)
+
+
+def test_the_command_says_in_one_line_when_the_set_cannot_be_written(
+    tmp_path: Path, make_settings: Any
+) -> None:
+    """Exit 3 with one line, no traceback; an image the disk cannot take leaves no partial file."""
+    import resource
+
+    from tests.conftest import pms_bridge_command
+
+    settings = make_settings()
+    env = {**os.environ, "PMS_BRIDGE_CONFIG": str(settings.path)}
+    write(intraoral_object(patient_id=PMS_ID, name=NAME), tmp_path / "media" / "a.dcm")
+    imported = subprocess.run(
+        [*pms_bridge_command(), "import", str(tmp_path / "media")], capture_output=True, text=True, env=env
+    )
+    assert imported.returncode == 0, imported.stderr
+    command = [*pms_bridge_command(), "export-dicom", "--patient", PMS_ID]
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    below_a_file = subprocess.run(
+        [*command, "--out", str(tmp_path / "file" / "sub")], capture_output=True, text=True, env=env
+    )
+    assert below_a_file.returncode == 3
+    assert below_a_file.stderr == (
+        f"pms-bridge export-dicom: cannot create the folder {tmp_path / 'file' / 'sub'}: Not a directory\n"
+    )
+    assert below_a_file.stdout == ""
+
+    if settings.store.url.startswith("sqlite"):
+        return  # SQLite cannot grow its own files under the file size limit below: this part needs PostgreSQL
+
+    def small_files() -> None:  # writes past 4 KB fail (EFBIG), as on a full disk; the image is larger
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = tmp_path / "full"
+    full = subprocess.run(
+        [*command, "--out", str(out)], capture_output=True, text=True, env=env, preexec_fn=small_files
+    )
+    assert full.returncode == 2
+    assert full.stderr == (
+        f"pms-bridge export-dicom: nothing to export for patient {PMS_ID!r}:"
+        " cannot be exported (OSError: [Errno 27] File too large)\n"
+    )
+    assert not out.exists(), "no partial image file and no folder of the failed export is left"
+
+
+async def test_a_dicomdir_that_cannot_be_written_removes_the_set(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DICOMDIR is written last, in this process: a full disk there is simulated (the images, written
+    by the pool, are real)."""
+    import errno
+
+    from bridge.dicom import export
+
+    patient = await everything(runtime, tmp_path)
+
+    def full_disk(path: Any, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(export, "write_atomic", full_disk)
+    out = tmp_path / "export"
+    with pytest.raises(export.ExportNotWritten) as raised:
+        await export_patient(runtime, ORIGIN, pms_id=PMS_ID, out=out)
+    assert str(raised.value) == (
+        f"the DICOMDIR cannot be written into {out} (No space left on device): the set is incomplete, and the"
+        f" {len(patient.images)} image files written were removed"
+    )
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(export.ExportNotWritten):
+        await export_patient(runtime, ORIGIN, pms_id=PMS_ID, out=kept)
+    assert kept.is_dir() and list(kept.iterdir()) == [], "a folder the user made stays, emptied"
+
+
+@pytest.mark.parametrize(
+    ("last", "first", "family", "given"),
+    [
+        ("L" * 70, "Anna", "L" * 59, "Anna"),  # the store holds 120 characters, a PN group 64
+        ("Back\\Slash", "Care^t", "Back Slash", "Care t"),  # VM and component delimiters
+        ("Eq=uals", "Ann", "Eq uals", "Ann"),  # the component group delimiter
+        ("Ł" * 40, "Zoë", "Ł" * 29, "Zoë"),  # UTF-8: 64 bytes, cut between characters
+    ],
+)
+async def test_patient_names_follow_the_pn_rules_whatever_the_store_holds(
+    runtime: Runtime, tmp_path: Path, last: str, first: str, family: str, given: str
+) -> None:
+    from bridge.model import Action, Demographics, PatientRequest
+    from bridge.model import Origin as PmsOrigin
+
+    opened = await runtime.service.handle(
+        PatientRequest(
+            Action.OPEN,
+            PmsOrigin("vdds", "cli", "DESK"),
+            "dicom",
+            "77",
+            demographics=Demographics(last, first),
+        )
+    )
+    assert opened.patient is not None and opened.patient.last_name == last, opened.message
+    write(intraoral_object(patient_id="77", name=""), tmp_path / "media" / "a.dcm")
+    imported = await Importer(runtime, ORIGIN).run([(str(tmp_path / "media"), "media")])
+    assert len(imported.imported) == 1, imported.errors
+    out = tmp_path / "export"
+    await export_patient(runtime, ORIGIN, pms_id="77", out=out)
+    files = validate(out, dental=False)  # dciodvfy: no Error line on any file or the DICOMDIR
+    directory = pydicom.dcmread(out / "DICOMDIR")
+    names = [
+        directory.DirectoryRecordSequence[0].PatientName,
+        *(pydicom.dcmread(f).PatientName for f in files),
+    ]
+    for name in names:
+        assert (name.family_name, name.given_name, name.middle_name) == (family, given, "")
+        assert name.ideographic == "" and name.phonetic == ""

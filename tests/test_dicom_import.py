@@ -495,3 +495,50 @@ def test_the_import_command_prints_every_file_and_exits_1_on_problems(
     body = json.loads(again.stdout)
     assert body["skipped"] == [{"path": str(good), "reason": "already imported"}]
     assert body["summary"] == {"images": 0, "files": 0, "skipped": 1, "errors": 0}
+
+
+async def test_a_dicomdir_reference_to_a_symlink_loop_is_refused_and_the_rest_imported(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    fileset = tmp_path / "media"
+    shutil.copytree(REFERENCE_SET / "77654033", fileset / "77654033")
+    (fileset / "LA").symlink_to("LB")
+    (fileset / "LB").symlink_to("LA")
+    directory = pydicom.dcmread(REFERENCE_SET / "DICOMDIR")
+    images = [r for r in directory.DirectoryRecordSequence if "ReferencedFileID" in r]
+    images[0].ReferencedFileID = ["LA"]
+    directory.save_as(fileset / "DICOMDIR")
+    report = await run_import(runtime, fileset)
+    refused = {p.path: p.reason for p in report.errors}
+    assert (
+        refused[f"{fileset}/LA"]
+        == "the DICOMDIR refers to a path that cannot be resolved (a symbolic link loop): refused"
+    )
+    assert {item.path for item in report.imported} == {
+        f"{fileset}/77654033/CR2/6247",
+        f"{fileset}/77654033/CR3/6278",
+        f"{fileset}/77654033/CT2/17106",
+    }
+
+
+async def test_a_dicomdir_file_id_longer_than_a_file_name_is_refused_and_the_rest_imported(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    fileset = tmp_path / "media"
+    shutil.copytree(REFERENCE_SET / "77654033", fileset / "77654033")
+    directory = pydicom.dcmread(REFERENCE_SET / "DICOMDIR")
+    images = [r for r in directory.DirectoryRecordSequence if "ReferencedFileID" in r]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid File ID this test writes on purpose
+        images[0].ReferencedFileID = ["X" * 300]
+        images[1].ReferencedFileID = ["77654033", "É" * 128]  # 256 bytes of UTF-8
+        directory.save_as(fileset / "DICOMDIR")
+    report = await run_import(runtime, fileset)
+    refused = {p.path: p.reason for p in report.errors}
+    too_long = "the DICOMDIR names a file or folder longer than 255 bytes: refused"
+    assert refused[f"{fileset}/{'X' * 300}"] == too_long
+    assert refused[f"{fileset}/77654033/{'É' * 128}"] == too_long
+    assert {item.path for item in report.imported} == {
+        f"{fileset}/77654033/CR3/6278",
+        f"{fileset}/77654033/CT2/17106",
+    }

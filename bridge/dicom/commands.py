@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
+EXIT_NOT_WRITTEN = 3  # export-dicom: the set could not be written (its folder, a full disk); nothing is left
 
 
 def cli_origin(transport: str) -> Origin:
@@ -85,8 +86,10 @@ def run_export(
     practice_id: str | None,
     as_json: bool,
 ) -> int:
-    """`pms-bridge export-dicom`: write the file set; exit 1 if an image could not be exported."""
-    from bridge.dicom.export import ExportRefused  # not imported by `pms-bridge import`: 0.15 s of start-up
+    """`pms-bridge export-dicom`: write the file set; exit 1 if an image could not be exported, 3 (one
+    line, no traceback) if the set could not be written at all."""
+    # not imported by `pms-bridge import`: 0.15 s of start-up
+    from bridge.dicom.export import ExportNotWritten, ExportRefused
 
     settings = load_settings(config)
     rt = Runtime.build(settings, imaging_workers=_workers())
@@ -97,6 +100,9 @@ def run_export(
     except ExportRefused as exc:
         print(f"pms-bridge export-dicom: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ExportNotWritten as exc:
+        print(f"pms-bridge export-dicom: {exc}", file=sys.stderr)
+        return EXIT_NOT_WRITTEN
     finally:
         rt.close()
     if as_json:

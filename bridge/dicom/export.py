@@ -31,6 +31,8 @@ its DICOMDIR is there, and it lists exactly the files written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -82,6 +84,11 @@ _PATIENT_EXTRAS = (
     "TypeOfPatientID",
 )
 _EXPORT_CONCURRENCY = 4
+
+
+class ExportNotWritten(Exception):
+    """The file set could not be written: its folder cannot be created, or its DICOMDIR cannot be written
+    (a full disk). What this export wrote is removed again: a set without its DICOMDIR is not a set."""
 
 
 class ExportRefused(Exception):
@@ -206,14 +213,18 @@ async def export_patient(
     scanned = await rt.imaging.run_in_pool(scan_originals, originals)
     charset = choose_charset(outcome.patient, details, rt.settings.dicom.institution_name, scanned)
     wrapped = any(d.image.file_ext != "dcm" for d in details)
-    patient = patient_module(outcome.patient, scanned, wrapped=wrapped)
+    patient = patient_module(outcome.patient, scanned, wrapped=wrapped, charset=charset)
     equipment = {
         "InstitutionName": settings.institution_name,
         "InstitutionAddress": settings.institution_address,
         "InstitutionalDepartmentName": settings.institution_department,
     }
     jobs = plan(details, sources, out, patient, equipment, charset, profile)
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportNotWritten(f"cannot create the folder {out}: {exc.strerror or exc}") from None
     slots = asyncio.Semaphore(_EXPORT_CONCURRENCY)
 
     async def run(job: Job) -> Written | NotWritten:
@@ -228,11 +239,30 @@ async def export_patient(
             (report.skipped if result.skipped else report.errors).append(result)
     report.written.sort(key=lambda w: w.file_id)
     if not report.written:
+        await asyncio.to_thread(_remove_written, out, [], created)
         reasons = "; ".join(sorted({r.reason for r in report.skipped + report.errors}))
         raise ExportRefused(f"nothing to export for patient {pms_id!r}: {reasons}")
     directory = await rt.imaging.run_in_pool(dicomdir.build, tree(report.written, patient), charset)
-    await asyncio.to_thread(write_atomic, out / "DICOMDIR", directory)
+    try:
+        await asyncio.to_thread(write_atomic, out / "DICOMDIR", directory)
+    except OSError as exc:
+        await asyncio.to_thread(_remove_written, out, report.written, created)
+        raise ExportNotWritten(
+            f"the DICOMDIR cannot be written into {out} ({exc.strerror or exc}): the set is incomplete,"
+            f" and the {len(report.written)} image files written were removed"
+        ) from None
     return report
+
+
+def _remove_written(out: Path, written: list[Written], created: bool) -> None:
+    """Remove the files of an export that failed, the folders it made for them, and `out` if the export
+    created it: the folder was new or empty, so nothing else is touched."""
+    for item in written:
+        out.joinpath(*item.file_id).unlink(missing_ok=True)
+    for folder, _, _ in sorted(os.walk(out), key=lambda entry: -len(entry[0])):
+        if folder != str(out) or created:
+            with contextlib.suppress(OSError):  # not empty: something else is in it
+                os.rmdir(folder)
 
 
 async def instance_bytes(rt: Runtime, origin: Origin, image: ImageView) -> bytes:
@@ -256,7 +286,7 @@ async def instance_bytes(rt: Runtime, origin: Origin, image: ImageView) -> bytes
         "InstitutionalDepartmentName": settings.institution_department,
     }
     with tempfile.TemporaryDirectory(prefix="pms-bridge-dcm-") as tmp:
-        module = patient_module(patient, [], wrapped=True)
+        module = patient_module(patient, [], wrapped=True, charset=charset)
         [job] = plan(details, {image.id: str(source)}, Path(tmp), module, equipment, charset, "general")
         result = await rt.imaging.run_in_pool(write_instance, job)
         if isinstance(result, NotWritten):
@@ -282,10 +312,40 @@ def choose_charset(
     return "ISO_IR 100"
 
 
-def patient_module(patient: PatientView, scanned: list[dict[str, Any]], *, wrapped: bool) -> dict[str, Any]:
+PN_GROUP_BYTES = 64  # a PN component group holds 64 characters (PS3.5 6.2); counted as bytes, see person_name
+_PN_DELIMITERS = str.maketrans({"\\": " ", "^": " ", "=": " "})
+
+
+def person_name(family: str, given: str, middle: str, prefix: str, charset: str) -> str:
+    """A DICOM PN of the store's name parts, whatever text they hold (PS3.5 6.2).
+
+    A backslash, caret or equals sign inside a part is a delimiter of PN (values, components, component
+    groups): each becomes a space, so "Back\\Slash" stays one name and "Care^t" one given name. Control
+    characters become spaces too. The group holds 64 characters; it is kept within 64 bytes of the set's
+    character set (dciodvfy counts bytes, so UTF-8 names count each byte), cutting the longest part first,
+    one character at a time (never inside one), so every part keeps what it can.
+    """
+    encoding = "latin-1" if charset == "ISO_IR 100" else "utf-8"
+    parts = [
+        "".join(" " if ord(c) < 32 or c == "\x7f" else c for c in text.translate(_PN_DELIMITERS)).strip()
+        for text in (family, given, middle, prefix)
+    ]
+
+    def size() -> int:
+        return len("^".join(parts).rstrip("^").encode(encoding, "replace"))
+
+    while size() > PN_GROUP_BYTES:
+        longest = max(range(len(parts)), key=lambda i: (len(parts[i].encode(encoding, "replace")), -i))
+        parts[longest] = parts[longest][:-1].rstrip()
+    return "^".join(parts).rstrip("^")
+
+
+def patient_module(
+    patient: PatientView, scanned: list[dict[str, Any]], *, wrapped: bool, charset: str
+) -> dict[str, Any]:
     """The Patient module of every file: the store's patient; other patient attributes the originals carry
     are kept only where every file agrees, wrapped ones (which carry none) included. None removes one."""
-    name = "^".join([patient.last_name, patient.first_name, patient.middle_name, patient.title]).rstrip("^")
+    name = person_name(patient.last_name, patient.first_name, patient.middle_name, patient.title, charset)
     module: dict[str, Any] = {
         "PatientName": name,
         "PatientID": patient.pms_id or "",
@@ -453,7 +513,11 @@ def _write(job: Job) -> Written | NotWritten:
     _file_meta(ds)
     target = Path(job.target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(target, enforce_file_format=True)
+    try:
+        ds.save_as(target, enforce_file_format=True)
+    except BaseException:  # a full disk: no partial file is left in the set
+        target.unlink(missing_ok=True)
+        raise
     return Written(
         image_id=job.image_id,
         file_id=job.file_id,

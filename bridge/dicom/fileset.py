@@ -11,7 +11,10 @@
   missing is reported. Media written on other systems often change case or add ISO 9660's ";1" or a
   trailing dot, so names are matched that way when the exact one is absent.
 * A zip (REST uploads) is unpacked with the same path rules and a size budget counted while unpacking
-  (the sizes a zip declares are not trusted).
+  (the sizes a zip declares are not trusted). Each entry stands alone: one that cannot be unpacked is
+  reported by the name the zip gives it, and the others are unpacked.
+* A name longer than 255 bytes (a DICOMDIR's File ID component, a zip entry's) is refused before any
+  look-up: no file system holds it, and asking fails with ENAMETOOLONG.
 
 Discovery runs in the imaging process pool: it parses untrusted DICOMDIRs.
 """
@@ -23,6 +26,7 @@ import shutil
 import stat
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -31,6 +35,7 @@ from bridge.store import uncached
 MAX_DICOMDIR_BYTES = 64 * 1024 * 1024
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 MAX_ZIP_MEMBERS = 200_000
+MAX_NAME_BYTES = 255  # the longest file name of Linux, macOS and Windows file systems (NAME_MAX)
 _CHUNK = 1 << 20
 
 
@@ -173,6 +178,13 @@ def _read_dicomdir(path: Path, display: str, found: Discovery, seen: set[str]) -
         components = [value] if isinstance(value, str) else [str(v) for v in value]
         shown = _join(base, *components)
         listed += 1
+        if _too_long(components):
+            found.errors.append(
+                Problem(
+                    shown, f"the DICOMDIR names a file or folder longer than {MAX_NAME_BYTES} bytes: refused"
+                )
+            )
+            continue
         if not _safe_components(components):
             found.errors.append(Problem(shown, "the DICOMDIR refers to a path outside its file set: refused"))
             continue
@@ -180,7 +192,14 @@ def _read_dicomdir(path: Path, display: str, found: Discovery, seen: set[str]) -
         if located is None:
             found.errors.append(Problem(shown, "listed in the DICOMDIR but missing from the file set"))
             continue
-        resolved = located.resolve()
+        try:
+            resolved = located.resolve()
+        except (RuntimeError, OSError) as exc:  # a symbolic link loop is a RuntimeError before Python 3.13
+            why = "a symbolic link loop" if isinstance(exc, RuntimeError) else exc.strerror or "unresolvable"
+            found.errors.append(
+                Problem(shown, f"the DICOMDIR refers to a path that cannot be resolved ({why}): refused")
+            )
+            continue
         if not resolved.is_relative_to(root):
             found.errors.append(Problem(shown, "the DICOMDIR refers to a file outside its file set: refused"))
             continue
@@ -202,14 +221,24 @@ def _safe_components(components: list[str]) -> bool:
     return True
 
 
+def _too_long(components: list[str]) -> bool:
+    """A component no file system can hold as a name: asking for it fails with ENAMETOOLONG, so it is
+    refused before any look-up."""
+    return any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in components)
+
+
 def _locate(root: Path, components: list[str]) -> Path | None:
-    """The file a File ID names: exactly, else ignoring case, ISO 9660's ';1' and a trailing dot."""
+    """The file a File ID names: exactly, else ignoring case, ISO 9660's ';1' and a trailing dot; None
+    when absent or when the system cannot look the path up (too long as a whole: ENAMETOOLONG)."""
     current = root
     for part in components:
         exact = current / part
-        if exact.exists():
-            current = exact
-            continue
+        try:
+            if exact.exists():
+                current = exact
+                continue
+        except OSError:
+            return None
         try:
             names = os.listdir(current)
         except OSError:
@@ -226,20 +255,51 @@ def _locate(root: Path, components: list[str]) -> Path | None:
 # Zips (REST uploads)
 
 
+MAX_ZIP_PATH_BYTES = 1024  # an entry's path in the zip: far beyond any file set's, well below PATH_MAX
+# What reading one entry may raise besides OSError: zipfile's own errors (a bad CRC, a bad local header),
+# RuntimeError, NotImplementedError (a compression it lacks), EOFError and zlib.error
+# (truncated or corrupt data), ValueError.
+_ENTRY_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    RuntimeError,
+    NotImplementedError,
+    EOFError,
+    ValueError,
+    zlib.error,
+)
+
+
 class ZipTooLarge(ValueError):
     """A zip unpacks to more than the import may take."""
+
+
+@dataclass
+class _Budget:
+    """The bytes a zip's entries unpacked to so far, counted across entries, and how many it may."""
+
+    used: int
+    limit: int
 
 
 def unpack_zip(archive: Path, dest: Path, display: str, max_bytes: int) -> list[Problem]:
     """Unpack `archive` into `dest` (path rules of the module doc); the members refused and why.
 
-    Raises ZipTooLarge when the members, counted while unpacking, exceed `max_bytes`; the caller then
-    drops the whole upload. A zip that cannot be read at all is one problem naming the zip.
+    Each entry stands alone: one that cannot be unpacked (encrypted, corrupt, a name the file system
+    refuses) is a problem of that entry, named as the zip names it (never by the server's path), with no
+    file left behind, and the entries after it are unpacked. A zip whose directory cannot be read is one
+    problem naming the zip. Raises ZipTooLarge when the members, counted while unpacking, exceed
+    `max_bytes`; the caller then drops the whole upload.
     """
-    problems: list[Problem] = []
-    written = 0
     try:
-        with zipfile.ZipFile(archive) as zf:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        return [Problem(display, f"unreadable zip ({reason})")]
+    problems: list[Problem] = []
+    budget = _Budget(0, max_bytes)
+    try:
+        with zf:
             members = zf.infolist()
             if len(members) > MAX_ZIP_MEMBERS:
                 return [Problem(display, f"the zip holds {len(members)} entries (limit {MAX_ZIP_MEMBERS})")]
@@ -247,31 +307,52 @@ def unpack_zip(archive: Path, dest: Path, display: str, max_bytes: int) -> list[
                 if info.is_dir():
                     continue
                 name = info.filename.replace("\\", "/")
-                shown = _join(display, name)
-                parts = PurePosixPath(name).parts
-                if not parts or name.startswith("/") or ":" in parts[0] or not _safe_components(list(parts)):
-                    problems.append(Problem(shown, "unsafe path in the zip: refused"))
-                    continue
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    problems.append(Problem(shown, "a symbolic link in the zip: refused"))
-                    continue
-                target = dest.joinpath(*parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    out = uncached.NewFile(target)  # read back past the page cache, as a received file
-                except FileExistsError:
-                    problems.append(Problem(shown, "a second entry of this name in the zip: refused"))
-                    continue
-                with zf.open(info) as src, out:
-                    while chunk := src.read(_CHUNK):
-                        written += len(chunk)
-                        if written > max_bytes:
-                            limit = f"{max_bytes / 1e6:.0f} MB"
-                            raise ZipTooLarge(f"the zip unpacks to more than {limit} ([dicom] max_upload_mb)")
-                        out.write(chunk)
+                reason = _unpack_entry(zf, info, name, dest, budget)
+                if reason:
+                    problems.append(Problem(_join(display, name), reason))
     except ZipTooLarge:
         shutil.rmtree(dest, ignore_errors=True)
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, OSError, EOFError, ValueError) as exc:
-        return [*problems, Problem(display, f"unreadable zip ({type(exc).__name__}: {exc})")]
     return problems
+
+
+def _unpack_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, dest: Path, budget: _Budget) -> str:
+    """Unpack one entry below `dest`; why it was not, or "" when it was."""
+    parts = PurePosixPath(name).parts
+    if not parts or name.startswith("/") or ":" in parts[0] or not _safe_components(list(parts)):
+        return "unsafe path in the zip: refused"
+    if _too_long(list(parts)):
+        return f"a file or folder name longer than {MAX_NAME_BYTES} bytes: refused"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_ZIP_PATH_BYTES:
+        return f"a path longer than {MAX_ZIP_PATH_BYTES} bytes: refused"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "a symbolic link in the zip: refused"
+    if info.flag_bits & 0x1:
+        return "encrypted in the zip: refused (an import has no password)"
+    target = dest.joinpath(*parts)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        return "its folder is a file of the zip: refused"
+    except OSError as exc:
+        return f"cannot be unpacked ({exc.strerror or type(exc).__name__})"
+    try:
+        with zf.open(info) as src:  # opened before the file is created: one it refuses leaves nothing
+            try:
+                out = uncached.NewFile(target)  # read back past the page cache, as a received file
+            except FileExistsError:
+                return "a second entry of this name in the zip: refused"
+            with out:  # removed again if reading fails half-way (a bad CRC is found at the end)
+                while chunk := src.read(_CHUNK):
+                    budget.used += len(chunk)
+                    if budget.used > budget.limit:
+                        limit = f"{budget.limit / 1e6:.0f} MB"
+                        raise ZipTooLarge(f"the zip unpacks to more than {limit} ([dicom] max_upload_mb)")
+                    out.write(chunk)
+    except ZipTooLarge:
+        raise
+    except _ENTRY_ERRORS as exc:
+        return f"cannot be unpacked ({type(exc).__name__}: {exc})"
+    except OSError as exc:
+        return f"cannot be unpacked ({exc.strerror or type(exc).__name__})"
+    return ""

@@ -46,11 +46,30 @@ _CHUNK = 4 << 20  # a DICOM file of a sensor in one or two writes: each is a thr
 SINGLE_FILE_TYPES = ("application/dicom", "application/zip")
 
 
+MAX_NAME_BYTES = 100  # of UTF-8: file systems hold 255 bytes, and the name is a file of the store's disk
+MAX_EXTENSION_BYTES = 16
+
+
 def _part_name(raw: str | None, index: int) -> str:
-    """A file name for reports and the temporary folder: the client's base name, printable, short."""
+    """A file name for reports and the temporary folder: the client's base name, printable, and cut to
+    `MAX_NAME_BYTES` bytes, since a name the file system refuses (ENAMETOOLONG) would fail the upload."""
     name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(c for c in name if c.isprintable() and c not in '<>:"|?*')[:120].strip(" .")
-    return name or f"part{index}"
+    name = "".join(c for c in name if c.isprintable() and c not in '<>:"|?*').strip(" .")
+    return _cut_name(name, MAX_NAME_BYTES) or f"part{index}"
+
+
+def _cut_name(name: str, limit: int) -> str:
+    """`name` within `limit` bytes of UTF-8, cut at a character boundary; a short extension is kept (it
+    tells the reader of a report what the file was)."""
+    if len(name.encode()) <= limit:
+        return name
+    stem, dot, extension = name.rpartition(".")
+    if not dot or not stem or len(extension.encode()) > MAX_EXTENSION_BYTES:
+        stem, extension = name, ""
+    else:
+        extension = "." + extension
+    room = limit - len(extension.encode())
+    return (stem.encode()[:room].decode("utf-8", "ignore").rstrip(" .") + extension).strip(" .")
 
 
 class TooLarge(Exception):
