@@ -262,7 +262,7 @@ class Runner:
         ]
         config = self.target.config
         assert config is not None
-        env = {**os.environ, "PMS_BRIDGE_CONFIG": str(config)}
+        env = {**(clean_environ() if self.target.fresh else os.environ), "PMS_BRIDGE_CONFIG": str(config)}
         proc = await asyncio.create_subprocess_exec(
             *launch_command(),
             protocol,
@@ -467,6 +467,13 @@ def parse_raw_http(raw: bytes) -> tuple[str, str, dict[str, str], bytes]:
     return method, path, headers, raw[text_end + sep :]
 
 
+def clean_environ() -> dict[str, str]:
+    """This process's environment without any pms-bridge configuration (`PMS_BRIDGE_CONFIG`,
+    `PMS_BRIDGE__<SECTION>__<KEY>`): a fresh replay's launch commands must read the replay's own config
+    only, or an override meant for the practice's daemon (its store, its API) would send them there."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PMS_BRIDGE__", "PMS_BRIDGE_CONFIG"))}
+
+
 def launch_command() -> list[str]:
     """The `pms-bridge` launch command a PMS would start (the console script beside this interpreter)."""
     script = Path(sys.executable).with_name("pms-bridge.exe" if os.name == "nt" else "pms-bridge")
@@ -479,13 +486,16 @@ def launch_command() -> list[str]:
 
 async def fresh_target_run(case: Case, session: aiohttp.ClientSession, update: bool) -> Result:
     """Run one case against a new store and an in-process daemon on free loopback ports."""
-    from bridge.config import load_settings
+    from bridge.config import settings_from_raw
+    from bridge.config_file import read_raw
     from bridge.daemon import Daemon
 
     home = Path(tempfile.mkdtemp(prefix="replay-home-"))
     try:
         config = write_fresh_config(home, case.spec.get("settings", {}))
-        settings = load_settings(str(config))
+        # No environment overrides: PMS_BRIDGE__STORE__URL set for the practice's daemon must not turn
+        # the temporary store into the real one.
+        settings = settings_from_raw(read_raw(str(config), environ={}), config)
         daemon = Daemon(settings)
         await daemon.start()
         try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -11,10 +13,26 @@ from tests.conftest import pms_bridge_command
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
-def replay(*args: str) -> subprocess.CompletedProcess[str]:
+def replay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*pms_bridge_command(), "replay", *args], capture_output=True, text=True, timeout=1800, check=False
+        [*pms_bridge_command(), "replay", *args],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+        env=env,
     )
+
+
+def copy_case(tmp_path: Path, name: str) -> Path:
+    """A sample case copied under tmp_path/samples (the replay's SAMPLES_DIR), to be altered."""
+    case = tmp_path / "samples" / name
+    shutil.copytree(SAMPLES / name, case)
+    return case
+
+
+def table_row(result: subprocess.CompletedProcess[str], case: str) -> str:
+    return next(line for line in result.stdout.splitlines() if line.startswith(case + " "))
 
 
 def test_all_samples_replay() -> None:
@@ -53,3 +71,22 @@ def test_a_broken_expected_effect_fails_too(tmp_path: Path) -> None:
         "effect: patient" in result.stdout
         and "birth_date is '1990-01-03', expected '1990-03-01'" in result.stdout
     )
+
+
+def test_a_fresh_replay_ignores_the_environment_overrides_of_the_real_daemon(tmp_path: Path) -> None:
+    # Overrides meant for the practice's daemon: its store, and its API (the launch commands' target).
+    copy_case(tmp_path, "vdds/stage1-new-patient-cp1252")
+    real_store = tmp_path / "real" / "bridge.db"
+    real_store.parent.mkdir()
+    with socket.socket() as real_api:  # a port nobody answers on: the practice's daemon is not running
+        real_api.bind(("127.0.0.1", 0))
+        env = {
+            **os.environ,
+            "PMS_BRIDGE__STORE__URL": f"sqlite:///{real_store.as_posix()}",
+            "PMS_BRIDGE__API__PORT": str(real_api.getsockname()[1]),
+            "PMS_BRIDGE_CONFIG": str(tmp_path / "real" / "pms-bridge.ini"),
+        }
+        result = replay(str(tmp_path / "samples"), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "  pass  " in table_row(result, "vdds/stage1-new-patient-cp1252")
+    assert not real_store.exists()
