@@ -526,7 +526,8 @@ def free_port() -> int:
 
 
 def write_fresh_config(home: Path, overrides: dict[str, dict[str, Any]]) -> Path:
-    """A config for a fresh store under `home`: free loopback ports, a token, the case's overrides."""
+    """A config for a fresh store under `home`: free loopback ports, a token, a VDDS_MMI.INI of its own
+    (none), the case's overrides."""
     token = base64.urlsafe_b64encode(os.urandom(18)).decode()
     sections: dict[str, dict[str, Any]] = {
         "store": {
@@ -536,6 +537,10 @@ def write_fresh_config(home: Path, overrides: dict[str, dict[str, Any]]) -> Path
         "api": {"port": free_port(), "token": token},
         "opp_web": {"port": free_port()},
         "daemon": {"log_level": "warning", "stop_file": (home / "stop").as_posix()},
+        # VDDS push (on by default) reads the registry of PMS programs from VDDS_MMI.INI and starts the
+        # PMS's MMOINFIMPORT program for each new image: the machine's own registry would start the
+        # practice's real PMS from a replay. A case that tests pushes names its own file under {HOME}.
+        "vdds": {"mmi_ini": (home / "VDDS_MMI.INI").as_posix()},
     }
     for section, keys in overrides.items():
         sections.setdefault(section, {}).update(

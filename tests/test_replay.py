@@ -8,6 +8,10 @@ import socket
 import subprocess
 from pathlib import Path
 
+from bridge.config import settings_from_raw
+from bridge.config_file import read_raw
+from bridge.handlers.vdds_push import mmi_path
+from bridge.replay import write_fresh_config
 from tests.conftest import pms_bridge_command
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -90,3 +94,15 @@ def test_a_fresh_replay_ignores_the_environment_overrides_of_the_real_daemon(tmp
     assert result.returncode == 0, result.stdout + result.stderr
     assert "  pass  " in table_row(result, "vdds/stage1-new-patient-cp1252")
     assert not real_store.exists()
+
+
+def test_a_fresh_replay_never_pushes_through_the_machines_vdds_registry(tmp_path: Path) -> None:
+    # VDDS push is on by default; the machine's VDDS_MMI.INI would start the practice's real PMS.
+    home = tmp_path / "home"
+    home.mkdir()
+    config = write_fresh_config(home, {})
+    settings = settings_from_raw(read_raw(str(config), environ={}), config)
+    assert settings.vdds.push
+    assert mmi_path(settings).parent == home
+    own = write_fresh_config(home, {"vdds": {"mmi_ini": "{HOME}/case/VDDS_MMI.INI"}})
+    assert mmi_path(settings_from_raw(read_raw(str(own), environ={}), own)) == home / "case" / "VDDS_MMI.INI"
