@@ -85,6 +85,15 @@ class Case:
         return path
 
 
+def plain_name(name: str) -> str:
+    """`name` when it is one plain file name: a step's `name` is where the request is written (the
+    case's temporary folder, a watched folder), so a path in it ('../x', '/etc/x', 'C:x') would write
+    outside that folder."""
+    if name in ("", ".", "..") or any(ch in name for ch in "/\\:\0"):
+        raise CaseError(f"name {name!r} is not a plain file name")
+    return name
+
+
 @dataclass
 class Result:
     case: str
@@ -252,7 +261,7 @@ class Runner:
         copy = None
         if step.get("file"):
             source = case.path(step["file"])
-            copy = workdir / (step.get("name") or source.name)
+            copy = workdir / plain_name(step.get("name") or source.name)
             shutil.copyfile(source, copy)
         for name in step.get("copy", []):  # further files the arguments name, e.g. a client config
             shutil.copyfile(case.path(name), workdir / Path(name).name)
@@ -323,7 +332,7 @@ class Runner:
         if folder is None:
             raise CaseError(f"no watched folder {watcher!r} on this target")
         source = case.path(step["file"])
-        target_file = folder / (step.get("name") or source.name)
+        target_file = folder / plain_name(step.get("name") or source.name)
         data = source.read_bytes()
         tmp = folder / f".{target_file.name}.replay-tmp"
         tmp.write_bytes(data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -106,3 +107,24 @@ def test_a_fresh_replay_never_pushes_through_the_machines_vdds_registry(tmp_path
     assert mmi_path(settings).parent == home
     own = write_fresh_config(home, {"vdds": {"mmi_ini": "{HOME}/case/VDDS_MMI.INI"}})
     assert mmi_path(settings_from_raw(read_raw(str(own), environ={}), own)) == home / "case" / "VDDS_MMI.INI"
+
+
+def test_a_step_name_with_a_path_is_a_bad_case_and_writes_nothing_outside(tmp_path: Path) -> None:
+    # The replay's temporary folders go under tmp_path/tmp, so '../..' from them is tmp_path.
+    (tmp_path / "tmp").mkdir()
+    escapes = {
+        "vdds/stage1-new-patient-cp1252": "../../CLI-ESCAPED.ini",
+        "vdds/folder-stage1-cp1252": "../../../FOLDER-ESCAPED.ini",
+        "vdds/stage1-update-existing": str(tmp_path / "ABSOLUTE-ESCAPED.ini"),
+    }
+    for name, escape in escapes.items():
+        case = copy_case(tmp_path, name)
+        spec = json.loads((case / "case.json").read_text(encoding="utf-8"))
+        spec["steps"][0]["name"] = escape
+        (case / "case.json").write_text(json.dumps(spec), encoding="utf-8")
+    result = replay(str(tmp_path / "samples"), env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    assert result.returncode == 1, result.stdout + result.stderr
+    for name in escapes:
+        row = table_row(result, name)
+        assert "ERROR" in row and "not a plain file name" in row, result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples", "tmp"]
