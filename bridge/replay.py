@@ -76,10 +76,17 @@ class Case:
     protocol: str
     spec: dict[str, Any]
 
-    def path(self, name: str) -> Path:
+    def inside(self, name: str) -> Path:
+        """The file `name` of this case, which may not exist yet (--update writes it); a name that
+        leads outside the case folder is a malformed case, never a file read or written there."""
         path = (self.folder / name).resolve()
         if self.folder.resolve() not in path.parents:
             raise CaseError(f"{name!r} is outside the case folder")
+        return path
+
+    def path(self, name: str) -> Path:
+        """The existing file `name` of this case."""
+        path = self.inside(name)
         if not path.exists():
             raise CaseError(f"{name} is missing")
         return path
@@ -174,9 +181,8 @@ def compare_file(
     codepage = PROTOCOL_CODEPAGES.get(case.protocol, "utf-8")
     got = decode(actual, codepage)
     actual_text = norm(got.text)
-    expected_path = case.folder / expected_name
     if update:
-        expected_path.write_bytes(got.encode(actual_text))
+        case.inside(expected_name).write_bytes(got.encode(actual_text))
         return ""
     want = decode(case.path(expected_name).read_bytes(), codepage)
     if (want.encoding, want.bom, want.newline) != (got.encoding, got.bom, got.newline):

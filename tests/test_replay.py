@@ -128,3 +128,15 @@ def test_a_step_name_with_a_path_is_a_bad_case_and_writes_nothing_outside(tmp_pa
         row = table_row(result, name)
         assert "ERROR" in row and "not a plain file name" in row, result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples", "tmp"]
+
+
+def test_update_never_writes_an_expected_answer_outside_the_case_folder(tmp_path: Path) -> None:
+    case = copy_case(tmp_path, "vdds/stage1-new-patient-cp1252")
+    spec = json.loads((case / "case.json").read_text(encoding="utf-8"))
+    spec["steps"][0]["expect"]["file"] = "../../../UPDATED-OUTSIDE.ini"  # tmp_path/UPDATED-OUTSIDE.ini
+    (case / "case.json").write_text(json.dumps(spec), encoding="utf-8")
+    result = replay(str(tmp_path / "samples"), "--update")
+    assert result.returncode == 1, result.stdout + result.stderr
+    row = table_row(result, "vdds/stage1-new-patient-cp1252")
+    assert "ERROR" in row and "outside the case folder" in row
+    assert not (tmp_path / "UPDATED-OUTSIDE.ini").exists()
