@@ -75,6 +75,7 @@ class Case:
     folder: Path
     protocol: str
     spec: dict[str, Any]
+    problem: str = ""  # why case.json cannot be read: the case is an ERROR row, the others still run
 
     def inside(self, name: str) -> Path:
         """The file `name` of this case, which may not exist yet (--update writes it); a name that
@@ -122,16 +123,25 @@ class Target:
 
 
 def discover(root: Path, pattern: str = "*") -> list[Case]:
-    """Every folder under `root` holding a case.json, as cases named by their relative path."""
+    """Every folder under `root` holding a case.json, as cases named by their relative path.
+
+    A case.json that is not a JSON object gives a case with a `problem` rather than an exception: one
+    broken case among a vendor's captures is reported, and the others still run."""
     cases = []
     for spec_file in sorted(root.rglob("case.json")):
         folder = spec_file.parent
         name = folder.relative_to(root).as_posix() if folder != root else folder.name
         if not fnmatch.fnmatch(name, pattern):
             continue
-        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        problem = ""
+        try:
+            spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            spec, problem = {}, f"case.json: {exc}"
+        if not isinstance(spec, dict):
+            spec, problem = {}, "case.json: not a JSON object"
         protocol = spec.get("protocol") or (name.split("/")[0] if "/" in name else root.name)
-        cases.append(Case(name, folder, protocol, spec))
+        cases.append(Case(name, folder, protocol, spec, problem))
     return cases
 
 
@@ -591,7 +601,9 @@ async def replay(
         if config is not None or url is not None:
             running = running_target(config, url, token, opp_url)
         for case in cases:
-            if running is not None:
+            if case.problem:
+                result = Result(case.name, "ERROR", f"bad case: {case.problem}")
+            elif running is not None:
                 result = await Runner(running, session, update=update).run_case(case)
             else:
                 result = await fresh_target_run(case, session, update)

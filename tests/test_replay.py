@@ -140,3 +140,15 @@ def test_update_never_writes_an_expected_answer_outside_the_case_folder(tmp_path
     row = table_row(result, "vdds/stage1-new-patient-cp1252")
     assert "ERROR" in row and "outside the case folder" in row
     assert not (tmp_path / "UPDATED-OUTSIDE.ini").exists()
+
+
+def test_a_malformed_case_json_is_an_error_row_and_the_other_cases_still_run(tmp_path: Path) -> None:
+    broken = copy_case(tmp_path, "vdds/stage1-new-patient-cp1252")
+    (broken / "case.json").write_text((broken / "case.json").read_text(encoding="utf-8") + "}\n")
+    copy_case(tmp_path, "vdds/stage1-no-birth-date")
+    result = replay(str(tmp_path / "samples"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    row = table_row(result, "vdds/stage1-new-patient-cp1252")
+    assert "ERROR" in row and "case.json" in row
+    assert "  pass  " in table_row(result, "vdds/stage1-no-birth-date")
+    assert "Traceback" not in result.stderr
