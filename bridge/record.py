@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.atomic import write_atomic
 from bridge.model import Origin, Outcome, PatientRequest, PatientView, Status
-from bridge.redact import Redactor
+from bridge.redact import Redactor, date_format_forms
 from protocols.common import decode
 
 if TYPE_CHECKING:
@@ -45,6 +45,25 @@ _NOT_PHI = frozenset(
 
 # Sections whose non-path keys shape answers, copied into the session so it replays the same way.
 NOT_REPLAYED_SECTIONS = {"store", "api", "opp_web", "daemon", "record"}
+
+
+def option_parts(protocol: str, args: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """Each argument as (option flag, value): OPP's flag form reads `-p 0815` and `-p0815` alike (a flag is
+    '-' and a letter; the argument after a lone flag is its value, even when it starts with '-'), so a
+    value attached to its flag is PHI to learn and redact without the flag. Other protocols' arguments
+    are values as a whole."""
+    if protocol != "opp":
+        return [("", arg) for arg in args]
+    parts: list[tuple[str, str]] = []
+    value_next = False
+    for arg in args:
+        if value_next or not re.match(r"-[A-Za-z]", arg):
+            parts.append(("", arg))
+            value_next = False
+        else:
+            parts.append((arg[:2], arg[2:]))
+            value_next = len(arg) == 2
+    return parts
 
 
 def _ini_value(value: Any, parser: Any) -> str | None:
@@ -112,14 +131,24 @@ class Recorder:
 
         text = decode(content, PROTOCOL_CODEPAGES.get(protocol, "cp1252")).text if content else ""
         values = [line.partition("=")[2] for line in text.splitlines() if "=" in line]
-        values += re.findall(r'"([^"<>]*)"', text) + re.findall(r">([^<>]+)<", text) + list(args)
-        # The message's structure is not PHI: its key, tag and attribute names, enumerations, small numbers.
+        values += re.findall(r'"([^"<>]*)"', text) + re.findall(r">([^<>]+)<", text)
+        values += [value for _flag, value in option_parts(protocol, args)]
+        # The message's structure is not PHI: its key, tag and attribute names, enumerations, small numbers,
+        # option flags (-p) and date formats (dd.MM.yyyy). Learned, they would be replaced in every later
+        # message of the capture, which then means something else (-p 0815 turned into -m 0815).
         structure = {m.upper() for m in re.findall(r"([A-Za-z_][\w.-]*)\s*=", text)}
         structure |= {m.upper() for m in re.findall(r"</?([A-Za-z_][\w.-]*)", text)} | _NOT_PHI
         for value in values:
+            if date_format_forms(value.strip()):
+                continue
             for token in re.findall(r"[^\s;,=&<>\"'/()]+", value):
                 small_number = len(token) <= 3 and token.replace(".", "").isdigit()
-                if any(ch.isalnum() for ch in token) and token.upper() not in structure and not small_number:
+                flag = re.fullmatch(r"-[A-Za-z]", token) is not None
+                if (
+                    any(ch.isalnum() for ch in token)
+                    and token.upper() not in structure
+                    and not (small_number or flag or date_format_forms(token))
+                ):
                     self.redactor.learn_text("other", token)
 
     def _learn_patient(self, patient: PatientView) -> None:

@@ -36,8 +36,29 @@ DATE_FORMATS = (
     "{D}.{M}.%Y",
     "{D}/{M}/%Y",
 )
+# .NET date format runs (as PMSs declare them: OPP -d/dateFormat, CLINIVIEW settings) in the forms above.
+_DOTNET_DATE_RUNS = {"yyyy": "%Y", "yy": "%y", "MM": "%m", "M": "{M}", "dd": "%d", "d": "{D}"}
 MIN_LENGTH = 2  # single characters (an initial, a sex code) are not identifying on their own
 MAX_DRAWS = 50  # pseudonyms drawn for a token that is not a date until one is not a date either
+
+
+def date_format_forms(dotnet: str) -> tuple[str, ...]:
+    """The forms (as in DATE_FORMATS) a numeric .NET date format ("dd.MM.yy", "M/d/yyyy") writes, one per
+    date separator ("/" is the workstation's separator in .NET); () when `dotnet` is not such a format.
+
+    A message's declared format is structure, not PHI, and it tells how the message's dates read."""
+    out = []
+    for run in re.finditer(r"([A-Za-z])\1*|.", dotnet):
+        piece = run.group(0)
+        directive = _DOTNET_DATE_RUNS.get(piece) if piece[0].isalpha() else piece if piece in "./- " else None
+        if directive is None:
+            return ()
+        out.append(directive)
+    base = "".join(out)
+    fields = [("%d", "{D}"), ("%m", "{M}"), ("%Y", "%y")]
+    if sorted(base.count(a) + base.count(b) for a, b in fields) != [1, 1, 1]:
+        return ()
+    return tuple(dict.fromkeys(base.replace("/", sep) for sep in "/.-")) if "/" in base else (base,)
 
 
 def _format(day: date, fmt: str) -> str:

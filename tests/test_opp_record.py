@@ -106,3 +106,65 @@ def test_an_opp_session_is_recorded_replays_and_keeps_no_phi(daemon_factory: Any
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().splitlines()[-1] == "1 pass"
+
+
+def record_launches(
+    daemon_factory: Any, tmp_path: Path, launches: list[tuple[str, list[str]]], **sections: dict[str, Any]
+) -> tuple[Path, list[int]]:
+    """The session folder recorded while `pms-bridge <protocol> <args>` ran once per launch, in order,
+    and the launches' exit codes."""
+    captures = tmp_path / "captures"
+    daemon = daemon_factory(record={"dir": str(captures)}, **sections)
+    env = {**os.environ, "PMS_BRIDGE_CONFIG": str(daemon.config)}
+    codes = [
+        subprocess.run([str(SCRIPT), protocol, *args], env=env, capture_output=True, check=False).returncode
+        for protocol, args in launches
+    ]
+    assert daemon.stop(signal.SIGTERM) == 0
+    (session,) = captures.iterdir()
+    return session, codes
+
+
+def replays(captures: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*pms_bridge_command(), "replay", str(captures)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_a_refused_opp_command_leaves_the_option_letters_of_later_ones_alone(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    refused = [
+        "-p",
+        "777003",
+        "-l",
+        "Wiśniewski",
+        "-f",
+        "Piotr",
+        "-d",
+        "dd.MM.yy",
+        "-b",
+        "02.05.61",
+        "-g",
+        "MALE",
+    ]
+    accepted = ["-p", "777004", "-l", "Lewandowski", "-f", "Marek", "-b", "1990-01-15", "-g", "MALE"]
+    session, codes = record_launches(daemon_factory, tmp_path, [("opp", refused), ("opp", accepted)])
+    assert codes == [2, 0]
+    steps = json.loads((session / "case.json").read_text("utf-8"))["steps"]
+    assert [a for a in steps[0]["args"] if a.startswith("-")] == ["-p", "-l", "-f", "-d", "-b", "-g"]
+    assert steps[0]["args"][7] == "dd.MM.yy"  # the date format is structure
+    assert [a for a in steps[1]["args"] if a.startswith("-")] == ["-p", "-l", "-f", "-b", "-g"]
+    text = capture_text(session)
+    leaked = [
+        v
+        for v in ("777003", "Wiśniewski", "Piotr", "02.05.61", "777004", "Lewandowski", "Marek", "1990-01-15")
+        if v in text
+    ]
+    assert leaked == []
+    done = replays(session.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
