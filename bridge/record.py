@@ -223,7 +223,8 @@ class Recorder:
                     reply_name = f"{n:03d}-reply{suffix}"
                     self._write(reply_name, self.data(reply.content, launch.protocol))
                     step["expect"] = {"exit": reply.exit_code, "file": reply_name}
-            step["args"] = [self.text(a) for a in args]
+            # A value attached to its flag (-lBrandt) is one token: redacted apart from its flag.
+            step["args"] = [flag + self.text(value) for flag, value in option_parts(launch.protocol, args)]
             step.setdefault("expect", {"exit": reply.exit_code})
             await self._add(step, reply.outcome)
 

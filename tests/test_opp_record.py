@@ -168,3 +168,16 @@ def test_a_refused_opp_command_leaves_the_option_letters_of_later_ones_alone(
     assert leaked == []
     done = replays(session.parent)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_opp_values_attached_to_their_flags_are_pseudonymised(daemon_factory: Any, tmp_path: Path) -> None:
+    flags = ["-p5015", "-lBrandt", "-fInge", "-b1961-05-02", "-gFEMALE"]
+    session, codes = record_launches(daemon_factory, tmp_path, [("opp", flags)])
+    assert codes == [0]
+    (step,) = json.loads((session / "case.json").read_text("utf-8"))["steps"]
+    assert [a[:2] for a in step["args"]] == ["-p", "-l", "-f", "-b", "-g"]
+    assert step["args"][-1] == "-gFEMALE"
+    text = capture_text(session)
+    assert [v for v in ("5015", "Brandt", "Inge", "1961-05-02") if v in text] == []
+    done = replays(session.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
