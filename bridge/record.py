@@ -187,6 +187,27 @@ class Recorder:
             text = text.replace(form, "{HOME}")
         return decoded.encode(text)
 
+    def _args(self, protocol: str, args: list[str]) -> list[str]:
+        """A launch command's arguments as the capture keeps them.
+
+        OPP: a value attached to its flag (-lBrandt) is redacted apart from the flag. Other protocols'
+        handlers (CLINIVIEW, Dexis) join their arguments with spaces again, because Windows splits at the
+        spaces a PMS left in (`-5479;Mary`, `Ann;Van`, `Der`, `Berg;;11/21/1976`): a name then spans
+        arguments, so they are redacted joined and split again at the same spaces (pseudonyms keep
+        them), which hides the name pieces and keeps the pieces of one name consistent for the replay.
+        """
+        if protocol == "opp":
+            return [flag + self.text(value) for flag, value in option_parts(protocol, args)]
+        pieces = self.text(" ".join(args)).split(" ")
+        sizes = [arg.count(" ") + 1 for arg in args]
+        if len(pieces) != sum(sizes):  # a pseudonym without the spaces of its original: one by one
+            return [self.text(arg) for arg in args]
+        out, start = [], 0
+        for size in sizes:
+            out.append(" ".join(pieces[start : start + size]))
+            start += size
+        return out
+
     def _json(self, value: Any) -> Any:
         if isinstance(value, str):
             return self.text(value)
@@ -223,8 +244,7 @@ class Recorder:
                     reply_name = f"{n:03d}-reply{suffix}"
                     self._write(reply_name, self.data(reply.content, launch.protocol))
                     step["expect"] = {"exit": reply.exit_code, "file": reply_name}
-            # A value attached to its flag (-lBrandt) is one token: redacted apart from its flag.
-            step["args"] = [flag + self.text(value) for flag, value in option_parts(launch.protocol, args)]
+            step["args"] = self._args(launch.protocol, args)
             step.setdefault("expect", {"exit": reply.exit_code})
             await self._add(step, reply.outcome)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,5 +180,19 @@ def test_opp_values_attached_to_their_flags_are_pseudonymised(daemon_factory: An
     assert step["args"][-1] == "-gFEMALE"
     text = capture_text(session)
     assert [v for v in ("5015", "Brandt", "Inge", "1961-05-02") if v in text] == []
+    done = replays(session.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_cliniview_arguments_split_at_spaces_are_pseudonymised_and_replay(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    args = ["-5479;Mary", "Ann;Van", "Der", "Berg;;11/21/1976"]
+    session, codes = record_launches(daemon_factory, tmp_path, [("cliniview", args)])
+    assert codes == [0]
+    (step,) = json.loads((session / "case.json").read_text("utf-8"))["steps"]
+    assert len(step["args"]) == 4
+    words = set(re.findall(r"\w+", capture_text(session)))
+    assert words.isdisjoint({"5479", "Mary", "Ann", "Van", "Der", "Berg", "MARY", "BERG", "1976"})
     done = replays(session.parent)
     assert done.returncode == 0, done.stdout + done.stderr
