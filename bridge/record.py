@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Iterable
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from bridge.atomic import write_atomic
 from bridge.model import Origin, Outcome, PatientRequest, PatientView, Status
 from bridge.redact import Redactor, date_format_forms
-from protocols.common import decode
+from protocols.common import LOCALE_SHORT_DATES, decode
 
 if TYPE_CHECKING:
     from bridge.handlers.base import Launch, LaunchReply
@@ -78,6 +79,32 @@ def _ini_value(value: Any, parser: Any) -> str | None:
     return None  # paths and unset values belong to the recording machine
 
 
+def configured_date_formats(settings: Any) -> list[str]:
+    """The date forms the configuration makes PMSs write (CLINIVIEW's .NET formats, a Dexis or
+    Patterson locale's short date), which the redactor must know to find the dates in that traffic."""
+    forms: list[str] = []
+    for fld in dataclasses.fields(settings):
+        section = getattr(settings, fld.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        for key in dataclasses.fields(section):
+            value = getattr(section, key.name)
+            if key.name.endswith("date_format") and isinstance(value, str):
+                forms += date_format_forms(value)
+            elif key.name == "locale" and isinstance(value, str):
+                forms += LOCALE_SHORT_DATES.get(value.lower(), ())
+    return forms
+
+
+def declared_date_formats(texts: Iterable[str]) -> list[str]:
+    """The date forms a message declares (OPP `-d dd-MM-yyyy`, `dateFormat="yyyy.MM.dd"`)."""
+    forms: list[str] = []
+    for text in texts:
+        for candidate in re.findall(r"(?<![A-Za-z])[dMy][dMy./-]*[dMy](?![A-Za-z])", text):
+            forms += date_format_forms(candidate)
+    return forms
+
+
 class Recorder:
     """Writes one session case for this daemon run; every method is safe to call concurrently."""
 
@@ -86,6 +113,8 @@ class Recorder:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         self.session_dir = folder / f"session-{stamp}-{secrets.token_hex(3)}"
         self.redactor: Redactor | None = Redactor() if redact else None
+        if self.redactor is not None:
+            self.redactor.learn_formats(configured_date_formats(rt.settings))
         self._steps: list[dict[str, Any]] = []
         self._keys: list[dict[str, str]] = []
         self._lock = asyncio.Lock()
@@ -120,6 +149,15 @@ class Recorder:
         if patient is not None:
             self._learn_patient(patient)
         self.redactor.learn_all(("other", value) for value in extra)
+
+    def learn_declared_formats(self, content: bytes, protocol: str, args: tuple[str, ...] = ()) -> None:
+        """The date formats a message declares, learned before its dates (which read in them)."""
+        if self.redactor is None:
+            return
+        from bridge.replay import PROTOCOL_CODEPAGES
+
+        text = decode(content, PROTOCOL_CODEPAGES.get(protocol, "cp1252")).text if content else ""
+        self.redactor.learn_formats(declared_date_formats([text, *args]))
 
     def learn_unparsed(self, content: bytes, protocol: str, args: tuple[str, ...] = ()) -> None:
         """A message the bridge could not parse tells nothing about which of its values are PHI: then
@@ -222,6 +260,7 @@ class Recorder:
 
     async def launch(self, launch: Launch, reply: LaunchReply) -> None:
         """A launch command (`pms-bridge <protocol> ...`): the file it named, its arguments, the answer."""
+        self.learn_declared_formats(launch.content, launch.protocol, launch.args)
         self.learn(reply.request, reply.outcome, reply.phi)
         if reply.request is None:
             self.learn_unparsed(launch.content, launch.protocol, launch.args)
@@ -252,6 +291,7 @@ class Recorder:
         self, watcher: str, protocol: str, name: str, content: bytes, answer: bytes | None, reply: LaunchReply
     ) -> None:
         """A file dropped into `watcher`'s folder, and the answer written into it (if any)."""
+        self.learn_declared_formats(content, protocol)
         self.learn(reply.request, reply.outcome, reply.phi)
         if reply.request is None:
             self.learn_unparsed(content, protocol)
@@ -284,6 +324,7 @@ class Recorder:
         suffix: str = ".txt",
     ) -> None:
         """A raw HTTP request to a listener (OPP web) and the answer's status and body."""
+        self.learn_declared_formats(raw_request, listener)
         self.learn(request, outcome)
         if request is None:
             self.learn_unparsed(raw_request.partition(b"\r\n\r\n")[2], listener)

@@ -19,7 +19,7 @@ import json
 import re
 import secrets
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from urllib.parse import quote, quote_plus
@@ -65,11 +65,11 @@ def _format(day: date, fmt: str) -> str:
     return day.strftime(fmt.replace("{M}", str(day.month)).replace("{D}", str(day.day)))
 
 
-def _parse_date(text: str) -> tuple[date, str] | None:
-    """The date `text` reads as in one of DATE_FORMATS, with that format; None when it is none."""
+def _parse_date(text: str, formats: Sequence[str] = DATE_FORMATS) -> tuple[date, str] | None:
+    """The date `text` reads as in one of `formats`, with that format; None when it is none."""
     if not any(ch.isdigit() for ch in text):
         return None
-    for fmt in DATE_FORMATS:
+    for fmt in formats:
         try:
             parsed = datetime.strptime(text, fmt.replace("{M}", "%m").replace("{D}", "%d"))
         except ValueError:
@@ -84,6 +84,9 @@ class Redactor:
 
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     _values: dict[str, str] = field(default_factory=dict)  # original text -> pseudonym text
+    # DATE_FORMATS and the formats the traffic declares (learn_formats): a date is replaced in all of them
+    _formats: list[str] = field(default_factory=lambda: list(DATE_FORMATS))
+    _dates: set[date] = field(default_factory=set)
     _pattern: re.Pattern[str] | None = None
 
     def _digest(self, kind: str, value: str) -> bytes:
@@ -95,13 +98,13 @@ class Redactor:
         It is a date exactly when `value` is one: a date becomes another date in the same format, and a
         token of a message the bridge refused (a birth date of 31.31.1970) never turns into a valid date,
         or the capture would replay as accepted."""
-        dated = _parse_date(value)
+        dated = _parse_date(value, self._formats)
         if dated is not None:
             day, fmt = dated
             return _format(self.pseudo_date(day), fmt)
         for attempt in range(MAX_DRAWS):
             fake = self._shaped(f"{kind}\0{attempt}" if attempt else kind, value)
-            if _parse_date(fake) is None:
+            if _parse_date(fake, self._formats) is None:
                 return fake
         return "X" * len(value)
 
@@ -140,11 +143,27 @@ class Redactor:
         self._pattern = None
 
     def learn_date(self, day: date | None) -> None:
+        """Mark a date as sensitive, in every known textual form."""
         if day is None:
             return
+        self._dates.add(day)
         fake = self.pseudo_date(day)
-        for fmt in DATE_FORMATS:
+        for fmt in self._formats:
             self._values.setdefault(_format(day, fmt), _format(fake, fmt))
+        self._pattern = None
+
+    def learn_formats(self, formats: Iterable[str]) -> None:
+        """Date forms (as in DATE_FORMATS) a message declares or the configuration sets (dd-MM-yyyy,
+        yyyy.MM.dd): the dates learned before and after are replaced in them too, and a token that reads
+        as a date in them is replaced by a date (see `pseudonym`)."""
+        new = [fmt for fmt in formats if fmt not in self._formats]
+        if not new:
+            return
+        self._formats += new
+        for day in self._dates:
+            fake = self.pseudo_date(day)
+            for fmt in new:
+                self._values.setdefault(_format(day, fmt), _format(fake, fmt))
         self._pattern = None
 
     def learn_all(self, items: Iterable[tuple[str, str]]) -> None:

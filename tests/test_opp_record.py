@@ -196,3 +196,23 @@ def test_cliniview_arguments_split_at_spaces_are_pseudonymised_and_replay(
     assert words.isdisjoint({"5479", "Mary", "Ann", "Van", "Der", "Berg", "MARY", "BERG", "1976"})
     done = replays(session.parent)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_birth_dates_in_declared_and_configured_formats_are_pseudonymised(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    launches = [
+        ("opp", ["-p", "777005", "-l", "Nowak", "-f", "Anna", "-d", "dd-MM-yyyy", "-b", "14-07-1985"]),
+        ("opp", ["-p", "777006", "-l", "Kowal", "-f", "Jan", "-d", "yyyy.MM.dd", "-b", "1979.11.23"]),
+        ("cliniview", ["-4711;Ewa;Zielinska;;03-09-1966"]),
+    ]
+    session, codes = record_launches(
+        daemon_factory, tmp_path, launches, cliniview={"date_format": "dd-MM-yyyy"}
+    )
+    assert codes == [0, 0, 0]
+    steps = json.loads((session / "case.json").read_text("utf-8"))["steps"]
+    assert [step["args"][7] for step in steps[:2]] == ["dd-MM-yyyy", "yyyy.MM.dd"]
+    text = capture_text(session)
+    assert [v for v in ("14-07-1985", "1979.11.23", "03-09-1966") if v in text] == []
+    done = replays(session.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
