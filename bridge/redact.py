@@ -39,7 +39,7 @@ DATE_FORMATS = (
 # .NET date format runs (as PMSs declare them: OPP -d/dateFormat, CLINIVIEW settings) in the forms above.
 _DOTNET_DATE_RUNS = {"yyyy": "%Y", "yy": "%y", "MM": "%m", "M": "{M}", "dd": "%d", "d": "{D}"}
 MIN_LENGTH = 2  # single characters (an initial, a sex code) are not identifying on their own
-MAX_DRAWS = 50  # pseudonyms drawn for a token that is not a date until one is not a date either
+MAX_DRAWS = 50  # pseudonyms drawn until one keeps the original's date-ness (or side of 12, for a date)
 
 
 def date_format_forms(dotnet: str) -> tuple[str, ...]:
@@ -127,10 +127,21 @@ class Redactor:
         return fake
 
     def pseudo_date(self, day: date) -> date:
-        """Another valid date, 1 to 3650 days away, the same for the same input."""
-        offset = int.from_bytes(self._digest("date", day.isoformat())[:4], "big") % 3650 + 1
-        shifted = day - timedelta(days=offset) if day.year > 1905 else day + timedelta(days=offset)
-        return shifted
+        """Another valid date, 1 to 3650 days away, the same for the same input, whose day is above 12
+        exactly when the original's is.
+
+        The day decides whether a day-first text (14/07/1985) also reads month-first: keeping it on the same
+        side of 12 keeps every form of the date valid or invalid in the other order, so a date refused in a
+        month-first message (a Dexis BD of 14/07/1985 on an en-US profile) is refused again on replay."""
+        shifted = day
+        for attempt in range(MAX_DRAWS):
+            kind = f"date\0{attempt}" if attempt else "date"
+            offset = int.from_bytes(self._digest(kind, day.isoformat())[:4], "big") % 3650 + 1
+            shifted = day - timedelta(days=offset) if day.year > 1905 else day + timedelta(days=offset)
+            if (shifted.day > 12) == (day.day > 12):
+                return shifted
+        # about one capture in 2**50: the same side of 12 by hand (13 to 28 exist in every month)
+        return shifted.replace(day=13 + shifted.day % 16 if day.day > 12 else 1 + shifted.day % 12)
 
     def learn_text(self, kind: str, value: str) -> None:
         """Mark a text value (name, id, address, SSN) as sensitive, with the forms it takes in traffic."""

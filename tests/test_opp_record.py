@@ -216,3 +216,21 @@ def test_birth_dates_in_declared_and_configured_formats_are_pseudonymised(
     assert [v for v in ("14-07-1985", "1979.11.23", "03-09-1966") if v in text] == []
     done = replays(session.parent)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_refused_dexis_birth_date_is_refused_again_on_replay(daemon_factory: Any, tmp_path: Path) -> None:
+    # The same date was learned from an accepted message first; its day-first form must stay invalid
+    # month-first (about every other capture replayed the refusal as accepted before the fix).
+    info = tmp_path / "infofile.txt"
+    info.write_bytes(
+        b"Tremblay, Luc  14/07/1985  (1048)\r\nPN=1048\r\nLN=Tremblay\r\nFN=Luc\r\nBD=14/07/1985\r\n"
+    )
+    launches = [
+        ("opp", ["-p", "1048", "-l", "Tremblay", "-f", "Luc", "-b", "1985-07-14", "-g", "MALE"]),
+        ("dexis", [f"@{info}"]),
+    ]
+    session, codes = record_launches(daemon_factory, tmp_path, launches)
+    assert codes == [0, 2]
+    assert "14/07/1985" not in capture_text(session)
+    done = replays(session.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
