@@ -20,14 +20,15 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Iterable
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.atomic import write_atomic
 from bridge.model import Origin, Outcome, PatientRequest, PatientView, Status
-from bridge.redact import Redactor
-from protocols.common import decode
+from bridge.redact import Redactor, date_format_forms
+from protocols.common import LOCALE_SHORT_DATES, decode
 
 if TYPE_CHECKING:
     from bridge.handlers.base import Launch, LaunchReply
@@ -47,6 +48,25 @@ _NOT_PHI = frozenset(
 NOT_REPLAYED_SECTIONS = {"store", "api", "opp_web", "daemon", "record"}
 
 
+def option_parts(protocol: str, args: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """Each argument as (option flag, value): OPP's flag form reads `-p 0815` and `-p0815` alike (a flag is
+    '-' and a letter; the argument after a lone flag is its value, even when it starts with '-'), so a
+    value attached to its flag is PHI to learn and redact without the flag. Other protocols' arguments
+    are values as a whole."""
+    if protocol != "opp":
+        return [("", arg) for arg in args]
+    parts: list[tuple[str, str]] = []
+    value_next = False
+    for arg in args:
+        if value_next or not re.match(r"-[A-Za-z]", arg):
+            parts.append(("", arg))
+            value_next = False
+        else:
+            parts.append((arg[:2], arg[2:]))
+            value_next = len(arg) == 2
+    return parts
+
+
 def _ini_value(value: Any, parser: Any) -> str | None:
     if parser.render is not None:
         return str(parser.render(value))
@@ -59,6 +79,32 @@ def _ini_value(value: Any, parser: Any) -> str | None:
     return None  # paths and unset values belong to the recording machine
 
 
+def configured_date_formats(settings: Any) -> list[str]:
+    """The date forms the configuration makes PMSs write (CLINIVIEW's .NET formats, a Dexis or
+    Patterson locale's short date), which the redactor must know to find the dates in that traffic."""
+    forms: list[str] = []
+    for fld in dataclasses.fields(settings):
+        section = getattr(settings, fld.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        for key in dataclasses.fields(section):
+            value = getattr(section, key.name)
+            if key.name.endswith("date_format") and isinstance(value, str):
+                forms += date_format_forms(value)
+            elif key.name == "locale" and isinstance(value, str):
+                forms += LOCALE_SHORT_DATES.get(value.lower(), ())
+    return forms
+
+
+def declared_date_formats(texts: Iterable[str]) -> list[str]:
+    """The date forms a message declares (OPP `-d dd-MM-yyyy`, `dateFormat="yyyy.MM.dd"`)."""
+    forms: list[str] = []
+    for text in texts:
+        for candidate in re.findall(r"(?<![A-Za-z])[dMy][dMy./-]*[dMy](?![A-Za-z])", text):
+            forms += date_format_forms(candidate)
+    return forms
+
+
 class Recorder:
     """Writes one session case for this daemon run; every method is safe to call concurrently."""
 
@@ -67,6 +113,8 @@ class Recorder:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         self.session_dir = folder / f"session-{stamp}-{secrets.token_hex(3)}"
         self.redactor: Redactor | None = Redactor() if redact else None
+        if self.redactor is not None:
+            self.redactor.learn_formats(configured_date_formats(rt.settings))
         self._steps: list[dict[str, Any]] = []
         self._keys: list[dict[str, str]] = []
         self._lock = asyncio.Lock()
@@ -102,6 +150,15 @@ class Recorder:
             self._learn_patient(patient)
         self.redactor.learn_all(("other", value) for value in extra)
 
+    def learn_declared_formats(self, content: bytes, protocol: str, args: tuple[str, ...] = ()) -> None:
+        """The date formats a message declares, learned before its dates (which read in them)."""
+        if self.redactor is None:
+            return
+        from bridge.replay import PROTOCOL_CODEPAGES
+
+        text = decode(content, PROTOCOL_CODEPAGES.get(protocol, "cp1252")).text if content else ""
+        self.redactor.learn_formats(declared_date_formats([text, *args]))
+
     def learn_unparsed(self, content: bytes, protocol: str, args: tuple[str, ...] = ()) -> None:
         """A message the bridge could not parse tells nothing about which of its values are PHI: then
         every value in it is treated as PHI (INI values, XML attribute values and text, arguments), so the
@@ -112,14 +169,24 @@ class Recorder:
 
         text = decode(content, PROTOCOL_CODEPAGES.get(protocol, "cp1252")).text if content else ""
         values = [line.partition("=")[2] for line in text.splitlines() if "=" in line]
-        values += re.findall(r'"([^"<>]*)"', text) + re.findall(r">([^<>]+)<", text) + list(args)
-        # The message's structure is not PHI: its key, tag and attribute names, enumerations, small numbers.
+        values += re.findall(r'"([^"<>]*)"', text) + re.findall(r">([^<>]+)<", text)
+        values += [value for _flag, value in option_parts(protocol, args)]
+        # The message's structure is not PHI: its key, tag and attribute names, enumerations, small numbers,
+        # option flags (-p) and date formats (dd.MM.yyyy). Learned, they would be replaced in every later
+        # message of the capture, which then means something else (-p 0815 turned into -m 0815).
         structure = {m.upper() for m in re.findall(r"([A-Za-z_][\w.-]*)\s*=", text)}
         structure |= {m.upper() for m in re.findall(r"</?([A-Za-z_][\w.-]*)", text)} | _NOT_PHI
         for value in values:
+            if date_format_forms(value.strip()):
+                continue
             for token in re.findall(r"[^\s;,=&<>\"'/()]+", value):
                 small_number = len(token) <= 3 and token.replace(".", "").isdigit()
-                if any(ch.isalnum() for ch in token) and token.upper() not in structure and not small_number:
+                flag = re.fullmatch(r"-[A-Za-z]", token) is not None
+                if (
+                    any(ch.isalnum() for ch in token)
+                    and token.upper() not in structure
+                    and not (small_number or flag or date_format_forms(token))
+                ):
                     self.redactor.learn_text("other", token)
 
     def _learn_patient(self, patient: PatientView) -> None:
@@ -158,6 +225,27 @@ class Recorder:
             text = text.replace(form, "{HOME}")
         return decoded.encode(text)
 
+    def _args(self, protocol: str, args: list[str]) -> list[str]:
+        """A launch command's arguments as the capture keeps them.
+
+        OPP: a value attached to its flag (-lBrandt) is redacted apart from the flag. Other protocols'
+        handlers (CLINIVIEW, Dexis) join their arguments with spaces again, because Windows splits at the
+        spaces a PMS left in (`-5479;Mary`, `Ann;Van`, `Der`, `Berg;;11/21/1976`): a name then spans
+        arguments, so they are redacted joined and split again at the same spaces (pseudonyms keep
+        them), which hides the name pieces and keeps the pieces of one name consistent for the replay.
+        """
+        if protocol == "opp":
+            return [flag + self.text(value) for flag, value in option_parts(protocol, args)]
+        pieces = self.text(" ".join(args)).split(" ")
+        sizes = [arg.count(" ") + 1 for arg in args]
+        if len(pieces) != sum(sizes):  # a pseudonym without the spaces of its original: one by one
+            return [self.text(arg) for arg in args]
+        out, start = [], 0
+        for size in sizes:
+            out.append(" ".join(pieces[start : start + size]))
+            start += size
+        return out
+
     def _json(self, value: Any) -> Any:
         if isinstance(value, str):
             return self.text(value)
@@ -172,6 +260,7 @@ class Recorder:
 
     async def launch(self, launch: Launch, reply: LaunchReply) -> None:
         """A launch command (`pms-bridge <protocol> ...`): the file it named, its arguments, the answer."""
+        self.learn_declared_formats(launch.content, launch.protocol, launch.args)
         self.learn(reply.request, reply.outcome, reply.phi)
         if reply.request is None:
             self.learn_unparsed(launch.content, launch.protocol, launch.args)
@@ -194,7 +283,7 @@ class Recorder:
                     reply_name = f"{n:03d}-reply{suffix}"
                     self._write(reply_name, self.data(reply.content, launch.protocol))
                     step["expect"] = {"exit": reply.exit_code, "file": reply_name}
-            step["args"] = [self.text(a) for a in args]
+            step["args"] = self._args(launch.protocol, args)
             step.setdefault("expect", {"exit": reply.exit_code})
             await self._add(step, reply.outcome)
 
@@ -202,6 +291,7 @@ class Recorder:
         self, watcher: str, protocol: str, name: str, content: bytes, answer: bytes | None, reply: LaunchReply
     ) -> None:
         """A file dropped into `watcher`'s folder, and the answer written into it (if any)."""
+        self.learn_declared_formats(content, protocol)
         self.learn(reply.request, reply.outcome, reply.phi)
         if reply.request is None:
             self.learn_unparsed(content, protocol)
@@ -234,6 +324,7 @@ class Recorder:
         suffix: str = ".txt",
     ) -> None:
         """A raw HTTP request to a listener (OPP web) and the answer's status and body."""
+        self.learn_declared_formats(raw_request, listener)
         self.learn(request, outcome)
         if request is None:
             self.learn_unparsed(raw_request.partition(b"\r\n\r\n")[2], listener)

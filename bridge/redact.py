@@ -19,7 +19,7 @@ import json
 import re
 import secrets
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from urllib.parse import quote, quote_plus
@@ -36,19 +36,40 @@ DATE_FORMATS = (
     "{D}.{M}.%Y",
     "{D}/{M}/%Y",
 )
+# .NET date format runs (as PMSs declare them: OPP -d/dateFormat, CLINIVIEW settings) in the forms above.
+_DOTNET_DATE_RUNS = {"yyyy": "%Y", "yy": "%y", "MM": "%m", "M": "{M}", "dd": "%d", "d": "{D}"}
 MIN_LENGTH = 2  # single characters (an initial, a sex code) are not identifying on their own
-MAX_DRAWS = 50  # pseudonyms drawn for a token that is not a date until one is not a date either
+MAX_DRAWS = 50  # pseudonyms drawn until one keeps the original's date-ness (or side of 12, for a date)
+
+
+def date_format_forms(dotnet: str) -> tuple[str, ...]:
+    """The forms (as in DATE_FORMATS) a numeric .NET date format ("dd.MM.yy", "M/d/yyyy") writes, one per
+    date separator ("/" is the workstation's separator in .NET); () when `dotnet` is not such a format.
+
+    A message's declared format is structure, not PHI, and it tells how the message's dates read."""
+    out = []
+    for run in re.finditer(r"([A-Za-z])\1*|.", dotnet):
+        piece = run.group(0)
+        directive = _DOTNET_DATE_RUNS.get(piece) if piece[0].isalpha() else piece if piece in "./- " else None
+        if directive is None:
+            return ()
+        out.append(directive)
+    base = "".join(out)
+    fields = [("%d", "{D}"), ("%m", "{M}"), ("%Y", "%y")]
+    if sorted(base.count(a) + base.count(b) for a, b in fields) != [1, 1, 1]:
+        return ()
+    return tuple(dict.fromkeys(base.replace("/", sep) for sep in "/.-")) if "/" in base else (base,)
 
 
 def _format(day: date, fmt: str) -> str:
     return day.strftime(fmt.replace("{M}", str(day.month)).replace("{D}", str(day.day)))
 
 
-def _parse_date(text: str) -> tuple[date, str] | None:
-    """The date `text` reads as in one of DATE_FORMATS, with that format; None when it is none."""
+def _parse_date(text: str, formats: Sequence[str] = DATE_FORMATS) -> tuple[date, str] | None:
+    """The date `text` reads as in one of `formats`, with that format; None when it is none."""
     if not any(ch.isdigit() for ch in text):
         return None
-    for fmt in DATE_FORMATS:
+    for fmt in formats:
         try:
             parsed = datetime.strptime(text, fmt.replace("{M}", "%m").replace("{D}", "%d"))
         except ValueError:
@@ -63,6 +84,9 @@ class Redactor:
 
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     _values: dict[str, str] = field(default_factory=dict)  # original text -> pseudonym text
+    # DATE_FORMATS and the formats the traffic declares (learn_formats): a date is replaced in all of them
+    _formats: list[str] = field(default_factory=lambda: list(DATE_FORMATS))
+    _dates: set[date] = field(default_factory=set)
     _pattern: re.Pattern[str] | None = None
 
     def _digest(self, kind: str, value: str) -> bytes:
@@ -74,13 +98,13 @@ class Redactor:
         It is a date exactly when `value` is one: a date becomes another date in the same format, and a
         token of a message the bridge refused (a birth date of 31.31.1970) never turns into a valid date,
         or the capture would replay as accepted."""
-        dated = _parse_date(value)
+        dated = _parse_date(value, self._formats)
         if dated is not None:
             day, fmt = dated
             return _format(self.pseudo_date(day), fmt)
         for attempt in range(MAX_DRAWS):
             fake = self._shaped(f"{kind}\0{attempt}" if attempt else kind, value)
-            if _parse_date(fake) is None:
+            if _parse_date(fake, self._formats) is None:
                 return fake
         return "X" * len(value)
 
@@ -103,10 +127,21 @@ class Redactor:
         return fake
 
     def pseudo_date(self, day: date) -> date:
-        """Another valid date, 1 to 3650 days away, the same for the same input."""
-        offset = int.from_bytes(self._digest("date", day.isoformat())[:4], "big") % 3650 + 1
-        shifted = day - timedelta(days=offset) if day.year > 1905 else day + timedelta(days=offset)
-        return shifted
+        """Another valid date, 1 to 3650 days away, the same for the same input, whose day is above 12
+        exactly when the original's is.
+
+        The day decides whether a day-first text (14/07/1985) also reads month-first: keeping it on the same
+        side of 12 keeps every form of the date valid or invalid in the other order, so a date refused in a
+        month-first message (a Dexis BD of 14/07/1985 on an en-US profile) is refused again on replay."""
+        shifted = day
+        for attempt in range(MAX_DRAWS):
+            kind = f"date\0{attempt}" if attempt else "date"
+            offset = int.from_bytes(self._digest(kind, day.isoformat())[:4], "big") % 3650 + 1
+            shifted = day - timedelta(days=offset) if day.year > 1905 else day + timedelta(days=offset)
+            if (shifted.day > 12) == (day.day > 12):
+                return shifted
+        # about one capture in 2**50: the same side of 12 by hand (13 to 28 exist in every month)
+        return shifted.replace(day=13 + shifted.day % 16 if day.day > 12 else 1 + shifted.day % 12)
 
     def learn_text(self, kind: str, value: str) -> None:
         """Mark a text value (name, id, address, SSN) as sensitive, with the forms it takes in traffic."""
@@ -119,11 +154,27 @@ class Redactor:
         self._pattern = None
 
     def learn_date(self, day: date | None) -> None:
+        """Mark a date as sensitive, in every known textual form."""
         if day is None:
             return
+        self._dates.add(day)
         fake = self.pseudo_date(day)
-        for fmt in DATE_FORMATS:
+        for fmt in self._formats:
             self._values.setdefault(_format(day, fmt), _format(fake, fmt))
+        self._pattern = None
+
+    def learn_formats(self, formats: Iterable[str]) -> None:
+        """Date forms (as in DATE_FORMATS) a message declares or the configuration sets (dd-MM-yyyy,
+        yyyy.MM.dd): the dates learned before and after are replaced in them too, and a token that reads
+        as a date in them is replaced by a date (see `pseudonym`)."""
+        new = [fmt for fmt in formats if fmt not in self._formats]
+        if not new:
+            return
+        self._formats += new
+        for day in self._dates:
+            fake = self.pseudo_date(day)
+            for fmt in new:
+                self._values.setdefault(_format(day, fmt), _format(fake, fmt))
         self._pattern = None
 
     def learn_all(self, items: Iterable[tuple[str, str]]) -> None:

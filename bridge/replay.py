@@ -75,14 +75,31 @@ class Case:
     folder: Path
     protocol: str
     spec: dict[str, Any]
+    problem: str = ""  # why case.json cannot be read: the case is an ERROR row, the others still run
 
-    def path(self, name: str) -> Path:
+    def inside(self, name: str) -> Path:
+        """The file `name` of this case, which may not exist yet (--update writes it); a name that
+        leads outside the case folder is a malformed case, never a file read or written there."""
         path = (self.folder / name).resolve()
         if self.folder.resolve() not in path.parents:
             raise CaseError(f"{name!r} is outside the case folder")
+        return path
+
+    def path(self, name: str) -> Path:
+        """The existing file `name` of this case."""
+        path = self.inside(name)
         if not path.exists():
             raise CaseError(f"{name} is missing")
         return path
+
+
+def plain_name(name: str) -> str:
+    """`name` when it is one plain file name: a step's `name` is where the request is written (the
+    case's temporary folder, a watched folder), so a path in it ('../x', '/etc/x', 'C:x') would write
+    outside that folder."""
+    if name in ("", ".", "..") or any(ch in name for ch in "/\\:\0"):
+        raise CaseError(f"name {name!r} is not a plain file name")
+    return name
 
 
 @dataclass
@@ -106,16 +123,25 @@ class Target:
 
 
 def discover(root: Path, pattern: str = "*") -> list[Case]:
-    """Every folder under `root` holding a case.json, as cases named by their relative path."""
+    """Every folder under `root` holding a case.json, as cases named by their relative path.
+
+    A case.json that is not a JSON object gives a case with a `problem` rather than an exception: one
+    broken case among a vendor's captures is reported, and the others still run."""
     cases = []
     for spec_file in sorted(root.rglob("case.json")):
         folder = spec_file.parent
         name = folder.relative_to(root).as_posix() if folder != root else folder.name
         if not fnmatch.fnmatch(name, pattern):
             continue
-        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        problem = ""
+        try:
+            spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            spec, problem = {}, f"case.json: {exc}"
+        if not isinstance(spec, dict):
+            spec, problem = {}, "case.json: not a JSON object"
         protocol = spec.get("protocol") or (name.split("/")[0] if "/" in name else root.name)
-        cases.append(Case(name, folder, protocol, spec))
+        cases.append(Case(name, folder, protocol, spec, problem))
     return cases
 
 
@@ -165,9 +191,8 @@ def compare_file(
     codepage = PROTOCOL_CODEPAGES.get(case.protocol, "utf-8")
     got = decode(actual, codepage)
     actual_text = norm(got.text)
-    expected_path = case.folder / expected_name
     if update:
-        expected_path.write_bytes(got.encode(actual_text))
+        case.inside(expected_name).write_bytes(got.encode(actual_text))
         return ""
     want = decode(case.path(expected_name).read_bytes(), codepage)
     if (want.encoding, want.bom, want.newline) != (got.encoding, got.bom, got.newline):
@@ -252,7 +277,7 @@ class Runner:
         copy = None
         if step.get("file"):
             source = case.path(step["file"])
-            copy = workdir / (step.get("name") or source.name)
+            copy = workdir / plain_name(step.get("name") or source.name)
             shutil.copyfile(source, copy)
         for name in step.get("copy", []):  # further files the arguments name, e.g. a client config
             shutil.copyfile(case.path(name), workdir / Path(name).name)
@@ -262,7 +287,7 @@ class Runner:
         ]
         config = self.target.config
         assert config is not None
-        env = {**os.environ, "PMS_BRIDGE_CONFIG": str(config)}
+        env = {**(clean_environ() if self.target.fresh else os.environ), "PMS_BRIDGE_CONFIG": str(config)}
         proc = await asyncio.create_subprocess_exec(
             *launch_command(),
             protocol,
@@ -323,7 +348,7 @@ class Runner:
         if folder is None:
             raise CaseError(f"no watched folder {watcher!r} on this target")
         source = case.path(step["file"])
-        target_file = folder / (step.get("name") or source.name)
+        target_file = folder / plain_name(step.get("name") or source.name)
         data = source.read_bytes()
         tmp = folder / f".{target_file.name}.replay-tmp"
         tmp.write_bytes(data)
@@ -467,6 +492,13 @@ def parse_raw_http(raw: bytes) -> tuple[str, str, dict[str, str], bytes]:
     return method, path, headers, raw[text_end + sep :]
 
 
+def clean_environ() -> dict[str, str]:
+    """This process's environment without any pms-bridge configuration (`PMS_BRIDGE_CONFIG`,
+    `PMS_BRIDGE__<SECTION>__<KEY>`): a fresh replay's launch commands must read the replay's own config
+    only, or an override meant for the practice's daemon (its store, its API) would send them there."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PMS_BRIDGE__", "PMS_BRIDGE_CONFIG"))}
+
+
 def launch_command() -> list[str]:
     """The `pms-bridge` launch command a PMS would start (the console script beside this interpreter)."""
     script = Path(sys.executable).with_name("pms-bridge.exe" if os.name == "nt" else "pms-bridge")
@@ -479,13 +511,16 @@ def launch_command() -> list[str]:
 
 async def fresh_target_run(case: Case, session: aiohttp.ClientSession, update: bool) -> Result:
     """Run one case against a new store and an in-process daemon on free loopback ports."""
-    from bridge.config import load_settings
+    from bridge.config import settings_from_raw
+    from bridge.config_file import read_raw
     from bridge.daemon import Daemon
 
     home = Path(tempfile.mkdtemp(prefix="replay-home-"))
     try:
         config = write_fresh_config(home, case.spec.get("settings", {}))
-        settings = load_settings(str(config))
+        # No environment overrides: PMS_BRIDGE__STORE__URL set for the practice's daemon must not turn
+        # the temporary store into the real one.
+        settings = settings_from_raw(read_raw(str(config), environ={}), config)
         daemon = Daemon(settings)
         await daemon.start()
         try:
@@ -516,7 +551,8 @@ def free_port() -> int:
 
 
 def write_fresh_config(home: Path, overrides: dict[str, dict[str, Any]]) -> Path:
-    """A config for a fresh store under `home`: free loopback ports, a token, the case's overrides."""
+    """A config for a fresh store under `home`: free loopback ports, a token, a VDDS_MMI.INI of its own
+    (none), the case's overrides."""
     token = base64.urlsafe_b64encode(os.urandom(18)).decode()
     sections: dict[str, dict[str, Any]] = {
         "store": {
@@ -526,6 +562,10 @@ def write_fresh_config(home: Path, overrides: dict[str, dict[str, Any]]) -> Path
         "api": {"port": free_port(), "token": token},
         "opp_web": {"port": free_port()},
         "daemon": {"log_level": "warning", "stop_file": (home / "stop").as_posix()},
+        # VDDS push (on by default) reads the registry of PMS programs from VDDS_MMI.INI and starts the
+        # PMS's MMOINFIMPORT program for each new image: the machine's own registry would start the
+        # practice's real PMS from a replay. A case that tests pushes names its own file under {HOME}.
+        "vdds": {"mmi_ini": (home / "VDDS_MMI.INI").as_posix()},
     }
     for section, keys in overrides.items():
         sections.setdefault(section, {}).update(
@@ -561,7 +601,9 @@ async def replay(
         if config is not None or url is not None:
             running = running_target(config, url, token, opp_url)
         for case in cases:
-            if running is not None:
+            if case.problem:
+                result = Result(case.name, "ERROR", f"bad case: {case.problem}")
+            elif running is not None:
                 result = await Runner(running, session, update=update).run_case(case)
             else:
                 result = await fresh_target_run(case, session, update)

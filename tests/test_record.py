@@ -186,3 +186,27 @@ def test_a_pseudonym_is_a_date_exactly_when_its_original_is() -> None:
         parsed = _parse_date(fake)
         assert parsed is not None and parsed[1] == "%d.%m.%Y" and fake != "15.03.1971"
         assert redactor.pseudonym("other", "31.31.1970") == redactor.pseudonym("other", "31.31.1970")
+
+
+def test_a_refused_day_first_date_is_never_a_valid_month_first_date_after_redaction() -> None:
+    # A Dexis BD of 14/07/1985 on an en-US profile is refused; the same date learned from another message
+    # (or the token learned as text) must not turn it into a valid month-first date. Many secrets, as
+    # about every other draw crossed over before the fix.
+    from datetime import datetime
+
+    def month_first(text: str) -> bool:
+        try:
+            datetime.strptime(text, "%m/%d/%Y")
+        except ValueError:
+            return False
+        return True
+
+    for _ in range(300):
+        learned = Redactor()
+        learned.learn_date(date(1985, 7, 14))
+        fake = learned.apply("BD=14/07/1985").removeprefix("BD=")
+        assert fake != "14/07/1985" and not month_first(fake)
+        assert not month_first(Redactor().pseudonym("other", "14/07/1985"))
+        both = Redactor()
+        both.learn_date(date(1985, 7, 5))  # 05/07/1985 reads both ways, and so does its pseudonym
+        assert month_first(both.apply("05/07/1985"))

@@ -2,19 +2,42 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
+from bridge.config import settings_from_raw
+from bridge.config_file import read_raw
+from bridge.handlers.vdds_push import mmi_path
+from bridge.replay import write_fresh_config
 from tests.conftest import pms_bridge_command
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
-def replay(*args: str) -> subprocess.CompletedProcess[str]:
+def replay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*pms_bridge_command(), "replay", *args], capture_output=True, text=True, timeout=1800, check=False
+        [*pms_bridge_command(), "replay", *args],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+        env=env,
     )
+
+
+def copy_case(tmp_path: Path, name: str) -> Path:
+    """A sample case copied under tmp_path/samples (the replay's SAMPLES_DIR), to be altered."""
+    case = tmp_path / "samples" / name
+    shutil.copytree(SAMPLES / name, case)
+    return case
+
+
+def table_row(result: subprocess.CompletedProcess[str], case: str) -> str:
+    return next(line for line in result.stdout.splitlines() if line.startswith(case + " "))
 
 
 def test_all_samples_replay() -> None:
@@ -53,3 +76,79 @@ def test_a_broken_expected_effect_fails_too(tmp_path: Path) -> None:
         "effect: patient" in result.stdout
         and "birth_date is '1990-01-03', expected '1990-03-01'" in result.stdout
     )
+
+
+def test_a_fresh_replay_ignores_the_environment_overrides_of_the_real_daemon(tmp_path: Path) -> None:
+    # Overrides meant for the practice's daemon: its store, and its API (the launch commands' target).
+    copy_case(tmp_path, "vdds/stage1-new-patient-cp1252")
+    real_store = tmp_path / "real" / "bridge.db"
+    real_store.parent.mkdir()
+    with socket.socket() as real_api:  # a port nobody answers on: the practice's daemon is not running
+        real_api.bind(("127.0.0.1", 0))
+        env = {
+            **os.environ,
+            "PMS_BRIDGE__STORE__URL": f"sqlite:///{real_store.as_posix()}",
+            "PMS_BRIDGE__API__PORT": str(real_api.getsockname()[1]),
+            "PMS_BRIDGE_CONFIG": str(tmp_path / "real" / "pms-bridge.ini"),
+        }
+        result = replay(str(tmp_path / "samples"), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "  pass  " in table_row(result, "vdds/stage1-new-patient-cp1252")
+    assert not real_store.exists()
+
+
+def test_a_fresh_replay_never_pushes_through_the_machines_vdds_registry(tmp_path: Path) -> None:
+    # VDDS push is on by default; the machine's VDDS_MMI.INI would start the practice's real PMS.
+    home = tmp_path / "home"
+    home.mkdir()
+    config = write_fresh_config(home, {})
+    settings = settings_from_raw(read_raw(str(config), environ={}), config)
+    assert settings.vdds.push
+    assert mmi_path(settings).parent == home
+    own = write_fresh_config(home, {"vdds": {"mmi_ini": "{HOME}/case/VDDS_MMI.INI"}})
+    assert mmi_path(settings_from_raw(read_raw(str(own), environ={}), own)) == home / "case" / "VDDS_MMI.INI"
+
+
+def test_a_step_name_with_a_path_is_a_bad_case_and_writes_nothing_outside(tmp_path: Path) -> None:
+    # The replay's temporary folders go under tmp_path/tmp, so '../..' from them is tmp_path.
+    (tmp_path / "tmp").mkdir()
+    escapes = {
+        "vdds/stage1-new-patient-cp1252": "../../CLI-ESCAPED.ini",
+        "vdds/folder-stage1-cp1252": "../../../FOLDER-ESCAPED.ini",
+        "vdds/stage1-update-existing": str(tmp_path / "ABSOLUTE-ESCAPED.ini"),
+    }
+    for name, escape in escapes.items():
+        case = copy_case(tmp_path, name)
+        spec = json.loads((case / "case.json").read_text(encoding="utf-8"))
+        spec["steps"][0]["name"] = escape
+        (case / "case.json").write_text(json.dumps(spec), encoding="utf-8")
+    result = replay(str(tmp_path / "samples"), env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    assert result.returncode == 1, result.stdout + result.stderr
+    for name in escapes:
+        row = table_row(result, name)
+        assert "ERROR" in row and "not a plain file name" in row, result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples", "tmp"]
+
+
+def test_update_never_writes_an_expected_answer_outside_the_case_folder(tmp_path: Path) -> None:
+    case = copy_case(tmp_path, "vdds/stage1-new-patient-cp1252")
+    spec = json.loads((case / "case.json").read_text(encoding="utf-8"))
+    spec["steps"][0]["expect"]["file"] = "../../../UPDATED-OUTSIDE.ini"  # tmp_path/UPDATED-OUTSIDE.ini
+    (case / "case.json").write_text(json.dumps(spec), encoding="utf-8")
+    result = replay(str(tmp_path / "samples"), "--update")
+    assert result.returncode == 1, result.stdout + result.stderr
+    row = table_row(result, "vdds/stage1-new-patient-cp1252")
+    assert "ERROR" in row and "outside the case folder" in row
+    assert not (tmp_path / "UPDATED-OUTSIDE.ini").exists()
+
+
+def test_a_malformed_case_json_is_an_error_row_and_the_other_cases_still_run(tmp_path: Path) -> None:
+    broken = copy_case(tmp_path, "vdds/stage1-new-patient-cp1252")
+    (broken / "case.json").write_text((broken / "case.json").read_text(encoding="utf-8") + "}\n")
+    copy_case(tmp_path, "vdds/stage1-no-birth-date")
+    result = replay(str(tmp_path / "samples"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    row = table_row(result, "vdds/stage1-new-patient-cp1252")
+    assert "ERROR" in row and "case.json" in row
+    assert "  pass  " in table_row(result, "vdds/stage1-no-birth-date")
+    assert "Traceback" not in result.stderr
