@@ -43,11 +43,17 @@ def check_store(settings: Settings) -> str:
     return f"{engine.url.render_as_string(hide_password=True)} (schema {current})"
 
 
-def check_folder(path: Path) -> str:
+def check_folder(path: Path, what: str = "folder") -> str:
+    """Writable; a missing folder is reported, never created: on an unmounted share's mount point that
+    would hide the missing share behind an empty local folder."""
     from bridge.store.files import FileStore
 
     try:
         FileStore(path).check_writable()
+    except FileNotFoundError:
+        raise CheckFailed(
+            f"the {what} {path} does not exist: is the share mounted? (mount it, or correct the setting)"
+        ) from None
     except OSError as exc:
         raise CheckFailed(
             f"{path}: {exc.strerror or exc} (a share needs a UNC path and an account with rights)"
@@ -59,7 +65,7 @@ def check_image_folder(settings: Settings) -> str:
     """Writable, and with at least `[store] min_free_mb` free: a full disk refuses every new image."""
     from bridge.store.files import FileStore
 
-    folder = check_folder(settings.store.images)
+    folder = check_folder(settings.store.images, "image folder")
     free_mb = FileStore(settings.store.images).free_bytes() // 2**20
     if free_mb < settings.store.min_free_mb:
         raise CheckFailed(

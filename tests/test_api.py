@@ -598,3 +598,35 @@ async def test_readiness_says_the_image_folder_is_low_on_space_and_stays_ready(m
     finally:
         await client.close()
         rt.close()
+
+
+async def test_a_missing_image_folder_is_not_ready_refuses_uploads_and_is_not_recreated(
+    api_client: Any, runtime: Runtime
+) -> None:
+    """The share behind [store] images is unmounted: recreating its mount point would hide that and put new
+    images on the local disk; readiness fails and uploads are refused until the folder is back."""
+    patient = await (await create(api_client)).json()
+    images = runtime.files.root
+    away = images.with_name("images-unmounted")
+    images.rename(away)
+    try:
+        response = await api_client.get("/readyz")
+        body = await response.json()
+        assert response.status == 503 and body["status"] == "not-ready"
+        assert body["checks"]["images"] == {
+            "ok": False,
+            "path": str(images),
+            "error": f"the image folder {images} does not exist: is the share mounted?",
+        }
+        form = FormData()
+        form.add_field("file", png16(), filename="x.png", content_type="image/png")
+        upload = await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)
+        assert upload.status == 503, await upload.text()
+        assert "is the share mounted?" in (await upload.json(content_type=PROBLEM))["detail"]
+        assert not images.exists()
+    finally:
+        away.rename(images)
+    assert (await api_client.get("/readyz")).status == 200
+    form = FormData()
+    form.add_field("file", png16(), filename="x.png", content_type="image/png")
+    assert (await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)).status == 201

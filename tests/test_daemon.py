@@ -155,6 +155,7 @@ def test_doctor_fails_an_image_folder_low_on_space(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "home", f"sqlite:///{tmp_path / 'bridge.db'}", {"store": {"min_free_mb": 10**9}}
     )
+    (tmp_path / "home" / "images").mkdir()
     result = subprocess.run(
         [*pms_bridge_command(), "doctor", "--config", str(config)], capture_output=True, text=True, timeout=60
     )
@@ -166,6 +167,7 @@ def test_doctor_fails_an_image_folder_low_on_space(tmp_path: Path) -> None:
 def test_start_up_removes_what_a_crashed_import_left(tmp_path: Path, store_url: str) -> None:
     config = write_config(tmp_path / "home", store_url)
     images = load_settings(str(config)).store.images
+    FileStore(images).create_root()
     staged = FileStore(images).staging_path()
     staged.write_bytes(b"half an import")
     past = time.time() - 2 * 86400
@@ -208,3 +210,17 @@ async def test_a_watched_folder_exists_once_the_daemon_answers(
         release.set()
         await starting
         await daemon.shutdown()
+
+
+def test_doctor_fails_a_missing_image_folder_and_does_not_create_it(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "home", f"sqlite:///{tmp_path / 'bridge.db'}")
+    images = load_settings(str(config)).store.images
+    result = subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert (
+        f"FAIL image folder writable: the image folder {images} does not exist: is the share mounted?"
+        in result.stdout.splitlines()[2]
+    )
+    assert not images.exists()
