@@ -21,6 +21,8 @@ LAUNCH_PATH = "/api/v1/launch/"
 
 RawConfig = dict[str, dict[str, str]]
 
+INLINE_COMMENT = ";"  # after whitespace, starts a comment that ends the value (the contract's example ini)
+
 
 class ConfigFileError(Exception):
     """The config file is missing or is not valid INI; the message names the file."""
@@ -35,12 +37,13 @@ def find_config_path(explicit: str | None = None) -> str:
 def read_raw(path: str, environ: dict[str, str] | None = None) -> RawConfig:
     """Read the INI file into {section: {key: value}} and apply `PMS_BRIDGE__<SECTION>__<KEY>` overrides.
 
-    Section and key names are lower-cased; inline `;` comments are stripped so a value never carries
-    its own comment. Environment variables win over the file, which is what containers and Windows
-    service wrappers expect.
+    Section and key names are lower-cased; inline `;` comments (a `;` after a space or tab) are stripped
+    so a value never carries its own comment. `#` starts a comment only at the start of a line: folder
+    names like "Praxis #2" are common, and an inline `#` cut such a path without a word. Environment
+    variables win over the file, which is what containers and Windows service wrappers expect.
     """
     parser = configparser.ConfigParser(
-        interpolation=None, inline_comment_prefixes=(";", "#"), default_section="\x00no-default"
+        interpolation=None, inline_comment_prefixes=(INLINE_COMMENT,), default_section="\x00no-default"
     )
     parser.optionxform = str.lower  # type: ignore[assignment,method-assign]
     try:

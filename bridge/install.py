@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import secrets
 import socket
 from pathlib import Path
 
 from bridge.atomic import write_atomic
-from bridge.config import Settings, default_config_text, load_settings
-from bridge.config_file import DEFAULT_CONFIG_NAME
+from bridge.config import ConfigError, Settings, default_config_text, load_settings
+from bridge.config_file import DEFAULT_CONFIG_NAME, INLINE_COMMENT
 
 
 def write_self_signed(cert_path: Path, key_path: Path) -> None:
@@ -65,6 +66,12 @@ def init_home(home: Path) -> tuple[Settings, list[str]]:
 
     done: list[str] = []
     home = home.resolve()
+    if re.search(rf"\s{INLINE_COMMENT}", str(home)):
+        # the config's paths would end at the " ;" (an inline comment) when read back: refused, not cut
+        raise ConfigError(
+            f"--home {home}: a folder name with a space before ';' cannot be written into the config"
+            " (';' after a space starts a comment there): choose a folder without it"
+        )
     home.mkdir(parents=True, exist_ok=True)
     config = home / DEFAULT_CONFIG_NAME
     if not config.exists():
