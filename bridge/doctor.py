@@ -26,13 +26,16 @@ class CheckFailed(Exception):
 def check_store(settings: Settings) -> str:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
+    from sqlalchemy.exc import SQLAlchemyError
 
-    from bridge.store.db import alembic_config, make_engine
+    from bridge.store.db import alembic_config, make_engine, unreachable
 
     engine = make_engine(settings.store.url)
     try:
         with engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
+    except SQLAlchemyError as exc:  # one line: the driver's reason, not SQLAlchemy's link below it
+        raise CheckFailed(unreachable(settings.store.url, exc)) from None
     finally:
         engine.dispose()
     head = ScriptDirectory.from_config(alembic_config(settings.store.url)).get_current_head()
@@ -41,6 +44,22 @@ def check_store(settings: Settings) -> str:
             f"schema at {current or 'nothing'}, newest is {head}: run 'pms-bridge init' or start the daemon"
         )
     return f"{engine.url.render_as_string(hide_password=True)} (schema {current})"
+
+
+def check_tls(settings: Settings) -> str:
+    """The listeners' certificates load, as `serve` loads them (a missing or corrupt file is named)."""
+    from bridge.daemon import tls_context
+    from bridge.web.oppweb import server_tls
+
+    used = []
+    try:
+        if tls_context(settings) is not None:
+            used.append(f"[api] {settings.api.tls_cert}")
+        if server_tls(settings) is not None:
+            used.append(f"[opp_web] {settings.opp_web.tls_cert or settings.api.tls_cert}")
+    except ConfigError as exc:
+        raise CheckFailed(str(exc)) from None
+    return "; ".join(used) or "not used (tls = no)"
 
 
 def check_folder(path: Path, what: str = "folder") -> str:
@@ -129,6 +148,7 @@ def check_token(settings: Settings) -> str:
 
 CHECKS: list[Check] = [
     ("store reachable and up to date", check_store),
+    ("TLS certificate", check_tls),
     ("image folder writable", check_image_folder),
     (
         "VDDS exchange folder writable",

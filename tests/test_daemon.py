@@ -219,8 +219,78 @@ def test_doctor_fails_a_missing_image_folder_and_does_not_create_it(tmp_path: Pa
         [*pms_bridge_command(), "doctor", "--config", str(config)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 1
-    assert (
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("FAIL image folder writable:")]
+    assert line.startswith(
         f"FAIL image folder writable: the image folder {images} does not exist: is the share mounted?"
-        in result.stdout.splitlines()[2]
     )
     assert not images.exists()
+
+
+def serve_once(config: Path) -> subprocess.CompletedProcess[str]:
+    """`pms-bridge serve` expected to stop at start-up."""
+    return subprocess.run(
+        [*pms_bridge_command(), "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_missing_or_corrupt_certificate_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n", encoding="utf-8")
+    for cert, expected in (
+        ("/nonexist.pem", "[api] tls_cert = /nonexist.pem: no such file: run 'pms-bridge init'"),
+        (str(garbage), f"[api] tls_cert = {garbage}, [api] tls_key = {garbage}: not a PEM certificate"),
+    ):
+        tls = {"api": {"tls": "yes", "tls_cert": cert, "tls_key": str(garbage)}}
+        config = write_config(tmp_path / "home", f"sqlite:///{tmp_path / 'bridge.db'}", tls)
+        result = serve_once(config)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"pms-bridge serve: {expected}")
+        doctor = subprocess.run(
+            [*pms_bridge_command(), "doctor", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert doctor.returncode == 1 and f"FAIL TLS certificate: {expected}" in doctor.stdout
+
+
+def test_a_port_in_use_stops_start_up_with_one_line_naming_the_listener(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(
+            tmp_path / "home", f"sqlite:///{tmp_path / 'bridge.db'}", {"opp_web": {"port": port}}
+        )
+        result = serve_once(config)
+    # the [api] listener bound first and logged it; then one line, no traceback
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"pms-bridge serve: [opp_web] host:port = 127.0.0.1:{port} is already in use (maybe by another"
+    )
+
+
+def test_an_unreachable_store_stops_start_up_with_one_line_and_doctor_says_why(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'nodir' / 'x.db'}"
+    config = write_config(tmp_path / "home", url)
+    result = serve_once(config)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        f"pms-bridge serve: [store] url = {url}: the store cannot be reached (unable to open database file)"
+    )
+    doctor = subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    (line,) = [line for line in doctor.stdout.splitlines() if "store reachable" in line]
+    assert line.startswith(f"FAIL store reachable and up to date: [store] url = {url}: the store cannot be")
+    assert "sqlalche.me" not in doctor.stdout
+
+
+def test_an_unreachable_server_store_is_named_without_its_password(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "home", f"postgresql+psycopg://bob:s3cret@127.0.0.1:{free_port()}/x")
+    result = serve_once(config)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "[store] url = postgresql+psycopg://bob:***@127.0.0.1:" in result.stderr
+    assert "s3cret" not in result.stderr
