@@ -101,6 +101,7 @@ class Daemon:
         self.bound: dict[str, tuple[str, int]] = {}
 
     async def start(self) -> None:
+        self._remove_stale_stop_file()
         tune_for_large_buffers()  # files of megabytes pass through: no page faults for each one
         tls = tls_context(self.settings)  # a bad certificate is reported before the store is touched
         if self.rt is None:
@@ -195,6 +196,20 @@ class Daemon:
         exc = task.exception()
         if exc is not None:
             log.error("background worker died", exc_info=exc, extra={"worker": task.get_name()})
+
+    def _remove_stale_stop_file(self) -> None:
+        """A stop file already there was left by an earlier stop (it crashed, or was killed, before it
+        removed it): obeying it would end this start at once with exit 0, and a service wrapper would
+        not restart the daemon. It is removed, and the log says so."""
+        path = self.settings.daemon.stop_file
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("stale stop file not removed", extra={"path": str(path), "reason": exc.strerror})
+            return
+        log.warning("stale stop file removed at start", extra={"path": str(path)})
 
     async def _watch_stop_file(self) -> None:
         path = self.settings.daemon.stop_file

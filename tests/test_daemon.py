@@ -294,3 +294,20 @@ def test_an_unreachable_server_store_is_named_without_its_password(tmp_path: Pat
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "[store] url = postgresql+psycopg://bob:***@127.0.0.1:" in result.stderr
     assert "s3cret" not in result.stderr
+
+
+def test_a_stop_file_left_behind_does_not_stop_the_next_start(tmp_path: Path, store_url: str) -> None:
+    config = write_config(tmp_path / "home", store_url)
+    stop_file = load_settings(str(config)).daemon.stop_file
+    stop_file.write_text("", encoding="utf-8")
+    daemon = start_daemon(config)
+    try:
+        time.sleep(1.5)  # three polls of the stop-file watch
+        assert daemon.proc.poll() is None and daemon.request("GET", "/healthz", token=None)[0] == 200
+        assert not stop_file.exists()
+        records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+        assert [r["path"] for r in records if r.get("msg") == "stale stop file removed at start"] == [
+            str(stop_file)
+        ]
+    finally:
+        assert daemon.stop() == 0
