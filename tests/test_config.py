@@ -158,3 +158,27 @@ def test_init_refuses_a_home_a_semicolon_comment_would_cut(tmp_path: Path) -> No
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "choose a folder without it" in result.stderr
     assert not home.exists()
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_a_config_saved_as_unicode_by_notepad_is_read(tmp_path: Path, encoding: str) -> None:
+    """Notepad's "Unicode" is UTF-16 with a byte order mark (little-endian; "Unicode big endian" too)."""
+    text = "[thumbnails]\nwatermark = Zahnarztpraxis Müller ; note\n[api]\nport = 4501\n"
+    bom = {"utf-16": b"", "utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}[encoding]
+    config = tmp_path / "pms-bridge.ini"
+    config.write_bytes(bom + text.encode(encoding))
+    settings = load_settings(str(config))
+    assert settings.thumbnails.watermark == "Zahnarztpraxis Müller" and settings.api.port == 4501
+
+
+def test_a_config_in_cp1252_is_refused_naming_the_line_and_the_remedy(tmp_path: Path) -> None:
+    config = tmp_path / "pms-bridge.ini"
+    config.write_bytes("[api]\nport = 4501\n[thumbnails]\nwatermark = Praxis Müller\n".encode("cp1252"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(str(config))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message == (
+        f"{config}: line 4 is not UTF-8 text (byte 0xfc, perhaps Windows-1252):"
+        " save the file as UTF-8 (Notepad: File, Save as, Encoding UTF-8)"
+    )
