@@ -96,6 +96,7 @@ def check_image_folder(settings: Settings) -> str:
 
 def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
     host, port, _token, tls, cafile = api_endpoint(read_raw(str(settings.path)))
+    cafile = cafile or str(settings.api.tls_cert or "")  # the default path, when the file names none
     scheme = "https" if tls else "http"
     request = urllib.request.Request(f"{scheme}://{host}:{port}{path}")  # noqa: S310 - our own daemon
     if token is not None:
@@ -107,6 +108,15 @@ def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLCertVerificationError):  # it answers: its certificate is the problem
+            problem = "does not cover that address" if "mismatch" in reason.verify_message else "fails"
+            raise CheckFailed(
+                f"the daemon answers at {host}:{port} but its certificate {cafile} {problem}"
+                f" ({reason.verify_message}): move the certificate and its key away and run"
+                " 'pms-bridge init --home' again (it writes one for [api] host), or set [api] tls_cert"
+                " and tls_key to a certificate for that address"
+            ) from None
         raise CheckFailed(
             f"the daemon does not answer at {host}:{port} ({getattr(exc, 'reason', exc)}): "
             "start 'pms-bridge serve'"

@@ -311,3 +311,48 @@ def test_a_stop_file_left_behind_does_not_stop_the_next_start(tmp_path: Path, st
         ]
     finally:
         assert daemon.stop() == 0
+
+
+async def test_doctor_names_a_certificate_that_does_not_cover_the_api_address(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """[api] host is an address the certificate lacks (here 127.0.0.2): the daemon answers, and doctor
+    says the certificate is the problem, not that the daemon is not running."""
+    from bridge.doctor import CheckFailed, check_daemon
+    from bridge.install import write_self_signed
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    write_self_signed(cert, key)
+    tls = {"host": "127.0.0.2", "port": free_port(), "tls": "yes", "tls_cert": cert, "tls_key": key}
+    settings = make_settings(api=tls)
+    daemon = Daemon(settings)
+    await daemon.start()
+    try:
+        with pytest.raises(CheckFailed) as caught:
+            await asyncio.to_thread(check_daemon, settings)
+    finally:
+        await daemon.shutdown()
+    message = str(caught.value)
+    assert message.startswith(f"the daemon answers at 127.0.0.2:{tls['port']} but its certificate {cert}")
+    assert "does not cover that address" in message and "'pms-bridge init --home' again" in message
+
+
+async def test_init_writes_a_certificate_covering_the_configured_api_address(tmp_path: Path) -> None:
+    from bridge.doctor import check_daemon
+    from bridge.install import init_home
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "pms-bridge.ini").write_text(
+        f"[api]\nhost = 127.0.0.2\nport = {free_port()}\ntls = yes\ntoken = t\n"
+        f"[opp_web]\nport = {free_port()}\n",
+        encoding="utf-8",
+    )
+    settings, done = await asyncio.to_thread(init_home, home)
+    assert f"wrote a self-signed certificate {home / 'tls' / 'cert.pem'}" in done
+    daemon = Daemon(settings)
+    await daemon.start()
+    try:
+        assert await asyncio.to_thread(check_daemon, settings) == "alive and ready"
+    finally:
+        await daemon.shutdown()
