@@ -62,16 +62,20 @@ def check_tls(settings: Settings) -> str:
     return "; ".join(used) or "not used (tls = no)"
 
 
-def check_folder(path: Path, what: str = "folder") -> str:
-    """Writable; a missing folder is reported, never created: on an unmounted share's mount point that
+def check_folder(path: Path, *, create: bool = True) -> str:
+    """Writable. A missing PMS or VDDS folder is created, as the daemon creates it at start; a missing
+    image folder (`create=False`) is reported instead: on an unmounted share's mount point, creating it
     would hide the missing share behind an empty local folder."""
     from bridge.store.files import FileStore
 
     try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
         FileStore(path).check_writable()
     except FileNotFoundError:
         raise CheckFailed(
-            f"the {what} {path} does not exist: is the share mounted? (mount it, or correct the setting)"
+            f"the image folder {path} does not exist: is the share mounted? (mount it, or correct"
+            " [store] images; 'pms-bridge init' creates it for a new store)"
         ) from None
     except OSError as exc:
         raise CheckFailed(
@@ -84,7 +88,7 @@ def check_image_folder(settings: Settings) -> str:
     """Writable, and with at least `[store] min_free_mb` free: a full disk refuses every new image."""
     from bridge.store.files import FileStore
 
-    folder = check_folder(settings.store.images, "image folder")
+    folder = check_folder(settings.store.images, create=False)
     free_mb = FileStore(settings.store.images).free_bytes() // 2**20
     if free_mb < settings.store.min_free_mb:
         raise CheckFailed(
