@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import numpy as np
+import pytest
 from aiohttp import FormData
 from PIL import Image
 
@@ -606,10 +607,21 @@ async def test_a_missing_image_folder_is_not_ready_refuses_uploads_and_is_not_re
     """The share behind [store] images is unmounted: recreating its mount point would hide that and put new
     images on the local disk; readiness fails and uploads are refused until the folder is back."""
     patient = await (await create(api_client)).json()
+    form = FormData()
+    form.add_field("file", png16(), filename="x.png", content_type="image/png")
+    [image] = (await (await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)).json())[
+        "items"
+    ]
+    thumbnail = f"/api/v1/images/{image['id']}/thumbnail"
+    assert (await api_client.get(thumbnail)).status == 200  # now also in the memory cache
     images = runtime.files.root
     away = images.with_name("images-unmounted")
     images.rename(away)
     try:
+        # a rendering still in memory is served; nothing below recreates the folder for it
+        assert (await api_client.get(thumbnail)).status == 200
+        with pytest.raises(FileNotFoundError):  # a rendering cached to disk (its cache is in the folder)
+            runtime.imaging._write_cache(runtime.imaging.cache_dir / "ab" / "x.jpg", b"jpeg")
         response = await api_client.get("/readyz")
         body = await response.json()
         assert response.status == 503 and body["status"] == "not-ready"
