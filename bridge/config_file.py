@@ -7,6 +7,7 @@ the API address and token and nothing else, and must not pay for the typed, vali
 
 from __future__ import annotations
 
+import codecs
 import configparser
 import os
 
@@ -20,6 +21,8 @@ DEFAULT_API_PORT = 4429
 LAUNCH_PATH = "/api/v1/launch/"
 
 RawConfig = dict[str, dict[str, str]]
+
+INLINE_COMMENT = ";"  # after whitespace, starts a comment that ends the value (the contract's example ini)
 
 
 class ConfigFileError(Exception):
@@ -35,22 +38,25 @@ def find_config_path(explicit: str | None = None) -> str:
 def read_raw(path: str, environ: dict[str, str] | None = None) -> RawConfig:
     """Read the INI file into {section: {key: value}} and apply `PMS_BRIDGE__<SECTION>__<KEY>` overrides.
 
-    Section and key names are lower-cased; inline `;` comments are stripped so a value never carries
-    its own comment. Environment variables win over the file, which is what containers and Windows
-    service wrappers expect.
+    Section and key names are lower-cased; inline `;` comments (a `;` after a space or tab) are stripped
+    so a value never carries its own comment. `#` starts a comment only at the start of a line: folder
+    names like "Praxis #2" are common, and an inline `#` cut such a path without a word. Environment
+    variables win over the file, which is what containers and Windows service wrappers expect.
     """
     parser = configparser.ConfigParser(
-        interpolation=None, inline_comment_prefixes=(";", "#"), default_section="\x00no-default"
+        interpolation=None, inline_comment_prefixes=(INLINE_COMMENT,), default_section="\x00no-default"
     )
     parser.optionxform = str.lower  # type: ignore[assignment,method-assign]
     try:
-        with open(path, encoding="utf-8-sig") as fh:
-            parser.read_file(fh)
+        with open(path, "rb") as fh:
+            data = fh.read()
     except FileNotFoundError as exc:
         raise ConfigFileError(
             f"{path}: config file not found (run 'pms-bridge init --home DIR' or pass --config FILE)"
         ) from exc
-    except (configparser.Error, UnicodeDecodeError) as exc:
+    try:
+        parser.read_string(decode_ini(path, data), source=path)
+    except configparser.Error as exc:
         raise ConfigFileError(f"{path}: not a valid INI file: {exc}".replace("\n", " ")) from exc
     raw: RawConfig = {name.lower(): dict(parser.items(name)) for name in parser.sections()}
     env = os.environ if environ is None else environ
@@ -62,6 +68,25 @@ def read_raw(path: str, environ: dict[str, str] | None = None) -> RawConfig:
             continue
         raw.setdefault(parts[0].lower(), {})[parts[1].lower()] = value
     return raw
+
+
+def decode_ini(path: str, data: bytes) -> str:
+    """The file's text: UTF-8 (with or without a BOM), or UTF-16 with its BOM, which is what Windows
+    Notepad saves as "Unicode". Anything else (cp1252 from an older editor) is refused with the line
+    and the remedy, not read with guessed letters: a watermark or a path would silently change."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise ConfigFileError(f"{path}: not valid UTF-16 text: save the file as UTF-8") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigFileError(
+            f"{path}: line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}, perhaps Windows-1252):"
+            " save the file as UTF-8 (Notepad: File, Save as, Encoding UTF-8)"
+        ) from exc
 
 
 def config_home(path: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import signal
@@ -20,16 +21,19 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 
 from bridge import __version__
 from bridge.allocator import tune_for_large_buffers
 from bridge.announce import announce_stored_elsewhere
-from bridge.config import Settings
+from bridge.config import ConfigError, Settings
 from bridge.handlers import vdds as vdds_handler
 from bridge.handlers import vdds_push
 from bridge.handlers.dexis import integrator_watchers
 from bridge.runtime import Runtime
+from bridge.store.db import unreachable
 from bridge.thumbfolders import thumbnail_workers
+from bridge.tls import server_context
 from bridge.web.app import build_api_app
 from bridge.web.keys import LISTENER_TLS
 from bridge.web.oppweb import opp_web_listener
@@ -64,17 +68,25 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     if not api.tls:
         return None
     if api.tls_cert is None or api.tls_key is None:
-        raise ValueError("[api] tls = yes needs tls_cert and tls_key")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(api.tls_cert, api.tls_key)
-    return ctx
+        raise ConfigError("[api] tls = yes needs tls_cert and tls_key")
+    return server_context(("[api] tls_cert", api.tls_cert), ("[api] tls_key", api.tls_key))
 
 
 # How long a thread holding the GIL may keep it while the event loop waits for it (Python's default is 5 ms).
 # Database and audit threads run Python between their I/O; with the default, every one of the event loop's
 # system calls can cost it up to 5 ms to get the GIL back, and a 30 ms audit flush stalls every answer.
 SWITCH_INTERVAL = 0.0005
+
+
+def _cannot_listen(name: str, host: str, port: int, exc: OSError) -> str:
+    """One line for a listener that cannot bind: which one, where, and why (most often: taken)."""
+    where = f"[{name}] host:port = {host}:{port}"
+    if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", errno.EADDRINUSE)):
+        return (
+            f"{where} is already in use (maybe by another pms-bridge on the same config):"
+            " stop that process or choose another port"
+        )
+    return f"{where} cannot be listened on ({exc.strerror or exc}): check the host address and the port"
 
 
 class Daemon:
@@ -89,12 +101,16 @@ class Daemon:
         self.bound: dict[str, tuple[str, int]] = {}
 
     async def start(self) -> None:
+        self._remove_stale_stop_file()
         tune_for_large_buffers()  # files of megabytes pass through: no page faults for each one
+        tls = tls_context(self.settings)  # a bad certificate is reported before the store is touched
         if self.rt is None:
-            self.rt = await asyncio.to_thread(Runtime.build, self.settings)
+            try:
+                self.rt = await asyncio.to_thread(Runtime.build, self.settings)
+            except SQLAlchemyError as exc:  # reported as one line by the command, not a driver's traceback
+                raise ConfigError(unreachable(self.settings.store.url, exc)) from None
         rt = self.rt
         timeout = self.settings.daemon.shutdown_timeout
-        tls = tls_context(self.settings)
         listeners: list[tuple[str, web.Application, str, int]] = [
             ("api", build_api_app(rt), self.settings.api.host, self.settings.api.port)
         ]
@@ -112,6 +128,9 @@ class Daemon:
             for worker, _name in workers:
                 if worker is not None:
                     worker.close()
+            for runner in self._runners:  # a listener bound before the one that failed
+                await runner.cleanup()
+            self._runners.clear()
             raise
         await self._remove_import_leftovers()
         self._spawn(rt.audit.run(), "audit")
@@ -141,7 +160,11 @@ class Daemon:
             await runner.setup()
             site_tls = app.get(LISTENER_TLS, tls)
             site = web.TCPSite(runner, host, port, ssl_context=site_tls, reuse_address=True)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                await runner.cleanup()
+                raise ConfigError(_cannot_listen(name, host, port, exc)) from None
             self._runners.append(runner)
             sock = site._server.sockets[0]  # type: ignore[union-attr]
             self.bound[name] = sock.getsockname()[:2]
@@ -173,6 +196,20 @@ class Daemon:
         exc = task.exception()
         if exc is not None:
             log.error("background worker died", exc_info=exc, extra={"worker": task.get_name()})
+
+    def _remove_stale_stop_file(self) -> None:
+        """A stop file already there was left by an earlier stop (it crashed, or was killed, before it
+        removed it): obeying it would end this start at once with exit 0, and a service wrapper would
+        not restart the daemon. It is removed, and the log says so."""
+        path = self.settings.daemon.stop_file
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("stale stop file not removed", extra={"path": str(path), "reason": exc.strerror})
+            return
+        log.warning("stale stop file removed at start", extra={"path": str(path)})
 
     async def _watch_stop_file(self) -> None:
         path = self.settings.daemon.stop_file

@@ -26,13 +26,16 @@ class CheckFailed(Exception):
 def check_store(settings: Settings) -> str:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
+    from sqlalchemy.exc import SQLAlchemyError
 
-    from bridge.store.db import alembic_config, make_engine
+    from bridge.store.db import alembic_config, make_engine, unreachable
 
     engine = make_engine(settings.store.url)
     try:
         with engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
+    except SQLAlchemyError as exc:  # one line: the driver's reason, not SQLAlchemy's link below it
+        raise CheckFailed(unreachable(settings.store.url, exc)) from None
     finally:
         engine.dispose()
     head = ScriptDirectory.from_config(alembic_config(settings.store.url)).get_current_head()
@@ -43,11 +46,37 @@ def check_store(settings: Settings) -> str:
     return f"{engine.url.render_as_string(hide_password=True)} (schema {current})"
 
 
-def check_folder(path: Path) -> str:
+def check_tls(settings: Settings) -> str:
+    """The listeners' certificates load, as `serve` loads them (a missing or corrupt file is named)."""
+    from bridge.daemon import tls_context
+    from bridge.web.oppweb import server_tls
+
+    used = []
+    try:
+        if tls_context(settings) is not None:
+            used.append(f"[api] {settings.api.tls_cert}")
+        if server_tls(settings) is not None:
+            used.append(f"[opp_web] {settings.opp_web.tls_cert or settings.api.tls_cert}")
+    except ConfigError as exc:
+        raise CheckFailed(str(exc)) from None
+    return "; ".join(used) or "not used (tls = no)"
+
+
+def check_folder(path: Path, *, create: bool = True) -> str:
+    """Writable. A missing PMS or VDDS folder is created, as the daemon creates it at start; a missing
+    image folder (`create=False`) is reported instead: on an unmounted share's mount point, creating it
+    would hide the missing share behind an empty local folder."""
     from bridge.store.files import FileStore
 
     try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
         FileStore(path).check_writable()
+    except FileNotFoundError:
+        raise CheckFailed(
+            f"the image folder {path} does not exist: is the share mounted? (mount it, or correct"
+            " [store] images; 'pms-bridge init' creates it for a new store)"
+        ) from None
     except OSError as exc:
         raise CheckFailed(
             f"{path}: {exc.strerror or exc} (a share needs a UNC path and an account with rights)"
@@ -59,7 +88,7 @@ def check_image_folder(settings: Settings) -> str:
     """Writable, and with at least `[store] min_free_mb` free: a full disk refuses every new image."""
     from bridge.store.files import FileStore
 
-    folder = check_folder(settings.store.images)
+    folder = check_folder(settings.store.images, create=False)
     free_mb = FileStore(settings.store.images).free_bytes() // 2**20
     if free_mb < settings.store.min_free_mb:
         raise CheckFailed(
@@ -71,6 +100,7 @@ def check_image_folder(settings: Settings) -> str:
 
 def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
     host, port, _token, tls, cafile = api_endpoint(read_raw(str(settings.path)))
+    cafile = cafile or str(settings.api.tls_cert or "")  # the default path, when the file names none
     scheme = "https" if tls else "http"
     request = urllib.request.Request(f"{scheme}://{host}:{port}{path}")  # noqa: S310 - our own daemon
     if token is not None:
@@ -82,6 +112,15 @@ def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLCertVerificationError):  # it answers: its certificate is the problem
+            problem = "does not cover that address" if "mismatch" in reason.verify_message else "fails"
+            raise CheckFailed(
+                f"the daemon answers at {host}:{port} but its certificate {cafile} {problem}"
+                f" ({reason.verify_message}): move the certificate and its key away and run"
+                " 'pms-bridge init --home' again (it writes one for [api] host), or set [api] tls_cert"
+                " and tls_key to a certificate for that address"
+            ) from None
         raise CheckFailed(
             f"the daemon does not answer at {host}:{port} ({getattr(exc, 'reason', exc)}): "
             "start 'pms-bridge serve'"
@@ -123,6 +162,7 @@ def check_token(settings: Settings) -> str:
 
 CHECKS: list[Check] = [
     ("store reachable and up to date", check_store),
+    ("TLS certificate", check_tls),
     ("image folder writable", check_image_folder),
     (
         "VDDS exchange folder writable",

@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import secrets
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 from bridge.atomic import write_atomic
-from bridge.config import Settings, default_config_text, load_settings
-from bridge.config_file import DEFAULT_CONFIG_NAME
+from bridge.config import ConfigError, Settings, default_config_text, load_settings
+from bridge.config_file import DEFAULT_CONFIG_NAME, INLINE_COMMENT
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "*", ""})  # noqa: S104 - listen-all: reached on loopback
 
 
-def write_self_signed(cert_path: Path, key_path: Path) -> None:
-    """A self-signed certificate for localhost, 127.0.0.1 and this host's name (valid 5 years)."""
+def write_self_signed(cert_path: Path, key_path: Path, hosts: Iterable[str] = ()) -> None:
+    """A self-signed certificate for localhost, 127.0.0.1, ::1, this host's name and `hosts` (the
+    configured listen addresses: a PMS on another computer connects to that address, and a certificate
+    without it fails verification there), valid 5 years."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,14 +34,22 @@ def write_self_signed(cert_path: Path, key_path: Path) -> None:
     host = socket.gethostname()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"pms-bridge {host}")])
     now = dt.datetime.now(dt.UTC)
-    san = x509.SubjectAlternativeName(
-        [
-            x509.DNSName("localhost"),
-            x509.DNSName(host),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-        ]
-    )
+    names: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.DNSName(host),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    for extra in hosts:
+        if extra in WILDCARD_HOSTS:
+            continue
+        try:
+            entry: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(extra))
+        except ValueError:
+            entry = x509.DNSName(extra)
+        if entry not in names:
+            names.append(entry)
+    san = x509.SubjectAlternativeName(names)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -65,6 +79,12 @@ def init_home(home: Path) -> tuple[Settings, list[str]]:
 
     done: list[str] = []
     home = home.resolve()
+    if re.search(rf"\s{INLINE_COMMENT}", str(home)):
+        # the config's paths would end at the " ;" (an inline comment) when read back: refused, not cut
+        raise ConfigError(
+            f"--home {home}: a folder name with a space before ';' cannot be written into the config"
+            " (';' after a space starts a comment there): choose a folder without it"
+        )
     home.mkdir(parents=True, exist_ok=True)
     config = home / DEFAULT_CONFIG_NAME
     if not config.exists():
@@ -73,7 +93,7 @@ def init_home(home: Path) -> tuple[Settings, list[str]]:
     settings = load_settings(str(config))
     api = settings.api
     if api.tls_cert and api.tls_key and not (api.tls_cert.exists() and api.tls_key.exists()):
-        write_self_signed(api.tls_cert, api.tls_key)
+        write_self_signed(api.tls_cert, api.tls_key, [api.host, settings.opp_web.host])
         done.append(f"wrote a self-signed certificate {api.tls_cert}")
     if not settings.store.images.exists():
         settings.store.images.mkdir(parents=True)

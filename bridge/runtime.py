@@ -19,7 +19,7 @@ from bridge.imaging.pipeline import Imaging
 from bridge.outbox import REFRESH_RULES, push_targets
 from bridge.record import Recorder
 from bridge.service import BridgeService
-from bridge.store.db import Database, upgrade_schema
+from bridge.store.db import Database, current_revision, upgrade_schema
 from bridge.store.files import FileStore
 
 
@@ -88,9 +88,12 @@ class Runtime:
     def build(cls, settings: Settings, *, migrate: bool | None = None, imaging_workers: int = 2) -> Runtime:
         """Connect to the store (migrating it when configured) and build every part."""
         db = Database(settings.store.url, threads=settings.store.db_threads, memo=settings.store.memo_reads)
+        new_store = current_revision(db.engine) is None
         if settings.store.migrate if migrate is None else migrate:
             upgrade_schema(db.engine)
         files = FileStore(settings.store.images)
+        if new_store:  # nothing stored yet, so no share to miss: the image folder may be made, as init does
+            files.create_root()
         bus = EventBus()
         audit = AuditLog(db)
         service = BridgeService(

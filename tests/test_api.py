@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import numpy as np
+import pytest
 from aiohttp import FormData
 from PIL import Image
 
@@ -598,3 +599,46 @@ async def test_readiness_says_the_image_folder_is_low_on_space_and_stays_ready(m
     finally:
         await client.close()
         rt.close()
+
+
+async def test_a_missing_image_folder_is_not_ready_refuses_uploads_and_is_not_recreated(
+    api_client: Any, runtime: Runtime
+) -> None:
+    """The share behind [store] images is unmounted: recreating its mount point would hide that and put new
+    images on the local disk; readiness fails and uploads are refused until the folder is back."""
+    patient = await (await create(api_client)).json()
+    form = FormData()
+    form.add_field("file", png16(), filename="x.png", content_type="image/png")
+    [image] = (await (await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)).json())[
+        "items"
+    ]
+    thumbnail = f"/api/v1/images/{image['id']}/thumbnail"
+    assert (await api_client.get(thumbnail)).status == 200  # now also in the memory cache
+    images = runtime.files.root
+    away = images.with_name("images-unmounted")
+    images.rename(away)
+    try:
+        # a rendering still in memory is served; nothing below recreates the folder for it
+        assert (await api_client.get(thumbnail)).status == 200
+        with pytest.raises(FileNotFoundError):  # a rendering cached to disk (its cache is in the folder)
+            runtime.imaging._write_cache(runtime.imaging.cache_dir / "ab" / "x.jpg", b"jpeg")
+        response = await api_client.get("/readyz")
+        body = await response.json()
+        assert response.status == 503 and body["status"] == "not-ready"
+        assert body["checks"]["images"] == {
+            "ok": False,
+            "path": str(images),
+            "error": f"the image folder {images} does not exist: is the share mounted?",
+        }
+        form = FormData()
+        form.add_field("file", png16(), filename="x.png", content_type="image/png")
+        upload = await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)
+        assert upload.status == 503, await upload.text()
+        assert "is the share mounted?" in (await upload.json(content_type=PROBLEM))["detail"]
+        assert not images.exists()
+    finally:
+        away.rename(images)
+    assert (await api_client.get("/readyz")).status == 200
+    form = FormData()
+    form.add_field("file", png16(), filename="x.png", content_type="image/png")
+    assert (await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)).status == 201

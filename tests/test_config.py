@@ -101,3 +101,84 @@ def test_init_writes_a_working_home_and_is_idempotent(tmp_path: Path) -> None:
     # the written file documents every key it sets
     text = config.read_text(encoding="utf-8")
     assert "; allowed: yes or no" in text and "open_patient_in = home" in text
+
+
+def test_a_hash_in_a_value_is_kept_and_a_semicolon_after_a_space_still_ends_it(tmp_path: Path) -> None:
+    """'#' is a comment only at the start of a line: "Praxis #2" is a folder name, not a comment."""
+    config = write(
+        tmp_path,
+        "# a comment line\n[store]\nimages = /tmp/x/Praxis #2/images\n"
+        "[thumbnails]\nwatermark = Praxis #1 ; note\n[api]\nport = 4500            ; REST API\n",
+    )
+    settings = load_settings(str(config))
+    assert settings.store.images == Path("/tmp/x/Praxis #2/images")
+    assert settings.thumbnails.watermark == "Praxis #1"
+    assert settings.api.port == 4500
+
+
+def test_init_into_a_home_with_a_hash_and_umlauts_serves_from_it(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    from tests.conftest import free_port, pms_bridge_command, start_daemon
+
+    home = tmp_path / "Praxis Müller & Söhne #2"
+    init = subprocess.run(
+        [*pms_bridge_command(), "init", "--home", str(home)], capture_output=True, text=True, timeout=120
+    )
+    assert init.returncode == 0, init.stderr
+    config = home / "pms-bridge.ini"
+    settings = load_settings(str(config))
+    assert settings.store.images == home / "images" and settings.store.images.is_dir()
+    assert settings.store.url == f"sqlite:///{home.as_posix()}/bridge.db"
+    assert settings.api.tls_cert == home / "tls" / "cert.pem" and settings.api.tls_cert.exists()
+    text = config.read_text(encoding="utf-8")
+    config.write_text(
+        text.replace("port = 4429", f"port = {free_port()}").replace("port = 4435", f"port = {free_port()}"),
+        encoding="utf-8",
+    )
+    daemon = start_daemon(config)
+    try:
+        status, body = daemon.request("GET", "/readyz", token=None)
+        assert status == 200, body
+        assert json.loads(body)["checks"]["images"]["path"] == str(home / "images")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_init_refuses_a_home_a_semicolon_comment_would_cut(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.conftest import pms_bridge_command
+
+    home = tmp_path / "Praxis ;2"
+    result = subprocess.run(
+        [*pms_bridge_command(), "init", "--home", str(home)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "choose a folder without it" in result.stderr
+    assert not home.exists()
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_a_config_saved_as_unicode_by_notepad_is_read(tmp_path: Path, encoding: str) -> None:
+    """Notepad's "Unicode" is UTF-16 with a byte order mark (little-endian; "Unicode big endian" too)."""
+    text = "[thumbnails]\nwatermark = Zahnarztpraxis Müller ; note\n[api]\nport = 4501\n"
+    bom = {"utf-16": b"", "utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}[encoding]
+    config = tmp_path / "pms-bridge.ini"
+    config.write_bytes(bom + text.encode(encoding))
+    settings = load_settings(str(config))
+    assert settings.thumbnails.watermark == "Zahnarztpraxis Müller" and settings.api.port == 4501
+
+
+def test_a_config_in_cp1252_is_refused_naming_the_line_and_the_remedy(tmp_path: Path) -> None:
+    config = tmp_path / "pms-bridge.ini"
+    config.write_bytes("[api]\nport = 4501\n[thumbnails]\nwatermark = Praxis Müller\n".encode("cp1252"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(str(config))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message == (
+        f"{config}: line 4 is not UTF-8 text (byte 0xfc, perhaps Windows-1252):"
+        " save the file as UTF-8 (Notepad: File, Save as, Encoding UTF-8)"
+    )

@@ -170,6 +170,7 @@ def test_doctor_fails_an_image_folder_low_on_space(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "home", f"sqlite:///{tmp_path / 'bridge.db'}", {"store": {"min_free_mb": 10**9}}
     )
+    (tmp_path / "home" / "images").mkdir()
     result = subprocess.run(
         [*pms_bridge_command(), "doctor", "--config", str(config)], capture_output=True, text=True, timeout=60
     )
@@ -181,6 +182,7 @@ def test_doctor_fails_an_image_folder_low_on_space(tmp_path: Path) -> None:
 def test_start_up_removes_what_a_crashed_import_left(tmp_path: Path, store_url: str) -> None:
     config = write_config(tmp_path / "home", store_url)
     images = load_settings(str(config)).store.images
+    FileStore(images).create_root()
     staged = FileStore(images).staging_path()
     staged.write_bytes(b"half an import")
     past = time.time() - 2 * 86400
@@ -222,4 +224,150 @@ async def test_a_watched_folder_exists_once_the_daemon_answers(
     finally:
         release.set()
         await starting
+        await daemon.shutdown()
+
+
+def test_doctor_fails_a_missing_image_folder_and_does_not_create_it(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "home", f"sqlite:///{tmp_path / 'bridge.db'}")
+    images = load_settings(str(config)).store.images
+    result = subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("FAIL image folder writable:")]
+    assert line.startswith(
+        f"FAIL image folder writable: the image folder {images} does not exist: is the share mounted?"
+    )
+    assert not images.exists()
+
+
+def serve_once(config: Path) -> subprocess.CompletedProcess[str]:
+    """`pms-bridge serve` expected to stop at start-up."""
+    return subprocess.run(
+        [*pms_bridge_command(), "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_missing_or_corrupt_certificate_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n", encoding="utf-8")
+    for cert, expected in (
+        ("/nonexist.pem", "[api] tls_cert = /nonexist.pem: no such file: run 'pms-bridge init'"),
+        (str(garbage), f"[api] tls_cert = {garbage}, [api] tls_key = {garbage}: not a PEM certificate"),
+    ):
+        tls = {"api": {"tls": "yes", "tls_cert": cert, "tls_key": str(garbage)}}
+        config = write_config(tmp_path / "home", f"sqlite:///{tmp_path / 'bridge.db'}", tls)
+        result = serve_once(config)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"pms-bridge serve: {expected}")
+        doctor = subprocess.run(
+            [*pms_bridge_command(), "doctor", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert doctor.returncode == 1 and f"FAIL TLS certificate: {expected}" in doctor.stdout
+
+
+def test_a_port_in_use_stops_start_up_with_one_line_naming_the_listener(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(
+            tmp_path / "home", f"sqlite:///{tmp_path / 'bridge.db'}", {"opp_web": {"port": port}}
+        )
+        result = serve_once(config)
+    # the [api] listener bound first and logged it; then one line, no traceback
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"pms-bridge serve: [opp_web] host:port = 127.0.0.1:{port} is already in use (maybe by another"
+    )
+
+
+def test_an_unreachable_store_stops_start_up_with_one_line_and_doctor_says_why(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'nodir' / 'x.db'}"
+    config = write_config(tmp_path / "home", url)
+    result = serve_once(config)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        f"pms-bridge serve: [store] url = {url}: the store cannot be reached (unable to open database file)"
+    )
+    doctor = subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    (line,) = [line for line in doctor.stdout.splitlines() if "store reachable" in line]
+    assert line.startswith(f"FAIL store reachable and up to date: [store] url = {url}: the store cannot be")
+    assert "sqlalche.me" not in doctor.stdout
+
+
+def test_an_unreachable_server_store_is_named_without_its_password(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "home", f"postgresql+psycopg://bob:s3cret@127.0.0.1:{free_port()}/x")
+    result = serve_once(config)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "[store] url = postgresql+psycopg://bob:***@127.0.0.1:" in result.stderr
+    assert "s3cret" not in result.stderr
+
+
+def test_a_stop_file_left_behind_does_not_stop_the_next_start(tmp_path: Path, store_url: str) -> None:
+    config = write_config(tmp_path / "home", store_url)
+    stop_file = load_settings(str(config)).daemon.stop_file
+    stop_file.write_text("", encoding="utf-8")
+    daemon = start_daemon(config)
+    try:
+        time.sleep(1.5)  # three polls of the stop-file watch
+        assert daemon.proc.poll() is None and daemon.request("GET", "/healthz", token=None)[0] == 200
+        assert not stop_file.exists()
+        records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+        assert [r["path"] for r in records if r.get("msg") == "stale stop file removed at start"] == [
+            str(stop_file)
+        ]
+    finally:
+        assert daemon.stop() == 0
+
+
+async def test_doctor_names_a_certificate_that_does_not_cover_the_api_address(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """[api] host is an address the certificate lacks (here 127.0.0.2): the daemon answers, and doctor
+    says the certificate is the problem, not that the daemon is not running."""
+    from bridge.doctor import CheckFailed, check_daemon
+    from bridge.install import write_self_signed
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    write_self_signed(cert, key)
+    tls = {"host": "127.0.0.2", "port": free_port(), "tls": "yes", "tls_cert": cert, "tls_key": key}
+    settings = make_settings(api=tls)
+    daemon = Daemon(settings)
+    await daemon.start()
+    try:
+        with pytest.raises(CheckFailed) as caught:
+            await asyncio.to_thread(check_daemon, settings)
+    finally:
+        await daemon.shutdown()
+    message = str(caught.value)
+    assert message.startswith(f"the daemon answers at 127.0.0.2:{tls['port']} but its certificate {cert}")
+    assert "does not cover that address" in message and "'pms-bridge init --home' again" in message
+
+
+async def test_init_writes_a_certificate_covering_the_configured_api_address(tmp_path: Path) -> None:
+    from bridge.doctor import check_daemon
+    from bridge.install import init_home
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "pms-bridge.ini").write_text(
+        f"[api]\nhost = 127.0.0.2\nport = {free_port()}\ntls = yes\ntoken = t\n"
+        f"[opp_web]\nport = {free_port()}\n",
+        encoding="utf-8",
+    )
+    settings, done = await asyncio.to_thread(init_home, home)
+    assert f"wrote a self-signed certificate {home / 'tls' / 'cert.pem'}" in done
+    daemon = Daemon(settings)
+    await daemon.start()
+    try:
+        assert await asyncio.to_thread(check_daemon, settings) == "alive and ready"
+    finally:
         await daemon.shutdown()

@@ -142,6 +142,7 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
 
 def test_file_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "images")
+    store.create_root()
     digest, path = store.put(b"pixels", "png")
     assert path == tmp_path / "images" / digest[:2] / digest[2:4] / f"{digest}.png"
     assert store.put(b"pixels", "png") == (digest, path)
@@ -192,6 +193,7 @@ def test_leftovers_of_interrupted_imports_are_removed_once_a_day_old(tmp_path: P
     """Staged files and upload folders nothing touched for a day go; recent ones (a running import, a
     slow upload still writing into its folder) and everything else in the store stay."""
     files = FileStore(tmp_path / "images")
+    files.create_root()
     old_staged, new_staged = files.staging_path(), files.staging_path()
     old_staged.write_bytes(b"cut off")
     new_staged.write_bytes(b"being written")

@@ -325,13 +325,15 @@ class Imaging:
             _old, evicted = self._memory.popitem(last=False)
             self._memory_bytes -= len(evicted)
 
-    @staticmethod
-    def _write_cache(path: Path, data: bytes) -> None:
+    def _write_cache(self, path: Path, data: bytes) -> None:
         """Write a rendering: temporary file and rename, without the fsync originals get.
 
         A cached rendering can always be made again, and an fsync per thumbnail would halve the
         throughput of an import. A file torn by a power cut is caught when read (`_read_cache`).
+        The cache folder is made only inside an existing folder: it lies in the image folder, which must
+        not be recreated on the local disk when its share is gone (FileNotFoundError, a 503 to a client).
         """
+        self.cache_dir.mkdir(exist_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}.tmp")
         try:

@@ -75,6 +75,23 @@ def _configure_sqlite(engine: Engine) -> None:
 SCHEMA_HEAD = "0003"
 
 
+def unreachable(url: str, exc: Exception) -> str:
+    """One line for a store that cannot be reached: the url without its password, the driver's reason
+    (its first line, without SQLAlchemy's "Background on this error" link) and what to check."""
+    from sqlalchemy.engine import make_url
+
+    reason = getattr(exc, "orig", None) or exc
+    first = (str(reason).strip().splitlines() or [type(reason).__name__])[0]
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable url: config validation names it; never echo a password here
+        shown = "(the configured url)"
+    return (
+        f"[store] url = {shown}: the store cannot be reached ({first}): check that the database server"
+        " runs and accepts this account, or for SQLite that the folder exists and may be written"
+    )
+
+
 def upgrade_schema(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (creates it on an empty database).
 

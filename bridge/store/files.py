@@ -15,6 +15,7 @@ the database transaction that references the files commits.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import secrets
@@ -44,6 +45,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class ImageFolderMissing(FileNotFoundError):
+    """The store's root folder is gone: most often a share that is not mounted (or not reachable).
+
+    The bridge never recreates the root itself (only `pms-bridge init` and the first start of a new
+    store do): on an unmounted mount point that would put new images on the local disk underneath,
+    where the share's clients never see them, while every health check said "ok". A FileNotFoundError,
+    so that callers treating an unreachable store as an OSError (the API's 503) keep doing so.
+    """
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(
+            errno.ENOENT, f"the image folder {root} does not exist: is the share mounted?", str(root)
+        )
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the sentence, without "[Errno 2]" and the path repeated after it
+
+
 class FileStore:
     """Image files by content hash under one root folder (a local folder or a share)."""
 
@@ -63,7 +82,7 @@ class FileStore:
         digest = digest or sha256_bytes(data)
         path = self.path_for(digest, ext)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self._make_folders(path)
             write_atomic(path, data)
         return digest, path
 
@@ -71,7 +90,7 @@ class FileStore:
         """A new name in the store's staging folder, where an import writes a file before `commit` moves
         it into place: on the store's own file system, so that the rename is atomic."""
         folder = self.root / STAGING
-        folder.mkdir(parents=True, exist_ok=True)
+        self._make_folder(folder)
         return folder / f"{secrets.token_hex(12)}.tmp"
 
     def remove_leftovers(self, older_than: float = LEFTOVER_SECONDS) -> int:
@@ -104,7 +123,7 @@ class FileStore:
             if target.exists():
                 path.unlink()
                 return target
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self._make_folders(target)
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             try:
                 os.fsync(fd)
@@ -153,12 +172,32 @@ class FileStore:
         """Bytes free for the store on its disk or share (OSError when it cannot be reached)."""
         return shutil.disk_usage(self.root).free
 
-    def check_writable(self) -> None:
-        """Raise OSError if the root cannot be written (a share that disappeared, a read-only mount)."""
+    def create_root(self) -> None:
+        """Create the root folder (and its parents): for `pms-bridge init` and a new store only."""
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def check_writable(self) -> None:
+        """Raise OSError if the root cannot be written (a share that disappeared, a read-only mount);
+        ImageFolderMissing when it does not exist: it is not recreated (see ImageFolderMissing)."""
+        if not self.root.is_dir():
+            raise ImageFolderMissing(self.root)
         fd, tmp = tempfile.mkstemp(prefix=".probe.", dir=self.root)
         os.close(fd)
         os.unlink(tmp)
+
+    def _make_folders(self, path: Path) -> None:
+        """Create the two levels of folders above a stored file's `path` (`ab/cd`), never the root."""
+        self._make_folder(path.parent.parent)
+        self._make_folder(path.parent)
+
+    def _make_folder(self, folder: Path) -> None:
+        """Create one folder directly in an existing one: without `parents`, a missing root is an error."""
+        try:
+            folder.mkdir(exist_ok=True)
+        except FileNotFoundError:
+            if not self.root.is_dir():
+                raise ImageFolderMissing(self.root) from None
+            raise
 
 
 def _entries(folder: Path) -> list[os.DirEntry[str]]:

@@ -41,10 +41,11 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.hdrs import CONTENT_TYPE
 from aiohttp.helpers import parse_mimetype
 
-from bridge.config import Settings
+from bridge.config import ConfigError, Settings
 from bridge.handlers.opp import PROTOCOL, execute, options
 from bridge.model import Outcome, PatientRequest, Status
 from bridge.runtime import Runtime
+from bridge.tls import server_context
 from bridge.web.answers import Kept, RepeatedAnswers
 from bridge.web.api import RENDER_VIEW_MAX_AGE, STATUS_HTTP, origin_of, rendered_image
 from bridge.web.fields import path_id
@@ -450,14 +451,11 @@ def server_tls(settings: Settings) -> ssl.SSLContext | None:
     opp_web = settings.opp_web
     if not opp_web.tls:
         return None
-    cert = opp_web.tls_cert or settings.api.tls_cert
-    key = opp_web.tls_key or settings.api.tls_key
+    cert_in, cert = ("opp_web", opp_web.tls_cert) if opp_web.tls_cert else ("api", settings.api.tls_cert)
+    key_in, key = ("opp_web", opp_web.tls_key) if opp_web.tls_key else ("api", settings.api.tls_key)
     if cert is None or key is None:
-        raise ValueError("[opp_web] tls = yes needs tls_cert and tls_key (here or in [api])")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
+        raise ConfigError("[opp_web] tls = yes needs tls_cert and tls_key (here or in [api])")
+    return server_context((f"[{cert_in}] tls_cert", cert), (f"[{key_in}] tls_key", key))
 
 
 def build_oppweb_app(rt: Runtime) -> web.Application:
