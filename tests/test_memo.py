@@ -270,7 +270,9 @@ def events_counted(daemon: DaemonProcess, name: str) -> float:
 def test_repeated_view_data_is_audited_and_announced_each_time_and_sees_the_other_daemons_changes(
     daemon_factory: Any,
 ) -> None:
-    first, second = daemon_factory(), daemon_factory()  # two daemons on one store
+    first = daemon_factory()
+    # two daemons on one store and one image share, as a scale-out runs them
+    second = daemon_factory(store={"images": str(first.settings.store.images)})
     created = call(first, "POST", "/opp", opp_xml("UPDATE_CREATE", "21"), {"Accept": JSON_TYPE})
     patient_id = json.loads(created[2])["patient_id"]
     opened_before = events_counted(first, "patient-opened")
