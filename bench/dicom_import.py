@@ -199,7 +199,9 @@ def orthanc_upload(port: int, files: list[bytes], clients: int, warm: bytes, ser
 
 
 def bridge_config(home: Path, *, render: bool) -> tuple[Path, int, str]:
-    home.mkdir(parents=True)
+    """A home as `pms-bridge init` leaves it: the config and the image folder (which only init and a new
+    store's first start create: a missing one is a share that is gone)."""
+    (home / "images").mkdir(parents=True)
     port, token = free_port(), secrets.token_hex(8)
     lines = [
         "[store]",

@@ -183,6 +183,9 @@ async def bench_throughput(files: dict[str, tuple[bytes, bytes]], workdir: Path)
     from bridge.model import Category, ImageView
     from bridge.store.files import FileStore
 
+    (workdir / "images").mkdir(
+        parents=True
+    )  # as `pms-bridge init` makes it: the store never creates its root
     store = FileStore(workdir / "images")
     defaults = {
         f.name: f.metadata["parser"](f.metadata["default"], workdir)
