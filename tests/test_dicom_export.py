@@ -393,3 +393,34 @@ async def test_patient_names_follow_the_pn_rules_whatever_the_store_holds(
     for name in names:
         assert (name.family_name, name.given_name, name.middle_name) == (family, given, "")
         assert name.ideographic == "" and name.phonetic == ""
+
+
+async def test_a_quarter_turned_exif_file_exports_its_spacing_turned_too(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """A TIFF X-ray whose EXIF orientation (6) turns it a quarter, with 1270 dpi across and 635 down as the
+    file lies: stored and exported upright, its rows are the file's columns, so the row spacing is
+    25.4/1270 mm and the column spacing 25.4/635 mm (DICOM's order: row, then column)."""
+    from PIL import Image
+
+    from bridge.imaging import synthetic
+    from bridge.model import Category
+
+    pixels = synthetic.intraoral(320, 240, bits=12)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "TIFF", dpi=(1270, 635), exif=exif)
+    opened = await everything(runtime, tmp_path)
+    (added,) = await runtime.imaging.ingest_all(
+        runtime.service,
+        ORIGIN,
+        opened.patient_id,
+        [("turned.tif", out.getvalue())],
+        category=Category.INTRAORAL_XRAY,
+    )
+    export = tmp_path / "export"
+    report = await export_patient(runtime, ORIGIN, pms_id=PMS_ID, out=export)
+    exported = pydicom.dcmread(export.joinpath(*by_image(report.written)[added.id].file_id))
+    assert (exported.Rows, exported.Columns) == (pixels.shape[1], pixels.shape[0])
+    assert [float(v) for v in exported.ImagerPixelSpacing] == [0.02, 0.04]

@@ -575,6 +575,8 @@ def _wrapped(job: Job) -> tuple[Any, str, str]:
     with Image.open(io.BytesIO(data)) as img:
         raw_dpi = img.info.get("dpi")
     dpi = (float(raw_dpi[0]), float(raw_dpi[1])) if raw_dpi else None
+    if dpi and decoded.attributes.get("exif_orientation", 1) >= 5:
+        dpi = (dpi[1], dpi[0])  # the decoder turned the pixels a quarter (EXIF 5-8): the file's x is now y
     details = job.details
     wrapped = wrap(
         details.image, details.attributes, decoded_pixels(decoded), decoded.bits_stored, dpi, _when(details)

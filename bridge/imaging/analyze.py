@@ -264,12 +264,12 @@ def exif_orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _upright(img: Image.Image) -> tuple[Image.Image, int]:
-    """`img` turned as its EXIF orientation says (exact transposes), and that orientation."""
-    orientation = exif_orientation(img)
-    if orientation == 1:
-        return img, 1
-    return ImageOps.exif_transpose(img), orientation
+def _upright(img: Image.Image) -> Image.Image:
+    """The loaded `img` turned as its EXIF orientation says (exact transposes). Pillow 13 turns a TIFF
+    itself while loading it and drops the tag; older versions leave that to this, as for every format."""
+    if exif_orientation(img) == 1:
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def _decode_pillow_checked(
@@ -280,11 +280,12 @@ def _decode_pillow_checked(
     if img.width * img.height > MAX_PIXELS:
         raise ImagingError(f"image too large: {img.width}x{img.height} pixels (limit {MAX_PIXELS})")
     frames = int(getattr(img, "n_frames", 1))
+    orientation = exif_orientation(img)  # before loading, which may turn the image and drop the tag
     if draft is not None and fmt == "jpeg":
         img.draft(img.mode, (draft, draft))  # libjpeg scales while decoding (1/2 .. 1/8): far faster
     img.load()
     bits, facts = _pil_bits(fmt, img, data)  # from the file's own image: a turned copy has no TIFF tags
-    upright, orientation = _upright(img)
+    upright = _upright(img)
     # Transparency (a PNG's tRNS, a GIF-style palette index) is alpha, which is ignored (see
     # docs/imaging.md, Colour). Kept in `info`, it outlives conversions in the wrong form: an RGB triple
     # on the grey channel of a grey RGB image, which the renderer's encoder then refuses.
