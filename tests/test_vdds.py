@@ -764,3 +764,22 @@ def test_the_launch_clients_percent_encoding_matches_urllib(text: str, safe: str
     assert launch_client.quote(text, safe) == urllib.parse.quote(text, safe=safe)
     assert launch_client.unquote(launch_client.quote(text, safe)) == text
     assert launch_client.unquote(text) == urllib.parse.unquote(text)
+
+
+async def test_a_cp1252_file_read_as_utf8_does_not_overwrite_the_stored_name(make_settings: Any) -> None:
+    """A PVS writing cp1252 to a bridge set to UTF-8 (`[vdds] encoding`): "Müller" arrives as
+    "M\ufffdller". Stored, it would overwrite the correct name (update_patient_info = yes); it is refused
+    in the protocol's way (ERRORLEVEL, READY=1) and the patient keeps its name."""
+    rt = Runtime.build(make_settings(vdds={"encoding": "utf-8"}, pms={"update_patient_info": "yes"}))
+    try:
+        first = await handle(rt, launch(stage1("0815").decode("cp1252").encode("utf-8")))
+        assert first.exit_code == 0, first.message
+        reply = await handle(rt, launch(stage1("0815")))  # the same patient, in cp1252 bytes
+        assert reply.exit_code != 0 and reply.content is not None
+        answer = keys(reply.content, "PATIENT")
+        assert answer["READY"] == "1" and answer["ERRORLEVEL"] != "0", answer
+        assert "U+FFFD" in reply.message and "[vdds] encoding" in reply.message
+        (patient,) = await rt.service.search_patients(Origin("test"), pms_id="0815")
+        assert patient.last_name == "Müller"
+    finally:
+        rt.close()

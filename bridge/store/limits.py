@@ -8,6 +8,9 @@
   encoder writes a lone surrogate (JSON's "\\ud800" makes one), and a control character in an id or a
   name is a fault of the sender, never part of the name. Free text (an image comment, a conflict's
   resolution) may hold tab and line breaks.
+* An id or a name holds no U+FFFD: the protocols' readers put it where a file's bytes were not text in
+  the encoding they were read in (a PMS writing cp1252 to a bridge set to UTF-8). Stored, "M\ufffdller"
+  would overwrite a correct "Müller" and make a second key; refused, the message names the setting.
 
 The REST API checks its fields with these rules (bridge.web.fields, naming the field in its problem);
 the service checks every protocol's request with them (bridge.service), so a PMS message with a
@@ -100,6 +103,11 @@ def text_problem(name: str, value: str) -> str | None:
         char = ord(found.group())
         kind = "a lone surrogate" if 0xD800 <= char <= 0xDFFF else "a control character"
         return f"must not contain {kind} (U+{char:04X})"
+    if not rule.free and "\ufffd" in value:
+        return (
+            "must not contain U+FFFD, the replacement character: the sender's bytes were not text in the"
+            " encoding they were read in (check the PMS's code page setting, e.g. [vdds] encoding)"
+        )
     if not value.isascii() and (units := len(value.encode("utf-16-le")) // 2) > rule.limit:
         return f"must be at most {rule.limit} characters (UTF-16 code units), got {units}"
     return None
