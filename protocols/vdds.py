@@ -62,7 +62,8 @@ _TRUE = frozenset({"1", "J", "JA", "Y", "YES", "TRUE", "ON"})
 BIRTH_DATE_FORMATS = ("%Y%m%d", "%d.%m.%Y", "%Y-%m-%d")
 
 # Longest value accepted per field (the store's column sizes); longer is refused, never truncated,
-# because a truncated id is another patient's id.
+# because a truncated id is another patient's id. Kept here so the refusal names the VDDS key in the
+# PVS's language; test_the_vdds_field_limits_are_the_stores holds them to bridge.store.limits.
 LIMITS: dict[str, int] = {
     "PATID": 100,
     "PVS": 100,

@@ -676,3 +676,16 @@ def test_push_target() -> None:
     assert vdds.push_target(registry, "CGM_Z1 ") == target  # the archive section of the [PVS] index serves it
     own = b"[PVS]\nNAME1=P\n[P]\nMMOINFIMPORT=C:\\P\\IMP.EXE -x\nDIRECTIMAGEIMPORT=1\n"
     assert vdds.push_target(own, "P") == vdds.PushTarget("P", "C:\\P\\IMP.EXE -x", True)
+
+
+def test_the_vdds_field_limits_are_the_stores() -> None:
+    """protocols.vdds keeps its own limits (the launch module must not import the store's models to
+    refuse a long value in German); they must be the store's, or a value would pass one and fail the
+    other (refused late in English, or cut nowhere but refused needlessly)."""
+    from bridge.store.limits import TEXT_RULES
+
+    store_name = {"PATID": "pms_id", "PVS": "pms_system", "PRXNR": "practice_id"}
+    for key, limit in vdds.LIMITS.items():
+        if key == "MMOID":  # our image id, a number: no stored text
+            continue
+        assert limit == TEXT_RULES[store_name.get(key, key)].limit, key
