@@ -289,6 +289,28 @@ class Refused(Exception):
         self.conflict = conflict
 
 
+class _Moved(Refused):
+    """What led a request to a patient changed while it waited for the patient's lock (a concurrent
+    request renumbered the chart, or linked the request's own id): the transaction is rolled back and the
+    request resolved afresh (`_retry_unique`). Answered as an error only if that keeps happening."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(Outcome(Status.ERROR, f"{what} changed while the request was served; send it again"))
+
+
+def _lock_patient(session: Session, patient_id: int) -> Patient:
+    """The patient, its row locked for the rest of the transaction and read as committed.
+
+    Every write path that checks or changes a patient's links, demographics or chart numbers takes this
+    first: on PostgreSQL and SQL Server (READ COMMITTED) two transactions otherwise both pass a check
+    (no other id of this PMS, no other birth date, the current chart number) and both write, and the
+    check meant to refuse the second never sees the first. Once the lock is granted, every following
+    statement sees what the previous holder committed. SQLite serialises writers anyway.
+    """
+    patient: Patient = session.scalars(*q.patient_for_update(patient_id)).one()
+    return patient
+
+
 @dataclass
 class _Resolved:
     patient: Patient
@@ -352,6 +374,10 @@ def _store_conflict(session: Session, draft: Conflict, origin: Origin) -> int:
     The same one is the same disagreement (its message); another birth date, then another surname, for one
     id are two conflicts, each shown until resolved."""
     message = (draft.detail or {}).get("message", "")
+    if draft.patient_id is not None:
+        # Serialises the check below with every other write about this patient: identical requests
+        # refused at once otherwise each find no open conflict and each record one.
+        _lock_patient(session, draft.patient_id)
     for existing in session.scalars(
         q.open_conflict_like(
             draft.kind, draft.pms_system, draft.practice_id, draft.pms_id, draft.chart_number
@@ -611,7 +637,8 @@ class BridgeService:
         return patient_view_row(row)
 
     async def _retry_unique(self, work: Callable[[Session], Any]) -> Any:
-        """Run a write that may lose a race on a unique key; the retry sees the winner's row."""
+        """Run a write that may lose a race: on a unique key (the retry sees the winner's row), or for a
+        patient's lock (`_Moved`: the retry resolves the request afresh)."""
         for attempt in range(MAX_CREATE_RETRIES):
             try:
                 return await self.db.write(work)
@@ -619,6 +646,10 @@ class BridgeService:
                 if not is_unique_violation(exc) or attempt == MAX_CREATE_RETRIES - 1:
                     raise
                 log.info("lost a creation race; retrying", extra={"attempt": attempt + 1})
+            except _Moved:
+                if attempt == MAX_CREATE_RETRIES - 1:
+                    raise
+                log.info("the patient changed while waiting for it; retrying", extra={"attempt": attempt + 1})
         raise AssertionError("unreachable")
 
     def _practice_key(self, req: PatientRequest) -> str:
@@ -679,7 +710,7 @@ class BridgeService:
             return self._resolve_by_chart(session, req, may_create=may_create, update=update)
         link = self._find_link(session, req)
         if link is not None:
-            patient = link.patient
+            patient = _lock_patient(session, link.patient_id)  # a link never moves to another patient
             self._refuse_if_disagreeing(session, req, patient)
             changed = self._move_chart_number(session, req, patient)
             changed += self._maybe_update(session, req, patient, update)
@@ -702,7 +733,9 @@ class BridgeService:
         if req.chart_number:
             alias = session.scalars(*q.current_chart_alias(req.chart_number)).first()
             if alias is not None:
-                patient = alias.patient
+                patient = self._lock_chart_holder(session, req, alias.patient_id)
+                if self._find_link(session, req) is not None:
+                    raise _Moved(f"patient {req.pms_id!r}")  # linked meanwhile: take the link's way
                 self._refuse_if_linked_elsewhere(session, req, patient)
                 self._refuse_if_disagreeing(session, req, patient)
                 link = self._add_link(session, req, patient)
@@ -734,7 +767,7 @@ class BridgeService:
         """
         alias = session.scalars(*q.current_chart_alias(req.chart_number)).first()
         if alias is not None:
-            patient = alias.patient
+            patient = self._lock_chart_holder(session, req, alias.patient_id)
             self._refuse_if_of_another_practice(session, req, patient)
             self._refuse_if_disagreeing(session, req, patient)
             changed = self._maybe_update(session, req, patient, update)
@@ -750,6 +783,16 @@ class BridgeService:
             session, req.origin, "patient.create", patient_id=patient.id, detail="keyed by chart"
         )
         return _Resolved(patient, None, Status.CREATED)
+
+    @staticmethod
+    def _lock_chart_holder(session: Session, req: PatientRequest, patient_id: int) -> Patient:
+        """Lock the patient found holding the request's chart number, and check that it still holds it
+        once the lock is granted (a concurrent renumbering may have moved it on meanwhile)."""
+        patient = _lock_patient(session, patient_id)
+        holder = session.scalars(*q.current_chart_alias(req.chart_number)).first()
+        if holder is None or holder.patient_id != patient.id:
+            raise _Moved(f"chart number {req.chart_number!r}")
+        return patient
 
     def _cannot_create(self, req: PatientRequest) -> Refused:
         if req.action in (Action.CREATE_OR_UPDATE, Action.IMPORT):

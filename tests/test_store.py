@@ -6,7 +6,7 @@ import inspect
 import io
 import subprocess
 import sys
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +15,21 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import insert, select, text
 from sqlalchemy.dialects import mssql, postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 
 from bridge.store import queries
-from bridge.store.db import SCHEMA_HEAD, alembic_config, current_revision, make_engine, upgrade_schema
+from bridge.store.db import (
+    SCHEMA_HEAD,
+    alembic_config,
+    current_revision,
+    is_unique_violation,
+    make_engine,
+    upgrade_schema,
+)
 from bridge.store.files import STAGING, UPLOADS, FileStore
-from bridge.store.models import Base
+from bridge.store.models import Base, ChartAlias, Patient
 
 SAMPLE_ARGS: dict[type, Any] = {
     str: "x",
@@ -112,6 +120,49 @@ def test_an_older_schema_is_still_upgraded(store_url: str) -> None:
         assert current_revision(engine) == "0002"
         upgrade_schema(engine)
         assert current_revision(engine) == SCHEMA_HEAD
+    finally:
+        engine.dispose()
+
+
+def test_several_current_chart_numbers_of_a_patient_are_repaired_and_then_refused(store_url: str) -> None:
+    """Simultaneous renumberings could leave a patient several current chart numbers (before the service
+    locked the patient). Migration 0004 keeps the newest current and retires the older ones as of when it
+    was added; from then on the store itself refuses a second current chart number of one patient, as a
+    unique violation (which the service retries)."""
+    engine = make_engine(store_url)
+    aliases = ChartAlias.__table__
+    at = [datetime(2026, 1, day, tzinfo=UTC) for day in range(1, 6)]
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config(store_url)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0003")
+        with engine.begin() as conn:
+            patient = insert(Patient.__table__).values(created_at=at[0], updated_at=at[0])
+            raced, single = (conn.execute(patient).inserted_primary_key[0] for _ in range(2))
+            rows = [
+                (raced, "C0", at[0], at[1]),
+                (raced, "C1", at[1], None),
+                (raced, "C2", at[2], None),
+                (raced, "C3", at[3], None),
+                (single, "D1", at[0], None),
+            ]
+            for patient_id, chart, created, retired in rows:
+                conn.execute(
+                    insert(aliases).values(
+                        patient_id=patient_id, chart_number=chart, created_at=created, retired_at=retired
+                    )
+                )
+        upgrade_schema(engine)
+        with engine.connect() as conn:
+            stored = {
+                row.chart_number: row.retired_at
+                for row in conn.execute(select(aliases.c.chart_number, aliases.c.retired_at))
+            }
+        assert stored == {"C0": at[1], "C1": at[3], "C2": at[3], "C3": None, "D1": None}
+        with pytest.raises(IntegrityError) as refused, engine.begin() as conn:
+            conn.execute(insert(aliases).values(patient_id=single, chart_number="D2", created_at=at[4]))
+        assert is_unique_violation(refused.value)
     finally:
         engine.dispose()
 

@@ -99,7 +99,8 @@ class PmsLink(Base):
 
 
 class ChartAlias(Base):
-    """A chart number of a patient. The current one has `retired_at` NULL and is unique store-wide.
+    """A chart number of a patient. The current one has `retired_at` NULL, is unique store-wide and is
+    the patient's only current one.
 
     Chart numbers are editable in the PMS (Dentrix), so they are aliases: a renumbering retires the old
     row and adds a new one; the patient stays linked by the PMS's immutable id.
@@ -110,6 +111,16 @@ class ChartAlias(Base):
         Index(
             "uq_chart_aliases_current",
             "chart_number",
+            unique=True,
+            sqlite_where=text("retired_at IS NULL"),
+            postgresql_where=text("retired_at IS NULL"),
+            mssql_where=text("retired_at IS NULL"),
+        ),
+        # at most one current chart number per patient: a renumbering that lost a race (the service locks
+        # the patient, so it should not) fails on this instead of leaving two, and is retried
+        Index(
+            "uq_chart_aliases_current_patient",
+            "patient_id",
             unique=True,
             sqlite_where=text("retired_at IS NULL"),
             postgresql_where=text("retired_at IS NULL"),

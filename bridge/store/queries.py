@@ -150,6 +150,30 @@ def patient_by_id(patient_id: int) -> Bound[Patient]:
 
 
 @_template
+def _patient_for_update() -> Select[Patient]:
+    return (
+        select(Patient)
+        .where(Patient.id == bindparam("patient_id"))
+        # FOR NO KEY UPDATE: excludes other lockers and writers of the row, not the inserts of rows that
+        # only reference it (an image, a link, an alias: their foreign key takes FOR KEY SHARE)
+        .with_for_update(key_share=True)
+        .with_hint(Patient, "WITH (UPDLOCK, ROWLOCK)", dialect_name="mssql")
+        .execution_options(populate_existing=True)
+    )
+
+
+def patient_for_update(patient_id: int) -> Bound[Patient]:
+    """One patient, its row locked until the transaction ends and its loaded attributes refreshed.
+
+    What the identity rules take before they check or change a patient's links, demographics or chart
+    numbers (see service._lock_patient): PostgreSQL FOR NO KEY UPDATE, SQL Server UPDLOCK. SQLite has
+    one writer at a time (BEGIN IMMEDIATE), so there no lock clause is emitted. `populate_existing`
+    overwrites what the session loaded before the lock was granted with the committed row.
+    """
+    return Bound(_patient_for_update(), dict(patient_id=patient_id))
+
+
+@_template
 def _patient_view_select() -> Select[Any]:
     """Patient columns with the patient's first PMS link and current chart number, in one round trip.
 
