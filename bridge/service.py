@@ -1271,12 +1271,13 @@ class BridgeService:
         Only a patient that is still just what the import made goes: no image, no chart number, no
         conflict naming it, no outbox message, and links not used since they were made (a PMS request
         finding it by its link marks the link seen). Anything else means someone relies on it, and it
-        stays. The row is locked first, so an image being added to it meanwhile either commits first
-        (and the patient stays) or waits. True when it was removed (audited as `patient.remove`).
+        stays. The row is locked as for a delete first, so an image being added to it meanwhile either
+        commits first (and the patient stays) or fails on the missing patient; never does the delete
+        cascade over it. True when it was removed (audited as `patient.remove`).
         """
 
         def work(session: Session) -> bool:
-            patient = session.scalars(q.patient_for_update(patient_id)).first()
+            patient = session.scalars(q.patient_for_delete(patient_id)).first()
             if patient is None or session.scalar(q.patient_in_use(patient_id)):
                 return False
             links = list(session.scalars(*q.links_of_patient(patient_id)))

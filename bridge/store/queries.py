@@ -518,9 +518,16 @@ def patient_in_use(patient_id: int) -> Select[bool]:
     )
 
 
-def patient_for_update(patient_id: int) -> Select[Patient]:
-    """A patient, its row locked until the transaction ends (PostgreSQL; SQLite's writes take turns)."""
-    return select(Patient).where(Patient.id == patient_id).with_for_update()
+def patient_for_delete(patient_id: int) -> Select[Patient]:
+    """A patient, its row locked as for deleting it (FOR UPDATE, stronger than `patient_for_update`): a
+    transaction inserting a row that references it (an image) holds a key-share lock that this waits
+    for, so the checks that follow see that row committed instead of the delete cascading over it."""
+    return (
+        select(Patient)
+        .where(Patient.id == patient_id)
+        .with_for_update()
+        .with_hint(Patient, "WITH (UPDLOCK, ROWLOCK)", dialect_name="mssql")
+    )
 
 
 def count_patients() -> Select[int]:
