@@ -636,16 +636,27 @@ class BridgeService:
                 link = session.scalars(
                     q.unkeyed_link_of_practice(req.pms_system, req.practice_id, req.pms_id)
                 ).first()
-            return link
+            if link is not None or req.practice_id:
+                return link
+            # A request without a practice id (a VDDS stage 2 without PRXNR, an import under an empty
+            # `[dicom] practice_id`) names no practice, so it does not name another one either: the id's
+            # patient in whichever practice has it, as under ignore_practice_id. Otherwise the same PMS
+            # patient would split in two as soon as one of its requests omits the practice.
         links = list(session.scalars(q.links_by_system_id(req.pms_system, req.pms_id)))
-        if len({link.patient_id for link in links}) > 1:
+        patients = sorted({link.patient_id for link in links})
+        if len(patients) > 1:
+            why = (
+                "with ignore_practice_id they cannot be told apart"
+                if self.settings.ignore_practice_id
+                else "the request names no practice, so they cannot be told apart: send the practice id"
+            )
             raise _conflict(
                 req,
                 "ambiguous-practice",
                 f"patient id {req.pms_id!r} of {req.pms_system} belongs to different patients in different "
-                "practices; with ignore_practice_id they cannot be told apart",
-                patient_id=links[0].patient_id,
-                other_patient_id=links[1].patient_id,
+                f"practices; {why}",
+                patient_id=patients[0],
+                other_patient_id=patients[1],
             )
         return links[0] if links else None
 

@@ -368,6 +368,41 @@ async def add_image(rt: Runtime, patient_id: int) -> int:
     return view.id
 
 
+async def test_a_request_without_practice_id_finds_the_patient_of_any_practice(runtime: Runtime) -> None:
+    """A PMS that sends its practice id on some requests only (a VDDS stage 2 without PRXNR, an import
+    under an empty [dicom] practice_id) must not split its patient: such a request takes the id's one
+    patient in any practice, refuses to choose between two, and creates one only when there is none."""
+    launched = await runtime.service.handle(req("PR7", practice="1"))
+    assert launched.status is Status.CREATED and launched.patient is not None
+    image_id = await add_image(runtime, launched.patient.id)
+    listed = await runtime.service.handle(req("PR7", action=Action.LIST_IMAGES))
+    assert listed.status is Status.OK and [i.id for i in listed.images] == [image_id]
+    for action in (Action.OPEN, Action.IMPORT, Action.OPEN):
+        found = await runtime.service.handle(req("PR7", action=action))
+        assert found.status is Status.OK and found.patient and found.patient.id == launched.patient.id
+    assert await count_patients(runtime) == 1
+
+    await runtime.service.handle(req("PR8", practice="1"))
+    await runtime.service.handle(req("PR8", practice="2", last="Meier"))  # another practice's PR8
+    for action in (Action.OPEN, Action.LIST_IMAGES):
+        ambiguous = await runtime.service.handle(req("PR8", action=action))
+        assert ambiguous.status is Status.CONFLICT and ambiguous.conflict_id is not None
+        assert "names no practice" in ambiguous.message and "send the practice id" in ambiguous.message
+    [conflict] = await runtime.service.list_conflicts(ORIGIN)
+    assert (conflict["kind"], conflict["pms_id"], conflict["practice_id"]) == (
+        "ambiguous-practice",
+        "PR8",
+        "",
+    )
+    assert await count_patients(runtime) == 3
+
+    new = await runtime.service.handle(req("PR9"))  # unknown in every practice: created, as before
+    assert new.status is Status.CREATED and new.patient and new.patient.practice_id == ""
+    own = await runtime.service.handle(req("PR7", practice="1"))  # the practice's own key is unchanged
+    assert own.status is Status.OK and own.patient and own.patient.id == launched.patient.id
+    assert await count_patients(runtime) == 4
+
+
 async def test_open_image_as_chooses_preview_or_clinic(make_settings: Any) -> None:
     for open_as, expected in (("preview", "/preview"), ("clinic", "open=clinic")):
         rt = Runtime.build(make_settings(pms={"open_image_as": open_as}))
