@@ -27,7 +27,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -358,6 +358,11 @@ def _store_conflict(session: Session, draft: Conflict, origin: Origin) -> int:
         )
     ):
         if (existing.detail or {}).get("message", "") == message:
+            # what a person accepting it applies is what the PMS sent last (same disagreement, perhaps a
+            # new phone number)
+            sent = (draft.detail or {}).get("sent")
+            if sent is not None and (existing.detail or {}).get("sent") != sent:
+                existing.detail = {**existing.detail, "sent": sent}
             return existing.id
     draft.created_at = utcnow()
     session.add(draft)
@@ -367,6 +372,25 @@ def _store_conflict(session: Session, draft: Conflict, origin: Origin) -> int:
     )
     log.warning("identity conflict", extra={"kind": draft.kind, "conflict_id": draft.id})
     return draft.id
+
+
+def demographics_json(demo: Demographics) -> dict[str, Any]:
+    """Demographics as a conflict keeps them (its `detail["sent"]`): what accepting the conflict applies."""
+    return {
+        **{name: getattr(demo, name) for name in DEMOGRAPHIC_TEXTS},
+        "birth_date": demo.birth_date.isoformat() if demo.birth_date else None,
+        "sex": demo.sex.value,
+    }
+
+
+def demographics_from_json(data: dict[str, Any]) -> Demographics:
+    """The demographics `demographics_json` kept."""
+    birth = data.get("birth_date")
+    return Demographics(
+        birth_date=date.fromisoformat(birth) if birth else None,
+        sex=Sex(data.get("sex") or Sex.UNKNOWN.value),
+        **{name: str(data.get(name) or "") for name in DEMOGRAPHIC_TEXTS},
+    )
 
 
 def _demographic_changes(stored: Any, demo: Demographics) -> dict[str, Any]:
@@ -784,7 +808,7 @@ class BridgeService:
                 "demographics",
                 f"patient {key!r} is known with other data: " + "; ".join(found),
                 patient_id=patient.id,
-                detail={"differences": found},
+                detail={"differences": found, "sent": demographics_json(req.demographics)},
             )
 
     def _refuse_if_linked_elsewhere(self, session: Session, req: PatientRequest, patient: Patient) -> None:
@@ -1455,14 +1479,23 @@ class BridgeService:
         return found
 
     async def resolve_conflict(
-        self, origin: Origin, conflict_id: int, resolution: str
+        self, origin: Origin, conflict_id: int, resolution: str, *, accept: bool = False
     ) -> dict[str, Any] | None:
-        """Close a conflict once a person has sorted it out (e.g. corrected the PMS or the store)."""
+        """Close a conflict once a person has sorted it out (e.g. corrected the PMS or the store).
+
+        Closing alone changes no patient data, so a PMS that is right (a marriage name, a corrected birth
+        date) would be refused again on its next launch, as a new conflict. `accept` is the person saying
+        the PMS is right: the demographics the refused request sent are applied to the patient in the
+        transaction that closes the conflict (see `_accept`). None: no such conflict; Refused: it cannot
+        be accepted (the message says why).
+        """
 
         def work(session: Session) -> dict[str, Any] | None:
             conflict = session.scalars(q.conflict_by_id(conflict_id)).first()
             if conflict is None:
                 return None
+            if accept:
+                self._accept(session, origin, conflict)
             if conflict.resolved_at is None:
                 conflict.resolved_at = utcnow()
                 conflict.resolution = resolution[:40]
@@ -1473,6 +1506,61 @@ class BridgeService:
 
         result: dict[str, Any] | None = await self.db.write(work)
         return result
+
+    def _accept(self, session: Session, origin: Origin, conflict: Conflict) -> None:
+        """Apply what a demographics conflict's refused request sent to its patient (audited
+        patient.update), so that the same launch then opens the patient; mark the conflict accepted.
+
+        Only a demographics conflict carries data to accept: the others (chart numbers, ambiguous ids)
+        are sorted out in the PMS or the store. Accepting again is a no-op; accepting a conflict closed
+        without accepting is refused, as is one recorded before its request's data was kept.
+        """
+        detail = conflict.detail or {}
+        if conflict.kind != "demographics":
+            raise Refused(
+                Outcome(
+                    Status.CONFLICT,
+                    f"conflict {conflict.id} is a {conflict.kind} conflict: it carries no patient data to"
+                    " accept; correct the PMS or the store, then resolve it without accept",
+                )
+            )
+        if detail.get("accepted"):
+            return
+        if conflict.resolved_at is not None:
+            raise Refused(
+                Outcome(
+                    Status.CONFLICT,
+                    f"conflict {conflict.id} was already resolved without accepting the PMS's data; the"
+                    " PMS's next launch with that data records a new conflict, which can be accepted",
+                )
+            )
+        sent = detail.get("sent")
+        if not isinstance(sent, dict):
+            raise Refused(
+                Outcome(
+                    Status.CONFLICT,
+                    f"conflict {conflict.id} was recorded before the bridge kept the data a refused request"
+                    " sent, so there is nothing to accept; resolve it without accept and launch the"
+                    " patient from the PMS again: that records a new conflict, which can be accepted",
+                )
+            )
+        patient = (
+            session.scalars(*q.patient_by_id(conflict.patient_id)).first()
+            if conflict.patient_id is not None
+            else None
+        )
+        if patient is None:
+            raise Refused(Outcome(Status.CONFLICT, f"the patient of conflict {conflict.id} no longer exists"))
+        changed = _apply_demographics(patient, demographics_from_json(sent))
+        if changed:
+            self.audit.change(
+                session,
+                origin,
+                "patient.update",
+                patient_id=patient.id,
+                detail=f"{','.join(changed)} (conflict {conflict.id} accepted)",
+            )
+        conflict.detail = {**detail, "accepted": True}
 
     async def audit_entries(
         self, origin: Origin, *, patient_id: int | None = None, after_id: int = 0, limit: int = 100
