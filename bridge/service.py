@@ -554,7 +554,12 @@ class BridgeService:
             may_create = True  # a PMS launch may always create: that is what the integration is for
         # An imported file's header is a snapshot taken at the modality; the PMS owns the demographics,
         # so an import never overwrites them (a disagreement is still a conflict, as for every request).
-        update = self.settings.update_patient_info and req.action is not Action.IMPORT
+        # update_patient_info says what the PMS's launches may change (DTX Studio Clinic's "update patient
+        # info"); the REST API's create-or-update is a person editing the patient on purpose, so its
+        # changes apply whatever that setting says (they would otherwise be dropped while answering 200).
+        update = req.action is Action.CREATE_OR_UPDATE or (
+            self.settings.update_patient_info and req.action is not Action.IMPORT
+        )
         opened = "patient.import" if req.action is Action.IMPORT else "patient.open"
 
         shown = req.action not in (Action.CREATE_OR_UPDATE, Action.IMPORT) and not req.silent

@@ -174,6 +174,38 @@ async def test_accepting_a_demographics_conflict_applies_what_the_pms_sent(
     assert stored["last_name"] == "Schmidt"
 
 
+async def test_rest_edits_apply_when_pms_launches_may_not_update(make_settings: Any) -> None:
+    """update_patient_info = no is about the PMS's launches: the front desk's explicit create-or-update
+    still changes the phone (it was answered 200 with the old one), a launch still does not, and a
+    disagreement beyond spelling is still a conflict."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from bridge.model import Action, Demographics, Origin, PatientRequest, Status
+
+    rt = Runtime.build(make_settings(pms={"update_patient_info": "no"}))
+    client = TestClient(TestServer(build_api_app(rt)))
+    await client.start_server()
+    client.session.headers["Authorization"] = f"Bearer {rt.settings.api.token}"
+    try:
+        assert (await create(client, pms_id="7", phone="111")).status == 201
+        edited = await create(client, pms_id="7", phone="222")
+        assert edited.status == 200 and (await edited.json())["phone"] == "222"
+        launch = PatientRequest(
+            Action.OPEN,
+            Origin("vdds"),
+            "desk",
+            pms_id="7",
+            demographics=Demographics("Doe", "Jane", phone="333"),
+        )
+        launched = await rt.service.handle(launch)
+        assert launched.status is Status.OK and launched.patient and launched.patient.phone == "222"
+        assert (await create(client, pms_id="7", last_name="Smith")).status == 409
+        await rt.audit.flush()
+    finally:
+        await client.close()
+        rt.close()
+
+
 async def test_bad_requests_get_problem_bodies(api_client: Any) -> None:
     cases = [
         (
