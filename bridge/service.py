@@ -107,6 +107,16 @@ def key_text(text: str) -> str:
     return unicodedata.normalize("NFC", text).strip()
 
 
+def nfc_demographics(demo: Demographics) -> Demographics:
+    """Demographic texts in Unicode NFC, as they are compared and stored. A macOS browser or an OPP web
+    PMS may send 'Müller' decomposed (u + combining diaeresis) where a VDDS PMS sends it composed: the
+    same name, which must neither count as a change on every other launch nor be stored in two forms."""
+    texts: dict[str, Any] = {
+        name: unicodedata.normalize("NFC", getattr(demo, name)) for name in DEMOGRAPHIC_TEXTS
+    }
+    return replace(demo, **texts)
+
+
 def name_key(last_name: str, first_name: str) -> str:
     """What name search matches on: folded "last first"."""
     return f"{fold(last_name)} {fold(first_name)}".strip()[:250]
@@ -503,6 +513,7 @@ class BridgeService:
             practice_id=key_text(req.practice_id),
             pms_id=key_text(req.pms_id),
             chart_number=key_text(req.chart_number),
+            demographics=nfc_demographics(req.demographics),
         )
         problem = _text_problem(req)
         if problem:

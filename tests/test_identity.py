@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import unicodedata
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -401,6 +403,27 @@ async def test_a_request_without_practice_id_finds_the_patient_of_any_practice(r
     own = await runtime.service.handle(req("PR7", practice="1"))  # the practice's own key is unchanged
     assert own.status is Status.OK and own.patient and own.patient.id == launched.patient.id
     assert await count_patients(runtime) == 4
+
+
+async def test_a_name_in_another_unicode_form_is_the_same_name(runtime: Runtime) -> None:
+    """'Müller' decomposed (a macOS browser, an OPP web PMS) and composed (VDDS) is one name: no update on
+    every other launch, and stored composed whichever form came first."""
+    nfd = functools.partial(unicodedata.normalize, "NFD")
+    created = await runtime.service.handle(req("N1", last="Müller", first="Zoë"))
+    assert created.status is Status.CREATED and created.patient is not None
+    for _ in range(2):
+        for last, first in ((nfd("Müller"), nfd("Zoë")), ("Müller", "Zoë")):
+            again = await runtime.service.handle(req("N1", last=last, first=first))
+            assert again.status is Status.OK, again.message
+    first_nfd = await runtime.service.handle(req("N2", last=nfd("Jürgens"), first=nfd("Zoë")))
+    assert first_nfd.patient and (first_nfd.patient.last_name, first_nfd.patient.first_name) == (
+        "Jürgens",
+        "Zoë",
+    )
+    assert (await runtime.service.handle(req("N2", last="Jürgens", first="Zoë"))).status is Status.OK
+    await runtime.audit.flush()
+    entries = await runtime.service.audit_entries(ORIGIN)
+    assert [e for e in entries if e["action"] == "patient.update"] == []
 
 
 async def test_open_image_as_chooses_preview_or_clinic(make_settings: Any) -> None:
