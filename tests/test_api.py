@@ -651,6 +651,31 @@ async def test_events_stream_follows_what_the_pms_opens(api_client: Any, runtime
     )
 
 
+async def test_events_stream_of_one_workstation(api_client: Any, runtime: Runtime) -> None:
+    """A workstation's viewer follows only what its own PMS opens (?workstation=, without case)."""
+    from bridge.model import Action, Demographics, Origin, PatientRequest
+
+    bad = await api_client.get("/api/v1/events", params={"workstation": "WS\u00002"})
+    assert bad.status == 400 and (await bad.json(content_type=PROBLEM))["parameter"] == "workstation"
+    async with api_client.get("/api/v1/events", params={"workstation": "praxis-2"}) as stream:
+        assert stream.status == 200 and await stream.content.readline() == b": connected\n"
+        await stream.content.readline()
+        for workstation, pms_id in (("PRAXIS-1", "71"), ("", "72"), ("PRAXIS-2", "73")):
+            request = PatientRequest(
+                Action.OPEN,
+                Origin("test", workstation=workstation),
+                "PVS",
+                pms_id=pms_id,
+                demographics=Demographics("Roe"),
+            )
+            await runtime.service.handle(request)
+        event_line = await asyncio.wait_for(stream.content.readline(), 5)
+        data_line = await asyncio.wait_for(stream.content.readline(), 5)
+    assert event_line == b"event: patient-opened\n"
+    payload = json.loads(data_line.removeprefix(b"data: "))
+    assert (payload["pms_id"], payload["workstation"]) == ("73", "PRAXIS-2")
+
+
 async def test_health_readiness_and_metrics(api_client: Any) -> None:
     assert (await (await api_client.get("/healthz")).json())["status"] == "ok"
     ready = await (await api_client.get("/readyz")).json()

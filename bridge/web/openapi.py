@@ -495,6 +495,16 @@ def document() -> dict[str, Any]:
                 "get": {
                     "summary": "Server-Sent Events: patient-opened, acquisition-requested,"
                     " image-view-requested, images-added",
+                    "parameters": [
+                        {
+                            "name": "workstation",
+                            "in": "query",
+                            "description": "Only the events of requests from this workstation (the event's"
+                            " `workstation`, compared without case): a workstation's viewer follows only"
+                            " what its own PMS opens",
+                            "schema": _text("workstation"),
+                        }
+                    ],
                     "responses": {"200": {"description": "text/event-stream"}, **ERRORS},
                 }
             },
