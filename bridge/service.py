@@ -27,7 +27,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -105,6 +105,16 @@ def key_text(text: str) -> str:
     NFC ("Jürgen-1" typed with a combining umlaut is the same id) and without surrounding white space (a
     padded field). Inside, nothing changes: leading zeros, letters and case are kept."""
     return unicodedata.normalize("NFC", text).strip()
+
+
+def nfc_demographics(demo: Demographics) -> Demographics:
+    """Demographic texts in Unicode NFC, as they are compared and stored. A macOS browser or an OPP web
+    PMS may send 'Müller' decomposed (u + combining diaeresis) where a VDDS PMS sends it composed: the
+    same name, which must neither count as a change on every other launch nor be stored in two forms."""
+    texts: dict[str, Any] = {
+        name: unicodedata.normalize("NFC", getattr(demo, name)) for name in DEMOGRAPHIC_TEXTS
+    }
+    return replace(demo, **texts)
 
 
 def name_key(last_name: str, first_name: str) -> str:
@@ -384,6 +394,11 @@ def _store_conflict(session: Session, draft: Conflict, origin: Origin) -> int:
         )
     ):
         if (existing.detail or {}).get("message", "") == message:
+            # what a person accepting it applies is what the PMS sent last (same disagreement, perhaps a
+            # new phone number)
+            sent = (draft.detail or {}).get("sent")
+            if sent is not None and (existing.detail or {}).get("sent") != sent:
+                existing.detail = {**existing.detail, "sent": sent}
             return existing.id
     draft.created_at = utcnow()
     session.add(draft)
@@ -393,6 +408,25 @@ def _store_conflict(session: Session, draft: Conflict, origin: Origin) -> int:
     )
     log.warning("identity conflict", extra={"kind": draft.kind, "conflict_id": draft.id})
     return draft.id
+
+
+def demographics_json(demo: Demographics) -> dict[str, Any]:
+    """Demographics as a conflict keeps them (its `detail["sent"]`): what accepting the conflict applies."""
+    return {
+        **{name: getattr(demo, name) for name in DEMOGRAPHIC_TEXTS},
+        "birth_date": demo.birth_date.isoformat() if demo.birth_date else None,
+        "sex": demo.sex.value,
+    }
+
+
+def demographics_from_json(data: dict[str, Any]) -> Demographics:
+    """The demographics `demographics_json` kept."""
+    birth = data.get("birth_date")
+    return Demographics(
+        birth_date=date.fromisoformat(birth) if birth else None,
+        sex=Sex(data.get("sex") or Sex.UNKNOWN.value),
+        **{name: str(data.get(name) or "") for name in DEMOGRAPHIC_TEXTS},
+    )
 
 
 def _demographic_changes(stored: Any, demo: Demographics) -> dict[str, Any]:
@@ -505,6 +539,7 @@ class BridgeService:
             practice_id=key_text(req.practice_id),
             pms_id=key_text(req.pms_id),
             chart_number=key_text(req.chart_number),
+            demographics=nfc_demographics(req.demographics),
         )
         problem = _text_problem(req)
         if problem:
@@ -556,7 +591,12 @@ class BridgeService:
             may_create = True  # a PMS launch may always create: that is what the integration is for
         # An imported file's header is a snapshot taken at the modality; the PMS owns the demographics,
         # so an import never overwrites them (a disagreement is still a conflict, as for every request).
-        update = self.settings.update_patient_info and req.action is not Action.IMPORT
+        # update_patient_info says what the PMS's launches may change (DTX Studio Clinic's "update patient
+        # info"); the REST API's create-or-update is a person editing the patient on purpose, so its
+        # changes apply whatever that setting says (they would otherwise be dropped while answering 200).
+        update = req.action is Action.CREATE_OR_UPDATE or (
+            self.settings.update_patient_info and req.action is not Action.IMPORT
+        )
         opened = "patient.import" if req.action is Action.IMPORT else "patient.open"
 
         shown = req.action not in (Action.CREATE_OR_UPDATE, Action.IMPORT) and not req.silent
@@ -667,16 +707,27 @@ class BridgeService:
                 link = session.scalars(
                     q.unkeyed_link_of_practice(req.pms_system, req.practice_id, req.pms_id)
                 ).first()
-            return link
+            if link is not None or req.practice_id:
+                return link
+            # A request without a practice id (a VDDS stage 2 without PRXNR, an import under an empty
+            # `[dicom] practice_id`) names no practice, so it does not name another one either: the id's
+            # patient in whichever practice has it, as under ignore_practice_id. Otherwise the same PMS
+            # patient would split in two as soon as one of its requests omits the practice.
         links = list(session.scalars(q.links_by_system_id(req.pms_system, req.pms_id)))
-        if len({link.patient_id for link in links}) > 1:
+        patients = sorted({link.patient_id for link in links})
+        if len(patients) > 1:
+            why = (
+                "with ignore_practice_id they cannot be told apart"
+                if self.settings.ignore_practice_id
+                else "the request names no practice, so they cannot be told apart: send the practice id"
+            )
             raise _conflict(
                 req,
                 "ambiguous-practice",
                 f"patient id {req.pms_id!r} of {req.pms_system} belongs to different patients in different "
-                "practices; with ignore_practice_id they cannot be told apart",
-                patient_id=links[0].patient_id,
-                other_patient_id=links[1].patient_id,
+                f"practices; {why}",
+                patient_id=patients[0],
+                other_patient_id=patients[1],
             )
         return links[0] if links else None
 
@@ -816,7 +867,7 @@ class BridgeService:
                 "demographics",
                 f"patient {key!r} is known with other data: " + "; ".join(found),
                 patient_id=patient.id,
-                detail={"differences": found},
+                detail={"differences": found, "sent": demographics_json(req.demographics)},
             )
 
     def _refuse_if_linked_elsewhere(self, session: Session, req: PatientRequest, patient: Patient) -> None:
@@ -1521,14 +1572,23 @@ class BridgeService:
         return found
 
     async def resolve_conflict(
-        self, origin: Origin, conflict_id: int, resolution: str
+        self, origin: Origin, conflict_id: int, resolution: str, *, accept: bool = False
     ) -> dict[str, Any] | None:
-        """Close a conflict once a person has sorted it out (e.g. corrected the PMS or the store)."""
+        """Close a conflict once a person has sorted it out (e.g. corrected the PMS or the store).
+
+        Closing alone changes no patient data, so a PMS that is right (a marriage name, a corrected birth
+        date) would be refused again on its next launch, as a new conflict. `accept` is the person saying
+        the PMS is right: the demographics the refused request sent are applied to the patient in the
+        transaction that closes the conflict (see `_accept`). None: no such conflict; Refused: it cannot
+        be accepted (the message says why).
+        """
 
         def work(session: Session) -> dict[str, Any] | None:
             conflict = session.scalars(q.conflict_by_id(conflict_id)).first()
             if conflict is None:
                 return None
+            if accept:
+                self._accept(session, origin, conflict)
             if conflict.resolved_at is None:
                 conflict.resolved_at = utcnow()
                 conflict.resolution = resolution[:40]
@@ -1539,6 +1599,61 @@ class BridgeService:
 
         result: dict[str, Any] | None = await self.db.write(work)
         return result
+
+    def _accept(self, session: Session, origin: Origin, conflict: Conflict) -> None:
+        """Apply what a demographics conflict's refused request sent to its patient (audited
+        patient.update), so that the same launch then opens the patient; mark the conflict accepted.
+
+        Only a demographics conflict carries data to accept: the others (chart numbers, ambiguous ids)
+        are sorted out in the PMS or the store. Accepting again is a no-op; accepting a conflict closed
+        without accepting is refused, as is one recorded before its request's data was kept.
+        """
+        detail = conflict.detail or {}
+        if conflict.kind != "demographics":
+            raise Refused(
+                Outcome(
+                    Status.CONFLICT,
+                    f"conflict {conflict.id} is a {conflict.kind} conflict: it carries no patient data to"
+                    " accept; correct the PMS or the store, then resolve it without accept",
+                )
+            )
+        if detail.get("accepted"):
+            return
+        if conflict.resolved_at is not None:
+            raise Refused(
+                Outcome(
+                    Status.CONFLICT,
+                    f"conflict {conflict.id} was already resolved without accepting the PMS's data; the"
+                    " PMS's next launch with that data records a new conflict, which can be accepted",
+                )
+            )
+        sent = detail.get("sent")
+        if not isinstance(sent, dict):
+            raise Refused(
+                Outcome(
+                    Status.CONFLICT,
+                    f"conflict {conflict.id} was recorded before the bridge kept the data a refused request"
+                    " sent, so there is nothing to accept; resolve it without accept and launch the"
+                    " patient from the PMS again: that records a new conflict, which can be accepted",
+                )
+            )
+        patient = (
+            session.scalars(*q.patient_by_id(conflict.patient_id)).first()
+            if conflict.patient_id is not None
+            else None
+        )
+        if patient is None:
+            raise Refused(Outcome(Status.CONFLICT, f"the patient of conflict {conflict.id} no longer exists"))
+        changed = _apply_demographics(patient, demographics_from_json(sent))
+        if changed:
+            self.audit.change(
+                session,
+                origin,
+                "patient.update",
+                patient_id=patient.id,
+                detail=f"{','.join(changed)} (conflict {conflict.id} accepted)",
+            )
+        conflict.detail = {**detail, "accepted": True}
 
     async def audit_entries(
         self, origin: Origin, *, patient_id: int | None = None, after_id: int = 0, limit: int = 100

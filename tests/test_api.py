@@ -14,6 +14,7 @@ from aiohttp import FormData
 from PIL import Image
 
 from bridge.runtime import Runtime
+from bridge.store.models import Conflict
 from bridge.web.app import build_api_app
 from bridge.web.problems import CONTENT_TYPE as PROBLEM
 
@@ -96,6 +97,113 @@ async def test_create_update_conflict_and_get(api_client: Any) -> None:
     )
     assert resolved.status == 200 and (await resolved.json())["resolved_at"]
     assert (await (await api_client.get("/api/v1/conflicts")).json())["items"] == []
+
+
+async def resolve(client: Any, conflict_id: int, **body: Any) -> Any:
+    return await client.post(
+        f"/api/v1/conflicts/{conflict_id}/resolve", json={"resolution": "checked", **body}
+    )
+
+
+async def conflict_of(response: Any) -> int:
+    assert response.status == 409, await response.text()
+    conflict_id: int = (await response.json(content_type=PROBLEM))["conflict_id"]
+    return conflict_id
+
+
+async def test_accepting_a_demographics_conflict_applies_what_the_pms_sent(
+    api_client: Any, runtime: Runtime
+) -> None:
+    """A marriage name: resolving with accept applies the sent demographics, so the same request then
+    succeeds instead of opening a new conflict for ever; what cannot be accepted says why."""
+    patient = await (await create(api_client, pms_id="MAR2", last_name="Meyer", sex="F")).json()
+    conflict_id = await conflict_of(await create(api_client, pms_id="MAR2", last_name="Schmidt", sex="F"))
+    # the PMS repeating the request (with a new phone number) keeps the conflict, with what it sent last
+    clash = await create(api_client, pms_id="MAR2", last_name="Schmidt", sex="F", phone="0301234")
+    assert await conflict_of(clash) == conflict_id
+    [listed] = (await (await api_client.get("/api/v1/conflicts")).json())["items"]
+    assert (
+        listed["detail"]["sent"]["last_name"] == "Schmidt" and listed["detail"]["sent"]["phone"] == "0301234"
+    )
+    not_bool = await resolve(api_client, conflict_id, accept="yes")
+    assert not_bool.status == 422 and (await not_bool.json(content_type=PROBLEM))["field"] == "accept"
+    accepted = await resolve(api_client, conflict_id, accept=True)
+    assert accepted.status == 200, await accepted.text()
+    body = await accepted.json()
+    assert body["resolved_at"] and body["detail"]["accepted"] is True
+    stored = await (await api_client.get(f"/api/v1/patients/{patient['id']}")).json()
+    assert (stored["last_name"], stored["phone"]) == ("Schmidt", "0301234")
+    assert (await resolve(api_client, conflict_id, accept=True)).status == 200  # again: nothing changes
+    again = await create(api_client, pms_id="MAR2", last_name="Schmidt", sex="F")
+    assert again.status == 200 and (await again.json())["id"] == patient["id"]
+    assert (await (await api_client.get("/api/v1/conflicts")).json())["items"] == []
+    await runtime.audit.flush()
+    audit = (await (await api_client.get(f"/api/v1/audit?patient_id={patient['id']}")).json())["items"]
+    assert [e["detail"] for e in audit if e["action"] == "patient.update"] == [
+        f"last_name,phone (conflict {conflict_id} accepted)"
+    ]
+
+    # a conflict closed without accepting keeps the data as it was, and cannot be accepted afterwards
+    closed = await conflict_of(await create(api_client, pms_id="MAR2", last_name="Weber", sex="F"))
+    assert (await resolve(api_client, closed)).status == 200
+    late = await resolve(api_client, closed, accept=True)
+    assert (
+        late.status == 409
+        and "already resolved without accepting" in (await late.json(content_type=PROBLEM))["detail"]
+    )
+    # another kind carries no data to accept
+    assert (await create(api_client, pms_id="C1", chart_number="CH1")).status == 201
+    chart = await conflict_of(await create(api_client, pms_id="C2", chart_number="CH1"))
+    refused = await resolve(api_client, chart, accept=True)
+    problem = await refused.json(content_type=PROBLEM)
+    assert refused.status == 409 and problem["type"].endswith("cannot-accept")
+    assert "chart-number conflict: it carries no patient data to accept" in problem["detail"]
+    assert chart in [c["id"] for c in (await (await api_client.get("/api/v1/conflicts")).json())["items"]]
+    # a conflict recorded before the sent data was kept
+    old = await conflict_of(await create(api_client, pms_id="MAR2", last_name="Fischer", sex="F"))
+
+    def forget_sent(session: Any) -> None:
+        row = session.get(Conflict, old)
+        row.detail = {k: v for k, v in row.detail.items() if k != "sent"}
+
+    await runtime.db.write(forget_sent)
+    before = await resolve(api_client, old, accept=True)
+    assert before.status == 409
+    assert "recorded before the bridge kept the data" in (await before.json(content_type=PROBLEM))["detail"]
+    stored = await (await api_client.get(f"/api/v1/patients/{patient['id']}")).json()
+    assert stored["last_name"] == "Schmidt"
+
+
+async def test_rest_edits_apply_when_pms_launches_may_not_update(make_settings: Any) -> None:
+    """update_patient_info = no is about the PMS's launches: the front desk's explicit create-or-update
+    still changes the phone (it was answered 200 with the old one), a launch still does not, and a
+    disagreement beyond spelling is still a conflict."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from bridge.model import Action, Demographics, Origin, PatientRequest, Status
+
+    rt = Runtime.build(make_settings(pms={"update_patient_info": "no"}))
+    client = TestClient(TestServer(build_api_app(rt)))
+    await client.start_server()
+    client.session.headers["Authorization"] = f"Bearer {rt.settings.api.token}"
+    try:
+        assert (await create(client, pms_id="7", phone="111")).status == 201
+        edited = await create(client, pms_id="7", phone="222")
+        assert edited.status == 200 and (await edited.json())["phone"] == "222"
+        launch = PatientRequest(
+            Action.OPEN,
+            Origin("vdds"),
+            "desk",
+            pms_id="7",
+            demographics=Demographics("Doe", "Jane", phone="333"),
+        )
+        launched = await rt.service.handle(launch)
+        assert launched.status is Status.OK and launched.patient and launched.patient.phone == "222"
+        assert (await create(client, pms_id="7", last_name="Smith")).status == 409
+        await rt.audit.flush()
+    finally:
+        await client.close()
+        rt.close()
 
 
 async def test_bad_requests_get_problem_bodies(api_client: Any) -> None:
@@ -541,6 +649,31 @@ async def test_events_stream_follows_what_the_pms_opens(api_client: Any, runtime
         and payload["open_in"] == "home"
         and payload["viewer_url"].startswith("/viewer/")
     )
+
+
+async def test_events_stream_of_one_workstation(api_client: Any, runtime: Runtime) -> None:
+    """A workstation's viewer follows only what its own PMS opens (?workstation=, without case)."""
+    from bridge.model import Action, Demographics, Origin, PatientRequest
+
+    bad = await api_client.get("/api/v1/events", params={"workstation": "WS\u00002"})
+    assert bad.status == 400 and (await bad.json(content_type=PROBLEM))["parameter"] == "workstation"
+    async with api_client.get("/api/v1/events", params={"workstation": "praxis-2"}) as stream:
+        assert stream.status == 200 and await stream.content.readline() == b": connected\n"
+        await stream.content.readline()
+        for workstation, pms_id in (("PRAXIS-1", "71"), ("", "72"), ("PRAXIS-2", "73")):
+            request = PatientRequest(
+                Action.OPEN,
+                Origin("test", workstation=workstation),
+                "PVS",
+                pms_id=pms_id,
+                demographics=Demographics("Roe"),
+            )
+            await runtime.service.handle(request)
+        event_line = await asyncio.wait_for(stream.content.readline(), 5)
+        data_line = await asyncio.wait_for(stream.content.readline(), 5)
+    assert event_line == b"event: patient-opened\n"
+    payload = json.loads(data_line.removeprefix(b"data: "))
+    assert (payload["pms_id"], payload["workstation"]) == ("73", "PRAXIS-2")
 
 
 async def test_health_readiness_and_metrics(api_client: Any) -> None:

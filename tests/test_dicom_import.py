@@ -389,6 +389,32 @@ async def test_imports_follow_the_identity_rules_and_never_rewrite_the_pms_data(
         rt.close()
 
 
+async def test_an_import_without_practice_id_joins_the_patient_its_pms_launched_with_one(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """`[dicom] practice_id =` is empty (as init writes it); the VDDS patient came with PRXNR=1. The file's
+    image goes to that patient, not to a second patient keyed to no practice."""
+    rt = Runtime.build(make_settings(dicom={"pms_system": "PVS1", "practice_id": ""}))
+    try:
+        known = await rt.service.handle(
+            PatientRequest(
+                Action.OPEN,
+                Origin("vdds", "cli", "DESK"),
+                "PVS1",
+                "PX1",
+                practice_id="1",
+                demographics=Demographics("Doe", "Jane", sex=Sex.FEMALE),
+            )
+        )
+        assert known.patient is not None
+        report = await run_import(rt, write(dental_dataset(patient_id="PX1"), tmp_path / "a.dcm"))
+        assert [i.patient_id for i in report.imported] == [known.patient.id], report.errors
+        assert [p.id for p in await rt.service.search_patients(ORIGIN)] == [known.patient.id]
+    finally:
+        await rt.audit.flush()
+        rt.close()
+
+
 async def test_a_new_patient_is_created_from_the_file_under_the_configured_system_and_tag(
     make_settings: Any, tmp_path: Path
 ) -> None:

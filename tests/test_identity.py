@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import unicodedata
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -366,6 +368,62 @@ async def add_image(rt: Runtime, patient_id: int) -> int:
     )
     [view] = await rt.service.add_images(ORIGIN, patient_id, [image])
     return view.id
+
+
+async def test_a_request_without_practice_id_finds_the_patient_of_any_practice(runtime: Runtime) -> None:
+    """A PMS that sends its practice id on some requests only (a VDDS stage 2 without PRXNR, an import
+    under an empty [dicom] practice_id) must not split its patient: such a request takes the id's one
+    patient in any practice, refuses to choose between two, and creates one only when there is none."""
+    launched = await runtime.service.handle(req("PR7", practice="1"))
+    assert launched.status is Status.CREATED and launched.patient is not None
+    image_id = await add_image(runtime, launched.patient.id)
+    listed = await runtime.service.handle(req("PR7", action=Action.LIST_IMAGES))
+    assert listed.status is Status.OK and [i.id for i in listed.images] == [image_id]
+    for action in (Action.OPEN, Action.IMPORT, Action.OPEN):
+        found = await runtime.service.handle(req("PR7", action=action))
+        assert found.status is Status.OK and found.patient and found.patient.id == launched.patient.id
+    assert await count_patients(runtime) == 1
+
+    await runtime.service.handle(req("PR8", practice="1"))
+    await runtime.service.handle(req("PR8", practice="2", last="Meier"))  # another practice's PR8
+    for action in (Action.OPEN, Action.LIST_IMAGES):
+        ambiguous = await runtime.service.handle(req("PR8", action=action))
+        assert ambiguous.status is Status.CONFLICT and ambiguous.conflict_id is not None
+        assert "names no practice" in ambiguous.message and "send the practice id" in ambiguous.message
+    [conflict] = await runtime.service.list_conflicts(ORIGIN)
+    assert (conflict["kind"], conflict["pms_id"], conflict["practice_id"]) == (
+        "ambiguous-practice",
+        "PR8",
+        "",
+    )
+    assert await count_patients(runtime) == 3
+
+    new = await runtime.service.handle(req("PR9"))  # unknown in every practice: created, as before
+    assert new.status is Status.CREATED and new.patient and new.patient.practice_id == ""
+    own = await runtime.service.handle(req("PR7", practice="1"))  # the practice's own key is unchanged
+    assert own.status is Status.OK and own.patient and own.patient.id == launched.patient.id
+    assert await count_patients(runtime) == 4
+
+
+async def test_a_name_in_another_unicode_form_is_the_same_name(runtime: Runtime) -> None:
+    """'Müller' decomposed (a macOS browser, an OPP web PMS) and composed (VDDS) is one name: no update on
+    every other launch, and stored composed whichever form came first."""
+    nfd = functools.partial(unicodedata.normalize, "NFD")
+    created = await runtime.service.handle(req("N1", last="Müller", first="Zoë"))
+    assert created.status is Status.CREATED and created.patient is not None
+    for _ in range(2):
+        for last, first in ((nfd("Müller"), nfd("Zoë")), ("Müller", "Zoë")):
+            again = await runtime.service.handle(req("N1", last=last, first=first))
+            assert again.status is Status.OK, again.message
+    first_nfd = await runtime.service.handle(req("N2", last=nfd("Jürgens"), first=nfd("Zoë")))
+    assert first_nfd.patient and (first_nfd.patient.last_name, first_nfd.patient.first_name) == (
+        "Jürgens",
+        "Zoë",
+    )
+    assert (await runtime.service.handle(req("N2", last="Jürgens", first="Zoë"))).status is Status.OK
+    await runtime.audit.flush()
+    entries = await runtime.service.audit_entries(ORIGIN)
+    assert [e for e in entries if e["action"] == "patient.update"] == []
 
 
 async def test_open_image_as_chooses_preview_or_clinic(make_settings: Any) -> None:

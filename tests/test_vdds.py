@@ -382,6 +382,67 @@ def test_a_reused_file_serves_its_new_request_not_the_answered_one(
     assert (created["pms_system"], created["last_name"]) == ("Z1", "Müller")
 
 
+def upload_png(daemon: DaemonProcess, patient_id: int) -> None:
+    """One image uploaded through the daemon's REST API, as an acquisition adds it."""
+    head = 'Content-Disposition: form-data; name="file"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+    body = b"--cut\r\n" + head.encode() + png() + b"\r\n--cut--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=cut"}
+    status, reply = daemon.request("POST", f"/api/v1/patients/{patient_id}/images", body, headers=headers)
+    assert status == 201, reply
+
+
+def test_a_stage2_request_without_prxnr_lists_the_patient_stage1_made_with_one(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """The repo's stage-2 request carries no PRXNR: it must list the images of the patient stage 1 made
+    with PRXNR=1, not answer "no images" for a patient keyed to no practice."""
+    request = tmp_path / "MME505F.tmp"
+    request.write_bytes(stage1("PR7", extra="PRXNR=1\r\n"))
+    assert run_module(daemon.config, str(request)).returncode == 0
+    [patient] = patients(daemon, "PR7")
+    assert patient["practice_id"] == "1"
+    upload_png(daemon, patient["id"])
+    request.write_bytes(request_file("PATID", "PVS=TESTPVS\r\nPATID=PR7\r\n"))
+    result = run_module(daemon.config, str(request))
+    assert result.returncode == 0, result.stderr
+    answer = request.read_bytes()
+    assert keys(answer, "PATID")["ERRORLEVEL"] == "0"
+    assert keys(answer, "MMOS")["COUNT"] == "1"
+    assert [p["id"] for p in patients(daemon, "PR7")] == [patient["id"]]
+
+
+def test_a_marriage_name_accepted_through_the_api_opens_the_patient_again(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """MAR2 sent as Meyer, then as Schmidt: a conflict, until a person accepts the PMS's data; then the
+    same launch opens the patient (before, resolving only closed the conflict and the next launch opened
+    a new one, for ever)."""
+    request = tmp_path / "MME505F.tmp"
+    request.write_bytes(stage1("MAR2", last="Meyer"))
+    assert run_module(daemon.config, str(request)).returncode == 0
+    request.write_bytes(stage1("MAR2", last="Schmidt"))
+    assert run_module(daemon.config, str(request)).returncode != 0
+    assert keys(request.read_bytes(), "PATIENT")["ERRORLEVEL"] != "0"
+    status, body = daemon.request("GET", "/api/v1/conflicts")
+    [conflict] = json.loads(body)["items"]
+    resolution = json.dumps({"resolution": "married: Schmidt", "accept": True}).encode()
+    status, body = daemon.request(
+        "POST",
+        f"/api/v1/conflicts/{conflict['id']}/resolve",
+        resolution,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 200, body
+    [patient] = patients(daemon, "MAR2")
+    assert patient["last_name"] == "Schmidt"
+    request.write_bytes(stage1("MAR2", last="Schmidt"))
+    result = run_module(daemon.config, str(request))
+    assert result.returncode == 0, result.stderr
+    assert keys(request.read_bytes(), "PATIENT")["ERRORLEVEL"] == "0"
+    status, body = daemon.request("GET", "/api/v1/conflicts")
+    assert json.loads(body)["items"] == []
+
+
 def test_a_file_with_two_unanswered_requests_is_refused_in_both(
     daemon: DaemonProcess, tmp_path: Path
 ) -> None:

@@ -474,13 +474,24 @@ async def list_conflicts(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/conflicts/{id}/resolve")
 async def resolve_conflict(request: web.Request) -> web.Response:
+    """Close a conflict; with `"accept": true` (demographics conflicts) the PMS's data is applied first."""
     rt = request.app[RUNTIME]
     conflict_id = path_id(request)
     body = await json_object(request)
     resolution = body_text(body, "resolution", strip=True)
     if not resolution:
         raise ProblemError(422, 'send {"resolution": "<what was done>"}', field="resolution")
-    result = await rt.service.resolve_conflict(origin_of(request), conflict_id, resolution)
+    accept = body.get("accept")  # absent or null: only close the conflict
+    if accept is not None and not isinstance(accept, bool):
+        raise ProblemError(422, f"accept must be true or false, got {accept!r:.40}", field="accept")
+    try:
+        result = await rt.service.resolve_conflict(
+            origin_of(request), conflict_id, resolution, accept=bool(accept)
+        )
+    except Refused as refused:
+        raise ProblemError(
+            STATUS_HTTP[refused.outcome.status], refused.outcome.message, kind="cannot-accept"
+        ) from None
     if result is None:
         raise ProblemError(404, f"no conflict with id {request.match_info['id']}")
     return json_response(result)

@@ -13,6 +13,7 @@ import json
 from aiohttp import web
 
 from bridge.events import Event
+from bridge.web.fields import query_text
 from bridge.web.keys import RUNTIME
 
 routes = web.RouteTableDef()
@@ -45,9 +46,14 @@ async def _next_event(queue: asyncio.Queue[Event], stopping: asyncio.Event) -> E
 
 @routes.get("/api/v1/events")
 async def events(request: web.Request) -> web.StreamResponse:
-    """Stream events as `event: <name>` / `data: <json>`; a comment line every 15 s keeps proxies open."""
+    """Stream events as `event: <name>` / `data: <json>`; a comment line every 15 s keeps proxies open.
+
+    `?workstation=NAME` keeps only the events of requests from that workstation (Windows names are
+    case-insensitive): the viewer on a PMS workstation shows what that PMS opened, not every desk's.
+    """
     rt = request.app[RUNTIME]
     stopping = request.app[STOPPING]
+    workstation = (query_text(request, "workstation") or "").strip().casefold()
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
@@ -60,6 +66,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             if event is None:
                 if not stopping.is_set():
                     await response.write(b": keep-alive\n\n")
+                continue
+            if workstation and event.workstation.strip().casefold() != workstation:
                 continue
             data = json.dumps(event.to_json(), ensure_ascii=False)
             await response.write(f"event: {event.name}\ndata: {data}\n\n".encode())

@@ -167,6 +167,12 @@ CONFLICT = {
         "patient_id": {"type": ["integer", "null"]},
         "other_patient_id": {"type": ["integer", "null"]},
         "message": {"type": "string"},
+        "detail": {
+            "type": "object",
+            "description": "The kind's facts: `differences`, `candidates`; a demographics conflict's"
+            " `sent` (the demographics the refused request sent: what accepting applies) and `accepted`",
+        },
+        "origin": {"type": "string"},
         "created_at": {"type": "string"},
         "resolved_at": {"type": ["string", "null"]},
         "resolution": {"type": "string"},
@@ -438,6 +444,15 @@ def document() -> dict[str, Any]:
             },
             "/api/v1/conflicts/{id}/resolve": {
                 "post": {
+                    "summary": "Close a conflict; accept: apply the demographics the PMS sent first",
+                    "description": "Without `accept` only the conflict is closed: no patient data changes,"
+                    ' so the same PMS request is refused again (a new conflict). With `"accept": true`'
+                    " (a `demographics` conflict: a marriage name, a corrected birth date) the"
+                    " demographics the refused request sent are applied to the patient (audited"
+                    " patient.update) and the conflict is closed, in one transaction; the same launch then"
+                    " opens the patient. Other kinds, conflicts closed without accepting and conflicts"
+                    " recorded before the bridge kept the sent data cannot be accepted: 409 (problem"
+                    " type `cannot-accept`) saying why.",
                     "parameters": [ID],
                     "requestBody": {
                         "required": True,
@@ -445,12 +460,25 @@ def document() -> dict[str, Any]:
                             "application/json": {
                                 "schema": {
                                     "type": "object",
-                                    "properties": {"resolution": _text("resolution")},
+                                    "required": ["resolution"],
+                                    "properties": {
+                                        "resolution": _text("resolution"),
+                                        "accept": {
+                                            "type": ["boolean", "null"],
+                                            "description": "true: the PMS is right; apply what it sent",
+                                        },
+                                    },
                                 }
                             }
                         },
                     },
-                    "responses": {"200": _json(_ref("Conflict")), "413": PROBLEM, "422": PROBLEM, **ERRORS},
+                    "responses": {
+                        "200": _json(_ref("Conflict")),
+                        "409": PROBLEM,
+                        "413": PROBLEM,
+                        "422": PROBLEM,
+                        **ERRORS,
+                    },
                 }
             },
             "/api/v1/audit": {
@@ -467,6 +495,16 @@ def document() -> dict[str, Any]:
                 "get": {
                     "summary": "Server-Sent Events: patient-opened, acquisition-requested,"
                     " image-view-requested, images-added",
+                    "parameters": [
+                        {
+                            "name": "workstation",
+                            "in": "query",
+                            "description": "Only the events of requests from this workstation (the event's"
+                            " `workstation`, compared without case): a workstation's viewer follows only"
+                            " what its own PMS opens",
+                            "schema": _text("workstation"),
+                        }
+                    ],
                     "responses": {"200": {"description": "text/event-stream"}, **ERRORS},
                 }
             },
