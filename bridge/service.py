@@ -1637,8 +1637,8 @@ class BridgeService:
                     " patient from the PMS again: that records a new conflict, which can be accepted",
                 )
             )
-        patient = (
-            session.scalars(*q.patient_by_id(conflict.patient_id)).first()
+        patient = (  # locked, as every change of a patient's demographics (see _lock_patient)
+            session.scalars(*q.patient_for_update(conflict.patient_id)).first()
             if conflict.patient_id is not None
             else None
         )
