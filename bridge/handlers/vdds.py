@@ -152,24 +152,29 @@ async def _serve(
 
 
 async def _view(rt: Runtime, launch: Launch, opts: vdds.Options) -> LaunchReply:
-    """Stage 3 MMOVIEW: `pms-bridge vdds MMOID`; no file to answer in, so an exit code and a line."""
+    """Stage 3 MMOVIEW: `pms-bridge vdds MMOID`; no file to answer in, so an exit code and a line.
+
+    The MMOID is the last argument: the PVS appends it to the registered command line, as it appends an
+    exchange file's path, and what the registration carries before it is not the MMOID.
+    """
     try:
         if not rt.settings.vdds.enabled:
             raise vdds.VddsError("disabled")
         args = [arg for arg in launch.args if arg.strip()]
         if not args:
             raise vdds.VddsError("no_request")
-        if any(sep in args[0] for sep in ("/", "\\")):
+        mmoid = args[-1]
+        if any(sep in mmoid for sep in ("/", "\\")):
             # A path that named no readable file: the PVS's exchange file is gone or not shared.
             raise vdds.VddsError("unknown_request")
-        outcome = await rt.service.handle(vdds.view_request(args[0], origin_of(launch)))
+        outcome = await rt.service.handle(vdds.view_request(mmoid, origin_of(launch)))
     except vdds.VddsError as exc:
         return LaunchReply(1, exc.text(opts.language))
     except Exception as exc:
         log.exception("MMOVIEW failed")
         return LaunchReply(1, f"{vdds_exchange.message(opts.language, 'internal')} ({type(exc).__name__})")
     level, text = vdds.outcome_error(outcome, vdds_exchange.Kind.MMOVIEW, opts)
-    return LaunchReply(level, text or f"image {args[0]} shown ({outcome.viewer_url})")
+    return LaunchReply(level, text or f"image {mmoid} shown ({outcome.viewer_url})")
 
 
 # --------------------------------------------------------------------------------------------------
