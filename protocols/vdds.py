@@ -333,9 +333,9 @@ def info_sections(
 
 
 def export_sections(slots: Iterable[tuple[int, str]], paths: Mapping[str, str]) -> list[Section]:
-    """Stage 4's answer: [MMOPATH] MMOIDk=<file> for each exported MMOID, k as in the request."""
-    pairs = [(f"MMOID{k}", paths[ref]) for k, ref in slots if ref in paths]
-    return [("MMOPATH", pairs)] if pairs else []
+    """Stage 4's answer: [MMOPATH] MMOIDk=<file> for each exported MMOID, k as in the request; the
+    section is there, empty, when nothing was exported (`vdds_exchange.answer` says why)."""
+    return [("MMOPATH", [(f"MMOID{k}", paths[ref]) for k, ref in slots if ref in paths])]
 
 
 def outcome_error(outcome: Outcome, kind: Kind, options: Options, patid: str = "") -> tuple[int, str]:

@@ -285,12 +285,13 @@ def answer(exchange: Exchange, errorlevel: int, errortext: str, sections: Sequen
     The PVS's own lines stay as they were; only the handshake keys of the request section (of every
     unanswered request section when the file is AMBIGUOUS) are replaced (ERRORLEVEL, ERRORTEXT - and
     ERROR-TEXT when the PVS used that spelling - then READY=1 as the last key) and the answer sections of
-    an earlier answer are replaced by `sections`. Answered request sections of a reused file keep their
-    bytes. The caller writes the result atomically, so the PVS never sees READY=1 before the rest of the
-    answer.
+    an earlier answer are replaced by `sections` (a stage-4 answer always gets its [MMOPATH]). Answered
+    request sections of a reused file keep their bytes. The caller writes the result atomically, so the
+    PVS never sees READY=1 before the rest of the answer.
     """
     targets = exchange.targets or (FALLBACK_SECTION,)
     handshake = _handshake(exchange, errorlevel, errortext)
+    sections = _required_sections(exchange, sections)
     drop = {name.upper() for name, _pairs in sections}
     if exchange.kind in (Kind.MMOINFEXPORT, Kind.MMOEXPORT):
         drop |= {key for key in exchange.sections if key and _is_answer_section(key)}
@@ -305,6 +306,16 @@ def answer(exchange: Exchange, errorlevel: int, errortext: str, sections: Sequen
     # The edited text did not read back (a BOM-less UTF-16 file whose first characters changed, say):
     # fall back to a file that only holds the answer, which always reads back.
     return _bare(exchange, targets, handshake, sections)
+
+
+def _required_sections(exchange: Exchange, sections: Sequence[Section]) -> Sequence[Section]:
+    """`sections` with the sections a request's answer always has: stage 4's [MMOPATH] [C], empty when
+    nothing was exported (an error, unknown ids, an unsupported EXT, the daemon down). gdt2dicom, the
+    confirmed PVS-side reader, only logs a non-zero ERRORLEVEL and then takes [MMOPATH] with `expect`:
+    it panics on an answer without the section."""
+    if exchange.kind is Kind.MMOEXPORT and not any(name.upper() == "MMOPATH" for name, _pairs in sections):
+        return [*sections, ("MMOPATH", ())]
+    return sections
 
 
 def _bare(

@@ -471,7 +471,7 @@ def test_export_sections_and_outcome_errors() -> None:
     assert vdds.export_sections([(1, "4"), (3, "9")], {"9": "/x/9.jpg"}) == [
         ("MMOPATH", [("MMOID3", "/x/9.jpg")])
     ]
-    assert vdds.export_sections([(1, "4")], {}) == []
+    assert vdds.export_sections([(1, "4")], {}) == [("MMOPATH", [])]
     opts = vdds.Options()
     assert vdds.outcome_error(Outcome(Status.OK), vdds_exchange.Kind.PATDATIMPORT, opts) == (0, "")
     partial = Outcome(Status.PARTIAL, missing_refs=("99", "x"))
@@ -484,6 +484,40 @@ def test_export_sections_and_outcome_errors() -> None:
         conflict, vdds_exchange.Kind.PATDATIMPORT, vdds.Options(language="en"), "0815"
     )
     assert level == 1 and "conflict no. 4" in text and "birth date differs" in text
+
+
+STAGE4 = """
+[MMOIDS]
+PVS=CGM_Z1
+COUNT=1
+MMOID1=999
+EXT=JPG
+READY=0
+ERRORLEVEL=0
+ERRORTEXT=
+"""
+
+
+def test_a_stage4_answer_always_has_its_mmopath_section() -> None:
+    """protocols.md [C]: the answer is [MMOPATH]; gdt2dicom takes it with `expect` whatever the
+    ERRORLEVEL, so an error answer without it crashed the PVS side. Empty when nothing was exported."""
+    request = exchange(STAGE4)
+    for data in (
+        vdds_exchange.answer(request, 1, "Bilder nicht gefunden: 999."),  # unknown ids, a bad EXT ...
+        vdds_exchange.unreachable_answer(request.decoded.encode(request.decoded.text), "refused", {}),
+        vdds_exchange.answer(request, 1, "x", vdds.export_sections([(1, "999")], {})),
+    ):
+        found = answered(data)
+        assert found["MMOPATH"] == {}
+        assert (found["MMOIDS"]["ERRORLEVEL"], found["MMOIDS"]["READY"]) == ("1", "1")
+        assert data.count(b"[MMOPATH]") == 1
+    exported = vdds_exchange.answer(request, 0, "", vdds.export_sections([(1, "999")], {"999": "C:\\x.jpg"}))
+    assert answered(exported)["MMOPATH"] == {"MMOID1": "C:\\x.jpg"}
+    # an earlier answer's [MMOPATH] in a reused file is replaced, not kept beside the new one
+    again = exchange(STAGE4 + "[MMOPATH]\nMMOID1=C:\\old.jpg\n")
+    assert answered(vdds_exchange.answer(again, 1, "x"))["MMOPATH"] == {}
+    # other requests get no such section
+    assert "MMOPATH" not in answered(vdds_exchange.answer(exchange(STAGE1), 1, "x"))
 
 
 def test_unreachable_answer_uses_the_raw_settings() -> None:
