@@ -465,6 +465,13 @@ class VddsSettings:
         "yes", Bool(), "A push whose program exits 0 without setting READY=1 counts as delivered"
     )
     push_prxnr: str = key("1", Text(max_length=100), "PRXNR of a push when the patient has no practice id")
+    push_pvs: str = key(
+        "archive",
+        Choice("archive", "own"),
+        "PVS= of a push file (inferred, not confirmed): archive = the VDDS_MMI.INI section whose"
+        " MMOINFIMPORT runs (the archive section, e.g. PVS_ARCHIV); own = the patient's PVS as it"
+        " registered (e.g. CGM_Z1, as praxishub writes it)",
+    )
     mmi_ini: Path | None = key(
         "", OptionalPath(), "VDDS_MMI.INI; empty: %WINDIR%\\VDDS_MMI.INI, or /etc/vdds/VDDS_MMI.INI elsewhere"
     )
