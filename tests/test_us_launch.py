@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -108,12 +109,15 @@ def test_dexis_bad_files_answer_with_a_line_and_the_daemon_keeps_serving(
 
 
 def test_dexis_started_without_a_patient_is_a_valid_launch(daemon: DaemonProcess) -> None:
-    """"No patient -> start DEXIS without arguments" [C]: exit 0 and nothing done, not an error the
-    front desk sees every time (it was exit 2 "no patient")."""
+    """No patient selected: the PMS starts the program without arguments [C]. Exit 0 and nothing done,
+    not an error the front desk sees every time (it was exit 2 "no patient")."""
     for protocol in ("dexis", "dentrix"):
-        assert run(daemon, protocol) == (0, f"pms-bridge {protocol}: started without a patient; nothing to open")
-    status, body = daemon.request("POST", "/api/v1/launch/dexis", b"")
-    assert status == 200
+        line = f"pms-bridge {protocol}: started without a patient; nothing to open"
+        assert run(daemon, protocol) == (0, line)
+    shim = urllib.request.Request(daemon.url + "/api/v1/launch/dexis", data=b"", method="POST")
+    shim.add_header("Authorization", f"Bearer {daemon.token}")
+    with urllib.request.urlopen(shim, timeout=30) as response:  # a DDE shim with nothing to send
+        assert (response.status, response.headers["X-PMS-Exit"]) == (200, "0")
     assert patients(daemon) == []
     status, metrics = daemon.request("GET", "/metrics", token=None)
     assert status == 200 and b"pms_bridge_events_total{" not in metrics
