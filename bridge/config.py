@@ -390,7 +390,8 @@ class VddsSettings:
     encoding: str = key(
         "auto",
         Choice("auto", "cp1252", "cp850", "cp437", "iso-8859-15", "utf-8"),
-        "auto = BOM sniff (UTF-8, UTF-16), then cp1252",
+        "Exchange files without a BOM; auto = BOM sniff (UTF-8, UTF-16), then UTF-8 when the bytes are"
+        " valid UTF-8 with a non-ASCII character, else cp1252 (push files we write: cp1252)",
     )
     poll_seconds: float = key(
         "1", Float(0.05, 60), "How often the exchange folder is scanned (change events only hint)"

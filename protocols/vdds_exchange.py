@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from protocols.common import DecodedText, IniSection, decode, ini_line, one_line, parse_ini, render_ini
+from protocols.common import AUTO, DecodedText, IniSection, decode, ini_line, one_line, parse_ini, render_ini
 
 # --------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -130,9 +130,18 @@ def message(language: str, code: str, **values: object) -> str:
 
 
 def codepage(setting: str) -> str:
-    """The code page for files without a BOM: `[vdds] encoding`, where auto means cp1252."""
+    """The code page of the files we write ourselves (push files): `[vdds] encoding`, where auto means
+    cp1252, what PVSs read [C1]."""
     value = setting.strip().lower()
-    return "cp1252" if value in ("", "auto") else value
+    return "cp1252" if value in ("", AUTO) else value
+
+
+def read_codepage(setting: str) -> str:
+    """How an exchange file without a BOM is read (`decode`'s fallback): `[vdds] encoding`, where auto
+    means AUTO, UTF-8 when the bytes are UTF-8 with a non-ASCII character, else cp1252. The answer is
+    written in what was read, so a BOM-less UTF-8 request gets a BOM-less UTF-8 answer."""
+    value = setting.strip().lower()
+    return AUTO if value in ("", AUTO) else value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,7 +473,7 @@ def too_large_file_answer(path: str, head: bytes, limit: int, settings: Mapping[
     """The launch client's answer to an exchange file over `limit` (`[vdds]` raw settings): as the watched
     folder answers it (`rewrite_too_large`)."""
     language = settings.get("language", "de").strip().lower()
-    rewrite_too_large(Path(path), head, limit, language, codepage(settings.get("encoding", "auto")))
+    rewrite_too_large(Path(path), head, limit, language, read_codepage(settings.get("encoding", AUTO)))
 
 
 def unreachable_answer(content: bytes, detail: str, settings: Mapping[str, str]) -> bytes:
@@ -474,5 +483,5 @@ def unreachable_answer(content: bytes, detail: str, settings: Mapping[str, str])
     encoding the file arrived in.
     """
     language = settings.get("language", "de").strip().lower()
-    exchange = read_exchange(content, codepage(settings.get("encoding", "auto")))
+    exchange = read_exchange(content, read_codepage(settings.get("encoding", AUTO)))
     return answer(exchange, 1, f"{message(language, 'unreachable')} ({detail})")

@@ -819,3 +819,18 @@ async def test_a_cp1252_file_read_as_utf8_does_not_overwrite_the_stored_name(mak
         assert patient.last_name == "Müller"
     finally:
         rt.close()
+
+
+async def test_a_bomless_utf8_request_is_read_as_utf8_and_answered_in_it(make_settings: Any) -> None:
+    """gdt2dicom writes its exchange files in UTF-8 without a BOM: with `[vdds] encoding = auto` (the
+    default) the name is stored as sent (it was "MÃ¼ller") and the answer is UTF-8 without a BOM."""
+    rt = Runtime.build(make_settings())
+    try:
+        reply = await handle(rt, launch(stage1("0816").decode("cp1252").encode("utf-8")))
+        assert reply.exit_code == 0, reply.message
+        assert reply.content is not None and reply.content.startswith(b"[PATIENT]")
+        assert "LASTNAME=Müller\r\n" in reply.content.decode("utf-8")
+        (patient,) = await rt.service.search_patients(Origin("test"), pms_id="0816")
+        assert patient.last_name == "Müller"
+    finally:
+        rt.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from bridge.model import Action, Category, ImageView, Origin, Outcome, Sex, Status
 from protocols import vdds, vdds_exchange
-from protocols.common import decode, ini_line, one_line, parse_ini
+from protocols.common import IniSection, decode, ini_line, one_line, parse_ini
 
 ORIGIN = Origin(protocol="vdds", transport="cli", workstation="WS1")
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "vdds"
@@ -417,6 +418,33 @@ def test_answer_in_the_received_encoding_bom_and_line_ends() -> None:
         again = decode(data)
         assert (again.encoding.replace("-sig", ""), again.newline) == (encoding, newline)
         assert answered(data)["PATIENT"]["ERRORTEXT"] == "Fehler: Größe ä"
+
+
+def test_auto_reads_bomless_utf8_as_utf8_and_answers_in_it() -> None:
+    """`[vdds] encoding = auto`: bytes that are valid UTF-8 with a multi-byte sequence are UTF-8 (gdt2dicom
+    writes BOM-less UTF-8, and "Müller" was stored as "MÃ¼ller"); anything else is cp1252; an explicit
+    code page is never second-guessed. The answer goes back in UTF-8 without a BOM."""
+    auto = vdds_exchange.read_codepage("auto")
+    utf8 = STAGE1.replace("\n", "\r\n").encode("utf-8")
+    request = vdds_exchange.read_exchange(utf8, auto)
+    assert (request.decoded.encoding, request.decoded.bom) == ("utf-8", b"")
+    assert vdds.demographics(request.request or IniSection("")).last_name == "Müller"
+    data = vdds_exchange.answer(request, 1, "Übergabe ungültig")
+    assert not data.startswith(codecs.BOM_UTF8)
+    found = answered(data, "utf-8")["PATIENT"]
+    assert (found["LASTNAME"], found["ERRORTEXT"], found["READY"]) == ("Müller", "Übergabe ungültig", "1")
+    assert vdds_exchange.unreachable_answer(utf8, "down", {}).decode("utf-8").count("Müller") == 1
+    # cp1252 with umlauts is not valid UTF-8; ASCII reads the same either way and is answered in cp1252
+    cp1252 = STAGE1.encode("cp1252")
+    assert vdds_exchange.read_exchange(cp1252, auto).decoded.encoding == "cp1252"
+    ascii_only = vdds_exchange.read_exchange(STAGE1.replace("ü", "ue").encode("ascii"), auto)
+    assert ascii_only.decoded.encoding == "cp1252"
+    assert vdds_exchange.answer(ascii_only, 1, "ungültig").count("ungültig".encode("cp1252")) == 1
+    # explicit code pages stay as they are; files we write ourselves (push files) stay cp1252
+    assert (
+        vdds_exchange.read_exchange(utf8, vdds_exchange.read_codepage("cp1252")).decoded.encoding == "cp1252"
+    )
+    assert vdds_exchange.codepage("auto") == "cp1252"
 
 
 def test_answer_mirrors_error_text_spelling_and_cleans_values() -> None:

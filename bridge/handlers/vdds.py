@@ -69,7 +69,7 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
     opts = options(settings)
     if not launch.content and not launch.filename:
         return await _view(rt, launch, opts)
-    exchange = vdds_exchange.read_exchange(launch.content, vdds_exchange.codepage(settings.encoding))
+    exchange = vdds_exchange.read_exchange(launch.content, vdds_exchange.read_codepage(settings.encoding))
     if exchange.answered:
         return _already_answered(exchange)
     trace = _Trace()
@@ -257,7 +257,7 @@ async def export_bytes(rt: Runtime, image: ImageView, fmt: str, origin: Origin) 
 
 def classifier(settings: VddsSettings) -> Classify:
     """The watched folder's `classify`: complete unanswered requests now, others once stable."""
-    fallback = vdds_exchange.codepage(settings.encoding)
+    fallback = vdds_exchange.read_codepage(settings.encoding)
 
     def classify(content: bytes, stable: bool) -> Verdict:
         state = vdds_exchange.folder_state(content, fallback)
@@ -303,7 +303,7 @@ def oversized(rt: Runtime) -> Oversized:
     request (a picture someone dropped) is left alone.
     """
     settings = rt.settings.vdds
-    fallback = vdds_exchange.codepage(settings.encoding)
+    fallback = vdds_exchange.read_codepage(settings.encoding)
 
     def classify(head: bytes) -> Verdict:
         state = vdds_exchange.folder_state(vdds_exchange.whole_lines(head, fallback), fallback)
