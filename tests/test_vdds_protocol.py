@@ -495,6 +495,18 @@ def test_info_sections() -> None:
     assert "THUMBNAIL" not in dict(no_key["MMO1"])
 
 
+def test_the_image_list_is_newest_first_by_the_date_it_shows() -> None:
+    """DATE is the capture time, else the import time: a photo without a capture time imported after an
+    older capture comes first (the store's order, by capture time alone, put it after)."""
+    captured = image(1, captured_at=datetime(2024, 3, 5, 10, 15))
+    photo = image(2, captured_at=None, imported_at=datetime(2026, 12, 5, 9, 0, tzinfo=UTC))
+    undated = image(3, captured_at=None, imported_at=None)
+    same_time = image(4, captured_at=datetime(2024, 3, 5, 10, 15))
+    sections = dict(vdds.info_sections([captured, same_time, photo, undated], vdds.Options(), {}))
+    listed = [(dict(sections[f"MMO{k}"])["MMOID"], dict(sections[f"MMO{k}"])["DATE"]) for k in range(1, 5)]
+    assert listed == [("2", "20261205"), ("4", "20240305"), ("1", "20240305"), ("3", "")]
+
+
 def test_export_sections_and_outcome_errors() -> None:
     assert vdds.export_sections([(1, "4"), (3, "9")], {"9": "/x/9.jpg"}) == [
         ("MMOPATH", [("MMOID3", "/x/9.jpg")])
