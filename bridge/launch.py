@@ -85,14 +85,16 @@ def named_file(protocol: str, args: list[str]) -> tuple[str, int, int]:
     it), or ("", 0, 0).
 
     Where the file is: for a FILE_LAST protocol the last argument(s), after whatever the registered
-    command line carries (those stay arguments: `ACQUIRE` is a flag, not an MMOID); for the others the
-    first argument, the file position of their file forms (`opp FILE`, `dexis @FILE`, `eaglesoft FILE`,
-    `cliniview PATH`). A leading '@' marks an info file, as Dexis does.
+    command line carries (those stay arguments: `ACQUIRE` is a flag, not an MMOID), and only when they
+    name no file the first ones (a command line typed with its flags after the file, `vdds FILE
+    ACQUIRE`, whose file would otherwise never be answered); for the others the first argument(s), the
+    file position of their file forms (`opp FILE`, `dexis @FILE`, `eaglesoft FILE`, `cliniview PATH`).
+    A leading '@' marks an info file, as Dexis does.
 
     An argument starting with '-' is a flag, never the start of a file (`opp -p 4711 ...`,
     `cliniview -ID;FIRST;...`), and outside the file position nothing is a file: flag values and SET
     fields are data even when a file of that name happens to be in the working directory. A VDDS
-    MMOVIEW id (the last argument, ASCII digits: `vdds 17`) is never a file either.
+    MMOVIEW id (the last argument alone, ASCII digits: `vdds 17`) is never a file either.
 
     PMSs start the command unquoted, so a path with spaces arrives as several arguments, joined again
     with single spaces: at the end, the longest run of trailing arguments is tried first (a PVS passes
@@ -101,13 +103,14 @@ def named_file(protocol: str, args: list[str]) -> tuple[str, int, int]:
     first part of `C:\\Temp\\sp x\\MME1.tmp` may be a folder `C:\\Temp\\sp`. Only when no candidate is a
     regular file is the first that exists returned (a directory, a device), for `run` to refuse.
     """
+    leading = [(0, count) for count in range(1, len(args) + 1)]
     if protocol in FILE_LAST:
-        if protocol == "vdds" and args and args[-1].isascii() and args[-1].isdigit():
-            spans = [(start, len(args) - start) for start in range(len(args) - 1)]
-        else:
-            spans = [(start, len(args) - start) for start in range(len(args))]
+        trailing = [(start, len(args) - start) for start in range(len(args))]
+        spans = trailing + [span for span in leading if span not in trailing]
     else:
-        spans = [(0, count) for count in range(1, len(args) + 1)]
+        spans = leading
+    if protocol == "vdds" and args and args[-1].isascii() and args[-1].isdigit():
+        spans.remove((len(args) - 1, 1))  # the MMOID of stage 3
     found: tuple[str, int, int] | None = None
     for start, count in spans:
         if args[start].startswith("-"):

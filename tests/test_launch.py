@@ -140,6 +140,8 @@ def test_the_vdds_file_is_the_path_the_pvs_appends(tmp_path: Path, monkeypatch: 
     (`NNT.exe -VDDS PATDATIMPORT <file>`, `pms-bridge vdds ACQUIRE <file>`): the file is at the end."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "A2.tmp").write_bytes(b"[PATIENT]")
+    # flags typed after the file: the file is found at the start when the end names none
+    assert launch.named_file("vdds", ["A2.tmp", "ACQUIRE"]) == ("A2.tmp", 0, 1)
     (tmp_path / "ACQUIRE").write_bytes(b"not the request")  # a registered flag stays a flag
     assert launch.named_file("vdds", ["ACQUIRE", "A2.tmp"]) == ("A2.tmp", 1, 1)
     assert launch.named_file("vdds", ["-VDDS", "PATDATIMPORT", "A2.tmp"]) == ("A2.tmp", 2, 1)
