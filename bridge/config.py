@@ -390,7 +390,8 @@ class VddsSettings:
     encoding: str = key(
         "auto",
         Choice("auto", "cp1252", "cp850", "cp437", "iso-8859-15", "utf-8"),
-        "auto = BOM sniff (UTF-8, UTF-16), then cp1252",
+        "Exchange files without a BOM; auto = BOM sniff (UTF-8, UTF-16), then UTF-8 when the bytes are"
+        " valid UTF-8 with a non-ASCII character, else cp1252 (push files we write: cp1252)",
     )
     poll_seconds: float = key(
         "1", Float(0.05, 60), "How often the exchange folder is scanned (change events only hint)"
@@ -465,6 +466,13 @@ class VddsSettings:
         "yes", Bool(), "A push whose program exits 0 without setting READY=1 counts as delivered"
     )
     push_prxnr: str = key("1", Text(max_length=100), "PRXNR of a push when the patient has no practice id")
+    push_pvs: str = key(
+        "archive",
+        Choice("archive", "own"),
+        "PVS= of a push file (inferred, not confirmed): archive = the VDDS_MMI.INI section whose"
+        " MMOINFIMPORT runs (the archive section, e.g. PVS_ARCHIV); own = the patient's PVS as it"
+        " registered (e.g. CGM_Z1, as praxishub writes it)",
+    )
     mmi_ini: Path | None = key(
         "", OptionalPath(), "VDDS_MMI.INI; empty: %WINDIR%\\VDDS_MMI.INI, or /etc/vdds/VDDS_MMI.INI elsewhere"
     )

@@ -7,8 +7,9 @@ writes the answer back. When the daemon cannot be reached, the protocol still ge
 with an answer file (VDDS) get an error written into it by their `unreachable` renderer; all get a
 non-zero exit code and one line on stderr.
 
-Only the argument in a protocol's file position is read as a file (`named_file`), and only a regular
-file. On POSIX an argument is bytes: one that is not UTF-8 arrives with surrogate escapes. A file path
+Only the arguments in a protocol's file position are read as a file (`named_file`: the last ones for
+VDDS, whose PVSs append the path to the registered command line, then the first; the first for the
+others), and only a regular file. On POSIX an argument is bytes: one that is not UTF-8 arrives with surrogate escapes. A file path
 like that is opened by its real bytes and shown escaped (`x\\xe9.txt`); any other such argument is
 refused (exit 2) rather than sent with its letters guessed. Printing never fails: what the stream's
 encoding cannot show is escaped, so the exit code always says what the daemon did.
@@ -73,29 +74,55 @@ def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
-def named_file(protocol: str, args: list[str]) -> tuple[str, int]:
-    """The file a launch names and how many arguments name it, or ("", 0): the first argument, which is
-    the file position of every protocol's file form (`vdds FILE`, `opp FILE`, `dexis @FILE`, `eaglesoft
-    FILE`, `cliniview PATH`).
+# Protocols whose file is the last argument(s): the PMS appends the file's path to whatever command line
+# is registered, and that may carry arguments of its own (VDDS: `NNT.exe -VDDS PATDATIMPORT <file>`,
+# `pms-bridge vdds ACQUIRE <file>`). Every other protocol names its file first.
+FILE_LAST = frozenset({"vdds"})
 
-    A leading '@' marks an info file, as Dexis does. An argument starting with '-' is a flag (`opp -p
-    4711 ...`, `cliniview -ID;FIRST;...`), and nothing after the file is a file: flag values and SET
-    fields are data even when a file of that name happens to be in the working directory. PMSs start the
-    command unquoted, so a path with spaces arrives as several arguments: when the first is no file, the
-    first two, three ... joined with single spaces are tried. A VDDS MMOVIEW id (ASCII digits, `vdds 17`)
-    is never a file, even if the working directory holds one of that name. Anything that exists is
-    returned (a directory too: `run` refuses what is not a regular file).
+
+def named_file(protocol: str, args: list[str]) -> tuple[str, int, int]:
+    """The file a launch names and where: (path, index of its first argument, how many arguments name
+    it), or ("", 0, 0).
+
+    Where the file is: for a FILE_LAST protocol the last argument(s), after whatever the registered
+    command line carries (those stay arguments: `ACQUIRE` is a flag, not an MMOID), and only when they
+    name no file the first ones (a command line typed with its flags after the file, `vdds FILE
+    ACQUIRE`, whose file would otherwise never be answered); for the others the first argument(s), the
+    file position of their file forms (`opp FILE`, `dexis @FILE`, `eaglesoft FILE`, `cliniview PATH`).
+    A leading '@' marks an info file, as Dexis does.
+
+    An argument starting with '-' is a flag, never the start of a file (`opp -p 4711 ...`,
+    `cliniview -ID;FIRST;...`), and outside the file position nothing is a file: flag values and SET
+    fields are data even when a file of that name happens to be in the working directory. A VDDS
+    MMOVIEW id (the last argument alone, ASCII digits: `vdds 17`) is never a file either.
+
+    PMSs start the command unquoted, so a path with spaces arrives as several arguments, joined again
+    with single spaces: at the end, the longest run of trailing arguments is tried first (a PVS passes
+    an absolute path, whose tail alone could name some other file relative to the working directory);
+    at the start, the first one, two, three ... A regular file wins over anything else that exists: the
+    first part of `C:\\Temp\\sp x\\MME1.tmp` may be a folder `C:\\Temp\\sp`. Only when no candidate is a
+    regular file is the first that exists returned (a directory, a device), for `run` to refuse.
     """
-    if not args or args[0].startswith("-"):
-        return "", 0
-    if protocol == "vdds" and len(args) == 1 and args[0].isascii() and args[0].isdigit():
-        return "", 0
-    for count in range(1, len(args) + 1):
-        joined = " ".join(args[:count])
+    leading = [(0, count) for count in range(1, len(args) + 1)]
+    if protocol in FILE_LAST:
+        trailing = [(start, len(args) - start) for start in range(len(args))]
+        spans = trailing + [span for span in leading if span not in trailing]
+    else:
+        spans = leading
+    if protocol == "vdds" and args and args[-1].isascii() and args[-1].isdigit():
+        spans.remove((len(args) - 1, 1))  # the MMOID of stage 3
+    found: tuple[str, int, int] | None = None
+    for start, count in spans:
+        if args[start].startswith("-"):
+            continue
+        joined = " ".join(args[start : start + count])
         candidate = joined[1:] if joined.startswith("@") else joined
-        if candidate and os.path.lexists(candidate):
-            return candidate, count
-    return "", 0
+        if not candidate or not os.path.lexists(candidate):
+            continue
+        if os.path.isfile(candidate):
+            return candidate, start, count
+        found = found or (candidate, start, count)
+    return found or ("", 0, 0)
 
 
 def printable(text: str) -> str:
@@ -282,9 +309,9 @@ def _fail(
 def run(protocol: str, argv: list[str]) -> int:
     """Forward one PMS launch to the daemon and apply its answer; returns the process exit code."""
     config, args = split_config(argv)
-    path, count = named_file(protocol, args)
+    path, at, count = named_file(protocol, args)
     if count > 1:
-        args = [" ".join(args[:count]), *args[count:]]
+        args = [*args[:at], " ".join(args[at : at + count]), *args[at + count :]]
     content = b""
     if path:  # opened by its real bytes (a str with surrogate escapes on POSIX); only its display is escaped
         shown = printable(path)
@@ -305,7 +332,7 @@ def run(protocol: str, argv: list[str]) -> int:
     if len(content) > MAX_FILE_BYTES:
         return _too_large(protocol, path, content[:MAX_FILE_BYTES], raw)
     if path:  # the file's argument goes as it is shown: the daemon has its bytes already
-        args = [printable(args[0]), *args[1:]]
+        args = [*args[:at], printable(args[at]), *args[at + 1 :]]
     for arg in args:
         if not is_text(arg):
             return _fail(

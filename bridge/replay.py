@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from protocols.common import decode
+from protocols.common import AUTO, decode
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -56,7 +56,7 @@ PROTOCOL_NORMALISERS: dict[str, list[tuple[str, str]]] = {
 
 # protocol -> code page its answer files are read with when they carry no BOM.
 PROTOCOL_CODEPAGES: dict[str, str] = {
-    "vdds": "cp1252",
+    "vdds": AUTO,  # as `[vdds] encoding = auto` reads them: BOM-less UTF-8 is UTF-8, else cp1252
     "opp": "utf-8",  # OPP XML without BOM or declaration is UTF-8 (record mode reads captures with it)
     "opp_web": "utf-8",  # the OPP web listener's raw requests, as record mode captures them
 }

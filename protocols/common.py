@@ -49,11 +49,20 @@ class DecodedText:
         return self.bom + body.encode(codec, errors="replace")
 
 
+AUTO = "auto"  # a `decode` fallback: UTF-8 when the bytes are UTF-8 with a non-ASCII character, else cp1252
+
+
 def decode(data: bytes, fallback: str = "cp1252") -> DecodedText:
     """Decode a PMS file: a BOM means UTF-8 or UTF-16 (LE/BE); otherwise the configured code page.
 
     BOM-less UTF-16 (most high bytes NUL, as in mostly ASCII text) is recognised too. Bytes the code
     page cannot map are kept as U+FFFD rather than refused, so a request is answered rather than dropped.
+
+    The fallback AUTO sniffs BOM-less UTF-8, which some writers use (gdt2dicom writes its VDDS files
+    with rust-ini: UTF-8 without a BOM): bytes that are valid UTF-8 and hold at least one multi-byte
+    sequence are UTF-8, anything else cp1252. Text in cp1252 is practically never valid UTF-8 once it
+    has a non-ASCII letter ("Müller" is 4D FC 6C ..., and FC cannot start a UTF-8 sequence), and pure
+    ASCII reads the same either way. An explicit code page is never second-guessed.
     """
     for bom, codec in _BOMS:
         if data.startswith(bom):
@@ -64,9 +73,23 @@ def decode(data: bytes, fallback: str = "cp1252") -> DecodedText:
     if utf16:
         text = data.decode(utf16, errors="replace")
         return DecodedText(text, utf16, b"", _newline(text))
-    codec = "utf-8" if fallback.lower().replace("_", "-") in ("utf-8", "utf8") else fallback
+    if fallback == AUTO:
+        codec = "utf-8" if _multibyte_utf8(data) else "cp1252"
+    else:
+        codec = "utf-8" if fallback.lower().replace("_", "-") in ("utf-8", "utf8") else fallback
     text = data.decode(codec, errors="replace")
     return DecodedText(text, codec, b"", _newline(text))
+
+
+def _multibyte_utf8(data: bytes) -> bool:
+    """True for bytes that are valid UTF-8 with at least one non-ASCII character."""
+    if data.isascii():
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 _UTF16_SNIFF_BYTES = 512  # the first 256 code units: the keys and dates of a PMS file are there

@@ -282,6 +282,15 @@ def view_request(mmoid: str, origin: Origin) -> PatientRequest:
 # Answer sections (the answer itself: protocols.vdds_exchange.answer)
 
 
+def shown_time(image: ImageView) -> datetime | None:
+    """The time an object's DATE and TIME show: the capture, else the import, as the practice's wall
+    clock (naive; the import time is UTC and is converted to local time)."""
+    at = image.captured_at or image.imported_at
+    if at is not None and at.tzinfo is not None:
+        at = at.astimezone().replace(tzinfo=None)
+    return at
+
+
 def object_pairs(
     image: ImageView,
     options: Options,
@@ -295,9 +304,7 @@ def object_pairs(
     MMOID is the store's image id as a decimal string; DATE is CCYYMMDD and TIME HH:MM of the capture
     (of the import when the capture time is unknown).
     """
-    at: datetime | None = image.captured_at or image.imported_at
-    if at is not None and at.tzinfo is not None:
-        at = at.astimezone()  # the import time is UTC; the PVS shows the practice's local time
+    at = shown_time(image)
     comment = image.comment
     if image.tooth_numbers:
         teeth = ", ".join(str(t) for t in image.tooth_numbers)
@@ -324,18 +331,24 @@ def object_pairs(
 def info_sections(
     images: Sequence[ImageView], options: Options, thumbnails: Mapping[int, str], prxnr: str = ""
 ) -> list[Section]:
-    """Stage 2's answer: [MMOS] COUNT and one [MMOn] per image."""
+    """Stage 2's answer: [MMOS] COUNT and one [MMOn] per image, newest first by the time DATE shows.
+
+    The store lists by capture time, and images without one last; a photo dated by its import would
+    then follow older captures although its DATE is newer. Objects without any time come last; equal
+    times list the newer image (higher id) first.
+    """
     sections: list[Section] = [("MMOS", [("COUNT", str(len(images)))])]
-    for k, image in enumerate(images, 1):
+    ordered = sorted(images, key=lambda image: (shown_time(image) or datetime.min, image.id), reverse=True)
+    for k, image in enumerate(ordered, 1):
         pairs = object_pairs(image, options, prxnr=prxnr, thumbnail=thumbnails.get(image.id, ""))
         sections.append((f"MMO{k}", pairs))
     return sections
 
 
 def export_sections(slots: Iterable[tuple[int, str]], paths: Mapping[str, str]) -> list[Section]:
-    """Stage 4's answer: [MMOPATH] MMOIDk=<file> for each exported MMOID, k as in the request."""
-    pairs = [(f"MMOID{k}", paths[ref]) for k, ref in slots if ref in paths]
-    return [("MMOPATH", pairs)] if pairs else []
+    """Stage 4's answer: [MMOPATH] MMOIDk=<file> for each exported MMOID, k as in the request; the
+    section is there, empty, when nothing was exported (`vdds_exchange.answer` says why)."""
+    return [("MMOPATH", [(f"MMOID{k}", paths[ref]) for k, ref in slots if ref in paths])]
 
 
 def outcome_error(outcome: Outcome, kind: Kind, options: Options, patid: str = "") -> tuple[int, str]:

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from protocols.common import DecodedText, IniSection, decode, ini_line, one_line, parse_ini, render_ini
+from protocols.common import AUTO, DecodedText, IniSection, decode, ini_line, one_line, parse_ini, render_ini
 
 # --------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -130,9 +130,18 @@ def message(language: str, code: str, **values: object) -> str:
 
 
 def codepage(setting: str) -> str:
-    """The code page for files without a BOM: `[vdds] encoding`, where auto means cp1252."""
+    """The code page of the files we write ourselves (push files): `[vdds] encoding`, where auto means
+    cp1252, what PVSs read [C1]."""
     value = setting.strip().lower()
-    return "cp1252" if value in ("", "auto") else value
+    return "cp1252" if value in ("", AUTO) else value
+
+
+def read_codepage(setting: str) -> str:
+    """How an exchange file without a BOM is read (`decode`'s fallback): `[vdds] encoding`, where auto
+    means AUTO, UTF-8 when the bytes are UTF-8 with a non-ASCII character, else cp1252. The answer is
+    written in what was read, so a BOM-less UTF-8 request gets a BOM-less UTF-8 answer."""
+    value = setting.strip().lower()
+    return AUTO if value in ("", AUTO) else value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,12 +294,13 @@ def answer(exchange: Exchange, errorlevel: int, errortext: str, sections: Sequen
     The PVS's own lines stay as they were; only the handshake keys of the request section (of every
     unanswered request section when the file is AMBIGUOUS) are replaced (ERRORLEVEL, ERRORTEXT - and
     ERROR-TEXT when the PVS used that spelling - then READY=1 as the last key) and the answer sections of
-    an earlier answer are replaced by `sections`. Answered request sections of a reused file keep their
-    bytes. The caller writes the result atomically, so the PVS never sees READY=1 before the rest of the
-    answer.
+    an earlier answer are replaced by `sections` (a stage-4 answer always gets its [MMOPATH]). Answered
+    request sections of a reused file keep their bytes. The caller writes the result atomically, so the
+    PVS never sees READY=1 before the rest of the answer.
     """
     targets = exchange.targets or (FALLBACK_SECTION,)
     handshake = _handshake(exchange, errorlevel, errortext)
+    sections = _required_sections(exchange, sections)
     drop = {name.upper() for name, _pairs in sections}
     if exchange.kind in (Kind.MMOINFEXPORT, Kind.MMOEXPORT):
         drop |= {key for key in exchange.sections if key and _is_answer_section(key)}
@@ -305,6 +315,16 @@ def answer(exchange: Exchange, errorlevel: int, errortext: str, sections: Sequen
     # The edited text did not read back (a BOM-less UTF-16 file whose first characters changed, say):
     # fall back to a file that only holds the answer, which always reads back.
     return _bare(exchange, targets, handshake, sections)
+
+
+def _required_sections(exchange: Exchange, sections: Sequence[Section]) -> Sequence[Section]:
+    """`sections` with the sections a request's answer always has: stage 4's [MMOPATH] [C], empty when
+    nothing was exported (an error, unknown ids, an unsupported EXT, the daemon down). gdt2dicom, the
+    confirmed PVS-side reader, only logs a non-zero ERRORLEVEL and then takes [MMOPATH] with `expect`:
+    it panics on an answer without the section."""
+    if exchange.kind is Kind.MMOEXPORT and not any(name.upper() == "MMOPATH" for name, _pairs in sections):
+        return [*sections, ("MMOPATH", ())]
+    return sections
 
 
 def _bare(
@@ -453,7 +473,7 @@ def too_large_file_answer(path: str, head: bytes, limit: int, settings: Mapping[
     """The launch client's answer to an exchange file over `limit` (`[vdds]` raw settings): as the watched
     folder answers it (`rewrite_too_large`)."""
     language = settings.get("language", "de").strip().lower()
-    rewrite_too_large(Path(path), head, limit, language, codepage(settings.get("encoding", "auto")))
+    rewrite_too_large(Path(path), head, limit, language, read_codepage(settings.get("encoding", AUTO)))
 
 
 def unreachable_answer(content: bytes, detail: str, settings: Mapping[str, str]) -> bytes:
@@ -463,5 +483,5 @@ def unreachable_answer(content: bytes, detail: str, settings: Mapping[str, str])
     encoding the file arrived in.
     """
     language = settings.get("language", "de").strip().lower()
-    exchange = read_exchange(content, codepage(settings.get("encoding", "auto")))
+    exchange = read_exchange(content, read_codepage(settings.get("encoding", AUTO)))
     return answer(exchange, 1, f"{message(language, 'unreachable')} ({detail})")

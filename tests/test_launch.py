@@ -125,13 +125,50 @@ async def test_only_the_file_position_is_read_as_a_file(
     # the echo answer goes into the named file: had either been taken for the message, it would hold it
     assert (tmp_path / "4711").read_bytes() == b"private"
     assert (tmp_path / "Roe").read_bytes() == b"private too"
-    assert launch.named_file("opp", ["-p", "4711", "Roe"]) == ("", 0)
-    assert launch.named_file("dexis", ["SET", "4711", "Roe"]) == ("", 0)
-    assert launch.named_file("dexis", ["@4711"]) == ("4711", 1)
-    assert launch.named_file("vdds", ["4711"]) == ("", 0)  # an MMOVIEW id, not the file of that name
+    assert launch.named_file("opp", ["-p", "4711", "Roe"]) == ("", 0, 0)
+    assert launch.named_file("dexis", ["SET", "4711", "Roe"]) == ("", 0, 0)
+    assert launch.named_file("dexis", ["@4711"]) == ("4711", 0, 1)
+    assert launch.named_file("vdds", ["4711"]) == ("", 0, 0)  # an MMOVIEW id, not the file of that name
+    assert launch.named_file("vdds", ["ACQUIRE", "4711"]) == ("", 0, 0)
     (tmp_path / "sp ace").mkdir()
     (tmp_path / "sp ace" / "MME505F.tmp").write_bytes(b"[PATID]")
-    assert launch.named_file("vdds", ["sp", "ace/MME505F.tmp"]) == ("sp ace/MME505F.tmp", 2)
+    assert launch.named_file("vdds", ["sp", "ace/MME505F.tmp"]) == ("sp ace/MME505F.tmp", 0, 2)
+
+
+def test_the_vdds_file_is_the_path_the_pvs_appends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PVS appends the exchange file's path to the registered command line, arguments and all
+    (`NNT.exe -VDDS PATDATIMPORT <file>`, `pms-bridge vdds ACQUIRE <file>`): the file is at the end."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "A2.tmp").write_bytes(b"[PATIENT]")
+    # flags typed after the file: the file is found at the start when the end names none
+    assert launch.named_file("vdds", ["A2.tmp", "ACQUIRE"]) == ("A2.tmp", 0, 1)
+    (tmp_path / "ACQUIRE").write_bytes(b"not the request")  # a registered flag stays a flag
+    assert launch.named_file("vdds", ["ACQUIRE", "A2.tmp"]) == ("A2.tmp", 1, 1)
+    assert launch.named_file("vdds", ["-VDDS", "PATDATIMPORT", "A2.tmp"]) == ("A2.tmp", 2, 1)
+    absolute = str(tmp_path / "A2.tmp")
+    assert launch.named_file("vdds", ["ACQUIRE", absolute]) == (absolute, 1, 1)
+    # unquoted with spaces, after a registered argument
+    (tmp_path / "Temp Files").mkdir()
+    spaced = tmp_path / "Temp Files" / "MME1.tmp"
+    spaced.write_bytes(b"[PATID]")
+    assert launch.named_file("vdds", ["ACQUIRE", *str(spaced).split(" ")]) == (str(spaced), 1, 2)
+    # the other protocols keep their file first
+    assert launch.named_file("opp", ["A2.tmp", "ACQUIRE"]) == ("A2.tmp", 0, 1)
+    assert launch.named_file("opp", ["ACQUIRE", "A2.tmp"]) == ("ACQUIRE", 0, 1)
+
+
+def test_a_folder_named_by_part_of_a_path_is_not_the_file(tmp_path: Path) -> None:
+    """`.../sp x/MME1.tmp` unquoted, with a folder `.../sp` beside `.../sp x`: the file is the join."""
+    (tmp_path / "sp").mkdir()
+    (tmp_path / "sp x").mkdir()
+    request = tmp_path / "sp x" / "MME1.tmp"
+    request.write_bytes(b"[PATID]")
+    parts = str(request).split(" ")
+    for protocol in ("vdds", "opp", "eaglesoft"):
+        assert launch.named_file(protocol, parts) == (str(request), 0, 2)
+    # a folder alone is still what the launch names, for `run` to refuse
+    assert launch.named_file("opp", [str(tmp_path / "sp")]) == (str(tmp_path / "sp"), 0, 1)
+    assert launch.named_file("vdds", [str(tmp_path / "sp")]) == (str(tmp_path / "sp"), 0, 1)
 
 
 def run_launch(

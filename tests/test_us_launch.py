@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -101,14 +102,25 @@ def test_dexis_bad_files_answer_with_a_line_and_the_daemon_keeps_serving(
     assert code == 2 and "BD '14.07.1985' is not a date in the configured locale's short date" in output
     code, output = run(daemon, "dexis", f"@{tmp_path / 'missing.txt'}")
     assert code == 2 and "no such file" in output
-    assert run(daemon, "dexis") == (
-        2,
-        'pms-bridge dexis: no patient: expected @FILE or SET <id> LN="..." FN="..." BD=yyyyMMdd',
-    )
     assert patients(daemon, pms_id="7") == []
     code, output = run(daemon, "dexis", "SET", "7", "LN=Doe", "FN=Jane", "BD=19850714")
     assert code == 0
     assert daemon.request("GET", "/healthz", token=None)[0] == 200
+
+
+def test_dexis_started_without_a_patient_is_a_valid_launch(daemon: DaemonProcess) -> None:
+    """No patient selected: the PMS starts the program without arguments [C]. Exit 0 and nothing done,
+    not an error the front desk sees every time (it was exit 2 "no patient")."""
+    for protocol in ("dexis", "dentrix"):
+        line = f"pms-bridge {protocol}: started without a patient; nothing to open"
+        assert run(daemon, protocol) == (0, line)
+    shim = urllib.request.Request(daemon.url + "/api/v1/launch/dexis", data=b"", method="POST")
+    shim.add_header("Authorization", f"Bearer {daemon.token}")
+    with urllib.request.urlopen(shim, timeout=30) as response:  # a DDE shim with nothing to send
+        assert (response.status, response.headers["X-PMS-Exit"]) == (200, "0")
+    assert patients(daemon) == []
+    status, metrics = daemon.request("GET", "/metrics", token=None)
+    assert status == 200 and b"pms_bridge_events_total{" not in metrics
 
 
 def test_set_command_on_the_command_line_and_over_loopback_http(daemon: DaemonProcess) -> None:

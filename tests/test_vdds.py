@@ -673,6 +673,42 @@ def test_the_module_finds_an_unquoted_path_with_spaces(daemon: DaemonProcess, tm
     assert (answer["ERRORLEVEL"], answer["READY"]) == ("0", "1")
 
 
+def test_the_module_reads_the_file_the_pvs_appends_after_registered_arguments(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """`pms-bridge vdds ACQUIRE A2.tmp`: the PVS appends the file to the registered command line, so the
+    file is answered and ACQUIRE stays the stage-5 flag (it was taken for an MMOID, the file left
+    READY=0)."""
+    daemon = daemon_factory(vdds={"stage5": "flagged"})
+    (tmp_path / "A2.tmp").write_bytes(stage1("0904"))
+    result = run_module(daemon.config, "ACQUIRE", "A2.tmp", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    answer = keys((tmp_path / "A2.tmp").read_bytes(), "PATIENT")
+    assert (answer["ERRORLEVEL"], answer["READY"]) == ("0", "1")
+    assert len(patients(daemon, "0904")) == 1
+    status, body = daemon.request("GET", "/metrics", token=None)
+    assert status == 200
+    assert 'pms_bridge_events_total{event="acquisition-requested"} 1.0' in body.decode()
+    # MMOVIEW through the same registered command line: the MMOID is the last argument
+    viewed = run_module(daemon.config, "ACQUIRE", "424242", cwd=tmp_path)
+    assert viewed.returncode == 1 and "Bild 424242 nicht gefunden" in viewed.stderr
+
+
+def test_a_folder_named_by_the_first_part_of_a_spaced_path_is_not_the_file(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """`.../sp x/MME1.tmp` unquoted beside a folder `.../sp`: the request is answered, not refused as a
+    directory (the PVS would wait on READY=0 forever)."""
+    (tmp_path / "sp").mkdir()
+    (tmp_path / "sp x").mkdir()
+    request = tmp_path / "sp x" / "MME1.tmp"
+    request.write_bytes(stage1("0905"))
+    result = run_module(daemon.config, *str(request).split(" "))
+    assert result.returncode == 0, result.stderr
+    answer = keys(request.read_bytes(), "PATIENT")
+    assert (answer["ERRORLEVEL"], answer["READY"]) == ("0", "1")
+
+
 def test_an_mmoview_id_is_not_a_file_of_that_name(daemon: DaemonProcess, tmp_path: Path) -> None:
     (tmp_path / "424242").write_bytes(b"some unrelated data\n")
     viewed = run_module(daemon.config, "424242", cwd=tmp_path)
@@ -841,6 +877,21 @@ async def test_a_cp1252_file_read_as_utf8_does_not_overwrite_the_stored_name(mak
         assert answer["READY"] == "1" and answer["ERRORLEVEL"] != "0", answer
         assert "U+FFFD" in reply.message and "[vdds] encoding" in reply.message
         (patient,) = await rt.service.search_patients(Origin("test"), pms_id="0815")
+        assert patient.last_name == "Müller"
+    finally:
+        rt.close()
+
+
+async def test_a_bomless_utf8_request_is_read_as_utf8_and_answered_in_it(make_settings: Any) -> None:
+    """gdt2dicom writes its exchange files in UTF-8 without a BOM: with `[vdds] encoding = auto` (the
+    default) the name is stored as sent (it was "MÃ¼ller") and the answer is UTF-8 without a BOM."""
+    rt = Runtime.build(make_settings())
+    try:
+        reply = await handle(rt, launch(stage1("0816").decode("cp1252").encode("utf-8")))
+        assert reply.exit_code == 0, reply.message
+        assert reply.content is not None and reply.content.startswith(b"[PATIENT]")
+        assert "LASTNAME=Müller\r\n" in reply.content.decode("utf-8")
+        (patient,) = await rt.service.search_patients(Origin("test"), pms_id="0816")
         assert patient.last_name == "Müller"
     finally:
         rt.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from bridge.model import Action, Category, ImageView, Origin, Outcome, Sex, Status
 from protocols import vdds, vdds_exchange
-from protocols.common import decode, ini_line, one_line, parse_ini
+from protocols.common import IniSection, decode, ini_line, one_line, parse_ini
 
 ORIGIN = Origin(protocol="vdds", transport="cli", workstation="WS1")
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "vdds"
@@ -419,6 +420,33 @@ def test_answer_in_the_received_encoding_bom_and_line_ends() -> None:
         assert answered(data)["PATIENT"]["ERRORTEXT"] == "Fehler: Größe ä"
 
 
+def test_auto_reads_bomless_utf8_as_utf8_and_answers_in_it() -> None:
+    """`[vdds] encoding = auto`: bytes that are valid UTF-8 with a multi-byte sequence are UTF-8 (gdt2dicom
+    writes BOM-less UTF-8, and "Müller" was stored as "MÃ¼ller"); anything else is cp1252; an explicit
+    code page is never second-guessed. The answer goes back in UTF-8 without a BOM."""
+    auto = vdds_exchange.read_codepage("auto")
+    utf8 = STAGE1.replace("\n", "\r\n").encode("utf-8")
+    request = vdds_exchange.read_exchange(utf8, auto)
+    assert (request.decoded.encoding, request.decoded.bom) == ("utf-8", b"")
+    assert vdds.demographics(request.request or IniSection("")).last_name == "Müller"
+    data = vdds_exchange.answer(request, 1, "Übergabe ungültig")
+    assert not data.startswith(codecs.BOM_UTF8)
+    found = answered(data, "utf-8")["PATIENT"]
+    assert (found["LASTNAME"], found["ERRORTEXT"], found["READY"]) == ("Müller", "Übergabe ungültig", "1")
+    assert vdds_exchange.unreachable_answer(utf8, "down", {}).decode("utf-8").count("Müller") == 1
+    # cp1252 with umlauts is not valid UTF-8; ASCII reads the same either way and is answered in cp1252
+    cp1252 = STAGE1.encode("cp1252")
+    assert vdds_exchange.read_exchange(cp1252, auto).decoded.encoding == "cp1252"
+    ascii_only = vdds_exchange.read_exchange(STAGE1.replace("ü", "ue").encode("ascii"), auto)
+    assert ascii_only.decoded.encoding == "cp1252"
+    assert vdds_exchange.answer(ascii_only, 1, "ungültig").count("ungültig".encode("cp1252")) == 1
+    # explicit code pages stay as they are; files we write ourselves (push files) stay cp1252
+    assert (
+        vdds_exchange.read_exchange(utf8, vdds_exchange.read_codepage("cp1252")).decoded.encoding == "cp1252"
+    )
+    assert vdds_exchange.codepage("auto") == "cp1252"
+
+
 def test_answer_mirrors_error_text_spelling_and_cleans_values() -> None:
     found = exchange("[PATID]\nPATID=1\nREADY=0\nERRORLEVEL=0\nERROR-TEXT=")
     keys = answered(vdds_exchange.answer(found, 1, "zwei\nZeilen\x0cREADY=0\x00"))["PATID"]
@@ -467,11 +495,23 @@ def test_info_sections() -> None:
     assert "THUMBNAIL" not in dict(no_key["MMO1"])
 
 
+def test_the_image_list_is_newest_first_by_the_date_it_shows() -> None:
+    """DATE is the capture time, else the import time: a photo without a capture time imported after an
+    older capture comes first (the store's order, by capture time alone, put it after)."""
+    captured = image(1, captured_at=datetime(2024, 3, 5, 10, 15))
+    photo = image(2, captured_at=None, imported_at=datetime(2026, 12, 5, 9, 0, tzinfo=UTC))
+    undated = image(3, captured_at=None, imported_at=None)
+    same_time = image(4, captured_at=datetime(2024, 3, 5, 10, 15))
+    sections = dict(vdds.info_sections([captured, same_time, photo, undated], vdds.Options(), {}))
+    listed = [(dict(sections[f"MMO{k}"])["MMOID"], dict(sections[f"MMO{k}"])["DATE"]) for k in range(1, 5)]
+    assert listed == [("2", "20261205"), ("4", "20240305"), ("1", "20240305"), ("3", "")]
+
+
 def test_export_sections_and_outcome_errors() -> None:
     assert vdds.export_sections([(1, "4"), (3, "9")], {"9": "/x/9.jpg"}) == [
         ("MMOPATH", [("MMOID3", "/x/9.jpg")])
     ]
-    assert vdds.export_sections([(1, "4")], {}) == []
+    assert vdds.export_sections([(1, "4")], {}) == [("MMOPATH", [])]
     opts = vdds.Options()
     assert vdds.outcome_error(Outcome(Status.OK), vdds_exchange.Kind.PATDATIMPORT, opts) == (0, "")
     partial = Outcome(Status.PARTIAL, missing_refs=("99", "x"))
@@ -484,6 +524,40 @@ def test_export_sections_and_outcome_errors() -> None:
         conflict, vdds_exchange.Kind.PATDATIMPORT, vdds.Options(language="en"), "0815"
     )
     assert level == 1 and "conflict no. 4" in text and "birth date differs" in text
+
+
+STAGE4 = """
+[MMOIDS]
+PVS=CGM_Z1
+COUNT=1
+MMOID1=999
+EXT=JPG
+READY=0
+ERRORLEVEL=0
+ERRORTEXT=
+"""
+
+
+def test_a_stage4_answer_always_has_its_mmopath_section() -> None:
+    """protocols.md [C]: the answer is [MMOPATH]; gdt2dicom takes it with `expect` whatever the
+    ERRORLEVEL, so an error answer without it crashed the PVS side. Empty when nothing was exported."""
+    request = exchange(STAGE4)
+    for data in (
+        vdds_exchange.answer(request, 1, "Bilder nicht gefunden: 999."),  # unknown ids, a bad EXT ...
+        vdds_exchange.unreachable_answer(request.decoded.encode(request.decoded.text), "refused", {}),
+        vdds_exchange.answer(request, 1, "x", vdds.export_sections([(1, "999")], {})),
+    ):
+        found = answered(data)
+        assert found["MMOPATH"] == {}
+        assert (found["MMOIDS"]["ERRORLEVEL"], found["MMOIDS"]["READY"]) == ("1", "1")
+        assert data.count(b"[MMOPATH]") == 1
+    exported = vdds_exchange.answer(request, 0, "", vdds.export_sections([(1, "999")], {"999": "C:\\x.jpg"}))
+    assert answered(exported)["MMOPATH"] == {"MMOID1": "C:\\x.jpg"}
+    # an earlier answer's [MMOPATH] in a reused file is replaced, not kept beside the new one
+    again = exchange(STAGE4 + "[MMOPATH]\nMMOID1=C:\\old.jpg\n")
+    assert answered(vdds_exchange.answer(again, 1, "x"))["MMOPATH"] == {}
+    # other requests get no such section
+    assert "MMOPATH" not in answered(vdds_exchange.answer(exchange(STAGE1), 1, "x"))
 
 
 def test_unreachable_answer_uses_the_raw_settings() -> None:

@@ -208,6 +208,20 @@ async def test_an_accepted_push_carries_the_object_and_its_thumbnail(
         rt.close()
 
 
+async def test_the_push_names_the_patients_own_pvs_when_configured(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """`push_pvs = own`: PVS= is the patient's PVS as registered (what praxishub writes), not the archive
+    section whose program runs; which one a PVS expects is not confirmed [I]."""
+    rt, item = await queued_push(make_settings, fake_pvs(tmp_path / "pvs"), push_pvs="own")
+    try:
+        await vdds_push.send(rt, item)
+        head = parse_ini(vdds_push.push_file(rt.settings, item).read_bytes().decode("cp1252"))["PATID"]
+        assert [head.get(k) for k in ("PVS", "FROMPVS", "READY")] == ["TESTPVS", "TESTPVS", "1"]
+    finally:
+        rt.close()
+
+
 @pytest.mark.parametrize(
     ("answer", "reason"),
     [("refuse", "refused the push: ERRORLEVEL=1"), ("exit3", "exited with 3"), ("silent", "no READY=1")],

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.config import DexisSettings
 from bridge.handlers.base import Launch, LaunchHandler, LaunchReply
-from bridge.handlers.profile import open_patient
+from bridge.handlers.profile import ExitCode, open_patient
 from bridge.watch import FolderWatcher, Handle
 from protocols import dexis
 from protocols.common import decode, locale_formats
@@ -46,11 +46,27 @@ async def handle_dentrix(rt: Runtime, launch: Launch) -> LaunchReply:
 
 
 async def _handle(rt: Runtime, launch: Launch, profile: DexisSettings) -> LaunchReply:
+    if not launch.filename and not launch.content and not any(arg.strip() for arg in launch.args):
+        return without_patient(launch)
     return await open_patient(rt, launch, profile, lambda: parse_launch(launch, profile))
 
 
+def without_patient(launch: Launch) -> LaunchReply:
+    """A launch that names nothing: success, and nothing to do.
+
+    A PMS with no patient selected starts the imaging program without arguments [C] (Open Dental's
+    Dexis bridge), so this is a valid launch, not a malformed one: an error would pop up at the front
+    desk every time. Nothing is published: every viewer event names a patient or an image, and a viewer
+    already shows the store without one; nothing is read, so nothing is audited.
+    """
+    return LaunchReply(
+        ExitCode.OK, f"pms-bridge {launch.protocol}: started without a patient; nothing to open"
+    )
+
+
 def parse_launch(launch: Launch, profile: DexisSettings) -> PatientFields:
-    """Which of the messages a launch carries: a SET command (arguments or body), else a file."""
+    """Which of the messages a launch carries: a SET command (arguments or body), else a file; a launch
+    that names something else names a file that is not there (`without_patient`: one naming nothing)."""
     joined = " ".join(launch.args)
     if launch.args and dexis.is_set_command(joined + " "):
         return dexis.parse_set_command(joined)
@@ -67,11 +83,8 @@ def parse_launch(launch: Launch, profile: DexisSettings) -> PatientFields:
             info_file_male=profile.info_file_sx_m == "male",
         )
         return message.fields
-    if launch.args:
-        raise MessageError(
-            f"cannot read {launch.args[0].lstrip('@')}: no such file (the PMS writes it before the launch)"
-        )
-    raise MessageError('no patient: expected @FILE or SET <id> LN="..." FN="..." BD=yyyyMMdd')
+    named = next(arg for arg in launch.args if arg.strip())
+    raise MessageError(f"cannot read {named.lstrip('@')}: no such file (the PMS writes it before the launch)")
 
 
 # --------------------------------------------------------------------------------------------------

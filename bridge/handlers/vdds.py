@@ -69,7 +69,7 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
     opts = options(settings)
     if not launch.content and not launch.filename:
         return await _view(rt, launch, opts)
-    exchange = vdds_exchange.read_exchange(launch.content, vdds_exchange.codepage(settings.encoding))
+    exchange = vdds_exchange.read_exchange(launch.content, vdds_exchange.read_codepage(settings.encoding))
     if exchange.answered:
         return _already_answered(exchange)
     trace = _Trace()
@@ -152,24 +152,29 @@ async def _serve(
 
 
 async def _view(rt: Runtime, launch: Launch, opts: vdds.Options) -> LaunchReply:
-    """Stage 3 MMOVIEW: `pms-bridge vdds MMOID`; no file to answer in, so an exit code and a line."""
+    """Stage 3 MMOVIEW: `pms-bridge vdds MMOID`; no file to answer in, so an exit code and a line.
+
+    The MMOID is the last argument: the PVS appends it to the registered command line, as it appends an
+    exchange file's path, and what the registration carries before it is not the MMOID.
+    """
     try:
         if not rt.settings.vdds.enabled:
             raise vdds.VddsError("disabled")
         args = [arg for arg in launch.args if arg.strip()]
         if not args:
             raise vdds.VddsError("no_request")
-        if any(sep in args[0] for sep in ("/", "\\")):
+        mmoid = args[-1]
+        if any(sep in mmoid for sep in ("/", "\\")):
             # A path that named no readable file: the PVS's exchange file is gone or not shared.
             raise vdds.VddsError("unknown_request")
-        outcome = await rt.service.handle(vdds.view_request(args[0], origin_of(launch)))
+        outcome = await rt.service.handle(vdds.view_request(mmoid, origin_of(launch)))
     except vdds.VddsError as exc:
         return LaunchReply(1, exc.text(opts.language))
     except Exception as exc:
         log.exception("MMOVIEW failed")
         return LaunchReply(1, f"{vdds_exchange.message(opts.language, 'internal')} ({type(exc).__name__})")
     level, text = vdds.outcome_error(outcome, vdds_exchange.Kind.MMOVIEW, opts)
-    return LaunchReply(level, text or f"image {args[0]} shown ({outcome.viewer_url})")
+    return LaunchReply(level, text or f"image {mmoid} shown ({outcome.viewer_url})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,7 +257,7 @@ async def export_bytes(rt: Runtime, image: ImageView, fmt: str, origin: Origin) 
 
 def classifier(settings: VddsSettings) -> Classify:
     """The watched folder's `classify`: complete unanswered requests now, others once stable."""
-    fallback = vdds_exchange.codepage(settings.encoding)
+    fallback = vdds_exchange.read_codepage(settings.encoding)
 
     def classify(content: bytes, stable: bool) -> Verdict:
         state = vdds_exchange.folder_state(content, fallback)
@@ -298,7 +303,7 @@ def oversized(rt: Runtime) -> Oversized:
     request (a picture someone dropped) is left alone.
     """
     settings = rt.settings.vdds
-    fallback = vdds_exchange.codepage(settings.encoding)
+    fallback = vdds_exchange.read_codepage(settings.encoding)
 
     def classify(head: bytes) -> Verdict:
         state = vdds_exchange.folder_state(vdds_exchange.whole_lines(head, fallback), fallback)

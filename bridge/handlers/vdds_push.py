@@ -125,7 +125,7 @@ async def send(rt: Runtime, item: OutboxItem) -> None:
         for image in images
     ]
     text = vdds.push_text(
-        pvs=target.section,
+        pvs=target.section if settings.vdds.push_pvs == "archive" else pvs,
         from_pvs=pvs,
         bvs=settings.vdds.bvs_section,
         prxnr=prxnr,
