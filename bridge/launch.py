@@ -9,10 +9,11 @@ non-zero exit code and one line on stderr.
 
 Only the arguments in a protocol's file position are read as a file (`named_file`: the last ones for
 VDDS, whose PVSs append the path to the registered command line, then the first; the first for the
-others), and only a regular file. On POSIX an argument is bytes: one that is not UTF-8 arrives with surrogate escapes. A file path
-like that is opened by its real bytes and shown escaped (`x\\xe9.txt`); any other such argument is
-refused (exit 2) rather than sent with its letters guessed. Printing never fails: what the stream's
-encoding cannot show is escaped, so the exit code always says what the daemon did.
+others), and only a regular file. On POSIX an argument is bytes: one that is not UTF-8 arrives with
+surrogate escapes. A file path like that is opened by its real bytes and shown escaped (`x\\xe9.txt`);
+any other such argument is refused (exit 2) rather than sent with its letters guessed. Printing never
+fails: what the stream's encoding cannot show is escaped, so the exit code always says what the daemon
+did.
 """
 
 from __future__ import annotations
