@@ -371,3 +371,44 @@ async def test_init_writes_a_certificate_covering_the_configured_api_address(tmp
         assert await asyncio.to_thread(check_daemon, settings) == "alive and ready"
     finally:
         await daemon.shutdown()
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    """Send `data` as it is (no client library would send a malformed request) and read the answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_malformed_request_line_keeps_its_names_out_of_the_log(daemon: DaemonProcess) -> None:
+    # Browser-based PMSs build OPP web queries by hand; one that does not percent-encode its names sends
+    # a request line aiohttp refuses, and its log line used to quote that line: the names went into the log.
+    query = "/opp?command=VIEW&reference=77&lastName=Zwölfhaus&firstName=Kunigunde"
+    bad_lines = [
+        f"GET {query} HTTP/1.1".encode(),  # unencoded UTF-8
+        f"GET {query} HTTP/1.1".encode("latin-1"),  # unencoded Latin-1
+        b"GET /opp?command=VIEW&lastName=Zwolf haus&firstName=Kunigunde HTTP/1.1",  # a space
+        b"GET /opp?command=VIEW&lastName=Zwolf\thaus&firstName=Kunigunde HTTP/1.1",  # a tab
+        b"GET /opp?lastName=Zwolfhaus&firstName=Kunigunde&pad=" + b"x" * 9000 + b" HTTP/1.1",  # > 8190
+    ]
+    ports = (daemon.settings.api.port, daemon.settings.opp_web.port)
+    for port in ports:
+        for line in bad_lines:
+            answer = raw_request(port, line + b"\r\nHost: 127.0.0.1\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    deadline = time.monotonic() + 30
+    while daemon.log().count("malformed HTTP request refused") < len(ports) * len(bad_lines):
+        assert time.monotonic() < deadline, daemon.log()[-3000:]
+        time.sleep(0.1)
+    log = daemon.log()
+    for leaked in ("Kunigunde", "haus", "lastName", "xxxxxxxx", "Traceback"):
+        assert leaked not in log, log[-3000:]
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    refused = [r for r in records if r["msg"] == "malformed HTTP request refused"]
+    assert {(r["level"], r["client"]) for r in refused} == {("warning", "127.0.0.1")}
+    assert {r["error"] for r in refused} >= {"InvalidURLError", "BadStatusLine", "LineTooLong"}
