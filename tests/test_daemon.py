@@ -412,3 +412,16 @@ def test_a_malformed_request_line_keeps_its_names_out_of_the_log(daemon: DaemonP
     refused = [r for r in records if r["msg"] == "malformed HTTP request refused"]
     assert {(r["level"], r["client"]) for r in refused} == {("warning", "127.0.0.1")}
     assert {r["error"] for r in refused} >= {"InvalidURLError", "BadStatusLine", "LineTooLong"}
+
+
+def test_a_token_that_is_not_utf8_is_a_wrong_token(daemon_factory: Any) -> None:
+    daemon = daemon_factory(opp_web={"token": "opp-secret"})
+    for port, path in ((daemon.settings.api.port, "/api/v1/patients"), (daemon.settings.opp_web.port, "/opp")):
+        for token in (b"\xff\xfe", b"M\xfcller", daemon.token.encode() + b"\xe9"):
+            request = b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            answer = raw_request(port, request + b"Authorization: Bearer " + token + b"\r\n\r\n")
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 401"), answer[:300]
+            assert b"application/problem+json" in head
+            assert json.loads(body)["detail"].startswith("missing or wrong bearer token")
+    assert "UnicodeEncodeError" not in daemon.log()
