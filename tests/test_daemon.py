@@ -152,6 +152,11 @@ def test_doctor_checks_a_running_daemon(daemon: DaemonProcess) -> None:
     )
     assert result.returncode == 0, result.stdout
     assert "FAIL" not in result.stdout and "ok   daemon answering: alive and ready" in result.stdout
+    assert (
+        "WARN" not in result.stdout
+        and "ok   listen addresses: [api] 127.0.0.1, [opp_web] 127.0.0.1" in result.stdout
+    )
+    assert "listener open to the network" not in daemon.log()
     assert f"ok   image folder writable: {daemon.settings.store.images} (" in result.stdout
     assert " GB free)" in result.stdout
     daemon.stop()
@@ -416,7 +421,10 @@ def test_a_malformed_request_line_keeps_its_names_out_of_the_log(daemon: DaemonP
 
 def test_a_token_that_is_not_utf8_is_a_wrong_token(daemon_factory: Any) -> None:
     daemon = daemon_factory(opp_web={"token": "opp-secret"})
-    for port, path in ((daemon.settings.api.port, "/api/v1/patients"), (daemon.settings.opp_web.port, "/opp")):
+    for port, path in (
+        (daemon.settings.api.port, "/api/v1/patients"),
+        (daemon.settings.opp_web.port, "/opp"),
+    ):
         for token in (b"\xff\xfe", b"M\xfcller", daemon.token.encode() + b"\xe9"):
             request = b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
             answer = raw_request(port, request + b"Authorization: Bearer " + token + b"\r\n\r\n")
@@ -425,3 +433,33 @@ def test_a_token_that_is_not_utf8_is_a_wrong_token(daemon_factory: Any) -> None:
             assert b"application/problem+json" in head
             assert json.loads(body)["detail"].startswith("missing or wrong bearer token")
     assert "UnicodeEncodeError" not in daemon.log()
+
+
+def test_listeners_open_to_the_network_are_warned_about_at_start_and_by_doctor(tmp_path: Path) -> None:
+    # The API beyond loopback without TLS, OPP web beyond loopback without a token: both work (a practice
+    # may mean it), so start-up logs a warning and doctor says WARN without failing the checklist.
+    listen_all = "0.0.0.0"  # noqa: S104 - what the test is about; random ports, a random token, seconds
+    config = write_config(
+        tmp_path / "home",
+        f"sqlite:///{tmp_path / 'bridge.db'}",
+        {"api": {"host": listen_all}, "opp_web": {"host": listen_all}},
+    )
+    daemon = start_daemon(config)
+    try:
+        doctor = subprocess.run(
+            [*pms_bridge_command(), "doctor", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        assert daemon.stop() == 0
+    records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    warned = [r["warning"] for r in records if r["msg"] == "listener open to the network"]
+    assert [r["level"] for r in records if r["msg"] == "listener open to the network"] == ["warning"] * 2
+    assert warned[0].startswith("[api] host = 0.0.0.0 listens beyond loopback without TLS")
+    assert warned[1].startswith("[opp_web] host = 0.0.0.0 listens beyond loopback without a token")
+    assert doctor.returncode == 0, doctor.stdout
+    (line,) = [line for line in doctor.stdout.splitlines() if line.startswith("WARN ")]
+    assert line == f"WARN listen addresses: {warned[0]}; {warned[1]}"
+    assert "FAIL" not in doctor.stdout
