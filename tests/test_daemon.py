@@ -463,3 +463,30 @@ def test_listeners_open_to_the_network_are_warned_about_at_start_and_by_doctor(t
     (line,) = [line for line in doctor.stdout.splitlines() if line.startswith("WARN ")]
     assert line == f"WARN listen addresses: {warned[0]}; {warned[1]}"
     assert "FAIL" not in doctor.stdout
+
+
+def test_a_new_sqlite_store_is_readable_by_the_daemons_user_only(tmp_path: Path) -> None:
+    # SQLite made the database (patient data) with the umask, 0644 under 022: every local account read it.
+    def usual_umask() -> None:
+        os.umask(0o022)
+
+    home = tmp_path / "practice"
+    init = subprocess.run(
+        [*pms_bridge_command(), "init", "--home", str(home)], capture_output=True, preexec_fn=usual_umask
+    )
+    assert init.returncode == 0, init.stderr
+    assert (home / "bridge.db").stat().st_mode & 0o777 == 0o600
+    # A daemon started on a config whose store does not exist yet makes it the same way, WAL files too.
+    config = write_config(tmp_path / "fresh", f"sqlite:///{tmp_path / 'fresh' / 'bridge.db'}")
+    old = os.umask(0o022)
+    try:
+        daemon = start_daemon(config)
+    finally:
+        os.umask(old)
+    try:
+        assert post_patient(daemon, "0815")[0] == 201
+        store_files = sorted((tmp_path / "fresh").glob("bridge.db*"))
+        assert [p.name for p in store_files] == ["bridge.db", "bridge.db-shm", "bridge.db-wal"]
+        assert {p.stat().st_mode & 0o777 for p in store_files} == {0o600}
+    finally:
+        assert daemon.stop() == 0
