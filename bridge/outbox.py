@@ -155,7 +155,12 @@ class OutboxWorker:
                 error = failure_text(exc)
                 log.warning(
                     "push failed; will retry",
-                    extra={"channel": self.channel, "id": item.id, "attempt": item.attempts, "error": error[:300]},
+                    extra={
+                        "channel": self.channel,
+                        "id": item.id,
+                        "attempt": item.attempts,
+                        "error": error[:300],
+                    },
                 )
                 await self._finish(item, delivered=False, error=error)
             else:

@@ -293,12 +293,16 @@ def test_launches_are_audited_with_the_token_that_sent_them(daemon: DaemonProces
     assert run_launch(daemon, "opp", "-p", "77", "-l", "Doe", "-f", "Jane", "-c", "UPDATE_CREATE")[0] == 0
     assert run_launch(daemon, "opp", "-p", "77", "-c", "VIEW")[0] == 0
     assert run_launch(daemon, "cliniview", "-0816;Mary;Roe;;01/02/1975")[0] == 0
-    status, _ = daemon.request("POST", "/api/v1/launch/dexis", b'SET 4712 LN="Doe" FN="Ann" MI="" BD=19991231')
+    status, _ = daemon.request(
+        "POST", "/api/v1/launch/dexis", b'SET 4712 LN="Doe" FN="Ann" MI="" BD=19991231'
+    )
     assert status == 200
     status, body = daemon.request("GET", "/api/v1/audit?limit=500")
     assert status == 200, body
     token_actor = "token:" + hmac.new(daemon.token.encode(), b"actor", "sha256").hexdigest()[:8]
-    launched = [e for e in json.loads(body)["items"] if e["protocol"] in ("vdds", "opp", "cliniview", "dexis")]
+    launched = [
+        e for e in json.loads(body)["items"] if e["protocol"] in ("vdds", "opp", "cliniview", "dexis")
+    ]
     assert {(e["action"], e["protocol"]) for e in launched} >= {
         ("patient.create", "vdds"),
         ("patient.create", "opp"),
