@@ -11,6 +11,7 @@ what is allowed: a practice's IT admin reads it in a service log, often without 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -751,6 +752,45 @@ SECTIONS: tuple[type[Any], ...] = (
 def launch_profiles(settings: Settings) -> dict[str, LaunchProfile]:
     """The launch-style PMS profiles ([dexis], [dentrix], [eaglesoft], [cliniview]) by section name."""
     return {cls.SECTION: getattr(settings, cls.SECTION) for cls in SECTIONS if issubclass(cls, LaunchProfile)}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address is reached from this computer only: `localhost` or a loopback address
+    (127.0.0.0/8, ::1). A listen-all address (0.0.0.0, ::) and a host name (which may resolve to a LAN
+    address) are not."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warnings(settings: Settings) -> list[str]:
+    """What the listen addresses leave open to the network: the API beyond loopback without TLS (its
+    token and all patient data readable on the wire), OPP web beyond loopback without a token (anyone
+    on the network can open, create and change patients through it). One line each, with the remedy.
+
+    Warnings, not errors: a practice may have reasons (a segregated network, a browser-based PMS on
+    several workstations, which cannot keep an OPP web token secret: docs/opp.md); the daemon logs them
+    at start and `pms-bridge doctor` shows them as WARN.
+    """
+    found = []
+    api, opp_web = settings.api, settings.opp_web
+    if not api.tls and not is_loopback(api.host):
+        found.append(
+            f"[api] host = {api.host} listens beyond loopback without TLS: the API token and patient data"
+            " cross the network unencrypted; set [api] tls = yes (init wrote a certificate) or listen on"
+            " 127.0.0.1"
+        )
+    if opp_web.enabled and not opp_web.token and not is_loopback(opp_web.host):
+        found.append(
+            f"[opp_web] host = {opp_web.host} listens beyond loopback without a token: any program on the"
+            " network can open, create and change patients through OPP web; set [opp_web] token (for PMSs"
+            " that can send one) or listen on 127.0.0.1"
+        )
+    return found
 
 
 @dataclass(frozen=True)

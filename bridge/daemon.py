@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from bridge import __version__
 from bridge.allocator import tune_for_large_buffers
 from bridge.announce import announce_stored_elsewhere
-from bridge.config import ConfigError, Settings
+from bridge.config import ConfigError, Settings, exposure_warnings
 from bridge.handlers import vdds as vdds_handler
 from bridge.handlers import vdds_push
 from bridge.handlers.dexis import integrator_watchers
@@ -148,6 +148,8 @@ class Daemon:
             "started",
             extra={"version": __version__, "config": str(self.settings.path), "store": rt.db.dialect},
         )
+        for warning in exposure_warnings(self.settings):
+            log.warning("listener open to the network", extra={"warning": warning})
 
     async def _listen(
         self,

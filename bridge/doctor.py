@@ -1,6 +1,8 @@
 """`pms-bridge doctor`: "configure and test PMS integration", as a checklist an IT admin can read.
 
-Each check prints one line, `ok` or `FAIL` with what to do; the exit code is 0 only when all pass.
+Each check prints one line, `ok`, `WARN` or `FAIL` with what to do; the exit code is 0 only when none
+fails. A WARN is a set-up that works but leaves something open (a listener beyond loopback without TLS
+or token) that a practice may have chosen on purpose, so it does not fail the checklist.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from bridge.config import ConfigError, Settings, launch_profiles, load_settings
+from bridge.config import ConfigError, Settings, exposure_warnings, launch_profiles, load_settings
 from bridge.config_file import api_endpoint, read_raw
 from bridge.handlers import vdds_register
 
@@ -21,6 +23,23 @@ Check = tuple[str, Callable[[Settings], str]]  # (title, function returning a de
 
 class CheckFailed(Exception):
     pass
+
+
+class CheckWarning(Exception):
+    """The check found something to fix that does not stop the bridge from working."""
+
+
+def check_exposure(settings: Settings) -> str:
+    """The listen addresses: the API beyond loopback needs TLS, OPP web beyond loopback a token."""
+    warnings = exposure_warnings(settings)
+    if warnings:
+        raise CheckWarning("; ".join(warnings))
+    listeners = [f"[api] {settings.api.host}" + (" with TLS" if settings.api.tls else "")]
+    if settings.opp_web.enabled:
+        listeners.append(
+            f"[opp_web] {settings.opp_web.host}" + (" with a token" if settings.opp_web.token else "")
+        )
+    return ", ".join(listeners)
 
 
 def check_store(settings: Settings) -> str:
@@ -163,6 +182,7 @@ def check_token(settings: Settings) -> str:
 CHECKS: list[Check] = [
     ("store reachable and up to date", check_store),
     ("TLS certificate", check_tls),
+    ("listen addresses", check_exposure),
     ("image folder writable", check_image_folder),
     (
         "VDDS exchange folder writable",
@@ -186,6 +206,8 @@ def run_checks(config: str | None) -> int:
     for title, check in CHECKS:
         try:
             print(f"ok   {title}: {check(settings)}")
+        except CheckWarning as exc:
+            print(f"WARN {title}: {exc}")
         except CheckFailed as exc:
             failed += 1
             print(f"FAIL {title}: {exc}")

@@ -78,6 +78,32 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class MalformedRequestFilter(logging.Filter):
+    """Keeps the request line of a malformed HTTP request out of the logs.
+
+    aiohttp logs a request it cannot parse (`aiohttp.server`, "Error handling request from <address>")
+    with a traceback whose exception quotes the raw request line: an OPP web call whose query holds
+    unencoded names (`GET /opp?lastName=Müller ...`, a space or tab in a value, a query over 8190
+    bytes) put those names into the daemon log, which carries paths only (docs/operations.md, "Logs").
+    Such a record becomes one line with the exception's class and the client's address; a malformed
+    request is the client's fault, so it is a warning, not an error.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError  # loaded already: aiohttp is logging
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            client = record.args[0] if isinstance(record.args, tuple) and record.args else ""
+            record.msg, record.args = "malformed HTTP request refused", ()
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+            record.error = type(exc).__name__
+            record.client = str(client)
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure(level: str = "info", fmt: str = "json", file: Path | None = None) -> None:
     """Set up the root logger once for the daemon or a command."""
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
@@ -95,3 +121,6 @@ def configure(level: str = "info", fmt: str = "json", file: Path | None = None) 
     root.setLevel(level.upper())
     for noisy in ("aiohttp.access", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server.filters):
+        server.addFilter(MalformedRequestFilter())

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+from bridge.delivery import Undeliverable, failure_text
 from bridge.handlers.vdds_push import push_channels
 from bridge.store import queries as q
 from bridge.store.models import OutboxMessage
@@ -43,12 +44,8 @@ class OutboxItem:
     attempts: int
 
 
-class Undeliverable(Exception):
-    """Raised by a sender for a message no retry can deliver (e.g. an id that is no safe folder name):
-    the message is marked failed at once, with this text as its error."""
-
-
-Sender = Callable[["Runtime", OutboxItem], Awaitable[None]]  # raises to ask for a retry
+# Raises to ask for a retry (bridge.delivery: what is logged and recorded of the exception).
+Sender = Callable[["Runtime", OutboxItem], Awaitable[None]]
 Recover = Callable[["Runtime", OutboxItem], Awaitable[bool]]  # True: the PMS already has it
 
 # Rules deciding which channels announce new images to the PMS behind a link; each takes the settings,
@@ -149,22 +146,23 @@ class OutboxWorker:
             try:
                 await self.sender(self.rt, item)
             except Undeliverable as exc:
+                error = failure_text(exc)
                 log.error(
-                    "push undeliverable",
-                    extra={"channel": self.channel, "id": item.id, "error": str(exc)[:300]},
+                    "push undeliverable", extra={"channel": self.channel, "id": item.id, "error": error[:300]}
                 )
-                await self._finish(item, delivered=False, error=str(exc), final=True)
+                await self._finish(item, delivered=False, error=error, final=True)
             except Exception as exc:
+                error = failure_text(exc)
                 log.warning(
                     "push failed; will retry",
                     extra={
                         "channel": self.channel,
                         "id": item.id,
                         "attempt": item.attempts,
-                        "error": str(exc)[:300],
+                        "error": error[:300],
                     },
                 )
-                await self._finish(item, delivered=False, error=str(exc))
+                await self._finish(item, delivered=False, error=error)
             else:
                 await self._finish(item, delivered=True)
                 log.info("pushed", extra={"channel": self.channel, "id": item.id})

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.atomic import write_atomic
-from bridge.model import Origin, Outcome, PatientRequest, PatientView, Status
+from bridge.model import Outcome, PatientRequest, PatientView, Status
 from bridge.redact import Redactor, date_format_forms
 from protocols.common import LOCALE_SHORT_DATES, decode
 
@@ -43,6 +43,9 @@ _NOT_PHI = frozenset(
         *("UPDATE", "UPDATE_CREATE", "ACQUIRE", "VIEW", "VIEW_DATA", "UTF-8", "XML"),
     }
 )
+
+# Images counted per patient in effect.json (replay's effect check reads as many).
+EFFECT_IMAGE_LIMIT = 500
 
 # Sections whose non-path keys shape answers, copied into the session so it replays the same way.
 NOT_REPLAYED_SECTIONS = {"store", "api", "opp_web", "daemon", "record"}
@@ -413,16 +416,11 @@ class Recorder:
         log.info("recorded", extra={"session": self.session_dir.name, "step": len(self._steps)})
 
     async def _effect(self) -> dict[str, Any]:
-        origin = Origin("record", "internal")
+        """The touched patients as the store holds them now (read without audit entries: this is the
+        capture's bookkeeping, `BridgeService.recorded_state`)."""
         patients = []
-        for key in self._keys:
-            found = await self.rt.service.search_patients(
-                origin, pms_system=key["pms_system"], pms_id=key["pms_id"]
-            )
-            if len(found) != 1:
-                continue
-            p = found[0]
-            images = await self.rt.service.list_images(origin, p.id, limit=500)
+        keys = [(key["pms_system"], key["pms_id"]) for key in self._keys]
+        for p, images in await self.rt.service.recorded_state(keys, image_limit=EFFECT_IMAGE_LIMIT):
             patients.append(
                 {
                     "key": {"pms_system": p.pms_system, "pms_id": self.text(p.pms_id or "")},
@@ -431,7 +429,7 @@ class Recorder:
                     "birth_date": self._date(p.birth_date),
                     "sex": p.sex.value,
                     "chart_number": self.text(p.chart_number) if p.chart_number else None,
-                    "images": len(images),
+                    "images": images,
                 }
             )
         return {"patients": patients}

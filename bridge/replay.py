@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from yarl import URL
 
 from protocols.common import AUTO, decode
 
@@ -321,7 +322,8 @@ class Runner:
         base = self.target.opp_url if listener == "opp_web" else self.target.api_url
         raw = case.path(step["request"]).read_bytes().replace(b"{token}", self.target.token.encode())
         method, path, headers, body = parse_raw_http(raw)
-        async with self.session.request(method, base + path, headers=headers, data=body or None) as response:
+        url = target_url(base, path)
+        async with self.session.request(method, url, headers=headers, data=body or None) as response:
             payload = await response.read()
             status = response.status
             reply_headers = dict(response.headers)
@@ -375,7 +377,7 @@ class Runner:
     ) -> str:
         async with self.session.request(
             step.get("method", "GET"),
-            self.target.api_url + step["path"],
+            target_url(self.target.api_url, step["path"]),
             json=step.get("json"),
             headers=self.auth,
         ) as response:
@@ -472,6 +474,27 @@ class Runner:
             if got_pairs != want_pairs:
                 return f"conflicts {got_pairs}, expected {want_pairs}"
         return ""
+
+
+def target_url(base: str, path: Any) -> URL:
+    """`path` (a request line's target, an api step's `path`) on the daemon at `base`, or CaseError.
+
+    A case comes from whoever captured it, and its requests are sent with the daemon's token (in the
+    Authorization header, and wherever the case writes `{token}`). So a path must be a path on the
+    target: it must start with "/", and the joined URL must keep the target's scheme, host and port.
+    Pasted onto the base as text, `@evil:80/x` made `http://127.0.0.1:4435@evil:80/x`, whose host is
+    `evil` (the target's address became a user name), and the token went there.
+    """
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise CaseError(f"request path {str(path)[:80]!r} does not start with '/'")
+    origin = URL(base)
+    try:
+        url = origin.join(URL(path))
+    except ValueError as exc:
+        raise CaseError(f"request path {path[:80]!r} is not a URL path ({exc})") from None
+    if (url.scheme, url.host, url.port) != (origin.scheme, origin.host, origin.port):
+        raise CaseError(f"request path {path[:80]!r} leads to {url.origin()}, not to the daemon at {origin}")
+    return url
 
 
 def parse_raw_http(raw: bytes) -> tuple[str, str, dict[str, str], bytes]:

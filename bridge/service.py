@@ -1155,6 +1155,34 @@ class BridgeService:
             self.audit.read(origin, "patient.read", patient_id=view.id)
         return found
 
+    async def recorded_state(
+        self, keys: Sequence[tuple[str, str]], *, image_limit: int
+    ) -> list[tuple[PatientView, int]]:
+        """Each (pms_system, pms_id) key held by exactly one patient: that patient and how many images it
+        has (at most `image_limit`), in one unit of work and without audit entries.
+
+        Record mode's effect.json is the store's state of the patients a session touched, read again
+        after every recorded step. That is bookkeeping of the capture, not a read of patient data on
+        anyone's behalf: the requests it captures were audited with their own origins. Read through
+        `search_patients` and `list_images`, it wrote two audit entries per touched patient per step
+        (quadratic in the session's length), which buried the real reads.
+        """
+
+        def work(session: Session) -> list[tuple[PatientView, int]]:
+            found = []
+            for pms_system, pms_id in keys:
+                statement = q.search_patients(pms_id=key_text(pms_id), pms_system=key_text(pms_system))
+                rows = _rows(session, *statement).all()
+                if len(rows) != 1:
+                    continue
+                view = patient_view_row(rows[0])
+                images = _rows(session, *q.images_of_patient(view.id, limit=image_limit)).all()
+                found.append((view, len(images)))
+            return found
+
+        result: list[tuple[PatientView, int]] = await self.db.read(work)
+        return result
+
     async def get_patient(self, origin: Origin, patient_id: int) -> PatientView | None:
         def work(session: Session) -> PatientView | None:
             row = _rows(session, *q.patient_view_by_id(patient_id)).first()

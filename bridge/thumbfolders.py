@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.atomic import write_atomic
 from bridge.config import LaunchProfile, Settings, launch_profiles
+from bridge.delivery import DeliveryError, Undeliverable
 from bridge.model import ImageView, Origin, PatientView
 from bridge.service import CHART_KEYED
 from protocols import thumbfolder
@@ -56,7 +57,8 @@ _RESERVED = frozenset(
 
 
 class UnsafeName(ValueError):
-    """An id that cannot be a folder name inside the thumbnail folder."""
+    """An id that cannot be a folder name inside the thumbnail folder. Its text says why without quoting
+    the id: it is logged and recorded, and the id is a patient's PMS id or chart number."""
 
 
 def channel_name(profile: str) -> str:
@@ -96,18 +98,18 @@ def patient_folder(root: Path, name: str) -> Path:
     Windows strips before one, and a path that resolves elsewhere (an existing symbolic link).
     """
     if name in ("", ".", ".."):
-        raise UnsafeName(f"{name!r} is not a folder name")
+        raise UnsafeName("the id is empty, '.' or '..', not a folder name")
     if len(name) > MAX_FOLDER_NAME:
         raise UnsafeName(f"an id of {len(name)} characters is too long for a folder name")
     if any(ch in _FORBIDDEN or ord(ch) < 32 for ch in name):
-        raise UnsafeName(f"{name!r} contains a character a folder name cannot hold")
+        raise UnsafeName("the id contains a character a folder name cannot hold")
     if name[-1] in ". " or name[0] == " ":
-        raise UnsafeName(f"{name!r} starts or ends with a space or ends with a dot")
+        raise UnsafeName("the id starts or ends with a space or ends with a dot")
     if name.split(".")[0].strip().upper() in _RESERVED:
-        raise UnsafeName(f"{name!r} is a Windows device name")
+        raise UnsafeName("the id is a Windows device name")
     folder = root / name
     if folder.resolve().parent != root.resolve():
-        raise UnsafeName(f"{name!r} leads outside {root}")
+        raise UnsafeName(f"the id's folder leads outside {root}")
     return folder
 
 
@@ -164,7 +166,6 @@ async def _follow_chart(profile_name: str, root: Path, folder: Path, patient_id:
 
 def make_sender(profile_name: str) -> Sender:
     """The outbox sender writing one profile's thumbnail folder."""
-    from bridge.outbox import Undeliverable  # bridge.outbox imports this module for its target rule
 
     async def send(rt: Runtime, item: OutboxItem) -> None:
         profile: LaunchProfile = getattr(rt.settings, profile_name)
@@ -186,11 +187,14 @@ def make_sender(profile_name: str) -> Sender:
         if not name:
             raise Undeliverable(f"patient {patient.id} has no {profile.id_field.replace('_', ' ')}")
         if not await asyncio.to_thread(root.is_dir):
-            raise OSError(f"the thumbnail folder {root} is not reachable")  # a share that is down: retried
+            raise DeliveryError(f"the thumbnail folder {root} is not reachable")  # a share that is down
         try:
             folder = await asyncio.to_thread(patient_folder, root, name)
         except UnsafeName as exc:
-            raise Undeliverable(f"no thumbnail folder for patient {patient.id}: {exc}") from None
+            raise Undeliverable(
+                f"no thumbnail folder for patient {patient.id} from its {profile.id_field.replace('_', ' ')}:"
+                f" {exc}"
+            ) from None
         if by_chart:
             await _follow_chart(profile_name, root, folder, patient.id, item.payload.get("retired_chart"))
         for image in images:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import io
 import json
 from typing import Any
@@ -674,6 +675,29 @@ async def test_events_stream_of_one_workstation(api_client: Any, runtime: Runtim
     assert event_line == b"event: patient-opened\n"
     payload = json.loads(data_line.removeprefix(b"data: "))
     assert (payload["pms_id"], payload["workstation"]) == ("73", "PRAXIS-2")
+
+
+async def test_reading_the_event_stream_is_audited(api_client: Any, runtime: Runtime) -> None:
+    """The stream names the patients a PMS opens: opening it, and every event naming a patient it
+    delivers, are audited reads with the reader's origin, as a REST read is."""
+    from bridge.model import Action, Demographics, Origin, PatientRequest
+
+    async with api_client.get("/api/v1/events", headers={"X-PMS-Workstation": "SPY"}) as stream:
+        assert await stream.content.readline() == b": connected\n"
+        await stream.content.readline()
+        request = PatientRequest(
+            Action.OPEN, Origin("test"), "PVS", pms_id="78", demographics=Demographics("Roe")
+        )
+        patient = (await runtime.service.handle(request)).patient
+        assert patient is not None
+        assert await asyncio.wait_for(stream.content.readline(), 5) == b"event: patient-opened\n"
+        await asyncio.wait_for(stream.content.readline(), 5)
+    await runtime.audit.flush()
+    entries = await runtime.service.audit_entries(Origin("test"), limit=500)
+    spied = [(e["action"], e["patient_id"], e["detail"]) for e in entries if e["workstation"] == "SPY"]
+    assert spied == [("events.read", None, ""), ("event.read", patient.id, "patient-opened")]
+    actor = "token:" + hmac.new(runtime.settings.api.token.encode(), b"actor", "sha256").hexdigest()[:8]
+    assert {(e["actor"], e["transport"]) for e in entries if e["workstation"] == "SPY"} == {(actor, "http")}
 
 
 async def test_health_readiness_and_metrics(api_client: Any) -> None:

@@ -182,3 +182,13 @@ def test_a_config_in_cp1252_is_refused_naming_the_line_and_the_remedy(tmp_path: 
         f"{config}: line 4 is not UTF-8 text (byte 0xfc, perhaps Windows-1252):"
         " save the file as UTF-8 (Notepad: File, Save as, Encoding UTF-8)"
     )
+
+
+def test_only_loopback_listen_addresses_count_as_closed_to_the_network() -> None:
+    from bridge.config import is_loopback
+
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", " LocalHost "):
+        assert is_loopback(host), host
+    listen_all = ("0.0.0.0", "::", "*")  # noqa: S104 - addresses under test, nothing is bound
+    for host in (*listen_all, "192.168.1.5", "fe80::1", "pms-server", "localhost.example.com"):
+        assert not is_loopback(host), host

@@ -152,6 +152,11 @@ def test_doctor_checks_a_running_daemon(daemon: DaemonProcess) -> None:
     )
     assert result.returncode == 0, result.stdout
     assert "FAIL" not in result.stdout and "ok   daemon answering: alive and ready" in result.stdout
+    assert (
+        "WARN" not in result.stdout
+        and "ok   listen addresses: [api] 127.0.0.1, [opp_web] 127.0.0.1" in result.stdout
+    )
+    assert "listener open to the network" not in daemon.log()
     assert f"ok   image folder writable: {daemon.settings.store.images} (" in result.stdout
     assert " GB free)" in result.stdout
     daemon.stop()
@@ -371,3 +376,117 @@ async def test_init_writes_a_certificate_covering_the_configured_api_address(tmp
         assert await asyncio.to_thread(check_daemon, settings) == "alive and ready"
     finally:
         await daemon.shutdown()
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    """Send `data` as it is (no client library would send a malformed request) and read the answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_malformed_request_line_keeps_its_names_out_of_the_log(daemon: DaemonProcess) -> None:
+    # Browser-based PMSs build OPP web queries by hand; one that does not percent-encode its names sends
+    # a request line aiohttp refuses, and its log line used to quote that line: the names went into the log.
+    query = "/opp?command=VIEW&reference=77&lastName=Zwölfhaus&firstName=Kunigunde"
+    bad_lines = [
+        f"GET {query} HTTP/1.1".encode(),  # unencoded UTF-8
+        f"GET {query} HTTP/1.1".encode("latin-1"),  # unencoded Latin-1
+        b"GET /opp?command=VIEW&lastName=Zwolf haus&firstName=Kunigunde HTTP/1.1",  # a space
+        b"GET /opp?command=VIEW&lastName=Zwolf\thaus&firstName=Kunigunde HTTP/1.1",  # a tab
+        b"GET /opp?lastName=Zwolfhaus&firstName=Kunigunde&pad=" + b"x" * 9000 + b" HTTP/1.1",  # > 8190
+    ]
+    ports = (daemon.settings.api.port, daemon.settings.opp_web.port)
+    for port in ports:
+        for line in bad_lines:
+            answer = raw_request(port, line + b"\r\nHost: 127.0.0.1\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    deadline = time.monotonic() + 30
+    while daemon.log().count("malformed HTTP request refused") < len(ports) * len(bad_lines):
+        assert time.monotonic() < deadline, daemon.log()[-3000:]
+        time.sleep(0.1)
+    log = daemon.log()
+    for leaked in ("Kunigunde", "haus", "lastName", "xxxxxxxx", "Traceback"):
+        assert leaked not in log, log[-3000:]
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    refused = [r for r in records if r["msg"] == "malformed HTTP request refused"]
+    assert {(r["level"], r["client"]) for r in refused} == {("warning", "127.0.0.1")}
+    assert {r["error"] for r in refused} >= {"InvalidURLError", "BadStatusLine", "LineTooLong"}
+
+
+def test_a_token_that_is_not_utf8_is_a_wrong_token(daemon_factory: Any) -> None:
+    daemon = daemon_factory(opp_web={"token": "opp-secret"})
+    for port, path in (
+        (daemon.settings.api.port, "/api/v1/patients"),
+        (daemon.settings.opp_web.port, "/opp"),
+    ):
+        for token in (b"\xff\xfe", b"M\xfcller", daemon.token.encode() + b"\xe9"):
+            request = b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            answer = raw_request(port, request + b"Authorization: Bearer " + token + b"\r\n\r\n")
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 401"), answer[:300]
+            assert b"application/problem+json" in head
+            assert json.loads(body)["detail"].startswith("missing or wrong bearer token")
+    assert "UnicodeEncodeError" not in daemon.log()
+
+
+def test_listeners_open_to_the_network_are_warned_about_at_start_and_by_doctor(tmp_path: Path) -> None:
+    # The API beyond loopback without TLS, OPP web beyond loopback without a token: both work (a practice
+    # may mean it), so start-up logs a warning and doctor says WARN without failing the checklist.
+    listen_all = "0.0.0.0"  # noqa: S104 - what the test is about; random ports, a random token, seconds
+    config = write_config(
+        tmp_path / "home",
+        f"sqlite:///{tmp_path / 'bridge.db'}",
+        {"api": {"host": listen_all}, "opp_web": {"host": listen_all}},
+    )
+    daemon = start_daemon(config)
+    try:
+        doctor = subprocess.run(
+            [*pms_bridge_command(), "doctor", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        assert daemon.stop() == 0
+    records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    warned = [r["warning"] for r in records if r["msg"] == "listener open to the network"]
+    assert [r["level"] for r in records if r["msg"] == "listener open to the network"] == ["warning"] * 2
+    assert warned[0].startswith("[api] host = 0.0.0.0 listens beyond loopback without TLS")
+    assert warned[1].startswith("[opp_web] host = 0.0.0.0 listens beyond loopback without a token")
+    assert doctor.returncode == 0, doctor.stdout
+    (line,) = [line for line in doctor.stdout.splitlines() if line.startswith("WARN ")]
+    assert line == f"WARN listen addresses: {warned[0]}; {warned[1]}"
+    assert "FAIL" not in doctor.stdout
+
+
+def test_a_new_sqlite_store_is_readable_by_the_daemons_user_only(tmp_path: Path) -> None:
+    # SQLite made the database (patient data) with the umask, 0644 under 022: every local account read it.
+    def usual_umask() -> None:
+        os.umask(0o022)
+
+    home = tmp_path / "practice"
+    init = subprocess.run(
+        [*pms_bridge_command(), "init", "--home", str(home)], capture_output=True, preexec_fn=usual_umask
+    )
+    assert init.returncode == 0, init.stderr
+    assert (home / "bridge.db").stat().st_mode & 0o777 == 0o600
+    # A daemon started on a config whose store does not exist yet makes it the same way, WAL files too.
+    config = write_config(tmp_path / "fresh", f"sqlite:///{tmp_path / 'fresh' / 'bridge.db'}")
+    old = os.umask(0o022)
+    try:
+        daemon = start_daemon(config)
+    finally:
+        os.umask(old)
+    try:
+        assert post_patient(daemon, "0815")[0] == 201
+        store_files = sorted((tmp_path / "fresh").glob("bridge.db*"))
+        assert [p.name for p in store_files] == ["bridge.db", "bridge.db-shm", "bridge.db-wal"]
+        assert {p.stat().st_mode & 0o777 for p in store_files} == {0o600}
+    finally:
+        assert daemon.stop() == 0

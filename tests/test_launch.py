@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import subprocess
@@ -319,3 +320,31 @@ from bridge.cli import main
 code = main(sys.argv[1:])
 print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
 """
+
+
+def test_launches_are_audited_with_the_token_that_sent_them(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """The launch client and a DDE shim send the API token; the audit log says so, as for REST calls."""
+    exchange = tmp_path / "s1.ini"
+    exchange.write_bytes(stage1("0815"))
+    assert run_launch(daemon, "vdds", str(exchange))[0] == 0
+    assert run_launch(daemon, "opp", "-p", "77", "-l", "Doe", "-f", "Jane", "-c", "UPDATE_CREATE")[0] == 0
+    assert run_launch(daemon, "opp", "-p", "77", "-c", "VIEW")[0] == 0
+    assert run_launch(daemon, "cliniview", "-0816;Mary;Roe;;01/02/1975")[0] == 0
+    status, _ = daemon.request(
+        "POST", "/api/v1/launch/dexis", b'SET 4712 LN="Doe" FN="Ann" MI="" BD=19991231'
+    )
+    assert status == 200
+    status, body = daemon.request("GET", "/api/v1/audit?limit=500")
+    assert status == 200, body
+    token_actor = "token:" + hmac.new(daemon.token.encode(), b"actor", "sha256").hexdigest()[:8]
+    launched = [
+        e for e in json.loads(body)["items"] if e["protocol"] in ("vdds", "opp", "cliniview", "dexis")
+    ]
+    assert {(e["action"], e["protocol"]) for e in launched} >= {
+        ("patient.create", "vdds"),
+        ("patient.create", "opp"),
+        ("patient.open", "opp"),
+        ("patient.create", "cliniview"),
+        ("patient.create", "dexis"),
+    }
+    assert {e["actor"] for e in launched} == {token_actor}

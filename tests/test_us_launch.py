@@ -7,6 +7,7 @@ command a PMS would start, and checks the exit code, the line it printed and the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,7 +18,10 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bridge.handlers.dexis import build_integrator_watchers
+from bridge.logs import JsonFormatter
 from bridge.model import Origin
 from bridge.runtime import Runtime
 from bridge.store.models import ProcessedFile
@@ -310,8 +314,7 @@ async def test_an_integrator_file_still_being_written_is_not_taken_half(
         def results(session: Any) -> list[str]:
             return [r.result for r in session.query(ProcessedFile).order_by(ProcessedFile.id)]
 
-        assert [r.split(":")[0] for r in await rt.db.read(results)] == ["exit 2", "exit 0"]
-        assert "truncated" in (await rt.db.read(results))[0]
+        assert await rt.db.read(results) == ["exit 2", "exit 0"]
     finally:
         await rt.audit.flush()
         rt.close()
@@ -431,3 +434,33 @@ def test_a_utf16_info_file_without_a_bom_starting_outside_latin1_opens_its_patie
         "Zoë",
         "1985-07-14",
     )
+
+
+async def test_integrator_files_leave_no_patient_data_in_the_log_or_the_claims(
+    make_settings: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The line a launch answers with quotes the file's id, names and dates; a watched folder's result is
+    logged and kept with the file's claim, so it is the exit code alone (docs/operations.md, "Logs")."""
+    caplog.set_level(logging.DEBUG)
+    folder = tmp_path / "integrator"
+    rt = Runtime.build(make_settings(dexis={"integrator_dir": str(folder)}))
+    try:
+        [watcher] = build_integrator_watchers(rt)
+        comm = folder / "Patient_OP1.txt"
+        for birth_date in ("19800231", "19800229"):  # no such date (exit 2), then a good file (exit 0)
+            comm.write_bytes(crlf("PN=KX5556", "LN=Zwoelfhaus", "FN=Kunigunde", "MI=", f"BD={birth_date}"))
+            assert await watcher.scan() and await watcher.scan()
+        [patient] = await rt.service.search_patients(ORIGIN, pms_id="KX5556")
+        assert patient.birth_date == date(1980, 2, 29)
+
+        def results(session: Any) -> list[str]:
+            return [r.result for r in session.query(ProcessedFile).order_by(ProcessedFile.id)]
+
+        assert await rt.db.read(results) == ["exit 2", "exit 0"]
+        logged = "\n".join(JsonFormatter().format(record) for record in caplog.records)
+        assert '"result": "exit 2"' in logged and '"result": "exit 0"' in logged
+        for value in ("KX5556", "Zwoelfhaus", "Kunigunde", "19800231", "1980"):
+            assert value not in logged, logged
+    finally:
+        await rt.audit.flush()
+        rt.close()

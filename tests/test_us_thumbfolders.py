@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -25,6 +26,7 @@ import pytest
 from PIL import Image
 
 from bridge.config import Settings
+from bridge.logs import JsonFormatter
 from bridge.model import Action, Demographics, IdKind, Origin, PatientRequest, Sex
 from bridge.outbox import OutboxWorker
 from bridge.runtime import Runtime
@@ -355,3 +357,27 @@ async def test_a_clinicians_change_reaches_the_thumbnail_folder(make_settings: A
         assert (written["rotation"], written["tooth_numbers"]) == (90, [11])
         await rt.service.update_image(ORIGIN, image_id, rotation=90)  # no change: nothing to send
         assert await worker.run_once() == 0
+
+
+async def test_a_failed_push_logs_and_records_no_pms_id(
+    make_settings: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An id that is no folder name, and a folder that cannot be written (whose OSError names the path
+    `<thumbnail_dir>/<PMS id>`): the log and last_error say why, without the id."""
+    caplog.set_level(logging.DEBUG)
+    root = tmp_path / "thumbs"
+    root.mkdir()
+    (root / "KX4243").write_bytes(b"")  # a file where the patient's folder would go
+    async with runtime_with(make_settings(dentrix=profile_settings(root))) as rt:
+        await add_image(rt, await open_patient(rt, "Meier/4242"))
+        await add_image(rt, await open_patient(rt, "KX4243"))
+        worker = OutboxWorker(rt, "dentrix-thumbnails", make_sender("dentrix"))
+        assert await worker.run_once() == 2
+        [(_c, failed, reason), (_c2, pending, retry)] = await outbox(rt)
+    assert (failed, pending) == ("failed", "pending")
+    assert reason.endswith("from its pms id: the id contains a character a folder name cannot hold")
+    assert retry == "FileExistsError: File exists"
+    logged = "\n".join(JsonFormatter().format(record) for record in caplog.records)
+    assert "push undeliverable" in logged and "push failed; will retry" in logged
+    for pms_id in ("Meier", "4242", "KX4243"):
+        assert pms_id not in logged and pms_id not in reason + retry, logged

@@ -52,6 +52,8 @@ if {answer!r} != "silent":
         fh.write(push.name + " " + str(text.count("[MMO") - 1) + "\\n")
     level = "1" if {answer!r} == "refuse" else "0"
     answered = text.replace("ERRORLEVEL=0", "ERRORLEVEL=" + level).replace("READY=0", "READY=1")
+    if level == "1":  # a PVS may name the patient in its ERRORTEXT
+        answered = answered.replace("ERRORTEXT=\\r\\n", "ERRORTEXT=Patient Kunigunde unbekannt\\r\\n")
     push.write_bytes(answered.encode("cp1252"))
 """
 
@@ -233,9 +235,13 @@ async def test_a_push_the_pvs_does_not_take_is_retried(
         make_settings, fake_pvs(tmp_path / "pvs", answer=answer), push_timeout=3, push_trust_exit_code="no"
     )
     try:
-        with pytest.raises(vdds_push.PushFailed, match=reason):
+        with pytest.raises(vdds_push.PushFailed, match=reason) as failed:
             await vdds_push.send(rt, item)
         assert not await vdds_push.recover(rt, item)
+        # The reason is logged and kept in the outbox row; the PVS's own text stays in the push file.
+        assert "Kunigunde" not in str(failed.value)
+        if answer == "refuse":
+            assert "Kunigunde" in vdds_push.push_file(rt.settings, item).read_text(encoding="cp1252")
     finally:
         rt.close()
 

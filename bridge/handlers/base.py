@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bridge.model import Outcome, PatientRequest
+from bridge.model import Origin, Outcome, PatientRequest
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
@@ -26,6 +26,20 @@ class Launch:
     # The charset an HTTP client declared for `content` (Content-Type); "" when none was declared, and
     # then the profile's encoding reads it, as it reads the files a PMS writes.
     charset: str = ""
+    # Who sent it, for the audit log: the API token's actor name when the launch came over the API
+    # ("token:<8 hex>"), "" for a watched folder (no token: the folder's share is the access control).
+    actor: str = ""
+
+    def origin(self) -> Origin:
+        """The audit origin of everything this launch reads or changes: one place for every handler,
+        so none of them can leave out the token that authorised the launch."""
+        return Origin(
+            protocol=self.protocol,
+            transport=self.transport,
+            workstation=self.workstation,
+            actor=self.actor,
+            request_id=self.request_id,
+        )
 
 
 @dataclass(frozen=True)

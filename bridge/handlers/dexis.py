@@ -130,6 +130,7 @@ def _folder_handler(rt: Runtime, protocol: str, handler: LaunchHandler) -> Handl
 
     The file stays where the PMS wrote it (it overwrites it for the next patient, and may also start
     `pms-bridge ... @FILE` on it); the watcher's claim keeps each version from being handled twice.
+    Its result, logged and recorded with the claim, is the exit code a launch would have had.
     """
 
     async def handle(path: Path, content: bytes) -> str:
@@ -144,6 +145,8 @@ def _folder_handler(rt: Runtime, protocol: str, handler: LaunchHandler) -> Handl
         answer = await handler(rt, launch)
         if rt.recorder is not None:
             await rt.recorder.folder(f"{protocol}-integrator", protocol, path.name, content, None, answer)
-        return f"exit {answer.exit_code}: {answer.message}"
+        # The exit code only: the line for a PMS quotes the file's id, names and dates ("BD '31.02.1980'
+        # is not a date", "patient 5556 created"), and this result is logged and kept in the store.
+        return f"exit {answer.exit_code}"
 
     return handle

@@ -11,7 +11,7 @@ import logging
 
 from bridge.config import Settings
 from bridge.handlers.base import Launch, LaunchReply
-from bridge.model import Origin, Outcome, PatientRequest, Status
+from bridge.model import Outcome, PatientRequest, Status
 from bridge.runtime import Runtime
 from protocols.opp import (
     Command,
@@ -82,13 +82,7 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
             return LaunchReply(EXIT_INVALID, "OPP: name an OPP XML file or pass OPP flags (-p REFERENCE ...)")
     except OppError as exc:
         return LaunchReply(EXIT_INVALID, f"OPP: {exc}")
-    origin = Origin(
-        protocol=PROTOCOL,
-        transport=launch.transport,
-        workstation=launch.workstation,
-        request_id=launch.request_id,
-    )
-    request = message.request(origin)
+    request = message.request(launch.origin())
     outcome = await execute(rt, message, request)
     text = f"OPP {message.command.value}: {outcome.message}"
     if outcome.conflict_id is not None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from bridge.config import LaunchProfile
 from bridge.handlers.base import Launch, LaunchReply
-from bridge.model import Action, IdKind, Origin, Outcome, PatientRequest, Status
+from bridge.model import Action, IdKind, Outcome, PatientRequest, Status
 from protocols.fields import MessageError, PatientFields
 
 if TYPE_CHECKING:
@@ -50,15 +50,6 @@ EXIT_CODES: dict[Status, ExitCode] = {
 }
 
 
-def origin_of(launch: Launch) -> Origin:
-    return Origin(
-        protocol=launch.protocol,
-        transport=launch.transport,
-        workstation=launch.workstation,
-        request_id=launch.request_id,
-    )
-
-
 def build_request(
     fields: PatientFields, profile: LaunchProfile, launch: Launch, *, id_suffix_length: int = 0
 ) -> PatientRequest:
@@ -72,7 +63,7 @@ def build_request(
     suffix_kind = IdKind.PMS_ID_SUFFIX if id_suffix_length else IdKind.PMS_ID
     return PatientRequest(
         action=Action.OPEN,
-        origin=origin_of(launch),
+        origin=launch.origin(),
         pms_system=profile.pms_system,
         practice_id=profile.practice_id,
         pms_id="" if by_chart else fields.patient_id,

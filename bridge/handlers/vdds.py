@@ -54,15 +54,6 @@ def options(settings: VddsSettings) -> vdds.Options:
     )
 
 
-def origin_of(launch: Launch) -> Origin:
-    return Origin(
-        protocol=PROTOCOL,
-        transport=launch.transport,
-        workstation=launch.workstation,
-        request_id=launch.request_id,
-    )
-
-
 async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
     """Answer one VDDS launch; never raises (the answer says what went wrong)."""
     settings = rt.settings.vdds
@@ -121,7 +112,7 @@ async def _serve(
     rt: Runtime, launch: Launch, exchange: vdds_exchange.Exchange, opts: vdds.Options, trace: _Trace
 ) -> tuple[int, str, list[vdds_exchange.Section], str]:
     """(ERRORLEVEL, ERRORTEXT, answer sections, a line for the log and the PVS's console)."""
-    request = trace.request = vdds.patient_request(exchange, origin_of(launch), opts, launch.args)
+    request = trace.request = vdds.patient_request(exchange, launch.origin(), opts, launch.args)
     outcome = trace.outcome = await rt.service.handle(request)
     level, text = vdds.outcome_error(outcome, exchange.kind, opts, request.pms_id)
     summary = f"{exchange.kind.value}: {outcome.message}"
@@ -136,7 +127,7 @@ async def _serve(
         assert exchange.request is not None  # a MMOEXPORT kind always has its [MMOIDS] section
         slots = vdds.export_slots(exchange.request, opts.max_mmoids)
         found_refs = [ref for ref in request.image_refs if ref not in outcome.missing_refs]
-        paths, failed = await export_copies(rt, outcome.images, request.export_format, origin_of(launch))
+        paths, failed = await export_copies(rt, outcome.images, request.export_format, launch.origin())
         by_ref = {
             ref: paths[image.id]
             for ref, image in zip(found_refs, outcome.images, strict=True)
@@ -167,7 +158,7 @@ async def _view(rt: Runtime, launch: Launch, opts: vdds.Options) -> LaunchReply:
         if any(sep in mmoid for sep in ("/", "\\")):
             # A path that named no readable file: the PVS's exchange file is gone or not shared.
             raise vdds.VddsError("unknown_request")
-        outcome = await rt.service.handle(vdds.view_request(mmoid, origin_of(launch)))
+        outcome = await rt.service.handle(vdds.view_request(mmoid, launch.origin()))
     except vdds.VddsError as exc:
         return LaunchReply(1, exc.text(opts.language))
     except Exception as exc:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.atomic import write_atomic
+from bridge.delivery import DeliveryError
 from bridge.events import Event, ImagesAdded
 from bridge.model import Origin
 from protocols import vdds, vdds_exchange
@@ -48,8 +49,10 @@ POLL_SECONDS = 0.1
 ORIGIN = Origin(protocol="vdds", transport="push", actor="outbox")
 
 
-class PushFailed(Exception):
-    """The PVS did not take the push this time; the outbox retries it with backoff."""
+class PushFailed(DeliveryError):
+    """The PVS did not take the push this time; the outbox retries it with backoff. Its text names the
+    program and the push file, never the PVS's ERRORTEXT (a PVS may put the patient's name there): that
+    stays in the push file."""
 
 
 def push_channels(settings: Settings, protocol: str, _pms_system: str) -> Sequence[str]:
@@ -162,7 +165,9 @@ async def run_program(rt: Runtime, argv: list[str], path: Path) -> None:
             if reply is not None and reply.ready:
                 if reply.accepted:
                     return
-                raise PushFailed(f"the PVS refused the push: ERRORLEVEL={reply.errorlevel} {reply.errortext}")
+                raise PushFailed(
+                    f"the PVS refused the push: ERRORLEVEL={reply.errorlevel} (its ERRORTEXT is in {path})"
+                )
             if exited_at is None and proc.returncode is not None:
                 exited_at = time.monotonic()
                 await asyncio.to_thread(_exit_file(path).write_text, str(proc.returncode))

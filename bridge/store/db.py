@@ -11,9 +11,11 @@ says nothing it depends on has changed since.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +40,7 @@ def make_engine(url: str, *, pool_size: int = 5, autocommit: bool = False) -> En
     """An engine with the per-dialect settings the store relies on (`autocommit`: for a read pool on a
     server database, whose lookups then need no BEGIN and COMMIT round trips)."""
     if url.startswith("sqlite"):
+        _create_private_file(url)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _configure_sqlite(engine)
         return engine
@@ -46,6 +49,24 @@ def make_engine(url: str, *, pool_size: int = 5, autocommit: bool = False) -> En
     # work once on a fresh connection (SQLAlchemy's "optimistic" disconnect handling).
     options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600, **options)
+
+
+def _create_private_file(url: str) -> None:
+    """Create a new SQLite store's file readable and writable by the daemon's user only (0600, POSIX).
+
+    SQLite creates a missing database file with the process's umask (0644 under the usual 022), so every
+    local account could read the practice's patients; its -wal and -shm files take the database file's
+    mode. An existing file keeps its mode (an admin may have chosen a group), and a file that cannot be
+    created here (no folder) is left to SQLite, which reports it on connect. Windows files take the
+    folder's ACL instead.
+    """
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if os.name != "posix" or not database or database == ":memory:" or database.startswith("file:"):
+        return
+    with contextlib.suppress(OSError):
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -51,10 +51,9 @@ async def launch(request: web.Request) -> web.Response:
         transport=header_text(request, "X-PMS-Transport", "transport") or "cli",
         request_id=request_id_var.get(),
         charset=charset,
+        actor=request.get(ACTOR_KEY, ""),
     )
-    log.info(
-        "launch", extra={"protocol": protocol, "actor": request.get(ACTOR_KEY, ""), "bytes": len(content)}
-    )
+    log.info("launch", extra={"protocol": protocol, "actor": item.actor, "bytes": len(content)})
     reply = await handler(rt, item)
     rt.metrics.launches.labels(protocol, str(reply.exit_code)).inc()
     if rt.recorder is not None:

@@ -74,6 +74,19 @@ def client_request_id(request: web.Request) -> str:
     return given if given.isascii() and given.isprintable() else ""
 
 
+def token_matches(given: str, expected: bytes) -> bool:
+    """Whether a bearer token as received is `expected`, in constant time.
+
+    aiohttp keeps header bytes that are not UTF-8 as lone surrogates, which cannot be encoded: such a
+    token is a wrong token (401), not an encoding error (500).
+    """
+    try:
+        presented = given.strip().encode()
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(presented, expected)
+
+
 def make_bearer_auth(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Everything but PUBLIC_PATHS needs `Authorization: Bearer <token>`; an empty token refuses all."""
     expected = token.encode()
@@ -88,7 +101,7 @@ def make_bearer_auth(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
             raise ProblemError(
                 401, "the API token is not configured ([api] token); all data requests are refused"
             )
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        if scheme.lower() != "bearer" or not token_matches(given, expected):
             raise ProblemError(401, "missing or wrong bearer token", kind="unauthorized")
         request[ACTOR_KEY] = "token:" + hmac.new(expected, b"actor", "sha256").hexdigest()[:8]
         return await handler(request)

@@ -50,7 +50,7 @@ from bridge.web.answers import Kept, RepeatedAnswers
 from bridge.web.api import RENDER_VIEW_MAX_AGE, STATUS_HTTP, origin_of, rendered_image
 from bridge.web.fields import path_id
 from bridge.web.keys import LISTENER_TLS, MAX_BODY, RUNTIME
-from bridge.web.middleware import ACTOR_KEY, make_request_context
+from bridge.web.middleware import ACTOR_KEY, make_request_context, token_matches
 from bridge.web.multipart import FormReader, MultipartError, boundary_of
 from bridge.web.problems import ProblemError
 from protocols.opp import (
@@ -232,7 +232,7 @@ def make_guard(state: OppWebState) -> Callable[..., Awaitable[web.StreamResponse
             raise _origin_refused(origin)
         if state.token and not is_thumbnail:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), state.token):
+            if scheme.lower() != "bearer" or not token_matches(given, state.token):
                 raise ProblemError(
                     401, "missing or wrong bearer token ([opp_web] token)", kind="unauthorized"
                 )
