@@ -130,6 +130,15 @@ def outbox_states(url: str) -> list[str]:
         engine.dispose()
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def new_patient(daemon: DaemonProcess, tmp_path: Path, patid: str) -> int:
     request = tmp_path / f"{patid}.tmp"
     request.write_bytes(stage1(patid))
@@ -213,6 +222,29 @@ def test_a_push_a_dead_daemon_held_is_taken_over_by_a_running_one(
     assert "outbox recovered" in b.log()
 
 
+@pytest.mark.slow
+def test_a_graceful_stop_leaves_the_pvs_import_running_and_the_restart_settles_it(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """SIGTERM while the PVS's program imports: the program is not killed (it takes the push), the stop
+    hands the claim back, and the restarted daemon finds READY=1 at once: one push, no second start."""
+    pvs = tmp_path / "pvs"
+    daemon = daemon_factory(vdds={"mmi_ini": str(fake_pvs(pvs, first_delay=3)), "push_timeout": 60})
+    upload(daemon, new_patient(daemon, tmp_path, "0815"), png())
+    wait_for(lambda: len(lines(pvs / "starts")) == 1, "the PVS's program to start")
+    assert daemon.stop(signal.SIGTERM) == 0
+    program = int(lines(pvs / "starts")[0])
+    assert alive(program) or lines(pvs / "arrivals"), "the stop killed the PVS's import program"
+    wait_for(lambda: len(lines(pvs / "arrivals")) == 1, "the PVS's program to take the push")
+    restarted = start_daemon(daemon.config)
+    try:
+        wait_for(lambda: outbox_states(daemon.settings.store.url) == ["done"], "the outbox to settle")
+    finally:
+        restarted.stop()
+    assert lines(pvs / "arrivals") == ["MMOINF1.INI 1"]
+    assert len(lines(pvs / "starts")) == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # The sender's decisions, one push at a time
 
@@ -287,6 +319,40 @@ async def test_a_push_the_pvs_does_not_take_is_retried(
         with pytest.raises(vdds_push.PushFailed, match=reason):
             await vdds_push.send(rt, item)
         assert not await vdds_push.recover(rt, item)
+    finally:
+        rt.close()
+
+
+async def test_a_push_missing_a_thumbnail_is_not_sent_but_retried(make_settings: Any, tmp_path: Path) -> None:
+    """Two images, and the second one's thumbnail cannot be written into the export folder (a full disk;
+    here a folder in its way): a stage-6 push is sent once, so it waits for a retry rather than go out
+    with COUNT=2 and one THUMBNAIL=, never to be completed."""
+    pvs = tmp_path / "pvs"
+    rt, item = await queued_push(make_settings, fake_pvs(pvs), images=2)
+    try:
+        second = max(int(i) for i in item.payload["image_ids"])
+        (rt.settings.vdds.export_dir / "thumbnails" / f"{second}.jpg").mkdir(parents=True)
+        with pytest.raises(vdds_push.PushFailed, match="1 of 2 thumbnails"):
+            await vdds_push.send(rt, item)
+        assert lines(pvs / "starts") == []
+        assert not await vdds_push.recover(rt, item)  # nothing went out: sent again after a crash too
+    finally:
+        rt.close()
+
+
+async def test_a_direct_import_push_missing_a_copy_is_retried(make_settings: Any, tmp_path: Path) -> None:
+    """A PVS declaring DIRECTIMAGEIMPORT takes the images from the push's IMAGEDATA copies: a copy that
+    cannot be made (here its original is gone) keeps the push for a retry instead of announcing an
+    image without its file."""
+    pvs = tmp_path / "pvs"
+    rt, item = await queued_push(make_settings, fake_pvs(pvs, direct_import=True), images=2)
+    try:
+        image = await rt.service.get_image(Origin("test"), int(item.payload["image_ids"][0]))
+        assert image is not None
+        rt.files.path_for(image.sha256, image.file_ext).unlink()
+        with pytest.raises(vdds_push.PushFailed, match="1 of 2 copies for DIRECTIMAGEIMPORT"):
+            await vdds_push.send(rt, item)
+        assert lines(pvs / "starts") == []
     finally:
         rt.close()
 
