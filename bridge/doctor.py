@@ -62,10 +62,16 @@ def check_tls(settings: Settings) -> str:
     return "; ".join(used) or "not used (tls = no)"
 
 
-def check_folder(path: Path, *, create: bool = True) -> str:
-    """Writable. A missing PMS or VDDS folder is created, as the daemon creates it at start; a missing
-    image folder (`create=False`) is reported instead: on an unmounted share's mount point, creating it
-    would hide the missing share behind an empty local folder."""
+IMAGE_FOLDER_REMEDY = "mount it, or correct [store] images; 'pms-bridge init' creates it for a new store"
+
+
+def check_folder(
+    path: Path, *, create: bool = True, what: str = "the image folder", remedy: str = IMAGE_FOLDER_REMEDY
+) -> str:
+    """Writable. A missing folder the daemon creates at start (a watched folder) is created; a missing
+    folder it never creates (`create=False`: the image folder, a thumbnail folder) is reported instead:
+    on an unmounted share's mount point, creating it would hide the missing share behind an empty local
+    folder, and the daemon would deliver into that."""
     from bridge.store.files import FileStore
 
     try:
@@ -73,10 +79,7 @@ def check_folder(path: Path, *, create: bool = True) -> str:
             path.mkdir(parents=True, exist_ok=True)
         FileStore(path).check_writable()
     except FileNotFoundError:
-        raise CheckFailed(
-            f"the image folder {path} does not exist: is the share mounted? (mount it, or correct"
-            " [store] images; 'pms-bridge init' creates it for a new store)"
-        ) from None
+        raise CheckFailed(f"{what} {path} does not exist: is the share mounted? ({remedy})") from None
     except OSError as exc:
         raise CheckFailed(
             f"{path}: {exc.strerror or exc} (a share needs a UNC path and an account with rights)"
@@ -128,15 +131,21 @@ def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
 
 
 def check_profile_folders(settings: Settings) -> str:
-    """The Dexis/Dentrix Integrator folders and the thumbnail folders of the PMS profiles that use them."""
+    """The Dexis/Dentrix Integrator folders (watched: created as the daemon creates them) and the
+    thumbnail folders of the PMS profiles that use them (never created: the PMS's share)."""
     checked = []
     for name, profile in launch_profiles(settings).items():
-        folders = {"integrator_dir": getattr(profile, "integrator_dir", None)}
-        if profile.thumbnails:
-            folders["thumbnail_dir"] = profile.thumbnail_dir
-        for key, folder in folders.items():
-            if folder is not None:
-                checked.append(f"[{name}] {key} {check_folder(folder)}")
+        integrator = getattr(profile, "integrator_dir", None)
+        if integrator is not None:
+            checked.append(f"[{name}] integrator_dir {check_folder(integrator)}")
+        if profile.thumbnails and profile.thumbnail_dir is not None:
+            folder = check_folder(
+                profile.thumbnail_dir,
+                create=False,
+                what=f"[{name}] thumbnail_dir",
+                remedy="mount it, or create the folder the PMS reads; the bridge never creates it",
+            )
+            checked.append(f"[{name}] thumbnail_dir {folder}")
     return "; ".join(checked) or "not configured"
 
 
