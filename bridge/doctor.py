@@ -1,6 +1,8 @@
 """`pms-bridge doctor`: "configure and test PMS integration", as a checklist an IT admin can read.
 
-Each check prints one line, `ok` or `FAIL` with what to do; the exit code is 0 only when all pass.
+Each check prints one line, `ok`, `WARN` or `FAIL` with what to do; the exit code is 0 only when none
+fails. A WARN is a set-up that works but leaves something open (a listener beyond loopback without TLS
+or token) that a practice may have chosen on purpose, so it does not fail the checklist.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ Check = tuple[str, Callable[[Settings], str]]  # (title, function returning a de
 
 class CheckFailed(Exception):
     pass
+
+
+class CheckWarning(Exception):
+    """The check found something to fix that does not stop the bridge from working."""
 
 
 def check_store(settings: Settings) -> str:
@@ -149,6 +155,58 @@ def check_profile_folders(settings: Settings) -> str:
     return "; ".join(checked) or "not configured"
 
 
+STUCK_SENDING_SECONDS = 15 * 60  # far longer than a push takes with the default push_timeout (2 min)
+LATE_PENDING_SECONDS = 60 * 60  # the backoff has reached its 15-minute steps by then
+
+
+def check_outbox(settings: Settings) -> str:
+    """Pushes to PMSs given up on (failed), held by a daemon for too long (sending: it died or hangs) or
+    waiting long (pending: the PMS or its share is away). None of them makes the daemon unready."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.orm import Session
+
+    from bridge.outbox_admin import outbox_counts, per_channel
+    from bridge.store.db import SCHEMA_HEAD, current_revision, make_engine, unreachable
+    from bridge.store.types import utcnow
+
+    engine = make_engine(settings.store.url)
+    try:
+        with Session(engine) as session:
+            session.execute(text("SELECT 1"))  # reachable (current_revision takes a failure for "empty")
+            if current_revision(engine) != SCHEMA_HEAD:
+                raise CheckWarning("not checked until the schema is up to date (see the store's line)")
+            counts = outbox_counts(session)
+    except SQLAlchemyError as exc:
+        raise CheckFailed(unreachable(settings.store.url, exc)) from None
+    finally:
+        engine.dispose()
+    now = utcnow()
+    failed = [r for r in counts if r.state == "failed"]
+    stuck = [r for r in counts if r.state == "sending" and r.age_seconds(now) > STUCK_SENDING_SECONDS]
+    late = [r for r in counts if r.state == "pending" and r.age_seconds(now) > LATE_PENDING_SECONDS]
+    problems = []
+    if failed:
+        problems.append(
+            f"{per_channel(failed)} failed, given up after about 44 h of retries: fix the cause"
+            " ('pms-bridge outbox list' shows the errors), then run 'pms-bridge outbox retry'"
+        )
+    if stuck:
+        problems.append(
+            f"{per_channel(stuck)} sending for over {STUCK_SENDING_SECONDS // 60} min: a daemon hangs in a"
+            " push, or one died and no running daemon serves that channel to take them over"
+        )
+    if late:
+        problems.append(
+            f"{per_channel(late)} waiting for over {LATE_PENDING_SECONDS // 60} min: is a daemon serving"
+            " that channel running, and the PMS or its share reachable? ('pms-bridge outbox list')"
+        )
+    if problems:
+        raise CheckWarning("; ".join(problems))
+    waiting = {state: sum(r.count for r in counts if r.state == state) for state in ("pending", "sending")}
+    return f"{waiting['pending']} pending, {waiting['sending']} sending, none failed"
+
+
 def check_daemon(settings: Settings) -> str:
     status, _ = _get(settings, "/healthz", None)
     if status != 200:
@@ -178,6 +236,7 @@ CHECKS: list[Check] = [
         lambda s: check_folder(s.vdds.exchange_dir) if s.vdds.exchange_dir else "not configured",
     ),
     ("PMS profile folders writable", check_profile_folders),
+    ("pushes to PMSs (outbox)", check_outbox),
     ("VDDS registration in VDDS_MMI.INI", vdds_register.check),
     ("daemon answering", check_daemon),
     ("API token", check_token),
@@ -195,6 +254,8 @@ def run_checks(config: str | None) -> int:
     for title, check in CHECKS:
         try:
             print(f"ok   {title}: {check(settings)}")
+        except CheckWarning as exc:
+            print(f"WARN {title}: {exc}")
         except CheckFailed as exc:
             failed += 1
             print(f"FAIL {title}: {exc}")

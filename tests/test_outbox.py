@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,8 +13,9 @@ from sqlalchemy.orm import Session
 
 from bridge.outbox import OutboxItem, OutboxWorker
 from bridge.runtime import Runtime
-from bridge.store.models import OutboxMessage, Patient
+from bridge.store.models import AuditEntry, OutboxMessage, Patient
 from bridge.store.types import utcnow
+from tests.conftest import pms_bridge_command
 
 
 async def test_two_daemons_on_one_store_deliver_each_message_once(runtime: Runtime) -> None:
@@ -193,6 +195,66 @@ async def test_a_message_sending_from_before_claims_were_recorded_is_settled(run
     worker = OutboxWorker(runtime, "test", BlockingSender())
     assert await worker.recover() == 1
     assert rows(runtime)[0][:2] == ("pending", runtime.instance_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the admin sees: metrics, doctor, pms-bridge outbox list | retry
+
+
+async def test_metrics_show_the_outbox_by_channel_and_state(api_client: Any, runtime: Runtime) -> None:
+    await seed_messages(runtime, 2, channel="vdds-push", state="failed")
+    await seed_messages(runtime, 1, channel="dentrix-thumbnails", state="pending")
+    response = await api_client.get("/metrics")
+    assert response.status == 200
+    text = await response.text()
+    assert 'pms_bridge_outbox_messages{channel="vdds-push",state="failed"} 2.0' in text
+    assert 'pms_bridge_outbox_messages{channel="vdds-push",state="pending"} 0.0' in text  # a channel it runs
+    assert 'pms_bridge_outbox_messages{channel="dentrix-thumbnails",state="pending"} 1.0' in text
+    assert 'pms_bridge_outbox_oldest_age_seconds{channel="dentrix-thumbnails",state="pending"}' in text
+    ready = await api_client.get("/readyz")
+    assert ready.status == 200  # the daemon still serves every PMS: a failed push is no readiness matter
+
+
+def pms_bridge(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*pms_bridge_command(), *args], capture_output=True, text=True, timeout=120)
+
+
+async def test_doctor_warns_of_failed_pushes_and_retry_makes_them_pending(runtime: Runtime) -> None:
+    config = str(runtime.settings.path)
+    await seed_messages(runtime, 2, channel="vdds-push", state="failed")
+    await seed_messages(runtime, 1, channel="dentrix-thumbnails", state="failed")
+
+    doctor = await asyncio.to_thread(pms_bridge, "doctor", "--config", config)
+    (line,) = [line for line in doctor.stdout.splitlines() if "(outbox)" in line]
+    assert line.startswith("WARN pushes to PMSs (outbox): 1 dentrix-thumbnails, 2 vdds-push messages failed")
+    assert "pms-bridge outbox retry" in line
+
+    listed = await asyncio.to_thread(pms_bridge, "outbox", "list", "--config", config)
+    assert listed.returncode == 0, listed.stderr
+    assert any(line.split()[:3] == ["vdds-push", "failed", "2"] for line in listed.stdout.splitlines())
+    assert "the thumbnail folder is not reachable" in listed.stdout
+
+    retried = await asyncio.to_thread(
+        pms_bridge, "outbox", "retry", "--channel", "vdds-push", "--config", config
+    )
+    assert retried.returncode == 0, retried.stderr
+    assert "2 failed messages of vdds-push are pending again" in retried.stdout
+    assert sorted((state, attempts) for state, _c, _l, attempts in rows(runtime)) == [
+        ("failed", 50),
+        ("pending", 0),
+        ("pending", 0),
+    ]
+    audited = await runtime.db.read(
+        lambda session: list(session.scalars(select(AuditEntry).where(AuditEntry.action == "outbox-retry")))
+    )
+    assert len(audited) == 2 and all(
+        entry.transport == "cli" and entry.actor.startswith("user:") for entry in audited
+    )
+
+    doctor = await asyncio.to_thread(pms_bridge, "doctor", "--config", config)
+    (line,) = [line for line in doctor.stdout.splitlines() if "(outbox)" in line]
+    assert line.startswith("WARN pushes to PMSs (outbox): 1 dentrix-thumbnails message failed"), line
+    assert "vdds-push" not in line
 
 
 async def test_a_stopping_worker_hands_its_claims_back(make_settings: Any) -> None:
