@@ -173,6 +173,26 @@ def _vdds_args(parser: argparse.ArgumentParser) -> None:
         action.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
 
 
+def cmd_outbox(ns: argparse.Namespace) -> int:
+    from bridge.outbox_admin import run
+
+    return run(ns)
+
+
+def _outbox_args(parser: argparse.ArgumentParser) -> None:
+    import argparse
+
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (
+        ("list", "count the pushes to PMSs by channel and state; show why failed ones failed"),
+        ("retry", "make failed pushes pending again (after fixing the cause), each in the audit log"),
+    ):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("--config", default=argparse.SUPPRESS, help="config file (as before the action)")
+        if name == "retry":
+            action.add_argument("--channel", help="only this channel (e.g. vdds-push, dentrix-thumbnails)")
+
+
 def _replay_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("samples", help="folder of cases (see samples/README.md)")
     parser.add_argument("--case", default="*", help="glob of case names to run, e.g. 'vdds/*'")
@@ -203,6 +223,11 @@ COMMANDS: dict[str, Command] = {
         _no_args,
     ),
     "reconcile": ("re-check every image file against its SHA-256", cmd_reconcile, _no_args),
+    "outbox": (
+        "pushes to PMSs waiting or given up: 'outbox list', 'outbox retry [--channel NAME]'",
+        cmd_outbox,
+        _outbox_args,
+    ),
     "import": ("import DICOM files, folders and DICOMDIR file sets", cmd_import, _import_args),
     "export-dicom": (
         "write a patient's images as a DICOM File Set with a DICOMDIR",

@@ -685,6 +685,12 @@ class DaemonSettings:
     )
     log_file: Path | None = key("", OptionalPath(), "Log to this file as well as to stderr")
     shutdown_timeout: float = key("30", Float(1, 600), "Seconds in-flight requests get to finish on stop")
+    outbox_lease: float = key(
+        "30",
+        Float(1, 3600),
+        "Seconds a claim on an outbox message (a push being sent) lasts unless renewed: a daemon renews its"
+        " own while it sends; one that ran out (its daemon died) is taken over within 1.5 times this",
+    )
 
 
 @dataclass(frozen=True)

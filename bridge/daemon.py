@@ -146,7 +146,12 @@ class Daemon:
         sys.setswitchinterval(SWITCH_INTERVAL)
         log.info(
             "started",
-            extra={"version": __version__, "config": str(self.settings.path), "store": rt.db.dialect},
+            extra={
+                "version": __version__,
+                "config": str(self.settings.path),
+                "store": rt.db.dialect,
+                "instance": rt.instance_id,  # names this run's outbox claims (claimed_by)
+            },
         )
         for warning in exposure_warnings(self.settings):
             log.warning("listener open to the network", extra={"warning": warning})

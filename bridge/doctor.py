@@ -81,10 +81,16 @@ def check_tls(settings: Settings) -> str:
     return "; ".join(used) or "not used (tls = no)"
 
 
-def check_folder(path: Path, *, create: bool = True) -> str:
-    """Writable. A missing PMS or VDDS folder is created, as the daemon creates it at start; a missing
-    image folder (`create=False`) is reported instead: on an unmounted share's mount point, creating it
-    would hide the missing share behind an empty local folder."""
+IMAGE_FOLDER_REMEDY = "mount it, or correct [store] images; 'pms-bridge init' creates it for a new store"
+
+
+def check_folder(
+    path: Path, *, create: bool = True, what: str = "the image folder", remedy: str = IMAGE_FOLDER_REMEDY
+) -> str:
+    """Writable. A missing folder the daemon creates at start (a watched folder) is created; a missing
+    folder it never creates (`create=False`: the image folder, a thumbnail folder) is reported instead:
+    on an unmounted share's mount point, creating it would hide the missing share behind an empty local
+    folder, and the daemon would deliver into that."""
     from bridge.store.files import FileStore
 
     try:
@@ -92,10 +98,7 @@ def check_folder(path: Path, *, create: bool = True) -> str:
             path.mkdir(parents=True, exist_ok=True)
         FileStore(path).check_writable()
     except FileNotFoundError:
-        raise CheckFailed(
-            f"the image folder {path} does not exist: is the share mounted? (mount it, or correct"
-            " [store] images; 'pms-bridge init' creates it for a new store)"
-        ) from None
+        raise CheckFailed(f"{what} {path} does not exist: is the share mounted? ({remedy})") from None
     except OSError as exc:
         raise CheckFailed(
             f"{path}: {exc.strerror or exc} (a share needs a UNC path and an account with rights)"
@@ -147,16 +150,74 @@ def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
 
 
 def check_profile_folders(settings: Settings) -> str:
-    """The Dexis/Dentrix Integrator folders and the thumbnail folders of the PMS profiles that use them."""
+    """The Dexis/Dentrix Integrator folders (watched: created as the daemon creates them) and the
+    thumbnail folders of the PMS profiles that use them (never created: the PMS's share)."""
     checked = []
     for name, profile in launch_profiles(settings).items():
-        folders = {"integrator_dir": getattr(profile, "integrator_dir", None)}
-        if profile.thumbnails:
-            folders["thumbnail_dir"] = profile.thumbnail_dir
-        for key, folder in folders.items():
-            if folder is not None:
-                checked.append(f"[{name}] {key} {check_folder(folder)}")
+        integrator = getattr(profile, "integrator_dir", None)
+        if integrator is not None:
+            checked.append(f"[{name}] integrator_dir {check_folder(integrator)}")
+        if profile.thumbnails and profile.thumbnail_dir is not None:
+            folder = check_folder(
+                profile.thumbnail_dir,
+                create=False,
+                what=f"[{name}] thumbnail_dir",
+                remedy="mount it, or create the folder the PMS reads; the bridge never creates it",
+            )
+            checked.append(f"[{name}] thumbnail_dir {folder}")
     return "; ".join(checked) or "not configured"
+
+
+STUCK_SENDING_SECONDS = 15 * 60  # far longer than a push takes with the default push_timeout (2 min)
+LATE_PENDING_SECONDS = 60 * 60  # the backoff has reached its 15-minute steps by then
+
+
+def check_outbox(settings: Settings) -> str:
+    """Pushes to PMSs given up on (failed), held by a daemon for too long (sending: it died or hangs) or
+    waiting long (pending: the PMS or its share is away). None of them makes the daemon unready."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.orm import Session
+
+    from bridge.outbox_admin import outbox_counts, per_channel
+    from bridge.store.db import SCHEMA_HEAD, current_revision, make_engine, unreachable
+    from bridge.store.types import utcnow
+
+    engine = make_engine(settings.store.url)
+    try:
+        with Session(engine) as session:
+            session.execute(text("SELECT 1"))  # reachable (current_revision takes a failure for "empty")
+            if current_revision(engine) != SCHEMA_HEAD:
+                raise CheckWarning("not checked until the schema is up to date (see the store's line)")
+            counts = outbox_counts(session)
+    except SQLAlchemyError as exc:
+        raise CheckFailed(unreachable(settings.store.url, exc)) from None
+    finally:
+        engine.dispose()
+    now = utcnow()
+    failed = [r for r in counts if r.state == "failed"]
+    stuck = [r for r in counts if r.state == "sending" and r.age_seconds(now) > STUCK_SENDING_SECONDS]
+    late = [r for r in counts if r.state == "pending" and r.age_seconds(now) > LATE_PENDING_SECONDS]
+    problems = []
+    if failed:
+        problems.append(
+            f"{per_channel(failed)} failed, given up after about 44 h of retries: fix the cause"
+            " ('pms-bridge outbox list' shows the errors), then run 'pms-bridge outbox retry'"
+        )
+    if stuck:
+        problems.append(
+            f"{per_channel(stuck)} sending for over {STUCK_SENDING_SECONDS // 60} min: a daemon hangs in a"
+            " push, or one died and no running daemon serves that channel to take them over"
+        )
+    if late:
+        problems.append(
+            f"{per_channel(late)} waiting for over {LATE_PENDING_SECONDS // 60} min: is a daemon serving"
+            " that channel running, and the PMS or its share reachable? ('pms-bridge outbox list')"
+        )
+    if problems:
+        raise CheckWarning("; ".join(problems))
+    waiting = {state: sum(r.count for r in counts if r.state == state) for state in ("pending", "sending")}
+    return f"{waiting['pending']} pending, {waiting['sending']} sending, none failed"
 
 
 def check_daemon(settings: Settings) -> str:
@@ -189,6 +250,7 @@ CHECKS: list[Check] = [
         lambda s: check_folder(s.vdds.exchange_dir) if s.vdds.exchange_dir else "not configured",
     ),
     ("PMS profile folders writable", check_profile_folders),
+    ("pushes to PMSs (outbox)", check_outbox),
     ("VDDS registration in VDDS_MMI.INI", vdds_register.check),
     ("daemon answering", check_daemon),
     ("API token", check_token),

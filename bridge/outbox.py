@@ -2,9 +2,16 @@
 
 The service writes a message in the same transaction as the images it announces. A worker per channel
 claims due messages (state "sending", attempts + 1), calls the channel's sender and marks the message
-done, or schedules a retry with exponential backoff. A message found in "sending" at start-up was cut
-off by a crash: the channel's `recover` hook decides whether the PMS already has it (then it is done,
-not sent twice) or it is sent again.
+done, or schedules a retry with exponential backoff.
+
+Several daemons may share one store (scale-out on PostgreSQL), so a claim names its daemon (the
+runtime's instance id, new with every start) and carries a lease (`[daemon] outbox_lease`) that the
+worker renews while the send runs, however long the PMS takes. A message in "sending" whose lease is
+alive is another daemon's business and is never touched; one whose lease ran out was cut off (its
+daemon died, or this one before a restart): a worker takes it over, at start and every half lease, and
+the channel's `recover` hook decides whether the PMS already has it (then it is done, not sent twice)
+or it is sent again. A graceful stop hands its claims back (lease ended) so that the next start settles
+them at once. Only the daemon holding a claim may settle the message.
 """
 
 from __future__ import annotations
@@ -12,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy.orm import Session
 
@@ -27,12 +35,15 @@ from bridge.store.types import utcnow
 from bridge.thumbfolders import folder_targets
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import CursorResult
+
     from bridge.config import Settings
     from bridge.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 BACKOFF_SECONDS = (2.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -103,24 +114,57 @@ class OutboxWorker:
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.wake = asyncio.Event()
+        self.instance = rt.instance_id
+        self.lease = rt.settings.daemon.outbox_lease
+        self._held: set[int] = set()  # claimed by this worker and not settled yet
 
-    async def recover(self) -> None:
-        """Settle messages a crash left in "sending": done if the PMS has them, else due again."""
+    def _claim(self, msg: OutboxMessage, now: datetime) -> OutboxItem:
+        """Make `msg` this daemon's, in the claiming transaction (the caller notes it in `_held` once
+        that has committed)."""
+        msg.state, msg.claimed_by, msg.claimed_at = "sending", self.instance, now
+        msg.lease_until = now + timedelta(seconds=self.lease)
+        return _item(msg)
 
-        def interrupted(session: Session) -> list[OutboxItem]:
-            return [_item(m) for m in session.scalars(q.outbox_in_state(self.channel, "sending"))]
+    async def recover(self) -> int:
+        """Take over the messages left in "sending" whose lease ran out and settle them: done if the PMS
+        has them, else due again. Returns how many. Messages another daemon holds are left alone."""
+        held = frozenset(self._held)
 
-        for item in await self.rt.db.read(interrupted):
-            delivered = self.recover_hook is not None and await self.recover_hook(self.rt, item)
-            await self._finish(item, delivered=delivered, error="interrupted by a restart")
+        def take_over(session: Session) -> list[tuple[OutboxItem, str]]:
+            now = utcnow()
+            taken = []
+            for msg in session.scalars(q.expired_outbox(self.channel, now)):
+                # one this worker is still sending (its renewal failed while the store was away) is
+                # not taken over from itself
+                if msg.id not in held:
+                    previous = msg.claimed_by or ""
+                    taken.append((self._claim(msg, now), previous))
+            return taken
+
+        taken = await self.rt.db.write(take_over, watched=False)
+        self._held.update(item.id for item, _previous in taken)
+        for n, (item, previous) in enumerate(taken):
+            hook = self.recover_hook
+            try:
+                delivered = hook is not None and await self._leased(item, hook(self.rt, item))
+            except Exception:  # not known whether the PMS has it: looked at again on a later pass
+                await self._release([other.id for other, _previous in taken[n:]])
+                raise
+            await self._finish(item, delivered=delivered, error="interrupted: its daemon stopped or died")
             log.info(
-                "outbox recovered", extra={"channel": self.channel, "id": item.id, "delivered": delivered}
+                "outbox recovered",
+                extra={"channel": self.channel, "id": item.id, "delivered": delivered, "from": previous},
             )
+        return len(taken)
 
     async def run(self) -> None:
-        await self.recover()
+        log.info("outbox worker started", extra={"channel": self.channel, "instance": self.instance})
+        next_recover = 0.0
         while True:
             try:
+                if time.monotonic() >= next_recover:  # at start, then every half lease
+                    next_recover = time.monotonic() + self.lease / 2
+                    await self.recover()
                 sent = await self.run_once()
             except Exception:
                 log.exception("outbox pass failed", extra={"channel": self.channel})
@@ -135,16 +179,17 @@ class OutboxWorker:
 
         def claim(session: Session) -> list[OutboxItem]:
             claimed = []
-            for msg in session.scalars(q.due_outbox(self.channel, utcnow())):
-                msg.state = "sending"
+            now = utcnow()
+            for msg in session.scalars(q.due_outbox(self.channel, now)):
                 msg.attempts += 1
-                claimed.append(_item(msg))
+                claimed.append(self._claim(msg, now))
             return claimed
 
         items = await self.rt.db.write(claim, watched=False)
+        self._held.update(item.id for item in items)
         for item in items:
             try:
-                await self.sender(self.rt, item)
+                await self._leased(item, self.sender(self.rt, item))
             except Undeliverable as exc:
                 error = failure_text(exc)
                 log.error(
@@ -168,22 +213,91 @@ class OutboxWorker:
                 log.info("pushed", extra={"channel": self.channel, "id": item.id})
         return len(items)
 
+    async def _leased(self, item: OutboxItem, work: Awaitable[T]) -> T:
+        """Await `work` (a send, or a recover hook) while renewing the claim on `item` every third of the
+        lease: a push may take the PMS minutes, and the claim must not run out under it. A stop
+        (cancellation) hands back every claim this worker holds, so that the next start, or another
+        daemon, settles them at once instead of after the lease."""
+        renewer = asyncio.create_task(self._renew(item), name=f"outbox-lease-{item.id}")
+        try:
+            return await work
+        except asyncio.CancelledError:
+            await self._release(sorted(self._held))
+            raise
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+
+    async def _renew(self, item: OutboxItem) -> None:
+        def renew(session: Session) -> bool:
+            until = utcnow() + timedelta(seconds=self.lease)
+            result = session.execute(q.renew_outbox_lease(item.id, self.instance, until))
+            return bool(cast("CursorResult[Any]", result).rowcount)
+
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                kept = await self.rt.db.write(renew, watched=False)
+            except Exception as exc:  # the store is away: try again; the lease has two more thirds
+                log.warning(
+                    "outbox lease not renewed",
+                    extra={"channel": self.channel, "id": item.id, "error": type(exc).__name__},
+                )
+                continue
+            if not kept:
+                log.warning(
+                    "outbox claim taken over by another daemon",
+                    extra={"channel": self.channel, "id": item.id},
+                )
+                return
+
+    async def _release(self, ids: Sequence[int]) -> None:
+        """End this worker's claims on messages `ids` now (they stay "sending": whoever takes them over
+        asks the channel's recover hook whether the PMS has them). Best effort: a claim not released
+        runs out."""
+
+        def work(session: Session) -> None:
+            now = utcnow()
+            for msg_id in ids:
+                msg = session.get(OutboxMessage, msg_id)
+                if msg is not None and msg.state == "sending" and msg.claimed_by == self.instance:
+                    msg.lease_until = now
+
+        try:
+            await self.rt.db.write(work, watched=False)
+        except Exception:
+            log.warning("outbox claims not handed back; they run out", extra={"channel": self.channel})
+        self._held.difference_update(ids)
+
     async def _finish(
         self, item: OutboxItem, *, delivered: bool, error: str = "", final: bool = False
     ) -> None:
-        def work(session: Session) -> None:
+        """Settle a message this worker holds. One another daemon took over meanwhile (this one stalled
+        past its lease) is left to that daemon: it asks the PMS's side whether the push arrived."""
+
+        def work(session: Session) -> bool:
             msg = session.get(OutboxMessage, item.id)
             if msg is None:
-                return
+                return True
+            if msg.state != "sending" or msg.claimed_by != self.instance:
+                return False
             now = utcnow()
+            msg.lease_until = None
             if delivered:
                 msg.state, msg.done_at, msg.last_error = "done", now, ""
-                return
+                return True
             msg.last_error = error[:1000]
             if final or msg.attempts >= self.max_attempts:
                 msg.state = "failed"
-                return
+                return True
             delay = self.backoff[min(max(msg.attempts - 1, 0), len(self.backoff) - 1)]
             msg.state, msg.next_attempt_at = "pending", now + timedelta(seconds=delay)
+            return True
 
-        await self.rt.db.write(work, watched=False)
+        settled = await self.rt.db.write(work, watched=False)
+        self._held.discard(item.id)
+        if not settled:
+            log.warning(
+                "outbox message was taken over by another daemon",
+                extra={"channel": self.channel, "id": item.id},
+            )

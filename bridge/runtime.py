@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -17,6 +19,7 @@ from bridge.config import Settings
 from bridge.events import EventBus
 from bridge.imaging.pipeline import Imaging
 from bridge.outbox import REFRESH_RULES, push_targets
+from bridge.outbox_admin import WAITING_STATES, OutboxCount
 from bridge.record import Recorder
 from bridge.service import BridgeService
 from bridge.store.db import Database, current_revision, upgrade_schema
@@ -51,6 +54,36 @@ class Metrics:
             ["watcher"],
             registry=r,
         )
+        self.outbox_messages = Gauge(
+            "pms_bridge_outbox_messages",
+            "Pushes to PMSs waiting in the store's outbox (all daemons'), by channel and state",
+            ["channel", "state"],
+            registry=r,
+        )
+        self.outbox_oldest = Gauge(
+            "pms_bridge_outbox_oldest_age_seconds",
+            "Age of the oldest outbox message: pending since written, sending since claimed",
+            ["channel", "state"],
+            registry=r,
+        )
+
+    def show_outbox(
+        self, channels: Sequence[str], counts: Sequence[OutboxCount] | None, now: datetime
+    ) -> None:
+        """Set the outbox gauges from a fresh count (`None`: the store did not answer, so none are shown
+        rather than stale ones). `channels` (this daemon's) show 0 in every state when they hold nothing,
+        so that an alert on failed > 0 has a series to watch."""
+        self.outbox_messages.clear()
+        self.outbox_oldest.clear()
+        if counts is None:
+            return
+        for channel in channels:
+            for state in WAITING_STATES:
+                self.outbox_messages.labels(channel, state).set(0)
+        for row in counts:
+            self.outbox_messages.labels(row.channel, row.state).set(row.count)
+            if row.state in ("pending", "sending"):
+                self.outbox_oldest.labels(row.channel, row.state).set(row.age_seconds(now))
 
 
 @dataclass

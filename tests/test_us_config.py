@@ -93,6 +93,7 @@ def test_init_writes_the_profiles_documented_and_loadable(tmp_path: Path) -> Non
 def test_doctor_checks_the_profile_folders(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x", encoding="utf-8")
+    (tmp_path / "thumbs").mkdir()
     good = write(tmp_path, f"[dentrix]\nthumbnails = yes\nthumbnail_dir = {tmp_path / 'thumbs'}\n")
     out = subprocess.run(
         [*pms_bridge_command(), "doctor", "--config", str(good)], capture_output=True, timeout=60, check=False
@@ -103,3 +104,22 @@ def test_doctor_checks_the_profile_folders(tmp_path: Path) -> None:
         [*pms_bridge_command(), "doctor", "--config", str(bad)], capture_output=True, timeout=60, check=False
     ).stdout.decode()
     assert "FAIL PMS profile folders writable:" in out
+
+
+def test_doctor_reports_a_missing_thumbnail_folder_and_does_not_create_it(tmp_path: Path) -> None:
+    """The thumbnail folder is the PMS's share: created by doctor on the unmounted share's mount point,
+    it would be an empty local folder that the outbox "delivers" into, marking the pushes done."""
+    missing = tmp_path / "share" / "SmartImage"
+    config = write(tmp_path, f"[dentrix]\nthumbnails = yes\nthumbnail_dir = {missing}\n")
+    out = subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(config)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    ).stdout.decode()
+    (line,) = [line for line in out.splitlines() if "PMS profile folders" in line]
+    assert line.startswith(
+        f"FAIL PMS profile folders writable: [dentrix] thumbnail_dir {missing} does not exist: is the share"
+        " mounted?"
+    ), line
+    assert not missing.exists() and not missing.parent.exists()

@@ -58,7 +58,14 @@ if {answer!r} != "silent":
 """
 
 
-def fake_pvs(folder: Path, *, first_delay: float = 0.0, answer: str = "accept", archive: bool = True) -> Path:
+def fake_pvs(
+    folder: Path,
+    *,
+    first_delay: float = 0.0,
+    answer: str = "accept",
+    archive: bool = True,
+    direct_import: bool = False,
+) -> Path:
     """A VDDS_MMI.INI whose PVS TESTPVS registers the fake import program (in its archive section)."""
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "mmoinfim.py"
@@ -67,6 +74,8 @@ def fake_pvs(folder: Path, *, first_delay: float = 0.0, answer: str = "accept", 
     if archive:
         text = "[PVS]\r\nNAME1=TESTPVS\r\nARCHIV=TEST_ARCHIV\r\n\r\n[TESTPVS]\r\nNAME=Test\r\n\r\n"
         text += f"[TEST_ARCHIV]\r\nNAME=Archiv\r\nMMOINFIMPORT={program}\r\nSTAGES=123456\r\n"
+        if direct_import:
+            text += "DIRECTIMAGEIMPORT=1\r\n"
     else:
         text = "[PVS]\r\nNAME1=TESTPVS\r\n\r\n[TESTPVS]\r\nNAME=Test ohne Stufe 6\r\nSTAGES=1234\r\n"
     ini = folder / "VDDS_MMI.INI"
@@ -78,10 +87,13 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def png() -> bytes:
+def png(value: int = 120) -> bytes:
     out = io.BytesIO()
-    Image.new("L", (400, 300), 120).save(out, "PNG")
+    Image.new("L", (400, 300), value).save(out, "PNG")
     return out.getvalue()
+
+
+SHORT_LEASE = {"outbox_lease": 2}  # a killed daemon's claims run out soon: these tests are not about that
 
 
 def upload(daemon: DaemonProcess, patient_id: int, data: bytes) -> None:
@@ -120,6 +132,15 @@ def outbox_states(url: str) -> list[str]:
         engine.dispose()
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def new_patient(daemon: DaemonProcess, tmp_path: Path, patid: str) -> int:
     request = tmp_path / f"{patid}.tmp"
     request.write_bytes(stage1(patid))
@@ -134,7 +155,9 @@ def test_a_push_cut_off_by_a_crash_is_not_sent_again(daemon_factory: Any, tmp_pa
     """SIGKILL while the PVS's program runs: it finishes on its own; after the restart the outbox sees
     READY=1 in the push file and settles the message without a second push."""
     pvs = tmp_path / "pvs"
-    daemon = daemon_factory(vdds={"mmi_ini": str(fake_pvs(pvs, first_delay=3)), "push_timeout": 60})
+    daemon = daemon_factory(
+        vdds={"mmi_ini": str(fake_pvs(pvs, first_delay=3)), "push_timeout": 60}, daemon=SHORT_LEASE
+    )
     upload(daemon, new_patient(daemon, tmp_path, "0815"), png())
     wait_for(lambda: len(lines(pvs / "starts")) == 1, "the PVS's program to start")
     daemon.stop(signal.SIGKILL)
@@ -153,7 +176,9 @@ def test_a_push_lost_in_a_crash_arrives_once_after_the_restart(daemon_factory: A
     """SIGKILL of the daemon and of the PVS's program before it took the push: after the restart the push
     file stays READY=0 for push_timeout, so the push is sent again - once."""
     pvs = tmp_path / "pvs"
-    daemon = daemon_factory(vdds={"mmi_ini": str(fake_pvs(pvs, first_delay=120)), "push_timeout": 3})
+    daemon = daemon_factory(
+        vdds={"mmi_ini": str(fake_pvs(pvs, first_delay=120)), "push_timeout": 3}, daemon=SHORT_LEASE
+    )
     upload(daemon, new_patient(daemon, tmp_path, "0816"), png())
     wait_for(lambda: len(lines(pvs / "starts")) == 1, "the PVS's program to start")
     daemon.stop(signal.SIGKILL)
@@ -167,17 +192,75 @@ def test_a_push_lost_in_a_crash_arrives_once_after_the_restart(daemon_factory: A
     assert len(lines(pvs / "starts")) == 2
 
 
+@pytest.mark.slow
+def test_a_push_a_dead_daemon_held_is_taken_over_by_a_running_one(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """Scale-out: daemon A dies (SIGKILL) while the PVS's program takes its push; daemon B, running all
+    along on the same store and push folder, takes the message over once A's lease has run out, finds
+    the orphaned program's READY=1 and settles it: delivered once, not left in "sending" for good."""
+    pvs = tmp_path / "pvs"
+    shared = {
+        "vdds": {
+            "mmi_ini": str(fake_pvs(pvs, first_delay=3)),
+            "push_timeout": 60,
+            "push_dir": str(tmp_path / "push"),
+        },
+        "daemon": SHORT_LEASE,
+    }
+    a = daemon_factory(**shared)
+    b = daemon_factory(**shared)
+    patient = new_patient(a, tmp_path, "0815")
+    b.proc.send_signal(signal.SIGSTOP)  # so that A, not B, claims the push
+    try:
+        upload(a, patient, png())
+        wait_for(lambda: len(lines(pvs / "starts")) == 1, "the PVS's program to start")
+        a.stop(signal.SIGKILL)
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: outbox_states(a.settings.store.url) == ["done"], "B to settle A's push")
+    assert lines(pvs / "arrivals") == ["MMOINF1.INI 1"]
+    assert len(lines(pvs / "starts")) == 1
+    assert "outbox recovered" in b.log()
+
+
+@pytest.mark.slow
+def test_a_graceful_stop_leaves_the_pvs_import_running_and_the_restart_settles_it(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """SIGTERM while the PVS's program imports: the program is not killed (it takes the push), the stop
+    hands the claim back, and the restarted daemon finds READY=1 at once: one push, no second start."""
+    pvs = tmp_path / "pvs"
+    daemon = daemon_factory(vdds={"mmi_ini": str(fake_pvs(pvs, first_delay=3)), "push_timeout": 60})
+    upload(daemon, new_patient(daemon, tmp_path, "0815"), png())
+    wait_for(lambda: len(lines(pvs / "starts")) == 1, "the PVS's program to start")
+    assert daemon.stop(signal.SIGTERM) == 0
+    program = int(lines(pvs / "starts")[0])
+    assert alive(program) or lines(pvs / "arrivals"), "the stop killed the PVS's import program"
+    wait_for(lambda: len(lines(pvs / "arrivals")) == 1, "the PVS's program to take the push")
+    restarted = start_daemon(daemon.config)
+    try:
+        wait_for(lambda: outbox_states(daemon.settings.store.url) == ["done"], "the outbox to settle")
+    finally:
+        restarted.stop()
+    assert lines(pvs / "arrivals") == ["MMOINF1.INI 1"]
+    assert len(lines(pvs / "starts")) == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # The sender's decisions, one push at a time
 
 
-async def queued_push(make_settings: Any, pvs: Path, **vdds: Any) -> tuple[Runtime, OutboxItem]:
-    """A runtime whose store holds one queued push for a new image of VDDS patient 0815."""
+async def queued_push(
+    make_settings: Any, pvs: Path, *, images: int = 1, **vdds: Any
+) -> tuple[Runtime, OutboxItem]:
+    """A runtime whose store holds one queued push for `images` new images of VDDS patient 0815."""
     rt = Runtime.build(make_settings(vdds={"push_timeout": 5, **vdds, "mmi_ini": str(pvs)}))
     reply = await handle(rt, launch(stage1("0815")))
     assert reply.exit_code == 0
     [patient] = await rt.service.search_patients(Origin("test"), pms_id="0815")
-    await rt.service.add_images(Origin("test"), patient.id, [await rt.imaging.ingest(png())])
+    new = [await rt.imaging.ingest(png(100 + n)) for n in range(images)]
+    await rt.service.add_images(Origin("test"), patient.id, new)
     messages = await rt.db.read(lambda s: list(s.scalars(q.due_outbox(vdds_push.CHANNEL, utcnow()))))
     assert len(messages) == 1
     msg = messages[0]
@@ -242,6 +325,40 @@ async def test_a_push_the_pvs_does_not_take_is_retried(
         assert "Kunigunde" not in str(failed.value)
         if answer == "refuse":
             assert "Kunigunde" in vdds_push.push_file(rt.settings, item).read_text(encoding="cp1252")
+    finally:
+        rt.close()
+
+
+async def test_a_push_missing_a_thumbnail_is_not_sent_but_retried(make_settings: Any, tmp_path: Path) -> None:
+    """Two images, and the second one's thumbnail cannot be written into the export folder (a full disk;
+    here a folder in its way): a stage-6 push is sent once, so it waits for a retry rather than go out
+    with COUNT=2 and one THUMBNAIL=, never to be completed."""
+    pvs = tmp_path / "pvs"
+    rt, item = await queued_push(make_settings, fake_pvs(pvs), images=2)
+    try:
+        second = max(int(i) for i in item.payload["image_ids"])
+        (rt.settings.vdds.export_dir / "thumbnails" / f"{second}.jpg").mkdir(parents=True)
+        with pytest.raises(vdds_push.PushFailed, match="1 of 2 thumbnails"):
+            await vdds_push.send(rt, item)
+        assert lines(pvs / "starts") == []
+        assert not await vdds_push.recover(rt, item)  # nothing went out: sent again after a crash too
+    finally:
+        rt.close()
+
+
+async def test_a_direct_import_push_missing_a_copy_is_retried(make_settings: Any, tmp_path: Path) -> None:
+    """A PVS declaring DIRECTIMAGEIMPORT takes the images from the push's IMAGEDATA copies: a copy that
+    cannot be made (here its original is gone) keeps the push for a retry instead of announcing an
+    image without its file."""
+    pvs = tmp_path / "pvs"
+    rt, item = await queued_push(make_settings, fake_pvs(pvs, direct_import=True), images=2)
+    try:
+        image = await rt.service.get_image(Origin("test"), int(item.payload["image_ids"][0]))
+        assert image is not None
+        rt.files.path_for(image.sha256, image.file_ext).unlink()
+        with pytest.raises(vdds_push.PushFailed, match="1 of 2 copies for DIRECTIMAGEIMPORT"):
+            await vdds_push.send(rt, item)
+        assert lines(pvs / "starts") == []
     finally:
         rt.close()
 

@@ -9,8 +9,8 @@ a non-zero exit or a timeout is retried with the outbox's backoff.
 Exactly once across a crash: a message found "sending" at start-up is settled by `recover` from its push
 file. READY=1 with ERRORLEVEL=0 (or a recorded exit code 0, with `push_trust_exit_code`) means the PVS
 has it; READY=0 on a file younger than `push_timeout` means the PVS's program may still be running (it
-outlives a killed daemon), so recover waits for it; only a push that certainly did not arrive is sent
-again.
+outlives a killed daemon, and a stopping daemon leaves it running), so recover waits for it; only a push
+that certainly did not arrive is sent again.
 
 This module imports nothing from `bridge.outbox` at load time: the outbox imports `push_channels` from
 here.
@@ -113,9 +113,16 @@ async def send(rt: Runtime, item: OutboxItem) -> None:
 
     opts = options(settings.vdds)
     thumbnails = await thumbnail_files(rt, images)
+    if settings.vdds.thumbnail_key and len(thumbnails) < len(images):
+        # A stage-6 push is sent once: one without its thumbnail would stay so in the PVS for good.
+        raise PushFailed(f"{len(images) - len(thumbnails)} of {len(images)} thumbnails could not be written")
     copies: dict[int, str] = {}
     if target.direct_import:
-        copies, _failed = await export_copies(rt, images, opts.default_format, ORIGIN)
+        copies, failed = await export_copies(rt, images, opts.default_format, ORIGIN)
+        if failed:
+            raise PushFailed(
+                f"{len(failed)} of {len(images)} copies for DIRECTIMAGEIMPORT could not be written"
+            )
     prxnr = patient.practice_id or settings.vdds.push_prxnr
     objects = [
         vdds.object_pairs(
@@ -145,7 +152,14 @@ async def send(rt: Runtime, item: OutboxItem) -> None:
 
 
 async def run_program(rt: Runtime, argv: list[str], path: Path) -> None:
-    """Start the PVS's import program and wait for READY=1 in `path`, the program's exit or the timeout."""
+    """Start the PVS's import program and wait for READY=1 in `path`, the program's exit or the timeout.
+
+    A program that overruns `push_timeout` is killed (a hung import must not pile up). One still running
+    when the daemon stops (cancellation) is left to finish, as after a crash: killed mid-import, it
+    never writes READY=1, and the next start's `recover` would wait `push_timeout` for it before sending
+    the push again. It runs in a session of its own, so that a console's Ctrl+C, which reaches the whole
+    process group, stops the daemon but not the PVS's import.
+    """
     settings = rt.settings.vdds
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -154,11 +168,13 @@ async def run_program(rt: Runtime, argv: list[str], path: Path) -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=str(path.parent),
+            start_new_session=True,
         )
     except OSError as exc:
         raise PushFailed(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
     deadline = time.monotonic() + settings.push_timeout
     exited_at: float | None = None
+    stopping = False
     try:
         while True:
             reply = await _reply(path)
@@ -187,8 +203,12 @@ async def run_program(rt: Runtime, argv: list[str], path: Path) -> None:
                 raise PushFailed(f"no READY=1 from {argv[0]} within {settings.push_timeout:g} s")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), POLL_SECONDS)
+    except asyncio.CancelledError:
+        stopping = True
+        log.info("daemon stopping: the PVS's import program is left to finish", extra={"file": str(path)})
+        raise
     finally:
-        if proc.returncode is None:  # a hung import program must not pile up
+        if not stopping and proc.returncode is None:  # a hung import program must not pile up
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()

@@ -243,7 +243,9 @@ class OutboxMessage(Base):
     """A message to a PMS (a push of new images) that must survive restarts and be sent once.
 
     Written in the same transaction as the images it announces; a channel worker sends it and marks it
-    done. `key` makes enqueueing idempotent.
+    done. `key` makes enqueueing idempotent. A worker claiming it ("sending") records its daemon's
+    instance id and a lease it renews while the send runs: several daemons share one store, so a message
+    in "sending" is another daemon's business until its lease has expired (bridge/outbox.py).
     """
 
     __tablename__ = "outbox"
@@ -259,6 +261,9 @@ class OutboxMessage(Base):
     last_error: Mapped[str] = mapped_column(Unicode(1000), default="")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     done_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(Unicode(40), nullable=True)  # the last claimer
+    claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)  # while "sending"
 
 
 class ProcessedFile(Base):

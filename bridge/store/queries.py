@@ -478,12 +478,61 @@ def due_outbox(channel: str, now: datetime, limit: int = 20) -> Select[OutboxMes
     )
 
 
-def outbox_in_state(channel: str, state: str) -> Select[OutboxMessage]:
+def expired_outbox(channel: str, now: datetime, limit: int = 20) -> Select[OutboxMessage]:
+    """Messages of one channel in "sending" whose claim has lapsed: the lease its daemon renews while it
+    sends ran out (that daemon died or hangs), or a row from before leases (none recorded). Locked and
+    skipped as `due_outbox` is, so one daemon at a time takes such a message over."""
     return (
         select(OutboxMessage)
-        .where(OutboxMessage.channel == channel, OutboxMessage.state == state)
+        .where(
+            OutboxMessage.channel == channel,
+            OutboxMessage.state == "sending",
+            or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now),
+        )
         .order_by(OutboxMessage.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
     )
+
+
+def renew_outbox_lease(message_id: int, instance: str, until: datetime) -> Update:
+    """Extend a claim, only while it is still this daemon's (another may have taken it over)."""
+    return (
+        update(OutboxMessage)
+        .where(
+            OutboxMessage.id == message_id,
+            OutboxMessage.state == "sending",
+            OutboxMessage.claimed_by == instance,
+        )
+        .values(lease_until=until)
+    )
+
+
+def outbox_summary(include_done: bool) -> Select[str, str, int, datetime, datetime | None]:
+    """Per channel and state: how many messages, the oldest one's creation, the oldest claim. Messages
+    delivered ("done") are kept and only grow in number: left out unless asked for, so that what a
+    metrics scrape runs stays on the state index's small part."""
+    stmt = select(
+        OutboxMessage.channel,
+        OutboxMessage.state,
+        func.count(),
+        func.min(OutboxMessage.created_at),
+        func.min(OutboxMessage.claimed_at),
+    )
+    if not include_done:
+        stmt = stmt.where(OutboxMessage.state.in_(("pending", "sending", "failed")))
+    return stmt.group_by(OutboxMessage.channel, OutboxMessage.state).order_by(
+        OutboxMessage.channel, OutboxMessage.state
+    )
+
+
+def failed_outbox(channel: str | None, for_update: bool) -> Select[OutboxMessage]:
+    """Messages given up on (all channels, or one); `for_update`: locked, for the admin's retry."""
+    stmt = select(OutboxMessage).where(OutboxMessage.state == "failed")
+    if channel is not None:
+        stmt = stmt.where(OutboxMessage.channel == channel)
+    stmt = stmt.order_by(OutboxMessage.id)
+    return stmt.with_for_update() if for_update else stmt
 
 
 def outbox_by_key(key: str) -> Select[OutboxMessage]:

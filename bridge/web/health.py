@@ -9,6 +9,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from bridge.outbox_admin import OutboxCount, outbox_counts, worker_channels
+from bridge.store.types import utcnow
 from bridge.web.api import json_response
 from bridge.web.keys import RUNTIME
 
@@ -71,6 +73,14 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text. The outbox gauges are counted now, from the store (one grouped query on the
+    state index), so that every daemon shows the same, current figures."""
     rt = request.app[RUNTIME]
+    counts: list[OutboxCount] | None
+    try:
+        counts = await asyncio.wait_for(rt.db.read(outbox_counts), timeout=5)
+    except Exception:  # the store is away: /readyz says so; the other metrics are still worth serving
+        counts = None
+    rt.metrics.show_outbox(worker_channels(rt.settings), counts, utcnow())
     body = generate_latest(rt.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
