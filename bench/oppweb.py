@@ -32,7 +32,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,17 +45,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.proc import cpu_seconds  # noqa: E402 - after the path to the project
+from tests.support.ports import free_port  # noqa: E402
 
 SCRIPT = Path(sys.executable).with_name("pms-bridge")
 SOFTWARE = "BenchPMS"
 COMMANDS = ("VIEW", "VIEW_DATA")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def opp_body(command: str, reference: str) -> bytes:

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,8 +40,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bridge.imaging import render, synthetic
-from bridge.imaging.analyze import Decoded, decode
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bridge.imaging import render, synthetic  # noqa: E402 - after the path to the project
+from bridge.imaging.analyze import Decoded, decode  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 RUNS = 15
 HTTP_REQUESTS = 2000
@@ -60,12 +63,6 @@ app = web.Application()
 app.router.add_get("/thumb", handler)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def best_and_median(fn: Callable[[], object], runs: int = RUNS) -> tuple[float, float]:

@@ -12,7 +12,6 @@ import functools
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,13 +26,7 @@ import pytest
 
 from bridge.config import Settings, load_settings
 from tests.support.pg import create_database, throwaway_cluster
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
+from tests.support.ports import free_port
 
 # ------------------------------------------------------------------------------------------------
 # PostgreSQL
