@@ -1343,40 +1343,6 @@ class BridgeService:
         )
         return set(found)
 
-    async def withdraw_created_patient(self, origin: Origin, patient_id: int) -> bool:
-        """Remove a patient an import created when none of its files could be added: nothing of a refused
-        import remains, not even an empty patient (issue: "nothing half-imported remains").
-
-        Only a patient that is still just what the import made goes: no image, no chart number, no
-        conflict naming it, no outbox message, and links not used since they were made (a PMS request
-        finding it by its link marks the link seen). Anything else means someone relies on it, and it
-        stays. The row is locked as for a delete first, so an image being added to it meanwhile either
-        commits first (and the patient stays) or fails on the missing patient; never does the delete
-        cascade over it. True when it was removed (audited as `patient.remove`).
-        """
-
-        def work(session: Session) -> bool:
-            patient = session.scalars(q.patient_for_delete(patient_id)).first()
-            if patient is None or session.scalar(q.patient_in_use(patient_id)):
-                return False
-            links = list(session.scalars(*q.links_of_patient(patient_id)))
-            if any(link.last_seen_at != link.created_at for link in links):
-                return False
-            for link in links:
-                session.delete(link)
-            session.delete(patient)
-            self.audit.change(
-                session,
-                origin,
-                "patient.remove",
-                patient_id=patient_id,
-                detail="created by an import none of whose files could be added",
-            )
-            return True
-
-        removed: bool = await self.db.write(work)
-        return removed
-
     # ---------------------------------------------------------------------------------------------
     # Adding images
 

@@ -568,34 +568,3 @@ async def test_a_dicomdir_file_id_longer_than_a_file_name_is_refused_and_the_res
         f"{fileset}/77654033/CR3/6278",
         f"{fileset}/77654033/CT2/17106",
     }
-
-
-async def test_a_patient_created_by_an_import_none_of_whose_files_are_added_is_removed(
-    runtime: Runtime, tmp_path: Path
-) -> None:
-    """Nothing half-imported remains: a file of a new patient refused by the store (its study, or its SOP
-    Instance UID, is another patient's) leaves no empty patient behind; an existing patient stays, and
-    so does a new one that got at least one image."""
-    first = dental_dataset(patient_id="1")
-    assert len((await run_import(runtime, write(first, tmp_path / "first.dcm"))).imported) == 1
-    same_study = dental_dataset(patient_id="2", study_uid=first.StudyInstanceUID)
-    same_uid = dental_dataset(patient_id="3")
-    same_uid.SOPInstanceUID = first.SOPInstanceUID
-    mixed_bad = dental_dataset(patient_id="4", study_uid=first.StudyInstanceUID)
-    mixed_good = dental_dataset(patient_id="4")
-    report = await run_import(
-        runtime,
-        write(same_study, tmp_path / "study.dcm"),
-        write(same_uid, tmp_path / "uid.dcm"),
-        write(mixed_bad, tmp_path / "mixed-bad.dcm"),
-        write(mixed_good, tmp_path / "mixed-good.dcm"),
-    )
-    assert sorted(Path(p.path).name for p in report.errors) == ["mixed-bad.dcm", "study.dcm", "uid.dcm"]
-    assert [Path(i.path).name for i in report.imported] == ["mixed-good.dcm"]
-    for gone in ("2", "3"):
-        assert await runtime.service.search_patients(ORIGIN, pms_system="dicom", pms_id=gone) == [], gone
-    for kept in ("1", "4"):
-        assert len(await runtime.service.search_patients(ORIGIN, pms_system="dicom", pms_id=kept)) == 1
-    await runtime.audit.flush()
-    removed = [e for e in await runtime.service.audit_entries(ORIGIN) if e["action"] == "patient.remove"]
-    assert len(removed) == 2

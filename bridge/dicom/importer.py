@@ -7,8 +7,7 @@
    them. The daemon flushes each file and renames it into place in a thread while the workers go on.
 2. Each distinct patient (PMS id and demographics as the files carry them) goes through the service as an
    IMPORT request: found by the identity rules, created only under `allow_patient_creation`, never
-   updated from a file, a conflict refused with the service's reason. A patient the import created
-   and none of whose files could be added is removed again at the end (nothing half-imported remains).
+   updated from a file, a conflict refused with the service's reason.
 3. A SOP Instance UID already stored is "already imported" when the bytes are the same, and refused when
    they differ (another object must not hide under a stored UID).
 4. A patient's images are added through `service.add_images` in batches, one transaction each, after the
@@ -36,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from bridge.dicom import read, volume
 from bridge.dicom.fileset import Candidate, Problem, discover
 from bridge.dicom.prepare import Stored, Unreadable, prepare, prepare_volume, store_file
-from bridge.model import Action, Category, Demographics, ImageView, Origin, PatientRequest, Status
+from bridge.model import Action, Category, Demographics, ImageView, Origin, PatientRequest
 from bridge.service import Refused
 from bridge.store.db import is_unique_violation
 
@@ -128,7 +127,6 @@ class Importer:
         self._slots = asyncio.Semaphore(max(1, concurrency))
         self._patients: dict[tuple[str, Demographics], _Patient] = {}
         self._patient_lock = asyncio.Lock()
-        self._created: set[int] = set()  # patients this import created: removed again if they got nothing
         self._pending: dict[tuple[str, Demographics], list[Stored]] = defaultdict(list)
         self._flush_locks: dict[tuple[str, Demographics], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._series: dict[tuple[str, str], list[read.DicomFacts]] = defaultdict(list)
@@ -174,9 +172,6 @@ class Importer:
         await asyncio.gather(*self._files)
         await asyncio.gather(*(self._flush(key) for key in list(self._pending)))
         await asyncio.gather(*(self._volume(group) for group in self._series.values()))
-        kept = {item.patient_id for item in self.report.imported}
-        for patient_id in sorted(self._created - kept):
-            await self.rt.service.withdraw_created_patient(self.origin, patient_id)
         for problems in (self.report.skipped, self.report.errors, self.report.notes):
             problems.sort(key=lambda item: item.path)
         self.report.imported.sort(key=lambda item: item.path)
@@ -253,8 +248,6 @@ class Importer:
                 outcome = await self.rt.service.handle(request)
                 if outcome.status.ok and outcome.patient is not None:
                     known = _Patient(outcome.patient.id)
-                    if outcome.status is Status.CREATED:
-                        self._created.add(outcome.patient.id)
                 else:
                     known = _Patient(None, f"patient {facts.pms_id!r}: {outcome.message}")
                 self._patients[key] = known

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import date, datetime
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from sqlalchemy import Delete, Select, Update, and_, bindparam, delete, exists, func, or_, select, update
+from sqlalchemy import Delete, Select, Update, and_, bindparam, delete, func, or_, select, update
 
 from bridge.store.models import (
     AuditEntry,
@@ -552,31 +552,6 @@ def forget_processed_files(watcher: str, before: datetime) -> Delete:
 
 def image_ids_of_patient(patient_id: int) -> Select[int]:
     return select(Image.id).where(Image.patient_id == patient_id).order_by(Image.id)
-
-
-def patient_in_use(patient_id: int) -> Select[bool]:
-    """Whether anything besides its links uses a patient: an image, a chart number (current or retired),
-    a conflict naming it, an outbox message. False: the patient is nothing but its record."""
-    return select(
-        or_(
-            exists().where(Image.patient_id == patient_id),
-            exists().where(ChartAlias.patient_id == patient_id),
-            exists().where(or_(Conflict.patient_id == patient_id, Conflict.other_patient_id == patient_id)),
-            exists().where(OutboxMessage.patient_id == patient_id),
-        )
-    )
-
-
-def patient_for_delete(patient_id: int) -> Select[Patient]:
-    """A patient, its row locked as for deleting it (FOR UPDATE, stronger than `patient_for_update`): a
-    transaction inserting a row that references it (an image) holds a key-share lock that this waits
-    for, so the checks that follow see that row committed instead of the delete cascading over it."""
-    return (
-        select(Patient)
-        .where(Patient.id == patient_id)
-        .with_for_update()
-        .with_hint(Patient, "WITH (UPDLOCK, ROWLOCK)", dialect_name="mssql")
-    )
 
 
 def count_patients() -> Select[int]:
