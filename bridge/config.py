@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 from bridge.config_file import (
     DEFAULT_API_HOST,
     DEFAULT_API_PORT,
+    DEFAULT_CONFIG_NAME,
     ENV_PREFIX,
     ConfigFileError,
     RawConfig,
@@ -250,7 +251,12 @@ class StoreSettings:
     db_threads: int = key(
         "4", Int(1, 64), "Worker threads for database work (the event loop never waits on it)"
     )
-    migrate: bool = key("yes", Bool(), "Bring the schema up to date (Alembic) when the daemon starts")
+    migrate: bool = key(
+        "yes",
+        Bool(),
+        "Bring the schema up to date (Alembic) when the daemon starts; no: a store whose schema is older"
+        " is refused (migrate with 'pms-bridge init --home')",
+    )
     memo_reads: bool = key(
         "yes",
         Bool(),
@@ -854,6 +860,12 @@ def settings_from_raw(raw: RawConfig, path: Path) -> Settings:
             raise ConfigError(f"{path}: unknown section [{section}] (known sections: {', '.join(by_name)})")
     parsed = {name: _parse_section(cls, raw.get(name, {}), path, home) for name, cls in by_name.items()}
     return Settings(path=path, home=home, **parsed)
+
+
+def init_home_of(settings: Settings) -> Path | None:
+    """The folder whose `pms-bridge init --home` reads this config (and so migrates its store), or None
+    for a config under another name: init would write a new config and a new store beside it."""
+    return settings.path.parent if settings.path.name == DEFAULT_CONFIG_NAME else None
 
 
 def load_settings(explicit_path: str | None = None) -> Settings:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy.exc import SQLAlchemyError
 
 from bridge import __version__
 from bridge.allocator import tune_for_large_buffers
@@ -31,7 +30,6 @@ from bridge.handlers import vdds as vdds_handler
 from bridge.handlers import vdds_push
 from bridge.handlers.dexis import integrator_watchers
 from bridge.runtime import Runtime
-from bridge.store.db import unreachable
 from bridge.thumbfolders import thumbnail_workers
 from bridge.tls import server_context
 from bridge.web.app import build_api_app
@@ -105,10 +103,8 @@ class Daemon:
         tune_for_large_buffers()  # files of megabytes pass through: no page faults for each one
         tls = tls_context(self.settings)  # a bad certificate is reported before the store is touched
         if self.rt is None:
-            try:
-                self.rt = await asyncio.to_thread(Runtime.build, self.settings)
-            except SQLAlchemyError as exc:  # reported as one line by the command, not a driver's traceback
-                raise ConfigError(unreachable(self.settings.store.url, exc)) from None
+            # a store it cannot reach or a schema it cannot use is one line (ConfigError), before "started"
+            self.rt = await asyncio.to_thread(Runtime.build, self.settings)
         rt = self.rt
         timeout = self.settings.daemon.shutdown_timeout
         listeners: list[tuple[str, web.Application, str, int]] = [

@@ -14,7 +14,14 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from bridge.config import ConfigError, Settings, exposure_warnings, launch_profiles, load_settings
+from bridge.config import (
+    ConfigError,
+    Settings,
+    exposure_warnings,
+    init_home_of,
+    launch_profiles,
+    load_settings,
+)
 from bridge.config_file import api_endpoint, read_raw
 from bridge.handlers import vdds_register
 
@@ -43,26 +50,24 @@ def check_exposure(settings: Settings) -> str:
 
 
 def check_store(settings: Settings) -> str:
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
+    """Reachable, and at the schema this release needs (else what to do: it depends on [store] migrate)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from bridge.store.db import alembic_config, make_engine, unreachable
+    from bridge.store.db import current_revision, make_engine, schema_problem, shown_url, unreachable
 
     engine = make_engine(settings.store.url)
     try:
-        with engine.connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
+        revision = current_revision(engine)
     except SQLAlchemyError as exc:  # one line: the driver's reason, not SQLAlchemy's link below it
         raise CheckFailed(unreachable(settings.store.url, exc)) from None
     finally:
         engine.dispose()
-    head = ScriptDirectory.from_config(alembic_config(settings.store.url)).get_current_head()
-    if current != head:
-        raise CheckFailed(
-            f"schema at {current or 'nothing'}, newest is {head}: run 'pms-bridge init' or start the daemon"
-        )
-    return f"{engine.url.render_as_string(hide_password=True)} (schema {current})"
+    problem = schema_problem(
+        settings.store.url, revision, migrate=settings.store.migrate, home=init_home_of(settings)
+    )
+    if problem is not None:
+        raise CheckFailed(problem)
+    return f"{shown_url(settings.store.url)} (schema {revision})"
 
 
 def check_tls(settings: Settings) -> str:
@@ -175,7 +180,6 @@ LATE_PENDING_SECONDS = 60 * 60  # the backoff has reached its 15-minute steps by
 def check_outbox(settings: Settings) -> str:
     """Pushes to PMSs given up on (failed), held by a daemon for too long (sending: it died or hangs) or
     waiting long (pending: the PMS or its share is away). None of them makes the daemon unready."""
-    from sqlalchemy import text
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.orm import Session
 
@@ -185,10 +189,9 @@ def check_outbox(settings: Settings) -> str:
 
     engine = make_engine(settings.store.url)
     try:
+        if current_revision(engine) != SCHEMA_HEAD:
+            raise CheckWarning("not checked until the schema is up to date (see the store's line)")
         with Session(engine) as session:
-            session.execute(text("SELECT 1"))  # reachable (current_revision takes a failure for "empty")
-            if current_revision(engine) != SCHEMA_HEAD:
-                raise CheckWarning("not checked until the schema is up to date (see the store's line)")
             counts = outbox_counts(session)
     except SQLAlchemyError as exc:
         raise CheckFailed(unreachable(settings.store.url, exc)) from None

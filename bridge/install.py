@@ -1,7 +1,9 @@
 """`pms-bridge init`: a working home folder (config, store, TLS certificate), idempotently.
 
 Running it again changes nothing: an existing config, certificate or store is left as it is, so an
-admin can re-run the installer's command without losing the API token the PMSs are configured with.
+admin can re-run the installer's command without losing the API token the PMSs are configured with. The
+one exception is the store's schema: an older one is migrated to this release's (and said so), which
+makes init the way to upgrade a store without starting a daemon.
 """
 
 from __future__ import annotations
@@ -74,8 +76,11 @@ def write_self_signed(cert_path: Path, key_path: Path, hosts: Iterable[str] = ()
 
 
 def init_home(home: Path) -> tuple[Settings, list[str]]:
-    """Create what is missing under `home`; returns the settings and a line per thing created."""
-    from bridge.store.db import make_engine, upgrade_schema
+    """Create what is missing under `home` and bring an existing store's schema up to date; returns the
+    settings and a line per thing done."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from bridge.store.db import SchemaError, make_engine, shown_url, unreachable, upgrade_schema
 
     done: list[str] = []
     home = home.resolve()
@@ -100,12 +105,16 @@ def init_home(home: Path) -> tuple[Settings, list[str]]:
         done.append(f"created the image folder {settings.store.images}")
     engine = make_engine(settings.store.url)
     try:
-        from sqlalchemy import inspect
-
-        fresh = "alembic_version" not in inspect(engine).get_table_names()
-        upgrade_schema(engine)
-        if fresh:
-            done.append(f"created the store {engine.url.render_as_string(hide_password=True)}")
+        # whatever [store] migrate says: running init is the admin asking for it (docs/operations.md)
+        upgrade = upgrade_schema(engine)
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise ConfigError(unreachable(settings.store.url, exc)) from None
     finally:
         engine.dispose()
+    if upgrade is not None and upgrade.from_revision is None:
+        done.append(f"created the store {shown_url(settings.store.url)}")
+    elif upgrade is not None:
+        done.append(f"store {shown_url(settings.store.url)}: {upgrade.describe()}")
     return settings, done

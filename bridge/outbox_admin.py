@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from bridge.audit import AuditLog
-from bridge.config import ConfigError, Settings, load_settings
+from bridge.config import ConfigError, Settings, init_home_of, load_settings
 from bridge.handlers.vdds_push import push_channels
 from bridge.model import Origin
 from bridge.store import queries as q
@@ -98,18 +98,19 @@ def run(ns: argparse.Namespace) -> int:
     """`pms-bridge outbox ACTION`: against the store directly, so it works while no daemon runs."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from bridge.store.db import SCHEMA_HEAD, Database, current_revision, unreachable
+    from bridge.store.db import Database, current_revision, schema_problem, unreachable
 
     settings = load_settings(ns.config)
     db = Database(settings.store.url, threads=1, memo=False)
     try:
-        db.ping()  # current_revision takes a store it cannot reach for an empty one
-        revision = current_revision(db.engine)
-        if revision != SCHEMA_HEAD:
-            raise ConfigError(
-                f"[store] url: schema at {revision or 'nothing'}, newest is {SCHEMA_HEAD}: start the daemon"
-                " or run 'pms-bridge init' first"
-            )
+        problem = schema_problem(
+            settings.store.url,
+            current_revision(db.engine),
+            migrate=settings.store.migrate,
+            home=init_home_of(settings),
+        )
+        if problem is not None:  # this command never migrates: the daemon or init does
+            raise ConfigError(problem)
         return list_outbox(db) if ns.action == "list" else retry(db, ns.channel)
     except SQLAlchemyError as exc:
         raise ConfigError(unreachable(settings.store.url, exc)) from None

@@ -13,16 +13,25 @@ from datetime import datetime
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.audit import AuditLog
-from bridge.config import Settings
+from bridge.config import ConfigError, Settings, init_home_of
 from bridge.events import EventBus
 from bridge.imaging.pipeline import Imaging
 from bridge.outbox import REFRESH_RULES, push_targets
 from bridge.outbox_admin import WAITING_STATES, OutboxCount
 from bridge.record import Recorder
 from bridge.service import BridgeService
-from bridge.store.db import Database, current_revision, upgrade_schema
+from bridge.store.db import (
+    Database,
+    SchemaError,
+    SchemaUpgrade,
+    current_revision,
+    schema_problem,
+    unreachable,
+    upgrade_schema,
+)
 from bridge.store.files import FileStore
 
 
@@ -116,16 +125,25 @@ class Runtime:
     readiness: Readiness
     instance_id: str = field(default_factory=lambda: secrets.token_hex(4))
     recorder: Recorder | None = None
+    schema_upgrade: SchemaUpgrade | None = None  # what this start did to the schema, if anything
 
     @classmethod
     def build(cls, settings: Settings, *, migrate: bool | None = None, imaging_workers: int = 2) -> Runtime:
-        """Connect to the store (migrating it when configured) and build every part."""
+        """Connect to the store (migrating it when configured) and build every part.
+
+        A store that cannot be reached, or whose schema this release cannot use as it is, is refused
+        here with one line (ConfigError): a daemon started on an older schema with `[store] migrate = no`
+        used to report itself started and ready and then fail every query that needs a newer column.
+        """
         db = Database(settings.store.url, threads=settings.store.db_threads, memo=settings.store.memo_reads)
-        new_store = current_revision(db.engine) is None
-        if settings.store.migrate if migrate is None else migrate:
-            upgrade_schema(db.engine)
+        try:
+            upgrade = _schema_ready(db, settings, settings.store.migrate if migrate is None else migrate)
+        except BaseException:
+            db.close()
+            raise
         files = FileStore(settings.store.images)
-        if new_store:  # nothing stored yet, so no share to miss: the image folder may be made, as init does
+        if upgrade is not None and upgrade.from_revision is None:
+            # nothing stored yet, so no share to miss: the image folder may be made, as init does
             files.create_root()
         bus = EventBus()
         audit = AuditLog(db)
@@ -142,7 +160,9 @@ class Runtime:
         )
         metrics = Metrics()
         bus.subscribe(lambda event: metrics.events.labels(event.name).inc())
-        rt = cls(settings, db, files, bus, audit, service, imaging, metrics, Readiness())
+        rt = cls(
+            settings, db, files, bus, audit, service, imaging, metrics, Readiness(), schema_upgrade=upgrade
+        )
         if settings.record.dir is not None:
             rt.recorder = Recorder(rt, settings.record.dir, redact=settings.record.redact)
         return rt
@@ -150,3 +170,19 @@ class Runtime:
     def close(self) -> None:
         self.imaging.close()
         self.db.close()
+
+
+def _schema_ready(db: Database, settings: Settings, migrate: bool) -> SchemaUpgrade | None:
+    """Bring the schema up to date (`migrate`), or check that it is; one line (ConfigError) otherwise."""
+    url = settings.store.url
+    try:
+        if migrate:
+            return upgrade_schema(db.engine)
+        problem = schema_problem(url, current_revision(db.engine), migrate=False, home=init_home_of(settings))
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
+    except SQLAlchemyError as exc:  # one line, not a driver's traceback
+        raise ConfigError(unreachable(url, exc)) from None
+    if problem is not None:
+        raise ConfigError(problem)
+    return None

@@ -1600,7 +1600,8 @@ class BridgeService:
 
         Only a demographics conflict carries data to accept: the others (chart numbers, ambiguous ids)
         are sorted out in the PMS or the store. Accepting again is a no-op; accepting a conflict closed
-        without accepting is refused, as is one recorded before its request's data was kept.
+        without accepting is refused, as is one recorded before its request's data was kept (until the
+        PMS repeats the request: `_store_conflict` then keeps what it sent in this open conflict).
         """
         detail = conflict.detail or {}
         if conflict.kind != "demographics":
@@ -1627,8 +1628,9 @@ class BridgeService:
                 Outcome(
                     Status.CONFLICT,
                     f"conflict {conflict.id} was recorded before the bridge kept the data a refused request"
-                    " sent, so there is nothing to accept; resolve it without accept and launch the"
-                    " patient from the PMS again: that records a new conflict, which can be accepted",
+                    " sent, so there is nothing to accept yet; leave it open and launch the patient from"
+                    " the PMS again: that launch is refused again and keeps what it sent in this conflict,"
+                    " which can then be accepted",
                 )
             )
         patient = (  # locked, as every change of a patient's demographics (see _lock_patient)

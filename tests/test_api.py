@@ -170,9 +170,17 @@ async def test_accepting_a_demographics_conflict_applies_what_the_pms_sent(
     await runtime.db.write(forget_sent)
     before = await resolve(api_client, old, accept=True)
     assert before.status == 409
-    assert "recorded before the bridge kept the data" in (await before.json(content_type=PROBLEM))["detail"]
+    detail = (await before.json(content_type=PROBLEM))["detail"]
+    assert "recorded before the bridge kept the data" in detail
+    assert "leave it open and launch the patient from the PMS again" in detail
+    assert "keeps what it sent in this conflict, which can then be accepted" in detail
     stored = await (await api_client.get(f"/api/v1/patients/{patient['id']}")).json()
     assert stored["last_name"] == "Schmidt"
+    # ... and it does: the relaunch is refused into that same conflict, with its data, and accept works
+    assert await conflict_of(await create(api_client, pms_id="MAR2", last_name="Fischer", sex="F")) == old
+    assert (await resolve(api_client, old, accept=True)).status == 200
+    stored = await (await api_client.get(f"/api/v1/patients/{patient['id']}")).json()
+    assert stored["last_name"] == "Fischer"
 
 
 async def test_rest_edits_apply_when_pms_launches_may_not_update(make_settings: Any) -> None:

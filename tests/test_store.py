@@ -109,6 +109,14 @@ def test_schema_head_is_alembics_newest_revision() -> None:
     assert ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head() == SCHEMA_HEAD
 
 
+def test_revisions_are_numbered_without_gaps() -> None:
+    """What tells a newer release's schema from one of ours without reading the scripts
+    (bridge.store.db.unknown_schema): revisions are 0001, 0002, ... up to SCHEMA_HEAD."""
+    scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    revisions = sorted(script.revision for script in scripts.walk_revisions())
+    assert revisions == [f"{n:04d}" for n in range(1, int(SCHEMA_HEAD) + 1)]
+
+
 def test_an_older_schema_is_still_upgraded(store_url: str) -> None:
     """The one-query check for a current schema lets an older one through to Alembic."""
     engine = make_engine(store_url)

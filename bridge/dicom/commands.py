@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bridge.config import load_settings
+from bridge.config import Settings, load_settings
 from bridge.dicom.importer import ImportAborted, Importer, ImportReport
 from bridge.model import Origin
 from bridge.runtime import Runtime
@@ -49,11 +49,20 @@ def _workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def build_runtime(settings: Settings, command: str) -> Runtime:
+    """The daemon's Runtime for a command; a schema it migrated (`[store] migrate`) is said on stderr, as
+    the daemon logs it, so that no upgrade goes unnoticed."""
+    rt = Runtime.build(settings, imaging_workers=_workers())
+    if rt.schema_upgrade is not None:
+        print(f"pms-bridge {command}: {rt.schema_upgrade.describe()}", file=sys.stderr)
+    return rt
+
+
 def run_import(config: str | None, paths: Sequence[str], *, as_json: bool) -> int:
     """`pms-bridge import PATH...`: print what became of every file; exit 1 if any file was refused."""
     settings = load_settings(config)
     sources = [(str(Path(p).absolute()), p) for p in paths]
-    rt = Runtime.build(settings, imaging_workers=_workers())
+    rt = build_runtime(settings, "import")
     try:
         report = asyncio.run(_import(rt, sources))
     except ImportAborted as exc:
@@ -92,7 +101,7 @@ def run_export(
     from bridge.dicom.export import ExportNotWritten, ExportRefused
 
     settings = load_settings(config)
-    rt = Runtime.build(settings, imaging_workers=_workers())
+    rt = build_runtime(settings, "export-dicom")
     try:
         report = asyncio.run(
             _export(rt, pms_id, Path(out), profile, mode, pms_system=pms_system, practice_id=practice_id)

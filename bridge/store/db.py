@@ -19,6 +19,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -93,49 +94,187 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 # The newest migration in bridge/store/migrations/versions (tests/test_store.py holds it to Alembic's head).
+# Revisions are numbered 0001, 0002, ... without gaps, so a number above it is a newer release's.
 SCHEMA_HEAD = "0005"
+
+# Taken around a migration (PostgreSQL: a transaction-level advisory lock; the number is "pmsbridg" in ASCII).
+MIGRATION_LOCK_KEY = 0x706D_7362_7269_6467
+MSSQL_MIGRATION_LOCK = (
+    "DECLARE @granted int; EXEC @granted = sp_getapplock @Resource = 'pms-bridge schema',"
+    " @LockMode = 'Exclusive', @LockOwner = 'Transaction', @LockTimeout = -1;"
+    " IF @granted < 0 THROW 50000, 'the schema migration lock was not granted', 1;"
+)
+# Where migration 0004 leaves how many patients' chart numbers it repaired (Alembic config attributes).
+CHARTS_REPAIRED = "charts_repaired"
+
+
+class SchemaError(Exception):
+    """The store's schema cannot be used by this release, or bringing it up to date failed: one line that
+    says which and what to do (commands print it and exit 2)."""
+
+
+@dataclass(frozen=True)
+class SchemaUpgrade:
+    """What `upgrade_schema` did: the revision it found (None: an empty database, now created), the one
+    it left, and how many patients migration 0004 repaired (several current chart numbers; None when
+    0004 did not run)."""
+
+    from_revision: str | None
+    to_revision: str
+    charts_repaired: int | None = None
+
+    def describe(self) -> str:
+        """One line for the log and for `pms-bridge init`."""
+        if self.from_revision is None:
+            return f"schema created at {self.to_revision}"
+        line = f"schema upgraded {self.from_revision} -> {self.to_revision}"
+        if self.charts_repaired:
+            line += (
+                f"; migration 0004 repaired the chart numbers of {self.charts_repaired} patient(s) that had"
+                " several current ones (the newest kept current, the others retired)"
+            )
+        return line
+
+
+def shown_url(url: str) -> str:
+    """The store's url as messages name it: without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable url: config validation names it; never echo a password here
+        return "(the configured url)"
 
 
 def unreachable(url: str, exc: Exception) -> str:
     """One line for a store that cannot be reached: the url without its password, the driver's reason
     (its first line, without SQLAlchemy's "Background on this error" link) and what to check."""
-    from sqlalchemy.engine import make_url
-
-    reason = getattr(exc, "orig", None) or exc
-    first = (str(reason).strip().splitlines() or [type(reason).__name__])[0]
-    try:
-        shown = make_url(url).render_as_string(hide_password=True)
-    except Exception:  # an unparsable url: config validation names it; never echo a password here
-        shown = "(the configured url)"
     return (
-        f"[store] url = {shown}: the store cannot be reached ({first}): check that the database server"
-        " runs and accepts this account, or for SQLite that the folder exists and may be written"
+        f"[store] url = {shown_url(url)}: the store cannot be reached ({_first_line(exc)}): check that the"
+        " database server runs and accepts this account, or for SQLite that the folder exists and may be"
+        " written"
     )
 
 
-def upgrade_schema(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (creates it on an empty database).
+def _first_line(exc: BaseException) -> str:
+    """The driver's reason for a database error (its first line), or the exception's own."""
+    reason = getattr(exc, "orig", None) or exc
+    return (str(reason).strip().splitlines() or [type(reason).__name__])[0]
+
+
+def unknown_schema(url: str, revision: str | None) -> str | None:
+    """Why this release cannot touch a store at `revision` at all (a newer release migrated it, or the
+    revision is none of ours), or None. Alembic would fail on it with a traceback ("Can't locate
+    revision"), and this release's queries may not fit a newer schema."""
+    number = int(revision) if revision is not None and revision.isascii() and revision.isdigit() else None
+    if revision is None or (number is not None and 1 <= number <= int(SCHEMA_HEAD)):
+        return None
+    if number is not None and number > int(SCHEMA_HEAD):
+        return (
+            f"[store] url = {shown_url(url)}: the store was migrated by a newer release ({revision}); this"
+            f" one knows up to {SCHEMA_HEAD}: run that release (or a newer one), or restore the backup taken"
+            ' before the upgrade (docs/operations.md, "Upgrading")'
+        )
+    return (
+        f"[store] url = {shown_url(url)}: the schema is at revision {revision!r}, which is not a pms-bridge"
+        " revision (another program's database?): check [store] url"
+    )
+
+
+def schema_problem(url: str, revision: str | None, *, migrate: bool, home: Path | None) -> str | None:
+    """Why this release cannot work on a store at `revision` as it is, or None (at the newest revision).
+
+    `migrate`: whether starting a daemon with this config migrates the store (`[store] migrate`), which
+    decides the remedy; `home`: the folder `pms-bridge init --home` reads this config from (it migrates
+    too), None when init would not find it there.
+    """
+    if revision == SCHEMA_HEAD:
+        return None
+    unknown = unknown_schema(url, revision)
+    if unknown is not None:
+        return unknown
+    found = f"the schema is at {revision}" if revision else "the store has no schema yet"
+    init = f" or run 'pms-bridge init --home {home}'" if home is not None else ""
+    remedy = (
+        f"start the daemon (it migrates the store at start: [store] migrate = yes){init}"
+        if migrate
+        else "[store] migrate = no: start one daemon with migrate = yes (PMS_BRIDGE__STORE__MIGRATE=yes for"
+        f" that start){init}, then the others"
+    )
+    return f"[store] url = {shown_url(url)}: {found} and this release needs {SCHEMA_HEAD}: {remedy}"
+
+
+def upgrade_schema(engine: Engine) -> SchemaUpgrade | None:
+    """Bring the schema to the newest Alembic revision (creates it on an empty database); None when it
+    was there already. Raises SchemaError (one line) for a schema of a newer release and for a migration
+    that failed; a store that cannot be reached raises SQLAlchemy's error, as every other use does.
 
     A database already at the newest revision, the usual case, is seen with one query: importing Alembic
     and reading its migration scripts costs every command about an eighth of a second of its start-up.
-    """
-    if current_revision(engine) == SCHEMA_HEAD:
-        return
-    from alembic import command
 
-    with engine.begin() as conn:
-        cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    Several processes may start on one store at once (daemons sharing a PostgreSQL store, an import
+    beside a starting daemon). Two migrations interleaving fail (PostgreSQL: "deadlock detected";
+    SQLite: "database is locked"), so the migration holds a store-wide lock for its transaction and
+    reads the revision again under it: the first process migrates, the others wait and then find the
+    schema current. PostgreSQL: an advisory lock; SQL Server: an application lock; SQLite: BEGIN
+    IMMEDIATE (its write lock, waited for up to the busy timeout, 30 s).
+    """
+    revision = current_revision(engine)
+    if revision == SCHEMA_HEAD:
+        return None
+    url = engine.url.render_as_string(hide_password=False)
+    unknown = unknown_schema(url, revision)
+    if unknown is not None:
+        raise SchemaError(unknown)
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    cfg = alembic_config(url)
+    try:
+        with engine.execution_options(**{_WRITE: True}).begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            elif engine.dialect.name == "mssql":
+                conn.exec_driver_sql(MSSQL_MIGRATION_LOCK)
+            revision = MigrationContext.configure(conn).get_current_revision()
+            if revision == SCHEMA_HEAD:  # another process migrated it while this one waited
+                return None
+            unknown = unknown_schema(url, revision)
+            if unknown is not None:
+                raise SchemaError(unknown)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    except SchemaError:
+        raise
+    except Exception as exc:
+        raise SchemaError(
+            f"[store] url = {shown_url(url)}: migrating the schema from {revision or 'nothing'} to"
+            f" {SCHEMA_HEAD} failed ({_first_line(exc)}); the migration is one transaction, so the store"
+            f" is left at {revision or 'nothing'}: fix the cause and start again, or restore the backup"
+            ' taken before the upgrade (docs/operations.md, "Upgrading")'
+        ) from exc
+    upgrade = SchemaUpgrade(revision, SCHEMA_HEAD, cfg.attributes.get(CHARTS_REPAIRED))
+    log.info(
+        upgrade.describe(),
+        extra={
+            "from_revision": revision,
+            "to_revision": SCHEMA_HEAD,
+            **({} if upgrade.charts_repaired is None else {CHARTS_REPAIRED: upgrade.charts_repaired}),
+        },
+    )
+    return upgrade
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The Alembic revision the database is at; None for a database without our schema."""
-    try:
-        with engine.connect() as conn:
+    """The Alembic revision the database is at; None for a database without our schema. A store that
+    cannot be reached raises (it is not an empty one)."""
+    with engine.connect() as conn:
+        try:
             revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except DBAPIError:  # no such table: an empty database (or one the migration will report on)
-        return None
+        except DBAPIError as exc:  # no such table: an empty database
+            if exc.connection_invalidated:
+                raise
+            return None
     return str(revision) if revision is not None else None
 
 

@@ -4,7 +4,9 @@ Simultaneous renumberings on PostgreSQL could each retire the old chart number a
 leaving a patient with several current chart numbers (the service now locks the patient first). Such
 patients are repaired before the index is built: the newest current alias (highest id, the last
 renumbering written) stays current, the older ones are retired as of the moment it was added, when they
-stopped being current in effect. Each renumbering is already in the audit log (chart.renumber).
+stopped being current in effect. Each renumbering is already in the audit log (chart.renumber). How
+many patients were repaired is left in the Alembic config's attributes ("charts_repaired"), which
+bridge.store.db.upgrade_schema puts into its "schema upgraded" line.
 
 Revision ID: 0004
 Revises: 0003
@@ -14,7 +16,7 @@ Create Date: 2026-12-01
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 
 revision = '0004'
@@ -31,6 +33,14 @@ NEWEST_CURRENT = (
 
 
 def upgrade() -> None:
+    if not context.is_offline_mode():  # an offline script has no connection to count on
+        repaired = op.get_bind().execute(
+            sa.text(
+                "SELECT COUNT(DISTINCT patient_id) FROM chart_aliases"
+                f" WHERE retired_at IS NULL AND id < {NEWEST_CURRENT}"
+            )
+        ).scalar()
+        context.config.attributes["charts_repaired"] = int(repaired or 0)
     op.execute(
         "UPDATE chart_aliases SET retired_at = "
         f"(SELECT survivor.created_at FROM chart_aliases survivor WHERE survivor.id = {NEWEST_CURRENT})"
