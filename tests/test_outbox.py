@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import create_engine, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from bridge.outbox import OutboxItem, OutboxWorker
@@ -279,4 +282,171 @@ async def test_a_stopping_worker_hands_its_claims_back(make_settings: Any) -> No
         assert [state for state, *_rest in rows(a)] == ["pending", "pending"]
     finally:
         b.close()
+        a.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# A message is sent only by the daemon holding its claim: the whole batch's claims are kept alive, each
+# is checked before its send, and a send whose claim is lost is cut off
+
+
+class SlowPms:
+    """A PMS taking pushes: the first send waits for `gate` (an import program at work, longer than the
+    lease); the others arrive at once. Records what arrived, across daemons, and which sends were cut
+    off (cancelled) before they arrived."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.arrived: list[int] = []
+        self.cut: list[int] = []
+
+    async def __call__(self, _rt: Runtime, item: OutboxItem) -> None:
+        first = not self.started.is_set()
+        self.started.set()
+        try:
+            if first:
+                await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cut.append(item.id)
+            raise
+        self.arrived.append(item.id)
+
+
+async def take_over(rt: Runtime, message_id: int, instance: str) -> None:
+    """Another daemon now holds message `message_id` (it took the claim over after this one's lease ran
+    out: a paused VM, or clocks apart)."""
+
+    def work(session: Session) -> None:
+        session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id == message_id)
+            .values(claimed_by=instance, lease_until=utcnow() + timedelta(hours=1))
+        )
+
+    await rt.db.write(work, watched=False)
+
+
+async def test_a_batch_claimed_together_stays_with_its_daemon_while_a_slow_push_runs(
+    make_settings: Any,
+) -> None:
+    """The auditor's case: daemon A claims messages 1 and 2 together; the PMS takes longer than the
+    lease over message 1. Before, only message 1's claim was renewed: message 2's ran out, daemon B took
+    it over and sent it, and A then sent it again. Every claim A holds is renewed now, so B leaves
+    message 2 alone and the PMS gets each push once."""
+    settings = make_settings(daemon={"outbox_lease": 1})
+    a, b = Runtime.build(settings), Runtime.build(settings, migrate=False)
+    try:
+        await seed_messages(a, 2)
+        pms = SlowPms()
+        sending = asyncio.create_task(OutboxWorker(a, "test", pms).run_once())
+        await pms.started.wait()
+        [_first, (state, claimer, second_lease, _n)] = rows(a)
+        assert (state, claimer) == ("sending", a.instance_id) and second_lease is not None
+        await until(lambda: utcnow() > second_lease, "message 2's first lease to have run out")
+        other = OutboxWorker(b, "test", pms, backoff=(0.0,))
+        assert await other.recover() == 0
+        assert await other.run_once() == 0
+        pms.gate.set()
+        assert await sending == 2
+        assert sorted(pms.arrived) == [1, 2]
+        assert [(state, claimer) for state, claimer, *_rest in rows(a)] == [("done", a.instance_id)] * 2
+    finally:
+        b.close()
+        a.close()
+
+
+async def test_a_send_whose_claim_another_daemon_took_over_is_cut_off(make_settings: Any) -> None:
+    """A daemon whose claim on the message it is sending was taken over (it stalled past its lease)
+    stops that send as soon as its renewal finds out, instead of handing the push to the PMS after
+    the new holder did; the message is the new holder's to settle."""
+    settings = make_settings(daemon={"outbox_lease": 1})
+    a, b = Runtime.build(settings), Runtime.build(settings, migrate=False)
+    try:
+        await seed_messages(a, 1)
+        pms = SlowPms()
+        sending = asyncio.create_task(OutboxWorker(a, "test", pms).run_once())
+        await pms.started.wait()
+        await take_over(a, 1, b.instance_id)
+        await until(lambda: bool(pms.cut), "A to cut its send off")
+        assert await sending == 1
+        pms.gate.set()
+        assert pms.arrived == [] and pms.cut == [1]
+        assert rows(a)[0][:2] == ("sending", b.instance_id)
+    finally:
+        b.close()
+        a.close()
+
+
+async def test_a_message_whose_claim_was_lost_meanwhile_is_not_sent(make_settings: Any) -> None:
+    """Messages 1 and 2 claimed together; message 2's claim is taken over while message 1 is sent. The
+    claim is checked (and extended) in the store right before each send, so A skips message 2."""
+    settings = make_settings(daemon={"outbox_lease": 60})
+    a, b = Runtime.build(settings), Runtime.build(settings, migrate=False)
+    try:
+        await seed_messages(a, 2)
+        pms = SlowPms()
+        sending = asyncio.create_task(OutboxWorker(a, "test", pms).run_once())
+        await pms.started.wait()
+        await take_over(a, 2, b.instance_id)
+        pms.gate.set()
+        assert await sending == 2
+        assert pms.arrived == [1]
+        assert [(state, claimer) for state, claimer, *_rest in rows(a)] == [
+            ("done", a.instance_id),
+            ("sending", b.instance_id),
+        ]
+    finally:
+        b.close()
+        a.close()
+
+
+@contextlib.contextmanager
+def writes_held_up(url: str) -> Iterator[None]:
+    """Another session holds the outbox rows (SQLite: the write lock), as a store that stops answering
+    a daemon's writes does: that daemon's renewals wait."""
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(str(make_url(url).database), isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+        return
+    engine = create_engine(url)
+    try:
+        with engine.connect() as pg:
+            pg.execute(text("SELECT id FROM outbox FOR UPDATE"))
+            yield
+            pg.rollback()
+    finally:
+        engine.dispose()
+
+
+async def test_claims_not_renewed_within_the_lease_are_given_up(make_settings: Any) -> None:
+    """The store does not take A's renewals for a whole lease: A cannot know whether another daemon
+    took its claims over by now, so it stops the send in progress and sends none of the batch; once
+    their leases have run out they are taken over (here by A's own next pass) and settled."""
+    settings = make_settings(daemon={"outbox_lease": 1})
+    a = Runtime.build(settings)
+    try:
+        await seed_messages(a, 2)
+        pms = SlowPms()
+        worker = OutboxWorker(a, "test", pms)
+        sending = asyncio.create_task(worker.run_once())
+        await pms.started.wait()
+        with writes_held_up(settings.store.url):
+            await until(lambda: bool(pms.cut), "A to give its claims up")
+            assert await sending == 2
+        pms.gate.set()
+        assert pms.arrived == [] and pms.cut == [1]
+        await until(
+            lambda: all(lease is not None and lease < utcnow() for _s, _c, lease, _n in rows(a)),
+            "A's leases to run out",
+        )
+        assert await worker.recover() == 2
+        assert await worker.run_once() == 0  # due again after the backoff
+        assert [state for state, *_rest in rows(a)] == ["pending", "pending"]
+    finally:
         a.close()

@@ -44,6 +44,7 @@ with open(starts, "a") as fh:
     fh.write(f"{{os.getpid()}}\\n")
 if first:
     time.sleep({first_delay})
+time.sleep({delay})
 text = push.read_bytes().decode("cp1252")
 if {answer!r} == "exit3":
     sys.exit(3)
@@ -62,14 +63,18 @@ def fake_pvs(
     folder: Path,
     *,
     first_delay: float = 0.0,
+    delay: float = 0.0,
     answer: str = "accept",
     archive: bool = True,
     direct_import: bool = False,
 ) -> Path:
-    """A VDDS_MMI.INI whose PVS TESTPVS registers the fake import program (in its archive section)."""
+    """A VDDS_MMI.INI whose PVS TESTPVS registers the fake import program (in its archive section); the
+    program takes `first_delay` + `delay` seconds over its first push, `delay` over each other."""
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "mmoinfim.py"
-    script.write_text(FAKE_PVS.format(folder=str(folder), first_delay=first_delay, answer=answer))
+    script.write_text(
+        FAKE_PVS.format(folder=str(folder), first_delay=first_delay, delay=delay, answer=answer)
+    )
     program = f"{sys.executable} {script}"
     if archive:
         text = "[PVS]\r\nNAME1=TESTPVS\r\nARCHIV=TEST_ARCHIV\r\n\r\n[TESTPVS]\r\nNAME=Test\r\n\r\n"
@@ -222,6 +227,41 @@ def test_a_push_a_dead_daemon_held_is_taken_over_by_a_running_one(
     assert lines(pvs / "arrivals") == ["MMOINF1.INI 1"]
     assert len(lines(pvs / "starts")) == 1
     assert "outbox recovered" in b.log()
+
+
+@pytest.mark.slow
+def test_pushes_claimed_together_are_sent_once_while_another_daemon_runs(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """Scale-out, as an auditor found it: daemon A claims several pushes together and the PVS's program
+    takes longer than the lease over each. Before, only the push being sent had its claim renewed:
+    daemon B took over the next one, found no push file and sent it, and A then sent it again (wrote its
+    MMOINF file anew and started the PVS's program a second time). Now every push arrives once, from A."""
+    pvs = tmp_path / "pvs"
+    shared = {
+        "vdds": {
+            "mmi_ini": str(fake_pvs(pvs, delay=4)),
+            "push_timeout": 60,
+            "push_dir": str(tmp_path / "push"),
+        },
+        "daemon": SHORT_LEASE,
+        "store": {"images": str(tmp_path / "images")},  # one image share: B can send A's pushes
+    }
+    a = daemon_factory(**shared)
+    b = daemon_factory(**shared)
+    patients = [new_patient(a, tmp_path, patid) for patid in ("0815", "0816", "0817")]
+    url = a.settings.store.url
+    b.proc.send_signal(signal.SIGSTOP)  # so that A, not B, claims the pushes
+    try:
+        for patient in patients:
+            upload(a, patient, png())
+        wait_for(lambda: "pending" not in outbox_states(url), "A to claim every push")
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: outbox_states(url) == ["done"] * 3, "the pushes to be settled", timeout=120)
+    assert sorted(lines(pvs / "arrivals")) == ["MMOINF1.INI 1", "MMOINF2.INI 1", "MMOINF3.INI 1"]
+    assert len(lines(pvs / "starts")) == 3
+    assert "outbox recovered" not in b.log() and '"pushed"' not in b.log()
 
 
 @pytest.mark.slow

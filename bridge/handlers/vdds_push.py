@@ -157,8 +157,10 @@ async def run_program(rt: Runtime, argv: list[str], path: Path) -> None:
     A program that overruns `push_timeout` is killed (a hung import must not pile up). One still running
     when the daemon stops (cancellation) is left to finish, as after a crash: killed mid-import, it
     never writes READY=1, and the next start's `recover` would wait `push_timeout` for it before sending
-    the push again. It runs in a session of its own, so that a console's Ctrl+C, which reaches the whole
-    process group, stops the daemon but not the PVS's import.
+    the push again. The same holds when the outbox cuts the send off because its claim was lost: the
+    message's new holder settles it through `recover`, from the file the program answers in. The
+    program runs in a session of its own, so that a console's Ctrl+C, which reaches the whole process
+    group, stops the daemon but not the PVS's import.
     """
     settings = rt.settings.vdds
     try:
@@ -205,7 +207,10 @@ async def run_program(rt: Runtime, argv: list[str], path: Path) -> None:
                 await asyncio.wait_for(proc.wait(), POLL_SECONDS)
     except asyncio.CancelledError:
         stopping = True
-        log.info("daemon stopping: the PVS's import program is left to finish", extra={"file": str(path)})
+        log.info(
+            "push cut off (the daemon stops, or lost its claim): the PVS's import program is left to finish",
+            extra={"file": str(path)},
+        )
         raise
     finally:
         if not stopping and proc.returncode is None:  # a hung import program must not pile up

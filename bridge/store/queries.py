@@ -11,11 +11,12 @@ running it on an indexed key, and a PMS launch runs a few of them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from sqlalchemy import Delete, Select, Update, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from bridge.store.models import (
     AuditEntry,
@@ -495,16 +496,23 @@ def expired_outbox(channel: str, now: datetime, limit: int = 20) -> Select[Outbo
     )
 
 
-def renew_outbox_lease(message_id: int, instance: str, until: datetime) -> Update:
-    """Extend a claim, only while it is still this daemon's (another may have taken it over)."""
+def extend_outbox_claims(
+    message_ids: Sequence[int], instance: str, now: datetime, until: datetime
+) -> ReturningUpdate[int]:
+    """Extend a daemon's claims on messages `message_ids` to `until`, returning the ids extended: only
+    claims still its own whose lease has not run out at `now`. One whose lease ran out may be taken
+    over by another daemon any moment, so it counts as lost even while no one has taken it yet."""
     return (
         update(OutboxMessage)
         .where(
-            OutboxMessage.id == message_id,
+            OutboxMessage.id.in_(message_ids),
             OutboxMessage.state == "sending",
             OutboxMessage.claimed_by == instance,
+            OutboxMessage.lease_until > now,
         )
         .values(lease_until=until)
+        .returning(OutboxMessage.id)
+        .execution_options(synchronize_session=False)
     )
 
 
