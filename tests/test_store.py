@@ -41,7 +41,7 @@ SAMPLE_ARGS: dict[type, Any] = {
 
 
 def sample_value(annotation: str, name: str) -> Any:
-    if name == "image_ids":
+    if name in ("image_ids", "message_ids"):
         return [1, 2]
     if name == "after":
         return (datetime(2020, 1, 2), 5)
