@@ -159,16 +159,25 @@ def cmd_vdds(ns: argparse.Namespace) -> int:
     return run(ns)
 
 
-def _vdds_args(parser: argparse.ArgumentParser) -> None:
+def _actions(parser: argparse.ArgumentParser, *actions: tuple[str, str]) -> list[argparse.ArgumentParser]:
+    """The sub-commands (ACTION) of a command, each taking `--config` where the command takes it too."""
     import argparse
 
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, text in (
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    parsers = []
+    for name, text in actions:
+        action = sub.add_parser(name, help=text, description=text)
+        action.add_argument("--config", default=argparse.SUPPRESS, help="config file (as before the action)")
+        parsers.append(action)
+    return parsers
+
+
+def _vdds_args(parser: argparse.ArgumentParser) -> None:
+    for action in _actions(
+        parser,
         ("register", "add or update our [BVS] entry in VDDS_MMI.INI (needs administrator rights)"),
         ("unregister", "remove our [BVS] entry from VDDS_MMI.INI"),
     ):
-        action = actions.add_parser(name, help=text, description=text)
-        action.add_argument("--config", default=argparse.SUPPRESS, help="config file (as before the action)")
         action.add_argument("--ini", help="VDDS_MMI.INI to edit (default: [vdds] mmi_ini, else the system's)")
         action.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
 
@@ -180,17 +189,12 @@ def cmd_outbox(ns: argparse.Namespace) -> int:
 
 
 def _outbox_args(parser: argparse.ArgumentParser) -> None:
-    import argparse
-
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, text in (
+    _listing, retry = _actions(
+        parser,
         ("list", "count the pushes to PMSs by channel and state; show why failed ones failed"),
         ("retry", "make failed pushes pending again (after fixing the cause), each in the audit log"),
-    ):
-        action = actions.add_parser(name, help=text, description=text)
-        action.add_argument("--config", default=argparse.SUPPRESS, help="config file (as before the action)")
-        if name == "retry":
-            action.add_argument("--channel", help="only this channel (e.g. vdds-push, dentrix-thumbnails)")
+    )
+    retry.add_argument("--channel", help="only this channel (e.g. vdds-push, dentrix-thumbnails)")
 
 
 def _replay_args(parser: argparse.ArgumentParser) -> None:
