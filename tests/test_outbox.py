@@ -63,6 +63,21 @@ async def test_two_daemons_on_one_store_deliver_each_message_once(runtime: Runti
 # Claims and leases: a daemon settles only its own messages and those of a daemon that died
 
 
+@contextlib.contextmanager
+def two_daemons(settings: Any) -> Iterator[tuple[Runtime, Runtime]]:
+    """The runtimes of two daemons on one store (scale-out): the first migrates it, the second finds it
+    migrated; both closed at the end, the second first."""
+    a = Runtime.build(settings)
+    try:
+        b = Runtime.build(settings, migrate=False)
+        try:
+            yield a, b
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
 async def seed_messages(rt: Runtime, count: int, *, channel: str = "test", state: str = "pending") -> None:
     """`count` messages of one patient in `state` (failed ones after 50 attempts, with their error)."""
     now = utcnow()
@@ -136,8 +151,7 @@ async def test_a_starting_daemon_leaves_a_running_daemons_push_alone(make_settin
     look for cut-off messages must not take A's: A renews its lease while it sends. Before claims were
     recorded, B reset A's message and the PMS got the push twice."""
     settings = make_settings(daemon={"outbox_lease": 1})
-    a, b = Runtime.build(settings), Runtime.build(settings, migrate=False)
-    try:
+    with two_daemons(settings) as (a, b):
         await seed_messages(a, 1)
         sender = BlockingSender()
         sending = asyncio.create_task(OutboxWorker(a, "test", sender).run_once())
@@ -153,9 +167,6 @@ async def test_a_starting_daemon_leaves_a_running_daemons_push_alone(make_settin
         sender.release.set()
         assert await sending == 1
         assert [r[0] for r in rows(a)] == ["done"] and len(sender.sent) == 1
-    finally:
-        b.close()
-        a.close()
 
 
 async def test_a_claim_that_ran_out_is_taken_over_and_only_its_new_holder_settles_it(
@@ -165,8 +176,7 @@ async def test_a_claim_that_ran_out_is_taken_over_and_only_its_new_holder_settle
     message to a running one, whose recover hook settles it; the stalled one, carrying on (its program
     saw no READY=1 in time), does not overwrite that with a retry: the PMS would get the push twice."""
     settings = make_settings(daemon={"outbox_lease": 3600})  # A would renew only after 20 minutes
-    a, b = Runtime.build(settings), Runtime.build(settings, migrate=False)
-    try:
+    with two_daemons(settings) as (a, b):
         await seed_messages(a, 1)
         sender = BlockingSender(fails=True)
         stalled = asyncio.create_task(OutboxWorker(a, "test", sender).run_once())
@@ -187,9 +197,6 @@ async def test_a_claim_that_ran_out_is_taken_over_and_only_its_new_holder_settle
         sender.release.set()
         assert await stalled == 1
         assert rows(a)[0][:2] == ("done", b.instance_id) and len(asked) == 1
-    finally:
-        b.close()
-        a.close()
 
 
 async def test_a_message_sending_from_before_claims_were_recorded_is_settled(runtime: Runtime) -> None:
@@ -265,8 +272,7 @@ async def test_a_stopping_worker_hands_its_claims_back(make_settings: Any) -> No
     and on those claimed with it: the next start (or another daemon) settles them at once, instead of
     after the lease, and asks the channel's recover hook whether the PMS has them."""
     settings = make_settings(daemon={"outbox_lease": 3600})
-    a, b = Runtime.build(settings), Runtime.build(settings, migrate=False)
-    try:
+    with two_daemons(settings) as (a, b):
         await seed_messages(a, 2)
         sender = BlockingSender()
         sending = asyncio.create_task(OutboxWorker(a, "test", sender).run_once())
@@ -280,9 +286,6 @@ async def test_a_stopping_worker_hands_its_claims_back(make_settings: Any) -> No
         assert all(lease is not None and lease <= now for _s, _c, lease, _n in rows(a))
         assert await OutboxWorker(b, "test", sender).recover() == 2  # the next start: no wait
         assert [state for state, *_rest in rows(a)] == ["pending", "pending"]
-    finally:
-        b.close()
-        a.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,8 +338,7 @@ async def test_a_batch_claimed_together_stays_with_its_daemon_while_a_slow_push_
     it over and sent it, and A then sent it again. Every claim A holds is renewed now, so B leaves
     message 2 alone and the PMS gets each push once."""
     settings = make_settings(daemon={"outbox_lease": 1})
-    a, b = Runtime.build(settings), Runtime.build(settings, migrate=False)
-    try:
+    with two_daemons(settings) as (a, b):
         await seed_messages(a, 2)
         pms = SlowPms()
         sending = asyncio.create_task(OutboxWorker(a, "test", pms).run_once())
@@ -351,9 +353,6 @@ async def test_a_batch_claimed_together_stays_with_its_daemon_while_a_slow_push_
         assert await sending == 2
         assert sorted(pms.arrived) == [1, 2]
         assert [(state, claimer) for state, claimer, *_rest in rows(a)] == [("done", a.instance_id)] * 2
-    finally:
-        b.close()
-        a.close()
 
 
 async def test_a_send_whose_claim_another_daemon_took_over_is_cut_off(make_settings: Any) -> None:
@@ -361,8 +360,7 @@ async def test_a_send_whose_claim_another_daemon_took_over_is_cut_off(make_setti
     stops that send as soon as its renewal finds out, instead of handing the push to the PMS after
     the new holder did; the message is the new holder's to settle."""
     settings = make_settings(daemon={"outbox_lease": 1})
-    a, b = Runtime.build(settings), Runtime.build(settings, migrate=False)
-    try:
+    with two_daemons(settings) as (a, b):
         await seed_messages(a, 1)
         pms = SlowPms()
         sending = asyncio.create_task(OutboxWorker(a, "test", pms).run_once())
@@ -373,17 +371,13 @@ async def test_a_send_whose_claim_another_daemon_took_over_is_cut_off(make_setti
         pms.gate.set()
         assert pms.arrived == [] and pms.cut == [1]
         assert rows(a)[0][:2] == ("sending", b.instance_id)
-    finally:
-        b.close()
-        a.close()
 
 
 async def test_a_message_whose_claim_was_lost_meanwhile_is_not_sent(make_settings: Any) -> None:
     """Messages 1 and 2 claimed together; message 2's claim is taken over while message 1 is sent. The
     claim is checked (and extended) in the store right before each send, so A skips message 2."""
     settings = make_settings(daemon={"outbox_lease": 60})
-    a, b = Runtime.build(settings), Runtime.build(settings, migrate=False)
-    try:
+    with two_daemons(settings) as (a, b):
         await seed_messages(a, 2)
         pms = SlowPms()
         sending = asyncio.create_task(OutboxWorker(a, "test", pms).run_once())
@@ -396,9 +390,6 @@ async def test_a_message_whose_claim_was_lost_meanwhile_is_not_sent(make_setting
             ("done", a.instance_id),
             ("sending", b.instance_id),
         ]
-    finally:
-        b.close()
-        a.close()
 
 
 @contextlib.contextmanager
