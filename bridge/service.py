@@ -702,11 +702,15 @@ class BridgeService:
         if not self.settings.ignore_practice_id:
             link = session.scalars(*q.link_by_key(req.pms_system, req.practice_id, req.pms_id)).first()
             if link is None and req.practice_id:
-                # Made while ignore_practice_id was on (no practice key, the practice recorded beside):
-                # it is this practice's patient, not a reason to create a second one.
+                # No link of this practice, but one without a practice key: made while ignore_practice_id
+                # was on by this practice (recorded beside), or by a request of this PMS that named no
+                # practice (an import under an empty `[dicom] practice_id`). Either is this practice's
+                # patient, not a reason to create a second one; `_resolve` gives it this practice's key.
                 link = session.scalars(
-                    q.unkeyed_link_of_practice(req.pms_system, req.practice_id, req.pms_id)
+                    q.unkeyed_link_for_practice(req.pms_system, req.practice_id, req.pms_id)
                 ).first()
+                if link is not None and not link.practice_id:
+                    self._refuse_if_unclear_whose(session, req, link)
             if link is not None or req.practice_id:
                 return link
             # A request without a practice id (a VDDS stage 2 without PRXNR, an import under an empty
@@ -762,19 +766,22 @@ class BridgeService:
         link = self._find_link(session, req)
         if link is not None:
             patient = _lock_patient(session, link.patient_id)  # a link never moves to another patient
+            rekey = self._takes_unkeyed_link(session, req, link)
+            named = "" if link.practice_id else " (the link named no practice)"
             self._refuse_if_disagreeing(session, req, patient)
             changed = self._move_chart_number(session, req, patient)
             changed += self._maybe_update(session, req, patient, update)
             link.last_seen_at = utcnow()
-            if link.practice_key != self._practice_key(req) and self._practice_key(req):
-                # a link of ignore_practice_id's time gets its practice key back (the read paths key on it)
-                link.practice_key = self._practice_key(req)
+            if rekey:
+                # the link now names this practice: the read paths key on it, and the next request without
+                # a practice id still finds it (its id's one patient in any practice)
+                link.practice_key = link.practice_id = req.practice_id
                 self.audit.change(
                     session,
                     req.origin,
                     "link.rekey",
                     patient_id=patient.id,
-                    detail=f"practice {req.practice_id!r}",
+                    detail=f"practice {req.practice_id!r}{named}",
                 )
             if _speaks_for_link(req) and link.protocol != req.origin.protocol:
                 link.protocol = req.origin.protocol
@@ -807,6 +814,56 @@ class BridgeService:
         session.flush()  # the unique key on the link decides a creation race here
         self.audit.change(session, req.origin, "patient.create", patient_id=patient.id)
         return _Resolved(patient, link, Status.CREATED)
+
+    def _takes_unkeyed_link(self, session: Session, req: PatientRequest, link: PmsLink) -> bool:
+        """Whether a request of a practice takes the link it found without a practice key (see
+        `_find_link`), which then gets that practice's key. Called with the link's patient locked.
+
+        The link is read again first, as committed: a request of another practice may have taken it while
+        this one waited for the lock. It is that practice's link then, and this request is resolved afresh
+        (`_Moved`): it finds no link of its own and makes its own patient.
+        """
+        key = self._practice_key(req)
+        if not key or link.practice_key == key:
+            return False
+        session.refresh(link)
+        if link.practice_key == key:  # taken by another request of this practice meanwhile
+            return False
+        if link.practice_key:
+            raise _Moved(f"the link of patient {req.pms_id!r}")
+        return True
+
+    @staticmethod
+    def _refuse_if_unclear_whose(session: Session, req: PatientRequest, link: PmsLink) -> None:
+        """A link that names no practice says nothing about whose patient it is, so a practice takes it
+        (opens, lists, exports its patient; `_resolve` gives it the practice's key) only when nothing else
+        says whose it is. When this PMS system knows the same id in another practice (a store
+        where that practice's launch split an imported patient before this rule existed: the import most
+        likely was that practice's patient), or knows the link's patient under another id or in another
+        practice, it cannot be told whether the link is this practice's patient `req.pms_id`: refused as
+        `ambiguous-practice`, never guessed (an import carries too little to rely on the demographics)."""
+        for other in session.scalars(q.links_by_system_id(req.pms_system, req.pms_id)):
+            if other.id != link.id:
+                raise _conflict(
+                    req,
+                    "ambiguous-practice",
+                    f"patient id {req.pms_id!r} of {req.pms_system} is linked without a practice, and also in"
+                    f" practice {other.practice_id!r}: the link without a practice may be that practice's"
+                    f" patient; it is not taken as practice {req.practice_id!r}'s",
+                    patient_id=link.patient_id,
+                    other_patient_id=other.patient_id if other.patient_id != link.patient_id else None,
+                )
+        for other in session.scalars(*q.links_of_patient(link.patient_id)):
+            if other.id != link.id and other.pms_system == req.pms_system:
+                where = f"practice {other.practice_id!r}" if other.practice_id else "no practice"
+                raise _conflict(
+                    req,
+                    "ambiguous-practice",
+                    f"patient id {req.pms_id!r} of {req.pms_system} is linked without a practice to a patient"
+                    f" {req.pms_system} also knows as {other.pms_id!r} ({where}): it cannot be told whether"
+                    f" it is practice {req.practice_id!r}'s patient {req.pms_id!r}",
+                    patient_id=link.patient_id,
+                )
 
     def _resolve_by_chart(
         self, session: Session, req: PatientRequest, *, may_create: bool, update: bool
@@ -872,9 +929,8 @@ class BridgeService:
 
     def _refuse_if_linked_elsewhere(self, session: Session, req: PatientRequest, patient: Patient) -> None:
         """A chart number's patient already known to this PMS under another id is not ours to take."""
-        practice_key = self._practice_key(req)
         for other in session.scalars(*q.links_of_patient(patient.id)):
-            if other.pms_system == req.pms_system and other.practice_key == practice_key:
+            if self._is_own_pms_link(req, other):
                 raise _conflict(
                     req,
                     "chart-number",
@@ -883,6 +939,23 @@ class BridgeService:
                     patient_id=patient.id,
                 )
         self._refuse_if_of_another_practice(session, req, patient)
+
+    def _is_own_pms_link(self, req: PatientRequest, link: PmsLink) -> bool:
+        """Whether a link is the request's own PMS knowing a patient: a link its id lookup (`_find_link`)
+        takes for that link's id. A request of practice P takes P's links and those without a practice
+        key made by P or by a request naming no practice; a request naming no practice takes its id's
+        link in any practice. So a chart number's holder that P (or a practice-less request) would open by
+        another id is not linked under this one. Under ignore_practice_id: the links without a practice
+        key, as before."""
+        if link.pms_system != req.pms_system:
+            return False
+        if self.settings.ignore_practice_id:
+            return link.practice_key == ""
+        if not req.practice_id:
+            return True
+        return link.practice_key == req.practice_id or (
+            link.practice_key == "" and link.practice_id in (req.practice_id, "")
+        )
 
     def _refuse_if_of_another_practice(self, session: Session, req: PatientRequest, patient: Patient) -> None:
         """A chart number names a patient only within one practice: the holder of a chart number that a PMS

@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session
 
 from bridge.events import AcquisitionRequested, Event, ImageViewRequested, PatientOpened
 from bridge.model import Action, Category, Demographics, IdKind, NewImage, Origin, PatientRequest, Sex, Status
 from bridge.runtime import Runtime
 from bridge.service import fold, same_beyond_spelling
+from bridge.store.models import PmsLink
+from bridge.store.types import utcnow
 
 ORIGIN = Origin(protocol="test", transport="api", workstation="WS1", actor="pytest")
 
@@ -403,6 +406,153 @@ async def test_a_request_without_practice_id_finds_the_patient_of_any_practice(r
     own = await runtime.service.handle(req("PR7", practice="1"))  # the practice's own key is unchanged
     assert own.status is Status.OK and own.patient and own.patient.id == launched.patient.id
     assert await count_patients(runtime) == 4
+
+
+async def audit_details(rt: Runtime, action: str) -> list[str]:
+    await rt.audit.flush()
+    return [e["detail"] for e in await rt.service.audit_entries(ORIGIN) if e["action"] == action]
+
+
+async def test_a_practice_takes_the_patient_a_request_without_practice_id_made(runtime: Runtime) -> None:
+    """An import under an empty [dicom] practice_id made IM1 without a practice; the PMS then launches IM1
+    with PRXNR=1. Practice 1 takes that patient (its link now names practice 1, audited), instead of
+    making a second one; then IM1 is practice 1's, so practice 2's IM1 is another patient."""
+    imported = await runtime.service.handle(req("IM1", action=Action.IMPORT))
+    assert imported.status is Status.CREATED and imported.patient and imported.patient.practice_id == ""
+    patient_id = imported.patient.id
+    image_id = await add_image(runtime, patient_id)
+    listed = await runtime.service.handle(req("IM1", practice="1", action=Action.LIST_IMAGES))
+    assert listed.status is Status.OK and [i.id for i in listed.images] == [image_id]
+    [unchanged] = await runtime.service.search_patients(ORIGIN, pms_id="IM1")
+    assert unchanged.practice_id == "", "a read gave the link a practice"
+
+    launched = await runtime.service.handle(req("IM1", practice="1", first="Hans-Peter"))
+    assert launched.status is Status.UPDATED, launched.message
+    assert launched.patient and (launched.patient.id, launched.patient.practice_id) == (patient_id, "1")
+    assert await audit_details(runtime, "link.rekey") == ["practice '1' (the link named no practice)"]
+    again = await runtime.service.handle(req("IM1", practice="1", first="Hans-Peter"))
+    assert again.status is Status.OK and again.patient and again.patient.id == patient_id
+    for action in (Action.IMPORT, Action.LIST_IMAGES):  # a request without a practice id still finds it
+        found = await runtime.service.handle(req("IM1", action=action))
+        assert found.status is Status.OK and found.patient and found.patient.id == patient_id
+    assert await count_patients(runtime) == 1
+
+    other = await runtime.service.handle(req("IM1", practice="2", last="Meier"))
+    assert other.status is Status.CREATED and other.patient and other.patient.id != patient_id
+    assert other.patient.practice_id == "2" and await count_patients(runtime) == 2
+    ambiguous = await runtime.service.handle(req("IM1", action=Action.IMPORT))
+    assert ambiguous.status is Status.CONFLICT and "names no practice" in ambiguous.message
+
+
+async def test_a_link_without_practice_and_another_surname_is_a_conflict_not_a_duplicate(
+    runtime: Runtime,
+) -> None:
+    """The usual checks apply to the patient a practice takes: another surname is a conflict, the link is
+    left without a practice, and nothing is created; the surname spelled otherwise is the same patient."""
+    imported = await runtime.service.handle(req("IM2", action=Action.IMPORT, last="Müller"))
+    assert imported.patient is not None
+    refused = await runtime.service.handle(req("IM2", practice="1", last="Schmidt"))
+    assert refused.status is Status.CONFLICT and refused.conflict_id is not None
+    assert "surname 'Müller' in the store, 'Schmidt' sent" in refused.message
+    repeated = await runtime.service.handle(req("IM2", practice="1", last="Schmidt"))
+    assert repeated.conflict_id == refused.conflict_id
+    [kept] = await runtime.service.search_patients(ORIGIN, pms_id="IM2")
+    assert (kept.id, kept.practice_id, kept.last_name) == (imported.patient.id, "", "Müller")
+    assert await count_patients(runtime) == 1
+    spelled = await runtime.service.handle(req("IM2", practice="1", last="Mueller"))
+    assert spelled.status is Status.UPDATED and spelled.patient and spelled.patient.id == imported.patient.id
+    assert spelled.patient.practice_id == "1" and await count_patients(runtime) == 1
+
+
+async def test_a_link_without_practice_is_not_taken_when_the_pms_knows_the_id_elsewhere(
+    runtime: Runtime,
+) -> None:
+    """A store that the old rule left with an imported LX without a practice and practice 2's own LX (its
+    launch split the import off): practice 1's LX cannot be told to be the imported one, so practice 1
+    is refused (ambiguous-practice), for reads too, and nothing is created or relinked."""
+    imported = await runtime.service.handle(req("LX", action=Action.IMPORT))
+    split = await runtime.service.handle(req("LX-2", system="OTHER", practice="2"))
+    assert imported.patient and split.patient
+    split_id = split.patient.id
+
+    def old_split_link(session: Session) -> None:  # what practice 2's launch of LX made under the old rule
+        now = utcnow()
+        session.add(
+            PmsLink(
+                patient_id=split_id,
+                pms_system="PVS1",
+                practice_key="2",
+                practice_id="2",
+                pms_id="LX",
+                protocol="test",
+                created_at=now,
+                last_seen_at=now,
+            )
+        )
+
+    await runtime.db.write(old_split_link)
+    for action in (Action.OPEN, Action.LIST_IMAGES):
+        refused = await runtime.service.handle(req("LX", practice="1", action=action))
+        assert refused.status is Status.CONFLICT, refused.message
+        assert "linked without a practice, and also in practice '2'" in refused.message
+    [conflict] = await runtime.service.list_conflicts(ORIGIN)
+    assert conflict["kind"] == "ambiguous-practice"
+    assert (conflict["patient_id"], conflict["other_patient_id"]) == (imported.patient.id, split_id)
+    assert await count_patients(runtime) == 2
+    assert await audit_details(runtime, "link.rekey") == []
+    own = await runtime.service.handle(req("LX", practice="2"))  # practice 2's own LX is unchanged
+    assert own.status is Status.OK and own.patient and own.patient.id == split_id
+
+
+async def test_a_link_without_practice_on_a_patient_the_practice_knows_by_another_id_is_not_taken(
+    make_settings: Any,
+) -> None:
+    """Practice 1 knows a patient as Y (chart C1); while ignore_practice_id was on, a request without a
+    practice linked X to it by that chart. Practice 1's X is then not that patient (it is its Y): a
+    conflict, not a patient with two ids of one practice."""
+    settings = make_settings(pms={"ignore_practice_id": "no"})
+    ignoring = make_settings(pms={"ignore_practice_id": "yes"})
+    rt = Runtime.build(settings)
+    try:
+        known = await rt.service.handle(req("Y", practice="1", chart="C1"))
+        assert known.status is Status.CREATED and known.patient is not None
+    finally:
+        rt.close()
+    rt = Runtime.build(ignoring)
+    try:
+        linked = await rt.service.handle(req("X", chart="C1"))
+        assert linked.status is Status.UPDATED and linked.patient and linked.patient.id == known.patient.id
+    finally:
+        rt.close()
+    rt = Runtime.build(settings)
+    try:
+        refused = await rt.service.handle(req("X", practice="1"))
+        assert refused.status is Status.CONFLICT, refused.message
+        assert "also knows as 'Y' (practice '1')" in refused.message
+        assert await count_patients(rt) == 1
+        await rt.audit.flush()
+    finally:
+        rt.close()
+
+
+async def test_a_chart_number_does_not_link_a_patient_the_pms_would_open_by_another_id(
+    runtime: Runtime,
+) -> None:
+    """Practice 1 would open the patient imported as X without a practice by X: its new id Y arriving with
+    that patient's chart number is a chart-number conflict, as for a patient linked to practice 1 itself.
+    Likewise a request without a practice id, which opens an id's patient in any practice, cannot link
+    practice 2's patient Z by its chart number under another id W."""
+    imported = await runtime.service.handle(req("X", chart="C9", action=Action.IMPORT))
+    assert imported.status is Status.CREATED
+    by_practice = await runtime.service.handle(req("Y", practice="1", chart="C9"))
+    assert by_practice.status is Status.CONFLICT
+    assert "belongs to a patient PVS1 knows under id 'X', not 'Y'" in by_practice.message
+    practice_2 = await runtime.service.handle(req("Z", practice="2", chart="C8", last="Meier"))
+    assert practice_2.status is Status.CREATED
+    no_practice = await runtime.service.handle(req("W", chart="C8", last="Meier"))
+    assert no_practice.status is Status.CONFLICT
+    assert "belongs to a patient PVS1 knows under id 'Z', not 'W'" in no_practice.message
+    assert await count_patients(runtime) == 2
 
 
 async def test_a_name_in_another_unicode_form_is_the_same_name(runtime: Runtime) -> None:

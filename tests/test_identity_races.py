@@ -188,3 +188,23 @@ async def test_a_chart_number_renumbered_away_while_linking_by_it_is_not_followe
         linked = outcomes[1]
         assert linked.status in (Status.UPDATED, Status.CREATED) and linked.patient is not None
         assert linked.patient.chart_number == f"RC{round_}-C0", linked.status
+
+
+async def test_practices_taking_one_link_without_practice_at_once_leave_it_to_one(racing: Runtime) -> None:
+    """An import made AD without a practice; practices P0 .. P7 launch AD at once. One takes the imported
+    patient (its link then names that practice); every other, having waited for the patient, finds the
+    link is another practice's now and makes its own patient, as practice ids count. None takes the link
+    from the one that took it, none fails."""
+    for round_ in range(ROUNDS):
+        pms_id = f"AD{round_}"
+        imported = await racing.service.handle(smith(pms_id, action=Action.IMPORT))
+        assert imported.status is Status.CREATED and imported.patient is not None
+        outcomes = await at_once(racing, [smith(pms_id, practice=f"P{n}") for n in range(RACERS)])
+        assert all(o.patient is not None for o in outcomes), [o.message for o in outcomes]
+        patients = [o.patient for o in outcomes if o.patient]
+        [winner] = [p for p in patients if p.id == imported.patient.id]
+        others = [o for o in outcomes if o.patient and o.patient.id != imported.patient.id]
+        assert all(o.status is Status.CREATED for o in others), [o.message for o in others]
+        assert len({o.patient.id for o in others if o.patient}) == RACERS - 1
+        owner = select(PmsLink.practice_id).where(PmsLink.patient_id == imported.patient.id)
+        assert await scalar(racing, owner) == winner.practice_id != ""

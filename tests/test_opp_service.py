@@ -152,12 +152,14 @@ async def test_view_data_reads_only(runtime: Runtime) -> None:
 
 
 async def test_the_software_name_and_practice_id_key_the_patient(runtime: Runtime) -> None:
-    """Two PMSs (or two practices of one) may use the same reference for different people."""
+    """Two PMSs (or two practices of one) may use the same reference for different people. (A reference
+    without a practice is not another practice's: a practice takes it, see test_identity.py.)"""
     a = await execute(runtime, message(runtime, "-p", "1", "-l", "A"), ORIGIN)
-    custom = replace(options(runtime.settings), software_name="Other-PMS")
+    custom = replace(options(runtime.settings), software_name="Other-PMS", practice_id="P1")
     b = await execute(runtime, parse_args(["-p", "1", "-l", "B"], custom), ORIGIN)
     practice = replace(custom, practice_id="P2")
     c = await execute(runtime, parse_args(["-p", "1", "-l", "C"], practice), ORIGIN)
     assert a.patient and b.patient and c.patient
     assert len({a.patient.id, b.patient.id, c.patient.id}) == 3
+    assert (b.patient.pms_system, b.patient.practice_id) == ("Other-PMS", "P1")
     assert (c.patient.pms_system, c.patient.practice_id) == ("Other-PMS", "P2")

@@ -38,6 +38,7 @@ from bridge.watch import FolderWatcher
 from protocols import vdds_exchange
 from protocols.common import decode, parse_ini
 from tests.conftest import DaemonProcess, pms_bridge_command, write_config
+from tests.support.dicomfiles import dental_dataset, write
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -409,6 +410,37 @@ def test_a_stage2_request_without_prxnr_lists_the_patient_stage1_made_with_one(
     assert keys(answer, "PATID")["ERRORLEVEL"] == "0"
     assert keys(answer, "MMOS")["COUNT"] == "1"
     assert [p["id"] for p in patients(daemon, "PR7")] == [patient["id"]]
+
+
+def test_a_stage1_launch_with_prxnr_takes_the_patient_an_import_without_practice_made(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """`pms-bridge import` under an empty `[dicom] practice_id` (as init writes it), with `[dicom]
+    pms_system` naming the PVS, makes patient 4711 without a practice; the PVS then launches 4711 with
+    PRXNR=1. One patient, its link now of practice 1, with the imported image listed to the practice."""
+    daemon = daemon_factory(dicom={"pms_system": "TESTPVS"})
+    dicom = write(
+        dental_dataset(patient_id="4711", name="Müller^Heinz", birth_date="19710101", sex="M"),
+        tmp_path / "IO1.dcm",
+    )
+    env = {**os.environ, "PMS_BRIDGE_CONFIG": str(daemon.config)}
+    imported = subprocess.run(
+        [*pms_bridge_command(), "import", str(dicom)], capture_output=True, text=True, env=env, check=False
+    )
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    [made] = patients(daemon, "4711")
+    assert (made["pms_system"], made["practice_id"]) == ("TESTPVS", "")
+    request = tmp_path / "MME505F.tmp"
+    request.write_bytes(stage1("4711", extra="PRXNR=1\r\n"))
+    result = run_module(daemon.config, str(request))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert keys(request.read_bytes(), "PATIENT")["ERRORLEVEL"] == "0"
+    [patient] = patients(daemon, "4711")
+    assert (patient["id"], patient["practice_id"]) == (made["id"], "1")
+    request.write_bytes(request_file("PATID", "PVS=TESTPVS\r\nPATID=4711\r\nPRXNR=1\r\n"))
+    result = run_module(daemon.config, str(request))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert keys(request.read_bytes(), "MMOS")["COUNT"] == "1"
 
 
 def test_a_marriage_name_accepted_through_the_api_opens_the_patient_again(

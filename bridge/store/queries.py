@@ -69,13 +69,15 @@ def link_by_key(pms_system: str, practice_key: str, pms_id: str) -> Bound[PmsLin
     return Bound(_link_by_key(), dict(pms_system=pms_system, practice_key=practice_key, pms_id=pms_id))
 
 
-def unkeyed_link_of_practice(pms_system: str, practice_id: str, pms_id: str) -> Select[PmsLink]:
-    """The link of one PMS id made under `ignore_practice_id` (no practice key) by a request of this
-    practice: the same patient once practice ids count again."""
+def unkeyed_link_for_practice(pms_system: str, practice_id: str, pms_id: str) -> Select[PmsLink]:
+    """The link of one PMS id without a practice key that a request of this practice takes: one made
+    under `ignore_practice_id` by a request of this practice (its practice recorded beside), or one made
+    by a request that named no practice (no practice recorded either). The unique key on (system,
+    practice key, id) leaves at most one; one recorded for another practice is that practice's."""
     return select(PmsLink).where(
         PmsLink.pms_system == pms_system,
         PmsLink.practice_key == "",
-        PmsLink.practice_id == practice_id,
+        PmsLink.practice_id.in_((practice_id, "")),
         PmsLink.pms_id == pms_id,
     )
 
