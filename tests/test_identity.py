@@ -15,7 +15,7 @@ import pytest
 from bridge.events import AcquisitionRequested, Event, ImageViewRequested, PatientOpened
 from bridge.model import Action, Category, Demographics, IdKind, NewImage, Origin, PatientRequest, Sex, Status
 from bridge.runtime import Runtime
-from bridge.service import fold, same_beyond_spelling
+from bridge.service import Refused, fold, same_beyond_spelling
 
 ORIGIN = Origin(protocol="test", transport="api", workstation="WS1", actor="pytest")
 
@@ -328,6 +328,10 @@ async def test_allow_patient_creation_off_refuses_manual_creation_only(make_sett
         # updating an existing patient by hand is still allowed
         edited = await rt.service.handle(req("5", action=Action.CREATE_OR_UPDATE, first="Jo"))
         assert edited.status is Status.UPDATED
+        imported = await rt.service.import_images(req("6", action=Action.IMPORT), [new_image()])
+        assert imported[0].status is Status.FORBIDDEN and imported[1] == []
+        assert (await rt.service.handle(req("6", action=Action.IMPORT))).status is Status.FORBIDDEN
+        assert await count_patients(rt) == 1
     finally:
         rt.close()
 
@@ -354,8 +358,9 @@ async def test_open_patient_settings_shape_the_event(make_settings: Any) -> None
             rt.close()
 
 
-async def add_image(rt: Runtime, patient_id: int) -> int:
-    image = NewImage(
+def new_image(study_uid: str = "") -> NewImage:
+    """An image's metadata (the store's rows do not look at the file)."""
+    return NewImage(
         sha256="ab" * 32,
         file_ext="png",
         media_type="image/png",
@@ -365,9 +370,37 @@ async def add_image(rt: Runtime, patient_id: int) -> int:
         bits_stored=8,
         color=False,
         category=Category.INTRAORAL_XRAY,
+        study_uid=study_uid,
     )
-    [view] = await rt.service.add_images(ORIGIN, patient_id, [image])
+
+
+async def add_image(rt: Runtime, patient_id: int) -> int:
+    [view] = await rt.service.add_images(ORIGIN, patient_id, [new_image()])
     return view.id
+
+
+async def test_an_import_creates_its_patient_only_with_its_images(runtime: Runtime) -> None:
+    """An IMPORT request only finds its patient (NOT_FOUND when new); `import_images` resolves it by the
+    same rules, creates it and adds the images in one transaction, so refused images leave no patient and
+    a conflict leaves the images out, recorded as for any request."""
+    assert (await runtime.service.handle(req("I1", action=Action.IMPORT))).status is Status.NOT_FOUND
+    assert await count_patients(runtime) == 0
+    created, images = await runtime.service.import_images(req("I1", action=Action.IMPORT), [new_image()])
+    assert created.status is Status.CREATED and created.patient is not None and len(images) == 1
+    assert images[0].patient_id == created.patient.id
+    found = await runtime.service.handle(req("I1", action=Action.IMPORT))
+    assert found.status is Status.OK and found.patient is not None and found.patient.id == created.patient.id
+    other_birth = req("I1", action=Action.IMPORT, birth=date(1971, 1, 2))
+    refused, none = await runtime.service.import_images(other_birth, [new_image()])
+    assert refused.status is Status.CONFLICT and refused.conflict_id is not None and none == []
+    with pytest.raises(Refused, match="belongs to another patient"):
+        await runtime.service.import_images(req("I2", action=Action.IMPORT), [new_image(images[0].study_uid)])
+    assert await count_patients(runtime) == 1
+    assert len(await runtime.service.list_images(ORIGIN, created.patient.id)) == 1
+    await runtime.audit.flush()
+    actions = [e["action"] for e in await runtime.service.audit_entries(ORIGIN, limit=1000)]
+    assert actions.count("patient.create") == 1 and actions.count("image.add") == 1
+    assert actions.count("conflict.record") == 1
 
 
 async def test_a_request_without_practice_id_finds_the_patient_of_any_practice(runtime: Runtime) -> None:
