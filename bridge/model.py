@@ -32,7 +32,7 @@ class Action(enum.StrEnum):
     LIST_IMAGES = "list_images"  # the patient's images (VDDS MMOINFEXPORT, OPP VIEW_DATA)
     VIEW_IMAGE = "view_image"  # show one image (VDDS MMOVIEW)
     EXPORT_IMAGES = "export_images"  # file copies (VDDS MMOEXPORT)
-    IMPORT = "import"  # images arriving without a PMS (DICOM media): creation needs allow_patient_creation
+    IMPORT = "import"  # images arriving without a PMS (DICOM media): a new patient comes only with its images
 
 
 class IdKind(enum.StrEnum):

@@ -25,10 +25,10 @@ import time
 import unicodedata
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -69,6 +69,8 @@ from bridge.store.models import (
 from bridge.store.types import utcnow
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_CREATE_RETRIES = 8
 MAX_REMEMBERED_IMAGE_VIEWS = 10_000
@@ -115,6 +117,19 @@ def nfc_demographics(demo: Demographics) -> Demographics:
         name: unicodedata.normalize("NFC", getattr(demo, name)) for name in DEMOGRAPHIC_TEXTS
     }
     return replace(demo, **texts)
+
+
+def normalized(req: PatientRequest) -> PatientRequest:
+    """A request's keys and demographic texts as the identity rules compare and store them (`key_text`,
+    `nfc_demographics`): every way into the rules (`handle`, `import_images`) starts here."""
+    return replace(
+        req,
+        pms_system=key_text(req.pms_system),
+        practice_id=key_text(req.practice_id),
+        pms_id=key_text(req.pms_id),
+        chart_number=key_text(req.chart_number),
+        demographics=nfc_demographics(req.demographics),
+    )
 
 
 def name_key(last_name: str, first_name: str) -> str:
@@ -306,6 +321,16 @@ class _Moved(Refused):
 
     def __init__(self, what: str) -> None:
         super().__init__(Outcome(Status.ERROR, f"{what} changed while the request was served; send it again"))
+
+
+class _ImagesRefused(Exception):
+    """The images of a transaction were refused (Refused, or a unique violation such as a stored SOP
+    Instance UID): carried out of the transaction past what handles the patient's own refusals and lost
+    creation races (`_retry_unique`), then raised again as it was (`add_images`, `import_images`)."""
+
+    def __init__(self, refusal: Refused | IntegrityError) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
 
 
 def _lock_patient(session: Session, patient_id: int) -> Patient:
@@ -533,14 +558,7 @@ class BridgeService:
 
     async def handle(self, req: PatientRequest) -> Outcome:
         """Serve one PMS request; every failure becomes an Outcome the protocol can render."""
-        req = replace(
-            req,
-            pms_system=key_text(req.pms_system),
-            practice_id=key_text(req.practice_id),
-            pms_id=key_text(req.pms_id),
-            chart_number=key_text(req.chart_number),
-            demographics=nfc_demographics(req.demographics),
-        )
+        req = normalized(req)
         problem = _text_problem(req)
         if problem:
             return Outcome(Status.INVALID, problem)
@@ -582,22 +600,17 @@ class BridgeService:
             raise Refused(Outcome(Status.INVALID, "the request does not name its PMS system"))
 
     async def _open(self, req: PatientRequest) -> Outcome:
+        """Open, create or update the patient of a request (IMPORT: only find it, see `import_images`)."""
         self._check_request(req)
-        if req.action is Action.UPDATE:
+        if req.action in (Action.UPDATE, Action.IMPORT):
+            # An import's new patient is created by `import_images`, in the transaction of its first
+            # images: here it is NOT_FOUND (or FORBIDDEN without allow_patient_creation, `_cannot_create`).
             may_create = False
-        elif req.action in (Action.CREATE_OR_UPDATE, Action.IMPORT):
+        elif req.action is Action.CREATE_OR_UPDATE:
             may_create = self.settings.allow_patient_creation
         else:
             may_create = True  # a PMS launch may always create: that is what the integration is for
-        # An imported file's header is a snapshot taken at the modality; the PMS owns the demographics,
-        # so an import never overwrites them (a disagreement is still a conflict, as for every request).
-        # update_patient_info says what the PMS's launches may change (DTX Studio Clinic's "update patient
-        # info"); the REST API's create-or-update is a person editing the patient on purpose, so its
-        # changes apply whatever that setting says (they would otherwise be dropped while answering 200).
-        update = req.action is Action.CREATE_OR_UPDATE or (
-            self.settings.update_patient_info and req.action is not Action.IMPORT
-        )
-        opened = "patient.import" if req.action is Action.IMPORT else "patient.open"
+        update = self._updates(req)
 
         shown = req.action not in (Action.CREATE_OR_UPDATE, Action.IMPORT) and not req.silent
 
@@ -613,18 +626,40 @@ class BridgeService:
             self._announce_read(req, outcome)
             return outcome
 
-        def work(session: Session) -> tuple[_Resolved, PatientView]:
-            resolved = self._resolve(session, req, may_create=may_create, update=update)
-            if resolved.status is Status.OK:
-                self.audit.change(session, req.origin, opened, patient_id=resolved.patient.id)
-            return resolved, _load_patient_view(session, resolved.patient, resolved.link)
+        def work(session: Session) -> tuple[Status, PatientView]:
+            return self._open_in(session, req, may_create=may_create, update=update)
 
-        resolved, view = await self._retry_unique(work)
-        outcome = Outcome(resolved.status, _status_message(resolved.status, req), patient=view)
+        status, view = await self._retry_unique(work)
+        outcome = Outcome(status, _status_message(status, req), patient=view)
         if shown:
             outcome = replace(outcome, viewer_url=self.patient_viewer_url(view.id))
             self._publish_opened(req, view, outcome.viewer_url)
         return outcome
+
+    def _updates(self, req: PatientRequest) -> bool:
+        """Whether a request's demographics are applied to the patient it finds.
+
+        An imported file's header is a snapshot taken at the modality; the PMS owns the demographics,
+        so an import never overwrites them (a disagreement is still a conflict, as for every request).
+        update_patient_info says what the PMS's launches may change (DTX Studio Clinic's "update patient
+        info"); the REST API's create-or-update is a person editing the patient on purpose, so its
+        changes apply whatever that setting says (they would otherwise be dropped while answering 200).
+        """
+        return req.action is Action.CREATE_OR_UPDATE or (
+            self.settings.update_patient_info and req.action is not Action.IMPORT
+        )
+
+    def _open_in(
+        self, session: Session, req: PatientRequest, *, may_create: bool, update: bool
+    ) -> tuple[Status, PatientView]:
+        """Resolve a request in the caller's write transaction: the status and the patient. A patient
+        found unchanged is audited here (`patient.open`, or `patient.import` for an import); a creation or
+        a change audits itself."""
+        resolved = self._resolve(session, req, may_create=may_create, update=update)
+        if resolved.status is Status.OK:
+            opened = "patient.import" if req.action is Action.IMPORT else "patient.open"
+            self.audit.change(session, req.origin, opened, patient_id=resolved.patient.id)
+        return resolved.status, _load_patient_view(session, resolved.patient, resolved.link)
 
     def repeat(self, req: PatientRequest, outcome: Outcome) -> None:
         """`req` answered again with `outcome`: an earlier, `repeatable` outcome of an identical request
@@ -903,8 +938,16 @@ class BridgeService:
         return patient
 
     def _cannot_create(self, req: PatientRequest) -> Refused:
+        key = req.pms_id or req.chart_number
+        if req.action is Action.IMPORT and self.settings.allow_patient_creation:
+            return Refused(
+                Outcome(
+                    Status.NOT_FOUND,
+                    f"no patient with id {key!r} from {req.pms_system} yet: the import creates it with its"
+                    " first image",
+                )
+            )
         if req.action in (Action.CREATE_OR_UPDATE, Action.IMPORT):
-            key = req.pms_id or req.chart_number
             return Refused(
                 Outcome(
                     Status.FORBIDDEN,
@@ -912,7 +955,6 @@ class BridgeService:
                     " (allow_patient_creation = no): patients come from the PMS",
                 )
             )
-        key = req.pms_id or req.chart_number
         return Refused(Outcome(Status.NOT_FOUND, f"no patient with id {key!r} from {req.pms_system}"))
 
     def _refuse_if_disagreeing(self, session: Session, req: PatientRequest, patient: Patient) -> None:
@@ -1426,60 +1468,83 @@ class BridgeService:
         push nor announce images that were not stored. Their ids are registered as this process's own
         before the commit, so the daemon's watcher of the store never announces them a second time.
         """
+
+        def owner(session: Session) -> tuple[None, int]:
+            if session.scalars(*q.patient_by_id(patient_id)).first() is None:
+                raise Refused(Outcome(Status.NOT_FOUND, f"no patient with id {patient_id}"))
+            return None, patient_id
+
+        try:
+            _nothing, added = await self._add_with(origin, new, owner, self.db.write)
+        except _ImagesRefused as refused:
+            raise refused.refusal from None
+        return added
+
+    async def import_images(
+        self, req: PatientRequest, new: Sequence[NewImage]
+    ) -> tuple[Outcome, list[ImageView]]:
+        """An IMPORT request's patient and its images, in ONE transaction: found by the identity rules (the
+        same rules, conflicts and audit entries as `handle`), created when it is new and
+        `allow_patient_creation` allows it, and the images added as by `add_images`.
+
+        Nothing half-imported remains: when the images are refused, the patient's creation is rolled back
+        with them, so an import none of whose files is added leaves no empty patient (deleting one
+        afterwards is no answer: SQLite gives a deleted patient's id to the next one). A creation race is
+        decided by the link's unique key: the loser's transaction is retried and adds its images to the
+        winner's patient, as `handle` does for a PMS launch.
+
+        Answers the patient's outcome and the images added. A refused request (a conflict, recorded;
+        creation disabled) is answered as `handle` answers it, with no images. Refused images raise as in
+        `add_images` (Refused, or IntegrityError for a unique key such as a stored SOP Instance UID), after
+        the whole transaction rolled back.
+        """
+        if req.action is not Action.IMPORT or not new:
+            raise ValueError("import_images takes an IMPORT request and at least one image")
+        req = normalized(req)
+        problem = _text_problem(req)
+        if problem:
+            return Outcome(Status.INVALID, problem), []
+        may_create, update = self.settings.allow_patient_creation, self._updates(req)
+
+        def owner(session: Session) -> tuple[tuple[Status, PatientView], int]:
+            status, view = self._open_in(session, req, may_create=may_create, update=update)
+            return (status, view), view.id
+
+        try:
+            self._check_request(req)
+            (status, view), added = await self._add_with(req.origin, new, owner, self._retry_unique)
+        except _ImagesRefused as refused:
+            raise refused.refusal from None
+        except Refused as refused:  # the patient's
+            return await self.refusal_outcome(refused, req.origin), []
+        return Outcome(status, _status_message(status, req), patient=view), added
+
+    async def _add_with(
+        self,
+        origin: Origin,
+        new: Sequence[NewImage],
+        owner: Callable[[Session], tuple[T, int]],
+        write: Callable[[Callable[[Session], Any]], Awaitable[Any]],
+    ) -> tuple[T, list[ImageView]]:
+        """Add images in the transaction in which `owner` settles their patient (answers what the caller
+        wants back, and the patient's id), run by `write`: `db.write`, or `_retry_unique` where the patient
+        may be created in it. A refusal of the images themselves is raised as `_ImagesRefused` (for the
+        caller to raise as it was), so it is never retried as a lost creation race nor taken for a
+        refusal of the patient."""
         registered: list[int] = []
         queued: set[str] = set()
 
-        def work(session: Session) -> list[ImageView]:
+        def work(session: Session) -> tuple[T, int, list[ImageView]]:
             queued.clear()  # a retried transaction queues anew
-            patient = session.scalars(*q.patient_by_id(patient_id)).first()
-            if patient is None:
-                raise Refused(Outcome(Status.NOT_FOUND, f"no patient with id {patient_id}"))
-            now = utcnow()
-            # A batch's studies and series are looked up once each and its images inserted in one flush:
-            # a query and a flush per image were most of a DICOM import's database time.
-            studies: dict[str, Study] = {}
-            series_by_uid: dict[str, Series] = {}
-            placed: list[tuple[Image, Series, Study]] = []
-            for item in new:
-                study = self._study_for(session, patient_id, item, now, studies)
-                series = self._series_for(session, study, item, now, series_by_uid)
-                image = Image(
-                    patient_id=patient_id,
-                    series_id=series.id,
-                    sop_instance_uid=item.sop_instance_uid or new_uid(),
-                    sha256=item.sha256,
-                    file_ext=item.file_ext,
-                    media_type=item.media_type,
-                    size_bytes=item.size_bytes,
-                    category=item.category.value,
-                    tooth_numbers=list(item.tooth_numbers),
-                    rotation=item.rotation,
-                    mirrored=item.mirrored,
-                    width=item.width,
-                    height=item.height,
-                    frames=item.frames,
-                    bits_stored=item.bits_stored,
-                    color=item.color,
-                    captured_at=item.captured_at,
-                    imported_at=now,
-                    device=item.device,
-                    comment=item.comment,
-                    attributes=item.attributes,
-                )
-                session.add(image)
-                placed.append((image, series, study))
-            session.flush()
-            registered.extend(image.id for image, _series, _study in placed)
-            self.own_additions.adding(registered)
-            added: list[ImageView] = []
-            for image, series, study in placed:
-                self.audit.change(session, origin, "image.add", patient_id=patient_id, image_id=image.id)
-                added.append(image_view(image, series.series_uid, study.study_uid))
-            queued.update(self._enqueue_pushes(session, patient_id, [view.id for view in added], now))
-            return added
+            answer, patient_id = owner(session)
+            try:
+                added = self._insert_images(session, origin, patient_id, new, registered, queued)
+            except (Refused, IntegrityError) as exc:
+                raise _ImagesRefused(exc) from exc
+            return answer, patient_id, added
 
         try:
-            added = await self.db.write(work)
+            answer, patient_id, added = await write(work)
         except BaseException:
             self.own_additions.not_added(registered)
             raise
@@ -1495,6 +1560,62 @@ class BridgeService:
                     push_channels=frozenset(queued),
                 )
             )
+        return answer, added
+
+    def _insert_images(
+        self,
+        session: Session,
+        origin: Origin,
+        patient_id: int,
+        new: Sequence[NewImage],
+        registered: list[int],
+        queued: set[str],
+    ) -> list[ImageView]:
+        """Insert the images of one patient, audit them and queue their pushes (the channels go to
+        `queued`); their ids are registered as this process's own (and kept in `registered`) before the
+        transaction commits."""
+        now = utcnow()
+        # A batch's studies and series are looked up once each and its images inserted in one flush:
+        # a query and a flush per image were most of a DICOM import's database time.
+        studies: dict[str, Study] = {}
+        series_by_uid: dict[str, Series] = {}
+        placed: list[tuple[Image, Series, Study]] = []
+        for item in new:
+            study = self._study_for(session, patient_id, item, now, studies)
+            series = self._series_for(session, study, item, now, series_by_uid)
+            image = Image(
+                patient_id=patient_id,
+                series_id=series.id,
+                sop_instance_uid=item.sop_instance_uid or new_uid(),
+                sha256=item.sha256,
+                file_ext=item.file_ext,
+                media_type=item.media_type,
+                size_bytes=item.size_bytes,
+                category=item.category.value,
+                tooth_numbers=list(item.tooth_numbers),
+                rotation=item.rotation,
+                mirrored=item.mirrored,
+                width=item.width,
+                height=item.height,
+                frames=item.frames,
+                bits_stored=item.bits_stored,
+                color=item.color,
+                captured_at=item.captured_at,
+                imported_at=now,
+                device=item.device,
+                comment=item.comment,
+                attributes=item.attributes,
+            )
+            session.add(image)
+            placed.append((image, series, study))
+        session.flush()
+        registered.extend(image.id for image, _series, _study in placed)
+        self.own_additions.adding(registered)
+        added: list[ImageView] = []
+        for image, series, study in placed:
+            self.audit.change(session, origin, "image.add", patient_id=patient_id, image_id=image.id)
+            added.append(image_view(image, series.series_uid, study.study_uid))
+        queued.update(self._enqueue_pushes(session, patient_id, [view.id for view in added], now))
         return added
 
     @staticmethod

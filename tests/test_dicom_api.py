@@ -287,6 +287,31 @@ async def test_nothing_imported_is_a_problem_with_the_report(api_client: Any) ->
     ]
 
 
+async def test_a_file_refused_for_another_patients_uid_leaves_its_new_patient_uncreated(
+    api_client: Any,
+) -> None:
+    """The issue's reproduction: file A imported for P1, then a copy of A whose PatientID is NEW9 (same SOP
+    Instance UID). The copy is refused, and NEW9 does not exist afterwards (it would be created only in
+    the transaction adding its first image)."""
+    first = dental_dataset(patient_id="P1")
+    assert (await api_client.post("/api/v1/import", data=form(("a.dcm", to_bytes(first))))).status == 201
+    copy = dental_dataset(patient_id="NEW9", name="Other^Person")
+    copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    response = await api_client.post("/api/v1/import", data=form(("copy.dcm", to_bytes(copy))))
+    assert response.status == 422
+    body = await response.json(content_type=PROBLEM)
+    assert body["report"]["errors"] == [
+        {
+            "path": "copy.dcm",
+            "reason": f"SOP Instance UID {first.SOPInstanceUID} is already stored for another patient",
+        }
+    ]
+    listed = await api_client.get("/api/v1/patients", params={"pms_id": "NEW9"})
+    assert listed.status == 200 and (await listed.json())["items"] == []
+    everyone = await (await api_client.get("/api/v1/patients")).json()
+    assert [patient["pms_id"] for patient in everyone["items"]] == ["P1"]
+
+
 async def test_wrong_requests_are_refused(api_client: Any) -> None:
     assert (await api_client.post("/api/v1/import", json={"file": "x"})).status == 415
     empty = FormData(default_to_multipart=True)

@@ -6,6 +6,8 @@ source byte for byte. Real files, a real store and the real process pool; no moc
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import io
 import json
 import os
@@ -13,7 +15,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pydicom
@@ -28,7 +30,7 @@ from bridge.imaging import analyze
 from bridge.model import Action, Demographics, NewImage, Origin, PatientRequest, Sex
 from bridge.runtime import Runtime
 from bridge.store.files import STAGING, FileStore
-from bridge.store.models import Image, PmsLink
+from bridge.store.models import Image, Patient, PmsLink
 from tests.support.dicomfiles import dental_dataset, sample, to_bytes, write
 
 ORIGIN = Origin("dicom", "import", "TEST")
@@ -258,30 +260,48 @@ async def test_native_pixel_data_one_pixel_short_is_refused_and_leaves_nothing(
     assert image_rows(runtime) == [] and stored_files(runtime) == set()
 
 
+@pytest.mark.parametrize("patient", ["known", "new"])
 async def test_files_are_flushed_before_their_rows_and_a_failed_batch_leaves_no_file(
-    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, patient: str
 ) -> None:
+    """A known patient's images are added by `add_images`, a new one's by `import_images` (which creates
+    the patient with them): either way the files are on disk before the transaction."""
+    if patient == "known":
+        request = PatientRequest(
+            Action.CREATE_OR_UPDATE, ORIGIN, "dicom", "9", demographics=Demographics("Doe")
+        )
+        assert (await runtime.service.handle(request)).patient is not None
     paths = [
         write(dental_dataset(patient_id="9", pixels=np.full((8, 8), n, np.uint16)), tmp_path / f"{n}.dcm")
         for n in range(3)
     ]
     files = runtime.files
     synced: list[Path] = []
+    called: list[str] = []
 
     def sync_folder(folder: Path) -> None:
         synced.append(folder)
         FileStore.sync_folder(folder)
 
-    async def add_images(origin: Origin, patient_id: int, new: list[NewImage]) -> list[Any]:
+    def refuse(method: str, new: list[NewImage]) -> NoReturn:
+        called.append(method)
         for image in new:  # on disk, under its name, in folders flushed since
             path = files.path_for(image.sha256, image.file_ext)
             assert path.is_file() and {path.parent, path.parent.parent, files.root} <= set(synced)
         raise OperationalError("INSERT INTO images", {}, Exception("disk I/O error"))
 
+    async def add_images(origin: Origin, patient_id: int, new: list[NewImage]) -> list[Any]:
+        refuse("add_images", new)
+
+    async def import_images(req: PatientRequest, new: list[NewImage]) -> tuple[Any, list[Any]]:
+        refuse("import_images", new)
+
     monkeypatch.setattr(files, "sync_folder", sync_folder)
     monkeypatch.setattr(runtime.service, "add_images", add_images)
+    monkeypatch.setattr(runtime.service, "import_images", import_images)
     with pytest.raises(OperationalError):
         await run_import(runtime, *paths)
+    assert called == ["add_images" if patient == "known" else "import_images"]
     left = [p for p in files.root.rglob("*") if p.is_file() and "thumbnails" not in p.parts]
     assert left == [], "the files of a batch the database refused (or their temporary files) remain"
 
@@ -464,6 +484,170 @@ async def test_a_stored_uid_with_other_bytes_or_another_patient_is_refused(
         "changed.dcm": f"SOP Instance UID {uid} is already stored with other content",
         "moved.dcm": f"SOP Instance UID {uid} is already stored for another patient",
     }
+
+
+def patients_by_pms_id(rt: Runtime) -> dict[str, int]:
+    """Every stored patient by the PMS id of its link, read from the database itself."""
+    return rt.db.read_sync(
+        lambda s: (
+            {link.pms_id: link.patient_id for link in s.scalars(select(PmsLink))}
+            | {f"unlinked {p.id}": p.id for p in s.scalars(select(Patient)) if not p.links}
+        )
+    )
+
+
+async def created_patients(rt: Runtime) -> int:
+    """How many `patient.create` entries the audit log holds."""
+    await rt.audit.flush()
+    entries = await rt.service.audit_entries(ORIGIN, limit=1000)
+    return sum(entry["action"] == "patient.create" for entry in entries)
+
+
+async def test_a_new_patient_none_of_whose_files_is_added_is_not_created(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Nothing half-imported remains: the patient of a file the store refuses is created in the transaction
+    that adds its first image, so a new PMS id none of whose files is added leaves no (empty) patient.
+    NEW9's file carries the SOP Instance UID of P1's image (refused before any insert), NEW8's the study
+    of P1 (refused by the insert: the batch, then the file on its own, rolled back)."""
+    first = dental_dataset(patient_id="P1")
+    assert len((await run_import(runtime, write(first, tmp_path / "first.dcm"))).imported) == 1
+    same_uid = dental_dataset(patient_id="NEW9")
+    same_uid.SOPInstanceUID = first.SOPInstanceUID
+    same_study = dental_dataset(patient_id="NEW8", study_uid=first.StudyInstanceUID)
+    report = await run_import(
+        runtime, write(same_uid, tmp_path / "uid.dcm"), write(same_study, tmp_path / "study.dcm")
+    )
+    assert report.imported == []
+    assert {Path(p.path).name: p.reason for p in report.errors} == {
+        "uid.dcm": f"SOP Instance UID {first.SOPInstanceUID} is already stored for another patient",
+        "study.dcm": f"study {first.StudyInstanceUID} belongs to another patient",
+    }
+    assert list(patients_by_pms_id(runtime)) == ["P1"], "a refused import left a patient behind"
+    assert await runtime.service.search_patients(ORIGIN, pms_id="NEW9") == []
+    assert await created_patients(runtime) == 1
+    assert len(image_rows(runtime)) == 1
+
+
+async def test_a_new_patient_is_created_once_with_all_its_images(runtime: Runtime, tmp_path: Path) -> None:
+    paths = [
+        write(dental_dataset(patient_id="NEW1", pixels=np.full((8, 8), n, np.uint16)), tmp_path / f"{n}.dcm")
+        for n in range(3)
+    ]
+    report = await run_import(runtime, *paths)
+    assert report.errors == [] and len(report.imported) == 3
+    patients = patients_by_pms_id(runtime)
+    assert list(patients) == ["NEW1"]
+    assert {item.patient_id for item in report.imported} == {patients["NEW1"]}
+    assert {row.patient_id for row in image_rows(runtime)} == {patients["NEW1"]}
+    assert await created_patients(runtime) == 1
+    again = await run_import(runtime, write(dental_dataset(patient_id="NEW1"), tmp_path / "later.dcm"))
+    assert [item.patient_id for item in again.imported] == [patients["NEW1"]], "a known patient is found"
+    assert await created_patients(runtime) == 1
+
+
+@pytest.mark.parametrize("refused_by", ["sop-instance-uid", "study"])
+async def test_a_new_patients_refused_file_beside_a_fresh_one_gives_it_one_image(
+    runtime: Runtime, tmp_path: Path, refused_by: str
+) -> None:
+    """One file of NEW5 is refused (its SOP Instance UID, or its study, is P1's), the other is fresh: NEW5
+    is created with the fresh file's image. A refused study fails the whole batch's insert, so each file
+    is then added on its own: the refused one's rolled-back creation must not be taken for the patient."""
+    first = dental_dataset(patient_id="P1")
+    assert len((await run_import(runtime, write(first, tmp_path / "first.dcm"))).imported) == 1
+    if refused_by == "study":
+        refused = dental_dataset(patient_id="NEW5", study_uid=first.StudyInstanceUID)
+    else:
+        refused = dental_dataset(patient_id="NEW5")
+        refused.SOPInstanceUID = first.SOPInstanceUID
+    fresh = dental_dataset(patient_id="NEW5", pixels=np.full((8, 8), 3, np.uint16))
+    report = await run_import(
+        runtime, write(refused, tmp_path / "refused.dcm"), write(fresh, tmp_path / "fresh.dcm")
+    )
+    assert [Path(p.path).name for p in report.errors] == ["refused.dcm"]
+    patients = patients_by_pms_id(runtime)
+    assert sorted(patients) == ["NEW5", "P1"]
+    assert [(Path(i.path).name, i.patient_id) for i in report.imported] == [("fresh.dcm", patients["NEW5"])]
+    assert sorted(row.patient_id for row in image_rows(runtime)) == sorted(patients.values())
+    assert await created_patients(runtime) == 2
+
+
+async def test_a_new_patient_whose_first_batch_fails_is_created_by_its_later_volume(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """In one import, NEW6's intra-oral file is refused (its study is P1's) and its CT slice is added
+    later, as a volume: the patient is created then, with the volume, and only once."""
+    first = dental_dataset(patient_id="P1")
+    assert len((await run_import(runtime, write(first, tmp_path / "first.dcm"))).imported) == 1
+    refused = dental_dataset(patient_id="NEW6", name="Doe^Jane", study_uid=first.StudyInstanceUID)
+    ct = pydicom.dcmread(sample("CT_small.dcm"))
+    ct.PatientID, ct.PatientName, ct.PatientBirthDate, ct.PatientSex = "NEW6", "Doe^Jane", "19800506", "F"
+    report = await run_import(
+        runtime, write(refused, tmp_path / "refused.dcm"), write(ct, tmp_path / "ct.dcm")
+    )
+    assert [Path(p.path).name for p in report.errors] == ["refused.dcm"]
+    patients = patients_by_pms_id(runtime)
+    assert sorted(patients) == ["NEW6", "P1"]
+    assert [(Path(i.path).name, i.category) for i in report.imported] == [("ct.dcm", "cbct")]
+    assert report.imported[0].patient_id == patients["NEW6"]
+    assert await created_patients(runtime) == 2
+
+
+async def test_a_new_patient_whose_files_cannot_be_flushed_is_not_created(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folders of a batch's files are flushed before its transaction: when that fails, the batch is
+    reported and its new patient is not created (its creation is part of that transaction)."""
+    path = write(dental_dataset(patient_id="NEW7"), tmp_path / "a.dcm")
+
+    def sync_folder(folder: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(folder))
+
+    monkeypatch.setattr(runtime.files, "sync_folder", sync_folder)
+    report = await run_import(runtime, path)
+    assert [p.reason for p in report.errors] == [f"cannot be stored: {os.strerror(errno.EIO)}"]
+    assert patients_by_pms_id(runtime) == {} and await created_patients(runtime) == 0
+    monkeypatch.undo()
+    again = await run_import(runtime, path)
+    assert len(again.imported) == 1 and list(patients_by_pms_id(runtime)) == ["NEW7"]
+
+
+async def test_one_new_patient_spelled_two_ways_in_one_import_is_one_patient(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """NEW4's files name it 'Doe^Jane' and 'DOE^JANE' (the same patient, looked up apart) and carry one SOP
+    Instance UID. Whichever is added first creates NEW4; the other's instance is then NEW4's own, stored
+    with other content, not another patient's (the still-new patient is looked up again first)."""
+    first = dental_dataset(patient_id="NEW4", name="Doe^Jane")
+    second = dental_dataset(patient_id="NEW4", name="DOE^JANE")
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    report = await run_import(runtime, write(first, tmp_path / "a.dcm"), write(second, tmp_path / "b.dcm"))
+    assert len(report.imported) == 1
+    assert [p.reason for p in report.errors] == [
+        f"SOP Instance UID {first.SOPInstanceUID} is already stored with other content"
+    ]
+    assert list(patients_by_pms_id(runtime)) == ["NEW4"] and await created_patients(runtime) == 1
+
+
+async def test_two_imports_of_one_new_patient_at_once_create_it_once(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Imports started at once for one new PMS id (two uploads, two workstations) make one patient with
+    every image: the unique key on the link decides, and the loser's images go to the winner's patient."""
+    for round_ in range(4):
+        pms_id = f"RACE{round_}"
+        paths = [
+            write(
+                dental_dataset(patient_id=pms_id, pixels=np.full((8, 8), n, np.uint16)),
+                tmp_path / f"{round_}-{n}.dcm",
+            )
+            for n in range(4)
+        ]
+        reports = await asyncio.gather(*(run_import(runtime, path) for path in paths))
+        assert [len(r.imported) for r in reports] == [1] * 4, [r.errors for r in reports]
+        patient_id = patients_by_pms_id(runtime)[pms_id]
+        assert {r.imported[0].patient_id for r in reports} == {patient_id}
+        assert await created_patients(runtime) == round_ + 1
 
 
 async def test_the_same_file_twice_in_one_import_is_stored_once(runtime: Runtime, tmp_path: Path) -> None:

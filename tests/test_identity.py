@@ -14,9 +14,20 @@ import pytest
 from sqlalchemy.orm import Session
 
 from bridge.events import AcquisitionRequested, Event, ImageViewRequested, PatientOpened
-from bridge.model import Action, Category, Demographics, IdKind, NewImage, Origin, PatientRequest, Sex, Status
+from bridge.model import (
+    Action,
+    Category,
+    Demographics,
+    IdKind,
+    NewImage,
+    Origin,
+    Outcome,
+    PatientRequest,
+    Sex,
+    Status,
+)
 from bridge.runtime import Runtime
-from bridge.service import fold, same_beyond_spelling
+from bridge.service import Refused, fold, same_beyond_spelling
 from bridge.store.models import PmsLink
 from bridge.store.types import utcnow
 
@@ -331,6 +342,10 @@ async def test_allow_patient_creation_off_refuses_manual_creation_only(make_sett
         # updating an existing patient by hand is still allowed
         edited = await rt.service.handle(req("5", action=Action.CREATE_OR_UPDATE, first="Jo"))
         assert edited.status is Status.UPDATED
+        imported = await rt.service.import_images(req("6", action=Action.IMPORT), [new_image()])
+        assert imported[0].status is Status.FORBIDDEN and imported[1] == []
+        assert (await rt.service.handle(req("6", action=Action.IMPORT))).status is Status.FORBIDDEN
+        assert await count_patients(rt) == 1
     finally:
         rt.close()
 
@@ -357,8 +372,9 @@ async def test_open_patient_settings_shape_the_event(make_settings: Any) -> None
             rt.close()
 
 
-async def add_image(rt: Runtime, patient_id: int) -> int:
-    image = NewImage(
+def new_image(study_uid: str = "") -> NewImage:
+    """An image's metadata (the store's rows do not look at the file)."""
+    return NewImage(
         sha256="ab" * 32,
         file_ext="png",
         media_type="image/png",
@@ -368,9 +384,43 @@ async def add_image(rt: Runtime, patient_id: int) -> int:
         bits_stored=8,
         color=False,
         category=Category.INTRAORAL_XRAY,
+        study_uid=study_uid,
     )
-    [view] = await rt.service.add_images(ORIGIN, patient_id, [image])
+
+
+async def add_image(rt: Runtime, patient_id: int) -> int:
+    [view] = await rt.service.add_images(ORIGIN, patient_id, [new_image()])
     return view.id
+
+
+async def import_patient(rt: Runtime, request: PatientRequest) -> tuple[Outcome, int]:
+    """What a DICOM import of one file does for its patient: found or created with its image."""
+    outcome, [view] = await rt.service.import_images(request, [new_image()])
+    return outcome, view.id
+
+
+async def test_an_import_creates_its_patient_only_with_its_images(runtime: Runtime) -> None:
+    """An IMPORT request only finds its patient (NOT_FOUND when new); `import_images` resolves it by the
+    same rules, creates it and adds the images in one transaction, so refused images leave no patient and
+    a conflict leaves the images out, recorded as for any request."""
+    assert (await runtime.service.handle(req("I1", action=Action.IMPORT))).status is Status.NOT_FOUND
+    assert await count_patients(runtime) == 0
+    created, images = await runtime.service.import_images(req("I1", action=Action.IMPORT), [new_image()])
+    assert created.status is Status.CREATED and created.patient is not None and len(images) == 1
+    assert images[0].patient_id == created.patient.id
+    found = await runtime.service.handle(req("I1", action=Action.IMPORT))
+    assert found.status is Status.OK and found.patient is not None and found.patient.id == created.patient.id
+    other_birth = req("I1", action=Action.IMPORT, birth=date(1971, 1, 2))
+    refused, none = await runtime.service.import_images(other_birth, [new_image()])
+    assert refused.status is Status.CONFLICT and refused.conflict_id is not None and none == []
+    with pytest.raises(Refused, match="belongs to another patient"):
+        await runtime.service.import_images(req("I2", action=Action.IMPORT), [new_image(images[0].study_uid)])
+    assert await count_patients(runtime) == 1
+    assert len(await runtime.service.list_images(ORIGIN, created.patient.id)) == 1
+    await runtime.audit.flush()
+    actions = [e["action"] for e in await runtime.service.audit_entries(ORIGIN, limit=1000)]
+    assert actions.count("patient.create") == 1 and actions.count("image.add") == 1
+    assert actions.count("conflict.record") == 1
 
 
 async def test_a_request_without_practice_id_finds_the_patient_of_any_practice(runtime: Runtime) -> None:
@@ -417,10 +467,9 @@ async def test_a_practice_takes_the_patient_a_request_without_practice_id_made(r
     """An import under an empty [dicom] practice_id made IM1 without a practice; the PMS then launches IM1
     with PRXNR=1. Practice 1 takes that patient (its link now names practice 1, audited), instead of
     making a second one; then IM1 is practice 1's, so practice 2's IM1 is another patient."""
-    imported = await runtime.service.handle(req("IM1", action=Action.IMPORT))
+    imported, image_id = await import_patient(runtime, req("IM1", action=Action.IMPORT))
     assert imported.status is Status.CREATED and imported.patient and imported.patient.practice_id == ""
     patient_id = imported.patient.id
-    image_id = await add_image(runtime, patient_id)
     listed = await runtime.service.handle(req("IM1", practice="1", action=Action.LIST_IMAGES))
     assert listed.status is Status.OK and [i.id for i in listed.images] == [image_id]
     [unchanged] = await runtime.service.search_patients(ORIGIN, pms_id="IM1")
@@ -449,7 +498,7 @@ async def test_a_link_without_practice_and_another_surname_is_a_conflict_not_a_d
 ) -> None:
     """The usual checks apply to the patient a practice takes: another surname is a conflict, the link is
     left without a practice, and nothing is created; the surname spelled otherwise is the same patient."""
-    imported = await runtime.service.handle(req("IM2", action=Action.IMPORT, last="Müller"))
+    imported, _ = await import_patient(runtime, req("IM2", action=Action.IMPORT, last="Müller"))
     assert imported.patient is not None
     refused = await runtime.service.handle(req("IM2", practice="1", last="Schmidt"))
     assert refused.status is Status.CONFLICT and refused.conflict_id is not None
@@ -470,7 +519,7 @@ async def test_a_link_without_practice_is_not_taken_when_the_pms_knows_the_id_el
     """A store that the old rule left with an imported LX without a practice and practice 2's own LX (its
     launch split the import off): practice 1's LX cannot be told to be the imported one, so practice 1
     is refused (ambiguous-practice), for reads too, and nothing is created or relinked."""
-    imported = await runtime.service.handle(req("LX", action=Action.IMPORT))
+    imported, _ = await import_patient(runtime, req("LX", action=Action.IMPORT))
     split = await runtime.service.handle(req("LX-2", system="OTHER", practice="2"))
     assert imported.patient and split.patient
     split_id = split.patient.id
@@ -542,7 +591,7 @@ async def test_a_chart_number_does_not_link_a_patient_the_pms_would_open_by_anot
     that patient's chart number is a chart-number conflict, as for a patient linked to practice 1 itself.
     Likewise a request without a practice id, which opens an id's patient in any practice, cannot link
     practice 2's patient Z by its chart number under another id W."""
-    imported = await runtime.service.handle(req("X", chart="C9", action=Action.IMPORT))
+    imported, _ = await import_patient(runtime, req("X", chart="C9", action=Action.IMPORT))
     assert imported.status is Status.CREATED
     by_practice = await runtime.service.handle(req("Y", practice="1", chart="C9"))
     assert by_practice.status is Status.CONFLICT

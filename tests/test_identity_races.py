@@ -15,12 +15,24 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from bridge.config import Settings
-from bridge.model import Action, Demographics, IdKind, Origin, Outcome, PatientRequest, Sex, Status
+from bridge.model import (
+    Action,
+    Category,
+    Demographics,
+    IdKind,
+    NewImage,
+    Origin,
+    Outcome,
+    PatientRequest,
+    Sex,
+    Status,
+)
 from bridge.runtime import Runtime
-from bridge.store.models import ChartAlias, Conflict, PmsLink
+from bridge.store.models import ChartAlias, Conflict, Image, Patient, PmsLink
 
 ORIGIN = Origin(protocol="dentrix", transport="http", workstation="WS1", actor="pytest")
 ROUNDS = 8
@@ -197,7 +209,9 @@ async def test_practices_taking_one_link_without_practice_at_once_leave_it_to_on
     from the one that took it, none fails."""
     for round_ in range(ROUNDS):
         pms_id = f"AD{round_}"
-        imported = await racing.service.handle(smith(pms_id, action=Action.IMPORT))
+        imported, _ = await racing.service.import_images(
+            smith(pms_id, action=Action.IMPORT), [new_image(f"2.25.9{round_}")]
+        )
         assert imported.status is Status.CREATED and imported.patient is not None
         outcomes = await at_once(racing, [smith(pms_id, practice=f"P{n}") for n in range(RACERS)])
         assert all(o.patient is not None for o in outcomes), [o.message for o in outcomes]
@@ -208,3 +222,49 @@ async def test_practices_taking_one_link_without_practice_at_once_leave_it_to_on
         assert len({o.patient.id for o in others if o.patient}) == RACERS - 1
         owner = select(PmsLink.practice_id).where(PmsLink.patient_id == imported.patient.id)
         assert await scalar(racing, owner) == winner.practice_id != ""
+
+
+def new_image(sop_instance_uid: str) -> NewImage:
+    """An image's metadata (the store's rows do not look at the file)."""
+    return NewImage(
+        sha256="cd" * 32,
+        file_ext="png",
+        media_type="image/png",
+        size_bytes=1,
+        width=1,
+        height=1,
+        bits_stored=8,
+        color=False,
+        category=Category.INTRAORAL_XRAY,
+        sop_instance_uid=sop_instance_uid,
+    )
+
+
+async def test_imports_of_one_new_patient_at_once_create_it_once_and_refused_ones_nothing(
+    racing: Runtime,
+) -> None:
+    """Eight imports of the new patient IM at once, each with one image; half of them carry a SOP Instance
+    UID another patient's image already has. The patient is created once, in the transaction of an
+    import whose image is added: the refused ones roll back (creation included), the others find the
+    created patient (the link's unique key decides, the loser retries) and add their images to it."""
+    taken = await racing.service.handle(smith("TAKEN", action=Action.CREATE_OR_UPDATE))
+    assert taken.patient is not None
+    await racing.service.add_images(ORIGIN, taken.patient.id, [new_image("2.25.1")])
+    for round_ in range(ROUNDS):
+        request = smith(f"IM{round_}", action=Action.IMPORT)
+        uids = [f"2.25.{round_}0{n}" if n % 2 else "2.25.1" for n in range(RACERS)]
+        results = await asyncio.gather(
+            *(racing.service.import_images(request, [new_image(uid)]) for uid in uids), return_exceptions=True
+        )
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert len(refused) == RACERS // 2 and all(isinstance(r, IntegrityError) for r in refused), refused
+        imported = [r for r in results if not isinstance(r, BaseException)]
+        statuses = sorted(outcome.status for outcome, _images in imported)
+        assert statuses == sorted([Status.CREATED] + [Status.OK] * (RACERS // 2 - 1)), statuses
+        patient_ids = {outcome.patient.id for outcome, _images in imported if outcome.patient}
+        assert len(patient_ids) == 1
+        links = select(func.count()).select_from(PmsLink).where(PmsLink.pms_id == f"IM{round_}")
+        assert await scalar(racing, links) == 1
+        images = select(func.count()).select_from(Image).where(Image.patient_id.in_(patient_ids))
+        assert await scalar(racing, images) == RACERS // 2
+    assert await scalar(racing, select(func.count()).select_from(Patient)) == ROUNDS + 1

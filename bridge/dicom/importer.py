@@ -7,7 +7,9 @@
    them. The daemon flushes each file and renames it into place in a thread while the workers go on.
 2. Each distinct patient (PMS id and demographics as the files carry them) goes through the service as an
    IMPORT request: found by the identity rules, created only under `allow_patient_creation`, never
-   updated from a file, a conflict refused with the service's reason.
+   updated from a file, a conflict refused with the service's reason. A new patient is created together
+   with its first images (`service.import_images`, one transaction): a patient none of whose images is
+   added never exists (nothing half-imported remains).
 3. A SOP Instance UID already stored is "already imported" when the bytes are the same, and refused when
    they differ (another object must not hide under a stored UID).
 4. A patient's images are added through `service.add_images` in batches, one transaction each, after the
@@ -35,7 +37,7 @@ from sqlalchemy.exc import IntegrityError
 from bridge.dicom import read, volume
 from bridge.dicom.fileset import Candidate, Problem, discover
 from bridge.dicom.prepare import Stored, Unreadable, prepare, prepare_volume, store_file
-from bridge.model import Action, Category, Demographics, ImageView, Origin, PatientRequest
+from bridge.model import Action, Category, Demographics, ImageView, NewImage, Origin, PatientRequest, Status
 from bridge.service import Refused
 from bridge.store.db import is_unique_violation
 
@@ -47,6 +49,11 @@ BATCH = 50  # images per transaction
 
 class ImportAborted(Exception):
     """The import cannot start (a setting is wrong); nothing was read or stored."""
+
+
+class _PatientRefused(Exception):
+    """A new patient was refused when its first images came (its identity changed since the look-up:
+    a conflict, creation switched off); the message is the problem its files are reported with."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,11 @@ _RESOLVED_ID_TAGS: dict[str, int] = {}
 
 @dataclass
 class _Patient:
-    patient_id: int | None
+    """A file's patient as this import knows it: `patient_id` once it is in the store (found, or created
+    with images of this import: never the id of a rolled-back creation), `problem` when it is refused,
+    neither while it is new (to be created with its first images)."""
+
+    patient_id: int | None = None
     problem: str = ""
 
 
@@ -230,28 +241,66 @@ class Importer:
         if len(self._pending[key]) >= BATCH:
             await self._flush(key)
 
+    def _request(self, facts: read.DicomFacts) -> PatientRequest:
+        """The IMPORT request of a file's patient."""
+        return PatientRequest(
+            action=Action.IMPORT,
+            origin=self.origin,
+            pms_system=self.settings.pms_system,
+            pms_id=facts.pms_id,
+            practice_id=self.settings.practice_id,
+            demographics=facts.demographics,
+            silent=True,
+        )
+
     async def _patient(self, facts: read.DicomFacts) -> _Patient:
-        """The patient a file belongs to, resolved once per (PMS id, demographics) through the service."""
+        """The patient a file belongs to, looked up once per (PMS id, demographics) through the service."""
         key = (facts.pms_id, facts.demographics)
         async with self._patient_lock:
             known = self._patients.get(key)
             if known is None:
-                request = PatientRequest(
-                    action=Action.IMPORT,
-                    origin=self.origin,
-                    pms_system=self.settings.pms_system,
-                    pms_id=facts.pms_id,
-                    practice_id=self.settings.practice_id,
-                    demographics=facts.demographics,
-                    silent=True,
-                )
-                outcome = await self.rt.service.handle(request)
-                if outcome.status.ok and outcome.patient is not None:
-                    known = _Patient(outcome.patient.id)
-                else:
-                    known = _Patient(None, f"patient {facts.pms_id!r}: {outcome.message}")
-                self._patients[key] = known
+                known = self._patients[key] = await self._look_up(facts)
         return known
+
+    async def _look_up(self, facts: read.DicomFacts) -> _Patient:
+        """Find a file's patient without creating it: an IMPORT request is NOT_FOUND for a new patient
+        that the import may create (with its first images)."""
+        outcome = await self.rt.service.handle(self._request(facts))
+        if outcome.status.ok and outcome.patient is not None:
+            return _Patient(outcome.patient.id)
+        if outcome.status is Status.NOT_FOUND:
+            return _Patient()
+        return _Patient(None, self._problem(facts, outcome.message))
+
+    @staticmethod
+    def _problem(facts: read.DicomFacts, message: str) -> str:
+        return f"patient {facts.pms_id!r}: {message}"
+
+    async def _owner(self, patient: _Patient, facts: read.DicomFacts) -> int | None:
+        """The id to tell this import's own stored instances from another patient's. A patient still new
+        to this import is looked up again first: another import may have created it (and stored the
+        same files) meanwhile, which makes them "already imported", not another patient's."""
+        if patient.patient_id is None and not patient.problem:
+            found = await self._look_up(facts)
+            patient.patient_id, patient.problem = found.patient_id, found.problem
+        return patient.patient_id
+
+    async def _insert(
+        self, patient: _Patient, facts: read.DicomFacts, new: list[NewImage]
+    ) -> list[ImageView]:
+        """Add images to their patient; a new one is created in the same transaction (and known from then
+        on). Raises as `service.add_images`; `_PatientRefused` when the patient is refused (a conflict
+        since the look-up, or one met while the images before these were added)."""
+        if patient.problem:
+            raise _PatientRefused(patient.problem)
+        if patient.patient_id is not None:
+            return await self.rt.service.add_images(self.origin, patient.patient_id, new)
+        outcome, views = await self.rt.service.import_images(self._request(facts), new)
+        if not outcome.status.ok or outcome.patient is None:
+            patient.problem = self._problem(facts, outcome.message)
+            raise _PatientRefused(patient.problem)
+        patient.patient_id = outcome.patient.id  # committed with `views`
+        return views
 
     async def _flush(self, key: tuple[str, Demographics]) -> None:
         """Add a patient's waiting images to the store; remove the files of those that were not added."""
@@ -262,45 +311,60 @@ class Importer:
             patient = await self._patient(batch[0].facts)
             added: list[Stored] = []
             try:
-                if patient.patient_id is None:
-                    self.report.errors.extend(
-                        Problem(path, patient.problem) for s in batch for path in s.paths
-                    )
+                if patient.problem:
+                    self._refuse(batch, patient.problem)
                 elif await self._durable(batch):
-                    added = await self._add(patient.patient_id, batch)
+                    added = await self._add(patient, batch)
             finally:
                 self.rt.imaging.release([s.sha256 for s in batch])
                 kept = {id(s) for s in added}
                 await self._discard([s for s in batch if id(s) not in kept])
 
-    async def _add(self, patient_id: int, batch: list[Stored]) -> list[Stored]:
+    def _refuse(self, stored: Sequence[Stored], reason: str) -> None:
+        """Report the files of images not added for `reason`."""
+        self.report.errors.extend(Problem(path, reason) for s in stored for path in s.paths)
+
+    async def _add(self, patient: _Patient, batch: list[Stored]) -> list[Stored]:
         """Add the images of one patient that are not stored yet; the ones added."""
+        facts = batch[0].facts
         known = await self.rt.service.stored_instances([s.facts.sop_instance_uid for s in batch])
+        patient_id = await self._owner(patient, facts) if known else patient.patient_id
+        if patient.problem:
+            self._refuse(batch, patient.problem)
+            return []
         fresh: dict[str, Stored] = {}
         for stored in batch:
             uid = stored.facts.sop_instance_uid
             if uid in known:
-                self._duplicate(stored.paths, uid, known[uid], patient_id, stored.sha256)
+                owner, stored_sha = known[uid]
+                self._duplicate(stored.paths, uid, owner != patient_id, stored_sha, stored.sha256)
             elif uid in fresh:  # the same instance twice in one import
-                self._duplicate(stored.paths, uid, (patient_id, fresh[uid].sha256), patient_id, stored.sha256)
+                self._duplicate(stored.paths, uid, False, fresh[uid].sha256, stored.sha256)
             else:
                 fresh[uid] = stored
         todo = list(fresh.values())
         if not todo:
             return []
         try:
-            views = await self.rt.service.add_images(self.origin, patient_id, [s.new_image() for s in todo])
+            views = await self._insert(patient, facts, [s.new_image() for s in todo])
+        except _PatientRefused as refused:
+            self._refuse(todo, str(refused))
+            return []
         except (Refused, IntegrityError) as exc:
             if isinstance(exc, IntegrityError) and not is_unique_violation(exc):
                 raise
-            return [s for s in todo if await self._add_one(patient_id, s)]
-        await self._added(patient_id, todo, views)
+            # one at a time: a new patient is created with the first image added, never by a refused one
+            return [s for s in todo if await self._add_one(patient, s)]
+        await self._added(todo, views)
         return todo
 
-    async def _add_one(self, patient_id: int, stored: Stored) -> bool:
+    async def _add_one(self, patient: _Patient, stored: Stored) -> bool:
         """Add one image on its own (its batch was refused); True when it was added."""
         try:
-            views = await self.rt.service.add_images(self.origin, patient_id, [stored.new_image()])
+            views = await self._insert(patient, stored.facts, [stored.new_image()])
+        except _PatientRefused as refused:
+            self._refuse([stored], str(refused))
+            return False
         except Refused as refused:
             self.report.errors.append(Problem(stored.facts.display, refused.outcome.message))
             return False
@@ -311,18 +375,20 @@ class Importer:
             found = await self.rt.service.stored_instances([uid])
             if uid not in found:
                 raise
-            self._duplicate(stored.paths, uid, found[uid], patient_id, stored.sha256)
+            owner, stored_sha = found[uid]
+            another = owner != await self._owner(patient, stored.facts)
+            self._duplicate(stored.paths, uid, another, stored_sha, stored.sha256)
             return False
-        await self._added(patient_id, [stored], views)
+        await self._added([stored], views)
         return True
 
-    async def _added(self, patient_id: int, stored: list[Stored], views: list[ImageView]) -> None:
+    async def _added(self, stored: list[Stored], views: list[ImageView]) -> None:
         for item, view in zip(stored, views, strict=True):
             self.report.imported.append(
                 Imported(
                     path=item.facts.display,
                     image_id=view.id,
-                    patient_id=patient_id,
+                    patient_id=view.patient_id,
                     pms_id=item.facts.pms_id,
                     category=view.category.value,
                     frames=view.frames,
@@ -334,12 +400,12 @@ class Importer:
                 await self.rt.imaging.preview(view)
 
     def _duplicate(
-        self, paths: Sequence[str], uid: str, existing: tuple[int, str], patient_id: int, sha256: str | None
+        self, paths: Sequence[str], uid: str, another_patient: bool, stored_sha: str, sha256: str | None
     ) -> None:
-        """Report an instance already stored: skipped when it is the same, refused otherwise. `sha256`
-        None: the bytes need no comparing (a volume is the same whenever its slices are)."""
-        stored_patient, stored_sha = existing
-        if stored_patient != patient_id:
+        """Report an instance already stored (for `another_patient`, or for this file's patient, with
+        `stored_sha`): skipped when it is the same, refused otherwise. `sha256` None: the bytes need no
+        comparing (a volume is the same whenever its slices are)."""
+        if another_patient:
             reason = f"SOP Instance UID {uid} is already stored for another patient"
         elif sha256 is not None and stored_sha != sha256:
             reason = f"SOP Instance UID {uid} is already stored with other content"
@@ -366,12 +432,13 @@ class Importer:
             return
         uid = volume.volume_uid([f.sop_instance_uid for f in group])
         patient = await self._patient(first)
-        if patient.patient_id is None:
+        stored = None if patient.problem else (await self.rt.service.stored_instances([uid])).get(uid)
+        another = stored is not None and stored[0] != await self._owner(patient, first)
+        if patient.problem:
             self.report.errors.extend(Problem(f.display, patient.problem) for f in group)
             return
-        stored = (await self.rt.service.stored_instances([uid])).get(uid)
         if stored is not None:  # the same slices always make the same volume: no need to stack them again
-            self._duplicate([f.display for f in group], uid, stored, patient.patient_id, None)
+            self._duplicate([f.display for f in group], uid, another, stored[1], None)
             return
         times = [f.captured_at for f in group if f.captured_at is not None]
         merged = replace(
