@@ -24,6 +24,7 @@ from bridge.config import (
 )
 from bridge.config_file import api_endpoint, read_raw
 from bridge.handlers import vdds_register
+from bridge.launch import client_context
 
 Check = tuple[str, Callable[[Settings], str]]  # (title, function returning a detail or raising)
 
@@ -126,13 +127,17 @@ def check_image_folder(settings: Settings) -> str:
 
 
 def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
-    host, port, _token, tls, cafile = api_endpoint(read_raw(str(settings.path)))
-    cafile = cafile or str(settings.api.tls_cert or "")  # the default path, when the file names none
+    """GET `path` from the daemon, reached as a launch command reaches it: the same address and the same
+    trust in its certificate (`api_endpoint`, `client_context`), so this fails when launches would."""
+    host, port, _token, tls, cafile = api_endpoint(read_raw(str(settings.path)), str(settings.home))
     scheme = "https" if tls else "http"
     request = urllib.request.Request(f"{scheme}://{host}:{port}{path}")  # noqa: S310 - our own daemon
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
-    context = ssl.create_default_context(cafile=cafile or None) if tls else None
+    try:
+        context = client_context(cafile) if tls else None
+    except OSError as exc:
+        raise CheckFailed(f"{exc.strerror}: launch commands cannot connect to the daemon either") from None
     try:
         with urllib.request.urlopen(request, timeout=5, context=context) as response:  # noqa: S310
             return int(response.status), response.read()

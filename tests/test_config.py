@@ -41,6 +41,29 @@ def test_relative_paths_start_at_the_config_folder(tmp_path: Path) -> None:
     assert settings.store.images == tmp_path / "pics"
 
 
+@pytest.mark.parametrize(
+    "setting",
+    ["", "tls_cert = tls/own.pem", "tls_cert = ~/own.pem", "tls_cert = $PMS_CERTS/own.pem", "tls_cert ="],
+)
+def test_the_launch_client_trusts_the_certificate_file_the_daemon_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """One path rule: the launch client's cheap reader (`api_endpoint`) finds `[api] tls_cert` where the
+    typed settings do, by default and with a relative, `~` or environment-variable path."""
+    from bridge.config_file import api_endpoint, config_home, read_raw
+
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("PMS_CERTS", str(tmp_path / "certs"))
+    monkeypatch.chdir(tmp_path)  # another folder than the config's
+    (tmp_path / "conf").mkdir()
+    path = str(write(tmp_path / "conf", f"[api]\ntoken = x\ntls = yes\n{setting}\n"))
+    served = load_settings(path).api.tls_cert
+    trusted = api_endpoint(read_raw(path), config_home(path))[4]
+    assert (Path(trusted) if trusted else None) == served
+    if not setting:
+        assert served == tmp_path / "conf" / "tls" / "cert.pem"
+
+
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PMS_BRIDGE__PMS__IGNORE_PRACTICE_ID", "yes")
     monkeypatch.setenv("PMS_BRIDGE__API__PORT", "5000")
