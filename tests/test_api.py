@@ -116,6 +116,34 @@ async def conflict_of(response: Any) -> int:
     return conflict_id
 
 
+async def test_the_audit_log_names_what_differs_never_the_values(api_client: Any) -> None:
+    """A conflict's audit entry names its kind, its id and which facts differ; the names, dates and ids
+    stay in the conflict (GET /api/v1/conflicts). A renumbered chart's entry carries no chart number."""
+    sent = {"pms_id": "007", "last_name": "Müller", "birth_date": "1970-01-02", "chart_number": "CH-41"}
+    patient = await (await create(api_client, **sent)).json()
+    assert (await create(api_client, **{**sent, "chart_number": "CH-42"})).status == 200
+    changed = {**sent, "chart_number": "CH-42", "last_name": "Meier", "birth_date": "1980-03-04"}
+    conflict_id = await conflict_of(await create(api_client, **changed))
+    surname_only = await conflict_of(await create(api_client, **{**changed, "birth_date": "1970-01-02"}))
+    audit = await api_client.get("/api/v1/audit", params={"patient_id": str(patient["id"])})
+    entries = (await audit.json())["items"]
+    details = {e["action"]: e["detail"] for e in entries if e["action"] != "conflict.record"}
+    assert details["chart.renumber"] == "chart number changed"
+    assert [e["detail"] for e in entries if e["action"] == "conflict.record"] == [
+        f"demographics conflict {conflict_id}: birth date, surname differ",
+        f"demographics conflict {surname_only}: surname differs",
+    ]
+    for value in ("007", "Müller", "Meier", "1970", "1980", "CH-4"):
+        assert not [e for e in entries if value in e["detail"]], value
+    conflicts = (await (await api_client.get("/api/v1/conflicts")).json())["items"]
+    [kept] = [c for c in conflicts if c["id"] == conflict_id]
+    assert kept["detail"]["differing"] == ["birth date", "surname"]
+    assert kept["message"] == (
+        "patient '007' is known with other data: birth date 1970-01-02 in the store, 1980-03-04 sent;"
+        " surname 'Müller' in the store, 'Meier' sent"
+    )
+
+
 async def test_accepting_a_demographics_conflict_applies_what_the_pms_sent(
     api_client: Any, runtime: Runtime
 ) -> None:

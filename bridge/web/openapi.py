@@ -182,7 +182,8 @@ CONFLICT = {
         "detail": {
             "type": "object",
             "description": "The kind's facts: `differences`, `candidates`; a demographics conflict's"
-            " `sent` (the demographics the refused request sent: what accepting applies) and `accepted`",
+            " `differing` (the facts that differ: birth date, sex, surname), `sent` (the demographics the"
+            " refused request sent: what accepting applies) and `accepted`",
         },
         "origin": {"type": "string"},
         "created_at": {"type": "string"},
