@@ -1,8 +1,10 @@
 """`pms-bridge doctor`: "configure and test PMS integration", as a checklist an IT admin can read.
 
 Each check prints one line, `ok`, `WARN` or `FAIL` with what to do; the exit code is 0 only when none
-fails. A WARN is a set-up that works but leaves something open (a listener beyond loopback without TLS
-or token) that a practice may have chosen on purpose, so it does not fail the checklist.
+fails: 1 when a check fails, 2 when the config cannot be loaded (no check could run, as every other
+command exits 2 on a config it cannot use). A WARN is a set-up that works but leaves something open (a
+listener beyond loopback without TLS or token) that a practice may have chosen on purpose, so it does not
+fail the checklist.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from bridge.handlers import vdds_register
 from bridge.launch import client_context
 
 Check = tuple[str, Callable[[Settings], str]]  # (title, function returning a detail or raising)
+
+EXIT_CHECK_FAILED = 1
+EXIT_NO_CONFIG = 2
 
 
 class CheckFailed(Exception):
@@ -270,7 +275,7 @@ def run_checks(config: str | None) -> int:
         settings = load_settings(config)
     except ConfigError as exc:
         print(f"FAIL config: {exc}")
-        return 2
+        return EXIT_NO_CONFIG
     print(f"ok   config: {settings.path}")
     failed = 0
     for title, check in CHECKS:
@@ -284,4 +289,4 @@ def run_checks(config: str | None) -> int:
         except Exception as exc:  # a check must report, never crash the checklist
             failed += 1
             print(f"FAIL {title}: {type(exc).__name__}: {exc}")
-    return 1 if failed else 0
+    return EXIT_CHECK_FAILED if failed else 0
