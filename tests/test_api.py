@@ -116,6 +116,22 @@ async def conflict_of(response: Any) -> int:
     return conflict_id
 
 
+async def test_a_patient_without_pms_id_or_chart_number_is_refused_naming_pms_id(api_client: Any) -> None:
+    """The document requires one of the two; without either the 422 names `pms_id` (it said "no chart
+    number", the key the handler fell back to)."""
+    for missing in ({}, {"pms_id": " ", "chart_number": ""}):
+        response = await api_client.post(
+            "/api/v1/patients", json={"pms_system": "test", "last_name": "NoId", **missing}
+        )
+        assert response.status == 422
+        problem = await response.json(content_type=PROBLEM)
+        assert problem["field"] == "pms_id" and problem["detail"].startswith("send pms_id or chart_number")
+    by_chart = await api_client.post("/api/v1/patients", json={"pms_system": "test", "chart_number": "C7"})
+    assert by_chart.status == 201 and (await by_chart.json())["chart_number"] == "C7"
+    schema = (await (await api_client.get("/api/v1/openapi.json")).json())["components"]["schemas"]
+    assert schema["PatientInput"]["anyOf"] == [{"required": ["pms_id"]}, {"required": ["chart_number"]}]
+
+
 async def test_the_audit_log_names_what_differs_never_the_values(api_client: Any) -> None:
     """A conflict's audit entry names its kind, its id and which facts differ; the names, dates and ids
     stay in the conflict (GET /api/v1/conflicts). A renumbered chart's entry carries no chart number."""

@@ -103,7 +103,10 @@ PATIENT = {
 
 PATIENT_IN = {
     "type": "object",
+    "description": "The patient's key in the PMS is pms_id or, for a PMS linking by chart numbers,"
+    " chart_number: one of them is required (422 naming pms_id otherwise)",
     "required": ["pms_system"],
+    "anyOf": [{"required": ["pms_id"]}, {"required": ["chart_number"]}],
     "properties": {
         "pms_system": _text("pms_system"),
         "practice_id": _text("practice_id"),
