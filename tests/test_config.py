@@ -151,6 +151,13 @@ def test_init_into_a_home_with_a_hash_and_umlauts_serves_from_it(tmp_path: Path)
     )
     assert init.returncode == 0, init.stderr
     config = home / "pms-bridge.ini"
+    # the command it prints, pasted into a shell, names this config (unquoted, `#2...` was a comment)
+    [command] = [line for line in init.stdout.splitlines() if line.startswith("start the daemon with: ")]
+    words = command.removeprefix("start the daemon with: pms-bridge ")
+    pasted = subprocess.run(
+        ["sh", "-c", f"printf '%s\\n' {words}"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert pasted.stdout.splitlines() == ["serve", "--config", str(config)]
     settings = load_settings(str(config))
     assert settings.store.images == home / "images" and settings.store.images.is_dir()
     assert settings.store.url == f"sqlite:///{home.as_posix()}/bridge.db"
