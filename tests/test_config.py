@@ -176,6 +176,19 @@ def test_init_into_a_home_with_a_hash_and_umlauts_serves_from_it(tmp_path: Path)
         assert daemon.stop() == 0
 
 
+def test_the_readme_home_with_its_token_is_kept_out_of_git() -> None:
+    """README's first command makes `./data` the home; its pms-bridge.ini holds the API token, so git
+    must not offer it for a commit."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert "pms-bridge init --home ./data" in (root / "README.md").read_text(encoding="utf-8")
+    ignored = subprocess.run(["git", "check-ignore", "--quiet", "data/pms-bridge.ini"], cwd=root, timeout=60)
+    assert ignored.returncode == 0
+
+
 def test_init_refuses_a_home_a_semicolon_comment_would_cut(tmp_path: Path) -> None:
     import subprocess
 
