@@ -57,8 +57,22 @@ def cmd_init(ns: argparse.Namespace) -> int:
     for line in done or ["nothing to do: the home folder is complete"]:
         print(line)
     print(f"config: {settings.path}")
-    print(f"start the daemon with: pms-bridge serve --config {settings.path}")
+    print(f"start the daemon with: pms-bridge serve --config {shell_quoted(str(settings.path))}")
     return 0
+
+
+def shell_quoted(path: str) -> str:
+    """`path` as the platform's shell reads it back in a pasted command line: a space, `#` or `&` in a
+    folder name ("Praxis #2") would otherwise cut it. POSIX: shlex.quote. Windows (cmd and PowerShell):
+    double quotes, which no Windows path contains, around anything but letters, digits and `\\:/._-`."""
+    import os
+
+    if os.name != "nt":
+        import shlex
+
+        return shlex.quote(path)
+    plain = all(char.isascii() and (char.isalnum() or char in "\\:/._-") for char in path)
+    return path if plain else f'"{path}"'
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:

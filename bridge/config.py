@@ -22,12 +22,14 @@ from bridge.config_file import (
     DEFAULT_API_HOST,
     DEFAULT_API_PORT,
     DEFAULT_CONFIG_NAME,
+    DEFAULT_TLS_CERT,
     ENV_PREFIX,
     ConfigFileError,
     RawConfig,
     config_home,
     find_config_path,
     read_raw,
+    resolve_path,
 )
 from bridge.model import Category
 from protocols.common import LOCALE_SHORT_DATES, DateFormatError, dotnet_to_strptime
@@ -135,8 +137,7 @@ def RequiredPath() -> Parser:
 
 
 def _resolve(value: str, home: Path) -> Path:
-    path = Path(os.path.expandvars(value)).expanduser()
-    return path if path.is_absolute() else (home / path)
+    return Path(resolve_path(value, str(home)))
 
 
 def DatabaseUrl() -> Parser:
@@ -284,9 +285,7 @@ class ApiSettings:
         'Clients send "Authorization: Bearer <token>"; empty refuses every request with patient data',
     )
     tls: bool = key("no", Bool(), "Serve HTTPS with tls_cert and tls_key")
-    tls_cert: Path | None = key(
-        "{home}/tls/cert.pem", OptionalPath(), "PEM certificate (self-signed by init)"
-    )
+    tls_cert: Path | None = key(DEFAULT_TLS_CERT, OptionalPath(), "PEM certificate (self-signed by init)")
     tls_key: Path | None = key("{home}/tls/key.pem", OptionalPath(), "PEM private key")
     max_body_mb: int = key("200", Int(1, 4096), "Largest request body accepted, in MB (image uploads)")
 

@@ -18,6 +18,7 @@ DEFAULT_CONFIG_NAME = "pms-bridge.ini"
 # Defaults the launch client needs before (or without) the typed settings; bridge.config uses the same.
 DEFAULT_API_HOST = "127.0.0.1"
 DEFAULT_API_PORT = 4429
+DEFAULT_TLS_CERT = "{home}/tls/cert.pem"  # where `init` writes the self-signed certificate
 LAUNCH_PATH = "/api/v1/launch/"
 
 RawConfig = dict[str, dict[str, str]]
@@ -94,11 +95,22 @@ def config_home(path: str) -> str:
     return os.path.dirname(os.path.abspath(path))
 
 
-def api_endpoint(raw: RawConfig) -> tuple[str, int, str, bool, str]:
-    """(host to connect to, port, token, use TLS, certificate file) of the daemon's API listener.
+def resolve_path(value: str, home: str) -> str:
+    """A path setting as the daemon uses it: environment variables (`%WINDIR%` on Windows, `$HOME`) and
+    `~` expanded, then a relative path taken from `home`, the config file's folder, never from the
+    working folder (a PMS starts launch commands in its own). The one rule for every path setting:
+    `bridge.config` uses it too, so the launch client finds the same files as the daemon."""
+    return os.path.join(home, os.path.expanduser(os.path.expandvars(value)))
 
-    A wildcard listen address is reached on loopback. Kept here, not in bridge.config, so the launch
-    client can find the daemon without importing the typed settings.
+
+def api_endpoint(raw: RawConfig, home: str) -> tuple[str, int, str, bool, str]:
+    """(host to connect to, port, token, use TLS, certificate file to trust) of the daemon's API listener.
+
+    A wildcard listen address is reached on loopback. The certificate is `[api] tls_cert` as the daemon
+    reads it (its default when the key is absent, resolved against `home`): the daemon serves that file,
+    so a client trusting it trusts exactly the daemon; "" (an empty setting) leaves the system's CAs.
+    Kept here, not in bridge.config, so the launch client can find the daemon without importing the
+    typed settings.
     """
     api = raw.get("api", {})
     host = api.get("host", DEFAULT_API_HOST).strip() or DEFAULT_API_HOST
@@ -109,4 +121,5 @@ def api_endpoint(raw: RawConfig) -> tuple[str, int, str, bool, str]:
     except ValueError:
         port = DEFAULT_API_PORT
     tls = api.get("tls", "no").strip().lower() in ("1", "yes", "true", "on")
-    return host, port, api.get("token", "").strip(), tls, api.get("tls_cert", "").strip()
+    cert = api.get("tls_cert", DEFAULT_TLS_CERT.replace("{home}", home)).strip()
+    return host, port, api.get("token", "").strip(), tls, resolve_path(cert, home) if cert else ""

@@ -1,8 +1,10 @@
 """`pms-bridge doctor`: "configure and test PMS integration", as a checklist an IT admin can read.
 
 Each check prints one line, `ok`, `WARN` or `FAIL` with what to do; the exit code is 0 only when none
-fails. A WARN is a set-up that works but leaves something open (a listener beyond loopback without TLS
-or token) that a practice may have chosen on purpose, so it does not fail the checklist.
+fails: 1 when a check fails, 2 when the config cannot be loaded (no check could run, as every other
+command exits 2 on a config it cannot use). A WARN is a set-up that works but leaves something open (a
+listener beyond loopback without TLS or token) that a practice may have chosen on purpose, so it does not
+fail the checklist.
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ from bridge.config import (
 )
 from bridge.config_file import api_endpoint, read_raw
 from bridge.handlers import vdds_register
+from bridge.launch import client_context
 
 Check = tuple[str, Callable[[Settings], str]]  # (title, function returning a detail or raising)
+
+EXIT_CHECK_FAILED = 1
+EXIT_NO_CONFIG = 2
 
 
 class CheckFailed(Exception):
@@ -126,13 +132,17 @@ def check_image_folder(settings: Settings) -> str:
 
 
 def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
-    host, port, _token, tls, cafile = api_endpoint(read_raw(str(settings.path)))
-    cafile = cafile or str(settings.api.tls_cert or "")  # the default path, when the file names none
+    """GET `path` from the daemon, reached as a launch command reaches it: the same address and the same
+    trust in its certificate (`api_endpoint`, `client_context`), so this fails when launches would."""
+    host, port, _token, tls, cafile = api_endpoint(read_raw(str(settings.path)), str(settings.home))
     scheme = "https" if tls else "http"
     request = urllib.request.Request(f"{scheme}://{host}:{port}{path}")  # noqa: S310 - our own daemon
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
-    context = ssl.create_default_context(cafile=cafile or None) if tls else None
+    try:
+        context = client_context(cafile) if tls else None
+    except OSError as exc:
+        raise CheckFailed(f"{exc.strerror}: launch commands cannot connect to the daemon either") from None
     try:
         with urllib.request.urlopen(request, timeout=5, context=context) as response:  # noqa: S310
             return int(response.status), response.read()
@@ -265,7 +275,7 @@ def run_checks(config: str | None) -> int:
         settings = load_settings(config)
     except ConfigError as exc:
         print(f"FAIL config: {exc}")
-        return 2
+        return EXIT_NO_CONFIG
     print(f"ok   config: {settings.path}")
     failed = 0
     for title, check in CHECKS:
@@ -279,4 +289,4 @@ def run_checks(config: str | None) -> int:
         except Exception as exc:  # a check must report, never crash the checklist
             failed += 1
             print(f"FAIL {title}: {type(exc).__name__}: {exc}")
-    return 1 if failed else 0
+    return EXIT_CHECK_FAILED if failed else 0

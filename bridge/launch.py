@@ -28,12 +28,14 @@ from bridge.config_file import (
     ConfigFileError,
     RawConfig,
     api_endpoint,
+    config_home,
     find_config_path,
     read_raw,
 )
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy takes it as true
 if TYPE_CHECKING:
+    import ssl
     from typing import TextIO
 
 TIMEOUT_SECONDS = 120.0
@@ -212,6 +214,22 @@ def connect(host: str, port: int, timeout: float) -> _socket.socket:
     raise error or OSError(f"{host} has no address")
 
 
+def client_context(cafile: str) -> ssl.SSLContext:
+    """How a client trusts the daemon's TLS listener: the certificate file from `api_endpoint` (the
+    daemon's own, self-signed by `init`), else the system's CAs. Launches and `pms-bridge doctor` both
+    connect with this, so doctor fails exactly when launches would.
+
+    A certificate file that cannot be loaded is an OSError naming it and `[api] tls_cert`.
+    """
+    import ssl
+
+    try:
+        return ssl.create_default_context(cafile=cafile or None)
+    except OSError as exc:  # ssl.SSLError is one too
+        reason = exc.strerror or getattr(exc, "reason", None) or type(exc).__name__
+        raise OSError(exc.errno, f"[api] tls_cert {cafile} cannot be loaded: {reason}") from None
+
+
 def http_post(
     host: str,
     port: int,
@@ -227,10 +245,10 @@ def http_post(
     try:
         if tls:  # only when the API listener is configured for TLS
             import socket
-            import ssl
 
-            ctx = ssl.create_default_context(cafile=cafile or None)
-            sock = ctx.wrap_socket(socket.socket(fileno=sock.detach()), server_hostname=host)
+            sock = client_context(cafile).wrap_socket(
+                socket.socket(fileno=sock.detach()), server_hostname=host
+            )
         head = [
             f"POST {path} HTTP/1.1",
             f"Host: {host}:{port}",
@@ -326,8 +344,9 @@ def run(protocol: str, argv: list[str]) -> int:
             reason = exc.strerror or type(exc).__name__
             return _fail(protocol, "", b"", f"cannot read {shown}: {reason}", EXIT_INVALID)
     try:
-        raw = read_raw(find_config_path(config))
-        host, port, token, tls, cafile = api_endpoint(raw)
+        config_path = find_config_path(config)
+        raw = read_raw(config_path)
+        host, port, token, tls, cafile = api_endpoint(raw, config_home(config_path))
     except ConfigFileError as exc:
         return _fail(protocol, path, content[:MAX_FILE_BYTES], str(exc), EXIT_UNREACHABLE)
     if len(content) > MAX_FILE_BYTES:

@@ -178,26 +178,28 @@ def same_beyond_spelling(a: str, b: str) -> bool:
     return _edit_distance(la, lb) <= allowed
 
 
-def disagreements(stored: Any, incoming: Demographics) -> list[str]:
-    """How incoming demographics contradict a stored patient beyond spelling; empty when they agree.
+def disagreements(stored: Any, incoming: Demographics) -> dict[str, str]:
+    """How incoming demographics contradict a stored patient beyond spelling, as {fact: both values in
+    words} ("surname": "surname 'Müller' in the store, 'Meier' sent"); empty when they agree. The fact
+    alone names the difference where the values must not go (the audit log).
 
     Only facts both sides know are compared: a PMS that omits the birth date or sends an unknown sex
     contradicts nothing.
     """
-    found: list[str] = []
+    found: dict[str, str] = {}
     if stored.birth_date and incoming.birth_date and stored.birth_date != incoming.birth_date:
-        found.append(
+        found["birth date"] = (
             f"birth date {stored.birth_date.isoformat()} in the store, {incoming.birth_date.isoformat()} sent"
         )
     known = (Sex.MALE.value, Sex.FEMALE.value)
     if stored.sex in known and incoming.sex.value in known and stored.sex != incoming.sex.value:
-        found.append(f"sex {stored.sex} in the store, {incoming.sex.value} sent")
+        found["sex"] = f"sex {stored.sex} in the store, {incoming.sex.value} sent"
     if (
         stored.last_name
         and incoming.last_name
         and not same_beyond_spelling(stored.last_name, incoming.last_name)
     ):
-        found.append(f"surname {stored.last_name!r} in the store, {incoming.last_name!r} sent")
+        found["surname"] = f"surname {stored.last_name!r} in the store, {incoming.last_name!r} sent"
     return found
 
 
@@ -428,11 +430,21 @@ def _store_conflict(session: Session, draft: Conflict, origin: Origin) -> int:
     draft.created_at = utcnow()
     session.add(draft)
     session.flush()
-    AuditLog.change(
-        session, origin, "conflict.record", patient_id=draft.patient_id, detail=f"{draft.kind}: {message}"
-    )
+    AuditLog.change(session, origin, "conflict.record", patient_id=draft.patient_id, detail=_audited(draft))
     log.warning("identity conflict", extra={"kind": draft.kind, "conflict_id": draft.id})
     return draft.id
+
+
+def _audited(conflict: Conflict) -> str:
+    """A conflict as its audit entry names it: its kind, its id and which facts differ, never their
+    values or the ids the PMS sent (docs/identity.md, "Audit"); the conflict keeps those, for
+    GET /api/v1/conflicts."""
+    text = f"{conflict.kind} conflict {conflict.id}"
+    kept = (conflict.detail or {}).get("differing")
+    differing = [str(fact) for fact in kept] if isinstance(kept, list) else []
+    if differing:
+        text += f": {', '.join(differing)} {'differs' if len(differing) == 1 else 'differ'}"
+    return text
 
 
 def demographics_json(demo: Demographics) -> dict[str, Any]:
@@ -964,9 +976,13 @@ class BridgeService:
             raise _conflict(
                 req,
                 "demographics",
-                f"patient {key!r} is known with other data: " + "; ".join(found),
+                f"patient {key!r} is known with other data: " + "; ".join(found.values()),
                 patient_id=patient.id,
-                detail={"differences": found, "sent": demographics_json(req.demographics)},
+                detail={
+                    "differences": list(found.values()),
+                    "differing": list(found),
+                    "sent": demographics_json(req.demographics),
+                },
             )
 
     def _refuse_if_linked_elsewhere(self, session: Session, req: PatientRequest, patient: Patient) -> None:
@@ -1043,7 +1059,8 @@ class BridgeService:
             req.origin,
             "chart.renumber",
             patient_id=patient.id,
-            detail=f"{old!r} -> {req.chart_number!r}",
+            # the numbers are the patient's chart aliases (kept with their dates), not audit text
+            detail="chart number changed" if old is not None else "chart number set",
         )
         return ["chart_number"]
 

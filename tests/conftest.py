@@ -12,6 +12,7 @@ import functools
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -138,7 +139,8 @@ class DaemonProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.api.port}"
+        scheme = "https" if self.settings.api.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.settings.api.port}"
 
     @property
     def token(self) -> str:
@@ -158,8 +160,12 @@ class DaemonProcess:
             req.add_header("Authorization", f"Bearer {self.token if token == 'default' else token}")
         for name, value in (headers or {}).items():
             req.add_header(name, value)
+        # with [api] tls = yes, trusting the daemon's own certificate
+        context = (
+            ssl.create_default_context(cafile=self.settings.api.tls_cert) if self.settings.api.tls else None
+        )
         try:
-            with urllib.request.urlopen(req, timeout=30) as response:
+            with urllib.request.urlopen(req, timeout=30, context=context) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()

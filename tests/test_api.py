@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import hmac
+import inspect
 import io
 import json
+import textwrap
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -110,6 +114,50 @@ async def conflict_of(response: Any) -> int:
     assert response.status == 409, await response.text()
     conflict_id: int = (await response.json(content_type=PROBLEM))["conflict_id"]
     return conflict_id
+
+
+async def test_a_patient_without_pms_id_or_chart_number_is_refused_naming_pms_id(api_client: Any) -> None:
+    """The document requires one of the two; without either the 422 names `pms_id` (it said "no chart
+    number", the key the handler fell back to)."""
+    for missing in ({}, {"pms_id": " ", "chart_number": ""}):
+        response = await api_client.post(
+            "/api/v1/patients", json={"pms_system": "test", "last_name": "NoId", **missing}
+        )
+        assert response.status == 422
+        problem = await response.json(content_type=PROBLEM)
+        assert problem["field"] == "pms_id" and problem["detail"].startswith("send pms_id or chart_number")
+    by_chart = await api_client.post("/api/v1/patients", json={"pms_system": "test", "chart_number": "C7"})
+    assert by_chart.status == 201 and (await by_chart.json())["chart_number"] == "C7"
+    schema = (await (await api_client.get("/api/v1/openapi.json")).json())["components"]["schemas"]
+    assert schema["PatientInput"]["anyOf"] == [{"required": ["pms_id"]}, {"required": ["chart_number"]}]
+
+
+async def test_the_audit_log_names_what_differs_never_the_values(api_client: Any) -> None:
+    """A conflict's audit entry names its kind, its id and which facts differ; the names, dates and ids
+    stay in the conflict (GET /api/v1/conflicts). A renumbered chart's entry carries no chart number."""
+    sent = {"pms_id": "007", "last_name": "Müller", "birth_date": "1970-01-02", "chart_number": "CH-41"}
+    patient = await (await create(api_client, **sent)).json()
+    assert (await create(api_client, **{**sent, "chart_number": "CH-42"})).status == 200
+    changed = {**sent, "chart_number": "CH-42", "last_name": "Meier", "birth_date": "1980-03-04"}
+    conflict_id = await conflict_of(await create(api_client, **changed))
+    surname_only = await conflict_of(await create(api_client, **{**changed, "birth_date": "1970-01-02"}))
+    audit = await api_client.get("/api/v1/audit", params={"patient_id": str(patient["id"])})
+    entries = (await audit.json())["items"]
+    details = {e["action"]: e["detail"] for e in entries if e["action"] != "conflict.record"}
+    assert details["chart.renumber"] == "chart number changed"
+    assert [e["detail"] for e in entries if e["action"] == "conflict.record"] == [
+        f"demographics conflict {conflict_id}: birth date, surname differ",
+        f"demographics conflict {surname_only}: surname differs",
+    ]
+    for value in ("007", "Müller", "Meier", "1970", "1980", "CH-4"):
+        assert not [e for e in entries if value in e["detail"]], value
+    conflicts = (await (await api_client.get("/api/v1/conflicts")).json())["items"]
+    [kept] = [c for c in conflicts if c["id"] == conflict_id]
+    assert kept["detail"]["differing"] == ["birth date", "surname"]
+    assert kept["message"] == (
+        "patient '007' is known with other data: birth date 1970-01-02 in the store, 1980-03-04 sent;"
+        " surname 'Müller' in the store, 'Meier' sent"
+    )
 
 
 async def test_accepting_a_demographics_conflict_applies_what_the_pms_sent(
@@ -718,8 +766,39 @@ async def test_health_readiness_and_metrics(api_client: Any) -> None:
     assert 'pms_bridge_http_requests_total{listener="api",route="/api/v1/patients",status="200"}' in metrics
 
 
-async def test_every_route_is_in_the_openapi_document(api_client: Any, runtime: Runtime) -> None:
+def raised_statuses(function: Callable[..., Any], seen: set[Callable[..., Any]] | None = None) -> set[int]:
+    """The HTTP statuses `function` answers with a literal `ProblemError(STATUS, ...)`, in its own body or
+    in the functions of bridge.web it calls by name (one computed at run time, `STATUS_HTTP[...]`, is not
+    found)."""
+    seen = set() if seen is None else seen
+    if function in seen:
+        return set()
+    seen.add(function)
+    found: set[int] = set()
+    for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(function)))):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+            continue
+        first = node.args[0] if node.args else None
+        if (
+            node.func.id == "ProblemError"
+            and isinstance(first, ast.Constant)
+            and isinstance(first.value, int)
+        ):
+            found.add(first.value)
+        callee = function.__globals__.get(node.func.id)
+        if inspect.isfunction(callee) and callee.__module__.startswith("bridge.web."):
+            found |= raised_statuses(callee, seen)
+    return found
+
+
+async def test_every_route_and_its_answers_are_in_the_openapi_document(
+    api_client: Any, runtime: Runtime
+) -> None:
+    """Every route, and every status it can answer with: the ones its handler raises (found in its code),
+    401 and the storage answers (503, 507) of the middleware for every route that needs the token."""
     from openapi_spec_validator import validate
+
+    from bridge.web.middleware import PUBLIC_PATHS
 
     document = await (await api_client.get("/api/v1/openapi.json")).json()
     validate(document)
@@ -731,6 +810,41 @@ async def test_every_route_is_in_the_openapi_document(api_client: Any, runtime: 
             continue
         assert path in document["paths"], path
         assert route.method.lower() in document["paths"][path], (route.method, path)
+        answers = raised_statuses(route.handler)
+        if path not in PUBLIC_PATHS:
+            answers |= {401, 503, 507}
+        listed = {int(code) for code in document["paths"][path][route.method.lower()]["responses"]}
+        assert answers <= listed, (route.method, path, sorted(answers - listed))
+
+
+async def test_what_the_live_endpoints_answer_is_in_the_openapi_document(
+    api_client: Any, runtime: Runtime
+) -> None:
+    """A launch posted in a charset that cannot read it (415), an image whose file is gone from the store
+    (503), the event stream (200 text/event-stream): each answer as the document lists it."""
+    paths = (await (await api_client.get("/api/v1/openapi.json")).json())["paths"]
+
+    launched = await api_client.post(
+        "/api/v1/launch/dexis",
+        data=b'SET 4711 LN="Doe" FN="Ann"',
+        headers={"Content-Type": "text/plain; charset=base64"},
+    )
+    assert launched.status == 415 and (await launched.json())["type"].endswith(":unsupported-charset")
+    assert "415" in paths["/api/v1/launch/{protocol}"]["post"]["responses"]
+
+    patient = await (await create(api_client)).json()
+    form = FormData()
+    form.add_field("file", png16(), filename="x.png", content_type="image/png")
+    uploaded = await api_client.post(f"/api/v1/patients/{patient['id']}/images", data=form)
+    image = (await uploaded.json())["items"][0]
+    runtime.files.path_for(image["sha256"], "png").unlink()
+    missing = await api_client.get(f"/api/v1/images/{image['id']}/file")
+    assert missing.status == 503 and (await missing.json())["type"].endswith(":file-missing")
+    assert "503" in paths["/api/v1/images/{id}/file"]["get"]["responses"]
+
+    async with api_client.get("/api/v1/events") as stream:
+        assert stream.status == 200 and stream.content_type == "text/event-stream"
+    assert "text/event-stream" in paths["/api/v1/events"]["get"]["responses"]["200"]["content"]
 
 
 async def test_reads_are_audited_with_the_token_actor(api_client: Any, runtime: Runtime) -> None:

@@ -41,6 +41,29 @@ def test_relative_paths_start_at_the_config_folder(tmp_path: Path) -> None:
     assert settings.store.images == tmp_path / "pics"
 
 
+@pytest.mark.parametrize(
+    "setting",
+    ["", "tls_cert = tls/own.pem", "tls_cert = ~/own.pem", "tls_cert = $PMS_CERTS/own.pem", "tls_cert ="],
+)
+def test_the_launch_client_trusts_the_certificate_file_the_daemon_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """One path rule: the launch client's cheap reader (`api_endpoint`) finds `[api] tls_cert` where the
+    typed settings do, by default and with a relative, `~` or environment-variable path."""
+    from bridge.config_file import api_endpoint, config_home, read_raw
+
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("PMS_CERTS", str(tmp_path / "certs"))
+    monkeypatch.chdir(tmp_path)  # another folder than the config's
+    (tmp_path / "conf").mkdir()
+    path = str(write(tmp_path / "conf", f"[api]\ntoken = x\ntls = yes\n{setting}\n"))
+    served = load_settings(path).api.tls_cert
+    trusted = api_endpoint(read_raw(path), config_home(path))[4]
+    assert (Path(trusted) if trusted else None) == served
+    if not setting:
+        assert served == tmp_path / "conf" / "tls" / "cert.pem"
+
+
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PMS_BRIDGE__PMS__IGNORE_PRACTICE_ID", "yes")
     monkeypatch.setenv("PMS_BRIDGE__API__PORT", "5000")
@@ -128,6 +151,13 @@ def test_init_into_a_home_with_a_hash_and_umlauts_serves_from_it(tmp_path: Path)
     )
     assert init.returncode == 0, init.stderr
     config = home / "pms-bridge.ini"
+    # the command it prints, pasted into a shell, names this config (unquoted, `#2...` was a comment)
+    [command] = [line for line in init.stdout.splitlines() if line.startswith("start the daemon with: ")]
+    words = command.removeprefix("start the daemon with: pms-bridge ")
+    pasted = subprocess.run(
+        ["sh", "-c", f"printf '%s\\n' {words}"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert pasted.stdout.splitlines() == ["serve", "--config", str(config)]
     settings = load_settings(str(config))
     assert settings.store.images == home / "images" and settings.store.images.is_dir()
     assert settings.store.url == f"sqlite:///{home.as_posix()}/bridge.db"
@@ -144,6 +174,19 @@ def test_init_into_a_home_with_a_hash_and_umlauts_serves_from_it(tmp_path: Path)
         assert json.loads(body)["checks"]["images"]["path"] == str(home / "images")
     finally:
         assert daemon.stop() == 0
+
+
+def test_the_readme_home_with_its_token_is_kept_out_of_git() -> None:
+    """README's first command makes `./data` the home; its pms-bridge.ini holds the API token, so git
+    must not offer it for a commit."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert "pms-bridge init --home ./data" in (root / "README.md").read_text(encoding="utf-8")
+    ignored = subprocess.run(["git", "check-ignore", "--quiet", "data/pms-bridge.ini"], cwd=root, timeout=60)
+    assert ignored.returncode == 0
 
 
 def test_init_refuses_a_home_a_semicolon_comment_would_cut(tmp_path: Path) -> None:

@@ -142,6 +142,22 @@ def test_a_bad_config_stops_start_up_with_one_line(tmp_path: Path) -> None:
     assert "[pms] single_patient_mode = 'perhaps'" in result.stderr and "yes or no" in result.stderr
 
 
+def test_doctor_exits_2_with_one_line_when_the_config_cannot_be_loaded(tmp_path: Path) -> None:
+    """As docs/operations.md says: 2 (no check could run), not the 1 of a failed check."""
+    bad = tmp_path / "pms-bridge.ini"
+    bad.write_text("[pms]\nsingle_patient_mode = perhaps\n", encoding="utf-8")
+    for config, reason in ((bad, "single_patient_mode = 'perhaps'"), (tmp_path / "none.ini", "not found")):
+        result = subprocess.run(
+            [*pms_bridge_command(), "doctor", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stdout
+        [line] = result.stdout.splitlines()
+        assert line.startswith(f"FAIL config: {config}: ") and reason in line
+
+
 def test_doctor_checks_a_running_daemon(daemon: DaemonProcess) -> None:
     result = subprocess.run(
         [*pms_bridge_command(), "doctor", "--config", str(daemon.config)],

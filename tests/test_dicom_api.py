@@ -545,6 +545,8 @@ def test_a_full_store_answers_507_with_the_report_and_the_daemon_serves_on(
         )
         assert status == 507, body
         assert "cannot be written or read (File too large)" in json.loads(body)["detail"]
+        status, body = daemon.request("GET", "/api/v1/openapi.json", token=None)
+        assert "507" in json.loads(body)["paths"]["/api/v1/patients/{id}/images"]["post"]["responses"]
         status, body = daemon.request("GET", f"/api/v1/patients/{patient_id}/images")
         assert status == 200 and len(json.loads(body)["items"]) == 1
     finally:

@@ -17,7 +17,7 @@ import pytest
 from bridge import launch
 from bridge.handlers import HANDLERS
 from bridge.runtime import Runtime
-from tests.conftest import DaemonProcess, pms_bridge_command
+from tests.conftest import DaemonProcess, pms_bridge_command, start_daemon, write_config
 from tests.test_vdds import keys, stage1
 
 HEAVY = (
@@ -348,3 +348,82 @@ def test_launches_are_audited_with_the_token_that_sent_them(daemon: DaemonProces
         ("patient.create", "dexis"),
     }
     assert {e["actor"] for e in launched} == {token_actor}
+
+
+def tls_daemon(tmp_path: Path, api: dict[str, str]) -> DaemonProcess:
+    """A real daemon with `[api] tls = yes` (and `api`'s other keys) serving the self-signed certificate
+    `init` would write, `tls/cert.pem` beside its config."""
+    from bridge.install import write_self_signed
+
+    home = tmp_path / "home"
+    write_self_signed(home / "tls" / "cert.pem", home / "tls" / "key.pem")
+    return start_daemon(write_config(home, f"sqlite:///{home / 'bridge.db'}", {"api": {"tls": "yes", **api}}))
+
+
+def doctor(daemon: DaemonProcess, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(daemon.config)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "certificate",
+    [{}, {"tls_cert": "tls/cert.pem", "tls_key": "tls/key.pem"}],
+    ids=["default-certificate", "relative-certificate"],
+)
+def test_launches_reach_a_tls_daemon_from_the_pms_working_folder(
+    tmp_path: Path, certificate: dict[str, str]
+) -> None:
+    """`[api] tls = yes` as README's snippet has it (no tls_cert: the daemon serves its default
+    `tls/cert.pem`), or with relative paths (they start at the config's folder): a launch started in the
+    PMS's own working folder trusts the certificate the daemon serves, found as the daemon finds it, and
+    doctor connects the same way."""
+    pms_folder = tmp_path / "pms"
+    pms_folder.mkdir()
+    exchange = pms_folder / "MME.tmp"
+    exchange.write_bytes(stage1("0815"))
+    daemon = tls_daemon(tmp_path, certificate)
+    try:
+        checked = doctor(daemon, pms_folder)
+        assert checked.returncode == 0, checked.stdout
+        assert "ok   daemon answering: alive and ready" in checked.stdout
+        assert run_launch(daemon, "vdds", str(exchange), cwd=pms_folder) == (
+            0,
+            "PATDATIMPORT: patient 0815 created\n",
+            "",
+        )
+        answer = keys(exchange.read_bytes(), "PATIENT")
+        assert (answer["ERRORLEVEL"], answer["READY"]) == ("0", "1")
+        assert len(patients(daemon, "TESTPVS", "0815")) == 1
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_doctor_fails_when_launches_would_on_a_certificate_the_daemon_does_not_serve(tmp_path: Path) -> None:
+    """The certificate files were replaced while the daemon runs (moved away and `init` run again): it
+    still serves the old certificate, which launches no longer trust, and doctor says so instead of ok."""
+    from bridge.install import write_self_signed
+
+    exchange = tmp_path / "MME.tmp"
+    exchange.write_bytes(stage1("0815"))
+    daemon = tls_daemon(tmp_path, {})
+    try:
+        cert = daemon.config.parent / "tls" / "cert.pem"
+        write_self_signed(cert, cert.with_name("key.pem"))
+        code, out, err = run_launch(daemon, "vdds", str(exchange), cwd=tmp_path)
+        assert (code, out) == (launch.EXIT_UNREACHABLE, "") and "certificate verify failed" in err
+        assert keys(exchange.read_bytes(), "PATIENT")["ERRORLEVEL"] == "1"
+        checked = doctor(daemon, tmp_path)
+        assert checked.returncode == 1
+        port = daemon.settings.api.port
+        assert (
+            f"FAIL daemon answering: the daemon answers at 127.0.0.1:{port} but its certificate {cert} fails"
+            in (checked.stdout)
+        )
+    finally:
+        assert daemon.stop() == 0

@@ -215,8 +215,6 @@ async def test_thumbnails_and_copies_for_the_pvs(make_settings: Any, tmp_path: P
     export = tmp_path / "export"
     rt = Runtime.build(make_settings(vdds={"export_dir": str(export)}))
     try:
-        # Larger than the thumbnail size: bridge.imaging.render_jpeg fails on smaller 8-bit images (the
-        # imaging engineer's fix is pending), and this test is about the VDDS files, not that.
         xray, photo = await patient_with_images(
             rt, "0815", (png(320, 240), {"rotation": 90}), (png(300, 200), {"comment": "Foto"})
         )
@@ -246,6 +244,28 @@ async def test_thumbnails_and_copies_for_the_pvs(make_settings: Any, tmp_path: P
                 assert (img.format, img.size) == (pil_format, (240, 320))  # the clinician's rotation applied
             with Image.open(second) as img:
                 assert img.size == (300, 200)
+    finally:
+        rt.close()
+
+
+async def test_small_8_bit_and_colour_images_get_their_thumbnails(make_settings: Any, tmp_path: Path) -> None:
+    """Images no larger than the thumbnail size, 8-bit grey and colour (docs/vdds.md once listed them as
+    a known gap: listed without a thumbnail): each is listed with its JPEG thumbnail, in its colours."""
+    rt = Runtime.build(make_settings(vdds={"export_dir": str(tmp_path / "export")}))
+    try:
+        colour = io.BytesIO()
+        Image.new("RGB", (60, 40), (200, 40, 30)).save(colour, "PNG")
+        await patient_with_images(rt, "0815", (png(64, 48), {}), (colour.getvalue(), {"comment": "Foto"}))
+        listed = await handle(rt, launch(request_file("PATID", "PVS=TESTPVS\r\nPATID=0815\r\n")))
+        assert listed.exit_code == 0 and listed.content is not None
+        objects = parse_ini(decode(listed.content).text)
+        reds = []
+        for k in ("MMO1", "MMO2"):
+            with Image.open(objects[k].get("THUMBNAIL")) as img:
+                assert img.format == "JPEG" and max(img.size) <= rt.settings.thumbnails.size
+                red, green, _blue = img.convert("RGB").getpixel((2, 2))
+                reds.append(red - green > 100)
+        assert sorted(reds) == [False, True]  # the photo's red, the X-ray's grey
     finally:
         rt.close()
 

@@ -423,13 +423,31 @@ async def test_a_pvs_without_stage_6_gets_no_push(make_settings: Any, tmp_path: 
         rt.close()
 
 
-async def test_an_unreadable_registry_is_retried(make_settings: Any, tmp_path: Path) -> None:
-    rt, item = await queued_push(make_settings, tmp_path / "missing" / "VDDS_MMI.INI")
-    try:
-        with pytest.raises(OSError):
-            await vdds_push.send(rt, item)
-    finally:
-        rt.close()
+def test_an_unreadable_registry_is_retried_naming_the_file_and_the_setting(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """A host without VDDS_MMI.INI: the push waits for a retry, and its outbox error (what `pms-bridge
+    outbox list` shows) names the file and the setting, not only "No such file or directory"."""
+    missing = tmp_path / "missing" / "VDDS_MMI.INI"
+    daemon = daemon_factory(vdds={"mmi_ini": str(missing)})
+    upload(daemon, new_patient(daemon, tmp_path, "0815"), png())
+    url = daemon.settings.store.url
+
+    def errors() -> list[tuple[str, str]]:
+        engine = sa.create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return [(r[0], r[1]) for r in conn.execute(sa.text("SELECT state, last_error FROM outbox"))]
+        finally:
+            engine.dispose()
+
+    wait_for(lambda: any(error for _state, error in errors()), "the push's first attempt")
+    [(state, error)] = errors()
+    assert state == "pending"
+    assert error == (
+        f"VDDS_MMI.INI {missing} cannot be read (No such file or directory): is a VDDS PVS installed on"
+        " this computer? [vdds] mmi_ini names the file"
+    )
 
 
 async def test_pushes_only_for_vdds_links(make_settings: Any) -> None:

@@ -101,7 +101,14 @@ async def send(rt: Runtime, item: OutboxItem) -> None:
         log.info("push has nothing left to announce", extra={"outbox_id": item.id})
         return
     pvs = patient.pms_system or ""
-    registry = await asyncio.to_thread(mmi_path(settings).read_bytes)  # unreadable: retried
+    registry_path = mmi_path(settings)
+    try:
+        registry = await asyncio.to_thread(registry_path.read_bytes)
+    except OSError as exc:  # retried: a share may come back, a PVS be installed; the error names the file
+        raise PushFailed(
+            f"VDDS_MMI.INI {registry_path} cannot be read ({exc.strerror or type(exc).__name__}):"
+            " is a VDDS PVS installed on this computer? [vdds] mmi_ini names the file"
+        ) from None
     target = vdds.push_target(registry, pvs)
     if target is None:
         log.warning(

@@ -36,8 +36,20 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-PROBLEM = {"description": "Problem", "content": {"application/problem+json": {"schema": _ref("Problem")}}}
-ERRORS = {"400": PROBLEM, "401": PROBLEM, "404": PROBLEM}
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {"schema": _ref("Problem")}}}
+
+
+PROBLEM = _problem("Problem")
+# What every endpoint with patient data may answer, besides its own codes: the storage answers come from
+# the middleware, for any handler whose disk or share fails (docs/dicom.md).
+ERRORS = {
+    "400": PROBLEM,
+    "401": PROBLEM,
+    "404": PROBLEM,
+    "503": _problem("Storage the request needs (the image store or a PMS folder) cannot be read or written"),
+    "507": _problem("The image store's disk or quota is full"),
+}
 PAGING = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
@@ -91,7 +103,10 @@ PATIENT = {
 
 PATIENT_IN = {
     "type": "object",
+    "description": "The patient's key in the PMS is pms_id or, for a PMS linking by chart numbers,"
+    " chart_number: one of them is required (422 naming pms_id otherwise)",
     "required": ["pms_system"],
+    "anyOf": [{"required": ["pms_id"]}, {"required": ["chart_number"]}],
     "properties": {
         "pms_system": _text("pms_system"),
         "practice_id": _text("practice_id"),
@@ -170,7 +185,8 @@ CONFLICT = {
         "detail": {
             "type": "object",
             "description": "The kind's facts: `differences`, `candidates`; a demographics conflict's"
-            " `sent` (the demographics the refused request sent: what accepting applies) and `accepted`",
+            " `differing` (the facts that differ: birth date, sex, surname), `sent` (the demographics the"
+            " refused request sent: what accepting applies) and `accepted`",
         },
         "origin": {"type": "string"},
         "created_at": {"type": "string"},
@@ -281,7 +297,7 @@ RENDERING = {
         "content": {"image/jpeg": {"schema": BINARY}},
     },
     "304": {"description": "The client's copy (If-None-Match) is current", "headers": _RENDER_HEADERS},
-    "503": PROBLEM,
+    "503": _problem("The image cannot be read or rendered (`image-unavailable`), or storage fails"),
 }
 
 
@@ -406,6 +422,10 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": {"description": "The file", "content": {"*/*": {"schema": BINARY}}},
                         **ERRORS,
+                        "503": _problem(
+                            "The image file is not reachable (`file-missing`: is the image share mounted?),"
+                            " or storage fails"
+                        ),
                     },
                 }
             },
@@ -422,14 +442,14 @@ def document() -> dict[str, Any]:
                         },
                         IF_NONE_MATCH,
                     ],
-                    "responses": {**RENDERING, **ERRORS},
+                    "responses": {**ERRORS, **RENDERING},
                 }
             },
             "/api/v1/images/{id}/preview": {
                 "get": {
                     "summary": "Larger watermarked JPEG for a viewer (long edge [thumbnails] preview_size)",
                     "parameters": [ID, IF_NONE_MATCH],
-                    "responses": {**RENDERING, **ERRORS},
+                    "responses": {**ERRORS, **RENDERING},
                 }
             },
             "/api/v1/conflicts": {
@@ -505,7 +525,13 @@ def document() -> dict[str, Any]:
                             "schema": _text("workstation"),
                         }
                     ],
-                    "responses": {"200": {"description": "text/event-stream"}, **ERRORS},
+                    "responses": {
+                        "200": {
+                            "description": "An open stream of `event: <name>` and `data: <JSON>` lines",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **ERRORS,
+                    },
                 }
             },
             "/api/v1/launch/{protocol}": {
@@ -526,6 +552,10 @@ def document() -> dict[str, Any]:
                             "content": {"application/octet-stream": {"schema": BINARY}},
                         },
                         "413": PROBLEM,
+                        "415": _problem(
+                            "The body's Content-Type declares a charset that cannot read it"
+                            " (`unsupported-charset`)"
+                        ),
                         **ERRORS,
                     },
                 }
