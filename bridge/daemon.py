@@ -114,9 +114,9 @@ class Daemon:
             extra = factory(rt)
             if extra is not None:
                 listeners.append(extra)
-        # The workers' set-up (a watched folder is created) is done before a listener answers: a client
-        # told the daemon is up may drop a file there at once. They run once the listeners are bound (a
-        # second daemon on the same ports stops before it touches a folder).
+        # The workers are built before a listener answers and run once the listeners are bound (a second
+        # daemon on the same ports stops before it touches a folder). No worker creates a watched folder:
+        # a missing one is reported by its watcher and watched once it appears (bridge.watch).
         workers = [(make(rt), getattr(make, "__name__", "worker")) for make in WORKER_FACTORIES]
         try:
             await self._listen(listeners, tls, timeout)

@@ -201,37 +201,6 @@ def test_start_up_removes_what_a_crashed_import_left(tmp_path: Path, store_url: 
         daemon.stop()
 
 
-async def test_a_watched_folder_exists_once_the_daemon_answers(
-    make_settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A client the daemon has answered may drop a file into the watched folder at once, while the daemon
-    still finishes starting (here its start-up clean-up is held): the folder must be there by then."""
-    share = tmp_path / "share"
-    port = free_port()
-    settings = make_settings(api={"port": port}, vdds={"exchange_dir": str(share)})
-    held = asyncio.Event()
-    release = asyncio.Event()
-
-    async def slow_cleanup(self: Daemon) -> None:
-        held.set()
-        await release.wait()
-
-    monkeypatch.setattr(Daemon, "_remove_import_leftovers", slow_cleanup)
-    daemon = Daemon(settings)
-    starting = asyncio.create_task(daemon.start())
-    try:
-        await asyncio.wait_for(held.wait(), 60)
-        status = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).status
-        )
-        assert status == 200
-        assert share.is_dir()
-    finally:
-        release.set()
-        await starting
-        await daemon.shutdown()
-
-
 def test_doctor_fails_a_missing_image_folder_and_does_not_create_it(tmp_path: Path) -> None:
     config = write_config(tmp_path / "home", f"sqlite:///{tmp_path / 'bridge.db'}")
     images = load_settings(str(config)).store.images

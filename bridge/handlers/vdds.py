@@ -313,18 +313,18 @@ def oversized(rt: Runtime) -> Oversized:
 
 
 def folder_worker(rt: Runtime) -> Coroutine[Any, Any, None] | None:
-    """The watched exchange folder (`[vdds] exchange_dir`), when configured."""
+    """The watched exchange folder (`[vdds] exchange_dir`), when configured. A missing folder is not
+    created: the watcher reports it and watches it once it appears (bridge.watch)."""
     settings = rt.settings.vdds
     if not settings.enabled or settings.exchange_dir is None:
         return None
     folder = settings.exchange_dir
-    with contextlib.suppress(OSError):  # a share that is not there yet is reported by the watcher
-        folder.mkdir(parents=True, exist_ok=True)
     watcher = FolderWatcher(
         rt,
         PROTOCOL,
         folder,
         folder_handler(rt),
+        setting="[vdds] exchange_dir",
         classify=classifier(settings),
         poll_seconds=settings.poll_seconds,
         oversized=oversized(rt),
