@@ -50,11 +50,22 @@ def check_exposure(settings: Settings) -> str:
 
 
 def check_store(settings: Settings) -> str:
-    """Reachable, and at the schema this release needs (else what to do: it depends on [store] migrate)."""
+    """Reachable, and at the schema this release needs (else what to do: it depends on [store] migrate).
+    A SQLite file that does not exist is reported, not created (as opening it would)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from bridge.store.db import current_revision, make_engine, schema_problem, shown_url, unreachable
+    from bridge.store.db import (
+        current_revision,
+        make_engine,
+        missing_file,
+        schema_problem,
+        shown_url,
+        unreachable,
+    )
 
+    missing = missing_file(settings.store.url)
+    if missing is not None:
+        raise CheckFailed(missing)
     engine = make_engine(settings.store.url)
     try:
         revision = current_revision(engine)
@@ -191,9 +202,11 @@ def check_outbox(settings: Settings) -> str:
     from sqlalchemy.orm import Session
 
     from bridge.outbox_admin import outbox_counts, per_channel
-    from bridge.store.db import SCHEMA_HEAD, current_revision, make_engine, unreachable
+    from bridge.store.db import SCHEMA_HEAD, current_revision, make_engine, missing_file, unreachable
     from bridge.store.types import utcnow
 
+    if missing_file(settings.store.url) is not None:
+        raise CheckWarning("not checked: the store's database file does not exist (see the store's line)")
     engine = make_engine(settings.store.url)
     try:
         if current_revision(engine) != SCHEMA_HEAD:
@@ -251,9 +264,15 @@ def check_daemon(settings: Settings) -> str:
 def check_token(settings: Settings) -> str:
     if not settings.api.token:
         raise CheckFailed("[api] token is empty: every data request is refused")
-    status, _ = _get(settings, "/api/v1/patients?limit=1", settings.api.token)
-    if status != 200:
+    status, body = _get(settings, "/api/v1/patients?limit=1", settings.api.token)
+    if status in (401, 403):
         raise CheckFailed(f"the configured token was refused ({status})")
+    if status != 200:  # accepted, but the request failed (a lost store file): the daemon's reason
+        try:
+            detail = str(json.loads(body).get("detail", ""))
+        except ValueError:
+            detail = ""
+        raise CheckFailed(f"accepted, but the daemon answered {status}: {detail or 'no reason given'}")
     return "accepted"
 
 

@@ -33,7 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from bridge.store import queries as q
-from bridge.store.db import is_unique_violation
+from bridge.store.db import StoreFileLost, is_unique_violation
 from bridge.store.models import ProcessedFile
 from bridge.store.types import utcnow
 
@@ -263,7 +263,15 @@ class FolderWatcher:
     async def _handle_once(self, name: str, digest: str, handle: Handle, content: bytes) -> None:
         """Claim this file version, hand it to `handle` and record the result (once across daemons)."""
         path = self.folder / name
-        if digest in self._done or not await self._claim(digest, path):
+        if digest in self._done:
+            return
+        try:
+            claimed = await self._claim(digest, path)
+        except StoreFileLost:
+            # Nothing can be claimed, and a PMS waiting on its file (VDDS READY) would wait for good: it is
+            # handed over unclaimed, once by this process, so the protocol answers with its error.
+            claimed = True
+        if not claimed:
             return
         self._done.add(digest)
         started = time.perf_counter()
@@ -272,7 +280,8 @@ class FolderWatcher:
         except Exception:
             log.exception("handling a watched file failed", extra={"watcher": self.name, "file": name})
             result = "error"
-        await self._record(digest, result)
+        with contextlib.suppress(StoreFileLost):  # logged once where it was found
+            await self._record(digest, result)
         log.info(
             "watched file handled",
             extra={
