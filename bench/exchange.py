@@ -72,6 +72,7 @@ def main() -> int:
 
     home = Path(tempfile.mkdtemp(prefix="bench-exchange-"))
     exchange = home / "exchange"
+    exchange.mkdir()  # the PVS's share: the daemon does not create it
     config = write_fresh_config(
         home,
         {"vdds": {"exchange_dir": str(exchange), "poll_seconds": ns.poll}, "daemon": {"log_level": "error"}},

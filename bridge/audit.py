@@ -20,7 +20,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from bridge.model import Origin
-from bridge.store.db import Database
+from bridge.store.db import Database, StoreFileLost
 from bridge.store.models import AuditEntry
 from bridge.store.types import utcnow
 
@@ -117,6 +117,11 @@ class AuditLog:
         # batch it took must wait for that write, or "flush, then read the log" misses those rows.
         self._flushing = asyncio.Lock()
 
+    @property
+    def queued(self) -> int:
+        """Reads waiting to be written."""
+        return len(self._pending)
+
     @staticmethod
     def change(
         session: Session,
@@ -172,5 +177,7 @@ class AuditLog:
             await asyncio.sleep(self.FLUSH_INTERVAL)
             try:
                 await self.flush()
+            except StoreFileLost:
+                pass  # logged once where it was found; the entries wait in the queue
             except Exception:
                 log.exception("audit flush failed; will retry")

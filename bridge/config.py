@@ -765,6 +765,35 @@ def launch_profiles(settings: Settings) -> dict[str, LaunchProfile]:
     return {cls.SECTION: getattr(settings, cls.SECTION) for cls in SECTIONS if issubclass(cls, LaunchProfile)}
 
 
+@dataclass(frozen=True)
+class WatchedFolder:
+    """A folder a PMS writes into and the daemon polls: its watcher's name (`watch:<name>` in /readyz),
+    its key in the config and its path."""
+
+    watcher: str
+    setting: str
+    path: Path
+
+
+def watched_folders(settings: Settings) -> list[WatchedFolder]:
+    """The configured watched folders: `[vdds] exchange_dir` and the `integrator_dir` of [dexis] and
+    [dentrix]. The daemon never creates them (bridge.watch); `pms-bridge init` creates those inside its
+    home folder (bridge.install)."""
+    found = []
+    if settings.vdds.exchange_dir is not None:
+        found.append(WatchedFolder("vdds", "[vdds] exchange_dir", settings.vdds.exchange_dir))
+    for profile in (settings.dexis, settings.dentrix):
+        if profile.integrator_dir is not None:
+            found.append(
+                WatchedFolder(
+                    f"{profile.SECTION}-integrator",
+                    f"[{profile.SECTION}] integrator_dir",
+                    profile.integrator_dir,
+                )
+            )
+    return found
+
+
 def is_loopback(host: str) -> bool:
     """Whether a listen address is reached from this computer only: `localhost` or a loopback address
     (127.0.0.0/8, ::1). A listen-all address (0.0.0.0, ::) and a host name (which may resolve to a LAN

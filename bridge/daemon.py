@@ -30,6 +30,7 @@ from bridge.handlers import vdds as vdds_handler
 from bridge.handlers import vdds_push
 from bridge.handlers.dexis import integrator_watchers
 from bridge.runtime import Runtime
+from bridge.store.db import SqliteFileGuard, StoreFileLost
 from bridge.thumbfolders import thumbnail_workers
 from bridge.tls import server_context
 from bridge.web.app import build_api_app
@@ -39,6 +40,7 @@ from bridge.web.oppweb import opp_web_listener
 log = logging.getLogger(__name__)
 
 STOP_FILE_POLL_SECONDS = 0.5
+STORE_FILE_CHECK_SECONDS = 5.0  # one stat of the SQLite store's path
 
 # Background workers protocols contribute: each takes the runtime and returns a coroutine that runs
 # until cancelled (a watched folder, an outbox channel), or None when its settings leave it off.
@@ -114,9 +116,9 @@ class Daemon:
             extra = factory(rt)
             if extra is not None:
                 listeners.append(extra)
-        # The workers' set-up (a watched folder is created) is done before a listener answers: a client
-        # told the daemon is up may drop a file there at once. They run once the listeners are bound (a
-        # second daemon on the same ports stops before it touches a folder).
+        # The workers are built before a listener answers and run once the listeners are bound (a second
+        # daemon on the same ports stops before it touches a folder). No worker creates a watched folder:
+        # a missing one is reported by its watcher and watched once it appears (bridge.watch).
         workers = [(make(rt), getattr(make, "__name__", "worker")) for make in WORKER_FACTORIES]
         try:
             await self._listen(listeners, tls, timeout)
@@ -131,6 +133,8 @@ class Daemon:
         await self._remove_import_leftovers()
         self._spawn(rt.audit.run(), "audit")
         self._spawn(self._watch_stop_file(), "stop-file")
+        if rt.db.file is not None:
+            self._spawn(self._watch_store_file(rt.db.file), "store-file")
         for worker, name in workers:
             if worker is not None:
                 self._spawn(worker, name)
@@ -225,6 +229,14 @@ class Daemon:
                 return
             await asyncio.sleep(STOP_FILE_POLL_SECONDS)
 
+    async def _watch_store_file(self, guard: SqliteFileGuard) -> None:
+        """Checks the SQLite store's file every few seconds, so that its deletion is logged (once) even
+        while nothing is written or asks /readyz; every write checks it anyway before it starts."""
+        while True:
+            with contextlib.suppress(StoreFileLost):
+                await asyncio.to_thread(guard.check)
+            await asyncio.sleep(STORE_FILE_CHECK_SECONDS)
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -259,6 +271,8 @@ class Daemon:
             await self.rt.bus.drain()
             try:
                 await self.rt.audit.flush()
+            except StoreFileLost:  # the error itself was logged when the file went
+                log.warning("queued audit entries not written", extra={"entries": self.rt.audit.queued})
             except Exception:
                 log.exception("final audit flush failed")
             await asyncio.to_thread(self.rt.close)

@@ -56,11 +56,22 @@ def check_exposure(settings: Settings) -> str:
 
 
 def check_store(settings: Settings) -> str:
-    """Reachable, and at the schema this release needs (else what to do: it depends on [store] migrate)."""
+    """Reachable, and at the schema this release needs (else what to do: it depends on [store] migrate).
+    A SQLite file that does not exist is reported, not created (as opening it would)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from bridge.store.db import current_revision, make_engine, schema_problem, shown_url, unreachable
+    from bridge.store.db import (
+        current_revision,
+        make_engine,
+        missing_file,
+        schema_problem,
+        shown_url,
+        unreachable,
+    )
 
+    missing = missing_file(settings.store.url)
+    if missing is not None:
+        raise CheckFailed(missing)
     engine = make_engine(settings.store.url)
     try:
         revision = current_revision(engine)
@@ -93,20 +104,20 @@ def check_tls(settings: Settings) -> str:
 
 
 IMAGE_FOLDER_REMEDY = "mount it, or correct [store] images; 'pms-bridge init' creates it for a new store"
+WATCHED_FOLDER_REMEDY = (
+    "mount it, or create the folder the PMS writes into; the daemon never creates it and watches it as"
+    " soon as it appears"
+)
 
 
-def check_folder(
-    path: Path, *, create: bool = True, what: str = "the image folder", remedy: str = IMAGE_FOLDER_REMEDY
-) -> str:
-    """Writable. A missing folder the daemon creates at start (a watched folder) is created; a missing
-    folder it never creates (`create=False`: the image folder, a thumbnail folder) is reported instead:
-    on an unmounted share's mount point, creating it would hide the missing share behind an empty local
-    folder, and the daemon would deliver into that."""
+def check_folder(path: Path, *, what: str = "the image folder", remedy: str = IMAGE_FOLDER_REMEDY) -> str:
+    """Writable. A missing folder is reported, never created (the image folder, a thumbnail folder, a
+    watched folder), as the daemon never creates them: on an unmounted share's mount point, creating it
+    would hide the missing share behind an empty local folder, which the daemon would deliver into or
+    watch while the PMS uses the share."""
     from bridge.store.files import FileStore
 
     try:
-        if create:
-            path.mkdir(parents=True, exist_ok=True)
         FileStore(path).check_writable()
     except FileNotFoundError:
         raise CheckFailed(f"{what} {path} does not exist: is the share mounted? ({remedy})") from None
@@ -121,7 +132,7 @@ def check_image_folder(settings: Settings) -> str:
     """Writable, and with at least `[store] min_free_mb` free: a full disk refuses every new image."""
     from bridge.store.files import FileStore
 
-    folder = check_folder(settings.store.images, create=False)
+    folder = check_folder(settings.store.images)
     free_mb = FileStore(settings.store.images).free_bytes() // 2**20
     if free_mb < settings.store.min_free_mb:
         raise CheckFailed(
@@ -164,18 +175,25 @@ def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
         ) from None
 
 
+def check_exchange_folder(settings: Settings) -> str:
+    """`[vdds] exchange_dir`, watched by the daemon: writable (answers are written into it)."""
+    if settings.vdds.exchange_dir is None:
+        return "not configured"
+    return check_folder(settings.vdds.exchange_dir, what="[vdds] exchange_dir", remedy=WATCHED_FOLDER_REMEDY)
+
+
 def check_profile_folders(settings: Settings) -> str:
-    """The Dexis/Dentrix Integrator folders (watched: created as the daemon creates them) and the
-    thumbnail folders of the PMS profiles that use them (never created: the PMS's share)."""
+    """The Dexis/Dentrix Integrator folders (watched) and the thumbnail folders of the PMS profiles that
+    use them; none of them is created (the PMS's share)."""
     checked = []
     for name, profile in launch_profiles(settings).items():
         integrator = getattr(profile, "integrator_dir", None)
         if integrator is not None:
-            checked.append(f"[{name}] integrator_dir {check_folder(integrator)}")
+            folder = check_folder(integrator, what=f"[{name}] integrator_dir", remedy=WATCHED_FOLDER_REMEDY)
+            checked.append(f"[{name}] integrator_dir {folder}")
         if profile.thumbnails and profile.thumbnail_dir is not None:
             folder = check_folder(
                 profile.thumbnail_dir,
-                create=False,
                 what=f"[{name}] thumbnail_dir",
                 remedy="mount it, or create the folder the PMS reads; the bridge never creates it",
             )
@@ -194,9 +212,11 @@ def check_outbox(settings: Settings) -> str:
     from sqlalchemy.orm import Session
 
     from bridge.outbox_admin import outbox_counts, per_channel
-    from bridge.store.db import SCHEMA_HEAD, current_revision, make_engine, unreachable
+    from bridge.store.db import SCHEMA_HEAD, current_revision, make_engine, missing_file, unreachable
     from bridge.store.types import utcnow
 
+    if missing_file(settings.store.url) is not None:
+        raise CheckWarning("not checked: the store's database file does not exist (see the store's line)")
     engine = make_engine(settings.store.url)
     try:
         if current_revision(engine) != SCHEMA_HEAD:
@@ -234,22 +254,35 @@ def check_outbox(settings: Settings) -> str:
 
 
 def check_daemon(settings: Settings) -> str:
+    """Alive and ready; when not ready, each failing /readyz check with the daemon's own reason (a
+    watched folder that is missing, a database file deleted under it): what the daemon sees may differ
+    from what the checks above see from here."""
     status, _ = _get(settings, "/healthz", None)
     if status != 200:
         raise CheckFailed(f"/healthz answered {status}")
     status, body = _get(settings, "/readyz", None)
     if status != 200:
-        failing = [k for k, v in json.loads(body).get("checks", {}).items() if not v.get("ok")]
-        raise CheckFailed(f"not ready: {', '.join(failing)}")
+        failing = [
+            f"{name} ({check['error']})" if check.get("error") else name
+            for name, check in json.loads(body).get("checks", {}).items()
+            if not check.get("ok")
+        ]
+        raise CheckFailed(f"not ready: {'; '.join(failing)}")
     return "alive and ready"
 
 
 def check_token(settings: Settings) -> str:
     if not settings.api.token:
         raise CheckFailed("[api] token is empty: every data request is refused")
-    status, _ = _get(settings, "/api/v1/patients?limit=1", settings.api.token)
-    if status != 200:
+    status, body = _get(settings, "/api/v1/patients?limit=1", settings.api.token)
+    if status in (401, 403):
         raise CheckFailed(f"the configured token was refused ({status})")
+    if status != 200:  # accepted, but the request failed (a lost store file): the daemon's reason
+        try:
+            detail = str(json.loads(body).get("detail", ""))
+        except ValueError:
+            detail = ""
+        raise CheckFailed(f"accepted, but the daemon answered {status}: {detail or 'no reason given'}")
     return "accepted"
 
 
@@ -258,10 +291,7 @@ CHECKS: list[Check] = [
     ("TLS certificate", check_tls),
     ("listen addresses", check_exposure),
     ("image folder writable", check_image_folder),
-    (
-        "VDDS exchange folder writable",
-        lambda s: check_folder(s.vdds.exchange_dir) if s.vdds.exchange_dir else "not configured",
-    ),
+    ("VDDS exchange folder writable", check_exchange_folder),
     ("PMS profile folders writable", check_profile_folders),
     ("pushes to PMSs (outbox)", check_outbox),
     ("VDDS registration in VDDS_MMI.INI", vdds_register.check),

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bridge.atomic import write_atomic
-from bridge.config import ConfigError, Settings, default_config_text, load_settings
+from bridge.config import ConfigError, Settings, default_config_text, load_settings, watched_folders
 from bridge.config_file import DEFAULT_CONFIG_NAME, INLINE_COMMENT
 
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "*", ""})  # noqa: S104 - listen-all: reached on loopback
@@ -75,9 +75,33 @@ def write_self_signed(cert_path: Path, key_path: Path, hosts: Iterable[str] = ()
     write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
 
+def create_watched_folders(settings: Settings, home: Path) -> list[str]:
+    """Create the configured watched folders that are missing and lie inside `home` (the bridge's own
+    folder: a PMS on this computer writes there); a line per folder created, and one per missing folder
+    elsewhere, which is left alone.
+
+    A folder elsewhere is the PMS's share or a mapped drive: created while the share is not mounted, it
+    would be a local folder on the mount point that the PMS never writes into. The daemon does not create
+    any of them; it reports a missing one and watches it once it appears (bridge.watch).
+    """
+    lines = []
+    for folder in watched_folders(settings):
+        if folder.path.is_dir():
+            continue
+        if folder.path.resolve().is_relative_to(home):
+            folder.path.mkdir(parents=True, exist_ok=True)
+            lines.append(f"created the watched folder {folder.setting} {folder.path}")
+        else:
+            lines.append(
+                f"not created: {folder.setting} {folder.path} does not exist; it is outside {home}, so it is"
+                " the PMS's share: mount it or create it (the daemon watches it once it appears)"
+            )
+    return lines
+
+
 def init_home(home: Path) -> tuple[Settings, list[str]]:
     """Create what is missing under `home` and bring an existing store's schema up to date; returns the
-    settings and a line per thing done."""
+    settings and a line per thing done (or, for a watched folder outside `home`, left undone)."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from bridge.store.db import SchemaError, make_engine, shown_url, unreachable, upgrade_schema
@@ -103,6 +127,7 @@ def init_home(home: Path) -> tuple[Settings, list[str]]:
     if not settings.store.images.exists():
         settings.store.images.mkdir(parents=True)
         done.append(f"created the image folder {settings.store.images}")
+    done += create_watched_folders(settings, home)
     engine = make_engine(settings.store.url)
     try:
         # whatever [store] migrate says: running init is the admin asking for it (docs/operations.md)

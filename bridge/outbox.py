@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from bridge.delivery import Undeliverable, failure_text
 from bridge.handlers.vdds_push import push_channels
 from bridge.store import queries as q
+from bridge.store.db import StoreFileLost
 from bridge.store.models import OutboxMessage
 from bridge.store.types import utcnow
 from bridge.thumbfolders import folder_targets
@@ -196,6 +197,8 @@ class OutboxWorker:
                     next_recover = time.monotonic() + self.lease / 2
                     await self.recover()
                 sent = await self.run_once()
+            except StoreFileLost:
+                sent = 0  # logged once where it was found; nothing is claimed or sent meanwhile
             except Exception:
                 log.exception("outbox pass failed", extra={"channel": self.channel})
                 sent = 0

@@ -537,13 +537,15 @@ async def fresh_target_run(case: Case, session: aiohttp.ClientSession, update: b
     from bridge.config import settings_from_raw
     from bridge.config_file import read_raw
     from bridge.daemon import Daemon
+    from bridge.install import create_watched_folders
 
-    home = Path(tempfile.mkdtemp(prefix="replay-home-"))
+    home = Path(tempfile.mkdtemp(prefix="replay-home-")).resolve()
     try:
         config = write_fresh_config(home, case.spec.get("settings", {}))
         # No environment overrides: PMS_BRIDGE__STORE__URL set for the practice's daemon must not turn
         # the temporary store into the real one.
         settings = settings_from_raw(read_raw(str(config), environ={}), config)
+        create_watched_folders(settings, home)  # as init does: the daemon does not create them
         daemon = Daemon(settings)
         await daemon.start()
         try:
@@ -636,12 +638,9 @@ async def replay(
 
 def watched_folders(settings: Settings) -> dict[str, Path]:
     """The configured watched folders a case's folder steps can drop files into, by watcher name."""
-    folders = {
-        "vdds": settings.vdds.exchange_dir,
-        "dexis-integrator": settings.dexis.integrator_dir,
-        "dentrix-integrator": settings.dentrix.integrator_dir,
-    }
-    return {name: folder for name, folder in folders.items() if folder is not None}
+    from bridge.config import watched_folders as configured
+
+    return {folder.watcher: folder.path for folder in configured(settings)}
 
 
 def running_target(config: Path | None, url: str | None, token: str, opp_url: str) -> Target:

@@ -7,6 +7,9 @@ VDDS file with its request section and READY=0), or its size and modification ti
 scans. Each file version is handled once: it is claimed in the store first (by name, modification time
 and content hash), so two daemons sharing a folder never both answer it, and a restart does not answer it
 twice. A share that disappears is retried with backoff; the last successful scan shows in /readyz.
+A folder that does not exist is never created here (on an unmounted share's mount point a created
+folder would be local, and the PMS would never write into it): it is reported, once, naming its
+setting, and looked for again at every poll interval until it appears.
 Files over MAX_FILE_BYTES are never read whole: a protocol whose PMS waits on a flag in the file refuses
 them from their first bytes (`Oversized`), others are only logged.
 """
@@ -30,7 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from bridge.store import queries as q
-from bridge.store.db import is_unique_violation
+from bridge.store.db import StoreFileLost, is_unique_violation
 from bridge.store.models import ProcessedFile
 from bridge.store.types import utcnow
 
@@ -81,8 +84,21 @@ class _Seen:
     mtime_ns: int
 
 
+def missing_folder(setting: str, folder: Path) -> str:
+    """What /readyz and the log say of a watched folder that does not exist (`setting`: its key, e.g.
+    "[vdds] exchange_dir"): the likely cause first, since the usual one is a share not mounted yet."""
+    return (
+        f"{setting} {folder} does not exist: is the share mounted? (the daemon does not create it;"
+        " it watches the folder as soon as it appears)"
+    )
+
+
 class FolderWatcher:
-    """Polls one folder and hands complete, unhandled files to `handle`."""
+    """Polls one folder and hands complete, unhandled files to `handle`.
+
+    `setting` names the folder's key in the config ("[vdds] exchange_dir"), for the admin who reads
+    that the folder is missing.
+    """
 
     def __init__(
         self,
@@ -91,6 +107,7 @@ class FolderWatcher:
         folder: Path,
         handle: Handle,
         *,
+        setting: str,
         classify: Classify = handle_when_stable,
         accept_name: Callable[[str], bool] = lambda _name: True,
         poll_seconds: float = 1.0,
@@ -99,6 +116,7 @@ class FolderWatcher:
         self.rt = rt
         self.name = name
         self.folder = folder
+        self.setting = setting
         self.handle = handle
         self.classify = classify
         self.oversized = oversized
@@ -107,28 +125,37 @@ class FolderWatcher:
         self._seen: dict[str, _Seen] = {}
         self._done: set[str] = set()  # claim keys handled by this process
         self._wake = asyncio.Event()
-        self._failures = 0
+        self._failures = 0  # failed scans of a folder that exists but cannot be read: the backoff
+        self._missing = False
 
     async def run(self) -> None:
-        """Scan until cancelled: every poll interval, or sooner when a change notification arrives."""
+        """Scan until cancelled: every poll interval, or sooner when a change notification arrives.
+
+        A folder that cannot be read is retried with backoff (a share that is down answers slowly); one
+        that does not exist is looked for at every poll interval (a cheap failing lookup), so that it is
+        watched as soon as the share is mounted or the folder is made.
+        """
         readiness = self.rt.readiness
         readiness.watched[self.name] = self.folder
         readiness.max_scan_age[self.name] = max(30.0, 10 * self.poll_seconds)
-        hint = asyncio.create_task(self._notifications(), name=f"watch-hint-{self.name}")
+        hint: asyncio.Task[None] | None = None
+        readable = False
         try:
             while True:
+                was_readable, readable = readable, await self.scan()
+                if readable and not was_readable:  # (again) a folder to be notified about
+                    await _cancel(hint)
+                    hint = asyncio.create_task(self._notifications(), name=f"watch-hint-{self.name}")
                 delay = (
                     self.poll_seconds
-                    if await self.scan()
+                    if readable or self._missing
                     else min(60.0, self.poll_seconds * 2**self._failures)
                 )
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
         finally:
-            hint.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await hint
+            await _cancel(hint)
 
     async def _notifications(self) -> None:
         """Native change events as a hint only; their absence or failure changes nothing."""
@@ -141,19 +168,37 @@ class FolderWatcher:
             log.debug("change notifications unavailable", extra={"watcher": self.name, "error": str(exc)})
 
     async def scan(self) -> bool:
-        """One pass over the folder; False when the folder could not be read."""
+        """One pass over the folder; False when the folder could not be read (or does not exist)."""
         try:
             entries = await asyncio.to_thread(self._list)
+        except FileNotFoundError:
+            self._failures = 0
+            message = missing_folder(self.setting, self.folder)
+            if not self._missing:
+                log.warning(
+                    "watched folder missing; not created",
+                    extra={"watcher": self.name, "setting": self.setting, "path": str(self.folder)},
+                )
+            self._missing = True
+            self.rt.readiness.scan_errors[self.name] = message
+            return False
         except OSError as exc:
             self._failures += 1
             message = f"{self.folder}: {exc.strerror or exc}"
             if self.rt.readiness.scan_errors.get(self.name) != message:
                 log.error("watched folder unreachable", extra={"watcher": self.name, "error": message})
+            self._missing = False
             self.rt.readiness.scan_errors[self.name] = message
             return False
-        if self._failures or self.name in self.rt.readiness.scan_errors:
+        if self._missing:
+            log.info(
+                "watched folder appeared; watching it",
+                extra={"watcher": self.name, "setting": self.setting, "path": str(self.folder)},
+            )
+        elif self._failures or self.name in self.rt.readiness.scan_errors:
             log.info("watched folder reachable again", extra={"watcher": self.name})
         self._failures = 0
+        self._missing = False
         self.rt.readiness.scanned(self.name)
         self.rt.metrics.last_scan.labels(self.name).set(time.time())
         current: dict[str, _Seen] = {}
@@ -218,7 +263,15 @@ class FolderWatcher:
     async def _handle_once(self, name: str, digest: str, handle: Handle, content: bytes) -> None:
         """Claim this file version, hand it to `handle` and record the result (once across daemons)."""
         path = self.folder / name
-        if digest in self._done or not await self._claim(digest, path):
+        if digest in self._done:
+            return
+        try:
+            claimed = await self._claim(digest, path)
+        except StoreFileLost:
+            # Nothing can be claimed, and a PMS waiting on its file (VDDS READY) would wait for good: it is
+            # handed over unclaimed, once by this process, so the protocol answers with its error.
+            claimed = True
+        if not claimed:
             return
         self._done.add(digest)
         started = time.perf_counter()
@@ -227,7 +280,8 @@ class FolderWatcher:
         except Exception:
             log.exception("handling a watched file failed", extra={"watcher": self.name, "file": name})
             result = "error"
-        await self._record(digest, result)
+        with contextlib.suppress(StoreFileLost):  # logged once where it was found
+            await self._record(digest, result)
         log.info(
             "watched file handled",
             extra={
@@ -270,6 +324,15 @@ class FolderWatcher:
             session.execute(q.forget_processed_files(self.name, utcnow() - FORGET_AFTER))
 
         await self.rt.db.write(work, watched=False)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel `task` and wait until it has ended. A cancellation of the caller meanwhile still reaches
+    the caller (`asyncio.wait` does not raise the task's own CancelledError, which suppressing it would
+    confuse with the caller's)."""
+    if task is not None:
+        task.cancel()
+        await asyncio.wait([task])
 
 
 def _read_head(path: Path, limit: int) -> bytes:

@@ -92,6 +92,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "disabled": "Die VDDS-Schnittstelle ist in pms-bridge ausgeschaltet.",
         "timeout": "Die Bildverwaltung hat nicht rechtzeitig geantwortet. Bitte erneut versuchen.",
         "internal": "Interner Fehler in der Bildverwaltung. Bitte die IT informieren.",
+        "store_lost": "Die Bildverwaltung kann zurzeit nichts speichern (ihre Datenbank fehlt). Bitte die "
+        "IT informieren.",
     },
     "en": {
         "unreachable": "The imaging service (pms-bridge) cannot be reached or refused the request. Please "
@@ -119,6 +121,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "disabled": "The VDDS interface is switched off in pms-bridge.",
         "timeout": "The imaging system did not answer in time. Please try again.",
         "internal": "Internal error in the imaging system. Please call IT.",
+        "store_lost": "The imaging system cannot save anything at the moment (its database is missing). "
+        "Please call IT.",
     },
 }
 

@@ -126,6 +126,27 @@ def test_init_writes_a_working_home_and_is_idempotent(tmp_path: Path) -> None:
     assert "; allowed: yes or no" in text and "open_patient_in = home" in text
 
 
+def test_init_creates_the_watched_folders_in_its_home_and_names_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watched folder in the bridge's home is ours to make; one elsewhere is the PMS's share, which a
+    folder made on its mount point would hide (the daemon never makes either)."""
+    home = tmp_path / "home"
+    share = tmp_path / "mnt" / "integrator"
+    monkeypatch.setenv("PMS_BRIDGE__VDDS__EXCHANGE_DIR", str(home / "exchange"))
+    monkeypatch.setenv("PMS_BRIDGE__DENTRIX__INTEGRATOR_DIR", str(share))
+    _settings, done = init_home(home)
+    assert (home / "exchange").is_dir()
+    assert f"created the watched folder [vdds] exchange_dir {home / 'exchange'}" in done
+    assert not share.parent.exists()
+    assert (
+        f"not created: [dentrix] integrator_dir {share} does not exist; it is outside {home}, so it is the"
+        " PMS's share: mount it or create it (the daemon watches it once it appears)"
+    ) in done
+    _settings, again = init_home(home)
+    assert [line for line in again if "exchange_dir" in line] == []
+
+
 def test_a_hash_in_a_value_is_kept_and_a_semicolon_after_a_space_still_ends_it(tmp_path: Path) -> None:
     """'#' is a comment only at the start of a line: "Praxis #2" is a folder name, not a comment."""
     config = write(

@@ -217,37 +217,6 @@ def test_start_up_removes_what_a_crashed_import_left(tmp_path: Path, store_url: 
         daemon.stop()
 
 
-async def test_a_watched_folder_exists_once_the_daemon_answers(
-    make_settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A client the daemon has answered may drop a file into the watched folder at once, while the daemon
-    still finishes starting (here its start-up clean-up is held): the folder must be there by then."""
-    share = tmp_path / "share"
-    port = free_port()
-    settings = make_settings(api={"port": port}, vdds={"exchange_dir": str(share)})
-    held = asyncio.Event()
-    release = asyncio.Event()
-
-    async def slow_cleanup(self: Daemon) -> None:
-        held.set()
-        await release.wait()
-
-    monkeypatch.setattr(Daemon, "_remove_import_leftovers", slow_cleanup)
-    daemon = Daemon(settings)
-    starting = asyncio.create_task(daemon.start())
-    try:
-        await asyncio.wait_for(held.wait(), 60)
-        status = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).status
-        )
-        assert status == 200
-        assert share.is_dir()
-    finally:
-        release.set()
-        await starting
-        await daemon.shutdown()
-
-
 def test_doctor_fails_a_missing_image_folder_and_does_not_create_it(tmp_path: Path) -> None:
     config = write_config(tmp_path / "home", f"sqlite:///{tmp_path / 'bridge.db'}")
     images = load_settings(str(config)).store.images
@@ -506,3 +475,136 @@ def test_a_new_sqlite_store_is_readable_by_the_daemons_user_only(tmp_path: Path)
         assert {p.stat().st_mode & 0o777 for p in store_files} == {0o600}
     finally:
         assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_database_file_deleted_or_replaced_under_the_daemon_is_reported_and_writes_refused(
+    tmp_path: Path, how: str
+) -> None:
+    """SQLite goes on writing into a file that was deleted (or replaced) under it, and all of it is lost
+    at the next start. The daemon notices, says so once, and refuses writes in every protocol's way."""
+    db = tmp_path / "bridge.db"
+    exchange = tmp_path / "exchange"
+    exchange.mkdir()
+    config = write_config(
+        tmp_path / "home",
+        f"sqlite:///{db}",
+        {"vdds": {"exchange_dir": str(exchange), "poll_seconds": 0.2, "language": "en"}},
+    )
+    daemon = start_daemon(config)
+    try:
+        patient = {"pms_system": "rest", "pms_id": "D1", "last_name": "Dahl", "first_name": "Ada"}
+        json_body = {"Content-Type": "application/json"}
+        assert (
+            daemon.request("POST", "/api/v1/patients", json.dumps(patient).encode(), headers=json_body)[0]
+            == 201
+        )
+        if how == "deleted":
+            db.unlink()
+        else:  # an admin "restores" a copy while the daemon runs
+            copy = tmp_path / "copy.db"
+            copy.write_bytes(db.read_bytes())
+            copy.replace(db)
+        what = "was deleted" if how == "deleted" else "was replaced by another file"
+        expected = (
+            f"the store's database file {db} {what} while the daemon had it open: nothing can be saved"
+            ' until it is restored and the daemon restarted (docs/operations.md, "Troubleshooting")'
+        )
+
+        status, body = daemon.request("GET", "/readyz", token=None)
+        assert status == 503 and json.loads(body)["checks"]["store"] == {"ok": False, "error": expected}
+        assert daemon.request("GET", "/healthz", token=None)[0] == 200  # alive: a restart would lose more
+
+        patient["pms_id"] = "D2"
+        status, body = daemon.request(
+            "POST", "/api/v1/patients", json.dumps(patient).encode(), headers=json_body
+        )
+        problem = json.loads(body)
+        assert (status, problem["type"], problem["detail"]) == (
+            503,
+            "urn:pms-bridge:problem:store-file-lost",
+            expected,
+        )
+
+        status, body = daemon.request("GET", "/api/v1/patients?pms_id=D1")  # reads too, once it is known
+        assert (status, json.loads(body)["type"]) == (503, "urn:pms-bridge:problem:store-file-lost")
+
+        store_lost = (
+            "The imaging system cannot save anything at the moment (its database is missing). Please call IT."
+            f" (database file {db} {what})"
+        )
+        request = tmp_path / "MME505F.tmp"
+        request.write_bytes(
+            b"[PATIENT]\r\nPVS=TESTPVS\r\nPATID=D3\r\nLASTNAME=Dahl\r\nREADY=0\r\nERRORLEVEL=0\r\nERRORTEXT=\r\n"
+        )
+        module = subprocess.run(
+            [*pms_bridge_command(), "vdds", str(request)],
+            env={**os.environ, "PMS_BRIDGE_CONFIG": str(config)},
+            capture_output=True,
+            timeout=60,
+        )
+        answer = request.read_bytes().decode("cp1252")
+        assert module.returncode == 1 and "READY=1" in answer and "ERRORLEVEL=1" in answer
+        assert f"ERRORTEXT={store_lost}\r\n" in answer
+
+        dropped = exchange / "NNT0001.tmp"  # the claim is a write too: answered unclaimed, with the error
+        dropped.write_bytes(
+            b"[PATIENT]\r\nPVS=TESTPVS\r\nPATID=D4\r\nLASTNAME=Dahl\r\nREADY=0\r\nERRORLEVEL=0\r\nERRORTEXT=\r\n"
+        )
+        deadline = time.monotonic() + 30
+        while "READY=1" not in (folder_answer := dropped.read_bytes().decode("cp1252")):
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        assert "ERRORLEVEL=1" in folder_answer and f"ERRORTEXT={store_lost}\r\n" in folder_answer
+
+        dexis = subprocess.run(
+            [*pms_bridge_command(), "dexis", "SET", "D5", "LN=Dahl", "FN=Ada"],
+            env={**os.environ, "PMS_BRIDGE_CONFIG": str(config)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (dexis.returncode, dexis.stderr.strip()) == (1, f"pms-bridge dexis: {expected}")
+
+        opp_launch = subprocess.run(
+            [*pms_bridge_command(), "opp", "-p", "D7", "-l", "Dahl"],
+            env={**os.environ, "PMS_BRIDGE_CONFIG": str(config)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert opp_launch.returncode == 4 and expected in opp_launch.stderr
+
+        opp = urllib.request.Request(
+            f"http://127.0.0.1:{daemon.settings.opp_web.port}/opp?command=UPDATE_CREATE&reference=D6"
+            "&software=WebPMS&lastName=Dahl"
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(opp, timeout=30)
+        assert refused.value.code == 503
+        assert json.loads(refused.value.read())["type"] == "urn:pms-bridge:problem:store-file-lost"
+
+        doctor = subprocess.run(
+            [*pms_bridge_command(), "doctor", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert doctor.returncode == 1
+        assert f"FAIL daemon answering: not ready: store ({expected})" in doctor.stdout.splitlines()
+        assert (
+            f"FAIL API token: accepted, but the daemon answered 503: {expected}" in doctor.stdout.splitlines()
+        )
+        if how == "deleted":
+            assert (
+                f"FAIL store reachable and up to date: [store] url = sqlite:///{db}: the database file {db}"
+                " does not exist: restore it from the backup"
+            ) in doctor.stdout
+            assert not db.exists()  # nothing made a new, empty store at the path
+    finally:
+        assert daemon.stop() == 0
+    records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    errors = [(r["msg"], r.get("path")) for r in records if r["level"] == "error"]
+    assert errors == [
+        ("store database file lost; store requests refused", str(db))
+    ]  # once, and nothing crashed

@@ -276,3 +276,48 @@ def test_leftovers_of_interrupted_imports_are_removed_once_a_day_old(tmp_path: P
     assert (files.root / STAGING).is_dir()
     assert files.remove_leftovers() == 0
     assert FileStore(tmp_path / "never-created").remove_leftovers() == 0
+
+
+def test_a_sqlite_file_moved_away_is_refused_and_used_again_once_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No new connection is opened on a lost file (SQLite would create an empty store at the path), the
+    loss is logged once, and the same file moved back is the store again."""
+    import logging
+    import os
+
+    from bridge.store.db import Database, StoreFileLost
+
+    caplog.set_level(logging.INFO, logger="bridge.store.db")
+    path = tmp_path / "bridge.db"
+    db = Database(f"sqlite:///{path}")
+    try:
+        db.write_sync(lambda session: session.execute(text("CREATE TABLE t (x INTEGER)")))
+        held = db.engine.connect()  # the pool's only connection is busy: the next one would be new
+        away = tmp_path / "moved.db"
+        os.rename(path, away)
+        with pytest.raises(StoreFileLost, match="was deleted"):
+            db.write_sync(lambda session: session.execute(text("INSERT INTO t VALUES (1)")))
+        with pytest.raises(StoreFileLost):
+            db.engine.connect()
+        with pytest.raises(StoreFileLost):
+            db.read_sync(lambda session: session.execute(text("SELECT count(*) FROM t")).scalar())
+        with pytest.raises(StoreFileLost):
+            db.ping()
+        assert not path.exists()
+        os.rename(away, path)
+        db.ping()
+        db.write_sync(lambda session: session.execute(text("INSERT INTO t VALUES (1)")))
+        held.close()
+        assert db.read_sync(lambda session: session.execute(text("SELECT count(*) FROM t")).scalar()) == 1
+    finally:
+        db.close()
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", "store database file lost; store requests refused"),
+        ("INFO", "store database file back; store requests served again"),
+    ]
+    server = Database("postgresql+psycopg://u@127.0.0.1:1/x", memo=False)  # never connected here
+    try:
+        assert server.file is None  # a server database has no file to lose
+    finally:
+        server.close()

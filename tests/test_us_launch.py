@@ -252,9 +252,14 @@ def test_cliniview_argument_and_ini(daemon: DaemonProcess, tmp_path: Path) -> No
 
 def test_integrator_files_in_the_watched_folder(daemon_factory: Any, tmp_path: Path) -> None:
     folder = tmp_path / "integrator"
+    folder.mkdir()  # the PMS's share: the daemon does not create it
     daemon = daemon_factory(dentrix={"integrator_dir": str(folder)})
-    status, body = daemon.request("GET", "/readyz", token=None)
-    assert status == 200 and b"dentrix-integrator" in body
+    deadline = time.monotonic() + 30
+    while (ready := daemon.request("GET", "/readyz", token=None))[
+        0
+    ] != 200 or b"dentrix-integrator" not in ready[1]:
+        assert time.monotonic() < deadline, ready  # the watcher starts and scans just after /healthz answers
+        time.sleep(0.1)
     tmp = folder / ".Patient_OP3.txt.tmp"
     tmp.write_bytes(crlf("PN=000123456789", "LN=O'Brien", "FN=Siobhán", "MI=M"))
     tmp.replace(folder / "Patient_OP3.txt")
@@ -271,6 +276,7 @@ def test_integrator_files_in_the_watched_folder(daemon_factory: Any, tmp_path: P
     assert second["sex"] == "F"
     assert patients(daemon, pms_id="99") == []
     status, body = daemon.request("GET", f"/api/v1/audit?patient_id={patient['id']}")
+    assert status == 200
     assert [e["workstation"] for e in json.loads(body)["items"] if e["action"] == "patient.create"] == ["OP3"]
 
 
@@ -297,6 +303,7 @@ async def test_an_integrator_file_still_being_written_is_not_taken_half(
 ) -> None:
     """A file seen mid-write waits for a stable size; one left cut off is refused; the full one is read."""
     folder = tmp_path / "integrator"
+    folder.mkdir()
     rt = Runtime.build(make_settings(dexis={"integrator_dir": str(folder)}))
     try:
         [watcher] = build_integrator_watchers(rt)
@@ -443,6 +450,7 @@ async def test_integrator_files_leave_no_patient_data_in_the_log_or_the_claims(
     logged and kept with the file's claim, so it is the exit code alone (docs/operations.md, "Logs")."""
     caplog.set_level(logging.DEBUG)
     folder = tmp_path / "integrator"
+    folder.mkdir()
     rt = Runtime.build(make_settings(dexis={"integrator_dir": str(folder)}))
     try:
         [watcher] = build_integrator_watchers(rt)

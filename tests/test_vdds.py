@@ -318,7 +318,15 @@ async def watched_folder(
         classify = classifier(settings_.vdds)
         yield (
             rt,
-            FolderWatcher(rt, "vdds", folder, folder_handler(rt), classify=classify, oversized=oversized(rt)),
+            FolderWatcher(
+                rt,
+                "vdds",
+                folder,
+                folder_handler(rt),
+                setting="[vdds] exchange_dir",
+                classify=classify,
+                oversized=oversized(rt),
+            ),
             folder,
         )
     finally:
@@ -536,6 +544,7 @@ async def test_a_reused_file_in_the_watched_folder_is_answered_in_its_new_sectio
 
 def test_the_daemon_answers_files_dropped_on_the_share(daemon_factory: Any, tmp_path: Path) -> None:
     share = tmp_path / "share"
+    share.mkdir()  # the PMS's share: the daemon does not create it
     daemon = daemon_factory(vdds={"exchange_dir": str(share), "poll_seconds": 0.2})
     request = share / "NNTBA0E.tmp"
     part = share / ".NNTBA0E.part"  # written aside, then renamed: what a careful PVS does on a share
@@ -550,6 +559,87 @@ def test_the_daemon_answers_files_dropped_on_the_share(daemon_factory: Any, tmp_
     status, body = daemon.request("GET", "/readyz", token=None)
     assert status == 200
     assert json.loads(body)["checks"]["watch:vdds"]["ok"] is True
+
+
+def log_records(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+
+
+def test_a_missing_exchange_folder_is_reported_not_created_and_watched_once_it_appears(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """The watched folders are on a share that is not mounted yet (only its mount point exists): the
+    daemon serves everything else, says which setting names a missing folder (log, /readyz, doctor),
+    creates nothing on the mount point, and answers a request once the folder is there."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    exchange, integrator = mount / "vdds", mount / "dentrix"
+    daemon = daemon_factory(
+        vdds={"exchange_dir": str(exchange), "poll_seconds": 0.2}, dentrix={"integrator_dir": str(integrator)}
+    )
+    deadline = time.monotonic() + 30
+    while len([r for r in log_records(daemon) if r["msg"] == "watched folder missing; not created"]) < 2:
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.1)
+    body = json.dumps({"pms_system": "rest", "pms_id": "W1", "last_name": "Weiss", "first_name": "Ada"})
+    status, _ = daemon.request(
+        "POST", "/api/v1/patients", body.encode(), headers={"Content-Type": "application/json"}
+    )
+    assert status == 201  # the rest is served
+    status, reply = daemon.request("GET", "/readyz", token=None)
+    checks = json.loads(reply)["checks"]
+    assert status == 503 and checks["store"]["ok"] is True
+    assert checks["watch:vdds"]["error"] == (
+        f"[vdds] exchange_dir {exchange} does not exist: is the share mounted? (the daemon does not create"
+        " it; it watches the folder as soon as it appears)"
+    )
+    assert checks["watch:dentrix-integrator"]["error"].startswith(f"[dentrix] integrator_dir {integrator} ")
+    doctor = subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(daemon.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert doctor.returncode == 1
+    lines = doctor.stdout.splitlines()
+    assert (
+        f"FAIL VDDS exchange folder writable: [vdds] exchange_dir {exchange} does not exist: is the share"
+        " mounted? (mount it, or create the folder the PMS writes into; the daemon never creates it and"
+        " watches it as soon as it appears)"
+    ) in lines
+    assert any(
+        line.startswith(f"FAIL PMS profile folders writable: [dentrix] integrator_dir {integrator} does not")
+        for line in lines
+    )
+    assert any(
+        line.startswith("FAIL daemon answering: not ready: watch:vdds ([vdds] exchange_dir") for line in lines
+    )
+    assert list(mount.iterdir()) == []  # neither the daemon nor doctor made a local folder
+    missing = [r for r in log_records(daemon) if r["msg"] == "watched folder missing; not created"]
+    assert sorted((r["level"], r["setting"], r["path"]) for r in missing) == [
+        ("warning", "[dentrix] integrator_dir", str(integrator)),
+        ("warning", "[vdds] exchange_dir", str(exchange)),
+    ]  # once each, however many scans found them missing
+
+    exchange.mkdir()  # the share is mounted
+    integrator.mkdir()
+    request = exchange / "NNTBA0E.tmp"
+    part = exchange / ".NNTBA0E.part"
+    part.write_bytes(stage1("3001"))
+    part.replace(request)
+    deadline = time.monotonic() + 30
+    while not vdds_exchange.read_exchange(request.read_bytes()).answered:
+        assert time.monotonic() < deadline, "no answer in the folder once it appeared"
+        time.sleep(0.05)
+    assert keys(request.read_bytes(), "PATIENT")["ERRORLEVEL"] == "0"
+    while daemon.request("GET", "/readyz", token=None)[0] != 200:
+        assert time.monotonic() < deadline, daemon.request("GET", "/readyz", token=None)
+        time.sleep(0.1)
+    appeared = [r for r in log_records(daemon) if r["msg"] == "watched folder appeared; watching it"]
+    assert sorted((r["level"], r["setting"]) for r in appeared) == [
+        ("info", "[dentrix] integrator_dir"),
+        ("info", "[vdds] exchange_dir"),
+    ]
 
 
 def big_request(head: str, encoding: str, bom: bytes = b"", size: int = 6 * 1024 * 1024) -> bytes:
@@ -618,6 +708,7 @@ def test_the_daemon_refuses_an_oversized_file_on_the_share_in_its_encoding(
     daemon_factory: Any, tmp_path: Path
 ) -> None:
     share = tmp_path / "share"
+    share.mkdir()
     daemon = daemon_factory(vdds={"exchange_dir": str(share), "poll_seconds": 0.2, "language": "en"})
     request = share / "NNTBA0E.tmp"
     original = big_request(

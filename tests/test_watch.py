@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from pathlib import Path
+
+import pytest
 
 from bridge.runtime import Runtime
 from bridge.watch import FolderWatcher, Verdict
@@ -33,7 +36,13 @@ async def test_complete_files_are_handled_once_and_partial_ones_wait(
     folder.mkdir()
     recorder = Recorder()
     watcher = FolderWatcher(
-        runtime, "t", folder, recorder, classify=complete_when_ends_with_end, poll_seconds=0.05
+        runtime,
+        "t",
+        folder,
+        recorder,
+        setting="[t] dir",
+        classify=complete_when_ends_with_end,
+        poll_seconds=0.05,
     )
     (folder / "a.tmp").write_bytes(b"[PATIENT]\nhalf")  # still being written
     (folder / ".hidden").write_bytes(b"END\n")  # a writer's own temporary file
@@ -50,7 +59,7 @@ async def test_stable_size_is_complete_by_default(runtime: Runtime, tmp_path: Pa
     folder = tmp_path / "share"
     folder.mkdir()
     recorder = Recorder()
-    watcher = FolderWatcher(runtime, "d", folder, recorder, poll_seconds=0.05)
+    watcher = FolderWatcher(runtime, "d", folder, recorder, setting="[d] dir", poll_seconds=0.05)
     (folder / "Patient_WS1.txt").write_bytes(b"PN=1\n")
     await watcher.scan()
     assert recorder.seen == []  # seen once: maybe still growing
@@ -64,8 +73,12 @@ async def test_two_daemons_sharing_a_folder_answer_a_file_once(runtime: Runtime,
         folder = tmp_path / "share"
         folder.mkdir()
         first, second = Recorder(), Recorder()
-        w1 = FolderWatcher(runtime, "v", folder, first, classify=complete_when_ends_with_end)
-        w2 = FolderWatcher(other, "v", folder, second, classify=complete_when_ends_with_end)
+        w1 = FolderWatcher(
+            runtime, "v", folder, first, setting="[v] dir", classify=complete_when_ends_with_end
+        )
+        w2 = FolderWatcher(
+            other, "v", folder, second, setting="[v] dir", classify=complete_when_ends_with_end
+        )
         (folder / "x.ini").write_bytes(b"req END\n")
         await asyncio.gather(w1.scan(), w2.scan())
         assert len(first.seen) + len(second.seen) == 1
@@ -78,7 +91,13 @@ async def test_a_vanished_share_is_reported_and_recovered(runtime: Runtime, tmp_
     folder.mkdir()
     recorder = Recorder()
     watcher = FolderWatcher(
-        runtime, "s", folder, recorder, classify=complete_when_ends_with_end, poll_seconds=0.05
+        runtime,
+        "s",
+        folder,
+        recorder,
+        setting="[s] dir",
+        classify=complete_when_ends_with_end,
+        poll_seconds=0.05,
     )
     task = asyncio.create_task(watcher.run())
     try:
@@ -95,6 +114,51 @@ async def test_a_vanished_share_is_reported_and_recovered(runtime: Runtime, tmp_
             await asyncio.sleep(0.05)
         assert recorder.seen == [("late.ini", b"req END\n")]
         assert "s" not in runtime.readiness.scan_errors
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_missing_folder_is_reported_once_not_created_and_watched_once_it_appears(
+    runtime: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A share not mounted yet: its mount point holds no folder. Creating it would make a local folder
+    the PMS never writes into; the watcher reports it and picks it up once it is there."""
+    caplog.set_level(logging.INFO, logger="bridge.watch")
+    folder = tmp_path / "mnt" / "share"
+    recorder = Recorder()
+    watcher = FolderWatcher(
+        runtime,
+        "m",
+        folder,
+        recorder,
+        setting="[m] dir",
+        classify=complete_when_ends_with_end,
+        poll_seconds=0.05,
+    )
+    task = asyncio.create_task(watcher.run())
+    try:
+        while runtime.readiness.scan_errors.get("m") is None:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # several more polls: still one warning
+        assert runtime.readiness.scan_errors["m"] == (
+            f"[m] dir {folder} does not exist: is the share mounted? (the daemon does not create it; it"
+            " watches the folder as soon as it appears)"
+        )
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert [(r.getMessage(), r.__dict__["setting"], r.__dict__["path"]) for r in warnings] == [
+            ("watched folder missing; not created", "[m] dir", str(folder))
+        ]
+        assert not folder.parent.exists()
+        folder.mkdir(parents=True)
+        (folder / "late.ini").write_bytes(b"req END\n")
+        for _ in range(200):
+            if recorder.seen:
+                break
+            await asyncio.sleep(0.05)
+        assert recorder.seen == [("late.ini", b"req END\n")]
+        assert "m" not in runtime.readiness.scan_errors
+        assert "watched folder appeared; watching it" in [r.getMessage() for r in caplog.records]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

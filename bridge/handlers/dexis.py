@@ -15,7 +15,6 @@ links), so a practice can key those patients by chart number and give them their
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Coroutine
 from pathlib import Path
@@ -100,21 +99,21 @@ def integrator_watchers(rt: Runtime) -> Coroutine[Any, Any, None] | None:
 
 
 def build_integrator_watchers(rt: Runtime) -> list[FolderWatcher]:
-    """A watcher per profile with an `integrator_dir`; a file is handled once its size is stable."""
+    """A watcher per profile with an `integrator_dir`; a file is handled once its size is stable. A
+    missing folder is not created: the watcher reports it and watches it once it appears."""
     watchers = []
     handlers: tuple[tuple[str, LaunchHandler], ...] = (("dexis", handle_dexis), ("dentrix", handle_dentrix))
     for protocol, handler in handlers:
         profile: DexisSettings = getattr(rt.settings, protocol)
         if profile.integrator_dir is None:
             continue
-        with contextlib.suppress(OSError):  # a share that is down: the watcher reports it in /readyz
-            profile.integrator_dir.mkdir(parents=True, exist_ok=True)
         watchers.append(
             FolderWatcher(
                 rt,
                 f"{protocol}-integrator",
                 profile.integrator_dir,
                 _folder_handler(rt, protocol, handler),
+                setting=f"[{protocol}] integrator_dir",
                 accept_name=lambda name: COMM_FILE.match(name) is not None,
             )
         )

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from bridge.config import LaunchProfile
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.model import Action, IdKind, Outcome, PatientRequest, Status
+from bridge.store.db import StoreFileLost
 from protocols.fields import MessageError, PatientFields
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ async def open_patient(
     request = build_request(fields, profile, launch, id_suffix_length=id_suffix_length)
     try:
         outcome = await rt.service.handle(request)
+    except StoreFileLost as exc:  # logged once where it was found; the line says what IT must do
+        return LaunchReply(ExitCode.ERROR, f"pms-bridge {launch.protocol}: {exc}")
     except Exception:
         log.exception("launch failed", extra=context)
         return LaunchReply(

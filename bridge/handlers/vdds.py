@@ -24,6 +24,7 @@ from bridge.atomic import write_atomic
 from bridge.config import VddsSettings
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.model import ImageView, Origin, Outcome, PatientRequest, Status
+from bridge.store.db import StoreFileLost
 from bridge.watch import MAX_FILE_BYTES, Classify, FolderWatcher, Handle, Oversized, Verdict
 from protocols import vdds, vdds_exchange
 
@@ -72,6 +73,9 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
         )
     except vdds.VddsError as exc:
         level, text, sections, summary = 1, exc.text(opts.language), [], ""
+    except StoreFileLost as exc:  # logged once where it was found; the path is for IT
+        level, text = 1, f"{vdds_exchange.message(opts.language, 'store_lost')} ({exc.brief})"
+        sections, summary = [], ""
     except TimeoutError:
         log.error("VDDS request timed out", extra={"kind": exchange.kind.value})
         level, text, sections, summary = 1, vdds_exchange.message(opts.language, "timeout"), [], ""
@@ -161,6 +165,8 @@ async def _view(rt: Runtime, launch: Launch, opts: vdds.Options) -> LaunchReply:
         outcome = await rt.service.handle(vdds.view_request(mmoid, launch.origin()))
     except vdds.VddsError as exc:
         return LaunchReply(1, exc.text(opts.language))
+    except StoreFileLost as exc:
+        return LaunchReply(1, f"{vdds_exchange.message(opts.language, 'store_lost')} ({exc.brief})")
     except Exception as exc:
         log.exception("MMOVIEW failed")
         return LaunchReply(1, f"{vdds_exchange.message(opts.language, 'internal')} ({type(exc).__name__})")
@@ -313,18 +319,18 @@ def oversized(rt: Runtime) -> Oversized:
 
 
 def folder_worker(rt: Runtime) -> Coroutine[Any, Any, None] | None:
-    """The watched exchange folder (`[vdds] exchange_dir`), when configured."""
+    """The watched exchange folder (`[vdds] exchange_dir`), when configured. A missing folder is not
+    created: the watcher reports it and watches it once it appears (bridge.watch)."""
     settings = rt.settings.vdds
     if not settings.enabled or settings.exchange_dir is None:
         return None
     folder = settings.exchange_dir
-    with contextlib.suppress(OSError):  # a share that is not there yet is reported by the watcher
-        folder.mkdir(parents=True, exist_ok=True)
     watcher = FolderWatcher(
         rt,
         PROTOCOL,
         folder,
         folder_handler(rt),
+        setting="[vdds] exchange_dir",
         classify=classifier(settings),
         poll_seconds=settings.poll_seconds,
         oversized=oversized(rt),

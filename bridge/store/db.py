@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +53,17 @@ def make_engine(url: str, *, pool_size: int = 5, autocommit: bool = False) -> En
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600, **options)
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite url; None for another database, an in-memory or a `file:` URI one."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return None if database.startswith("file:") else Path(database)
+
+
 def _create_private_file(url: str) -> None:
     """Create a new SQLite store's file readable and writable by the daemon's user only (0600, POSIX).
 
@@ -61,13 +73,107 @@ def _create_private_file(url: str) -> None:
     created here (no folder) is left to SQLite, which reports it on connect. Windows files take the
     folder's ACL instead.
     """
-    from sqlalchemy.engine import make_url
-
-    database = make_url(url).database
-    if os.name != "posix" or not database or database == ":memory:" or database.startswith("file:"):
+    database = sqlite_file(url)
+    if os.name != "posix" or database is None:
         return
     with contextlib.suppress(OSError):
         os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+class StoreFileLost(Exception):
+    """The SQLite store's database file is no longer at its path: deleted, or replaced by another file,
+    while this process had it open. Its text names the path and what to do; every protocol answers with
+    it in its own way (REST and OPP web: a 503 problem; VDDS: ERRORLEVEL=1; launches: an exit code)."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(
+            f"the store's database file {path} {what} while the daemon had it open: nothing can be saved"
+            ' until it is restored and the daemon restarted (docs/operations.md, "Troubleshooting")'
+        )
+        self.brief = f"database file {path} {what}"  # for answers with little room (VDDS ERRORTEXT)
+
+
+class SqliteFileGuard:
+    """Whether the path of a SQLite store still names the file this process opened.
+
+    SQLite keeps working on an open file that was deleted or replaced (on POSIX; Windows normally refuses to
+    delete an open database): every write lands in a file nobody opens again, so it is lost at the next
+    start. The guard remembers the file's device and inode when the first connection opens it and
+    compares them with one stat of the path: before every write transaction (refused then), on every
+    health check, every few seconds from the daemon, and before a new connection is opened (which would
+    create an empty file at the path, or open the replacement). A stat of a cached local path costs a
+    few microseconds; a SQLite write transaction costs hundreds of them.
+
+    Reads take the last finding without a stat of their own: once the loss is known they are refused
+    too. Their audit entries could no longer be written, and beside a replaced file the old file's
+    `-wal` and `-shm` are shared with whatever opens the new one, which can make the old connections
+    read "database disk image is malformed" or wrong rows. The change is logged once, as an error; if
+    the same file comes back (moved away and back), once as info, and the store is used again.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._opened: tuple[int, int] | None = None
+        self._lost: str | None = None
+        self._lock = threading.Lock()
+
+    def opened(self) -> None:
+        """A connection has opened the file: the first one tells which file this process works on."""
+        if self._opened is None:
+            with contextlib.suppress(OSError):
+                found = os.stat(self.path)
+                self._opened = (found.st_dev, found.st_ino)
+
+    def problem(self) -> str | None:
+        """What happened to the file ("was deleted"), or None while the path names the file that was
+        opened (or none has been opened yet)."""
+        if self._opened is None:
+            return None
+        try:
+            found = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return "was deleted"
+        if (found.st_dev, found.st_ino) == self._opened:
+            return None
+        return "was replaced by another file"
+
+    def refuse_if_lost(self) -> None:
+        """Raise StoreFileLost if the last check found the file lost (no stat: for every read)."""
+        what = self._lost
+        if what is not None:
+            raise StoreFileLost(self.path, what)
+
+    def check(self) -> None:
+        """Raise StoreFileLost unless the path still names the opened file; log the change once."""
+        problem = self.problem()
+        with self._lock:
+            before, self._lost = self._lost, problem
+        if problem is None:
+            if before is not None:
+                log.info(
+                    "store database file back; store requests served again", extra={"path": str(self.path)}
+                )
+            return
+        lost = StoreFileLost(self.path, problem)
+        if before is None:
+            log.error(
+                "store database file lost; store requests refused",
+                extra={"path": str(self.path), "error": str(lost)},
+            )
+        raise lost
+
+
+def _guard_connections(engine: Engine, guard: SqliteFileGuard) -> None:
+    """No new connection on a lost file (SQLite would create an empty one at the path, or open the file
+    that replaced it); the first connection tells the guard which file it opened."""
+
+    @event.listens_for(engine, "do_connect")
+    def _before_connect(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
+        guard.check()
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(_dbapi_conn: Any, _record: Any) -> None:
+        guard.opened()
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -153,6 +259,21 @@ def unreachable(url: str, exc: Exception) -> str:
         f"[store] url = {shown_url(url)}: the store cannot be reached ({_first_line(exc)}): check that the"
         " database server runs and accepts this account, or for SQLite that the folder exists and may be"
         " written"
+    )
+
+
+def missing_file(url: str) -> str | None:
+    """One line for a SQLite store whose database file does not exist in its folder, or None (also when
+    the folder is missing: then the store cannot be reached, as opening it says). For commands that only
+    look (doctor): opening it would create an empty store at the path, and advise starting a daemon on it,
+    while a daemon that had the file open may still hold everything written before it was deleted."""
+    path = sqlite_file(url)
+    if path is None or path.exists() or not path.parent.is_dir():
+        return None
+    return (
+        f"[store] url = {shown_url(url)}: the database file {path} does not exist: restore it from the backup"
+        " (a daemon that had it open cannot save anything until then: docs/operations.md,"
+        " \"Troubleshooting\"); for a new store, run 'pms-bridge init' or start the daemon"
     )
 
 
@@ -305,6 +426,11 @@ class Database:
         self.url = url
         self.engine = make_engine(url, pool_size=threads)
         self.dialect = self.engine.dialect.name
+        path = sqlite_file(url)
+        # SQLite only: a server database has no file here to lose
+        self.file = SqliteFileGuard(path) if path is not None else None
+        if self.file is not None:
+            _guard_connections(self.engine, self.file)
         # Reads on a server database use a pool of autocommit connections: no BEGIN and COMMIT round trips
         # around a lookup (each statement still sees a consistent snapshot), which halves a PMS lookup on
         # PostgreSQL. SQLite's BEGIN is local and costs nothing.
@@ -318,7 +444,10 @@ class Database:
         self._memo: GenerationMemo[Any] = GenerationMemo(self.generation, max_entries=MEMO_ENTRIES)
 
     def read_sync(self, work: Callable[[Session], T]) -> T:
-        """Run `work` in a read transaction, in the calling thread (for CLI commands and tests)."""
+        """Run `work` in a read transaction, in the calling thread (for CLI commands and tests); refused
+        while a SQLite store's file is known to be lost (SqliteFileGuard)."""
+        if self.file is not None:
+            self.file.refuse_if_lost()
         for attempt in range(2):
             try:
                 # No explicit begin: the session begins lazily and rolls back on close (a read commits
@@ -336,8 +465,11 @@ class Database:
         or the connection turns out to be dead (then nothing was committed).
 
         `watched=False` is for bookkeeping that touches none of changes.WATCHED_TABLES (audit, outbox,
-        claims): it leaves memoised reads in place. Everything else moves the generation on.
+        claims): it leaves memoised reads in place. Everything else moves the generation on. A SQLite
+        store whose file is gone refuses the write (StoreFileLost) rather than lose it.
         """
+        if self.file is not None:
+            self.file.check()
         for attempt in range(retries + 1):
             try:
                 try:
@@ -368,6 +500,8 @@ class Database:
         under. `work` must read only changes.WATCHED_TABLES and return an immutable value; `key` names
         it with its parameters.
         """
+        if self.file is not None:
+            self.file.refuse_if_lost()
         kept, generation = self._memo.get(key)
         if kept is not None:
             result: T = kept
@@ -384,7 +518,9 @@ class Database:
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     def ping(self) -> None:
-        """Raise if the database cannot be reached."""
+        """Raise if the database cannot be reached, or (SQLite) its file is no longer at its path."""
+        if self.file is not None:
+            self.file.check()
         with self.read_engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 

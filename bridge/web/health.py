@@ -41,7 +41,7 @@ async def readyz(request: web.Request) -> web.Response:
         checks["store"] = {"ok": True, "dialect": rt.db.dialect}
     except Exception as exc:  # any failure means not ready; the reason is the payload
         ok = False
-        checks["store"] = {"ok": False, "error": str(exc).splitlines()[0][:300]}
+        checks["store"] = {"ok": False, "error": str(exc).splitlines()[0][:500]}
     try:
         await asyncio.wait_for(asyncio.to_thread(rt.files.check_writable), timeout=5)
         free = await asyncio.wait_for(asyncio.to_thread(rt.files.free_bytes), timeout=5)

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from bridge.logs import new_request_id, request_id_var
 from bridge.runtime import Metrics
+from bridge.store.db import StoreFileLost
 from bridge.store.limits import TEXT_RULES
 from bridge.web.keys import MAX_BODY
 from bridge.web.problems import ProblemError, problem, storage_status
@@ -124,6 +125,8 @@ async def _answer(request: web.Request, handler: Handler, rid: str) -> web.Strea
         elif exc.text and not exc.text.startswith(f"{exc.status}:"):
             detail = exc.text
         return problem(exc.status, detail, instance=request.path)
+    except StoreFileLost as exc:  # logged once where it was found (bridge.store.db); nothing was saved
+        return problem(503, str(exc), kind="store-file-lost", instance=request.path)
     except ConnectionResetError:  # the client went away mid-body (an upload cut off): not our error
         log.warning("client closed the connection mid-request", extra={"path": request.path})
         return problem(400, "the connection was closed before the request was complete")
