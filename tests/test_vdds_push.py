@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from bridge.events import ImagesAdded
+from bridge.exits import ExitCode
 from bridge.handlers import vdds_push
 from bridge.handlers.vdds import handle
 from bridge.model import Action, Demographics, Origin, PatientRequest
@@ -297,7 +298,7 @@ async def queued_push(
     """A runtime whose store holds one queued push for `images` new images of VDDS patient 0815."""
     rt = Runtime.build(make_settings(vdds={"push_timeout": 5, **vdds, "mmi_ini": str(pvs)}))
     reply = await handle(rt, launch(stage1("0815")))
-    assert reply.exit_code == 0
+    assert reply.exit_code == ExitCode.OK
     [patient] = await rt.service.search_patients(Origin("test"), pms_id="0815")
     new = [await rt.imaging.ingest(png(100 + n)) for n in range(images)]
     await rt.service.add_images(Origin("test"), patient.id, new)
@@ -454,7 +455,7 @@ async def test_only_images_of_vdds_patients_wake_the_push_worker(make_settings: 
     published: list[ImagesAdded] = []
     rt.bus.subscribe(lambda event: published.append(event) if isinstance(event, ImagesAdded) else None)
     try:
-        assert (await handle(rt, launch(stage1("0815")))).exit_code == 0
+        assert (await handle(rt, launch(stage1("0815")))).exit_code == ExitCode.OK
         [vdds_patient] = await rt.service.search_patients(Origin("test"), pms_id="0815")
         opened = await rt.service.handle(
             PatientRequest(Action.OPEN, Origin("opp"), "OTHERPMS", "77", demographics=Demographics("Muster"))
@@ -490,7 +491,7 @@ async def test_the_front_desk_editing_a_vdds_patient_keeps_its_pushes(
     published: list[ImagesAdded] = []
     rt.bus.subscribe(lambda event: published.append(event) if isinstance(event, ImagesAdded) else None)
     try:
-        assert (await handle(rt, launch(stage1("0815")))).exit_code == 0
+        assert (await handle(rt, launch(stage1("0815")))).exit_code == ExitCode.OK
         [patient] = await rt.service.search_patients(Origin("test"), pms_id="0815")
         edited = await rt.service.handle(
             PatientRequest(

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.config import DexisSettings
+from bridge.exits import ExitCode
 from bridge.handlers.base import Launch, LaunchHandler, LaunchReply
-from bridge.handlers.profile import ExitCode, open_patient
+from bridge.handlers.profile import open_patient
 from bridge.watch import FolderWatcher, Handle
 from protocols import dexis
 from protocols.common import decode, locale_formats
