@@ -22,7 +22,7 @@ import _socket  # the C module: socket.py's enums and selectors cost more start-
 import os
 import sys
 
-from bridge.atomic import write_atomic
+from bridge.atomic import rewrite_head, write_atomic
 from bridge.config_file import (
     LAUNCH_PATH,
     ConfigFileError,
@@ -47,8 +47,9 @@ MAX_FILE_BYTES = 4 * 1024 * 1024
 UNREACHABLE_RENDERERS: dict[str, str] = {
     "vdds": "protocols.vdds_exchange:unreachable_answer",
 }
-# protocol -> "module:function(path: str, head: bytes, limit: int, settings: dict[str, str]) -> None": writes
-# the protocol's answer into a message file over the size limit whose first `limit` bytes are `head`.
+# protocol -> "module:function(head: bytes, size: int, limit: int, settings: dict[str, str]) -> (bytes, int)":
+# the protocol's answer to a message file of `size` bytes over the size limit whose first `limit` bytes are
+# `head`: a new head, and the offset from which the file's own bytes follow it (`atomic.rewrite_head`).
 TOO_LARGE_RENDERERS: dict[str, str] = {
     "vdds": "protocols.vdds_exchange:too_large_file_answer",
 }
@@ -277,7 +278,9 @@ def _too_large(protocol: str, path: str, head: bytes, raw: RawConfig) -> int:
         import importlib  # only on this rare path
 
         try:
-            getattr(importlib.import_module(module), name)(path, head, MAX_FILE_BYTES, raw.get(protocol, {}))
+            renderer = getattr(importlib.import_module(module), name)
+            settings = raw.get(protocol, {})
+            rewrite_head(path, head, lambda size: renderer(head, size, MAX_FILE_BYTES, settings))
         except Exception as exc:  # the PMS must still get an exit code and a line
             message += f" (and the error answer could not be written: {exc})"
     say(f"pms-bridge {protocol}: {message}", sys.stderr)

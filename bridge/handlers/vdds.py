@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bridge import atomic
 from bridge.atomic import write_atomic
 from bridge.config import VddsSettings
 from bridge.handlers.base import Launch, LaunchReply
@@ -285,6 +286,14 @@ def folder_handler(rt: Runtime) -> Handle:
     return on_file
 
 
+# What the watched folder logs for an oversized file, by `atomic.rewrite_head`'s result.
+_OVERSIZED_RESULTS = {
+    atomic.REWRITTEN: "errorlevel 1 (file too large)",
+    atomic.CHANGED: "replaced before the answer",
+    atomic.GONE: "gone before the answer",
+}
+
+
 def oversized(rt: Runtime) -> Oversized:
     """The watched folder's answer to an exchange file over the size limit (4 MB).
 
@@ -303,11 +312,12 @@ def oversized(rt: Runtime) -> Oversized:
         return Verdict.IGNORE
 
     async def on_file(path: Path, head: bytes) -> str:
-        result = await asyncio.to_thread(
-            vdds_exchange.rewrite_too_large, path, head, MAX_FILE_BYTES, settings.language, fallback
-        )
+        def answer(size: int) -> tuple[bytes, int]:
+            return vdds_exchange.too_large_answer(head, size, MAX_FILE_BYTES, settings.language, fallback)
+
+        result = await asyncio.to_thread(atomic.rewrite_head, path, head, answer)
         rt.metrics.launches.labels(PROTOCOL, "1").inc()
-        return result
+        return _OVERSIZED_RESULTS[result]
 
     return Oversized(classify, on_file)
 
