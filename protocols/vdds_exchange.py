@@ -39,6 +39,15 @@ class FolderState(enum.Enum):
 
 
 HANDSHAKE_KEYS = frozenset({"READY", "ERRORLEVEL", "ERRORTEXT", "ERROR-TEXT"})
+
+
+def errorlevel_ok(value: str) -> bool:
+    """Whether an ERRORLEVEL value reports success: 0, or empty (a file that never set the key reported no
+    error). One reading for the answers we find already given and for the PVS's answer to a push; spaces
+    around it do not count, as Windows' GetPrivateProfileInt ignores them."""
+    return value.strip() in ("", "0")
+
+
 # The sections a PVS writes a request into, in the priority that picks among answered ones.
 REQUEST_SECTIONS = ("MMOIDS", "PATIENT", "PATID")
 FALLBACK_SECTION = "PATIENT"  # where the handshake goes when a file has no section at all

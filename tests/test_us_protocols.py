@@ -178,6 +178,13 @@ def test_broken_files_are_refused_with_a_reason(data: bytes, problem: str) -> No
 # Dexis Integrator file and SET command
 
 
+def test_integrator_files_are_named_after_their_workstation() -> None:
+    assert dexis.integrator_workstation("Patient_OP3.txt") == "OP3"
+    assert dexis.integrator_workstation("PATIENT_ws 1.TXT") == "ws 1"  # Windows names have no case
+    for other in ("Patient_.txt", "Patient_OP3.txt.tmp", ".Patient_OP3.txt.tmp", "Info.txt"):
+        assert dexis.integrator_workstation(other) is None, other
+
+
 def test_integrator_file_with_quotes_middle_initial_and_leading_zeros() -> None:
     data = crlf("PN=000123456789", 'LN="O\'Brien-Søgaard"', 'FN="Zoë"', "MI=J", "BD=19850714", "SX=M")
     message = dexis.parse_file(data, short_date_formats=EN_US)

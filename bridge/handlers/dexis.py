@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,8 +31,6 @@ from protocols.fields import MessageError, PatientFields
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
-
-COMM_FILE = re.compile(r"^Patient_(?P<workstation>.+)\.txt$", re.IGNORECASE)
 
 
 async def handle_dexis(rt: Runtime, launch: Launch) -> LaunchReply:
@@ -116,7 +113,7 @@ def build_integrator_watchers(rt: Runtime) -> list[FolderWatcher]:
                 f"{protocol}-integrator",
                 profile.integrator_dir,
                 _folder_handler(rt, protocol, handler),
-                accept_name=lambda name: COMM_FILE.match(name) is not None,
+                accept_name=lambda name: dexis.integrator_workstation(name) is not None,
             )
         )
     return watchers
@@ -135,12 +132,11 @@ def _folder_handler(rt: Runtime, protocol: str, handler: LaunchHandler) -> Handl
     """
 
     async def handle(path: Path, content: bytes) -> str:
-        match = COMM_FILE.match(path.name)
         launch = Launch(
             protocol=protocol,
             filename=str(path),
             content=content,
-            workstation=match.group("workstation")[:120] if match else "",
+            workstation=(dexis.integrator_workstation(path.name) or "")[:120],
             transport="folder",
         )
         answer = await handler(rt, launch)

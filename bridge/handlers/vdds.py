@@ -96,8 +96,7 @@ def _already_answered(exchange: vdds_exchange.Exchange) -> LaunchReply:
     calls the module again while waiting). The exit code repeats the recorded ERRORLEVEL.
     """
     assert exchange.request is not None  # answered means the request section has READY=1
-    recorded = exchange.request.get("ERRORLEVEL").strip()
-    level = 0 if recorded in ("", "0") else 1
+    level = 0 if vdds_exchange.errorlevel_ok(exchange.request.get("ERRORLEVEL")) else 1
     return LaunchReply(level, f"{exchange.kind.value}: already answered (READY=1); nothing served")
 
 
