@@ -62,6 +62,15 @@ def options(settings: Settings) -> OppOptions:
 async def execute(rt: Runtime, message: OppMessage, request: PatientRequest) -> Outcome:
     """Run one OPP message (as `message.request(origin)`) against the store: VIEW_DATA is the image list
     plus a viewer (`BridgeService.view_data`), the other commands open, create or update."""
+    # Which PMS build sent it, for an integration engineer reading a debug log (never patient data).
+    log.debug(
+        "OPP message",
+        extra={
+            "command": message.command.value,
+            "version": message.version,
+            "software_version": message.software_version,
+        },
+    )
     if message.data_elements:
         log.info(
             "OPP <data> elements are not interpreted (their shape is unpublished)",
