@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from bridge.imaging import synthetic
 from bridge.imaging.analyze import Analysis, ImagingError, decode
 from bridge.imaging.render import (
     RenderRequest,
@@ -20,6 +19,7 @@ from bridge.imaging.render import (
     window_lut,
 )
 from bridge.model import Category
+from tests.support import synthetic
 
 MARK = Watermark("NOT FOR DIAGNOSIS")
 RNG = np.random.default_rng(7)
