@@ -280,29 +280,29 @@ def test_a_file_that_cannot_be_read_is_exit_2(daemon: DaemonProcess, tmp_path: P
     large = tmp_path / "large.xml"
     large.write_bytes(b"<opp/>" + b" " * launch.MAX_FILE_BYTES)
     assert run_launch(daemon, "opp", str(tmp_path / "folder")) == (
-        2,
+        ExitCode.INVALID,
         "",
         f"pms-bridge opp: cannot read {tmp_path / 'folder'}: it is a directory\n",
     )
     assert run_launch(daemon, "opp", "/proc/self/mem") == (
-        2,
+        ExitCode.INVALID,
         "",
         "pms-bridge opp: cannot read /proc/self/mem: Input/output error\n",
     )
     assert run_launch(daemon, "opp", str(large)) == (
-        2,
+        ExitCode.INVALID,
         "",
         f"pms-bridge opp: {large} is larger than {launch.MAX_FILE_BYTES} bytes\n",
     )
     assert run_launch(daemon, "dexis", "@/dev/null") == (
-        2,
+        ExitCode.INVALID,
         "",
         "pms-bridge dexis: cannot read /dev/null: it is not a regular file\n",
     )
     exchange = tmp_path / "MME505F.tmp"
     exchange.write_bytes(stage1("0930") + b";" * launch.MAX_FILE_BYTES)
     assert run_launch(daemon, "vdds", str(exchange)) == (
-        2,
+        ExitCode.INVALID,
         "",
         f"pms-bridge vdds: {exchange} is larger than {launch.MAX_FILE_BYTES} bytes\n",
     )

@@ -109,7 +109,7 @@ def test_declared_encodings_a_pms_cannot_mean_are_exit_2_and_a_mislabelled_utf16
         request.write_bytes(text.replace('encoding="UTF-8"', f'encoding="{encoding}"').encode())
         done = run_opp(daemon.config, str(request))
         assert (done.returncode, done.stderr.strip()) == (
-            2,
+            ExitCode.INVALID,
             f"OPP: '{encoding}' is not a text encoding OPP accepts in the XML declaration",
         )
     text = XML.format(command="UPDATE_CREATE", reference="SW1").replace(

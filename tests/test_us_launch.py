@@ -100,7 +100,7 @@ def test_dexis_bad_files_answer_with_a_line_and_the_daemon_keeps_serving(
         crlf("Doe, Jane  14.07.1985  (7)", "PN=7", "LN=Doe", "FN=Jane", "BD=14.07.1985", "SX=F")
     )
     assert run(daemon, "dexis", f"@{truncated}") == (
-        2,
+        ExitCode.INVALID,
         "pms-bridge dexis: the file ends in the middle of a line: it is truncated or still being written",
     )
     code, output = run(daemon, "dexis", f"@{wrong_locale}")
@@ -229,7 +229,7 @@ def test_eaglesoft_legacy_numbers_open_one_patient_and_refuse_an_ambiguous_one(
         return path
 
     assert run(daemon, "eaglesoft", str(ini("42817", "Alpha"))) == (
-        0,
+        ExitCode.OK,
         "pms-bridge eaglesoft: patient 42817 opened",
     )
     code, output = run(daemon, "eaglesoft", str(ini("12345", "Beta")))
@@ -241,7 +241,7 @@ def test_eaglesoft_legacy_numbers_open_one_patient_and_refuse_an_ambiguous_one(
 
 def test_cliniview_argument_and_ini(daemon: DaemonProcess, tmp_path: Path) -> None:
     assert run(daemon, "cliniview", "-0815;MaryAnn;VanDerBerg;123456789;03/02/1975") == (
-        0,
+        ExitCode.OK,
         "pms-bridge cliniview: patient 0815 created",
     )
     # A PMS that left the spaces in: the shell split the argument, the parts are joined again.
@@ -367,7 +367,7 @@ def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
     # Cut at a line end, after the number: no name key, so no nameless patient 3042 either.
     (tmp_path / "line-end.ini").write_bytes(full.replace(b"1042", b"3042").split(b"FirstName")[0])
     assert run(daemon, "eaglesoft", str(tmp_path / "line-end.ini")) == (
-        2,
+        ExitCode.INVALID,
         "pms-bridge eaglesoft: the ini has no LastName key in [Patient]: it is truncated or not the PMS's",
     )
     assert patients(daemon, pms_system="eaglesoft", pms_id="3042") == []
@@ -377,7 +377,7 @@ def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
     # The whole file opens the right patient.
     (tmp_path / "whole.ini").write_bytes(full)
     assert run(daemon, "eaglesoft", str(tmp_path / "whole.ini")) == (
-        0,
+        ExitCode.OK,
         "pms-bridge eaglesoft: patient 1042 updated",
     )
 

@@ -150,7 +150,7 @@ def alive(pid: int) -> bool:
 def new_patient(daemon: DaemonProcess, tmp_path: Path, patid: str) -> int:
     request = tmp_path / f"{patid}.tmp"
     request.write_bytes(stage1(patid))
-    assert run_module(daemon.config, str(request)).returncode == 0
+    assert run_module(daemon.config, str(request)).returncode == ExitCode.OK
     status, body = daemon.request("GET", f"/api/v1/patients?pms_system=TESTPVS&pms_id={patid}")
     assert status == 200
     return int(json.loads(body)["items"][0]["id"])
