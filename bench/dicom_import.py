@@ -60,8 +60,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.proc import pid_running, tree_cpu
-from bridge.imaging import synthetic
 from tests.conftest import free_port
+from tests.support import synthetic
 from tests.support.dicomfiles import intraoral_object, write
 from tests.support.orthanc import running_orthanc
 

@@ -43,8 +43,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge.imaging import render, synthetic  # noqa: E402 - after the path to the project
+from bridge.imaging import render  # noqa: E402 - after the path to the project
 from bridge.imaging.analyze import Decoded, decode  # noqa: E402
+from tests.support import synthetic  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
 RUNS = 15

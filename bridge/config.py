@@ -348,6 +348,11 @@ class OppWebSettings:
     )
 
 
+# What a PMS's files without a BOM may be written in, for every protocol's `encoding`: Windows' Western
+# ANSI code page, the DOS ones (cp850, cp437: PVSs of DOS descent, docs/vdds.md), Latin-9 and UTF-8.
+CODE_PAGES = ("cp1252", "cp850", "cp437", "iso-8859-15", "utf-8")
+
+
 @dataclass(frozen=True)
 class OppSettings:
     """OPP (Open Practice Protocol): the points its public documents leave open (docs/opp.md)."""
@@ -368,7 +373,7 @@ class OppSettings:
     )
     encoding: str = key(
         "cp1252",
-        Choice("cp1252", "cp850", "iso-8859-15", "utf-8"),
+        Choice(*CODE_PAGES),
         "Code page of XML files whose bytes are not in the encoding they declare (or UTF-8)",
     )
     cli_flags: str = key(
@@ -395,7 +400,7 @@ class VddsSettings:
     )
     encoding: str = key(
         "auto",
-        Choice("auto", "cp1252", "cp850", "cp437", "iso-8859-15", "utf-8"),
+        Choice("auto", *CODE_PAGES),
         "Exchange files without a BOM; auto = BOM sniff (UTF-8, UTF-16), then UTF-8 when the bytes are"
         " valid UTF-8 with a non-ASCII character, else cp1252 (push files we write: cp1252)",
     )
@@ -542,9 +547,6 @@ class ThumbnailSettings:
         "1024", Int(256, 4096), "Long edge of the watermarked preview the viewer and PMS links show"
     )
     quality: int = key("85", Int(50, 95), "JPEG quality of thumbnails and previews")
-
-
-CODE_PAGES = ("cp1252", "cp850", "cp437", "iso-8859-15", "utf-8")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import _socket  # the C module: socket.py's enums and selectors cost more start-
 import os
 import sys
 
-from bridge.atomic import write_atomic
+from bridge.atomic import rewrite_head, write_atomic
 from bridge.config_file import (
     LAUNCH_PATH,
     ConfigFileError,
@@ -32,6 +32,7 @@ from bridge.config_file import (
     find_config_path,
     read_raw,
 )
+from bridge.exits import ExitCode
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy takes it as true
 if TYPE_CHECKING:
@@ -40,9 +41,6 @@ if TYPE_CHECKING:
 
 TIMEOUT_SECONDS = 120.0
 MAX_FILE_BYTES = 4 * 1024 * 1024
-EXIT_INVALID = 2  # the launch itself: its file cannot be read or is too large, an argument is not text
-EXIT_UNREACHABLE = 3
-EXIT_REFUSED = 4
 
 # protocol -> "module:function(content: bytes, message: str, settings: dict[str, str]) -> bytes | None":
 # the answer a protocol writes into the PMS's file when the daemon cannot answer; `settings` is the
@@ -51,8 +49,9 @@ EXIT_REFUSED = 4
 UNREACHABLE_RENDERERS: dict[str, str] = {
     "vdds": "protocols.vdds_exchange:unreachable_answer",
 }
-# protocol -> "module:function(path: str, head: bytes, limit: int, settings: dict[str, str]) -> None": writes
-# the protocol's answer into a message file over the size limit whose first `limit` bytes are `head`.
+# protocol -> "module:function(head: bytes, size: int, limit: int, settings: dict[str, str]) -> (bytes, int)":
+# the protocol's answer to a message file of `size` bytes over the size limit whose first `limit` bytes are
+# `head`: a new head, and the offset from which the file's own bytes follow it (`atomic.rewrite_head`).
 TOO_LARGE_RENDERERS: dict[str, str] = {
     "vdds": "protocols.vdds_exchange:too_large_file_answer",
 }
@@ -297,11 +296,13 @@ def _too_large(protocol: str, path: str, head: bytes, raw: RawConfig) -> int:
         import importlib  # only on this rare path
 
         try:
-            getattr(importlib.import_module(module), name)(path, head, MAX_FILE_BYTES, raw.get(protocol, {}))
+            renderer = getattr(importlib.import_module(module), name)
+            settings = raw.get(protocol, {})
+            rewrite_head(path, head, lambda size: renderer(head, size, MAX_FILE_BYTES, settings))
         except Exception as exc:  # the PMS must still get an exit code and a line
             message += f" (and the error answer could not be written: {exc})"
     say(f"pms-bridge {protocol}: {message}", sys.stderr)
-    return EXIT_INVALID
+    return ExitCode.INVALID
 
 
 def _fail(
@@ -336,19 +337,19 @@ def run(protocol: str, argv: list[str]) -> int:
         shown = printable(path)
         if not os.path.isfile(path):
             what = "a directory" if os.path.isdir(path) else "not a regular file"
-            return _fail(protocol, "", b"", f"cannot read {shown}: it is {what}", EXIT_INVALID)
+            return _fail(protocol, "", b"", f"cannot read {shown}: it is {what}", ExitCode.INVALID)
         try:
             with open(path, "rb") as fh:
                 content = fh.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            return _fail(protocol, "", b"", f"cannot read {shown}: {reason}", EXIT_INVALID)
+            return _fail(protocol, "", b"", f"cannot read {shown}: {reason}", ExitCode.INVALID)
     try:
         config_path = find_config_path(config)
         raw = read_raw(config_path)
         host, port, token, tls, cafile = api_endpoint(raw, config_home(config_path))
     except ConfigFileError as exc:
-        return _fail(protocol, path, content[:MAX_FILE_BYTES], str(exc), EXIT_UNREACHABLE)
+        return _fail(protocol, path, content[:MAX_FILE_BYTES], str(exc), ExitCode.UNREACHABLE)
     if len(content) > MAX_FILE_BYTES:
         return _too_large(protocol, path, content[:MAX_FILE_BYTES], raw)
     if path:  # the file's argument goes as it is shown: the daemon has its bytes already
@@ -360,7 +361,7 @@ def run(protocol: str, argv: list[str]) -> int:
                 path,
                 content,
                 f"argument '{printable(arg)}' is not UTF-8 text: the PMS must pass its arguments in UTF-8",
-                EXIT_INVALID,
+                ExitCode.INVALID,
                 raw,
             )
     query = "&".join("arg=" + quote(arg, safe="") for arg in args)
@@ -381,7 +382,7 @@ def run(protocol: str, argv: list[str]) -> int:
             path,
             content,
             f"the pms-bridge service is not reachable at {host}:{port} ({reason})",
-            EXIT_UNREACHABLE,
+            ExitCode.UNREACHABLE,
             raw,
         )
     if status != 200:
@@ -396,7 +397,7 @@ def run(protocol: str, argv: list[str]) -> int:
             path,
             content,
             f"the pms-bridge service refused the request ({status}): {detail}",
-            EXIT_REFUSED,
+            ExitCode.LAUNCH_REFUSED,
             raw,
         )
     if reply_headers.get("x-pms-write") == "1" and path:

@@ -29,6 +29,7 @@ from bridge.atomic import write_atomic
 from bridge.model import Outcome, PatientRequest, PatientView, Status
 from bridge.redact import Redactor, date_format_forms
 from protocols.common import LOCALE_SHORT_DATES, decode
+from protocols.opp import split_flags
 
 if TYPE_CHECKING:
     from bridge.handlers.base import Launch, LaunchReply
@@ -52,22 +53,12 @@ NOT_REPLAYED_SECTIONS = {"store", "api", "opp_web", "daemon", "record"}
 
 
 def option_parts(protocol: str, args: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
-    """Each argument as (option flag, value): OPP's flag form reads `-p 0815` and `-p0815` alike (a flag is
-    '-' and a letter; the argument after a lone flag is its value, even when it starts with '-'), so a
-    value attached to its flag is PHI to learn and redact without the flag. Other protocols' arguments
-    are values as a whole."""
+    """Each argument as (option flag, value): OPP's flag form (`protocols.opp.split_flags`) reads `-p 0815`
+    and `-p0815` alike, so a value attached to its flag is PHI to learn and redact without the flag.
+    Other protocols' arguments are values as a whole."""
     if protocol != "opp":
         return [("", arg) for arg in args]
-    parts: list[tuple[str, str]] = []
-    value_next = False
-    for arg in args:
-        if value_next or not re.match(r"-[A-Za-z]", arg):
-            parts.append(("", arg))
-            value_next = False
-        else:
-            parts.append((arg[:2], arg[2:]))
-            value_next = len(arg) == 2
-    return parts
+    return [(flag, value or "") for flag, value in split_flags(args)]
 
 
 def _ini_value(value: Any, parser: Any) -> str | None:

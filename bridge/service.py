@@ -456,8 +456,8 @@ def demographics_json(demo: Demographics) -> dict[str, Any]:
     }
 
 
-def demographics_from_json(data: dict[str, Any]) -> Demographics:
-    """The demographics `demographics_json` kept."""
+def demographics_from_conflict(data: dict[str, Any]) -> Demographics:
+    """The demographics a conflict recorded as sent (`demographics_json`), which accepting it applies."""
     birth = data.get("birth_date")
     return Demographics(
         birth_date=date.fromisoformat(birth) if birth else None,
@@ -1851,7 +1851,7 @@ class BridgeService:
         )
         if patient is None:
             raise Refused(Outcome(Status.CONFLICT, f"the patient of conflict {conflict.id} no longer exists"))
-        changed = _apply_demographics(patient, demographics_from_json(sent))
+        changed = _apply_demographics(patient, demographics_from_conflict(sent))
         if changed:
             self.audit.change(
                 session,

@@ -116,13 +116,17 @@ def patient_folder(root: Path, name: str) -> Path:
 def write_image_files(
     folder: Path, image: ImageView, patient: PatientView, jpeg: bytes, encoding: str, watermark: str
 ) -> str:
-    """Write the thumbnail, the JSON and (last) the CSV of one image; returns the file stem."""
+    """Write the files of one image in `thumbfolder.SUFFIXES` order (the CSV last); returns the file stem."""
     folder.mkdir(exist_ok=True)
     stem = thumbfolder.file_stem(image)
-    thumbnail = f"{stem}.jpg"
-    write_atomic(folder / thumbnail, jpeg)
-    write_atomic(folder / f"{stem}.json", thumbfolder.json_bytes(image, patient, thumbnail, watermark))
-    write_atomic(folder / f"{stem}.csv", thumbfolder.csv_bytes(image, patient, thumbnail, encoding))
+    thumbnail = stem + thumbfolder.THUMBNAIL_SUFFIX
+    contents = {
+        thumbfolder.THUMBNAIL_SUFFIX: jpeg,
+        thumbfolder.JSON_SUFFIX: thumbfolder.json_bytes(image, patient, thumbnail, watermark),
+        thumbfolder.CSV_SUFFIX: thumbfolder.csv_bytes(image, patient, thumbnail, encoding),
+    }
+    for suffix in thumbfolder.SUFFIXES:
+        write_atomic(folder / (stem + suffix), contents[suffix])
     return stem
 
 
@@ -132,7 +136,9 @@ def remove_image_files(folder: Path, belongs: Callable[[int], bool]) -> int:
     goes when nothing is left in it. A missing folder holds nothing."""
     removed = 0
     try:
-        documents = [entry for entry in folder.iterdir() if entry.suffix == ".json" and entry.is_file()]
+        documents = [
+            entry for entry in folder.iterdir() if entry.suffix == thumbfolder.JSON_SUFFIX and entry.is_file()
+        ]
     except FileNotFoundError:
         return 0
     for document in documents:
@@ -142,7 +148,8 @@ def remove_image_files(folder: Path, belongs: Callable[[int], bool]) -> int:
             continue
         if owner is None or not belongs(owner):
             continue
-        for suffix in (".csv", ".json", ".jpg"):  # the CSV first: an import watching for it sees no half set
+        # the CSV first: an import watching for it sees no half set
+        for suffix in reversed(thumbfolder.SUFFIXES):
             document.with_suffix(suffix).unlink(missing_ok=True)
         removed += 1
     with contextlib.suppress(OSError):

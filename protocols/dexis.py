@@ -35,6 +35,14 @@ INTEGRATOR_DATE: tuple[str, ...] = ("%Y%m%d",)
 # MediaDent-style writer may leave out) are not required, so no writer's files are refused for them.
 _REQUIRED = {INFO_FILE: ("PN", "LN", "FN", "BD"), INTEGRATOR: ("PN", "LN", "FN")}
 _KEY_BOUNDARY = re.compile(r"\s+(?=[A-Z]{2}=)")
+_INTEGRATOR_FILE = re.compile(r"^Patient_(?P<workstation>.+)\.txt$", re.IGNORECASE)
+
+
+def integrator_workstation(name: str) -> str | None:
+    """The workstation an Integrator communication file is named after (`Patient_<workstation>.txt`, any
+    case); None for any other file name, which a watched Integrator folder leaves alone."""
+    match = _INTEGRATOR_FILE.match(name)
+    return match.group("workstation") if match else None
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,33 @@ class OppError(ValueError):
         self.kind = kind
 
 
+def is_flag_letter(text: str) -> bool:
+    """One ASCII letter: the letter of an OPP flag (`-p`). Not `str.isalpha`, which takes `é`, `ß` or `ª`
+    too: OPP's flags are getopt-style letters of Windows PMSs' command lines, and case folding (`-P` =
+    `-p`) is only one letter to one letter for ASCII (`"ß".swapcase()` is `"SS"`)."""
+    return len(text) == 1 and text.isascii() and text.isalpha()
+
+
+def split_flags(args: Sequence[str]) -> list[tuple[str, str | None]]:
+    """Each argument of the flag form as (flag, value), by its getopt-style grammar: `-p0815` is
+    ("-p", "0815"); a lone `-p` is ("-p", None) and the argument after it is its value, ("", arg), even when
+    it starts with `-` (`-l -Strich`); any other argument is ("", arg).
+
+    The one reading of the grammar for the parser (`parse_args`) and for record mode, which redacts a value
+    attached to its flag apart from the flag; neither refuses anything here.
+    """
+    parts: list[tuple[str, str | None]] = []
+    value_next = False
+    for arg in args:
+        if not value_next and arg[:1] == "-" and is_flag_letter(arg[1:2]):
+            parts.append((arg[:2], arg[2:] if len(arg) > 2 else None))
+            value_next = len(arg) == 2
+        else:
+            parts.append(("", arg))
+            value_next = False
+    return parts
+
+
 def parse_flag_map(text: str) -> dict[str, str]:
     """`"p=reference f=firstName ..."` (spaces or commas between pairs) as {letter: field}.
 
@@ -114,7 +141,7 @@ def parse_flag_map(text: str) -> dict[str, str]:
     flags: dict[str, str] = {}
     for pair in text.replace(",", " ").split():
         letter, sep, name = pair.partition("=")
-        if not sep or len(letter) != 1 or not letter.isalpha():
+        if not sep or not is_flag_letter(letter):
             raise ValueError(f"{pair!r} is not LETTER=FIELD")
         if name not in FIELDS:
             raise ValueError(f"{pair!r}: {name!r} is not one of {', '.join(FIELDS)}")
@@ -269,25 +296,24 @@ def parse_args(args: Sequence[str], options: OppOptions) -> OppMessage:
     """
     fields: dict[str, str] = {}
     flags = options.cli_flags
+    parts = split_flags(args)
     i = 0
-    while i < len(args):
-        arg = args[i]
-        if len(arg) < 2 or arg[0] != "-" or not arg[1].isalpha():
-            raise OppError(f"unexpected argument {arg!r}: OPP flags look like -p VALUE", "invalid-flag")
-        letter = arg[1]
+    while i < len(parts):
+        flag, value = parts[i]
+        if not flag:
+            raise OppError(f"unexpected argument {value!r}: OPP flags look like -p VALUE", "invalid-flag")
+        letter = flag[1]
         name = flags.get(letter)
         if name is None and not options.cli_case_sensitive:
             name = flags.get(letter.swapcase())
         if name is None:
             known = " ".join(f"-{k} ({v})" for k, v in flags.items())
             raise OppError(f"unknown flag -{letter} (known: {known})", "invalid-flag")
-        if len(arg) > 2:
-            value = arg[2:]
-        elif i + 1 < len(args):
+        if value is None:
+            if i + 1 == len(args):
+                raise OppError(f"flag -{letter} ({name}) needs a value", "invalid-flag")
             i += 1
             value = args[i]
-        else:
-            raise OppError(f"flag -{letter} ({name}) needs a value", "invalid-flag")
         if name in fields:
             raise OppError(f"{name} is given twice (flag -{letter})", "invalid-flag")
         fields[name] = value

@@ -16,7 +16,12 @@ from typing import Any
 from bridge.model import ImageView, PatientView
 
 FORMAT = "pms-bridge-thumbnail/1"
-SUFFIXES = (".jpg", ".json", ".csv")  # the files of one image share their stem
+THUMBNAIL_SUFFIX = ".jpg"
+JSON_SUFFIX = ".json"
+CSV_SUFFIX = ".csv"
+# The files of one image share their stem; in the order they are written, the CSV last (a PMS import
+# watching for it must find the set complete) and removed in reverse (it never sees a half set).
+SUFFIXES = (THUMBNAIL_SUFFIX, JSON_SUFFIX, CSV_SUFFIX)
 CSV_COLUMNS = (
     "image_id",
     "pms_system",

@@ -33,6 +33,7 @@ from bridge.model import (
 )
 from protocols.common import (
     DateFormatError,
+    DecodedText,
     IniSection,
     decode,
     ini_line,
@@ -47,6 +48,7 @@ from protocols.vdds_exchange import (
     Kind,
     Section,
     clean,
+    errorlevel_ok,
     message,
     numbered,
 )
@@ -376,10 +378,18 @@ def outcome_error(outcome: Outcome, kind: Kind, options: Options, patid: str = "
 # Stage 6: the push file (MMOINFIMPORT) and the PVS's answer to it
 
 
-def push_text(
-    *, pvs: str, from_pvs: str, bvs: str, prxnr: str, patid: str, objects: Sequence[Sequence[tuple[str, str]]]
-) -> str:
-    """The exchange file of a push ("Table 5": [PATID] without name fields, the PATID is the only key)."""
+def push_bytes(
+    *,
+    pvs: str,
+    from_pvs: str,
+    bvs: str,
+    prxnr: str,
+    patid: str,
+    objects: Sequence[Sequence[tuple[str, str]]],
+    codepage: str,
+) -> bytes:
+    """The exchange file of a push ("Table 5": [PATID] without name fields, the PATID is the only key), as
+    the PVS's import program reads it: CRLF line ends, no BOM, in `codepage` (`vdds_exchange.codepage`)."""
     head = [
         ("PVS", pvs),
         ("BVS", bvs),
@@ -392,7 +402,8 @@ def push_text(
     ]
     sections: list[Section] = [("PATID", head), ("MMOS", [("COUNT", str(len(objects)))])]
     sections += [(f"MMO{k}", pairs) for k, pairs in enumerate(objects, 1)]
-    return render_ini((name, [(key, clean(value)) for key, value in pairs]) for name, pairs in sections)
+    text = render_ini((name, [(key, clean(value)) for key, value in pairs]) for name, pairs in sections)
+    return DecodedText("", codepage, b"", "\r\n").encode(text)
 
 
 @dataclass(frozen=True)
@@ -405,7 +416,7 @@ class PushReply:
 
     @property
     def accepted(self) -> bool:
-        return self.ready and self.errorlevel in ("", "0")
+        return self.ready and errorlevel_ok(self.errorlevel)
 
 
 def push_reply(data: bytes, fallback: str = "cp1252") -> PushReply:
@@ -430,6 +441,22 @@ class RegistryError(ValueError):
     """The registration cannot be written as asked (a value the file's code page cannot hold ...)."""
 
 
+# `<KEY>_OS`, the platform a registered program runs on: 1 = Windows [C]; gdt2dicom writes 3 on macOS
+# and Linux [C1].
+OS_WINDOWS = "1"
+OS_OTHER = "3"
+
+
+def os_code(windows: bool) -> str:
+    """`<KEY>_OS` for a program registered on Windows or elsewhere."""
+    return OS_WINDOWS if windows else OS_OTHER
+
+
+def registered_stages(stage5: bool) -> str:
+    """`STAGES`, the digits of the stages a BVS serves: ours are 1 to 4, and 5 when stage 5 is on."""
+    return "1234" + ("5" if stage5 else "")
+
+
 @dataclass(frozen=True)
 class BvsEntry:
     """Our registration: the detail section and what the [BVS] index points at."""
@@ -437,9 +464,9 @@ class BvsEntry:
     section: str  # our detail section, e.g. PMSBRIDGE
     name: str  # display name a PVS shows
     command: str  # the module's command line, without spaces in paths; the PVS appends the file
-    os_code: str  # 1 = Windows; 3 on other systems (as one implementer writes)
+    os_code: str  # os_code(): OS_WINDOWS or OS_OTHER
     install_dir: str
-    stages: str  # e.g. 1234
+    stages: str  # registered_stages(): e.g. 1234
     version: str  # VDDS-media version
 
     def pairs(self) -> list[tuple[str, str]]:

@@ -8,13 +8,8 @@ exports, the push, the registry) is in `protocols.vdds`, which builds on this.
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import os
-import secrets
-import shutil
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from protocols.common import AUTO, DecodedText, IniSection, decode, ini_line, one_line, parse_ini, render_ini
 
@@ -44,6 +39,15 @@ class FolderState(enum.Enum):
 
 
 HANDSHAKE_KEYS = frozenset({"READY", "ERRORLEVEL", "ERRORTEXT", "ERROR-TEXT"})
+
+
+def errorlevel_ok(value: str) -> bool:
+    """Whether an ERRORLEVEL value reports success: 0, or empty (a file that never set the key reported no
+    error). One reading for the answers we find already given and for the PVS's answer to a push; spaces
+    around it do not count, as Windows' GetPrivateProfileInt ignores them."""
+    return value.strip() in ("", "0")
+
+
 # The sections a PVS writes a request into, in the priority that picks among answered ones.
 REQUEST_SECTIONS = ("MMOIDS", "PATIENT", "PATID")
 FALLBACK_SECTION = "PATIENT"  # where the handshake goes when a file has no section at all
@@ -442,42 +446,14 @@ def too_large_answer(head: bytes, size: int, limit: int, language: str, fallback
     return data, len(cut)
 
 
-def rewrite_too_large(path: Path, head: bytes, limit: int, language: str, fallback: str) -> str:
-    """Write the too-large answer (`too_large_answer`) into the exchange file `path` whose first bytes are
-    `head`: the answered head, then the rest of the file streamed unchanged (never held in memory),
-    through a dot-file (which watched folders skip) renamed over the request. Nothing is written if the
-    PVS changed the file meanwhile. What happened, for the log."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(path, "rb") as source:
-            before = os.fstat(source.fileno())
-            if source.read(len(head)) != head:
-                return "replaced before the answer"
-            new_head, cut = too_large_answer(head, before.st_size, limit, language, fallback)
-            with open(tmp, "xb") as target:
-                target.write(new_head)
-                source.seek(cut)
-                shutil.copyfileobj(source, target, 1 << 20)
-                target.flush()
-                os.fsync(target.fileno())
-        # The source is closed before the rename: Windows cannot replace a file that is open.
-        after = os.stat(path)
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            return "replaced before the answer"
-        os.replace(tmp, path)
-    except FileNotFoundError:
-        return "gone before the answer"
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return "errorlevel 1 (file too large)"
-
-
-def too_large_file_answer(path: str, head: bytes, limit: int, settings: Mapping[str, str]) -> None:
-    """The launch client's answer to an exchange file over `limit` (`[vdds]` raw settings): as the watched
-    folder answers it (`rewrite_too_large`)."""
+def too_large_file_answer(
+    head: bytes, size: int, limit: int, settings: Mapping[str, str]
+) -> tuple[bytes, int]:
+    """The launch client's answer to an exchange file of `size` bytes over `limit`, from its first bytes
+    `head` and the raw `[vdds]` settings: `too_large_answer`, as the watched folder answers it. The launch
+    client writes it with `bridge.atomic.rewrite_head`."""
     language = settings.get("language", "de").strip().lower()
-    rewrite_too_large(Path(path), head, limit, language, read_codepage(settings.get("encoding", AUTO)))
+    return too_large_answer(head, size, limit, language, read_codepage(settings.get("encoding", AUTO)))
 
 
 def unreachable_answer(content: bytes, detail: str, settings: Mapping[str, str]) -> bytes:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import ConfigError, load_settings
+from bridge.config import CODE_PAGES, ConfigError, load_settings
 from bridge.install import init_home
 
 
@@ -89,6 +89,17 @@ def test_bad_value_from_the_environment_says_so(tmp_path: Path, monkeypatch: pyt
         ConfigError, match=r"\[api\] port = '99999' \(from environment PMS_BRIDGE__API__PORT\)"
     ):
         load_settings(str(write(tmp_path, "")))
+
+
+def test_every_encoding_setting_takes_the_same_code_pages(tmp_path: Path) -> None:
+    """One list (CODE_PAGES) for [opp], [vdds] and the launch profiles; [vdds] adds auto."""
+    sections = ("opp", "vdds", "dexis", "dentrix", "eaglesoft", "cliniview")
+    for page in CODE_PAGES:
+        text = "".join(f"[{section}]\nencoding = {page}\n" for section in sections)
+        settings = load_settings(str(write(tmp_path, text)))
+        assert [getattr(settings, section).encoding for section in sections] == [page] * len(sections)
+    with pytest.raises(ConfigError, match=r"allowed: cp1252 \| cp850 \| cp437 \| iso-8859-15 \| utf-8"):
+        load_settings(str(write(tmp_path, "[opp]\nencoding = auto\n")))
 
 
 def test_unknown_key_and_section_are_refused(tmp_path: Path) -> None:

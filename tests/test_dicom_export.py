@@ -403,8 +403,8 @@ async def test_a_quarter_turned_exif_file_exports_its_spacing_turned_too(
     25.4/1270 mm and the column spacing 25.4/635 mm (DICOM's order: row, then column)."""
     from PIL import Image
 
-    from bridge.imaging import synthetic
     from bridge.model import Category
+    from tests.support import synthetic
 
     pixels = synthetic.intraoral(320, 240, bits=12)
     exif = Image.Exif()

@@ -1,6 +1,6 @@
 """The integrity check of imported pixel data: native grey data by its length, the rest by a decode.
 
-The check without a decode must describe a file exactly as the decode does (`analyze`), and refuse what
+The check without a decode must describe a file exactly as the decode does (`analyze_dicom`), and refuse what
 pydicom's decoder refuses: pixel data shorter than the header declares.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bridge.dicom import pixels, read
-from bridge.imaging.analyze import ImagingError, analyze, analyze_dicom
+from bridge.imaging.analyze import ImagingError, analyze_dicom
 from tests.support.dicomfiles import dental_dataset, sample, to_bytes, write
 
 PATIENT_ID = 0x00100020
@@ -53,7 +53,7 @@ def test_native_grey_files_are_described_as_the_full_decode_describes_them(
 ) -> None:
     values, attributes = VARIANTS[variant]
     file = read_file(tmp_path, values, **attributes)
-    expected = analyze(file.data)
+    expected = analyze_dicom(file.data)  # what the DICOM import's full decode says
     if variant != "signed, automatic window":  # only the decode shifts signed pixels for their window
 
         def no_decode(data: bytes) -> None:

@@ -9,19 +9,27 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from bridge.imaging import synthetic
-from bridge.imaging.analyze import ImagingError, analyze, decode
+from bridge.imaging.analyze import Analysis, ImagingError, decode
 from bridge.imaging.render import (
     RenderRequest,
     Watermark,
+    analyze_and_render,
     render_decoded,
     watermark_box,
     window_lut,
 )
 from bridge.model import Category
+from tests.support import synthetic
 
 MARK = Watermark("NOT FOR DIAGNOSIS")
 RNG = np.random.default_rng(7)
+
+
+def analyze(data: bytes) -> Analysis:
+    """The facts an upload stores for `data`: `analyze_and_render`, the pipeline's entry, without renders."""
+    facts, renders = analyze_and_render(data, [])
+    assert renders == []
+    return facts
 
 
 def pixels_of(data: bytes) -> np.ndarray[Any, Any]:

@@ -15,13 +15,13 @@ from aiohttp import FormData
 from PIL import Image
 
 from bridge.config import Settings
-from bridge.imaging import synthetic
 from bridge.imaging.analyze import ImagingError
 from bridge.imaging.pipeline import Imaging
 from bridge.model import Origin
 from bridge.runtime import Runtime
 from bridge.service import Refused
 from bridge.web.openapi import document
+from tests.support import synthetic
 
 ORIGIN = Origin(protocol="test", transport="api", workstation="WS1", actor="pytest")
 _patients = 0

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from bridge import launch
+from bridge.exits import ExitCode
 from bridge.handlers import HANDLERS
 from bridge.runtime import Runtime
 from tests.conftest import DaemonProcess, pms_bridge_command, start_daemon, write_config
@@ -53,7 +54,7 @@ async def test_the_file_goes_to_the_daemon_and_the_answer_comes_back(
     exchange = tmp_path / "Übergabe 1.tmp"
     exchange.write_bytes(b"[PATIENT]\r\nPATID=0042\r\n")
     code = await run_client(runtime, api_client.port, ["@" + str(exchange), "-x", "ä b"], tmp_path)
-    assert code == 0
+    assert code == ExitCode.OK
     answer = json.loads(exchange.read_bytes())
     assert answer["args"] == ["@" + str(exchange), "-x", "ä b"]
     assert answer["filename"] == str(exchange)
@@ -66,7 +67,7 @@ async def test_the_file_goes_to_the_daemon_and_the_answer_comes_back(
 async def test_the_exit_code_and_message_of_the_handler_are_the_process_result(
     api_client: Any, runtime: Runtime, echo_protocol: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert await run_client(runtime, api_client.port, ["fail"], tmp_path) == 5
+    assert await run_client(runtime, api_client.port, ["fail"], tmp_path) == ExitCode.NOT_FOUND
     assert "refused" in capsys.readouterr().err
 
 
@@ -76,7 +77,7 @@ async def test_a_wrong_token_is_a_refusal_not_a_crash(
     config = tmp_path / "client.ini"
     config.write_text(f"[api]\nport = {api_client.port}\ntoken = wrong\n", encoding="utf-8")
     code = await asyncio.to_thread(launch.run, "echo", ["--config", str(config)])
-    assert code == launch.EXIT_REFUSED
+    assert code == ExitCode.LAUNCH_REFUSED
     assert "missing or wrong bearer token" in capsys.readouterr().err
 
 
@@ -92,7 +93,7 @@ def test_an_unreachable_daemon_gives_one_line_and_a_non_zero_exit(tmp_path: Path
         check=False,
     )
     report = json.loads(result.stdout.splitlines()[-1])
-    assert report["code"] == launch.EXIT_UNREACHABLE
+    assert report["code"] == ExitCode.UNREACHABLE
     assert "not reachable" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     # the launch path imported nothing heavy: a PMS waits on this process
     assert report["heavy"] == []
@@ -105,7 +106,7 @@ def test_a_missing_config_is_reported_in_one_line(tmp_path: Path) -> None:
         text=True,
         check=False,
     )
-    assert json.loads(result.stdout.splitlines()[-1])["code"] == launch.EXIT_UNREACHABLE
+    assert json.loads(result.stdout.splitlines()[-1])["code"] == ExitCode.UNREACHABLE
     assert "config file not found" in result.stderr
 
 
@@ -203,16 +204,20 @@ NOT_UTF8 = ": the PMS must pass its arguments in UTF-8\n"
 def test_an_argument_that_is_not_utf8_is_refused_in_one_line(daemon: DaemonProcess) -> None:
     """POSIX arguments are bytes; Latin-1 ones are not sent with guessed letters but refused (exit 2)."""
     code, out, err = run_launch(daemon, "opp", "-p", "C1", "-l", b"M\xfcller")
-    assert (code, out, err) == (2, "", "pms-bridge opp: argument 'M\\xfcller' is not UTF-8 text" + NOT_UTF8)
+    assert (code, out, err) == (
+        ExitCode.INVALID,
+        "",
+        "pms-bridge opp: argument 'M\\xfcller' is not UTF-8 text" + NOT_UTF8,
+    )
     assert patients(daemon, "OPP", "C1") == []
     code, out, err = run_launch(daemon, "cliniview", b"-3006;Jos\xe9;Smith;;07/14/1985")
-    assert (code, out) == (2, "")
+    assert (code, out) == (ExitCode.INVALID, "")
     assert (
         err
         == "pms-bridge cliniview: argument '-3006;Jos\\xe9;Smith;;07/14/1985' is not UTF-8 text" + NOT_UTF8
     )
     assert patients(daemon, "cliniview", "3006") == []
-    assert run_launch(daemon, "opp", "-p", "C1", "-l", "Müller")[0] == 0  # and the daemon serves on
+    assert run_launch(daemon, "opp", "-p", "C1", "-l", "Müller")[0] == ExitCode.OK  # and the daemon serves on
 
 
 def test_a_file_path_that_is_not_utf8_is_opened_by_its_bytes(daemon: DaemonProcess, tmp_path: Path) -> None:
@@ -221,7 +226,11 @@ def test_a_file_path_that_is_not_utf8_is_opened_by_its_bytes(daemon: DaemonProce
     lines = ("Côté, Zoë  7/14/1985  (01043)", "PN=01043", "LN=Côté", "FN=Zoë", "BD=7/14/1985", "SX=F")
     with open(info, "wb") as fh:
         fh.write("".join(line + "\r\n" for line in lines).encode("cp1252"))
-    assert run_launch(daemon, "dexis", b"@" + info) == (0, "pms-bridge dexis: patient 01043 created\n", "")
+    assert run_launch(daemon, "dexis", b"@" + info) == (
+        ExitCode.OK,
+        "pms-bridge dexis: patient 01043 created\n",
+        "",
+    )
     [patient] = patients(daemon, "dexis", "01043")
     assert (patient["last_name"], patient["first_name"]) == ("Côté", "Zoë")
 
@@ -229,7 +238,7 @@ def test_a_file_path_that_is_not_utf8_is_opened_by_its_bytes(daemon: DaemonProce
     exchange = folder + b"/MM\xe9.tmp"
     with open(exchange, "wb") as fh:
         fh.write(stage1("0920"))
-    assert run_launch(daemon, "vdds", exchange)[0] == 0
+    assert run_launch(daemon, "vdds", exchange)[0] == ExitCode.OK
     with open(exchange, "rb") as fh:
         answer = keys(fh.read(), "PATIENT")
     assert (answer["ERRORLEVEL"], answer["READY"]) == ("0", "1")
@@ -239,7 +248,11 @@ def test_a_file_path_that_is_not_utf8_is_opened_by_its_bytes(daemon: DaemonProce
     with open(exchange, "wb") as fh:
         fh.write(stage1("0921"))
     code, out, err = run_launch(daemon, "vdds", exchange, b"\xff")
-    assert (code, out, err) == (2, "", "pms-bridge vdds: argument '\\xff' is not UTF-8 text" + NOT_UTF8)
+    assert (code, out, err) == (
+        ExitCode.INVALID,
+        "",
+        "pms-bridge vdds: argument '\\xff' is not UTF-8 text" + NOT_UTF8,
+    )
     with open(exchange, "rb") as fh:
         answer = keys(fh.read(), "PATIENT")
     assert (answer["ERRORLEVEL"], answer["READY"]) == ("1", "1")
@@ -251,14 +264,14 @@ def test_a_line_the_console_cannot_encode_does_not_turn_success_into_failure(dae
     """A Windows PMS reading our redirected output in cp1252: the line is escaped, the exit code is true."""
     cp1252 = {"PYTHONIOENCODING": "cp1252"}
     code, out, err = run_launch(daemon, "opp", "-p", "Ł1", "-l", "Wałęsa", **cp1252)
-    assert (code, out, err) == (0, "OPP UPDATE_CREATE: patient \\u01411 created\n", "")
+    assert (code, out, err) == (ExitCode.OK, "OPP UPDATE_CREATE: patient \\u01411 created\n", "")
     [patient] = patients(daemon, "OPP", "Ł1")
     assert patient["last_name"] == "Wałęsa"
     code, out, err = run_launch(daemon, "opp", "-c", "UPDATE", "-p", "Ł2", "-l", "Wałęsa", **cp1252)
-    assert (code, out, err) == (1, "", "OPP UPDATE: no patient with id '\\u01412' from OPP\n")
+    assert (code, out, err) == (ExitCode.ERROR, "", "OPP UPDATE: no patient with id '\\u01412' from OPP\n")
     strict = {"PYTHONIOENCODING": "ascii:strict"}
     code, out, err = run_launch(daemon, "opp", "-c", "UPDATE", "-p", "Ł1", "-l", "Wałęsa", **strict)
-    assert (code, out, err) == (0, "OPP UPDATE: patient \\u01411 opened\n", "")
+    assert (code, out, err) == (ExitCode.OK, "OPP UPDATE: patient \\u01411 opened\n", "")
 
 
 def test_a_file_that_cannot_be_read_is_exit_2(daemon: DaemonProcess, tmp_path: Path) -> None:
@@ -267,29 +280,29 @@ def test_a_file_that_cannot_be_read_is_exit_2(daemon: DaemonProcess, tmp_path: P
     large = tmp_path / "large.xml"
     large.write_bytes(b"<opp/>" + b" " * launch.MAX_FILE_BYTES)
     assert run_launch(daemon, "opp", str(tmp_path / "folder")) == (
-        2,
+        ExitCode.INVALID,
         "",
         f"pms-bridge opp: cannot read {tmp_path / 'folder'}: it is a directory\n",
     )
     assert run_launch(daemon, "opp", "/proc/self/mem") == (
-        2,
+        ExitCode.INVALID,
         "",
         "pms-bridge opp: cannot read /proc/self/mem: Input/output error\n",
     )
     assert run_launch(daemon, "opp", str(large)) == (
-        2,
+        ExitCode.INVALID,
         "",
         f"pms-bridge opp: {large} is larger than {launch.MAX_FILE_BYTES} bytes\n",
     )
     assert run_launch(daemon, "dexis", "@/dev/null") == (
-        2,
+        ExitCode.INVALID,
         "",
         "pms-bridge dexis: cannot read /dev/null: it is not a regular file\n",
     )
     exchange = tmp_path / "MME505F.tmp"
     exchange.write_bytes(stage1("0930") + b";" * launch.MAX_FILE_BYTES)
     assert run_launch(daemon, "vdds", str(exchange)) == (
-        2,
+        ExitCode.INVALID,
         "",
         f"pms-bridge vdds: {exchange} is larger than {launch.MAX_FILE_BYTES} bytes\n",
     )
@@ -306,7 +319,7 @@ def test_a_flag_value_naming_a_file_is_not_read(daemon: DaemonProcess, tmp_path:
     (tmp_path / "4711").write_bytes(b"x" * (launch.MAX_FILE_BYTES + 1))
     (tmp_path / "Roe").write_bytes(b"<opp/>")
     code, out, err = run_launch(daemon, "opp", "-p", "4711", "-l", "Roe", cwd=tmp_path)
-    assert (code, out, err) == (0, "OPP UPDATE_CREATE: patient 4711 created\n", "")
+    assert (code, out, err) == (ExitCode.OK, "OPP UPDATE_CREATE: patient 4711 created\n", "")
     [patient] = patients(daemon, "OPP", "4711")
     assert patient["last_name"] == "Roe"
     assert (tmp_path / "Roe").read_bytes() == b"<opp/>"
@@ -326,10 +339,13 @@ def test_launches_are_audited_with_the_token_that_sent_them(daemon: DaemonProces
     """The launch client and a DDE shim send the API token; the audit log says so, as for REST calls."""
     exchange = tmp_path / "s1.ini"
     exchange.write_bytes(stage1("0815"))
-    assert run_launch(daemon, "vdds", str(exchange))[0] == 0
-    assert run_launch(daemon, "opp", "-p", "77", "-l", "Doe", "-f", "Jane", "-c", "UPDATE_CREATE")[0] == 0
-    assert run_launch(daemon, "opp", "-p", "77", "-c", "VIEW")[0] == 0
-    assert run_launch(daemon, "cliniview", "-0816;Mary;Roe;;01/02/1975")[0] == 0
+    assert run_launch(daemon, "vdds", str(exchange))[0] == ExitCode.OK
+    assert (
+        run_launch(daemon, "opp", "-p", "77", "-l", "Doe", "-f", "Jane", "-c", "UPDATE_CREATE")[0]
+        == ExitCode.OK
+    )
+    assert run_launch(daemon, "opp", "-p", "77", "-c", "VIEW")[0] == ExitCode.OK
+    assert run_launch(daemon, "cliniview", "-0816;Mary;Roe;;01/02/1975")[0] == ExitCode.OK
     status, _ = daemon.request(
         "POST", "/api/v1/launch/dexis", b'SET 4712 LN="Doe" FN="Ann" MI="" BD=19991231'
     )

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from bridge.model import Action, Demographics, Origin, Outcome, PatientRequest, Sex, Status
-from bridge.store.changes import PG_CHANNEL, Unknown
+from bridge.store.changes import PG_CHANNEL, WATCHED_TABLES, Unknown
 from bridge.store.db import Database, upgrade_schema
 from bridge.web.answers import MAX_REQUEST_BYTES, Kept, RepeatedAnswers
 from bridge.web.oppweb import JSON_TYPE
@@ -94,6 +94,32 @@ def test_the_generation_moves_on_every_watched_change_and_not_on_bookkeeping(
     if store_db.dialect == "sqlite":  # read synchronously: an audit row provably changes nothing
         insert_audit_row(store_url)
         assert store_db.generation.current() == after
+
+
+def test_the_triggers_watch_exactly_the_watched_tables(store_db: Database) -> None:
+    """`changes.WATCHED_TABLES` says which tables the memoised reads may depend on; migration 0003 has its
+    own copy (a migration is a snapshot), so the triggers it made are held to the constant."""
+    with store_db.engine.connect() as conn:
+        if store_db.dialect == "sqlite":
+            rows = conn.execute(
+                text("SELECT tbl_name, name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'store%'")
+            )
+            found = {(table, name) for table, name in rows}
+            expected = {
+                (table, f"store_generation_{table}_{event}")
+                for table in WATCHED_TABLES
+                for event in ("insert", "update", "delete")
+            }
+        else:
+            rows = conn.execute(
+                text(
+                    "SELECT c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+                    " WHERE NOT t.tgisinternal"
+                )
+            )
+            found = {(table, name) for table, name in rows}
+            expected = {(table, "store_changed") for table in WATCHED_TABLES}
+    assert found == expected
 
 
 def test_postgresql_triggers_notify_for_watched_tables_only(pg_server: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from bridge.exits import ExitCode
 from tests.conftest import DaemonProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,11 +52,14 @@ def test_update_of_an_unknown_patient_is_refused(daemon: DaemonProcess, tmp_path
     request = tmp_path / "opp.xml"
     request.write_text(XML.format(command="UPDATE", reference="0815"), encoding="utf-8", newline="")
     done = run_opp(daemon.config, str(request))
-    assert done.returncode == 1
+    assert done.returncode == ExitCode.ERROR
     assert "OPP UPDATE: no patient with id '0815' from Praxis-PMS" in done.stderr
     assert patients(daemon, "Praxis-PMS", "0815") == []
     flags = run_opp(daemon.config, "-c", "UPDATE", "-p", "0815", "-l", "Roe")
-    assert (flags.returncode, flags.stderr.strip()) == (1, "OPP UPDATE: no patient with id '0815' from OPP")
+    assert (flags.returncode, flags.stderr.strip()) == (
+        ExitCode.ERROR,
+        "OPP UPDATE: no patient with id '0815' from OPP",
+    )
     assert patients(daemon, "OPP", "0815") == []
 
 
@@ -67,8 +71,14 @@ def test_update_create_twice_gives_one_patient_and_leaves_the_file_alone(
     request.write_bytes(data)
     first = run_opp(daemon.config, str(request))
     second = run_opp(daemon.config, str(request))
-    assert (first.returncode, first.stdout.strip()) == (0, "OPP UPDATE_CREATE: patient 000815 created")
-    assert (second.returncode, second.stdout.strip()) == (0, "OPP UPDATE_CREATE: patient 000815 opened")
+    assert (first.returncode, first.stdout.strip()) == (
+        ExitCode.OK,
+        "OPP UPDATE_CREATE: patient 000815 created",
+    )
+    assert (second.returncode, second.stdout.strip()) == (
+        ExitCode.OK,
+        "OPP UPDATE_CREATE: patient 000815 opened",
+    )
     found = patients(daemon, "Praxis-PMS", "000815")
     assert [(p["last_name"], p["first_name"], p["birth_date"], p["sex"]) for p in found] == [
         ("O'Brien", "Jürgen", "1985-07-14", "M")
@@ -80,10 +90,14 @@ def test_a_bad_message_is_exit_2_and_the_daemon_keeps_serving(daemon: DaemonProc
     request = tmp_path / "opp.xml"
     request.write_text('<!DOCTYPE opp [<!ENTITY x SYSTEM "file:///etc/passwd">]><opp/>', encoding="utf-8")
     done = run_opp(daemon.config, str(request))
-    assert done.returncode == 2 and "DTDs and entity declarations are not accepted" in done.stderr
-    assert run_opp(daemon.config, "-d", "dd.MM.yy", "-p", "1", "-b", "01.02.03").returncode == 2
+    assert (
+        done.returncode == ExitCode.INVALID and "DTDs and entity declarations are not accepted" in done.stderr
+    )
+    assert (
+        run_opp(daemon.config, "-d", "dd.MM.yy", "-p", "1", "-b", "01.02.03").returncode == ExitCode.INVALID
+    )
     assert daemon.request("GET", "/healthz", token=None)[0] == 200
-    assert run_opp(daemon.config, "-p", "1", "-l", "Danach").returncode == 0
+    assert run_opp(daemon.config, "-p", "1", "-l", "Danach").returncode == ExitCode.OK
 
 
 def test_declared_encodings_a_pms_cannot_mean_are_exit_2_and_a_mislabelled_utf16_is_utf8(
@@ -95,7 +109,7 @@ def test_declared_encodings_a_pms_cannot_mean_are_exit_2_and_a_mislabelled_utf16
         request.write_bytes(text.replace('encoding="UTF-8"', f'encoding="{encoding}"').encode())
         done = run_opp(daemon.config, str(request))
         assert (done.returncode, done.stderr.strip()) == (
-            2,
+            ExitCode.INVALID,
             f"OPP: '{encoding}' is not a text encoding OPP accepts in the XML declaration",
         )
     text = XML.format(command="UPDATE_CREATE", reference="SW1").replace(
@@ -103,7 +117,7 @@ def test_declared_encodings_a_pms_cannot_mean_are_exit_2_and_a_mislabelled_utf16
     )
     for reference, tail in (("SW1", ""), ("SW2", " ")):  # an even and an odd byte count
         request.write_bytes((text.replace("SW1", reference) + tail).encode("utf-8"))
-        assert run_opp(daemon.config, str(request)).returncode == 0
+        assert run_opp(daemon.config, str(request)).returncode == ExitCode.OK
         assert [p["first_name"] for p in patients(daemon, "Praxis-PMS", reference)] == ["Jürgen"]
 
 
@@ -114,7 +128,7 @@ def test_an_unreachable_daemon_is_exit_3_with_a_reason(tmp_path: Path) -> None:
     data = XML.format(command="VIEW", reference="1").encode()
     request.write_bytes(data)
     done = run_opp(config, str(request))
-    assert done.returncode == 3
+    assert done.returncode == ExitCode.UNREACHABLE
     assert "the pms-bridge service is not reachable" in done.stderr
     assert request.read_bytes() == data
 
@@ -136,7 +150,7 @@ def test_the_opp_launch_client_imports_nothing_heavy(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert done.stdout.strip() == "3 []"
+    assert done.stdout.strip() == f"{int(ExitCode.UNREACHABLE)} []"
 
 
 def test_the_opp_samples_replay_against_a_running_daemon(daemon: DaemonProcess) -> None:
@@ -151,7 +165,7 @@ def test_the_opp_samples_replay_against_a_running_daemon(daemon: DaemonProcess) 
         timeout=600,
         check=False,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == ExitCode.OK, done.stdout + done.stderr
     with_settings = [p for p in SAMPLES.glob("*/case.json") if "settings" in json.loads(p.read_text("utf-8"))]
     cases = len(list(SAMPLES.glob("*/case.json")))
     summary = f"{cases - len(with_settings)} pass" + (f", {len(with_settings)} n/a" if with_settings else "")

@@ -4,7 +4,10 @@ which events it publishes. The transports are tested in test_opp_launch.py and t
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
+
+import pytest
 
 from bridge.events import AcquisitionRequested, Event, PatientOpened
 from bridge.handlers.opp import execute as run_message
@@ -12,7 +15,7 @@ from bridge.handlers.opp import options
 from bridge.model import Category, NewImage, Origin, Outcome, Status
 from bridge.runtime import Runtime
 from bridge.store import queries as q
-from protocols.opp import OppMessage, parse_args
+from protocols.opp import OppMessage, parse_args, parse_xml
 
 ORIGIN = Origin(protocol="opp", transport="cli", workstation="WS1")
 
@@ -163,3 +166,20 @@ async def test_the_software_name_and_practice_id_key_the_patient(runtime: Runtim
     assert len({a.patient.id, b.patient.id, c.patient.id}) == 3
     assert (b.patient.pms_system, b.patient.practice_id) == ("Other-PMS", "P1")
     assert (c.patient.pms_system, c.patient.practice_id) == ("Other-PMS", "P2")
+
+
+async def test_the_sending_software_version_is_logged_at_debug(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OPP's softwareVersion changes nothing in the store; the debug log names it for an integration
+    engineer (which PMS build sent what)."""
+    xml = (
+        '<opp version="1.3"><command type="UPDATE_CREATE" silent="NO"/>'
+        '<software name="Praxis-PMS" version="7.2.1"/><patient reference="4711" lastName="Roe"/></opp>'
+    )
+    sent = parse_xml(xml.encode(), options(runtime.settings))
+    with caplog.at_level(logging.DEBUG, logger="bridge.handlers.opp"):
+        outcome = await execute(runtime, sent, ORIGIN)
+    assert outcome.status is Status.CREATED
+    [record] = [r for r in caplog.records if r.getMessage() == "OPP message"]
+    assert (record.command, record.version, record.software_version) == ("UPDATE_CREATE", "1.3", "7.2.1")

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from bridge.exits import ExitCode
 from bridge.handlers.dexis import build_integrator_watchers
 from bridge.logs import JsonFormatter
 from bridge.model import Origin
@@ -78,7 +79,7 @@ def test_dexis_info_file_creates_the_patient_in_cp1252(daemon: DaemonProcess, tm
         crlf("Côté, Zoë  7/14/1985  (01042)", "PN=01042", "LN=Côté", "FN=Zoë", "BD=7/14/1985", "SX=F")
     )
     code, output = run(daemon, "dexis", f"@{info}")
-    assert (code, output) == (0, "pms-bridge dexis: patient 01042 created")
+    assert (code, output) == (ExitCode.OK, "pms-bridge dexis: patient 01042 created")
     [patient] = patients(daemon, pms_system="dexis", pms_id="01042")
     assert (patient["last_name"], patient["first_name"], patient["birth_date"], patient["sex"]) == (
         "Côté",
@@ -99,16 +100,19 @@ def test_dexis_bad_files_answer_with_a_line_and_the_daemon_keeps_serving(
         crlf("Doe, Jane  14.07.1985  (7)", "PN=7", "LN=Doe", "FN=Jane", "BD=14.07.1985", "SX=F")
     )
     assert run(daemon, "dexis", f"@{truncated}") == (
-        2,
+        ExitCode.INVALID,
         "pms-bridge dexis: the file ends in the middle of a line: it is truncated or still being written",
     )
     code, output = run(daemon, "dexis", f"@{wrong_locale}")
-    assert code == 2 and "BD '14.07.1985' is not a date in the configured locale's short date" in output
+    assert (
+        code == ExitCode.INVALID
+        and "BD '14.07.1985' is not a date in the configured locale's short date" in output
+    )
     code, output = run(daemon, "dexis", f"@{tmp_path / 'missing.txt'}")
-    assert code == 2 and "no such file" in output
+    assert code == ExitCode.INVALID and "no such file" in output
     assert patients(daemon, pms_id="7") == []
     code, output = run(daemon, "dexis", "SET", "7", "LN=Doe", "FN=Jane", "BD=19850714")
-    assert code == 0
+    assert code == ExitCode.OK
     assert daemon.request("GET", "/healthz", token=None)[0] == 200
 
 
@@ -117,7 +121,7 @@ def test_dexis_started_without_a_patient_is_a_valid_launch(daemon: DaemonProcess
     not an error the front desk sees every time (it was exit 2 "no patient")."""
     for protocol in ("dexis", "dentrix"):
         line = f"pms-bridge {protocol}: started without a patient; nothing to open"
-        assert run(daemon, protocol) == (0, line)
+        assert run(daemon, protocol) == (ExitCode.OK, line)
     shim = urllib.request.Request(daemon.url + "/api/v1/launch/dexis", data=b"", method="POST")
     shim.add_header("Authorization", f"Bearer {daemon.token}")
     with urllib.request.urlopen(shim, timeout=30) as response:  # a DDE shim with nothing to send
@@ -129,9 +133,9 @@ def test_dexis_started_without_a_patient_is_a_valid_launch(daemon: DaemonProcess
 
 def test_set_command_on_the_command_line_and_over_loopback_http(daemon: DaemonProcess) -> None:
     code, output = run(daemon, "dexis", "SET", "4711", "LN=García Márquez", "FN=José", "MI=", "BD=19700102")
-    assert (code, output) == (0, "pms-bridge dexis: patient 4711 created")
+    assert (code, output) == (ExitCode.OK, "pms-bridge dexis: patient 4711 created")
     # The DDE string as one argument, with its quotes, is the same message.
-    assert run(daemon, "dexis", 'SET 4711 LN="García Márquez" FN="José" MI="" BD=19700102')[0] == 0
+    assert run(daemon, "dexis", 'SET 4711 LN="García Márquez" FN="José" MI="" BD=19700102')[0] == ExitCode.OK
     # A DDE-to-HTTP shim posts the SET string (cp1252, as the PMS wrote it) to the launch endpoint.
     status, body = daemon.request(
         "POST", "/api/v1/launch/dexis", 'SET 4712 LN="Núñez" FN="Inés" MI="" BD=19991231'.encode("cp1252")
@@ -149,18 +153,27 @@ def test_set_command_on_the_command_line_and_over_loopback_http(daemon: DaemonPr
 def test_dentrix_chart_renumber_follows_the_patient_and_a_reused_chart_is_a_conflict(
     daemon: DaemonProcess,
 ) -> None:
-    assert run(daemon, "dentrix", "SET", "1001", "CN=SMIJO0", "LN=Smith", "FN=John", "BD=19600506")[0] == 0
-    assert run(daemon, "dentrix", "SET", "1002", "CN=DOEJA0", "LN=Doe", "FN=Jane", "BD=19700101")[0] == 0
+    assert (
+        run(daemon, "dentrix", "SET", "1001", "CN=SMIJO0", "LN=Smith", "FN=John", "BD=19600506")[0]
+        == ExitCode.OK
+    )
+    assert (
+        run(daemon, "dentrix", "SET", "1002", "CN=DOEJA0", "LN=Doe", "FN=Jane", "BD=19700101")[0]
+        == ExitCode.OK
+    )
     # Dentrix renumbers John's chart: the alias follows the immutable patient id.
     code, output = run(daemon, "dentrix", "SET", "1001", "CN=SMIJO1", "LN=Smith", "FN=John", "BD=19600506")
-    assert (code, output) == (0, "pms-bridge dentrix: patient 1001 updated")
+    assert (code, output) == (ExitCode.OK, "pms-bridge dentrix: patient 1001 updated")
     [john] = patients(daemon, pms_system="dentrix", pms_id="1001")
     assert john["chart_number"] == "SMIJO1"
     assert patients(daemon, chart_number="SMIJO0") == []
     assert [p["id"] for p in patients(daemon, chart_number="SMIJO1")] == [john["id"]]
     # Jane's PMS record now claims John's current chart number: recorded, not relinked.
     code, output = run(daemon, "dentrix", "SET", "1002", "CN=SMIJO1", "LN=Doe", "FN=Jane", "BD=19700101")
-    assert code == 6 and "chart number 'SMIJO1' is already the chart of another patient" in output
+    assert (
+        code == ExitCode.CONFLICT
+        and "chart number 'SMIJO1' is already the chart of another patient" in output
+    )
     [conflict] = conflicts(daemon)
     assert (conflict["kind"], conflict["pms_id"], conflict["chart_number"]) == (
         "chart-number",
@@ -181,7 +194,7 @@ def test_dentrix_keyed_by_chart_number_finds_a_migrated_patient(daemon_factory: 
     )
     assert status == 201
     code, output = run(daemon, "dentrix", 'SET SMIJO0 LN="Smith" FN="John" BD=19600506')
-    assert (code, output) == (0, "pms-bridge dentrix: patient SMIJO0 updated")
+    assert (code, output) == (ExitCode.OK, "pms-bridge dentrix: patient SMIJO0 updated")
     [john] = patients(daemon, chart_number="SMIJO0")
     assert john["birth_date"] == "1960-05-06"
 
@@ -216,11 +229,11 @@ def test_eaglesoft_legacy_numbers_open_one_patient_and_refuse_an_ambiguous_one(
         return path
 
     assert run(daemon, "eaglesoft", str(ini("42817", "Alpha"))) == (
-        0,
+        ExitCode.OK,
         "pms-bridge eaglesoft: patient 42817 opened",
     )
     code, output = run(daemon, "eaglesoft", str(ini("12345", "Beta")))
-    assert code == 6 and "is the end of 2 known numbers (1012345, 2012345)" in output
+    assert code == ExitCode.CONFLICT and "is the end of 2 known numbers (1012345, 2012345)" in output
     assert [(c["kind"], c["pms_id"]) for c in conflicts(daemon)] == [("ambiguous-id-suffix", "12345")]
     assert patients(daemon, pms_system="eaglesoft", pms_id="12345") == []
     assert len(patients(daemon, pms_system="eaglesoft")) == 3
@@ -228,11 +241,11 @@ def test_eaglesoft_legacy_numbers_open_one_patient_and_refuse_an_ambiguous_one(
 
 def test_cliniview_argument_and_ini(daemon: DaemonProcess, tmp_path: Path) -> None:
     assert run(daemon, "cliniview", "-0815;MaryAnn;VanDerBerg;123456789;03/02/1975") == (
-        0,
+        ExitCode.OK,
         "pms-bridge cliniview: patient 0815 created",
     )
     # A PMS that left the spaces in: the shell split the argument, the parts are joined again.
-    assert run(daemon, "cliniview", "-0816;Mary", "Ann;Van", "Der", "Berg;;01/01/0001")[0] == 0
+    assert run(daemon, "cliniview", "-0816;Mary", "Ann;Van", "Der", "Berg;;01/01/0001")[0] == ExitCode.OK
     [spaced] = patients(daemon, pms_system="cliniview", pms_id="0816")
     assert (spaced["first_name"], spaced["last_name"], spaced["birth_date"]) == (
         "Mary Ann",
@@ -243,7 +256,7 @@ def test_cliniview_argument_and_ini(daemon: DaemonProcess, tmp_path: Path) -> No
     ini.write_bytes(
         crlf("[Patient]", "PatientID=0817", "FirstName=Zoë", "LastName=Côté", "BirthDate=07/14/1985")
     )
-    assert run(daemon, "cliniview", str(ini)) == (0, "pms-bridge cliniview: patient 0817 created")
+    assert run(daemon, "cliniview", str(ini)) == (ExitCode.OK, "pms-bridge cliniview: patient 0817 created")
     [zoe] = patients(daemon, pms_system="cliniview", pms_id="0817")
     assert (zoe["last_name"], zoe["birth_date"], zoe["sex"]) == ("Côté", "1985-07-14", "U")
     _status, body = daemon.request("GET", "/api/v1/audit?limit=500")
@@ -294,7 +307,7 @@ def test_launch_commands_import_nothing_heavy(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", probe, str(config)], capture_output=True, check=True, timeout=60
     )
-    assert proc.stdout.decode().strip() == "3 []"  # 3: the daemon is not reachable on port 9
+    assert proc.stdout.decode().strip() == f"{int(ExitCode.UNREACHABLE)} []"  # nothing listens on port 9
     assert b"pms-bridge dexis: the pms-bridge service is not reachable" in proc.stderr
 
 
@@ -354,11 +367,14 @@ def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
         (tmp_path / name).write_bytes(data)
         what = "Cliniview.ini" if protocol == "cliniview" else "the ini"
         refused = f"pms-bridge {protocol}: {what} ends in the middle of a line: it is truncated or still"
-        assert run(daemon, protocol, str(tmp_path / name)) == (2, f"{refused} being written"), name
+        assert run(daemon, protocol, str(tmp_path / name)) == (
+            ExitCode.INVALID,
+            f"{refused} being written",
+        ), name
     # Cut at a line end, after the number: no name key, so no nameless patient 3042 either.
     (tmp_path / "line-end.ini").write_bytes(full.replace(b"1042", b"3042").split(b"FirstName")[0])
     assert run(daemon, "eaglesoft", str(tmp_path / "line-end.ini")) == (
-        2,
+        ExitCode.INVALID,
         "pms-bridge eaglesoft: the ini has no LastName key in [Patient]: it is truncated or not the PMS's",
     )
     assert patients(daemon, pms_system="eaglesoft", pms_id="3042") == []
@@ -368,14 +384,14 @@ def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
     # The whole file opens the right patient.
     (tmp_path / "whole.ini").write_bytes(full)
     assert run(daemon, "eaglesoft", str(tmp_path / "whole.ini")) == (
-        0,
+        ExitCode.OK,
         "pms-bridge eaglesoft: patient 1042 updated",
     )
 
 
 def test_set_without_an_id_cut_short_or_without_names_changes_nobody(daemon: DaemonProcess) -> None:
     """A SET the Integrator would not have sent whole: exit 2, and the stored patient keeps its name."""
-    assert run(daemon, "dentrix", "SET", "4713", "LN=Smith", "FN=Ann", "BD=19850714")[0] == 0
+    assert run(daemon, "dentrix", "SET", "4713", "LN=Smith", "FN=Ann", "BD=19850714")[0] == ExitCode.OK
     refused = {
         (
             "SET",
@@ -388,7 +404,7 @@ def test_set_without_an_id_cut_short_or_without_names_changes_nobody(daemon: Dae
         ("SET", "4716"): "the SET command has no LN=: it is truncated or not an Integrator SET",
     }
     for args, message in refused.items():
-        assert run(daemon, "dentrix", *args) == (2, f"pms-bridge dentrix: {message}"), args
+        assert run(daemon, "dentrix", *args) == (ExitCode.INVALID, f"pms-bridge dentrix: {message}"), args
     [patient] = patients(daemon, pms_system="dentrix")
     assert (patient["pms_id"], patient["last_name"], patient["first_name"]) == ("4713", "Smith", "Ann")
 
@@ -434,7 +450,7 @@ def test_a_utf16_info_file_without_a_bom_starting_outside_latin1_opens_its_patie
     lines = ("Łukasiewicz, Zoë  7/14/1985  (1043)", "PN=1043", "LN=Łukasiewicz", "FN=Zoë", "BD=7/14/1985")
     info = tmp_path / "infofile.txt"
     info.write_bytes("".join(f"{line}\r\n" for line in lines).encode("utf-16-le"))
-    assert run(daemon, "dexis", f"@{info}") == (0, "pms-bridge dexis: patient 1043 created")
+    assert run(daemon, "dexis", f"@{info}") == (ExitCode.OK, "pms-bridge dexis: patient 1043 created")
     [patient] = patients(daemon, pms_system="dexis", pms_id="1043")
     assert (patient["last_name"], patient["first_name"], patient["birth_date"]) == (
         "Łukasiewicz",

@@ -7,7 +7,7 @@ another encoding; no database, no daemon.
 from __future__ import annotations
 
 import codecs
-import contextlib
+import unicodedata
 from datetime import date
 
 import pytest
@@ -24,7 +24,7 @@ from protocols.common import (
     parse_key_values,
     parse_sex,
 )
-from protocols.fields import MessageError, field_id, field_text
+from protocols.fields import MessageError, PatientFields, field_id, field_text
 
 EN_US = locale_formats("en-us")
 
@@ -178,6 +178,13 @@ def test_broken_files_are_refused_with_a_reason(data: bytes, problem: str) -> No
 # Dexis Integrator file and SET command
 
 
+def test_integrator_files_are_named_after_their_workstation() -> None:
+    assert dexis.integrator_workstation("Patient_OP3.txt") == "OP3"
+    assert dexis.integrator_workstation("PATIENT_ws 1.TXT") == "ws 1"  # Windows names have no case
+    for other in ("Patient_.txt", "Patient_OP3.txt.tmp", ".Patient_OP3.txt.tmp", "Info.txt"):
+        assert dexis.integrator_workstation(other) is None, other
+
+
 def test_integrator_file_with_quotes_middle_initial_and_leading_zeros() -> None:
     data = crlf("PN=000123456789", 'LN="O\'Brien-Søgaard"', 'FN="Zoë"', "MI=J", "BD=19850714", "SX=M")
     message = dexis.parse_file(data, short_date_formats=EN_US)
@@ -244,16 +251,80 @@ def test_bad_set_commands_are_refused_with_a_reason(command: str, problem: str) 
         dexis.parse_set_command(command)
 
 
-@given(st.text(max_size=300))
+def assert_served_as_read(fields: PatientFields) -> None:
+    """What any message that parses gives: an id (stripped, at most 60 characters) and text fields
+    without control characters, stripped, within the store's lengths."""
+    assert fields.patient_id and len(fields.patient_id) <= 60
+    names = fields.demographics
+    for value in (
+        fields.patient_id,
+        fields.chart_number,
+        names.last_name,
+        names.first_name,
+        names.middle_name,
+    ):
+        assert value == value.strip() and len(value) <= 120
+        assert not any(unicodedata.category(ch) == "Cc" for ch in value), value
+
+
+def assert_one_line_reason(exc: MessageError) -> None:
+    """A refusal is one line the PMS's user can act on."""
+    reason = str(exc)
+    assert reason and "\n" not in reason and "\r" not in reason, reason
+
+
+# Messages near the format: the required keys and some others in any order, values that may be quoted,
+# empty, odd or cut, and any line end, so that the properties below meet messages that parse as well as
+# ones that do not.
+_DEXIS_VALUES = st.one_of(
+    st.from_regex(r'"?[A-Za-zé ]{0,12}"?', fullmatch=True),
+    st.sampled_from(["19850714", "7/14/1985"]),
+    st.text(max_size=12),
+)
+_DEXIS_IDS = st.one_of(st.from_regex(r"[0-9A-Z]{1,8}", fullmatch=True), st.text(max_size=10))
+
+
+def _pairs(keys: list[str], values: list[str]) -> list[str]:
+    return [f"{key}={value}" for key, value in zip(keys, values, strict=False)]
+
+
+_DEXIS_KEYS = st.lists(st.sampled_from(["MI", "BD", "SX", "CN", "LN"]), max_size=3, unique=True).flatmap(
+    lambda extra: st.permutations(["LN", "FN", *extra])  # LN twice at times: the first one counts
+)
+_DEXIS_PAIRS = st.builds(_pairs, _DEXIS_KEYS, st.lists(_DEXIS_VALUES, min_size=5, max_size=5))
+NEAR_SET_COMMANDS = st.builds(lambda id_, pairs: " ".join(["SET", id_, *pairs]), _DEXIS_IDS, _DEXIS_PAIRS)
+NEAR_DEXIS_FILES = st.builds(
+    lambda first, id_, pairs, end: ("\r\n".join([*first, f"PN={id_}", *pairs]) + end).encode(
+        "cp1252", errors="replace"
+    ),
+    st.lists(st.text(max_size=30), max_size=1),
+    _DEXIS_IDS,
+    _DEXIS_PAIRS,
+    st.sampled_from(["\r\n", "\n", ""]),
+)
+
+
+@given(st.one_of(st.text(max_size=300), NEAR_SET_COMMANDS))
 def test_set_parser_answers_any_text_with_fields_or_a_message_error(text: str) -> None:
-    with contextlib.suppress(MessageError):
-        dexis.parse_set_command(text)
+    try:
+        fields = dexis.parse_set_command(text)
+    except MessageError as exc:
+        assert_one_line_reason(exc)
+    else:
+        assert_served_as_read(fields)
+        assert text.lstrip()[:3].upper() == "SET" and fields.patient_id in text
 
 
-@given(st.binary(max_size=400))
+@given(st.one_of(st.binary(max_size=400), NEAR_DEXIS_FILES))
 def test_file_parser_answers_any_bytes_with_fields_or_a_message_error(data: bytes) -> None:
-    with contextlib.suppress(MessageError):
-        dexis.parse_file(data, short_date_formats=EN_US)
+    try:
+        message = dexis.parse_file(data, short_date_formats=EN_US)
+    except MessageError as exc:
+        assert_one_line_reason(exc)
+    else:
+        assert_served_as_read(message.fields)
+        assert message.dialect in (dexis.INFO_FILE, dexis.INTEGRATOR)
+        assert data.endswith(b"\n")  # a file cut inside a line is never read
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from bridge import launch as launch_client
 from bridge.config import load_settings
 from bridge.doctor import CheckFailed
 from bridge.events import AcquisitionRequested, Event, ImageViewRequested, PatientOpened
+from bridge.exits import ExitCode
 from bridge.handlers import vdds_register
 from bridge.handlers.base import Launch
 from bridge.handlers.vdds import classifier, folder_handler, handle, oversized, remove_old_files
@@ -93,7 +94,7 @@ def collect(rt: Runtime) -> list[Event]:
 async def patient_with_images(rt: Runtime, patid: str, *images: tuple[bytes, dict[str, Any]]) -> list[int]:
     """A VDDS patient (created through the handler) with images added as an upload adds them."""
     reply = await handle(rt, launch(stage1(patid)))
-    assert reply.exit_code == 0, reply.message
+    assert reply.exit_code == ExitCode.OK, reply.message
     found = await rt.service.search_patients(Origin("test"), pms_id=patid)
     new = [await rt.imaging.ingest(data, **meta) for data, meta in images]
     added = await rt.service.add_images(Origin("test"), found[0].id, new)
@@ -184,7 +185,7 @@ def test_arbitrary_exchange_files_end_with_ready_1(
     path = tmp_path / f"NNT{next(_names):04d}.tmp"
     path.write_bytes(data)
     result = run_module(daemon.config, str(path))
-    assert result.returncode in (0, 1), result.stderr
+    assert result.returncode in (ExitCode.OK, ExitCode.ERROR), result.stderr
     answer = path.read_bytes()
     assert vdds_exchange.read_exchange(answer).answered, answer[:300]
     status, _body = daemon.request("GET", "/healthz", token=None)
@@ -202,10 +203,10 @@ async def test_each_stage_publishes_its_event(make_settings: Any) -> None:
         [image_id] = await patient_with_images(rt, "0815", (png(), {}))
         assert [type(e) for e in seen if not e.name.startswith("images")] == [PatientOpened]
         reply = await handle(rt, launch(stage1("0815", extra="ACQUIRE=1\r\n")))
-        assert reply.exit_code == 0
+        assert reply.exit_code == ExitCode.OK
         assert isinstance(seen[-1], AcquisitionRequested) and seen[-1].pms_id == "0815"
         view = await handle(rt, Launch("vdds", args=(str(image_id),)))
-        assert view.exit_code == 0 and view.content is None
+        assert view.exit_code == ExitCode.OK and view.content is None
         assert isinstance(seen[-1], ImageViewRequested) and seen[-1].image_id == image_id
     finally:
         rt.close()
@@ -219,7 +220,7 @@ async def test_thumbnails_and_copies_for_the_pvs(make_settings: Any, tmp_path: P
             rt, "0815", (png(320, 240), {"rotation": 90}), (png(300, 200), {"comment": "Foto"})
         )
         listed = await handle(rt, launch(request_file("PATID", "PVS=TESTPVS\r\nPATID=0815\r\n")))
-        assert listed.exit_code == 0 and listed.content is not None
+        assert listed.exit_code == ExitCode.OK and listed.content is not None
         objects = parse_ini(decode(listed.content).text)
         assert objects["MMOS"].get("COUNT") == "2"
         for k in ("MMO1", "MMO2"):
@@ -230,7 +231,7 @@ async def test_thumbnails_and_copies_for_the_pvs(make_settings: Any, tmp_path: P
         body = "PVS=TESTPVS\r\nCOUNT=2\r\nMMOID1={}\r\nMMOID2={}\r\nEXT={}\r\n"
         for fmt, pil_format in (("JPG", "JPEG"), ("PNG", "PNG"), ("TIF", "TIFF"), ("DCM", None)):
             reply = await handle(rt, launch(request_file("MMOIDS", body.format(xray, photo, fmt))))
-            assert reply.exit_code == 0 and reply.content is not None, reply.message
+            assert reply.exit_code == ExitCode.OK and reply.content is not None, reply.message
             paths = keys(reply.content, "MMOPATH")
             first, second = Path(paths["MMOID1"]), Path(paths["MMOID2"])
             assert first.parent.parent == export and first.suffix == f".{fmt.lower()}"
@@ -279,7 +280,7 @@ async def test_a_locked_store_is_answered_with_a_timeout(tmp_path: Path) -> None
     try:
         lock.execute("BEGIN EXCLUSIVE")
         reply = await handle(rt, launch(stage1()))
-        assert reply.exit_code == 1 and reply.content is not None
+        assert reply.exit_code == ExitCode.ERROR and reply.content is not None
         answer = keys(reply.content, "PATIENT")
         assert answer["READY"] == "1"
         assert answer["ERRORTEXT"] == vdds_exchange.message("de", "timeout")
@@ -294,9 +295,9 @@ async def test_a_switched_off_module_still_answers(make_settings: Any) -> None:
     try:
         reply = await handle(rt, launch(stage1()))
         assert reply.content is not None and keys(reply.content, "PATIENT")["READY"] == "1"
-        assert reply.exit_code == 1 and "ausgeschaltet" in reply.message
+        assert reply.exit_code == ExitCode.ERROR and "ausgeschaltet" in reply.message
         view = await handle(rt, Launch("vdds", args=("1",)))
-        assert view.exit_code == 1
+        assert view.exit_code == ExitCode.ERROR
     finally:
         rt.close()
 
@@ -386,7 +387,7 @@ def test_a_reused_file_serves_its_new_request_not_the_answered_one(
     request = tmp_path / "MME505F.tmp"
     request.write_bytes(REUSED_STAGE2)
     result = run_module(daemon.config, str(request))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == ExitCode.OK, result.stderr
     assert "MMOINFEXPORT" in result.stdout and "N1" not in result.stdout
     answer = request.read_bytes()
     assert answer.startswith(REUSED_STAGE2.split(b"[PATID]")[0])  # the answered section keeps its bytes
@@ -402,7 +403,7 @@ def test_a_reused_file_serves_its_new_request_not_the_answered_one(
 
     request.write_bytes(OLD_EXPORT + stage1("SP2", pvs="Z1"))
     result = run_module(daemon.config, str(request))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == ExitCode.OK, result.stderr
     answer = request.read_bytes()
     assert answer.startswith(OLD_EXPORT)
     assert "MMOPATH" not in parse_ini(decode(answer).text)  # the old export was not run again
@@ -427,13 +428,13 @@ def test_a_stage2_request_without_prxnr_lists_the_patient_stage1_made_with_one(
     with PRXNR=1, not answer "no images" for a patient keyed to no practice."""
     request = tmp_path / "MME505F.tmp"
     request.write_bytes(stage1("PR7", extra="PRXNR=1\r\n"))
-    assert run_module(daemon.config, str(request)).returncode == 0
+    assert run_module(daemon.config, str(request)).returncode == ExitCode.OK
     [patient] = patients(daemon, "PR7")
     assert patient["practice_id"] == "1"
     upload_png(daemon, patient["id"])
     request.write_bytes(request_file("PATID", "PVS=TESTPVS\r\nPATID=PR7\r\n"))
     result = run_module(daemon.config, str(request))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == ExitCode.OK, result.stderr
     answer = request.read_bytes()
     assert keys(answer, "PATID")["ERRORLEVEL"] == "0"
     assert keys(answer, "MMOS")["COUNT"] == "1"
@@ -479,9 +480,9 @@ def test_a_marriage_name_accepted_through_the_api_opens_the_patient_again(
     a new one, for ever)."""
     request = tmp_path / "MME505F.tmp"
     request.write_bytes(stage1("MAR2", last="Meyer"))
-    assert run_module(daemon.config, str(request)).returncode == 0
+    assert run_module(daemon.config, str(request)).returncode == ExitCode.OK
     request.write_bytes(stage1("MAR2", last="Schmidt"))
-    assert run_module(daemon.config, str(request)).returncode != 0
+    assert run_module(daemon.config, str(request)).returncode == ExitCode.ERROR
     assert keys(request.read_bytes(), "PATIENT")["ERRORLEVEL"] != "0"
     status, body = daemon.request("GET", "/api/v1/conflicts")
     [conflict] = json.loads(body)["items"]
@@ -497,7 +498,7 @@ def test_a_marriage_name_accepted_through_the_api_opens_the_patient_again(
     assert patient["last_name"] == "Schmidt"
     request.write_bytes(stage1("MAR2", last="Schmidt"))
     result = run_module(daemon.config, str(request))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == ExitCode.OK, result.stderr
     assert keys(request.read_bytes(), "PATIENT")["ERRORLEVEL"] == "0"
     status, body = daemon.request("GET", "/api/v1/conflicts")
     assert json.loads(body)["items"] == []
@@ -510,7 +511,7 @@ def test_a_file_with_two_unanswered_requests_is_refused_in_both(
     two = stage1("A1") + b"\r\n" + request_file("PATID", "PVS=TESTPVS\r\nPATID=B2\r\n")
     request.write_bytes(two)
     result = run_module(daemon.config, str(request))
-    assert result.returncode == 1
+    assert result.returncode == ExitCode.ERROR
     answer = request.read_bytes()
     for section in ("PATIENT", "PATID"):
         found = keys(answer, section)
@@ -521,7 +522,7 @@ def test_a_file_with_two_unanswered_requests_is_refused_in_both(
 
     # Now every section is answered: calling the module again serves nothing and changes nothing.
     again = run_module(daemon.config, str(request))
-    assert again.returncode == 1 and "already answered" in again.stderr
+    assert again.returncode == ExitCode.ERROR and "already answered" in again.stderr
     assert request.read_bytes() == answer
 
 
@@ -785,12 +786,12 @@ def test_the_module_stays_light_and_answers_when_the_daemon_is_down(
     request = tmp_path / "MME505F.tmp"
     request.write_bytes(stage1("0900"))
     env = {**os.environ, "PMS_BRIDGE_CONFIG": str(daemon.config)}
-    assert light_run(request, env, *HEAVY) == (0, "")
+    assert light_run(request, env, *HEAVY) == (ExitCode.OK, "")
     assert keys(request.read_bytes(), "PATIENT")["ERRORLEVEL"] == "0"
 
     request.write_bytes(stage1("0901"))
     daemon.stop()
-    assert light_run(request, env, *HEAVY) == (3, "")
+    assert light_run(request, env, *HEAVY) == (ExitCode.UNREACHABLE, "")
     answer = keys(request.read_bytes(), "PATIENT")
     assert (answer["ERRORLEVEL"], answer["READY"]) == ("1", "1")
     assert answer["ERRORTEXT"].startswith("Die Bildverwaltung (pms-bridge) ist nicht erreichbar")
@@ -799,9 +800,9 @@ def test_the_module_stays_light_and_answers_when_the_daemon_is_down(
 
 def test_mmoview_through_the_module(daemon: DaemonProcess) -> None:
     missing = run_module(daemon.config, "424242")
-    assert missing.returncode == 1 and "Bild 424242 nicht gefunden" in missing.stderr
+    assert missing.returncode == ExitCode.ERROR and "Bild 424242 nicht gefunden" in missing.stderr
     gone = run_module(daemon.config, "C:\\TEMP\\gone.tmp")
-    assert gone.returncode == 1
+    assert gone.returncode == ExitCode.ERROR
 
 
 def test_the_module_finds_an_unquoted_path_with_spaces(daemon: DaemonProcess, tmp_path: Path) -> None:
@@ -811,7 +812,7 @@ def test_the_module_finds_an_unquoted_path_with_spaces(daemon: DaemonProcess, tm
     request = folder / "MME505F.tmp"
     request.write_bytes(stage1("0902"))
     result = run_module(daemon.config, *str(request).split(" "))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == ExitCode.OK, result.stderr
     answer = keys(request.read_bytes(), "PATIENT")
     assert (answer["ERRORLEVEL"], answer["READY"]) == ("0", "1")
 
@@ -825,7 +826,7 @@ def test_the_module_reads_the_file_the_pvs_appends_after_registered_arguments(
     daemon = daemon_factory(vdds={"stage5": "flagged"})
     (tmp_path / "A2.tmp").write_bytes(stage1("0904"))
     result = run_module(daemon.config, "ACQUIRE", "A2.tmp", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == ExitCode.OK, result.stderr
     answer = keys((tmp_path / "A2.tmp").read_bytes(), "PATIENT")
     assert (answer["ERRORLEVEL"], answer["READY"]) == ("0", "1")
     assert len(patients(daemon, "0904")) == 1
@@ -834,7 +835,7 @@ def test_the_module_reads_the_file_the_pvs_appends_after_registered_arguments(
     assert 'pms_bridge_events_total{event="acquisition-requested"} 1.0' in body.decode()
     # MMOVIEW through the same registered command line: the MMOID is the last argument
     viewed = run_module(daemon.config, "ACQUIRE", "424242", cwd=tmp_path)
-    assert viewed.returncode == 1 and "Bild 424242 nicht gefunden" in viewed.stderr
+    assert viewed.returncode == ExitCode.ERROR and "Bild 424242 nicht gefunden" in viewed.stderr
 
 
 def test_a_folder_named_by_the_first_part_of_a_spaced_path_is_not_the_file(
@@ -847,7 +848,7 @@ def test_a_folder_named_by_the_first_part_of_a_spaced_path_is_not_the_file(
     request = tmp_path / "sp x" / "MME1.tmp"
     request.write_bytes(stage1("0905"))
     result = run_module(daemon.config, *str(request).split(" "))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == ExitCode.OK, result.stderr
     answer = keys(request.read_bytes(), "PATIENT")
     assert (answer["ERRORLEVEL"], answer["READY"]) == ("0", "1")
 
@@ -855,7 +856,7 @@ def test_a_folder_named_by_the_first_part_of_a_spaced_path_is_not_the_file(
 def test_an_mmoview_id_is_not_a_file_of_that_name(daemon: DaemonProcess, tmp_path: Path) -> None:
     (tmp_path / "424242").write_bytes(b"some unrelated data\n")
     viewed = run_module(daemon.config, "424242", cwd=tmp_path)
-    assert viewed.returncode == 1 and "Bild 424242 nicht gefunden" in viewed.stderr
+    assert viewed.returncode == ExitCode.ERROR and "Bild 424242 nicht gefunden" in viewed.stderr
     assert (tmp_path / "424242").read_bytes() == b"some unrelated data\n"
 
 
@@ -867,7 +868,7 @@ def test_an_oversized_exchange_file_is_answered_in_its_own_encoding_and_section(
     padding = (";" + "x" * 98 + "\r\n") * 22_000  # 4.4 MB of comment lines in UTF-16
     request.write_bytes(b"\xff\xfe" + (text + padding).encode("utf-16-le"))
     result = run_module(daemon.config, str(request))
-    assert result.returncode == 2 and "is larger than" in result.stderr
+    assert result.returncode == ExitCode.INVALID and "is larger than" in result.stderr
     data = request.read_bytes()
     assert data.startswith(b"\xff\xfe")  # still UTF-16 with its BOM
     answer = dict(parse_ini(decode(data, "cp1252").text)["PATID"].items())
@@ -978,7 +979,7 @@ def test_the_registered_command_is_a_working_module(daemon: DaemonProcess, tmp_p
     request = tmp_path / "MME505F.tmp"
     request.write_bytes(stage1("0950"))
     result = subprocess.run([*command.split(" "), str(request)], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == ExitCode.OK, result.stderr
     assert keys(request.read_bytes(), "PATIENT")["READY"] == "1"
 
 
@@ -1013,9 +1014,9 @@ async def test_a_cp1252_file_read_as_utf8_does_not_overwrite_the_stored_name(mak
     rt = Runtime.build(make_settings(vdds={"encoding": "utf-8"}, pms={"update_patient_info": "yes"}))
     try:
         first = await handle(rt, launch(stage1("0815").decode("cp1252").encode("utf-8")))
-        assert first.exit_code == 0, first.message
+        assert first.exit_code == ExitCode.OK, first.message
         reply = await handle(rt, launch(stage1("0815")))  # the same patient, in cp1252 bytes
-        assert reply.exit_code != 0 and reply.content is not None
+        assert reply.exit_code == ExitCode.ERROR and reply.content is not None
         answer = keys(reply.content, "PATIENT")
         assert answer["READY"] == "1" and answer["ERRORLEVEL"] != "0", answer
         assert "U+FFFD" in reply.message and "[vdds] encoding" in reply.message
@@ -1031,7 +1032,7 @@ async def test_a_bomless_utf8_request_is_read_as_utf8_and_answered_in_it(make_se
     rt = Runtime.build(make_settings())
     try:
         reply = await handle(rt, launch(stage1("0816").decode("cp1252").encode("utf-8")))
-        assert reply.exit_code == 0, reply.message
+        assert reply.exit_code == ExitCode.OK, reply.message
         assert reply.content is not None and reply.content.startswith(b"[PATIENT]")
         assert "LASTNAME=Müller\r\n" in reply.content.decode("utf-8")
         (patient,) = await rt.service.search_patients(Origin("test"), pms_id="0816")

@@ -629,23 +629,44 @@ def test_structured_requests_always_get_ready_1(lines: list[str], encoding: str)
 # Stage 6 push file
 
 
-def test_push_text_and_reply() -> None:
+def test_push_file_and_reply() -> None:
     pairs = vdds.object_pairs(image(3), vdds.Options(), prxnr="1", thumbnail="/t/3.jpg", imagedata="/e/3.jpg")
-    text = vdds.push_text(
-        pvs="PVS_ARCHIV", from_pvs="CGM_Z1", bvs="PMSBRIDGE", prxnr="1", patid="002509", objects=[pairs]
+    data = vdds.push_bytes(
+        pvs="PVS_ARCHIV",
+        from_pvs="CGM_Zü",
+        bvs="PMSBRIDGE",
+        prxnr="1",
+        patid="002509",
+        objects=[pairs],
+        codepage="cp850",
     )
+    assert b"\r\nFROMPVS=CGM_Z\x81\r\n" in data  # the code page asked for, CRLF line ends
+    assert data.count(b"\n") == data.count(b"\r\n") and not data.startswith(b"\xef\xbb\xbf")
+    text = data.decode("cp850")
     sections = parse_ini(text)
-    assert dict(sections["PATID"].items())["FROMPVS"] == "CGM_Z1"
+    assert dict(sections["PATID"].items())["FROMPVS"] == "CGM_Zü"
     assert sections["PATID"].get("READY") == "0"
     assert sections["MMO1"].get("IMAGEDATA") == "/e/3.jpg"
-    assert vdds_exchange.folder_state(text.encode()) is vdds_exchange.FolderState.FOREIGN
-    assert not vdds.push_reply(text.encode()).ready
+    assert vdds_exchange.folder_state(data) is vdds_exchange.FolderState.FOREIGN
+    assert not vdds.push_reply(data).ready
     done = vdds.push_reply(text.replace("READY=0", "READY=1").encode())
     assert done.ready and done.accepted
+    blank = vdds.push_reply(
+        text.replace("READY=0", "READY=1").replace("ERRORLEVEL=0", "ERRORLEVEL=").encode()
+    )
+    assert blank.ready and blank.accepted
     refused = vdds.push_reply(
         text.replace("READY=0", "READY=1").replace("ERRORLEVEL=0", "ERRORLEVEL=12").encode()
     )
     assert refused.ready and not refused.accepted
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"), [("0", True), ("", True), (" 0 ", True), ("1", False), ("12", False)]
+)
+def test_errorlevel_success_is_0_or_empty(value: str, ok: bool) -> None:
+    """One reading for answers found already given and for the PVS's answer to a push."""
+    assert vdds_exchange.errorlevel_ok(value) is ok
 
 
 # --------------------------------------------------------------------------------------------------

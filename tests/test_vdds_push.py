@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from bridge.events import ImagesAdded
+from bridge.exits import ExitCode
 from bridge.handlers import vdds_push
 from bridge.handlers.vdds import handle
 from bridge.model import Action, Demographics, Origin, PatientRequest
@@ -149,7 +150,7 @@ def alive(pid: int) -> bool:
 def new_patient(daemon: DaemonProcess, tmp_path: Path, patid: str) -> int:
     request = tmp_path / f"{patid}.tmp"
     request.write_bytes(stage1(patid))
-    assert run_module(daemon.config, str(request)).returncode == 0
+    assert run_module(daemon.config, str(request)).returncode == ExitCode.OK
     status, body = daemon.request("GET", f"/api/v1/patients?pms_system=TESTPVS&pms_id={patid}")
     assert status == 200
     return int(json.loads(body)["items"][0]["id"])
@@ -297,7 +298,7 @@ async def queued_push(
     """A runtime whose store holds one queued push for `images` new images of VDDS patient 0815."""
     rt = Runtime.build(make_settings(vdds={"push_timeout": 5, **vdds, "mmi_ini": str(pvs)}))
     reply = await handle(rt, launch(stage1("0815")))
-    assert reply.exit_code == 0
+    assert reply.exit_code == ExitCode.OK
     [patient] = await rt.service.search_patients(Origin("test"), pms_id="0815")
     new = [await rt.imaging.ingest(png(100 + n)) for n in range(images)]
     await rt.service.add_images(Origin("test"), patient.id, new)
@@ -472,7 +473,7 @@ async def test_only_images_of_vdds_patients_wake_the_push_worker(make_settings: 
     published: list[ImagesAdded] = []
     rt.bus.subscribe(lambda event: published.append(event) if isinstance(event, ImagesAdded) else None)
     try:
-        assert (await handle(rt, launch(stage1("0815")))).exit_code == 0
+        assert (await handle(rt, launch(stage1("0815")))).exit_code == ExitCode.OK
         [vdds_patient] = await rt.service.search_patients(Origin("test"), pms_id="0815")
         opened = await rt.service.handle(
             PatientRequest(Action.OPEN, Origin("opp"), "OTHERPMS", "77", demographics=Demographics("Muster"))
@@ -508,7 +509,7 @@ async def test_the_front_desk_editing_a_vdds_patient_keeps_its_pushes(
     published: list[ImagesAdded] = []
     rt.bus.subscribe(lambda event: published.append(event) if isinstance(event, ImagesAdded) else None)
     try:
-        assert (await handle(rt, launch(stage1("0815")))).exit_code == 0
+        assert (await handle(rt, launch(stage1("0815")))).exit_code == ExitCode.OK
         [patient] = await rt.service.search_patients(Origin("test"), pms_id="0815")
         edited = await rt.service.handle(
             PatientRequest(

@@ -20,3 +20,10 @@ from bridge import __version__
 IMPLEMENTATION_CLASS_UID = "2.25.16078232864411682975024150706672679185"
 IMPLEMENTATION_VERSION_NAME = ("PMSBRIDGE_" + __version__.replace(".", "_"))[:16]  # SH: 16 characters
 SOURCE_AE_TITLE = "PMSBRIDGE"
+
+# DICOM facts (PS3.5, PS3.6) that reading, checking and writing files all need: one copy here, where
+# importing them costs nothing (pool workers import the reading modules at start).
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
+UNDEFINED_LENGTH = 0xFFFFFFFF  # the length of an element that runs to its delimiter (encapsulated pixels)

@@ -15,10 +15,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.dicom import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, SOURCE_AE_TITLE
+from bridge.dicom import (
+    EXPLICIT_LE,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    MEDIA_STORAGE_DIRECTORY,
+    SOURCE_AE_TITLE,
+)
 
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 FILE_SET_ID = "PMSBRIDGE"
 _IN_USE = 0xFFFF
 

@@ -42,8 +42,10 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.atomic import write_atomic
 from bridge.dicom import (
+    EXPLICIT_LE,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
+    IMPLICIT_LE,
     SOURCE_AE_TITLE,
     dicomdir,
     read,
@@ -455,7 +457,7 @@ def tree(written: list[Written], patient: dict[str, Any]) -> list[dicomdir.Node]
             "ReferencedFileID": list(w.file_id),
             "ReferencedSOPClassUIDInFile": w.sop_class_uid,
             "ReferencedSOPInstanceUIDInFile": w.sop_instance_uid,
-            "ReferencedTransferSyntaxUIDInFile": read.EXPLICIT_LE,
+            "ReferencedTransferSyntaxUIDInFile": EXPLICIT_LE,
             "InstanceNumber": w.instance_number,
         }
         series[series_uid].children.append(dicomdir.Node("IMAGE", image))
@@ -545,7 +547,7 @@ def _original(job: Job) -> tuple[Any, str, str]:
     if syntax in read.LOSSY_SYNTAXES and str(ds.get("LossyImageCompression", "")) != "01":
         ds.LossyImageCompression = "01"
         ds.LossyImageCompressionMethod = read.LOSSY_SYNTAXES[syntax]
-    if syntax not in (read.EXPLICIT_LE, read.IMPLICIT_LE):
+    if syntax not in (EXPLICIT_LE, IMPLICIT_LE):
         ds.decompress(generate_instance_uid=False)  # the instance is the same; only its encoding changes
     ds.decode()  # every text to str in the file's own character set, re-encoded in the set's on writing
     ds.SpecificCharacterSet = job.charset
@@ -638,7 +640,7 @@ def _file_meta(ds: Any) -> None:
     meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(str(ds.SOPClassUID))
     meta.MediaStorageSOPInstanceUID = UID(str(ds.SOPInstanceUID))
-    meta.TransferSyntaxUID = UID(read.EXPLICIT_LE)
+    meta.TransferSyntaxUID = UID(EXPLICIT_LE)
     meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     meta.SourceApplicationEntityTitle = SOURCE_AE_TITLE

@@ -30,10 +30,10 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from bridge.dicom import MEDIA_STORAGE_DIRECTORY
 from bridge.store import uncached
 
 MAX_DICOMDIR_BYTES = 64 * 1024 * 1024
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 MAX_ZIP_MEMBERS = 200_000
 MAX_NAME_BYTES = 255  # the longest file name of Linux, macOS and Windows file systems (NAME_MAX)
 _CHUNK = 1 << 20

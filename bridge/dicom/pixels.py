@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bridge.dicom import UNDEFINED_LENGTH
 from bridge.dicom.read import DicomFile
 from bridge.imaging.analyze import (
     Analysis,
@@ -25,7 +26,6 @@ from bridge.imaging.analyze import (
 )
 
 _PIXEL_DATA = 0x7FE00010
-_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def check(file: DicomFile) -> Analysis:
@@ -51,7 +51,7 @@ def _pixel_data(file: DicomFile) -> memoryview | None:
     if not getattr(element, "is_raw", False):  # converted already: its value is the bytes, if any
         value = getattr(element, "value", None)
         return memoryview(value) if isinstance(value, bytes) else None
-    if element.length == _UNDEFINED_LENGTH:
+    if element.length == UNDEFINED_LENGTH:
         return None
     if element.value is None:  # deferred: it is still in the file's bytes
         start = element.value_tell

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from typing import Any
 
-from bridge.dicom import teeth
+from bridge.dicom import EXPLICIT_LE, IMPLICIT_LE, MEDIA_STORAGE_DIRECTORY, UNDEFINED_LENGTH, teeth
 from bridge.imaging.analyze import DICOM_CATEGORY
 from bridge.model import Category, Demographics, Sex
 from bridge.store import uncached
@@ -43,7 +43,6 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 MF_GREY_BYTE_SC = "1.2.840.10008.5.1.4.1.1.7.2"
 MF_GREY_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
 VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 SOP_CLASSES = {
     CT_IMAGE: "CT Image",
@@ -60,8 +59,6 @@ SOP_CLASSES = {
     VL_PHOTOGRAPHIC: "VL Photographic Image",
 }
 
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 TRANSFER_SYNTAXES = {
     IMPLICIT_LE: "Implicit VR Little Endian",
@@ -98,7 +95,6 @@ ID_VRS = frozenset({"LO", "SH", "CS", "IS", "UC", "UI", "ST"})  # VRs a PMS pati
 
 MAX_ID_LENGTH = 100  # the store's pms_id column
 _DEFER_BYTES = 64 * 1024  # values larger than this (pixel data) are not read to describe a file
-_UNDEFINED_LENGTH = 0xFFFFFFFF
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as it is written in a little-endian file
 
 _PANORAMIC_WORDS = frozenset({"PAN", "PANO", "PANORAMIC", "PANORAMA", "OPG", "OPT"})
@@ -268,7 +264,7 @@ def check_complete(ds: Any, size: int) -> None:
             continue
         for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset converts its raw elements
             element = dataset.get_item(tag, keep_deferred=True)  # a deferred value is not read
-            if not getattr(element, "is_raw", False) or element.length == _UNDEFINED_LENGTH:
+            if not getattr(element, "is_raw", False) or element.length == UNDEFINED_LENGTH:
                 continue
             if element.value is None:  # deferred: not read, so check that the file holds it
                 complete = inflated or element.value_tell + element.length <= size

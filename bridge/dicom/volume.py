@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bridge import __version__
-from bridge.dicom import read
+from bridge.dicom import EXPLICIT_LE, read
 
 # Attributes of the slices that belong at the top level of the volume: the Patient, Patient Study, General
 # Study, General Series, Frame of Reference and General Equipment modules (PS3.3 C.7), the same for every
@@ -298,7 +298,7 @@ def _dataset(ordered: list[tuple[str, Any]], pixels: np.ndarray[Any, Any]) -> An
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = UID(read.LEGACY_CONVERTED_CT)
     ds.file_meta.MediaStorageSOPInstanceUID = UID(volume_uid(sources))
-    ds.file_meta.TransferSyntaxUID = UID(read.EXPLICIT_LE)
+    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_LE)
     ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     for name in _TOP_LEVEL:

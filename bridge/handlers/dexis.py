@@ -15,14 +15,14 @@ links), so a practice can key those patients by chart number and give them their
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.config import DexisSettings
+from bridge.exits import ExitCode
 from bridge.handlers.base import Launch, LaunchHandler, LaunchReply
-from bridge.handlers.profile import ExitCode, open_patient
+from bridge.handlers.profile import open_patient
 from bridge.watch import FolderWatcher, Handle
 from protocols import dexis
 from protocols.common import decode, locale_formats
@@ -30,8 +30,6 @@ from protocols.fields import MessageError, PatientFields
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
-
-COMM_FILE = re.compile(r"^Patient_(?P<workstation>.+)\.txt$", re.IGNORECASE)
 
 
 async def handle_dexis(rt: Runtime, launch: Launch) -> LaunchReply:
@@ -114,7 +112,7 @@ def build_integrator_watchers(rt: Runtime) -> list[FolderWatcher]:
                 profile.integrator_dir,
                 _folder_handler(rt, protocol, handler),
                 setting=f"[{protocol}] integrator_dir",
-                accept_name=lambda name: COMM_FILE.match(name) is not None,
+                accept_name=lambda name: dexis.integrator_workstation(name) is not None,
             )
         )
     return watchers
@@ -133,12 +131,11 @@ def _folder_handler(rt: Runtime, protocol: str, handler: LaunchHandler) -> Handl
     """
 
     async def handle(path: Path, content: bytes) -> str:
-        match = COMM_FILE.match(path.name)
         launch = Launch(
             protocol=protocol,
             filename=str(path),
             content=content,
-            workstation=match.group("workstation")[:120] if match else "",
+            workstation=(dexis.integrator_workstation(path.name) or "")[:120],
             transport="folder",
         )
         answer = await handler(rt, launch)

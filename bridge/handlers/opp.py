@@ -1,7 +1,7 @@
 """The `opp` launch: `pms-bridge opp FILE` (the file-based XML form) and `pms-bridge opp -p ...` (flags).
 
 OPP's file and command-line forms are fire-and-forget: the published notes describe no answer file, so
-the PMS's file is left as it is and the answer is the exit code and one line (EXIT_* below). `execute`
+the PMS's file is left as it is and the answer is the exit code and one line (EXIT_CODES below). `execute`
 is shared with OPP web (`bridge.web.oppweb`), so both transports run a message the same way.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from bridge.config import Settings
+from bridge.exits import ExitCode
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.model import Outcome, PatientRequest, Status
 from bridge.runtime import Runtime
@@ -26,11 +27,20 @@ from protocols.opp import (
 log = logging.getLogger(__name__)
 
 PROTOCOL = "opp"
-EXIT_OK = 0
-EXIT_REFUSED = 1  # the store refused: unknown patient (UPDATE, VIEW_DATA), identity conflict, forbidden
-EXIT_INVALID = 2  # the message itself: not XML, unknown version or command, bad flag or date
-
-_REFUSED = {Status.NOT_FOUND, Status.CONFLICT, Status.FORBIDDEN, Status.ERROR}
+# OPP's documented table (docs/opp.md) predates the US profiles' 5 to 7: every refusal by the store
+# (unknown patient for UPDATE or VIEW_DATA, identity conflict, forbidden, a failure) is 1; the message
+# itself (not XML, unknown version or command, bad flag or date) is 2.
+EXIT_CODES: dict[Status, ExitCode] = {
+    Status.OK: ExitCode.OK,
+    Status.CREATED: ExitCode.OK,
+    Status.UPDATED: ExitCode.OK,
+    Status.PARTIAL: ExitCode.OK,
+    Status.NOT_FOUND: ExitCode.ERROR,
+    Status.CONFLICT: ExitCode.ERROR,
+    Status.FORBIDDEN: ExitCode.ERROR,
+    Status.ERROR: ExitCode.ERROR,
+    Status.INVALID: ExitCode.INVALID,
+}
 
 
 def options(settings: Settings) -> OppOptions:
@@ -52,6 +62,15 @@ def options(settings: Settings) -> OppOptions:
 async def execute(rt: Runtime, message: OppMessage, request: PatientRequest) -> Outcome:
     """Run one OPP message (as `message.request(origin)`) against the store: VIEW_DATA is the image list
     plus a viewer (`BridgeService.view_data`), the other commands open, create or update."""
+    # Which PMS build sent it, for an integration engineer reading a debug log (never patient data).
+    log.debug(
+        "OPP message",
+        extra={
+            "command": message.command.value,
+            "version": message.version,
+            "software_version": message.software_version,
+        },
+    )
     if message.data_elements:
         log.info(
             "OPP <data> elements are not interpreted (their shape is unpublished)",
@@ -60,12 +79,6 @@ async def execute(rt: Runtime, message: OppMessage, request: PatientRequest) -> 
     if message.command is Command.VIEW_DATA:
         return await rt.service.view_data(request)
     return await rt.service.handle(request)
-
-
-def exit_code(status: Status) -> int:
-    if status.ok or status is Status.PARTIAL:
-        return EXIT_OK
-    return EXIT_REFUSED if status in _REFUSED else EXIT_INVALID
 
 
 async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
@@ -77,14 +90,18 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
         elif launch.content:
             message = parse_xml(launch.content, opts)
         elif launch.args:
-            return LaunchReply(EXIT_INVALID, f"OPP: no message in {launch.args[0]!r} (missing or empty file)")
+            return LaunchReply(
+                ExitCode.INVALID, f"OPP: no message in {launch.args[0]!r} (missing or empty file)"
+            )
         else:
-            return LaunchReply(EXIT_INVALID, "OPP: name an OPP XML file or pass OPP flags (-p REFERENCE ...)")
+            return LaunchReply(
+                ExitCode.INVALID, "OPP: name an OPP XML file or pass OPP flags (-p REFERENCE ...)"
+            )
     except OppError as exc:
-        return LaunchReply(EXIT_INVALID, f"OPP: {exc}")
+        return LaunchReply(ExitCode.INVALID, f"OPP: {exc}")
     request = message.request(launch.origin())
     outcome = await execute(rt, message, request)
     text = f"OPP {message.command.value}: {outcome.message}"
     if outcome.conflict_id is not None:
         text += f" (conflict {outcome.conflict_id})"
-    return LaunchReply(exit_code(outcome.status), text, request=request, outcome=outcome)
+    return LaunchReply(EXIT_CODES[outcome.status], text, request=request, outcome=outcome)

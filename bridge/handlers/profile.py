@@ -9,13 +9,13 @@ identity conflict, a store that is down.
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from bridge.config import LaunchProfile
+from bridge.exits import ExitCode
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.model import Action, IdKind, Outcome, PatientRequest, Status
 from bridge.store.db import StoreFileLost
@@ -27,17 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ExitCode(enum.IntEnum):
-    """Exit codes of the launch commands (3 and 4 are the launch client's: daemon unreachable/refused)."""
-
-    OK = 0
-    ERROR = 1  # the bridge failed; its log has the details under the request id
-    INVALID = 2  # the message cannot be read (truncated, wrong date format, no patient id ...)
-    NOT_FOUND = 5
-    CONFLICT = 6  # an identity conflict, recorded and listed in GET /api/v1/conflicts
-    FORBIDDEN = 7
-
-
+# The US profiles' table (docs/us-pms.md): refusals are told apart, unlike OPP's.
 EXIT_CODES: dict[Status, ExitCode] = {
     Status.OK: ExitCode.OK,
     Status.CREATED: ExitCode.OK,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bridge import atomic
 from bridge.atomic import write_atomic
 from bridge.config import VddsSettings
 from bridge.handlers.base import Launch, LaunchReply
@@ -99,8 +100,7 @@ def _already_answered(exchange: vdds_exchange.Exchange) -> LaunchReply:
     calls the module again while waiting). The exit code repeats the recorded ERRORLEVEL.
     """
     assert exchange.request is not None  # answered means the request section has READY=1
-    recorded = exchange.request.get("ERRORLEVEL").strip()
-    level = 0 if recorded in ("", "0") else 1
+    level = 0 if vdds_exchange.errorlevel_ok(exchange.request.get("ERRORLEVEL")) else 1
     return LaunchReply(level, f"{exchange.kind.value}: already answered (READY=1); nothing served")
 
 
@@ -291,6 +291,14 @@ def folder_handler(rt: Runtime) -> Handle:
     return on_file
 
 
+# What the watched folder logs for an oversized file, by `atomic.rewrite_head`'s result.
+_OVERSIZED_RESULTS = {
+    atomic.REWRITTEN: "errorlevel 1 (file too large)",
+    atomic.CHANGED: "replaced before the answer",
+    atomic.GONE: "gone before the answer",
+}
+
+
 def oversized(rt: Runtime) -> Oversized:
     """The watched folder's answer to an exchange file over the size limit (4 MB).
 
@@ -309,11 +317,12 @@ def oversized(rt: Runtime) -> Oversized:
         return Verdict.IGNORE
 
     async def on_file(path: Path, head: bytes) -> str:
-        result = await asyncio.to_thread(
-            vdds_exchange.rewrite_too_large, path, head, MAX_FILE_BYTES, settings.language, fallback
-        )
+        def answer(size: int) -> tuple[bytes, int]:
+            return vdds_exchange.too_large_answer(head, size, MAX_FILE_BYTES, settings.language, fallback)
+
+        result = await asyncio.to_thread(atomic.rewrite_head, path, head, answer)
         rt.metrics.launches.labels(PROTOCOL, "1").inc()
-        return result
+        return _OVERSIZED_RESULTS[result]
 
     return Oversized(classify, on_file)
 

@@ -34,7 +34,6 @@ from bridge.delivery import DeliveryError
 from bridge.events import Event, ImagesAdded
 from bridge.model import Origin
 from protocols import vdds, vdds_exchange
-from protocols.common import DecodedText
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -141,15 +140,15 @@ async def send(rt: Runtime, item: OutboxItem) -> None:
         )
         for image in images
     ]
-    text = vdds.push_text(
+    data = vdds.push_bytes(
         pvs=target.section if settings.vdds.push_pvs == "archive" else pvs,
         from_pvs=pvs,
         bvs=settings.vdds.bvs_section,
         prxnr=prxnr,
         patid=patient.pms_id or "",
         objects=objects,
+        codepage=vdds_exchange.codepage(settings.vdds.encoding),
     )
-    data = DecodedText("", vdds_exchange.codepage(settings.vdds.encoding), b"", "\r\n").encode(text)
     path = push_file(settings, item)
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):

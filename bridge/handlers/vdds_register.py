@@ -62,9 +62,9 @@ def entry(settings: Settings) -> vdds.BvsEntry:
         section=settings.vdds.bvs_section,
         name=settings.vdds.bvs_name,
         command=command,
-        os_code="1" if sys.platform == "win32" else "3",
+        os_code=vdds.os_code(windows=sys.platform == "win32"),
         install_dir=short_path(program.parent),
-        stages="1234" + ("5" if settings.vdds.stage5 != "off" else ""),
+        stages=vdds.registered_stages(stage5=settings.vdds.stage5 != "off"),
         version=settings.vdds.version,
     )
 

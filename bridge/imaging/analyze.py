@@ -544,7 +544,7 @@ def native_grey_length(ds: Any) -> int | None:
 
 
 def analyze_native_grey(ds: Any, pixel_data: memoryview) -> Analysis | None:
-    """What `analyze` says of an uncompressed grey DICOM image (see `native_grey_length`), from its
+    """What `analyze_dicom` says of an uncompressed grey DICOM image (see `native_grey_length`), from its
     parsed header and the raw bytes of its pixel data, without decoding them: for native data the
     decode checks the length, which the caller has done, then only re-arranges bytes the description
     does not need. A 16-bit image without a window of its own gets its automatic window from a sample
@@ -659,14 +659,9 @@ def describe(decoded: Decoded) -> Analysis:
     )
 
 
-def analyze(data: bytes) -> Analysis:
-    """Decode `data` fully and describe it."""
-    return describe(decode(data))
-
-
 def analyze_dicom(data: bytes) -> Analysis:
     """Decode a DICOM Part 10 file fully and describe it as DICOM, even when its preamble is also a TIFF
-    header (a dual-personality file, which `analyze` sniffs as TIFF): what the DICOM import reads."""
+    header (a dual-personality file, which `decode` sniffs as TIFF): what the DICOM import reads."""
     return describe(_decode_dicom(data))
 
 

@@ -31,7 +31,6 @@ from bridge.imaging.analyze import Analysis, Decoded, Window, auto_window, decod
 # part of every cache key, so all cached renders are replaced.
 RENDER_VERSION = 2  # 2: the file's EXIF orientation is applied before the stored one
 
-POSITIONS = ("bottom-left", "bottom-right", "top-left", "top-right", "center")
 FORMATS = {"JPEG": "JPEG", "JPG": "JPEG", "PNG": "PNG", "TIF": "TIFF", "TIFF": "TIFF"}
 
 # The watermark's text height as a share of the output's long edge (12 px on a 256 thumbnail).

@@ -37,6 +37,8 @@ from sqlalchemy.pool import NullPool
 log = logging.getLogger(__name__)
 V = TypeVar("V")
 
+# The tables memoised reads come from; migration 0003 made their triggers from a copy of this, and
+# test_memo holds the schema's triggers to it.
 WATCHED_TABLES = ("patients", "pms_links", "chart_aliases", "studies", "series", "images")
 PG_CHANNEL = "pms_bridge_store"
 RECONNECT_SECONDS = 2.0

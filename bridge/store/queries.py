@@ -368,10 +368,6 @@ def images_by_ids(image_ids: list[int]) -> Select[Any]:
     return _image_view_select().where(Image.id.in_(image_ids))
 
 
-def image_by_sop_uid(sop_instance_uid: str) -> Select[Image]:
-    return select(Image).where(Image.sop_instance_uid == sop_instance_uid)
-
-
 def images_by_sop_uids(sop_instance_uids: list[str]) -> Select[str, int, str]:
     """(SOP Instance UID, patient id, sha256) of the stored images among these UIDs (import's duplicates)."""
     return select(Image.sop_instance_uid, Image.patient_id, Image.sha256).where(
@@ -398,10 +394,6 @@ def image_details_of_patient(patient_id: int) -> Select[Any]:
         .where(Image.patient_id == patient_id)
         .order_by(Study.id, Series.id, Image.id)
     )
-
-
-def image_by_sha256(patient_id: int, sha256: str) -> Select[Image]:
-    return select(Image).where(Image.patient_id == patient_id, Image.sha256 == sha256)
 
 
 def images_using_hashes(sha256s: list[str]) -> Select[str]:
@@ -545,10 +537,6 @@ def failed_outbox(channel: str | None, for_update: bool) -> Select[OutboxMessage
     return stmt.with_for_update() if for_update else stmt
 
 
-def outbox_by_key(key: str) -> Select[OutboxMessage]:
-    return select(OutboxMessage).where(OutboxMessage.key == key)
-
-
 def processed_file(watcher: str, content_sha256: str) -> Select[ProcessedFile]:
     return select(ProcessedFile).where(
         ProcessedFile.watcher == watcher, ProcessedFile.content_sha256 == content_sha256
@@ -566,10 +554,6 @@ def image_ids_of_patient(patient_id: int) -> Select[int]:
 
 def count_patients() -> Select[int]:
     return select(func.count()).select_from(Patient)
-
-
-def count_images() -> Select[int]:
-    return select(func.count()).select_from(Image)
 
 
 def highest_image_id() -> Select[int]:

@@ -17,9 +17,9 @@ import pydicom
 from PIL import Image
 
 from bridge.dicom.importer import Importer
-from bridge.imaging import synthetic
 from bridge.model import Category, Origin
 from bridge.runtime import Runtime
+from tests.support import synthetic
 from tests.support.dicomfiles import intraoral_object, sample, write
 
 ORIGIN = Origin("dicom", "export", "TEST")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+from bridge.exits import ExitCode
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.runtime import Runtime
 
 
 async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
-    """Answer with a JSON description of the launch; exit code 5 when asked to fail."""
+    """Answer with a JSON description of the launch; exit code NOT_FOUND when asked to fail."""
     description = {
         "protocol": launch.protocol,
         "args": list(launch.args),
@@ -19,5 +20,7 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
     }
     failing = "fail" in launch.args
     return LaunchReply(
-        5 if failing else 0, "Grüße: done" if not failing else "refused", json.dumps(description).encode()
+        ExitCode.NOT_FOUND if failing else ExitCode.OK,
+        "Grüße: done" if not failing else "refused",
+        json.dumps(description).encode(),
     )

@@ -1,4 +1,4 @@
-"""Synthetic dental images and exact file writers, for the tests and `bench/thumbnails.py`.
+"""Synthetic dental images and exact file writers, for the tests and the benchmarks (`bench/`).
 
 No real patient image may ship with the project, and Pillow cannot write every file this bridge must read
 (16-bit colour PNG and TIFF, PNG sBIT, DICOM), so these writers build the files byte by byte from a numpy
