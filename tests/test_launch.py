@@ -432,7 +432,7 @@ def test_doctor_fails_when_launches_would_on_a_certificate_the_daemon_does_not_s
         cert = daemon.config.parent / "tls" / "cert.pem"
         write_self_signed(cert, cert.with_name("key.pem"))
         code, out, err = run_launch(daemon, "vdds", str(exchange), cwd=tmp_path)
-        assert (code, out) == (launch.EXIT_UNREACHABLE, "") and "certificate verify failed" in err
+        assert (code, out) == (ExitCode.UNREACHABLE, "") and "certificate verify failed" in err
         assert keys(exchange.read_bytes(), "PATIENT")["ERRORLEVEL"] == "1"
         checked = doctor(daemon, tmp_path)
         assert checked.returncode == 1
