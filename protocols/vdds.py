@@ -369,6 +369,11 @@ def outcome_error(outcome: Outcome, kind: Kind, options: Options, patid: str = "
     if status is Status.CONFLICT:
         text = message(lang, "conflict", patid=patid, conflict=outcome.conflict_id or "?")
         return 1, f"{text} ({outcome.message})"
+    if status is Status.INVALID:
+        # What the store cannot take (a control character, U+FFFD from a wrong code page, a value longer
+        # than its column) is the PVS's data, not a fault of ours: saying "internal error" sent the
+        # receptionist to IT for a name typed wrong, and the detail says which field.
+        return 1, f"{message(lang, 'invalid')} ({outcome.message})"
     return 1, f"{message(lang, 'internal')} ({outcome.message})"
 
 

@@ -91,6 +91,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "export_failed": "Bilder konnten nicht exportiert werden: {ids}.",
         "disabled": "Die VDDS-Schnittstelle ist in pms-bridge ausgeschaltet.",
         "timeout": "Die Bildverwaltung hat nicht rechtzeitig geantwortet. Bitte erneut versuchen.",
+        "invalid": "Die übermittelten Daten sind ungültig; nichts wurde geändert.",
         "internal": "Interner Fehler in der Bildverwaltung. Bitte die IT informieren.",
     },
     "en": {
@@ -118,6 +119,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "export_failed": "Images could not be exported: {ids}.",
         "disabled": "The VDDS interface is switched off in pms-bridge.",
         "timeout": "The imaging system did not answer in time. Please try again.",
+        "invalid": "The data sent are not valid; nothing was changed.",
         "internal": "Internal error in the imaging system. Please call IT.",
     },
 }

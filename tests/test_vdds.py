@@ -882,6 +882,35 @@ async def test_a_cp1252_file_read_as_utf8_does_not_overwrite_the_stored_name(mak
         rt.close()
 
 
+# LASTNAME values the store cannot take, as a PVS writes them (the rest of the file is stage1's):
+INVALID_LAST_NAMES = {
+    # "Müller" from a PVS writing the DOS code page cp850 (M 81 l l e r) to a bridge left at
+    # `encoding = auto`: 0x81 is no character in cp1252, so it is read as U+FFFD
+    "cp850-under-auto": b"M\x81ller",
+    "start-of-heading": b"Ab\x01c",  # U+0001, a control character inside the name
+    "delete": b"Ab\x7fc",  # U+007F DEL
+}
+
+
+@pytest.mark.parametrize("last", INVALID_LAST_NAMES.values(), ids=INVALID_LAST_NAMES.keys())
+async def test_data_the_store_cannot_take_is_answered_as_invalid(make_settings: Any, last: bytes) -> None:
+    """A name the store refuses is the PVS's data, not a fault of the bridge: the answer says the data
+    are invalid, naming the field for IT, with ERRORLEVEL=1 and READY=1, never "Interner Fehler"; nothing
+    is stored."""
+    rt = Runtime.build(make_settings())
+    try:
+        reply = await handle(rt, launch(stage1("0817").replace(b"LASTNAME=M\xfcller", b"LASTNAME=" + last)))
+        assert reply.exit_code == 1 and reply.content is not None
+        answer = keys(reply.content, "PATIENT")
+        assert answer["ERRORLEVEL"] == "1" and answer["READY"] == "1", answer
+        assert answer["ERRORTEXT"].startswith(
+            "Die übermittelten Daten sind ungültig; nichts wurde geändert. (last name must not contain"
+        ), answer
+        assert await rt.service.search_patients(Origin("test"), pms_id="0817") == []
+    finally:
+        rt.close()
+
+
 async def test_a_bomless_utf8_request_is_read_as_utf8_and_answered_in_it(make_settings: Any) -> None:
     """gdt2dicom writes its exchange files in UTF-8 without a BOM: with `[vdds] encoding = auto` (the
     default) the name is stored as sent (it was "MÃ¼ller") and the answer is UTF-8 without a BOM."""

@@ -526,6 +526,21 @@ def test_export_sections_and_outcome_errors() -> None:
     assert level == 1 and "conflict no. 4" in text and "birth date differs" in text
 
 
+def test_data_the_store_cannot_take_is_answered_as_invalid_not_as_an_internal_error() -> None:
+    """The service's "invalid" (a control character, U+FFFD, a value too long for the store) is the PVS's
+    data: its own sentence with the detail for IT, ERRORLEVEL=1 as every refusal; "Interner Fehler"
+    sent the receptionist to IT for a name typed wrong."""
+    invalid = Outcome(Status.INVALID, "last name must not contain a control character (U+0001)")
+    for language, sentence in (
+        ("de", "Die übermittelten Daten sind ungültig; nichts wurde geändert."),
+        ("en", "The data sent are not valid; nothing was changed."),
+    ):
+        level, text = vdds.outcome_error(
+            invalid, vdds_exchange.Kind.PATDATIMPORT, vdds.Options(language=language), "0815"
+        )
+        assert (level, text) == (1, f"{sentence} (last name must not contain a control character (U+0001))")
+
+
 STAGE4 = """
 [MMOIDS]
 PVS=CGM_Z1
