@@ -121,6 +121,28 @@ def _newline(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Lines
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of a PMS text as Windows reads them: split at CRLF, CR and LF only, line ends dropped.
+
+    `str.splitlines()` also splits at VT, FF, the separators U+001C-U+001E, NEL (U+0085) and U+2028/
+    U+2029; GetPrivateProfileString and the PMSs' own readers do not. A value holding one of them then
+    became two lines: `PATID=Z2470817\x0b999` opened patient Z2470817, and `BVS=X\x0bPATID=<id>` smuggled
+    a key in. Kept inside its value, the character stays with the field it was sent in, and a field the
+    bridge uses is refused by the control-character rules. As `splitlines`, a text ending with a line end
+    has no empty last line.
+    """
+    lines = _LINE_END.split(text)
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
 # INI-style files (Windows GetPrivateProfileString semantics)
 
 
@@ -167,7 +189,7 @@ def parse_ini(text: str) -> dict[str, IniSection]:
     """
     sections: dict[str, IniSection] = {}
     current = sections.setdefault("", IniSection(""))
-    for raw in text.splitlines():
+    for raw in split_lines(text):
         kind, name, value = ini_line(raw)
         if kind == "section":
             current = sections.setdefault(name.upper(), IniSection(name))
@@ -209,7 +231,8 @@ def render_ini(sections: Iterable[tuple[str, Iterable[tuple[str, str]]]]) -> str
     return "\n".join(out)
 
 
-# Every character str.splitlines() breaks a line at, so parse_ini can never see a value as two lines.
+# Every character str.splitlines() breaks a line at: `parse_ini` splits at CR and LF only, but a PMS
+# reading our file with another reader must not see a value as two lines either.
 _LINE_BREAKS = str.maketrans(dict.fromkeys("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029", " "))
 
 
@@ -225,7 +248,7 @@ def parse_key_values(text: str, *, unquote: bool = False) -> dict[str, str]:
     documents `LN="Smith"` while its known writers send `LN=Smith`, so both must read the same.
     """
     found: dict[str, str] = {}
-    for raw in text.splitlines():
+    for raw in split_lines(text):
         key, sep, value = raw.partition("=")
         key = key.strip().upper()
         if sep and key and " " not in key and key not in found:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.model import Demographics, Sex
-from protocols.common import DateFormatError, decode, parse_date, parse_key_values, parse_sex
+from protocols.common import DateFormatError, decode, parse_date, parse_key_values, parse_sex, split_lines
 from protocols.fields import MessageError, PatientFields, field_id, field_text
 
 INFO_FILE = "info-file"
@@ -69,7 +69,7 @@ def parse_file(
         raise MessageError("the file is empty")
     if not text.endswith("\n"):
         raise MessageError("the file ends in the middle of a line: it is truncated or still being written")
-    first = next(line for line in text.splitlines() if line.strip())
+    first = next(line for line in split_lines(text) if line.strip())
     dialect = INTEGRATOR if first.lstrip().upper().startswith("PN=") else INFO_FILE
     values = parse_key_values(text, unquote=True)
     # A missing required line means a file cut at a line end, which the trailing-newline test cannot see.

@@ -40,12 +40,13 @@ def field_text(value: str, name: str, max_length: int = 120) -> str:
     """A text field of a message, stripped; control characters or an absurd length are refused.
 
     The limit protects the store (names are at most 120 characters there) and makes a corrupt file fail
-    with a message naming the field instead of a database error.
+    with a message naming the field instead of a database error. Line and paragraph separators (U+2028,
+    U+2029) count as control characters: a line of the file holds them (`split_lines`), a name does not.
     """
     text = value.strip()
     if len(text) > max_length:
         raise MessageError(f"{name} is longer than {max_length} characters")
-    if any(unicodedata.category(ch) == "Cc" for ch in text):
+    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in text):
         raise MessageError(f"{name} contains control characters")
     return text
 

@@ -16,7 +16,17 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from protocols.common import AUTO, DecodedText, IniSection, decode, ini_line, one_line, parse_ini, render_ini
+from protocols.common import (
+    AUTO,
+    DecodedText,
+    IniSection,
+    decode,
+    ini_line,
+    one_line,
+    parse_ini,
+    render_ini,
+    split_lines,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -377,7 +387,7 @@ def _edit(text: str, targets: Sequence[str], handshake: Sequence[tuple[str, str]
         out.extend(trailing)
         placed.add(current)
 
-    for raw in text.splitlines():
+    for raw in split_lines(text):  # the lines parse_ini sees: a PATID=Z6696672\x0b999 line stays one line
         kind, name, _value = ini_line(raw)
         if kind == "section":
             if current in wanted and current not in placed:

@@ -380,6 +380,9 @@ async def test_control_characters_and_lone_surrogates_are_refused_by_name(api_cl
         ("last_name", "Doe\u0000"),
         ("first_name", "Ja\x1bne"),
         ("street", "Main St\udfff"),
+        ("last_name", "Meier\u2028Schulz"),  # a line separator: the PMS protocols read it inside a value
+        ("first_name", "An\u2029n"),
+        ("city", "K\x85ln"),  # NEL, a C1 control (cp1252's "…" read as ISO-8859-15)
     ):
         response = await create(api_client, **{"pms_id": "ctl", name: value})
         assert response.status == 422, (name, value, await response.text())

@@ -366,6 +366,48 @@ def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
     )
 
 
+def test_a_line_break_like_character_in_an_id_is_refused_not_cut(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """Only CR and LF end a line: an id holding VT, FF or GS (`PN=1042<VT>999`) was cut at it and
+    opened patient 1042. Now it stays in the value and is refused (exit 2), and patient 1042 is not
+    opened."""
+    for system in ("dexis", "eaglesoft", "cliniview"):
+        body = {"pms_system": system, "pms_id": "1042", "last_name": "Other", "first_name": "Ann"}
+        status, _ = daemon.request(
+            "POST",
+            "/api/v1/patients",
+            json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert status == 201
+    files = {
+        # Integrator file: PN=1042 <VT> 999
+        "Patient_OP1.txt": ("dexis", "PN", crlf("PN=1042\x0b999", "LN=Other", "FN=Ann")),
+        # Patterson ini: PatientNumber=1042 <FF> 999
+        "patterson.ini": (
+            "eaglesoft",
+            "PatientNumber",
+            crlf("[Patient]", "PatientNumber=1042\x0c999", "FirstName=Ann", "LastName=Other"),
+        ),
+        # Cliniview.ini: PatientID=1042 <GS> 999
+        "Cliniview.ini": (
+            "cliniview",
+            "PatientID",
+            crlf("[Patient]", "PatientID=1042\x1d999", "FirstName=Ann", "LastName=Other"),
+        ),
+    }
+    for name, (protocol, key, data) in files.items():
+        (tmp_path / name).write_bytes(data)
+        argument = f"@{tmp_path / name}" if protocol == "dexis" else str(tmp_path / name)
+        assert run(daemon, protocol, argument) == (
+            2,
+            f"pms-bridge {protocol}: {key} contains control characters",
+        )
+    _status, audit = daemon.request("GET", "/api/v1/audit?limit=500")
+    assert b"patient.open" not in audit, audit
+
+
 def test_set_without_an_id_cut_short_or_without_names_changes_nobody(daemon: DaemonProcess) -> None:
     """A SET the Integrator would not have sent whole: exit 2, and the stored patient keeps its name."""
     assert run(daemon, "dentrix", "SET", "4713", "LN=Smith", "FN=Ann", "BD=19850714")[0] == 0

@@ -911,6 +911,42 @@ async def test_data_the_store_cannot_take_is_answered_as_invalid(make_settings: 
         rt.close()
 
 
+async def test_a_line_break_like_character_in_a_value_never_opens_another_patient(make_settings: Any) -> None:
+    """Only CR and LF end a line. `PATID=Z2470817<VT>999` was read as PATID=Z2470817 and answered
+    "patient Z2470817 opened" with ERRORLEVEL=0; `BVS=PMSBRIDGE<VT>PATID=<victim>` before the real PATID
+    opened the victim; `LASTNAME=Meier<U+2028>Schulz` was stored as "Meier". Now the character stays in
+    its value: the id or name is refused as invalid data, and the smuggled key is no key."""
+    rt = Runtime.build(make_settings())
+    try:
+        for patid in ("Z2470817", "V2470818"):
+            assert (await handle(rt, launch(stage1(patid)))).exit_code == 0
+        reply = await handle(rt, launch(stage1("Z2470817\x0b999")))
+        assert reply.exit_code == 1 and reply.content is not None
+        assert b"\r\nPATID=Z2470817\x0b999\r\n" in reply.content  # the PVS's line as it was
+        answer = keys(reply.content, "PATIENT")
+        assert (answer["ERRORLEVEL"], answer["READY"]) == ("1", "1")
+        assert answer["ERRORTEXT"] == (
+            "Die übermittelten Daten sind ungültig; nichts wurde geändert."
+            " (pms id must not contain a control character (U+000B))"
+        )
+        smuggled = stage1("O2470819", extra="").replace(
+            b"PVS=TESTPVS\r\n", b"PVS=TESTPVS\r\nBVS=PMSBRIDGE\x0bPATID=V2470818\r\n"
+        )
+        reply = await handle(rt, launch(smuggled))
+        assert reply.exit_code == 0 and reply.request is not None and reply.request.pms_id == "O2470819"
+        # U+2028 in a BOM-less UTF-8 file (encoding = auto): refused, not cut to "Meier"
+        separated = stage1("M2470820").decode("cp1252").replace("Müller", "Meier\u2028Schulz").encode("utf-8")
+        reply = await handle(rt, launch(separated))
+        assert reply.exit_code == 1 and reply.content is not None
+        assert (
+            "last name must not contain a line separator (U+2028)"
+            in keys(reply.content, "PATIENT")["ERRORTEXT"]
+        )
+        assert await rt.service.search_patients(Origin("test"), pms_id="M2470820") == []
+    finally:
+        rt.close()
+
+
 async def test_a_bomless_utf8_request_is_read_as_utf8_and_answered_in_it(make_settings: Any) -> None:
     """gdt2dicom writes its exchange files in UTF-8 without a BOM: with `[vdds] encoding = auto` (the
     default) the name is stored as sent (it was "MÃ¼ller") and the answer is UTF-8 without a BOM."""

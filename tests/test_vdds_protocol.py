@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from bridge.model import Action, Category, ImageView, Origin, Outcome, Sex, Status
 from protocols import vdds, vdds_exchange
-from protocols.common import IniSection, decode, ini_line, one_line, parse_ini
+from protocols.common import IniSection, decode, ini_line, one_line, parse_ini, parse_key_values, split_lines
 
 ORIGIN = Origin(protocol="vdds", transport="cli", workstation="WS1")
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "vdds"
@@ -88,6 +88,33 @@ def test_one_line_breaks_every_kind_of_line_break() -> None:
     value = one_line("a\rb\nc\x0bd\x0ce\x1cf\x85g\u2028h")
     assert len(value.splitlines()) == 1
     assert parse_ini(f"[S]\nK={value}\nREADY=0\n")["S"].get("READY") == "0"
+
+
+# Every character str.splitlines() breaks a line at besides CR and LF: VT, FF, FS, GS, RS, NEL and the
+# Unicode line and paragraph separators. Windows' GetPrivateProfileString reads them as part of a value.
+NOT_LINE_ENDS = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+@pytest.mark.parametrize("char", NOT_LINE_ENDS, ids=lambda char: f"U+{ord(char):04X}")
+def test_only_cr_and_lf_end_a_line(char: str) -> None:
+    """`PATID=Z2470817<char>999` is one line whose value holds the character (which the service then
+    refuses), never PATID=Z2470817 and a line "999": that opened patient Z2470817."""
+    text = f"[PATIENT]\r\nBVS=PMSBRIDGE{char}PATID=VICTIM\rPATID=Z2470817{char}999\nREADY=0\r\n"
+    assert split_lines(text) == [
+        "[PATIENT]",
+        f"BVS=PMSBRIDGE{char}PATID=VICTIM",
+        f"PATID=Z2470817{char}999",
+        "READY=0",
+    ]
+    section = parse_ini(text)["PATIENT"]
+    assert section.get("PATID") == f"Z2470817{char}999"
+    assert section.get("BVS") == f"PMSBRIDGE{char}PATID=VICTIM"
+    assert parse_key_values(f"PN=4711{char}999\r\nLN=Smith\r\n") == {"PN": f"4711{char}999", "LN": "Smith"}
+
+
+def test_split_lines_drops_the_line_ends_as_splitlines_does() -> None:
+    for text in ("", "a", "a\r\n", "a\r\nb", "a\n\n", "a\r\rb\r", "\r\n"):
+        assert split_lines(text) == text.splitlines(), repr(text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,6 +430,15 @@ def test_answer_keeps_the_pvs_lines_and_puts_ready_last() -> None:
         .replace("\n", "\r\n")
         + "\r\n"
     )
+
+
+def test_answer_keeps_a_line_holding_a_vertical_tab_as_it_was() -> None:
+    """The PVS's own lines stay exactly as they were: `PATID=Z6696672<VT>999` is one line (as Windows
+    reads it) and is not rewritten into two."""
+    found = exchange(STAGE1.replace("PATID=002509", "PATID=Z6696672\x0b999"))
+    text = vdds_exchange.answer(found, 1, "invalid").decode("cp1252")
+    assert "\r\nPATID=Z6696672\x0b999\r\nLASTNAME=" in text
+    assert answered(text.encode("cp1252"))["PATIENT"]["READY"] == "1"
 
 
 def test_answer_in_the_received_encoding_bom_and_line_ends() -> None:
