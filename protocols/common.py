@@ -142,6 +142,16 @@ def split_lines(text: str) -> list[str]:
     return lines
 
 
+def last_line_ended(text: str) -> bool:
+    """Whether nothing but blanks follows the text's last CR, LF or CRLF: a file a PMS finished writing.
+
+    Every PMS writer ends its last line (CRLF on Windows, CR-only and LF-only writers exist too), so a
+    last line without a terminator is a file cut short or still being written, whose last value may be
+    cut ("PN=10" of 1042 names another patient).
+    """
+    return not _LINE_END.split(text)[-1].strip()
+
+
 # --------------------------------------------------------------------------------------------------
 # INI-style files (Windows GetPrivateProfileString semantics)
 

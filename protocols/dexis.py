@@ -21,7 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.model import Demographics, Sex
-from protocols.common import DateFormatError, decode, parse_date, parse_key_values, parse_sex, split_lines
+from protocols.common import (
+    DateFormatError,
+    decode,
+    last_line_ended,
+    parse_date,
+    parse_key_values,
+    parse_sex,
+    split_lines,
+)
 from protocols.fields import MessageError, PatientFields, field_id, field_text
 
 INFO_FILE = "info-file"
@@ -67,7 +75,7 @@ def parse_file(
     text = decode(data, encoding).text
     if not text.strip():
         raise MessageError("the file is empty")
-    if not text.endswith("\n"):
+    if not last_line_ended(text):  # CRLF, LF or CR-only, as the Patterson and Cliniview readers accept
         raise MessageError("the file ends in the middle of a line: it is truncated or still being written")
     first = next(line for line in split_lines(text) if line.strip())
     dialect = INTEGRATOR if first.lstrip().upper().startswith("PN=") else INFO_FILE

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bridge.model import Demographics
-from protocols.common import DateFormatError, IniSection, decode, parse_date, parse_ini
+from protocols.common import DateFormatError, IniSection, decode, last_line_ended, parse_date, parse_ini
 
 
 class MessageError(ValueError):
@@ -132,8 +132,7 @@ def read_mapped_ini(
     if len(data) > MAX_INI_BYTES:
         raise MessageError(f"{what} has {len(data)} bytes; at most {MAX_INI_BYTES} are read")
     text = decode(data, encoding).text
-    unended = text.rsplit("\n", 1)[-1].rsplit("\r", 1)[-1]  # what follows the last CR or LF
-    if unended.strip():
+    if not last_line_ended(text):
         # Read while the PMS was still writing it: the last value may be cut short ("PatientNumber=10"
         # of 1042 names another patient), so nothing in it can be trusted.
         raise MessageError(f"{what} ends in the middle of a line: it is truncated or still being written")

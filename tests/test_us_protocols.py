@@ -174,6 +174,20 @@ def test_broken_files_are_refused_with_a_reason(data: bytes, problem: str) -> No
         dexis.parse_file(data, short_date_formats=EN_US)
 
 
+@pytest.mark.parametrize("newline", ["\r", "\n", "\r\n"], ids=["cr", "lf", "crlf"])
+def test_dexis_files_with_any_line_end_are_whole_and_cut_ones_are_refused(newline: str) -> None:
+    """A Dexis file's last line may end in CR, LF or CRLF, as the Patterson ini's and Cliniview.ini's
+    (`last_line_ended`): a CR-only writer's files were refused as "truncated or still being written"."""
+    integrator = newline.join(["PN=1042", "LN=Côté", "FN=Zoë", "BD=19850714"]).encode("cp1252")
+    info = info_file("7/14/1985").replace(b"\r\n", newline.encode())
+    for whole in (integrator + newline.encode(), info):
+        fields = dexis.parse_file(whole, short_date_formats=EN_US).fields
+        assert (fields.patient_id, fields.demographics.last_name) == ("1042", "Côté")
+        assert fields.demographics.birth_date == date(1985, 7, 14)
+    with pytest.raises(MessageError, match="truncated or still being written"):
+        dexis.parse_file(integrator[:-2], short_date_formats=EN_US)  # BD=198507: cut inside the last line
+
+
 # --------------------------------------------------------------------------------------------------
 # Dexis Integrator file and SET command
 
