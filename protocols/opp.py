@@ -33,7 +33,17 @@ if TYPE_CHECKING:
     from lxml import etree
 
 MAX_XML_BYTES = 64 * 1024  # an OPP message is a few hundred bytes; anything near this is not one
-MAX_FIELD_CHARS = 200  # as the REST API's limit on names
+MAX_FIELD_CHARS = 200  # fields the store does not keep (softwareVersion ...): a corrupt message, not a name
+# The fields the store keeps, at most as long as their columns (bridge.store.limits; a test holds them
+# to it): refused here as field-too-long naming the OPP field, rather than by the service in its words.
+FIELD_LIMITS: dict[str, int] = {
+    "software": 100,  # pms_system
+    "practiceId": 100,  # practice_id
+    "reference": 100,  # pms_id
+    "firstName": 120,
+    "lastName": 120,
+    "middleName": 120,
+}
 DEFAULT_VERSION = "1.3"  # what the command line and OPP web parameters speak when they name none
 ISO_DATE = "yyyy-MM-dd"  # .NET notation, as the -d flag's
 
@@ -222,10 +232,11 @@ def check_version(version: str) -> None:
 
 
 def _field(fields: Mapping[str, str], name: str) -> str:
-    """A text field: trimmed, control characters as spaces, at most MAX_FIELD_CHARS."""
+    """A text field: trimmed, control characters as spaces, at most FIELD_LIMITS (else MAX_FIELD_CHARS)."""
     value = _CONTROL.sub(" ", fields.get(name, "")).strip()
-    if len(value) > MAX_FIELD_CHARS:
-        raise OppError(f"{name} is longer than {MAX_FIELD_CHARS} characters", "field-too-long")
+    limit = FIELD_LIMITS.get(name, MAX_FIELD_CHARS)
+    if len(value) > limit:
+        raise OppError(f"{name} is longer than {limit} characters", "field-too-long")
     return value
 
 

@@ -23,10 +23,12 @@ from bridge.model import (
 from protocols.common import DateFormatError, dotnet_to_strptime
 from protocols.opp import (
     COMMAND_ACTIONS,
+    FIELD_LIMITS,
     Command,
     OppError,
     OppOptions,
     form_params,
+    from_fields,
     parse_args,
     parse_flag_map,
     parse_params,
@@ -268,9 +270,11 @@ def test_a_message_over_the_size_limit_is_refused() -> None:
     assert err.value.kind == "too-large"
 
 
-def test_a_field_over_200_characters_is_refused() -> None:
-    with pytest.raises(OppError, match="lastName is longer than 200 characters"):
-        parse_xml(opp_xml(patient=f'reference="1" lastName="{"x" * 201}"').encode(), OPTIONS)
+def test_a_field_over_its_limit_is_refused() -> None:
+    with pytest.raises(OppError, match="lastName is longer than 120 characters"):
+        parse_xml(opp_xml(patient=f'reference="1" lastName="{"x" * 121}"').encode(), OPTIONS)
+    with pytest.raises(OppError, match="softwareVersion is longer than 200 characters"):
+        parse_xml(opp_xml(software=f'name="P" version="{"9" * 201}"').encode(), OPTIONS)
 
 
 @pytest.mark.parametrize(
@@ -749,3 +753,25 @@ def test_dotnet_formats_translate_run_by_run(fmt: str, directive: str) -> None:
 def test_dotnet_formats_with_names_or_escapes_are_refused(fmt: str) -> None:
     with pytest.raises(DateFormatError):
         dotnet_to_strptime(fmt)
+
+
+def test_the_opp_field_limits_are_the_stores() -> None:
+    """A field the store keeps is refused as field-too-long at its column's length: longer, the service
+    refused it later in its own words (pms id, not reference); shorter, a name the store holds would be
+    refused needlessly."""
+    from bridge.store.limits import TEXT_RULES
+
+    store_name = {
+        "software": "pms_system",
+        "practiceId": "practice_id",
+        "reference": "pms_id",
+        "firstName": "first_name",
+        "lastName": "last_name",
+        "middleName": "middle_name",
+    }
+    assert {field: TEXT_RULES[name].limit for field, name in store_name.items()} == FIELD_LIMITS
+    fields = {"command": "UPDATE_CREATE", "reference": "R1", "lastName": "L" * 120}
+    assert from_fields(fields, OPTIONS).demographics.last_name == "L" * 120
+    with pytest.raises(OppError, match="lastName is longer than 120 characters") as refused:
+        from_fields({**fields, "lastName": "L" * 121}, OPTIONS)
+    assert refused.value.kind == "field-too-long"

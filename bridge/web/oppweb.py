@@ -382,13 +382,14 @@ async def _answer(request: web.Request) -> _Answer:
     outcome = await execute(rt, message, patient_request)
     if not outcome.status.ok and outcome.status is not Status.PARTIAL:
         extra = {"conflict_id": outcome.conflict_id} if outcome.conflict_id is not None else {}
-        refused = ProblemError(
-            STATUS_HTTP[outcome.status],
-            outcome.message,
-            kind=outcome.status.value.replace("_", "-"),
-            command=message.command.value,
-            **extra,
-        )
+        if outcome.status is Status.INVALID:
+            # What the store cannot take (a character the store refuses, a value longer than its column
+            # in UTF-16 code units) is a field of the message, answered as every other bad field: 400
+            # invalid-field (docs/opp.md), not the REST API's 422.
+            status, kind = 400, "invalid-field"
+        else:
+            status, kind = STATUS_HTTP[outcome.status], outcome.status.value.replace("_", "-")
+        refused = ProblemError(status, outcome.message, kind=kind, command=message.command.value, **extra)
         return _Answer(refused.response(request.path), patient_request, outcome)
     urls: dict[int, str] = {}
     if message.command is Command.VIEW_DATA:
