@@ -12,7 +12,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bridge.model import Demographics
-from protocols.common import DateFormatError, IniSection, decode, last_line_ended, parse_date, parse_ini
+from protocols.common import (
+    DateFormatError,
+    FutureDateError,
+    IniSection,
+    decode,
+    last_line_ended,
+    parse_date,
+    parse_ini,
+)
 
 
 class MessageError(ValueError):
@@ -109,11 +117,14 @@ class MappedIni:
             raise MessageError(f"{self.what} has no {ini_key or 'patient id'} key in [{self.section.name}]")
         return field_id(self.section.get(ini_key), ini_key)
 
-    def date(self, name: str, formats: Iterable[str]) -> dt.date | None:
-        """A mapped date field in one of `formats`; a date in another format is refused, not guessed."""
+    def date(self, name: str, formats: Iterable[str], today: dt.date) -> dt.date | None:
+        """A mapped date field in one of `formats`; a date in another format is refused, not guessed, and
+        so is one after `today` (`latest_birth_date`)."""
         value = self.text(name, 40)
         try:
-            return parse_date(value, formats)
+            return parse_date(value, formats, today=today)
+        except FutureDateError:
+            raise MessageError(f"{self.keys.get(name, name)} {value!r} is in the future") from None
         except DateFormatError:
             raise MessageError(
                 f"{self.keys.get(name, name)} {value!r} is not a date in the configured format"

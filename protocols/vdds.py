@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 from bridge.model import (
     Action,
@@ -33,6 +33,7 @@ from bridge.model import (
 )
 from protocols.common import (
     DateFormatError,
+    FutureDateError,
     IniSection,
     decode,
     ini_line,
@@ -154,11 +155,14 @@ def _first(section: IniSection, field_name: str) -> str:
     return ""
 
 
-def demographics(section: IniSection) -> Demographics:
-    """Patient data from a stage-1 section, tolerating the German key variants and every date form."""
+def demographics(section: IniSection, today: date) -> Demographics:
+    """Patient data from a stage-1 section, tolerating the German key variants and every date form;
+    a birth date after `today` (and a day's slack, `latest_birth_date`) is refused."""
     birth_text = _first(section, "birth_date")
     try:
-        birth = parse_date(birth_text, BIRTH_DATE_FORMATS)
+        birth = parse_date(birth_text, BIRTH_DATE_FORMATS, today=today)
+    except FutureDateError:
+        raise VddsError("future_date", value=birth_text[:20]) from None
     except DateFormatError:
         raise VddsError("bad_date", value=birth_text[:20]) from None
     return Demographics(
@@ -223,12 +227,13 @@ def wants_acquisition(section: IniSection, options: Options, args: Sequence[str]
 
 
 def patient_request(
-    exchange: Exchange, origin: Origin, options: Options, args: Sequence[str] = ()
+    exchange: Exchange, origin: Origin, options: Options, args: Sequence[str] = (), *, today: date
 ) -> PatientRequest:
     """The `PatientRequest` an exchange file asks for; raises VddsError for what cannot be served.
 
     pms_system is the PVS key (the PVS's section name in VDDS_MMI.INI), or `default_pvs` when a PVS
-    omits it; the practice id is the `practice_key` value (PRXNR), empty when absent.
+    omits it; the practice id is the `practice_key` value (PRXNR), empty when absent. `today` is the
+    daemon's date, which a birth date may not be after (`demographics`).
     """
     section = exchange.request
     if exchange.kind is Kind.AMBIGUOUS:
@@ -264,7 +269,7 @@ def patient_request(
         pms_system=pvs,
         pms_id=patid,
         practice_id=practice,
-        demographics=demographics(section),
+        demographics=demographics(section, today),
     )
 
 

@@ -89,6 +89,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "too_large": "Die Übergabedatei ist zu groß ({size} Bytes, höchstens {limit}); sie wurde nicht "
         "ausgeführt.",
         "bad_date": "Das Geburtsdatum {value!r} ist ungültig (erwartet JJJJMMTT oder TT.MM.JJJJ).",
+        "future_date": "Das Geburtsdatum {value!r} liegt in der Zukunft.",
         "too_long": "Der Wert von {key} ist zu lang (höchstens {limit} Zeichen).",
         "no_mmoids": "Die Anfrage nennt keine Bildnummern (MMOID).",
         "too_many": "Die Anfrage nennt {count} Bilder; höchstens {limit} sind erlaubt.",
@@ -117,6 +118,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "too_large": "The exchange file is too large ({size} bytes, at most {limit}); it was not carried "
         "out.",
         "bad_date": "The birth date {value!r} is not valid (expected YYYYMMDD or DD.MM.YYYY).",
+        "future_date": "The birth date {value!r} is in the future.",
         "too_long": "The value of {key} is too long (at most {limit} characters).",
         "no_mmoids": "The request names no image numbers (MMOID).",
         "too_many": "The request names {count} images; at most {limit} are allowed.",

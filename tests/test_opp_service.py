@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from datetime import date
 
 from bridge.events import AcquisitionRequested, Event, PatientOpened
 from bridge.handlers.opp import execute as run_message
@@ -15,6 +16,8 @@ from bridge.store import queries as q
 from protocols.opp import OppMessage, parse_args
 
 ORIGIN = Origin(protocol="opp", transport="cli", workstation="WS1")
+# The daemon's date the parsers check birth dates against: fixed, so no test depends on the clock.
+TODAY = date(2026, 12, 5)
 
 
 async def execute(rt: Runtime, message: OppMessage, origin: Origin) -> Outcome:
@@ -23,7 +26,7 @@ async def execute(rt: Runtime, message: OppMessage, origin: Origin) -> Outcome:
 
 
 def message(rt: Runtime, *args: str) -> OppMessage:
-    return parse_args(list(args), options(rt.settings))
+    return parse_args(list(args), options(rt.settings), today=TODAY)
 
 
 def events(rt: Runtime) -> list[Event]:
@@ -155,9 +158,9 @@ async def test_the_software_name_and_practice_id_key_the_patient(runtime: Runtim
     """Two PMSs (or two practices of one) may use the same reference for different people."""
     a = await execute(runtime, message(runtime, "-p", "1", "-l", "A"), ORIGIN)
     custom = replace(options(runtime.settings), software_name="Other-PMS")
-    b = await execute(runtime, parse_args(["-p", "1", "-l", "B"], custom), ORIGIN)
+    b = await execute(runtime, parse_args(["-p", "1", "-l", "B"], custom, today=TODAY), ORIGIN)
     practice = replace(custom, practice_id="P2")
-    c = await execute(runtime, parse_args(["-p", "1", "-l", "C"], practice), ORIGIN)
+    c = await execute(runtime, parse_args(["-p", "1", "-l", "C"], practice, today=TODAY), ORIGIN)
     assert a.patient and b.patient and c.patient
     assert len({a.patient.id, b.patient.id, c.patient.id}) == 3
     assert (c.patient.pms_system, c.patient.practice_id) == ("Other-PMS", "P2")

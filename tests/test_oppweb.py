@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import threading
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -200,6 +201,18 @@ def test_what_the_store_cannot_take_is_a_400_naming_the_field(daemon: DaemonProc
     reply = call(daemon, "POST", "/opp", body, {"Content-Type": "application/xml"})
     assert reply[0] == 400 and problem(reply)["type"] == "urn:pms-bridge:problem:field-too-long"
     assert patients(daemon) == []
+
+
+def test_a_birthdate_in_the_future_is_a_400_invalid_date(daemon: DaemonProcess) -> None:
+    """birthdate=2099-12-31 was stored; after today (and its day of slack) it is refused, nothing stored."""
+    future = (date.today() + timedelta(days=3)).isoformat()  # after the slack even across midnight
+    reply = call(daemon, "GET", f"/opp?command=UPDATE_CREATE&reference=B1&software=WebPMS&birthdate={future}")
+    assert reply[0] == 400
+    assert (problem(reply)["type"], problem(reply)["detail"]) == (
+        "urn:pms-bridge:problem:invalid-date",
+        f"birthdate '{future}' is in the future",
+    )
+    assert patients(daemon, pms_system="WebPMS") == []
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -406,6 +406,31 @@ def test_a_line_break_like_character_in_an_id_is_refused_not_cut(
         )
     _status, audit = daemon.request("GET", "/api/v1/audit?limit=500")
     assert b"patient.open" not in audit, audit
+
+
+def test_birth_dates_are_never_in_the_future(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """A two-digit year is the latest century not in the future (Birthdate=7/14/45 was stored as 2045);
+    a four-digit date after today (and its day of slack) is refused with exit 2 and nothing is stored."""
+    ini = tmp_path / "patterson.ini"
+    ini.write_bytes(
+        crlf("[Patient]", "PatientNumber=4501", "FirstName=Ann", "LastName=Lee", "Birthdate=7/14/45")
+    )
+    assert run(daemon, "eaglesoft", str(ini)) == (0, "pms-bridge eaglesoft: patient 4501 created")
+    [ann] = patients(daemon, pms_system="eaglesoft", pms_id="4501")
+    assert ann["birth_date"] == "1945-07-14"
+    future = date.today() + timedelta(days=3)  # after the slack even across midnight
+    integrator = tmp_path / "Patient_OP2.txt"
+    integrator.write_bytes(crlf("PN=4502", "LN=Lee", "FN=Ann", f"BD={future:%Y%m%d}"))
+    assert run(daemon, "dexis", f"@{integrator}") == (
+        2,
+        f"pms-bridge dexis: BD '{future:%Y%m%d}' is in the future",
+    )
+    us_date = f"{future.month:02d}/{future.day:02d}/{future.year}"
+    assert run(daemon, "cliniview", f"-4503;Ann;Lee;;{us_date}") == (
+        2,
+        f"pms-bridge cliniview: birth date '{us_date}' is in the future",
+    )
+    assert patients(daemon, pms_id="4502") == [] and patients(daemon, pms_id="4503") == []
 
 
 def test_set_without_an_id_cut_short_or_without_names_changes_nobody(daemon: DaemonProcess) -> None:

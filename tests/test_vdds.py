@@ -16,6 +16,7 @@ import tracemalloc
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import date, timedelta
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -943,6 +944,24 @@ async def test_a_line_break_like_character_in_a_value_never_opens_another_patien
             in keys(reply.content, "PATIENT")["ERRORTEXT"]
         )
         assert await rt.service.search_patients(Origin("test"), pms_id="M2470820") == []
+    finally:
+        rt.close()
+
+
+async def test_a_birth_date_in_the_future_is_refused_and_nothing_is_stored(make_settings: Any) -> None:
+    """BIRTHDAY=20991231 was stored; a date after today (and its day of slack) is answered as an invalid
+    date, ERRORLEVEL=1 and READY=1, and the patient is not created."""
+    future = (date.today() + timedelta(days=3)).strftime("%Y%m%d")  # after the slack even across midnight
+    rt = Runtime.build(make_settings())
+    try:
+        reply = await handle(
+            rt, launch(stage1("0818").replace(b"BIRTHDAY=19710101", f"BIRTHDAY={future}".encode()))
+        )
+        assert reply.exit_code == 1 and reply.content is not None
+        answer = keys(reply.content, "PATIENT")
+        assert (answer["ERRORLEVEL"], answer["READY"]) == ("1", "1")
+        assert answer["ERRORTEXT"] == f"Das Geburtsdatum '{future}' liegt in der Zukunft."
+        assert await rt.service.search_patients(Origin("test"), pms_id="0818") == []
     finally:
         rt.close()
 

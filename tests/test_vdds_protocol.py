@@ -17,6 +17,8 @@ from protocols.common import IniSection, decode, ini_line, one_line, parse_ini, 
 
 ORIGIN = Origin(protocol="vdds", transport="cli", workstation="WS1")
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "vdds"
+# The daemon's date the parsers check birth dates against: fixed, so no test depends on the clock.
+TODAY = date(2026, 12, 5)
 
 
 def exchange(
@@ -171,7 +173,7 @@ def test_a_thumbnail_in_the_folder_is_foreign() -> None:
 
 
 def test_stage1_request() -> None:
-    req = vdds.patient_request(exchange(STAGE1), ORIGIN, vdds.Options())
+    req = vdds.patient_request(exchange(STAGE1), ORIGIN, vdds.Options(), today=TODAY)
     assert req.action is Action.OPEN
     assert (req.pms_system, req.pms_id, req.practice_id) == ("CGM_Z1", "002509", "")
     demo = req.demographics
@@ -197,7 +199,10 @@ def test_stage1_request() -> None:
 )
 def test_every_date_form(birthday: str, expected: date | None) -> None:
     text = STAGE1.replace("BIRTHDAY=19710101", f"BIRTHDAY={birthday}")
-    assert vdds.patient_request(exchange(text), ORIGIN, vdds.Options()).demographics.birth_date == expected
+    assert (
+        vdds.patient_request(exchange(text), ORIGIN, vdds.Options(), today=TODAY).demographics.birth_date
+        == expected
+    )
 
 
 @pytest.mark.parametrize(
@@ -214,21 +219,21 @@ def test_every_date_form(birthday: str, expected: date | None) -> None:
 )
 def test_every_sex_code(code: str, sex: Sex) -> None:
     text = STAGE1.replace("SEX=W", f"SEX={code}")
-    assert vdds.patient_request(exchange(text), ORIGIN, vdds.Options()).demographics.sex is sex
+    assert vdds.patient_request(exchange(text), ORIGIN, vdds.Options(), today=TODAY).demographics.sex is sex
 
 
 def test_german_keys_and_practice_number() -> None:
     text = (
         "[PATIENT]\nPVS=Z1\nPRXNR=02\nPATID=0815\nNAME=Schäfer\nVORNAME=Jürgen\nGEBDATUM=14.07.1985\nREADY=0"
     )
-    req = vdds.patient_request(exchange(text), ORIGIN, vdds.Options())
+    req = vdds.patient_request(exchange(text), ORIGIN, vdds.Options(), today=TODAY)
     assert (req.practice_id, req.demographics.last_name, req.demographics.first_name) == (
         "02",
         "Schäfer",
         "Jürgen",
     )
     assert req.demographics.birth_date == date(1985, 7, 14)
-    no_practice = vdds.patient_request(exchange(text), ORIGIN, vdds.Options(practice_key=""))
+    no_practice = vdds.patient_request(exchange(text), ORIGIN, vdds.Options(practice_key=""), today=TODAY)
     assert no_practice.practice_id == ""
 
 
@@ -243,6 +248,8 @@ def test_german_keys_and_practice_number() -> None:
         ("[PATIENT]\nPATID=1\nBIRTHDAY=710315\nREADY=0", "bad_date"),
         ("[PATIENT]\nPATID=1\nBIRTHDAY=1971111\nREADY=0", "bad_date"),
         ("[PATIENT]\nPATID=1\nBIRTHDAY=197112\nREADY=0", "bad_date"),
+        ("[PATIENT]\nPATID=1\nBIRTHDAY=20991231\nREADY=0", "future_date"),
+        ("[PATIENT]\nPATID=1\nBIRTHDAY=07.12.2026\nREADY=0", "future_date"),  # TODAY + 2 days
         (f"[PATIENT]\nPATID={'1' * 101}\nREADY=0", "too_long"),
         (f"[PATIENT]\nPATID=1\nLASTNAME={'x' * 121}\nREADY=0", "too_long"),
         ("[FOO]\nREADY=0", "unknown_request"),
@@ -253,15 +260,29 @@ def test_german_keys_and_practice_number() -> None:
 )
 def test_refused_requests_name_their_reason(text: str, code: str) -> None:
     with pytest.raises(vdds.VddsError) as caught:
-        vdds.patient_request(exchange(text), ORIGIN, vdds.Options())
+        vdds.patient_request(exchange(text), ORIGIN, vdds.Options(), today=TODAY)
     assert caught.value.code == code
     assert caught.value.text("de") != caught.value.text("en")
+
+
+def test_a_birth_date_in_the_future_is_refused_and_tomorrow_is_not() -> None:
+    """A birth date after today is a typo (20991231 for 19991231): refused in German with ERRORLEVEL=1
+    like an invalid one; tomorrow is the day of slack for a practice ahead of the daemon's time zone."""
+    future = STAGE1.replace("BIRTHDAY=19710101", "BIRTHDAY=20991231")
+    with pytest.raises(vdds.VddsError) as caught:
+        vdds.patient_request(exchange(future), ORIGIN, vdds.Options(), today=TODAY)
+    assert caught.value.text("de") == "Das Geburtsdatum '20991231' liegt in der Zukunft."
+    tomorrow = STAGE1.replace("BIRTHDAY=19710101", "BIRTHDAY=20261206")
+    request = vdds.patient_request(exchange(tomorrow), ORIGIN, vdds.Options(), today=TODAY)
+    assert request.demographics.birth_date == date(2026, 12, 6)
 
 
 def test_missing_pvs_falls_back_to_the_default() -> None:
     text = "[PATIENT]\nPATID=5\nREADY=0"
     assert (
-        vdds.patient_request(exchange(text), ORIGIN, vdds.Options(default_pvs="PRAXIS")).pms_system
+        vdds.patient_request(
+            exchange(text), ORIGIN, vdds.Options(default_pvs="PRAXIS"), today=TODAY
+        ).pms_system
         == "PRAXIS"
     )
 
@@ -269,7 +290,7 @@ def test_missing_pvs_falls_back_to_the_default() -> None:
 def test_export_request_keeps_slots_and_aliases_formats() -> None:
     text = "[MMOIDS]\nPVS=Z1\nCOUNT=4\nMMOID1=10\nMMOID3=011\nMMOID4= 12 \nMMOID9=99\nEXT=.jpeg\nREADY=0"
     found = exchange(text)
-    req = vdds.patient_request(found, ORIGIN, vdds.Options())
+    req = vdds.patient_request(found, ORIGIN, vdds.Options(), today=TODAY)
     assert req.action is Action.EXPORT_IMAGES
     assert req.image_refs == ("10", "011", "12")
     assert req.export_format == "JPG"
@@ -296,7 +317,7 @@ def test_export_request_keeps_slots_and_aliases_formats() -> None:
 )
 def test_stage5_is_behind_configuration(mode: str, flag: str, args: tuple[str, ...], action: Action) -> None:
     text = STAGE1.replace("SEX=W", f"SEX=W\n{flag}")
-    req = vdds.patient_request(exchange(text), ORIGIN, vdds.Options(stage5=mode), args)
+    req = vdds.patient_request(exchange(text), ORIGIN, vdds.Options(stage5=mode), args, today=TODAY)
     assert req.action is action
 
 
@@ -355,7 +376,7 @@ def test_the_request_is_the_unanswered_section(
 
 def test_the_answer_goes_into_the_served_section_and_history_keeps_its_bytes() -> None:
     found = exchange(REUSED_PATID)
-    assert vdds.patient_request(found, ORIGIN, vdds.Options()).pms_id == "002509"
+    assert vdds.patient_request(found, ORIGIN, vdds.Options(), today=TODAY).pms_id == "002509"
     data = vdds_exchange.answer(found, 0, "", vdds.info_sections([], vdds.Options(), {}))
     history = "[PATIENT]\r\nPVS=Z1\r\nPATID=N1\r\nLASTNAME=x\r\nERRORLEVEL=0\r\nERRORTEXT=\r\nREADY=1\r\n\r\n"
     assert data.startswith(history.encode("cp1252"))
@@ -364,14 +385,14 @@ def test_the_answer_goes_into_the_served_section_and_history_keeps_its_bytes() -
     assert got["MMOS"] == {"COUNT": "0"}
     assert vdds_exchange.read_exchange(data).answered
 
-    request = vdds.patient_request(exchange(REUSED_MMOIDS), ORIGIN, vdds.Options())
+    request = vdds.patient_request(exchange(REUSED_MMOIDS), ORIGIN, vdds.Options(), today=TODAY)
     assert (request.action, request.pms_id) == (Action.OPEN, "SP2")
 
 
 def test_several_unanswered_requests_are_refused_in_each_of_them() -> None:
     found = exchange(TWO_OPEN)
     with pytest.raises(vdds.VddsError) as refused:
-        vdds.patient_request(found, ORIGIN, vdds.Options())
+        vdds.patient_request(found, ORIGIN, vdds.Options(), today=TODAY)
     text = refused.value.text("de")
     assert text.startswith("Die Übergabedatei enthält mehrere unbeantwortete Anfragen ([PATIENT], [PATID])")
     got = answered(vdds_exchange.answer(found, 1, text))
@@ -464,7 +485,7 @@ def test_auto_reads_bomless_utf8_as_utf8_and_answers_in_it() -> None:
     utf8 = STAGE1.replace("\n", "\r\n").encode("utf-8")
     request = vdds_exchange.read_exchange(utf8, auto)
     assert (request.decoded.encoding, request.decoded.bom) == ("utf-8", b"")
-    assert vdds.demographics(request.request or IniSection("")).last_name == "Müller"
+    assert vdds.demographics(request.request or IniSection(""), TODAY).last_name == "Müller"
     data = vdds_exchange.answer(request, 1, "Übergabe ungültig")
     assert not data.startswith(codecs.BOM_UTF8)
     found = answered(data, "utf-8")["PATIENT"]
@@ -631,7 +652,7 @@ def test_unreachable_answer_uses_the_raw_settings() -> None:
 def test_arbitrary_bytes_always_get_ready_1(data: bytes) -> None:
     found = vdds_exchange.read_exchange(data)
     with contextlib.suppress(vdds.VddsError):  # the only exception a request may raise
-        vdds.patient_request(found, ORIGIN, vdds.Options())
+        vdds.patient_request(found, ORIGIN, vdds.Options(), today=TODAY)
     out = vdds_exchange.answer(found, 1, "Fehler")
     main = (found.main or vdds_exchange.FALLBACK_SECTION).upper()
     sections = parse_ini(decode(out).text)
