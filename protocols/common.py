@@ -81,6 +81,14 @@ def decode(data: bytes, fallback: str = "cp1252") -> DecodedText:
     return DecodedText(text, codec, b"", _newline(text))
 
 
+def codepage(setting: str) -> str:
+    """The code page of the files we write ourselves under an `encoding` setting (a VDDS push file, the
+    CSV beside a thumbnail): AUTO means cp1252, what Windows PMSs read [C1]; reading sniffs BOM-less
+    UTF-8, but what we write has nothing to sniff from."""
+    value = setting.strip().lower()
+    return "cp1252" if value in ("", AUTO) else value
+
+
 def _multibyte_utf8(data: bytes) -> bool:
     """True for bytes that are valid UTF-8 with at least one non-ASCII character."""
     if data.isascii():

@@ -143,13 +143,6 @@ def message(language: str, code: str, **values: object) -> str:
     return texts[code].format(**values)
 
 
-def codepage(setting: str) -> str:
-    """The code page of the files we write ourselves (push files): `[vdds] encoding`, where auto means
-    cp1252, what PVSs read [C1]."""
-    value = setting.strip().lower()
-    return "cp1252" if value in ("", AUTO) else value
-
-
 def read_codepage(setting: str) -> str:
     """How an exchange file without a BOM is read (`decode`'s fallback): `[vdds] encoding`, where auto
     means AUTO, UTF-8 when the bytes are UTF-8 with a non-ASCII character, else cp1252. The answer is

@@ -68,8 +68,8 @@ def wait_for_patients(daemon: DaemonProcess, deadline_s: float = 30, **query: st
     return []
 
 
-def crlf(*lines: str) -> bytes:
-    return "".join(line + "\r\n" for line in lines).encode("cp1252")
+def crlf(*lines: str, encoding: str = "cp1252") -> bytes:
+    return "".join(line + "\r\n" for line in lines).encode(encoding)
 
 
 def test_dexis_info_file_creates_the_patient_in_cp1252(daemon: DaemonProcess, tmp_path: Path) -> None:
@@ -485,6 +485,45 @@ def test_set_over_http_is_read_in_the_declared_charset(daemon: DaemonProcess) ->
     assert status == 200
     [cp1252] = patients(daemon, pms_system="dexis", pms_id="4714")
     assert cp1252["last_name"] == "Núñez"
+
+
+def test_bomless_utf8_files_and_bodies_are_read_as_utf8_and_explicit_code_pages_stay(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """`encoding = auto` (the US profiles' default): a BOM-less UTF-8 file or launch body is UTF-8 ("Côté",
+    not "CÃ´tÃ©"), a cp1252 one cp1252 (`test_dexis_info_file_creates_the_patient_in_cp1252`); an
+    explicit code page is never second-guessed."""
+    folder = tmp_path / "integrator"
+    daemon = daemon_factory(dexis={"integrator_dir": str(folder)})
+    files = {
+        "dexis": (
+            "infofile.txt",
+            ["Côté, Zoë  7/14/1985  (U1)", "PN=U1", "LN=Côté", "FN=Zoë", "BD=7/14/1985"],
+        ),
+        "eaglesoft": ("patterson.ini", ["[Patient]", "PatientNumber=U2", "FirstName=Zoë", "LastName=Côté"]),
+        "cliniview": ("Cliniview.ini", ["[Patient]", "PatientID=U3", "FirstName=Zoë", "LastName=Côté"]),
+    }
+    for protocol, (name, lines) in files.items():
+        (tmp_path / name).write_bytes(crlf(*lines, encoding="utf-8"))
+        argument = f"@{tmp_path / name}" if protocol == "dexis" else str(tmp_path / name)
+        assert run(daemon, protocol, argument)[0] == 0, protocol
+    (folder / "Patient_OP4.txt").write_bytes(crlf("PN=U4", "LN=Côté", "FN=Zoë", encoding="utf-8"))
+    assert wait_for_patients(daemon, pms_system="dexis", pms_id="U4")
+    status, _ = daemon.request(  # a shim that declares no charset
+        "POST",
+        "/api/v1/launch/dexis",
+        'SET U5 LN="Núñez" FN="Inés"'.encode(),
+        headers={"Content-Type": "text/plain"},
+    )
+    assert status == 200
+    names = {p["pms_id"]: (p["last_name"], p["first_name"]) for p in patients(daemon)}
+    assert names == {f"U{n}": ("Côté", "Zoë") for n in range(1, 5)} | {"U5": ("Núñez", "Inés")}
+    explicit = daemon_factory(cliniview={"encoding": "cp1252"})  # on the same store
+    ini = tmp_path / "explicit.ini"
+    ini.write_bytes(crlf("[Patient]", "PatientID=U6", "FirstName=Zoë", "LastName=Côté", encoding="utf-8"))
+    assert run(explicit, "cliniview", str(ini))[0] == 0
+    [read_as_cp1252] = patients(explicit, pms_system="cliniview", pms_id="U6")
+    assert read_as_cp1252["last_name"] == "CÃ´tÃ©"
 
 
 def test_a_utf16_info_file_without_a_bom_starting_outside_latin1_opens_its_patient(

@@ -13,7 +13,16 @@ from hypothesis import strategies as st
 
 from bridge.model import Action, Category, ImageView, Origin, Outcome, Sex, Status
 from protocols import vdds, vdds_exchange
-from protocols.common import IniSection, decode, ini_line, one_line, parse_ini, parse_key_values, split_lines
+from protocols.common import (
+    IniSection,
+    codepage,
+    decode,
+    ini_line,
+    one_line,
+    parse_ini,
+    parse_key_values,
+    split_lines,
+)
 
 ORIGIN = Origin(protocol="vdds", transport="cli", workstation="WS1")
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "vdds"
@@ -501,7 +510,7 @@ def test_auto_reads_bomless_utf8_as_utf8_and_answers_in_it() -> None:
     assert (
         vdds_exchange.read_exchange(utf8, vdds_exchange.read_codepage("cp1252")).decoded.encoding == "cp1252"
     )
-    assert vdds_exchange.codepage("auto") == "cp1252"
+    assert codepage("auto") == "cp1252"
 
 
 def test_answer_mirrors_error_text_spelling_and_cleans_values() -> None:

@@ -33,8 +33,8 @@ from bridge.atomic import write_atomic
 from bridge.delivery import DeliveryError
 from bridge.events import Event, ImagesAdded
 from bridge.model import Origin
-from protocols import vdds, vdds_exchange
-from protocols.common import DecodedText
+from protocols import vdds
+from protocols.common import DecodedText, codepage
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -142,7 +142,7 @@ async def send(rt: Runtime, item: OutboxItem) -> None:
         patid=patient.pms_id or "",
         objects=objects,
     )
-    data = DecodedText("", vdds_exchange.codepage(settings.vdds.encoding), b"", "\r\n").encode(text)
+    data = DecodedText("", codepage(settings.vdds.encoding), b"", "\r\n").encode(text)
     path = push_file(settings, item)
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
