@@ -320,6 +320,30 @@ async def test_an_integrator_file_still_being_written_is_not_taken_half(
         rt.close()
 
 
+async def test_a_link_in_the_integrator_folder_is_not_followed_and_logged_once(
+    make_settings: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the VDDS share: a `Patient_<workstation>.txt` that is a symbolic link is never read (nobody is
+    opened from the file it points at) and is logged once, naming it."""
+    caplog.set_level(logging.WARNING, logger="bridge.watch")
+    folder, outside = tmp_path / "integrator", tmp_path / "elsewhere.txt"
+    outside.write_bytes(crlf("PN=88", "LN=Doe", "FN=Jane"))
+    rt = Runtime.build(make_settings(dexis={"integrator_dir": str(folder)}))
+    try:
+        [watcher] = build_integrator_watchers(rt)
+        (folder / "Patient_OP5.txt").symlink_to(outside)
+        for _ in range(3):
+            assert await watcher.scan()
+        assert await rt.service.search_patients(ORIGIN, pms_id="88") == []
+        [record] = [r for r in caplog.records if r.name == "bridge.watch"]
+        assert (record.__dict__["watcher"], record.__dict__["file"]) == (
+            "dexis-integrator",
+            "Patient_OP5.txt",
+        )
+    finally:
+        rt.close()
+
+
 def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
     daemon: DaemonProcess, tmp_path: Path
 ) -> None:

@@ -501,6 +501,32 @@ def test_the_daemon_answers_files_dropped_on_the_share(daemon_factory: Any, tmp_
     assert json.loads(body)["checks"]["watch:vdds"]["ok"] is True
 
 
+def test_a_link_in_the_share_is_not_followed_and_logged_once(daemon_factory: Any, tmp_path: Path) -> None:
+    """`sym.tmp` pointing at a request outside the share is never read nor answered (the link is not
+    followed), but the daemon logs it once, naming the file and why, instead of leaving the PVS waiting
+    without a trace; later scans (proven by a request answered after it) do not log it again."""
+    share, outside = tmp_path / "share", tmp_path / "outside.tmp"
+    daemon = daemon_factory(vdds={"exchange_dir": str(share), "poll_seconds": 0.1})
+    outside.write_bytes(stage1("3001"))
+    (share / "sym.tmp").symlink_to(outside)
+    deadline = time.monotonic() + 30
+    while "sym.tmp" not in daemon.log():
+        assert time.monotonic() < deadline, "the link was not logged"
+        time.sleep(0.05)
+    request = share / "MME1.tmp"
+    request.write_bytes(stage1("3002"))
+    while not vdds_exchange.read_exchange(request.read_bytes()).answered:
+        assert time.monotonic() < deadline, "no answer in the watched folder"
+        time.sleep(0.05)
+    [line] = [json.loads(line) for line in daemon.log().splitlines() if "sym.tmp" in line]
+    assert (line["level"], line["watcher"], line["reason"]) == (
+        "warning",
+        "vdds",
+        "a symbolic link, never followed: it may lead out of the folder",
+    )
+    assert outside.read_bytes() == stage1("3001")  # not answered through the link
+
+
 def big_request(head: str, encoding: str, bom: bytes = b"", size: int = 6 * 1024 * 1024) -> bytes:
     """A request section followed by a [NOTES] section that makes the file larger than the 4 MB limit."""
     line = "NOTE{:06d}=" + "Befund " * 12 + "\r\n"
