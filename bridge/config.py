@@ -565,7 +565,10 @@ class LaunchProfile:
         " chart number (set in the PMS's bridge as 'use ChartNum')",
     )
     encoding: str = key(
-        "cp1252", Choice(*CODE_PAGES), "Code page of files without a BOM (a BOM always wins: UTF-8, UTF-16)"
+        "auto",
+        Choice("auto", *CODE_PAGES),
+        "Files without a BOM (a BOM always wins: UTF-8, UTF-16); auto = UTF-8 when the bytes are valid UTF-8"
+        " with a non-ASCII character, else cp1252, as [vdds] encoding (what we write: cp1252)",
     )
     thumbnails: bool = key(
         "no", Bool(), "yes: write a watermarked thumbnail and metadata per new image into thumbnail_dir"

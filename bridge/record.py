@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from bridge.atomic import write_atomic
 from bridge.model import Outcome, PatientRequest, PatientView, Status
 from bridge.redact import Redactor, date_format_forms
-from protocols.common import LOCALE_SHORT_DATES, decode
+from protocols.common import LOCALE_SHORT_DATES, decode, split_lines
 from protocols.opp import split_flags
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ class Recorder:
         from bridge.replay import PROTOCOL_CODEPAGES
 
         text = decode(content, PROTOCOL_CODEPAGES.get(protocol, "cp1252")).text if content else ""
-        values = [line.partition("=")[2] for line in text.splitlines() if "=" in line]
+        values = [line.partition("=")[2] for line in split_lines(text) if "=" in line]
         values += re.findall(r'"([^"<>]*)"', text) + re.findall(r">([^<>]+)<", text)
         values += [value for _flag, value in option_parts(protocol, args)]
         # The message's structure is not PHI: its key, tag and attribute names, enumerations, small numbers,

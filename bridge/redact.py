@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from urllib.parse import quote, quote_plus
 
+from protocols.common import latest_birth_date
+
 # Textual forms a date takes in PMS traffic (VDDS, OPP, Dexis, Patterson, CLINIVIEW, JSON, DICOM).
 DATE_FORMATS = (
     "%Y%m%d",
@@ -132,12 +134,15 @@ class Redactor:
 
         The day decides whether a day-first text (14/07/1985) also reads month-first: keeping it on the same
         side of 12 keeps every form of the date valid or invalid in the other order, so a date refused in a
-        month-first message (a Dexis BD of 14/07/1985 on an en-US profile) is refused again on replay."""
+        month-first message (a Dexis BD of 14/07/1985 on an en-US profile) is refused again on replay.
+        A birth date after `latest_birth_date` (refused as in the future) moves further into the future,
+        every other one back in time, so each is refused or accepted on replay as it was."""
         shifted = day
+        later = day.year <= 1905 or day > latest_birth_date(date.today())
         for attempt in range(MAX_DRAWS):
             kind = f"date\0{attempt}" if attempt else "date"
             offset = int.from_bytes(self._digest(kind, day.isoformat())[:4], "big") % 3650 + 1
-            shifted = day - timedelta(days=offset) if day.year > 1905 else day + timedelta(days=offset)
+            shifted = day + timedelta(days=offset) if later else day - timedelta(days=offset)
             if (shifted.day > 12) == (day.day > 12):
                 return shifted
         # about one capture in 2**50: the same side of 12 by hand (13 to 28 exist in every month)

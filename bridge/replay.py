@@ -58,6 +58,12 @@ PROTOCOL_NORMALISERS: dict[str, list[tuple[str, str]]] = {
 # protocol -> code page its answer files are read with when they carry no BOM.
 PROTOCOL_CODEPAGES: dict[str, str] = {
     "vdds": AUTO,  # as `[vdds] encoding = auto` reads them: BOM-less UTF-8 is UTF-8, else cp1252
+    # the US launch formats, as their profiles' default `encoding = auto` reads them (record mode must
+    # see the names the parser saw, or a BOM-less UTF-8 name escapes redaction)
+    "dexis": AUTO,
+    "dentrix": AUTO,
+    "eaglesoft": AUTO,
+    "cliniview": AUTO,
     "opp": "utf-8",  # OPP XML without BOM or declaration is UTF-8 (record mode reads captures with it)
     "opp_web": "utf-8",  # the OPP web listener's raw requests, as record mode captures them
 }

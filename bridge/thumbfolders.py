@@ -31,6 +31,7 @@ from bridge.delivery import DeliveryError, Undeliverable
 from bridge.model import ImageView, Origin, PatientView
 from bridge.service import CHART_KEYED
 from protocols import thumbfolder
+from protocols.common import codepage
 
 if TYPE_CHECKING:
     from bridge.outbox import OutboxItem, OutboxWorker, Sender
@@ -212,7 +213,7 @@ def make_sender(profile_name: str) -> Sender:
                 image,
                 patient,
                 jpeg,
-                profile.encoding,
+                codepage(profile.encoding),
                 rt.settings.thumbnails.watermark,
             )
         log.info("thumbnails written", extra={"channel": channel_name(profile_name), "images": len(images)})

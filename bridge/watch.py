@@ -11,7 +11,10 @@ A folder that does not exist is never created here (on an unmounted share's moun
 folder would be local, and the PMS would never write into it): it is reported, once, naming its
 setting, and looked for again at every poll interval until it appears.
 Files over MAX_FILE_BYTES are never read whole: a protocol whose PMS waits on a flag in the file refuses
-them from their first bytes (`Oversized`), others are only logged.
+them from their first bytes (`Oversized`), others are only logged. Only regular files are read: a
+symbolic link is never followed (it may lead out of the folder, to a file the PMS did not write) and a
+folder is no request, but each such entry is logged once with the reason, since a PMS that wrote a
+request there waits for an answer that never comes.
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ class FolderWatcher:
         self.accept_name = accept_name
         self.poll_seconds = poll_seconds
         self._seen: dict[str, _Seen] = {}
+        self._skipped: set[str] = set()  # entries that are no regular file, already logged
         self._done: set[str] = set()  # claim keys handled by this process
         self._wake = asyncio.Event()
         self._failures = 0  # failed scans of a folder that exists but cannot be read: the backoff
@@ -170,7 +174,7 @@ class FolderWatcher:
     async def scan(self) -> bool:
         """One pass over the folder; False when the folder could not be read (or does not exist)."""
         try:
-            entries = await asyncio.to_thread(self._list)
+            entries, skipped = await asyncio.to_thread(self._list)
         except FileNotFoundError:
             self._failures = 0
             message = missing_folder(self.setting, self.folder)
@@ -201,6 +205,7 @@ class FolderWatcher:
         self._missing = False
         self.rt.readiness.scanned(self.name)
         self.rt.metrics.last_scan.labels(self.name).set(time.time())
+        self._log_skipped(skipped)
         current: dict[str, _Seen] = {}
         for name, seen in entries.items():
             current[name] = seen
@@ -209,20 +214,34 @@ class FolderWatcher:
         self._seen = current
         return True
 
-    def _list(self) -> dict[str, _Seen]:
+    def _list(self) -> tuple[dict[str, _Seen], dict[str, str]]:
+        """The regular files of the folder, and the other entries it would accept with why they are not
+        read (a symbolic link, a folder, a device or pipe)."""
         found: dict[str, _Seen] = {}
+        skipped: dict[str, str] = {}
         with os.scandir(self.folder) as it:
             for entry in it:
                 if entry.name.startswith(".") or not self.accept_name(entry.name):
                     continue  # our own and other writers' temporary files start with a dot
                 try:
                     if not entry.is_file(follow_symlinks=False):
+                        skipped[entry.name] = _not_a_file(entry)
                         continue
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue  # deleted between listing and stat
                 found[entry.name] = _Seen(st.st_size, st.st_mtime_ns)
-        return found
+        return found, skipped
+
+    def _log_skipped(self, skipped: dict[str, str]) -> None:
+        """One WARNING per entry that is no regular file, when it first appears (not on every scan); one
+        that goes and comes back is logged again."""
+        for name in skipped.keys() - self._skipped:
+            log.warning(
+                "watched folder entry skipped: never read or answered",
+                extra={"watcher": self.name, "file": name, "reason": skipped[name]},
+            )
+        self._skipped = set(skipped)
 
     async def _consider(self, name: str, seen: _Seen, stable: bool) -> None:
         path = self.folder / name
@@ -333,6 +352,15 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
     if task is not None:
         task.cancel()
         await asyncio.wait([task])
+
+
+def _not_a_file(entry: os.DirEntry[str]) -> str:
+    """Why a folder entry is not read (raises OSError when it vanished meanwhile)."""
+    if entry.is_symlink():
+        return "a symbolic link, never followed: it may lead out of the folder"
+    if entry.is_dir(follow_symlinks=False):
+        return "a folder, not a file"
+    return "not a regular file (a device, pipe or socket)"
 
 
 def _read_head(path: Path, limit: int) -> bytes:

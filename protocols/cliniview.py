@@ -16,15 +16,15 @@ from collections.abc import Mapping, Sequence
 from datetime import date
 
 from bridge.model import Demographics, Sex
-from protocols.common import DateFormatError, parse_date, parse_sex
+from protocols.common import DateFormatError, FutureDateError, parse_date, parse_sex
 from protocols.fields import MessageError, PatientFields, field_id, field_text, read_mapped_ini
 
 MAX_ARGUMENT_CHARS = 1024
 ARGUMENT_FIELDS = 5  # id, first, last, SSN, birth date
 
 
-def parse_argument(argument: str, *, date_formats: Sequence[str]) -> PatientFields:
-    """The patient of a `-ID;FIRST;LAST;SSN;BIRTHDATE` argument."""
+def parse_argument(argument: str, *, date_formats: Sequence[str], today: date) -> PatientFields:
+    """The patient of a `-ID;FIRST;LAST;SSN;BIRTHDATE` argument (a birth date after `today` refused)."""
     text = argument.strip()
     if len(text) > MAX_ARGUMENT_CHARS:
         raise MessageError(f"the argument is longer than {MAX_ARGUMENT_CHARS} characters")
@@ -42,7 +42,7 @@ def parse_argument(argument: str, *, date_formats: Sequence[str]) -> PatientFiel
         demographics=Demographics(
             last_name=field_text(last, "last name"),
             first_name=field_text(first, "first name"),
-            birth_date=_date(raw_date, date_formats, "birth date"),
+            birth_date=_date(raw_date, date_formats, "birth date", today),
         ),
         sensitive=(ssn.strip(),) if ssn.strip() else (),
     )
@@ -54,9 +54,11 @@ def parse_ini_file(
     section: str,
     keys: Mapping[str, str],
     date_formats: Sequence[str],
+    today: date,
     encoding: str = "cp1252",
 ) -> PatientFields:
-    """The patient of a Cliniview.ini; `keys` maps field names (id, last_name ...) to the ini's keys."""
+    """The patient of a Cliniview.ini; `keys` maps field names (id, last_name ...) to the ini's keys;
+    `today` is the daemon's date, which the birth date may not be after."""
     ini = read_mapped_ini(
         data,
         section=section,
@@ -71,15 +73,17 @@ def parse_ini_file(
             last_name=ini.name("last_name"),
             first_name=ini.name("first_name"),
             middle_name=ini.text("middle_name"),
-            birth_date=ini.date("birth_date", date_formats),
+            birth_date=ini.date("birth_date", date_formats, today),
             sex=Sex(parse_sex(ini.text("sex", 10))),
         ),
         sensitive=ini.unmapped_values(),
     )
 
 
-def _date(value: str, formats: Sequence[str], name: str) -> date | None:
+def _date(value: str, formats: Sequence[str], name: str, today: date) -> date | None:
     try:
-        return parse_date(value, formats)
+        return parse_date(value, formats, today=today)
+    except FutureDateError:
+        raise MessageError(f"{name} {value.strip()!r} is in the future") from None
     except DateFormatError:
         raise MessageError(f"{name} {value.strip()!r} is not a date in the configured format") from None

@@ -81,6 +81,14 @@ def decode(data: bytes, fallback: str = "cp1252") -> DecodedText:
     return DecodedText(text, codec, b"", _newline(text))
 
 
+def codepage(setting: str) -> str:
+    """The code page of the files we write ourselves under an `encoding` setting (a VDDS push file, the
+    CSV beside a thumbnail): AUTO means cp1252, what Windows PMSs read [C1]; reading sniffs BOM-less
+    UTF-8, but what we write has nothing to sniff from."""
+    value = setting.strip().lower()
+    return "cp1252" if value in ("", AUTO) else value
+
+
 def _multibyte_utf8(data: bytes) -> bool:
     """True for bytes that are valid UTF-8 with at least one non-ASCII character."""
     if data.isascii():
@@ -118,6 +126,38 @@ def _bomless_utf16(data: bytes) -> str:
 
 def _newline(text: str) -> str:
     return "\r\n" if "\r\n" in text or "\n" not in text else "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Lines
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of a PMS text as Windows reads them: split at CRLF, CR and LF only, line ends dropped.
+
+    `str.splitlines()` also splits at VT, FF, the separators U+001C-U+001E, NEL (U+0085) and U+2028/
+    U+2029; GetPrivateProfileString and the PMSs' own readers do not. A value holding one of them then
+    became two lines: `PATID=Z2470817\x0b999` opened patient Z2470817, and `BVS=X\x0bPATID=<id>` smuggled
+    a key in. Kept inside its value, the character stays with the field it was sent in, and a field the
+    bridge uses is refused by the control-character rules. As `splitlines`, a text ending with a line end
+    has no empty last line.
+    """
+    lines = _LINE_END.split(text)
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def last_line_ended(text: str) -> bool:
+    """Whether nothing but blanks follows the text's last CR, LF or CRLF: a file a PMS finished writing.
+
+    Every PMS writer ends its last line (CRLF on Windows, CR-only and LF-only writers exist too), so a
+    last line without a terminator is a file cut short or still being written, whose last value may be
+    cut ("PN=10" of 1042 names another patient).
+    """
+    return not _LINE_END.split(text)[-1].strip()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +207,7 @@ def parse_ini(text: str) -> dict[str, IniSection]:
     """
     sections: dict[str, IniSection] = {}
     current = sections.setdefault("", IniSection(""))
-    for raw in text.splitlines():
+    for raw in split_lines(text):
         kind, name, value = ini_line(raw)
         if kind == "section":
             current = sections.setdefault(name.upper(), IniSection(name))
@@ -209,7 +249,8 @@ def render_ini(sections: Iterable[tuple[str, Iterable[tuple[str, str]]]]) -> str
     return "\n".join(out)
 
 
-# Every character str.splitlines() breaks a line at, so parse_ini can never see a value as two lines.
+# Every character str.splitlines() breaks a line at: `parse_ini` splits at CR and LF only, but a PMS
+# reading our file with another reader must not see a value as two lines either.
 _LINE_BREAKS = str.maketrans(dict.fromkeys("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029", " "))
 
 
@@ -225,7 +266,7 @@ def parse_key_values(text: str, *, unquote: bool = False) -> dict[str, str]:
     documents `LN="Smith"` while its known writers send `LN=Smith`, so both must read the same.
     """
     found: dict[str, str] = {}
-    for raw in text.splitlines():
+    for raw in split_lines(text):
         key, sep, value = raw.partition("=")
         key = key.strip().upper()
         if sep and key and " " not in key and key not in found:
@@ -244,10 +285,50 @@ def parse_key_values(text: str, *, unquote: bool = False) -> dict[str, str]:
 # Dates
 
 EARLIEST_BIRTH_YEAR = 1880  # as Open Dental's bridges: an earlier year means "no date" (0001-01-01 ...)
+BIRTH_DATE_SLACK = dt.timedelta(days=1)
 
 
 class DateFormatError(ValueError):
     """A date that does not match the format the protocol or configuration prescribes."""
+
+
+class FutureDateError(DateFormatError):
+    """A birth date after `latest_birth_date`: a typo (2099 for 1999), never a patient; refused as any
+    invalid date is, each protocol saying "in the future"."""
+
+
+def latest_birth_date(today: dt.date) -> dt.date:
+    """The latest birth date a message may carry: `today` (the daemon's local date) plus one day.
+
+    A birth date is a date of the practice's calendar, and the daemon's date may be a day behind it (a
+    server kept in UTC serving a practice at UTC+10 reads "yesterday" until 10:00): a newborn registered
+    that morning must not be refused. One day covers any practice against a server in UTC (zones reach
+    UTC+14); a later date is a typo. The protocols get `today` from their caller, free of the clock.
+    """
+    return today + BIRTH_DATE_SLACK
+
+
+def _two_digit_year(yy: int, month: int, day: int, latest: dt.date) -> dt.date:
+    """The date with the year yy in the latest century that does not put it after `latest` (45 is 1945
+    and 24 is 2024 in 2026): a birth date is never in the future, so no fixed pivot year is needed."""
+    base = latest.year - latest.year % 100 + yy
+    for year in (base, base - 100):
+        try:
+            day_of = dt.date(year, month, day)
+        except ValueError:  # 29 February of a century year that is no leap year
+            continue
+        if day_of <= latest:
+            return day_of
+    raise DateFormatError(f"{month}/{day}/{yy:02d} is not a date of the calendar")
+
+
+def _birth_date(parsed: dt.date, text: str, latest: dt.date) -> dt.date | None:
+    """A parsed birth date checked: None before 1880 ("no date"), FutureDateError after `latest`."""
+    if parsed.year < EARLIEST_BIRTH_YEAR:
+        return None
+    if parsed > latest:
+        raise FutureDateError(f"date {text!r} is in the future")
+    return parsed
 
 
 # .NET custom date format specifiers, as whole runs of one letter ("MMM" is a month name, not "MM" + "M").
@@ -323,15 +404,18 @@ def _strptime_date(text: str, fmt: str) -> dt.date:
     return dt.datetime.strptime(text, fmt).date()
 
 
-def parse_date(value: str, formats: Iterable[str]) -> dt.date | None:
-    """The date in `value`, trying strptime `formats` in order; None for "no date".
+def parse_date(value: str, formats: Iterable[str], *, today: dt.date) -> dt.date | None:
+    """The birth date in `value`, trying strptime `formats` in order; None for "no date".
 
     Empty, all-zero ("00000000", "00.00.0000"), and dates before 1880 (".NET's 1/1/0001") mean the PMS
-    has no birth date. A value that matches none of the formats raises DateFormatError.
+    has no birth date. A value that matches none of the formats raises DateFormatError, a date after
+    `latest_birth_date(today)` FutureDateError. A two-digit year ("%y") is in the latest century that
+    does not put the date in the future (strptime's fixed pivot read 7/14/45 as 2045).
     """
     text = value.strip()
     if not text or not text.strip("0-./ "):
         return None
+    latest = latest_birth_date(today)
     for fmt in formats:
         try:
             parsed = _strptime_date(text, fmt)
@@ -339,7 +423,9 @@ def parse_date(value: str, formats: Iterable[str]) -> dt.date | None:
             continue
         if _ADJACENT_FIELDS.search(fmt) and parsed.strftime(fmt) != text:
             continue  # fields without separators must have their full widths: see _ADJACENT_FIELDS
-        return parsed if parsed.year >= EARLIEST_BIRTH_YEAR else None
+        if "%y" in fmt:
+            parsed = _two_digit_year(parsed.year % 100, parsed.month, parsed.day, latest)
+        return _birth_date(parsed, text, latest)
     if re.fullmatch(r"0*1[./-]0*1[./-]0*1", text):  # 1/1/0001, which strptime cannot read
         return None
     raise DateFormatError(f"date {text!r} does not match {', '.join(formats)}")
@@ -350,8 +436,9 @@ def parse_date(value: str, formats: Iterable[str]) -> dt.date | None:
 _DOTNET_WIDTHS = {run: (len(run), len(run)) if len(run) > 1 else (1, 2) for run in _DOTNET_RUNS}
 
 
-def parse_dotnet_date(value: str, fmt: str) -> dt.date | None:
-    """The date in `value`, read exactly as the .NET custom format `fmt` writes it; None for "no date".
+def parse_dotnet_date(value: str, fmt: str, *, today: dt.date) -> dt.date | None:
+    """The birth date in `value`, read exactly as the .NET custom format `fmt` writes it; None for "no
+    date", FutureDateError after `latest_birth_date(today)` (a "yy" year is read as `parse_date` reads it).
 
     strptime is lenient about widths ("%Y%m%d" reads "1985111" as 1985-11-01), which guesses a date the
     PMS never wrote. Here a doubled or four-letter field takes exactly that many digits, a single-letter
@@ -369,14 +456,16 @@ def parse_dotnet_date(value: str, fmt: str) -> dt.date | None:
         reason = "does not match" if not readings else "can be read in more than one way as"
         raise DateFormatError(f"date {text!r} {reason} {fmt!r}")
     fields = readings[0]
-    year = fields.get("y", "")
-    if len(year) == 2:  # "yy", as strptime's %y: 69-99 are 1969-1999, 00-68 are 2000-2068
-        year = ("19" if int(year) >= 69 else "20") + year
+    year, month, day = fields.get("y", ""), int(fields["M"]), int(fields["d"])
+    latest = latest_birth_date(today)
     try:
-        parsed = dt.date(int(year), int(fields["M"]), int(fields["d"]))
-    except ValueError:
+        if len(year) == 2:
+            parsed = _two_digit_year(int(year), month, day, latest)
+        else:
+            parsed = dt.date(int(year), month, day)
+    except ValueError:  # DateFormatError included
         raise DateFormatError(f"date {text!r} in {fmt!r} is not a date of the calendar") from None
-    return parsed if parsed.year >= EARLIEST_BIRTH_YEAR else None
+    return _birth_date(parsed, text, latest)
 
 
 def _readings(text: str, tokens: list[str]) -> list[dict[str, str]]:

@@ -19,9 +19,19 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date
 
 from bridge.model import Demographics, Sex
-from protocols.common import DateFormatError, decode, parse_date, parse_key_values, parse_sex
+from protocols.common import (
+    DateFormatError,
+    FutureDateError,
+    decode,
+    last_line_ended,
+    parse_date,
+    parse_key_values,
+    parse_sex,
+    split_lines,
+)
 from protocols.fields import MessageError, PatientFields, field_id, field_text
 
 INFO_FILE = "info-file"
@@ -62,22 +72,24 @@ def parse_file(
     data: bytes,
     *,
     short_date_formats: Sequence[str],
+    today: date,
     encoding: str = "cp1252",
     info_file_male: bool = False,
 ) -> DexisMessage:
     """Read a classic info file or an Integrator file (told apart by the free first line).
 
     `short_date_formats` are the configured workstation locale's (classic BD); `info_file_male` says
-    whether the classic file's `SX=M` means male or, as by default, "not female" (unknown).
+    whether the classic file's `SX=M` means male or, as by default, "not female" (unknown). `today` is
+    the daemon's date, which `BD` may not be after.
     """
     if len(data) > MAX_FILE_BYTES:
         raise MessageError(f"the file has {len(data)} bytes; a Dexis file has at most {MAX_FILE_BYTES}")
     text = decode(data, encoding).text
     if not text.strip():
         raise MessageError("the file is empty")
-    if not text.endswith("\n"):
+    if not last_line_ended(text):  # CRLF, LF or CR-only, as the Patterson and Cliniview readers accept
         raise MessageError("the file ends in the middle of a line: it is truncated or still being written")
-    first = next(line for line in text.splitlines() if line.strip())
+    first = next(line for line in split_lines(text) if line.strip())
     dialect = INTEGRATOR if first.lstrip().upper().startswith("PN=") else INFO_FILE
     values = parse_key_values(text, unquote=True)
     # A missing required line means a file cut at a line end, which the trailing-newline test cannot see.
@@ -89,10 +101,10 @@ def parse_file(
     else:
         formats, date_label = tuple(short_date_formats), "the configured locale's short date"
         sex = _info_file_sex(values.get("SX", ""), info_file_male)
-    return DexisMessage(_fields(values, formats, date_label, sex), dialect)
+    return DexisMessage(_fields(values, formats, date_label, sex, today), dialect)
 
 
-def parse_set_command(command: str) -> PatientFields:
+def parse_set_command(command: str, *, today: date) -> PatientFields:
     """Read `SET <id> LN="..." FN="..." MI="..." BD=yyyyMMdd`, quoted or not.
 
     A value runs to the next `XX=` key, so a command whose quotes a shell removed (or whose arguments
@@ -136,13 +148,17 @@ def parse_set_command(command: str) -> PatientFields:
             raise MessageError(
                 f"the SET command has no {required}=: it is truncated or not an Integrator SET"
             )
-    return _fields(values, INTEGRATOR_DATE, "yyyyMMdd", _sex(values.get("SX", "")))
+    return _fields(values, INTEGRATOR_DATE, "yyyyMMdd", _sex(values.get("SX", "")), today)
 
 
-def _fields(values: dict[str, str], formats: Sequence[str], date_label: str, sex: Sex) -> PatientFields:
+def _fields(
+    values: dict[str, str], formats: Sequence[str], date_label: str, sex: Sex, today: date
+) -> PatientFields:
     raw_date = values.get("BD", "")
     try:
-        birth = parse_date(raw_date, formats)
+        birth = parse_date(raw_date, formats, today=today)
+    except FutureDateError:
+        raise MessageError(f"BD {raw_date.strip()!r} is in the future") from None
     except DateFormatError:
         raise MessageError(f"BD {raw_date.strip()!r} is not a date in {date_label}") from None
     chart = values.get("CN", "").strip()

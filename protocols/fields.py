@@ -12,7 +12,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bridge.model import Demographics
-from protocols.common import DateFormatError, IniSection, decode, parse_date, parse_ini
+from protocols.common import (
+    DateFormatError,
+    FutureDateError,
+    IniSection,
+    decode,
+    last_line_ended,
+    parse_date,
+    parse_ini,
+)
 
 
 class MessageError(ValueError):
@@ -40,12 +48,13 @@ def field_text(value: str, name: str, max_length: int = 120) -> str:
     """A text field of a message, stripped; control characters or an absurd length are refused.
 
     The limit protects the store (names are at most 120 characters there) and makes a corrupt file fail
-    with a message naming the field instead of a database error.
+    with a message naming the field instead of a database error. Line and paragraph separators (U+2028,
+    U+2029) count as control characters: a line of the file holds them (`split_lines`), a name does not.
     """
     text = value.strip()
     if len(text) > max_length:
         raise MessageError(f"{name} is longer than {max_length} characters")
-    if any(unicodedata.category(ch) == "Cc" for ch in text):
+    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in text):
         raise MessageError(f"{name} contains control characters")
     return text
 
@@ -108,11 +117,14 @@ class MappedIni:
             raise MessageError(f"{self.what} has no {ini_key or 'patient id'} key in [{self.section.name}]")
         return field_id(self.section.get(ini_key), ini_key)
 
-    def date(self, name: str, formats: Iterable[str]) -> dt.date | None:
-        """A mapped date field in one of `formats`; a date in another format is refused, not guessed."""
+    def date(self, name: str, formats: Iterable[str], today: dt.date) -> dt.date | None:
+        """A mapped date field in one of `formats`; a date in another format is refused, not guessed, and
+        so is one after `today` (`latest_birth_date`)."""
         value = self.text(name, 40)
         try:
-            return parse_date(value, formats)
+            return parse_date(value, formats, today=today)
+        except FutureDateError:
+            raise MessageError(f"{self.keys.get(name, name)} {value!r} is in the future") from None
         except DateFormatError:
             raise MessageError(
                 f"{self.keys.get(name, name)} {value!r} is not a date in the configured format"
@@ -131,8 +143,7 @@ def read_mapped_ini(
     if len(data) > MAX_INI_BYTES:
         raise MessageError(f"{what} has {len(data)} bytes; at most {MAX_INI_BYTES} are read")
     text = decode(data, encoding).text
-    unended = text.rsplit("\n", 1)[-1].rsplit("\r", 1)[-1]  # what follows the last CR or LF
-    if unended.strip():
+    if not last_line_ended(text):
         # Read while the PMS was still writing it: the last value may be cut short ("PatientNumber=10"
         # of 1042 names another patient), so nothing in it can be trusted.
         raise MessageError(f"{what} ends in the middle of a line: it is truncated or still being written")

@@ -27,13 +27,23 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from bridge.model import Action, Demographics, Origin, Outcome, PatientRequest, Sex
-from protocols.common import DateFormatError, decode, dotnet_to_strptime, parse_dotnet_date
+from protocols.common import DateFormatError, FutureDateError, decode, dotnet_to_strptime, parse_dotnet_date
 
 if TYPE_CHECKING:
     from lxml import etree
 
 MAX_XML_BYTES = 64 * 1024  # an OPP message is a few hundred bytes; anything near this is not one
-MAX_FIELD_CHARS = 200  # as the REST API's limit on names
+MAX_FIELD_CHARS = 200  # fields the store does not keep (softwareVersion ...): a corrupt message, not a name
+# The fields the store keeps, at most as long as their columns (bridge.store.limits; a test holds them
+# to it): refused here as field-too-long naming the OPP field, rather than by the service in its words.
+FIELD_LIMITS: dict[str, int] = {
+    "software": 100,  # pms_system
+    "practiceId": 100,  # practice_id
+    "reference": 100,  # pms_id
+    "firstName": 120,
+    "lastName": 120,
+    "middleName": 120,
+}
 DEFAULT_VERSION = "1.3"  # what the command line and OPP web parameters speak when they name none
 ISO_DATE = "yyyy-MM-dd"  # .NET notation, as the -d flag's
 
@@ -200,9 +210,15 @@ class OppMessage:
 
 
 def from_fields(
-    fields: Mapping[str, str], options: OppOptions, *, version: str = DEFAULT_VERSION, data_elements: int = 0
+    fields: Mapping[str, str],
+    options: OppOptions,
+    *,
+    today: date,
+    version: str = DEFAULT_VERSION,
+    data_elements: int = 0,
 ) -> OppMessage:
-    """Validate fields named as in FIELDS into a message; OppError names the first bad field."""
+    """Validate fields named as in FIELDS into a message; OppError names the first bad field. `today` is
+    the daemon's date, which a birth date may not be after (`latest_birth_date`)."""
     for name, value in fields.items():
         if found := _NOT_XML.search(value):
             raise OppError(
@@ -233,7 +249,7 @@ def from_fields(
             last_name=_field(fields, "lastName"),
             first_name=_field(fields, "firstName"),
             middle_name=_field(fields, "middleName"),
-            birth_date=_birth_date(fields.get("birthdate", ""), fields.get("dateFormat", "")),
+            birth_date=_birth_date(fields.get("birthdate", ""), fields.get("dateFormat", ""), today),
             sex=_GENDERS.get(fields.get("gender", "").strip().upper(), Sex.UNKNOWN),
         ),
         data_elements=data_elements,
@@ -249,10 +265,11 @@ def check_version(version: str) -> None:
 
 
 def _field(fields: Mapping[str, str], name: str) -> str:
-    """A text field: trimmed, control characters as spaces, at most MAX_FIELD_CHARS."""
+    """A text field: trimmed, control characters as spaces, at most FIELD_LIMITS (else MAX_FIELD_CHARS)."""
     value = _CONTROL.sub(" ", fields.get(name, "")).strip()
-    if len(value) > MAX_FIELD_CHARS:
-        raise OppError(f"{name} is longer than {MAX_FIELD_CHARS} characters", "field-too-long")
+    limit = FIELD_LIMITS.get(name, MAX_FIELD_CHARS)
+    if len(value) > limit:
+        raise OppError(f"{name} is longer than {limit} characters", "field-too-long")
     return value
 
 
@@ -265,7 +282,7 @@ def _silent(value: str) -> bool:
     raise OppError(f"silent must be YES or NO, got {value!r}", "invalid-field")
 
 
-def _birth_date(value: str, dotnet_format: str) -> date | None:
+def _birth_date(value: str, dotnet_format: str, today: date) -> date | None:
     """ISO (yyyy-MM-dd) unless the PMS passes a .NET format, read exactly as that format writes dates
     (`parse_dotnet_date`: "1985111" is not read as a yyyyMMdd date); a two-digit year is refused, not
     guessed."""
@@ -280,7 +297,9 @@ def _birth_date(value: str, dotnet_format: str) -> date | None:
             "invalid-date-format",
         )
     try:
-        return parse_dotnet_date(value, fmt)
+        return parse_dotnet_date(value, fmt, today=today)
+    except FutureDateError:
+        raise OppError(f"birthdate {value.strip()!r} is in the future", "invalid-date") from None
     except DateFormatError:
         raise OppError(f"birthdate {value.strip()!r} does not match {fmt}", "invalid-date") from None
 
@@ -289,7 +308,7 @@ def _birth_date(value: str, dotnet_format: str) -> date | None:
 # The command line
 
 
-def parse_args(args: Sequence[str], options: OppOptions) -> OppMessage:
+def parse_args(args: Sequence[str], options: OppOptions, *, today: date) -> OppMessage:
     """The flag form: `-p 0815 -l Müller ...` (getopt style: `-p0815` works too; a value may start with -).
 
     With `cli_case_sensitive` off, a flag not mapped as written is looked up in the other case.
@@ -319,14 +338,14 @@ def parse_args(args: Sequence[str], options: OppOptions) -> OppMessage:
         fields[name] = value
         i += 1
     fields.setdefault("command", options.cli_command.value)
-    return from_fields(fields, options)
+    return from_fields(fields, options, today=today)
 
 
 # --------------------------------------------------------------------------------------------------
 # OPP web parameters
 
 
-def parse_params(params: Iterable[tuple[str, str]], options: OppOptions) -> OppMessage:
+def parse_params(params: Iterable[tuple[str, str]], options: OppOptions, *, today: date) -> OppMessage:
     """Query or form parameters named as in FIELDS (names compared case-insensitively; others ignored).
 
     A parameter given twice is refused, as a flag given twice is: `reference=D1&reference=D2` names two
@@ -341,7 +360,7 @@ def parse_params(params: Iterable[tuple[str, str]], options: OppOptions) -> OppM
         if name in fields:
             raise OppError(f"parameter {name} is given twice", "invalid-field")
         fields[name] = value
-    return from_fields(fields, options)
+    return from_fields(fields, options, today=today)
 
 
 def form_params(data: bytes, charset: str | None, fallback: str) -> list[tuple[str, str]]:
@@ -455,7 +474,7 @@ def _parser() -> etree.XMLParser:
     return parser
 
 
-def parse_xml(data: bytes, options: OppOptions) -> OppMessage:
+def parse_xml(data: bytes, options: OppOptions, *, today: date) -> OppMessage:
     """The file-based XML form (also OPP web's POST body)."""
     from lxml import etree
 
@@ -510,7 +529,9 @@ def parse_xml(data: bytes, options: OppOptions) -> OppMessage:
         "birthdate": attr(patient, "birthdate"),
         "gender": attr(patient, "gender"),
     }
-    return from_fields(fields, options, version=version, data_elements=len(found.get("data", [])))
+    return from_fields(
+        fields, options, today=today, version=version, data_elements=len(found.get("data", []))
+    )
 
 
 # --------------------------------------------------------------------------------------------------

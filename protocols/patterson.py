@@ -15,6 +15,7 @@ mode is told the values of unmapped keys, the SSN among them, only to keep them 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import date
 
 from bridge.model import Demographics, Sex
 from protocols.common import parse_sex
@@ -27,9 +28,11 @@ def parse(
     section: str,
     keys: Mapping[str, str],
     short_date_formats: Sequence[str],
+    today: date,
     encoding: str = "cp1252",
 ) -> PatientFields:
-    """The patient of a Patterson ini; `keys` maps field names (id, last_name ...) to the ini's keys."""
+    """The patient of a Patterson ini; `keys` maps field names (id, last_name ...) to the ini's keys;
+    `today` is the daemon's date, which the birth date may not be after."""
     ini = read_mapped_ini(
         data, section=section, keys=keys, encoding=encoding, what="the ini", setting="[eaglesoft] ini_section"
     )
@@ -42,7 +45,7 @@ def parse(
             street=ini.text("street", 200),
             city=ini.text("city"),
             postal_code=ini.text("postal_code", 20),
-            birth_date=ini.date("birth_date", short_date_formats),
+            birth_date=ini.date("birth_date", short_date_formats, today),
             sex=Sex(parse_sex(ini.text("sex", 10))),
         ),
         sensitive=ini.unmapped_values(),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 from bridge.model import (
     Action,
@@ -34,6 +34,7 @@ from bridge.model import (
 from protocols.common import (
     DateFormatError,
     DecodedText,
+    FutureDateError,
     IniSection,
     decode,
     ini_line,
@@ -156,11 +157,14 @@ def _first(section: IniSection, field_name: str) -> str:
     return ""
 
 
-def demographics(section: IniSection) -> Demographics:
-    """Patient data from a stage-1 section, tolerating the German key variants and every date form."""
+def demographics(section: IniSection, today: date) -> Demographics:
+    """Patient data from a stage-1 section, tolerating the German key variants and every date form;
+    a birth date after `today` (and a day's slack, `latest_birth_date`) is refused."""
     birth_text = _first(section, "birth_date")
     try:
-        birth = parse_date(birth_text, BIRTH_DATE_FORMATS)
+        birth = parse_date(birth_text, BIRTH_DATE_FORMATS, today=today)
+    except FutureDateError:
+        raise VddsError("future_date", value=birth_text[:20]) from None
     except DateFormatError:
         raise VddsError("bad_date", value=birth_text[:20]) from None
     return Demographics(
@@ -225,12 +229,13 @@ def wants_acquisition(section: IniSection, options: Options, args: Sequence[str]
 
 
 def patient_request(
-    exchange: Exchange, origin: Origin, options: Options, args: Sequence[str] = ()
+    exchange: Exchange, origin: Origin, options: Options, args: Sequence[str] = (), *, today: date
 ) -> PatientRequest:
     """The `PatientRequest` an exchange file asks for; raises VddsError for what cannot be served.
 
     pms_system is the PVS key (the PVS's section name in VDDS_MMI.INI), or `default_pvs` when a PVS
-    omits it; the practice id is the `practice_key` value (PRXNR), empty when absent.
+    omits it; the practice id is the `practice_key` value (PRXNR), empty when absent. `today` is the
+    daemon's date, which a birth date may not be after (`demographics`).
     """
     section = exchange.request
     if exchange.kind is Kind.AMBIGUOUS:
@@ -266,7 +271,7 @@ def patient_request(
         pms_system=pvs,
         pms_id=patid,
         practice_id=practice,
-        demographics=demographics(section),
+        demographics=demographics(section, today),
     )
 
 
@@ -371,6 +376,11 @@ def outcome_error(outcome: Outcome, kind: Kind, options: Options, patid: str = "
     if status is Status.CONFLICT:
         text = message(lang, "conflict", patid=patid, conflict=outcome.conflict_id or "?")
         return 1, f"{text} ({outcome.message})"
+    if status is Status.INVALID:
+        # What the store cannot take (a control character, U+FFFD from a wrong code page, a value longer
+        # than its column) is the PVS's data, not a fault of ours: saying "internal error" sent the
+        # receptionist to IT for a name typed wrong, and the detail says which field.
+        return 1, f"{message(lang, 'invalid')} ({outcome.message})"
     return 1, f"{message(lang, 'internal')} ({outcome.message})"
 
 
@@ -389,7 +399,7 @@ def push_bytes(
     codepage: str,
 ) -> bytes:
     """The exchange file of a push ("Table 5": [PATID] without name fields, the PATID is the only key), as
-    the PVS's import program reads it: CRLF line ends, no BOM, in `codepage` (`vdds_exchange.codepage`)."""
+    the PVS's import program reads it: CRLF line ends, no BOM, in `codepage` (`protocols.common.codepage`)."""
     head = [
         ("PVS", pvs),
         ("BVS", bvs),

@@ -11,7 +11,17 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 
-from protocols.common import AUTO, DecodedText, IniSection, decode, ini_line, one_line, parse_ini, render_ini
+from protocols.common import (
+    AUTO,
+    DecodedText,
+    IniSection,
+    decode,
+    ini_line,
+    one_line,
+    parse_ini,
+    render_ini,
+    split_lines,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -83,6 +93,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "too_large": "Die Übergabedatei ist zu groß ({size} Bytes, höchstens {limit}); sie wurde nicht "
         "ausgeführt.",
         "bad_date": "Das Geburtsdatum {value!r} ist ungültig (erwartet JJJJMMTT oder TT.MM.JJJJ).",
+        "future_date": "Das Geburtsdatum {value!r} liegt in der Zukunft.",
         "too_long": "Der Wert von {key} ist zu lang (höchstens {limit} Zeichen).",
         "no_mmoids": "Die Anfrage nennt keine Bildnummern (MMOID).",
         "too_many": "Die Anfrage nennt {count} Bilder; höchstens {limit} sind erlaubt.",
@@ -95,6 +106,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "export_failed": "Bilder konnten nicht exportiert werden: {ids}.",
         "disabled": "Die VDDS-Schnittstelle ist in pms-bridge ausgeschaltet.",
         "timeout": "Die Bildverwaltung hat nicht rechtzeitig geantwortet. Bitte erneut versuchen.",
+        "invalid": "Die übermittelten Daten sind ungültig; nichts wurde geändert.",
         "internal": "Interner Fehler in der Bildverwaltung. Bitte die IT informieren.",
         "store_lost": "Die Bildverwaltung kann zurzeit nichts speichern (ihre Datenbank fehlt). Bitte die "
         "IT informieren.",
@@ -112,6 +124,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "too_large": "The exchange file is too large ({size} bytes, at most {limit}); it was not carried "
         "out.",
         "bad_date": "The birth date {value!r} is not valid (expected YYYYMMDD or DD.MM.YYYY).",
+        "future_date": "The birth date {value!r} is in the future.",
         "too_long": "The value of {key} is too long (at most {limit} characters).",
         "no_mmoids": "The request names no image numbers (MMOID).",
         "too_many": "The request names {count} images; at most {limit} are allowed.",
@@ -124,6 +137,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "export_failed": "Images could not be exported: {ids}.",
         "disabled": "The VDDS interface is switched off in pms-bridge.",
         "timeout": "The imaging system did not answer in time. Please try again.",
+        "invalid": "The data sent are not valid; nothing was changed.",
         "internal": "Internal error in the imaging system. Please call IT.",
         "store_lost": "The imaging system cannot save anything at the moment (its database is missing). "
         "Please call IT.",
@@ -135,13 +149,6 @@ def message(language: str, code: str, **values: object) -> str:
     """The answer text `code` in `language` (German when the language is unknown)."""
     texts = TEXTS.get(language, TEXTS["de"])
     return texts[code].format(**values)
-
-
-def codepage(setting: str) -> str:
-    """The code page of the files we write ourselves (push files): `[vdds] encoding`, where auto means
-    cp1252, what PVSs read [C1]."""
-    value = setting.strip().lower()
-    return "cp1252" if value in ("", AUTO) else value
 
 
 def read_codepage(setting: str) -> str:
@@ -383,7 +390,7 @@ def _edit(text: str, targets: Sequence[str], handshake: Sequence[tuple[str, str]
         out.extend(trailing)
         placed.add(current)
 
-    for raw in text.splitlines():
+    for raw in split_lines(text):  # the lines parse_ini sees: a PATID=Z6696672\x0b999 line stays one line
         kind, name, _value = ini_line(raw)
         if kind == "section":
             if current in wanted and current not in placed:

@@ -11,6 +11,7 @@ import io
 import json
 import textwrap
 from collections.abc import Callable
+from datetime import date, timedelta
 from typing import Any
 
 import numpy as np
@@ -375,6 +376,19 @@ async def test_birth_date_and_sex_are_taken_as_sent_or_refused(api_client: Any) 
     assert unsent.status == 201 and (await unsent.json())["sex"] == "U"
 
 
+async def test_a_birth_date_in_the_future_is_refused(api_client: Any) -> None:
+    """A birth date after today (and the day of slack for time zones) is a typo: 422 naming the field,
+    nothing stored; today is accepted."""
+    future = (date.today() + timedelta(days=3)).isoformat()  # after the slack even across midnight
+    response = await create(api_client, pms_id="F1", birth_date=future)
+    assert response.status == 422, await response.text()
+    problem = await response.json(content_type=PROBLEM)
+    assert (problem["field"], problem["detail"]) == ("birth_date", f"birth_date '{future}' is in the future")
+    assert (await create(api_client, pms_id="F2", birth_date=date.today().isoformat())).status == 201
+    listed = await (await api_client.get("/api/v1/patients", params={"pms_id": "F1"})).json()
+    assert listed["items"] == []
+
+
 # The store's column lengths (bridge/store/models.py) that the API's text fields must fit.
 COLUMN_LENGTHS = {
     "pms_system": 100,
@@ -428,6 +442,9 @@ async def test_control_characters_and_lone_surrogates_are_refused_by_name(api_cl
         ("last_name", "Doe\u0000"),
         ("first_name", "Ja\x1bne"),
         ("street", "Main St\udfff"),
+        ("last_name", "Meier\u2028Schulz"),  # a line separator: the PMS protocols read it inside a value
+        ("first_name", "An\u2029n"),
+        ("city", "K\x85ln"),  # NEL, a C1 control (cp1252's "…" read as ISO-8859-15)
     ):
         response = await create(api_client, **{"pms_id": "ctl", name: value})
         assert response.status == 422, (name, value, await response.text())

@@ -23,10 +23,12 @@ from bridge.model import (
 from protocols.common import DateFormatError, dotnet_to_strptime
 from protocols.opp import (
     COMMAND_ACTIONS,
+    FIELD_LIMITS,
     Command,
     OppError,
     OppOptions,
     form_params,
+    from_fields,
     parse_args,
     parse_flag_map,
     parse_params,
@@ -37,6 +39,8 @@ from protocols.opp import (
 )
 
 OPTIONS = OppOptions()
+# The daemon's date the parsers check birth dates against: fixed, so no test depends on the clock.
+TODAY = date(2026, 12, 5)
 ERROR_KINDS = {
     "invalid-message",
     "unsupported-version",
@@ -85,7 +89,7 @@ def opp_xml(
 
 
 def test_the_gdt2dicom_envelope_becomes_a_patient_request() -> None:
-    message = parse_xml(GDT2DICOM, OPTIONS)
+    message = parse_xml(GDT2DICOM, OPTIONS, today=TODAY)
     request = message.request(ORIGIN)
     assert (message.version, message.command, message.silent) == ("1.2", Command.UPDATE_CREATE, False)
     assert (request.pms_system, request.pms_id, request.practice_id) == ("gdt2dicom", "000815", "")
@@ -112,32 +116,32 @@ def test_the_gdt2dicom_envelope_becomes_a_patient_request() -> None:
     ],
 )
 def test_each_command_maps_onto_its_action(command: str, action: Action) -> None:
-    message = parse_xml(opp_xml(command=command).encode(), OPTIONS)
+    message = parse_xml(opp_xml(command=command).encode(), OPTIONS, today=TODAY)
     assert message.request(ORIGIN).action is action
     assert COMMAND_ACTIONS[message.command] is action
 
 
 @pytest.mark.parametrize("version", ["1.0", "1.1", "1.2", "1.3", "1.3.4"])
 def test_versions_1_0_to_1_3_are_accepted(version: str) -> None:
-    assert parse_xml(opp_xml(version=version).encode(), OPTIONS).version == version
+    assert parse_xml(opp_xml(version=version).encode(), OPTIONS, today=TODAY).version == version
 
 
 @pytest.mark.parametrize("version", ["0.9", "1.4", "2.0", "", "1", "1.3-beta", "1.10"])
 def test_other_versions_are_refused_with_the_reason(version: str) -> None:
     with pytest.raises(OppError, match="is not supported") as err:
-        parse_xml(opp_xml(version=version).encode(), OPTIONS)
+        parse_xml(opp_xml(version=version).encode(), OPTIONS, today=TODAY)
     assert err.value.kind == "unsupported-version"
 
 
 def test_a_missing_version_is_refused() -> None:
     data = opp_xml().replace(' version="1.3"', "", 1).replace('<?xml  encoding="UTF-8"?>', "")
     with pytest.raises(OppError, match="no version attribute"):
-        parse_xml(data.encode(), OPTIONS)
+        parse_xml(data.encode(), OPTIONS, today=TODAY)
 
 
 def test_an_unknown_command_is_refused_with_the_known_ones() -> None:
     with pytest.raises(OppError, match=r"unknown OPP command 'OPEN' \(known: UPDATE, UPDATE_CREATE") as err:
-        parse_xml(opp_xml(command="OPEN").encode(), OPTIONS)
+        parse_xml(opp_xml(command="OPEN").encode(), OPTIONS, today=TODAY)
     assert err.value.kind == "unknown-command"
 
 
@@ -153,62 +157,82 @@ def test_an_unknown_command_is_refused_with_the_known_ones() -> None:
 )
 def test_gender_words_male_and_female_anything_else_unknown(gender: str, sex: Sex) -> None:
     patient = f'reference="1" lastName="X" gender="{gender}"'
-    assert parse_xml(opp_xml(patient=patient).encode(), OPTIONS).demographics.sex is sex
+    assert parse_xml(opp_xml(patient=patient).encode(), OPTIONS, today=TODAY).demographics.sex is sex
 
 
 @pytest.mark.parametrize(("silent", "expected"), [("YES", True), ("yes", True), ("NO", False), ("", False)])
 def test_silent_yes_or_no(silent: str, expected: bool) -> None:
-    assert parse_xml(opp_xml(silent=silent).encode(), OPTIONS).request(ORIGIN).silent is expected
+    assert parse_xml(opp_xml(silent=silent).encode(), OPTIONS, today=TODAY).request(ORIGIN).silent is expected
 
 
 def test_silent_must_be_yes_or_no() -> None:
     with pytest.raises(OppError, match="silent must be YES or NO"):
-        parse_xml(opp_xml(silent="TRUE").encode(), OPTIONS)
+        parse_xml(opp_xml(silent="TRUE").encode(), OPTIONS, today=TODAY)
 
 
 def test_middle_name_and_practice_id_attributes_are_configurable() -> None:
     patient = 'reference="7" lastName="Roe" middleName="Ann" zweitname="Lou" praxis="P9"'
-    default = parse_xml(opp_xml(patient=patient).encode(), OPTIONS)
+    default = parse_xml(opp_xml(patient=patient).encode(), OPTIONS, today=TODAY)
     assert (default.demographics.middle_name, default.practice_id) == ("Ann", "")
     custom = replace(OPTIONS, middle_name_attribute="zweitname", practice_id_attribute="praxis")
-    message = parse_xml(opp_xml(patient=patient).encode(), custom)
+    message = parse_xml(opp_xml(patient=patient).encode(), custom, today=TODAY)
     assert (message.demographics.middle_name, message.practice_id) == ("Lou", "P9")
 
 
 def test_practice_id_on_the_patient_wins_over_the_software_one() -> None:
     xml = opp_xml(software='name="PMS" practiceId="S"', patient='reference="1" practiceId="P"')
-    assert parse_xml(xml.encode(), OPTIONS).practice_id == "P"
+    assert parse_xml(xml.encode(), OPTIONS, today=TODAY).practice_id == "P"
     xml = opp_xml(software='name="PMS" practiceId="S"', patient='reference="1"')
-    assert parse_xml(xml.encode(), OPTIONS).practice_id == "S"
+    assert parse_xml(xml.encode(), OPTIONS, today=TODAY).practice_id == "S"
 
 
 def test_without_software_the_configured_name_and_practice_are_used() -> None:
     xml = opp_xml().replace('<software name="PMS" version="1"/>', "")
-    message = parse_xml(xml.encode(), replace(OPTIONS, software_name="Site-PMS", practice_id="HQ"))
+    message = parse_xml(
+        xml.encode(), replace(OPTIONS, software_name="Site-PMS", practice_id="HQ"), today=TODAY
+    )
     assert (message.software, message.practice_id) == ("Site-PMS", "HQ")
 
 
 def test_data_elements_are_counted_not_interpreted() -> None:
     xml = opp_xml(command="UPDATE", extra='<data key="a" value="1"/><data>free text</data>')
-    message = parse_xml(xml.encode(), OPTIONS)
+    message = parse_xml(xml.encode(), OPTIONS, today=TODAY)
     assert message.data_elements == 2
     assert message.request(ORIGIN).demographics.last_name == "Meier"
 
 
 def test_leading_zeros_and_letters_in_the_reference_are_kept() -> None:
-    message = parse_xml(opp_xml(patient='reference=" 00A42 " lastName="X"').encode(), OPTIONS)
+    message = parse_xml(opp_xml(patient='reference=" 00A42 " lastName="X"').encode(), OPTIONS, today=TODAY)
     assert message.reference == "00A42"
 
 
 def test_a_missing_birthdate_or_an_all_zero_one_is_no_date() -> None:
-    assert parse_xml(opp_xml(patient='reference="1"').encode(), OPTIONS).demographics.birth_date is None
+    assert (
+        parse_xml(opp_xml(patient='reference="1"').encode(), OPTIONS, today=TODAY).demographics.birth_date
+        is None
+    )
     zero = opp_xml(patient='reference="1" birthdate="0000-00-00"')
-    assert parse_xml(zero.encode(), OPTIONS).demographics.birth_date is None
+    assert parse_xml(zero.encode(), OPTIONS, today=TODAY).demographics.birth_date is None
+
+
+def test_a_birthdate_in_the_future_is_an_invalid_date() -> None:
+    """After today (2026-12-05) and its day of slack: refused as invalid-date (400 / exit 2), never
+    stored; the command line's -d formats too."""
+    for value in ("2099-12-31", "2026-12-07"):
+        with pytest.raises(OppError, match=f"birthdate '{value}' is in the future") as refused:
+            parse_xml(opp_xml(patient=f'reference="1" birthdate="{value}"').encode(), OPTIONS, today=TODAY)
+        assert refused.value.kind == "invalid-date"
+    with pytest.raises(OppError, match=r"birthdate '31\.12\.2099' is in the future"):
+        parse_args(["-p", "1", "-d", "dd.MM.yyyy", "-b", "31.12.2099"], OPTIONS, today=TODAY)
+    tomorrow = parse_xml(
+        opp_xml(patient='reference="1" birthdate="2026-12-06"').encode(), OPTIONS, today=TODAY
+    )
+    assert tomorrow.demographics.birth_date == date(2026, 12, 6)
 
 
 def test_the_xml_birthdate_is_iso_only() -> None:
     with pytest.raises(OppError, match=r"birthdate '14\.07\.1985' does not match yyyy-MM-dd"):
-        parse_xml(opp_xml(patient='reference="1" birthdate="14.07.1985"').encode(), OPTIONS)
+        parse_xml(opp_xml(patient='reference="1" birthdate="14.07.1985"').encode(), OPTIONS, today=TODAY)
 
 
 @pytest.mark.parametrize(
@@ -230,7 +254,7 @@ def test_the_xml_birthdate_is_iso_only() -> None:
 )
 def test_malformed_messages_are_refused_with_a_reason(data: bytes, match: str) -> None:
     with pytest.raises(OppError, match=match):
-        parse_xml(data, OPTIONS)
+        parse_xml(data, OPTIONS, today=TODAY)
 
 
 XXE = (
@@ -258,20 +282,22 @@ PARAMETER_ENTITY = (
 @pytest.mark.parametrize("codec", ["utf-8", "utf-16"])
 def test_dtds_entities_and_bombs_are_refused_before_parsing(text: str, codec: str) -> None:
     with pytest.raises(OppError, match="DTDs and entity declarations are not accepted") as err:
-        parse_xml(text.encode(codec), OPTIONS)
+        parse_xml(text.encode(codec), OPTIONS, today=TODAY)
     assert err.value.kind == "forbidden-dtd"
 
 
 def test_a_message_over_the_size_limit_is_refused() -> None:
     big = opp_xml(patient=f'reference="1" lastName="{"x" * 70_000}"').encode()
     with pytest.raises(OppError, match="at most 65536 bytes") as err:
-        parse_xml(big, OPTIONS)
+        parse_xml(big, OPTIONS, today=TODAY)
     assert err.value.kind == "too-large"
 
 
-def test_a_field_over_200_characters_is_refused() -> None:
-    with pytest.raises(OppError, match="lastName is longer than 200 characters"):
-        parse_xml(opp_xml(patient=f'reference="1" lastName="{"x" * 201}"').encode(), OPTIONS)
+def test_a_field_over_its_limit_is_refused() -> None:
+    with pytest.raises(OppError, match="lastName is longer than 120 characters"):
+        parse_xml(opp_xml(patient=f'reference="1" lastName="{"x" * 121}"').encode(), OPTIONS, today=TODAY)
+    with pytest.raises(OppError, match="softwareVersion is longer than 200 characters"):
+        parse_xml(opp_xml(software=f'name="P" version="{"9" * 201}"').encode(), OPTIONS, today=TODAY)
 
 
 @pytest.mark.parametrize(
@@ -312,17 +338,17 @@ def test_a_field_over_200_characters_is_refused() -> None:
     ],
 )
 def test_encodings_windows_pmss_write(data: bytes, last_name: str) -> None:
-    assert parse_xml(data, OPTIONS).demographics.last_name == last_name
+    assert parse_xml(data, OPTIONS, today=TODAY).demographics.last_name == last_name
 
 
 def test_the_fallback_code_page_is_configurable() -> None:
     data = opp_xml(patient='reference="1" lastName="Müller"').encode("cp850")
-    assert parse_xml(data, replace(OPTIONS, encoding="cp850")).demographics.last_name == "Müller"
+    assert parse_xml(data, replace(OPTIONS, encoding="cp850"), today=TODAY).demographics.last_name == "Müller"
 
 
 def test_an_unknown_declared_encoding_is_refused() -> None:
     with pytest.raises(OppError, match="unknown encoding 'klingon-8' in the XML declaration"):
-        parse_xml(opp_xml(decl='<?xml version="1.0" encoding="klingon-8"?>').encode(), OPTIONS)
+        parse_xml(opp_xml(decl='<?xml version="1.0" encoding="klingon-8"?>').encode(), OPTIONS, today=TODAY)
 
 
 @pytest.mark.parametrize("extra", ["", " "])  # an even and an odd byte count
@@ -330,7 +356,7 @@ def test_a_utf8_document_declaring_utf16_without_a_bom_is_read_as_utf8(extra: st
     """.NET's StringWriter declares utf-16 on text that is then written as UTF-8."""
     text = opp_xml(decl='<?xml version="1.0" encoding="utf-16"?>', patient='reference="1" lastName="Müller"')
     data = (text + extra).encode("utf-8")
-    assert parse_xml(data, OPTIONS).demographics.last_name == "Müller"
+    assert parse_xml(data, OPTIONS, today=TODAY).demographics.last_name == "Müller"
 
 
 @pytest.mark.parametrize(
@@ -349,7 +375,7 @@ def test_a_utf8_document_declaring_utf16_without_a_bom_is_read_as_utf8(extra: st
 def test_encodings_that_are_no_text_encoding_are_refused(encoding: str, patient: str) -> None:
     data = opp_xml(decl=f'<?xml version="1.0" encoding="{encoding}"?>', patient=patient).encode()
     with pytest.raises(OppError, match=f"'{encoding}' is not a text encoding OPP accepts") as err:
-        parse_xml(data, OPTIONS)
+        parse_xml(data, OPTIONS, today=TODAY)
     assert err.value.kind == "not-xml"
 
 
@@ -357,7 +383,7 @@ def test_encodings_that_are_no_text_encoding_are_refused(encoding: str, patient:
 @given(st.binary(max_size=400))
 def test_arbitrary_bytes_give_a_message_or_an_opp_error(data: bytes) -> None:
     try:
-        message = parse_xml(data, OPTIONS)
+        message = parse_xml(data, OPTIONS, today=TODAY)
     except OppError as exc:
         assert exc.kind in ERROR_KINDS and str(exc)
     else:
@@ -376,7 +402,7 @@ def test_any_attribute_text_round_trips_through_escaping(name: str) -> None:
     except ValueError:  # lxml refuses characters XML cannot hold; no PMS can send those either
         writable = False
     assume(writable)
-    message = parse_xml(etree.tostring(root, encoding="UTF-8"), OPTIONS)
+    message = parse_xml(etree.tostring(root, encoding="UTF-8"), OPTIONS, today=TODAY)
     expected = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in name).strip()
     assert message.demographics.last_name == expected
 
@@ -400,29 +426,32 @@ def test_flags_build_the_same_message_as_the_xml() -> None:
         "-g",
         "MALE",
     ]
-    message = parse_args(args, OPTIONS)
-    from_xml = parse_xml(GDT2DICOM, replace(OPTIONS, software_name="gdt2dicom"))
+    message = parse_args(args, OPTIONS, today=TODAY)
+    from_xml = parse_xml(GDT2DICOM, replace(OPTIONS, software_name="gdt2dicom"), today=TODAY)
     assert message.request(ORIGIN).demographics == from_xml.request(ORIGIN).demographics
     assert (message.reference, message.software, message.version) == ("000815", "OPP", "1.3")
 
 
 def test_without_c_the_configured_command_is_used() -> None:
-    assert parse_args(["-p", "1"], OPTIONS).command is Command.UPDATE_CREATE
-    assert parse_args(["-p", "1"], replace(OPTIONS, cli_command=Command.VIEW)).command is Command.VIEW
+    assert parse_args(["-p", "1"], OPTIONS, today=TODAY).command is Command.UPDATE_CREATE
+    assert (
+        parse_args(["-p", "1"], replace(OPTIONS, cli_command=Command.VIEW), today=TODAY).command
+        is Command.VIEW
+    )
 
 
 def test_upper_case_flags_mean_the_lower_case_ones_unless_case_sensitive() -> None:
-    assert parse_args(["-P", "9", "-L", "Roe"], OPTIONS).reference == "9"
+    assert parse_args(["-P", "9", "-L", "Roe"], OPTIONS, today=TODAY).reference == "9"
     strict = replace(OPTIONS, cli_case_sensitive=True)
     with pytest.raises(OppError, match="unknown flag -P"):
-        parse_args(["-P", "9"], strict)
+        parse_args(["-P", "9"], strict, today=TODAY)
     both = replace(strict, cli_flags={**OPTIONS.cli_flags, "P": "practiceId"})
-    message = parse_args(["-p", "9", "-P", "HQ"], both)
+    message = parse_args(["-p", "9", "-P", "HQ"], both, today=TODAY)
     assert (message.reference, message.practice_id) == ("9", "HQ")
 
 
 def test_attached_values_and_values_starting_with_a_dash() -> None:
-    message = parse_args(["-p0815", "-l", "-Strich", "-fAnna"], OPTIONS)
+    message = parse_args(["-p0815", "-l", "-Strich", "-fAnna"], OPTIONS, today=TODAY)
     assert (message.reference, message.demographics.last_name, message.demographics.first_name) == (
         "0815",
         "-Strich",
@@ -446,7 +475,7 @@ def test_the_flag_grammar_is_one_ascii_letter_after_a_dash() -> None:
     ]
     flags = {**OPTIONS.cli_flags, "é": "lastName"}  # a map built without parse_flag_map's check
     with pytest.raises(OppError, match="unexpected argument '-é': OPP flags look like -p VALUE"):
-        parse_args(["-p", "1", "-é", "Roe"], replace(OPTIONS, cli_flags=flags))
+        parse_args(["-p", "1", "-é", "Roe"], replace(OPTIONS, cli_flags=flags), today=TODAY)
     with pytest.raises(ValueError, match="'é=lastName' is not LETTER=FIELD"):
         parse_flag_map("p=reference é=lastName")
 
@@ -465,7 +494,7 @@ def test_the_flag_grammar_is_one_ascii_letter_after_a_dash() -> None:
 )
 def test_bad_command_lines_are_refused_with_a_reason(args: list[str], match: str) -> None:
     with pytest.raises(OppError, match=match):
-        parse_args(args, OPTIONS)
+        parse_args(args, OPTIONS, today=TODAY)
 
 
 @pytest.mark.parametrize(
@@ -486,7 +515,7 @@ def test_bad_command_lines_are_refused_with_a_reason(args: list[str], match: str
 def test_date_format_flags_translate_dotnet_formats(
     fmt: str, value: str, expected: date | None, flag: str
 ) -> None:
-    message = parse_args(["-p", "1", flag, fmt, "-b", value], OPTIONS)
+    message = parse_args(["-p", "1", flag, fmt, "-b", value], OPTIONS, today=TODAY)
     assert message.demographics.birth_date == expected
 
 
@@ -504,7 +533,7 @@ def test_date_format_flags_translate_dotnet_formats(
 )
 def test_date_formats_are_never_guessed(fmt: str, value: str, match: str) -> None:
     with pytest.raises(OppError, match=match):
-        parse_args(["-p", "1", "-d", fmt, "-b", value], OPTIONS)
+        parse_args(["-p", "1", "-d", fmt, "-b", value], OPTIONS, today=TODAY)
 
 
 @pytest.mark.parametrize(
@@ -521,22 +550,22 @@ def test_date_formats_are_never_guessed(fmt: str, value: str, match: str) -> Non
 )
 def test_a_date_is_read_only_when_it_has_the_format_s_exact_widths(fmt: str, value: str, match: str) -> None:
     with pytest.raises(OppError, match=match) as err:
-        parse_args(["-p", "1", "-d", fmt, "-b", value], OPTIONS)
+        parse_args(["-p", "1", "-d", fmt, "-b", value], OPTIONS, today=TODAY)
     assert err.value.kind == "invalid-date"
 
 
 def test_single_letter_fields_without_separators_are_read_when_only_one_split_fits() -> None:
-    message = parse_args(["-p", "1", "-d", "yyyyMd", "-b", "19851231"], OPTIONS)
+    message = parse_args(["-p", "1", "-d", "yyyyMd", "-b", "19851231"], OPTIONS, today=TODAY)
     assert message.demographics.birth_date == date(1985, 12, 31)
     with pytest.raises(OppError, match="birthdate '1985-7-14' does not match yyyy-MM-dd"):
-        parse_args(["-p", "1", "-b", "1985-7-14"], OPTIONS)  # ISO: two-digit month and day
+        parse_args(["-p", "1", "-b", "1985-7-14"], OPTIONS, today=TODAY)  # ISO: two-digit month and day
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.text(max_size=12), max_size=8))
 def test_arbitrary_argument_lists_give_a_message_or_an_opp_error(args: list[str]) -> None:
     try:
-        message = parse_args(args, OPTIONS)
+        message = parse_args(args, OPTIONS, today=TODAY)
     except OppError as exc:
         assert exc.kind in ERROR_KINDS and str(exc)
     else:
@@ -569,6 +598,7 @@ def test_parameter_names_are_compared_case_insensitively_and_unknown_ones_ignore
             "software": "Web",
         }.items(),
         OPTIONS,
+        today=TODAY,
     )
     assert (message.command, message.reference, message.demographics.first_name, message.software) == (
         Command.VIEW,
@@ -580,9 +610,9 @@ def test_parameter_names_are_compared_case_insensitively_and_unknown_ones_ignore
 
 def test_parameters_take_a_dotnet_date_format_and_a_version() -> None:
     params = {"command": "VIEW", "reference": "1", "birthdate": "24.12.1979", "dateFormat": "dd.MM.yyyy"}
-    assert parse_params(params.items(), OPTIONS).demographics.birth_date == date(1979, 12, 24)
+    assert parse_params(params.items(), OPTIONS, today=TODAY).demographics.birth_date == date(1979, 12, 24)
     with pytest.raises(OppError, match=r"version '9\.9'"):
-        parse_params({**params, "version": "9.9"}.items(), OPTIONS)
+        parse_params({**params, "version": "9.9"}.items(), OPTIONS, today=TODAY)
 
 
 @pytest.mark.parametrize(
@@ -594,15 +624,17 @@ def test_parameters_take_a_dotnet_date_format_and_a_version() -> None:
 )
 def test_a_parameter_given_twice_is_refused(pairs: list[tuple[str, str]]) -> None:
     with pytest.raises(OppError, match="parameter reference is given twice") as err:
-        parse_params(pairs, OPTIONS)
+        parse_params(pairs, OPTIONS, today=TODAY)
     assert err.value.kind == "invalid-field"
-    assert parse_params([*pairs[:2], ("_", "1"), ("_", "2")], OPTIONS).reference == "D1"  # others: ignored
+    assert (
+        parse_params([*pairs[:2], ("_", "1"), ("_", "2")], OPTIONS, today=TODAY).reference == "D1"
+    )  # others: ignored
 
 
 def test_two_software_elements_are_refused_as_two_patients_are() -> None:
     data = opp_xml(extra='<software name="Other" version="1"/>').encode()
     with pytest.raises(OppError, match="has 2 <software> elements, not one"):
-        parse_xml(data, OPTIONS)
+        parse_xml(data, OPTIONS, today=TODAY)
 
 
 @pytest.mark.parametrize(
@@ -621,7 +653,7 @@ def test_parameter_values_are_read_in_the_charset_then_the_opp_encoding(
     query: bytes, charset: str | None, fallback: str, last_name: str
 ) -> None:
     pairs = form_params(b"command=VIEW&reference=1&" + query, charset, fallback)
-    assert parse_params(pairs, OPTIONS).demographics.last_name == last_name
+    assert parse_params(pairs, OPTIONS, today=TODAY).demographics.last_name == last_name
 
 
 def test_parameters_neither_charset_can_read_or_an_unknown_charset_are_refused() -> None:
@@ -640,7 +672,7 @@ def test_parameters_neither_charset_can_read_or_an_unknown_charset_are_refused()
 @given(st.binary(max_size=200), st.sampled_from([None, "utf-8", "iso-8859-1", "cp1252"]))
 def test_arbitrary_form_bytes_give_a_message_or_an_opp_error(data: bytes, charset: str | None) -> None:
     try:
-        message = parse_params(form_params(b"command=VIEW&" + data, charset, "cp1252"), OPTIONS)
+        message = parse_params(form_params(b"command=VIEW&" + data, charset, "cp1252"), OPTIONS, today=TODAY)
     except OppError as exc:
         assert exc.kind in ERROR_KINDS and str(exc)
     else:
@@ -650,10 +682,10 @@ def test_arbitrary_form_bytes_give_a_message_or_an_opp_error(data: bytes, charse
 @pytest.mark.parametrize("value", ["A\ufffeB", "A\uffffB", "A\ud800B"])
 def test_characters_xml_cannot_carry_are_refused_in_any_field(value: str) -> None:
     with pytest.raises(OppError, match=f"lastName contains U\\+{ord(value[1]):04X}") as err:
-        parse_params([("command", "VIEW"), ("reference", "1"), ("lastName", value)], OPTIONS)
+        parse_params([("command", "VIEW"), ("reference", "1"), ("lastName", value)], OPTIONS, today=TODAY)
     assert err.value.kind == "invalid-field"
     with pytest.raises(OppError, match="reference contains"):
-        parse_args(["-p", value], OPTIONS)
+        parse_args(["-p", value], OPTIONS, today=TODAY)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -694,7 +726,7 @@ IMAGE = ImageView(
 
 
 def test_the_xml_answer_escapes_names_and_links_thumbnails() -> None:
-    message = parse_xml(opp_xml(command="VIEW_DATA").encode(), OPTIONS)
+    message = parse_xml(opp_xml(command="VIEW_DATA").encode(), OPTIONS, today=TODAY)
     outcome = Outcome(Status.OK, "1 images", patient=PATIENT, images=(IMAGE,))
     root = etree.fromstring(render_xml(outcome, message, {5: "http://h/opp/thumbnails/5.jpg?exp=1&sig=x"}))
     assert (root.tag, root.get("status"), root.get("patientId"), root.get("command")) == (
@@ -721,7 +753,7 @@ def test_the_xml_answer_escapes_names_and_links_thumbnails() -> None:
 
 def test_a_stored_value_xml_cannot_carry_never_makes_the_answer_fail() -> None:
     """Another protocol may have stored such a name: the answer carries U+FFFD in its place."""
-    message = parse_xml(opp_xml(command="VIEW").encode(), OPTIONS)
+    message = parse_xml(opp_xml(command="VIEW").encode(), OPTIONS, today=TODAY)
     stored = replace(PATIENT, last_name="A\ufffeB\x01C", first_name="\uffffD", pms_id="7\x0b")
     outcome = Outcome(Status.OK, "patient 7\x0b opened", patient=stored)
     root = etree.fromstring(render_xml(outcome, message, {}))
@@ -740,12 +772,12 @@ def test_a_stored_value_xml_cannot_carry_never_makes_the_answer_fail() -> None:
 def test_the_json_answer_has_status_patient_id_and_only_view_data_lists_images() -> None:
     import json
 
-    view_data = parse_xml(opp_xml(command="VIEW_DATA").encode(), OPTIONS)
+    view_data = parse_xml(opp_xml(command="VIEW_DATA").encode(), OPTIONS, today=TODAY)
     outcome = Outcome(Status.OK, "1 images", patient=PATIENT, images=(IMAGE,))
     data = json.loads(render_json(outcome, view_data, {5: "u"}))
     assert (data["status"], data["patient_id"], data["images"][0]["thumbnail_url"]) == ("ok", 17, "u")
     assert data["images"][0]["tooth_numbers"] == [36, 37]
-    view = parse_xml(opp_xml(command="VIEW").encode(), OPTIONS)
+    view = parse_xml(opp_xml(command="VIEW").encode(), OPTIONS, today=TODAY)
     data = json.loads(render_json(Outcome(Status.CREATED, "created", patient=PATIENT), view, {}))
     assert (data["status"], data["command"], "images" in data) == ("created", "VIEW", False)
 
@@ -773,3 +805,25 @@ def test_dotnet_formats_translate_run_by_run(fmt: str, directive: str) -> None:
 def test_dotnet_formats_with_names_or_escapes_are_refused(fmt: str) -> None:
     with pytest.raises(DateFormatError):
         dotnet_to_strptime(fmt)
+
+
+def test_the_opp_field_limits_are_the_stores() -> None:
+    """A field the store keeps is refused as field-too-long at its column's length: longer, the service
+    refused it later in its own words (pms id, not reference); shorter, a name the store holds would be
+    refused needlessly."""
+    from bridge.store.limits import TEXT_RULES
+
+    store_name = {
+        "software": "pms_system",
+        "practiceId": "practice_id",
+        "reference": "pms_id",
+        "firstName": "first_name",
+        "lastName": "last_name",
+        "middleName": "middle_name",
+    }
+    assert {field: TEXT_RULES[name].limit for field, name in store_name.items()} == FIELD_LIMITS
+    fields = {"command": "UPDATE_CREATE", "reference": "R1", "lastName": "L" * 120}
+    assert from_fields(fields, OPTIONS, today=TODAY).demographics.last_name == "L" * 120
+    with pytest.raises(OppError, match="lastName is longer than 120 characters") as refused:
+        from_fields({**fields, "lastName": "L" * 121}, OPTIONS, today=TODAY)
+    assert refused.value.kind == "field-too-long"

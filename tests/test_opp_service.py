@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
+from datetime import date
 
 import pytest
 
@@ -18,6 +19,8 @@ from bridge.store import queries as q
 from protocols.opp import OppMessage, parse_args, parse_xml
 
 ORIGIN = Origin(protocol="opp", transport="cli", workstation="WS1")
+# The daemon's date the parsers check birth dates against: fixed, so no test depends on the clock.
+TODAY = date(2026, 12, 5)
 
 
 async def execute(rt: Runtime, message: OppMessage, origin: Origin) -> Outcome:
@@ -26,7 +29,7 @@ async def execute(rt: Runtime, message: OppMessage, origin: Origin) -> Outcome:
 
 
 def message(rt: Runtime, *args: str) -> OppMessage:
-    return parse_args(list(args), options(rt.settings))
+    return parse_args(list(args), options(rt.settings), today=TODAY)
 
 
 def events(rt: Runtime) -> list[Event]:
@@ -159,9 +162,9 @@ async def test_the_software_name_and_practice_id_key_the_patient(runtime: Runtim
     without a practice is not another practice's: a practice takes it, see test_identity.py.)"""
     a = await execute(runtime, message(runtime, "-p", "1", "-l", "A"), ORIGIN)
     custom = replace(options(runtime.settings), software_name="Other-PMS", practice_id="P1")
-    b = await execute(runtime, parse_args(["-p", "1", "-l", "B"], custom), ORIGIN)
+    b = await execute(runtime, parse_args(["-p", "1", "-l", "B"], custom, today=TODAY), ORIGIN)
     practice = replace(custom, practice_id="P2")
-    c = await execute(runtime, parse_args(["-p", "1", "-l", "C"], practice), ORIGIN)
+    c = await execute(runtime, parse_args(["-p", "1", "-l", "C"], practice, today=TODAY), ORIGIN)
     assert a.patient and b.patient and c.patient
     assert len({a.patient.id, b.patient.id, c.patient.id}) == 3
     assert (b.patient.pms_system, b.patient.practice_id) == ("Other-PMS", "P1")
@@ -177,7 +180,7 @@ async def test_the_sending_software_version_is_logged_at_debug(
         '<opp version="1.3"><command type="UPDATE_CREATE" silent="NO"/>'
         '<software name="Praxis-PMS" version="7.2.1"/><patient reference="4711" lastName="Roe"/></opp>'
     )
-    sent = parse_xml(xml.encode(), options(runtime.settings))
+    sent = parse_xml(xml.encode(), options(runtime.settings), today=TODAY)
     with caplog.at_level(logging.DEBUG, logger="bridge.handlers.opp"):
         outcome = await execute(runtime, sent, ORIGIN)
     assert outcome.status is Status.CREATED

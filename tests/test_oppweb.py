@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import threading
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -163,6 +164,55 @@ def test_names_xml_cannot_carry_are_refused_and_never_break_an_answer(daemon: Da
         answer = call(daemon, "GET", f"/opp?command={command}&reference=FFFE2&software=WebPMS")
         assert answer[0] == 200, answer
         assert 'lastName="A\ufffdB"'.encode() in answer[2] and 'firstName="\ufffdC"'.encode() in answer[2]
+
+
+def test_what_the_store_cannot_take_is_a_400_naming_the_field(daemon: DaemonProcess) -> None:
+    """Store limits are field problems as docs/opp.md lists them (400 field-too-long or invalid-field),
+    never the REST API's 422: a 101-character reference, a 121-character lastName (parameters or XML
+    body), a name the store refuses (a line separator; 61 characters beyond the BMP are 122 UTF-16 code
+    units). Nothing is stored."""
+    long_reference = "R" * 101
+    cases = {
+        f"/opp?command=UPDATE_CREATE&reference={long_reference}": (
+            "field-too-long",
+            "reference is longer than 100 characters",
+        ),
+        f"/opp?command=UPDATE_CREATE&reference=L1&lastName={'L' * 121}": (
+            "field-too-long",
+            "lastName is longer than 120 characters",
+        ),
+        "/opp?command=UPDATE_CREATE&reference=L2&lastName=Meier%E2%80%A8Schulz": (  # U+2028
+            "invalid-field",
+            "last name must not contain a line separator (U+2028)",
+        ),
+        "/opp?command=UPDATE_CREATE&reference=L3&lastName=" + "%F0%9F%98%80" * 61: (  # 61 x U+1F600
+            "invalid-field",
+            "last name must be at most 120 characters (UTF-16 code units), got 122",
+        ),
+    }
+    for path, (kind, detail) in cases.items():
+        reply = call(daemon, "GET", path)
+        assert reply[0] == 400, (path, reply)
+        assert (problem(reply)["type"], problem(reply)["detail"]) == (
+            f"urn:pms-bridge:problem:{kind}",
+            detail,
+        )
+    body = opp_xml("UPDATE_CREATE", "L4", last="L" * 121)
+    reply = call(daemon, "POST", "/opp", body, {"Content-Type": "application/xml"})
+    assert reply[0] == 400 and problem(reply)["type"] == "urn:pms-bridge:problem:field-too-long"
+    assert patients(daemon) == []
+
+
+def test_a_birthdate_in_the_future_is_a_400_invalid_date(daemon: DaemonProcess) -> None:
+    """birthdate=2099-12-31 was stored; after today (and its day of slack) it is refused, nothing stored."""
+    future = (date.today() + timedelta(days=3)).isoformat()  # after the slack even across midnight
+    reply = call(daemon, "GET", f"/opp?command=UPDATE_CREATE&reference=B1&software=WebPMS&birthdate={future}")
+    assert reply[0] == 400
+    assert (problem(reply)["type"], problem(reply)["detail"]) == (
+        "urn:pms-bridge:problem:invalid-date",
+        f"birthdate '{future}' is in the future",
+    )
+    assert patients(daemon, pms_system="WebPMS") == []
 
 
 # --------------------------------------------------------------------------------------------------

@@ -188,6 +188,18 @@ def test_a_pseudonym_is_a_date_exactly_when_its_original_is() -> None:
         assert redactor.pseudonym("other", "31.31.1970") == redactor.pseudonym("other", "31.31.1970")
 
 
+def test_a_birth_date_refused_as_in_the_future_stays_in_the_future_after_redaction() -> None:
+    """A capture of a refused BIRTHDAY=<the day after tomorrow> must replay as refused: its pseudonym moved
+    back in time became a valid birth date. One accepted today stays in the past."""
+    from datetime import timedelta
+
+    future, past = date.today() + timedelta(days=3), date(1971, 3, 15)  # 3 days: across midnight too
+    for _ in range(50):
+        redactor = Redactor()
+        assert redactor.pseudo_date(future) > future
+        assert redactor.pseudo_date(past) < past
+
+
 def test_a_refused_day_first_date_is_never_a_valid_month_first_date_after_redaction() -> None:
     # A Dexis BD of 14/07/1985 on an en-US profile is refused; the same date learned from another message
     # (or the token learned as text) must not turn it into a valid month-first date. Many secrets, as

@@ -144,11 +144,11 @@ def drive(daemon: DaemonProcess, tmp: Path, exchange: Path, integrator: Path) ->
         ).encode("cp1252")
     )
     assert launch(daemon, tmp, "dexis", f"@{info}").returncode == 0
-    (integrator / "Patient_WS-OP3.txt").write_bytes(
+    (integrator / "Patient_WS-OP3.txt").write_bytes(  # BOM-less UTF-8, which `encoding = auto` reads
         (
             f"PN={INTEGRATOR['id']}\r\nLN={INTEGRATOR['last']}\r\nFN={INTEGRATOR['first']}\r\nMI=\r\n"
             f"BD={INTEGRATOR['birth']}\r\nSX=M\r\n"
-        ).encode("cp1252")
+        ).encode()
     )
     assert wait_for(lambda: len(patients(daemon, pms_id=INTEGRATOR["id"])) == 1)
     ini = tmp / "patterson.ini"

@@ -23,7 +23,7 @@ def test_profile_defaults(tmp_path: Path) -> None:
     for name in ("dexis", "dentrix", "eaglesoft", "cliniview"):
         profile = getattr(settings, name)
         assert (profile.pms_system, profile.practice_id, profile.id_field) == (name, "", "pms_id")
-        assert (profile.encoding, profile.thumbnails, profile.thumbnail_dir) == ("cp1252", False, None)
+        assert (profile.encoding, profile.thumbnails, profile.thumbnail_dir) == ("auto", False, None)
     assert (settings.dexis.locale, settings.dexis.info_file_sx_m, settings.dexis.integrator_dir) == (
         "en-us",
         "unknown",

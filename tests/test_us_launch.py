@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +69,8 @@ def wait_for_patients(daemon: DaemonProcess, deadline_s: float = 30, **query: st
     return []
 
 
-def crlf(*lines: str) -> bytes:
-    return "".join(line + "\r\n" for line in lines).encode("cp1252")
+def crlf(*lines: str, encoding: str = "cp1252") -> bytes:
+    return "".join(line + "\r\n" for line in lines).encode(encoding)
 
 
 def test_dexis_info_file_creates_the_patient_in_cp1252(daemon: DaemonProcess, tmp_path: Path) -> None:
@@ -340,6 +340,30 @@ async def test_an_integrator_file_still_being_written_is_not_taken_half(
         rt.close()
 
 
+async def test_a_link_in_the_integrator_folder_is_not_followed_and_logged_once(
+    make_settings: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the VDDS share: a `Patient_<workstation>.txt` that is a symbolic link is never read (nobody is
+    opened from the file it points at) and is logged once, naming it."""
+    caplog.set_level(logging.WARNING, logger="bridge.watch")
+    folder, outside = tmp_path / "integrator", tmp_path / "elsewhere.txt"
+    outside.write_bytes(crlf("PN=88", "LN=Doe", "FN=Jane"))
+    rt = Runtime.build(make_settings(dexis={"integrator_dir": str(folder)}))
+    try:
+        [watcher] = build_integrator_watchers(rt)
+        (folder / "Patient_OP5.txt").symlink_to(outside)
+        for _ in range(3):
+            assert await watcher.scan()
+        assert await rt.service.search_patients(ORIGIN, pms_id="88") == []
+        [record] = [r for r in caplog.records if r.name == "bridge.watch"]
+        assert (record.__dict__["watcher"], record.__dict__["file"]) == (
+            "dexis-integrator",
+            "Patient_OP5.txt",
+        )
+    finally:
+        rt.close()
+
+
 def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
     daemon: DaemonProcess, tmp_path: Path
 ) -> None:
@@ -387,6 +411,73 @@ def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
         ExitCode.OK,
         "pms-bridge eaglesoft: patient 1042 updated",
     )
+
+
+def test_a_line_break_like_character_in_an_id_is_refused_not_cut(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """Only CR and LF end a line: an id holding VT, FF or GS (`PN=1042<VT>999`) was cut at it and
+    opened patient 1042. Now it stays in the value and is refused (exit 2), and patient 1042 is not
+    opened."""
+    for system in ("dexis", "eaglesoft", "cliniview"):
+        body = {"pms_system": system, "pms_id": "1042", "last_name": "Other", "first_name": "Ann"}
+        status, _ = daemon.request(
+            "POST",
+            "/api/v1/patients",
+            json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert status == 201
+    files = {
+        # Integrator file: PN=1042 <VT> 999
+        "Patient_OP1.txt": ("dexis", "PN", crlf("PN=1042\x0b999", "LN=Other", "FN=Ann")),
+        # Patterson ini: PatientNumber=1042 <FF> 999
+        "patterson.ini": (
+            "eaglesoft",
+            "PatientNumber",
+            crlf("[Patient]", "PatientNumber=1042\x0c999", "FirstName=Ann", "LastName=Other"),
+        ),
+        # Cliniview.ini: PatientID=1042 <GS> 999
+        "Cliniview.ini": (
+            "cliniview",
+            "PatientID",
+            crlf("[Patient]", "PatientID=1042\x1d999", "FirstName=Ann", "LastName=Other"),
+        ),
+    }
+    for name, (protocol, key, data) in files.items():
+        (tmp_path / name).write_bytes(data)
+        argument = f"@{tmp_path / name}" if protocol == "dexis" else str(tmp_path / name)
+        assert run(daemon, protocol, argument) == (
+            2,
+            f"pms-bridge {protocol}: {key} contains control characters",
+        )
+    _status, audit = daemon.request("GET", "/api/v1/audit?limit=500")
+    assert b"patient.open" not in audit, audit
+
+
+def test_birth_dates_are_never_in_the_future(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """A two-digit year is the latest century not in the future (Birthdate=7/14/45 was stored as 2045);
+    a four-digit date after today (and its day of slack) is refused with exit 2 and nothing is stored."""
+    ini = tmp_path / "patterson.ini"
+    ini.write_bytes(
+        crlf("[Patient]", "PatientNumber=4501", "FirstName=Ann", "LastName=Lee", "Birthdate=7/14/45")
+    )
+    assert run(daemon, "eaglesoft", str(ini)) == (0, "pms-bridge eaglesoft: patient 4501 created")
+    [ann] = patients(daemon, pms_system="eaglesoft", pms_id="4501")
+    assert ann["birth_date"] == "1945-07-14"
+    future = date.today() + timedelta(days=3)  # after the slack even across midnight
+    integrator = tmp_path / "Patient_OP2.txt"
+    integrator.write_bytes(crlf("PN=4502", "LN=Lee", "FN=Ann", f"BD={future:%Y%m%d}"))
+    assert run(daemon, "dexis", f"@{integrator}") == (
+        2,
+        f"pms-bridge dexis: BD '{future:%Y%m%d}' is in the future",
+    )
+    us_date = f"{future.month:02d}/{future.day:02d}/{future.year}"
+    assert run(daemon, "cliniview", f"-4503;Ann;Lee;;{us_date}") == (
+        2,
+        f"pms-bridge cliniview: birth date '{us_date}' is in the future",
+    )
+    assert patients(daemon, pms_id="4502") == [] and patients(daemon, pms_id="4503") == []
 
 
 def test_set_without_an_id_cut_short_or_without_names_changes_nobody(daemon: DaemonProcess) -> None:
@@ -441,6 +532,45 @@ def test_set_over_http_is_read_in_the_declared_charset(daemon: DaemonProcess) ->
     assert status == 200
     [cp1252] = patients(daemon, pms_system="dexis", pms_id="4714")
     assert cp1252["last_name"] == "Núñez"
+
+
+def test_bomless_utf8_files_and_bodies_are_read_as_utf8_and_explicit_code_pages_stay(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """`encoding = auto` (the US profiles' default): a BOM-less UTF-8 file or launch body is UTF-8 ("Côté",
+    not "CÃ´tÃ©"), a cp1252 one cp1252 (`test_dexis_info_file_creates_the_patient_in_cp1252`); an
+    explicit code page is never second-guessed."""
+    folder = tmp_path / "integrator"
+    daemon = daemon_factory(dexis={"integrator_dir": str(folder)})
+    files = {
+        "dexis": (
+            "infofile.txt",
+            ["Côté, Zoë  7/14/1985  (U1)", "PN=U1", "LN=Côté", "FN=Zoë", "BD=7/14/1985"],
+        ),
+        "eaglesoft": ("patterson.ini", ["[Patient]", "PatientNumber=U2", "FirstName=Zoë", "LastName=Côté"]),
+        "cliniview": ("Cliniview.ini", ["[Patient]", "PatientID=U3", "FirstName=Zoë", "LastName=Côté"]),
+    }
+    for protocol, (name, lines) in files.items():
+        (tmp_path / name).write_bytes(crlf(*lines, encoding="utf-8"))
+        argument = f"@{tmp_path / name}" if protocol == "dexis" else str(tmp_path / name)
+        assert run(daemon, protocol, argument)[0] == 0, protocol
+    (folder / "Patient_OP4.txt").write_bytes(crlf("PN=U4", "LN=Côté", "FN=Zoë", encoding="utf-8"))
+    assert wait_for_patients(daemon, pms_system="dexis", pms_id="U4")
+    status, _ = daemon.request(  # a shim that declares no charset
+        "POST",
+        "/api/v1/launch/dexis",
+        'SET U5 LN="Núñez" FN="Inés"'.encode(),
+        headers={"Content-Type": "text/plain"},
+    )
+    assert status == 200
+    names = {p["pms_id"]: (p["last_name"], p["first_name"]) for p in patients(daemon)}
+    assert names == {f"U{n}": ("Côté", "Zoë") for n in range(1, 5)} | {"U5": ("Núñez", "Inés")}
+    explicit = daemon_factory(cliniview={"encoding": "cp1252"})  # on the same store
+    ini = tmp_path / "explicit.ini"
+    ini.write_bytes(crlf("[Patient]", "PatientID=U6", "FirstName=Zoë", "LastName=Côté", encoding="utf-8"))
+    assert run(explicit, "cliniview", str(ini))[0] == 0
+    [read_as_cp1252] = patients(explicit, pms_system="cliniview", pms_id="U6")
+    assert read_as_cp1252["last_name"] == "CÃ´tÃ©"
 
 
 def test_a_utf16_info_file_without_a_bom_starting_outside_latin1_opens_its_patient(

@@ -17,16 +17,21 @@ from hypothesis import strategies as st
 from bridge.model import Sex
 from protocols import cliniview, dexis, patterson
 from protocols.common import (
+    FutureDateError,
     decode,
     dotnet_date_formats,
+    latest_birth_date,
     locale_formats,
     parse_date,
+    parse_dotnet_date,
     parse_key_values,
     parse_sex,
 )
 from protocols.fields import MessageError, PatientFields, field_id, field_text
 
 EN_US = locale_formats("en-us")
+# The daemon's date the parsers check birth dates against: fixed, so no test depends on the clock.
+TODAY = date(2026, 12, 5)
 
 
 def crlf(*lines: str, encoding: str = "cp1252") -> bytes:
@@ -39,18 +44,74 @@ def crlf(*lines: str, encoding: str = "cp1252") -> bytes:
 
 def test_dotnet_slash_is_the_culture_date_separator_and_the_order_stays() -> None:
     formats = dotnet_date_formats("MM/dd/yyyy")
-    assert parse_date("07/14/1985", formats) == date(1985, 7, 14)
-    assert parse_date("07.14.1985", formats) == date(1985, 7, 14)  # a German workstation
-    assert parse_date("07-14-1985", formats) == date(1985, 7, 14)
+    assert parse_date("07/14/1985", formats, today=TODAY) == date(1985, 7, 14)
+    assert parse_date("07.14.1985", formats, today=TODAY) == date(1985, 7, 14)  # a German workstation
+    assert parse_date("07-14-1985", formats, today=TODAY) == date(1985, 7, 14)
     with pytest.raises(ValueError):
-        parse_date("14.07.1985", formats)  # never read day-first
+        parse_date("14.07.1985", formats, today=TODAY)  # never read day-first
     assert dotnet_date_formats("yyyyMMdd") == ("%Y%m%d",)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("7/14/45", date(1945, 7, 14)),  # strptime's pivot made this 2045
+        ("7/14/24", date(2024, 7, 14)),
+        ("12/06/26", date(2026, 12, 6)),  # tomorrow: the day of slack for time zones
+        ("12/07/26", date(1926, 12, 7)),  # the day after tomorrow would be in the future
+        ("2/29/00", date(2000, 2, 29)),
+    ],
+)
+def test_a_two_digit_year_is_the_latest_century_not_in_the_future(value: str, expected: date) -> None:
+    """On 2026-12-05: a birth date is never in the future, so that decides the century (no fixed pivot)."""
+    assert parse_date(value, locale_formats("en-us"), today=TODAY) == expected
+    assert parse_dotnet_date(value, "M/d/yy", today=TODAY) == expected
+
+
+@pytest.mark.parametrize("value", ["12/31/2099", "12/07/2026", "1/1/9999"])
+def test_a_birth_date_after_tomorrow_is_refused(value: str) -> None:
+    """After today and its day of slack for time zones (`latest_birth_date`): refused, never stored."""
+    with pytest.raises(FutureDateError, match="is in the future"):
+        parse_date(value, locale_formats("en-us"), today=TODAY)
+    with pytest.raises(FutureDateError):
+        parse_dotnet_date(value, "M/d/yyyy", today=TODAY)
+    assert latest_birth_date(TODAY) == date(2026, 12, 6)
+    assert parse_date("12/06/2026", locale_formats("en-us"), today=TODAY) == date(2026, 12, 6)
+
+
+def test_every_us_format_refuses_a_future_birth_date_and_reads_two_digit_years() -> None:
+    """Dexis (info file and Integrator), Patterson, CLINIVIEW (argument and ini), each in its own words."""
+    info = dexis.parse_file(info_file("7/14/45"), short_date_formats=EN_US, today=TODAY)
+    assert info.fields.demographics.birth_date == date(1945, 7, 14)
+    with pytest.raises(MessageError, match="BD '20991231' is in the future"):
+        dexis.parse_file(
+            crlf("PN=77", "LN=Doe", "FN=Jane", "BD=20991231"), short_date_formats=EN_US, today=TODAY
+        )
+    with pytest.raises(MessageError, match="BD '20991231' is in the future"):
+        dexis.parse_set_command('SET 77 LN="Doe" FN="Jane" BD=20991231', today=TODAY)
+
+    def patterson_birth(birth: str) -> date | None:
+        data = patterson_ini(birth=birth)
+        fields = patterson.parse(
+            data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US, today=TODAY
+        )
+        return fields.demographics.birth_date
+
+    assert patterson_birth("7/14/45") == date(1945, 7, 14)
+    with pytest.raises(MessageError, match="Birthdate '12/31/2099' is in the future"):
+        patterson_birth("12/31/2099")
+    with pytest.raises(MessageError, match="birth date '12/31/2099' is in the future"):
+        cliniview.parse_argument("-0815;Ann;Lee;;12/31/2099", date_formats=CLINIVIEW_DATES, today=TODAY)
+    ini = crlf("[Patient]", "PatientID=0815", "FirstName=Ann", "LastName=Lee", "BirthDate=12/31/2099")
+    keys = {"id": "PatientID", "first_name": "FirstName", "last_name": "LastName", "birth_date": "BirthDate"}
+    with pytest.raises(MessageError, match="BirthDate '12/31/2099' is in the future"):
+        cliniview.parse_ini_file(ini, section="Patient", keys=keys, date_formats=CLINIVIEW_DATES, today=TODAY)
 
 
 @pytest.mark.parametrize("value", ["1/1/0001", "01/01/0001", "01.01.0001", "0001-01-01", "", "  "])
 def test_dotnet_min_date_in_any_short_date_means_no_birth_date(value: str) -> None:
     formats = (*locale_formats("en-us"), *locale_formats("de-de"), *locale_formats("en-ca"))
-    assert parse_date(value, formats) is None
+    assert parse_date(value, formats, today=TODAY) is None
 
 
 @pytest.mark.parametrize(("code", "sex"), [(" ", "U"), ("", "U"), ("M", "M"), ("f", "F"), ("X", "O")])
@@ -99,13 +160,13 @@ def info_file(bd: str, sx: str = "F", *, last: str = "Côté", first: str = "Zo�
 def test_info_file_birth_date_follows_the_configured_locale(
     locale: str, bd: str, expected: date | None
 ) -> None:
-    message = dexis.parse_file(info_file(bd), short_date_formats=locale_formats(locale))
+    message = dexis.parse_file(info_file(bd), short_date_formats=locale_formats(locale), today=TODAY)
     assert message.dialect == dexis.INFO_FILE
     assert message.fields.demographics.birth_date == expected
 
 
 def test_info_file_reads_cp1252_accents_and_keeps_the_id_as_text() -> None:
-    message = dexis.parse_file(info_file("7/14/1985", pn="00042"), short_date_formats=EN_US)
+    message = dexis.parse_file(info_file("7/14/1985", pn="00042"), short_date_formats=EN_US, today=TODAY)
     assert message.fields.patient_id == "00042"
     demo = message.fields.demographics
     assert (demo.last_name, demo.first_name, demo.sex) == ("Côté", "Zoë", Sex.FEMALE)
@@ -114,7 +175,9 @@ def test_info_file_reads_cp1252_accents_and_keeps_the_id_as_text() -> None:
 def test_info_file_with_a_utf16_bom_reads_the_same() -> None:
     text = info_file("7/14/1985").decode("cp1252")
     data = codecs.BOM_UTF16_LE + text.encode("utf-16-le")
-    assert dexis.parse_file(data, short_date_formats=EN_US).fields.demographics.last_name == "Côté"
+    assert (
+        dexis.parse_file(data, short_date_formats=EN_US, today=TODAY).fields.demographics.last_name == "Côté"
+    )
 
 
 @pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
@@ -124,7 +187,7 @@ def test_info_file_in_utf16_without_a_bom_starting_outside_latin1_reads_the_same
     data = "".join(f"{line}\r\n" for line in lines)
     decoded = decode(data.encode(codec))
     assert (decoded.encoding, decoded.bom, decoded.text) == (codec, b"", data)
-    fields = dexis.parse_file(data.encode(codec), short_date_formats=EN_US).fields
+    fields = dexis.parse_file(data.encode(codec), short_date_formats=EN_US, today=TODAY).fields
     assert (fields.patient_id, fields.demographics.last_name) == ("1042", "Łukasiewicz")
 
 
@@ -146,13 +209,15 @@ def test_bomless_utf16_is_told_by_where_most_nuls_are(data: bytes, encoding: str
 
 def test_info_file_date_of_another_locale_is_refused_not_guessed() -> None:
     with pytest.raises(MessageError, match="BD '14/07/1985' is not a date in the configured locale"):
-        dexis.parse_file(info_file("14/07/1985"), short_date_formats=EN_US)
+        dexis.parse_file(info_file("14/07/1985"), short_date_formats=EN_US, today=TODAY)
 
 
 def test_info_file_sx_m_means_not_female_unless_configured() -> None:
     data = info_file("7/14/1985", sx="M")
-    assert dexis.parse_file(data, short_date_formats=EN_US).fields.demographics.sex is Sex.UNKNOWN
-    male = dexis.parse_file(data, short_date_formats=EN_US, info_file_male=True)
+    assert (
+        dexis.parse_file(data, short_date_formats=EN_US, today=TODAY).fields.demographics.sex is Sex.UNKNOWN
+    )
+    male = dexis.parse_file(data, short_date_formats=EN_US, info_file_male=True, today=TODAY)
     assert male.fields.demographics.sex is Sex.MALE
 
 
@@ -171,7 +236,23 @@ def test_info_file_sx_m_means_not_female_unless_configured() -> None:
 )
 def test_broken_files_are_refused_with_a_reason(data: bytes, problem: str) -> None:
     with pytest.raises(MessageError, match=problem):
-        dexis.parse_file(data, short_date_formats=EN_US)
+        dexis.parse_file(data, short_date_formats=EN_US, today=TODAY)
+
+
+@pytest.mark.parametrize("newline", ["\r", "\n", "\r\n"], ids=["cr", "lf", "crlf"])
+def test_dexis_files_with_any_line_end_are_whole_and_cut_ones_are_refused(newline: str) -> None:
+    """A Dexis file's last line may end in CR, LF or CRLF, as the Patterson ini's and Cliniview.ini's
+    (`last_line_ended`): a CR-only writer's files were refused as "truncated or still being written"."""
+    integrator = newline.join(["PN=1042", "LN=Côté", "FN=Zoë", "BD=19850714"]).encode("cp1252")
+    info = info_file("7/14/1985").replace(b"\r\n", newline.encode())
+    for whole in (integrator + newline.encode(), info):
+        fields = dexis.parse_file(whole, short_date_formats=EN_US, today=TODAY).fields
+        assert (fields.patient_id, fields.demographics.last_name) == ("1042", "Côté")
+        assert fields.demographics.birth_date == date(1985, 7, 14)
+    with pytest.raises(MessageError, match="truncated or still being written"):
+        dexis.parse_file(
+            integrator[:-2], short_date_formats=EN_US, today=TODAY
+        )  # BD=198507: cut inside the last line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +268,7 @@ def test_integrator_files_are_named_after_their_workstation() -> None:
 
 def test_integrator_file_with_quotes_middle_initial_and_leading_zeros() -> None:
     data = crlf("PN=000123456789", 'LN="O\'Brien-Søgaard"', 'FN="Zoë"', "MI=J", "BD=19850714", "SX=M")
-    message = dexis.parse_file(data, short_date_formats=EN_US)
+    message = dexis.parse_file(data, short_date_formats=EN_US, today=TODAY)
     assert message.dialect == dexis.INTEGRATOR
     demo = message.fields.demographics
     assert message.fields.patient_id == "000123456789"
@@ -196,14 +277,18 @@ def test_integrator_file_with_quotes_middle_initial_and_leading_zeros() -> None:
 
 
 def test_integrator_file_without_sx_and_bd_is_unknown_and_undated() -> None:
-    message = dexis.parse_file(crlf("PN=77", "LN=Doe", "FN=Jane", "MI="), short_date_formats=EN_US)
+    message = dexis.parse_file(
+        crlf("PN=77", "LN=Doe", "FN=Jane", "MI="), short_date_formats=EN_US, today=TODAY
+    )
     assert message.fields.demographics.sex is Sex.UNKNOWN
     assert message.fields.demographics.birth_date is None
 
 
 def test_integrator_birth_date_is_always_yyyymmdd_whatever_the_locale() -> None:
     with pytest.raises(MessageError, match="yyyyMMdd"):
-        dexis.parse_file(crlf("PN=77", "LN=Doe", "FN=Jane", "MI=", "BD=7/14/1985"), short_date_formats=EN_US)
+        dexis.parse_file(
+            crlf("PN=77", "LN=Doe", "FN=Jane", "MI=", "BD=7/14/1985"), short_date_formats=EN_US, today=TODAY
+        )
 
 
 @pytest.mark.parametrize(
@@ -216,7 +301,7 @@ def test_integrator_birth_date_is_always_yyyymmdd_whatever_the_locale() -> None:
     ],
 )
 def test_set_command_quoted_or_not(command: str) -> None:
-    fields = dexis.parse_set_command(command)
+    fields = dexis.parse_set_command(command, today=TODAY)
     assert fields.patient_id == "4711"
     demo = fields.demographics
     assert (demo.last_name, demo.first_name, demo.birth_date) == ("García Márquez", "José", date(1970, 1, 2))
@@ -224,7 +309,7 @@ def test_set_command_quoted_or_not(command: str) -> None:
 
 
 def test_set_command_carries_a_chart_number_beside_the_id() -> None:
-    fields = dexis.parse_set_command('SET 1001 CN="SMIJO0" LN="Smith" FN="John"')
+    fields = dexis.parse_set_command('SET 1001 CN="SMIJO0" LN="Smith" FN="John"', today=TODAY)
     assert (fields.patient_id, fields.chart_number) == ("1001", "SMIJO0")
 
 
@@ -248,7 +333,7 @@ def test_set_command_carries_a_chart_number_beside_the_id() -> None:
 )
 def test_bad_set_commands_are_refused_with_a_reason(command: str, problem: str) -> None:
     with pytest.raises(MessageError, match=problem):
-        dexis.parse_set_command(command)
+        dexis.parse_set_command(command, today=TODAY)
 
 
 def assert_served_as_read(fields: PatientFields) -> None:
@@ -307,7 +392,7 @@ NEAR_DEXIS_FILES = st.builds(
 @given(st.one_of(st.text(max_size=300), NEAR_SET_COMMANDS))
 def test_set_parser_answers_any_text_with_fields_or_a_message_error(text: str) -> None:
     try:
-        fields = dexis.parse_set_command(text)
+        fields = dexis.parse_set_command(text, today=TODAY)
     except MessageError as exc:
         assert_one_line_reason(exc)
     else:
@@ -318,13 +403,13 @@ def test_set_parser_answers_any_text_with_fields_or_a_message_error(text: str) -
 @given(st.one_of(st.binary(max_size=400), NEAR_DEXIS_FILES))
 def test_file_parser_answers_any_bytes_with_fields_or_a_message_error(data: bytes) -> None:
     try:
-        message = dexis.parse_file(data, short_date_formats=EN_US)
+        message = dexis.parse_file(data, short_date_formats=EN_US, today=TODAY)
     except MessageError as exc:
         assert_one_line_reason(exc)
     else:
         assert_served_as_read(message.fields)
         assert message.dialect in (dexis.INFO_FILE, dexis.INTEGRATOR)
-        assert data.endswith(b"\n")  # a file cut inside a line is never read
+        assert data.endswith((b"\n", b"\r"))  # a file cut inside a line is never read
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,7 +449,7 @@ def patterson_ini(gender: str = "F", birth: str = "7/14/1985", number: str = "00
 
 def test_patterson_ini_fields_and_never_the_ssn() -> None:
     fields = patterson.parse(
-        patterson_ini(), section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US
+        patterson_ini(), section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US, today=TODAY
     )
     assert fields.patient_id == "00817"
     demo = fields.demographics
@@ -382,14 +467,18 @@ def test_patterson_ini_fields_and_never_the_ssn() -> None:
 @pytest.mark.parametrize("gender", [" ", ""])
 def test_patterson_space_gender_is_unknown_and_min_date_is_no_birth_date(gender: str) -> None:
     data = patterson_ini(gender=gender, birth="1/1/0001")
-    fields = patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+    fields = patterson.parse(
+        data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US, today=TODAY
+    )
     assert fields.demographics.sex is Sex.UNKNOWN
     assert fields.demographics.birth_date is None
 
 
 def test_patterson_wrong_section_names_what_it_found() -> None:
     with pytest.raises(MessageError, match=r"no \[Launch\] section \(found: \[Patient\]\)"):
-        patterson.parse(patterson_ini(), section="Launch", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+        patterson.parse(
+            patterson_ini(), section="Launch", keys=PATTERSON_KEYS, short_date_formats=EN_US, today=TODAY
+        )
 
 
 def test_patterson_birth_date_of_another_locale_or_an_oversized_ini_is_refused() -> None:
@@ -401,15 +490,18 @@ def test_patterson_birth_date_of_another_locale_or_an_oversized_ini_is_refused()
             section="Patient",
             keys=PATTERSON_KEYS,
             short_date_formats=EN_US,
+            today=TODAY,
         )
     with pytest.raises(MessageError, match="at most 65536 are read"):
-        patterson.parse(b" " * 70000, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+        patterson.parse(
+            b" " * 70000, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US, today=TODAY
+        )
 
 
 def test_patterson_truncated_ini_without_the_number_is_refused() -> None:
     data = patterson_ini().split(b"PatientNumber")[0]
     with pytest.raises(MessageError, match="no PatientNumber key"):
-        patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+        patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US, today=TODAY)
 
 
 FULL_PATTERSON = crlf(
@@ -428,23 +520,28 @@ FULL_PATTERSON = crlf(
 )
 def test_patterson_ini_cut_inside_a_line_is_refused_as_truncated(data: bytes) -> None:
     with pytest.raises(MessageError, match="the ini ends in the middle of a line: it is truncated"):
-        patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+        patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US, today=TODAY)
 
 
 @pytest.mark.parametrize("cut_after", ["PatientNumber", "FirstName"])
 def test_patterson_ini_cut_at_a_line_end_before_a_name_is_refused(cut_after: str) -> None:
     data = FULL_PATTERSON[: FULL_PATTERSON.index(b"\r\n", FULL_PATTERSON.index(cut_after.encode())) + 2]
     with pytest.raises(MessageError, match=r"the ini has no LastName key in \[Patient\]: it is truncated"):
-        patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+        patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US, today=TODAY)
     # A site whose PMS writes no name keys maps none, and is not refused for them.
     keys = {k: v for k, v in PATTERSON_KEYS.items() if k not in ("first_name", "last_name")}
-    assert patterson.parse(data, section="Patient", keys=keys, short_date_formats=EN_US).patient_id == "1042"
+    assert (
+        patterson.parse(data, section="Patient", keys=keys, short_date_formats=EN_US, today=TODAY).patient_id
+        == "1042"
+    )
 
 
 def test_patterson_ini_cut_between_cr_and_lf_or_with_a_blank_last_line_is_whole() -> None:
     """CR alone ends a line (as GetPrivateProfileString reads it), so no value of these is cut short."""
     for data in (FULL_PATTERSON[:-1], FULL_PATTERSON + b"  ", FULL_PATTERSON.replace(b"\r\n", b"\n")):
-        fields = patterson.parse(data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US)
+        fields = patterson.parse(
+            data, section="Patient", keys=PATTERSON_KEYS, short_date_formats=EN_US, today=TODAY
+        )
         assert (fields.patient_id, fields.demographics.birth_date) == ("1042", date(1990, 2, 2))
 
 
@@ -456,7 +553,7 @@ CLINIVIEW_DATES = dotnet_date_formats("MM/dd/yyyy")
 
 def test_cliniview_argument_with_stripped_names_and_no_ssn_kept() -> None:
     fields = cliniview.parse_argument(
-        "-0815;MaryAnn;VanDerBerg;123456789;03/02/1975", date_formats=CLINIVIEW_DATES
+        "-0815;MaryAnn;VanDerBerg;123456789;03/02/1975", date_formats=CLINIVIEW_DATES, today=TODAY
     )
     assert fields.patient_id == "0815"
     demo = fields.demographics
@@ -475,7 +572,10 @@ def test_cliniview_argument_with_stripped_names_and_no_ssn_kept() -> None:
     ],
 )
 def test_cliniview_birth_dates(argument: str, birth: date | None) -> None:
-    assert cliniview.parse_argument(argument, date_formats=CLINIVIEW_DATES).demographics.birth_date == birth
+    assert (
+        cliniview.parse_argument(argument, date_formats=CLINIVIEW_DATES, today=TODAY).demographics.birth_date
+        == birth
+    )
 
 
 @pytest.mark.parametrize(
@@ -490,14 +590,14 @@ def test_cliniview_birth_dates(argument: str, birth: date | None) -> None:
 )
 def test_bad_cliniview_arguments_are_refused_with_a_reason(argument: str, problem: str) -> None:
     with pytest.raises(MessageError, match=problem):
-        cliniview.parse_argument(argument, date_formats=CLINIVIEW_DATES)
+        cliniview.parse_argument(argument, date_formats=CLINIVIEW_DATES, today=TODAY)
 
 
 def test_cliniview_ini_with_configured_names() -> None:
     data = crlf("[PatientData]", "Id=0042", "First=Hélène", "Last=Gagné", "Born=1985-07-14", "Sex=F", "SSN=1")
     keys = {"id": "Id", "first_name": "First", "last_name": "Last", "birth_date": "Born", "sex": "Sex"}
     fields = cliniview.parse_ini_file(
-        data, section="patientdata", keys=keys, date_formats=dotnet_date_formats("yyyy-MM-dd")
+        data, section="patientdata", keys=keys, date_formats=dotnet_date_formats("yyyy-MM-dd"), today=TODAY
     )
     demo = fields.demographics
     assert (fields.patient_id, demo.last_name, demo.first_name) == ("0042", "Gagné", "Hélène")
@@ -510,4 +610,4 @@ def test_cliniview_ini_with_configured_names() -> None:
 def test_cliniview_ini_cut_inside_a_line_is_refused_as_truncated(cut: bytes) -> None:
     keys = {"id": "PatientID", "first_name": "FirstName", "last_name": "LastName"}
     with pytest.raises(MessageError, match=r"Cliniview\.ini ends in the middle of a line: it is truncated"):
-        cliniview.parse_ini_file(cut, section="Patient", keys=keys, date_formats=CLINIVIEW_DATES)
+        cliniview.parse_ini_file(cut, section="Patient", keys=keys, date_formats=CLINIVIEW_DATES, today=TODAY)

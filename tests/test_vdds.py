@@ -16,6 +16,7 @@ import tracemalloc
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import date, timedelta
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -643,6 +644,32 @@ def test_a_missing_exchange_folder_is_reported_not_created_and_watched_once_it_a
     ]
 
 
+def test_a_link_in_the_share_is_not_followed_and_logged_once(daemon_factory: Any, tmp_path: Path) -> None:
+    """`sym.tmp` pointing at a request outside the share is never read nor answered (the link is not
+    followed), but the daemon logs it once, naming the file and why, instead of leaving the PVS waiting
+    without a trace; later scans (proven by a request answered after it) do not log it again."""
+    share, outside = tmp_path / "share", tmp_path / "outside.tmp"
+    daemon = daemon_factory(vdds={"exchange_dir": str(share), "poll_seconds": 0.1})
+    outside.write_bytes(stage1("3001"))
+    (share / "sym.tmp").symlink_to(outside)
+    deadline = time.monotonic() + 30
+    while "sym.tmp" not in daemon.log():
+        assert time.monotonic() < deadline, "the link was not logged"
+        time.sleep(0.05)
+    request = share / "MME1.tmp"
+    request.write_bytes(stage1("3002"))
+    while not vdds_exchange.read_exchange(request.read_bytes()).answered:
+        assert time.monotonic() < deadline, "no answer in the watched folder"
+        time.sleep(0.05)
+    [line] = [json.loads(line) for line in daemon.log().splitlines() if "sym.tmp" in line]
+    assert (line["level"], line["watcher"], line["reason"]) == (
+        "warning",
+        "vdds",
+        "a symbolic link, never followed: it may lead out of the folder",
+    )
+    assert outside.read_bytes() == stage1("3001")  # not answered through the link
+
+
 def big_request(head: str, encoding: str, bom: bytes = b"", size: int = 6 * 1024 * 1024) -> bytes:
     """A request section followed by a [NOTES] section that makes the file larger than the 4 MB limit."""
     line = "NOTE{:06d}=" + "Befund " * 12 + "\r\n"
@@ -1022,6 +1049,89 @@ async def test_a_cp1252_file_read_as_utf8_does_not_overwrite_the_stored_name(mak
         assert "U+FFFD" in reply.message and "[vdds] encoding" in reply.message
         (patient,) = await rt.service.search_patients(Origin("test"), pms_id="0815")
         assert patient.last_name == "Müller"
+    finally:
+        rt.close()
+
+
+# LASTNAME values the store cannot take, as a PVS writes them (the rest of the file is stage1's):
+INVALID_LAST_NAMES = {
+    # "Müller" from a PVS writing the DOS code page cp850 (M 81 l l e r) to a bridge left at
+    # `encoding = auto`: 0x81 is no character in cp1252, so it is read as U+FFFD
+    "cp850-under-auto": b"M\x81ller",
+    "start-of-heading": b"Ab\x01c",  # U+0001, a control character inside the name
+    "delete": b"Ab\x7fc",  # U+007F DEL
+}
+
+
+@pytest.mark.parametrize("last", INVALID_LAST_NAMES.values(), ids=INVALID_LAST_NAMES.keys())
+async def test_data_the_store_cannot_take_is_answered_as_invalid(make_settings: Any, last: bytes) -> None:
+    """A name the store refuses is the PVS's data, not a fault of the bridge: the answer says the data
+    are invalid, naming the field for IT, with ERRORLEVEL=1 and READY=1, never "Interner Fehler"; nothing
+    is stored."""
+    rt = Runtime.build(make_settings())
+    try:
+        reply = await handle(rt, launch(stage1("0817").replace(b"LASTNAME=M\xfcller", b"LASTNAME=" + last)))
+        assert reply.exit_code == 1 and reply.content is not None
+        answer = keys(reply.content, "PATIENT")
+        assert answer["ERRORLEVEL"] == "1" and answer["READY"] == "1", answer
+        assert answer["ERRORTEXT"].startswith(
+            "Die übermittelten Daten sind ungültig; nichts wurde geändert. (last name must not contain"
+        ), answer
+        assert await rt.service.search_patients(Origin("test"), pms_id="0817") == []
+    finally:
+        rt.close()
+
+
+async def test_a_line_break_like_character_in_a_value_never_opens_another_patient(make_settings: Any) -> None:
+    """Only CR and LF end a line. `PATID=Z2470817<VT>999` was read as PATID=Z2470817 and answered
+    "patient Z2470817 opened" with ERRORLEVEL=0; `BVS=PMSBRIDGE<VT>PATID=<victim>` before the real PATID
+    opened the victim; `LASTNAME=Meier<U+2028>Schulz` was stored as "Meier". Now the character stays in
+    its value: the id or name is refused as invalid data, and the smuggled key is no key."""
+    rt = Runtime.build(make_settings())
+    try:
+        for patid in ("Z2470817", "V2470818"):
+            assert (await handle(rt, launch(stage1(patid)))).exit_code == 0
+        reply = await handle(rt, launch(stage1("Z2470817\x0b999")))
+        assert reply.exit_code == 1 and reply.content is not None
+        assert b"\r\nPATID=Z2470817\x0b999\r\n" in reply.content  # the PVS's line as it was
+        answer = keys(reply.content, "PATIENT")
+        assert (answer["ERRORLEVEL"], answer["READY"]) == ("1", "1")
+        assert answer["ERRORTEXT"] == (
+            "Die übermittelten Daten sind ungültig; nichts wurde geändert."
+            " (pms id must not contain a control character (U+000B))"
+        )
+        smuggled = stage1("O2470819", extra="").replace(
+            b"PVS=TESTPVS\r\n", b"PVS=TESTPVS\r\nBVS=PMSBRIDGE\x0bPATID=V2470818\r\n"
+        )
+        reply = await handle(rt, launch(smuggled))
+        assert reply.exit_code == 0 and reply.request is not None and reply.request.pms_id == "O2470819"
+        # U+2028 in a BOM-less UTF-8 file (encoding = auto): refused, not cut to "Meier"
+        separated = stage1("M2470820").decode("cp1252").replace("Müller", "Meier\u2028Schulz").encode("utf-8")
+        reply = await handle(rt, launch(separated))
+        assert reply.exit_code == 1 and reply.content is not None
+        assert (
+            "last name must not contain a line separator (U+2028)"
+            in keys(reply.content, "PATIENT")["ERRORTEXT"]
+        )
+        assert await rt.service.search_patients(Origin("test"), pms_id="M2470820") == []
+    finally:
+        rt.close()
+
+
+async def test_a_birth_date_in_the_future_is_refused_and_nothing_is_stored(make_settings: Any) -> None:
+    """BIRTHDAY=20991231 was stored; a date after today (and its day of slack) is answered as an invalid
+    date, ERRORLEVEL=1 and READY=1, and the patient is not created."""
+    future = (date.today() + timedelta(days=3)).strftime("%Y%m%d")  # after the slack even across midnight
+    rt = Runtime.build(make_settings())
+    try:
+        reply = await handle(
+            rt, launch(stage1("0818").replace(b"BIRTHDAY=19710101", f"BIRTHDAY={future}".encode()))
+        )
+        assert reply.exit_code == 1 and reply.content is not None
+        answer = keys(reply.content, "PATIENT")
+        assert (answer["ERRORLEVEL"], answer["READY"]) == ("1", "1")
+        assert answer["ERRORTEXT"] == f"Das Geburtsdatum '{future}' liegt in der Zukunft."
+        assert await rt.service.search_patients(Origin("test"), pms_id="0818") == []
     finally:
         rt.close()
 

@@ -13,10 +13,21 @@ from hypothesis import strategies as st
 
 from bridge.model import Action, Category, ImageView, Origin, Outcome, Sex, Status
 from protocols import vdds, vdds_exchange
-from protocols.common import IniSection, decode, ini_line, one_line, parse_ini
+from protocols.common import (
+    IniSection,
+    codepage,
+    decode,
+    ini_line,
+    one_line,
+    parse_ini,
+    parse_key_values,
+    split_lines,
+)
 
 ORIGIN = Origin(protocol="vdds", transport="cli", workstation="WS1")
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "vdds"
+# The daemon's date the parsers check birth dates against: fixed, so no test depends on the clock.
+TODAY = date(2026, 12, 5)
 
 
 def exchange(
@@ -90,6 +101,33 @@ def test_one_line_breaks_every_kind_of_line_break() -> None:
     assert parse_ini(f"[S]\nK={value}\nREADY=0\n")["S"].get("READY") == "0"
 
 
+# Every character str.splitlines() breaks a line at besides CR and LF: VT, FF, FS, GS, RS, NEL and the
+# Unicode line and paragraph separators. Windows' GetPrivateProfileString reads them as part of a value.
+NOT_LINE_ENDS = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+@pytest.mark.parametrize("char", NOT_LINE_ENDS, ids=lambda char: f"U+{ord(char):04X}")
+def test_only_cr_and_lf_end_a_line(char: str) -> None:
+    """`PATID=Z2470817<char>999` is one line whose value holds the character (which the service then
+    refuses), never PATID=Z2470817 and a line "999": that opened patient Z2470817."""
+    text = f"[PATIENT]\r\nBVS=PMSBRIDGE{char}PATID=VICTIM\rPATID=Z2470817{char}999\nREADY=0\r\n"
+    assert split_lines(text) == [
+        "[PATIENT]",
+        f"BVS=PMSBRIDGE{char}PATID=VICTIM",
+        f"PATID=Z2470817{char}999",
+        "READY=0",
+    ]
+    section = parse_ini(text)["PATIENT"]
+    assert section.get("PATID") == f"Z2470817{char}999"
+    assert section.get("BVS") == f"PMSBRIDGE{char}PATID=VICTIM"
+    assert parse_key_values(f"PN=4711{char}999\r\nLN=Smith\r\n") == {"PN": f"4711{char}999", "LN": "Smith"}
+
+
+def test_split_lines_drops_the_line_ends_as_splitlines_does() -> None:
+    for text in ("", "a", "a\r\n", "a\r\nb", "a\n\n", "a\r\rb\r", "\r\n"):
+        assert split_lines(text) == text.splitlines(), repr(text)
+
+
 # --------------------------------------------------------------------------------------------------
 # Detecting the request
 
@@ -144,7 +182,7 @@ def test_a_thumbnail_in_the_folder_is_foreign() -> None:
 
 
 def test_stage1_request() -> None:
-    req = vdds.patient_request(exchange(STAGE1), ORIGIN, vdds.Options())
+    req = vdds.patient_request(exchange(STAGE1), ORIGIN, vdds.Options(), today=TODAY)
     assert req.action is Action.OPEN
     assert (req.pms_system, req.pms_id, req.practice_id) == ("CGM_Z1", "002509", "")
     demo = req.demographics
@@ -170,7 +208,10 @@ def test_stage1_request() -> None:
 )
 def test_every_date_form(birthday: str, expected: date | None) -> None:
     text = STAGE1.replace("BIRTHDAY=19710101", f"BIRTHDAY={birthday}")
-    assert vdds.patient_request(exchange(text), ORIGIN, vdds.Options()).demographics.birth_date == expected
+    assert (
+        vdds.patient_request(exchange(text), ORIGIN, vdds.Options(), today=TODAY).demographics.birth_date
+        == expected
+    )
 
 
 @pytest.mark.parametrize(
@@ -187,21 +228,21 @@ def test_every_date_form(birthday: str, expected: date | None) -> None:
 )
 def test_every_sex_code(code: str, sex: Sex) -> None:
     text = STAGE1.replace("SEX=W", f"SEX={code}")
-    assert vdds.patient_request(exchange(text), ORIGIN, vdds.Options()).demographics.sex is sex
+    assert vdds.patient_request(exchange(text), ORIGIN, vdds.Options(), today=TODAY).demographics.sex is sex
 
 
 def test_german_keys_and_practice_number() -> None:
     text = (
         "[PATIENT]\nPVS=Z1\nPRXNR=02\nPATID=0815\nNAME=Schäfer\nVORNAME=Jürgen\nGEBDATUM=14.07.1985\nREADY=0"
     )
-    req = vdds.patient_request(exchange(text), ORIGIN, vdds.Options())
+    req = vdds.patient_request(exchange(text), ORIGIN, vdds.Options(), today=TODAY)
     assert (req.practice_id, req.demographics.last_name, req.demographics.first_name) == (
         "02",
         "Schäfer",
         "Jürgen",
     )
     assert req.demographics.birth_date == date(1985, 7, 14)
-    no_practice = vdds.patient_request(exchange(text), ORIGIN, vdds.Options(practice_key=""))
+    no_practice = vdds.patient_request(exchange(text), ORIGIN, vdds.Options(practice_key=""), today=TODAY)
     assert no_practice.practice_id == ""
 
 
@@ -216,6 +257,8 @@ def test_german_keys_and_practice_number() -> None:
         ("[PATIENT]\nPATID=1\nBIRTHDAY=710315\nREADY=0", "bad_date"),
         ("[PATIENT]\nPATID=1\nBIRTHDAY=1971111\nREADY=0", "bad_date"),
         ("[PATIENT]\nPATID=1\nBIRTHDAY=197112\nREADY=0", "bad_date"),
+        ("[PATIENT]\nPATID=1\nBIRTHDAY=20991231\nREADY=0", "future_date"),
+        ("[PATIENT]\nPATID=1\nBIRTHDAY=07.12.2026\nREADY=0", "future_date"),  # TODAY + 2 days
         (f"[PATIENT]\nPATID={'1' * 101}\nREADY=0", "too_long"),
         (f"[PATIENT]\nPATID=1\nLASTNAME={'x' * 121}\nREADY=0", "too_long"),
         ("[FOO]\nREADY=0", "unknown_request"),
@@ -226,15 +269,29 @@ def test_german_keys_and_practice_number() -> None:
 )
 def test_refused_requests_name_their_reason(text: str, code: str) -> None:
     with pytest.raises(vdds.VddsError) as caught:
-        vdds.patient_request(exchange(text), ORIGIN, vdds.Options())
+        vdds.patient_request(exchange(text), ORIGIN, vdds.Options(), today=TODAY)
     assert caught.value.code == code
     assert caught.value.text("de") != caught.value.text("en")
+
+
+def test_a_birth_date_in_the_future_is_refused_and_tomorrow_is_not() -> None:
+    """A birth date after today is a typo (20991231 for 19991231): refused in German with ERRORLEVEL=1
+    like an invalid one; tomorrow is the day of slack for a practice ahead of the daemon's time zone."""
+    future = STAGE1.replace("BIRTHDAY=19710101", "BIRTHDAY=20991231")
+    with pytest.raises(vdds.VddsError) as caught:
+        vdds.patient_request(exchange(future), ORIGIN, vdds.Options(), today=TODAY)
+    assert caught.value.text("de") == "Das Geburtsdatum '20991231' liegt in der Zukunft."
+    tomorrow = STAGE1.replace("BIRTHDAY=19710101", "BIRTHDAY=20261206")
+    request = vdds.patient_request(exchange(tomorrow), ORIGIN, vdds.Options(), today=TODAY)
+    assert request.demographics.birth_date == date(2026, 12, 6)
 
 
 def test_missing_pvs_falls_back_to_the_default() -> None:
     text = "[PATIENT]\nPATID=5\nREADY=0"
     assert (
-        vdds.patient_request(exchange(text), ORIGIN, vdds.Options(default_pvs="PRAXIS")).pms_system
+        vdds.patient_request(
+            exchange(text), ORIGIN, vdds.Options(default_pvs="PRAXIS"), today=TODAY
+        ).pms_system
         == "PRAXIS"
     )
 
@@ -242,7 +299,7 @@ def test_missing_pvs_falls_back_to_the_default() -> None:
 def test_export_request_keeps_slots_and_aliases_formats() -> None:
     text = "[MMOIDS]\nPVS=Z1\nCOUNT=4\nMMOID1=10\nMMOID3=011\nMMOID4= 12 \nMMOID9=99\nEXT=.jpeg\nREADY=0"
     found = exchange(text)
-    req = vdds.patient_request(found, ORIGIN, vdds.Options())
+    req = vdds.patient_request(found, ORIGIN, vdds.Options(), today=TODAY)
     assert req.action is Action.EXPORT_IMAGES
     assert req.image_refs == ("10", "011", "12")
     assert req.export_format == "JPG"
@@ -269,7 +326,7 @@ def test_export_request_keeps_slots_and_aliases_formats() -> None:
 )
 def test_stage5_is_behind_configuration(mode: str, flag: str, args: tuple[str, ...], action: Action) -> None:
     text = STAGE1.replace("SEX=W", f"SEX=W\n{flag}")
-    req = vdds.patient_request(exchange(text), ORIGIN, vdds.Options(stage5=mode), args)
+    req = vdds.patient_request(exchange(text), ORIGIN, vdds.Options(stage5=mode), args, today=TODAY)
     assert req.action is action
 
 
@@ -328,7 +385,7 @@ def test_the_request_is_the_unanswered_section(
 
 def test_the_answer_goes_into_the_served_section_and_history_keeps_its_bytes() -> None:
     found = exchange(REUSED_PATID)
-    assert vdds.patient_request(found, ORIGIN, vdds.Options()).pms_id == "002509"
+    assert vdds.patient_request(found, ORIGIN, vdds.Options(), today=TODAY).pms_id == "002509"
     data = vdds_exchange.answer(found, 0, "", vdds.info_sections([], vdds.Options(), {}))
     history = "[PATIENT]\r\nPVS=Z1\r\nPATID=N1\r\nLASTNAME=x\r\nERRORLEVEL=0\r\nERRORTEXT=\r\nREADY=1\r\n\r\n"
     assert data.startswith(history.encode("cp1252"))
@@ -337,14 +394,14 @@ def test_the_answer_goes_into_the_served_section_and_history_keeps_its_bytes() -
     assert got["MMOS"] == {"COUNT": "0"}
     assert vdds_exchange.read_exchange(data).answered
 
-    request = vdds.patient_request(exchange(REUSED_MMOIDS), ORIGIN, vdds.Options())
+    request = vdds.patient_request(exchange(REUSED_MMOIDS), ORIGIN, vdds.Options(), today=TODAY)
     assert (request.action, request.pms_id) == (Action.OPEN, "SP2")
 
 
 def test_several_unanswered_requests_are_refused_in_each_of_them() -> None:
     found = exchange(TWO_OPEN)
     with pytest.raises(vdds.VddsError) as refused:
-        vdds.patient_request(found, ORIGIN, vdds.Options())
+        vdds.patient_request(found, ORIGIN, vdds.Options(), today=TODAY)
     text = refused.value.text("de")
     assert text.startswith("Die Übergabedatei enthält mehrere unbeantwortete Anfragen ([PATIENT], [PATID])")
     got = answered(vdds_exchange.answer(found, 1, text))
@@ -405,6 +462,15 @@ def test_answer_keeps_the_pvs_lines_and_puts_ready_last() -> None:
     )
 
 
+def test_answer_keeps_a_line_holding_a_vertical_tab_as_it_was() -> None:
+    """The PVS's own lines stay exactly as they were: `PATID=Z6696672<VT>999` is one line (as Windows
+    reads it) and is not rewritten into two."""
+    found = exchange(STAGE1.replace("PATID=002509", "PATID=Z6696672\x0b999"))
+    text = vdds_exchange.answer(found, 1, "invalid").decode("cp1252")
+    assert "\r\nPATID=Z6696672\x0b999\r\nLASTNAME=" in text
+    assert answered(text.encode("cp1252"))["PATIENT"]["READY"] == "1"
+
+
 def test_answer_in_the_received_encoding_bom_and_line_ends() -> None:
     for encoding, bom, newline in (
         ("utf-16-le", b"\xff\xfe", "\r\n"),
@@ -428,7 +494,7 @@ def test_auto_reads_bomless_utf8_as_utf8_and_answers_in_it() -> None:
     utf8 = STAGE1.replace("\n", "\r\n").encode("utf-8")
     request = vdds_exchange.read_exchange(utf8, auto)
     assert (request.decoded.encoding, request.decoded.bom) == ("utf-8", b"")
-    assert vdds.demographics(request.request or IniSection("")).last_name == "Müller"
+    assert vdds.demographics(request.request or IniSection(""), TODAY).last_name == "Müller"
     data = vdds_exchange.answer(request, 1, "Übergabe ungültig")
     assert not data.startswith(codecs.BOM_UTF8)
     found = answered(data, "utf-8")["PATIENT"]
@@ -444,7 +510,7 @@ def test_auto_reads_bomless_utf8_as_utf8_and_answers_in_it() -> None:
     assert (
         vdds_exchange.read_exchange(utf8, vdds_exchange.read_codepage("cp1252")).decoded.encoding == "cp1252"
     )
-    assert vdds_exchange.codepage("auto") == "cp1252"
+    assert codepage("auto") == "cp1252"
 
 
 def test_answer_mirrors_error_text_spelling_and_cleans_values() -> None:
@@ -526,6 +592,21 @@ def test_export_sections_and_outcome_errors() -> None:
     assert level == 1 and "conflict no. 4" in text and "birth date differs" in text
 
 
+def test_data_the_store_cannot_take_is_answered_as_invalid_not_as_an_internal_error() -> None:
+    """The service's "invalid" (a control character, U+FFFD, a value too long for the store) is the PVS's
+    data: its own sentence with the detail for IT, ERRORLEVEL=1 as every refusal; "Interner Fehler"
+    sent the receptionist to IT for a name typed wrong."""
+    invalid = Outcome(Status.INVALID, "last name must not contain a control character (U+0001)")
+    for language, sentence in (
+        ("de", "Die übermittelten Daten sind ungültig; nichts wurde geändert."),
+        ("en", "The data sent are not valid; nothing was changed."),
+    ):
+        level, text = vdds.outcome_error(
+            invalid, vdds_exchange.Kind.PATDATIMPORT, vdds.Options(language=language), "0815"
+        )
+        assert (level, text) == (1, f"{sentence} (last name must not contain a control character (U+0001))")
+
+
 STAGE4 = """
 [MMOIDS]
 PVS=CGM_Z1
@@ -580,7 +661,7 @@ def test_unreachable_answer_uses_the_raw_settings() -> None:
 def test_arbitrary_bytes_always_get_ready_1(data: bytes) -> None:
     found = vdds_exchange.read_exchange(data)
     with contextlib.suppress(vdds.VddsError):  # the only exception a request may raise
-        vdds.patient_request(found, ORIGIN, vdds.Options())
+        vdds.patient_request(found, ORIGIN, vdds.Options(), today=TODAY)
     out = vdds_exchange.answer(found, 1, "Fehler")
     main = (found.main or vdds_exchange.FALLBACK_SECTION).upper()
     sections = parse_ini(decode(out).text)

@@ -55,6 +55,41 @@ async def test_complete_files_are_handled_once_and_partial_ones_wait(
     assert "t" in runtime.readiness.last_scan
 
 
+async def test_links_and_folders_are_never_read_and_logged_once_each(
+    runtime: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A symbolic link is not followed (it may lead out of the folder) and a folder is no request; each is
+    logged once with the reason when it appears, not on every scan, since a PMS waits on it forever."""
+    caplog.set_level(logging.WARNING, logger="bridge.watch")
+    folder, outside = tmp_path / "share", tmp_path / "outside.tmp"
+    folder.mkdir()
+    outside.write_bytes(b"[PATIENT]\nEND\n")  # a complete request, but not in the folder
+    (folder / "sym.tmp").symlink_to(outside)
+    (folder / "sub.tmp").mkdir()
+    recorder = Recorder()
+    watcher = FolderWatcher(
+        runtime, "v", folder, recorder, setting="[vdds] exchange_dir", classify=complete_when_ends_with_end
+    )
+
+    def warned() -> list[tuple[str, str]]:
+        return [
+            (r.__dict__["file"], r.__dict__["reason"]) for r in caplog.records if r.name == "bridge.watch"
+        ]
+
+    for _ in range(3):
+        assert await watcher.scan()
+    assert recorder.seen == [] and outside.read_bytes() == b"[PATIENT]\nEND\n"
+    assert sorted(warned()) == [
+        ("sub.tmp", "a folder, not a file"),
+        ("sym.tmp", "a symbolic link, never followed: it may lead out of the folder"),
+    ]
+    (folder / "sym.tmp").unlink()
+    assert await watcher.scan()
+    (folder / "sym.tmp").symlink_to(outside)  # back again: logged again
+    assert await watcher.scan() and await watcher.scan()
+    assert [name for name, _reason in warned()].count("sym.tmp") == 2
+
+
 async def test_stable_size_is_complete_by_default(runtime: Runtime, tmp_path: Path) -> None:
     folder = tmp_path / "share"
     folder.mkdir()

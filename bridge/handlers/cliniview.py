@@ -7,6 +7,7 @@ joined again with the spaces they were split at.
 
 from __future__ import annotations
 
+from datetime import date
 from typing import TYPE_CHECKING
 
 from bridge.config import CliniviewSettings
@@ -32,10 +33,11 @@ def parse_launch(launch: Launch, profile: CliniviewSettings) -> PatientFields:
             section=profile.ini_section,
             keys=profile.ini_keys,
             date_formats=dotnet_date_formats(profile.ini_date_format),
+            today=date.today(),  # a birth date may not be after it (the parser is free of the clock)
             encoding=profile.encoding,
         )
     if not launch.args:
         raise MessageError("expected -ID;FIRST;LAST;SSN;MM/dd/yyyy or the path of Cliniview.ini")
     return cliniview.parse_argument(
-        " ".join(launch.args), date_formats=dotnet_date_formats(profile.date_format)
+        " ".join(launch.args), date_formats=dotnet_date_formats(profile.date_format), today=date.today()
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,17 +66,19 @@ def parse_launch(launch: Launch, profile: DexisSettings) -> PatientFields:
     """Which of the messages a launch carries: a SET command (arguments or body), else a file; a launch
     that names something else names a file that is not there (`without_patient`: one naming nothing)."""
     joined = " ".join(launch.args)
+    today = date.today()  # a birth date may not be after it (the parsers are free of the clock)
     if launch.args and dexis.is_set_command(joined + " "):
-        return dexis.parse_set_command(joined)
+        return dexis.parse_set_command(joined, today=today)
     if launch.filename or launch.content:
         encoding = launch.charset or profile.encoding  # an HTTP client's declared charset wins
         if not launch.filename:  # a body without a file: the SET string of an HTTP client, or a file's bytes
             text = decode(launch.content, encoding).text
             if dexis.is_set_command(text):
-                return dexis.parse_set_command(text)
+                return dexis.parse_set_command(text, today=today)
         message = dexis.parse_file(
             launch.content,
             short_date_formats=locale_formats(profile.locale),
+            today=today,
             encoding=encoding,
             info_file_male=profile.info_file_sx_m == "male",
         )

@@ -8,6 +8,7 @@ service against the ends of known numbers.
 
 from __future__ import annotations
 
+from datetime import date
 from typing import TYPE_CHECKING
 
 from bridge.config import EaglesoftSettings
@@ -37,5 +38,6 @@ def parse_launch(launch: Launch, profile: EaglesoftSettings) -> PatientFields:
         section=profile.ini_section,
         keys=profile.ini_keys,
         short_date_formats=locale_formats(profile.locale),
+        today=date.today(),  # a birth date may not be after it (the parser is free of the clock)
         encoding=profile.encoding,
     )

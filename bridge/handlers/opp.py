@@ -8,6 +8,7 @@ is shared with OPP web (`bridge.web.oppweb`), so both transports run a message t
 from __future__ import annotations
 
 import logging
+from datetime import date
 
 from bridge.config import Settings
 from bridge.exits import ExitCode
@@ -86,9 +87,9 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
     opts = options(rt.settings)
     try:
         if launch.args and launch.args[0].startswith("-"):
-            message = parse_args(launch.args, opts)
+            message = parse_args(launch.args, opts, today=date.today())
         elif launch.content:
-            message = parse_xml(launch.content, opts)
+            message = parse_xml(launch.content, opts, today=date.today())
         elif launch.args:
             return LaunchReply(
                 ExitCode.INVALID, f"OPP: no message in {launch.args[0]!r} (missing or empty file)"

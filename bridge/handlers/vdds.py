@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,7 +117,9 @@ async def _serve(
     rt: Runtime, launch: Launch, exchange: vdds_exchange.Exchange, opts: vdds.Options, trace: _Trace
 ) -> tuple[int, str, list[vdds_exchange.Section], str]:
     """(ERRORLEVEL, ERRORTEXT, answer sections, a line for the log and the PVS's console)."""
-    request = trace.request = vdds.patient_request(exchange, launch.origin(), opts, launch.args)
+    request = trace.request = vdds.patient_request(
+        exchange, launch.origin(), opts, launch.args, today=date.today()
+    )
     outcome = trace.outcome = await rt.service.handle(request)
     level, text = vdds.outcome_error(outcome, exchange.kind, opts, request.pms_id)
     summary = f"{exchange.kind.value}: {outcome.message}"

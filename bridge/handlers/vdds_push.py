@@ -33,7 +33,8 @@ from bridge.atomic import write_atomic
 from bridge.delivery import DeliveryError
 from bridge.events import Event, ImagesAdded
 from bridge.model import Origin
-from protocols import vdds, vdds_exchange
+from protocols import vdds
+from protocols.common import codepage
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -147,7 +148,7 @@ async def send(rt: Runtime, item: OutboxItem) -> None:
         prxnr=prxnr,
         patid=patient.pms_id or "",
         objects=objects,
-        codepage=vdds_exchange.codepage(settings.vdds.encoding),
+        codepage=codepage(settings.vdds.encoding),
     )
     path = push_file(settings, item)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,10 @@
 * Text holds no C0 control character, no DEL and no lone surrogate: PostgreSQL refuses NUL in text, no
   encoder writes a lone surrogate (JSON's "\\ud800" makes one), and a control character in an id or a
   name is a fault of the sender, never part of the name. Free text (an image comment, a conflict's
-  resolution) may hold tab and line breaks.
+  resolution) may hold tab and line breaks. An id or a name holds no C1 control either (U+0080 to
+  U+009F: NEL, or cp1252 bytes read as ISO-8859-15) and no line or paragraph separator (U+2028,
+  U+2029): the protocols read a value with one of them as one line (`protocols.common.split_lines`),
+  and it must not be stored as a name.
 * An id or a name holds no U+FFFD: the protocols' readers put it where a file's bytes were not text in
   the encoding they were read in (a PMS writing cp1252 to a bridge set to UTF-8). Stored, "M\ufffdller"
   would overwrite a correct "Müller" and make a second key; refused, the message names the setting.
@@ -27,7 +30,7 @@ from sqlalchemy import Column, String
 
 from bridge.store.models import AuditEntry, ChartAlias, Conflict, Image, Patient, PmsLink
 
-CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _CONTROL_IN_FREE_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
@@ -101,7 +104,13 @@ def text_problem(name: str, value: str) -> str | None:
     found = (_CONTROL_IN_FREE_TEXT if rule.free else CONTROL).search(value)
     if found is not None:
         char = ord(found.group())
-        kind = "a lone surrogate" if 0xD800 <= char <= 0xDFFF else "a control character"
+        kind = (
+            "a lone surrogate"
+            if 0xD800 <= char <= 0xDFFF
+            else "a line separator"
+            if char in (0x2028, 0x2029)
+            else "a control character"
+        )
         return f"must not contain {kind} (U+{char:04X})"
     if not rule.free and "\ufffd" in value:
         return (

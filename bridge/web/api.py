@@ -33,7 +33,7 @@ from bridge.runtime import Runtime
 from bridge.service import Refused
 from bridge.store.limits import DEMOGRAPHIC_TEXTS
 from bridge.web.fields import (
-    body_date,
+    body_birth_date,
     body_text,
     cursor_after_capture,
     cursor_after_id,
@@ -157,7 +157,7 @@ def demographics_from_json(body: dict[str, Any]) -> Demographics:
     """The demographics of a POST /patients body; every field checked, none silently dropped (a birth
     date sent as a number would otherwise hide a birth-date conflict)."""
     return Demographics(
-        birth_date=body_date(body, "birth_date"),
+        birth_date=body_birth_date(body, "birth_date"),
         sex=parse_sex(body.get("sex")),
         **{name: body_text(body, name, strip=True) for name in DEMOGRAPHIC_TEXTS},
     )

@@ -116,7 +116,11 @@ PATIENT_IN = {
         "first_name": _text("first_name"),
         "middle_name": _text("middle_name"),
         "title": _text("title"),
-        "birth_date": {"type": ["string", "null"], "format": "date"},
+        "birth_date": {
+            "type": ["string", "null"],
+            "format": "date",
+            "description": "Not after today (one day of slack for time zones): a later date is a 422",
+        },
         "sex": {
             "type": ["string", "null"],
             "description": "Any case: " + ", ".join(SEX_WORDS) + "; absent, null or empty is U",

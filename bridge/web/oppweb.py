@@ -34,6 +34,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from datetime import date
 from urllib.parse import urlsplit
 
 from aiohttp import StreamReader, web
@@ -278,22 +279,24 @@ async def read_message(request: web.Request, body: bytes, opts: OppOptions) -> O
     """The OPP message of a request with this `body` (already read): XML body, form fields, or query
     parameters. A POST without a body takes the query, as a GET does (jQuery's `$.post(url)` sends a
     form Content-Type and nothing else)."""
+    today = date.today()  # a birth date may not be after it (the parser is free of the clock)
     try:
         if request.method == "POST":
             if _looks_like_xml(body):  # whatever the Content-Type says (curl -d sends XML as a "form")
-                return parse_xml(body, opts)
+                return parse_xml(body, opts, today=today)
             if request.content_type == JSON_TYPE:
                 raise ProblemError(
                     415, "send the OPP XML document, form fields or query parameters, not JSON"
                 )
             if body.strip():
                 if request.content_type == FORM_TYPE:
-                    return parse_params(form_params(body, request.charset, opts.encoding), opts)
+                    pairs = form_params(body, request.charset, opts.encoding)
+                    return parse_params(pairs, opts, today=today)
                 if request.content_type == MULTIPART_TYPE:
-                    return parse_params(await _multipart_params(request, body, opts), opts)
-                return parse_xml(body, opts)
+                    return parse_params(await _multipart_params(request, body, opts), opts, today=today)
+                return parse_xml(body, opts, today=today)
         query = request.raw_path.partition("?")[2].encode("utf-8", "surrogateescape")
-        return parse_params(form_params(query, None, opts.encoding), opts)
+        return parse_params(form_params(query, None, opts.encoding), opts, today=today)
     except OppError as exc:
         raise ProblemError(413 if exc.kind == "too-large" else 400, str(exc), kind=exc.kind) from None
 
@@ -382,13 +385,14 @@ async def _answer(request: web.Request) -> _Answer:
     outcome = await execute(rt, message, patient_request)
     if not outcome.status.ok and outcome.status is not Status.PARTIAL:
         extra = {"conflict_id": outcome.conflict_id} if outcome.conflict_id is not None else {}
-        refused = ProblemError(
-            STATUS_HTTP[outcome.status],
-            outcome.message,
-            kind=outcome.status.value.replace("_", "-"),
-            command=message.command.value,
-            **extra,
-        )
+        if outcome.status is Status.INVALID:
+            # What the store cannot take (a character the store refuses, a value longer than its column
+            # in UTF-16 code units) is a field of the message, answered as every other bad field: 400
+            # invalid-field (docs/opp.md), not the REST API's 422.
+            status, kind = 400, "invalid-field"
+        else:
+            status, kind = STATUS_HTTP[outcome.status], outcome.status.value.replace("_", "-")
+        refused = ProblemError(status, outcome.message, kind=kind, command=message.command.value, **extra)
         return _Answer(refused.response(request.path), patient_request, outcome)
     urls: dict[int, str] = {}
     if message.command is Command.VIEW_DATA:
