@@ -649,6 +649,7 @@ def test_a_link_in_the_share_is_not_followed_and_logged_once(daemon_factory: Any
     followed), but the daemon logs it once, naming the file and why, instead of leaving the PVS waiting
     without a trace; later scans (proven by a request answered after it) do not log it again."""
     share, outside = tmp_path / "share", tmp_path / "outside.tmp"
+    share.mkdir()  # the daemon watches the share, it does not create it
     daemon = daemon_factory(vdds={"exchange_dir": str(share), "poll_seconds": 0.1})
     outside.write_bytes(stage1("3001"))
     (share / "sym.tmp").symlink_to(outside)
