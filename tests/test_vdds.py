@@ -265,7 +265,9 @@ async def test_small_8_bit_and_colour_images_get_their_thumbnails(make_settings:
         for k in ("MMO1", "MMO2"):
             with Image.open(objects[k].get("THUMBNAIL")) as img:
                 assert img.format == "JPEG" and max(img.size) <= rt.settings.thumbnails.size
-                red, green, _blue = img.convert("RGB").getpixel((2, 2))
+                pixel = img.convert("RGB").getpixel((2, 2))
+                assert isinstance(pixel, tuple)  # an RGB image's pixel is (red, green, blue)
+                red, green, _blue = pixel
                 reds.append(red - green > 100)
         assert sorted(reds) == [False, True]  # the photo's red, the X-ray's grey
     finally:
