@@ -60,10 +60,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.proc import pid_running, tree_cpu
-from tests.conftest import free_port
 from tests.support import synthetic
 from tests.support.dicomfiles import intraoral_object, write
 from tests.support.orthanc import running_orthanc
+from tests.support.ports import free_port
 
 BIN = Path(sys.executable).parent
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -132,7 +132,7 @@ def wait_for(url: str, process: subprocess.Popen[bytes], headers: dict[str, str]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         try:
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5):
                 return

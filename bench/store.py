@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import random
 import sqlite3
@@ -20,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,7 @@ def fill(db: Database, patients: int, with_images: int, per_patient: int) -> flo
         ]
         charts = [{"patient_id": i, "chart_number": f"CH{i:07d}", "created_at": now} for i in ids]
         db.write_sync(
-            lambda s, r=rows, lk=links, c=charts: _insert_all(
-                s, [(Patient, r), (PmsLink, lk), (ChartAlias, c)]
-            )
+            functools.partial(_insert_all, tables=[(Patient, rows), (PmsLink, links), (ChartAlias, charts)])
         )
     image_id = 0
     for first in range(1, with_images + 1, BATCH // per_patient or 1):
@@ -144,9 +143,7 @@ def fill(db: Database, patients: int, with_images: int, per_patient: int) -> flo
                     }
                 )
         db.write_sync(
-            lambda s, st=studies, se=series, im=images: _insert_all(
-                s, [(Study, st), (Series, se), (Image, im)]
-            )
+            functools.partial(_insert_all, tables=[(Study, studies), (Series, series), (Image, images)])
         )
     return time.perf_counter() - started
 
@@ -181,6 +178,13 @@ def pct(values: list[float], q: float) -> float:
     )
 
 
+def run_next(
+    bare: Callable[[str, tuple[Any, ...]], Any], sql: str, queue: Iterator[tuple[object, ...]]
+) -> Any:
+    """One bare-driver query with the next of its sampled arguments."""
+    return bare(sql, next(queue))
+
+
 def bare_driver(url: str) -> Callable[[str, tuple[Any, ...]], Any]:
     """Run one query through the bare driver (sqlite3 / psycopg), no pool, no ORM, no thread hop."""
     if url.startswith("sqlite"):
@@ -195,7 +199,7 @@ def bare_driver(url: str) -> Callable[[str, tuple[Any, ...]], Any]:
     pconn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
 
     def run_pg(sql: str, args: tuple[Any, ...]) -> Any:
-        return pconn.execute(sql, args).fetchall()  # type: ignore[arg-type]
+        return pconn.execute(sql, args).fetchall()
 
     return run_pg
 
@@ -255,7 +259,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
         ),
         ("100-image list", lambda: service.list_images(ORIGIN, next(it["list"]), limit=100), ()),
     ]
-    base_args = {
+    base_args: dict[str, list[tuple[object, ...]]] = {
         "lookup by PMS id": [("PVS1", f"{i:07d}") for i in pms_ids],
         "lookup by chart number": [(f"CH{i:07d}",) for i in charts],
         "100-image list": [(i,) for i in imaged],
@@ -267,7 +271,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
         got = await timed(call, args.samples)
         queue = iter(base_args[name])
         sql = BASELINE_SQL[name]
-        baseline = timed_sync(lambda s=sql, q=queue: bare(s, next(q)), args.samples)
+        baseline = timed_sync(functools.partial(run_next, bare, sql, queue), args.samples)
         target = 10.0 if "list" in name else 2.0
         p50, p99, b50, b99 = pct(got, 50), pct(got, 99), pct(baseline, 50), pct(baseline, 99)
         verdict = "ok" if p99 <= target else "MISSED"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -136,15 +137,20 @@ def ours(decoded: Decoded, mark: render.Watermark) -> bytes:
     return render.render_decoded(decoded, [request])[0]
 
 
+def decode_and_render(source: bytes, mark: render.Watermark) -> bytes:
+    """`ours` from the file's bytes: the decoding included."""
+    return ours(decode(source), mark)
+
+
 def bench_cold(files: dict[str, tuple[bytes, bytes]]) -> None:
     mark = render.Watermark("NOT FOR DIAGNOSIS")
     print("1. Cold render, 256 px (best / median of 15, CPU ms; ratio of the bests / of the medians):")
     print(f"   {'image':<52} {'plain Pillow':>14} {'ours':>14} {'ratio':>12} {'decode+ours':>12}")
     for name, (source, _uncompressed) in files.items():
         decoded = decode(source)
-        base = best_and_median(lambda d=decoded: plain_pillow(d))
-        mine = best_and_median(lambda d=decoded: ours(d, mark))
-        whole = best_and_median(lambda s=source: ours(decode(s), mark), runs=5)
+        base = best_and_median(functools.partial(plain_pillow, decoded))
+        mine = best_and_median(functools.partial(ours, decoded, mark))
+        whole = best_and_median(functools.partial(decode_and_render, source, mark), runs=5)
         print(
             f"   {name:<52} {base[0]:6.1f} / {base[1]:5.1f} {mine[0]:6.1f} / {mine[1]:5.1f}"
             f" {mine[0] / base[0]:5.2f}/{mine[1] / base[1]:5.2f}x {whole[1]:9.1f}"

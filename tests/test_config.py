@@ -175,7 +175,8 @@ def test_init_into_a_home_with_a_hash_and_umlauts_serves_from_it(tmp_path: Path)
     import json
     import subprocess
 
-    from tests.conftest import free_port, pms_bridge_command, start_daemon
+    from tests.conftest import pms_bridge_command, start_daemon
+    from tests.support.ports import free_port
 
     home = tmp_path / "Praxis Müller & Söhne #2"
     init = subprocess.run(

@@ -21,7 +21,8 @@ import pytest
 from bridge.config import load_settings
 from bridge.daemon import Daemon
 from bridge.store.files import FileStore
-from tests.conftest import DaemonProcess, free_port, pms_bridge_command, start_daemon, write_config
+from tests.conftest import DaemonProcess, pms_bridge_command, start_daemon, write_config
+from tests.support.ports import free_port
 
 
 def test_readme_first_command_gives_a_daemon_that_answers(tmp_path: Path) -> None:

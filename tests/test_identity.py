@@ -64,7 +64,7 @@ def req(
 async def count_patients(rt: Runtime) -> int:
     from bridge.store import queries as q
 
-    return int(await rt.db.read(lambda s: s.scalar(q.count_patients())))
+    return await rt.db.read(lambda s: s.execute(q.count_patients()).scalar_one())
 
 
 def collect(rt: Runtime) -> list[Event]:

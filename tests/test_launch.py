@@ -82,7 +82,7 @@ async def test_a_wrong_token_is_a_refusal_not_a_crash(
 
 
 def test_an_unreachable_daemon_gives_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
-    from tests.conftest import free_port
+    from tests.support.ports import free_port
 
     config = tmp_path / "pms-bridge.ini"
     config.write_text(f"[api]\nport = {free_port()}\ntoken = t\n", encoding="utf-8")
@@ -262,15 +262,17 @@ def test_a_file_path_that_is_not_utf8_is_opened_by_its_bytes(daemon: DaemonProce
 
 def test_a_line_the_console_cannot_encode_does_not_turn_success_into_failure(daemon: DaemonProcess) -> None:
     """A Windows PMS reading our redirected output in cp1252: the line is escaped, the exit code is true."""
-    cp1252 = {"PYTHONIOENCODING": "cp1252"}
-    code, out, err = run_launch(daemon, "opp", "-p", "Ł1", "-l", "Wałęsa", **cp1252)
+    code, out, err = run_launch(daemon, "opp", "-p", "Ł1", "-l", "Wałęsa", PYTHONIOENCODING="cp1252")
     assert (code, out, err) == (ExitCode.OK, "OPP UPDATE_CREATE: patient \\u01411 created\n", "")
     [patient] = patients(daemon, "OPP", "Ł1")
     assert patient["last_name"] == "Wałęsa"
-    code, out, err = run_launch(daemon, "opp", "-c", "UPDATE", "-p", "Ł2", "-l", "Wałęsa", **cp1252)
+    code, out, err = run_launch(
+        daemon, "opp", "-c", "UPDATE", "-p", "Ł2", "-l", "Wałęsa", PYTHONIOENCODING="cp1252"
+    )
     assert (code, out, err) == (ExitCode.ERROR, "", "OPP UPDATE: no patient with id '\\u01412' from OPP\n")
-    strict = {"PYTHONIOENCODING": "ascii:strict"}
-    code, out, err = run_launch(daemon, "opp", "-c", "UPDATE", "-p", "Ł1", "-l", "Wałęsa", **strict)
+    code, out, err = run_launch(
+        daemon, "opp", "-c", "UPDATE", "-p", "Ł1", "-l", "Wałęsa", PYTHONIOENCODING="ascii:strict"
+    )
     assert (code, out, err) == (ExitCode.OK, "OPP UPDATE: patient \\u01411 opened\n", "")
 
 

@@ -12,7 +12,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from bridge.exits import ExitCode
-from tests.conftest import DaemonProcess, free_port
+from tests.conftest import DaemonProcess
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples" / "opp"

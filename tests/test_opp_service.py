@@ -39,7 +39,7 @@ def events(rt: Runtime) -> list[Event]:
 
 
 async def count_patients(rt: Runtime) -> int:
-    return int(await rt.db.read(lambda s: s.scalar(q.count_patients())))
+    return await rt.db.read(lambda s: s.execute(q.count_patients()).scalar_one())
 
 
 async def test_update_of_an_unknown_patient_is_refused_and_creates_nothing(runtime: Runtime) -> None:
@@ -185,4 +185,6 @@ async def test_the_sending_software_version_is_logged_at_debug(
         outcome = await execute(runtime, sent, ORIGIN)
     assert outcome.status is Status.CREATED
     [record] = [r for r in caplog.records if r.getMessage() == "OPP message"]
-    assert (record.command, record.version, record.software_version) == ("UPDATE_CREATE", "1.3", "7.2.1")
+    # The extra= fields are attributes LogRecord does not declare: read them from its __dict__.
+    logged = {key: record.__dict__[key] for key in ("command", "version", "software_version")}
+    assert logged == {"command": "UPDATE_CREATE", "version": "1.3", "software_version": "7.2.1"}

@@ -247,7 +247,7 @@ def test_multipart_form_fields_are_a_message(daemon: DaemonProcess) -> None:
 def test_a_post_without_a_body_takes_the_query_whatever_its_content_type(daemon: DaemonProcess) -> None:
     """jQuery's $.post(url) sends a form Content-Type and no body."""
     form = {"Content-Type": FORM_TYPE}
-    reply = json_view(daemon, "POST", "/opp?command=VIEW&reference=Q1&software=WebPMS", **form)
+    reply = json_view(daemon, "POST", "/opp?command=VIEW&reference=Q1&software=WebPMS", b"", **form)
     assert reply[0] == 200 and json.loads(reply[2])["status"] == "created", reply
     assert len(patients(daemon, pms_system="WebPMS", pms_id="Q1")) == 1
 

@@ -199,7 +199,7 @@ def test_a_case_cannot_send_the_daemons_token_to_another_host(
     # the daemon: "@host:port/x" pasted onto "http://127.0.0.1:4435" named the host as a user name before.
     port, received = listener
     samples = tmp_path / "samples"
-    http_step = {"transport": "http", "request": "request.http", "expect": {"status": 200}}
+    http_step: dict[str, object] = {"transport": "http", "request": "request.http", "expect": {"status": 200}}
     elsewhere = {
         "oppweb/userinfo": f"GET @127.0.0.1:{port}/loot HTTP/1.1\r\nX-Note: {{token}}\r\n\r\n",
         "rest/userinfo": f"GET @127.0.0.1:{port}/loot HTTP/1.1\r\nX-Note: {{token}}\r\n\r\n",

@@ -68,21 +68,17 @@ def with_raced_chart_numbers(url: str) -> None:
     at = [datetime(2026, 1, day, tzinfo=UTC) for day in range(1, 4)]
     try:
         with engine.begin() as conn:
-            patient = insert(Patient.__table__).values(created_at=at[0], updated_at=at[0])
-            raced, single = (conn.execute(patient).inserted_primary_key[0] for _ in range(2))
+            patient = insert(Patient).values(created_at=at[0], updated_at=at[0]).returning(Patient.id)
+            raced, single = (conn.execute(patient).scalar_one() for _ in range(2))
             for patient_id, chart, created in (
                 (raced, "C1", at[0]),
                 (raced, "C2", at[1]),
                 (raced, "C3", at[2]),
             ):
                 conn.execute(
-                    insert(ChartAlias.__table__).values(
-                        patient_id=patient_id, chart_number=chart, created_at=created
-                    )
+                    insert(ChartAlias).values(patient_id=patient_id, chart_number=chart, created_at=created)
                 )
-            conn.execute(
-                insert(ChartAlias.__table__).values(patient_id=single, chart_number="D1", created_at=at[0])
-            )
+            conn.execute(insert(ChartAlias).values(patient_id=single, chart_number="D1", created_at=at[0]))
     finally:
         engine.dispose()
 

@@ -265,7 +265,9 @@ async def test_small_8_bit_and_colour_images_get_their_thumbnails(make_settings:
         for k in ("MMO1", "MMO2"):
             with Image.open(objects[k].get("THUMBNAIL")) as img:
                 assert img.format == "JPEG" and max(img.size) <= rt.settings.thumbnails.size
-                red, green, _blue = img.convert("RGB").getpixel((2, 2))
+                pixel = img.convert("RGB").getpixel((2, 2))
+                assert isinstance(pixel, tuple)  # an RGB image's pixel is (red, green, blue)
+                red, green, _blue = pixel
                 reds.append(red - green > 100)
         assert sorted(reds) == [False, True]  # the photo's red, the X-ray's grey
     finally:
@@ -649,6 +651,7 @@ def test_a_link_in_the_share_is_not_followed_and_logged_once(daemon_factory: Any
     followed), but the daemon logs it once, naming the file and why, instead of leaving the PVS waiting
     without a trace; later scans (proven by a request answered after it) do not log it again."""
     share, outside = tmp_path / "share", tmp_path / "outside.tmp"
+    share.mkdir()  # the daemon watches the share, it does not create it
     daemon = daemon_factory(vdds={"exchange_dir": str(share), "poll_seconds": 0.1})
     outside.write_bytes(stage1("3001"))
     (share / "sym.tmp").symlink_to(outside)

@@ -37,7 +37,7 @@ def exchange(
     return vdds_exchange.read_exchange(bom + body.encode(encoding))
 
 
-def answered(data: bytes, fallback: str = "cp1252") -> dict[str, str]:
+def answered(data: bytes, fallback: str = "cp1252") -> dict[str, dict[str, str]]:
     """Every section's keys of an answer, as a PVS reads them (upper-cased section names)."""
     return {name: dict(section.items()) for name, section in parse_ini(decode(data, fallback).text).items()}
 

@@ -483,7 +483,7 @@ async def test_only_images_of_vdds_patients_wake_the_push_worker(make_settings: 
             await rt.service.add_images(Origin("test"), patient_id, [await rt.imaging.ingest(png())])
         vdds_images, opp_images = published
         assert vdds_images.may_concern(vdds_push.CHANNEL)
-        assert vdds_images.push_channels == {vdds_push.CHANNEL}
+        assert vdds_images.push_channels == frozenset({vdds_push.CHANNEL})
         assert not opp_images.may_concern(vdds_push.CHANNEL)
         assert "push_channels" not in vdds_images.to_json()
         # images another process stored: what it queued is not known here, so every worker looks
@@ -523,6 +523,6 @@ async def test_the_front_desk_editing_a_vdds_patient_keeps_its_pushes(
         assert edited.status.ok, edited.message
         await rt.service.add_images(Origin("test"), patient.id, [await rt.imaging.ingest(png())])
         [added] = published
-        assert added.push_channels == {vdds_push.CHANNEL}
+        assert added.push_channels == frozenset({vdds_push.CHANNEL})
     finally:
         rt.close()

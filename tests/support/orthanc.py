@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.support.ports import free_port
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
