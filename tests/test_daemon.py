@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -503,7 +506,8 @@ def test_a_database_file_deleted_or_replaced_under_the_daemon_is_reported_and_wr
         )
         if how == "deleted":
             db.unlink()
-        else:  # an admin "restores" a copy while the daemon runs
+        else:  # another file moved to the path (a rename: a new file); a copy written into the
+            # file itself is not noticed (docs/operations.md, "A copy written over the database file")
             copy = tmp_path / "copy.db"
             copy.write_bytes(db.read_bytes())
             copy.replace(db)
@@ -681,3 +685,63 @@ def test_commands_refuse_a_missing_database_file_and_leave_what_is_left_of_the_s
         "images",
         "pms-bridge.ini",
     ]
+
+
+def test_a_backup_restored_as_documented_is_the_store_again(tmp_path: Path) -> None:
+    """docs/operations.md, "Restoring a backup (SQLite)": a copy written over the database file under a
+    running daemon is not noticed, so a backup is restored with the daemon stopped, after the store's
+    files are moved aside. A killed daemon leaves its -wal, which SQLite would apply to the restored
+    copy as if it were its own. Restored this way, the store holds what the backup held and nothing
+    later, and SQLite's integrity check, doctor and reconcile pass."""
+    home = tmp_path / "home"
+    db = home / "bridge.db"
+    config = write_config(home, f"sqlite:///{db}")
+    daemon = start_daemon(config)
+    env = {**os.environ, "PMS_BRIDGE_CONFIG": str(config)}
+    media = write(dental_dataset(patient_id="0815"), tmp_path / "IO1.dcm")
+    imported = subprocess.run(
+        [*pms_bridge_command(), "import", str(media)], capture_output=True, text=True, env=env
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert daemon.stop() == 0
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for name in ("bridge.db", "bridge.db-wal"):  # taken with the daemon stopped: it left no -wal
+        if (home / name).exists():
+            shutil.copyfile(home / name, backup / name)
+    assert sorted(p.name for p in backup.iterdir()) == ["bridge.db"]
+    daemon = start_daemon(config)
+    assert post_patient(daemon, "LATER")[0] == 201
+    daemon.stop(signal.SIGKILL)  # killed (or crashed): its -wal holds LATER
+    wal = Path(f"{db}-wal")
+    assert wal.exists()
+
+    stale = tmp_path / "stale"  # what step 2 prevents, tried on a copy: the backup beside the old -wal
+    stale.mkdir()
+    shutil.copyfile(backup / "bridge.db", stale / "bridge.db")
+    shutil.copyfile(wal, stale / "bridge.db-wal")
+    with contextlib.closing(sqlite3.connect(stale / "bridge.db")) as conn:
+        assert conn.execute("SELECT count(*) FROM pms_links WHERE pms_id = 'LATER'").fetchone() == (1,)
+
+    aside = tmp_path / "aside"  # the procedure: every daemon stopped, the store's files moved aside,
+    aside.mkdir()
+    for found in home.glob("bridge.db*"):
+        found.rename(aside / found.name)
+    shutil.copyfile(backup / "bridge.db", db)  # the backup copied into place
+    db.chmod(0o600)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    daemon = start_daemon(config)
+    try:
+        assert json.loads(daemon.request("GET", "/api/v1/patients?pms_id=LATER")[1])["items"] == []
+        [patient] = json.loads(daemon.request("GET", "/api/v1/patients?pms_id=0815")[1])["items"]
+        status, body = daemon.request("GET", f"/api/v1/patients/{patient['id']}/images")
+        assert status == 200 and len(json.loads(body)["items"]) == 1
+        doctor = pms_bridge("doctor", "--config", str(config))
+        assert doctor.returncode == 0 and "FAIL" not in doctor.stdout, doctor.stdout
+        reconcile = pms_bridge("reconcile", "--config", str(config))
+        assert reconcile.returncode == 0 and reconcile.stdout.splitlines() == [
+            "1 images checked, 0 with a missing or damaged file"
+        ]
+    finally:
+        assert daemon.stop() == 0
