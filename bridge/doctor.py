@@ -69,10 +69,10 @@ def check_store(settings: Settings) -> str:
         unreachable,
     )
 
-    missing = missing_file(settings.store.url)
+    missing = missing_file(settings.store.url, home=init_home_of(settings))
     if missing is not None:
         raise CheckFailed(missing)
-    engine = make_engine(settings.store.url)
+    engine = make_engine(settings.store.url, create=False)
     try:
         revision = current_revision(engine)
     except SQLAlchemyError as exc:  # one line: the driver's reason, not SQLAlchemy's link below it
@@ -215,9 +215,9 @@ def check_outbox(settings: Settings) -> str:
     from bridge.store.db import SCHEMA_HEAD, current_revision, make_engine, missing_file, unreachable
     from bridge.store.types import utcnow
 
-    if missing_file(settings.store.url) is not None:
+    if missing_file(settings.store.url, home=None) is not None:
         raise CheckWarning("not checked: the store's database file does not exist (see the store's line)")
-    engine = make_engine(settings.store.url)
+    engine = make_engine(settings.store.url, create=False)
     try:
         if current_revision(engine) != SCHEMA_HEAD:
             raise CheckWarning("not checked until the schema is up to date (see the store's line)")

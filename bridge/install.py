@@ -101,10 +101,19 @@ def create_watched_folders(settings: Settings, home: Path) -> list[str]:
 
 def init_home(home: Path) -> tuple[Settings, list[str]]:
     """Create what is missing under `home` and bring an existing store's schema up to date; returns the
-    settings and a line per thing done (or, for a watched folder outside `home`, left undone)."""
+    settings and a line per thing done (or, for a watched folder outside `home`, left undone). A SQLite
+    store whose database file is missing beside what is left of it is refused, not made anew
+    (`remains_of_store`)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from bridge.store.db import SchemaError, make_engine, shown_url, unreachable, upgrade_schema
+    from bridge.store.db import (
+        SchemaError,
+        make_engine,
+        remains_of_store,
+        shown_url,
+        unreachable,
+        upgrade_schema,
+    )
 
     done: list[str] = []
     home = home.resolve()
@@ -120,6 +129,9 @@ def init_home(home: Path) -> tuple[Settings, list[str]]:
         write_atomic(config, default_config_text(home, secrets.token_urlsafe(32)).encode())
         done.append(f"wrote {config}")
     settings = load_settings(str(config))
+    remains = remains_of_store(settings.store.url, settings.store.images)
+    if remains is not None:
+        raise ConfigError(remains)
     api = settings.api
     if api.tls_cert and api.tls_key and not (api.tls_cert.exists() and api.tls_key.exists()):
         write_self_signed(api.tls_cert, api.tls_key, [api.host, settings.opp_web.host])

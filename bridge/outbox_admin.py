@@ -95,13 +95,17 @@ def retry_failed(session: Session, origin: Origin, channel: str | None) -> list[
 
 
 def run(ns: argparse.Namespace) -> int:
-    """`pms-bridge outbox ACTION`: against the store directly, so it works while no daemon runs."""
+    """`pms-bridge outbox ACTION`: against the store directly, so it works while no daemon runs; a
+    missing SQLite database file is one line, never a new, empty store."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from bridge.store.db import Database, current_revision, schema_problem, unreachable
+    from bridge.store.db import Database, current_revision, missing_file, schema_problem, unreachable
 
     settings = load_settings(ns.config)
-    db = Database(settings.store.url, threads=1, memo=False)
+    missing = missing_file(settings.store.url, home=init_home_of(settings))
+    if missing is not None:
+        raise ConfigError(missing)
+    db = Database(settings.store.url, threads=1, memo=False, create=False)
     try:
         problem = schema_problem(
             settings.store.url,

@@ -28,6 +28,8 @@ from bridge.store.db import (
     SchemaError,
     SchemaUpgrade,
     current_revision,
+    missing_file,
+    remains_of_store,
     schema_problem,
     unreachable,
     upgrade_schema,
@@ -128,14 +130,33 @@ class Runtime:
     schema_upgrade: SchemaUpgrade | None = None  # what this start did to the schema, if anything
 
     @classmethod
-    def build(cls, settings: Settings, *, migrate: bool | None = None, imaging_workers: int = 2) -> Runtime:
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        migrate: bool | None = None,
+        imaging_workers: int = 2,
+        create: bool = True,
+    ) -> Runtime:
         """Connect to the store (migrating it when configured) and build every part.
 
         A store that cannot be reached, or whose schema this release cannot use as it is, is refused
         here with one line (ConfigError): a daemon started on an older schema with `[store] migrate = no`
         used to report itself started and ready and then fail every query that needs a newer column.
+
+        `create`: a missing SQLite database file is made a new store (the daemon, on a fresh home),
+        unless what is left of a lost store is there (`remains_of_store`); False for the commands,
+        which refuse a missing file (`missing_file`) rather than make an empty store at its path.
         """
-        db = Database(settings.store.url, threads=settings.store.db_threads, memo=settings.store.memo_reads)
+        url = settings.store.url
+        problem = (
+            remains_of_store(url, settings.store.images)
+            if create
+            else missing_file(url, home=init_home_of(settings))
+        )
+        if problem is not None:
+            raise ConfigError(problem)
+        db = Database(url, threads=settings.store.db_threads, memo=settings.store.memo_reads, create=create)
         try:
             upgrade = _schema_ready(db, settings, settings.store.migrate if migrate is None else migrate)
         except BaseException:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -22,6 +25,8 @@ from bridge.config import load_settings
 from bridge.daemon import Daemon
 from bridge.store.files import FileStore
 from tests.conftest import DaemonProcess, pms_bridge_command, start_daemon, write_config
+from tests.support.commands import one_line, pms_bridge, store_commands
+from tests.support.dicomfiles import dental_dataset, write
 from tests.support.ports import free_port
 
 
@@ -502,7 +507,8 @@ def test_a_database_file_deleted_or_replaced_under_the_daemon_is_reported_and_wr
         )
         if how == "deleted":
             db.unlink()
-        else:  # an admin "restores" a copy while the daemon runs
+        else:  # another file moved to the path (a rename: a new file); a copy written into the
+            # file itself is not noticed (docs/operations.md, "A copy written over the database file")
             copy = tmp_path / "copy.db"
             copy.write_bytes(db.read_bytes())
             copy.replace(db)
@@ -599,7 +605,7 @@ def test_a_database_file_deleted_or_replaced_under_the_daemon_is_reported_and_wr
         if how == "deleted":
             assert (
                 f"FAIL store reachable and up to date: [store] url = sqlite:///{db}: the database file {db}"
-                " does not exist: restore it from the backup"
+                " does not exist: put it back, or restore it from the backup"
             ) in doctor.stdout
             assert not db.exists()  # nothing made a new, empty store at the path
     finally:
@@ -609,3 +615,134 @@ def test_a_database_file_deleted_or_replaced_under_the_daemon_is_reported_and_wr
     assert errors == [
         ("store database file lost; store requests refused", str(db))
     ]  # once, and nothing crashed
+
+
+def test_commands_refuse_a_missing_database_file_and_leave_what_is_left_of_the_store(tmp_path: Path) -> None:
+    """`mv bridge.db` away under a running daemon: `pms-bridge import` (and every other command that
+    opens the store) made a new, empty store at the path, imported into it, exited 0, and SQLite deleted
+    the -wal and -shm that the recovery needs. Now each refuses in one line naming the file and what to
+    do, and changes nothing; `init` and `serve` make no new store beside those files, nor beside stored
+    images once the daemon's stop has removed them; the file moved back is the store again."""
+    home = tmp_path / "home"
+    db = home / "bridge.db"
+    config = write_config(home, f"sqlite:///{db}")
+    daemon = start_daemon(config)
+    env = {**os.environ, "PMS_BRIDGE_CONFIG": str(config)}
+    media = write(dental_dataset(patient_id="0815"), tmp_path / "IO1.dcm")
+    imported = subprocess.run(
+        [*pms_bridge_command(), "import", str(media)], capture_output=True, text=True, env=env
+    )
+    assert imported.returncode == 0, imported.stderr
+    away = home / "bridge.db.away"
+    try:
+        db.rename(away)
+        assert daemon.request("GET", "/readyz", token=None)[0] == 503  # the daemon reads nothing more now
+        wal, shm = Path(f"{db}-wal"), Path(f"{db}-shm")
+        left = (wal.read_bytes(), shm.stat().st_ino)
+        missing = (
+            f"[store] url = sqlite:///{db}: the database file {db} does not exist: put it back, or restore it"
+            " from the backup (a daemon that had it open cannot save anything until then: docs/operations.md,"
+            f" \"Troubleshooting\"); for a new store, run 'pms-bridge init --home {home}'"
+        )
+        commands = store_commands(config, tmp_path)
+        serve = commands.pop("serve")
+        commands["import"][-1] = str(media)
+        commands["outbox retry"] = ["outbox", "retry", "--config", str(config)]
+        for name, args in commands.items():
+            assert one_line(pms_bridge(*args), name) == f"pms-bridge {args[0]}: {missing}"
+        remains = (
+            f"[store] url = sqlite:///{db}: the database file {db} does not exist, but what is left of a"
+            f" store is there ({{}}): put the file back, or restore it from the backup (docs/operations.md,"
+            ' "Troubleshooting"); for a new, empty store there, move them away first'
+        )
+        images = home / "images"
+        for name, args in {"serve": serve, "init": ["init", "--home", str(home)]}.items():
+            line = one_line(pms_bridge(*args), name)
+            assert line == f"pms-bridge {name}: " + remains.format(
+                f"{wal}, {shm}, the images stored in {images}"
+            )
+        assert not db.exists() and (wal.read_bytes(), shm.stat().st_ino) == left
+    finally:
+        assert daemon.stop() == 0
+    # SQLite does not checkpoint a moved file at close: the -wal keeps what was written last (the import)
+    assert wal.exists() and not db.exists()
+    away.rename(db)
+    daemon = start_daemon(config)
+    try:
+        status, body = daemon.request("GET", "/api/v1/patients?pms_id=0815")
+        [patient] = json.loads(body)["items"]
+        status, body = daemon.request("GET", f"/api/v1/patients/{patient['id']}/images")
+        assert status == 200 and len(json.loads(body)["items"]) == 1
+    finally:
+        assert daemon.stop() == 0
+    assert not wal.exists()  # checkpointed into the file at a clean stop
+    db.rename(away)  # gone while no daemon runs: only the stored images tell
+    for name, args in {"serve": serve, "init": ["init", "--home", str(home)]}.items():
+        line = one_line(pms_bridge(*args), name)
+        assert line == f"pms-bridge {name}: " + remains.format(f"the images stored in {images}")
+    assert sorted(p.name for p in home.iterdir()) == [
+        "bridge.db.away",
+        "daemon.log",
+        "images",
+        "pms-bridge.ini",
+    ]
+
+
+def test_a_backup_restored_as_documented_is_the_store_again(tmp_path: Path) -> None:
+    """docs/operations.md, "Restoring a backup (SQLite)": a copy written over the database file under a
+    running daemon is not noticed, so a backup is restored with the daemon stopped, after the store's
+    files are moved aside. A killed daemon leaves its -wal, which SQLite would apply to the restored
+    copy as if it were its own. Restored this way, the store holds what the backup held and nothing
+    later, and SQLite's integrity check, doctor and reconcile pass."""
+    home = tmp_path / "home"
+    db = home / "bridge.db"
+    config = write_config(home, f"sqlite:///{db}")
+    daemon = start_daemon(config)
+    env = {**os.environ, "PMS_BRIDGE_CONFIG": str(config)}
+    media = write(dental_dataset(patient_id="0815"), tmp_path / "IO1.dcm")
+    imported = subprocess.run(
+        [*pms_bridge_command(), "import", str(media)], capture_output=True, text=True, env=env
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert daemon.stop() == 0
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for name in ("bridge.db", "bridge.db-wal"):  # taken with the daemon stopped: it left no -wal
+        if (home / name).exists():
+            shutil.copyfile(home / name, backup / name)
+    assert sorted(p.name for p in backup.iterdir()) == ["bridge.db"]
+    daemon = start_daemon(config)
+    assert post_patient(daemon, "LATER")[0] == 201
+    daemon.stop(signal.SIGKILL)  # killed (or crashed): its -wal holds LATER
+    wal = Path(f"{db}-wal")
+    assert wal.exists()
+
+    stale = tmp_path / "stale"  # what step 2 prevents, tried on a copy: the backup beside the old -wal
+    stale.mkdir()
+    shutil.copyfile(backup / "bridge.db", stale / "bridge.db")
+    shutil.copyfile(wal, stale / "bridge.db-wal")
+    with contextlib.closing(sqlite3.connect(stale / "bridge.db")) as conn:
+        assert conn.execute("SELECT count(*) FROM pms_links WHERE pms_id = 'LATER'").fetchone() == (1,)
+
+    aside = tmp_path / "aside"  # the procedure: every daemon stopped, the store's files moved aside,
+    aside.mkdir()
+    for found in home.glob("bridge.db*"):
+        found.rename(aside / found.name)
+    shutil.copyfile(backup / "bridge.db", db)  # the backup copied into place
+    db.chmod(0o600)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    daemon = start_daemon(config)
+    try:
+        assert json.loads(daemon.request("GET", "/api/v1/patients?pms_id=LATER")[1])["items"] == []
+        [patient] = json.loads(daemon.request("GET", "/api/v1/patients?pms_id=0815")[1])["items"]
+        status, body = daemon.request("GET", f"/api/v1/patients/{patient['id']}/images")
+        assert status == 200 and len(json.loads(body)["items"]) == 1
+        doctor = pms_bridge("doctor", "--config", str(config))
+        assert doctor.returncode == 0 and "FAIL" not in doctor.stdout, doctor.stdout
+        reconcile = pms_bridge("reconcile", "--config", str(config))
+        assert reconcile.returncode == 0 and reconcile.stdout.splitlines() == [
+            "1 images checked, 0 with a missing or damaged file"
+        ]
+    finally:
+        assert daemon.stop() == 0

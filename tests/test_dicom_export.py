@@ -247,8 +247,11 @@ async def test_a_missing_store_file_is_reported_and_the_rest_exported(
 
 def test_the_command_refuses_filtered_mode_and_writes_a_set(tmp_path: Path, make_settings: Any) -> None:
     from tests.conftest import pms_bridge_command
+    from tests.support.commands import pms_bridge
 
     settings = make_settings()
+    made = pms_bridge("init", "--home", str(settings.path.parent))  # the commands never make a store
+    assert made.returncode == 0, made.stderr
     env = {**os.environ, "PMS_BRIDGE_CONFIG": str(settings.path)}
     media = tmp_path / "media"
     write(intraoral_object(patient_id=PMS_ID, name=NAME), media / "a.dcm")
@@ -287,8 +290,11 @@ def test_the_command_says_in_one_line_when_the_set_cannot_be_written(
     import resource
 
     from tests.conftest import pms_bridge_command
+    from tests.support.commands import pms_bridge
 
     settings = make_settings()
+    made = pms_bridge("init", "--home", str(settings.path.parent))  # the commands never make a store
+    assert made.returncode == 0, made.stderr
     env = {**os.environ, "PMS_BRIDGE_CONFIG": str(settings.path)}
     write(intraoral_object(patient_id=PMS_ID, name=NAME), tmp_path / "media" / "a.dcm")
     imported = subprocess.run(

@@ -679,8 +679,11 @@ def test_the_import_command_prints_every_file_and_exits_1_on_problems(
     tmp_path: Path, make_settings: Any
 ) -> None:
     from tests.conftest import pms_bridge_command
+    from tests.support.commands import pms_bridge
 
     settings = make_settings()
+    made = pms_bridge("init", "--home", str(settings.path.parent))  # the commands never make a store
+    assert made.returncode == 0, made.stderr
     good = write(dental_dataset(patient_id="5"), tmp_path / "good.dcm")
     (tmp_path / "bad.txt").write_text("x", encoding="utf-8")
     env = {**os.environ, "PMS_BRIDGE_CONFIG": str(settings.path)}

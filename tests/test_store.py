@@ -281,6 +281,27 @@ def test_leftovers_of_interrupted_imports_are_removed_once_a_day_old(tmp_path: P
     assert FileStore(tmp_path / "never-created").remove_leftovers() == 0
 
 
+def test_an_engine_that_may_not_create_the_file_refuses_to_connect_and_leaves_its_wal(tmp_path: Path) -> None:
+    """The check at every connect behind the commands' one line (a file that goes while they start):
+    SQLite would create an empty file at the path and delete the -wal beside it, which holds the latest
+    changes of the store that was there. A store the engine opened is used as before."""
+    from sqlalchemy.exc import OperationalError
+
+    path = tmp_path / "bridge.db"
+    wal = Path(f"{path}-wal")
+    wal.write_bytes(b"the latest changes of a store moved away")
+    engine = make_engine(f"sqlite:///{path}", create=False)
+    try:
+        with pytest.raises(OperationalError, match=f"the database file {path} does not exist"):
+            engine.connect()
+        assert not path.exists() and wal.read_bytes() == b"the latest changes of a store moved away"
+        path.touch()  # a file at the path again (an empty database)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
 def test_a_sqlite_file_moved_away_is_refused_and_used_again_once_back(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -8,7 +8,6 @@ previous release's schema); a newer release's store is this one's with alembic_v
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -32,7 +31,8 @@ from bridge.store.db import (
     upgrade_schema,
 )
 from bridge.store.models import ChartAlias, Patient
-from tests.conftest import pms_bridge_command, start_daemon, write_config
+from tests.conftest import start_daemon, write_config
+from tests.support.commands import one_line, pms_bridge, store_commands
 
 PREVIOUS_RELEASE = "0003"
 NEWER = f"{int(SCHEMA_HEAD) + 1:04d}"
@@ -81,38 +81,6 @@ def with_raced_chart_numbers(url: str) -> None:
             conn.execute(insert(ChartAlias).values(patient_id=single, chart_number="D1", created_at=at[0]))
     finally:
         engine.dispose()
-
-
-def pms_bridge(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*pms_bridge_command(), *args], capture_output=True, text=True, timeout=120, env=dict(os.environ)
-    )
-
-
-def store_commands(config: Path, tmp_path: Path) -> dict[str, list[str]]:
-    """Every command that opens the store (doctor apart: it reports instead of stopping)."""
-    return {
-        "serve": ["serve", "--config", str(config)],
-        "import": ["import", "--config", str(config), str(tmp_path / "nothing.dcm")],
-        "export-dicom": [
-            "export-dicom",
-            "--config",
-            str(config),
-            "--patient",
-            "P1",
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        "reconcile": ["reconcile", "--config", str(config)],
-        "outbox": ["outbox", "list", "--config", str(config)],
-    }
-
-
-def one_line(result: subprocess.CompletedProcess[str], name: str) -> str:
-    """The single stderr line of a command that refused to run (exit 2, no traceback)."""
-    assert result.returncode == 2, (name, result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, (name, result.stderr)
-    return result.stderr.strip()
 
 
 def test_an_older_schema_with_migrate_no_is_refused_at_start_by_every_command(

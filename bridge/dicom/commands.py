@@ -2,10 +2,11 @@
 
 Both run against the store directly (as `reconcile` does), not through the daemon: media are local to the
 machine the command runs on, a CT set is too large to send through HTTP for no gain, and an import must
-work while the daemon is down (a migration, a first install). They build the same Runtime the daemon
-builds, so identity goes through the same service and images through the same pipeline. A daemon
-running on the same store sees the new images on its next read; pushes to PMSs are written to the outbox in
-the import's transactions and sent by the daemon's outbox workers.
+work while the daemon is down (a migration, a first install once `init` has made the store: they never
+make one). They build the same Runtime the daemon builds, so identity goes through the same service and
+images through the same pipeline. A daemon running on the same store sees the new images on its next
+read; pushes to PMSs are written to the outbox in the import's transactions and sent by the daemon's
+outbox workers.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def _workers() -> int:
 
 def build_runtime(settings: Settings, command: str) -> Runtime:
     """The daemon's Runtime for a command; a schema it migrated (`[store] migrate`) is said on stderr, as
-    the daemon logs it, so that no upgrade goes unnoticed."""
-    rt = Runtime.build(settings, imaging_workers=_workers())
+    the daemon logs it, so that no upgrade goes unnoticed. A missing SQLite database file is refused
+    (one line), not made a new store: `init` and the daemon make new stores."""
+    rt = Runtime.build(settings, imaging_workers=_workers(), create=False)
     if rt.schema_upgrade is not None:
         print(f"pms-bridge {command}: {rt.schema_upgrade.describe()}", file=sys.stderr)
     return rt

@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bridge.store.changes import Generation, GenerationMemo, Unknown, generation_for
+from bridge.store.files import FileStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,12 +39,17 @@ _WRITE = "pms_bridge_write"
 MEMO_ENTRIES = 20_000  # memoised reads kept at most (a practice's patients opened today, many times over)
 
 
-def make_engine(url: str, *, pool_size: int = 5, autocommit: bool = False) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, autocommit: bool = False, create: bool = True) -> Engine:
     """An engine with the per-dialect settings the store relies on (`autocommit`: for a read pool on a
-    server database, whose lookups then need no BEGIN and COMMIT round trips)."""
+    server database, whose lookups then need no BEGIN and COMMIT round trips; `create`: whether a
+    missing SQLite database file may be created, see `_open_existing_only`)."""
     if url.startswith("sqlite"):
-        _create_private_file(url)
+        if create:
+            _create_private_file(url)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        path = sqlite_file(url)
+        if not create and path is not None:
+            _open_existing_only(engine, path)
         _configure_sqlite(engine)
         return engine
     # No pre-ping: it is a round trip on every checkout, a quarter of a lookup on PostgreSQL. A connection
@@ -78,6 +84,22 @@ def _create_private_file(url: str) -> None:
         return
     with contextlib.suppress(OSError):
         os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _open_existing_only(engine: Engine, path: Path) -> None:
+    """Refuse every connection while the database file is missing, as SQLite refuses a file it cannot
+    open, instead of letting SQLite create it: for the commands that must never make a new store.
+
+    SQLite creates a missing database file on connect, empty, and then deletes a `-wal` and `-shm` left
+    beside it as an empty database's: the latest changes of the store that was there, which its
+    recovery needs (docs/operations.md, "Troubleshooting"). The commands say
+    so in one line before they connect (`missing_file`); this check at each connect covers a file that
+    goes in between. A DBAPI error, so that it reaches every caller as the store being unreachable."""
+
+    @event.listens_for(engine, "do_connect")
+    def _refuse_missing(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
+        if not path.exists():
+            raise sqlite3.OperationalError(f"the database file {path} does not exist")
 
 
 class StoreFileLost(Exception):
@@ -262,18 +284,48 @@ def unreachable(url: str, exc: Exception) -> str:
     )
 
 
-def missing_file(url: str) -> str | None:
+def missing_file(url: str, *, home: Path | None) -> str | None:
     """One line for a SQLite store whose database file does not exist in its folder, or None (also when
-    the folder is missing: then the store cannot be reached, as opening it says). For commands that only
-    look (doctor): opening it would create an empty store at the path, and advise starting a daemon on it,
-    while a daemon that had the file open may still hold everything written before it was deleted."""
+    the folder is missing: then the store cannot be reached, as opening it says).
+
+    Every command but `init` and `serve` refuses to run with it (doctor reports it) instead of opening
+    the path, which would make a new, empty store there: the file was most often moved or deleted, a
+    daemon that had it open may still hold everything written before, and SQLite deletes the `-wal` and
+    `-shm` left beside the path when it opens a new file there (see `_open_existing_only`). `home`: the
+    folder whose `pms-bridge init --home` reads this config; None when init would write another config
+    instead, and a new store is then made by starting the daemon on this one.
+    """
     path = sqlite_file(url)
     if path is None or path.exists() or not path.parent.is_dir():
         return None
+    new_store = f"run 'pms-bridge init --home {home}'" if home is not None else "start the daemon"
     return (
-        f"[store] url = {shown_url(url)}: the database file {path} does not exist: restore it from the backup"
-        " (a daemon that had it open cannot save anything until then: docs/operations.md,"
-        " \"Troubleshooting\"); for a new store, run 'pms-bridge init' or start the daemon"
+        f"[store] url = {shown_url(url)}: the database file {path} does not exist: put it back, or restore it"
+        " from the backup (a daemon that had it open cannot save anything until then: docs/operations.md,"
+        f' "Troubleshooting"); for a new store, {new_store}'
+    )
+
+
+def remains_of_store(url: str, images: Path) -> str | None:
+    """One line when a SQLite store's database file does not exist but what is left of a store is there
+    (its `-wal` or `-shm` file beside the path, images stored in `images`), or None.
+
+    For `init` and `serve`, which make a missing file a new, empty store (a fresh home, a first start):
+    made over such remains, it would answer every PMS as a working store that has lost every patient,
+    and SQLite would delete the `-wal`, which holds the lost store's latest changes.
+    """
+    path = sqlite_file(url)
+    if path is None or path.exists() or not path.parent.is_dir():
+        return None
+    left = [str(side) for side in (Path(f"{path}-wal"), Path(f"{path}-shm")) if side.exists()]
+    if FileStore(images).holds_images():
+        left.append(f"the images stored in {images}")
+    if not left:
+        return None
+    return (
+        f"[store] url = {shown_url(url)}: the database file {path} does not exist, but what is left of a"
+        f" store is there ({', '.join(left)}): put the file back, or restore it from the backup"
+        ' (docs/operations.md, "Troubleshooting"); for a new, empty store there, move them away first'
     )
 
 
@@ -422,9 +474,11 @@ def is_unique_violation(exc: IntegrityError) -> bool:
 class Database:
     """Runs units of database work in worker threads, each in its own transaction."""
 
-    def __init__(self, url: str, *, threads: int = 4, memo: bool = True) -> None:
+    def __init__(self, url: str, *, threads: int = 4, memo: bool = True, create: bool = True) -> None:
+        """`create`: whether a missing SQLite database file may be made a new store (the daemon, where
+        `remains_of_store` allows it) or is refused (every other command, see `missing_file`)."""
         self.url = url
-        self.engine = make_engine(url, pool_size=threads)
+        self.engine = make_engine(url, pool_size=threads, create=create)
         self.dialect = self.engine.dialect.name
         path = sqlite_file(url)
         # SQLite only: a server database has no file here to lose

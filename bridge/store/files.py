@@ -172,6 +172,20 @@ class FileStore:
         """Bytes free for the store on its disk or share (OSError when it cannot be reached)."""
         return shutil.disk_usage(self.root).free
 
+    def holds_images(self) -> bool:
+        """Whether images were ever stored here: a folder of the `ab/cd/` layout in the root (never
+        removed once made). A SQLite store whose database file is missing beside such a folder was lost,
+        not never made: `remains_of_store` refuses to create a new, empty one over it. A root that cannot
+        be listed (missing, no permission) shows nothing; using it fails later with its own reason."""
+        try:
+            entries = _entries(self.root)
+        except OSError:
+            return False
+        return any(
+            len(entry.name) == 2 and all(c in "0123456789abcdef" for c in entry.name) and entry.is_dir()
+            for entry in entries
+        )
+
     def create_root(self) -> None:
         """Create the root folder (and its parents): for `pms-bridge init` and a new store only."""
         self.root.mkdir(parents=True, exist_ok=True)
