@@ -348,6 +348,7 @@ async def test_a_link_in_the_integrator_folder_is_not_followed_and_logged_once(
     caplog.set_level(logging.WARNING, logger="bridge.watch")
     folder, outside = tmp_path / "integrator", tmp_path / "elsewhere.txt"
     outside.write_bytes(crlf("PN=88", "LN=Doe", "FN=Jane"))
+    folder.mkdir()  # the daemon never creates a watched folder
     rt = Runtime.build(make_settings(dexis={"integrator_dir": str(folder)}))
     try:
         [watcher] = build_integrator_watchers(rt)
@@ -541,6 +542,7 @@ def test_bomless_utf8_files_and_bodies_are_read_as_utf8_and_explicit_code_pages_
     not "CÃ´tÃ©"), a cp1252 one cp1252 (`test_dexis_info_file_creates_the_patient_in_cp1252`); an
     explicit code page is never second-guessed."""
     folder = tmp_path / "integrator"
+    folder.mkdir()  # the daemon never creates a watched folder
     daemon = daemon_factory(dexis={"integrator_dir": str(folder)})
     files = {
         "dexis": (
