@@ -67,6 +67,7 @@ from bridge.store.models import (
     Study,
 )
 from bridge.store.types import utcnow
+from protocols.common import latest_birth_date
 
 log = logging.getLogger(__name__)
 
@@ -358,17 +359,29 @@ class _Resolved:
 _KEY_FIELDS = ("pms_system", "practice_id", "pms_id", "chart_number")
 
 
-def _text_problem(req: PatientRequest) -> str:
-    """What the store cannot take in a request's keys and demographics (bridge.store.limits: longer than
-    its column, a control character), for every protocol alike: a PMS's 150-character surname is refused
-    in the protocol's way instead of failing on PostgreSQL (SQLite would store it). "" when all fit."""
+def _invalid(req: PatientRequest) -> Outcome | None:
+    """Why a normalized request cannot meet the identity rules at all, for every way in alike (`handle`,
+    `import_images`: every protocol, the REST API, DICOM import), or None when it can.
+
+    - What the store cannot take in its keys and demographics (bridge.store.limits: longer than its
+      column, a control character): a PMS's 150-character surname is refused in the protocol's way
+      instead of failing on PostgreSQL (SQLite would store it).
+    - A birth date after the daemon's local date plus a day of slack (`latest_birth_date`): a typo (2099
+      for 1999), never a patient. Stored, it would turn the PMS's correct date into a demographics
+      conflict. The parsers refuse it earlier in their own words; this is the rule for every way in,
+      DICOM files included, whose reader takes any calendar date.
+    """
     fields = [(name, getattr(req, name)) for name in _KEY_FIELDS]
     fields += [(name, getattr(req.demographics, name)) for name in DEMOGRAPHIC_TEXTS]
     for name, value in fields:
         problem = text_problem(name, value) if value else None
         if problem:
-            return f"{name.replace('_', ' ')} {problem}"
-    return ""
+            return Outcome(Status.INVALID, f"{name.replace('_', ' ')} {problem}", field=name)
+    born = req.demographics.birth_date
+    if born is not None and born > latest_birth_date(date.today()):
+        message = f"birth date '{born.isoformat()}' is in the future"
+        return Outcome(Status.INVALID, message, field="birth_date")
+    return None
 
 
 def _speaks_for_link(req: PatientRequest) -> bool:
@@ -571,9 +584,8 @@ class BridgeService:
     async def handle(self, req: PatientRequest) -> Outcome:
         """Serve one PMS request; every failure becomes an Outcome the protocol can render."""
         req = normalized(req)
-        problem = _text_problem(req)
-        if problem:
-            return Outcome(Status.INVALID, problem)
+        if invalid := _invalid(req):
+            return invalid
         try:
             if req.action in (
                 Action.OPEN,
@@ -1518,9 +1530,8 @@ class BridgeService:
         if req.action is not Action.IMPORT or not new:
             raise ValueError("import_images takes an IMPORT request and at least one image")
         req = normalized(req)
-        problem = _text_problem(req)
-        if problem:
-            return Outcome(Status.INVALID, problem), []
+        if invalid := _invalid(req):
+            return invalid, []
         may_create, update = self.settings.allow_patient_creation, self._updates(req)
 
         def owner(session: Session) -> tuple[tuple[Status, PatientView], int]:

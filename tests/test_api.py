@@ -377,13 +377,13 @@ async def test_birth_date_and_sex_are_taken_as_sent_or_refused(api_client: Any) 
 
 
 async def test_a_birth_date_in_the_future_is_refused(api_client: Any) -> None:
-    """A birth date after today (and the day of slack for time zones) is a typo: 422 naming the field,
-    nothing stored; today is accepted."""
+    """A birth date after today (and the day of slack for time zones) is a typo: the service's refusal,
+    a 422 naming the field, nothing stored; today is accepted."""
     future = (date.today() + timedelta(days=3)).isoformat()  # after the slack even across midnight
     response = await create(api_client, pms_id="F1", birth_date=future)
     assert response.status == 422, await response.text()
     problem = await response.json(content_type=PROBLEM)
-    assert (problem["field"], problem["detail"]) == ("birth_date", f"birth_date '{future}' is in the future")
+    assert (problem["field"], problem["detail"]) == ("birth_date", f"birth date '{future}' is in the future")
     assert (await create(api_client, pms_id="F2", birth_date=date.today().isoformat())).status == 201
     listed = await (await api_client.get("/api/v1/patients", params={"pms_id": "F1"})).json()
     assert listed["items"] == []

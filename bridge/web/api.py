@@ -194,6 +194,7 @@ async def create_or_update_patient(request: web.Request) -> web.Response:
             outcome.message,
             kind=outcome.status.value.replace("_", "-"),
             **({"conflict_id": outcome.conflict_id} if outcome.conflict_id else {}),
+            **({"field": outcome.field} if outcome.field else {}),
         )
     assert outcome.patient is not None
     return json_response(outcome.patient.to_json(), STATUS_HTTP[outcome.status])
