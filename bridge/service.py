@@ -614,14 +614,23 @@ class BridgeService:
         return replace(refused.outcome, conflict_id=conflict_id)
 
     def _check_request(self, req: PatientRequest) -> None:
+        """Refuse a request without the key its id kind needs, naming the field at fault. One with no key
+        at all names both the PMS id and the chart number: a REST body may send either, and naming only
+        the one its id kind fell back to sent the front desk after the wrong field."""
+        if not req.pms_id.strip() and not req.chart_number.strip():
+            message = "the request carries neither a patient id (pms_id) nor a chart number (chart_number)"
+            raise Refused(Outcome(Status.INVALID, message, field="pms_id"))
         if req.id_kind in (IdKind.PMS_ID, IdKind.PMS_ID_SUFFIX) and not req.pms_id.strip():
-            raise Refused(Outcome(Status.INVALID, "the request carries no patient id"))
+            raise Refused(Outcome(Status.INVALID, "the request carries no patient id", field="pms_id"))
         if req.id_kind is IdKind.PMS_ID_SUFFIX and req.id_suffix_length < 1:
             raise Refused(Outcome(Status.INVALID, "an id suffix request must say how long the suffix is"))
         if req.id_kind is IdKind.CHART_NUMBER and not req.chart_number.strip():
-            raise Refused(Outcome(Status.INVALID, "the request carries no chart number"))
+            raise Refused(
+                Outcome(Status.INVALID, "the request carries no chart number", field="chart_number")
+            )
         if not req.pms_system.strip():
-            raise Refused(Outcome(Status.INVALID, "the request does not name its PMS system"))
+            message = "the request does not name its PMS system"
+            raise Refused(Outcome(Status.INVALID, message, field="pms_system"))
 
     async def _open(self, req: PatientRequest) -> Outcome:
         """Open, create or update the patient of a request (IMPORT: only find it, see `import_images`)."""
