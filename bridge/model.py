@@ -245,6 +245,9 @@ class Outcome:
     images: tuple[ImageView, ...] = ()
     missing_refs: tuple[str, ...] = ()  # image refs that were asked for and not found
     conflict_id: int | None = None
+    # INVALID: the request field at fault ("birth_date", "pms_id", "last_name" ...), for the answers that
+    # name one (the REST API's 422 `field`); "" when the refusal is about no single field.
+    field: str = ""
     viewer_url: str = ""  # where a viewer should show the patient or image (open_patient_in/open_image_as)
     # A pure read: while the store is unchanged, an identical request (origin aside) gets this same outcome,
     # and `BridgeService.repeat` records and announces it again without asking the store.

@@ -67,6 +67,7 @@ from bridge.store.models import (
     Study,
 )
 from bridge.store.types import utcnow
+from protocols.common import latest_birth_date
 
 log = logging.getLogger(__name__)
 
@@ -358,17 +359,29 @@ class _Resolved:
 _KEY_FIELDS = ("pms_system", "practice_id", "pms_id", "chart_number")
 
 
-def _text_problem(req: PatientRequest) -> str:
-    """What the store cannot take in a request's keys and demographics (bridge.store.limits: longer than
-    its column, a control character), for every protocol alike: a PMS's 150-character surname is refused
-    in the protocol's way instead of failing on PostgreSQL (SQLite would store it). "" when all fit."""
+def _invalid(req: PatientRequest) -> Outcome | None:
+    """Why a normalized request cannot meet the identity rules at all, for every way in alike (`handle`,
+    `import_images`: every protocol, the REST API, DICOM import), or None when it can.
+
+    - What the store cannot take in its keys and demographics (bridge.store.limits: longer than its
+      column, a control character): a PMS's 150-character surname is refused in the protocol's way
+      instead of failing on PostgreSQL (SQLite would store it).
+    - A birth date after the daemon's local date plus a day of slack (`latest_birth_date`): a typo (2099
+      for 1999), never a patient. Stored, it would turn the PMS's correct date into a demographics
+      conflict. The parsers refuse it earlier in their own words; this is the rule for every way in,
+      DICOM files included, whose reader takes any calendar date.
+    """
     fields = [(name, getattr(req, name)) for name in _KEY_FIELDS]
     fields += [(name, getattr(req.demographics, name)) for name in DEMOGRAPHIC_TEXTS]
     for name, value in fields:
         problem = text_problem(name, value) if value else None
         if problem:
-            return f"{name.replace('_', ' ')} {problem}"
-    return ""
+            return Outcome(Status.INVALID, f"{name.replace('_', ' ')} {problem}", field=name)
+    born = req.demographics.birth_date
+    if born is not None and born > latest_birth_date(date.today()):
+        message = f"birth date '{born.isoformat()}' is in the future"
+        return Outcome(Status.INVALID, message, field="birth_date")
+    return None
 
 
 def _speaks_for_link(req: PatientRequest) -> bool:
@@ -571,9 +584,8 @@ class BridgeService:
     async def handle(self, req: PatientRequest) -> Outcome:
         """Serve one PMS request; every failure becomes an Outcome the protocol can render."""
         req = normalized(req)
-        problem = _text_problem(req)
-        if problem:
-            return Outcome(Status.INVALID, problem)
+        if invalid := _invalid(req):
+            return invalid
         try:
             if req.action in (
                 Action.OPEN,
@@ -602,14 +614,23 @@ class BridgeService:
         return replace(refused.outcome, conflict_id=conflict_id)
 
     def _check_request(self, req: PatientRequest) -> None:
+        """Refuse a request without the key its id kind needs, naming the field at fault. One with no key
+        at all names both the PMS id and the chart number: a REST body may send either, and naming only
+        the one its id kind fell back to sent the front desk after the wrong field."""
+        if not req.pms_id.strip() and not req.chart_number.strip():
+            message = "the request carries neither a patient id (pms_id) nor a chart number (chart_number)"
+            raise Refused(Outcome(Status.INVALID, message, field="pms_id"))
         if req.id_kind in (IdKind.PMS_ID, IdKind.PMS_ID_SUFFIX) and not req.pms_id.strip():
-            raise Refused(Outcome(Status.INVALID, "the request carries no patient id"))
+            raise Refused(Outcome(Status.INVALID, "the request carries no patient id", field="pms_id"))
         if req.id_kind is IdKind.PMS_ID_SUFFIX and req.id_suffix_length < 1:
             raise Refused(Outcome(Status.INVALID, "an id suffix request must say how long the suffix is"))
         if req.id_kind is IdKind.CHART_NUMBER and not req.chart_number.strip():
-            raise Refused(Outcome(Status.INVALID, "the request carries no chart number"))
+            raise Refused(
+                Outcome(Status.INVALID, "the request carries no chart number", field="chart_number")
+            )
         if not req.pms_system.strip():
-            raise Refused(Outcome(Status.INVALID, "the request does not name its PMS system"))
+            message = "the request does not name its PMS system"
+            raise Refused(Outcome(Status.INVALID, message, field="pms_system"))
 
     async def _open(self, req: PatientRequest) -> Outcome:
         """Open, create or update the patient of a request (IMPORT: only find it, see `import_images`)."""
@@ -1518,9 +1539,8 @@ class BridgeService:
         if req.action is not Action.IMPORT or not new:
             raise ValueError("import_images takes an IMPORT request and at least one image")
         req = normalized(req)
-        problem = _text_problem(req)
-        if problem:
-            return Outcome(Status.INVALID, problem), []
+        if invalid := _invalid(req):
+            return invalid, []
         may_create, update = self.settings.allow_patient_creation, self._updates(req)
 
         def owner(session: Session) -> tuple[tuple[Status, PatientView], int]:

@@ -34,15 +34,16 @@ if TYPE_CHECKING:
 
 MAX_XML_BYTES = 64 * 1024  # an OPP message is a few hundred bytes; anything near this is not one
 MAX_FIELD_CHARS = 200  # fields the store does not keep (softwareVersion ...): a corrupt message, not a name
-# The fields the store keeps, at most as long as their columns (bridge.store.limits; a test holds them
-# to it): refused here as field-too-long naming the OPP field, rather than by the service in its words.
-FIELD_LIMITS: dict[str, int] = {
-    "software": 100,  # pms_system
-    "practiceId": 100,  # practice_id
-    "reference": 100,  # pms_id
-    "firstName": 120,
-    "lastName": 120,
-    "middleName": 120,
+# The OPP fields the store keeps, and the request field each becomes. Their limits are the store's
+# (`OppOptions.field_limits`, given by the daemon from bridge.store.limits), so a value too long for its
+# column is refused here as field-too-long naming the OPP field, not later by the service in its words.
+STORED_FIELDS: dict[str, str] = {
+    "software": "pms_system",
+    "practiceId": "practice_id",
+    "reference": "pms_id",
+    "firstName": "first_name",
+    "lastName": "last_name",
+    "middleName": "middle_name",
 }
 DEFAULT_VERSION = "1.3"  # what the command line and OPP web parameters speak when they name none
 ISO_DATE = "yyyy-MM-dd"  # .NET notation, as the -d flag's
@@ -176,6 +177,9 @@ class OppOptions:
     cli_case_sensitive: bool = False  # no: -P means -p (as -d/-D name one option in the changelog)
     cli_command: Command = Command.UPDATE_CREATE  # when the command line names no command
     max_bytes: int = MAX_XML_BYTES
+    # The longest text each of STORED_FIELDS may hold, in UTF-16 code units as the store counts them
+    # (its columns' lengths); a field not named here may hold MAX_FIELD_CHARS characters.
+    field_limits: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -234,21 +238,21 @@ def from_fields(
     except ValueError:
         known = ", ".join(c.value for c in Command)
         raise OppError(f"unknown OPP command {raw_command!r} (known: {known})", "unknown-command") from None
-    reference = _field(fields, "reference")
+    reference = _field(fields, options, "reference")
     if not reference:
         raise OppError("the message carries no patient reference", "missing-reference")
     return OppMessage(
         version=version,
         command=command,
         silent=_silent(fields.get("silent", "")),
-        software=_field(fields, "software") or options.software_name,
-        software_version=_field(fields, "softwareVersion"),
-        practice_id=_field(fields, "practiceId") or options.practice_id,
+        software=_field(fields, options, "software") or options.software_name,
+        software_version=_field(fields, options, "softwareVersion"),
+        practice_id=_field(fields, options, "practiceId") or options.practice_id,
         reference=reference,
         demographics=Demographics(
-            last_name=_field(fields, "lastName"),
-            first_name=_field(fields, "firstName"),
-            middle_name=_field(fields, "middleName"),
+            last_name=_field(fields, options, "lastName"),
+            first_name=_field(fields, options, "firstName"),
+            middle_name=_field(fields, options, "middleName"),
             birth_date=_birth_date(fields.get("birthdate", ""), fields.get("dateFormat", ""), today),
             sex=_GENDERS.get(fields.get("gender", "").strip().upper(), Sex.UNKNOWN),
         ),
@@ -264,12 +268,21 @@ def check_version(version: str) -> None:
         )
 
 
-def _field(fields: Mapping[str, str], name: str) -> str:
-    """A text field: trimmed, control characters as spaces, at most FIELD_LIMITS (else MAX_FIELD_CHARS)."""
+def _field(fields: Mapping[str, str], options: OppOptions, name: str) -> str:
+    """A text field: trimmed, control characters as spaces, at most as long as `options.field_limits`
+    allows (else MAX_FIELD_CHARS). A stored field is measured as the store measures it, in UTF-16 code
+    units (SQL Server's NVARCHAR counts those), so 61 emoji (122 units) are field-too-long as 121 letters
+    are, not a different refusal by the service."""
     value = _CONTROL.sub(" ", fields.get(name, "")).strip()
-    limit = FIELD_LIMITS.get(name, MAX_FIELD_CHARS)
+    limit = options.field_limits.get(name, MAX_FIELD_CHARS)
     if len(value) > limit:
         raise OppError(f"{name} is longer than {limit} characters", "field-too-long")
+    # Lone surrogates were refused before (_NOT_XML): every character encodes.
+    if name in options.field_limits and (units := len(value.encode("utf-16-le")) // 2) > limit:
+        raise OppError(
+            f"{name} is longer than {limit} characters (UTF-16 code units, as the store counts), got {units}",
+            "field-too-long",
+        )
     return value
 
 

@@ -118,15 +118,18 @@ async def conflict_of(response: Any) -> int:
 
 
 async def test_a_patient_without_pms_id_or_chart_number_is_refused_naming_pms_id(api_client: Any) -> None:
-    """The document requires one of the two; without either the 422 names `pms_id` (it said "no chart
-    number", the key the handler fell back to)."""
+    """The document requires one of the two; without either the service's 422 names both, and `pms_id`
+    as its field (it said "no chart number", the key the handler fell back to)."""
     for missing in ({}, {"pms_id": " ", "chart_number": ""}):
         response = await api_client.post(
             "/api/v1/patients", json={"pms_system": "test", "last_name": "NoId", **missing}
         )
         assert response.status == 422
         problem = await response.json(content_type=PROBLEM)
-        assert problem["field"] == "pms_id" and problem["detail"].startswith("send pms_id or chart_number")
+        assert (problem["field"], problem["detail"]) == (
+            "pms_id",
+            "the request carries neither a patient id (pms_id) nor a chart number (chart_number)",
+        )
     by_chart = await api_client.post("/api/v1/patients", json={"pms_system": "test", "chart_number": "C7"})
     assert by_chart.status == 201 and (await by_chart.json())["chart_number"] == "C7"
     schema = (await (await api_client.get("/api/v1/openapi.json")).json())["components"]["schemas"]
@@ -377,13 +380,13 @@ async def test_birth_date_and_sex_are_taken_as_sent_or_refused(api_client: Any) 
 
 
 async def test_a_birth_date_in_the_future_is_refused(api_client: Any) -> None:
-    """A birth date after today (and the day of slack for time zones) is a typo: 422 naming the field,
-    nothing stored; today is accepted."""
+    """A birth date after today (and the day of slack for time zones) is a typo: the service's refusal,
+    a 422 naming the field, nothing stored; today is accepted."""
     future = (date.today() + timedelta(days=3)).isoformat()  # after the slack even across midnight
     response = await create(api_client, pms_id="F1", birth_date=future)
     assert response.status == 422, await response.text()
     problem = await response.json(content_type=PROBLEM)
-    assert (problem["field"], problem["detail"]) == ("birth_date", f"birth_date '{future}' is in the future")
+    assert (problem["field"], problem["detail"]) == ("birth_date", f"birth date '{future}' is in the future")
     assert (await create(api_client, pms_id="F2", birth_date=date.today().isoformat())).status == 201
     listed = await (await api_client.get("/api/v1/patients", params={"pms_id": "F1"})).json()
     assert listed["items"] == []

@@ -23,6 +23,7 @@ import pytest
 
 from bridge.config import load_settings
 from bridge.daemon import Daemon
+from bridge.exits import ExitCode
 from bridge.store.files import FileStore
 from tests.conftest import DaemonProcess, pms_bridge_command, start_daemon, write_config
 from tests.support.commands import one_line, pms_bridge, store_commands
@@ -580,7 +581,10 @@ def test_a_database_file_deleted_or_replaced_under_the_daemon_is_reported_and_wr
             text=True,
             timeout=60,
         )
-        assert opp_launch.returncode == 4 and expected in opp_launch.stderr
+        assert (opp_launch.returncode, opp_launch.stderr.strip()) == (
+            ExitCode.ERROR,
+            f"pms-bridge opp: {expected}",
+        )
 
         opp = urllib.request.Request(
             f"http://127.0.0.1:{daemon.settings.opp_web.port}/opp?command=UPDATE_CREATE&reference=D6"

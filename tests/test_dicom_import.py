@@ -710,6 +710,41 @@ def test_the_import_command_prints_every_file_and_exits_1_on_problems(
     assert body["summary"] == {"images": 0, "files": 0, "skipped": 1, "errors": 0}
 
 
+def test_the_import_command_refuses_a_file_whose_birth_date_is_in_the_future(
+    tmp_path: Path, make_settings: Any
+) -> None:
+    """A PatientBirthDate after the daemon's date (plus the day of slack) is a typo, refused by the
+    service as for every protocol: the file is reported with the date, and neither its patient nor its
+    image is stored (a later PMS launch with the right date would otherwise be a conflict)."""
+    from tests.conftest import pms_bridge_command
+    from tests.support.commands import pms_bridge
+
+    settings = make_settings()
+    made = pms_bridge("init", "--home", str(settings.path.parent))
+    assert made.returncode == 0, made.stderr
+    future = write(dental_dataset(patient_id="77", birth_date="20991231"), tmp_path / "future.dcm")
+    good = write(dental_dataset(patient_id="78"), tmp_path / "good.dcm")
+    env = {**os.environ, "PMS_BRIDGE_CONFIG": str(settings.path)}
+    done = subprocess.run(
+        [*pms_bridge_command(), "import", "--json", str(future), str(good)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 1, done.stderr
+    body = json.loads(done.stdout)
+    assert body["errors"] == [
+        {"path": str(future), "reason": "patient '77': birth date '2099-12-31' is in the future"}
+    ]
+    assert [item["path"] for item in body["imported"]] == [str(good)]
+    rt = Runtime.build(settings)
+    try:
+        assert [p.pms_id for p in asyncio.run(rt.service.search_patients(ORIGIN))] == ["78"]
+        assert len(image_rows(rt)) == 1
+    finally:
+        rt.close()
+
+
 async def test_a_dicomdir_reference_to_a_symlink_loop_is_refused_and_the_rest_imported(
     runtime: Runtime, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from bridge.events import AcquisitionRequested, Event, ImageViewRequested, PatientOpened
@@ -28,7 +29,7 @@ from bridge.model import (
 )
 from bridge.runtime import Runtime
 from bridge.service import Refused, fold, same_beyond_spelling
-from bridge.store.models import PmsLink
+from bridge.store.models import Patient, PmsLink
 from bridge.store.types import utcnow
 
 ORIGIN = Origin(protocol="test", transport="api", workstation="WS1", actor="pytest")
@@ -62,9 +63,7 @@ def req(
 
 
 async def count_patients(rt: Runtime) -> int:
-    from bridge.store import queries as q
-
-    return await rt.db.read(lambda s: s.execute(q.count_patients()).scalar_one())
+    return await rt.db.read(lambda s: s.execute(select(func.count()).select_from(Patient)).scalar_one())
 
 
 def collect(rt: Runtime) -> list[Event]:

@@ -10,6 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
+from bridge.handlers.opp import FIELD_LIMITS
 from bridge.model import (
     Action,
     Category,
@@ -20,10 +21,10 @@ from bridge.model import (
     Sex,
     Status,
 )
+from bridge.store.limits import TEXT_RULES
 from protocols.common import DateFormatError, dotnet_to_strptime
 from protocols.opp import (
     COMMAND_ACTIONS,
-    FIELD_LIMITS,
     Command,
     OppError,
     OppOptions,
@@ -38,7 +39,8 @@ from protocols.opp import (
     split_flags,
 )
 
-OPTIONS = OppOptions()
+# The store's limits, as the daemon hands them to the parser (bridge.handlers.opp.options).
+OPTIONS = OppOptions(field_limits=FIELD_LIMITS)
 # The daemon's date the parsers check birth dates against: fixed, so no test depends on the clock.
 TODAY = date(2026, 12, 5)
 ERROR_KINDS = {
@@ -807,23 +809,23 @@ def test_dotnet_formats_with_names_or_escapes_are_refused(fmt: str) -> None:
         dotnet_to_strptime(fmt)
 
 
-def test_the_opp_field_limits_are_the_stores() -> None:
-    """A field the store keeps is refused as field-too-long at its column's length: longer, the service
-    refused it later in its own words (pms id, not reference); shorter, a name the store holds would be
-    refused needlessly."""
-    from bridge.store.limits import TEXT_RULES
-
-    store_name = {
-        "software": "pms_system",
-        "practiceId": "practice_id",
-        "reference": "pms_id",
-        "firstName": "first_name",
-        "lastName": "last_name",
-        "middleName": "middle_name",
-    }
-    assert {field: TEXT_RULES[name].limit for field, name in store_name.items()} == FIELD_LIMITS
+def test_the_opp_field_limits_are_the_stores_counted_as_the_store_counts() -> None:
+    """A field the store keeps is refused as field-too-long at its column's length, in UTF-16 code units
+    as bridge.store.limits counts them: longer, the service refused it later in its own words (pms id,
+    not reference); shorter, a name the store holds would be refused needlessly. 61 characters beyond
+    the BMP are 122 units: field-too-long as 121 letters are."""
+    assert FIELD_LIMITS["reference"] == TEXT_RULES["pms_id"].limit
+    assert FIELD_LIMITS["lastName"] == TEXT_RULES["last_name"].limit == 120
     fields = {"command": "UPDATE_CREATE", "reference": "R1", "lastName": "L" * 120}
     assert from_fields(fields, OPTIONS, today=TODAY).demographics.last_name == "L" * 120
     with pytest.raises(OppError, match="lastName is longer than 120 characters") as refused:
         from_fields({**fields, "lastName": "L" * 121}, OPTIONS, today=TODAY)
     assert refused.value.kind == "field-too-long"
+    fits = "\U0001f600" * 60
+    assert from_fields({**fields, "lastName": fits}, OPTIONS, today=TODAY).demographics.last_name == fits
+    with pytest.raises(OppError) as wide:
+        from_fields({**fields, "lastName": "\U0001f600" * 61}, OPTIONS, today=TODAY)
+    assert (wide.value.kind, str(wide.value)) == (
+        "field-too-long",
+        "lastName is longer than 120 characters (UTF-16 code units, as the store counts), got 122",
+    )

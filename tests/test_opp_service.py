@@ -9,13 +9,14 @@ from dataclasses import replace
 from datetime import date
 
 import pytest
+from sqlalchemy import func, select
 
 from bridge.events import AcquisitionRequested, Event, PatientOpened
 from bridge.handlers.opp import execute as run_message
 from bridge.handlers.opp import options
 from bridge.model import Category, NewImage, Origin, Outcome, Status
 from bridge.runtime import Runtime
-from bridge.store import queries as q
+from bridge.store.models import Patient
 from protocols.opp import OppMessage, parse_args, parse_xml
 
 ORIGIN = Origin(protocol="opp", transport="cli", workstation="WS1")
@@ -39,7 +40,7 @@ def events(rt: Runtime) -> list[Event]:
 
 
 async def count_patients(rt: Runtime) -> int:
-    return await rt.db.read(lambda s: s.execute(q.count_patients()).scalar_one())
+    return await rt.db.read(lambda s: s.execute(select(func.count()).select_from(Patient)).scalar_one())
 
 
 async def test_update_of_an_unknown_patient_is_refused_and_creates_nothing(runtime: Runtime) -> None:

@@ -166,11 +166,20 @@ def test_names_xml_cannot_carry_are_refused_and_never_break_an_answer(daemon: Da
         assert 'lastName="A\ufffdB"'.encode() in answer[2] and 'firstName="\ufffdC"'.encode() in answer[2]
 
 
+def test_opp_web_answers_every_refusal_of_the_service() -> None:
+    """Every status the service refuses with has its OPP web answer (a missing one would be a 500)."""
+    from bridge.handlers.opp import WEB_ANSWERS
+    from bridge.model import Status
+
+    assert set(WEB_ANSWERS) == {s for s in Status if not s.ok and s is not Status.PARTIAL}
+    assert WEB_ANSWERS[Status.INVALID] == (400, "invalid-field")
+
+
 def test_what_the_store_cannot_take_is_a_400_naming_the_field(daemon: DaemonProcess) -> None:
     """Store limits are field problems as docs/opp.md lists them (400 field-too-long or invalid-field),
     never the REST API's 422: a 101-character reference, a 121-character lastName (parameters or XML
-    body), a name the store refuses (a line separator; 61 characters beyond the BMP are 122 UTF-16 code
-    units). Nothing is stored."""
+    body) and 61 characters beyond the BMP (122 UTF-16 code units, as the store counts) are too long; a
+    name the store refuses (a line separator) is an invalid field. Nothing is stored."""
     long_reference = "R" * 101
     cases = {
         f"/opp?command=UPDATE_CREATE&reference={long_reference}": (
@@ -186,8 +195,8 @@ def test_what_the_store_cannot_take_is_a_400_naming_the_field(daemon: DaemonProc
             "last name must not contain a line separator (U+2028)",
         ),
         "/opp?command=UPDATE_CREATE&reference=L3&lastName=" + "%F0%9F%98%80" * 61: (  # 61 x U+1F600
-            "invalid-field",
-            "last name must be at most 120 characters (UTF-16 code units), got 122",
+            "field-too-long",
+            "lastName is longer than 120 characters (UTF-16 code units, as the store counts), got 122",
         ),
     }
     for path, (kind, detail) in cases.items():

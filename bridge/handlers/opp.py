@@ -15,7 +15,9 @@ from bridge.exits import ExitCode
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.model import Outcome, PatientRequest, Status
 from bridge.runtime import Runtime
+from bridge.store.limits import TEXT_RULES
 from protocols.opp import (
+    STORED_FIELDS,
     Command,
     OppError,
     OppMessage,
@@ -26,6 +28,10 @@ from protocols.opp import (
 )
 
 log = logging.getLogger(__name__)
+
+# The store's limits for the OPP fields it keeps (bridge.store.limits, read from the columns), handed to
+# the parser as data so that protocols.opp holds no copy of them.
+FIELD_LIMITS: dict[str, int] = {opp: TEXT_RULES[name].limit for opp, name in STORED_FIELDS.items()}
 
 PROTOCOL = "opp"
 # OPP's documented table (docs/opp.md) predates the US profiles' 5 to 7: every refusal by the store
@@ -42,6 +48,16 @@ EXIT_CODES: dict[Status, ExitCode] = {
     Status.ERROR: ExitCode.ERROR,
     Status.INVALID: ExitCode.INVALID,
 }
+# OPP web's answer to each refusal by the service: the HTTP status and problem kind (docs/opp.md). An
+# INVALID request is a field of the message the store cannot take (a line separator in a name): 400
+# invalid-field like every other bad field of the message, not the REST API's 422.
+WEB_ANSWERS: dict[Status, tuple[int, str]] = {
+    Status.NOT_FOUND: (404, "not-found"),
+    Status.CONFLICT: (409, "conflict"),
+    Status.FORBIDDEN: (403, "forbidden"),
+    Status.INVALID: (400, "invalid-field"),
+    Status.ERROR: (500, "error"),
+}
 
 
 def options(settings: Settings) -> OppOptions:
@@ -57,6 +73,7 @@ def options(settings: Settings) -> OppOptions:
         cli_flags=parse_flag_map(opp.cli_flags),
         cli_case_sensitive=opp.cli_case_sensitive,
         cli_command=Command(opp.cli_command.upper()),
+        field_limits=FIELD_LIMITS,
     )
 
 

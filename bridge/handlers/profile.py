@@ -94,8 +94,8 @@ async def open_patient(
     request = build_request(fields, profile, launch, id_suffix_length=id_suffix_length)
     try:
         outcome = await rt.service.handle(request)
-    except StoreFileLost as exc:  # logged once where it was found; the line says what IT must do
-        return LaunchReply(ExitCode.ERROR, f"pms-bridge {launch.protocol}: {exc}")
+    except StoreFileLost:  # answered by the launch route, for every protocol (bridge.web.launch)
+        raise
     except Exception:
         log.exception("launch failed", extra=context)
         return LaunchReply(

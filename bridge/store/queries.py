@@ -552,10 +552,6 @@ def image_ids_of_patient(patient_id: int) -> Select[int]:
     return select(Image.id).where(Image.patient_id == patient_id).order_by(Image.id)
 
 
-def count_patients() -> Select[int]:
-    return select(func.count()).select_from(Patient)
-
-
 def highest_image_id() -> Select[int]:
     return select(func.max(Image.id))
 

@@ -171,10 +171,6 @@ async def create_or_update_patient(request: web.Request) -> web.Response:
     pms_system, pms_id, practice_id, chart = (
         body_text(body, name) for name in ("pms_system", "pms_id", "practice_id", "chart_number")
     )
-    if not pms_id.strip() and not chart.strip():  # else the service's "no chart number" named neither
-        raise ProblemError(
-            422, "send pms_id or chart_number: the patient's key in the PMS is missing", field="pms_id"
-        )
     req = PatientRequest(
         action=Action.CREATE_OR_UPDATE,
         origin=origin_of(request),
@@ -194,6 +190,7 @@ async def create_or_update_patient(request: web.Request) -> web.Response:
             outcome.message,
             kind=outcome.status.value.replace("_", "-"),
             **({"conflict_id": outcome.conflict_id} if outcome.conflict_id else {}),
+            **({"field": outcome.field} if outcome.field else {}),
         )
     assert outcome.patient is not None
     return json_response(outcome.patient.to_json(), STATUS_HTTP[outcome.status])

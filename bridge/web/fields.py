@@ -24,7 +24,6 @@ from aiohttp import web
 
 from bridge.store.limits import CONTROL, TEXT_RULES, text_problem
 from bridge.web.problems import ProblemError
-from protocols.common import latest_birth_date
 
 # The store's keys are BIGINT (SQLite's INTEGER is 64-bit too); 0 and below are never handed out.
 ID_MAX = 2**63 - 1
@@ -78,20 +77,16 @@ def header_text(request: web.Request, header: str, name: str) -> str:
 
 def body_birth_date(body: dict[str, Any], name: str) -> date | None:
     """The birth date field `name` of a JSON body (None when absent, null or ""), or a 422 naming it: a
-    number (19810102) is refused, not dropped, and so is a date after today (with the protocols' day of
-    slack for time zones, `protocols.common.latest_birth_date`): a typo, never a patient."""
+    number (19810102) is refused, not dropped. A date in the future is the service's refusal, as for
+    every protocol (`bridge.service._invalid`), answered as a 422 naming the field too."""
     value = body.get(name)
     if value is None or value == "":
         return None
     if isinstance(value, str):
         try:
-            day = date.fromisoformat(value)
+            return date.fromisoformat(value)
         except ValueError:
             pass
-        else:
-            if day > latest_birth_date(date.today()):
-                raise ProblemError(422, f"{name} {value!r:.40} is in the future", field=name)
-            return day
     raise ProblemError(422, f"{name} must be an ISO date (YYYY-MM-DD) or null, got {value!r:.40}", field=name)
 
 

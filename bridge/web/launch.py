@@ -13,9 +13,11 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
+from bridge.exits import ExitCode
 from bridge.handlers import UnknownProtocol, get_handler
-from bridge.handlers.base import Launch
+from bridge.handlers.base import Launch, LaunchReply
 from bridge.logs import request_id_var
+from bridge.store.db import StoreFileLost
 from bridge.web.fields import header_text, label_text, read_body
 from bridge.web.keys import RUNTIME
 from bridge.web.middleware import ACTOR_KEY
@@ -54,7 +56,13 @@ async def launch(request: web.Request) -> web.Response:
         actor=request.get(ACTOR_KEY, ""),
     )
     log.info("launch", extra={"protocol": protocol, "actor": item.actor, "bytes": len(content)})
-    reply = await handler(rt, item)
+    try:
+        reply = await handler(rt, item)
+    except StoreFileLost as exc:  # logged once where it was found (bridge.store.db); the line says what to do
+        # An exit code, as every other refusal of the store: left to the middleware's 503, the launch
+        # client would exit LAUNCH_REFUSED (4), which PMS vendors read as a wrong token. VDDS answers it
+        # itself, in the exchange file's ERRORTEXT.
+        reply = LaunchReply(ExitCode.ERROR, f"pms-bridge {protocol}: {exc}")
     rt.metrics.launches.labels(protocol, str(reply.exit_code)).inc()
     if rt.recorder is not None:
         await rt.recorder.launch(item, reply)

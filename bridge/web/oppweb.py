@@ -43,12 +43,12 @@ from aiohttp.hdrs import CONTENT_TYPE
 from aiohttp.helpers import parse_mimetype
 
 from bridge.config import ConfigError, Settings
-from bridge.handlers.opp import PROTOCOL, execute, options
+from bridge.handlers.opp import PROTOCOL, WEB_ANSWERS, execute, options
 from bridge.model import Outcome, PatientRequest, Status
 from bridge.runtime import Runtime
 from bridge.tls import server_context
 from bridge.web.answers import Kept, RepeatedAnswers
-from bridge.web.api import RENDER_VIEW_MAX_AGE, STATUS_HTTP, origin_of, rendered_image
+from bridge.web.api import RENDER_VIEW_MAX_AGE, origin_of, rendered_image
 from bridge.web.fields import path_id
 from bridge.web.keys import LISTENER_TLS, MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY, make_request_context, token_matches
@@ -385,13 +385,7 @@ async def _answer(request: web.Request) -> _Answer:
     outcome = await execute(rt, message, patient_request)
     if not outcome.status.ok and outcome.status is not Status.PARTIAL:
         extra = {"conflict_id": outcome.conflict_id} if outcome.conflict_id is not None else {}
-        if outcome.status is Status.INVALID:
-            # What the store cannot take (a character the store refuses, a value longer than its column
-            # in UTF-16 code units) is a field of the message, answered as every other bad field: 400
-            # invalid-field (docs/opp.md), not the REST API's 422.
-            status, kind = 400, "invalid-field"
-        else:
-            status, kind = STATUS_HTTP[outcome.status], outcome.status.value.replace("_", "-")
+        status, kind = WEB_ANSWERS[outcome.status]
         refused = ProblemError(status, outcome.message, kind=kind, command=message.command.value, **extra)
         return _Answer(refused.response(request.path), patient_request, outcome)
     urls: dict[int, str] = {}
