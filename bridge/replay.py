@@ -548,7 +548,8 @@ async def fresh_target_run(case: Case, session: aiohttp.ClientSession, update: b
         # No environment overrides: PMS_BRIDGE__STORE__URL set for the practice's daemon must not turn
         # the temporary store into the real one.
         settings = settings_from_raw(read_raw(str(config), environ={}), config)
-        create_watched_folders(settings, home)  # as init does: the daemon does not create them
+        # as init does (the daemon does not create them); mkdir off the event loop
+        await asyncio.to_thread(create_watched_folders, settings, home)
         daemon = Daemon(settings)
         await daemon.start()
         try:
