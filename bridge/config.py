@@ -772,25 +772,29 @@ def launch_profiles(settings: Settings) -> dict[str, LaunchProfile]:
 
 @dataclass(frozen=True)
 class WatchedFolder:
-    """A folder a PMS writes into and the daemon polls: its watcher's name (`watch:<name>` in /readyz),
-    its key in the config and its path."""
+    """A folder a PMS writes into and the daemon polls: the section that configures it (its handler's
+    protocol), its watcher's name (`watch:<name>` in /readyz), its key in the config and its path."""
 
+    section: str
     watcher: str
     setting: str
     path: Path
 
 
 def watched_folders(settings: Settings) -> list[WatchedFolder]:
-    """The configured watched folders: `[vdds] exchange_dir` and the `integrator_dir` of [dexis] and
-    [dentrix]. The daemon never creates them (bridge.watch); `pms-bridge init` creates those inside its
-    home folder (bridge.install)."""
+    """The watched folders, the one list the daemon's watchers, `pms-bridge init`, doctor and replay
+    all read (so they cannot disagree): `[vdds] exchange_dir` unless `[vdds] enabled = no` (the daemon
+    then answers no VDDS request, so nothing is to be made, checked or watched there), and the
+    `integrator_dir` of [dexis] and [dentrix]. The daemon never creates them (bridge.watch); `pms-bridge
+    init` creates those inside its home folder (bridge.install)."""
     found = []
-    if settings.vdds.exchange_dir is not None:
-        found.append(WatchedFolder("vdds", "[vdds] exchange_dir", settings.vdds.exchange_dir))
+    if settings.vdds.enabled and settings.vdds.exchange_dir is not None:
+        found.append(WatchedFolder("vdds", "vdds", "[vdds] exchange_dir", settings.vdds.exchange_dir))
     for profile in (settings.dexis, settings.dentrix):
         if profile.integrator_dir is not None:
             found.append(
                 WatchedFolder(
+                    profile.SECTION,
                     f"{profile.SECTION}-integrator",
                     f"[{profile.SECTION}] integrator_dir",
                     profile.integrator_dir,

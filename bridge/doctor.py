@@ -23,6 +23,7 @@ from bridge.config import (
     init_home_of,
     launch_profiles,
     load_settings,
+    watched_folders,
 )
 from bridge.config_file import api_endpoint, read_raw
 from bridge.handlers import vdds_register
@@ -176,21 +177,26 @@ def _get(settings: Settings, path: str, token: str | None) -> tuple[int, bytes]:
 
 
 def check_exchange_folder(settings: Settings) -> str:
-    """`[vdds] exchange_dir`, watched by the daemon: writable (answers are written into it)."""
-    if settings.vdds.exchange_dir is None:
-        return "not configured"
-    return check_folder(settings.vdds.exchange_dir, what="[vdds] exchange_dir", remedy=WATCHED_FOLDER_REMEDY)
+    """`[vdds] exchange_dir`, when the daemon watches it (bridge.config.watched_folders: configured and
+    VDDS enabled): writable (answers are written into it)."""
+    checked = [
+        check_folder(folder.path, what=folder.setting, remedy=WATCHED_FOLDER_REMEDY)
+        for folder in watched_folders(settings)
+        if folder.section == "vdds"
+    ]
+    return "; ".join(checked) or "not configured"
 
 
 def check_profile_folders(settings: Settings) -> str:
-    """The Dexis/Dentrix Integrator folders (watched) and the thumbnail folders of the PMS profiles that
-    use them; none of them is created (the PMS's share)."""
+    """The Dexis/Dentrix Integrator folders the daemon watches (bridge.config.watched_folders) and the
+    thumbnail folders of the PMS profiles that use them; none of them is created (the PMS's share)."""
+    integrators = {folder.section: folder for folder in watched_folders(settings)}
     checked = []
     for name, profile in launch_profiles(settings).items():
-        integrator = getattr(profile, "integrator_dir", None)
+        integrator = integrators.get(name)
         if integrator is not None:
-            folder = check_folder(integrator, what=f"[{name}] integrator_dir", remedy=WATCHED_FOLDER_REMEDY)
-            checked.append(f"[{name}] integrator_dir {folder}")
+            folder = check_folder(integrator.path, what=integrator.setting, remedy=WATCHED_FOLDER_REMEDY)
+            checked.append(f"{integrator.setting} {folder}")
         if profile.thumbnails and profile.thumbnail_dir is not None:
             folder = check_folder(
                 profile.thumbnail_dir,

@@ -24,15 +24,12 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from protocols.common import AUTO, decode
-
-if TYPE_CHECKING:
-    from bridge.config import Settings
 
 # protocol -> [(regex, replacement)]: fields of that protocol's answers that legitimately vary. Each rule
 # must name its field, so that nothing else is ignored.
@@ -540,7 +537,7 @@ def launch_command() -> list[str]:
 
 async def fresh_target_run(case: Case, session: aiohttp.ClientSession, update: bool) -> Result:
     """Run one case against a new store and an in-process daemon on free loopback ports."""
-    from bridge.config import settings_from_raw
+    from bridge.config import settings_from_raw, watched_folders
     from bridge.config_file import read_raw
     from bridge.daemon import Daemon
     from bridge.install import create_watched_folders
@@ -551,7 +548,8 @@ async def fresh_target_run(case: Case, session: aiohttp.ClientSession, update: b
         # No environment overrides: PMS_BRIDGE__STORE__URL set for the practice's daemon must not turn
         # the temporary store into the real one.
         settings = settings_from_raw(read_raw(str(config), environ={}), config)
-        create_watched_folders(settings, home)  # as init does: the daemon does not create them
+        # as init does (the daemon does not create them); mkdir off the event loop
+        await asyncio.to_thread(create_watched_folders, settings, home)
         daemon = Daemon(settings)
         await daemon.start()
         try:
@@ -563,7 +561,7 @@ async def fresh_target_run(case: Case, session: aiohttp.ClientSession, update: b
                 config=config,
                 opp_url=f"http://{opp[0]}:{opp[1]}" if opp else "",
                 home=home,
-                watched={**watched_folders(settings), **(daemon.rt.readiness.watched if daemon.rt else {})},
+                watched={folder.watcher: folder.path for folder in watched_folders(settings)},
                 fresh=True,
             )
             return await Runner(target, session, update=update).run_case(case)
@@ -642,15 +640,8 @@ async def replay(
     return results
 
 
-def watched_folders(settings: Settings) -> dict[str, Path]:
-    """The configured watched folders a case's folder steps can drop files into, by watcher name."""
-    from bridge.config import watched_folders as configured
-
-    return {folder.watcher: folder.path for folder in configured(settings)}
-
-
 def running_target(config: Path | None, url: str | None, token: str, opp_url: str) -> Target:
-    from bridge.config import load_settings
+    from bridge.config import load_settings, watched_folders
 
     if config is not None:
         settings = load_settings(str(config))
@@ -663,7 +654,7 @@ def running_target(config: Path | None, url: str | None, token: str, opp_url: st
             config=config,
             opp_url=opp_url or f"{scheme}://{host}:{settings.opp_web.port}",
             home=settings.home,
-            watched=watched_folders(settings),
+            watched={folder.watcher: folder.path for folder in watched_folders(settings)},
         )
     assert url is not None
     home = Path(tempfile.mkdtemp(prefix="replay-client-"))

@@ -158,6 +158,53 @@ def test_init_creates_the_watched_folders_in_its_home_and_names_the_others(
     assert [line for line in again if "exchange_dir" in line] == []
 
 
+def test_an_exchange_dir_of_a_disabled_vdds_is_not_created_checked_nor_watched(tmp_path: Path) -> None:
+    """With `[vdds] enabled = no` the daemon answers no VDDS request: its `exchange_dir` is left as it is
+    by init, doctor and the daemon (one list of watched folders, bridge.config.watched_folders)."""
+    import json
+    import os
+    import subprocess
+
+    from tests.conftest import pms_bridge_command, start_daemon
+    from tests.support.ports import free_port
+
+    home = tmp_path / "home"
+    exchange = home / "exchange"
+    env = {"PMS_BRIDGE__VDDS__ENABLED": "no", "PMS_BRIDGE__VDDS__EXCHANGE_DIR": str(exchange)}
+    init = subprocess.run(
+        [*pms_bridge_command(), "init", "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+    assert init.returncode == 0, init.stderr
+    assert not exchange.exists() and "[vdds] exchange_dir" not in init.stdout
+    config = home / "pms-bridge.ini"  # the same settings in the file, for doctor and the daemon
+    head, vdds = config.read_text(encoding="utf-8").split("\n[vdds]\n")
+    vdds = vdds.replace("enabled = yes", "enabled = no", 1).replace(
+        "exchange_dir = \n", f"exchange_dir = {exchange}\n"
+    )
+    head = head.replace("port = 4429", f"port = {free_port()}").replace(
+        "port = 4435", f"port = {free_port()}"
+    )
+    config.write_text(f"{head}\n[vdds]\n{vdds}", encoding="utf-8")
+    settings = load_settings(str(config))
+    assert (settings.vdds.enabled, settings.vdds.exchange_dir) == (False, exchange)
+    doctor = subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert "ok   VDDS exchange folder writable: not configured" in doctor.stdout.splitlines(), doctor.stdout
+    daemon = start_daemon(config)
+    try:
+        status, body = daemon.request("GET", "/readyz", token=None)
+        assert status == 200, body
+        assert "watch:vdds" not in json.loads(body)["checks"]
+    finally:
+        assert daemon.stop() == 0
+    assert not exchange.exists()
+
+
 def test_a_hash_in_a_value_is_kept_and_a_semicolon_after_a_space_still_ends_it(tmp_path: Path) -> None:
     """'#' is a comment only at the start of a line: "Praxis #2" is a folder name, not a comment."""
     config = write(

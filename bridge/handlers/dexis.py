@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bridge.config import DexisSettings
+from bridge.config import DexisSettings, watched_folders
 from bridge.exits import ExitCode
 from bridge.handlers.base import Launch, LaunchHandler, LaunchReply
 from bridge.handlers.profile import open_patient
@@ -100,25 +100,22 @@ def integrator_watchers(rt: Runtime) -> Coroutine[Any, Any, None] | None:
 
 
 def build_integrator_watchers(rt: Runtime) -> list[FolderWatcher]:
-    """A watcher per profile with an `integrator_dir`; a file is handled once its size is stable. A
-    missing folder is not created: the watcher reports it and watches it once it appears."""
-    watchers = []
-    handlers: tuple[tuple[str, LaunchHandler], ...] = (("dexis", handle_dexis), ("dentrix", handle_dentrix))
-    for protocol, handler in handlers:
-        profile: DexisSettings = getattr(rt.settings, protocol)
-        if profile.integrator_dir is None:
-            continue
-        watchers.append(
-            FolderWatcher(
-                rt,
-                f"{protocol}-integrator",
-                profile.integrator_dir,
-                _folder_handler(rt, protocol, handler),
-                setting=f"[{protocol}] integrator_dir",
-                accept_name=lambda name: dexis.integrator_workstation(name) is not None,
-            )
+    """A watcher per Integrator folder that bridge.config.watched_folders lists ([dexis] and [dentrix]
+    `integrator_dir`); a file is handled once its size is stable. A missing folder is not created: the
+    watcher reports it and watches it once it appears."""
+    handlers: dict[str, LaunchHandler] = {"dexis": handle_dexis, "dentrix": handle_dentrix}
+    return [
+        FolderWatcher(
+            rt,
+            folder.watcher,
+            folder.path,
+            _folder_handler(rt, folder.section, handlers[folder.section]),
+            setting=folder.setting,
+            accept_name=lambda name: dexis.integrator_workstation(name) is not None,
         )
-    return watchers
+        for folder in watched_folders(rt.settings)
+        if folder.section in handlers
+    ]
 
 
 async def _run_all(watchers: list[FolderWatcher]) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge import atomic
 from bridge.atomic import write_atomic
-from bridge.config import VddsSettings
+from bridge.config import VddsSettings, watched_folders
 from bridge.handlers.base import Launch, LaunchReply
 from bridge.model import ImageView, Origin, Outcome, PatientRequest, Status
 from bridge.store.db import StoreFileLost
@@ -331,23 +331,24 @@ def oversized(rt: Runtime) -> Oversized:
 
 
 def folder_worker(rt: Runtime) -> Coroutine[Any, Any, None] | None:
-    """The watched exchange folder (`[vdds] exchange_dir`), when configured. A missing folder is not
-    created: the watcher reports it and watches it once it appears (bridge.watch)."""
-    settings = rt.settings.vdds
-    if not settings.enabled or settings.exchange_dir is None:
+    """The watched exchange folder (`[vdds] exchange_dir`), when bridge.config.watched_folders lists
+    it (configured, and VDDS enabled). A missing folder is not created: the watcher reports it and
+    watches it once it appears (bridge.watch)."""
+    folder = next((found for found in watched_folders(rt.settings) if found.section == PROTOCOL), None)
+    if folder is None:
         return None
-    folder = settings.exchange_dir
+    settings = rt.settings.vdds
     watcher = FolderWatcher(
         rt,
-        PROTOCOL,
-        folder,
+        folder.watcher,
+        folder.path,
         folder_handler(rt),
-        setting="[vdds] exchange_dir",
+        setting=folder.setting,
         classify=classifier(settings),
         poll_seconds=settings.poll_seconds,
         oversized=oversized(rt),
     )
-    rt.readiness.watched[PROTOCOL] = folder  # known before the first scan (replay looks it up at start)
+    rt.readiness.watched[folder.watcher] = folder.path  # /readyz: unready until its first scan
     return watcher.run()
 
 
