@@ -62,18 +62,18 @@ def check_store(settings: Settings) -> str:
     from sqlalchemy.exc import SQLAlchemyError
 
     from bridge.store.db import (
+        DatabaseFileMissing,
         current_revision,
         make_engine,
-        missing_file,
         schema_problem,
         shown_url,
         unreachable,
     )
 
-    missing = missing_file(settings.store.url, home=init_home_of(settings))
-    if missing is not None:
-        raise CheckFailed(missing)
-    engine = make_engine(settings.store.url, create=False)
+    try:
+        engine = make_engine(settings.store.url, create=False, home=init_home_of(settings))
+    except DatabaseFileMissing as exc:
+        raise CheckFailed(str(exc)) from None
     try:
         revision = current_revision(engine)
     except SQLAlchemyError as exc:  # one line: the driver's reason, not SQLAlchemy's link below it
@@ -218,12 +218,15 @@ def check_outbox(settings: Settings) -> str:
     from sqlalchemy.orm import Session
 
     from bridge.outbox_admin import outbox_counts, per_channel
-    from bridge.store.db import SCHEMA_HEAD, current_revision, make_engine, missing_file, unreachable
+    from bridge.store.db import SCHEMA_HEAD, DatabaseFileMissing, current_revision, make_engine, unreachable
     from bridge.store.types import utcnow
 
-    if missing_file(settings.store.url, home=None) is not None:
-        raise CheckWarning("not checked: the store's database file does not exist (see the store's line)")
-    engine = make_engine(settings.store.url, create=False)
+    try:
+        engine = make_engine(settings.store.url, create=False)
+    except DatabaseFileMissing:  # the store's line says which file and what to do
+        raise CheckWarning(
+            "not checked: the store's database file does not exist (see the store's line)"
+        ) from None
     try:
         if current_revision(engine) != SCHEMA_HEAD:
             raise CheckWarning("not checked until the schema is up to date (see the store's line)")

@@ -99,13 +99,13 @@ def run(ns: argparse.Namespace) -> int:
     missing SQLite database file is one line, never a new, empty store."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from bridge.store.db import Database, current_revision, missing_file, schema_problem, unreachable
+    from bridge.store.db import Database, DatabaseFileMissing, current_revision, schema_problem, unreachable
 
     settings = load_settings(ns.config)
-    missing = missing_file(settings.store.url, home=init_home_of(settings))
-    if missing is not None:
-        raise ConfigError(missing)
-    db = Database(settings.store.url, threads=1, memo=False, create=False)
+    try:
+        db = Database(settings.store.url, threads=1, memo=False, create=False, home=init_home_of(settings))
+    except DatabaseFileMissing as exc:
+        raise ConfigError(str(exc)) from None
     try:
         problem = schema_problem(
             settings.store.url,

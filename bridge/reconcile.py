@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from bridge.config import ConfigError, Settings, init_home_of
 from bridge.store import queries as q
-from bridge.store.db import Database, current_revision, missing_file, schema_problem, unreachable
+from bridge.store.db import Database, DatabaseFileMissing, current_revision, schema_problem, unreachable
 from bridge.store.files import FileStore
 
 
@@ -15,10 +15,10 @@ def reconcile(settings: Settings) -> int:
     """Print one line per damaged or missing file and a summary; exit 1 when anything is wrong. A store
     it cannot reach, whose SQLite file is missing (it never makes a new store) or whose schema is not
     this release's (it never migrates), is one line (exit 2)."""
-    missing = missing_file(settings.store.url, home=init_home_of(settings))
-    if missing is not None:
-        raise ConfigError(missing)
-    db = Database(settings.store.url, threads=1, create=False)
+    try:
+        db = Database(settings.store.url, threads=1, create=False, home=init_home_of(settings))
+    except DatabaseFileMissing as exc:
+        raise ConfigError(str(exc)) from None
     files = FileStore(settings.store.images)
     checked = bad = 0
     after = 0

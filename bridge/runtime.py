@@ -25,10 +25,10 @@ from bridge.record import Recorder
 from bridge.service import BridgeService
 from bridge.store.db import (
     Database,
+    DatabaseFileMissing,
     SchemaError,
     SchemaUpgrade,
     current_revision,
-    missing_file,
     remains_of_store,
     schema_problem,
     unreachable,
@@ -146,17 +146,22 @@ class Runtime:
 
         `create`: a missing SQLite database file is made a new store (the daemon, on a fresh home),
         unless what is left of a lost store is there (`remains_of_store`); False for the commands,
-        which refuse a missing file (`missing_file`) rather than make an empty store at its path.
+        which refuse a missing file (DatabaseFileMissing) rather than make an empty store at its path.
         """
         url = settings.store.url
-        problem = (
-            remains_of_store(url, settings.store.images)
-            if create
-            else missing_file(url, home=init_home_of(settings))
-        )
-        if problem is not None:
-            raise ConfigError(problem)
-        db = Database(url, threads=settings.store.db_threads, memo=settings.store.memo_reads, create=create)
+        remains = remains_of_store(url, settings.store.images) if create else None
+        if remains is not None:
+            raise ConfigError(remains)
+        try:
+            db = Database(
+                url,
+                threads=settings.store.db_threads,
+                memo=settings.store.memo_reads,
+                create=create,
+                home=init_home_of(settings),
+            )
+        except DatabaseFileMissing as exc:
+            raise ConfigError(str(exc)) from None
         try:
             upgrade = _schema_ready(db, settings, settings.store.migrate if migrate is None else migrate)
         except BaseException:

@@ -282,15 +282,22 @@ def test_leftovers_of_interrupted_imports_are_removed_once_a_day_old(tmp_path: P
 
 
 def test_an_engine_that_may_not_create_the_file_refuses_to_connect_and_leaves_its_wal(tmp_path: Path) -> None:
-    """The check at every connect behind the commands' one line (a file that goes while they start):
-    SQLite would create an empty file at the path and delete the -wal beside it, which holds the latest
-    changes of the store that was there. A store the engine opened is used as before."""
+    """The commands' one line (DatabaseFileMissing) before any connection, and the check at every connect
+    behind it (a file that goes while they start): SQLite would create an empty file at the path and
+    delete the -wal beside it, which holds the latest changes of the store that was there. A store the
+    engine opened is used as before."""
     from sqlalchemy.exc import OperationalError
+
+    from bridge.store.db import DatabaseFileMissing
 
     path = tmp_path / "bridge.db"
     wal = Path(f"{path}-wal")
     wal.write_bytes(b"the latest changes of a store moved away")
+    with pytest.raises(DatabaseFileMissing, match=f"the database file {path} does not exist: put it back"):
+        make_engine(f"sqlite:///{path}", create=False)
+    path.touch()
     engine = make_engine(f"sqlite:///{path}", create=False)
+    path.unlink()  # gone between the command's start and its first connection
     try:
         with pytest.raises(OperationalError, match=f"the database file {path} does not exist"):
             engine.connect()

@@ -39,17 +39,34 @@ _WRITE = "pms_bridge_write"
 MEMO_ENTRIES = 20_000  # memoised reads kept at most (a practice's patients opened today, many times over)
 
 
-def make_engine(url: str, *, pool_size: int = 5, autocommit: bool = False, create: bool = True) -> Engine:
-    """An engine with the per-dialect settings the store relies on (`autocommit`: for a read pool on a
-    server database, whose lookups then need no BEGIN and COMMIT round trips; `create`: whether a
-    missing SQLite database file may be created, see `_open_existing_only`)."""
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 5,
+    autocommit: bool = False,
+    create: bool = True,
+    home: Path | None = None,
+    guard: SqliteFileGuard | None = None,
+) -> Engine:
+    """An engine with the per-dialect settings the store relies on.
+
+    `autocommit`: for a read pool on a server database, whose lookups then need no BEGIN and COMMIT
+    round trips. `create`: whether a missing SQLite database file may be created; if not, a missing one
+    raises DatabaseFileMissing here (its remedy names `home`, see there) and every new connection checks
+    again (`_check_connections`). `guard`: the file's SqliteFileGuard (Database's), which that same
+    check before each new connection serves.
+    """
     if url.startswith("sqlite"):
         if create:
             _create_private_file(url)
+        else:
+            missing = _absent_file(url)
+            if missing is not None:
+                raise DatabaseFileMissing(url, missing, home=home)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         path = sqlite_file(url)
-        if not create and path is not None:
-            _open_existing_only(engine, path)
+        if path is not None and (guard is not None or not create):
+            _check_connections(engine, path, create=create, guard=guard)
         _configure_sqlite(engine)
         return engine
     # No pre-ping: it is a round trip on every checkout, a quarter of a lookup on PostgreSQL. A connection
@@ -70,6 +87,38 @@ def sqlite_file(url: str) -> Path | None:
     return None if database.startswith("file:") else Path(database)
 
 
+def _absent_file(url: str) -> Path | None:
+    """The database file of a SQLite url when it does not exist in a folder that does, else None (a
+    server database, a file that is there, or a missing folder: then the store cannot be reached at
+    all, as opening it says, and SQLite could create nothing there)."""
+    path = sqlite_file(url)
+    if path is None or path.exists() or not path.parent.is_dir():
+        return None
+    return path
+
+
+class DatabaseFileMissing(Exception):
+    """A SQLite store's database file does not exist in its folder, for an engine that may not create it
+    (`make_engine(create=False)`): every command but `init` and `serve`. Its text is one line that names
+    the file and what to do (commands print it and exit 2; doctor reports it).
+
+    Those commands refuse instead of opening the path, which would make a new, empty store there: the
+    file was most often moved or deleted, a daemon that had it open may still hold everything written
+    before, and SQLite deletes the `-wal` and `-shm` left beside the path when it opens a new file there
+    (see `_check_connections`). `home`: the folder whose `pms-bridge init --home` reads this config;
+    None when init would write another config instead, and a new store is then made by starting the
+    daemon on this one.
+    """
+
+    def __init__(self, url: str, path: Path, *, home: Path | None) -> None:
+        new_store = f"run 'pms-bridge init --home {home}'" if home is not None else "start the daemon"
+        super().__init__(
+            f"[store] url = {shown_url(url)}: the database file {path} does not exist: put it back, or"
+            " restore it from the backup (a daemon that had it open cannot save anything until then:"
+            f' docs/operations.md, "Troubleshooting"); for a new store, {new_store}'
+        )
+
+
 def _create_private_file(url: str) -> None:
     """Create a new SQLite store's file readable and writable by the daemon's user only (0600, POSIX).
 
@@ -84,22 +133,6 @@ def _create_private_file(url: str) -> None:
         return
     with contextlib.suppress(OSError):
         os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-
-
-def _open_existing_only(engine: Engine, path: Path) -> None:
-    """Refuse every connection while the database file is missing, as SQLite refuses a file it cannot
-    open, instead of letting SQLite create it: for the commands that must never make a new store.
-
-    SQLite creates a missing database file on connect, empty, and then deletes a `-wal` and `-shm` left
-    beside it as an empty database's: the latest changes of the store that was there, which its
-    recovery needs (docs/operations.md, "Troubleshooting"). The commands say
-    so in one line before they connect (`missing_file`); this check at each connect covers a file that
-    goes in between. A DBAPI error, so that it reaches every caller as the store being unreachable."""
-
-    @event.listens_for(engine, "do_connect")
-    def _refuse_missing(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
-        if not path.exists():
-            raise sqlite3.OperationalError(f"the database file {path} does not exist")
 
 
 class StoreFileLost(Exception):
@@ -138,6 +171,11 @@ class SqliteFileGuard:
         self._opened: tuple[int, int] | None = None
         self._lost: str | None = None
         self._lock = threading.Lock()
+
+    @property
+    def has_opened(self) -> bool:
+        """Whether a connection has opened the file (and so which file this process works on is known)."""
+        return self._opened is not None
 
     def opened(self) -> None:
         """A connection has opened the file: the first one tells which file this process works on."""
@@ -185,17 +223,33 @@ class SqliteFileGuard:
         raise lost
 
 
-def _guard_connections(engine: Engine, guard: SqliteFileGuard) -> None:
-    """No new connection on a lost file (SQLite would create an empty one at the path, or open the file
-    that replaced it); the first connection tells the guard which file it opened."""
+def _check_connections(engine: Engine, path: Path, *, create: bool, guard: SqliteFileGuard | None) -> None:
+    """One check, one stat of the path, before SQLite opens each new connection:
+
+    - once a connection has opened the file, the guard's (`SqliteFileGuard.check`): none on a lost file,
+      where SQLite would create an empty one at the path, or open the file that replaced it;
+    - before that, for an engine that may not create the file, that it exists: refused as SQLite refuses
+      a file it cannot open. SQLite would create it, empty, and then delete a `-wal` and `-shm` left
+      beside it as an empty database's: the latest changes of the store that was there, which its
+      recovery needs (docs/operations.md, "Troubleshooting"). `make_engine` refuses a missing file
+      before any connection (DatabaseFileMissing); this covers a file that goes in between. A DBAPI
+      error, so that it reaches every caller as the store being unreachable.
+
+    The first connection tells the guard which file it opened.
+    """
 
     @event.listens_for(engine, "do_connect")
     def _before_connect(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
-        guard.check()
+        if guard is not None and guard.has_opened:
+            guard.check()
+        elif not create and not path.exists():
+            raise sqlite3.OperationalError(f"the database file {path} does not exist")
 
-    @event.listens_for(engine, "connect")
-    def _on_connect(_dbapi_conn: Any, _record: Any) -> None:
-        guard.opened()
+    if guard is not None:
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(_dbapi_conn: Any, _record: Any) -> None:
+            guard.opened()
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -284,28 +338,6 @@ def unreachable(url: str, exc: Exception) -> str:
     )
 
 
-def missing_file(url: str, *, home: Path | None) -> str | None:
-    """One line for a SQLite store whose database file does not exist in its folder, or None (also when
-    the folder is missing: then the store cannot be reached, as opening it says).
-
-    Every command but `init` and `serve` refuses to run with it (doctor reports it) instead of opening
-    the path, which would make a new, empty store there: the file was most often moved or deleted, a
-    daemon that had it open may still hold everything written before, and SQLite deletes the `-wal` and
-    `-shm` left beside the path when it opens a new file there (see `_open_existing_only`). `home`: the
-    folder whose `pms-bridge init --home` reads this config; None when init would write another config
-    instead, and a new store is then made by starting the daemon on this one.
-    """
-    path = sqlite_file(url)
-    if path is None or path.exists() or not path.parent.is_dir():
-        return None
-    new_store = f"run 'pms-bridge init --home {home}'" if home is not None else "start the daemon"
-    return (
-        f"[store] url = {shown_url(url)}: the database file {path} does not exist: put it back, or restore it"
-        " from the backup (a daemon that had it open cannot save anything until then: docs/operations.md,"
-        f' "Troubleshooting"); for a new store, {new_store}'
-    )
-
-
 def remains_of_store(url: str, images: Path) -> str | None:
     """One line when a SQLite store's database file does not exist but what is left of a store is there
     (its `-wal` or `-shm` file beside the path, images stored in `images`), or None.
@@ -314,8 +346,8 @@ def remains_of_store(url: str, images: Path) -> str | None:
     made over such remains, it would answer every PMS as a working store that has lost every patient,
     and SQLite would delete the `-wal`, which holds the lost store's latest changes.
     """
-    path = sqlite_file(url)
-    if path is None or path.exists() or not path.parent.is_dir():
+    path = _absent_file(url)
+    if path is None:
         return None
     left = [str(side) for side in (Path(f"{path}-wal"), Path(f"{path}-shm")) if side.exists()]
     if FileStore(images).holds_images():
@@ -474,17 +506,18 @@ def is_unique_violation(exc: IntegrityError) -> bool:
 class Database:
     """Runs units of database work in worker threads, each in its own transaction."""
 
-    def __init__(self, url: str, *, threads: int = 4, memo: bool = True, create: bool = True) -> None:
+    def __init__(
+        self, url: str, *, threads: int = 4, memo: bool = True, create: bool = True, home: Path | None = None
+    ) -> None:
         """`create`: whether a missing SQLite database file may be made a new store (the daemon, where
-        `remains_of_store` allows it) or is refused (every other command, see `missing_file`)."""
+        `remains_of_store` allows it) or is refused with DatabaseFileMissing (every other command; `home`
+        for its remedy, see there)."""
         self.url = url
-        self.engine = make_engine(url, pool_size=threads, create=create)
-        self.dialect = self.engine.dialect.name
         path = sqlite_file(url)
         # SQLite only: a server database has no file here to lose
         self.file = SqliteFileGuard(path) if path is not None else None
-        if self.file is not None:
-            _guard_connections(self.engine, self.file)
+        self.engine = make_engine(url, pool_size=threads, create=create, home=home, guard=self.file)
+        self.dialect = self.engine.dialect.name
         # Reads on a server database use a pool of autocommit connections: no BEGIN and COMMIT round trips
         # around a lookup (each statement still sees a consistent snapshot), which halves a PMS lookup on
         # PostgreSQL. SQLite's BEGIN is local and costs nothing.
