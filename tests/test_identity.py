@@ -17,10 +17,8 @@ from sqlalchemy.orm import Session
 from bridge.events import AcquisitionRequested, Event, ImageViewRequested, PatientOpened
 from bridge.model import (
     Action,
-    Category,
     Demographics,
     IdKind,
-    NewImage,
     Origin,
     Outcome,
     PatientRequest,
@@ -31,6 +29,7 @@ from bridge.runtime import Runtime
 from bridge.service import Refused, fold, same_beyond_spelling
 from bridge.store.models import Patient, PmsLink
 from bridge.store.types import utcnow
+from tests.support.rows import image_row
 
 ORIGIN = Origin(protocol="test", transport="api", workstation="WS1", actor="pytest")
 
@@ -341,7 +340,7 @@ async def test_allow_patient_creation_off_refuses_manual_creation_only(make_sett
         # updating an existing patient by hand is still allowed
         edited = await rt.service.handle(req("5", action=Action.CREATE_OR_UPDATE, first="Jo"))
         assert edited.status is Status.UPDATED
-        imported = await rt.service.import_images(req("6", action=Action.IMPORT), [new_image()])
+        imported = await rt.service.import_images(req("6", action=Action.IMPORT), [image_row()])
         assert imported[0].status is Status.FORBIDDEN and imported[1] == []
         assert (await rt.service.handle(req("6", action=Action.IMPORT))).status is Status.FORBIDDEN
         assert await count_patients(rt) == 1
@@ -371,30 +370,14 @@ async def test_open_patient_settings_shape_the_event(make_settings: Any) -> None
             rt.close()
 
 
-def new_image(study_uid: str = "") -> NewImage:
-    """An image's metadata (the store's rows do not look at the file)."""
-    return NewImage(
-        sha256="ab" * 32,
-        file_ext="png",
-        media_type="image/png",
-        size_bytes=1,
-        width=1,
-        height=1,
-        bits_stored=8,
-        color=False,
-        category=Category.INTRAORAL_XRAY,
-        study_uid=study_uid,
-    )
-
-
 async def add_image(rt: Runtime, patient_id: int) -> int:
-    [view] = await rt.service.add_images(ORIGIN, patient_id, [new_image()])
+    [view] = await rt.service.add_images(ORIGIN, patient_id, [image_row()])
     return view.id
 
 
 async def import_patient(rt: Runtime, request: PatientRequest) -> tuple[Outcome, int]:
     """What a DICOM import of one file does for its patient: found or created with its image."""
-    outcome, [view] = await rt.service.import_images(request, [new_image()])
+    outcome, [view] = await rt.service.import_images(request, [image_row()])
     return outcome, view.id
 
 
@@ -404,16 +387,18 @@ async def test_an_import_creates_its_patient_only_with_its_images(runtime: Runti
     a conflict leaves the images out, recorded as for any request."""
     assert (await runtime.service.handle(req("I1", action=Action.IMPORT))).status is Status.NOT_FOUND
     assert await count_patients(runtime) == 0
-    created, images = await runtime.service.import_images(req("I1", action=Action.IMPORT), [new_image()])
+    created, images = await runtime.service.import_images(req("I1", action=Action.IMPORT), [image_row()])
     assert created.status is Status.CREATED and created.patient is not None and len(images) == 1
     assert images[0].patient_id == created.patient.id
     found = await runtime.service.handle(req("I1", action=Action.IMPORT))
     assert found.status is Status.OK and found.patient is not None and found.patient.id == created.patient.id
     other_birth = req("I1", action=Action.IMPORT, birth=date(1971, 1, 2))
-    refused, none = await runtime.service.import_images(other_birth, [new_image()])
+    refused, none = await runtime.service.import_images(other_birth, [image_row()])
     assert refused.status is Status.CONFLICT and refused.conflict_id is not None and none == []
     with pytest.raises(Refused, match="belongs to another patient"):
-        await runtime.service.import_images(req("I2", action=Action.IMPORT), [new_image(images[0].study_uid)])
+        await runtime.service.import_images(
+            req("I2", action=Action.IMPORT), [image_row(study_uid=images[0].study_uid)]
+        )
     assert await count_patients(runtime) == 1
     assert len(await runtime.service.list_images(ORIGIN, created.patient.id)) == 1
     await runtime.audit.flush()

@@ -21,10 +21,8 @@ from sqlalchemy.orm import Session
 from bridge.config import Settings
 from bridge.model import (
     Action,
-    Category,
     Demographics,
     IdKind,
-    NewImage,
     Origin,
     Outcome,
     PatientRequest,
@@ -33,6 +31,7 @@ from bridge.model import (
 )
 from bridge.runtime import Runtime
 from bridge.store.models import ChartAlias, Conflict, Image, Patient, PmsLink
+from tests.support.rows import image_row
 
 ORIGIN = Origin(protocol="dentrix", transport="http", workstation="WS1", actor="pytest")
 ROUNDS = 8
@@ -214,7 +213,7 @@ async def test_practices_taking_one_link_without_practice_at_once_leave_it_to_on
     for round_ in range(ROUNDS):
         pms_id = f"AD{round_}"
         imported, _ = await racing.service.import_images(
-            smith(pms_id, action=Action.IMPORT), [new_image(f"2.25.9{round_}")]
+            smith(pms_id, action=Action.IMPORT), [image_row(sop_instance_uid=f"2.25.9{round_}")]
         )
         assert imported.status is Status.CREATED and imported.patient is not None
         outcomes = await at_once(racing, [smith(pms_id, practice=f"P{n}") for n in range(RACERS)])
@@ -228,22 +227,6 @@ async def test_practices_taking_one_link_without_practice_at_once_leave_it_to_on
         assert await scalar(racing, owner) == winner.practice_id != ""
 
 
-def new_image(sop_instance_uid: str) -> NewImage:
-    """An image's metadata (the store's rows do not look at the file)."""
-    return NewImage(
-        sha256="cd" * 32,
-        file_ext="png",
-        media_type="image/png",
-        size_bytes=1,
-        width=1,
-        height=1,
-        bits_stored=8,
-        color=False,
-        category=Category.INTRAORAL_XRAY,
-        sop_instance_uid=sop_instance_uid,
-    )
-
-
 async def test_imports_of_one_new_patient_at_once_create_it_once_and_refused_ones_nothing(
     racing: Runtime,
 ) -> None:
@@ -253,12 +236,13 @@ async def test_imports_of_one_new_patient_at_once_create_it_once_and_refused_one
     created patient (the link's unique key decides, the loser retries) and add their images to it."""
     taken = await racing.service.handle(smith("TAKEN", action=Action.CREATE_OR_UPDATE))
     assert taken.patient is not None
-    await racing.service.add_images(ORIGIN, taken.patient.id, [new_image("2.25.1")])
+    await racing.service.add_images(ORIGIN, taken.patient.id, [image_row(sop_instance_uid="2.25.1")])
     for round_ in range(ROUNDS):
         request = smith(f"IM{round_}", action=Action.IMPORT)
         uids = [f"2.25.{round_}0{n}" if n % 2 else "2.25.1" for n in range(RACERS)]
         results = await asyncio.gather(
-            *(racing.service.import_images(request, [new_image(uid)]) for uid in uids), return_exceptions=True
+            *(racing.service.import_images(request, [image_row(sop_instance_uid=uid)]) for uid in uids),
+            return_exceptions=True,
         )
         refused = [r for r in results if isinstance(r, BaseException)]
         assert len(refused) == RACERS // 2 and all(isinstance(r, IntegrityError) for r in refused), refused

@@ -14,10 +14,11 @@ from sqlalchemy import func, select
 from bridge.events import AcquisitionRequested, Event, PatientOpened
 from bridge.handlers.opp import execute as run_message
 from bridge.handlers.opp import options
-from bridge.model import Category, NewImage, Origin, Outcome, Status
+from bridge.model import Origin, Outcome, Status
 from bridge.runtime import Runtime
 from bridge.store.models import Patient
 from protocols.opp import OppMessage, parse_args, parse_xml
+from tests.support.rows import image_row
 
 ORIGIN = Origin(protocol="opp", transport="cli", workstation="WS1")
 # The daemon's date the parsers check birth dates against: fixed, so no test depends on the clock.
@@ -115,19 +116,7 @@ async def test_view_opens_and_a_viewer_follows(runtime: Runtime) -> None:
 
 
 async def add_image(rt: Runtime, patient_id: int) -> None:
-    image = NewImage(
-        sha256="cd" * 32,
-        file_ext="png",
-        media_type="image/png",
-        size_bytes=10,
-        width=4,
-        height=4,
-        bits_stored=8,
-        color=False,
-        category=Category.INTRAORAL_XRAY,
-        tooth_numbers=(36,),
-    )
-    await rt.service.add_images(ORIGIN, patient_id, [image])
+    await rt.service.add_images(ORIGIN, patient_id, [image_row(tooth_numbers=(36,))])
 
 
 async def test_view_data_lists_the_images_and_a_viewer_follows(runtime: Runtime) -> None:
