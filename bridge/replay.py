@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import difflib
 import fnmatch
 import json
@@ -571,25 +572,29 @@ async def fresh_target_run(case: Case, session: aiohttp.ClientSession, update: b
         shutil.rmtree(home, ignore_errors=True)
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_ports(count: int) -> list[int]:
+    """`count` different loopback ports nobody listens on right now. The probe sockets stay bound until
+    all are chosen: closed one by one, the kernel may offer a port just closed again, and the fresh
+    daemon's API and OPP web listeners then collided ("already in use")."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
 
 
 def write_fresh_config(home: Path, overrides: dict[str, dict[str, Any]]) -> Path:
     """A config for a fresh store under `home`: free loopback ports, a token, a VDDS_MMI.INI of its own
     (none), the case's overrides."""
     token = base64.urlsafe_b64encode(os.urandom(18)).decode()
+    api_port, opp_web_port = free_ports(2)
     sections: dict[str, dict[str, Any]] = {
         "store": {
             "url": f"sqlite:///{(home / 'bridge.db').as_posix()}",
             "images": (home / "images").as_posix(),
         },
-        "api": {"port": free_port(), "token": token},
-        "opp_web": {"port": free_port()},
+        "api": {"port": api_port, "token": token},
+        "opp_web": {"port": opp_web_port},
         "daemon": {"log_level": "warning", "stop_file": (home / "stop").as_posix()},
         # VDDS push (on by default) reads the registry of PMS programs from VDDS_MMI.INI and starts the
         # PMS's MMOINFIMPORT program for each new image: the machine's own registry would start the

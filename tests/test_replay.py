@@ -224,3 +224,19 @@ def test_a_case_cannot_send_the_daemons_token_to_another_host(
     assert "  pass  " in table_row(result, "rest/healthz")  # a path on the daemon still runs
     assert received == []
     assert daemon.token not in result.stdout
+
+
+def test_a_fresh_target_gets_two_different_ports_that_can_be_bound(tmp_path: Path) -> None:
+    """The fresh daemon's API and OPP web ports are chosen together, never the same port twice (chosen one
+    after the other, the kernel may hand the first one out again: CI once saw the fresh CLINIVIEW target fail
+    with "[opp_web] ... already in use"). A guard over many configs, each port then bound for real."""
+    for round_ in range(40):
+        home = tmp_path / f"h{round_}"
+        home.mkdir()
+        config = write_fresh_config(home, {})
+        settings = settings_from_raw(read_raw(str(config), environ={}), config)
+        ports = (settings.api.port, settings.opp_web.port)
+        assert ports[0] != ports[1]
+        with socket.socket() as api, socket.socket() as opp_web:
+            api.bind(("127.0.0.1", ports[0]))
+            opp_web.bind(("127.0.0.1", ports[1]))
