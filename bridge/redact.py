@@ -89,6 +89,7 @@ class Redactor:
     # DATE_FORMATS and the formats the traffic declares (learn_formats): a date is replaced in all of them
     _formats: list[str] = field(default_factory=lambda: list(DATE_FORMATS))
     _dates: set[date] = field(default_factory=set)
+    _fake_dates: dict[date, date] = field(default_factory=dict)  # every date's pseudonym, once drawn
     _pattern: re.Pattern[str] | None = None
 
     def _digest(self, kind: str, value: str) -> bytes:
@@ -99,14 +100,17 @@ class Redactor:
 
         It is a date exactly when `value` is one: a date becomes another date in the same format, and a
         token of a message the bridge refused (a birth date of 31.31.1970) never turns into a valid date,
-        or the capture would replay as accepted."""
+        or the capture would replay as accepted. It is neither a value learned so far nor another value's
+        pseudonym: two patients must stay two on replay, and a capture must not show one patient's
+        value in another's place."""
         dated = _parse_date(value, self._formats)
         if dated is not None:
             day, fmt = dated
             return _format(self.pseudo_date(day), fmt)
+        taken = self._values.keys() | set(self._values.values())
         for attempt in range(MAX_DRAWS):
             fake = self._shaped(f"{kind}\0{attempt}" if attempt else kind, value)
-            if _parse_date(fake, self._formats) is None:
+            if _parse_date(fake, self._formats) is None and fake not in taken:
                 return fake
         return "X" * len(value)
 
@@ -136,17 +140,25 @@ class Redactor:
         side of 12 keeps every form of the date valid or invalid in the other order, so a date refused in a
         month-first message (a Dexis BD of 14/07/1985 on an en-US profile) is refused again on replay.
         A birth date after `latest_birth_date` (refused as in the future) moves further into the future,
-        every other one back in time, so each is refused or accepted on replay as it was."""
+        every other one back in time, so each is refused or accepted on replay as it was.
+        It is neither a date learned so far nor another date's pseudonym (a birth date and the conflicting
+        one a year later must stay two dates on replay, and neither may show the other's real value)."""
+        if day in self._fake_dates:
+            return self._fake_dates[day]
+        taken = self._dates | set(self._fake_dates.values())
         shifted = day
         later = day.year <= 1905 or day > latest_birth_date(date.today())
         for attempt in range(MAX_DRAWS):
             kind = f"date\0{attempt}" if attempt else "date"
             offset = int.from_bytes(self._digest(kind, day.isoformat())[:4], "big") % 3650 + 1
             shifted = day + timedelta(days=offset) if later else day - timedelta(days=offset)
-            if (shifted.day > 12) == (day.day > 12):
-                return shifted
-        # about one capture in 2**50: the same side of 12 by hand (13 to 28 exist in every month)
-        return shifted.replace(day=13 + shifted.day % 16 if day.day > 12 else 1 + shifted.day % 12)
+            if (shifted.day > 12) == (day.day > 12) and shifted not in taken:
+                break
+        else:
+            # about one capture in 2**50: the same side of 12 by hand (13 to 28 exist in every month)
+            shifted = shifted.replace(day=13 + shifted.day % 16 if day.day > 12 else 1 + shifted.day % 12)
+        self._fake_dates[day] = shifted
+        return shifted
 
     def learn_text(self, kind: str, value: str) -> None:
         """Mark a text value (name, id, address, SSN) as sensitive, with the forms it takes in traffic."""

@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import uuid
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,32 @@ def test_recording_adds_no_audit_entries_of_its_own(daemon_factory: Any, tmp_pat
     [session] = list(record_dir.iterdir())
     effect = json.loads((session / "effect.json").read_text(encoding="utf-8"))
     assert sorted(p["images"] for p in effect["patients"]) == [0, 1]  # the effect itself is unchanged
+
+
+def _secret_where(wanted: Callable[[Redactor], bool]) -> bytes:
+    """A secret under which a fresh redactor's first draws meet `wanted` (found by trying secrets)."""
+    for n in range(1_000_000):
+        secret = n.to_bytes(4, "big")
+        if wanted(Redactor(secret=secret)):
+            return secret
+    raise AssertionError("no such secret")
+
+
+def test_a_pseudonym_is_never_a_learned_value_nor_another_values_pseudonym() -> None:
+    # CI once found the birth date 1988-12-01 in a capture: the conflicting 1989-12-01 had drawn it (365
+    # days back). On replay the conflict became a match, and the capture showed a real birth date.
+    first, second = date(1988, 12, 1), date(1989, 12, 1)
+    secret = _secret_where(lambda r: r.pseudo_date(second) == first)
+    redactor = Redactor(secret=secret)
+    redactor.learn_date(first)
+    redactor.learn_date(second)
+    text = redactor.apply("1988-12-01 1989-12-01")
+    assert "1988-12-01" not in text and "1989-12-01" not in text and len(set(text.split())) == 2
+    assert redactor.pseudo_date(second) == redactor.pseudo_date(second)  # still the same for the same day
+    # Two short ids: the second one's first draw is the first one's pseudonym.
+    secret = _secret_where(lambda r: r.pseudonym("id", "K7") == r.pseudonym("id", "A1"))
+    redactor = Redactor(secret=secret)
+    redactor.learn_text("id", "A1")
+    redactor.learn_text("id", "K7")
+    fakes = redactor.apply("A1 K7").split()
+    assert len(set(fakes)) == 2 and not {"A1", "K7"} & set(fakes)
