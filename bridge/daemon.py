@@ -132,6 +132,7 @@ class Daemon:
             raise
         await self._remove_import_leftovers()
         self._spawn(rt.audit.run(), "audit")
+        self._spawn(self._start_imaging_workers(rt), "imaging-workers")
         self._spawn(self._watch_stop_file(), "stop-file")
         if rt.db.file is not None:
             self._spawn(self._watch_store_file(rt.db.file), "store-file")
@@ -191,6 +192,14 @@ class Daemon:
             return
         if removed:
             log.info("import leftovers removed", extra={"count": removed})
+
+    @staticmethod
+    async def _start_imaging_workers(rt: Runtime) -> None:
+        """Fork the imaging pool's workers now, in the background: the first thumbnail a PMS asks for after a
+        restart is then rendered at once, not after the pool's start-up (its fork server imports the
+        decoders, half a second on two cores)."""
+        started = await rt.imaging.start_workers()
+        log.info("imaging workers started", extra={"workers": started})
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

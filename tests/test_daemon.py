@@ -750,3 +750,30 @@ def test_a_backup_restored_as_documented_is_the_store_again(tmp_path: Path) -> N
         ]
     finally:
         assert daemon.stop() == 0
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                if int(stat[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
+def test_a_started_daemon_forks_its_imaging_workers_before_the_first_request(daemon: DaemonProcess) -> None:
+    # The pool forked its workers one by one as work arrived: the first thumbnail after a restart waited
+    # for the fork server's start-up, and the first import's files for the second worker.
+    deadline = time.monotonic() + 60
+    started: list[int] = []
+    while not started and time.monotonic() < deadline:
+        records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+        started = [r["workers"] for r in records if r.get("msg") == "imaging workers started"]
+        time.sleep(0.05)
+    assert started == [2]
+    # real processes: the fork server below the daemon, the two workers below it
+    workers = [pid for child in _children(daemon.proc.pid) for pid in _children(child)]
+    assert len(workers) == 2

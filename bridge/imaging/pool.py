@@ -6,13 +6,16 @@ middle of an import holds up the files waiting for it. Elsewhere (Windows, macOS
 
 `prestart` launches the fork server before the pool exists: `pms-bridge import` calls it first thing, so
 the server's imports run beside the command's own (about a quarter of a second of its start-up on two
-cores). Imports nothing heavy itself.
+cores). `hold` is the task that starts every worker at once (`Imaging.start_workers`). Imports nothing
+heavy itself.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
+import time
 from multiprocessing.context import BaseContext
 
 # What pool tasks run: decoding and rendering, and the worker side of a DICOM import.
@@ -34,3 +37,13 @@ def prestart() -> None:
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
+
+
+HOLD_SECONDS = 0.05
+
+
+def hold() -> int:
+    """A worker's pid, after keeping it busy briefly: tasks submitted together then find no idle worker,
+    so the pool forks one worker for each (it starts a worker only when none is idle)."""
+    time.sleep(HOLD_SECONDS)
+    return os.getpid()
