@@ -53,7 +53,7 @@ from bridge.model import (
     Status,
 )
 from bridge.store import queries as q
-from bridge.store.db import Database, is_unique_violation
+from bridge.store.db import Database, is_unique_violation, lock_key
 from bridge.store.limits import DEMOGRAPHIC_TEXTS, text_problem
 from bridge.store.models import (
     AuditEntry,
@@ -831,6 +831,10 @@ class BridgeService:
         """Find, link or create the patient a request means, or raise Refused."""
         if req.id_kind is IdKind.CHART_NUMBER:
             return self._resolve_by_chart(session, req, may_create=may_create, update=update)
+        # Requests for one PMS id take turns, whatever practice they name: a practice's request and one
+        # naming no practice (an import under an empty `[dicom] practice_id`) look for each other's links
+        # (`_find_link`), but their links' keys differ, so no unique key stops both from creating.
+        lock_key(session, f"pms-id\0{req.pms_system}\0{req.pms_id}")
         link = self._find_link(session, req)
         if link is not None:
             patient = _lock_patient(session, link.patient_id)  # a link never moves to another patient

@@ -256,3 +256,21 @@ async def test_imports_of_one_new_patient_at_once_create_it_once_and_refused_one
         images = select(func.count()).select_from(Image).where(Image.patient_id.in_(patient_ids))
         assert await scalar(racing, images) == RACERS // 2
     assert await scalar(racing, select(func.count()).select_from(Patient)) == ROUNDS + 1
+
+
+async def test_a_new_id_asked_for_with_and_without_its_practice_at_once_is_one_patient(
+    racing: Runtime,
+) -> None:
+    """A new id NP launched by practice P (VDDS with PRXNR) and imported without a practice (an empty
+    `[dicom] practice_id`) at the same moment. The two keys differ, so no unique key decided between
+    them: on PostgreSQL both found no link and each made a patient. Every request for a PMS id now waits
+    for the others of that id (whatever their practice) before it looks, so the later one finds the
+    earlier one's patient: one patient, one CREATED."""
+    for round_ in range(ROUNDS):
+        pms_id = f"NP{round_}"
+        requests = [smith(pms_id, practice="P" if n % 2 else "") for n in range(RACERS)]
+        outcomes = await at_once(racing, requests)
+        assert all(o.patient is not None for o in outcomes), [o.message for o in outcomes]
+        assert len({o.patient.id for o in outcomes if o.patient}) == 1
+        assert sorted(o.status for o in outcomes) == sorted([Status.CREATED] + [Status.OK] * (RACERS - 1))
+    assert await scalar(racing, select(func.count()).select_from(Patient)) == ROUNDS

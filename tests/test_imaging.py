@@ -95,6 +95,16 @@ def test_bits_stored_follows_dicom_bits_stored_then_png_sbit_then_the_container(
     assert (facts.color, facts.bits_stored) == (True, 16)
 
 
+def test_a_bilevel_tiff_without_bits_per_sample_has_one_bit_stored() -> None:
+    # TIFF 6.0's default for a missing BitsPerSample is 1, and Pillow writes an uncompressed bilevel
+    # image without the tag; it was reported as 8 bits. With the tag (Group 4) it was right already.
+    page = Image.fromarray(RNG.integers(0, 2, (32, 64), dtype=np.uint8) * 255).convert("1")
+    for compression in ("raw", "group4"):
+        out = io.BytesIO()
+        page.save(out, "TIFF", compression=compression)
+        assert analyze(out.getvalue()).bits_stored == 1, compression
+
+
 def test_dicom_jpeg_baseline_colour_and_modality_category() -> None:
     facts = analyze(synthetic.dicom_bytes(synthetic.photo(64, 48), jpeg_baseline=True, modality="XC"))
     assert (facts.color, facts.category, facts.file_ext) == (True, Category.PHOTO, "dcm")

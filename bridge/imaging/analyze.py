@@ -230,7 +230,8 @@ def _pil_bits(fmt: str, img: Image.Image, data: bytes) -> tuple[int, dict[str, A
         return (sbit or depth), {"container_bits": depth, **({"sbit": sbit} if sbit else {})}
     if fmt == "tiff":
         tags = getattr(img, "tag_v2", {})
-        per_sample = tags.get(TiffImagePlugin.BITSPERSAMPLE, 8)
+        # TIFF 6.0: a file without BitsPerSample has 1 bit per sample (Pillow writes a bilevel image so)
+        per_sample = tags.get(TiffImagePlugin.BITSPERSAMPLE, 1)
         depth = int(per_sample[0] if isinstance(per_sample, tuple) else per_sample)
         return depth, {"container_bits": depth}
     return 8, {"container_bits": 8}

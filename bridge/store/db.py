@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import hashlib
 import logging
 import os
 import sqlite3
@@ -491,6 +492,35 @@ def alembic_config(url: str) -> Any:
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
+
+
+# The first key of the transaction-level advisory locks `lock_key` takes on PostgreSQL ("pmsb" in ASCII);
+# two-key locks never meet the one-key migration lock.
+KEY_LOCK_SPACE = 0x706D_7362
+
+
+def lock_key(session: Session, name: str) -> None:
+    """Wait until no other transaction holds `name`, then hold it until this transaction ends.
+
+    For checks that no unique key can back (two rows with different keys that must not both be made):
+    PostgreSQL takes an advisory lock on a 32-bit hash of `name` (an unrelated name with the same hash
+    waits too, never wrongly passes), SQL Server an application lock on the name. SQLite lets one writer
+    in at a time (BEGIN IMMEDIATE), so there is nothing to take."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big", signed=True)
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": KEY_LOCK_SPACE, "key": digest}
+        )
+    elif dialect == "mssql":
+        session.execute(
+            text(
+                "DECLARE @granted int; EXEC @granted = sp_getapplock @Resource = :name,"
+                " @LockMode = 'Exclusive', @LockOwner = 'Transaction', @LockTimeout = -1;"
+                " IF @granted < 0 THROW 50000, 'a lock of the store was not granted', 1;"
+            ),
+            {"name": hashlib.sha256(name.encode()).hexdigest()},
+        )
 
 
 def is_unique_violation(exc: IntegrityError) -> bool:
