@@ -11,13 +11,16 @@ second over the import itself (servers already running, files already on disk):
   Python's http.client sends no "Expect: 100-continue", which costs curl about a second per file over 1 MB.
 * pms-bridge REST: one multipart POST /api/v1/import of all files to a running daemon (`pms-bridge serve`);
   and, as Orthanc is measured, each file as its own application/dicom POST over 4 keep-alive connections.
+* pms-bridge REST, a server folder: a JSON POST /api/v1/import naming the folder the files are in
+  (`[dicom] import_folders`), to a running daemon: the daemon reads them where they lie, no bytes over HTTP.
 * pms-bridge CLI: `pms-bridge import FOLDER` as a process, start-up and schema check included (into a store
   whose schema exists: creating it is a step of the install, as Orthanc's database exists when measured).
-* pms-bridge import engine: the same import in this process (a Runtime, warmed), without HTTP or a process
-  start: what the transports above add to it.
+* pms-bridge import engine: the same import in a process of its own (a Runtime, its pool's workers
+  started and warmed), without HTTP or a process start: what the transports above add to it. Not in this
+  process: a pool worker imports its parent's main module again, and this script's costs 0.4 s a worker.
 
 Beside each rate the bench prints the CPU the server side spent per file (user and system time of the
-server's process and every process below it, from Linux /proc, over the same interval; for the engine, this
+server's process and every process below it, from Linux /proc, over the same interval; for the engine, its
 process and its pool), as a ratio to the best Orthanc figure's: on a shared or virtual machine the rates move
 with what else runs, the CPU a file costs much less. The import command's CPU is not measured (its
 processes are gone when it ends).
@@ -199,9 +202,9 @@ def orthanc_upload(port: int, files: list[bytes], clients: int, warm: bytes, ser
     return timed_uploads(port, files, clients, orthanc_post, server)
 
 
-def bridge_config(home: Path, *, render: bool) -> tuple[Path, int, str]:
+def bridge_config(home: Path, *, render: bool, folders: tuple[Path, ...] = ()) -> tuple[Path, int, str]:
     """A home as `pms-bridge init` leaves it: the config and the image folder (which only init and a new
-    store's first start create: a missing one is a share that is gone)."""
+    store's first start create: a missing one is a share that is gone); `folders`: [dicom] import_folders."""
     (home / "images").mkdir(parents=True)
     port, token = free_port(), secrets.token_hex(8)
     lines = [
@@ -217,6 +220,7 @@ def bridge_config(home: Path, *, render: bool) -> tuple[Path, int, str]:
         "log_level = warning",
         "[dicom]",
         f"render_at_import = {'yes' if render else 'no'}",
+        f"import_folders = {'; '.join(str(folder) for folder in folders)}",
     ]
     config = home / "pms-bridge.ini"
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -237,9 +241,11 @@ def multipart(paths: list[Path]) -> tuple[bytes, str]:
 
 
 @contextlib.contextmanager
-def running_bridge(home: Path, *, render: bool) -> Iterator[tuple[int, dict[str, str], int]]:
+def running_bridge(
+    home: Path, *, render: bool, folders: tuple[Path, ...] = ()
+) -> Iterator[tuple[int, dict[str, str], int]]:
     """A `pms-bridge serve` on a fresh store: its API port, the authorization header and its pid."""
-    config, port, token = bridge_config(home, render=render)
+    config, port, token = bridge_config(home, render=render, folders=folders)
     with open(home / "log", "wb") as log:
         daemon = subprocess.Popen(
             [str(BIN / "pms-bridge"), "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
@@ -294,6 +300,23 @@ def bridge_rest_single(home: Path, files: list[bytes], clients: int, warm: bytes
 
         post(http.client.HTTPConnection("127.0.0.1", port, timeout=120), warm)
         return timed_uploads(port, files, clients, post, pid)
+
+
+def bridge_server_folder(home: Path, folder: Path, warm: Path, count: int) -> Measured:
+    """POST /api/v1/import naming the files' folder (a JSON body; `[dicom] import_folders` lists it) to a
+    running daemon, warmed with another folder's file: the same import, the bytes not crossing HTTP."""
+    with running_bridge(home, render=False, folders=(folder, warm.parent)) as (port, auth, pid):
+        headers = {**auth, "Content-Type": "application/json"}
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        bridge_post(connection, json.dumps({"paths": [str(warm)]}).encode(), headers)
+        cpu = tree_cpu(pid)
+        started = time.perf_counter()
+        report = bridge_post(connection, json.dumps({"paths": [str(folder)]}).encode(), headers)
+        elapsed = time.perf_counter() - started
+        cpu = tree_cpu(pid) - cpu
+        if report["summary"]["images"] != count:
+            raise RuntimeError(f"pms-bridge imported {report['summary']}")
+        return Measured(elapsed, cpu)
 
 
 def bridge_cli(home: Path, folder: Path, count: int) -> Measured:
@@ -418,12 +441,17 @@ def main() -> None:
                 lambda home: bridge_rest_single(home, data, 4, warm.read_bytes()),
             )
             measure(
+                "pms-bridge REST import of a server folder (JSON)",
+                work / f"folder-{n}",
+                lambda home: bridge_server_folder(home, folder, warm, args.files),
+            )
+            measure(
                 "pms-bridge import command (process)",
                 work / f"cli-{n}",
                 lambda home: bridge_cli(home, folder, args.files),
             )
             measure(
-                "pms-bridge import engine (in-process)",
+                "pms-bridge import engine (own process, warm)",
                 work / f"engine-{n}",
                 lambda home: bridge_engine(home, folder, warm, args.files),
             )

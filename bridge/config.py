@@ -136,6 +136,23 @@ def RequiredPath() -> Parser:
     return Parser("a path (relative paths start at the config file's folder)", convert)
 
 
+def PathList() -> Parser:
+    """Paths separated by semicolons (a folder's name may hold a comma, a Windows path a colon); relative
+    paths start at the config file's folder; empty = none."""
+
+    def convert(text: str, home: Path) -> tuple[Path, ...]:
+        return tuple(_resolve(item.strip(), home) for item in text.split(";") if item.strip())
+
+    def render(value: tuple[Path, ...]) -> str:
+        return "; ".join(str(path) for path in value)
+
+    return Parser(
+        "paths separated by semicolons (relative paths start at the config file's folder), or empty",
+        convert,
+        render,
+    )
+
+
 def _resolve(value: str, home: Path) -> Path:
     return Path(resolve_path(value, str(home)))
 
@@ -745,6 +762,13 @@ class DicomSettings:
     )
     max_file_mb: int = key("1024", Int(1, 65536), "Largest DICOM file (or CT volume) imported, in MB")
     max_upload_mb: int = key("4096", Int(1, 262144), "Largest REST import (files, or a zip unpacked), in MB")
+    import_folders: tuple[Path, ...] = key(
+        "",
+        PathList(),
+        "Folders of this machine that POST /api/v1/import may import from by path (a JSON body"
+        ' {"paths": [...]}: media the server already has, not sent again); empty: none, such requests'
+        " are refused",
+    )
 
 
 SECTIONS: tuple[type[Any], ...] = (

@@ -313,7 +313,10 @@ async def test_a_file_refused_for_another_patients_uid_leaves_its_new_patient_un
 
 
 async def test_wrong_requests_are_refused(api_client: Any) -> None:
-    assert (await api_client.post("/api/v1/import", json={"file": "x"})).status == 415
+    plain = await api_client.post("/api/v1/import", data="x", headers={"Content-Type": "text/plain"})
+    assert plain.status == 415
+    # JSON names the server's own folders, off by default (tests/test_dicom_server_folders.py)
+    assert (await api_client.post("/api/v1/import", json={"file": "x"})).status == 403
     empty = FormData(default_to_multipart=True)
     empty.add_field("comment", "no file")
     response = await api_client.post("/api/v1/import", data=empty)

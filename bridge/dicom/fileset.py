@@ -13,6 +13,8 @@
 * A zip (REST uploads) is unpacked with the same path rules and a size budget counted while unpacking
   (the sizes a zip declares are not trusted). Each entry stands alone: one that cannot be unpacked is
   reported by the name the zip gives it, and the others are unpacked.
+* An import of the server's own folders (`[dicom] import_folders`, `POST /api/v1/import` with paths) reads
+  nothing outside those folders: a file reached through a symbolic link that leads elsewhere is refused.
 * A name longer than 255 bytes (a DICOMDIR's File ID component, a zip entry's) is refused before any
   look-up: no file system holds it, and asking fails with ENAMETOOLONG.
 
@@ -64,8 +66,10 @@ class Discovery:
     skipped: list[Problem] = field(default_factory=list)
 
 
-def discover(sources: list[tuple[str, str]]) -> Discovery:
-    """The files of `sources` (path, display name) by the rules of the module doc."""
+def discover(sources: list[tuple[str, str]], within: tuple[str, ...] = ()) -> Discovery:
+    """The files of `sources` (path, display name) by the rules of the module doc. `within`: the only
+    folders files may be read from, once symbolic links are resolved (an import of the server's folders);
+    a file found outside them, through a link, is refused."""
     found = Discovery()
     seen: set[str] = set()
     for path, display in sources:
@@ -79,7 +83,26 @@ def discover(sources: list[tuple[str, str]]) -> Discovery:
                 _add(found, seen, target, display)
         else:
             found.errors.append(Problem(display, "no such file or folder"))
+    if within:
+        inside = [c for c in found.candidates if inside_any(os.path.realpath(c.path), within)]
+        found.errors += [
+            Problem(c.display, "a link to a file outside [dicom] import_folders: refused")
+            for c in found.candidates
+            if c not in inside
+        ]
+        found.candidates = inside
     return found
+
+
+def inside_any(resolved: str, folders: tuple[str, ...]) -> bool:
+    """Whether the resolved path `resolved` is one of `folders` (resolved too) or lies below one."""
+    for folder in folders:
+        try:
+            if os.path.commonpath([resolved, folder]) == folder:
+                return True
+        except ValueError:  # another drive (Windows), or a relative path against an absolute one
+            continue
+    return False
 
 
 def _add(found: Discovery, seen: set[str], path: Path, display: str) -> None:

@@ -129,10 +129,21 @@ class Importer:
     upload), so they are moved into the store rather than copied. Never for a user's files.
     """
 
-    def __init__(self, rt: Runtime, origin: Origin, *, concurrency: int = 4, adopt: bool = False) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        origin: Origin,
+        *,
+        concurrency: int = 4,
+        adopt: bool = False,
+        within: tuple[str, ...] = (),
+    ) -> None:
+        """`adopt`: the files are uploads of ours, moved into the store (not copied); `within`: the only
+        folders (resolved) files may be read from (`fileset.discover`)."""
         self.rt = rt
         self.origin = origin
         self.adopt = adopt
+        self.within = within
         self.settings = rt.settings.dicom
         self.report = ImportReport()
         self._slots = asyncio.Semaphore(max(1, concurrency))
@@ -172,7 +183,7 @@ class Importer:
         return tag
 
     async def _discover(self, sources: list[tuple[str, str]]) -> None:
-        found = await self.rt.imaging.run_in_pool(discover, sources)
+        found = await self.rt.imaging.run_in_pool(discover, sources, self.within)
         self.report.errors.extend(found.errors)
         self.report.skipped.extend(found.skipped)
         self._files += [asyncio.create_task(self._file(candidate)) for candidate in found.candidates]

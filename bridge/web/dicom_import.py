@@ -10,12 +10,17 @@ is the received one moved in, not a second copy) under the `[dicom] max_upload_m
 receiving and while unpacking; zips are unpacked with the path rules of `bridge.dicom.fileset`. Each part is
 imported as soon as it is on disk, by the importer `pms-bridge import` runs, and the answer is its report:
 every file imported, skipped or refused with the reason.
+
+Or the body is JSON naming files and folders the server already has (`{"paths": [...]}`: a mounted CD, a
+share an old system exported to), inside `[dicom] import_folders` (off when empty): the running daemon reads
+them where they lie, as `pms-bridge import` does, and nothing outside those folders, links included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -26,11 +31,11 @@ from aiohttp.hdrs import CONTENT_TYPE
 from aiohttp.helpers import parse_mimetype
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
-from bridge.dicom.fileset import Problem, ZipTooLarge, unpack_zip
-from bridge.dicom.importer import ImportAborted, Importer
+from bridge.dicom.fileset import Problem, ZipTooLarge, inside_any, unpack_zip
+from bridge.dicom.importer import ImportAborted, Importer, ImportReport
 from bridge.store import uncached
 from bridge.store.files import UPLOADS
-from bridge.web.api import json_response, origin_of
+from bridge.web.api import json_object, json_response, origin_of
 from bridge.web.keys import RUNTIME
 from bridge.web.multipart import BodyTooLarge, FormReader, MultipartError, boundary_of, next_chunk
 from bridge.web.problems import ProblemError, storage_status
@@ -39,6 +44,8 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 MAX_PARTS = 10_000
+MAX_PATHS = 1000  # of a JSON import of the server's folders (each may be a folder of any size)
+MAX_PATH_CHARS = 4096
 IMPORT_CONCURRENCY = 4
 IN_FLIGHT = 4  # received files of one upload whose writes may still be finishing
 _CHUNK = 4 << 20  # a DICOM file of a sensor in one or two writes: each is a thread hop
@@ -239,16 +246,82 @@ def _private_folder(root: Path) -> str:
     return tempfile.mkdtemp(prefix=UPLOADS, dir=root)
 
 
+async def _server_paths(request: web.Request, folders: tuple[Path, ...]) -> list[tuple[str, str]]:
+    """The `paths` of a JSON import, each resolved (symbolic links followed) and inside one of `folders`,
+    with the path as the client named it for the report; a 4xx problem for the whole request otherwise.
+    Nothing outside the folders is looked at, so the answer tells nothing about what exists there."""
+    if not folders:
+        raise ProblemError(
+            403,
+            "importing the server's own folders is off: list them in [dicom] import_folders",
+            kind="import-folders-off",
+        )
+    body = await json_object(request)
+    paths = body.get("paths")
+    if set(body) != {"paths"} or not isinstance(paths, list) or not paths:
+        raise ProblemError(422, 'send {"paths": [...]}: the files and folders to import', field="paths")
+    if len(paths) > MAX_PATHS:
+        raise ProblemError(413, f"at most {MAX_PATHS} paths per import", field="paths")
+    roots = tuple(await asyncio.to_thread(lambda: [os.path.realpath(f) for f in folders]))
+    sources = []
+    for path in paths:
+        if (
+            not isinstance(path, str)
+            or not path
+            or len(path) > MAX_PATH_CHARS
+            or not Path(path).is_absolute()
+        ):
+            raise ProblemError(422, "each path must be an absolute path on the server", field="paths")
+        if "\0" in path:
+            raise ProblemError(422, "a path holds a NUL character", field="paths")
+        resolved = await asyncio.to_thread(os.path.realpath, path)
+        if not inside_any(resolved, roots):
+            raise ProblemError(
+                403, f"{path!r} is not inside [dicom] import_folders", kind="outside-import-folders"
+            )
+        sources.append((resolved, path))
+    return sources
+
+
+async def _import_server_paths(request: web.Request) -> web.Response:
+    """A JSON import: the named files and folders read where they lie, inside `[dicom] import_folders`."""
+    rt = request.app[RUNTIME]
+    folders = rt.settings.dicom.import_folders
+    sources = await _server_paths(request, folders)
+    roots = tuple(os.path.realpath(folder) for folder in folders)
+    importer = Importer(rt, origin_of(request, "dicom"), concurrency=IMPORT_CONCURRENCY, within=roots)
+    try:
+        report = await importer.run(sources)
+    except ImportAborted as exc:
+        raise ProblemError(500, f"the import cannot run: {exc}") from None
+    return _answer(report)
+
+
+def _answer(report: ImportReport) -> web.Response:
+    """201 when images were added, 200 when nothing was new, 422 when nothing could be imported."""
+    body = report.to_json()
+    if report.imported:
+        return json_response(body, 201)
+    if report.errors:
+        raise ProblemError(
+            422, "no image was imported; the report says why for each file", kind="import-failed", report=body
+        )
+    return json_response(body, 200)
+
+
 @routes.post("/api/v1/import")
 async def import_media(request: web.Request) -> web.Response:
     """Import DICOM files and zipped file sets; 201 when images were added, with the per-file report."""
     rt = request.app[RUNTIME]
+    if request.content_type == "application/json":
+        return await _import_server_paths(request)
     single = request.content_type in SINGLE_FILE_TYPES
     if not single and not request.content_type.startswith("multipart/"):
         raise ProblemError(
             415,
             "send DICOM files or zipped file sets as multipart/form-data parts named 'file',"
-            " or one of them as an application/dicom or application/zip body",
+            " or one of them as an application/dicom or application/zip body, or JSON naming"
+            " files and folders inside [dicom] import_folders",
         )
     limit = rt.settings.dicom.max_upload_mb * 2**20
     if (request.content_length or 0) > limit:
@@ -296,10 +369,4 @@ async def import_media(request: web.Request) -> web.Response:
             " received before are in the report"
         )
         raise ProblemError(storage_status(not_stored), detail, kind="import-not-stored", report=body)
-    if report.imported:
-        return json_response(body, 201)
-    if report.errors:
-        raise ProblemError(
-            422, "no image was imported; the report says why for each file", kind="import-failed", report=body
-        )
-    return json_response(body, 200)
+    return _answer(report)

@@ -15,6 +15,7 @@ from bridge.dicom.teeth import CODES as FDI_TEETH
 from bridge.model import Category
 from bridge.store.limits import TEXT_RULES
 from bridge.web.api import SEX_WORDS
+from bridge.web.dicom_import import MAX_PATH_CHARS, MAX_PATHS
 from bridge.web.fields import ID_MAX
 
 routes = web.RouteTableDef()
@@ -567,10 +568,13 @@ def document() -> dict[str, Any]:
             "/api/v1/import": {
                 "post": {
                     "summary": "Import DICOM files and zipped DICOM file sets (multipart parts named 'file',"
-                    " or one file as an application/dicom or application/zip body)",
+                    " one file as an application/dicom or application/zip body, or JSON naming files and"
+                    " folders of the server inside [dicom] import_folders)",
                     "description": "Patients are found by the identity rules from the files' patient id"
                     " ([dicom] patient_id_tag, pms_system) and created only when allow_patient_creation"
-                    " permits. Each image is imported completely or not at all; the report names every file.",
+                    " permits. Each image is imported completely or not at all; the report names every file."
+                    " A JSON body is refused (403) while [dicom] import_folders is empty, and when a path is"
+                    " not inside one of those folders once symbolic links are resolved.",
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -582,12 +586,30 @@ def document() -> dict[str, Any]:
                             },
                             "application/dicom": {"schema": BINARY},
                             "application/zip": {"schema": BINARY},
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["paths"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "paths": {
+                                            "type": "array",
+                                            "minItems": 1,
+                                            "maxItems": MAX_PATHS,
+                                            "items": {"type": "string", "maxLength": MAX_PATH_CHARS},
+                                            "description": "Absolute paths on the server: files, folders,"
+                                            " DICOMDIR file sets",
+                                        }
+                                    },
+                                }
+                            },
                         },
                     },
                     "responses": {
                         "200": _json(_ref("ImportReport"), "Nothing new: every file was imported before"),
                         "201": _json(_ref("ImportReport"), "Images were imported (errors may list others)"),
                         "400": PROBLEM,
+                        "403": PROBLEM,
                         "413": PROBLEM,
                         "415": PROBLEM,
                         "422": PROBLEM,

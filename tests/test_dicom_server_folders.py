@@ -1,0 +1,160 @@
+"""`POST /api/v1/import` with a JSON body: files and folders the server already has, inside
+`[dicom] import_folders`, read where they lie by the running daemon (real daemon, real files, real HTTP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from bridge.runtime import Runtime
+from bridge.web.app import build_api_app
+from bridge.web.dicom_import import MAX_PATHS
+from bridge.web.problems import CONTENT_TYPE as PROBLEM
+from tests.conftest import DaemonProcess
+from tests.support.dicomfiles import dental_dataset, sample, write
+
+REFERENCE_SET = sample("CT_small.dcm").parent / "dicomdirtests"
+AS_JSON = {"Content-Type": "application/json"}
+
+
+def post_paths(daemon: DaemonProcess, paths: list[str]) -> tuple[int, dict[str, Any]]:
+    status, body = daemon.request(
+        "POST", "/api/v1/import", json.dumps({"paths": paths}).encode(), headers=AS_JSON
+    )
+    return status, json.loads(body)
+
+
+def test_a_folder_of_the_server_is_imported_where_it_lies(daemon_factory: Any, tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    cd = media / "cd1"
+    first = write(dental_dataset(patient_id="0042", name="Müller^Anna"), cd / "IMG1.dcm")
+    write(dental_dataset(patient_id="0042", name="Müller^Anna"), cd / "sub" / "IMG2.dcm")
+    shutil.copytree(REFERENCE_SET, media / "set")
+    before = first.read_bytes()
+    daemon = daemon_factory(dicom={"import_folders": f"{media}; {tmp_path / 'elsewhere'}"})
+    status, body = post_paths(daemon, [str(cd), str(media / "set" / "DICOMDIR")])
+    assert status == 201, body
+    paths = sorted(item["path"] for item in body["imported"])
+    assert paths[:2] == [f"{cd}/IMG1.dcm", f"{cd}/sub/IMG2.dcm"]  # named as the request named them
+    assert body["summary"]["images"] == len(paths) > 2  # the cd's two and the file set's CT and CR images
+    # the reference set also lists MR images, which the bridge does not read: reported, the rest imported
+    assert all(e["reason"].startswith("unsupported SOP class") for e in body["errors"]), body["errors"]
+    assert all(e["path"].startswith(f"{media}/set/") for e in body["errors"])
+    assert first.read_bytes() == before  # read, not moved or changed
+    [patient] = [item["patient_id"] for item in body["imported"] if item["pms_id"] == "0042"][:1]
+    status, listed = daemon.request("GET", f"/api/v1/patients/{patient}/images")
+    assert status == 200 and len(json.loads(listed)["items"]) == 2
+    # the same again: nothing new (200), every file "already imported"
+    status, again = post_paths(daemon, [str(cd)])
+    assert status == 200 and again["summary"]["images"] == 0 and len(again["skipped"]) == 2
+
+
+@pytest.fixture
+async def client_for(make_settings: Any) -> AsyncIterator[Any]:
+    """Factory: a loopback client of an API whose `[dicom] import_folders` is the given text."""
+    started: list[tuple[TestClient[Any, Any], Runtime]] = []
+
+    async def start(folders: str) -> TestClient[Any, Any]:
+        rt = Runtime.build(make_settings(dicom={"import_folders": folders}))
+        client: TestClient[Any, Any] = TestClient(TestServer(build_api_app(rt)))
+        await client.start_server()
+        client.session.headers["Authorization"] = f"Bearer {rt.settings.api.token}"
+        started.append((client, rt))
+        return client
+
+    yield start
+    for client, rt in started:
+        await client.close()
+        await rt.audit.flush()
+        rt.close()
+
+
+async def problem(client: TestClient[Any, Any], body: object) -> tuple[int, dict[str, Any]]:
+    response = await client.post("/api/v1/import", data=json.dumps(body), headers=AS_JSON)
+    assert response.content_type == PROBLEM, await response.text()
+    answer: dict[str, Any] = await response.json(content_type=PROBLEM)
+    return response.status, answer
+
+
+async def test_json_imports_are_refused_while_no_folder_is_listed(client_for: Any, tmp_path: Path) -> None:
+    file = write(dental_dataset(), tmp_path / "a.dcm")
+    status, body = await problem(await client_for(""), {"paths": [str(file)]})
+    assert status == 403 and body["type"].endswith("import-folders-off")
+    assert "[dicom] import_folders" in body["detail"]
+
+
+async def test_a_path_outside_the_folders_is_refused_before_anything_is_read(
+    client_for: Any, tmp_path: Path
+) -> None:
+    media, outside = tmp_path / "media", tmp_path / "outside"
+    write(dental_dataset(), media / "in.dcm")
+    secret = write(dental_dataset(patient_id="0099"), outside / "secret.dcm")
+    (media / "door").symlink_to(outside, target_is_directory=True)
+    client = await client_for(str(media))
+    for path in (secret, media / ".." / "outside", media / "door", outside / "missing.dcm", tmp_path):
+        status, body = await problem(client, {"paths": [str(media / "in.dcm"), str(path)]})
+        assert status == 403 and body["type"].endswith("outside-import-folders"), (path, body)
+    # a folder whose name only starts like the allowed one is another folder
+    twin = write(dental_dataset(), tmp_path / "media-twin" / "x.dcm")
+    status, body = await problem(client, {"paths": [str(twin)]})
+    assert status == 403
+    listed = await client.get("/api/v1/patients", params={"pms_id": "0099"})
+    assert (await listed.json())["items"] == []  # nothing of the refused request was read
+
+
+async def test_a_link_inside_a_folder_that_leads_out_of_it_is_refused_per_file(
+    client_for: Any, tmp_path: Path
+) -> None:
+    media, outside = tmp_path / "media", tmp_path / "outside"
+    write(dental_dataset(patient_id="0042"), media / "cd" / "in.dcm")
+    secret = write(dental_dataset(patient_id="0099"), outside / "secret.dcm")
+    (media / "cd" / "link.dcm").symlink_to(secret)
+    client = await client_for(str(media))
+    response = await client.post(
+        "/api/v1/import", data=json.dumps({"paths": [str(media / "cd")]}), headers=AS_JSON
+    )
+    assert response.status == 201
+    body = await response.json()
+    assert [item["path"] for item in body["imported"]] == [f"{media / 'cd'}/in.dcm"]
+    assert body["errors"] == [
+        {
+            "path": f"{media / 'cd'}/link.dcm",
+            "reason": "a link to a file outside [dicom] import_folders: refused",
+        }
+    ]
+
+
+async def test_json_bodies_that_name_no_usable_paths_are_refused(client_for: Any, tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    file = write(dental_dataset(), media / "a.dcm")
+    client = await client_for(str(media))
+    bodies: tuple[dict[str, object], ...] = (
+        {},
+        {"paths": []},
+        {"paths": str(file)},
+        {"paths": [str(file)], "move": True},
+        {"paths": ["media/a.dcm"]},
+        {"paths": [7]},
+        {"paths": [str(file) + "\0.dcm"]},
+    )
+    for body in bodies:
+        status, answer = await problem(client, body)
+        assert status == 422, (body, answer)
+    status, answer = await problem(client, ["not", "an", "object"])
+    assert status == 400 and answer["detail"] == "the body must be a JSON object"
+    status, answer = await problem(client, {"paths": [str(file)] * (MAX_PATHS + 1)})
+    assert status == 413
+    missing = await client.post(
+        "/api/v1/import", data=json.dumps({"paths": [str(media / "gone.dcm")]}), headers=AS_JSON
+    )
+    assert missing.status == 422  # inside the folder, but not there: reported like a missing file
+    report = (await missing.json(content_type=PROBLEM))["report"]
+    assert report["errors"] == [{"path": str(media / "gone.dcm"), "reason": "no such file or folder"}]
+    assert os.path.exists(file)
