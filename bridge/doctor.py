@@ -10,6 +10,7 @@ fail the checklist.
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import urllib.error
 import urllib.request
@@ -207,6 +208,28 @@ def check_profile_folders(settings: Settings) -> str:
     return "; ".join(checked) or "not configured"
 
 
+def check_import_folders(settings: Settings) -> str:
+    """`[dicom] import_folders`: each a folder this account can list (a JSON import reads below it and
+    writes nothing there). A missing one is most often a share that is not mounted, or a CD not inserted."""
+    checked = []
+    for folder in settings.dicom.import_folders:
+        try:
+            with os.scandir(folder):
+                pass
+        except (FileNotFoundError, NotADirectoryError):
+            raise CheckFailed(
+                f"[dicom] import_folders: {folder} is not a folder here: is the share mounted? (mount it,"
+                " or take it off the list)"
+            ) from None
+        except OSError as exc:
+            raise CheckFailed(
+                f"[dicom] import_folders: {folder}: {exc.strerror or exc} (the daemon's account must be able"
+                " to read it)"
+            ) from None
+        checked.append(str(folder))
+    return "; ".join(checked) or "not configured"
+
+
 STUCK_SENDING_SECONDS = 15 * 60  # far longer than a push takes with the default push_timeout (2 min)
 LATE_PENDING_SECONDS = 60 * 60  # the backoff has reached its 15-minute steps by then
 
@@ -302,6 +325,7 @@ CHECKS: list[Check] = [
     ("image folder writable", check_image_folder),
     ("VDDS exchange folder writable", check_exchange_folder),
     ("PMS profile folders writable", check_profile_folders),
+    ("DICOM import folders readable", check_import_folders),
     ("pushes to PMSs (outbox)", check_outbox),
     ("VDDS registration in VDDS_MMI.INI", vdds_register.check),
     ("daemon answering", check_daemon),

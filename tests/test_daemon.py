@@ -238,6 +238,30 @@ def test_doctor_fails_a_missing_image_folder_and_does_not_create_it(tmp_path: Pa
     assert not images.exists()
 
 
+def test_doctor_checks_the_dicom_import_folders(tmp_path: Path) -> None:
+    media, missing = tmp_path / "media", tmp_path / "cd-not-inserted"
+    media.mkdir()
+    config = write_config(
+        tmp_path / "home",
+        f"sqlite:///{tmp_path / 'bridge.db'}",
+        {"dicom": {"import_folders": f"{media}; {missing}"}},
+    )
+    result = subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    (line,) = [line for line in result.stdout.splitlines() if "DICOM import folders readable" in line]
+    assert line == (
+        f"FAIL DICOM import folders readable: [dicom] import_folders: {missing} is not a folder here: is the"
+        " share mounted? (mount it, or take it off the list)"
+    )
+    assert result.returncode == 1 and not missing.exists()
+    missing.mkdir()
+    result = subprocess.run(
+        [*pms_bridge_command(), "doctor", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert f"ok   DICOM import folders readable: {media}; {missing}" in result.stdout.splitlines()
+
+
 def serve_once(config: Path) -> subprocess.CompletedProcess[str]:
     """`pms-bridge serve` expected to stop at start-up."""
     return subprocess.run(
