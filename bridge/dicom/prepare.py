@@ -128,6 +128,14 @@ def prepare(
     return _check_and_stage(file.facts, file.data, lambda: pixels.check(file), store_root, adopt)
 
 
+def prepare_many(
+    candidates: list[Candidate], id_tag: int, max_bytes: int, store_root: str, adopt: bool = False
+) -> list[read.DicomFacts | Stored | Unreadable]:
+    """`prepare` for several files in one pool task, in order: each task costs the daemon a round trip to
+    the pool (the executor's threads, a future, a wake-up of the event loop), which a few files share."""
+    return [prepare(candidate, id_tag, max_bytes, store_root, adopt) for candidate in candidates]
+
+
 def store_file(facts: read.DicomFacts, store_root: str, adopt: bool = False) -> Stored | Unreadable:
     """A described file (a CT slice imported on its own) read, decoded and staged by a pool worker."""
     try:
