@@ -246,10 +246,13 @@ def _private_folder(root: Path) -> str:
     return tempfile.mkdtemp(prefix=UPLOADS, dir=root)
 
 
-async def _server_paths(request: web.Request, folders: tuple[Path, ...]) -> list[tuple[str, str]]:
+async def _server_paths(
+    request: web.Request, folders: tuple[Path, ...]
+) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
     """The `paths` of a JSON import, each resolved (symbolic links followed) and inside one of `folders`,
-    with the path as the client named it for the report; a 4xx problem for the whole request otherwise.
-    Nothing outside the folders is looked at, so the answer tells nothing about what exists there."""
+    with the path as the client named it for the report, and the folders resolved; a 4xx problem for the
+    whole request otherwise. Nothing outside the folders is looked at, so the answer tells nothing about
+    what exists there. Paths are resolved in threads: a folder may be a share that is slow to answer."""
     if not folders:
         raise ProblemError(
             403,
@@ -280,15 +283,14 @@ async def _server_paths(request: web.Request, folders: tuple[Path, ...]) -> list
                 403, f"{path!r} is not inside [dicom] import_folders", kind="outside-import-folders"
             )
         sources.append((resolved, path))
-    return sources
+    return sources, roots
 
 
 async def _import_server_paths(request: web.Request) -> web.Response:
     """A JSON import: the named files and folders read where they lie, inside `[dicom] import_folders`."""
     rt = request.app[RUNTIME]
     folders = rt.settings.dicom.import_folders
-    sources = await _server_paths(request, folders)
-    roots = tuple(os.path.realpath(folder) for folder in folders)
+    sources, roots = await _server_paths(request, folders)
     importer = Importer(rt, origin_of(request, "dicom"), concurrency=IMPORT_CONCURRENCY, within=roots)
     try:
         report = await importer.run(sources)
