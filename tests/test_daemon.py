@@ -801,3 +801,33 @@ def test_a_started_daemon_forks_its_imaging_workers_before_the_first_request(dae
     # real processes: the fork server below the daemon, the two workers below it
     workers = [pid for child in _children(daemon.proc.pid) for pid in _children(child)]
     assert len(workers) == 2
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as gone: it has ended, its parent has not read its status)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_daemon_leaves_no_imaging_processes_behind(daemon_factory: Any) -> None:
+    # Its pool's workers held the pipes of the pool's queues and of the fork server, so a daemon killed
+    # (SIGKILL, a crash) left the fork server and both workers running for good: one CI run of the tests
+    # left hundreds, 14 GB of memory. The workers now end when the process that made the pool is gone.
+    daemon = daemon_factory()
+    deadline = time.monotonic() + 60
+    workers: list[int] = []
+    while len(workers) < 2 and time.monotonic() < deadline:
+        servers = [child for child in _children(daemon.proc.pid) if _children(child)]
+        workers = [pid for server in servers for pid in _children(server)]
+        time.sleep(0.05)
+    [server] = servers
+    assert len(workers) == 2
+    daemon.proc.kill()
+    daemon.proc.wait(30)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in [server, *workers]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in [server, *workers] if _alive(pid)] == []

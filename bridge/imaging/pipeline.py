@@ -101,7 +101,9 @@ class Imaging:
     def _executor(self) -> ProcessPoolExecutor:
         """The process pool, started on first use (a command that never renders never pays for it)."""
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=pool.context())
+            self._pool = ProcessPoolExecutor(
+                self._workers, mp_context=pool.context(), initializer=pool.watch_parent
+            )
         return self._pool
 
     async def start_workers(self) -> int:
