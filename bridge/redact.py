@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
+import itertools
 import json
 import re
 import secrets
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from urllib.parse import quote, quote_plus
@@ -110,8 +111,18 @@ class Redactor:
         taken = self._values.keys() | set(self._values.values())
         for attempt in range(MAX_DRAWS):
             fake = self._shaped(f"{kind}\0{attempt}" if attempt else kind, value)
-            if _parse_date(fake, self._formats) is None and fake not in taken:
+            if fake != value and _parse_date(fake, self._formats) is None and fake not in taken:
                 return fake
+        # A short value whose shape is nearly used up (many two-digit ids): the first free form in order;
+        # failing that, one that is only another learned value (replaced itself wherever it stands), since
+        # two values sharing a pseudonym would become one patient on replay.
+        fakes = set(self._values.values())
+        for avoid in (taken, fakes):
+            for fake in _same_shaped(value):
+                if fake != value and fake not in avoid and _parse_date(fake, self._formats) is None:
+                    return fake
+        # every form of the shape is some value's pseudonym, or it has none (no letter or digit): never the
+        # original itself
         return "X" * len(value)
 
     def _shaped(self, kind: str, value: str) -> str:
@@ -127,10 +138,7 @@ class Redactor:
                 out.append(letters[byte % 26])
             else:
                 out.append(ch)
-        fake = "".join(out)
-        if fake == value:  # e.g. a value without letters or digits: never hand the original back
-            fake = "X" * len(value)
-        return fake
+        return "".join(out)
 
     def pseudo_date(self, day: date) -> date:
         """Another valid date, 1 to 3650 days away, the same for the same input, whose day is above 12
@@ -213,6 +221,31 @@ class Redactor:
     def originals(self) -> list[str]:
         """Every learned original form (what must not appear in a capture)."""
         return list(self._values)
+
+
+MAX_SCAN = 100_000  # forms of a value tried in order after the random draws (a 5-digit id has 100,000)
+
+
+def _same_shaped(value: str) -> Iterator[str]:
+    """The texts of `value`'s shape in order (digits for digits, letters of the same case for letters, the
+    rest as it is), at most MAX_SCAN of them."""
+    slots = [
+        (
+            i,
+            string.digits
+            if ch.isdigit()
+            else string.ascii_uppercase
+            if ch.isupper()
+            else string.ascii_lowercase,
+        )
+        for i, ch in enumerate(value)
+        if ch.isdigit() or ch.isalpha()
+    ]
+    chars = list(value)
+    for choice in itertools.islice(itertools.product(*(alphabet for _, alphabet in slots)), MAX_SCAN):
+        for (index, _), ch in zip(slots, choice, strict=True):
+            chars[index] = ch
+        yield "".join(chars)
 
 
 def _variants(value: str, fake: str) -> list[tuple[str, str]]:

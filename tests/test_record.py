@@ -268,3 +268,17 @@ def test_a_pseudonym_is_never_a_learned_value_nor_another_values_pseudonym() -> 
     redactor.learn_text("id", "K7")
     fakes = redactor.apply("A1 K7").split()
     assert len(set(fakes)) == 2 and not {"A1", "K7"} & set(fakes)
+
+
+def test_many_short_ids_keep_distinct_pseudonyms_of_their_shape() -> None:
+    # 70 two-digit ids: when the random draws ran out, every later one became "XX", so several patients
+    # shared one pseudonym (one patient on replay) and digits turned into letters.
+    ids = [str(n) for n in range(10, 80)]
+    for _ in range(5):
+        redactor = Redactor()
+        for value in ids:
+            redactor.learn_text("id", value)
+        fakes = [redactor.apply(value) for value in ids]
+        assert len(set(fakes)) == len(ids)
+        assert all(fake.isdigit() and len(fake) == 2 for fake in fakes)
+        assert all(fake != value for fake, value in zip(fakes, ids, strict=True))

@@ -14,7 +14,10 @@
   (the sizes a zip declares are not trusted). Each entry stands alone: one that cannot be unpacked is
   reported by the name the zip gives it, and the others are unpacked.
 * An import of the server's own folders (`[dicom] import_folders`, `POST /api/v1/import` with paths) reads
-  nothing outside those folders: a file reached through a symbolic link that leads elsewhere is refused.
+  nothing outside those folders: a file or DICOMDIR reached through a symbolic link that leads elsewhere is
+  refused, when it is found and again when it is opened (`open_inside`).
+* An entry that cannot be looked at (a symbolic link loop, no access, a name too long for the system) is
+  reported on its own; names that are not UTF-8 (a Latin-1 name from an old CD) are shown with \\xNN escapes.
 * A name longer than 255 bytes (a DICOMDIR's File ID component, a zip entry's) is refused before any
   look-up: no file system holds it, and asking fails with ENAMETOOLONG.
 
@@ -43,10 +46,38 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Candidate:
-    """A file to read: where it is, and how reports name it (the path as the user gave it)."""
+    """A file to read: where it is, how reports name it (the path as the user gave it), and the only
+    folders it may be read from (`within`, resolved; empty: anywhere), checked again when it is opened."""
 
     path: str
     display: str
+    within: tuple[str, ...] = ()
+
+
+OUTSIDE = "a link to a file outside [dicom] import_folders: refused"
+
+
+class OutsideFolders(Exception):
+    """A file or DICOMDIR opened for an import of the server's folders lies outside them."""
+
+    def __init__(self) -> None:
+        super().__init__(OUTSIDE)
+
+
+def open_inside(path: str, within: tuple[str, ...]) -> int:
+    """Open `path` for reading (an OSError as `os.open` raises); with `within`, the file opened must lie in
+    one of those folders, checked on the open file itself where the system tells (Linux: its link in
+    /proc/self/fd), so a link swapped in after the files were found is refused too (OutsideFolders)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    if within:
+        try:
+            opened = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # not Linux: the path as it resolves now
+            opened = os.path.realpath(path)
+        if not inside_any(opened, within):
+            os.close(fd)
+            raise OutsideFolders
+    return fd
 
 
 @dataclass(frozen=True)
@@ -59,39 +90,57 @@ class Problem:
 
 @dataclass
 class Discovery:
-    """The files an import reads, the problems found on the way, and what was left out on purpose."""
+    """The files an import reads, the problems found on the way, and what was left out on purpose;
+    `within` as in Candidate."""
 
     candidates: list[Candidate] = field(default_factory=list)
     errors: list[Problem] = field(default_factory=list)
     skipped: list[Problem] = field(default_factory=list)
+    within: tuple[str, ...] = ()
+
+    def outside(self, path: Path, display: str) -> bool:
+        """True, with the file reported, when `path` resolves outside `within` (never read then)."""
+        if self.within and not inside_any(os.path.realpath(path), self.within):
+            self.errors.append(Problem(display, OUTSIDE))
+            return True
+        return False
 
 
 def discover(sources: list[tuple[str, str]], within: tuple[str, ...] = ()) -> Discovery:
     """The files of `sources` (path, display name) by the rules of the module doc. `within`: the only
     folders files may be read from, once symbolic links are resolved (an import of the server's folders);
     a file found outside them, through a link, is refused."""
-    found = Discovery()
+    found = Discovery(within=within)
     seen: set[str] = set()
-    for path, display in sources:
-        target = Path(path)
-        if target.is_dir():
+    for path, given in sources:
+        target, display = Path(path), shown_name(given)
+        try:
+            is_dir, is_file = target.is_dir(), target.is_file()
+        except OSError as exc:  # a name too long for the system (ENAMETOOLONG), a link loop, no access
+            found.errors.append(Problem(display, f"cannot be read: {exc.strerror or exc}"))
+            continue
+        if found.outside(target, display):
+            continue
+        if is_dir:
             _walk(target, display, found, seen)
-        elif target.is_file():
+        elif is_file:
             if _is_dicomdir(target):
                 _read_dicomdir(target, display, found, seen)
             else:
                 _add(found, seen, target, display)
         else:
             found.errors.append(Problem(display, "no such file or folder"))
-    if within:
-        inside = [c for c in found.candidates if inside_any(os.path.realpath(c.path), within)]
-        found.errors += [
-            Problem(c.display, "a link to a file outside [dicom] import_folders: refused")
-            for c in found.candidates
-            if c not in inside
-        ]
-        found.candidates = inside
     return found
+
+
+def shown_name(name: str) -> str:
+    """A file system name as reports show it: bytes that are not UTF-8 (a Latin-1 name from an old CD or
+    share, which Python keeps as lone surrogates that no UTF-8 text can carry) as \\xNN escapes."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def inside_any(resolved: str, folders: tuple[str, ...]) -> bool:
@@ -107,13 +156,14 @@ def inside_any(resolved: str, folders: tuple[str, ...]) -> bool:
 
 def _add(found: Discovery, seen: set[str], path: Path, display: str) -> None:
     key = os.path.realpath(path)
-    if key not in seen:
+    if key not in seen and not found.outside(path, display):
         seen.add(key)
-        found.candidates.append(Candidate(str(path), display))
+        found.candidates.append(Candidate(str(path), display, found.within))
 
 
 def _join(display: str, *parts: str) -> str:
-    return "/".join([display.rstrip("/\\"), *parts]) if display else "/".join(parts)
+    shown = [shown_name(part) for part in parts]
+    return "/".join([display.rstrip("/\\"), *shown]) if display else "/".join(shown)
 
 
 def _dicomdir_in(folder: Path) -> Path | None:
@@ -148,7 +198,9 @@ def _is_dicomdir(path: Path) -> bool:
 def _walk(folder: Path, display: str, found: Discovery, seen: set[str]) -> None:
     dicomdir = _dicomdir_in(folder)
     if dicomdir is not None:
-        _read_dicomdir(dicomdir, _join(display, dicomdir.name), found, seen)
+        shown = _join(display, dicomdir.name)
+        if not found.outside(dicomdir, shown):
+            _read_dicomdir(dicomdir, shown, found, seen)
         return
     try:
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
@@ -159,9 +211,14 @@ def _walk(folder: Path, display: str, found: Discovery, seen: set[str]) -> None:
         if entry.name.startswith("."):
             continue
         shown = _join(display, entry.name)
-        if entry.is_dir(follow_symlinks=False):
+        try:
+            is_dir, is_file = entry.is_dir(follow_symlinks=False), entry.is_file()
+        except OSError as exc:  # a link loop (ELOOP), an entry this account may not look at
+            found.errors.append(Problem(shown, f"cannot be read: {exc.strerror or exc}"))
+            continue
+        if is_dir:
             _walk(Path(entry.path), shown, found, seen)
-        elif entry.is_file():
+        elif is_file:
             _add(found, seen, Path(entry.path), shown)
 
 
@@ -170,17 +227,21 @@ def _read_dicomdir(path: Path, display: str, found: Discovery, seen: set[str]) -
     import pydicom
 
     try:
-        size = path.stat().st_size
+        file = os.fdopen(open_inside(str(path), found.within), "rb")
     except OSError as exc:
         found.errors.append(Problem(display, f"cannot be read: {exc.strerror or exc}"))
         return
-    if size > MAX_DICOMDIR_BYTES:
-        found.errors.append(Problem(display, f"DICOMDIR too large ({size / 1e6:.0f} MB)"))
+    except OutsideFolders:
+        found.errors.append(Problem(display, OUTSIDE))
         return
-    with warnings.catch_warnings():
+    with file, warnings.catch_warnings():
+        size = os.fstat(file.fileno()).st_size
+        if size > MAX_DICOMDIR_BYTES:
+            found.errors.append(Problem(display, f"DICOMDIR too large ({size / 1e6:.0f} MB)"))
+            return
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(file)
             records = list(ds.get("DirectoryRecordSequence", None) or ())
             sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
         except Exception as exc:  # a parser meeting hostile bytes fails in many ways

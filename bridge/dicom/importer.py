@@ -481,7 +481,7 @@ class Importer:
         root = str(self.rt.files.root)
         try:
             async with self._slots:
-                result = await self.rt.imaging.run_in_pool(prepare_volume, slices, merged, root)
+                result = await self.rt.imaging.run_in_pool(prepare_volume, slices, merged, root, self.within)
         except volume.NotOneVolume as exc:
             self.report.notes.append(
                 Problem(
@@ -512,7 +512,9 @@ class Importer:
     async def _slice(self, facts: read.DicomFacts) -> None:
         """A CT slice imported on its own: decoded and stored in the pool like any other file."""
         async with self._slots:
-            result = await self.rt.imaging.run_in_pool(store_file, facts, str(self.rt.files.root), self.adopt)
+            result = await self.rt.imaging.run_in_pool(
+                store_file, facts, str(self.rt.files.root), self.adopt, self.within
+            )
         if isinstance(result, Unreadable):
             self.report.errors.append(result.problem)
             return

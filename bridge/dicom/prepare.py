@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bridge.dicom import pixels, read, volume
-from bridge.dicom.fileset import Candidate, Problem
+from bridge.dicom.fileset import Candidate, OutsideFolders, Problem, open_inside
 from bridge.imaging.analyze import Analysis, ImagingError, analyze_dicom, new_image
 from bridge.model import NewImage
 from bridge.store import uncached
@@ -119,7 +120,9 @@ def prepare(
     (pixels), and its bytes hashed and staged; or its facts only (a CT slice: it is stacked later); or
     why it cannot be imported. Only facts go back to the main process, never the bytes."""
     try:
-        file = read.read_file(candidate.path, candidate.display, id_tag, max_bytes, direct=adopt)
+        file = read.read_file(
+            candidate.path, candidate.display, id_tag, max_bytes, direct=adopt, within=candidate.within
+        )
     except read.DicomError as exc:
         problem = Problem(candidate.display, str(exc))
         return Unreadable(problem, isinstance(exc, read.NotAnImage), exc.series_uid)
@@ -136,21 +139,27 @@ def prepare_many(
     return [prepare(candidate, id_tag, max_bytes, store_root, adopt) for candidate in candidates]
 
 
-def store_file(facts: read.DicomFacts, store_root: str, adopt: bool = False) -> Stored | Unreadable:
-    """A described file (a CT slice imported on its own) read, decoded and staged by a pool worker."""
+def store_file(
+    facts: read.DicomFacts, store_root: str, adopt: bool = False, within: tuple[str, ...] = ()
+) -> Stored | Unreadable:
+    """A described file (a CT slice imported on its own) read, decoded and staged by a pool worker;
+    `within` as in fileset.Candidate."""
     try:
-        data = Path(facts.path).read_bytes()
+        with os.fdopen(open_inside(facts.path, within), "rb") as file:
+            data = file.read()
     except OSError as exc:
         return Unreadable(Problem(facts.display, f"cannot be read: {exc.strerror or exc}"))
+    except OutsideFolders as exc:
+        return Unreadable(Problem(facts.display, str(exc)))
     return _decode_and_stage(facts, data, store_root, adopt)
 
 
 def prepare_volume(
-    slices: list[tuple[str, str]], merged: read.DicomFacts, store_root: str
+    slices: list[tuple[str, str]], merged: read.DicomFacts, store_root: str, within: tuple[str, ...] = ()
 ) -> Stored | Unreadable:
     """A CT series stacked into one volume, decoded and staged, in a pool worker (VolumeError when it
-    cannot be stacked)."""
-    stored = _decode_and_stage(merged, volume.build_volume(slices), store_root)
+    cannot be stacked); `within` as in fileset.Candidate."""
+    stored = _decode_and_stage(merged, volume.build_volume(slices, within), store_root)
     return (
         replace(stored, sources=tuple(display for _path, display in slices))
         if isinstance(stored, Stored)

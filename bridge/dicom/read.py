@@ -26,6 +26,7 @@ from datetime import date, datetime, time
 from typing import Any
 
 from bridge.dicom import EXPLICIT_LE, IMPLICIT_LE, MEDIA_STORAGE_DIRECTORY, UNDEFINED_LENGTH, teeth
+from bridge.dicom.fileset import OutsideFolders, open_inside
 from bridge.imaging.analyze import DICOM_CATEGORY
 from bridge.model import Category, Demographics, Sex
 from bridge.store import uncached
@@ -202,11 +203,19 @@ class DicomFile:
     data: bytes
 
 
-def read_file(path: str, display: str, id_tag: int, max_bytes: int, direct: bool = False) -> DicomFile:
+def read_file(
+    path: str,
+    display: str,
+    id_tag: int,
+    max_bytes: int,
+    direct: bool = False,
+    within: tuple[str, ...] = (),
+) -> DicomFile:
     """The DICOM Part 10 file at `path`, read once; DicomError with the reason when it is not importable.
-    `direct`: a file the bridge wrote past the page cache (an upload), read the same way."""
+    `direct`: a file the bridge wrote past the page cache (an upload), read the same way; `within`: the
+    folders it must lie in once opened (fileset.open_inside)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        fd = open_inside(path, within)
         try:
             size = os.fstat(fd).st_size
             if size > max_bytes:
@@ -217,6 +226,8 @@ def read_file(path: str, display: str, id_tag: int, max_bytes: int, direct: bool
             os.close(fd)
     except OSError as exc:
         raise DicomError(f"cannot be read: {exc.strerror or exc}") from None
+    except OutsideFolders as exc:
+        raise DicomError(str(exc)) from None
     return parse(data, path, display, id_tag)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import uuid
 import warnings
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 
 from bridge import __version__
 from bridge.dicom import EXPLICIT_LE, read
+from bridge.dicom.fileset import OutsideFolders, open_inside
 
 # Attributes of the slices that belong at the top level of the volume: the Patient, Patient Study, General
 # Study, General Series, Frame of Reference and General Equipment modules (PS3.3 C.7), the same for every
@@ -177,8 +179,9 @@ def volume_uid(source_uids: list[str]) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(sorted(source_uids))).int}"
 
 
-def build_volume(slices: list[tuple[str, str]]) -> bytes:
-    """The Part 10 bytes of the volume stacked from `slices` (path, display), in slice order."""
+def build_volume(slices: list[tuple[str, str]], within: tuple[str, ...] = ()) -> bytes:
+    """The Part 10 bytes of the volume stacked from `slices` (path, display), in slice order; `within` as
+    in fileset.Candidate (a slice outside those folders is refused as unreadable)."""
     import pydicom
 
     datasets: list[tuple[str, Any]] = []
@@ -186,7 +189,10 @@ def build_volume(slices: list[tuple[str, str]]) -> bytes:
         warnings.simplefilter("ignore")
         for path, display in slices:
             try:
-                datasets.append((display, pydicom.dcmread(path)))
+                with os.fdopen(open_inside(path, within), "rb") as file:
+                    datasets.append((display, pydicom.dcmread(file)))
+            except OutsideFolders as exc:
+                raise VolumeError(display, str(exc)) from None
             except Exception as exc:  # a parser meeting hostile bytes fails in many ways
                 raise VolumeError(display, f"unreadable CT slice ({type(exc).__name__}: {exc})") from None
         ordered = _ordered(datasets)

@@ -51,7 +51,7 @@ from bridge.web.fields import (
 from bridge.web.keys import MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY
 from bridge.web.multipart import BodyTooLarge, FormReader, MultipartError, boundary_of
-from bridge.web.problems import ProblemError
+from bridge.web.problems import ProblemError, json_text
 
 routes = web.RouteTableDef()
 
@@ -83,9 +83,7 @@ def origin_of(request: web.Request, protocol: str = "rest") -> Origin:
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        status=status, text=json.dumps(data, ensure_ascii=False, default=str), content_type="application/json"
-    )
+    return web.Response(status=status, text=json_text(data), content_type="application/json")
 
 
 # JSON bodies (a patient, an image's changes, a conflict's resolution) are at most a few KB; the much

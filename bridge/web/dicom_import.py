@@ -277,6 +277,10 @@ async def _server_paths(
             raise ProblemError(422, "each path must be an absolute path on the server", field="paths")
         if "\0" in path:
             raise ProblemError(422, "a path holds a NUL character", field="paths")
+        try:
+            os.fsencode(path)
+        except UnicodeEncodeError:  # a lone surrogate in the JSON text names no file
+            raise ProblemError(422, "a path holds a character no file name can", field="paths") from None
         resolved = await asyncio.to_thread(os.path.realpath, path)
         if not inside_any(resolved, roots):
             raise ProblemError(

@@ -42,6 +42,17 @@ def storage_status(exc: OSError) -> int:
     return 507 if exc.errno in STORAGE_FULL else 503
 
 
+def json_text(data: Any) -> str:
+    """`data` as JSON text, non-ASCII as it is; a text holding a lone surrogate (a file name that is not
+    UTF-8, as Python keeps it) has no UTF-8 form, so then every non-ASCII character is escaped instead."""
+    text = json.dumps(data, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, default=str)
+    return text
+
+
 def problem(status: int, detail: str, *, kind: str = "", instance: str = "", **extra: Any) -> web.Response:
     """A problem+json response; `kind` names the problem type (defaults to the status' title)."""
     title = TITLES.get(status, "Error")
@@ -55,9 +66,7 @@ def problem(status: int, detail: str, *, kind: str = "", instance: str = "", **e
         body["instance"] = instance
     body.update(extra)
     headers = {"WWW-Authenticate": 'Bearer realm="pms-bridge"'} if status == 401 else None
-    return web.Response(
-        status=status, text=json.dumps(body, ensure_ascii=False), content_type=CONTENT_TYPE, headers=headers
-    )
+    return web.Response(status=status, text=json_text(body), content_type=CONTENT_TYPE, headers=headers)
 
 
 class ProblemError(Exception):
