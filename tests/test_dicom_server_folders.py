@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -241,3 +243,100 @@ def test_a_text_with_a_lone_surrogate_is_still_sent_as_json() -> None:
 
     assert json.loads(json_text({"path": "M\udcfcller.dcm"})) == {"path": "M\udcfcller.dcm"}
     assert json_text({"path": "Müller.dcm"}) == '{"path": "Müller.dcm"}'
+
+
+def test_a_fifo_put_where_a_file_was_is_refused_without_waiting(tmp_path: Path) -> None:
+    # A link to a FIFO swapped in during an import held a pool worker in open() for good, and the daemon,
+    # waiting for it, never stopped on SIGTERM. Files are opened without blocking; only regular files read.
+    import threading
+
+    from bridge.dicom.fileset import OUTSIDE, discover
+    from bridge.dicom.prepare import Unreadable, prepare
+    from bridge.store.files import FileStore
+
+    media, outside, store = tmp_path / "media", tmp_path / "outside", tmp_path / "store"
+    FileStore(store).create_root()
+    outside.mkdir()
+    os.mkfifo(outside / "fifo")
+    first = write(dental_dataset(), media / "a.dcm")
+    second = write(dental_dataset(), media / "b.dcm")
+    roots = (str(media.resolve()),)
+    candidates = discover([(str(media), str(media))], roots).candidates
+    first.unlink()
+    first.symlink_to(outside / "fifo")  # leads out: refused
+    second.unlink()
+    os.mkfifo(second)  # inside, but not a file
+    results: list[object] = []
+    worker = threading.Thread(
+        target=lambda: results.extend(prepare(c, 0x00100020, 1 << 30, str(store), False) for c in candidates),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "a worker waits in open() on a FIFO"
+    reasons = [r.problem.reason for r in results if isinstance(r, Unreadable)]
+    assert reasons == [OUTSIDE, "cannot be read: not a regular file"]
+
+
+async def test_what_lies_outside_the_folders_is_not_told_by_the_report(
+    client_for: Any, tmp_path: Path
+) -> None:
+    # A link to a file outside that exists was "a link ... outside", one to a file that does not was left
+    # out without a word, and through a DICOMDIR the two read "outside its file set" and "missing": the
+    # report told whether a path outside existed. Links that lead out are refused before they are followed.
+    media, outside = tmp_path / "media", tmp_path / "outside"
+    write(dental_dataset(patient_id="0099"), outside / "secret.dcm")
+    links = media / "links"
+    links.mkdir(parents=True)
+    (links / "exists.dcm").symlink_to(outside / "secret.dcm")
+    (links / "dangling.dcm").symlink_to(outside / "nothere.dcm")
+    write(dental_dataset(patient_id="0042"), links / "ok.dcm")
+    client = await client_for(str(media))
+    response = await client.post("/api/v1/import", data=json.dumps({"paths": [str(links)]}), headers=AS_JSON)
+    assert response.status == 201
+    body = await response.json()
+    assert {e["path"].rsplit("/", 1)[1]: e["reason"] for e in body["errors"]} == {
+        "dangling.dcm": "a link to a file outside [dicom] import_folders: refused",
+        "exists.dcm": "a link to a file outside [dicom] import_folders: refused",
+    }
+    # the same through a DICOMDIR whose folder holds a link leading out
+    fileset = media / "cd"
+    shutil.copytree(REFERENCE_SET / "77654033", fileset / "77654033")
+    (fileset / "OUT").symlink_to(outside, target_is_directory=True)
+    directory = pydicom.dcmread(REFERENCE_SET / "DICOMDIR")
+    images = [r for r in directory.DirectoryRecordSequence if "ReferencedFileID" in r]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the File IDs this test writes on purpose
+        images[0].ReferencedFileID = ["OUT", "SECRET.DCM"]
+        images[1].ReferencedFileID = ["OUT", "NOTHERE"]
+        directory.save_as(fileset / "DICOMDIR")
+    response = await client.post(
+        "/api/v1/import", data=json.dumps({"paths": [str(fileset)]}), headers=AS_JSON
+    )
+    body = await response.json()
+    reasons = {e["path"].rsplit("/", 1)[1]: e["reason"] for e in body["errors"] if "/OUT/" in e["path"]}
+    assert reasons == {
+        "SECRET.DCM": "the DICOMDIR refers to a file outside its file set: refused",
+        "NOTHERE": "the DICOMDIR refers to a file outside its file set: refused",
+    }
+
+
+async def test_a_dicomdir_name_beyond_ascii_finds_its_latin_1_file(runtime: Runtime, tmp_path: Path) -> None:
+    # A CD written with ISO_IR 100 names lists CAFÉ; on a system that is not UTF-8 the file is CAF\xc9.
+    from bridge.dicom.importer import Importer
+    from bridge.model import Origin
+
+    fileset = tmp_path / "cd"
+    shutil.copytree(REFERENCE_SET / "77654033", fileset / "77654033")
+    directory = pydicom.dcmread(REFERENCE_SET / "DICOMDIR")
+    directory.SpecificCharacterSet = "ISO_IR 100"
+    images = [r for r in directory.DirectoryRecordSequence if "ReferencedFileID" in r]
+    listed = [str(part) for part in images[0].ReferencedFileID]
+    source = fileset.joinpath(*listed)
+    os.rename(os.fsencode(source), os.fsencode(source.parent) + b"/CAF\xc9")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a File ID beyond A-Z 0-9 _ is what such a CD holds
+        images[0].ReferencedFileID = [*listed[:-1], "CAFÉ"]
+        directory.save_as(fileset / "DICOMDIR")
+    report = await Importer(runtime, Origin("dicom", "cli", "TEST")).run([(str(fileset), str(fileset))])
+    assert "/".join([str(fileset), *listed[:-1], "CAFÉ"]) in {item.path for item in report.imported}

@@ -26,6 +26,7 @@ Discovery runs in the imaging process pool: it parses untrusted DICOMDIRs.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -64,19 +65,35 @@ class OutsideFolders(Exception):
         super().__init__(OUTSIDE)
 
 
+_OPEN_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+)
+
+
 def open_inside(path: str, within: tuple[str, ...]) -> int:
-    """Open `path` for reading (an OSError as `os.open` raises); with `within`, the file opened must lie in
-    one of those folders, checked on the open file itself where the system tells (Linux: its link in
-    /proc/self/fd), so a link swapped in after the files were found is refused too (OutsideFolders)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    if within:
-        try:
-            opened = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # not Linux: the path as it resolves now
-            opened = os.path.realpath(path)
-        if not inside_any(opened, within):
-            os.close(fd)
-            raise OutsideFolders
+    """Open the regular file `path` for reading (an OSError as `os.open` raises, or EINVAL for anything
+    else); with `within`, the file opened must lie in one of those folders, checked on the open file itself
+    where the system tells (Linux: its link in /proc/self/fd), so a link swapped in after the files were
+    found is refused too (OutsideFolders).
+
+    Opened without blocking: a FIFO (or a device) put where a file was would otherwise hold the worker in
+    `open` for good, and a daemon waiting for it would never stop."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        if within:
+            try:
+                opened = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # not Linux: the path as it resolves now
+                opened = os.path.realpath(path)
+            if not inside_any(opened, within):
+                raise OutsideFolders
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if _OPEN_FLAGS & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -212,6 +229,8 @@ def _walk(folder: Path, display: str, found: Discovery, seen: set[str]) -> None:
             continue
         shown = _join(display, entry.name)
         try:
+            if entry.is_symlink() and found.outside(Path(entry.path), shown):
+                continue  # before asking what it leads to: whether that exists is not for the report
             is_dir, is_file = entry.is_dir(follow_symlinks=False), entry.is_file()
         except OSError as exc:  # a link loop (ELOOP), an entry this account may not look at
             found.errors.append(Problem(shown, f"cannot be read: {exc.strerror or exc}"))
@@ -272,6 +291,10 @@ def _read_dicomdir(path: Path, display: str, found: Discovery, seen: set[str]) -
         if not _safe_components(components):
             found.errors.append(Problem(shown, "the DICOMDIR refers to a path outside its file set: refused"))
             continue
+        named = os.path.realpath(root.joinpath(*components))  # through links, whether it exists or not
+        if not inside_any(named, (str(root),)) or (found.within and not inside_any(named, found.within)):
+            found.errors.append(Problem(shown, "the DICOMDIR refers to a file outside its file set: refused"))
+            continue
         located = _locate(root, components)
         if located is None:
             found.errors.append(Problem(shown, "listed in the DICOMDIR but missing from the file set"))
@@ -316,23 +339,38 @@ def _locate(root: Path, components: list[str]) -> Path | None:
     when absent or when the system cannot look the path up (too long as a whole: ENAMETOOLONG)."""
     current = root
     for part in components:
-        exact = current / part
-        try:
-            if exact.exists():
-                current = exact
-                continue
-        except OSError:
-            return None
+        spellings = _spellings(part)
+        exact = next((current / name for name in spellings if _exists(current / name)), None)
+        if exact is not None:
+            current = exact
+            continue
         try:
             names = os.listdir(current)
         except OSError:
             return None
-        wanted = part.upper()
-        matches = [n for n in sorted(names) if n.upper().split(";")[0].rstrip(".") == wanted]
+        wanted = {name.upper() for name in spellings}
+        matches = [n for n in sorted(names) if n.upper().split(";")[0].rstrip(".") in wanted]
         if not matches:
             return None
         current = current / matches[0]
     return current
+
+
+def _spellings(part: str) -> list[str]:
+    """A File ID component as the file system may hold it: as decoded, and, for a name with characters
+    beyond ASCII, as its Latin-1 bytes (a CD written with ISO_IR 100 names on a system that is not UTF-8)."""
+    try:
+        latin = os.fsdecode(part.encode("latin-1"))
+    except UnicodeEncodeError:
+        return [part]
+    return [part] if latin == part else [part, latin]
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # too long for the system; a name it cannot hold
+        return False
 
 
 # --------------------------------------------------------------------------------------------------
