@@ -284,7 +284,7 @@ class Daemon:
                 log.warning("queued audit entries not written", extra={"entries": self.rt.audit.queued})
             except Exception:
                 log.exception("final audit flush failed")
-            await asyncio.to_thread(self.rt.close)
+            await asyncio.to_thread(self.rt.close, self.settings.daemon.shutdown_timeout)
         log.info("stopped")
 
 

@@ -193,8 +193,9 @@ class Runtime:
             rt.recorder = Recorder(rt, settings.record.dir, redact=settings.record.redact)
         return rt
 
-    def close(self) -> None:
-        self.imaging.close()
+    def close(self, timeout: float | None = None) -> None:
+        """Close the pool (`timeout`: as Imaging.close) and the database."""
+        self.imaging.close(timeout)
         self.db.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -485,3 +486,24 @@ def test_a_bad_watermark_logo_stops_start_up_with_the_reason(make_settings: Any,
         settings = make_settings(thumbnails={"watermark_logo": str(logo)})
         with pytest.raises(ConfigError, match=reason):
             Imaging(FileStore(settings.store.images), settings.thumbnails, tmp_path / "cache")
+
+
+async def test_closing_with_a_timeout_ends_a_worker_that_is_still_busy(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # A worker stuck in a task (a decoder on a hostile file, a FIFO before files were opened without
+    # blocking) kept a daemon that was told to stop from ever stopping: the pool waited for it for good.
+    import asyncio
+    import time
+
+    from bridge.store.files import FileStore
+
+    imaging = Imaging(FileStore(settings.store.images), settings.thumbnails, tmp_path / "cache", workers=1)
+    [pid] = {await imaging.run_in_pool(os.getpid)}
+    stuck = asyncio.ensure_future(imaging.run_in_pool(time.sleep, 3600))
+    await asyncio.sleep(0.5)  # the worker has taken the task
+    started = time.monotonic()
+    await asyncio.to_thread(imaging.close, 1.0)
+    assert time.monotonic() - started < 20
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    stuck.cancel()

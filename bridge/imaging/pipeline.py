@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import logging
 import os
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +39,7 @@ from bridge.service import BridgeService
 from bridge.store.files import FileStore, sha256_bytes
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 MEMORY_CACHE_BYTES = 48 * 1024 * 1024
 EXPORT_JPEG_QUALITY = 95
@@ -363,6 +366,23 @@ class Imaging:
             return None
         return data if data.endswith(b"\xff\xd9") else None
 
-    def close(self) -> None:
-        if self._pool is not None:
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the pool: queued work is dropped, running work may finish; with `timeout`, workers still
+        busy after that many seconds are ended (a decoder stuck on a hostile file must not keep a daemon
+        from stopping; its service manager would otherwise have to kill it)."""
+        if self._pool is None:
+            return
+        if timeout is None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            return
+        # the executor's own record of its worker processes (stable since Python 3.8; no public one)
+        workers = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            if worker.is_alive():
+                log.warning("imaging worker still busy at shutdown; ended", extra={"pid": worker.pid})
+                worker.kill()
+                worker.join(5)
