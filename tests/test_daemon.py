@@ -29,6 +29,7 @@ from tests.conftest import DaemonProcess, pms_bridge_command, start_daemon, writ
 from tests.support.commands import one_line, pms_bridge, store_commands
 from tests.support.dicomfiles import dental_dataset, write
 from tests.support.ports import free_port
+from tests.support.processes import alive, children
 
 
 def test_readme_first_command_gives_a_daemon_that_answers(tmp_path: Path) -> None:
@@ -776,18 +777,6 @@ def test_a_backup_restored_as_documented_is_the_store_again(tmp_path: Path) -> N
         assert daemon.stop() == 0
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (Linux /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                if int(stat[1]) == pid:
-                    found.append(int(entry))
-    return found
-
-
 def test_a_started_daemon_forks_its_imaging_workers_before_the_first_request(daemon: DaemonProcess) -> None:
     # The pool forked its workers one by one as work arrived: the first thumbnail after a restart waited
     # for the fork server's start-up, and the first import's files for the second worker.
@@ -799,17 +788,8 @@ def test_a_started_daemon_forks_its_imaging_workers_before_the_first_request(dae
         time.sleep(0.05)
     assert started == [2]
     # real processes: the fork server below the daemon, the two workers below it
-    workers = [pid for child in _children(daemon.proc.pid) for pid in _children(child)]
+    workers = [pid for child in children(daemon.proc.pid) for pid in children(child)]
     assert len(workers) == 2
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie counts as gone: it has ended, its parent has not read its status)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_a_killed_daemon_leaves_no_imaging_processes_behind(daemon_factory: Any) -> None:
@@ -820,14 +800,14 @@ def test_a_killed_daemon_leaves_no_imaging_processes_behind(daemon_factory: Any)
     deadline = time.monotonic() + 60
     workers: list[int] = []
     while len(workers) < 2 and time.monotonic() < deadline:
-        servers = [child for child in _children(daemon.proc.pid) if _children(child)]
-        workers = [pid for server in servers for pid in _children(server)]
+        servers = [child for child in children(daemon.proc.pid) if children(child)]
+        workers = [pid for server in servers for pid in children(server)]
         time.sleep(0.05)
     [server] = servers
     assert len(workers) == 2
     daemon.proc.kill()
     daemon.proc.wait(30)
     deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in [server, *workers]) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in [server, *workers]) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert [pid for pid in [server, *workers] if _alive(pid)] == []
+    assert [pid for pid in [server, *workers] if alive(pid)] == []

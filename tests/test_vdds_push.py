@@ -32,6 +32,7 @@ from bridge.store import queries as q
 from bridge.store.types import utcnow
 from protocols.common import parse_ini
 from tests.conftest import DaemonProcess, start_daemon
+from tests.support.processes import alive
 from tests.test_vdds import launch, run_module, stage1
 
 FAKE_PVS = """
@@ -136,15 +137,6 @@ def outbox_states(url: str) -> list[str]:
             return [row[0] for row in conn.execute(sa.text("SELECT state FROM outbox ORDER BY id"))]
     finally:
         engine.dispose()
-
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` still runs (a zombie, exited but not yet reaped, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def new_patient(daemon: DaemonProcess, tmp_path: Path, patid: str) -> int:
