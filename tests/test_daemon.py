@@ -646,22 +646,32 @@ def test_a_database_file_deleted_or_replaced_under_the_daemon_is_reported_and_wr
     ]  # once, and nothing crashed
 
 
+def sqlite_store(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """A SQLite store's home in `tmp_path`, its database file, its config, and a DICOM file of patient 0815
+    to import."""
+    home = tmp_path / "home"
+    config = write_config(home, f"sqlite:///{home / 'bridge.db'}")
+    return home, home / "bridge.db", config, write(dental_dataset(patient_id="0815"), tmp_path / "IO1.dcm")
+
+
+def import_one(config: Path, media: Path) -> None:
+    """`pms-bridge import` of one file into the store of `config` (the config named by the environment)."""
+    env = {**os.environ, "PMS_BRIDGE_CONFIG": str(config)}
+    imported = subprocess.run(
+        [*pms_bridge_command(), "import", str(media)], capture_output=True, text=True, env=env
+    )
+    assert imported.returncode == 0, imported.stderr
+
+
 def test_commands_refuse_a_missing_database_file_and_leave_what_is_left_of_the_store(tmp_path: Path) -> None:
     """`mv bridge.db` away under a running daemon: `pms-bridge import` (and every other command that
     opens the store) made a new, empty store at the path, imported into it, exited 0, and SQLite deleted
     the -wal and -shm that the recovery needs. Now each refuses in one line naming the file and what to
     do, and changes nothing; `init` and `serve` make no new store beside those files, nor beside stored
     images once the daemon's stop has removed them; the file moved back is the store again."""
-    home = tmp_path / "home"
-    db = home / "bridge.db"
-    config = write_config(home, f"sqlite:///{db}")
+    home, db, config, media = sqlite_store(tmp_path)
     daemon = start_daemon(config)
-    env = {**os.environ, "PMS_BRIDGE_CONFIG": str(config)}
-    media = write(dental_dataset(patient_id="0815"), tmp_path / "IO1.dcm")
-    imported = subprocess.run(
-        [*pms_bridge_command(), "import", str(media)], capture_output=True, text=True, env=env
-    )
-    assert imported.returncode == 0, imported.stderr
+    import_one(config, media)
     away = home / "bridge.db.away"
     try:
         db.rename(away)
@@ -723,16 +733,9 @@ def test_a_backup_restored_as_documented_is_the_store_again(tmp_path: Path) -> N
     files are moved aside. A killed daemon leaves its -wal, which SQLite would apply to the restored
     copy as if it were its own. Restored this way, the store holds what the backup held and nothing
     later, and SQLite's integrity check, doctor and reconcile pass."""
-    home = tmp_path / "home"
-    db = home / "bridge.db"
-    config = write_config(home, f"sqlite:///{db}")
+    home, db, config, media = sqlite_store(tmp_path)
     daemon = start_daemon(config)
-    env = {**os.environ, "PMS_BRIDGE_CONFIG": str(config)}
-    media = write(dental_dataset(patient_id="0815"), tmp_path / "IO1.dcm")
-    imported = subprocess.run(
-        [*pms_bridge_command(), "import", str(media)], capture_output=True, text=True, env=env
-    )
-    assert imported.returncode == 0, imported.stderr
+    import_one(config, media)
     assert daemon.stop() == 0
     backup = tmp_path / "backup"
     backup.mkdir()

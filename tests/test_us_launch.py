@@ -73,6 +73,14 @@ def crlf(*lines: str, encoding: str = "cp1252") -> bytes:
     return "".join(line + "\r\n" for line in lines).encode(encoding)
 
 
+def create(daemon: DaemonProcess, **patient: str) -> None:
+    """A new patient through the REST API (201), as the PMS's own launches would later find it."""
+    status, body = daemon.request(
+        "POST", "/api/v1/patients", json.dumps(patient).encode(), headers={"Content-Type": "application/json"}
+    )
+    assert status == 201, body
+
+
 def test_dexis_info_file_creates_the_patient_in_cp1252(daemon: DaemonProcess, tmp_path: Path) -> None:
     info = tmp_path / "infofile.txt"
     info.write_bytes(
@@ -188,11 +196,7 @@ def test_dentrix_chart_renumber_follows_the_patient_and_a_reused_chart_is_a_conf
 
 def test_dentrix_keyed_by_chart_number_finds_a_migrated_patient(daemon_factory: Any) -> None:
     daemon = daemon_factory(dentrix={"id_field": "chart_number"})
-    body = {"pms_system": "dexis11", "chart_number": "SMIJO0", "last_name": "Smith", "first_name": "John"}
-    status, _ = daemon.request(
-        "POST", "/api/v1/patients", json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    assert status == 201
+    create(daemon, pms_system="dexis11", chart_number="SMIJO0", last_name="Smith", first_name="John")
     code, output = run(daemon, "dentrix", 'SET SMIJO0 LN="Smith" FN="John" BD=19600506')
     assert (code, output) == (ExitCode.OK, "pms-bridge dentrix: patient SMIJO0 updated")
     [john] = patients(daemon, chart_number="SMIJO0")
@@ -204,14 +208,7 @@ def test_eaglesoft_legacy_numbers_open_one_patient_and_refuse_an_ambiguous_one(
 ) -> None:
     daemon = daemon_factory(eaglesoft={"legacy_id_suffix": 5})
     for number, last in (("1042817", "Alpha"), ("1012345", "Beta"), ("2012345", "Gamma")):
-        body = {"pms_system": "eaglesoft", "pms_id": number, "last_name": last, "first_name": "A"}
-        status, _ = daemon.request(
-            "POST",
-            "/api/v1/patients",
-            json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        assert status == 201
+        create(daemon, pms_system="eaglesoft", pms_id=number, last_name=last, first_name="A")
 
     def ini(number: str, last: str) -> Path:
         path = tmp_path / f"patterson-{number}.ini"
@@ -371,14 +368,7 @@ def test_an_ini_cut_short_is_refused_and_opens_or_changes_nobody(
     """An Eaglesoft ini or Cliniview.ini read while still being written: exit 2, the store untouched."""
     for system, last in (("eaglesoft", "Ten"), ("cliniview", "Ten"), ("eaglesoft", "Other")):
         pms_id = "10" if last == "Ten" else "1042"
-        body = {"pms_system": system, "pms_id": pms_id, "last_name": last, "first_name": "Ann"}
-        status, _ = daemon.request(
-            "POST",
-            "/api/v1/patients",
-            json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        assert status == 201
+        create(daemon, pms_system=system, pms_id=pms_id, last_name=last, first_name="Ann")
     full = crlf(
         "[Patient]", "PatientNumber=1042", "FirstName=Ann", "LastName=Other", "Gender=F", "Birthdate=2/2/1990"
     )
@@ -421,14 +411,7 @@ def test_a_line_break_like_character_in_an_id_is_refused_not_cut(
     opened patient 1042. Now it stays in the value and is refused (exit 2), and patient 1042 is not
     opened."""
     for system in ("dexis", "eaglesoft", "cliniview"):
-        body = {"pms_system": system, "pms_id": "1042", "last_name": "Other", "first_name": "Ann"}
-        status, _ = daemon.request(
-            "POST",
-            "/api/v1/patients",
-            json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        assert status == 201
+        create(daemon, pms_system=system, pms_id="1042", last_name="Other", first_name="Ann")
     files = {
         # Integrator file: PN=1042 <VT> 999
         "Patient_OP1.txt": ("dexis", "PN", crlf("PN=1042\x0b999", "LN=Other", "FN=Ann")),
