@@ -6,7 +6,8 @@ adapt to what was freed before. A daemon receiving DICOM files holds buffers of 
 (socket reads joined into chunks, multipart parts, files read for hashing) for a moment each, so by default
 every one is a fresh mapping whose pages the kernel zeroes and faults in again: measured with a REST import
 of 3 MB files, 1600-2100 minor page faults per file and 8-11 ms of system time per file; with the settings
-below, about 70 faults and 7 ms, and 10-15 % more files per second (docs/dicom.md, "Performance").
+below, about 70 faults and 7 ms, and 10-15 % more files per second (docs/dicom.md, "Performance"). The
+imaging pool's workers, which read, check and stage an import's files, set them too (bridge.imaging.pool).
 
 Allocations up to 16 MiB therefore come from the heap (a CT volume of hundreds of megabytes still gets
 its own mapping, returned at once), and up to 64 MiB of free heap is kept for the next file. That bounds

@@ -3,8 +3,11 @@ its bytes hashed and written to the store's staging folder; only facts go back (
 runs the rest). Moving a file's bytes between processes would cost more than checking them.
 
 The write goes past the page cache (bridge.store.uncached) and waits for the disk, so it runs in a thread
-of the worker while the worker checks and hashes the same bytes: measured in docs/dicom.md
-("Performance"), that wait would otherwise leave the worker's core idle for about half of each file.
+of the worker while the worker checks and hashes the same bytes, and, when a task holds several files,
+while the worker reads and checks the next one: measured in docs/dicom.md ("Performance"), that wait would
+otherwise leave the worker's core idle for about half of each file. A worker holds two files' bytes at
+once so (the pool keeps freed memory for reuse, bridge.imaging.pool), and a file over OVERLAP_BELOW is
+written before the next one is read.
 
 Every pool process imports this module when it starts, so it imports nothing of the daemon's (no
 database, no service): a worker that starts during an import delays the files waiting for it.
@@ -60,6 +63,9 @@ class Stored:
         return new_image(self.analysis, self.sha256, self.size, self.facts.ingest_metadata())
 
 
+Prepared = read.DicomFacts | Stored | Unreadable  # what a file became, as the main process gets it
+OVERLAP_BELOW = 64 << 20  # bytes of a file whose write may run while the next file is read
+
 _writer: ThreadPoolExecutor | None = None
 
 
@@ -73,12 +79,43 @@ def _write_behind(data: bytes, store_root: str) -> tuple[Path, Future[None]]:
     return path, _writer.submit(uncached.write_new, path, data)
 
 
+@dataclass(frozen=True)
+class _Writing:
+    """A file checked and hashed whose write to the staging folder may still run: what it becomes is known
+    once the write ended (`settle`)."""
+
+    stored: Stored
+    write: Future[None]
+
+    def settle(self) -> Stored | Unreadable:
+        try:
+            self.write.result()
+        except OSError as exc:
+            return Unreadable(Problem(self.stored.facts.display, f"cannot be stored: {exc.strerror or exc}"))
+        return self.stored
+
+
+def _settled(result: Prepared | _Writing) -> Prepared:
+    return result.settle() if isinstance(result, _Writing) else result
+
+
+def _remove_staged(results: list[Prepared | _Writing], adopt: bool) -> None:
+    """Remove the staged files of a task that failed midway (an upload's own file stays: its request
+    removes it)."""
+    for result in results:
+        staged = _settled(result)
+        if isinstance(staged, Stored) and not adopt:
+            with contextlib.suppress(OSError):
+                Path(staged.pending).unlink()
+
+
 def _check_and_stage(
     facts: read.DicomFacts, data: bytes, check: Callable[[], Analysis], store_root: str, adopt: bool
-) -> Stored | Unreadable:
+) -> Stored | Unreadable | _Writing:
     """Check `data` (`check` raises ImagingError), hash it and write it to the store's staging folder,
-    the write running beside the check and the hash; not flushed yet: the main process does that, off
-    this worker. `adopt`: the file itself is an upload of ours, moved in later, so nothing is written."""
+    the write running beside the check and the hash and possibly still running when this returns; not
+    flushed: the main process does that, off this worker. `adopt`: the file itself is an upload of ours,
+    moved in later, so nothing is written."""
     if adopt:
         try:
             analysis = check()
@@ -99,26 +136,21 @@ def _check_and_stage(
         if isinstance(exc, ImagingError):
             return Unreadable(Problem(facts.display, str(exc)))
         raise
-    try:
-        writing.result()
-    except OSError as exc:
-        return Unreadable(Problem(facts.display, f"cannot be stored: {exc.strerror or exc}"))
-    return Stored(facts, sha256, analysis, len(data), str(staged))
+    return _Writing(Stored(facts, sha256, analysis, len(data), str(staged)), writing)
 
 
 def _decode_and_stage(
     facts: read.DicomFacts, data: bytes, store_root: str, adopt: bool = False
 ) -> Stored | Unreadable:
     """Decode `data` completely (the check of what was not read as a file: a volume, a lone CT slice)."""
-    return _check_and_stage(facts, data, lambda: analyze_dicom(data), store_root, adopt)
+    stored = _check_and_stage(facts, data, lambda: analyze_dicom(data), store_root, adopt)
+    return stored.settle() if isinstance(stored, _Writing) else stored
 
 
-def prepare(
-    candidate: Candidate, id_tag: int, max_bytes: int, store_root: str, adopt: bool = False
-) -> read.DicomFacts | Stored | Unreadable:
-    """One file's work in a pool worker: the file is read once, its header mapped, its pixel data checked
-    (pixels), and its bytes hashed and staged; or its facts only (a CT slice: it is stacked later); or
-    why it cannot be imported. Only facts go back to the main process, never the bytes."""
+def _prepare(
+    candidate: Candidate, id_tag: int, max_bytes: int, store_root: str, adopt: bool
+) -> Prepared | _Writing:
+    """`prepare`, its write possibly still running."""
     try:
         file = read.read_file(
             candidate.path, candidate.display, id_tag, max_bytes, direct=adopt, within=candidate.within
@@ -131,12 +163,34 @@ def prepare(
     return _check_and_stage(file.facts, file.data, lambda: pixels.check(file), store_root, adopt)
 
 
+def prepare(
+    candidate: Candidate, id_tag: int, max_bytes: int, store_root: str, adopt: bool = False
+) -> Prepared:
+    """One file's work in a pool worker: the file is read once, its header mapped, its pixel data checked
+    (pixels), and its bytes hashed and staged; or its facts only (a CT slice: it is stacked later); or
+    why it cannot be imported. Only facts go back to the main process, never the bytes."""
+    return _settled(_prepare(candidate, id_tag, max_bytes, store_root, adopt))
+
+
 def prepare_many(
     candidates: list[Candidate], id_tag: int, max_bytes: int, store_root: str, adopt: bool = False
-) -> list[read.DicomFacts | Stored | Unreadable]:
+) -> list[Prepared]:
     """`prepare` for several files in one pool task, in order: each task costs the daemon a round trip to
-    the pool (the executor's threads, a future, a wake-up of the event loop), which a few files share."""
-    return [prepare(candidate, id_tag, max_bytes, store_root, adopt) for candidate in candidates]
+    the pool (the executor's threads, a future, a wake-up of the event loop), which a few files share.
+    A file's write runs on while the next file is read, checked and hashed (one write at a time)."""
+    results: list[Prepared | _Writing] = []
+    try:
+        for candidate in candidates:
+            result = _prepare(candidate, id_tag, max_bytes, store_root, adopt)
+            if isinstance(result, _Writing) and result.stored.size >= OVERLAP_BELOW:
+                result = result.settle()
+            if results:  # the write before this file's ends before the next file is read: two held at most
+                results[-1] = _settled(results[-1])
+            results.append(result)
+    except BaseException:
+        _remove_staged(results, adopt)
+        raise
+    return [_settled(result) for result in results]
 
 
 def store_file(

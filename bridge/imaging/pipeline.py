@@ -105,7 +105,7 @@ class Imaging:
         """The process pool, started on first use (a command that never renders never pays for it)."""
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                self._workers, mp_context=pool.context(), initializer=pool.watch_parent
+                self._workers, mp_context=pool.context(), initializer=pool.start_worker
             )
         return self._pool
 

@@ -9,6 +9,11 @@ worker holds the pipes of the pool's queues and of the fork server, so a daemon 
 a crash, a service manager that does not kill the process group) left its fork server and workers running
 for good, about 40 MB each; the tests that kill daemons on purpose left hundreds.
 
+A worker keeps the memory it frees for its next file (bridge.allocator, as the daemon does): an import
+holds a file's few megabytes at a time, two while one is written as the next is read, and glibc's default
+handed them back to the system and mapped fresh pages for about half of them, which a virtual machine pays
+for page by page (docs/dicom.md, "Performance").
+
 `prestart` launches the fork server before the pool exists: `pms-bridge import` calls it first thing, so
 the server's imports run beside the command's own (about a quarter of a second of its start-up on two
 cores). `hold` is the task that starts every worker at once (`Imaging.start_workers`). Imports nothing
@@ -24,6 +29,8 @@ import threading
 import time
 from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
+
+from bridge.allocator import tune_for_large_buffers
 
 # What pool tasks run: decoding and rendering, and the worker side of a DICOM import.
 POOL_MODULES = ["bridge.imaging.render", "bridge.dicom.prepare", "bridge.dicom.fileset", "pydicom"]
@@ -54,6 +61,12 @@ def hold() -> int:
     so the pool forks one worker for each (it starts a worker only when none is idle)."""
     time.sleep(HOLD_SECONDS)
     return os.getpid()
+
+
+def start_worker() -> None:
+    """The pool's initializer, in every new worker."""
+    watch_parent()
+    tune_for_large_buffers()
 
 
 def watch_parent() -> None:
