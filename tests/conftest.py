@@ -9,6 +9,7 @@ then skipped, loudly); CI never sets it.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import secrets
 import signal
@@ -177,6 +178,24 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def records(self) -> list[dict[str, Any]]:
+        """The JSON log records written so far (a line still being written is left for the next look)."""
+        return [
+            json.loads(line)
+            for line in self.log().splitlines(keepends=True)
+            if line.startswith("{") and line.endswith("\n")
+        ]
+
+    def wait_for_records(self, msg: str, timeout: float = 30) -> list[dict[str, Any]]:
+        """The log records whose message is `msg`, once there is one: the daemon answers /healthz while it
+        still works at its start-up (it removes an interrupted import's files after its listeners are up)
+        and logs what it did after doing it."""
+        deadline = time.monotonic() + timeout
+        while not (found := [r for r in self.records() if r.get("msg") == msg]):
+            assert time.monotonic() < deadline, f"no {msg!r} logged: {self.log()[-3000:]}"
+            time.sleep(0.05)
+        return found
 
 
 def pms_bridge_command() -> list[str]:

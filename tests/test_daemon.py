@@ -218,9 +218,8 @@ def test_start_up_removes_what_a_crashed_import_left(tmp_path: Path, store_url: 
     os.utime(staged, (past, past))
     daemon = start_daemon(config)
     try:
+        assert [r["count"] for r in daemon.wait_for_records("import leftovers removed")] == [1]
         assert not staged.exists()
-        records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
-        assert [r["count"] for r in records if r.get("msg") == "import leftovers removed"] == [1]
     finally:
         daemon.stop()
 
@@ -342,7 +341,7 @@ def test_a_stop_file_left_behind_does_not_stop_the_next_start(tmp_path: Path, st
         time.sleep(1.5)  # three polls of the stop-file watch
         assert daemon.proc.poll() is None and daemon.request("GET", "/healthz", token=None)[0] == 200
         assert not stop_file.exists()
-        records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+        records = daemon.records()
         assert [r["path"] for r in records if r.get("msg") == "stale stop file removed at start"] == [
             str(stop_file)
         ]
@@ -430,8 +429,7 @@ def test_a_malformed_request_line_keeps_its_names_out_of_the_log(daemon: DaemonP
     log = daemon.log()
     for leaked in ("Kunigunde", "haus", "lastName", "xxxxxxxx", "Traceback"):
         assert leaked not in log, log[-3000:]
-    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-    refused = [r for r in records if r["msg"] == "malformed HTTP request refused"]
+    refused = [r for r in daemon.records() if r["msg"] == "malformed HTTP request refused"]
     assert {(r["level"], r["client"]) for r in refused} == {("warning", "127.0.0.1")}
     assert {r["error"] for r in refused} >= {"InvalidURLError", "BadStatusLine", "LineTooLong"}
 
@@ -471,7 +469,7 @@ def test_listeners_open_to_the_network_are_warned_about_at_start_and_by_doctor(t
         )
     finally:
         assert daemon.stop() == 0
-    records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    records = daemon.records()
     warned = [r["warning"] for r in records if r["msg"] == "listener open to the network"]
     assert [r["level"] for r in records if r["msg"] == "listener open to the network"] == ["warning"] * 2
     assert warned[0].startswith("[api] host = 0.0.0.0 listens beyond loopback without TLS")
@@ -639,8 +637,7 @@ def test_a_database_file_deleted_or_replaced_under_the_daemon_is_reported_and_wr
             assert not db.exists()  # nothing made a new, empty store at the path
     finally:
         assert daemon.stop() == 0
-    records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
-    errors = [(r["msg"], r.get("path")) for r in records if r["level"] == "error"]
+    errors = [(r["msg"], r.get("path")) for r in daemon.records() if r["level"] == "error"]
     assert errors == [
         ("store database file lost; store requests refused", str(db))
     ]  # once, and nothing crashed
@@ -783,13 +780,7 @@ def test_a_backup_restored_as_documented_is_the_store_again(tmp_path: Path) -> N
 def test_a_started_daemon_forks_its_imaging_workers_before_the_first_request(daemon: DaemonProcess) -> None:
     # The pool forked its workers one by one as work arrived: the first thumbnail after a restart waited
     # for the fork server's start-up, and the first import's files for the second worker.
-    deadline = time.monotonic() + 60
-    started: list[int] = []
-    while not started and time.monotonic() < deadline:
-        records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
-        started = [r["workers"] for r in records if r.get("msg") == "imaging workers started"]
-        time.sleep(0.05)
-    assert started == [2]
+    assert [r["workers"] for r in daemon.wait_for_records("imaging workers started", 60)] == [2]
     # real processes: the fork server below the daemon, the two workers below it
     workers = [pid for child in children(daemon.proc.pid) for pid in children(child)]
     assert len(workers) == 2

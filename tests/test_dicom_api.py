@@ -490,11 +490,8 @@ def test_an_upload_cut_off_mid_body_leaves_nothing_and_the_daemon_serves_on(
             head.encode() + (part if content_type.startswith("multipart") else b"") + bytes(3_000_000)
         )
         time.sleep(0.3)
-    deadline = time.monotonic() + 10
-    while "mid-request" not in daemon.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
-    cut_off = [r for r in records if r.get("msg") == "client closed the connection mid-request"]
+    cut_off = daemon.wait_for_records("client closed the connection mid-request", 10)
+    records = daemon.records()
     assert [(r["level"], r["path"]) for r in cut_off] == [("warning", "/api/v1/import")]
     assert not [r for r in records if r.get("msg") == "unhandled error"]
     images = daemon.settings.store.images

@@ -7,7 +7,6 @@ previous release's schema); a newer release's store is this one's with alembic_v
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import subprocess
 import sys
@@ -147,7 +146,7 @@ def test_serve_logs_the_upgrade_with_the_chart_numbers_it_repaired(store_url: st
     with_raced_chart_numbers(store_url)
     daemon = start_daemon(write_config(tmp_path / "home", store_url))
     try:
-        records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+        records = daemon.records()
     finally:
         assert daemon.stop() == 0
     (upgraded,) = [r for r in records if r["msg"].startswith("schema upgraded")]

@@ -565,10 +565,6 @@ def test_the_daemon_answers_files_dropped_on_the_share(daemon_factory: Any, tmp_
     assert json.loads(body)["checks"]["watch:vdds"]["ok"] is True
 
 
-def log_records(daemon: DaemonProcess) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
-
-
 def test_a_missing_exchange_folder_is_reported_not_created_and_watched_once_it_appears(
     daemon_factory: Any, tmp_path: Path
 ) -> None:
@@ -582,7 +578,7 @@ def test_a_missing_exchange_folder_is_reported_not_created_and_watched_once_it_a
         vdds={"exchange_dir": str(exchange), "poll_seconds": 0.2}, dentrix={"integrator_dir": str(integrator)}
     )
     deadline = time.monotonic() + 30
-    while len([r for r in log_records(daemon) if r["msg"] == "watched folder missing; not created"]) < 2:
+    while len([r for r in daemon.records() if r["msg"] == "watched folder missing; not created"]) < 2:
         assert time.monotonic() < deadline, daemon.log()
         time.sleep(0.1)
     body = json.dumps({"pms_system": "rest", "pms_id": "W1", "last_name": "Weiss", "first_name": "Ada"})
@@ -619,7 +615,7 @@ def test_a_missing_exchange_folder_is_reported_not_created_and_watched_once_it_a
         line.startswith("FAIL daemon answering: not ready: watch:vdds ([vdds] exchange_dir") for line in lines
     )
     assert list(mount.iterdir()) == []  # neither the daemon nor doctor made a local folder
-    missing = [r for r in log_records(daemon) if r["msg"] == "watched folder missing; not created"]
+    missing = [r for r in daemon.records() if r["msg"] == "watched folder missing; not created"]
     assert sorted((r["level"], r["setting"], r["path"]) for r in missing) == [
         ("warning", "[dentrix] integrator_dir", str(integrator)),
         ("warning", "[vdds] exchange_dir", str(exchange)),
@@ -639,7 +635,7 @@ def test_a_missing_exchange_folder_is_reported_not_created_and_watched_once_it_a
     while daemon.request("GET", "/readyz", token=None)[0] != 200:
         assert time.monotonic() < deadline, daemon.request("GET", "/readyz", token=None)
         time.sleep(0.1)
-    appeared = [r for r in log_records(daemon) if r["msg"] == "watched folder appeared; watching it"]
+    appeared = [r for r in daemon.records() if r["msg"] == "watched folder appeared; watching it"]
     assert sorted((r["level"], r["setting"]) for r in appeared) == [
         ("info", "[dentrix] integrator_dir"),
         ("info", "[vdds] exchange_dir"),
