@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import StreamReader
 from aiohttp.base_protocol import BaseProtocol
 
 from bridge.web.multipart import (
+    LARGE_READ,
     MAX_HEAD,
     BodyTooLarge,
     FormReader,
     MultipartError,
     PartHead,
     boundary_of,
+    read_in_large_pieces,
 )
 
 BOUNDARY = "b0und4ry"
@@ -167,3 +172,44 @@ async def test_a_small_part_is_read_whole_and_a_body_beyond_max_bytes_is_stopped
     with pytest.raises(BodyTooLarge, match="limit 20000 bytes"):
         while await limited.next_part() is not None:
             await limited.read_all()
+
+
+async def _upload_over(tls: ssl.SSLContext | None, client_tls: ssl.SSLContext | None) -> tuple[Any, bytes]:
+    """8 MB sent to a real loopback server whose connection read_in_large_pieces was given: the server's
+    transport's read size afterwards, and the bytes it got."""
+    body = os.urandom(8 << 20)
+    done: asyncio.Future[tuple[Any, bytes]] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        read_in_large_pieces(writer.transport)
+        got = await reader.readexactly(len(body))
+        done.set_result((getattr(writer.transport, "max_size", None), got))
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls)
+        writer.write(body)
+        await writer.drain()
+        size, got = await asyncio.wait_for(done, 30)
+        writer.close()
+    assert got == body
+    return size, got
+
+
+async def test_an_upload_connection_reads_in_large_pieces_and_gets_every_byte() -> None:
+    size, _got = await _upload_over(None, None)
+    assert size == LARGE_READ
+
+
+async def test_an_upload_over_tls_reads_as_before_and_gets_every_byte(tmp_path: Path) -> None:
+    """TLS reads below the transport a handler sees: that one is left as it is."""
+    from bridge.install import write_self_signed
+    from bridge.tls import server_context
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    write_self_signed(cert, key)
+    client = ssl.create_default_context(cafile=cert)
+    size, _got = await _upload_over(server_context(("cert", cert), ("key", key)), client)
+    assert size is None

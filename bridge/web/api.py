@@ -50,7 +50,7 @@ from bridge.web.fields import (
 )
 from bridge.web.keys import MAX_BODY, RUNTIME
 from bridge.web.middleware import ACTOR_KEY
-from bridge.web.multipart import BodyTooLarge, FormReader, MultipartError, boundary_of
+from bridge.web.multipart import BodyTooLarge, FormReader, MultipartError, boundary_of, read_in_large_pieces
 from bridge.web.problems import ProblemError, json_text
 
 routes = web.RouteTableDef()
@@ -232,6 +232,7 @@ async def upload_images(request: web.Request) -> web.Response:
     limit = request.app[MAX_BODY]
     if (request.content_length or 0) > limit:
         raise ProblemError(413, f"request body too large (limit {limit} bytes)")
+    read_in_large_pieces(request.transport)
     blobs: list[tuple[str, bytes]] = []
     fields: dict[str, str] = {}
     try:

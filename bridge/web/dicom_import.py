@@ -37,7 +37,14 @@ from bridge.store import uncached
 from bridge.store.files import UPLOADS
 from bridge.web.api import json_object, json_response, origin_of
 from bridge.web.keys import RUNTIME
-from bridge.web.multipart import BodyTooLarge, FormReader, MultipartError, boundary_of, next_chunk
+from bridge.web.multipart import (
+    BodyTooLarge,
+    FormReader,
+    MultipartError,
+    boundary_of,
+    next_chunk,
+    read_in_large_pieces,
+)
 from bridge.web.problems import ProblemError, storage_status
 
 log = logging.getLogger(__name__)
@@ -332,6 +339,7 @@ async def import_media(request: web.Request) -> web.Response:
     limit = rt.settings.dicom.max_upload_mb * 2**20
     if (request.content_length or 0) > limit:
         raise ProblemError(413, f"the import is larger than {limit // 2**20} MB ([dicom] max_upload_mb)")
+    read_in_large_pieces(request.transport)
     importer = Importer(rt, origin_of(request, "dicom"), concurrency=IMPORT_CONCURRENCY, adopt=True)
     too_large = malformed = ""
     not_stored: OSError | None = None

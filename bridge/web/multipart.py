@@ -12,6 +12,7 @@ an error, never a silently shortened file, and a reader given `max_bytes` stops 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from aiohttp import StreamReader
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
 MAX_HEAD = 16 * 1024  # bytes of one part's header lines
+LARGE_READ = 4 << 20  # bytes one socket read of an upload may take (asyncio's own: 256 KiB)
 MAX_BOUNDARY = 70  # RFC 2046
 _IDENTITY = ("", "binary", "8bit", "7bit")
 
@@ -38,6 +40,19 @@ class PartHead:
     name: str | None
     filename: str | None
     content_type: str
+
+
+def read_in_large_pieces(transport: asyncio.BaseTransport | None) -> None:
+    """Let the connection of an upload take up to LARGE_READ bytes per socket read. asyncio reads a
+    socket 256 KiB at a time, and each piece then passes through aiohttp's parser and stream, a wake-up of
+    the reader and the pause and resume of the socket: 12 rounds for a 3 MB X-ray. With 4 MiB reads a
+    REST import of 100 such files took 0.8-1.25 ms less CPU per file and was 4-11 % faster (medians of two
+    sets of interleaved runs, docs/dicom.md, "Performance"); 16 MiB reads were slower (each read's buffer
+    is then mapped afresh). A read returns what the socket holds, so small requests cost no more. Where
+    the transport does not read so (TLS, whose own transport reads below it; Windows' proactor), nothing
+    changes. The setting stays with the connection for its later requests."""
+    if transport is not None and isinstance(getattr(transport, "max_size", None), int):
+        transport.max_size = LARGE_READ  # type: ignore[attr-defined]
 
 
 async def next_chunk(content: StreamReader) -> bytes:
