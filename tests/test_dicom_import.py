@@ -908,3 +908,34 @@ def test_a_pool_worker_reads_file_after_file_into_the_memory_it_freed(tmp_path: 
     )
     assert run.returncode == 0, run.stderr
     assert float(run.stdout) < 50  # a 3 MB file is 733 pages
+
+
+async def test_a_task_whose_worker_runs_out_of_memory_reports_its_files_and_the_rest_imports(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """A pool task that fails in a way no check foresees (here its worker runs out of memory reading a large
+    file: a real address-space limit on the workers) made the whole import fail, and the files other tasks
+    had already put in place stayed in the store with no image referencing them. Its files are now reported
+    and the import's other files added; nothing is left in the store that no image references."""
+    import resource
+
+    from tests.support.processes import children
+
+    folder = tmp_path / "media"
+    small = [write(dental_dataset(patient_id="0077"), folder / f"{n}.dcm") for n in range(7)]
+    large = intraoral_object(patient_id="0077")
+    large.Rows, large.Columns = 4000, 5000  # 40 MB of pixels: more than the workers may map
+    large.PixelData = bytes(4000 * 5000 * 2)
+    write(large, folder / "large.dcm")
+    await runtime.imaging.start_workers()
+    workers = [pid for child in children(os.getpid()) for pid in children(child)]
+    assert len(workers) == 2
+    for pid in workers:
+        size = int(Path(f"/proc/{pid}/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.prlimit(pid, resource.RLIMIT_AS, (size + (24 << 20), resource.RLIM_INFINITY))
+    report = await run_import(runtime, folder, display="")
+    refused = {Path(p.path).name: p.reason for p in report.errors}
+    assert refused["large.dcm"].startswith("could not be checked: out of memory while it was checked")
+    assert set(refused) <= {"large.dcm", *(p.name for p in small)}  # the files of its task
+    assert len(report.imported) + len(refused) == 8 and len(report.imported) >= 6
+    assert stored_files(runtime) == {row.sha256 for row in image_rows(runtime)}

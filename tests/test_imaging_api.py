@@ -508,3 +508,24 @@ async def test_closing_with_a_timeout_ends_a_worker_that_is_still_busy(
     assert time.monotonic() - started < 20
     assert not alive(pid)
     stuck.cancel()
+
+
+async def test_a_worker_that_ends_abruptly_leaves_a_pool_that_still_works(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # A worker that ended abruptly (the out-of-memory killer, a decoder crashing on a hostile file) broke
+    # Python's process pool for good: every later thumbnail and import failed until the daemon restarted.
+    from concurrent.futures.process import BrokenProcessPool
+
+    from bridge.store.files import FileStore
+
+    imaging = Imaging(FileStore(settings.store.images), settings.thumbnails, tmp_path / "cache", workers=1)
+    try:
+        first = await imaging.run_in_pool(os.getpid)
+        with pytest.raises(BrokenProcessPool):
+            await imaging.run_in_pool(os._exit, 1)  # the worker ends, as a killed one does
+        again = await imaging.run_in_pool(os.getpid)
+        assert again != first and alive(again) and not alive(first)
+        assert await imaging.run_in_pool(os.getpid) == again  # one new pool, kept
+    finally:
+        imaging.close()

@@ -27,11 +27,13 @@ Every file ends in the report: imported, skipped (with the reason) or refused (w
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 
@@ -44,6 +46,9 @@ from bridge.store.db import is_unique_violation
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BATCH = 50  # images per transaction
 # Files per pool task when many are found at once (a folder, a DICOMDIR): a task per file spent about 1 ms
@@ -216,12 +221,33 @@ class Importer:
         max_bytes = self.settings.max_file_mb * 1024 * 1024
         root = str(self.rt.files.root)
         assert self._id_tag is not None  # add() resolves it before any file is scheduled
-        async with self._slots:
-            results = await self.rt.imaging.run_in_pool(
-                prepare_many, candidates, self._id_tag, max_bytes, root, self.adopt
-            )
-        for result in results:
+        results = await self._in_pool(
+            [c.display for c in candidates],
+            prepare_many,
+            candidates,
+            self._id_tag,
+            max_bytes,
+            root,
+            self.adopt,
+        )
+        for result in results or []:
             await self._take(result)
+
+    async def _in_pool(self, paths: Sequence[str], fn: Callable[..., T], *args: Any) -> T | None:
+        """`fn(*args)` in the imaging pool for the files `paths`, in one of this import's slots; None, with
+        each file reported, when the task fails in a way no check foresees: its worker out of memory, or
+        ended abruptly (the system's out-of-memory killer, a decoder crashing). The import's other files go
+        on and are added; the task removed what it had staged. A CT volume's own errors are raised."""
+        try:
+            async with self._slots:
+                return await self.rt.imaging.run_in_pool(fn, *args)
+        except volume.VolumeError:
+            raise
+        except Exception as exc:
+            log.error("import task failed", exc_info=exc, extra={"files": len(paths)})
+            reason = f"could not be checked: {_unforeseen(exc)}"
+            self.report.errors.extend(Problem(path, reason) for path in paths)
+            return None
 
     async def _take(self, result: read.DicomFacts | Stored | Unreadable) -> None:
         """Report a file that cannot be imported, queue a stored one, keep a CT slice for its volume."""
@@ -480,8 +506,9 @@ class Importer:
         slices = [(f.path, f.display) for f in group]
         root = str(self.rt.files.root)
         try:
-            async with self._slots:
-                result = await self.rt.imaging.run_in_pool(prepare_volume, slices, merged, root, self.within)
+            result = await self._in_pool(
+                [f.display for f in group], prepare_volume, slices, merged, root, self.within
+            )
         except volume.NotOneVolume as exc:
             self.report.notes.append(
                 Problem(
@@ -500,6 +527,8 @@ class Importer:
                 if f.display != exc.path
             )
             return
+        if result is None:
+            return
         if isinstance(result, Unreadable):
             self.report.errors.extend(Problem(f.display, result.problem.reason) for f in group)
             return
@@ -511,10 +540,11 @@ class Importer:
 
     async def _slice(self, facts: read.DicomFacts) -> None:
         """A CT slice imported on its own: decoded and stored in the pool like any other file."""
-        async with self._slots:
-            result = await self.rt.imaging.run_in_pool(
-                store_file, facts, str(self.rt.files.root), self.adopt, self.within
-            )
+        result = await self._in_pool(
+            [facts.display], store_file, facts, str(self.rt.files.root), self.adopt, self.within
+        )
+        if result is None:
+            return
         if isinstance(result, Unreadable):
             self.report.errors.append(result.problem)
             return
@@ -523,3 +553,15 @@ class Importer:
         key = (facts.pms_id, facts.demographics)
         self._pending[key].append(result)
         await self._flush(key)
+
+
+def _unforeseen(exc: Exception) -> str:
+    """What a report says of a pool task that failed in a way no check foresees."""
+    if isinstance(exc, BrokenProcessPool):
+        return (
+            "its imaging worker ended abruptly (out of memory, or a decoder crashed on this file or on one"
+            " checked beside it); import it again"
+        )
+    if isinstance(exc, MemoryError):
+        return "out of memory while it was checked; import it again, or with fewer files at once"
+    return f"{type(exc).__name__}: {exc}"

@@ -100,13 +100,16 @@ def _settled(result: Prepared | _Writing) -> Prepared:
 
 
 def _remove_staged(results: list[Prepared | _Writing], adopt: bool) -> None:
-    """Remove the staged files of a task that failed midway (an upload's own file stays: its request
-    removes it)."""
+    """Remove the staged files of a task that failed midway, once their writes ended however they ended
+    (an upload's own file stays: its request removes it)."""
     for result in results:
-        staged = _settled(result)
-        if isinstance(staged, Stored) and not adopt:
+        if isinstance(result, _Writing):
+            with contextlib.suppress(Exception):
+                result.write.result()
+            result = result.stored
+        if isinstance(result, Stored) and not adopt:
             with contextlib.suppress(OSError):
-                Path(staged.pending).unlink()
+                Path(result.pending).unlink()
 
 
 def _check_and_stage(
@@ -181,16 +184,16 @@ def prepare_many(
     results: list[Prepared | _Writing] = []
     try:
         for candidate in candidates:
-            result = _prepare(candidate, id_tag, max_bytes, store_root, adopt)
-            if isinstance(result, _Writing) and result.stored.size >= OVERLAP_BELOW:
-                result = result.settle()
-            if results:  # the write before this file's ends before the next file is read: two held at most
-                results[-1] = _settled(results[-1])
-            results.append(result)
+            results.append(_prepare(candidate, id_tag, max_bytes, store_root, adopt))
+            last = results[-1]
+            if isinstance(last, _Writing) and last.stored.size >= OVERLAP_BELOW:
+                results[-1] = last.settle()
+            if len(results) > 1:  # the write before this file's ends before the next file is read
+                results[-2] = _settled(results[-2])
+        return [_settled(result) for result in results]
     except BaseException:
         _remove_staged(results, adopt)
         raise
-    return [_settled(result) for result in results]
 
 
 def store_file(

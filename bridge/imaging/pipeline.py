@@ -20,6 +20,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -118,9 +119,22 @@ class Imaging:
         return len(set(pids))
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `fn` in the process pool (it and its arguments must pickle)."""
+        """Run `fn` in the process pool (it and its arguments must pickle).
+
+        A worker that ends abruptly (the system's out-of-memory killer, a decoder crashing on a hostile
+        file) breaks Python's process pool for good: every later task would fail at once, and the daemon
+        would render and import nothing until restarted. The work then running fails
+        (BrokenProcessPool), and the next task gets a new pool."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor(), functools.partial(fn, *args, **kwargs))
+        executor = self._executor()
+        try:
+            return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+        except BrokenProcessPool:
+            if self._pool is executor:
+                log.warning("an imaging worker ended abruptly; the pool is started again")
+                self._pool = None
+                executor.shutdown(wait=False, cancel_futures=True)
+            raise
 
     async def run_in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` in the imaging process pool: CPU work of other packages (DICOM headers and
