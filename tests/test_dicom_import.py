@@ -939,3 +939,32 @@ async def test_a_task_whose_worker_runs_out_of_memory_reports_its_files_and_the_
     assert set(refused) <= {"large.dcm", *(p.name for p in small)}  # the files of its task
     assert len(report.imported) + len(refused) == 8 and len(report.imported) >= 6
     assert stored_files(runtime) == {row.sha256 for row in image_rows(runtime)}
+
+
+async def test_an_import_cancelled_midway_leaves_no_file_that_no_image_references(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Ctrl-C on `pms-bridge import` cancels its import: the files already put in place for images not added
+    yet stayed in the store with no image referencing them. They are removed; only what pool tasks still
+    running stage may stay in the staging folder (swept by `serve`)."""
+    pixels = synthetic.intraoral(1000, 1500, bits=12)
+    for n in range(30):
+        ds = intraoral_object(patient_id="0088")
+        ds.Rows, ds.Columns = pixels.shape
+        ds.PixelData = ((pixels.astype("int32") + n) % 4096).astype("<u2").tobytes()
+        write(ds, tmp_path / "media" / f"{n:02d}.dcm")
+    root = runtime.settings.store.images
+
+    def in_place() -> set[str]:
+        return {p.stem for p in root.glob("??/??/*") if p.is_file()}
+
+    importing = asyncio.ensure_future(run_import(runtime, tmp_path / "media"))
+    while not in_place():
+        assert not importing.done(), "the import ended before a file was in place"
+        await asyncio.sleep(0.002)
+    importing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await importing
+    rows = {row.sha256 for row in image_rows(runtime)}
+    assert len(rows) < 30  # cancelled midway
+    assert in_place() == rows

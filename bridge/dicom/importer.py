@@ -168,6 +168,7 @@ class Importer:
         self._id_tag: int | None = None
         self._discoveries: list[asyncio.Task[None]] = []
         self._files: list[asyncio.Task[None]] = []
+        self._committing: set[asyncio.Future[Path]] = set()  # files being flushed and renamed into place
 
     async def run(self, sources: list[tuple[str, str]]) -> ImportReport:
         """Import `sources` (path, name to report it by); the report says what became of every file."""
@@ -207,14 +208,33 @@ class Importer:
 
     async def finish(self) -> ImportReport:
         """Wait for every file added, add what waits in batches, stack the CT series; the report."""
-        await asyncio.gather(*self._discoveries)
-        await asyncio.gather(*self._files)
+        try:
+            await asyncio.gather(*self._discoveries)
+            await asyncio.gather(*self._files)
+        except asyncio.CancelledError:
+            await self._abandon()
+            raise
         await asyncio.gather(*(self._flush(key) for key in list(self._pending)))
         await asyncio.gather(*(self._volume(group) for group in self._series.values()))
         for problems in (self.report.skipped, self.report.errors, self.report.notes):
             problems.sort(key=lambda item: item.path)
         self.report.imported.sort(key=lambda item: item.path)
         return self.report
+
+    async def _abandon(self) -> None:
+        """An import cancelled while its files were still being read (Ctrl-C on `pms-bridge import`): the
+        files already put in place for images not added yet are removed again (unless a stored image has
+        the same bytes), so the store keeps no file that no image references. What a pool task still
+        running stages stays in the staging folder, which `pms-bridge serve` sweeps."""
+        tasks = [*self._discoveries, *self._files]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._committing, return_exceptions=True)  # renames still running in threads
+        waiting = [stored for batch in self._pending.values() for stored in batch]
+        self._pending.clear()
+        self.rt.imaging.release([stored.sha256 for stored in waiting])
+        await self._discard(waiting)
 
     async def _prepare(self, candidates: list[Candidate]) -> None:
         """Prepare files in one pool task and queue what each became."""
@@ -265,10 +285,16 @@ class Importer:
         """Flush a worker's file to disk and rename it into place, in a thread while the workers read on
         (an fsync in a worker would leave its core idle); False, with the file reported, when that fails."""
         await self.rt.imaging.claim([stored.sha256])  # released when its batch is added or given up
+        staged, ext = Path(stored.pending), stored.analysis.file_ext
+        commit = asyncio.ensure_future(asyncio.to_thread(self.rt.files.commit, staged, stored.sha256, ext))
+        self._committing.add(commit)
+        commit.add_done_callback(self._committing.discard)
         try:
-            await asyncio.to_thread(
-                self.rt.files.commit, Path(stored.pending), stored.sha256, stored.analysis.file_ext
-            )
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            # the thread goes on to put the file in place: queued, so that `_abandon` removes it
+            self._pending[(stored.facts.pms_id, stored.facts.demographics)].append(stored)
+            raise
         except OSError as exc:
             self.rt.imaging.release([stored.sha256])
             reason = f"cannot be stored: {exc.strerror or exc}"
