@@ -54,7 +54,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +62,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.proc import pid_running, tree_cpu
-from tests.support import synthetic
-from tests.support.dicomfiles import intraoral_object, write
+from tests.support.dicomfiles import sensor_xrays
 from tests.support.orthanc import running_orthanc
 from tests.support.ports import free_port
 
@@ -75,19 +73,7 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 def make_files(folder: Path, count: int, patient: str = "BENCH1") -> list[Path]:
     """`count` intra-oral objects of one patient, 10 per study, each a different image."""
-    pixels = synthetic.intraoral(1000, 1500, bits=12)
-    study = series = ""
-    paths = []
-    for index in range(count):
-        if index % 10 == 0:
-            study, series = f"2.25.{uuid.uuid4().int}", f"2.25.{uuid.uuid4().int}"
-        shifted = (pixels.astype("int32") + index) % 4096  # different bytes and pixels per file
-        ds = intraoral_object(patient_id=patient, name="Bench^Patient", study_uid=study, series_uid=series)
-        ds.PixelData = shifted.astype("<u2").tobytes()
-        ds.Rows, ds.Columns = pixels.shape
-        ds.InstanceNumber = index % 10 + 1
-        paths.append(write(ds, folder / f"IO{index:05d}.dcm"))
-    return paths
+    return sensor_xrays(folder, count, patient, name="Bench^Patient")
 
 
 def page_cache_costs(folder: Path, count: int = 100) -> tuple[float, float, float]:

@@ -32,8 +32,7 @@ from bridge.model import Action, Demographics, NewImage, Origin, PatientRequest,
 from bridge.runtime import Runtime
 from bridge.store.files import STAGING, FileStore
 from bridge.store.models import Image, Patient, PmsLink
-from tests.support import synthetic
-from tests.support.dicomfiles import dental_dataset, intraoral_object, sample, to_bytes, write
+from tests.support.dicomfiles import dental_dataset, intraoral_object, sample, sensor_xrays, to_bytes, write
 
 ORIGIN = Origin("dicom", "import", "TEST")
 
@@ -892,12 +891,7 @@ def test_a_pool_worker_reads_file_after_file_into_the_memory_it_freed(tmp_path: 
     faults. glibc's default, with two files held at once (one being written, the next read), handed their
     memory back and mapped fresh pages for about half of the files' pages, which a virtual machine pays
     for page by page. In a process of its own: a clean allocator."""
-    pixels = synthetic.intraoral(1000, 1500, bits=12)
-    for n in range(8):
-        ds = intraoral_object(patient_id="FAULTS")
-        ds.Rows, ds.Columns = pixels.shape
-        ds.PixelData = ((pixels.astype("int32") + n) % 4096).astype("<u2").tobytes()
-        write(ds, tmp_path / "files" / f"{n}.dcm")
+    sensor_xrays(tmp_path / "files", 8, "FAULTS")
     FileStore(tmp_path / "store").create_root()
     run = subprocess.run(
         [sys.executable, "-c", FAULTS_PER_FILE, str(tmp_path / "files"), str(tmp_path / "store")],
@@ -947,12 +941,7 @@ async def test_an_import_cancelled_midway_leaves_no_file_that_no_image_reference
     """Ctrl-C on `pms-bridge import` cancels its import: the files already put in place for images not added
     yet stayed in the store with no image referencing them. They are removed; only what pool tasks still
     running stage may stay in the staging folder (swept by `serve`)."""
-    pixels = synthetic.intraoral(1000, 1500, bits=12)
-    for n in range(30):
-        ds = intraoral_object(patient_id="0088")
-        ds.Rows, ds.Columns = pixels.shape
-        ds.PixelData = ((pixels.astype("int32") + n) % 4096).astype("<u2").tobytes()
-        write(ds, tmp_path / "media" / f"{n:02d}.dcm")
+    sensor_xrays(tmp_path / "media", 30, "0088")
     root = runtime.settings.store.images
 
     def in_place() -> set[str]:

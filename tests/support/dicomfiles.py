@@ -1,7 +1,8 @@
 """DICOM test objects built with pydicom: dental objects are in no public sample set, so tests make them.
 
 `dental_dataset` is an intra-oral (or other) image with the patient, study and series a test chooses;
-`sample` finds pydicom's shipped files and the `pydicom-data` package's (offline).
+`sensor_xrays` writes files of a sensor's size (for the bench and the tests of an import's memory and
+interruption); `sample` finds pydicom's shipped files and the `pydicom-data` package's (offline).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+from tests.support import synthetic
 
 IO_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.3"
 SC = "1.2.840.10008.5.1.4.1.1.7"
@@ -129,3 +132,19 @@ def intraoral_object(**attributes: Any) -> Dataset:
         **attributes,
     )
     return ds
+
+
+def sensor_xrays(folder: Path, count: int, patient_id: str, **attributes: Any) -> list[Path]:
+    """`count` files of `intraoral_object` at a sensor's size, 1000x1500 pixels of 12 bits (3 MB each, the
+    size an import's speed and memory depend on), each a different image, 10 to a study and series."""
+    pixels = synthetic.intraoral(1000, 1500, bits=12)
+    paths = []
+    for index in range(count):
+        if index % 10 == 0:
+            study, series = str(generate_uid()), str(generate_uid())
+        ds = intraoral_object(patient_id=patient_id, study_uid=study, series_uid=series, **attributes)
+        ds.PixelData = ((pixels.astype("int32") + index) % 4096).astype("<u2").tobytes()
+        ds.Rows, ds.Columns = pixels.shape
+        ds.InstanceNumber = index % 10 + 1
+        paths.append(write(ds, folder / f"IO{index:05d}.dcm"))
+    return paths
