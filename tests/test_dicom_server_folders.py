@@ -166,7 +166,7 @@ def test_a_file_swapped_for_a_link_after_it_was_found_is_refused_when_read(tmp_p
     # Found inside the folder, then replaced by a link to a file outside before a worker reads it: the
     # check at discovery alone let the outside file become an image (an auditor's race, 300 files).
     from bridge.dicom.fileset import OUTSIDE, discover
-    from bridge.dicom.prepare import Stored, Unreadable, prepare, store_file
+    from bridge.dicom.prepare import Stored, Unreadable, prepare_many, store_file
     from bridge.store.files import FileStore
 
     media, outside, store = tmp_path / "media", tmp_path / "outside", tmp_path / "store"
@@ -175,11 +175,11 @@ def test_a_file_swapped_for_a_link_after_it_was_found_is_refused_when_read(tmp_p
     secret = write(dental_dataset(patient_id="0099"), outside / "secret.dcm")
     roots = (str(media.resolve()),)
     [candidate] = discover([(str(media), str(media))], roots).candidates
-    stored = prepare(candidate, 0x00100020, 1 << 30, str(store), False)
+    [stored] = prepare_many([candidate], 0x00100020, 1 << 30, str(store))
     assert isinstance(stored, Stored) and stored.facts.pms_id == "0042"
     inside.unlink()
     inside.symlink_to(secret)
-    refused = prepare(candidate, 0x00100020, 1 << 30, str(store), False)
+    [refused] = prepare_many([candidate], 0x00100020, 1 << 30, str(store))
     assert isinstance(refused, Unreadable) and refused.problem.reason == OUTSIDE
     again = store_file(stored.facts, str(store), False, roots)  # as a CT slice imported on its own
     assert isinstance(again, Unreadable) and again.problem.reason == OUTSIDE
@@ -251,7 +251,7 @@ def test_a_fifo_put_where_a_file_was_is_refused_without_waiting(tmp_path: Path) 
     import threading
 
     from bridge.dicom.fileset import OUTSIDE, discover
-    from bridge.dicom.prepare import Unreadable, prepare
+    from bridge.dicom.prepare import Unreadable, prepare_many
     from bridge.store.files import FileStore
 
     media, outside, store = tmp_path / "media", tmp_path / "outside", tmp_path / "store"
@@ -268,7 +268,7 @@ def test_a_fifo_put_where_a_file_was_is_refused_without_waiting(tmp_path: Path) 
     os.mkfifo(second)  # inside, but not a file
     results: list[object] = []
     worker = threading.Thread(
-        target=lambda: results.extend(prepare(c, 0x00100020, 1 << 30, str(store), False) for c in candidates),
+        target=lambda: results.extend(prepare_many(candidates, 0x00100020, 1 << 30, str(store))),
         daemon=True,
     )
     worker.start()

@@ -153,7 +153,10 @@ def _decode_and_stage(
 def _prepare(
     candidate: Candidate, id_tag: int, max_bytes: int, store_root: str, adopt: bool
 ) -> Prepared | _Writing:
-    """`prepare`, its write possibly still running."""
+    """One file's work in a pool worker: the file is read once, its header mapped, its pixel data checked
+    (pixels), and its bytes hashed and staged (the write possibly still running); or its facts only (a CT
+    slice: it is stacked later); or why it cannot be imported. Only facts go back to the main process,
+    never the bytes."""
     try:
         file = read.read_file(
             candidate.path, candidate.display, id_tag, max_bytes, direct=adopt, within=candidate.within
@@ -166,19 +169,10 @@ def _prepare(
     return _check_and_stage(file.facts, file.data, lambda: pixels.check(file), store_root, adopt)
 
 
-def prepare(
-    candidate: Candidate, id_tag: int, max_bytes: int, store_root: str, adopt: bool = False
-) -> Prepared:
-    """One file's work in a pool worker: the file is read once, its header mapped, its pixel data checked
-    (pixels), and its bytes hashed and staged; or its facts only (a CT slice: it is stacked later); or
-    why it cannot be imported. Only facts go back to the main process, never the bytes."""
-    return _settled(_prepare(candidate, id_tag, max_bytes, store_root, adopt))
-
-
 def prepare_many(
     candidates: list[Candidate], id_tag: int, max_bytes: int, store_root: str, adopt: bool = False
 ) -> list[Prepared]:
-    """`prepare` for several files in one pool task, in order: each task costs the daemon a round trip to
+    """`_prepare` for several files in one pool task, in order: each task costs the daemon a round trip to
     the pool (the executor's threads, a future, a wake-up of the event loop), which a few files share.
     A file's write runs on while the next file is read, checked and hashed (one write at a time)."""
     results: list[Prepared | _Writing] = []
