@@ -901,24 +901,46 @@ def test_a_pool_worker_reads_file_after_file_into_the_memory_it_freed(tmp_path: 
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert run.returncode == 0, run.stderr
-    assert float(run.stdout) < 50  # a 3 MB file is 733 pages
+    assert float(run.stdout) < 50, run.stdout  # a 3 MB file is 733 pages
+
+
+def rle_zeros(rows: int, columns: int) -> bytes:
+    """One RLE Lossless frame (DICOM PS3.5 Annex G) of 16-bit zeros: two segments (high bytes, then low
+    bytes), each row a run of 128 zeros at a time (header byte 0x81 = -127: repeat the next byte 128
+    times) and then the rest (257 - n). A few hundred kilobytes that decode to rows x columns x 2 bytes."""
+    whole, rest = divmod(columns, 128)
+    row = b"\x81\x00" * whole + (bytes([257 - rest, 0]) if rest else b"")
+    segment = row * rows + (b"\x00" if len(row) * rows % 2 else b"")
+    offsets = [2, 64, 64 + len(segment)] + [0] * 13
+    return b"".join(n.to_bytes(4, "little") for n in offsets) + segment + segment
 
 
 async def test_a_task_whose_worker_runs_out_of_memory_reports_its_files_and_the_rest_imports(
     runtime: Runtime, tmp_path: Path
 ) -> None:
-    """A pool task that fails in a way no check foresees (here its worker runs out of memory reading a large
-    file: a real address-space limit on the workers) made the whole import fail, and the files other tasks
-    had already put in place stayed in the store with no image referencing them. Its files are now reported
-    and the import's other files added; nothing is left in the store that no image references."""
+    """A pool task that fails in a way no check foresees (here its worker runs out of memory decoding a
+    small RLE file into 40 MB of pixels: a real address-space limit on the workers) made the whole import
+    fail, and the files other tasks had already put in place stayed in the store with no image referencing
+    them. Its files are now reported and the import's other files added; nothing is left in the store that
+    no image references. A file too large to be read into memory at all is refused on its own (its read
+    fails, not its task)."""
     import resource
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
 
     from tests.support.processes import children
 
     folder = tmp_path / "media"
     small = [write(dental_dataset(patient_id="0077"), folder / f"{n}.dcm") for n in range(7)]
+    bomb = intraoral_object(patient_id="0077")
+    bomb.Rows, bomb.Columns = 4000, 5000  # 40 MB of pixels: more than the workers may map
+    bomb.file_meta.TransferSyntaxUID = RLELossless
+    bomb.PixelData = encapsulate([rle_zeros(4000, 5000)])
+    bomb["PixelData"].VR = "OB"
+    write(bomb, folder / "bomb.dcm")
     large = intraoral_object(patient_id="0077")
-    large.Rows, large.Columns = 4000, 5000  # 40 MB of pixels: more than the workers may map
+    large.Rows, large.Columns = 4000, 5000
     large.PixelData = bytes(4000 * 5000 * 2)
     write(large, folder / "large.dcm")
     await runtime.imaging.start_workers()
@@ -926,12 +948,13 @@ async def test_a_task_whose_worker_runs_out_of_memory_reports_its_files_and_the_
     assert len(workers) == 2
     for pid in workers:
         size = int(Path(f"/proc/{pid}/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        resource.prlimit(pid, resource.RLIMIT_AS, (size + (24 << 20), resource.RLIM_INFINITY))
+        resource.prlimit(pid, resource.RLIMIT_AS, (size + (32 << 20), resource.RLIM_INFINITY))
     report = await run_import(runtime, folder, display="")
     refused = {Path(p.path).name: p.reason for p in report.errors}
-    assert refused["large.dcm"].startswith("could not be checked: out of memory while it was checked")
-    assert set(refused) <= {"large.dcm", *(p.name for p in small)}  # the files of its task
-    assert len(report.imported) + len(refused) == 8 and len(report.imported) >= 6
+    assert refused["bomb.dcm"].startswith("could not be checked: out of memory while it was checked")
+    assert refused["large.dcm"] == "cannot be read: Cannot allocate memory"
+    assert set(refused) <= {"bomb.dcm", "large.dcm", *(p.name for p in small)}  # and bomb's task's
+    assert len(report.imported) + len(refused) == 9 and len(report.imported) >= 6  # tasks of 2 files
     assert stored_files(runtime) == {row.sha256 for row in image_rows(runtime)}
 
 

@@ -57,29 +57,59 @@ def file_system(path: Path) -> str:
     ).stdout.strip()
 
 
+def held(tmp_path: Path, data: bytes) -> uncached.Held:
+    """`data` held as an import holds a file it read (`read_held`, buffered: a user's file)."""
+    source = tmp_path / "source.bin"
+    source.write_bytes(data)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        return uncached.read_held(fd, len(data), direct=False)
+    finally:
+        os.close(fd)
+        source.unlink()
+
+
+def written(tmp_path: Path, target: Path, data: bytes, kind: str) -> None:
+    """`write_new` of `data` as bytes, or held as a file read for an import (written from its buffer)."""
+    if kind == "bytes":
+        uncached.write_new(target, data)
+        return
+    source = held(tmp_path, data)
+    try:
+        uncached.write_new(target, source)
+    finally:
+        source.release()
+
+
+KINDS = ["bytes", "held"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("size", SIZES)
-def test_the_file_holds_exactly_the_data(tmp_path: Path, size: int) -> None:
+def test_the_file_holds_exactly_the_data(tmp_path: Path, size: int, kind: str) -> None:
     data = os.urandom(size)
     target = tmp_path / "f.bin"
-    uncached.write_new(target, data)
+    written(tmp_path, target, data, kind)
     assert target.read_bytes() == data
 
 
-def test_an_existing_file_is_never_overwritten(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_existing_file_is_never_overwritten(tmp_path: Path, kind: str) -> None:
     target = tmp_path / "f.bin"
     target.write_bytes(b"kept")
     with pytest.raises(FileExistsError):
-        uncached.write_new(target, os.urandom(10_000))
+        written(tmp_path, target, os.urandom(10_000), kind)
     assert target.read_bytes() == b"kept"
 
 
 @pytest.mark.skipif(not ON_LINUX, reason="O_DIRECT and mincore(2) are Linux's")
-def test_whole_blocks_stay_out_of_the_page_cache_on_a_disk_file_system(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_whole_blocks_stay_out_of_the_page_cache_on_a_disk_file_system(tmp_path: Path, kind: str) -> None:
     """On a block device's file system (what a practice's image store is on) only the last partial block
     went through the page cache; a RAM file system holds every file in memory anyway."""
     size = 3_000_123
     direct = tmp_path / "direct.bin"
-    uncached.write_new(direct, os.urandom(size))
+    written(tmp_path, direct, os.urandom(size), kind)
     buffered = tmp_path / "buffered.bin"
     buffered.write_bytes(os.urandom(size))
     pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
@@ -90,21 +120,24 @@ def test_whole_blocks_stay_out_of_the_page_cache_on_a_disk_file_system(tmp_path:
         assert resident_pages(direct) <= 1
 
 
+@pytest.mark.parametrize("kind", KINDS)
 def test_without_direct_writes_the_file_is_written_buffered(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     """Windows, macOS, or a file system that refuses the flag: the same bytes, buffered."""
     monkeypatch.setattr(uncached, "_O_DIRECT", 0)
     data = os.urandom(3_000_123)
-    uncached.write_new(tmp_path / "f.bin", data)
+    written(tmp_path, tmp_path / "f.bin", data, kind)
     assert (tmp_path / "f.bin").read_bytes() == data
 
 
 @pytest.mark.skipif(not ON_LINUX, reason="O_DIRECT is Linux's")
+@pytest.mark.parametrize(("kind", "refused"), [("bytes", 2), ("held", 1), ("held", 2)])
 def test_a_device_refusing_a_direct_write_gets_the_rest_buffered(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, refused: int
 ) -> None:
-    """A share may take the flag and then refuse a write (EINVAL): the rest is written buffered."""
+    """A share may take the flag and then refuse a write (EINVAL): the rest is written buffered. A held
+    file goes in one direct write, refused at once or after a short write of whole blocks."""
     import fcntl
 
     real_write = os.write
@@ -113,26 +146,31 @@ def test_a_device_refusing_a_direct_write_gets_the_rest_buffered(
     def write(fd: int, data: bytes | memoryview) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & uncached._O_DIRECT:
             calls["direct"] += 1
-            if calls["direct"] == 2:
+            if calls["direct"] == refused:
                 raise OSError(errno.EINVAL, "Invalid argument")
+            if kind == "held":  # a short write: the first 8 MiB
+                return real_write(fd, data[: 8 << 20])
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", write)
     data = os.urandom(3 * (8 << 20) + 123)
-    uncached.write_new(tmp_path / "f.bin", data)
-    assert calls["direct"] == 2
+    written(tmp_path, tmp_path / "f.bin", data, kind)
+    assert calls["direct"] == refused
     assert (tmp_path / "f.bin").read_bytes() == data
 
 
-def test_a_failing_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_failing_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """A full disk: the error is raised and the partial file removed."""
+    data = os.urandom(10_000)
+    source = held(tmp_path, data) if kind == "held" else data
 
     def full(fd: int, data: bytes | memoryview) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(OSError) as caught:
-        uncached.write_new(tmp_path / "f.bin", os.urandom(10_000))
+        uncached.write_new(tmp_path / "f.bin", source)
     assert caught.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
 
@@ -157,6 +195,15 @@ def test_a_file_abandoned_while_written_is_removed(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def read_back(fd: int, size: int) -> bytes:
+    """The bytes `read_held` holds (directly read where the file system allows), its buffer released."""
+    held = uncached.read_held(fd, size)
+    try:
+        return bytes(held.view)
+    finally:
+        held.release()
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_a_file_is_read_back_exactly(tmp_path: Path, size: int) -> None:
     data = os.urandom(size)
@@ -164,7 +211,7 @@ def test_a_file_is_read_back_exactly(tmp_path: Path, size: int) -> None:
     uncached.write_new(target, data)
     fd = os.open(target, os.O_RDONLY)
     try:
-        assert uncached.read_whole(fd, size) == data
+        assert read_back(fd, size) == data
     finally:
         os.close(fd)
 
@@ -177,7 +224,7 @@ def test_a_read_stops_at_the_size_asked_for_and_at_the_end_of_the_file(tmp_path:
     for size in (2_000_000, 3_000_123, 4_000_000):
         fd = os.open(target, os.O_RDONLY)
         try:
-            assert uncached.read_whole(fd, size) == data[:size]
+            assert read_back(fd, size) == data[:size]
         finally:
             os.close(fd)
 
@@ -187,6 +234,8 @@ def test_a_device_refusing_a_direct_read_gets_the_rest_read_buffered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A share that takes the flag and then refuses a read (EINVAL): the rest is read buffered."""
+    import fcntl
+
     data = os.urandom(2 * (8 << 20) + 99)
     target = tmp_path / "f.bin"
     target.write_bytes(data)
@@ -194,15 +243,16 @@ def test_a_device_refusing_a_direct_read_gets_the_rest_read_buffered(
     calls = {"direct": 0}
 
     def readv(fd: int, buffers: list[memoryview]) -> int:
-        calls["direct"] += 1
-        if calls["direct"] == 2:
-            raise OSError(errno.EINVAL, "Invalid argument")
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & uncached._O_DIRECT:
+            calls["direct"] += 1
+            if calls["direct"] == 2:
+                raise OSError(errno.EINVAL, "Invalid argument")
         return real_readv(fd, buffers)
 
     monkeypatch.setattr(os, "readv", readv)
     fd = os.open(target, os.O_RDONLY)
     try:
-        assert uncached.read_whole(fd, len(data)) == data
+        assert read_back(fd, len(data)) == data
     finally:
         os.close(fd)
     assert calls["direct"] == 2
@@ -217,6 +267,35 @@ def test_without_direct_reads_the_file_is_read_buffered(
     target.write_bytes(data)
     fd = os.open(target, os.O_RDONLY)
     try:
-        assert uncached.read_whole(fd, len(data)) == data
+        assert read_back(fd, len(data)) == data
     finally:
         os.close(fd)
+
+
+def test_a_released_buffer_holds_the_next_file(tmp_path: Path) -> None:
+    """Files of up to 16 MiB are held in kept buffers, mapped once per process and not once per file
+    (whose pages a new mapping would fault in again); a larger file gets a buffer of its own, unmapped
+    when it is released. Releasing twice does nothing more."""
+    small, large = tmp_path / "small.bin", tmp_path / "large.bin"
+    small.write_bytes(os.urandom(3_000_123))
+    large.write_bytes(os.urandom((16 << 20) + 1))
+
+    def hold(path: Path) -> uncached.Held:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return uncached.read_held(fd, path.stat().st_size)
+        finally:
+            os.close(fd)
+
+    first = hold(small)
+    buffer = first._buf
+    first.release()
+    first.release()
+    second = hold(small)
+    assert second._buf is buffer and bytes(second.view) == small.read_bytes()
+    second.release()
+    big = hold(large)
+    own = big._buf
+    assert own is not None and own is not buffer and bytes(big.view) == large.read_bytes()
+    big.release()
+    assert own.closed

@@ -41,7 +41,7 @@ def check(file: DicomFile) -> Analysis:
         analysis = analyze_native_grey(file.dataset, pixel_data)
         if analysis is not None:
             return analysis
-    return analyze_dicom(file.data)
+    return analyze_dicom(bytes(file.data))  # decoded completely: the copy is a small part of that
 
 
 def _pixel_data(file: DicomFile) -> memoryview | None:

@@ -2,12 +2,13 @@
 its bytes hashed and written to the store's staging folder; only facts go back (bridge.dicom.importer
 runs the rest). Moving a file's bytes between processes would cost more than checking them.
 
-The write goes past the page cache (bridge.store.uncached) and waits for the disk, so it runs in a thread
-of the worker while the worker checks and hashes the same bytes, and, when a task holds several files,
-while the worker reads and checks the next one: measured in docs/dicom.md ("Performance"), that wait would
-otherwise leave the worker's core idle for about half of each file. A worker holds two files' bytes at
-once so (the pool keeps freed memory for reuse, bridge.imaging.pool), and a file over OVERLAP_BELOW is
-written before the next one is read.
+The file is read into a block-aligned buffer and written from it (bridge.store.uncached.Held: no copy
+between the read and the write). The write goes past the page cache and waits for the disk, so it runs
+in a thread of the worker while the worker checks and hashes the same bytes, and, when a task holds
+several files, while the worker reads and checks the next one: measured in docs/dicom.md
+("Performance"), that wait would otherwise leave the worker's core idle for about half of each file. A
+worker holds two files' bytes at once so (two of uncached's kept buffers), and a file over
+OVERLAP_BELOW is written before the next one is read.
 
 Every pool process imports this module when it starts, so it imports nothing of the daemon's (no
 database, no service): a worker that starts during an import delays the files waiting for it.
@@ -69,7 +70,7 @@ OVERLAP_BELOW = 64 << 20  # bytes of a file whose write may run while the next f
 _writer: ThreadPoolExecutor | None = None
 
 
-def _write_behind(data: bytes, store_root: str) -> tuple[Path, Future[None]]:
+def _write_behind(data: bytes | uncached.Held, store_root: str) -> tuple[Path, Future[None]]:
     """Start writing `data` to a new file of the store's staging folder in this worker's writer thread;
     the file and the write (its result raises the OSError of a failed write, the file then removed)."""
     global _writer
@@ -82,16 +83,27 @@ def _write_behind(data: bytes, store_root: str) -> tuple[Path, Future[None]]:
 @dataclass(frozen=True)
 class _Writing:
     """A file checked and hashed whose write to the staging folder may still run: what it becomes is known
-    once the write ended (`settle`)."""
+    once the write ended (`settle`), which also gives back the buffer the file was held in."""
 
     stored: Stored
     write: Future[None]
+    held: uncached.Held | None = None
+
+    def wait(self) -> None:
+        """Wait for the write however it ends; its buffer is free then."""
+        with contextlib.suppress(Exception):
+            self.write.result()
+        if self.held is not None:
+            self.held.release()
 
     def settle(self) -> Stored | Unreadable:
         try:
             self.write.result()
         except OSError as exc:
             return Unreadable(Problem(self.stored.facts.display, f"cannot be stored: {exc.strerror or exc}"))
+        finally:
+            if self.held is not None:
+                self.held.release()
         return self.stored
 
 
@@ -104,8 +116,7 @@ def _remove_staged(results: list[Prepared | _Writing], adopt: bool) -> None:
     (an upload's own file stays: its request removes it)."""
     for result in results:
         if isinstance(result, _Writing):
-            with contextlib.suppress(Exception):
-                result.write.result()
+            result.wait()
             result = result.stored
         if isinstance(result, Stored) and not adopt:
             with contextlib.suppress(OSError):
@@ -113,25 +124,30 @@ def _remove_staged(results: list[Prepared | _Writing], adopt: bool) -> None:
 
 
 def _check_and_stage(
-    facts: read.DicomFacts, data: bytes, check: Callable[[], Analysis], store_root: str, adopt: bool
+    facts: read.DicomFacts,
+    data: bytes | uncached.Held,
+    check: Callable[[], Analysis],
+    store_root: str,
+    adopt: bool,
 ) -> Stored | Unreadable | _Writing:
     """Check `data` (`check` raises ImagingError), hash it and write it to the store's staging folder,
-    the write running beside the check and the hash and possibly still running when this returns; not
-    flushed: the main process does that, off this worker. `adopt`: the file itself is an upload of ours,
-    moved in later, so nothing is written."""
+    the write running beside the check and the hash and possibly still running when this returns (the
+    _Writing then holds a Held `data` until it is settled); not flushed: the main process does that, off
+    this worker. `adopt`: the file itself is an upload of ours, moved in later, so nothing is written."""
+    content = data.view if isinstance(data, uncached.Held) else data
     if adopt:
         try:
             analysis = check()
         except ImagingError as exc:
             return Unreadable(Problem(facts.display, str(exc)))
-        return Stored(facts, hashlib.sha256(data).hexdigest(), analysis, len(data), facts.path)
+        return Stored(facts, hashlib.sha256(content).hexdigest(), analysis, len(content), facts.path)
     try:
         staged, writing = _write_behind(data, store_root)
     except OSError as exc:
         return Unreadable(Problem(facts.display, f"cannot be stored: {exc.strerror or exc}"))
     try:
         analysis = check()
-        sha256 = hashlib.sha256(data).hexdigest()
+        sha256 = hashlib.sha256(content).hexdigest()
     except BaseException as exc:  # refused, or a decoder failing oddly: the staged file goes either way
         with contextlib.suppress(OSError):
             writing.result()
@@ -139,7 +155,8 @@ def _check_and_stage(
         if isinstance(exc, ImagingError):
             return Unreadable(Problem(facts.display, str(exc)))
         raise
-    return _Writing(Stored(facts, sha256, analysis, len(data), str(staged)), writing)
+    held = data if isinstance(data, uncached.Held) else None
+    return _Writing(Stored(facts, sha256, analysis, len(content), str(staged)), writing, held)
 
 
 def _decode_and_stage(
@@ -154,9 +171,9 @@ def _prepare(
     candidate: Candidate, id_tag: int, max_bytes: int, store_root: str, adopt: bool
 ) -> Prepared | _Writing:
     """One file's work in a pool worker: the file is read once, its header mapped, its pixel data checked
-    (pixels), and its bytes hashed and staged (the write possibly still running); or its facts only (a CT
-    slice: it is stacked later); or why it cannot be imported. Only facts go back to the main process,
-    never the bytes."""
+    (pixels), and its bytes hashed and staged (the write possibly still running, the file's buffer then
+    released when it is settled); or its facts only (a CT slice: it is stacked later); or why it cannot be
+    imported. Only facts go back to the main process, never the bytes."""
     try:
         file = read.read_file(
             candidate.path, candidate.display, id_tag, max_bytes, direct=adopt, within=candidate.within
@@ -164,9 +181,14 @@ def _prepare(
     except read.DicomError as exc:
         problem = Problem(candidate.display, str(exc))
         return Unreadable(problem, isinstance(exc, read.NotAnImage), exc.series_uid)
-    if file.facts.is_ct_slice:
-        return file.facts
-    return _check_and_stage(file.facts, file.data, lambda: pixels.check(file), store_root, adopt)
+    result: Prepared | _Writing = file.facts
+    try:
+        if not file.facts.is_ct_slice:
+            result = _check_and_stage(file.facts, file.held, lambda: pixels.check(file), store_root, adopt)
+    finally:
+        if not isinstance(result, _Writing):  # else released once the write has ended
+            file.held.release()
+    return result
 
 
 def prepare_many(

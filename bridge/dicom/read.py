@@ -17,7 +17,6 @@ what is described is what is stored. The facts pickle; the bytes stay in the wor
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 import warnings
@@ -195,12 +194,43 @@ def resolve_id_tag(name: str) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class DicomFile:
-    """A file read once: its bytes (what is hashed and stored), its parsed header (the pixel data is not
-    read into it: its element points into `data`) and the facts mapped from that header."""
+    """A file read once: its bytes (`held`: what is hashed and stored, in an aligned buffer the caller
+    releases once the bytes are checked, hashed and written), its parsed header (the pixel data is not
+    read into it: its element points into the bytes) and the facts mapped from that header."""
 
     facts: DicomFacts
     dataset: Any
-    data: bytes
+    held: uncached.Held
+
+    @property
+    def data(self) -> memoryview:
+        return self.held.view
+
+
+class _ViewReader:
+    """A read-only file over a memoryview, for pydicom: `io.BytesIO` would copy the whole file (the
+    pixel data too) only to read its header. About 0.1 ms more per file than BytesIO's C code, against
+    a copy of 0.5 ms or more for a 3 MB X-ray."""
+
+    __slots__ = ("_pos", "_view")
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = self._pos
+        end = len(self._view) if size is None or size < 0 else min(start + size, len(self._view))
+        self._pos = max(start, end)
+        return bytes(self._view[start:end])
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._view)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 def read_file(
@@ -211,9 +241,9 @@ def read_file(
     direct: bool = False,
     within: tuple[str, ...] = (),
 ) -> DicomFile:
-    """The DICOM Part 10 file at `path`, read once; DicomError with the reason when it is not importable.
-    `direct`: a file the bridge wrote past the page cache (an upload), read the same way; `within`: the
-    folders it must lie in once opened (fileset.open_inside)."""
+    """The DICOM Part 10 file at `path`, read once (the caller releases `held`); DicomError with the
+    reason when it is not importable. `direct`: a file the bridge wrote past the page cache (an upload),
+    read the same way; `within`: the folders it must lie in once opened (fileset.open_inside)."""
     try:
         fd = open_inside(path, within)
         try:
@@ -221,35 +251,41 @@ def read_file(
             if size > max_bytes:
                 limit = f"{max_bytes // 2**20} MB, [dicom] max_file_mb"
                 raise DicomError(f"too large: {size / 2**20:.1f} MB (limit {limit})")
-            data = uncached.read_whole(fd, size, direct=direct)
+            held = uncached.read_held(fd, size, direct=direct)
         finally:
             os.close(fd)
     except OSError as exc:
         raise DicomError(f"cannot be read: {exc.strerror or exc}") from None
     except OutsideFolders as exc:
         raise DicomError(str(exc)) from None
-    return parse(data, path, display, id_tag)
+    try:
+        dataset, facts = parse(held.view, path, display, id_tag)
+    except BaseException:
+        held.release()
+        raise
+    return DicomFile(facts, dataset, held)
 
 
-def parse(data: bytes, path: str, display: str, id_tag: int) -> DicomFile:
-    """The header of a DICOM Part 10 file's bytes, checked for completeness and mapped onto the store."""
+def parse(data: memoryview, path: str, display: str, id_tag: int) -> tuple[Any, DicomFacts]:
+    """The header of a DICOM Part 10 file's bytes, checked for completeness and mapped onto the store:
+    the dataset (its pixel data not read) and the facts."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    if len(data) < 132 or data[128:132] != b"DICM":
+    if len(data) < 132 or bytes(data[128:132]) != b"DICM":
         raise DicomError("not a DICOM file (no DICM marker after the 128-byte preamble)")
     with warnings.catch_warnings():
         # pydicom warns about non-conformant values and reads on; what matters is checked below.
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(io.BytesIO(data), defer_size=_DEFER_BYTES)
+            ds = pydicom.dcmread(_ViewReader(data), defer_size=_DEFER_BYTES)
         except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise DicomError(f"truncated or corrupt DICOM header: {exc}") from None
         except Exception as exc:  # a parser meeting hostile bytes fails in many ways
             raise DicomError(f"corrupt DICOM header ({type(exc).__name__}: {exc})") from None
         try:
             check_complete(ds, len(data))
-            if "PixelData" not in ds and _PIXEL_DATA_TAG in data:
+            if "PixelData" not in ds and _PIXEL_DATA_TAG in bytes(data):  # rare: a copy will do
                 # pydicom drops an encapsulated Pixel Data element whose items run past the end of the file
                 raise DicomError("truncated DICOM file: its pixel data ends early")
         except DicomError as exc:
@@ -257,7 +293,7 @@ def parse(data: bytes, path: str, display: str, id_tag: int) -> DicomFile:
                 exc.series_uid = _ascii(ds, "SeriesInstanceUID")
             raise
         facts = facts_from_dataset(ds, path=path, display=display, size=len(data), id_tag=id_tag)
-    return DicomFile(facts, ds, data)
+    return ds, facts
 
 
 def check_complete(ds: Any, size: int) -> None:
