@@ -299,3 +299,19 @@ def test_a_released_buffer_holds_the_next_file(tmp_path: Path) -> None:
     assert own is not None and own is not buffer and bytes(big.view) == large.read_bytes()
     big.release()
     assert own.closed
+
+
+def test_without_readv_a_file_is_read_and_copied_into_the_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows: no `readv` and no direct reads; the same bytes, held the same way."""
+    monkeypatch.setattr(uncached, "_O_DIRECT", 0)
+    monkeypatch.delattr(os, "readv", raising=False)
+    data = os.urandom(3_000_123)
+    target = tmp_path / "f.bin"
+    target.write_bytes(data)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        assert read_back(fd, len(data)) == data
+    finally:
+        os.close(fd)

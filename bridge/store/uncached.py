@@ -244,12 +244,22 @@ def read_held(fd: int, size: int, *, direct: bool = True) -> Held:
                 if got % ALIGN or got >= size:  # the end of the file, or all that was asked for
                     return Held(buf, min(got, size))
                 _set_direct(fd, False)
-            while got < size and (n := os.readv(fd, [aligned[got:size]])):
+            while got < size and (n := _read_into(fd, aligned[got:size])):
                 got += n
         return Held(buf, got)
     except BaseException:
         _give(buf)
         raise
+
+
+def _read_into(fd: int, into: memoryview) -> int:
+    """One read into `into`; the bytes read (0 at the end of the file). Windows has no `readv`: there the
+    bytes are read and copied (no direct reads there either)."""
+    if hasattr(os, "readv"):
+        return os.readv(fd, [into])
+    data = os.read(fd, len(into))
+    into[: len(data)] = data
+    return len(data)
 
 
 def _read_direct(fd: int, into: memoryview) -> int:
