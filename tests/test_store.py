@@ -242,6 +242,30 @@ async def test_a_dropped_database_connection_is_retried_once(pg_server: str) -> 
         db.close()
 
 
+def test_what_counts_as_a_lost_postgresql_connection() -> None:
+    """psycopg raises some errors of a connection the server ended on the client's side, without an
+    SQLSTATE and before it marks the connection broken (seen in CI: "connection socket closed", then a
+    failed ROLLBACK): they count as a lost connection, so the unit of work is retried on a new one. An
+    error of the statement itself does not."""
+    import psycopg
+    from psycopg import errors
+
+    from bridge.store.db import lost_connection
+
+    assert lost_connection(psycopg.OperationalError("connection socket closed"))
+    assert lost_connection(
+        psycopg.OperationalError(
+            "sending query failed: terminating connection due to administrator command\n"
+            "another command is already in progress"
+        )
+    )
+    assert lost_connection(errors.AdminShutdown("terminating connection due to administrator command"))
+    assert lost_connection(errors.ConnectionFailure("connection failure"))
+    assert not lost_connection(errors.QueryCanceled("canceling statement due to statement timeout"))
+    assert not lost_connection(errors.UniqueViolation("duplicate key value"))
+    assert not lost_connection(OSError("not a database error"))
+
+
 def _age(path: Path, seconds: float) -> None:
     """Set `path`'s times `seconds` into the past."""
     import os

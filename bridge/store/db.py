@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -74,7 +75,39 @@ def make_engine(
     # that died (a server restart) fails its first statement instead; `Database` then retries the unit of
     # work once on a fresh connection (SQLAlchemy's "optimistic" disconnect handling).
     options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600, **options)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600, **options)
+    if engine.dialect.driver == "psycopg":
+        _recognise_lost_connections(engine)
+    return engine
+
+
+# SQLSTATEs of a connection the server ended: class 08 (connection exception), and the server shutting
+# down (admin_shutdown, crash_shutdown) or not accepting connections yet (cannot_connect_now)
+_SHUTDOWN_STATES = ("57P01", "57P02", "57P03")
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """Whether a psycopg error says the connection is gone: an OperationalError raised on the client's
+    side (no SQLSTATE: "connection socket closed", "sending query failed: terminating connection ..."),
+    or one whose SQLSTATE is a connection exception or a server shutdown."""
+    import psycopg
+
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _SHUTDOWN_STATES
+
+
+def _recognise_lost_connections(engine: Engine) -> None:
+    """Count every `lost_connection` error as a disconnect. SQLAlchemy's own check asks only whether
+    psycopg has marked the connection closed or broken, which it does not always do before it raises
+    (a CI run saw "connection socket closed" and then a failed ROLLBACK on a connection the server had
+    just terminated): the error then escaped `Database`'s retry on a new connection."""
+
+    @event.listens_for(engine, "handle_error")
+    def lost(context: ExceptionContext) -> None:
+        if not context.is_disconnect and lost_connection(context.original_exception):
+            context.is_disconnect = True
 
 
 def sqlite_file(url: str) -> Path | None:
