@@ -272,6 +272,14 @@ def test_without_direct_reads_the_file_is_read_buffered(
         os.close(fd)
 
 
+def hold(path: Path) -> uncached.Held:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return uncached.read_held(fd, path.stat().st_size)
+    finally:
+        os.close(fd)
+
+
 def test_a_released_buffer_holds_the_next_file(tmp_path: Path) -> None:
     """Files of up to 16 MiB are held in kept buffers, mapped once per process and not once per file
     (whose pages a new mapping would fault in again); a larger file gets a buffer of its own, unmapped
@@ -279,14 +287,6 @@ def test_a_released_buffer_holds_the_next_file(tmp_path: Path) -> None:
     small, large = tmp_path / "small.bin", tmp_path / "large.bin"
     small.write_bytes(os.urandom(3_000_123))
     large.write_bytes(os.urandom((16 << 20) + 1))
-
-    def hold(path: Path) -> uncached.Held:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return uncached.read_held(fd, path.stat().st_size)
-        finally:
-            os.close(fd)
-
     first = hold(small)
     buffer = first._buf
     first.release()
@@ -299,6 +299,30 @@ def test_a_released_buffer_holds_the_next_file(tmp_path: Path) -> None:
     assert own is not None and own is not buffer and bytes(big.view) == large.read_bytes()
     big.release()
     assert own.closed
+
+
+def test_a_process_keeps_only_the_buffers_it_used_at_once_whatever_the_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker holds two files at once (one written, the next read). Files growing from 3 to 16 MiB,
+    two at a time, use the same two buffers throughout: none is mapped again for a larger file, and none
+    is kept beyond those (a review found eight kept per worker, one per size seen, with kept buffers
+    sized to their first file)."""
+    monkeypatch.setattr(uncached, "_free", [])  # a process that has held nothing yet
+    used: set[int] = set()
+    for mib in (3, 9, 10, 12, 15, 16):
+        files = [tmp_path / f"{mib}-{n}.bin" for n in range(2)]
+        for path in files:
+            path.write_bytes(os.urandom((mib << 20) - 4096 - 7))
+        held = [hold(path) for path in files]
+        for path, one in zip(files, held, strict=True):
+            assert bytes(one.view) == path.read_bytes()
+            used.add(id(one._buf))
+        for one in held:
+            one.release()
+        for path in files:
+            path.unlink()
+    assert len(used) == 2 and len(uncached._free) == 2
 
 
 def test_without_readv_a_file_is_read_and_copied_into_the_buffer(

@@ -30,9 +30,11 @@ import os
 import threading
 
 ALIGN = 4096  # covers 512-byte and 4 KiB block devices
-_CHUNK = 8 << 20  # an aligned buffer; a larger file is written and read in several direct calls
-_KEPT = 8  # buffers kept for reuse: one per pool worker, upload being received, or thread staging files
-_KEEP_UP_TO = 16 << 20  # a file held in up to this much reuses a kept buffer (as bridge.allocator's heap)
+_CHUNK = 8 << 20  # the most a direct read call asks for, and what a NewFile gathers before it writes
+_KEPT = 8  # buffers a process keeps for reuse: a worker uses two (a file written, the next read), the
+# daemon one per upload being received at once
+_KEPT_SIZE = 16 << 20  # each kept buffer's size: a file up to this fits any of them (as bridge.allocator's
+# heap keeps allocations up to 16 MiB). Only the pages a file touched are memory; the rest is address space.
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 _O_BINARY: int = getattr(os, "O_BINARY", 0)
 _free: list[mmap.mmap] = []
@@ -41,17 +43,19 @@ _free_lock = threading.Lock()
 
 def _take(size: int = _CHUNK) -> mmap.mmap:
     """A block-aligned buffer (anonymous mappings start on a page boundary) of at least `size` bytes.
-    Buffers are reused, so that their pages are mapped once per process and not once per file."""
+    Buffers of `_KEPT_SIZE` are reused, so that their pages are mapped once per process and not once per
+    file, and a process has only as many as it used at once; a larger one is its caller's alone."""
+    if size > _KEPT_SIZE:
+        return mmap.mmap(-1, size)
     with _free_lock:
-        for index in range(len(_free) - 1, -1, -1):
-            if len(_free[index]) >= size:
-                return _free.pop(index)
-    return mmap.mmap(-1, max(size, _CHUNK))
+        if _free:
+            return _free.pop()
+    return mmap.mmap(-1, _KEPT_SIZE)
 
 
 def _give(buf: mmap.mmap) -> None:
     with _free_lock:
-        if len(_free) < _KEPT and len(buf) <= _KEEP_UP_TO:
+        if len(_free) < _KEPT and len(buf) == _KEPT_SIZE:
             _free.append(buf)
             return
     with contextlib.suppress(BufferError):  # a view of it still exists: closed when collected
@@ -201,7 +205,7 @@ class Held:
     """A file's bytes in a block-aligned buffer of this module's (`read_held`): `view` is exactly the
     bytes read. Given back with `release` once nothing reads the bytes any more (the check, the hash and
     the write have ended): the buffer then holds the next file's bytes, so a view kept past that would
-    show them. A file over `_KEEP_UP_TO` gets a buffer of its own, unmapped at `release`."""
+    show them. A file over `_KEPT_SIZE` gets a buffer of its own, unmapped at `release`."""
 
     def __init__(self, buf: mmap.mmap, size: int) -> None:
         self._buf: mmap.mmap | None = buf
