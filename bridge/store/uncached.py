@@ -76,6 +76,23 @@ def _set_direct(fd: int, on: bool) -> bool:
     return True
 
 
+def _write_direct(fd: int, blocks: memoryview) -> int:
+    """Write whole blocks from aligned memory to `fd` (direct transfers on); how many bytes were written
+    before the end, a short write off a block boundary, or a refusal (a device or share that takes the
+    flag but not the write: EINVAL; anything else, such as a full disk, the buffered write that follows
+    raises too)."""
+    done = 0
+    try:
+        while done < len(blocks):
+            written = os.write(fd, blocks[done:])
+            done += written
+            if written % ALIGN:
+                break
+    except OSError:
+        pass
+    return done
+
+
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
         data = data[os.write(fd, data) :]
@@ -110,16 +127,7 @@ class NewFile:
         buffered (as everything after a refusal, as in `_write_blocks`). No buffer is taken: a worker's
         writer thread holding one would make a worker map a third."""
         assert self._buf is None and self._fill == 0, "only as the file's only write"
-        whole = len(view) - len(view) % ALIGN if self._direct else 0
-        done = 0
-        try:
-            while done < whole:
-                written = os.write(self._fd, view[done:whole])
-                done += written
-                if written % ALIGN:
-                    break
-        except OSError:  # refused (EINVAL); anything else the buffered write raises too
-            pass
+        done = _write_direct(self._fd, view[: len(view) - len(view) % ALIGN]) if self._direct else 0
         if self._direct:
             self._direct = False
             _set_direct(self._fd, False)
@@ -148,16 +156,8 @@ class NewFile:
         by the buffered write too) or a short write off a block boundary, the rest goes buffered."""
         assert self._buf is not None
         whole = self._fill - self._fill % ALIGN
-        done = 0
         with memoryview(self._buf) as aligned:
-            try:
-                while done < whole:
-                    written = os.write(self._fd, aligned[done:whole])
-                    done += written
-                    if written % ALIGN:
-                        break
-            except OSError:
-                pass
+            done = _write_direct(self._fd, aligned[:whole])
             if done < whole:
                 self._direct = False
                 _set_direct(self._fd, False)
