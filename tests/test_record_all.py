@@ -27,7 +27,9 @@ OPP_WEB = {"id": "WEB-3307", "last": "O'Sullivan", "first": "Máire", "birth": "
 DEXIS = {"id": "DX7781", "last": "Kowalczyk", "first": "Zofia", "birth": "4/2/1979"}
 INTEGRATOR = {"id": "INT4242", "last": "Thorvaldsen", "first": "Bjørn", "birth": "19880119"}
 EAGLESOFT = {
-    "id": "55102",
+    # seven digits: "55102" was once found inside a pseudonymised birth date (19551024) by chance, a leak
+    # the check below reported; no valid eight-digit date holds these seven
+    "id": "5510277",
     "last": "Brontëfield",
     "first": "Anneliese",
     "birth": "1/17/1980",

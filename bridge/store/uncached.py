@@ -211,9 +211,6 @@ class Held:
         self._buf: mmap.mmap | None = buf
         self.view = memoryview(buf)[:size]
 
-    def __len__(self) -> int:
-        return len(self.view)
-
     def release(self) -> None:
         """Give the buffer back (once; later calls do nothing)."""
         if self._buf is not None:
