@@ -71,7 +71,7 @@ def _driver_insert(dialect: Dialect) -> _DriverInsert:
     return found
 
 
-def _insert_reads(session: Session, rows: list[dict[str, Any]]) -> None:
+def _insert_rows(session: Session, rows: list[dict[str, Any]]) -> None:
     conn = session.connection()
     plan = _driver_insert(conn.dialect)
     for name, processor in plan.processors.items():
@@ -135,6 +135,15 @@ class AuditLog:
         """Record a change in the transaction of `session` (committed or rolled back with it)."""
         session.add(AuditEntry(**_row(origin, action, patient_id, image_id, detail)))
 
+    @staticmethod
+    def image_changes(
+        session: Session, origin: Origin, action: str, patient_id: int, image_ids: list[int]
+    ) -> None:
+        """Record the same change to many images of a patient in the transaction of `session`, as one
+        executemany (an import batch's `image.add`: ORM objects cost ~0.1 ms of Python each)."""
+        session.flush()  # the rows go in order after what the session holds
+        _insert_rows(session, [_row(origin, action, patient_id, image_id, "") for image_id in image_ids])
+
     def read(
         self,
         origin: Origin,
@@ -161,7 +170,7 @@ class AuditLog:
                 batch = [self._pending.popleft() for _ in range(min(self.FLUSH_CHUNK, len(self._pending)))]
 
                 def work(session: Session, batch: list[dict[str, Any]] = batch) -> None:
-                    _insert_reads(session, [dict(row) for row in batch])  # copies: a retry starts afresh
+                    _insert_rows(session, [dict(row) for row in batch])  # copies: a retry starts afresh
 
                 try:
                     await self._db.write(work, watched=False)

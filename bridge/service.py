@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
@@ -59,7 +60,6 @@ from bridge.store.models import (
     AuditEntry,
     ChartAlias,
     Conflict,
-    Image,
     OutboxMessage,
     Patient,
     PmsLink,
@@ -207,6 +207,13 @@ def disagreements(stored: Any, incoming: Demographics) -> dict[str, str]:
 def new_uid() -> str:
     """A DICOM UID from a random UUID (the 2.25 root needs no registered organisation prefix)."""
     return f"2.25.{uuid.uuid4().int}"
+
+
+IN_CHUNK = 500  # values per IN (...) list: SQL Server takes at most 2100 parameters in a statement
+
+
+def _chunks(values: list[str]) -> list[list[str]]:
+    return [values[start : start + IN_CHUNK] for start in range(0, len(values), IN_CHUNK)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1616,93 +1623,110 @@ class BridgeService:
         `queued`); their ids are registered as this process's own (and kept in `registered`) before the
         transaction commits."""
         now = utcnow()
-        # A batch's studies and series are looked up once each and its images inserted in one flush:
-        # a query and a flush per image were most of a DICOM import's database time.
-        studies: dict[str, Study] = {}
-        series_by_uid: dict[str, Series] = {}
-        placed: list[tuple[Image, Series, Study]] = []
-        for item in new:
-            study = self._study_for(session, patient_id, item, now, studies)
-            series = self._series_for(session, study, item, now, series_by_uid)
-            image = Image(
-                patient_id=patient_id,
-                series_id=series.id,
-                sop_instance_uid=item.sop_instance_uid or new_uid(),
-                sha256=item.sha256,
-                file_ext=item.file_ext,
-                media_type=item.media_type,
-                size_bytes=item.size_bytes,
-                category=item.category.value,
-                tooth_numbers=list(item.tooth_numbers),
-                rotation=item.rotation,
-                mirrored=item.mirrored,
-                width=item.width,
-                height=item.height,
-                frames=item.frames,
-                bits_stored=item.bits_stored,
-                color=item.color,
-                captured_at=item.captured_at,
-                imported_at=now,
-                device=item.device,
-                comment=item.comment,
-                attributes=item.attributes,
-            )
-            session.add(image)
-            placed.append((image, series, study))
-        session.flush()
-        registered.extend(image.id for image, _series, _study in placed)
+        studies = self._studies_for(session, patient_id, new, now)
+        series = self._series_for(session, studies, new, now)
+        rows = [
+            {
+                "patient_id": patient_id,
+                "series_id": placed.id,
+                "sop_instance_uid": item.sop_instance_uid or new_uid(),
+                "sha256": item.sha256,
+                "file_ext": item.file_ext,
+                "media_type": item.media_type,
+                "size_bytes": item.size_bytes,
+                "category": item.category.value,
+                "tooth_numbers": list(item.tooth_numbers),
+                "rotation": item.rotation,
+                "mirrored": item.mirrored,
+                "width": item.width,
+                "height": item.height,
+                "frames": item.frames,
+                "bits_stored": item.bits_stored,
+                "color": item.color,
+                "captured_at": item.captured_at,
+                "imported_at": now,
+                "device": item.device,
+                "comment": item.comment,
+                "attributes": item.attributes,
+            }
+            for item, placed in zip(new, series, strict=True)
+        ]
+        image_ids = list(session.scalars(q.insert_images(), rows))
+        registered.extend(image_ids)
         self.own_additions.adding(registered)
-        added: list[ImageView] = []
-        for image, series, study in placed:
-            self.audit.change(session, origin, "image.add", patient_id=patient_id, image_id=image.id)
-            added.append(image_view(image, series.series_uid, study.study_uid))
-        queued.update(self._enqueue_pushes(session, patient_id, [view.id for view in added], now))
+        self.audit.image_changes(session, origin, "image.add", patient_id, image_ids)
+        added = [
+            image_view(SimpleNamespace(id=image_id, **row), placed.series_uid, study.study_uid)
+            for image_id, row, placed, study in zip(image_ids, rows, series, studies, strict=True)
+        ]
+        queued.update(self._enqueue_pushes(session, patient_id, image_ids, now))
         return added
 
     @staticmethod
-    def _study_for(
-        session: Session, patient_id: int, item: NewImage, now: datetime, known: dict[str, Study]
-    ) -> Study:
-        study = known.get(item.study_uid)
-        if study is None and item.study_uid:
-            study = session.scalars(q.study_by_uid(item.study_uid)).first()
-        if study is None:
-            study = Study(
-                patient_id=patient_id,
-                study_uid=item.study_uid or new_uid(),
-                description=item.study_description,
-                study_date=item.captured_at,
-                created_at=now,
-            )
-            session.add(study)
-            session.flush()
-        elif study.patient_id != patient_id:
-            raise Refused(Outcome(Status.CONFLICT, f"study {item.study_uid} belongs to another patient"))
-        known[study.study_uid] = study
-        return study
+    def _studies_for(
+        session: Session, patient_id: int, new: Sequence[NewImage], now: datetime
+    ) -> list[Study]:
+        """Each new image's study: the stored one of its UID (looked up for the whole batch at once),
+        else created; an image without a study UID gets a study of its own. A stored study of another
+        patient is refused."""
+        wanted = sorted({item.study_uid for item in new if item.study_uid})
+        known = {
+            study.study_uid: study
+            for chunk in _chunks(wanted)
+            for study in session.scalars(q.studies_by_uid(chunk))
+        }
+        studies: list[Study] = []
+        for item in new:
+            study = known.get(item.study_uid) if item.study_uid else None
+            if study is None:
+                study = Study(
+                    patient_id=patient_id,
+                    study_uid=item.study_uid or new_uid(),
+                    description=item.study_description,
+                    study_date=item.captured_at,
+                    created_at=now,
+                )
+                session.add(study)
+                if item.study_uid:
+                    known[item.study_uid] = study
+            elif study.patient_id != patient_id:
+                raise Refused(Outcome(Status.CONFLICT, f"study {item.study_uid} belongs to another patient"))
+            studies.append(study)
+        session.flush()  # the new studies' ids
+        return studies
 
     @staticmethod
     def _series_for(
-        session: Session, study: Study, item: NewImage, now: datetime, known: dict[str, Series]
-    ) -> Series:
-        series = known.get(item.series_uid)
-        if series is None and item.series_uid:
-            series = session.scalars(q.series_by_uid(item.series_uid)).first()
-        if series is None:
-            series = Series(
-                study_id=study.id,
-                series_uid=item.series_uid or new_uid(),
-                modality=item.modality,
-                description=item.series_description,
-                number=item.series_number,
-                created_at=now,
-            )
-            session.add(series)
-            session.flush()
-        elif series.study_id != study.id:
-            raise Refused(Outcome(Status.CONFLICT, f"series {item.series_uid} belongs to another study"))
-        known[series.series_uid] = series
-        return series
+        session: Session, studies: list[Study], new: Sequence[NewImage], now: datetime
+    ) -> list[Series]:
+        """Each new image's series (in `studies`, the images' studies), as `_studies_for` finds studies;
+        a stored series of another study is refused."""
+        wanted = sorted({item.series_uid for item in new if item.series_uid})
+        known = {
+            series.series_uid: series
+            for chunk in _chunks(wanted)
+            for series in session.scalars(q.series_by_uid(chunk))
+        }
+        found: list[Series] = []
+        for item, study in zip(new, studies, strict=True):
+            series = known.get(item.series_uid) if item.series_uid else None
+            if series is None:
+                series = Series(
+                    study_id=study.id,
+                    series_uid=item.series_uid or new_uid(),
+                    modality=item.modality,
+                    description=item.series_description,
+                    number=item.series_number,
+                    created_at=now,
+                )
+                session.add(series)
+                if item.series_uid:
+                    known[item.series_uid] = series
+            elif series.study_id != study.id:
+                raise Refused(Outcome(Status.CONFLICT, f"series {item.series_uid} belongs to another study"))
+            found.append(series)
+        session.flush()  # the new series' ids, before the images that reference them
+        return found
 
     def _enqueue_pushes(
         self,
