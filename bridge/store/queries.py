@@ -1,4 +1,5 @@
-"""Every SELECT/UPDATE/DELETE the bridge runs (and the images' bulk INSERT), as functions that build a statement and run nothing.
+"""Every SELECT/UPDATE/DELETE the bridge runs (and the images' bulk INSERT), as functions that build a
+statement and run nothing.
 
 Keeping the statements here, apart from the code that executes them, lets one test compile each of them
 for every supported dialect (SQLite, PostgreSQL, SQL Server) without a server of each kind at hand.
@@ -411,7 +412,7 @@ def series_by_uid(series_uids: list[str]) -> Select[Series]:
     return select(Series).where(Series.series_uid.in_(series_uids))
 
 
-def insert_images() -> ReturningInsert[tuple[int]]:
+def insert_images() -> ReturningInsert[int]:
     """An ORM bulk INSERT of image rows (a list of dicts as its parameters), answering their ids in the
     order of the rows: one executemany for a batch, instead of the unit of work's bookkeeping for each
     object, which was most of a DICOM import's database time (docs/dicom.md, "Performance")."""
