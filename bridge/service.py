@@ -31,6 +31,7 @@ from datetime import date, datetime
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
+from sqlalchemy import Select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -210,10 +211,19 @@ def new_uid() -> str:
 
 
 IN_CHUNK = 500  # values per IN (...) list: SQL Server takes at most 2100 parameters in a statement
+StudyOrSeries = TypeVar("StudyOrSeries", Study, Series)
 
 
-def _chunks(values: list[str]) -> list[list[str]]:
-    return [values[start : start + IN_CHUNK] for start in range(0, len(values), IN_CHUNK)]
+def _stored_by_uid(
+    session: Session, uids: list[str], query: Callable[[list[str]], Select[StudyOrSeries]]
+) -> dict[str, StudyOrSeries]:
+    """The stored studies (or series) of the non-empty `uids`, by UID: one query per IN_CHUNK of them."""
+    wanted = sorted({uid for uid in uids if uid})
+    found: dict[str, StudyOrSeries] = {}
+    for start in range(0, len(wanted), IN_CHUNK):
+        for row in session.scalars(query(wanted[start : start + IN_CHUNK])):
+            found[row.study_uid if isinstance(row, Study) else row.series_uid] = row
+    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1669,12 +1679,7 @@ class BridgeService:
         """Each new image's study: the stored one of its UID (looked up for the whole batch at once),
         else created; an image without a study UID gets a study of its own. A stored study of another
         patient is refused."""
-        wanted = sorted({item.study_uid for item in new if item.study_uid})
-        known = {
-            study.study_uid: study
-            for chunk in _chunks(wanted)
-            for study in session.scalars(q.studies_by_uid(chunk))
-        }
+        known = _stored_by_uid(session, [item.study_uid for item in new], q.studies_by_uid)
         studies: list[Study] = []
         for item in new:
             study = known.get(item.study_uid) if item.study_uid else None
@@ -1701,12 +1706,7 @@ class BridgeService:
     ) -> list[Series]:
         """Each new image's series (in `studies`, the images' studies), as `_studies_for` finds studies;
         a stored series of another study is refused."""
-        wanted = sorted({item.series_uid for item in new if item.series_uid})
-        known = {
-            series.series_uid: series
-            for chunk in _chunks(wanted)
-            for series in session.scalars(q.series_by_uid(chunk))
-        }
+        known = _stored_by_uid(session, [item.series_uid for item in new], q.series_by_uid)
         found: list[Series] = []
         for item, study in zip(new, studies, strict=True):
             series = known.get(item.series_uid) if item.series_uid else None

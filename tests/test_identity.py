@@ -27,7 +27,7 @@ from bridge.model import (
 )
 from bridge.runtime import Runtime
 from bridge.service import Refused, fold, same_beyond_spelling
-from bridge.store.models import Patient, PmsLink
+from bridge.store.models import AuditEntry, Image, Patient, PmsLink
 from bridge.store.types import utcnow
 from tests.support.rows import image_row
 
@@ -729,3 +729,45 @@ async def test_opening_a_known_unchanged_patient_needs_no_write_lock(tmp_path: P
         assert actions.count("patient.open") == 1 and "patient.update" in actions
     finally:
         rt.close()
+
+
+async def test_a_batch_of_images_finds_and_creates_its_studies_and_series_once(runtime: Runtime) -> None:
+    """`add_images` looks a batch's studies and series up at once: images of one study UID share it (a
+    stored one or one the batch creates), an image without UIDs gets a study and series of its own, each
+    image's row, audit entry and view come back in the batch's order, and a series UID stored under
+    another study refuses the whole batch (nothing of it stays)."""
+    outcome, [first] = await runtime.service.import_images(
+        req("B1", action=Action.IMPORT), [image_row(study_uid="1.2.9.1")]
+    )
+    assert outcome.patient is not None
+    patient_id = outcome.patient.id
+    uids = ["1.2.9.1", "1.2.9.2", "", "1.2.9.2", ""]
+    batch = [
+        replace(image_row(study_uid=uid, sop_instance_uid=f"1.2.9.9.{n}"), series_uid=uid and uid + ".7")
+        for n, uid in enumerate(uids)
+    ]
+    views = await runtime.service.add_images(ORIGIN, patient_id, batch)
+    assert [v.sop_instance_uid for v in views] == [f"1.2.9.9.{n}" for n in range(5)]
+    assert views[0].study_uid == first.study_uid == "1.2.9.1"
+    assert views[1].study_uid == views[3].study_uid == "1.2.9.2"
+    assert views[1].series_uid == views[3].series_uid == "1.2.9.2.7"
+    own = {views[2].study_uid, views[4].study_uid}
+    assert len(own) == 2 and not own & {"1.2.9.1", "1.2.9.2"}  # generated, one per image
+    assert views[2].series_uid != views[4].series_uid
+
+    def stored(session: Session) -> tuple[list[tuple[int, str]], list[int | None]]:
+        rows = session.execute(select(Image.id, Image.sop_instance_uid).order_by(Image.id)).all()
+        audited = session.scalars(
+            select(AuditEntry.image_id).where(AuditEntry.action == "image.add").order_by(AuditEntry.id)
+        ).all()
+        return [(row.id, row.sop_instance_uid) for row in rows], list(audited)
+
+    rows, audited = runtime.db.read_sync(stored)
+    assert rows[1:] == [(v.id, v.sop_instance_uid) for v in views]
+    assert audited == [first.id, *(v.id for v in views)]
+
+    moved = replace(image_row(study_uid="1.2.9.3", sop_instance_uid="1.2.9.9.9"), series_uid="1.2.9.2.7")
+    with pytest.raises(Refused, match=r"series 1\.2\.9\.2\.7 belongs to another study"):
+        await runtime.service.add_images(ORIGIN, patient_id, [image_row(sop_instance_uid="1.2.9.9.8"), moved])
+    rows_after, _ = runtime.db.read_sync(stored)
+    assert rows_after == rows
