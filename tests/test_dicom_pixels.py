@@ -67,7 +67,9 @@ def test_native_grey_files_are_described_as_the_full_decode_describes_them(
             raise AssertionError("decoded")
 
         monkeypatch.setattr(pixels, "analyze_dicom", no_decode)
+    before = bytes(file.data)
     assert pixels.check(file) == expected
+    assert bytes(file.data) == before  # the bits above BitsStored are masked in a copy, not in the file
 
 
 @pytest.mark.parametrize(

@@ -558,20 +558,10 @@ def analyze_native_grey(ds: Any, pixel_data: memoryview) -> Analysis | None:
         if int(ds.get("PixelRepresentation", 0)) == 1:
             return None
         rows, columns = image.rows, image.columns
-        pixels = np.frombuffer(pixel_data, "<u2", rows * columns).reshape(rows, columns)
-        if image.bits_stored < 16:
-            pixels = pixels & np.uint16((1 << image.bits_stored) - 1)
-        sampled = Decoded(
-            color=False,
-            bits_stored=image.bits_stored,
-            lossy=image.lossy,
-            file_ext="dcm",
-            media_type="application/dicom",
-            pixels=pixels,
-            slope=slope,
-            intercept=intercept,
-        )
-        attributes["window"] = auto_window(sampled).to_json()
+        sample = _grid_sample(np.frombuffer(pixel_data, "<u2", rows * columns).reshape(rows, columns))
+        if image.bits_stored < 16:  # only the sample is masked (the whole image was 0.2 ms of 3 MB);
+            sample = sample & np.uint16((1 << image.bits_stored) - 1)  # not in place: it may be the file
+        attributes["window"] = _window_of(sample, 0, slope, intercept).to_json()
     return Analysis(
         file_ext="dcm",
         media_type="application/dicom",
@@ -607,16 +597,25 @@ def auto_window(decoded: Decoded) -> Window:
     Percentiles come from a histogram (np.bincount) of at most AUTO_WINDOW_SAMPLES pixels, so the
     answer is deterministic (the same file always gets the same window) and costs about a millisecond.
     """
-    pixels = decoded.pixels
-    assert pixels is not None, "only deep images get an automatic window"
+    assert decoded.pixels is not None, "only deep images get an automatic window"
+    return _window_of(_grid_sample(decoded.pixels), decoded.offset, decoded.slope, decoded.intercept)
+
+
+def _grid_sample(pixels: Pixels) -> Pixels:
+    """A regular grid of at most about AUTO_WINDOW_SAMPLES of `pixels`, flat (a view of them when the
+    grid takes every pixel)."""
     step = max(1, round((pixels.shape[0] * pixels.shape[1] / AUTO_WINDOW_SAMPLES) ** 0.5))
-    sample = pixels[::step, ::step].ravel()
+    return pixels[::step, ::step].ravel()
+
+
+def _window_of(sample: Pixels, offset: int, slope: float, intercept: float) -> Window:
+    """`auto_window`'s window from a sample of stored values (signed ones shifted by `offset`)."""
     counts = np.cumsum(np.bincount(sample, minlength=256))
     low_q, high_q = AUTO_WINDOW_PERCENTILES
     low = int(np.searchsorted(counts, counts[-1] * low_q / 100.0))
     high = int(np.searchsorted(counts, counts[-1] * high_q / 100.0))
-    low_v = (low - decoded.offset) * decoded.slope + decoded.intercept
-    high_v = (high - decoded.offset) * decoded.slope + decoded.intercept
+    low_v = (low - offset) * slope + intercept
+    high_v = (high - offset) * slope + intercept
     low_v, high_v = min(low_v, high_v), max(low_v, high_v)
     width = max(high_v - low_v, 1.0)
     return Window(center=low_v + width / 2, width=width, function="LINEAR_EXACT", source="auto")
