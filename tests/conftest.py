@@ -256,10 +256,14 @@ def daemon_factory(tmp_path: Path, store_url: str) -> Iterator[Any]:
         return daemon
 
     yield start
-    for daemon in started:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait(10)
+    for daemon in started:  # stopped as a service manager stops it: a killed daemon leaves its pool's
+        if daemon.proc.poll() is None:  # temporary folder (pymp-*) behind, one per daemon and test
+            daemon.proc.terminate()
+            try:
+                daemon.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.proc.kill()
+                daemon.proc.wait(10)
 
 
 @pytest.fixture
