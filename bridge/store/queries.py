@@ -414,8 +414,10 @@ def series_by_uid(series_uids: list[str]) -> Select[Series]:
 
 def insert_images() -> ReturningInsert[int]:
     """An ORM bulk INSERT of image rows (a list of dicts as its parameters), answering their ids in the
-    order of the rows: one executemany for a batch, instead of the unit of work's bookkeeping for each
-    object, which was most of a DICOM import's database time (docs/dicom.md, "Performance")."""
+    order of the rows: a batch goes in without the unit of work's bookkeeping for each object, which was
+    most of a DICOM import's database time (docs/dicom.md, "Performance"). SQLAlchemy sends it as one
+    statement per batch where the backend can tell the ids' order, and as a statement per row where it
+    cannot (SQLite)."""
     return insert(Image).returning(Image.id, sort_by_parameter_order=True)
 
 
