@@ -597,8 +597,9 @@ async def test_a_new_patient_whose_first_batch_fails_is_created_by_its_later_vol
 async def test_a_new_patient_whose_files_cannot_be_flushed_is_not_created(
     runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The folders of a batch's files are flushed before its transaction: when that fails, the batch is
-    reported and its new patient is not created (its creation is part of that transaction)."""
+    """The folders holding a file's name are flushed before its batch's transaction: when that fails, the
+    file is reported, removed again (it was renamed into place already), and its new patient is not
+    created (its creation is part of that transaction)."""
     path = write(dental_dataset(patient_id="NEW7"), tmp_path / "a.dcm")
 
     def sync_folder(folder: Path) -> None:
@@ -608,6 +609,7 @@ async def test_a_new_patient_whose_files_cannot_be_flushed_is_not_created(
     report = await run_import(runtime, path)
     assert [p.reason for p in report.errors] == [f"cannot be stored: {os.strerror(errno.EIO)}"]
     assert patients_by_pms_id(runtime) == {} and await created_patients(runtime) == 0
+    assert [p for p in runtime.files.root.rglob("*") if p.is_file()] == []
     monkeypatch.undo()
     again = await run_import(runtime, path)
     assert len(again.imported) == 1 and list(patients_by_pms_id(runtime)) == ["NEW7"]

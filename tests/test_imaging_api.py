@@ -221,6 +221,42 @@ async def test_a_failed_store_insert_removes_the_files_it_wrote(runtime: Runtime
     assert stored_files(runtime.settings) == []
 
 
+async def test_ingested_files_are_flushed_before_their_rows_and_removed_when_that_fails(
+    runtime: Runtime, api_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ingest_all` adds no row for a file whose name a power cut could still lose: the folders holding the
+    names are flushed first; when that fails, nothing is added and the files go again."""
+    import errno
+
+    patient_id = await new_patient(api_client)
+    data = synthetic.png_bytes(synthetic.intraoral(100, 80))
+    synced: list[Path] = []
+    real_add = runtime.service.add_images
+
+    def sync_folder(folder: Path) -> None:
+        synced.append(folder)
+
+    async def add_images(origin: Origin, patient: int, new: list[Any]) -> list[Any]:
+        path = runtime.files.path_for(new[0].sha256, new[0].file_ext)
+        assert {path.parent, path.parent.parent, runtime.files.root} <= set(synced)
+        return await real_add(origin, patient, new)
+
+    monkeypatch.setattr(runtime.files, "sync_folder", sync_folder)
+    monkeypatch.setattr(runtime.service, "add_images", add_images)
+    [view] = await runtime.imaging.ingest_all(runtime.service, ORIGIN, patient_id, [("a.png", data)])
+    assert view.patient_id == patient_id
+
+    def failing(folder: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(folder))
+
+    monkeypatch.setattr(runtime.files, "sync_folder", failing)
+    before = stored_files(runtime.settings)
+    other = synthetic.png_bytes(synthetic.intraoral(90, 80))
+    with pytest.raises(OSError):
+        await runtime.imaging.ingest_all(runtime.service, ORIGIN, patient_id, [("b.png", other)])
+    assert stored_files(runtime.settings) == before
+
+
 async def test_a_failed_insert_keeps_files_that_stored_images_use(runtime: Runtime, api_client: Any) -> None:
     data = synthetic.png_bytes(synthetic.intraoral(100, 80))
     kept = await upload_one(api_client, data)

@@ -218,6 +218,53 @@ def test_file_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
         store.path_for("a" * 64, "png/../x")
 
 
+def test_a_stored_name_is_flushed_with_the_folders_above_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`commit` returns once the file's name is durable: its `ab/cd` folder flushed, and `ab` and the root
+    too the first time (they gained a folder). A second file in the same folder flushes that folder
+    only. A folder whose parent could not be flushed is not taken as durable: the next file flushes it."""
+    import errno
+    import os
+
+    files = FileStore(tmp_path / "images")
+    files.create_root()
+    synced: list[Path] = []
+    failing: set[Path] = set()
+
+    def sync_folder(folder: Path) -> None:
+        if folder in failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(folder))
+        synced.append(folder)
+        FileStore.sync_folder(folder)
+
+    monkeypatch.setattr(files, "sync_folder", sync_folder)
+
+    def commit(data: bytes, sha256: str) -> Path:
+        staged = files.staging_path()
+        staged.write_bytes(data)
+        return files.commit(staged, sha256, "dcm")
+
+    first = commit(b"one", "ab" * 32)
+    assert first.read_bytes() == b"one" and synced == [first.parent, first.parent.parent, files.root]
+    synced.clear()
+    second = commit(b"two", "abab" + "cd" * 30)  # the same ab/cd folder
+    assert synced == [second.parent]
+    synced.clear()
+    assert commit(b"one", "ab" * 32) == first  # bytes already stored: the copy goes, the name is flushed
+    assert synced == [first.parent] and list((files.root / STAGING).iterdir()) == []
+    synced.clear()
+    failing.add(files.root)
+    third = files.path_for("ef" * 32, "dcm")
+    with pytest.raises(OSError):
+        commit(b"three", "ef" * 32)
+    assert third.read_bytes() == b"three"  # in place, its name not durable: the caller removes it
+    failing.clear()
+    synced.clear()
+    files.make_durable([third])
+    assert synced == [third.parent, third.parent.parent, files.root]
+
+
 async def test_a_dropped_database_connection_is_retried_once(pg_server: str) -> None:
     """PostgreSQL restarted or a firewall cut the pool's connections: the next request still succeeds."""
     import psycopg

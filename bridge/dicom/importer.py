@@ -4,8 +4,9 @@
    (prepare; up to `FILES_PER_TASK` files per pool task): the file is read once, its header mapped (read),
    its pixel data checked (pixels: native grey data by its length, everything else decoded completely), its
    bytes hashed and written to the store's staging folder. Only facts come back: moving a file's bytes
-   between processes costs more than checking them. The daemon flushes each file and renames it into place
-   in a thread while the workers go on.
+   between processes costs more than checking them. The daemon flushes each file, renames it into place
+   and flushes the folders holding its new name in a thread while the workers go on, so that a row never
+   references a file a power cut would lose.
 2. Each distinct patient (PMS id and demographics as the files carry them) goes through the service as an
    IMPORT request: found by the identity rules, created only under `allow_patient_creation`, never
    updated from a file, a conflict refused with the service's reason. A new patient is created together
@@ -13,8 +14,7 @@
    added never exists (nothing half-imported remains).
 3. A SOP Instance UID already stored is "already imported" when the bytes are the same, and refused when
    they differ (another object must not hide under a stored UID).
-4. A patient's images are added through `service.add_images` in batches, one transaction each, after the
-   folders of the batch's files are flushed (a row never references a file a power cut would lose); a
+4. A patient's images are added through `service.add_images` in batches, one transaction each; a
    batch the store refuses is retried image by image, so one refused image does not hold back the others.
    An image is added completely or not at all: the files of images that were not added are removed again
    (unless a stored image has the same bytes).
@@ -250,8 +250,8 @@ class Importer:
             root,
             self.adopt,
         )
-        for result in results or []:
-            await self._take(result)
+        # at once: each stored file waits for the disk while it is flushed and put in place (`_commit`)
+        await asyncio.gather(*(self._take(result) for result in results or []))
 
     async def _in_pool(self, paths: Sequence[str], fn: Callable[..., T], *args: Any) -> T | None:
         """`fn(*args)` in the imaging pool for the files `paths`, in one of this import's slots; None, with
@@ -282,8 +282,10 @@ class Importer:
             self._series[(result.series_uid, result.pms_id)].append(result)
 
     async def _commit(self, stored: Stored) -> bool:
-        """Flush a worker's file to disk and rename it into place, in a thread while the workers read on
-        (an fsync in a worker would leave its core idle); False, with the file reported, when that fails."""
+        """Flush a worker's file to disk, rename it into place and flush the folders that hold its name,
+        in a thread while the workers read on (an fsync in a worker would leave its core idle), so that no
+        row can reference a file a power cut would lose; False, with the file reported and whatever was
+        put in place removed again, when that fails."""
         await self.rt.imaging.claim([stored.sha256])  # released when its batch is added or given up
         staged, ext = Path(stored.pending), stored.analysis.file_ext
         commit = asyncio.ensure_future(asyncio.to_thread(self.rt.files.commit, staged, stored.sha256, ext))
@@ -299,19 +301,7 @@ class Importer:
             self.rt.imaging.release([stored.sha256])
             reason = f"cannot be stored: {exc.strerror or exc}"
             self.report.errors.extend(Problem(path, reason) for path in stored.paths)
-            return False
-        return True
-
-    async def _durable(self, batch: list[Stored]) -> bool:
-        """Flush the folders of a batch's files once each, so that every file is on disk under its name
-        before the transaction that references it commits; False, with the files reported, on failure."""
-        files = self.rt.files
-        folders = files.folders_to_sync(files.path_for(s.sha256, s.analysis.file_ext) for s in batch)
-        try:
-            await asyncio.gather(*(asyncio.to_thread(files.sync_folder, folder) for folder in folders))
-        except OSError as exc:
-            reason = f"cannot be stored: {exc.strerror or exc}"
-            self.report.errors.extend(Problem(path, reason) for s in batch for path in s.paths)
+            await self._discard([stored])  # renamed into place, its name not flushed: removed
             return False
         return True
 
@@ -393,7 +383,7 @@ class Importer:
             try:
                 if patient.problem:
                     self._refuse(batch, patient.problem)
-                elif await self._durable(batch):
+                else:
                     added = await self._add(patient, batch)
             finally:
                 self.rt.imaging.release([s.sha256 for s in batch])

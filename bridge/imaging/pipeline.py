@@ -199,6 +199,8 @@ class Imaging:
                     new.append(await self.ingest(data, **metadata))
                 except ImagingError as exc:
                     raise ImagingError(f"{name or 'file'}: {exc}") from None
+            stored = [self.files.path_for(image.sha256, image.file_ext) for image in new]
+            await asyncio.to_thread(self.files.make_durable, stored)  # before a row references them
             views = await service.add_images(origin, patient_id, new)
             added = True
             return views

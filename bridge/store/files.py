@@ -4,12 +4,12 @@ Writes are atomic (a temporary file in the same folder, fsync, rename), so a cra
 leaves a half-written file under a final name; the SHA-256 in the file name is the integrity hash that
 `pms-bridge reconcile` re-checks.
 
-A bulk import splits that write in three, so that the waits for the disk overlap instead of adding up:
+A bulk import splits that write in two, so that the waits for the disk overlap instead of adding up:
 a process-pool worker writes the file under a `staging_path` past the page cache (bridge.store.uncached)
-while it checks and hashes the same bytes,
-`commit` flushes it and renames it into place (in a thread of the daemon, while the workers read on), and
-`sync_folder` flushes each folder that gained names once for a whole batch (`folders_to_sync`), before
-the database transaction that references the files commits.
+while it checks and hashes the same bytes, and `commit` flushes it, renames it into place and flushes the
+folders that hold its new name (in a thread of the daemon, while the workers read on), so the name is
+durable before the database transaction that references the file commits. `put` leaves that last flush to
+`make_durable`, which its caller runs for all its files at once.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ class FileStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # `ab/cd` and `ab` folders whose own names this store flushed to disk (`make_durable`): a new file
+        # in one needs only its folder flushed. Filled as files go in; at most 65,792 entries.
+        self._durable_folders: set[Path] = set()
 
     def path_for(self, sha256: str, ext: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -78,7 +81,8 @@ class FileStore:
 
     def put(self, data: bytes, ext: str, digest: str | None = None) -> tuple[str, Path]:
         """Store `data` (idempotent: the same bytes give the same file) and return (sha256, path);
-        `digest`: the bytes' SHA-256 when the caller has it already."""
+        `digest`: the bytes' SHA-256 when the caller has it already. The name is durable once the caller
+        ran `make_durable` (once for all the files it puts)."""
         digest = digest or sha256_bytes(data)
         path = self.path_for(digest, ext)
         if not path.exists():
@@ -115,41 +119,48 @@ class FileStore:
 
     def commit(self, path: Path, sha256: str, ext: str) -> Path:
         """Flush a complete file the bridge wrote itself (staged, or a received upload on this store's
-        file system) to disk and rename it to its final name; the final path. When the store already
-        holds those bytes, `path` is removed instead. The new name is durable after `sync_folders`.
-        """
+        file system) to disk, rename it to its final name and make that name durable (`make_durable`); the
+        final path. When the store already holds those bytes, `path` is removed instead (and the stored
+        file's name made durable too: another thread may have renamed it in a moment ago). After an
+        OSError the final path may exist without being durable: the caller removes it unless it is
+        referenced (bridge.imaging.pipeline's `discard`)."""
         target = self.path_for(sha256, ext)
         try:
             if target.exists():
                 path.unlink()
-                return target
-            self._make_folders(target)
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(path, target)
+            else:
+                self._make_folders(target)
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(path, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
+        self.make_durable([target])
         return target
 
-    def folders_to_sync(self, paths: Iterable[Path]) -> list[Path]:
-        """The folders that must be flushed to disk (`sync_folder`) so that names `commit` gave these
-        stored files survive a power cut: their folders and the store's folders above them, each once.
-        None on Windows, which needs no such call (NTFS journals its directories; a folder cannot even be
+    def make_durable(self, paths: Iterable[Path]) -> None:
+        """Flush to disk the folders that hold the names of these stored files, so that the names survive
+        a power cut: each file's `ab/cd` folder, and the folders above it (`ab`, the root) until this
+        store has flushed them once (a folder is known durable once the folders above it, up to the root,
+        were flushed after it was made; a folder another thread has just made is flushed again). Nothing
+        on Windows, which needs no such call (NTFS journals its directories; a folder cannot even be
         opened for it)."""
         if os.name == "nt":
-            return []
-        folders = {self.root}
+            return
         for path in paths:
             folder = path.parent
-            while folder != self.root and self.root in folder.parents:
-                folders.add(folder)
+            self.sync_folder(folder)
+            made: list[Path] = []  # durable only together: a folder in a folder whose name may be lost is not
+            while folder not in self._durable_folders and self.root in folder.parents:
+                self.sync_folder(folder.parent)
+                made.append(folder)
                 folder = folder.parent
-        return sorted(folders)
+            self._durable_folders.update(made)
 
     @staticmethod
     def sync_folder(folder: Path) -> None:
