@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from bridge.dicom import volume
-from bridge.dicom.importer import Importer, ImportReport
+from bridge.dicom.importer import FILES_PER_TASK, Importer, ImportReport, task_bounds
 from bridge.dicom.wrap import decoded_pixels
 from bridge.imaging import analyze
 from bridge.model import Action, Demographics, NewImage, Origin, PatientRequest, Sex
@@ -665,6 +665,20 @@ async def test_the_same_file_twice_in_one_import_is_stored_once(runtime: Runtime
     assert len(image_rows(runtime)) == 1
 
 
+async def test_one_file_reached_three_ways_is_read_once(runtime: Runtime, tmp_path: Path) -> None:
+    """A file in a walked folder, the same file named on its own, and a link to it in another folder (a
+    walked folder's plain files are keyed by the folder's resolved path, the rest resolved one by one):
+    one file, read once, nothing reported."""
+    folder = tmp_path / "set"
+    folder.mkdir()
+    path = write(dental_dataset(), folder / "a.dcm")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "to-a.dcm").symlink_to(path)
+    report = await run_import(runtime, folder, path, tmp_path / "links", tmp_path / "set" / ".." / "set")
+    assert len(report.imported) == 1 and report.skipped == [] and report.errors == []
+    assert len(image_rows(runtime)) == 1
+
+
 async def test_imported_thumbnails_render_on_first_request(runtime: Runtime, tmp_path: Path) -> None:
     report = await run_import(runtime, write(dental_dataset(), tmp_path / "a.dcm"))
     image = await runtime.service.get_image(ORIGIN, report.imported[0].image_id)
@@ -983,3 +997,20 @@ async def test_an_import_cancelled_midway_leaves_no_file_that_no_image_reference
     rows = {row.sha256 for row in image_rows(runtime)}
     assert len(rows) < 30  # cancelled midway
     assert in_place() == rows
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 8, 17, 100, 1001])
+def test_files_found_at_once_are_cut_into_pool_tasks_that_shrink_towards_the_end(count: int) -> None:
+    """Every file in exactly one task, in order; tasks of `FILES_PER_TASK` while each of the slots gets
+    that many, then smaller ones, the last ones single files (so no worker waits long for the other's last
+    task); never more tasks than files."""
+    slots = 4
+    bounds = task_bounds(count, slots)
+    assert [i for start, end in bounds for i in range(start, end)] == list(range(count))
+    sizes = [end - start for start, end in bounds]
+    assert all(1 <= size <= FILES_PER_TASK for size in sizes)
+    assert sizes == sorted(sizes, reverse=True)
+    if count >= 2 * slots:
+        assert sizes[-slots:] == [1] * slots
+    if count >= 4 * FILES_PER_TASK * slots:
+        assert sizes.count(FILES_PER_TASK) >= count // FILES_PER_TASK - 2 * slots

@@ -171,9 +171,12 @@ def inside_any(resolved: str, folders: tuple[str, ...]) -> bool:
     return False
 
 
-def _add(found: Discovery, seen: set[str], path: Path, display: str) -> None:
-    key = os.path.realpath(path)
-    if key not in seen and not found.outside(path, display):
+def _add(found: Discovery, seen: set[str], path: Path, display: str, resolved: str = "") -> None:
+    """Add a file once, however it was reached. `resolved`: its path with links resolved, when the caller
+    knows it (a plain file in a walked folder: the folder's resolved path and its name), and then known to
+    lie inside `within` as that folder does; else resolved and checked here."""
+    key = resolved or os.path.realpath(path)
+    if key not in seen and (resolved or not found.outside(path, display)):
         seen.add(key)
         found.candidates.append(Candidate(str(path), display, found.within))
 
@@ -224,6 +227,9 @@ def _walk(folder: Path, display: str, found: Discovery, seen: set[str]) -> None:
     except OSError as exc:
         found.errors.append(Problem(display, f"cannot list the folder: {exc.strerror or exc}"))
         return
+    # Resolved once for all its plain files (a link is resolved on its own): resolving each file's path
+    # looked up every folder above it again, the most of the time finding a folder's files took.
+    real = os.path.realpath(folder)
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -238,7 +244,8 @@ def _walk(folder: Path, display: str, found: Discovery, seen: set[str]) -> None:
         if is_dir:
             _walk(Path(entry.path), shown, found, seen)
         elif is_file:
-            _add(found, seen, Path(entry.path), shown)
+            plain = not entry.is_symlink()  # (cached by scandir, as is_file)
+            _add(found, seen, Path(entry.path), shown, os.path.join(real, entry.name) if plain else "")
 
 
 def _read_dicomdir(path: Path, display: str, found: Discovery, seen: set[str]) -> None:
