@@ -22,7 +22,7 @@ from bridge.imaging.analyze import (
     ImagingError,
     analyze_dicom,
     analyze_native_grey,
-    native_grey_length,
+    native_grey,
 )
 
 _PIXEL_DATA = 0x7FE00010
@@ -30,15 +30,16 @@ _PIXEL_DATA = 0x7FE00010
 
 def check(file: DicomFile) -> Analysis:
     """The facts of a file whose pixel data is complete; ImagingError with the reason when it is not."""
-    expected = native_grey_length(file.dataset)
-    pixel_data = _pixel_data(file) if expected is not None else None
-    if expected is not None and pixel_data is not None:
+    native = native_grey(file.dataset)
+    pixel_data = _pixel_data(file) if native is not None else None
+    if native is not None and pixel_data is not None:
+        expected = native.length
         if len(pixel_data) < expected + expected % 2 and len(pixel_data) != expected:
             raise ImagingError(
                 f"corrupt or truncated DICOM pixel data: {len(pixel_data)} bytes where Rows, Columns,"
                 f" Number of Frames and Bits Allocated declare {expected}"
             )
-        analysis = analyze_native_grey(file.dataset, pixel_data)
+        analysis = analyze_native_grey(file.dataset, native, pixel_data)
         if analysis is not None:
             return analysis
     return analyze_dicom(bytes(file.data))  # decoded completely: the copy is a small part of that

@@ -527,9 +527,18 @@ def _decode_dicom(data: bytes) -> Decoded:
     )
 
 
-def native_grey_length(ds: Any) -> int | None:
-    """The bytes of pixel data the header of an uncompressed grey DICOM image declares (every frame,
-    before the padding of an odd length); None for any other image, which only a decode checks."""
+@dataclass(frozen=True)
+class NativeGrey:
+    """An uncompressed grey DICOM image as its header describes it (`native_grey`): its description and
+    the bytes of pixel data it declares (every frame, before the padding of an odd length)."""
+
+    image: _DicomImage
+    length: int
+
+
+def native_grey(ds: Any) -> NativeGrey | None:
+    """The header of an uncompressed grey DICOM image; None for any other image, which only a decode
+    checks. Described once here for both the length check and `analyze_native_grey`."""
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     if ds.file_meta.get("TransferSyntaxUID") not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
@@ -541,17 +550,17 @@ def native_grey_length(ds: Any) -> int | None:
         return None  # the decode says what is wrong
     if not grey or image.bits_allocated not in (8, 16) or not 0 < image.bits_stored <= image.bits_allocated:
         return None
-    return image.rows * image.columns * image.frames * image.bits_allocated // 8
+    return NativeGrey(image, image.rows * image.columns * image.frames * image.bits_allocated // 8)
 
 
-def analyze_native_grey(ds: Any, pixel_data: memoryview) -> Analysis | None:
-    """What `analyze_dicom` says of an uncompressed grey DICOM image (see `native_grey_length`), from its
+def analyze_native_grey(ds: Any, native: NativeGrey, pixel_data: memoryview) -> Analysis | None:
+    """What `analyze_dicom` says of an uncompressed grey DICOM image (`native_grey` described it), from its
     parsed header and the raw bytes of its pixel data, without decoding them: for native data the
     decode checks the length, which the caller has done, then only re-arranges bytes the description
     does not need. A 16-bit image without a window of its own gets its automatic window from a sample
     of its (masked) pixels; None when they are signed, which only the decode shifts.
     """
-    image = _dicom_image(ds)
+    image = native.image
     attributes = image.attributes
     window, slope, intercept = _grey_display(ds, attributes)
     if image.bits_allocated == 16 and window is None:
