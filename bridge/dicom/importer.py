@@ -52,16 +52,19 @@ T = TypeVar("T")
 
 BATCH = 50  # images per transaction
 # Files per pool task when many are found at once (a folder, a DICOMDIR): a task per file spent about 1 ms
-# of the daemon's CPU per file on the round trip to the pool; four files per task was 9-15 % faster in
-# alternating runs of 100 files (docs/dicom.md, "Performance"). The last tasks are smaller (task_bounds).
-FILES_PER_TASK = 4
+# of the daemon's CPU per file on the round trip to the pool, and each task's worker waits for its last
+# file's write to the disk before it answers; four files per task was 9-15 % faster than one, sixteen
+# (with the last tasks smaller, `task_bounds`) 3-4 % faster than four, in alternating runs of 100 files
+# (docs/dicom.md, "Performance"). A worker that ends abruptly takes its task's files with it: they are
+# reported, and imported when the import runs again.
+FILES_PER_TASK = 16
 
 
 def task_bounds(count: int, slots: int) -> list[tuple[int, int]]:
     """How `count` files found at once are cut into pool tasks, (start, end) each, dispatched in order to
-    `slots` tasks at a time: `FILES_PER_TASK` files a task while at least that many remain for each slot,
-    then fewer, down to one. With tasks of four to the end, one worker sat idle while the other finished
-    its last task (11 ms of a 100-file import, median of 25 runs; 4 ms tapered: docs/dicom.md)."""
+    `slots` tasks at a time: a slot's share of the files left, at most `FILES_PER_TASK` and at least one.
+    With tasks of one size to the end, one worker sat idle while the other finished its last task (11 ms
+    of a 100-file import with tasks of four, median of 25 runs; 4 ms tapered: docs/dicom.md)."""
     bounds: list[tuple[int, int]] = []
     start = 0
     while start < count:
