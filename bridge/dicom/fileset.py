@@ -228,7 +228,7 @@ def _walk(folder: Path, display: str, found: Discovery, seen: set[str]) -> None:
         found.errors.append(Problem(display, f"cannot list the folder: {exc.strerror or exc}"))
         return
     # Resolved once for all its plain files (a link is resolved on its own): resolving each file's path
-    # looked up every folder above it again, the most of the time finding a folder's files took.
+    # looked up every folder above it again: most of the time it took to find a folder's files.
     real = os.path.realpath(folder)
     for entry in entries:
         if entry.name.startswith("."):
