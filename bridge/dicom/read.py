@@ -285,8 +285,7 @@ def check_complete(ds: Any, size: int) -> None:
     for dataset in (meta, ds):
         if dataset is None:
             continue
-        for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset converts its raw elements
-            element = dataset.get_item(tag, keep_deferred=True)  # a deferred value is not read
+        for element in dataset.values():  # as read: neither converted nor, when deferred, read
             if not getattr(element, "is_raw", False) or element.length == UNDEFINED_LENGTH:
                 continue
             if element.value is None:  # deferred: not read, so check that the file holds it
@@ -294,7 +293,7 @@ def check_complete(ds: Any, size: int) -> None:
             else:
                 complete = len(element.value) == element.length
             if not complete:
-                raise DicomError(f"truncated DICOM file: it ends inside {_tag_name(int(tag))}")
+                raise DicomError(f"truncated DICOM file: it ends inside {_tag_name(int(element.tag))}")
 
 
 def facts_from_dataset(ds: Any, *, path: str, display: str, size: int, id_tag: int) -> DicomFacts:
@@ -421,12 +420,10 @@ def _text(ds: Any, key: int | str, codec: str) -> list[str]:
     from pydicom.datadict import tag_for_keyword
 
     tag = tag_for_keyword(key) if isinstance(key, str) else key
-    if tag is None or tag not in ds:
+    element = ds.get_item(tag) if tag is not None else None  # None when absent
+    if element is None or element.value is None:
         return []
-    element = ds.get_item(tag)
     raw = element.value
-    if raw is None:
-        return []
     if isinstance(raw, bytes):
         use = codec if element.VR in _TEXT_VRS or element.VR is None else "latin_1"
         try:
@@ -434,8 +431,8 @@ def _text(ds: Any, key: int | str, codec: str) -> list[str]:
         except UnicodeDecodeError:
             charset = "\\".join(_text(ds, "SpecificCharacterSet", "latin_1")) or "the default repertoire"
             raise DicomError(
-                f"{_tag_name(tag)} is not valid {charset} text, as the file's Specific Character Set declares"
-                " (the sending device mislabels its character set)"
+                f"{_tag_name(int(element.tag))} is not valid {charset} text, as the file's Specific Character"
+                " Set declares (the sending device mislabels its character set)"
             ) from None
         values = text.split("\\")
     elif isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue":
