@@ -20,6 +20,7 @@ undefined length on anything but a sequence. Sequences of undefined length are r
 from __future__ import annotations
 
 import os
+import re
 import struct
 from typing import Any, BinaryIO, cast
 
@@ -158,3 +159,53 @@ def _dictionary_vr(dictionary_vr: Any, tag: int) -> str | None:
         return str(dictionary_vr(tag))
     except KeyError:
         return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Values
+
+
+_ABSENT: Any = object()
+_INTEGER = re.compile(r"[+-]?[0-9]{1,12}")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def value(ds: Any, keyword: str, default: Any = _ABSENT) -> Any:
+    """What `ds.get(keyword, default)` gives (without a default: `getattr(ds, keyword)`), converted here
+    when the element is still as read (little endian) and holds one plain value of a VR whose conversion
+    is simple (US, CS, UI, IS, DS). pydicom converts an element the first time it is used, at about 13 µs each through
+    its dataset's machinery, and describing an uncompressed X-ray uses some twenty: that was most of the
+    pixel check's time. Anything else (absent, empty, several values, another VR, a value pydicom would
+    warn about) is pydicom's own answer. The numbers come back as int and float, not pydicom's IS and
+    DSfloat, which compare and convert the same."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    element = ds.get_item(tag) if tag is not None else None
+    raw = element is not None and getattr(element, "is_raw", False) and element.is_little_endian
+    if tag is not None and raw and element.value:
+        vr = element.VR or _dictionary_vr(dictionary_VR, tag)
+        converted = _simple(vr, element.value) if vr in _SIMPLE_VRS else None
+        if converted is not None:
+            return converted
+    return getattr(ds, keyword) if default is _ABSENT else ds.get(keyword, default)
+
+
+_SIMPLE_VRS = frozenset({"US", "CS", "UI", "IS", "DS"})
+
+
+def _simple(vr: str, raw: bytes) -> int | float | str | None:
+    """One value of a simple VR as pydicom converts it; None when it is not that simple."""
+    if vr == "US":
+        return int.from_bytes(raw, "little") if len(raw) == 2 else None
+    text = raw.decode("latin-1")  # pydicom's default encoding for these VRs
+    if "\\" in text:
+        return None
+    if vr == "CS":
+        return text.rstrip(" \x00")
+    if vr == "UI":
+        return text.rstrip("\x00 ")
+    text = text.strip(" \x00")
+    if vr == "IS":
+        return int(text) if _INTEGER.fullmatch(text) else None
+    return float(text) if _DECIMAL.fullmatch(text) and len(text) <= 16 else None

@@ -327,7 +327,7 @@ def facts_from_dataset(ds: Any, *, path: str, display: str, size: int, id_tag: i
     if len(pms_id) > MAX_ID_LENGTH:
         raise DicomError(f"the patient id in {_tag_name(id_tag)} is longer than {MAX_ID_LENGTH} characters")
     try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
+        rows, columns = int(header.value(ds, "Rows")), int(header.value(ds, "Columns"))
         frames = int(_first(_text(ds, "NumberOfFrames", codec)) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
         raise DicomError(f"corrupt DICOM image description: {exc}") from None
@@ -577,4 +577,4 @@ def category_of(ds: Any, sop_class: str, modality: str, codec: str) -> Category:
         return Category.EXTRAORAL_XRAY
     if modality in DICOM_CATEGORY:
         return DICOM_CATEGORY[modality]
-    return Category.PHOTO if ds.get("SamplesPerPixel", 1) == 3 else Category.DOCUMENT
+    return Category.PHOTO if header.value(ds, "SamplesPerPixel", 1) == 3 else Category.DOCUMENT

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import ExifTags, Image, ImageChops, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
+from bridge.dicom.header import value as dicom_value
 from bridge.model import Category, NewImage
 
 # Below Pillow's own decompression-bomb warning (about 89 M pixels), above any dental image (a 50 MP photo).
@@ -364,7 +365,7 @@ def _dicom_lossy(ds: Any) -> bool:
 
     syntax = ds.file_meta.get("TransferSyntaxUID", "")
     lossy_syntaxes = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless}
-    return syntax in lossy_syntaxes or str(ds.get("LossyImageCompression", "")) == "01"
+    return syntax in lossy_syntaxes or str(dicom_value(ds, "LossyImageCompression", "")) == "01"
 
 
 def _native_grey16(
@@ -379,7 +380,9 @@ def _native_grey16(
 
     native = ds.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     simple = (
-        frames == 1 and int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("PixelRepresentation", 0)) == 0
+        frames == 1
+        and int(dicom_value(ds, "SamplesPerPixel", 1)) == 1
+        and int(dicom_value(ds, "PixelRepresentation", 0)) == 0
     )
     if not (native and simple and bits_allocated == 16 and 0 < bits_stored <= 16):
         return None
@@ -414,21 +417,21 @@ def _dicom_image(ds: Any) -> _DicomImage:
         raise ImagingError("the DICOM file holds no pixel data (not an image object)")
     if "TransferSyntaxUID" not in ds.file_meta:
         raise ImagingError("corrupt DICOM file: its meta information names no transfer syntax")
-    photometric = str(ds.get("PhotometricInterpretation", ""))
+    photometric = str(dicom_value(ds, "PhotometricInterpretation", ""))
     if photometric not in _GREY + _COLOUR:
         raise ImagingError(f"unsupported DICOM photometric interpretation {photometric or 'missing'}")
     try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        bits_allocated = int(ds.BitsAllocated)
-        bits_stored = int(ds.get("BitsStored", bits_allocated))
+        rows, columns = int(dicom_value(ds, "Rows")), int(dicom_value(ds, "Columns"))
+        frames = int(dicom_value(ds, "NumberOfFrames", 1) or 1)
+        bits_allocated = int(dicom_value(ds, "BitsAllocated"))
+        bits_stored = int(dicom_value(ds, "BitsStored", bits_allocated))
     except (AttributeError, TypeError, ValueError) as exc:
         raise ImagingError(f"corrupt DICOM image description: {exc}") from None
     if rows * columns > MAX_PIXELS:
         raise ImagingError(f"image too large: {columns}x{rows} pixels (limit {MAX_PIXELS})")
     syntax = ds.file_meta.TransferSyntaxUID
     lossy = _dicom_lossy(ds)
-    modality = str(ds.get("Modality", ""))
+    modality = str(dicom_value(ds, "Modality", ""))
     attributes: dict[str, Any] = {
         "source_format": "dicom",
         "transfer_syntax": str(syntax),
@@ -437,10 +440,10 @@ def _dicom_image(ds: Any) -> _DicomImage:
         "lossy": lossy,
         "dicom": {
             "modality": modality,
-            "sop_class_uid": str(ds.get("SOPClassUID", "")),
-            "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
-            "study_uid": str(ds.get("StudyInstanceUID", "")),
-            "series_uid": str(ds.get("SeriesInstanceUID", "")),
+            "sop_class_uid": str(dicom_value(ds, "SOPClassUID", "")),
+            "sop_instance_uid": str(dicom_value(ds, "SOPInstanceUID", "")),
+            "study_uid": str(dicom_value(ds, "StudyInstanceUID", "")),
+            "series_uid": str(dicom_value(ds, "SeriesInstanceUID", "")),
         },
     }
     return _DicomImage(
@@ -450,13 +453,13 @@ def _dicom_image(ds: Any) -> _DicomImage:
 
 def _grey_display(ds: Any, attributes: dict[str, Any]) -> tuple[Window | None, float, float]:
     """(window, slope, intercept) of a grey DICOM image; the window and rescale go into `attributes`."""
-    slope = _first_number(ds.get("RescaleSlope")) or 1.0
-    intercept = _first_number(ds.get("RescaleIntercept")) or 0.0
-    center = _first_number(ds.get("WindowCenter"))
-    width = _first_number(ds.get("WindowWidth"))
+    slope = _first_number(dicom_value(ds, "RescaleSlope", None)) or 1.0
+    intercept = _first_number(dicom_value(ds, "RescaleIntercept", None)) or 0.0
+    center = _first_number(dicom_value(ds, "WindowCenter", None))
+    width = _first_number(dicom_value(ds, "WindowWidth", None))
     window = None
     if center is not None and width is not None and width >= 1:
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        function = str(dicom_value(ds, "VOILUTFunction", "LINEAR") or "LINEAR").upper()
         window = Window(center, width, function if function in ("LINEAR_EXACT", "SIGMOID") else "LINEAR")
         attributes["window"] = window.to_json()
     if slope != 1.0 or intercept != 0.0:
@@ -545,7 +548,7 @@ def native_grey(ds: Any) -> NativeGrey | None:
         return None
     try:
         image = _dicom_image(ds)
-        grey = image.photometric in _GREY and int(ds.get("SamplesPerPixel", 1)) == 1
+        grey = image.photometric in _GREY and int(dicom_value(ds, "SamplesPerPixel", 1)) == 1
     except (ImagingError, TypeError, ValueError):
         return None  # the decode says what is wrong
     if not grey or image.bits_allocated not in (8, 16) or not 0 < image.bits_stored <= image.bits_allocated:
@@ -564,7 +567,7 @@ def analyze_native_grey(ds: Any, native: NativeGrey, pixel_data: memoryview) -> 
     attributes = image.attributes
     window, slope, intercept = _grey_display(ds, attributes)
     if image.bits_allocated == 16 and window is None:
-        if int(ds.get("PixelRepresentation", 0)) == 1:
+        if int(dicom_value(ds, "PixelRepresentation", 0)) == 1:
             return None
         rows, columns = image.rows, image.columns
         sample = _grid_sample(np.frombuffer(pixel_data, "<u2", rows * columns).reshape(rows, columns))
