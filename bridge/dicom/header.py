@@ -173,21 +173,21 @@ _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 def value(ds: Any, keyword: str, default: Any = _ABSENT) -> Any:
     """What `ds.get(keyword, default)` gives (without a default: `getattr(ds, keyword)`), converted here
     when the element is still as read (little endian) and holds one plain value of a VR whose conversion
-    is simple (US, CS, UI, IS, DS). pydicom converts an element the first time it is used, at about 13 µs each through
-    its dataset's machinery, and describing an uncompressed X-ray uses some twenty: that was most of the
-    pixel check's time. Anything else (absent, empty, several values, another VR, a value pydicom would
-    warn about) is pydicom's own answer. The numbers come back as int and float, not pydicom's IS and
-    DSfloat, which compare and convert the same."""
+    is simple (US, CS, UI, IS, DS). pydicom converts an element the first time it is used, at about 13 µs
+    each through its dataset's machinery, and describing an uncompressed X-ray uses some twenty: that was
+    most of the pixel check's time. Anything else (absent, empty, several values, another VR, a value
+    pydicom would warn about) is pydicom's own answer. The numbers come back as int and float, not
+    pydicom's IS and DSfloat, which compare and convert the same."""
     from pydicom.datadict import dictionary_VR, tag_for_keyword
 
     tag = tag_for_keyword(keyword)
     element = ds.get_item(tag) if tag is not None else None
-    raw = element is not None and getattr(element, "is_raw", False) and element.is_little_endian
-    if tag is not None and raw and element.value:
+    if tag is not None and element is not None and getattr(element, "is_raw", False):
         vr = element.VR or _dictionary_vr(dictionary_VR, tag)
-        converted = _simple(vr, element.value) if vr in _SIMPLE_VRS else None
-        if converted is not None:
-            return converted
+        if element.value and element.is_little_endian and vr in _SIMPLE_VRS:
+            converted = _simple(vr, element.value)
+            if converted is not None:
+                return converted
     return getattr(ds, keyword) if default is _ABSENT else ds.get(keyword, default)
 
 
