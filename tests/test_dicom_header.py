@@ -192,3 +192,32 @@ def test_a_missing_attribute_without_a_default_raises_as_pydicom_does() -> None:
     with pytest.raises(AttributeError, match="Rows"):
         header.value(ds, "Rows")
     assert header.value(ds, "Rows", 7) == 7
+
+
+def test_a_damaged_sequence_or_a_changed_pydicom_leaves_the_file_to_dcmread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever fails in this reader is `dcmread`'s to read and to name: the same error as before it, and
+    a pydicom release whose reader objects changed only makes the import slower."""
+    ds = intraoral_object()
+    data = to_bytes(_undefined_length_sequences(ds))
+    start = data.index(b"\xfe\xff\x00\xe0")  # the first item of the first sequence
+    damaged = data[: start + 20]  # cut inside it: pydicom's read_sequence fails
+    assert _plain(damaged) is None
+    with pytest.raises(read.DicomError) as ours:
+        read.parse(memoryview(damaged), "f.dcm", "f.dcm", PATIENT_ID)
+    monkeypatch.setattr(header, "read_plain", lambda _data, _defer: None)
+    with pytest.raises(read.DicomError) as theirs:
+        read.parse(memoryview(damaged), "f.dcm", "f.dcm", PATIENT_ID)
+    assert str(ours.value) == str(theirs.value)
+    assert str(ours.value).startswith("truncated or corrupt DICOM header")
+    monkeypatch.undo()
+
+    import pydicom.dataelem
+
+    def changed(*_args: object) -> None:
+        raise TypeError("RawDataElement() takes other arguments in this release")
+
+    monkeypatch.setattr(pydicom.dataelem, "RawDataElement", changed)
+    assert _plain(data) is None
+    assert read.parse(memoryview(data), "f.dcm", "f.dcm", PATIENT_ID)[1].tooth_numbers == (12,)
