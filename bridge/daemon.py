@@ -4,7 +4,8 @@
 flush, stop-file watch, watched folders, push outboxes). It stops on SIGTERM/SIGINT, or when the stop
 file appears (Windows service wrappers cannot always deliver Ctrl+C to a windowless process): listeners
 stop accepting, in-flight requests get `shutdown_timeout` seconds to finish, workers are cancelled, the
-audit queue is flushed, and the process exits 0.
+audit queue is flushed, and the process exits 0. A stop that has not ended after twice `shutdown_timeout`
+and a margin writes every thread's stack and exits 1 (bridge.stack_dumps).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge import __version__
+from bridge import __version__, stack_dumps
 from bridge.allocator import tune_for_large_buffers
 from bridge.announce import announce_stored_elsewhere
 from bridge.config import ConfigError, Settings, exposure_warnings
@@ -198,8 +199,8 @@ class Daemon:
         """Fork the imaging pool's workers now, in the background: the first thumbnail a PMS asks for after a
         restart is then rendered at once, not after the pool's start-up (its fork server imports the
         decoders, half a second on two cores)."""
-        started = await rt.imaging.start_workers()
-        log.info("imaging workers started", extra={"workers": started})
+        pids = await rt.imaging.start_workers()
+        log.info("imaging workers started", extra={"workers": len(pids), "pids": pids})
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -262,8 +263,12 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
 
-    async def wait_stopped(self) -> None:
+    async def wait_stopped(self, deadline: float | None = None) -> None:
+        """Wait for stop(), then shut down; with `deadline`, a process still running that many seconds
+        after the stop began writes every thread's stack and exits (bridge.stack_dumps)."""
         await self._stop.wait()
+        if deadline is not None:
+            stack_dumps.arm_stop_deadline(deadline)
         await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -289,8 +294,9 @@ class Daemon:
 
 
 async def serve(settings: Settings) -> None:
-    """Run the daemon until a signal or the stop file."""
+    """Run the daemon until a signal or the stop file; `kill -USR1` shows what each thread is doing."""
     daemon = Daemon(settings)
+    stack_dumps.enable_on_request()
     daemon.install_signal_handlers()
     await daemon.start()
-    await daemon.wait_stopped()
+    await daemon.wait_stopped(stack_dumps.stop_deadline(settings.daemon.shutdown_timeout))

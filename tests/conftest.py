@@ -172,9 +172,25 @@ class DaemonProcess:
             return exc.code, exc.read()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Send `sig` and wait for the exit status. A daemon still running after `timeout` is asked for its
+        threads' stacks (SIGUSR1, bridge.stack_dumps), killed, and the test fails with the end of its log:
+        the hang is then explained in CI's output, and no daemon is left running into later tests."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            self.kill()
+            tail = self.log()[-12000:]
+            raise AssertionError(f"daemon did not stop within {timeout} s; its log ends:\n{tail}") from None
+
+    def kill(self) -> None:
+        """SIGKILL, and wait for the process (a daemon left over by a failed test)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -222,6 +238,7 @@ def start_daemon(
             preexec_fn=None if file_size_limit is None else functools.partial(_limit_files, file_size_limit),
         )
     daemon = DaemonProcess(proc, config, settings, log_path)
+    _started.append(daemon)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -235,6 +252,19 @@ def start_daemon(
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"daemon did not come up:\n{daemon.log()}")
+
+
+# Every daemon started, so that one a test left running (it failed before stopping it) is killed after it.
+_started: list[DaemonProcess] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_outlives_its_test() -> Iterator[None]:
+    """A test failing before it stopped its daemon left it running into the later tests, which then counted
+    its processes as their own; it is killed once the test's own fixtures are done."""
+    yield
+    while _started:
+        _started.pop().kill()
 
 
 def _limit_files(size: int) -> None:

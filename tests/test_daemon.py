@@ -139,6 +139,64 @@ def test_the_stop_file_stops_the_daemon_cleanly(daemon: DaemonProcess) -> None:
     assert not daemon.settings.daemon.stop_file.exists()
 
 
+def test_sigusr1_writes_every_threads_stack_and_the_daemon_serves_on(daemon: DaemonProcess) -> None:
+    """An admin whose daemon no longer answers has no debugger on the practice's server: `kill -USR1`
+    writes what each thread is doing to stderr (the service manager's log), and changes nothing else."""
+    daemon.wait_for_records("imaging workers started", 60)
+    daemon.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while "Current thread" not in daemon.log():
+        assert time.monotonic() < deadline, daemon.log()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)  # the rest of the dump
+    dump = daemon.log()[daemon.log().index("Current thread") :]
+    assert "in run_forever" in dump and "bridge/cli.py" in dump  # the event loop's thread, where it waits
+    assert daemon.request("GET", "/healthz", token=None)[0] == 200
+    assert daemon.stop() == 0
+    assert '"msg": "stopped"' in daemon.log()
+
+
+def test_a_stop_that_cannot_end_writes_every_threads_stack_and_exits_after_its_deadline(
+    tmp_path: Path, pg_server: str
+) -> None:
+    """A stop waiting on something that never ends (here the final audit flush, on a PostgreSQL table
+    another session has locked; a share that hangs is the same) kept the daemon running for good, and its
+    service manager killing it left no trace of why. After twice `shutdown_timeout` and a margin
+    (bridge.stack_dumps) it writes every thread's stack and exits 1; the store is served again once the
+    lock is gone, with nothing it had stored lost."""
+    import sqlalchemy
+
+    from bridge.stack_dumps import EXIT_AFTER_DEADLINE, stop_deadline
+    from tests.conftest import new_pg_database
+
+    url = new_pg_database(pg_server)
+    config = write_config(tmp_path / "home", url, {"daemon": {"shutdown_timeout": 1}})
+    daemon = start_daemon(config)
+    status, body = post_patient(daemon, "KEPT")
+    assert status == 201
+    engine = sqlalchemy.create_engine(url)
+    locker = engine.connect()
+    try:
+        locker.execute(sqlalchemy.text("LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE"))  # held until closed
+        read = f"/api/v1/patients/{json.loads(body)['id']}/images"
+        assert daemon.request("GET", read)[0] == 200  # a read the audit log queues: its flush will wait
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(stop_deadline(1) + 30) == EXIT_AFTER_DEADLINE
+    finally:
+        locker.close()
+        engine.dispose()
+    log = daemon.log()
+    assert '"msg": "stopping"' in log and '"msg": "stopped"' not in log
+    dump = log[log.index("Thread 0x") :]
+    assert "bridge/audit.py" in dump  # the flush it waited on, named
+    restarted = start_daemon(config)
+    try:
+        status, body = restarted.request("GET", "/api/v1/patients")
+        assert status == 200 and [p["pms_id"] for p in json.loads(body)["items"]] == ["KEPT"]
+    finally:
+        assert restarted.stop() == 0
+
+
 def test_a_bad_config_stops_start_up_with_one_line(tmp_path: Path) -> None:
     config = tmp_path / "pms-bridge.ini"
     config.write_text("[pms]\nsingle_patient_mode = perhaps\n", encoding="utf-8")
@@ -780,10 +838,11 @@ def test_a_backup_restored_as_documented_is_the_store_again(tmp_path: Path) -> N
 def test_a_started_daemon_forks_its_imaging_workers_before_the_first_request(daemon: DaemonProcess) -> None:
     # The pool forked its workers one by one as work arrived: the first thumbnail after a restart waited
     # for the fork server's start-up, and the first import's files for the second worker.
-    assert [r["workers"] for r in daemon.wait_for_records("imaging workers started", 60)] == [2]
-    # real processes: the fork server below the daemon, the two workers below it
+    [started] = daemon.wait_for_records("imaging workers started", 60)
+    assert started["workers"] == 2
+    # real processes: the fork server below the daemon, the two workers below it, named in the log
     workers = [pid for child in children(daemon.proc.pid) for pid in children(child)]
-    assert len(workers) == 2
+    assert sorted(workers) == started["pids"]
 
 
 def test_a_killed_daemon_leaves_no_imaging_processes_behind(daemon_factory: Any) -> None:

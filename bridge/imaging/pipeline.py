@@ -110,13 +110,15 @@ class Imaging:
             )
         return self._pool
 
-    async def start_workers(self) -> int:
-        """Start every worker of the pool now; how many answered. The pool otherwise forks its workers one by
+    async def start_workers(self) -> list[int]:
+        """Start every worker of the pool now; the process ids of those that answered (the log names them:
+        an admin looking at the machine's processes tells the pool's workers from a fork server or a stray
+        process). The pool otherwise forks its workers one by
         one as work arrives, so the first import or thumbnails after a start wait for workers being made
         while the files queue: the daemon calls this once its listeners are up, `pms-bridge import` at once
         (a running archive is warm; measured in docs/dicom.md, "Performance")."""
         pids = await asyncio.gather(*(self._run(pool.hold) for _ in range(self._workers)))
-        return len(set(pids))
+        return sorted(set(pids))
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn` in the process pool (it and its arguments must pickle).
