@@ -205,7 +205,8 @@ class OutboxWorker:
             if not sent:
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self.poll_seconds)
+                    async with asyncio.timeout(self.poll_seconds):
+                        await self.wake.wait()
 
     async def run_once(self) -> int:
         """Send every due message once; returns how many were claimed (a batch of up to 20)."""

@@ -201,7 +201,8 @@ async def test_an_id_committed_after_a_higher_one_is_announced_on_postgresql(pg_
 
         first_in.db.write = slow_write  # type: ignore[method-assign]
         lower = asyncio.create_task(add_image(first_in, patient, 1))
-        await asyncio.wait_for(holding.wait(), 10)
+        async with asyncio.timeout(10):
+            await holding.wait()
         higher = await add_image(second_in, patient, 2)
         await watcher.look()
         assert [list(e.image_ids) for e in published if isinstance(e, ImagesAdded)] == [[higher]]

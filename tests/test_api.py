@@ -717,8 +717,10 @@ async def test_events_stream_follows_what_the_pms_opens(api_client: Any, runtime
             Action.OPEN, Origin("test"), "PVS", pms_id="77", demographics=Demographics("Roe")
         )
         await runtime.service.handle(request)
-        event_line = await asyncio.wait_for(stream.content.readline(), 5)
-        data_line = await asyncio.wait_for(stream.content.readline(), 5)
+        async with asyncio.timeout(5):
+            event_line = await stream.content.readline()
+        async with asyncio.timeout(5):
+            data_line = await stream.content.readline()
     assert event_line == b"event: patient-opened\n"
     payload = json.loads(data_line.removeprefix(b"data: "))
     assert (
@@ -746,8 +748,10 @@ async def test_events_stream_of_one_workstation(api_client: Any, runtime: Runtim
                 demographics=Demographics("Roe"),
             )
             await runtime.service.handle(request)
-        event_line = await asyncio.wait_for(stream.content.readline(), 5)
-        data_line = await asyncio.wait_for(stream.content.readline(), 5)
+        async with asyncio.timeout(5):
+            event_line = await stream.content.readline()
+        async with asyncio.timeout(5):
+            data_line = await stream.content.readline()
     assert event_line == b"event: patient-opened\n"
     payload = json.loads(data_line.removeprefix(b"data: "))
     assert (payload["pms_id"], payload["workstation"]) == ("73", "PRAXIS-2")
@@ -766,8 +770,10 @@ async def test_reading_the_event_stream_is_audited(api_client: Any, runtime: Run
         )
         patient = (await runtime.service.handle(request)).patient
         assert patient is not None
-        assert await asyncio.wait_for(stream.content.readline(), 5) == b"event: patient-opened\n"
-        await asyncio.wait_for(stream.content.readline(), 5)
+        async with asyncio.timeout(5):
+            assert await stream.content.readline() == b"event: patient-opened\n"
+        async with asyncio.timeout(5):
+            await stream.content.readline()
     await runtime.audit.flush()
     entries = await runtime.service.audit_entries(Origin("test"), limit=500)
     spied = [(e["action"], e["patient_id"], e["detail"]) for e in entries if e["workstation"] == "SPY"]

@@ -197,6 +197,37 @@ def test_a_stop_that_cannot_end_writes_every_threads_stack_and_exits_after_its_d
         assert restarted.stop() == 0
 
 
+def test_a_store_server_that_stops_answering_makes_readyz_say_so_and_the_daemon_serves_on(
+    tmp_path: Path, pg_server: str
+) -> None:
+    """/readyz gives each check 5 s. A PostgreSQL server that stopped answering (hung, or a network that
+    drops its packets) timed the store check out, and the TimeoutError, which has no text, then broke the
+    check's report: a 500 without JSON instead of "not ready". It is now a 503 saying the store did not
+    answer, /healthz still answers, and /readyz is ready again once the server answers."""
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import new_pg_database
+    from tests.support.tcp_proxy import stalling_proxy
+
+    url = make_url(new_pg_database(pg_server))
+    assert url.host is not None and url.port is not None
+    with stalling_proxy((url.host, url.port)) as proxy:
+        proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        daemon = start_daemon(write_config(tmp_path / "home", proxied))
+        try:
+            assert daemon.request("GET", "/readyz", token=None)[0] == 200
+            proxy.stall()
+            status, body = daemon.request("GET", "/readyz", token=None)
+            assert status == 503, body
+            assert json.loads(body)["checks"]["store"] == {"ok": False, "error": "no answer within 5 s"}
+            assert daemon.request("GET", "/healthz", token=None)[0] == 200
+            proxy.flow()
+            assert daemon.request("GET", "/readyz", token=None)[0] == 200
+        finally:
+            proxy.flow()
+            assert daemon.stop() == 0
+
+
 def test_a_bad_config_stops_start_up_with_one_line(tmp_path: Path) -> None:
     config = tmp_path / "pms-bridge.ini"
     config.write_text("[pms]\nsingle_patient_mode = perhaps\n", encoding="utf-8")

@@ -717,7 +717,8 @@ async def test_opening_a_known_unchanged_patient_needs_no_write_lock(tmp_path: P
         blocker = sqlite3.connect(settings.store.url.removeprefix("sqlite:///"), timeout=1)
         blocker.execute("BEGIN IMMEDIATE")
         try:
-            again = await asyncio.wait_for(rt.service.handle(req(chart="CH7")), 5)
+            async with asyncio.timeout(5):
+                again = await rt.service.handle(req(chart="CH7"))
         finally:
             blocker.rollback()
             blocker.close()

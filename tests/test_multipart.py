@@ -192,7 +192,8 @@ async def _upload_over(tls: ssl.SSLContext | None, client_tls: ssl.SSLContext | 
         _reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls)
         writer.write(body)
         await writer.drain()
-        size, got = await asyncio.wait_for(done, 30)
+        async with asyncio.timeout(30):
+            size, got = await done
         writer.close()
     assert got == body
     return size, got

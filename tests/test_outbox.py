@@ -19,6 +19,7 @@ from bridge.runtime import Runtime
 from bridge.store.models import AuditEntry, OutboxMessage, Patient
 from bridge.store.types import utcnow
 from tests.conftest import pms_bridge_command
+from tests.support.cancellation import assert_ends_when_cancelled_as_woken
 
 
 async def test_two_daemons_on_one_store_deliver_each_message_once(runtime: Runtime) -> None:
@@ -57,6 +58,21 @@ async def test_two_daemons_on_one_store_deliver_each_message_once(runtime: Runti
         assert sorted(delivered) == sorted(set(delivered)) and len(delivered) == 60
     finally:
         other.close()
+
+
+async def test_a_worker_cancelled_as_it_is_woken_ends(runtime: Runtime) -> None:
+    """A daemon's stop cancels its outbox workers and waits for them. One woken (an image added) in the
+    same turn of the event loop as the stop's cancellation ran on, its waits ignoring the cancellation
+    (Python 3.11's wait_for), and the daemon never ended: CI saw one hang at SIGTERM."""
+
+    async def sender(_rt: Runtime, _item: OutboxItem) -> None:
+        raise AssertionError("nothing is due")
+
+    def start() -> tuple[Any, asyncio.Event]:
+        worker = OutboxWorker(runtime, "test", sender, poll_seconds=60)
+        return worker.run(), worker.wake
+
+    await assert_ends_when_cancelled_as_woken(start)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,11 +6,13 @@ import asyncio
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bridge.runtime import Runtime
 from bridge.watch import FolderWatcher, Verdict
+from tests.support.cancellation import assert_ends_when_cancelled_as_woken
 
 
 def complete_when_ends_with_end(content: bytes, stable: bool) -> Verdict:
@@ -88,6 +90,19 @@ async def test_links_and_folders_are_never_read_and_logged_once_each(
     (folder / "sym.tmp").symlink_to(outside)  # back again: logged again
     assert await watcher.scan() and await watcher.scan()
     assert [name for name, _reason in warned()].count("sym.tmp") == 2
+
+
+async def test_a_watcher_cancelled_as_a_change_wakes_it_ends(runtime: Runtime, tmp_path: Path) -> None:
+    """The daemon's stop cancels its watchers and waits for them: one woken by a change notification in
+    the same turn of the event loop must end, not run on (tests/support/cancellation.py)."""
+    folder = tmp_path / "share"
+    folder.mkdir()
+
+    def start() -> tuple[Any, asyncio.Event]:
+        watcher = FolderWatcher(runtime, "c", folder, Recorder(), setting="[c] dir", poll_seconds=60)
+        return watcher.run(), watcher._wake
+
+    await assert_ends_when_cancelled_as_woken(start)
 
 
 async def test_stable_size_is_complete_by_default(runtime: Runtime, tmp_path: Path) -> None:

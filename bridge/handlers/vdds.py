@@ -70,9 +70,8 @@ async def handle(rt: Runtime, launch: Launch) -> LaunchReply:
     try:
         if not settings.enabled:
             raise vdds.VddsError("disabled")
-        level, text, sections, summary = await asyncio.wait_for(
-            _serve(rt, launch, exchange, opts, trace), settings.answer_timeout
-        )
+        async with asyncio.timeout(settings.answer_timeout):
+            level, text, sections, summary = await _serve(rt, launch, exchange, opts, trace)
     except vdds.VddsError as exc:
         level, text, sections, summary = 1, exc.text(opts.language), [], ""
     except StoreFileLost as exc:  # logged once where it was found; the path is for IT

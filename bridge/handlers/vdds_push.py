@@ -211,7 +211,8 @@ async def run_program(rt: Runtime, argv: list[str], path: Path) -> None:
             if now >= deadline:
                 raise PushFailed(f"no READY=1 from {argv[0]} within {settings.push_timeout:g} s")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), POLL_SECONDS)
+                async with asyncio.timeout(POLL_SECONDS):
+                    await proc.wait()
     except asyncio.CancelledError:
         stopping = True
         log.info(

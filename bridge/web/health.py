@@ -16,6 +16,18 @@ from bridge.web.keys import RUNTIME
 
 routes = web.RouteTableDef()
 
+# How long one readiness check (or the metrics' outbox count) may take: a store server or a share that
+# stopped answering makes /readyz say so, instead of holding the monitor's request.
+CHECK_SECONDS = 5.0
+
+
+def _reason(exc: Exception) -> str:
+    """The first line of what went wrong; a check that did not answer says so (TimeoutError has no text)."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {CHECK_SECONDS:g} s"
+    lines = str(exc).splitlines()
+    return lines[0] if lines else type(exc).__name__
+
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
@@ -37,14 +49,16 @@ async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, Any] = {}
     ok = True
     try:
-        await asyncio.wait_for(asyncio.to_thread(rt.db.ping), timeout=5)
+        async with asyncio.timeout(CHECK_SECONDS):
+            await asyncio.to_thread(rt.db.ping)
         checks["store"] = {"ok": True, "dialect": rt.db.dialect}
     except Exception as exc:  # any failure means not ready; the reason is the payload
         ok = False
-        checks["store"] = {"ok": False, "error": str(exc).splitlines()[0][:500]}
+        checks["store"] = {"ok": False, "error": _reason(exc)[:500]}
     try:
-        await asyncio.wait_for(asyncio.to_thread(rt.files.check_writable), timeout=5)
-        free = await asyncio.wait_for(asyncio.to_thread(rt.files.free_bytes), timeout=5)
+        async with asyncio.timeout(CHECK_SECONDS):
+            await asyncio.to_thread(rt.files.check_writable)
+            free = await asyncio.to_thread(rt.files.free_bytes)
         checks["images"] = {
             "ok": True,  # reads go on while the disk fills; doctor and low_space warn the admin
             "path": str(rt.files.root),
@@ -53,7 +67,7 @@ async def readyz(request: web.Request) -> web.Response:
         }
     except Exception as exc:
         ok = False
-        checks["images"] = {"ok": False, "path": str(rt.files.root), "error": str(exc)[:300]}
+        checks["images"] = {"ok": False, "path": str(rt.files.root), "error": _reason(exc)[:300]}
     now = time.time()
     for watcher, folder in rt.readiness.watched.items():
         last = rt.readiness.last_scan.get(watcher)
@@ -78,7 +92,8 @@ async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     counts: list[OutboxCount] | None
     try:
-        counts = await asyncio.wait_for(rt.db.read(outbox_counts), timeout=5)
+        async with asyncio.timeout(CHECK_SECONDS):
+            counts = await rt.db.read(outbox_counts)
     except Exception:  # the store is away: /readyz says so; the other metrics are still worth serving
         counts = None
     rt.metrics.show_outbox(worker_channels(rt.settings), counts, utcnow())
